@@ -1,0 +1,1 @@
+//! virtkeep-lab
