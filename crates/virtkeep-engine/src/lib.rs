@@ -1,1 +1,29 @@
-//! virtkeep-engine
+//! virtkeep's engine: backup and restore orchestration over SSH.
+//!
+//! The binary parses arguments and renders output; everything a job does on a host
+//! and in the repository happens here. One options struct per command
+//! ([`backup::BackupOptions`], [`restore::RestoreOptions`]), progress through
+//! [`progress::Progress`], and errors that say what to do ([`Error`]).
+
+pub mod backup;
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod heal;
+pub mod inventory;
+pub mod host;
+pub mod progress;
+pub mod restore;
+pub mod store;
+pub mod vm;
+
+pub use error::{Error, ErrorKind, Result};
+
+/// A job id: sortable by time, unique, and safe in file names and command lines.
+pub fn job_id() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    let stamp = now.format(&fmt).unwrap_or_else(|_| "00000000T000000Z".into());
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    format!("{stamp}-{}", &rand[..8])
+}

@@ -1,1 +1,42 @@
-//! virtkeep-repo
+//! virtkeep-repo: a deduplicating, compressed, optionally encrypted store of fixed-size
+//! chunks, with per-backup fixed indexes and manifests, on a local directory or S3.
+//!
+//! The on-disk format and the locking model are specified in `docs/format.md`.
+//!
+//! ```text
+//! Repository::init/open ─ begin_backup ─▶ BackupWriter ─ disk() ─▶ DiskWriter / ExtentSink
+//!                                              └─ finish(extra) ─▶ Manifest (published)
+//! snapshots / manifest / fixed_index / disk_reader ─▶ DiskReader::extents()
+//! verify / prune / forget / set_protected / gc
+//! ```
+
+mod backend;
+mod crypto;
+mod error;
+mod format;
+mod manifest;
+mod prune;
+mod reader;
+mod repo;
+mod writer;
+
+pub use backend::{
+    ChunkBackend, FsBackend, Location, ObjectInfo, PutOutcome, S3Backend, S3Options,
+};
+pub use crypto::{EncryptionConfig, Kdf, KeySource};
+pub use error::{RepoError, Result};
+pub use format::{
+    Digest, FixedIndex, MAGIC_CHUNK_ENC, MAGIC_CHUNK_ENC_ZSTD, MAGIC_CHUNK_PLAIN, MAGIC_CHUNK_ZSTD,
+    MAGIC_FIXED_INDEX, MAGIC_META_ENC, MAGIC_META_PLAIN, ZERO_DIGEST, chunk_key, is_all_zero,
+};
+pub use manifest::{
+    BackupMeta, BackupMode, BackupStats, DiskSpec, DiskStats, Manifest, ManifestDisk,
+    SnapshotSummary,
+};
+pub use prune::{KeepPolicy, PruneDecision, compute_prune};
+pub use reader::{DiskReader, Extent, MIN_ZERO_RUN, split_zero_runs};
+pub use repo::{
+    ChunkProblem, DEFAULT_CHUNK_SIZE, GcOptions, GcReport, InitOptions, LeaseTiming, Repository,
+    VerifyReport, VerifySelection,
+};
+pub use writer::{BackupWriter, DiskWriter, ExtentSink};

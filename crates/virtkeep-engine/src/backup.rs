@@ -1,0 +1,455 @@
+//! `virtkeep backup HOST/VM`: one crash-consistent instant for every included disk,
+//! exported over SSH into the repository, and the VM back on its own files.
+//!
+//! Order of events, and why:
+//! 1. take the per-VM lock on the host (two backups of one VM never overlap);
+//! 2. heal what an earlier killed run left (the VM must run on its own files first);
+//! 3. pre-snapshot command; freeze; post-snapshot command (also when the freeze failed);
+//! 4. export every frozen base through qemu-nbd + NBD over SSH into the repository;
+//! 5. heal again, which commits the overlays and removes them, success or not;
+//! 6. publish the manifest only when every disk was exported.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use virtkeep_libvirt::{Backend, Disk, DiskSource, Domain, NewSource, Rewrite, cmd, rewrite_domain};
+use virtkeep_ssh::RemoteCommand;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::{ExportStats, NbdExport, export_disk};
+use crate::heal::{define, heal_vm};
+use crate::host::{Host, OVERLAY_MARKER};
+use crate::progress::{Event, Progress};
+use crate::store::RepoSink;
+use crate::vm::{DomainState, Vm};
+
+/// What the user asked for with `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeRequest {
+    #[default]
+    Auto,
+    Full,
+    Incremental,
+}
+
+/// How frozen data travels from the host to the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// qemu-nbd on a private unix socket, reached through the SSH connection.
+    #[default]
+    Ssh,
+}
+
+/// Options of one backup run (`virtkeep backup`).
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    pub mode: ModeRequest,
+    /// Disk targets (`vdb`) to leave out.
+    pub exclude_disks: Vec<String>,
+    /// Freeze guest filesystems through the QEMU guest agent.
+    pub quiesce: bool,
+    /// Shell command run on the host before the snapshot; failing aborts the backup.
+    pub pre_snapshot: Option<String>,
+    /// Shell command run on the host after the snapshot, also when it failed.
+    pub post_snapshot: Option<String>,
+    pub transport: Transport,
+    /// Parallel data connections per disk.
+    pub parallel: usize,
+}
+
+/// How the disks are frozen at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreezeMethod {
+    /// Running VM: `virsh snapshot-create-as --disk-only --atomic --no-metadata`.
+    LiveSnapshot,
+    /// Stopped VM: `qemu-img create` overlays, and the domain redefined on them so a
+    /// start during the backup writes into the overlays, never into the frozen bases.
+    OfflineOverlay,
+}
+
+/// Which disks a backup takes and how.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub method: FreezeMethod,
+    pub disks: Vec<PlannedDisk>,
+    pub skipped: Vec<SkippedDisk>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedDisk {
+    pub target: String,
+    pub path: String,
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SkippedDisk {
+    pub target: String,
+    pub reason: String,
+}
+
+/// Decides method and disks from the definition alone (unit-tested with fixtures).
+pub fn plan_backup(domain: &Domain, state: DomainState, opts: &BackupOptions) -> Result<Plan> {
+    for ex in &opts.exclude_disks {
+        if !domain.disks.iter().any(|d| &d.target == ex) {
+            return Err(Error::config(format!("--exclude-disk {ex}: the domain has no disk {ex}"))
+                .hint(format!("its disks are: {}", targets(domain))));
+        }
+    }
+    let is_xen = domain.kind == "xen";
+    if is_xen && state.is_active() {
+        return Err(Error::unsupported(format!(
+            "{:?} is a running Xen domain: libvirt's Xen driver cannot take external disk snapshots",
+            domain.name
+        ))
+        .hint("shut the domain down and run the backup again (stopped domains are frozen with qemu-img overlays)"));
+    }
+    let mut disks = Vec::new();
+    let mut skipped = Vec::new();
+    for disk in &domain.disks {
+        if opts.exclude_disks.contains(&disk.target) {
+            skipped.push(SkippedDisk { target: disk.target.clone(), reason: "excluded with --exclude-disk".into() });
+            continue;
+        }
+        if let Err(reason) = disk.is_backup_candidate() {
+            skipped.push(SkippedDisk { target: disk.target.clone(), reason: reason.to_string() });
+            continue;
+        }
+        match (disk.backend(), &disk.source) {
+            (Backend::QcowFile | Backend::RawFile, DiskSource::File { path }) => {
+                if path.contains(OVERLAY_MARKER) {
+                    return Err(Error::domain(format!("disk {} runs on a virtkeep overlay ({path})", disk.target))
+                        .hint("run `virtkeep cleanup HOST` to commit it back"));
+                }
+                if is_xen && !matches!(disk.driver_name.as_deref(), Some("qemu" | "qdisk")) {
+                    return Err(Error::unsupported(format!(
+                        "Xen disk {} uses driver {:?}: only qdisk file disks can be frozen with an overlay",
+                        disk.target,
+                        disk.driver_name.as_deref().unwrap_or("default")
+                    ))
+                    .hint(format!("exclude it with --exclude-disk {}", disk.target)));
+                }
+                disks.push(PlannedDisk {
+                    target: disk.target.clone(),
+                    path: path.clone(),
+                    format: disk.format.clone().unwrap_or_else(|| "raw".into()),
+                });
+            }
+            (backend, _) => {
+                return Err(Error::unsupported(format!(
+                    "disk {} ({}) is on a storage backend this version cannot back up yet",
+                    disk.target,
+                    describe(disk, &backend)
+                ))
+                .hint(format!("leave it out with --exclude-disk {}", disk.target)));
+            }
+        }
+    }
+    if disks.is_empty() {
+        return Err(Error::domain(format!("{:?} has no disk to back up", domain.name))
+            .hint("every disk was excluded or skipped (CD-ROMs, floppies, read-only and shareable disks are skipped)"));
+    }
+    let method = if state.is_active() { FreezeMethod::LiveSnapshot } else { FreezeMethod::OfflineOverlay };
+    Ok(Plan { method, disks, skipped })
+}
+
+fn describe(disk: &Disk, backend: &Backend) -> String {
+    match backend {
+        Backend::Rbd { pool, image } => format!("Ceph RBD {pool}/{image}"),
+        Backend::Lvm { vg, lv } => format!("LVM volume {vg}/{lv}"),
+        Backend::Block => "block device".into(),
+        _ => format!("{:?}", disk.source),
+    }
+}
+
+fn targets(domain: &Domain) -> String {
+    domain.disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// One disk in the result of a backup.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskResult {
+    pub target: String,
+    pub size: u64,
+    pub bytes_read: u64,
+    pub bytes_new: u64,
+    pub chunks_new: u64,
+    pub chunks_reused: u64,
+    pub chunks_zero: u64,
+}
+
+/// What `virtkeep backup` reports (stable in `--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupResult {
+    pub id: String,
+    pub host: String,
+    pub vm: String,
+    pub mode: String,
+    pub reason: String,
+    pub method: FreezeMethod,
+    pub disks: Vec<DiskResult>,
+    pub skipped: Vec<SkippedDisk>,
+    pub warnings: Vec<String>,
+    pub duration_secs: f64,
+}
+
+/// Backs up one VM. See the module docs for the order of events.
+pub async fn backup_vm(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    vm_name: &str,
+    opts: &BackupOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<BackupResult> {
+    let vm = Vm::find(host, vm_name).await?;
+    let lock = host.lock_vm(&vm.uuid).await?;
+    let res = backup_locked(host, repo, vm, opts, &progress).await;
+    lock.release().await;
+    res
+}
+
+async fn backup_locked(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    mut vm: Vm,
+    opts: &BackupOptions,
+    progress: &Arc<dyn Progress>,
+) -> Result<BackupResult> {
+    let started = Instant::now();
+    let mut warnings = Vec::new();
+    let healed = heal_vm(host, &vm.uuid, false).await?;
+    if !healed.actions.is_empty() {
+        let msg = format!("healed leftovers of an earlier run: {}", healed.actions.join("; "));
+        progress.event(Event::Notice { vm: vm.name.clone(), message: msg.clone() });
+        warnings.push(msg);
+        vm.reload(host).await?;
+    }
+    let plan = plan_backup(&vm.domain, vm.state, opts)?;
+    for s in &plan.skipped {
+        progress.event(Event::Notice { vm: vm.name.clone(), message: format!("skipping disk {}: {}", s.target, s.reason) });
+    }
+    let (mode, reason) = match opts.mode {
+        ModeRequest::Full => (virtkeep_repo::BackupMode::Full, "full backup requested".to_string()),
+        ModeRequest::Auto => (
+            virtkeep_repo::BackupMode::Full,
+            "full: incremental backups of file disks are not available in this version".to_string(),
+        ),
+        ModeRequest::Incremental => {
+            return Err(Error::unsupported("incremental backups of file disks are not available in this version")
+                .hint("use --mode full or --mode auto"));
+        }
+    };
+
+    let job_id = crate::job_id();
+    let job_dir = host.job_dir(&format!("{}-{job_id}", vm.uuid)).await?;
+
+    if let Some(cmd) = &opts.pre_snapshot {
+        progress.event(Event::Phase { vm: vm.name.clone(), phase: "pre-snapshot" });
+        run_hook(host, &vm, "pre-snapshot", cmd).await.map_err(|e| {
+            e.context("the pre-snapshot command failed, nothing was snapshotted")
+        })?;
+    }
+    progress.event(Event::Phase { vm: vm.name.clone(), phase: "snapshot" });
+    let snapshot_time = time::OffsetDateTime::now_utc();
+    let frozen = freeze(host, &vm, &plan, &job_id, opts.quiesce).await;
+    if let Some(cmd) = &opts.post_snapshot {
+        progress.event(Event::Phase { vm: vm.name.clone(), phase: "post-snapshot" });
+        if let Err(e) = run_hook(host, &vm, "post-snapshot", cmd).await {
+            let msg = format!("the post-snapshot command failed: {e}");
+            progress.event(Event::Notice { vm: vm.name.clone(), message: msg.clone() });
+            warnings.push(msg);
+        }
+    }
+    if let Err(e) = frozen {
+        let _ = heal_vm(host, &vm.uuid, false).await;
+        return Err(e);
+    }
+
+    progress.event(Event::Phase { vm: vm.name.clone(), phase: "export" });
+    let meta = virtkeep_repo::BackupMeta {
+        host: host.name.clone(),
+        vm: vm.name.clone(),
+        mode,
+        reason: reason.clone(),
+        parent: None,
+        domain_xml: vm.inactive_xml.clone(),
+        time: Some(snapshot_time),
+    };
+    let exported = export_all(host, repo, &vm, &plan, meta, &job_dir, opts, progress).await;
+
+    progress.event(Event::Phase { vm: vm.name.clone(), phase: "commit" });
+    let thawed = heal_vm(host, &vm.uuid, false).await;
+    let _ = host.run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir)).await;
+
+    let (manifest, stats) = exported?;
+    if let Err(e) = thawed {
+        return Err(e.context(format!(
+            "backup {} is stored, but the VM could not be returned to its own files",
+            manifest.id
+        )));
+    }
+    let disks = manifest
+        .disks
+        .iter()
+        .zip(stats)
+        .map(|(d, s)| DiskResult {
+            target: d.spec.target.clone(),
+            size: d.spec.size,
+            bytes_read: s.bytes_read,
+            bytes_new: d.stats.bytes_new,
+            chunks_new: d.stats.chunks_new,
+            chunks_reused: d.stats.chunks_reused,
+            chunks_zero: d.stats.chunks_zero,
+        })
+        .collect();
+    Ok(BackupResult {
+        id: manifest.id.clone(),
+        host: host.name.clone(),
+        vm: vm.name.clone(),
+        mode: mode.to_string(),
+        reason,
+        method: plan.method,
+        disks,
+        skipped: plan.skipped.clone(),
+        warnings,
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn export_all(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    vm: &Vm,
+    plan: &Plan,
+    meta: virtkeep_repo::BackupMeta,
+    job_dir: &str,
+    opts: &BackupOptions,
+    progress: &Arc<dyn Progress>,
+) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>)> {
+    let writer = repo.begin_backup(meta).await?;
+    let mut stats = Vec::new();
+    for (i, disk) in plan.disks.iter().enumerate() {
+        let export = NbdExport::start_readonly(host, job_dir, i, &disk.path, &disk.format).await?;
+        let res = async {
+            let size = export.connect(host.session(), &[]).await?;
+            let size = { let s = size.size(); let _ = size.disconnect().await; s };
+            let spec = virtkeep_repo::DiskSpec {
+                name: disk.target.clone(),
+                size,
+                backend: "file".into(),
+                format: disk.format.clone(),
+                target: disk.target.clone(),
+                source: disk.path.clone(),
+            };
+            let sink = Arc::new(RepoSink::new(writer.disk(spec, None).await?));
+            let st = export_disk(host, &export, sink.clone(), opts.parallel.max(1), &vm.name, &disk.target, progress).await?;
+            sink.finish().await?;
+            Ok::<_, Error>(st)
+        }
+        .await;
+        let stopped = export.stop(host).await;
+        let st = res?;
+        stopped?;
+        stats.push(st);
+    }
+    let manifest = writer.finish(serde_json::json!({ "method": plan.method })).await?;
+    Ok((manifest, stats))
+}
+
+/// Runs a user hook on the host with `sh -c`; its output goes to the log.
+async fn run_hook(host: &Host, vm: &Vm, phase: &str, command: &str) -> Result<()> {
+    let cmd = RemoteCommand::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("VIRTKEEP_PHASE", phase)
+        .env("VIRTKEEP_VM", &vm.name)
+        .env("VIRTKEEP_VM_UUID", &vm.uuid)
+        .env("VIRTKEEP_HOST", &host.name);
+    let out = host.exec(&cmd).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    tracing::info!(vm = %vm.name, phase, status = out.status, stdout = %stdout.trim(), stderr = %stderr.trim(), "hook ran");
+    if out.status != 0 {
+        return Err(Error::new(
+            ErrorKind::Remote,
+            format!("{phase} command exited with status {}: {}", out.status, stderr.trim()),
+        ));
+    }
+    Ok(())
+}
+
+fn overlay_path(base: &str, job_id: &str) -> String {
+    format!("{base}{OVERLAY_MARKER}{job_id}")
+}
+
+async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) -> Result<()> {
+    match plan.method {
+        FreezeMethod::LiveSnapshot => {
+            if quiesce {
+                let ping = host.exec(&host.virsh().qemu_agent_ping(&vm.uuid, 5)).await?;
+                if ping.status != 0 {
+                    return Err(Error::domain(format!(
+                        "--quiesce needs the QEMU guest agent, and it does not answer in {:?}",
+                        vm.name
+                    ))
+                    .hint("install and start qemu-guest-agent in the guest (with a virtio-serial channel org.qemu.guest_agent.0), or back up without --quiesce (crash-consistent)"));
+                }
+            }
+            let specs: Vec<(String, String)> =
+                plan.disks.iter().map(|d| (d.target.clone(), overlay_path(&d.path, job_id))).collect();
+            let excluded: Vec<String> = vm
+                .domain
+                .disks
+                .iter()
+                .filter(|d| !plan.disks.iter().any(|p| p.target == d.target))
+                .filter(|d| !matches!(d.source, DiskSource::Empty))
+                .map(|d| d.target.clone())
+                .collect();
+            let name = format!("virtkeep-{job_id}");
+            let specs: Vec<(&str, &str)> = specs.iter().map(|(t, p)| (t.as_str(), p.as_str())).collect();
+            let excluded: Vec<&str> = excluded.iter().map(String::as_str).collect();
+            host.run(&host.virsh().snapshot_create_disk_only(&vm.uuid, &name, &specs, &excluded, quiesce))
+                .await
+                .map_err(|e| e.context("taking the disk-only snapshot"))?;
+            Ok(())
+        }
+        FreezeMethod::OfflineOverlay => {
+            if quiesce {
+                return Err(Error::config("--quiesce applies to running VMs only; this one is shut off"));
+            }
+            let mut sources = std::collections::BTreeMap::new();
+            for d in &plan.disks {
+                let overlay = overlay_path(&d.path, job_id);
+                host.run(&cmd::qemu_img_create_overlay(&overlay, &d.path, &d.format)).await?;
+                host.run(&RemoteCommand::new("chown").arg("--reference").arg(&d.path).arg("--").arg(&overlay)).await?;
+                host.run(&RemoteCommand::new("chmod").arg("--reference").arg(&d.path).arg("--").arg(&overlay)).await?;
+                sources.insert(d.target.clone(), NewSource::File { path: overlay, format: "qcow2".into() });
+            }
+            let rw = Rewrite { disk_sources: sources, ..Rewrite::default() };
+            let xml = rewrite_domain(&vm.inactive_xml, &rw)?;
+            define(host, &vm.uuid, &xml).await?;
+            // A start between our read of the state and the define would run on the
+            // bases we are about to read: check, and give up cleanly if it happened.
+            let now = Vm::load(host, &vm.uuid).await?;
+            if now.state.is_active() {
+                let on_overlays = now.domain.disks.iter().all(|d| match &d.source {
+                    DiskSource::File { path } => !plan.disks.iter().any(|p| &p.path == path),
+                    _ => true,
+                });
+                if !on_overlays {
+                    return Err(Error::conflict(format!(
+                        "{:?} was started while the backup was preparing its snapshot",
+                        vm.name
+                    ))
+                    .hint("run the backup again: a running VM is snapshotted through libvirt"));
+                }
+            }
+            Ok(())
+        }
+    }
+}

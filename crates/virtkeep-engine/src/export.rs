@@ -1,0 +1,200 @@
+//! The data path of a backup: a frozen image on the host, exported read-only by
+//! qemu-nbd on a private unix socket, read by the node's NBD client through SSH
+//! (direct-streamlocal), chunk by chunk into the repository.
+//!
+//! Block status (`base:allocation`) is asked once for the whole disk, so holes and zero
+//! runs are neither read nor sent; chunks with no data are recorded as zero chunks.
+//! Several connections read in parallel, each with a few requests in flight.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use virtkeep_libvirt::cmd;
+use virtkeep_nbd::{BASE_ALLOCATION, MappedKind, NbdClient, allocated_extents};
+use virtkeep_ssh::RemoteCommand;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::Host;
+use crate::progress::{Event, Progress};
+
+/// Where the chunks of one disk go (the repository's disk writer, behind a seam so the
+/// data path does not depend on the repository's internals).
+#[async_trait]
+pub trait ChunkSink: Send + Sync {
+    fn chunk_size(&self) -> u64;
+    async fn data_chunk(&self, index: u64, data: Bytes) -> Result<()>;
+    async fn zero_chunk(&self, index: u64) -> Result<()>;
+}
+
+/// A running qemu-nbd export on the host; `stop` kills it (and `heal` does, after a crash).
+pub struct NbdExport {
+    pub socket: String,
+    pid_file: String,
+}
+
+impl NbdExport {
+    /// Exports `path` (format `format`) read-only, shared with the QEMU that may hold it.
+    pub async fn start_readonly(host: &Host, job_dir: &str, index: usize, path: &str, format: &str) -> Result<NbdExport> {
+        let socket = format!("{job_dir}/{index}.sock");
+        let pid_file = format!("{job_dir}/{index}.pid");
+        host.run(&cmd::qemu_nbd_export_readonly(&cmd::image_opts(format, path, false, true), &socket, &pid_file))
+            .await
+            .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
+        Ok(NbdExport { socket, pid_file })
+    }
+
+    /// Exports `path` writable, for restore.
+    pub async fn start_writable(host: &Host, job_dir: &str, index: usize, path: &str, format: &str) -> Result<NbdExport> {
+        let socket = format!("{job_dir}/{index}.sock");
+        let pid_file = format!("{job_dir}/{index}.pid");
+        host.run(&cmd::qemu_nbd_export_writable(path, format, false, &socket, &pid_file))
+            .await
+            .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
+        Ok(NbdExport { socket, pid_file })
+    }
+
+    pub async fn connect(&self, session: &virtkeep_ssh::Session, contexts: &[&str]) -> Result<NbdClient> {
+        let stream = session.open_unix_socket(&self.socket).await?;
+        Ok(NbdClient::connect(stream, "", contexts).await?)
+    }
+
+    pub async fn stop(self, host: &Host) -> Result<()> {
+        let pid = host.run_string(&RemoteCommand::new("cat").arg(&self.pid_file)).await?;
+        let pid: u32 = pid.trim().parse().map_err(|_| {
+            Error::new(ErrorKind::Remote, format!("qemu-nbd pid file {} holds no pid", self.pid_file))
+        })?;
+        // Terminate and wait until it is gone, so the image is no longer open.
+        let script = r#"kill "$1" 2>/dev/null; i=0; while [ -e /proc/"$1" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done"#;
+        host.run(&RemoteCommand::new("sh").arg("-c").arg(script).arg("sh").arg(pid.to_string())).await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ExportStats {
+    pub size: u64,
+    /// Bytes that block status says hold data, i.e. what crossed the network.
+    pub bytes_read: u64,
+    pub zero_chunks: u64,
+    pub data_chunks: u64,
+}
+
+/// The data ranges (relative to the chunk) of each chunk; empty = all zeros.
+fn plan_chunks(extents: &[virtkeep_nbd::Mapped], size: u64, chunk: u64) -> Vec<Vec<(u64, u64)>> {
+    let count = size.div_ceil(chunk) as usize;
+    let mut plan = vec![Vec::new(); count];
+    for e in extents.iter().filter(|e| e.kind == MappedKind::Data) {
+        let mut off = e.offset;
+        let end = (e.offset + e.length).min(size);
+        while off < end {
+            let idx = off / chunk;
+            let chunk_end = ((idx + 1) * chunk).min(end);
+            plan[idx as usize].push((off - idx * chunk, chunk_end - off));
+            off = chunk_end;
+        }
+    }
+    plan
+}
+
+/// Reads the whole guest-visible content of an export into `sink`.
+pub async fn export_disk(
+    host: &Host,
+    export: &NbdExport,
+    sink: Arc<dyn ChunkSink>,
+    parallel: usize,
+    vm: &str,
+    disk: &str,
+    progress: &Arc<dyn Progress>,
+) -> Result<ExportStats> {
+    let control = export.connect(host.session(), &[BASE_ALLOCATION]).await?;
+    let size = control.size();
+    let extents = allocated_extents(&control, BASE_ALLOCATION, 0, size).await?;
+    let _ = control.disconnect().await;
+    let chunk = sink.chunk_size();
+    let plan = Arc::new(plan_chunks(&extents, size, chunk));
+    let data_bytes: u64 = plan.iter().flatten().map(|(_, l)| l).sum();
+    progress.event(Event::DiskStart { vm: vm.to_string(), disk: disk.to_string(), bytes: data_bytes });
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let read = Arc::new(AtomicU64::new(0));
+    let zero = Arc::new(AtomicU64::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..parallel.max(1) {
+        let session = host.data_session(w).await?;
+        let client = export.connect(&session, &[]).await?;
+        let (plan, next, read, zero, sink, progress) =
+            (plan.clone(), next.clone(), read.clone(), zero.clone(), sink.clone(), progress.clone());
+        let disk = disk.to_string();
+        workers.spawn(async move {
+            let _session = session;
+            let max = u64::from(client.max_block().clamp(64 * 1024, 32 << 20));
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(ranges) = plan.get(i) else { break };
+                let index = i as u64;
+                if ranges.is_empty() {
+                    sink.zero_chunk(index).await?;
+                    zero.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let len = chunk.min(size - index * chunk) as usize;
+                let mut buf = BytesMut::zeroed(len);
+                // Requests of this chunk go out together (the client pipelines them).
+                let mut reads = Vec::new();
+                for &(rel, rlen) in ranges {
+                    let mut off = rel;
+                    while off < rel + rlen {
+                        let n = (rel + rlen - off).min(max);
+                        reads.push((off, client.read(index * chunk + off, n as u32)));
+                        off += n;
+                    }
+                }
+                let (offs, futs): (Vec<u64>, Vec<_>) = reads.into_iter().unzip();
+                let mut moved = 0;
+                for (off, data) in offs.into_iter().zip(futures::future::try_join_all(futs).await?) {
+                    buf[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                    moved += data.len() as u64;
+                }
+                read.fetch_add(moved, Ordering::Relaxed);
+                sink.data_chunk(index, buf.freeze()).await?;
+                progress.event(Event::DiskBytes { disk: disk.clone(), bytes: moved });
+            }
+            let _ = client.disconnect().await;
+            Ok::<(), Error>(())
+        });
+    }
+    while let Some(res) = workers.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(join) => return Err(Error::new(ErrorKind::DataPath, format!("export worker failed: {join}"))),
+        }
+    }
+    progress.event(Event::DiskDone { disk: disk.to_string() });
+    let zero_chunks = zero.load(Ordering::Relaxed);
+    Ok(ExportStats {
+        size,
+        bytes_read: read.load(Ordering::Relaxed),
+        zero_chunks,
+        data_chunks: plan.len() as u64 - zero_chunks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_chunks;
+    use virtkeep_nbd::{Mapped, MappedKind};
+
+    #[test]
+    fn data_extents_split_at_chunk_boundaries() {
+        let ex = [
+            Mapped { offset: 0, length: 10, kind: MappedKind::Data },
+            Mapped { offset: 10, length: 90, kind: MappedKind::Zero },
+            Mapped { offset: 100, length: 150, kind: MappedKind::Data },
+        ];
+        let plan = plan_chunks(&ex, 300, 128);
+        assert_eq!(plan, vec![vec![(0, 10), (100, 28)], vec![(0, 122)], vec![]]);
+    }
+}

@@ -1,0 +1,151 @@
+//! A connected hypervisor: the SSH session, its settings, and the small remote
+//! operations every strategy needs (run, upload a file, lock a VM).
+
+use std::path::Path;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use virtkeep_ssh::{Output, Pool, RemoteCommand, RemoteProcess, Session};
+
+use crate::config::HostConfig;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Where virtkeep keeps per-job state on the host: NBD sockets, pid files, locks.
+/// Under /run so a host reboot (which also ends every qemu-nbd) clears it.
+pub const HOST_STATE_DIR: &str = "/run/virtkeep";
+
+/// The marker every overlay virtkeep creates carries in its file name, so that
+/// `cleanup` can tell its own files from anything else.
+pub const OVERLAY_MARKER: &str = ".virtkeep-";
+
+pub struct Host {
+    pub name: String,
+    pub config: HostConfig,
+    pool: Pool,
+    session: Session,
+}
+
+impl Host {
+    pub async fn connect(name: &str, config: &HostConfig, node_known_hosts: &Path) -> Result<Host> {
+        let target = config.target(node_known_hosts)?;
+        let session = Session::connect(&target)
+            .await
+            .map_err(|e| Error::from(e).context(format!("connecting to host {name}")))?;
+        // Data streams get their own connections: one SSH connection is bound to one core.
+        let pool = Pool::new(target, 4);
+        Ok(Host { name: name.to_string(), config: config.clone(), pool, session })
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// A connection for the `i`-th parallel data stream.
+    pub async fn data_session(&self, i: usize) -> Result<Session> {
+        Ok(self.pool.data_session(i).await?)
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.config.libvirt_uri
+    }
+
+    /// `virsh -c URI …` builders for this host.
+    pub fn virsh(&self) -> virtkeep_libvirt::cmd::Virsh {
+        virtkeep_libvirt::cmd::Virsh::new(self.uri())
+    }
+
+    /// Runs a command; a non-zero exit is an error carrying its stderr.
+    pub async fn run(&self, cmd: &RemoteCommand) -> Result<Output> {
+        tracing::debug!(host = %self.name, command = %cmd, "run");
+        Ok(self.session.run(cmd).await?)
+    }
+
+    /// Runs a command and returns its exit status and output without judging them.
+    pub async fn exec(&self, cmd: &RemoteCommand) -> Result<Output> {
+        tracing::debug!(host = %self.name, command = %cmd, "exec");
+        Ok(self.session.exec(cmd).await?)
+    }
+
+    pub async fn run_string(&self, cmd: &RemoteCommand) -> Result<String> {
+        let out = self.run(cmd).await?;
+        String::from_utf8(out.stdout).map_err(|_| {
+            Error::new(ErrorKind::Remote, format!("`{cmd}` printed output that is not UTF-8"))
+        })
+    }
+
+    /// Writes `content` to `path` on the host (through stdin, never the command line).
+    pub async fn upload(&self, path: &str, content: &[u8]) -> Result<()> {
+        let cmd = RemoteCommand::new("cat").stdout_to(path);
+        let mut proc = self.session.spawn(&cmd).await?;
+        proc.stdin.write_all(content).await.map_err(io_err("uploading a file"))?;
+        proc.stdin.shutdown().await.map_err(io_err("uploading a file"))?;
+        let (status, stderr) = proc.wait().await?;
+        if status != 0 {
+            return Err(Error::new(
+                ErrorKind::Remote,
+                format!("writing {path} on the host failed: {}", String::from_utf8_lossy(&stderr).trim()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates the private per-job state directory on the host.
+    pub async fn job_dir(&self, job: &str) -> Result<String> {
+        let dir = format!("{HOST_STATE_DIR}/jobs/{job}");
+        self.run(&RemoteCommand::new("mkdir").arg("-p").arg("-m").arg("0711").arg(&dir)).await?;
+        Ok(dir)
+    }
+
+    /// Takes the per-VM lock on the host, held for as long as the returned guard lives
+    /// and the SSH connection is up: a node killed with SIGKILL drops the connection,
+    /// the remote `cat` sees EOF and the lock goes with it, so no stale lock survives.
+    pub async fn lock_vm(&self, vm_uuid: &str) -> Result<VmLock> {
+        let lock_dir = format!("{HOST_STATE_DIR}/locks");
+        self.run(&RemoteCommand::new("mkdir").arg("-p").arg("-m").arg("0700").arg(&lock_dir)).await?;
+        let path = format!("{lock_dir}/{vm_uuid}.lock");
+        let cmd = RemoteCommand::new("flock")
+            .arg("-n")
+            .arg("-E")
+            .arg("75")
+            .arg(&path)
+            .arg("sh")
+            .arg("-c")
+            .arg("echo locked; exec cat >/dev/null");
+        let mut proc = self.session.spawn(&cmd).await?;
+        let mut first = [0u8; 7];
+        match proc.stdout.read_exact(&mut first).await {
+            Ok(_) if &first == b"locked\n" => Ok(VmLock { proc: Some(proc) }),
+            _ => {
+                let _ = proc.stdin.shutdown().await;
+                let (status, stderr) = proc.wait().await.unwrap_or((1, Vec::new()));
+                if status == 75 {
+                    Err(Error::conflict(format!("another virtkeep job holds the lock of VM {vm_uuid} on this host"))
+                        .hint("wait for the running backup or restore of this VM to finish"))
+                } else {
+                    Err(Error::new(
+                        ErrorKind::Remote,
+                        format!("could not take the VM lock on the host (flock exit {status}): {}", String::from_utf8_lossy(&stderr).trim()),
+                    )
+                    .hint("virtkeep needs flock(1) from util-linux on the host"))
+                }
+            }
+        }
+    }
+}
+
+/// Holds a per-VM lock on the host; dropping it (or losing the connection) releases it.
+pub struct VmLock {
+    proc: Option<RemoteProcess>,
+}
+
+impl VmLock {
+    pub async fn release(mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            let _ = proc.stdin.shutdown().await;
+            let _ = proc.wait().await;
+        }
+    }
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |e| Error::new(ErrorKind::Connection, format!("{what}: {e}")).with_source(e)
+}

@@ -1,0 +1,183 @@
+//! `vm list` and `host check`: what is on a host and whether virtkeep can work there.
+
+use serde::Serialize;
+use virtkeep_libvirt::{Backend, DiskSource};
+use virtkeep_ssh::RemoteCommand;
+
+use crate::error::Result;
+use crate::host::{HOST_STATE_DIR, Host};
+use crate::vm::{DomainState, Vm};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskInfo {
+    pub target: String,
+    pub device: String,
+    pub backend: String,
+    pub format: Option<String>,
+    pub source: String,
+    pub virtual_size: Option<u64>,
+    pub allocated: Option<u64>,
+    /// How virtkeep backs this disk up, or why it does not.
+    pub method: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    pub host: String,
+    pub name: String,
+    pub uuid: String,
+    pub state: DomainState,
+    pub kind: String,
+    pub disks: Vec<DiskInfo>,
+}
+
+fn virsh(uri: &str) -> RemoteCommand {
+    RemoteCommand::new("virsh").arg("-q").arg("-c").arg(uri)
+}
+
+/// Capacity and allocation per target, from `virsh domblkinfo --all`.
+async fn block_sizes(host: &Host, uuid: &str) -> Vec<(String, u64, u64)> {
+    let Ok(out) = host.exec(&virsh(host.uri()).arg("domblkinfo").arg(uuid).arg("--all")).await else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                [t, cap, alloc, ..] => Some((t.to_string(), cap.parse().ok()?, alloc.parse().ok()?)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+pub async fn list_vms(host: &Host) -> Result<Vec<VmInfo>> {
+    let uuids = host.run_string(&crate::heal::list_all_uuids(host)).await?;
+    let mut vms = Vec::new();
+    for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let vm = Vm::load(host, uuid).await?;
+        let sizes = block_sizes(host, uuid).await;
+        let mut disks = Vec::new();
+        for d in &vm.domain.disks {
+            let backend = d.backend();
+            let size = sizes.iter().find(|(t, _, _)| t == &d.target);
+            let method = match (d.is_backup_candidate(), &backend) {
+                (Err(reason), _) => format!("skipped: {reason}"),
+                (Ok(()), Backend::QcowFile | Backend::RawFile) if vm.state.is_active() => {
+                    "snapshot-create-as --disk-only, qemu-nbd over SSH".into()
+                }
+                (Ok(()), Backend::QcowFile | Backend::RawFile) => "qemu-img overlay, qemu-nbd over SSH".into(),
+                (Ok(()), Backend::Lvm { .. }) => "lvcreate -s (not in this version)".into(),
+                (Ok(()), Backend::Rbd { .. }) => "rbd snapshot + export-diff (not in this version)".into(),
+                (Ok(()), _) => "not supported".into(),
+            };
+            disks.push(DiskInfo {
+                target: d.target.clone(),
+                device: format!("{:?}", d.device).to_lowercase(),
+                backend: backend_name(&backend),
+                format: d.format.clone(),
+                source: source_text(&d.source),
+                virtual_size: size.map(|s| s.1),
+                allocated: size.map(|s| s.2),
+                method,
+            });
+        }
+        vms.push(VmInfo {
+            host: host.name.clone(),
+            name: vm.name.clone(),
+            uuid: vm.uuid.clone(),
+            state: vm.state,
+            kind: vm.domain.kind.clone(),
+            disks,
+        });
+    }
+    Ok(vms)
+}
+
+fn backend_name(b: &Backend) -> String {
+    match b {
+        Backend::QcowFile => "qcow2-file".into(),
+        Backend::RawFile => "raw-file".into(),
+        Backend::Block => "block".into(),
+        Backend::Lvm { vg, lv } => format!("lvm:{vg}/{lv}"),
+        Backend::Rbd { pool, image } => format!("rbd:{pool}/{image}"),
+        Backend::Other => "other".into(),
+    }
+}
+
+fn source_text(s: &DiskSource) -> String {
+    match s {
+        DiskSource::File { path } => path.clone(),
+        DiskSource::Block { dev } => dev.clone(),
+        DiskSource::Network { protocol, name, .. } => format!("{protocol}:{}", name.as_deref().unwrap_or("")),
+        DiskSource::Volume { pool, volume } => format!("volume:{pool}/{volume}"),
+        DiskSource::Empty => String::new(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// One line of `host check`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckItem {
+    pub check: String,
+    pub ok: bool,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+    /// A failed optional check does not make the host unusable.
+    pub required: bool,
+}
+
+async fn probe(host: &Host, cmd: RemoteCommand) -> (bool, String) {
+    match host.exec(&cmd).await {
+        Ok(out) => {
+            let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+            let first = String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string();
+            (out.status == 0, first)
+        }
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
+    let mut items = vec![CheckItem {
+        check: "ssh + pinned host key".into(),
+        ok: true,
+        detail: format!("{}@{}:{}", host.config.user, host.config.address, host.config.port),
+        fix: None,
+        required: true,
+    }];
+    let mut add = |check: &str, (ok, detail): (bool, String), fix: &str, required: bool| {
+        items.push(CheckItem { check: check.into(), ok, detail, fix: (!ok).then(|| fix.to_string()), required });
+    };
+    let tool = |name: &str| RemoteCommand::new("sh").arg("-c").arg(r#"command -v "$1""#).arg("sh").arg(name.to_string());
+    if host.config.sudo {
+        add("sudo -n", probe(host, RemoteCommand::new("true")).await, "give the user passwordless sudo for virsh, qemu-img, qemu-nbd, flock, lvm and rbd", true);
+    }
+    add("virsh", probe(host, host.virsh().version()).await, "install libvirt-clients (Debian) / libvirt-client (RHEL) and check the libvirt URI", true);
+    for (name, pkg) in [("qemu-img", "qemu-utils / qemu-img"), ("qemu-nbd", "qemu-utils / qemu-img"), ("flock", "util-linux")] {
+        let (ok, detail) = probe(host, tool(name)).await;
+        add(name, (ok, if ok { detail } else { format!("{name} not found") }), &format!("install {pkg} on the host"), true);
+    }
+    let (ok, detail) = probe(host, virsh(host.uri()).arg("help").arg("blockcommit")).await;
+    add("virsh blockcommit", (ok, if ok { "available".into() } else { detail }), "install the full libvirt (blockcommit missing: see the vendor's note on CentOS libvirt builds)", true);
+    let caps = host.exec(&host.virsh().domcapabilities(None)).await;
+    let backup_api = caps.ok().is_some_and(|o| virtkeep_libvirt::parse::parse_domcapabilities_backup_supported(&String::from_utf8_lossy(&o.stdout)).unwrap_or(false));
+    add("libvirt backup API (CBT)", (backup_api, if backup_api { "supported".into() } else { "not supported".into() }), "libvirt ≥ 7.2 with QEMU ≥ 6.0 enables dirty-bitmap incrementals", false);
+    add(
+        "state dir",
+        probe(host, RemoteCommand::new("mkdir").arg("-p").arg(HOST_STATE_DIR)).await,
+        &format!("virtkeep needs to create {HOST_STATE_DIR} (root or sudo)"),
+        true,
+    );
+    let (ok, detail) = probe(host, RemoteCommand::new("df").arg("-B1").arg("--output=avail").arg("/var/lib/libvirt/images")).await;
+    add("free space for overlays (/var/lib/libvirt/images)", (ok, detail), "overlays go next to each disk; keep room for the writes made during a backup", false);
+    let lvm = probe(host, RemoteCommand::new("lvs").arg("--reportformat").arg("json").arg("-o").arg("lv_name")).await;
+    add("LVM reporting (lvs --reportformat json)", lvm, "update lvm2 (JSON reporting came with LVM 2.02.158, RHEL/CentOS 7.3)", false);
+    if let Some(ceph) = host.config.ceph_args() {
+        let (ok, detail) = probe(host, ceph.rbd(&["ls", "rbd"])).await;
+        add("rbd + Ceph auth", (ok, detail), "check the host's ceph conf, id and keyring settings", false);
+    }
+    Ok(items)
+}

@@ -1,0 +1,374 @@
+//! `virtkeep restore SNAPSHOT --to HOST`: recreate every disk in its format, write only
+//! the data extents through qemu-nbd over SSH, rewrite the saved XML and define it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, cmd, parse_domain, rewrite_domain};
+use virtkeep_ssh::RemoteCommand;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::NbdExport;
+use crate::heal::define;
+use crate::host::Host;
+use crate::progress::{Event, Progress};
+
+/// Where restored file disks go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// Each disk at the path it had (or beside it, under the new name).
+    Original,
+    /// Every disk into this directory.
+    FileDir(String),
+}
+
+/// Options of one restore (`virtkeep restore`).
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub snapshot: String,
+    /// New domain name; a new name also gets a fresh UUID and MAC addresses.
+    pub name: Option<String>,
+    pub storage: Storage,
+    /// Owner of the restored files; the host's configured qemu user:group otherwise.
+    pub owner: Option<(String, String)>,
+    /// Only these disks (by target); all when empty.
+    pub disks: Vec<String>,
+    pub define: bool,
+    pub start: bool,
+    /// Overwrite existing files and a stopped existing domain of that name.
+    pub force: bool,
+    pub parallel: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoredDisk {
+    pub target: String,
+    pub path: String,
+    pub format: String,
+    pub size: u64,
+    pub bytes_written: u64,
+}
+
+/// What `virtkeep restore` reports (stable in `--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreResult {
+    pub snapshot: String,
+    pub host: String,
+    pub vm: String,
+    pub uuid: Option<String>,
+    pub disks: Vec<RestoredDisk>,
+    pub defined: bool,
+    pub started: bool,
+    pub notes: Vec<String>,
+    pub duration_secs: f64,
+}
+
+/// Keeps a file-name component to characters that need no care anywhere.
+fn safe_component(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .collect();
+    s.trim_start_matches('.').to_string()
+}
+
+fn extension(format: &str) -> &'static str {
+    if format == "qcow2" { "qcow2" } else { "img" }
+}
+
+/// The path a disk is restored to.
+pub fn destination(storage: &Storage, original: &str, new_name: Option<&str>, target: &str, format: &str) -> String {
+    let (dir, file) = match original.rfind('/') {
+        Some(i) => (&original[..i.max(1)], &original[i + 1..]),
+        None => ("/var/lib/libvirt/images", original),
+    };
+    let dir = match storage {
+        Storage::Original => dir.to_string(),
+        Storage::FileDir(d) => d.trim_end_matches('/').to_string(),
+    };
+    let dir = if dir.is_empty() { "/".to_string() } else { dir };
+    let file = match new_name {
+        Some(n) => format!("{}-{}.{}", safe_component(n), safe_component(target), extension(format)),
+        None => file.to_string(),
+    };
+    if dir.ends_with('/') { format!("{dir}{file}") } else { format!("{dir}/{file}") }
+}
+
+async fn default_owner(host: &Host) -> Result<(String, String)> {
+    if let (Some(u), Some(g)) = (&host.config.qemu_user, &host.config.qemu_group) {
+        return Ok((u.clone(), g.clone()));
+    }
+    // Debian/Ubuntu run QEMU as libvirt-qemu, RHEL-likes as qemu.
+    for user in ["libvirt-qemu", "qemu"] {
+        if host.exec(&RemoteCommand::new("id").arg("-u").arg(user)).await?.status == 0 {
+            let group = host.run_string(&RemoteCommand::new("id").arg("-gn").arg(user)).await?;
+            return Ok((user.to_string(), group.trim().to_string()));
+        }
+    }
+    Ok(("root".into(), "root".into()))
+}
+
+pub async fn restore(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    opts: &RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreResult> {
+    let started = Instant::now();
+    let manifest = repo.manifest(&opts.snapshot).await?;
+    let domain = parse_domain(&manifest.domain_xml)?;
+    let name = opts.name.clone().unwrap_or_else(|| domain.name.clone());
+    let renamed = opts.name.as_deref().is_some_and(|n| n != domain.name);
+    let mut notes = Vec::new();
+
+    for d in &opts.disks {
+        if !manifest.disks.iter().any(|m| &m.spec.target == d) {
+            return Err(Error::config(format!("backup {} has no disk {d}", manifest.id)));
+        }
+    }
+    let selected: Vec<_> =
+        manifest.disks.iter().filter(|m| opts.disks.is_empty() || opts.disks.contains(&m.spec.target)).collect();
+
+    // Refuse to clobber anything before touching the host.
+    let existing = host.exec(&host.virsh().domuuid(&name)).await?;
+    let existing_uuid = (existing.status == 0).then(|| String::from_utf8_lossy(&existing.stdout).trim().to_string());
+    if opts.define {
+        if let Some(uuid) = &existing_uuid {
+            if !opts.force {
+                return Err(Error::conflict(format!("a domain named {name:?} exists on host {}", host.name))
+                    .hint("restore under another name with --name NEW, or replace it with --force"));
+            }
+            let state = host.run_string(&host.virsh().domstate(uuid)).await?;
+            if state.trim() != "shut off" {
+                return Err(Error::conflict(format!("domain {name:?} is {}: it must be shut off to be replaced", state.trim())));
+            }
+        }
+    } else if let Some(uuid) = &existing_uuid {
+        let state = host.run_string(&host.virsh().domstate(uuid)).await?;
+        if state.trim() != "shut off" && !renamed && opts.storage == Storage::Original {
+            return Err(Error::conflict(format!(
+                "domain {name:?} is {}: its disks cannot be overwritten while it runs",
+                state.trim()
+            ))
+            .hint("shut it down first, or restore to other files with --name or --storage"));
+        }
+    }
+    let new_name = if renamed { Some(name.as_str()) } else { None };
+    let mut plan = Vec::new();
+    for m in &selected {
+        let path = destination(&opts.storage, &m.spec.source, new_name, &m.spec.target, &m.spec.format);
+        if !opts.force && host.exec(&RemoteCommand::new("test").arg("-e").arg(&path)).await?.status == 0 {
+            return Err(Error::conflict(format!("{path} exists on host {}", host.name))
+                .hint("restore under another name (--name) or into another directory (--storage file:DIR), or overwrite with --force"));
+        }
+        plan.push((*m, path));
+    }
+
+    let (user, group) = match &opts.owner {
+        Some(o) => o.clone(),
+        None => default_owner(host).await?,
+    };
+    let job_dir = host.job_dir(&format!("restore-{}", crate::job_id())).await?;
+    let mut restored = Vec::new();
+    let res = async {
+        for (i, (m, path)) in plan.iter().enumerate() {
+            progress.event(Event::Phase { vm: name.clone(), phase: "restore" });
+            let written = restore_disk(host, repo, &manifest.id, m, path, &user, &group, &job_dir, i, opts.parallel, &progress).await?;
+            restored.push(RestoredDisk {
+                target: m.spec.target.clone(),
+                path: path.clone(),
+                format: m.spec.format.clone(),
+                size: m.spec.size,
+                bytes_written: written,
+            });
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    let _ = host.run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir)).await;
+    res?;
+
+    let mut uuid = None;
+    let mut started_vm = false;
+    if opts.define {
+        let mut sources = BTreeMap::new();
+        for d in &restored {
+            sources.insert(d.target.clone(), NewSource::File { path: d.path.clone(), format: d.format.clone() });
+        }
+        // Disks the backup left out would point at the original VM's files: drop them.
+        let mut remove = Vec::new();
+        for disk in &domain.disks {
+            let kept = sources.contains_key(&disk.target);
+            let media = matches!(disk.device, virtkeep_libvirt::DiskDevice::Cdrom | virtkeep_libvirt::DiskDevice::Floppy);
+            if !kept && !media && !matches!(disk.source, DiskSource::Empty) {
+                remove.push(disk.target.clone());
+                notes.push(format!("disk {} is not in this restore and was left out of the definition", disk.target));
+            }
+        }
+        let new_uuid = if renamed || existing_uuid.is_none() && opts.name.is_some() {
+            Some(uuid::Uuid::new_v4().to_string())
+        } else {
+            None
+        };
+        let rw = Rewrite {
+            name: renamed.then(|| name.clone()),
+            new_uuid: new_uuid.clone(),
+            regenerate_macs: renamed,
+            remove_disks: remove,
+            disk_sources: sources,
+            drop_backing_store: true,
+            ..Rewrite::default()
+        };
+        let xml = rewrite_domain(&manifest.domain_xml, &rw)?;
+        if let (Some(old), true) = (&existing_uuid, opts.force) {
+            host.run(&host.virsh().undefine(old, cmd::UndefineOptions { keep_nvram: true, ..Default::default() })).await?;
+            notes.push(format!("replaced the existing definition of {name:?}"));
+        }
+        define(host, &name, &xml).await?;
+        let found = host.run_string(&host.virsh().domuuid(&name)).await?;
+        uuid = Some(found.trim().to_string());
+        if opts.start {
+            if let Some(u) = &uuid {
+                host.run(&host.virsh().start(u)).await?;
+                started_vm = true;
+            }
+        }
+    }
+    Ok(RestoreResult {
+        snapshot: manifest.id.clone(),
+        host: host.name.clone(),
+        vm: name,
+        uuid,
+        disks: restored,
+        defined: opts.define,
+        started: started_vm,
+        notes,
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn restore_disk(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    id: &str,
+    m: &virtkeep_repo::ManifestDisk,
+    path: &str,
+    user: &str,
+    group: &str,
+    job_dir: &str,
+    index: usize,
+    parallel: usize,
+    progress: &Arc<dyn Progress>,
+) -> Result<u64> {
+    let format = m.spec.format.as_str();
+    if format != "qcow2" && format != "raw" {
+        return Err(Error::unsupported(format!("disk {} has format {format}, which restore cannot create", m.spec.target)));
+    }
+    if let Some(i) = path.rfind('/') {
+        host.run(&RemoteCommand::new("mkdir").arg("-p").arg("--").arg(&path[..i.max(1)])).await?;
+    }
+    host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(path)).await?;
+    let create = if format == "qcow2" {
+        cmd::qemu_img_create_qcow2(path, m.spec.size, None)
+    } else {
+        cmd::qemu_img_create_raw(path, m.spec.size)
+    };
+    host.run(&create).await?;
+    host.run(&RemoteCommand::new("chown").arg(format!("{user}:{group}")).arg("--").arg(path))
+        .await
+        .map_err(|e| e.context(format!("giving {path} to {user}:{group}")))?;
+    host.run(&RemoteCommand::new("chmod").arg("0600").arg("--").arg(path)).await?;
+
+    let export = NbdExport::start_writable(host, job_dir, index, path, format).await?;
+    let res = write_disk(host, repo, id, m, &export, parallel, progress).await;
+    let stopped = export.stop(host).await;
+    let written = res?;
+    stopped?;
+    Ok(written)
+}
+
+async fn write_disk(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    id: &str,
+    m: &virtkeep_repo::ManifestDisk,
+    export: &NbdExport,
+    parallel: usize,
+    progress: &Arc<dyn Progress>,
+) -> Result<u64> {
+    let reader = Arc::new(repo.disk_reader(id, &m.spec.name).await?);
+    let chunks = reader.index().chunk_count();
+    let chunk_size = reader.index().chunk_size;
+    progress.event(Event::DiskStart { vm: String::new(), disk: m.spec.target.clone(), bytes: m.spec.size });
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..parallel.max(1) {
+        let session = host.data_session(w).await?;
+        let client = export.connect(&session, &[]).await?;
+        if client.size() < m.spec.size {
+            return Err(Error::new(ErrorKind::DataPath, format!("the new image is smaller ({}) than the disk ({})", client.size(), m.spec.size)));
+        }
+        let (reader, next, progress, disk) = (reader.clone(), next.clone(), progress.clone(), m.spec.target.clone());
+        workers.spawn(async move {
+            let _session = session;
+            let max = u64::from(client.max_block().clamp(64 * 1024, 32 << 20));
+            let mut written = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as u64;
+                if i >= chunks {
+                    break;
+                }
+                let mut writes = Vec::new();
+                let Some(data) = reader.read_chunk(i).await? else { continue };
+                for extent in virtkeep_repo::split_zero_runs(i * chunk_size, data) {
+                    if let virtkeep_repo::Extent::Data { offset, bytes } = extent {
+                        let mut off = 0u64;
+                        while off < bytes.len() as u64 {
+                            let n = (bytes.len() as u64 - off).min(max);
+                            writes.push((offset + off, bytes.slice(off as usize..(off + n) as usize)));
+                            off += n;
+                        }
+                    }
+                }
+                let futs = writes.iter().map(|(o, b)| client.write(*o, b));
+                futures::future::try_join_all(futs).await?;
+                let n: u64 = writes.iter().map(|(_, b)| b.len() as u64).sum();
+                written += n;
+                progress.event(Event::DiskBytes { disk: disk.clone(), bytes: n });
+            }
+            client.flush().await?;
+            let _ = client.disconnect().await;
+            Ok::<u64, Error>(written)
+        });
+    }
+    let mut total = 0;
+    while let Some(res) = workers.join_next().await {
+        match res {
+            Ok(Ok(n)) => total += n,
+            Ok(Err(e)) => return Err(e),
+            Err(join) => return Err(Error::new(ErrorKind::DataPath, format!("restore worker failed: {join}"))),
+        }
+    }
+    progress.event(Event::DiskDone { disk: m.spec.target.clone() });
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Storage, destination};
+
+    #[test]
+    fn destinations() {
+        assert_eq!(destination(&Storage::Original, "/img/a.qcow2", None, "vda", "qcow2"), "/img/a.qcow2");
+        assert_eq!(
+            destination(&Storage::Original, "/img/a.qcow2", Some("it's $(x)"), "vda", "qcow2"),
+            "/img/it_s___x_-vda.qcow2"
+        );
+        assert_eq!(destination(&Storage::FileDir("/new/".into()), "/img/b.raw", None, "vdb", "raw"), "/new/b.raw");
+        assert_eq!(destination(&Storage::FileDir("/new".into()), "/img/b.raw", Some("n"), "vdb", "raw"), "/new/n-vdb.img");
+    }
+}

@@ -1,0 +1,38 @@
+//! The seam between the data path and the repository's disk writer.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use virtkeep_repo::{DiskStats, DiskWriter};
+
+use crate::error::Result;
+use crate::export::ChunkSink;
+
+/// Feeds exported chunks into one disk of a backup.
+pub struct RepoSink {
+    writer: DiskWriter,
+}
+
+impl RepoSink {
+    pub fn new(writer: DiskWriter) -> Self {
+        Self { writer }
+    }
+
+    pub async fn finish(&self) -> Result<DiskStats> {
+        Ok(self.writer.finish().await?)
+    }
+}
+
+#[async_trait]
+impl ChunkSink for RepoSink {
+    fn chunk_size(&self) -> u64 {
+        self.writer.chunk_size()
+    }
+
+    async fn data_chunk(&self, index: u64, data: Bytes) -> Result<()> {
+        Ok(self.writer.write_chunk(index, data).await?)
+    }
+
+    async fn zero_chunk(&self, index: u64) -> Result<()> {
+        Ok(self.writer.zero_chunk(index)?)
+    }
+}

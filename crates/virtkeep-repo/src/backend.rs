@@ -1,0 +1,528 @@
+//! Storage backends: one small async trait, a hand-written local filesystem store and an
+//! S3 store through `object_store`.
+
+use std::fmt::Debug;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{RepoError, Result};
+
+/// Metadata of one stored object.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    /// Key relative to the repository root (`chunks/abc/abc…`).
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time in the storage's clock (mtime / S3 LastModified).
+    pub modified: SystemTime,
+}
+
+/// Result of [`ChunkBackend::put_if_absent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object was created by this call.
+    Created,
+    /// An object with that key already existed; nothing was written.
+    Existed,
+}
+
+/// The narrow storage interface the repository needs. Keys are `/`-separated and relative
+/// to the repository root. Every write is atomic: readers see the old object, the new
+/// object or nothing, never a partial one.
+#[async_trait]
+pub trait ChunkBackend: Send + Sync + Debug + 'static {
+    /// Create-only write. Returns [`PutOutcome::Existed`] (and writes nothing) when the key
+    /// exists.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome>;
+    /// Atomic overwrite (metadata, leases, and refreshing a chunk's modification time).
+    async fn put(&self, key: &str, data: Bytes) -> Result<()>;
+    /// Read a whole object; `None` when missing.
+    async fn get(&self, key: &str) -> Result<Option<Bytes>>;
+    /// Object metadata; `None` when missing.
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;
+    /// All objects whose key starts with `prefix` (a directory-like prefix ending in `/`).
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>>;
+    /// Delete an object; deleting a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<()>;
+    /// Human readable location.
+    fn describe(&self) -> String;
+}
+
+// ---------------------------------------------------------------------------------------
+// Local filesystem
+
+/// Local filesystem backend: one file per object, temp file + rename (or hard link for
+/// create-only), optional fsync of the file and its directory.
+#[derive(Debug)]
+pub struct FsBackend {
+    root: PathBuf,
+    fsync: bool,
+}
+
+impl FsBackend {
+    /// A backend rooted at `root` (created when missing).
+    pub fn new(root: impl Into<PathBuf>, fsync: bool) -> Self {
+        FsBackend {
+            root: root.into(),
+            fsync,
+        }
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(RepoError::InvalidArgument(format!(
+                "bad object key {key:?}"
+            )));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn write_temp(&self, path: &Path, data: &[u8]) -> Result<PathBuf> {
+        let dir = path
+            .parent()
+            .ok_or_else(|| RepoError::InvalidArgument(format!("no parent for {path:?}")))?;
+        std::fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("obj"),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| RepoError::io(&tmp, e))?;
+        let res = f
+            .write_all(data)
+            .and_then(|()| if self.fsync { f.sync_all() } else { Ok(()) });
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(RepoError::io(&tmp, e));
+        }
+        Ok(tmp)
+    }
+
+    fn sync_dir(&self, path: &Path) -> Result<()> {
+        if self.fsync
+            && let Some(dir) = path.parent()
+        {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| RepoError::io(dir, e))?;
+        }
+        Ok(())
+    }
+}
+
+async fn io_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+#[async_trait]
+impl ChunkBackend for FsBackend {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
+        let path = self.path(key)?;
+        let this = FsBackend::new(self.root.clone(), self.fsync);
+        io_blocking(move || {
+            if path.exists() {
+                return Ok(PutOutcome::Existed);
+            }
+            let tmp = this.write_temp(&path, &data)?;
+            // link(2) fails with EEXIST when the target exists: create-only semantics.
+            let res = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match res {
+                Ok(()) => {
+                    this.sync_dir(&path)?;
+                    Ok(PutOutcome::Created)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(PutOutcome::Existed),
+                Err(e) => Err(RepoError::io(&path, e)),
+            }
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        let path = self.path(key)?;
+        let this = FsBackend::new(self.root.clone(), self.fsync);
+        io_blocking(move || {
+            let tmp = this.write_temp(&path, &data)?;
+            if let Err(e) = std::fs::rename(&tmp, &path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(RepoError::io(&path, e));
+            }
+            this.sync_dir(&path)
+        })
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let path = self.path(key)?;
+        io_blocking(move || match std::fs::read(&path) {
+            Ok(v) => Ok(Some(Bytes::from(v))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RepoError::io(&path, e)),
+        })
+        .await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let path = self.path(key)?;
+        let key = key.to_string();
+        io_blocking(move || match std::fs::metadata(&path) {
+            Ok(m) => Ok(Some(ObjectInfo {
+                key,
+                size: m.len(),
+                modified: m.modified().map_err(|e| RepoError::io(&path, e))?,
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RepoError::io(&path, e)),
+        })
+        .await
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>> {
+        // Walk directory by directory so memory stays bounded by one directory listing.
+        let root = self.root.clone();
+        let start = root.join(prefix.trim_end_matches('/'));
+        let state = vec![start];
+        futures::stream::unfold(state, move |mut stack| {
+            let root = root.clone();
+            async move {
+                let dir = stack.pop()?;
+                let res = tokio::task::spawn_blocking(move || list_dir(&root, &dir)).await;
+                let (items, subdirs) = match res {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => return Some((vec![Err(e)], stack)),
+                    Err(e) => return Some((vec![Err(e.into())], stack)),
+                };
+                stack.extend(subdirs);
+                Some((items.into_iter().map(Ok).collect::<Vec<_>>(), stack))
+            }
+        })
+        .flat_map(futures::stream::iter)
+        .boxed()
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        io_blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RepoError::io(&path, e)),
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+fn list_dir(root: &Path, dir: &Path) -> Result<(Vec<ObjectInfo>, Vec<PathBuf>)> {
+    let mut items = Vec::new();
+    let mut subdirs = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((items, subdirs)),
+        Err(e) => return Err(RepoError::io(dir, e)),
+    };
+    for ent in rd {
+        let ent = ent.map_err(|e| RepoError::io(dir, e))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(".tmp-") {
+            continue;
+        }
+        let ft = ent.file_type().map_err(|e| RepoError::io(ent.path(), e))?;
+        if ft.is_dir() {
+            subdirs.push(ent.path());
+        } else if ft.is_file() {
+            let md = match ent.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(RepoError::io(ent.path(), e)),
+            };
+            let rel = ent
+                .path()
+                .strip_prefix(root)
+                .map(|p| p.to_string_lossy().replace('\\', "/"))
+                .unwrap_or_default();
+            items.push(ObjectInfo {
+                key: rel,
+                size: md.len(),
+                modified: md.modified().map_err(|e| RepoError::io(ent.path(), e))?,
+            });
+        }
+    }
+    Ok((items, subdirs))
+}
+
+// ---------------------------------------------------------------------------------------
+// S3
+
+/// S3 connection settings; every field falls back to the standard `AWS_*` variables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    /// Endpoint URL, e.g. `http://127.0.0.1:7480` for Ceph RGW. `None`: AWS.
+    pub endpoint: Option<String>,
+    /// Region (`us-east-1` when neither set nor in the environment).
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key: Option<String>,
+    /// Secret access key.
+    pub secret_key: Option<String>,
+    /// Allow plain HTTP endpoints.
+    pub allow_http: bool,
+}
+
+/// S3 (or S3-compatible: Ceph RGW, MinIO) backend through `object_store`.
+#[derive(Debug)]
+pub struct S3Backend {
+    store: Arc<dyn ObjectStore>,
+    bucket: String,
+    prefix: String,
+}
+
+impl S3Backend {
+    /// Connect (lazily) to `bucket`, storing everything under `prefix`.
+    pub fn new(bucket: &str, prefix: &str, opts: &S3Options) -> Result<Self> {
+        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(e) = &opts.endpoint {
+            b = b.with_endpoint(e);
+        }
+        if let Some(r) = &opts.region {
+            b = b.with_region(r);
+        } else if std::env::var_os("AWS_REGION").is_none()
+            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+        {
+            b = b.with_region("us-east-1");
+        }
+        if let Some(k) = &opts.access_key {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(s) = &opts.secret_key {
+            b = b.with_secret_access_key(s);
+        }
+        if opts.allow_http {
+            b = b.with_allow_http(true);
+        }
+        let store = b.build().map_err(|e| {
+            RepoError::InvalidLocation(format!("s3://{bucket}/{prefix}"), e.to_string())
+        })?;
+        Ok(S3Backend {
+            store: Arc::new(store),
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+        })
+    }
+
+    fn path(&self, key: &str) -> object_store::path::Path {
+        if self.prefix.is_empty() {
+            object_store::path::Path::from(key)
+        } else {
+            object_store::path::Path::from(format!("{}/{}", self.prefix, key))
+        }
+    }
+
+    fn rel(&self, p: &object_store::path::Path) -> String {
+        let s: &str = p.as_ref();
+        if self.prefix.is_empty() {
+            s.to_string()
+        } else {
+            s.strip_prefix(&self.prefix)
+                .map(|r| r.trim_start_matches('/').to_string())
+                .unwrap_or_else(|| s.to_string())
+        }
+    }
+}
+
+fn meta_info(rel: String, m: &object_store::ObjectMeta) -> ObjectInfo {
+    let ts = m.last_modified.timestamp_millis();
+    let modified = if ts >= 0 {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ts.unsigned_abs())
+    } else {
+        SystemTime::UNIX_EPOCH
+    };
+    ObjectInfo {
+        key: rel,
+        size: m.size,
+        modified,
+    }
+}
+
+#[async_trait]
+impl ChunkBackend for S3Backend {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(key), PutPayload::from(data), opts)
+            .await
+        {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::Existed),
+            Err(e) => Err(RepoError::backend(key, e)),
+        }
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        self.store
+            .put(&self.path(key), PutPayload::from(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| RepoError::backend(key, e))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        match self.store.get(&self.path(key)).await {
+            Ok(r) => Ok(Some(
+                r.bytes().await.map_err(|e| RepoError::backend(key, e))?,
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(RepoError::backend(key, e)),
+        }
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        match self.store.head(&self.path(key)).await {
+            Ok(m) => Ok(Some(meta_info(key.to_string(), &m))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(RepoError::backend(key, e)),
+        }
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>> {
+        let p = self.path(prefix.trim_end_matches('/'));
+        self.store
+            .list(Some(&p))
+            .map(move |r| match r {
+                Ok(m) => Ok(meta_info(self.rel(&m.location), &m)),
+                Err(e) => Err(RepoError::backend(prefix, e)),
+            })
+            .boxed()
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(RepoError::backend(key, e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Location
+
+/// Where a repository lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A local directory; `fsync` syncs every written file and its directory (default on).
+    Local { path: PathBuf, fsync: bool },
+    /// An S3 bucket and key prefix.
+    S3 {
+        bucket: String,
+        prefix: String,
+        options: S3Options,
+    },
+}
+
+impl Location {
+    /// Parse `/path/to/repo` (or any relative path) or `s3://bucket[/prefix]`.
+    pub fn parse(s: &str) -> Result<Location> {
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(RepoError::InvalidLocation(
+                    s.into(),
+                    "missing bucket".into(),
+                ));
+            }
+            return Ok(Location::S3 {
+                bucket: bucket.into(),
+                prefix: prefix.trim_matches('/').into(),
+                options: S3Options::default(),
+            });
+        }
+        if s.contains("://") {
+            return Err(RepoError::InvalidLocation(
+                s.into(),
+                "only directories and s3://bucket/prefix are supported".into(),
+            ));
+        }
+        if s.is_empty() {
+            return Err(RepoError::InvalidLocation(s.into(), "empty".into()));
+        }
+        Ok(Location::Local {
+            path: PathBuf::from(s),
+            fsync: true,
+        })
+    }
+
+    /// Replace the S3 options (no effect on local locations).
+    pub fn with_s3_options(mut self, opts: S3Options) -> Self {
+        if let Location::S3 { options, .. } = &mut self {
+            *options = opts;
+        }
+        self
+    }
+
+    /// Set the fsync policy (no effect on S3).
+    pub fn with_fsync(mut self, on: bool) -> Self {
+        if let Location::Local { fsync, .. } = &mut self {
+            *fsync = on;
+        }
+        self
+    }
+
+    /// Build the backend.
+    pub fn backend(&self) -> Result<Arc<dyn ChunkBackend>> {
+        Ok(match self {
+            Location::Local { path, fsync } => Arc::new(FsBackend::new(path.clone(), *fsync)),
+            Location::S3 {
+                bucket,
+                prefix,
+                options,
+            } => Arc::new(S3Backend::new(bucket, prefix, options)?),
+        })
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Local { path, .. } => write!(f, "{}", path.display()),
+            Location::S3 { bucket, prefix, .. } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            Location::S3 { bucket, prefix, .. } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Keys: passphrase (argon2id) or key file → key-encryption key → wrapped master key;
+//! subkeys derived from the master key with BLAKE3 `derive_key`.
+
+use std::path::PathBuf;
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{RepoError, Result};
+
+/// Where the key that unlocks an encrypted repository comes from.
+#[derive(Clone)]
+pub enum KeySource {
+    /// A passphrase, stretched with argon2id (parameters and salt in the config).
+    Passphrase(String),
+    /// A key file holding 32 random bytes (created by `init` when it does not exist).
+    KeyFile(PathBuf),
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Passphrase(_) => f.write_str("Passphrase(<redacted>)"),
+            KeySource::KeyFile(p) => write!(f, "KeyFile({})", p.display()),
+        }
+    }
+}
+
+/// Key derivation parameters stored in the config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Kdf {
+    /// argon2id v0x13.
+    Argon2id {
+        m_kib: u32,
+        t: u32,
+        p: u32,
+        /// hex, 16 bytes
+        salt: String,
+    },
+    /// The key file's 32 bytes are the key-encryption key.
+    KeyFile {
+        /// hex, first 8 bytes of `derive_key("virtkeep key fingerprint v1", kek)`
+        fingerprint: String,
+    },
+}
+
+/// The encryption section of the config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EncryptionConfig {
+    /// Always `aes-256-gcm`.
+    pub cipher: String,
+    /// How to derive the key-encryption key.
+    pub kdf: Kdf,
+    /// hex(nonce 12 || AES-256-GCM(kek, master key 32) || tag 16).
+    pub wrapped_key: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyFileJson {
+    format: String,
+    version: u32,
+    key: String,
+}
+
+const KEYFILE_FORMAT: &str = "virtkeep-keyfile";
+pub(crate) const ARGON_M_KIB: u32 = 64 * 1024;
+pub(crate) const ARGON_T: u32 = 3;
+pub(crate) const ARGON_P: u32 = 1;
+
+pub(crate) fn random<const N: usize>() -> Result<[u8; N]> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| RepoError::Task("system random generator failed".into()))?;
+    Ok(b)
+}
+
+fn fingerprint(kek: &[u8; 32]) -> String {
+    hex::encode(&blake3::derive_key("virtkeep key fingerprint v1", kek)[..8])
+}
+
+fn read_key_file(path: &PathBuf, create: bool) -> Result<[u8; 32]> {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let obj = path.display().to_string();
+            let j: KeyFileJson =
+                serde_json::from_slice(&b).map_err(|e| RepoError::json(obj.clone(), e))?;
+            if j.format != KEYFILE_FORMAT || j.version != 1 {
+                return Err(RepoError::UnsupportedFormat {
+                    object: obj,
+                    reason: format!("{} v{}", j.format, j.version),
+                });
+            }
+            let k =
+                hex::decode(&j.key).map_err(|e| RepoError::corrupt(obj.clone(), e.to_string()))?;
+            k.try_into()
+                .map_err(|_| RepoError::corrupt(obj, "key is not 32 bytes"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+            let key = random::<32>()?;
+            let j = KeyFileJson {
+                format: KEYFILE_FORMAT.into(),
+                version: 1,
+                key: hex::encode(key),
+            };
+            let data = serde_json::to_vec_pretty(&j).map_err(|e| RepoError::json("key file", e))?;
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            use std::io::Write;
+            let mut f = opts.open(path).map_err(|e| RepoError::io(path, e))?;
+            f.write_all(&data)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| RepoError::io(path, e))?;
+            Ok(key)
+        }
+        Err(e) => Err(RepoError::io(path, e)),
+    }
+}
+
+/// Derive the key-encryption key for a new wrapping (fresh salt) — used by init and
+/// change_passphrase.
+pub(crate) fn new_kek(src: &KeySource) -> Result<([u8; 32], Kdf)> {
+    match src {
+        KeySource::Passphrase(p) => {
+            if p.is_empty() {
+                return Err(RepoError::InvalidArgument("empty passphrase".into()));
+            }
+            let salt = random::<16>()?;
+            let kdf = Kdf::Argon2id {
+                m_kib: ARGON_M_KIB,
+                t: ARGON_T,
+                p: ARGON_P,
+                salt: hex::encode(salt),
+            };
+            Ok((argon(p, &kdf)?, kdf))
+        }
+        KeySource::KeyFile(path) => {
+            let k = read_key_file(path, true)?;
+            Ok((
+                k,
+                Kdf::KeyFile {
+                    fingerprint: fingerprint(&k),
+                },
+            ))
+        }
+    }
+}
+
+fn argon(pass: &str, kdf: &Kdf) -> Result<[u8; 32]> {
+    let Kdf::Argon2id { m_kib, t, p, salt } = kdf else {
+        return Err(RepoError::Task("not an argon2 kdf".into()));
+    };
+    let salt =
+        hex::decode(salt).map_err(|e| RepoError::corrupt("config kdf salt", e.to_string()))?;
+    let params = argon2::Params::new(*m_kib, *t, *p, Some(32))
+        .map_err(|e| RepoError::corrupt("config kdf parameters", e.to_string()))?;
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut out = [0u8; 32];
+    a.hash_password_into(pass.as_bytes(), &salt, &mut out)
+        .map_err(|e| RepoError::corrupt("config kdf parameters", e.to_string()))?;
+    Ok(out)
+}
+
+fn wrap_aad(repo_id: &str) -> Vec<u8> {
+    format!("virtkeep wrapped master key v1\0{repo_id}").into_bytes()
+}
+
+/// Wrap the master key.
+pub(crate) fn wrap(kek: &[u8; 32], master: &[u8; 32], repo_id: &str) -> Result<String> {
+    let key = aead_key(kek)?;
+    let nonce = random::<12>()?;
+    let mut buf = master.to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(wrap_aad(repo_id)),
+        &mut buf,
+    )
+    .map_err(|_| RepoError::Task("AES-GCM seal failed".into()))?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&buf);
+    Ok(hex::encode(out))
+}
+
+/// Unwrap the master key with `src`; a failure is [`RepoError::WrongKey`].
+pub(crate) fn unwrap_master(
+    src: &KeySource,
+    enc: &EncryptionConfig,
+    repo_id: &str,
+    location: &str,
+) -> Result<[u8; 32]> {
+    let wrong = |hint: String| RepoError::WrongKey {
+        location: location.into(),
+        hint,
+    };
+    let kek = match (src, &enc.kdf) {
+        (KeySource::Passphrase(p), kdf @ Kdf::Argon2id { .. }) => argon(p, kdf)?,
+        (KeySource::KeyFile(path), Kdf::KeyFile { fingerprint: fp }) => {
+            let k = read_key_file(path, false)?;
+            if fingerprint(&k) != *fp {
+                return Err(wrong(format!(
+                    "key file {} has fingerprint {}, the repository expects {fp}",
+                    path.display(),
+                    fingerprint(&k)
+                )));
+            }
+            k
+        }
+        (KeySource::Passphrase(_), Kdf::KeyFile { .. }) => {
+            return Err(wrong(
+                "this repository is unlocked with a key file, not a passphrase".into(),
+            ));
+        }
+        (KeySource::KeyFile(_), Kdf::Argon2id { .. }) => {
+            return Err(wrong(
+                "this repository is unlocked with a passphrase, not a key file".into(),
+            ));
+        }
+    };
+    let raw = hex::decode(&enc.wrapped_key)
+        .map_err(|e| RepoError::corrupt("config wrapped_key", e.to_string()))?;
+    if raw.len() != 12 + 32 + 16 {
+        return Err(RepoError::corrupt("config wrapped_key", "bad length"));
+    }
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&raw[..12]);
+    let mut buf = raw[12..].to_vec();
+    let key = aead_key(&kek)?;
+    let pt = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(wrap_aad(repo_id)),
+            &mut buf,
+        )
+        .map_err(|_| {
+            wrong(match src {
+                KeySource::Passphrase(_) => {
+                    "the passphrase does not unlock the repository key; check it (and the \
+                     variable it comes from)"
+                        .into()
+                }
+                KeySource::KeyFile(p) => format!(
+                    "key file {} does not unlock the repository key",
+                    p.display()
+                ),
+            })
+        })?;
+    pt.try_into()
+        .map_err(|_| RepoError::corrupt("config wrapped_key", "bad master key length"))
+}
+
+pub(crate) fn aead_key(k: &[u8; 32]) -> Result<LessSafeKey> {
+    UnboundKey::new(&AES_256_GCM, k)
+        .map(LessSafeKey::new)
+        .map_err(|_| RepoError::Task("AES key setup failed".into()))
+}
+
+/// Subkeys derived from the master key.
+pub(crate) struct Subkeys {
+    pub id_key: [u8; 32],
+    pub enc_key: [u8; 32],
+    pub mac_key: [u8; 32],
+}
+
+pub(crate) fn subkeys(master: &[u8; 32]) -> Subkeys {
+    Subkeys {
+        id_key: blake3::derive_key("virtkeep 2026 chunk id key v1", master),
+        enc_key: blake3::derive_key("virtkeep 2026 encryption key v1", master),
+        mac_key: blake3::derive_key("virtkeep 2026 config mac key v1", master),
+    }
+}

@@ -1,0 +1,953 @@
+//! The repository: config, keys, snapshots, leases, verify, forget, GC.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::backend::{ChunkBackend, Location, PutOutcome};
+use crate::crypto::{self, EncryptionConfig, KeySource};
+use crate::error::{RepoError, Result};
+use crate::format::{Codec, Digest, FixedIndex, ZERO_DIGEST, chunk_key};
+use crate::manifest::{Manifest, SnapshotSummary};
+
+/// Default chunk size (4 MiB).
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+const CONFIG_KEY: &str = "config";
+const CONFIG_FORMAT: &str = "virtkeep-repo";
+pub(crate) const GC_LOCK: &str = "locks/gc";
+pub(crate) const LEASE_PREFIX: &str = "locks/backup-";
+
+/// Options for [`Repository::init`].
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Chunk size, a power of two between 64 KiB and 16 MiB (default 4 MiB).
+    pub chunk_size: u64,
+    /// zstd level; 0 disables compression (default 1).
+    pub zstd_level: i32,
+    /// `Some` = encrypted repository.
+    pub encryption: Option<KeySource>,
+    /// Minimum GC grace period; also how recent an existing chunk must be for a backup to
+    /// reuse it without re-uploading it (default 1 h). See docs/format.md.
+    pub min_gc_grace: Duration,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            zstd_level: 1,
+            encryption: None,
+            min_gc_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The `config` object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ConfigFile {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
+    pub chunk_size: u64,
+    pub zstd_level: i32,
+    pub digest: String,
+    pub min_gc_grace_secs: u64,
+    /// hex; only in unencrypted repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
+    /// hex keyed-BLAKE3 over the immutable fields; only in encrypted repositories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl ConfigFile {
+    fn mac_input(&self) -> String {
+        format!(
+            "virtkeep config v1\0{}\0{}\0{}\0{}\0{}\0{}",
+            self.id,
+            self.created.unix_timestamp(),
+            self.chunk_size,
+            self.zstd_level,
+            self.digest,
+            self.min_gc_grace_secs
+        )
+    }
+}
+
+/// Lease timing (how often a running backup/GC refreshes its lease, when a lease counts as
+/// stale).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTiming {
+    /// Refresh interval (default 60 s).
+    pub refresh: Duration,
+    /// A lease not refreshed for this long is ignored (default 15 min).
+    pub stale_after: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        LeaseTiming {
+            refresh: Duration::from_secs(60),
+            stale_after: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Lease object content (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LeaseFile {
+    pub kind: String,
+    pub lease: String,
+    #[serde(default)]
+    pub snapshot: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub vm: String,
+    pub pid: u32,
+    /// Start in the storage clock (ms since the epoch).
+    pub started_ms: u64,
+    /// Snapshots this writer reuses chunks from (forget/prune refuse them).
+    #[serde(default)]
+    pub pins: Vec<String>,
+}
+
+pub(crate) struct RepoInner {
+    pub backend: Arc<dyn ChunkBackend>,
+    pub location: Location,
+    pub config: ConfigFile,
+    pub codec: Arc<Codec>,
+    pub master: Option<[u8; 32]>,
+    pub timing: std::sync::Mutex<LeaseTiming>,
+    pub workers: std::sync::atomic::AtomicUsize,
+}
+
+/// An open repository. Cheap to clone.
+#[derive(Clone)]
+pub struct Repository {
+    pub(crate) inner: Arc<RepoInner>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("location", &self.inner.location.to_string())
+            .field("id", &self.inner.config.id)
+            .field("encrypted", &self.inner.master.is_some())
+            .finish()
+    }
+}
+
+pub(crate) fn ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn from_ms(m: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(m)
+}
+
+/// Check a user-supplied name used inside object keys.
+pub(crate) fn check_name(what: &str, s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RepoError::InvalidArgument(format!(
+            "{what} {s:?} must be 1-128 chars of [A-Za-z0-9._-] not starting with '.'"
+        )))
+    }
+}
+
+pub(crate) fn manifest_key(id: &str) -> String {
+    format!("snapshots/{id}/manifest")
+}
+pub(crate) fn index_key(id: &str, disk: &str) -> String {
+    format!("snapshots/{id}/{disk}.fidx")
+}
+fn protected_key(id: &str) -> String {
+    format!("snapshots/{id}/protected")
+}
+
+fn parse_chunk_key(key: &str) -> Option<Digest> {
+    let name = key.rsplit('/').next()?;
+    let v = hex::decode(name).ok()?;
+    v.try_into().ok()
+}
+
+impl Repository {
+    /// Create a new repository at `location` (fails if one exists).
+    pub async fn init(location: Location, opts: InitOptions) -> Result<Repository> {
+        let cs = opts.chunk_size;
+        if !cs.is_power_of_two() || !(64 << 10..=16 << 20).contains(&cs) {
+            return Err(RepoError::InvalidArgument(format!(
+                "chunk size {cs} must be a power of two between 64 KiB and 16 MiB"
+            )));
+        }
+        if !(-7..=22).contains(&opts.zstd_level) {
+            return Err(RepoError::InvalidArgument(format!(
+                "zstd level {} out of range",
+                opts.zstd_level
+            )));
+        }
+        let backend = location.backend()?;
+        if backend.head(CONFIG_KEY).await?.is_some() {
+            return Err(RepoError::AlreadyExists(location.to_string()));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut cfg = ConfigFile {
+            format: CONFIG_FORMAT.into(),
+            version: 1,
+            id: id.clone(),
+            created: OffsetDateTime::now_utc()
+                .replace_nanosecond(0)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            chunk_size: cs,
+            zstd_level: opts.zstd_level,
+            digest: "blake3-keyed".into(),
+            min_gc_grace_secs: opts.min_gc_grace.as_secs(),
+            id_key: None,
+            encryption: None,
+            mac: None,
+        };
+        let master = match &opts.encryption {
+            Some(src) => {
+                let master = crypto::random::<32>()?;
+                let src = src.clone();
+                let (kek, kdf) =
+                    tokio::task::spawn_blocking(move || crypto::new_kek(&src)).await??;
+                cfg.encryption = Some(EncryptionConfig {
+                    cipher: "aes-256-gcm".into(),
+                    kdf,
+                    wrapped_key: crypto::wrap(&kek, &master, &id)?,
+                });
+                let sk = crypto::subkeys(&master);
+                cfg.mac = Some(
+                    blake3::keyed_hash(&sk.mac_key, cfg.mac_input().as_bytes())
+                        .to_hex()
+                        .to_string(),
+                );
+                Some(master)
+            }
+            None => {
+                cfg.id_key = Some(hex::encode(crypto::random::<32>()?));
+                None
+            }
+        };
+        let data = serde_json::to_vec_pretty(&cfg).map_err(|e| RepoError::json(CONFIG_KEY, e))?;
+        if backend.put_if_absent(CONFIG_KEY, Bytes::from(data)).await? == PutOutcome::Existed {
+            return Err(RepoError::AlreadyExists(location.to_string()));
+        }
+        Self::build(backend, location, cfg, master)
+    }
+
+    fn build(
+        backend: Arc<dyn ChunkBackend>,
+        location: Location,
+        config: ConfigFile,
+        master: Option<[u8; 32]>,
+    ) -> Result<Repository> {
+        let (id_key, aead) = match &master {
+            Some(m) => {
+                let sk = crypto::subkeys(m);
+                (sk.id_key, Some(crypto::aead_key(&sk.enc_key)?))
+            }
+            None => {
+                let hx = config
+                    .id_key
+                    .as_deref()
+                    .ok_or_else(|| RepoError::corrupt(CONFIG_KEY, "missing id_key"))?;
+                let k: [u8; 32] = hex::decode(hx)
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or_else(|| RepoError::corrupt(CONFIG_KEY, "bad id_key"))?;
+                (k, None)
+            }
+        };
+        let codec = Codec {
+            id_key,
+            aead,
+            zstd_level: config.zstd_level,
+            chunk_size: usize::try_from(config.chunk_size)
+                .map_err(|_| RepoError::corrupt(CONFIG_KEY, "chunk size"))?,
+        };
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        Ok(Repository {
+            inner: Arc::new(RepoInner {
+                backend,
+                location,
+                config,
+                codec: Arc::new(codec),
+                master,
+                timing: std::sync::Mutex::new(LeaseTiming::default()),
+                workers: std::sync::atomic::AtomicUsize::new(workers),
+            }),
+        })
+    }
+
+    /// Open an existing repository. A key is required iff the repository is encrypted;
+    /// a wrong key is [`RepoError::WrongKey`] and nothing is written.
+    pub async fn open(location: Location, key: Option<KeySource>) -> Result<Repository> {
+        let backend = location.backend()?;
+        let loc = location.to_string();
+        let raw = backend
+            .get(CONFIG_KEY)
+            .await?
+            .ok_or_else(|| RepoError::NotARepository(loc.clone()))?;
+        let cfg: ConfigFile =
+            serde_json::from_slice(&raw).map_err(|e| RepoError::json(CONFIG_KEY, e))?;
+        if cfg.format != CONFIG_FORMAT || cfg.version != 1 {
+            return Err(RepoError::UnsupportedFormat {
+                object: CONFIG_KEY.into(),
+                reason: format!("{} v{}", cfg.format, cfg.version),
+            });
+        }
+        let master = match (&cfg.encryption, key) {
+            (Some(enc), Some(src)) => {
+                let (enc, id, l) = (enc.clone(), cfg.id.clone(), loc.clone());
+                let m =
+                    tokio::task::spawn_blocking(move || crypto::unwrap_master(&src, &enc, &id, &l))
+                        .await??;
+                let sk = crypto::subkeys(&m);
+                let want = blake3::keyed_hash(&sk.mac_key, cfg.mac_input().as_bytes())
+                    .to_hex()
+                    .to_string();
+                if cfg.mac.as_deref() != Some(want.as_str()) {
+                    return Err(RepoError::corrupt(
+                        CONFIG_KEY,
+                        "config authentication failed (modified outside virtkeep)",
+                    ));
+                }
+                Some(m)
+            }
+            (Some(_), None) => {
+                return Err(RepoError::KeyRequired {
+                    location: loc,
+                    message: "the repository is encrypted; give its passphrase or key file".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(RepoError::KeyRequired {
+                    location: loc,
+                    message: "the repository is not encrypted, but a key was given".into(),
+                });
+            }
+            (None, None) => None,
+        };
+        Self::build(backend, location, cfg, master)
+    }
+
+    /// Re-wrap the master key with a new passphrase or key file. Rewrites only `config`.
+    pub async fn change_passphrase(&self, new: KeySource) -> Result<()> {
+        let master = self.inner.master.ok_or_else(|| RepoError::KeyRequired {
+            location: self.inner.location.to_string(),
+            message: "the repository is not encrypted".into(),
+        })?;
+        let (kek, kdf) = tokio::task::spawn_blocking(move || crypto::new_kek(&new)).await??;
+        let mut cfg = self.inner.config.clone();
+        cfg.encryption = Some(EncryptionConfig {
+            cipher: "aes-256-gcm".into(),
+            kdf,
+            wrapped_key: crypto::wrap(&kek, &master, &cfg.id)?,
+        });
+        let data = serde_json::to_vec_pretty(&cfg).map_err(|e| RepoError::json(CONFIG_KEY, e))?;
+        self.inner.backend.put(CONFIG_KEY, Bytes::from(data)).await
+    }
+
+    /// The storage backend (for tools and tests).
+    pub fn backend(&self) -> &Arc<dyn ChunkBackend> {
+        &self.inner.backend
+    }
+    /// Location.
+    pub fn location(&self) -> &Location {
+        &self.inner.location
+    }
+    /// Chunk size.
+    pub fn chunk_size(&self) -> u64 {
+        self.inner.config.chunk_size
+    }
+    /// Whether the repository is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.inner.master.is_some()
+    }
+    /// Repository id.
+    pub fn id(&self) -> &str {
+        &self.inner.config.id
+    }
+    /// Override lease timing (tests, or tuning for slow object stores).
+    pub fn set_lease_timing(&self, t: LeaseTiming) {
+        if let Ok(mut g) = self.inner.timing.lock() {
+            *g = t;
+        }
+    }
+    /// CPU parallelism for hashing/compression/encryption (default: available cores).
+    /// A disk writer keeps at most `2 × n + 2` chunks in flight.
+    pub fn set_parallelism(&self, n: usize) {
+        self.inner
+            .workers
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+    /// Current CPU parallelism.
+    pub fn parallelism(&self) -> usize {
+        self.inner.workers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    pub(crate) fn timing(&self) -> LeaseTiming {
+        self.inner.timing.lock().map(|g| *g).unwrap_or_default()
+    }
+    pub(crate) fn min_grace(&self) -> Duration {
+        Duration::from_secs(self.inner.config.min_gc_grace_secs)
+    }
+
+    // -- metadata objects ---------------------------------------------------------------
+
+    pub(crate) async fn put_meta(&self, key: &str, payload: Vec<u8>, create: bool) -> Result<()> {
+        let codec = self.inner.codec.clone();
+        let k = key.to_string();
+        let blob = tokio::task::spawn_blocking(move || codec.encode_meta(&k, &payload)).await??;
+        if create {
+            match self
+                .inner
+                .backend
+                .put_if_absent(key, Bytes::from(blob))
+                .await?
+            {
+                PutOutcome::Created => Ok(()),
+                PutOutcome::Existed => Err(RepoError::backend(key, "object already exists")),
+            }
+        } else {
+            self.inner.backend.put(key, Bytes::from(blob)).await
+        }
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let Some(b) = self.inner.backend.get(key).await? else {
+            return Ok(None);
+        };
+        let codec = self.inner.codec.clone();
+        let k = key.to_string();
+        Ok(Some(
+            tokio::task::spawn_blocking(move || codec.decode_meta(&k, b)).await??,
+        ))
+    }
+
+    /// The manifest of backup `id` (with the live protected flag).
+    pub async fn manifest(&self, id: &str) -> Result<Manifest> {
+        check_name("backup id", id)?;
+        let key = manifest_key(id);
+        let b = self
+            .get_meta(&key)
+            .await?
+            .ok_or_else(|| RepoError::SnapshotNotFound(id.into()))?;
+        let mut m: Manifest = serde_json::from_slice(&b).map_err(|e| RepoError::json(&key, e))?;
+        if m.id != id {
+            return Err(RepoError::corrupt(
+                key,
+                format!("manifest names backup {}", m.id),
+            ));
+        }
+        m.protected = self.inner.backend.head(&protected_key(id)).await?.is_some();
+        Ok(m)
+    }
+
+    /// The fixed index of one disk of a backup.
+    pub async fn fixed_index(&self, id: &str, disk: &str) -> Result<FixedIndex> {
+        check_name("backup id", id)?;
+        check_name("disk name", disk)?;
+        let key = index_key(id, disk);
+        let b = self
+            .get_meta(&key)
+            .await?
+            .ok_or_else(|| RepoError::DiskNotFound {
+                id: id.into(),
+                disk: disk.into(),
+            })?;
+        let mut ix = FixedIndex::decode(&key, &b)?;
+        ix.snapshot = Some(id.into());
+        Ok(ix)
+    }
+
+    async fn snapshot_ids(&self) -> Result<(Vec<String>, HashSet<String>)> {
+        let mut ids = Vec::new();
+        let mut protected = HashSet::new();
+        let mut s = self.inner.backend.list("snapshots/");
+        while let Some(o) = s.try_next().await? {
+            let mut parts = o.key.split('/');
+            if let (Some("snapshots"), Some(id), Some(leaf), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            {
+                match leaf {
+                    "manifest" => ids.push(id.to_string()),
+                    "protected" => {
+                        protected.insert(id.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok((ids, protected))
+    }
+
+    /// All published backups, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotSummary>> {
+        Ok(self
+            .manifests()
+            .await?
+            .into_iter()
+            .map(|m| SnapshotSummary {
+                id: m.id.clone(),
+                time: m.time,
+                host: m.host.clone(),
+                vm: m.vm.clone(),
+                mode: m.mode,
+                disks: m.disks.iter().map(|d| d.spec.name.clone()).collect(),
+                size: m.disks.iter().map(|d| d.spec.size).sum(),
+                bytes_new: m.stats.totals.bytes_stored,
+                protected: m.protected,
+            })
+            .collect())
+    }
+
+    /// All manifests, oldest first.
+    pub async fn manifests(&self) -> Result<Vec<Manifest>> {
+        let (ids, protected) = self.snapshot_ids().await?;
+        let mut out: Vec<Manifest> = futures::stream::iter(ids)
+            .map(|id| async move {
+                let key = manifest_key(&id);
+                let b = self
+                    .get_meta(&key)
+                    .await?
+                    .ok_or_else(|| RepoError::SnapshotNotFound(id.clone()))?;
+                let m: Manifest =
+                    serde_json::from_slice(&b).map_err(|e| RepoError::json(&key, e))?;
+                if m.id != id {
+                    return Err(RepoError::corrupt(
+                        key,
+                        format!("manifest names backup {}", m.id),
+                    ));
+                }
+                Ok::<_, RepoError>(m)
+            })
+            .buffer_unordered(16)
+            .try_collect()
+            .await?;
+        for m in &mut out {
+            m.protected = protected.contains(&m.id);
+        }
+        out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Set or clear the protected flag.
+    pub async fn set_protected(&self, id: &str, on: bool) -> Result<()> {
+        self.manifest(id).await?;
+        if on {
+            self.inner
+                .backend
+                .put(&protected_key(id), Bytes::from_static(b"1"))
+                .await
+        } else {
+            self.inner.backend.delete(&protected_key(id)).await
+        }
+    }
+
+    /// Remove a backup (manifest first, so it disappears atomically; then its indexes).
+    /// Chunks are freed by a later GC. Refuses protected backups and backups a running
+    /// backup reuses chunks from.
+    pub async fn forget(&self, id: &str) -> Result<()> {
+        let m = self.manifest(id).await?;
+        if m.protected {
+            return Err(RepoError::Protected(id.into()));
+        }
+        let now = self.storage_now().await?;
+        for (lease, l) in self.live_leases(now).await? {
+            if l.pins.iter().any(|p| p == id) {
+                return Err(RepoError::InUse {
+                    id: id.into(),
+                    lease,
+                });
+            }
+        }
+        self.inner.backend.delete(&manifest_key(id)).await?;
+        for d in &m.disks {
+            self.inner.backend.delete(&d.index).await?;
+        }
+        Ok(())
+    }
+
+    // -- leases -------------------------------------------------------------------------
+
+    /// Current time in the storage's clock (write, stat and delete a probe object).
+    pub(crate) async fn storage_now(&self) -> Result<SystemTime> {
+        let key = format!("locks/clock-{}", uuid::Uuid::new_v4().simple());
+        self.inner
+            .backend
+            .put(&key, Bytes::from_static(b""))
+            .await?;
+        let h = self.inner.backend.head(&key).await?;
+        self.inner.backend.delete(&key).await?;
+        h.map(|h| h.modified)
+            .ok_or_else(|| RepoError::backend(key, "probe object vanished"))
+    }
+
+    /// Live backup leases (refreshed within `stale_after` of `now`).
+    pub(crate) async fn live_leases(&self, now: SystemTime) -> Result<Vec<(String, LeaseFile)>> {
+        let stale = self.timing().stale_after;
+        let infos: Vec<_> = self.inner.backend.list("locks/").try_collect().await?;
+        let mut out = Vec::new();
+        for o in infos {
+            if !o.key.starts_with(LEASE_PREFIX) {
+                continue;
+            }
+            if o.modified + stale < now {
+                continue; // stale: ignored
+            }
+            let Some(b) = self.inner.backend.get(&o.key).await? else {
+                continue;
+            };
+            let l: LeaseFile =
+                serde_json::from_slice(&b).map_err(|e| RepoError::json(&o.key, e))?;
+            out.push((o.key.clone(), l));
+        }
+        Ok(out)
+    }
+
+    // -- verify ---------------------------------------------------------------------------
+
+    /// Check every chunk of the selected backups.
+    pub async fn verify(&self, selection: VerifySelection) -> Result<VerifyReport> {
+        let ids: Vec<String> = match selection {
+            VerifySelection::All => self.snapshot_ids().await?.0,
+            VerifySelection::Snapshots(v) => v,
+        };
+        let mut report = VerifyReport::default();
+        let mut users: HashMap<Digest, Vec<String>> = HashMap::new();
+        for id in &ids {
+            report.snapshots_checked += 1;
+            let m = match self.manifest(id).await {
+                Ok(m) => m,
+                Err(e) => {
+                    report.metadata_errors.push(format!("{id}: {e}"));
+                    report.broken_snapshots.push(id.clone());
+                    continue;
+                }
+            };
+            for d in &m.disks {
+                match self.fixed_index(id, &d.spec.name).await {
+                    Ok(ix) => {
+                        for dg in ix.digests {
+                            if dg != ZERO_DIGEST {
+                                let u = users.entry(dg).or_default();
+                                if u.last() != Some(id) {
+                                    u.push(id.clone());
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        report
+                            .metadata_errors
+                            .push(format!("{id}/{}: {e}", d.spec.name));
+                        if !report.broken_snapshots.contains(id) {
+                            report.broken_snapshots.push(id.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let digests: Vec<Digest> = users.keys().copied().collect();
+        let mut results = futures::stream::iter(digests)
+            .map(|d| async move { (d, self.read_chunk_by_digest(&d).await) })
+            .buffer_unordered(self.parallelism().max(2) * 2);
+        let mut broken: std::collections::BTreeSet<String> =
+            report.broken_snapshots.iter().cloned().collect();
+        while let Some((d, r)) = results.next().await {
+            report.chunks_checked += 1;
+            let snaps = users.get(&d).cloned().unwrap_or_default();
+            match r {
+                Ok(_) => report.chunks_ok += 1,
+                Err(RepoError::ChunkMissing { digest }) => {
+                    broken.extend(snaps.iter().cloned());
+                    report.missing.push(ChunkProblem {
+                        digest,
+                        error: "missing".into(),
+                        snapshots: snaps,
+                    });
+                }
+                Err(e) => {
+                    broken.extend(snaps.iter().cloned());
+                    report.corrupt.push(ChunkProblem {
+                        digest: hex::encode(d),
+                        error: e.to_string(),
+                        snapshots: snaps,
+                    });
+                }
+            }
+        }
+        report.broken_snapshots = broken.into_iter().collect();
+        report.missing.sort_by(|a, b| a.digest.cmp(&b.digest));
+        report.corrupt.sort_by(|a, b| a.digest.cmp(&b.digest));
+        Ok(report)
+    }
+
+    /// Fetch and decode one chunk by digest (all-zero digest → `None` is not allowed here).
+    pub async fn read_chunk_by_digest(&self, d: &Digest) -> Result<Bytes> {
+        let key = chunk_key(d);
+        let blob = self
+            .inner
+            .backend
+            .get(&key)
+            .await?
+            .ok_or_else(|| RepoError::ChunkMissing {
+                digest: hex::encode(d),
+            })?;
+        let codec = self.inner.codec.clone();
+        let d = *d;
+        tokio::task::spawn_blocking(move || codec.decode_chunk(&d, blob)).await?
+    }
+
+    // -- GC -------------------------------------------------------------------------------
+
+    /// Mark and sweep. See docs/format.md for the rules.
+    pub async fn gc(&self, opts: GcOptions) -> Result<GcReport> {
+        let be = self.inner.backend.clone();
+        let timing = self.timing();
+        let lease_id = uuid::Uuid::new_v4().to_string();
+        // 1. exclusive GC lease
+        if let Some(h) = be.head(GC_LOCK).await? {
+            let now = self.storage_now().await?;
+            let age = now.duration_since(h.modified).unwrap_or_default();
+            if age < timing.stale_after {
+                return Err(RepoError::GcRunning {
+                    lease: GC_LOCK.into(),
+                    age_secs: age.as_secs(),
+                });
+            }
+            be.delete(GC_LOCK).await?;
+        }
+        let body = serde_json::to_vec(&LeaseFile {
+            kind: "gc".into(),
+            lease: lease_id.clone(),
+            snapshot: String::new(),
+            host: String::new(),
+            vm: String::new(),
+            pid: std::process::id(),
+            started_ms: 0,
+            pins: vec![],
+        })
+        .map_err(|e| RepoError::json(GC_LOCK, e))?;
+        let body = Bytes::from(body);
+        if be.put_if_absent(GC_LOCK, body.clone()).await? == PutOutcome::Existed {
+            return Err(RepoError::GcRunning {
+                lease: GC_LOCK.into(),
+                age_secs: 0,
+            });
+        }
+        // Guard against stores that ignore create-only puts: the lock must be ours.
+        if be.get(GC_LOCK).await?.as_deref() != Some(&body[..]) {
+            return Err(RepoError::GcRunning {
+                lease: GC_LOCK.into(),
+                age_secs: 0,
+            });
+        }
+        let refresher = {
+            let be = be.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(timing.refresh).await;
+                    let _ = be.put(GC_LOCK, body.clone()).await;
+                }
+            })
+        };
+        let res = self.gc_locked(&opts).await;
+        refresher.abort();
+        let _ = refresher.await;
+        if be.get(GC_LOCK).await?.as_deref() == Some(&body[..]) {
+            be.delete(GC_LOCK).await?;
+        }
+        res
+    }
+
+    async fn gc_locked(&self, opts: &GcOptions) -> Result<GcReport> {
+        let be = &self.inner.backend;
+        let gc_start = be
+            .head(GC_LOCK)
+            .await?
+            .map(|h| h.modified)
+            .ok_or_else(|| RepoError::backend(GC_LOCK, "GC lease vanished"))?;
+        let grace = opts.grace.max(self.min_grace());
+        // 2. leases → cutoff
+        let leases = self.live_leases(gc_start).await?;
+        let oldest = leases
+            .iter()
+            .map(|(_, l)| from_ms(l.started_ms))
+            .min()
+            .unwrap_or(gc_start)
+            .min(gc_start);
+        let cutoff = oldest.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut report = GcReport {
+            dry_run: opts.dry_run,
+            live_leases: leases.len() as u64,
+            ..Default::default()
+        };
+        // 3. mark: every published backup's indexes
+        let mut marked: HashSet<Digest> = HashSet::new();
+        let mut index_keys: HashSet<String> = HashSet::new();
+        for m in self.manifests().await? {
+            report.snapshots += 1;
+            for d in &m.disks {
+                let ix = self.fixed_index(&m.id, &d.spec.name).await?;
+                index_keys.insert(d.index.clone());
+                marked.extend(ix.digests.iter().filter(|d| **d != ZERO_DIGEST));
+            }
+        }
+        report.chunks_referenced = marked.len() as u64;
+        // orphan index objects (crashed backups): remove when older than the cutoff
+        let objs: Vec<_> = be.list("snapshots/").try_collect().await?;
+        for o in objs {
+            if o.key.ends_with(".fidx") && !index_keys.contains(&o.key) && o.modified < cutoff {
+                report.orphan_indexes_removed += 1;
+                if !opts.dry_run {
+                    be.delete(&o.key).await?;
+                }
+            }
+        }
+        // 4. sweep
+        let mut s = be.list("chunks/");
+        while let Some(o) = s.try_next().await? {
+            let Some(d) = parse_chunk_key(&o.key) else {
+                continue;
+            };
+            if marked.contains(&d) {
+                report.chunks_kept += 1;
+                report.bytes_kept += o.size;
+                continue;
+            }
+            if o.modified >= cutoff {
+                report.chunks_too_recent += 1;
+                report.bytes_kept += o.size;
+                continue;
+            }
+            if !opts.dry_run {
+                // re-check: a backup may have refreshed it since the listing
+                match be.head(&o.key).await? {
+                    Some(h) if h.modified < cutoff => be.delete(&o.key).await?,
+                    Some(_) => {
+                        report.chunks_too_recent += 1;
+                        continue;
+                    }
+                    None => continue,
+                }
+            }
+            report.chunks_removed += 1;
+            report.bytes_freed += o.size;
+        }
+        Ok(report)
+    }
+}
+
+/// What `verify` checks.
+#[derive(Debug, Clone)]
+pub enum VerifySelection {
+    /// Every backup.
+    All,
+    /// These backups.
+    Snapshots(Vec<String>),
+}
+
+/// A missing or corrupt chunk and the backups it breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChunkProblem {
+    /// Hex digest.
+    pub digest: String,
+    /// What is wrong.
+    pub error: String,
+    /// Backups referencing it.
+    pub snapshots: Vec<String>,
+}
+
+/// Result of `verify`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Backups looked at.
+    pub snapshots_checked: u64,
+    /// Distinct chunks checked.
+    pub chunks_checked: u64,
+    /// Chunks that passed.
+    pub chunks_ok: u64,
+    /// Missing chunks.
+    pub missing: Vec<ChunkProblem>,
+    /// Corrupt chunks.
+    pub corrupt: Vec<ChunkProblem>,
+    /// Manifest/index problems.
+    pub metadata_errors: Vec<String>,
+    /// Backups that cannot be fully restored.
+    pub broken_snapshots: Vec<String>,
+}
+
+impl VerifyReport {
+    /// True when nothing is wrong (the CLI exits non-zero otherwise).
+    pub fn is_ok(&self) -> bool {
+        self.missing.is_empty() && self.corrupt.is_empty() && self.metadata_errors.is_empty()
+    }
+}
+
+/// GC options.
+#[derive(Debug, Clone, Copy)]
+pub struct GcOptions {
+    /// Unreferenced chunks younger than (oldest running backup start or now) − grace
+    /// are kept. Raised to the repository's `min_gc_grace`.
+    pub grace: Duration,
+    /// Report only.
+    pub dry_run: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            grace: Duration::from_secs(24 * 3600),
+            dry_run: false,
+        }
+    }
+}
+
+/// What GC did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct GcReport {
+    /// Dry run (nothing deleted).
+    pub dry_run: bool,
+    /// Published backups marked.
+    pub snapshots: u64,
+    /// Running backups seen.
+    pub live_leases: u64,
+    /// Distinct referenced chunks.
+    pub chunks_referenced: u64,
+    /// Chunks kept because referenced.
+    pub chunks_kept: u64,
+    /// Unreferenced chunks kept because too recent.
+    pub chunks_too_recent: u64,
+    /// Chunks removed (or that would be).
+    pub chunks_removed: u64,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+    /// Bytes still stored.
+    pub bytes_kept: u64,
+    /// Index objects of unpublished (crashed) backups removed.
+    pub orphan_indexes_removed: u64,
+}

@@ -1,0 +1,642 @@
+//! Backup writers: the lease, per-disk chunk pipelines, the extent adapter, publishing.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+
+use crate::error::{RepoError, Result};
+use crate::format::{Digest, FixedIndex, ZERO_DIGEST, chunk_key, is_all_zero};
+use crate::manifest::{BackupMeta, BackupStats, DiskSpec, DiskStats, Manifest, ManifestDisk};
+use crate::repo::{
+    GC_LOCK, LEASE_PREFIX, LeaseFile, Repository, check_name, index_key, manifest_key, ms,
+};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Lease {
+    key: String,
+    file: Mutex<LeaseFile>,
+    last_ok: Mutex<Instant>,
+    start: SystemTime,
+}
+
+impl Lease {
+    async fn write(&self, repo: &Repository) -> Result<()> {
+        let body =
+            serde_json::to_vec(&*lock(&self.file)).map_err(|e| RepoError::json(&self.key, e))?;
+        let t = Instant::now();
+        repo.inner.backend.put(&self.key, Bytes::from(body)).await?;
+        *lock(&self.last_ok) = t;
+        Ok(())
+    }
+}
+
+struct Shared {
+    repo: Repository,
+    id: String,
+    lease: Arc<Lease>,
+    known: Mutex<HashSet<Digest>>,
+    refreshed: Mutex<Vec<Digest>>,
+    disks: Mutex<Vec<ManifestDisk>>,
+    open_disks: Mutex<HashSet<String>>,
+    reuse_window: Duration,
+}
+
+/// A running backup. Holds a lease that GC and forget respect until `finish`/`abort`.
+pub struct BackupWriter {
+    sh: Arc<Shared>,
+    meta: BackupMeta,
+    time: OffsetDateTime,
+    started: Instant,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for BackupWriter {
+    fn drop(&mut self) {
+        self.refresher.abort();
+    }
+}
+
+impl Repository {
+    /// Start a backup: takes a lease `locks/backup-<uuid>`.
+    pub async fn begin_backup(&self, meta: BackupMeta) -> Result<BackupWriter> {
+        let time = meta.time.unwrap_or_else(OffsetDateTime::now_utc);
+        let time = time.to_offset(time::UtcOffset::UTC);
+        let time = time
+            .replace_nanosecond(time.nanosecond() / 1_000_000 * 1_000_000)
+            .unwrap_or(time);
+        let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+        let stamp = time
+            .format(&fmt)
+            .map_err(|e| RepoError::InvalidArgument(format!("time: {e}")))?;
+        let id = format!(
+            "{stamp}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let lease_uuid = uuid::Uuid::new_v4().to_string();
+        let key = format!("{LEASE_PREFIX}{lease_uuid}");
+        let mut lf = LeaseFile {
+            kind: "backup".into(),
+            lease: lease_uuid,
+            snapshot: id.clone(),
+            host: meta.host.clone(),
+            vm: meta.vm.clone(),
+            pid: std::process::id(),
+            started_ms: 0,
+            pins: Vec::new(),
+        };
+        let be = &self.inner.backend;
+        let body = serde_json::to_vec(&lf).map_err(|e| RepoError::json(&key, e))?;
+        be.put(&key, Bytes::from(body)).await?;
+        let start = be
+            .head(&key)
+            .await?
+            .map(|h| h.modified)
+            .ok_or_else(|| RepoError::backend(&key, "lease vanished"))?;
+        lf.started_ms = ms(start);
+        let lease = Arc::new(Lease {
+            key,
+            file: Mutex::new(lf),
+            last_ok: Mutex::new(Instant::now()),
+            start,
+        });
+        lease.write(self).await?;
+        let timing = self.timing();
+        let refresher = {
+            let lease = lease.clone();
+            let repo = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(timing.refresh).await;
+                    if let Err(e) = lease.write(&repo).await {
+                        tracing::warn!("refreshing backup lease {}: {e}", lease.key);
+                    }
+                }
+            })
+        };
+        Ok(BackupWriter {
+            sh: Arc::new(Shared {
+                repo: self.clone(),
+                id,
+                lease,
+                known: Mutex::new(HashSet::new()),
+                refreshed: Mutex::new(Vec::new()),
+                disks: Mutex::new(Vec::new()),
+                open_disks: Mutex::new(HashSet::new()),
+                reuse_window: self.min_grace(),
+            }),
+            meta,
+            time,
+            started: Instant::now(),
+            refresher,
+        })
+    }
+}
+
+impl BackupWriter {
+    /// The id the backup will have.
+    pub fn id(&self) -> &str {
+        &self.sh.id
+    }
+
+    /// Open a disk. `previous` seeds every slot (unwritten slots keep its digests); when it
+    /// was loaded from this repository its backup is pinned (forget/prune refuse it) and its
+    /// chunks are reused without upload.
+    pub async fn disk(&self, spec: DiskSpec, previous: Option<&FixedIndex>) -> Result<DiskWriter> {
+        check_name("disk name", &spec.name)?;
+        let repo = &self.sh.repo;
+        let cs = repo.chunk_size();
+        let mut ix = FixedIndex::new_zero(cs, spec.size)?;
+        if let Some(p) = previous {
+            if p.chunk_size != cs {
+                return Err(RepoError::InvalidArgument(format!(
+                    "previous index has chunk size {}, repository uses {cs}",
+                    p.chunk_size
+                )));
+            }
+            for (i, d) in p.digests.iter().enumerate().take(ix.digests.len()) {
+                if p.chunk_len(i as u64) == ix.chunk_len(i as u64) {
+                    ix.digests[i] = *d;
+                }
+            }
+            if let Some(snap) = &p.snapshot {
+                {
+                    let mut f = lock(&self.sh.lease.file);
+                    if !f.pins.contains(snap) {
+                        f.pins.push(snap.clone());
+                    }
+                }
+                self.sh.lease.write(repo).await?;
+                if repo.backend().head(&manifest_key(snap)).await?.is_none() {
+                    return Err(RepoError::SnapshotNotFound(snap.clone()));
+                }
+                lock(&self.sh.known).extend(p.digests.iter().filter(|d| **d != ZERO_DIGEST));
+            }
+        }
+        if !lock(&self.sh.open_disks).insert(spec.name.clone()) {
+            return Err(RepoError::InvalidArgument(format!(
+                "disk {} opened twice",
+                spec.name
+            )));
+        }
+        let n = ix.digests.len();
+        let permits = repo.parallelism() * 2 + 2;
+        Ok(DiskWriter {
+            d: Arc::new(DiskShared {
+                sh: self.sh.clone(),
+                spec,
+                state: Mutex::new(IndexState {
+                    digests: ix.digests,
+                    written: vec![false; n],
+                }),
+                ix_size: ix.size,
+                stats: Mutex::new(DiskStats::default()),
+                sem: Arc::new(Semaphore::new(permits)),
+                permits: permits as u32,
+                error: Mutex::new(None),
+                finished: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Publish: wait for the lease rules, write the manifest (create-only), drop the lease.
+    pub async fn finish(self, extra: serde_json::Value) -> Result<Manifest> {
+        let repo = self.sh.repo.clone();
+        let be = repo.backend().clone();
+        if !lock(&self.sh.open_disks).is_empty() {
+            return Err(RepoError::WriterState(format!(
+                "disks not finished: {:?}",
+                lock(&self.sh.open_disks)
+            )));
+        }
+        let timing = repo.timing();
+        // Refresh now so a slow last phase cannot expire the lease unnoticed.
+        if lock(&self.sh.lease.last_ok).elapsed() >= timing.stale_after {
+            return Err(RepoError::LeaseExpired(self.sh.lease.key.clone()));
+        }
+        self.sh.lease.write(&repo).await?;
+        // Chunks we re-uploaded because they were old may have been listed by a GC that
+        // ran meanwhile: wait for it to end, then check they are still there.
+        let refreshed: Vec<Digest> = std::mem::take(&mut *lock(&self.sh.refreshed));
+        if !refreshed.is_empty() {
+            let deadline = Instant::now() + timing.stale_after;
+            while let Some(h) = be.head(GC_LOCK).await? {
+                let now = repo.storage_now().await?;
+                if h.modified + timing.stale_after < now || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.sh.lease.write(&repo).await?;
+            }
+            for d in &refreshed {
+                if be.head(&chunk_key(d)).await?.is_none() {
+                    return Err(RepoError::ChunkVanished {
+                        digest: hex::encode(d),
+                        reason: "removed by a concurrent garbage collection".into(),
+                    });
+                }
+            }
+        }
+        let pins = lock(&self.sh.lease.file).pins.clone();
+        for p in &pins {
+            if be.head(&manifest_key(p)).await?.is_none() {
+                return Err(RepoError::ChunkVanished {
+                    digest: "-".into(),
+                    reason: format!("base backup {p} was forgotten while this backup ran"),
+                });
+            }
+        }
+        let mut disks = std::mem::take(&mut *lock(&self.sh.disks));
+        disks.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        let mut totals = DiskStats::default();
+        for d in &disks {
+            totals.add(&d.stats);
+        }
+        let m = Manifest {
+            version: 1,
+            id: self.sh.id.clone(),
+            host: self.meta.host.clone(),
+            vm: self.meta.vm.clone(),
+            time: self.time,
+            mode: self.meta.mode,
+            reason: self.meta.reason.clone(),
+            parent: self.meta.parent.clone(),
+            protected: false,
+            domain_xml: self.meta.domain_xml.clone(),
+            disks,
+            stats: BackupStats {
+                totals,
+                duration_secs: self.started.elapsed().as_secs_f64(),
+            },
+            extra,
+        };
+        let key = manifest_key(&m.id);
+        let body = serde_json::to_vec_pretty(&m).map_err(|e| RepoError::json(&key, e))?;
+        if lock(&self.sh.lease.last_ok).elapsed() >= timing.stale_after {
+            return Err(RepoError::LeaseExpired(self.sh.lease.key.clone()));
+        }
+        repo.put_meta(&key, body, true).await?;
+        self.refresher.abort();
+        be.delete(&self.sh.lease.key).await?;
+        Ok(m)
+    }
+
+    /// Abandon the backup: remove its index objects and its lease. Chunks already uploaded
+    /// stay until GC.
+    pub async fn abort(self) -> Result<()> {
+        self.refresher.abort();
+        let be = self.sh.repo.backend().clone();
+        let disks = std::mem::take(&mut *lock(&self.sh.disks));
+        for d in disks {
+            be.delete(&d.index).await?;
+        }
+        be.delete(&self.sh.lease.key).await
+    }
+}
+
+struct IndexState {
+    digests: Vec<Digest>,
+    written: Vec<bool>,
+}
+
+struct DiskShared {
+    sh: Arc<Shared>,
+    spec: DiskSpec,
+    state: Mutex<IndexState>,
+    ix_size: u64,
+    stats: Mutex<DiskStats>,
+    sem: Arc<Semaphore>,
+    permits: u32,
+    error: Mutex<Option<RepoError>>,
+    finished: AtomicBool,
+}
+
+/// Writes one disk. Cloneable; all methods take `&self`, so several tasks can feed it.
+/// `write_chunk` returns once the chunk is queued; hashing, compression and encryption run
+/// on the blocking pool and uploads run concurrently, with at most `2 × cores + 2` chunks
+/// in flight (memory stays bounded).
+#[derive(Clone)]
+pub struct DiskWriter {
+    d: Arc<DiskShared>,
+}
+
+impl DiskWriter {
+    /// Chunk size.
+    pub fn chunk_size(&self) -> u64 {
+        self.d.sh.repo.chunk_size()
+    }
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        lock(&self.d.state).digests.len() as u64
+    }
+    /// Disk size.
+    pub fn size(&self) -> u64 {
+        self.d.ix_size
+    }
+
+    fn chunk_len(&self, i: u64) -> Result<u64> {
+        let n = self.chunk_count();
+        if i >= n {
+            return Err(RepoError::InvalidArgument(format!(
+                "chunk index {i} out of range (disk {} has {n} chunks)",
+                self.d.spec.name
+            )));
+        }
+        let cs = self.chunk_size();
+        Ok(cs.min(self.d.ix_size - i * cs))
+    }
+
+    fn take_error(&self) -> Result<()> {
+        match lock(&self.d.error).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Queue chunk `index` (exactly `chunk_size` bytes; the last chunk may be shorter).
+    /// All-zero data is detected and recorded as a zero chunk.
+    pub async fn write_chunk(&self, index: u64, data: Bytes) -> Result<()> {
+        let want = self.chunk_len(index)?;
+        if data.len() as u64 != want {
+            return Err(RepoError::InvalidArgument(format!(
+                "chunk {index} of disk {} must be {want} bytes, got {}",
+                self.d.spec.name,
+                data.len()
+            )));
+        }
+        self.take_error()?;
+        let permit = self
+            .d
+            .sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| RepoError::WriterState("disk writer closed".into()))?;
+        let d = self.d.clone();
+        tokio::spawn(async move {
+            if let Err(e) = process_chunk(&d, index, data).await {
+                let mut slot = lock(&d.error);
+                if slot.is_none() {
+                    *slot = Some(e);
+                }
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    /// Record chunk `index` as all zeros.
+    pub fn zero_chunk(&self, index: u64) -> Result<()> {
+        self.chunk_len(index)?;
+        set_slot(&self.d, index, ZERO_DIGEST);
+        lock(&self.d.stats).chunks_zero += 1;
+        Ok(())
+    }
+
+    /// Wait for all queued chunks, write the index object, return the statistics.
+    pub async fn finish(&self) -> Result<DiskStats> {
+        if self.d.finished.swap(true, Ordering::SeqCst) {
+            return Err(RepoError::WriterState(format!(
+                "disk {} finished twice",
+                self.d.spec.name
+            )));
+        }
+        let _all = self
+            .d
+            .sem
+            .acquire_many(self.d.permits)
+            .await
+            .map_err(|_| RepoError::WriterState("disk writer closed".into()))?;
+        self.take_error()?;
+        let (digests, unchanged) = {
+            let st = lock(&self.d.state);
+            let unchanged = st
+                .written
+                .iter()
+                .zip(&st.digests)
+                .filter(|(w, d)| !**w && **d != ZERO_DIGEST)
+                .count() as u64;
+            (st.digests.clone(), unchanged)
+        };
+        let ix = FixedIndex {
+            chunk_size: self.chunk_size(),
+            size: self.d.ix_size,
+            digests,
+            snapshot: None,
+        };
+        let key = index_key(&self.d.sh.id, &self.d.spec.name);
+        let repo = self.d.sh.repo.clone();
+        repo.put_meta(&key, ix.encode(), true).await?;
+        let stats = {
+            let mut s = lock(&self.d.stats);
+            s.chunks_unchanged = unchanged;
+            *s
+        };
+        lock(&self.d.sh.disks).push(ManifestDisk {
+            spec: self.d.spec.clone(),
+            chunk_size: ix.chunk_size,
+            index: key,
+            stats,
+        });
+        lock(&self.d.sh.open_disks).remove(&self.d.spec.name);
+        Ok(stats)
+    }
+}
+
+fn set_slot(d: &DiskShared, index: u64, digest: Digest) {
+    let mut st = lock(&d.state);
+    if let Some(s) = st.digests.get_mut(index as usize) {
+        *s = digest;
+    }
+    if let Some(w) = st.written.get_mut(index as usize) {
+        *w = true;
+    }
+}
+
+async fn process_chunk(d: &DiskShared, index: u64, data: Bytes) -> Result<()> {
+    let sh = &d.sh;
+    let codec = sh.repo.inner.codec.clone();
+    let (data, digest) = tokio::task::spawn_blocking(move || {
+        let dg = if is_all_zero(&data) {
+            ZERO_DIGEST
+        } else {
+            codec.digest(&data)
+        };
+        (data, dg)
+    })
+    .await?;
+    if digest == ZERO_DIGEST {
+        set_slot(d, index, ZERO_DIGEST);
+        lock(&d.stats).chunks_zero += 1;
+        return Ok(());
+    }
+    let len = data.len() as u64;
+    lock(&d.stats).bytes_read += len;
+    if lock(&sh.known).contains(&digest) {
+        set_slot(d, index, digest);
+        lock(&d.stats).chunks_reused += 1;
+        return Ok(());
+    }
+    let be = sh.repo.backend().clone();
+    let key = chunk_key(&digest);
+    let existing = be.head(&key).await?;
+    let fresh_enough = |m: SystemTime| m + sh.reuse_window >= sh.lease.start;
+    let (upload, overwrite) = match existing {
+        Some(h) if fresh_enough(h.modified) => (false, false),
+        Some(_) => (true, true),
+        None => (true, false),
+    };
+    if upload {
+        let codec = sh.repo.inner.codec.clone();
+        let blob =
+            tokio::task::spawn_blocking(move || codec.encode_chunk(&digest, &data)).await??;
+        let stored = blob.len() as u64;
+        let created = if overwrite {
+            be.put(&key, Bytes::from(blob)).await?;
+            lock(&sh.refreshed).push(digest);
+            true
+        } else {
+            be.put_if_absent(&key, Bytes::from(blob)).await? == crate::backend::PutOutcome::Created
+        };
+        let mut s = lock(&d.stats);
+        if created {
+            s.chunks_new += 1;
+            s.bytes_new += len;
+            s.bytes_stored += stored;
+        } else {
+            s.chunks_reused += 1;
+        }
+    } else {
+        lock(&d.stats).chunks_reused += 1;
+    }
+    lock(&sh.known).insert(digest);
+    set_slot(d, index, digest);
+    Ok(())
+}
+
+/// Assembles chunks from ordered, non-overlapping extents. Inside a chunk touched by at
+/// least one extent, bytes no extent covers are zero; chunks no extent touches keep the
+/// previous index's digest. (For incrementals, cover whole chunks or use
+/// [`DiskWriter::write_chunk`].)
+pub struct ExtentSink {
+    w: DiskWriter,
+    cur: Option<(u64, Vec<u8>, bool)>,
+    last_end: u64,
+}
+
+impl ExtentSink {
+    /// Wrap a disk writer.
+    pub fn new(w: DiskWriter) -> Self {
+        ExtentSink {
+            w,
+            cur: None,
+            last_end: 0,
+        }
+    }
+
+    fn check(&mut self, offset: u64, len: u64) -> Result<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= self.w.size())
+            .ok_or_else(|| {
+                RepoError::InvalidArgument(format!("extent {offset}+{len} beyond disk end"))
+            })?;
+        if offset < self.last_end {
+            return Err(RepoError::InvalidArgument(format!(
+                "extent at {offset} overlaps or is out of order (previous ended at {})",
+                self.last_end
+            )));
+        }
+        self.last_end = end;
+        Ok(())
+    }
+
+    async fn switch_to(&mut self, idx: u64) -> Result<()> {
+        if let Some((i, _, _)) = &self.cur
+            && *i == idx
+        {
+            return Ok(());
+        }
+        self.flush().await?;
+        let len = self.w.chunk_len(idx)? as usize;
+        self.cur = Some((idx, vec![0u8; len], false));
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if let Some((i, buf, has_data)) = self.cur.take() {
+            if has_data {
+                self.w.write_chunk(i, Bytes::from(buf)).await?;
+            } else {
+                self.w.zero_chunk(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Data at `offset`.
+    pub async fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        let cs = self.w.chunk_size();
+        let mut pos = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let idx = pos / cs;
+            let within = (pos % cs) as usize;
+            self.switch_to(idx).await?;
+            if let Some((_, buf, has)) = &mut self.cur {
+                let n = rest.len().min(buf.len() - within);
+                buf[within..within + n].copy_from_slice(&rest[..n]);
+                *has = true;
+                rest = &rest[n..];
+                pos += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// A zero run at `offset`.
+    pub async fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        let cs = self.w.chunk_size();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let idx = pos / cs;
+            let cstart = idx * cs;
+            let clen = self.w.chunk_len(idx)?;
+            let cend = cstart + clen;
+            let n = end.min(cend) - pos;
+            if pos == cstart && n == clen {
+                if matches!(&self.cur, Some((i, _, _)) if *i == idx) {
+                    self.cur = None;
+                } else {
+                    self.flush().await?;
+                }
+                self.w.zero_chunk(idx)?;
+            } else {
+                // partial: the chunk buffer is zero-initialised, just touch it
+                self.switch_to(idx).await?;
+                if let Some((_, buf, _)) = &mut self.cur {
+                    let w = (pos - cstart) as usize;
+                    buf[w..w + n as usize].fill(0);
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Flush the last chunk and finish the disk.
+    pub async fn finish(mut self) -> Result<DiskStats> {
+        self.flush().await?;
+        self.w.finish().await
+    }
+}

@@ -1,0 +1,644 @@
+//! The repository test suite; every test runs on the filesystem (`*::fs`) and on the lab's
+//! Ceph RGW (`*::s3`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use proptest::prelude::*;
+use std::time::Duration;
+use virtkeep_repo::*;
+
+both_backends!(
+    roundtrip_extents,
+    dedup_across_backups,
+    seeded_from_previous,
+    wrong_key_writes_nothing,
+    corruption_detected,
+    prune_forget_protected,
+    concurrent_backup_and_gc,
+    create_only_put,
+    abort_leaves_nothing_visible,
+    tampered_metadata_refused,
+);
+
+#[derive(Debug, Clone)]
+enum Piece {
+    Data(u32, u64),
+    Zero(u32),
+    Skip(u32),
+}
+
+fn piece() -> impl Strategy<Value = Piece> {
+    prop_oneof![
+        (1u32..150_000, any::<u64>()).prop_map(|(l, s)| Piece::Data(l, s)),
+        (1u32..300_000).prop_map(Piece::Zero),
+        (1u32..100_000).prop_map(Piece::Skip),
+    ]
+}
+
+fn roundtrip_extents(kind: Kind) {
+    let rt = rt();
+    let fx = fx(kind);
+    let repo = rt.block_on(new_repo(&fx, None, Duration::from_secs(3600)));
+    let cases = if matches!(kind, Kind::Fs) { 24 } else { 6 };
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(
+            &(proptest::collection::vec(piece(), 1..12), any::<bool>()),
+            |(pieces, tail)| {
+                rt.block_on(async {
+                    // build the expected image
+                    let mut img: Vec<u8> = Vec::new();
+                    let mut ops = Vec::new();
+                    for p in &pieces {
+                        let off = img.len() as u64;
+                        match p {
+                            Piece::Data(l, s) => {
+                                // half the data pieces are compressible text-like
+                                let v = if s % 2 == 0 {
+                                    noise(*s, *l as usize)
+                                } else {
+                                    (0..*l).map(|i| b"virtkeep "[(i % 9) as usize]).collect()
+                                };
+                                img.extend_from_slice(&v);
+                                ops.push((off, Some(v), *l as u64));
+                            }
+                            Piece::Zero(l) => {
+                                img.resize(img.len() + *l as usize, 0);
+                                ops.push((off, None, *l as u64));
+                            }
+                            Piece::Skip(l) => img.resize(img.len() + *l as usize, 0),
+                        }
+                    }
+                    if tail {
+                        img.resize(img.len() + 12345, 0);
+                    }
+                    let w = repo.begin_backup(meta("prop", None)).await.unwrap();
+                    let d = w.disk(spec("vda", img.len() as u64), None).await.unwrap();
+                    let mut sink = ExtentSink::new(d);
+                    for (off, data, len) in ops {
+                        match data {
+                            Some(v) => sink.write_data(off, &v).await.unwrap(),
+                            None => sink.write_zeroes(off, len).await.unwrap(),
+                        }
+                    }
+                    sink.finish().await.unwrap();
+                    let m = w.finish(serde_json::Value::Null).await.unwrap();
+                    let back = restore(&repo, &m.id, "vda").await;
+                    prop_assert_eq!(back.len(), img.len());
+                    prop_assert!(back == img, "restored image differs");
+                    // zero chunks are holes, not bytes
+                    let r = repo.disk_reader(&m.id, "vda").await.unwrap();
+                    for i in 0..r.index().chunk_count() {
+                        let s = (i * CS) as usize;
+                        let e = (s + CS as usize).min(img.len());
+                        prop_assert_eq!(r.index().is_zero(i), img[s..e].iter().all(|b| *b == 0));
+                    }
+                    Ok(())
+                })
+            },
+        )
+        .unwrap();
+    rt.block_on(fx.cleanup());
+}
+
+fn dedup_across_backups(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::from_secs(3600)).await;
+        let mut data = noise(1, 10 * CS as usize);
+        data[3 * CS as usize..5 * CS as usize].fill(0);
+        let a = backup_full(&repo, "vm1", &data).await;
+        assert_eq!(a.stats.totals.chunks_new, 8);
+        assert_eq!(a.stats.totals.chunks_zero, 2);
+        // second full, no parent: nothing new
+        let b = backup_full(&repo, "vm1", &data).await;
+        assert_eq!(b.stats.totals.chunks_new, 0, "{:?}", b.stats);
+        assert_eq!(b.stats.totals.chunks_reused, 8);
+        // a different VM with one chunk changed: one new chunk
+        data[0] ^= 0xff;
+        let c = backup_full(&repo, "vm2", &data).await;
+        assert_eq!(c.stats.totals.chunks_new, 1);
+        assert_eq!(restore(&repo, &c.id, "vda").await, data);
+        let snaps = repo.snapshots().await.unwrap();
+        assert_eq!(snaps.len(), 3);
+        assert_eq!(snaps[2].vm, "vm2");
+        assert_eq!(repo.manifest(&a.id).await.unwrap().extra["test"], true);
+        fx.cleanup().await;
+    })
+}
+
+fn seeded_from_previous(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::from_secs(3600)).await;
+        let size = 6 * CS as usize + 1000; // short last chunk
+        let mut data = noise(2, size);
+        let a = backup_full(&repo, "vm", &data).await;
+        let prev = repo.fixed_index(&a.id, "vda").await.unwrap();
+        // incremental: only chunk 2 and the last one changed; chunk 4 became zero
+        let w = repo
+            .begin_backup(meta("vm", Some(a.id.clone())))
+            .await
+            .unwrap();
+        let d = w.disk(spec("vda", size as u64), Some(&prev)).await.unwrap();
+        let c2 = noise(99, CS as usize);
+        data[2 * CS as usize..3 * CS as usize].copy_from_slice(&c2);
+        d.write_chunk(2, Bytes::from(c2)).await.unwrap();
+        data[4 * CS as usize..5 * CS as usize].fill(0);
+        d.zero_chunk(4).unwrap();
+        let last = noise(98, 1000);
+        data[6 * CS as usize..].copy_from_slice(&last);
+        d.write_chunk(6, Bytes::from(last)).await.unwrap();
+        // a wrong-length chunk is refused
+        assert!(d.write_chunk(1, Bytes::from(vec![1u8; 10])).await.is_err());
+        let st = d.finish().await.unwrap();
+        assert_eq!(st.chunks_new, 2);
+        assert_eq!(st.chunks_unchanged, 4);
+        let b = w.finish(serde_json::Value::Null).await.unwrap();
+        assert_eq!(b.parent.as_deref(), Some(a.id.as_str()));
+        let ix = repo.fixed_index(&b.id, "vda").await.unwrap();
+        for i in 0..7 {
+            let same = ix.digests[i] == prev.digests[i];
+            assert_eq!(same, ![2, 4, 6].contains(&i), "slot {i}");
+        }
+        assert_eq!(restore(&repo, &b.id, "vda").await, data);
+        // the parent is untouched
+        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        fx.cleanup().await;
+    })
+}
+
+fn wrong_key_writes_nothing(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(
+            &fx,
+            Some(KeySource::Passphrase("correct horse".into())),
+            Duration::from_secs(3600),
+        )
+        .await;
+        let data = noise(3, 3 * CS as usize);
+        let a = backup_full(&repo, "vm", &data).await;
+        let before = fx.all_objects().await;
+        let e = Repository::open(fx.loc.clone(), Some(KeySource::Passphrase("wrong".into())))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RepoError::WrongKey { .. }), "{e}");
+        assert!(e.to_string().contains("passphrase"), "{e}");
+        let e = Repository::open(fx.loc.clone(), None).await.unwrap_err();
+        assert!(matches!(e, RepoError::KeyRequired { .. }), "{e}");
+        let tmp = tempfile::tempdir().unwrap();
+        let e = Repository::open(
+            fx.loc.clone(),
+            Some(KeySource::KeyFile(tmp.path().join("nokey"))),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, RepoError::WrongKey { .. }), "{e}");
+        assert_eq!(fx.all_objects().await, before, "nothing written");
+        // change to a key file; the old passphrase stops working, data stays readable
+        let kf = tmp.path().join("repo.key");
+        repo.change_passphrase(KeySource::KeyFile(kf.clone()))
+            .await
+            .unwrap();
+        assert!(matches!(
+            Repository::open(
+                fx.loc.clone(),
+                Some(KeySource::Passphrase("correct horse".into()))
+            )
+            .await,
+            Err(RepoError::WrongKey { .. })
+        ));
+        let other = tmp.path().join("other.key");
+        let r2 = Repository::init(
+            Location::Local {
+                path: tmp.path().join("other"),
+                fsync: false,
+            },
+            InitOptions {
+                encryption: Some(KeySource::KeyFile(other.clone())),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        drop(r2);
+        assert!(matches!(
+            Repository::open(fx.loc.clone(), Some(KeySource::KeyFile(other))).await,
+            Err(RepoError::WrongKey { .. })
+        ));
+        let repo = Repository::open(fx.loc.clone(), Some(KeySource::KeyFile(kf)))
+            .await
+            .unwrap();
+        assert_eq!(restore(&repo, &a.id, "vda").await, data);
+        // chunk objects never contain the plaintext
+        let be = repo.backend();
+        let ix = repo.fixed_index(&a.id, "vda").await.unwrap();
+        let blob = be.get(&chunk_key(&ix.digests[0])).await.unwrap().unwrap();
+        assert!(!blob.windows(64).any(|w| w == &data[..64]));
+        // re-init refused
+        assert!(matches!(
+            Repository::init(fx.loc.clone(), InitOptions::default()).await,
+            Err(RepoError::AlreadyExists(_))
+        ));
+        fx.cleanup().await;
+    })
+}
+
+fn corruption_detected(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = new_repo(
+            &fx,
+            Some(KeySource::KeyFile(tmp.path().join("k"))),
+            Duration::from_secs(3600),
+        )
+        .await;
+        let da = noise(4, 4 * CS as usize);
+        let mut db = da.clone();
+        db[3 * CS as usize..].copy_from_slice(&noise(5, CS as usize));
+        let a = backup_full(&repo, "vma", &da).await;
+        let b = backup_full(&repo, "vmb", &db).await;
+        let ia = repo.fixed_index(&a.id, "vda").await.unwrap();
+        let ib = repo.fixed_index(&b.id, "vda").await.unwrap();
+        let shared = ia.digests[1];
+        let only_b = ib.digests[3];
+        let be = repo.backend();
+        let mut blob = be.get(&chunk_key(&shared)).await.unwrap().unwrap().to_vec();
+        let mid = blob.len() / 2;
+        blob[mid] ^= 0x01;
+        be.put(&chunk_key(&shared), Bytes::from(blob))
+            .await
+            .unwrap();
+        be.delete(&chunk_key(&only_b)).await.unwrap();
+        let r = repo.verify(VerifySelection::All).await.unwrap();
+        assert!(!r.is_ok());
+        assert_eq!(r.corrupt.len(), 1);
+        assert_eq!(r.corrupt[0].digest, hex::encode(shared));
+        let mut s = r.corrupt[0].snapshots.clone();
+        s.sort();
+        let mut both = vec![a.id.clone(), b.id.clone()];
+        both.sort();
+        assert_eq!(s, both);
+        assert_eq!(r.missing.len(), 1);
+        assert_eq!(r.missing[0].digest, hex::encode(only_b));
+        assert_eq!(r.missing[0].snapshots, vec![b.id.clone()]);
+        assert_eq!(r.broken_snapshots, both);
+        // restore fails with an error naming the chunk
+        let rd = repo.disk_reader(&a.id, "vda").await.unwrap();
+        let e = rd.read_chunk(1).await.unwrap_err();
+        assert!(e.to_string().contains(&hex::encode(shared)), "{e}");
+        // selective verify of A only reports A
+        let r = repo
+            .verify(VerifySelection::Snapshots(vec![a.id.clone()]))
+            .await
+            .unwrap();
+        assert_eq!(r.broken_snapshots, vec![a.id.clone()]);
+        assert!(r.missing.is_empty());
+        fx.cleanup().await;
+    })
+}
+
+fn prune_forget_protected(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::ZERO).await;
+        let mut ids = Vec::new();
+        for day in 1..=4u8 {
+            let w = repo
+                .begin_backup(BackupMeta {
+                    time: Some(
+                        time::macros::datetime!(2026-01-01 12:00 UTC)
+                            .replace_day(day)
+                            .unwrap(),
+                    ),
+                    ..meta("vm", None)
+                })
+                .await
+                .unwrap();
+            let d = w.disk(spec("vda", CS), None).await.unwrap();
+            d.write_chunk(0, Bytes::from(noise(day as u64, CS as usize)))
+                .await
+                .unwrap();
+            d.finish().await.unwrap();
+            ids.push(w.finish(serde_json::Value::Null).await.unwrap().id);
+        }
+        repo.set_protected(&ids[0], true).await.unwrap();
+        assert!(matches!(
+            repo.forget(&ids[0]).await,
+            Err(RepoError::Protected(_))
+        ));
+        let policy = KeepPolicy {
+            last: Some(2),
+            ..Default::default()
+        };
+        let dry = repo.prune(&policy, None, true).await.unwrap();
+        let keep: Vec<_> = dry
+            .iter()
+            .map(|d| (d.id.clone(), d.keep, d.reason.clone()))
+            .collect();
+        assert_eq!(
+            keep,
+            vec![
+                (ids[3].clone(), true, "keep-last".into()),
+                (ids[2].clone(), true, "keep-last".into()),
+                (
+                    ids[1].clone(),
+                    false,
+                    "not selected by any keep option".into()
+                ),
+                (ids[0].clone(), true, "protected".into()),
+            ]
+        );
+        assert_eq!(
+            repo.snapshots().await.unwrap().len(),
+            4,
+            "dry run removes nothing"
+        );
+        repo.prune(&policy, Some(("hv1", "vm")), false)
+            .await
+            .unwrap();
+        let left: Vec<_> = repo
+            .snapshots()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(left, vec![ids[0].clone(), ids[2].clone(), ids[3].clone()]);
+        let g = repo
+            .gc(GcOptions {
+                grace: Duration::ZERO,
+                dry_run: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(g.chunks_removed, 1, "{g:?}");
+        assert_eq!(g.chunks_kept, 3);
+        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        repo.set_protected(&ids[0], false).await.unwrap();
+        repo.forget(&ids[0]).await.unwrap();
+        assert!(matches!(
+            repo.manifest(&ids[0]).await,
+            Err(RepoError::SnapshotNotFound(_))
+        ));
+        fx.cleanup().await;
+    })
+}
+
+fn concurrent_backup_and_gc(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::ZERO).await;
+        let n = 12usize;
+        // X: published then forgotten → its chunks are unreferenced and old
+        let xdata = noise(10, n * CS as usize);
+        let x = backup_full(&repo, "vmx", &xdata).await;
+        // P: the parent of the running backup
+        let pdata = noise(11, n * CS as usize);
+        let p = backup_full(&repo, "vmp", &pdata).await;
+        let xix = repo.fixed_index(&x.id, "vda").await.unwrap();
+        repo.forget(&x.id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        // running backup B: half of X's data (old unreferenced chunks), P's data (parent),
+        // and new data, with GC running all the time
+        let prev = repo.fixed_index(&p.id, "vda").await.unwrap();
+        let w = repo
+            .begin_backup(meta("vmp", Some(p.id.clone())))
+            .await
+            .unwrap();
+        let d = w
+            .disk(spec("vda", (3 * n) as u64 * CS), Some(&prev))
+            .await
+            .unwrap();
+        // forgetting the parent of a running backup is refused
+        assert!(matches!(
+            repo.forget(&p.id).await,
+            Err(RepoError::InUse { .. })
+        ));
+        let mut expect = pdata.clone();
+        expect.resize(3 * n * CS as usize, 0);
+        let gc_repo = repo.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let gc = tokio::spawn(async move {
+            let mut runs = 0;
+            let mut removed = 0;
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) || runs == 0 {
+                match gc_repo
+                    .gc(GcOptions {
+                        grace: Duration::ZERO,
+                        dry_run: false,
+                    })
+                    .await
+                {
+                    Ok(r) => {
+                        runs += 1;
+                        removed += r.chunks_removed;
+                    }
+                    Err(RepoError::GcRunning { .. }) => {}
+                    Err(e) => panic!("gc: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (runs, removed)
+        });
+        for i in 0..n {
+            let (slot, data) = if i % 2 == 0 {
+                // old chunk of X, found by HEAD
+                (
+                    n + i,
+                    xdata[i * CS as usize..(i + 1) * CS as usize].to_vec(),
+                )
+            } else {
+                (n + i, noise(1000 + i as u64, CS as usize))
+            };
+            expect[slot * CS as usize..(slot + 1) * CS as usize].copy_from_slice(&data);
+            d.write_chunk(slot as u64, Bytes::from(data)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        // one slot rewritten with the parent's own data
+        d.write_chunk(2 * n as u64, Bytes::copy_from_slice(&pdata[..CS as usize]))
+            .await
+            .unwrap();
+        expect[2 * n * CS as usize..(2 * n + 1) * CS as usize]
+            .copy_from_slice(&pdata[..CS as usize]);
+        d.finish().await.unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (runs, removed) = gc.await.unwrap();
+        assert!(runs >= 1);
+        let b = w.finish(serde_json::Value::Null).await.unwrap();
+        let r = repo.verify(VerifySelection::All).await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(restore(&repo, &b.id, "vda").await, expect);
+        // after the backup: the rest of X goes
+        let g = repo
+            .gc(GcOptions {
+                grace: Duration::ZERO,
+                dry_run: false,
+            })
+            .await
+            .unwrap();
+        // (a chunk of X may have been swept before B reached it, then re-uploaded by B)
+        assert!(
+            removed + g.chunks_removed >= (n / 2) as u64,
+            "{removed} {g:?}"
+        );
+        for (i, dg) in xix.digests.iter().enumerate() {
+            let present = repo.backend().head(&chunk_key(dg)).await.unwrap().is_some();
+            assert_eq!(present, i % 2 == 0, "chunk {i} of X");
+        }
+        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        fx.cleanup().await;
+    })
+}
+
+fn create_only_put(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let be = fx.loc.backend().unwrap();
+        assert_eq!(
+            be.put_if_absent("t/a", Bytes::from_static(b"one"))
+                .await
+                .unwrap(),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            be.put_if_absent("t/a", Bytes::from_static(b"two"))
+                .await
+                .unwrap(),
+            PutOutcome::Existed
+        );
+        assert_eq!(&be.get("t/a").await.unwrap().unwrap()[..], b"one");
+        assert!(be.head("t/missing").await.unwrap().is_none());
+        assert!(be.get("t/missing").await.unwrap().is_none());
+        be.delete("t/missing").await.unwrap();
+        fx.cleanup().await;
+    })
+}
+
+fn abort_leaves_nothing_visible(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::ZERO).await;
+        let w = repo.begin_backup(meta("vm", None)).await.unwrap();
+        let d = w.disk(spec("vda", 2 * CS), None).await.unwrap();
+        d.write_chunk(0, Bytes::from(noise(7, CS as usize)))
+            .await
+            .unwrap();
+        d.finish().await.unwrap();
+        // a second writer with an unfinished disk cannot publish
+        let w2 = repo.begin_backup(meta("vm2", None)).await.unwrap();
+        let _d2 = w2.disk(spec("vda", CS), None).await.unwrap();
+        assert!(matches!(
+            w2.finish(serde_json::Value::Null).await,
+            Err(RepoError::WriterState(_))
+        ));
+        w.abort().await.unwrap();
+        assert!(repo.snapshots().await.unwrap().is_empty());
+        let g = repo
+            .gc(GcOptions {
+                grace: Duration::ZERO,
+                dry_run: true,
+            })
+            .await
+            .unwrap();
+        assert!(g.dry_run);
+        fx.cleanup().await;
+    })
+}
+
+fn tampered_metadata_refused(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = new_repo(
+            &fx,
+            Some(KeySource::KeyFile(tmp.path().join("k"))),
+            Duration::from_secs(3600),
+        )
+        .await;
+        let a = backup_full(&repo, "vma", &noise(1, 2 * CS as usize)).await;
+        let b = backup_full(&repo, "vmb", &noise(2, 2 * CS as usize)).await;
+        let be = repo.backend();
+        // swap A's index into B's place
+        let ia = be
+            .get(&format!("snapshots/{}/vda.fidx", a.id))
+            .await
+            .unwrap()
+            .unwrap();
+        be.put(&format!("snapshots/{}/vda.fidx", b.id), ia)
+            .await
+            .unwrap();
+        assert!(matches!(
+            repo.fixed_index(&b.id, "vda").await,
+            Err(RepoError::Corrupt { .. })
+        ));
+        let r = repo.verify(VerifySelection::All).await.unwrap();
+        assert_eq!(r.broken_snapshots, vec![b.id.clone()]);
+        // GC refuses to sweep with an unreadable index
+        assert!(
+            repo.gc(GcOptions {
+                grace: Duration::ZERO,
+                dry_run: false
+            })
+            .await
+            .is_err()
+        );
+        fx.cleanup().await;
+    })
+}
+
+both_backends!(gc_mid_backup_keeps_everything_the_backup_uses);
+
+/// Deterministic interleaving: old unreferenced chunks reused by a running backup, a new
+/// chunk, and a GC between the writes and publication.
+fn gc_mid_backup_keeps_everything_the_backup_uses(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::ZERO).await;
+        let xdata = noise(20, 4 * CS as usize);
+        let x = backup_full(&repo, "vmx", &xdata).await;
+        let xix = repo.fixed_index(&x.id, "vda").await.unwrap();
+        repo.forget(&x.id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let w = repo.begin_backup(meta("vmy", None)).await.unwrap();
+        let d = w.disk(spec("vda", 2 * CS), None).await.unwrap();
+        d.write_chunk(0, Bytes::copy_from_slice(&xdata[..CS as usize]))
+            .await
+            .unwrap();
+        d.write_chunk(1, Bytes::from(noise(21, CS as usize)))
+            .await
+            .unwrap();
+        d.finish().await.unwrap();
+        let g = repo
+            .gc(GcOptions {
+                grace: Duration::ZERO,
+                dry_run: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(g.chunks_removed, 3, "{g:?}");
+        assert_eq!(g.live_leases, 1);
+        assert!(
+            repo.backend()
+                .head(&chunk_key(&xix.digests[0]))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let m = w.finish(serde_json::Value::Null).await.unwrap();
+        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        let mut expect = xdata[..CS as usize].to_vec();
+        expect.extend(noise(21, CS as usize));
+        assert_eq!(restore(&repo, &m.id, "vda").await, expect);
+        fx.cleanup().await;
+    })
+}

@@ -1,0 +1,532 @@
+//! One function per command: parse into the engine's options, run, render.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use virtkeep_engine::backup::{BackupOptions, ModeRequest, Transport, backup_vm};
+use virtkeep_engine::config::{CephConfig, HostConfig, RepositoryConfig};
+use virtkeep_engine::host::Host;
+use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
+use virtkeep_engine::{Error as EngineError, heal, inventory};
+
+use crate::cli::*;
+use crate::output::{human_bytes, print_json, progress};
+use crate::settings::Settings;
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    let json = cli.json;
+    match cli.command {
+        Command::Host(HostCommand::Add(args)) => host_add(&mut settings, args, json),
+        Command::Host(HostCommand::Trust(args)) => host_trust(&settings, args, json).await,
+        Command::Host(HostCommand::Check { name }) => host_check(&settings, &name, json).await,
+        Command::Host(HostCommand::List) => host_list(&settings, json),
+        Command::Vm(VmCommand::List { host }) => vm_list(&settings, host.as_deref(), json).await,
+        Command::Repo(RepoCommand::Init(args)) => repo_init(&mut settings, args, json).await,
+        Command::Backup(args) => backup(&settings, args, json).await,
+        Command::Snapshots(args) => snapshots(&settings, args, json).await,
+        Command::Restore(args) => restore_cmd(&settings, args, json).await,
+        Command::Verify(args) => verify(&settings, args, json).await,
+        Command::Prune(args) => prune(&settings, args, json).await,
+        Command::Gc(args) => gc(&settings, args, json).await,
+        Command::Cleanup(args) => cleanup(&settings, args, json).await,
+    }
+}
+
+async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Host> {
+    let config = settings.config.host(name)?;
+    Ok(Host::connect(name, config, &settings.known_hosts()).await?)
+}
+
+fn parse_ssh(spec: &str) -> anyhow::Result<(String, String, u16)> {
+    let (user, rest) = spec.split_once('@').unwrap_or(("root", spec));
+    let (addr, port) = match rest.rsplit_once(':') {
+        Some((a, p)) if !a.contains(':') || a.ends_with(']') => {
+            let port = p.parse::<u16>().map_err(|_| EngineError::config(format!("--ssh {spec}: {p:?} is not a port")))?;
+            (a.trim_start_matches('[').trim_end_matches(']').to_string(), port)
+        }
+        _ => (rest.to_string(), 22),
+    };
+    if user.is_empty() || addr.is_empty() {
+        return Err(EngineError::config(format!("--ssh {spec}: expected USER@ADDRESS[:PORT]")).into());
+    }
+    Ok((user.to_string(), addr, port))
+}
+
+fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let (user, address, port) = parse_ssh(&args.ssh)?;
+    if args.identity.is_none() && args.password_env.is_none() && !args.agent {
+        return Err(EngineError::config("no authentication method given")
+            .hint("give --identity KEYFILE, --password-env VAR (the variable's name, not the password) or --agent")
+            .into());
+    }
+    if let Some(id) = &args.identity {
+        if !id.exists() {
+            return Err(EngineError::config(format!("key file {} does not exist", id.display())).into());
+        }
+    }
+    let identity = match args.identity {
+        Some(p) => Some(std::fs::canonicalize(&p).unwrap_or(p)),
+        None => None,
+    };
+    let host = HostConfig {
+        address,
+        port,
+        user,
+        identity,
+        password_env: args.password_env,
+        agent: args.agent.then(String::new),
+        known_hosts: args.known_hosts,
+        sudo: args.sudo,
+        libvirt_uri: args.libvirt_uri,
+        qemu_user: args.qemu_user,
+        qemu_group: args.qemu_group,
+        ceph: match (args.ceph_conf, args.ceph_id, args.ceph_keyring) {
+            (Some(conf), Some(id), Some(keyring)) => Some(CephConfig { conf, id, keyring }),
+            _ => None,
+        },
+    };
+    let existed = settings.config.hosts.insert(args.name.clone(), host).is_some();
+    settings.save()?;
+    if json {
+        print_json(&serde_json::json!({ "host": args.name, "updated": existed, "config": settings.path }))?;
+    } else {
+        println!("{} host {} in {}", if existed { "updated" } else { "added" }, args.name, settings.path.display());
+        println!("next: `virtkeep host trust {}` to pin its host key", args.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn host_trust(settings: &Settings, args: HostTrustArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let host = settings.config.host(&args.name)?;
+    let known_hosts = host.known_hosts.clone().unwrap_or_else(|| settings.known_hosts());
+    let probed = virtkeep_ssh::probe_host_key(&host.address, host.port, Duration::from_secs(15))
+        .await
+        .map_err(EngineError::from)?;
+    let fingerprint = probed.fingerprint.clone();
+    let status = virtkeep_ssh::known_hosts::KnownHosts::load(&known_hosts)
+        .map_err(EngineError::from)?
+        .check(&host.address, host.port, &probed.key);
+    if matches!(status, virtkeep_ssh::known_hosts::HostKeyStatus::Trusted) {
+        if json {
+            print_json(&serde_json::json!({ "host": args.name, "fingerprint": fingerprint, "pinned": true, "changed": false }))?;
+        } else {
+            println!("{} ({}) is already pinned in {}", fingerprint, probed.algorithm, known_hosts.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let virtkeep_ssh::known_hosts::HostKeyStatus::Changed { .. } | virtkeep_ssh::known_hosts::HostKeyStatus::Revoked = status {
+        return Err(EngineError::new(
+            virtkeep_engine::ErrorKind::HostKey,
+            format!("host {} presents {fingerprint}, which differs from the key pinned in {} (or is revoked)", args.name, known_hosts.display()),
+        )
+        .hint("verify the new key on the host's console (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub); if it is right, remove the old line from the known_hosts file and trust again")
+        .into());
+    }
+    match &args.fingerprint {
+        Some(expected) if *expected == fingerprint => {}
+        Some(expected) => {
+            return Err(EngineError::new(
+                virtkeep_engine::ErrorKind::HostKey,
+                format!("host {} presents {fingerprint}, not the expected {expected}; nothing was pinned", args.name),
+            )
+            .hint("check the fingerprint on the host's console: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+            .into());
+        }
+        None => {
+            if !std::io::stdin().is_terminal() || json {
+                return Err(EngineError::config(format!(
+                    "host {} presents {fingerprint} ({}); refusing to pin it without confirmation",
+                    args.name, probed.algorithm
+                ))
+                .hint(format!("after checking it on the host, run `virtkeep host trust {} --fingerprint {fingerprint}`", args.name))
+                .into());
+            }
+            eprint!("host {} presents the {} key\n  {fingerprint}\nPin it in {}? [y/N] ", args.name, probed.algorithm, known_hosts.display());
+            std::io::stderr().flush()?;
+            let mut answer = String::new();
+            std::io::stdin().lock().read_line(&mut answer)?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                eprintln!("not pinned");
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    virtkeep_ssh::known_hosts::pin(&known_hosts, &host.address, host.port, &probed.key).map_err(EngineError::from)?;
+    if json {
+        print_json(&serde_json::json!({ "host": args.name, "fingerprint": fingerprint, "pinned": true, "changed": true }))?;
+    } else {
+        println!("pinned {fingerprint} for {} in {}", args.name, known_hosts.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn host_check(settings: &Settings, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let host = connect(settings, name).await?;
+    let items = inventory::check_host(&host).await?;
+    let failed = items.iter().any(|i| i.required && !i.ok);
+    if json {
+        print_json(&serde_json::json!({ "host": name, "ok": !failed, "checks": items }))?;
+    } else {
+        for i in &items {
+            let mark = if i.ok { "ok  " } else if i.required { "FAIL" } else { "warn" };
+            println!("[{mark}] {:<44} {}", i.check, i.detail);
+            if let Some(fix) = &i.fix {
+                println!("       fix: {fix}");
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn host_list(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        let list: Vec<_> = settings
+            .config
+            .hosts
+            .iter()
+            .map(|(name, h)| serde_json::json!({ "name": name, "address": h.address, "port": h.port, "user": h.user, "sudo": h.sudo, "libvirt_uri": h.libvirt_uri }))
+            .collect();
+        print_json(&list)?;
+    } else {
+        for (name, h) in &settings.config.hosts {
+            println!("{name:<20} {}@{}:{} {}{}", h.user, h.address, h.port, h.libvirt_uri, if h.sudo { " (sudo)" } else { "" });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let names: Vec<String> = match only {
+        Some(h) => vec![settings.config.host(h)?; 1].iter().map(|_| h.to_string()).collect(),
+        None => settings.config.hosts.keys().cloned().collect(),
+    };
+    let mut all = Vec::new();
+    for name in names {
+        let host = connect(settings, &name).await?;
+        all.extend(inventory::list_vms(&host).await?);
+    }
+    if json {
+        print_json(&all)?;
+    } else {
+        for vm in &all {
+            println!("{}/{}  {:?}  {}  {}", vm.host, vm.name, vm.state, vm.kind, vm.uuid);
+            for d in &vm.disks {
+                println!(
+                    "    {:<6} {:<10} {:<16} {:<6} {:>10} {:>10}  {}  [{}]",
+                    d.target,
+                    d.device,
+                    d.backend,
+                    d.format.as_deref().unwrap_or("-"),
+                    d.virtual_size.map(human_bytes).unwrap_or_default(),
+                    d.allocated.map(human_bytes).unwrap_or_default(),
+                    d.source,
+                    d.method
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn repo_init(settings: &mut Settings, args: RepoInitArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let location = args.location.clone().unwrap_or_else(crate::settings::default_repo_location);
+    let encryption = match args.encryption {
+        Encryption::None => {
+            if args.key_file.is_some() || args.passphrase_env.is_some() {
+                return Err(EngineError::config("--key-file/--passphrase-env need --encryption aes-256-gcm").into());
+            }
+            None
+        }
+        Encryption::Aes256Gcm => Some(
+            Settings::key_source(args.key_file.as_deref(), args.passphrase_env.as_deref())?.ok_or_else(|| {
+                EngineError::config("--encryption aes-256-gcm needs --key-file FILE or --passphrase-env VAR")
+            })?,
+        ),
+    };
+    let opts = virtkeep_repo::InitOptions {
+        chunk_size: args.chunk_size_mib << 20,
+        zstd_level: args.zstd_level,
+        encryption,
+        ..virtkeep_repo::InitOptions::default()
+    };
+    let loc = settings.location(&location, settings.config.repository.as_ref())?;
+    let repo = virtkeep_repo::Repository::init(loc, opts).await.map_err(EngineError::from)?;
+    if settings.config.repository.is_none() {
+        settings.config.repository = Some(RepositoryConfig {
+            location: location.clone(),
+            key_file: args.key_file.clone(),
+            passphrase_env: args.passphrase_env.clone(),
+            s3_endpoint: None,
+            s3_region: None,
+        });
+        settings.save()?;
+    }
+    if json {
+        print_json(&serde_json::json!({ "location": location, "id": repo.id(), "encrypted": repo.is_encrypted(), "chunk_size": repo.chunk_size() }))?;
+    } else {
+        println!("initialised repository {location} ({}encrypted, {} MiB chunks)", if repo.is_encrypted() { "" } else { "not " }, repo.chunk_size() >> 20);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn split_host_vm(spec: &str) -> anyhow::Result<(&str, &str)> {
+    match spec.split_once('/') {
+        Some((h, v)) if !h.is_empty() && !v.is_empty() => Ok((h, v)),
+        _ => Err(EngineError::config(format!("{spec:?}: expected HOST/VM"))
+            .hint("e.g. `virtkeep backup kvm1/web01`; `virtkeep vm list` shows the names")
+            .into()),
+    }
+}
+
+async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let targets: Vec<(String, String)> = args
+        .vms
+        .iter()
+        .map(|s| split_host_vm(s).map(|(h, v)| (h.to_string(), v.to_string())))
+        .collect::<anyhow::Result<_>>()?;
+    let repo = settings.open_repo(&args.repo).await?;
+    let opts = BackupOptions {
+        mode: match args.mode {
+            Mode::Auto => ModeRequest::Auto,
+            Mode::Full => ModeRequest::Full,
+            Mode::Incremental => ModeRequest::Incremental,
+        },
+        exclude_disks: args.exclude_disk.clone(),
+        quiesce: args.quiesce,
+        pre_snapshot: args.pre_snapshot.clone(),
+        post_snapshot: args.post_snapshot.clone(),
+        transport: match args.transport {
+            TransportArg::Ssh => Transport::Ssh,
+        },
+        parallel: args.parallel,
+    };
+    let progress = progress(json);
+    let mut results = Vec::new();
+    let mut failures = 0;
+    for (host_name, vm) in &targets {
+        let res = async {
+            let host = connect(settings, host_name).await?;
+            let job = backup_vm(&host, &repo, vm, &opts, progress.clone());
+            tokio::select! {
+                r = job => Ok::<_, anyhow::Error>(r?),
+                _ = tokio::signal::ctrl_c() => {
+                    // The interrupted job's future is gone; heal the VM before exiting.
+                    if let Ok(v) = virtkeep_engine::vm::Vm::find(&host, vm).await {
+                        let _ = heal::stop_job_exports(&host, &v.uuid).await;
+                        let _ = heal::heal_vm(&host, &v.uuid, false).await;
+                    }
+                    Err(EngineError::new(virtkeep_engine::ErrorKind::Interrupted, "interrupted; the VM was returned to its own files").into())
+                }
+            }
+        }
+        .await;
+        match res {
+            Ok(r) => {
+                if !json {
+                    let read: u64 = r.disks.iter().map(|d| d.bytes_read).sum();
+                    let new: u64 = r.disks.iter().map(|d| d.bytes_new).sum();
+                    println!(
+                        "{}/{}: backup {} ({}, {}) {} read, {} new, {:.1}s",
+                        r.host, r.vm, r.id, r.mode, r.reason, human_bytes(read), human_bytes(new), r.duration_secs
+                    );
+                    for s in &r.skipped {
+                        println!("  skipped {}: {}", s.target, s.reason);
+                    }
+                    for w in &r.warnings {
+                        println!("  warning: {w}");
+                    }
+                }
+                results.push(serde_json::to_value(&r)?);
+            }
+            Err(e) => {
+                failures += 1;
+                if json {
+                    let engine = e.downcast_ref::<EngineError>();
+                    results.push(serde_json::json!({
+                        "host": host_name, "vm": vm,
+                        "error": { "kind": engine.map(|e| e.kind), "message": format!("{e:#}"), "hint": engine.and_then(|e| e.hint.clone()) }
+                    }));
+                } else if targets.len() == 1 {
+                    return Err(e);
+                } else {
+                    eprintln!("{host_name}/{vm}: error: {e:#}");
+                    if let Some(h) = e.downcast_ref::<EngineError>().and_then(|e| e.hint.as_ref()) {
+                        eprintln!("  hint: {h}");
+                    }
+                }
+            }
+        }
+    }
+    if json {
+        print_json(&results)?;
+    }
+    Ok(if failures > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+async fn snapshots(settings: &Settings, args: SnapshotsArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let mut list = repo.snapshots().await.map_err(EngineError::from)?;
+    if let Some(f) = &args.filter {
+        let (h, v) = f.split_once('/').map(|(h, v)| (h, Some(v))).unwrap_or((f.as_str(), None));
+        list.retain(|s| s.host == h && v.is_none_or(|v| s.vm == v));
+    }
+    if json {
+        print_json(&list)?;
+    } else {
+        for s in &list {
+            let time = s.time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+            println!(
+                "{}  {}  {}/{}  {}  disks {}  size {}  new {}{}",
+                s.id,
+                time,
+                s.host,
+                s.vm,
+                s.mode,
+                s.disks.join(","),
+                human_bytes(s.size),
+                human_bytes(s.bytes_new),
+                if s.protected { "  protected" } else { "" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn restore_cmd(settings: &Settings, args: RestoreArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let storage = match args.storage.as_deref() {
+        None => Storage::Original,
+        Some(s) => match s.split_once(':') {
+            Some(("file", dir)) if dir.starts_with('/') => Storage::FileDir(dir.to_string()),
+            Some(("lvm" | "rbd", _)) => {
+                return Err(EngineError::unsupported(format!("--storage {s}: LVM and RBD restore are not in this version")).into());
+            }
+            _ => return Err(EngineError::config(format!("--storage {s}: expected file:/ABSOLUTE/DIR")).into()),
+        },
+    };
+    let owner = match args.owner.as_deref() {
+        None => None,
+        Some(o) => match o.split_once(':') {
+            Some((u, g)) if !u.is_empty() && !g.is_empty() => Some((u.to_string(), g.to_string())),
+            _ => return Err(EngineError::config(format!("--owner {o}: expected USER:GROUP")).into()),
+        },
+    };
+    let host = connect(settings, &args.to).await?;
+    let opts = RestoreOptions {
+        snapshot: args.snapshot.clone(),
+        name: args.name.clone(),
+        storage,
+        owner,
+        disks: args.disk.clone(),
+        define: args.define || args.start,
+        start: args.start,
+        force: args.force,
+        parallel: args.parallel,
+    };
+    let r = restore(&host, &repo, &opts, progress(json)).await?;
+    if json {
+        print_json(&r)?;
+    } else {
+        for d in &r.disks {
+            println!("restored {} -> {}:{} ({}, {} written)", d.target, r.host, d.path, d.format, human_bytes(d.bytes_written));
+        }
+        if r.defined {
+            println!("defined {:?} ({}){}", r.vm, r.uuid.as_deref().unwrap_or("?"), if r.started { ", started" } else { "" });
+        }
+        for n in &r.notes {
+            println!("note: {n}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let selection = match args.snapshot {
+        Some(id) => virtkeep_repo::VerifySelection::Snapshots(vec![id]),
+        None => virtkeep_repo::VerifySelection::All,
+    };
+    let report = repo.verify(selection).await.map_err(EngineError::from)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!("{} backups, {} chunks checked, {} ok", report.snapshots_checked, report.chunks_checked, report.chunks_ok);
+        for p in report.missing.iter().map(|p| ("missing", p)).chain(report.corrupt.iter().map(|p| ("corrupt", p))) {
+            println!("{} chunk {}: {} (breaks {})", p.0, p.1.digest, p.1.error, p.1.snapshots.join(", "));
+        }
+        for m in &report.metadata_errors {
+            println!("metadata: {m}");
+        }
+        if !report.broken_snapshots.is_empty() {
+            println!("broken backups: {}", report.broken_snapshots.join(", "));
+        }
+    }
+    Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let policy = virtkeep_repo::KeepPolicy {
+        last: args.keep_last,
+        hourly: args.keep_hourly,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+    };
+    if policy == virtkeep_repo::KeepPolicy::default() {
+        return Err(EngineError::config("prune needs at least one --keep-* option")
+            .hint("e.g. `virtkeep prune --keep-last 3 --keep-daily 7 --dry-run`")
+            .into());
+    }
+    let repo = settings.open_repo(&args.repo).await?;
+    let decisions = repo.prune(&policy, None, args.dry_run).await.map_err(EngineError::from)?;
+    if json {
+        print_json(&decisions)?;
+    } else {
+        for d in &decisions {
+            println!("{} {}  {}", if d.keep { "keep  " } else if args.dry_run { "would remove" } else { "remove" }, d.id, d.reason);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let report = repo
+        .gc(virtkeep_repo::GcOptions { grace: Duration::from_secs(args.grace_hours * 3600), dry_run: args.dry_run })
+        .await
+        .map_err(EngineError::from)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "{}{} chunks removed, {} freed; {} kept, {} unreferenced but too recent",
+            if report.dry_run { "(dry run) " } else { "" },
+            report.chunks_removed,
+            human_bytes(report.bytes_freed),
+            report.chunks_kept,
+            report.chunks_too_recent
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cleanup(settings: &Settings, args: CleanupArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let host = connect(settings, &args.host).await?;
+    let reports = heal::cleanup_host(&host, args.dry_run).await.context("cleanup")?;
+    if json {
+        print_json(&serde_json::json!({ "host": args.host, "dry_run": args.dry_run, "vms": reports }))?;
+    } else if reports.is_empty() {
+        println!("{}: nothing to clean up", args.host);
+    } else {
+        for r in &reports {
+            for a in &r.actions {
+                println!("{}: {}{a}", r.vm, if args.dry_run { "would " } else { "" });
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,155 @@
+//! The configuration file and the node's defaults: where things live when nothing is said.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use virtkeep_engine::config::{Config, RepositoryConfig};
+use virtkeep_engine::Error as EngineError;
+use virtkeep_repo::{KeySource, Location, Repository, S3Options};
+
+use crate::cli::RepoArgs;
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+pub fn default_config_path() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".config"))
+        .join("virtkeep/config.toml")
+}
+
+/// The embedded default repository: a directory in the node user's data dir.
+pub fn default_repo_location() -> String {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".local/share"))
+        .join("virtkeep/repo")
+        .to_string_lossy()
+        .into_owned()
+}
+
+pub struct Settings {
+    pub path: PathBuf,
+    pub config: Config,
+}
+
+impl Settings {
+    pub fn load(explicit: Option<&Path>) -> anyhow::Result<Settings> {
+        let path = explicit.map(Path::to_path_buf).unwrap_or_else(default_config_path);
+        let config = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| {
+                EngineError::config(format!("{}: {}", path.display(), e.to_string().trim()))
+                    .hint("fix the file, or move it away to start from the defaults")
+            })?,
+            // A missing file is an empty configuration: `host add` and `repo init` create it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => {
+                return Err(EngineError::config(format!("cannot read {}: {e}", path.display())).into());
+            }
+        };
+        Ok(Settings { path, config })
+    }
+
+    /// Writes the file atomically (temp + rename), private to the user.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let text = toml::to_string_pretty(&self.config).context("serialising the configuration")?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = self.path.with_extension("toml.tmp");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
+        Ok(())
+    }
+
+    /// The node-wide known_hosts file.
+    pub fn known_hosts(&self) -> PathBuf {
+        self.config
+            .known_hosts
+            .clone()
+            .unwrap_or_else(|| default_config_path().with_file_name("known_hosts"))
+    }
+
+    fn repo_config(&self, args: &RepoArgs) -> RepositoryConfig {
+        let mut rc = self.config.repository.clone().unwrap_or(RepositoryConfig {
+            location: default_repo_location(),
+            key_file: None,
+            passphrase_env: None,
+            s3_endpoint: None,
+            s3_region: None,
+        });
+        if let Some(loc) = &args.repo {
+            if *loc != rc.location {
+                rc = RepositoryConfig { location: loc.clone(), key_file: None, passphrase_env: None, ..rc };
+            }
+        }
+        if args.key_file.is_some() {
+            rc.key_file = args.key_file.clone();
+        }
+        if args.passphrase_env.is_some() {
+            rc.passphrase_env = args.passphrase_env.clone();
+        }
+        rc
+    }
+
+    pub fn location(&self, location: &str, rc: Option<&RepositoryConfig>) -> anyhow::Result<Location> {
+        let loc = Location::parse(location).map_err(EngineError::from)?;
+        Ok(match loc {
+            Location::S3 { .. } => {
+                let endpoint = rc.and_then(|r| r.s3_endpoint.clone()).or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+                let opts = S3Options {
+                    allow_http: endpoint.as_deref().is_some_and(|e| e.starts_with("http://")),
+                    endpoint,
+                    region: rc.and_then(|r| r.s3_region.clone()),
+                    access_key: None,
+                    secret_key: None,
+                };
+                loc.with_s3_options(opts)
+            }
+            other => other,
+        })
+    }
+
+    pub fn key_source(key_file: Option<&Path>, passphrase_env: Option<&str>) -> anyhow::Result<Option<KeySource>> {
+        if let Some(f) = key_file {
+            return Ok(Some(KeySource::KeyFile(f.to_path_buf())));
+        }
+        if let Some(var) = passphrase_env {
+            let p = std::env::var(var).map_err(|_| {
+                EngineError::config(format!("the passphrase variable {var} is not set"))
+                    .hint(format!("export {var}=… before running virtkeep"))
+            })?;
+            return Ok(Some(KeySource::Passphrase(p)));
+        }
+        Ok(None)
+    }
+
+    pub async fn open_repo(&self, args: &RepoArgs) -> anyhow::Result<Repository> {
+        let rc = self.repo_config(args);
+        let location = self.location(&rc.location, Some(&rc))?;
+        let key = Self::key_source(rc.key_file.as_deref(), rc.passphrase_env.as_deref())?;
+        Repository::open(location, key).await.map_err(|e| {
+            let hint = format!(
+                "create it with `virtkeep repo init {}`, or name another with --repo",
+                rc.location
+            );
+            let err = EngineError::from(e);
+            let err = if err.hint.is_none() { err.hint(hint) } else { err };
+            anyhow::Error::from(err.context(format!("repository {}", rc.location)))
+        })
+    }
+}

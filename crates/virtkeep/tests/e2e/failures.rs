@@ -1,0 +1,181 @@
+//! Failures must lose nothing and leave nothing: failing hooks, a node killed with
+//! SIGKILL at each phase, hostile names, XML the code does not know.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use virtkeep_lab::{TestVm, unique_name};
+
+use crate::harness::{HOST, Node, restored_checksum};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn failing_pre_snapshot_command_aborts_cleanly() {
+    let node = Node::new();
+    let vm = TestVm::builder("prefail").qcow2_disk(16 * MIB).running(true).build();
+    let before = vm.current_sources();
+    let spec = format!("{HOST}/{}", vm.name);
+    let out = node.run(&["backup", &spec, "--pre-snapshot", "echo app not ready >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pre-snapshot") && stderr.contains("app not ready"), "stderr: {stderr}");
+    assert!(vm.leftovers().is_empty());
+    assert_eq!(vm.current_sources(), before);
+    assert_eq!(node.json(&["snapshots"]).as_array().map(Vec::len), Some(0));
+}
+
+/// Starts a backup and SIGKILLs the node as soon as `trigger` shows in its log.
+fn kill_backup_when(node: &Node, vm: &str, extra: &[&str], trigger: &str) {
+    let bin = assert_cmd::cargo::cargo_bin("virtkeep");
+    let spec = format!("{HOST}/{vm}");
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .env("VIRTKEEP_LOG", "info")
+        .arg("backup")
+        .arg(&spec)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn virtkeep");
+    let stderr = child.stderr.take().expect("stderr");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap_or_default();
+        seen.push(line.clone());
+        if line.contains(trigger) {
+            // SIGKILL: the node gets no chance to clean up.
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {trigger:?} in time: {seen:?}");
+    }
+    let _ = child.wait();
+    panic!("backup ended before {trigger:?}: {seen:?}");
+}
+
+fn assert_healed_and_backup_works(node: &Node, vm: &TestVm, sources: &[(String, String)], sum: &str) {
+    let cleanup = node.json(&["cleanup", HOST]);
+    let acted = cleanup["vms"].as_array().expect("vms");
+    assert!(!acted.is_empty(), "cleanup found nothing to heal");
+    assert!(vm.is_running());
+    assert_eq!(vm.current_sources(), sources);
+    assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
+    // The next backup succeeds and is right.
+    let r = node.backup(&vm.name, &[]);
+    let new_name = unique_name("killed-restored");
+    let restored = TestVm::adopt(&new_name);
+    let out = node.json(&["restore", r["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
+    let d = &out["disks"][0];
+    assert_eq!(restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f")), sum);
+    drop(restored);
+}
+
+#[test]
+fn sigkill_after_snapshot_then_cleanup_heals() {
+    let node = Node::new();
+    let vm = TestVm::builder("kill-snap").qcow2_disk(32 * MIB).running(true).build();
+    vm.write_pattern("vda", 0x42, 0, 2 * MIB);
+    let sum = vm.disk_checksum("vda");
+    let sources = vm.current_sources();
+    // The post-snapshot hook holds the job right after the snapshot: kill it there.
+    kill_backup_when(&node, &vm.name, &["--post-snapshot", "sleep 60"], "phase=\"post-snapshot\"");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_healed_and_backup_works(&node, &vm, &sources, &sum);
+}
+
+#[test]
+fn sigkill_mid_export_then_next_backup_heals() {
+    let node = Node::new();
+    let vm = TestVm::builder("kill-exp").qcow2_disk(64 * MIB).running(true).build();
+    vm.write_pattern("vda", 0x43, 0, 32 * MIB);
+    let sum = vm.disk_checksum("vda");
+    let sources = vm.current_sources();
+    kill_backup_when(&node, &vm.name, &["--parallel", "1"], "disk transfer starts");
+    // Without `cleanup`: the next backup of the VM heals first, then succeeds.
+    let r = node.backup(&vm.name, &[]);
+    assert!(r["warnings"].as_array().expect("warnings").iter().any(|w| w.as_str().is_some_and(|w| w.contains("healed"))));
+    assert!(vm.is_running());
+    assert_eq!(vm.current_sources(), sources);
+    assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
+    let new_name = unique_name("kill-exp-restored");
+    let restored = TestVm::adopt(&new_name);
+    let out = node.json(&["restore", r["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
+    let d = &out["disks"][0];
+    assert_eq!(restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f")), sum);
+    drop(restored);
+}
+
+#[test]
+fn sigkill_before_blockcommit_then_cleanup_heals() {
+    let node = Node::new();
+    let vm = TestVm::builder("kill-commit").qcow2_disk(16 * MIB).running(true).build();
+    vm.write_pattern("vda", 0x44, 0, MIB);
+    let sum = vm.disk_checksum("vda");
+    let sources = vm.current_sources();
+    kill_backup_when(&node, &vm.name, &[], "phase=\"commit\"");
+    std::thread::sleep(Duration::from_secs(1));
+    let dry = node.json(&["cleanup", HOST, "--dry-run"]);
+    assert!(dry["dry_run"].as_bool().unwrap_or(false));
+    assert_healed_and_backup_works_or_already_clean(&node, &vm, &sources, &sum);
+}
+
+/// The kill may land after the commit finished: then cleanup has nothing to do, which
+/// is right too; the state must be clean either way.
+fn assert_healed_and_backup_works_or_already_clean(node: &Node, vm: &TestVm, sources: &[(String, String)], sum: &str) {
+    node.json(&["cleanup", HOST]);
+    assert!(vm.is_running());
+    assert_eq!(vm.current_sources(), sources);
+    assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
+    let r = node.backup(&vm.name, &[]);
+    let new_name = unique_name("kill-commit-restored");
+    let restored = TestVm::adopt(&new_name);
+    let out = node.json(&["restore", r["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
+    let d = &out["disks"][0];
+    assert_eq!(restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f")), sum);
+    drop(restored);
+}
+
+#[test]
+fn hostile_names_and_unknown_xml_survive() {
+    let node = Node::new();
+    let canary = std::path::Path::new("/tmp/vk-pwned");
+    let _ = std::fs::remove_file(canary);
+    let name = format!("it's $(touch /tmp/vk-pwned); \"quoted\" `id` ü {}", unique_name("h"));
+    let vm = TestVm::builder("hostile").name(&name).qcow2_disk(16 * MIB).running(true).build();
+    vm.write_pattern("vda", 0x77, 0, MIB);
+    let sum = vm.disk_checksum("vda");
+    // XML virtkeep does not model must come back unchanged.
+    let xml = node.lab.virsh(&["dumpxml", "--inactive", &name]);
+    let custom = "<vk:custom xmlns:vk=\"http://example.com/vk\">keep &amp; me</vk:custom>";
+    let with_meta = if xml.contains("<metadata>") {
+        xml.replacen("<metadata>", &format!("<metadata>{custom}"), 1)
+    } else {
+        xml.replacen("</name>", &format!("</name>\n  <metadata>{custom}</metadata>"), 1)
+    };
+    let file = node.dir.path().join("dom.xml");
+    std::fs::write(&file, with_meta).expect("write xml");
+    node.lab.virsh(&["define", &file.display().to_string()]);
+
+    let listed = node.json(&["vm", "list", HOST]);
+    assert!(listed.as_array().expect("list").iter().any(|v| v["name"] == name.as_str()));
+    let r = node.backup(&name, &[]);
+    assert_eq!(r["vm"], name.as_str());
+    assert!(vm.leftovers().is_empty());
+
+    let new_name = format!("restored $(touch /tmp/vk-pwned) 'x' {}", unique_name("h"));
+    let restored = TestVm::adopt(&new_name);
+    let out = node.json(&["restore", r["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
+    let d = &out["disks"][0];
+    assert_eq!(restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f")), sum);
+    let back = node.lab.virsh(&["dumpxml", "--inactive", &new_name]);
+    assert!(back.contains("keep &amp; me") && back.contains("http://example.com/vk"), "metadata lost:\n{back}");
+    assert!(!canary.exists(), "a name reached a shell unquoted");
+    drop(restored);
+}

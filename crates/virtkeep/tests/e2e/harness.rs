@@ -1,0 +1,93 @@
+//! A node for one test: its own config file, repository and known_hosts, pointing at
+//! the lab's sshd.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use assert_cmd::Command;
+use serde_json::Value;
+use virtkeep_lab::{Lab, lab};
+
+pub const HOST: &str = "lab";
+
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub lab: &'static Lab,
+}
+
+impl Node {
+    /// A node with the lab host added (key auth, the lab's pinned known_hosts) and an
+    /// initialised local repository.
+    pub fn new() -> Node {
+        let lab = lab();
+        let dir = tempfile::Builder::new().prefix("vk-node-").tempdir().expect("tempdir");
+        let node = Node { dir, lab };
+        let ssh = format!("{}@{}:{}", lab.ssh_user, lab.ssh_host, lab.ssh_port);
+        let known = lab.known_hosts.to_string_lossy().to_string();
+        let key = lab.ssh_key.to_string_lossy().to_string();
+        node.ok(&["host", "add", HOST, "--ssh", &ssh, "--identity", &key, "--known-hosts", &known]);
+        let repo = node.repo().to_string_lossy().to_string();
+        node.ok(&["repo", "init", &repo]);
+        node
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::cargo_bin("virtkeep").expect("virtkeep binary");
+        c.arg("--config").arg(self.config());
+        c.env("HOME", self.dir.path());
+        c.env_remove("XDG_CONFIG_HOME");
+        c.env_remove("XDG_DATA_HOME");
+        c.env("VIRTKEEP_LOG", "info");
+        c.timeout(std::time::Duration::from_secs(600));
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run virtkeep")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "virtkeep {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs with `--json`, asserts success, parses stdout.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{out}"))
+    }
+
+    /// Backs up one VM and returns the backup's JSON result.
+    pub fn backup(&self, vm: &str, extra: &[&str]) -> Value {
+        let spec = format!("{HOST}/{vm}");
+        let mut args = vec!["backup", spec.as_str()];
+        args.extend_from_slice(extra);
+        let v = self.json(&args);
+        let first = v.as_array().and_then(|a| a.first()).cloned().expect("one result");
+        assert!(first.get("error").is_none(), "backup failed: {first}");
+        first
+    }
+}
+
+/// Sha256 of a restored file disk (guest-visible content).
+pub fn restored_checksum(path: &str, format: &str) -> String {
+    virtkeep_lab::file_checksum(Path::new(path), format)
+}

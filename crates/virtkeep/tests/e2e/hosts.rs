@@ -1,0 +1,91 @@
+//! Host settings, trust and inventory through the CLI.
+
+use virtkeep_lab::{TestVm, unique_name};
+
+use crate::harness::{HOST, Node};
+
+fn fingerprint(pub_file: &std::path::Path) -> String {
+    let out = std::process::Command::new("ssh-keygen").arg("-lf").arg(pub_file).output().expect("ssh-keygen");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).expect("fingerprint").to_string()
+}
+
+/// An unknown host key is refused; `host trust` pins only the expected fingerprint.
+#[test]
+fn host_trust_is_explicit() {
+    let node = Node::new();
+    let lab = node.lab;
+    let ssh = format!("{}@{}:{}", lab.ssh_user, lab.ssh_host, lab.ssh_port);
+    let known = node.dir.path().join("fresh_known_hosts");
+    let known_s = known.display().to_string();
+    let key = lab.ssh_key.display().to_string();
+    node.ok(&["host", "add", "fresh", "--ssh", &ssh, "--identity", &key, "--known-hosts", &known_s]);
+
+    let out = node.run(&["vm", "list", "fresh"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("host trust"), "no guidance: {stderr}");
+
+    // No terminal and no --fingerprint: refused, nothing pinned.
+    let out = node.run(&["host", "trust", "fresh"]);
+    assert!(!out.status.success());
+    assert!(!known.exists() || std::fs::read_to_string(&known).unwrap_or_default().trim().is_empty());
+
+    // A wrong fingerprint: refused.
+    let out = node.run(&["host", "trust", "fresh", "--fingerprint", "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was pinned"));
+
+    // The right one (the server's preferred key is ed25519).
+    let fp = fingerprint(&lab.hostkey_ed25519_pub);
+    let v = node.json(&["host", "trust", "fresh", "--fingerprint", &fp]);
+    assert_eq!(v["fingerprint"], fp.as_str());
+    node.ok(&["vm", "list", "fresh"]);
+}
+
+/// Password login through a variable (never stored), and the sudo mode.
+#[test]
+fn password_and_sudo_host() {
+    let node = Node::new();
+    let lab = node.lab;
+    let ssh = format!("{}@{}:{}", lab.password_user, lab.ssh_host, lab.ssh_port);
+    let known = lab.known_hosts.display().to_string();
+    node.ok(&["host", "add", "pw", "--ssh", &ssh, "--password-env", "VK_TEST_PW", "--known-hosts", &known, "--sudo"]);
+    let config = std::fs::read_to_string(node.config()).expect("config");
+    assert!(!config.contains(&lab.password), "password written into the config");
+    let out = node.cmd().args(["--json", "host", "check", "pw"]).env("VK_TEST_PW", &lab.password).output().expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["ok"], true, "{v}");
+    let out = node.cmd().args(["host", "check", "pw"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2), "a missing password variable is a config error");
+}
+
+/// `vm list` shows every domain with its disks and the method that applies.
+#[test]
+fn vm_list_shows_disks_and_methods() {
+    let node = Node::new();
+    let vm = TestVm::builder("list").qcow2_disk(8 << 20).raw_disk(4 << 20).running(false).build();
+    let list = node.json(&["vm", "list", HOST]);
+    let entry = list.as_array().expect("list").iter().find(|v| v["name"] == vm.name.as_str()).expect("listed");
+    assert_eq!(entry["state"], "shut_off");
+    let disks = entry["disks"].as_array().expect("disks");
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[0]["backend"], "qcow2-file");
+    assert_eq!(disks[0]["virtual_size"], 8 << 20);
+    assert_eq!(disks[1]["backend"], "raw-file");
+    assert!(disks[0]["method"].as_str().is_some_and(|m| m.contains("qemu-img overlay")));
+    let _ = unique_name("unused");
+}
+
+/// Bad input: malformed HOST/VM, unknown host, unknown VM → clear errors, right codes.
+#[test]
+fn bad_input_gets_clear_errors() {
+    let node = Node::new();
+    let out = node.run(&["backup", "no-slash"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = node.run(&["backup", "nohost/vm"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("host add"));
+    let out = node.run(&["backup", &format!("{HOST}/{}", unique_name("missing"))]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vm list"));
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests of the virtkeep binary against the real lab: a private sshd standing
+//! for the hypervisor, the machine's libvirtd + QEMU (TCG) and qemu-nbd.
+//! One test binary with a shared harness (ripgrep style).
+
+mod harness;
+
+mod backup_restore;
+mod failures;
+mod hosts;
