@@ -398,6 +398,18 @@ mod tests {
     }
 
     #[test]
+    fn magics_are_frozen() {
+        // docs/format.md lists these; changing one breaks every existing repository.
+        assert_eq!(hex::encode(*MAGIC_CHUNK_PLAIN), "40811b44e6cb947a");
+        assert_eq!(hex::encode(*MAGIC_CHUNK_ZSTD), "d147407066a87582");
+        assert_eq!(hex::encode(*MAGIC_CHUNK_ENC), "318b32f02511d857");
+        assert_eq!(hex::encode(*MAGIC_CHUNK_ENC_ZSTD), "ba258e9ba1fc403b");
+        assert_eq!(hex::encode(*MAGIC_META_PLAIN), "4e95bd086bab0a51");
+        assert_eq!(hex::encode(*MAGIC_META_ENC), "dce7b3de57abde81");
+        assert_eq!(hex::encode(*MAGIC_FIXED_INDEX), "a4a2953b094d5056");
+    }
+
+    #[test]
     fn print_magics() {
         for (n, m) in [
             ("chunk plain", *MAGIC_CHUNK_PLAIN),

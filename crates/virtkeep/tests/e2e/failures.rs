@@ -145,9 +145,13 @@ fn assert_healed_and_backup_works_or_already_clean(node: &Node, vm: &TestVm, sou
 #[test]
 fn hostile_names_and_unknown_xml_survive() {
     let node = Node::new();
-    let canary = std::path::Path::new("/tmp/vk-pwned");
-    let _ = std::fs::remove_file(canary);
-    let name = format!("it's $(touch /tmp/vk-pwned); \"quoted\" `id` ü {}", unique_name("h"));
+    // Names cannot hold '/', so an injection would touch a file in the remote shell's
+    // working directory (root's home) or the node's.
+    let canaries = [std::path::PathBuf::from("/root/vkpwned"), std::env::current_dir().expect("cwd").join("vkpwned")];
+    for c in &canaries {
+        let _ = std::fs::remove_file(c);
+    }
+    let name = format!("it's $(touch vkpwned); \"quoted\" `touch vkpwned` ü {}", unique_name("h"));
     let vm = TestVm::builder("hostile").name(&name).qcow2_disk(16 * MIB).running(true).build();
     vm.write_pattern("vda", 0x77, 0, MIB);
     let sum = vm.disk_checksum("vda");
@@ -169,13 +173,15 @@ fn hostile_names_and_unknown_xml_survive() {
     assert_eq!(r["vm"], name.as_str());
     assert!(vm.leftovers().is_empty());
 
-    let new_name = format!("restored $(touch /tmp/vk-pwned) 'x' {}", unique_name("h"));
+    let new_name = format!("restored $(touch vkpwned) 'x' {}", unique_name("h"));
     let restored = TestVm::adopt(&new_name);
     let out = node.json(&["restore", r["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
     let d = &out["disks"][0];
     assert_eq!(restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f")), sum);
     let back = node.lab.virsh(&["dumpxml", "--inactive", &new_name]);
     assert!(back.contains("keep &amp; me") && back.contains("http://example.com/vk"), "metadata lost:\n{back}");
-    assert!(!canary.exists(), "a name reached a shell unquoted");
+    for c in &canaries {
+        assert!(!c.exists(), "a name reached a shell unquoted: {} exists", c.display());
+    }
     drop(restored);
 }
