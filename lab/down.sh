@@ -18,7 +18,7 @@ if command -v virsh >/dev/null && ! libvirt_up; then
   if grep -qls -e "$POOL_NAME" -e "$SECRET_USAGE" -e '<name>vkt-' -e "$IMAGES_DIR" \
     /etc/libvirt/qemu/*.xml /etc/libvirt/storage/*.xml /etc/libvirt/secrets/*.xml 2>/dev/null; then
     log "libvirtd is not running but holds lab objects: starting it for the sweep"
-    pgrep -x virtlogd >/dev/null || virtlogd -d </dev/null >/dev/null 2>&1 9>&-
+    proc_running virtlogd || virtlogd -d </dev/null >/dev/null 2>&1 9>&-
     libvirtd -d </dev/null >/dev/null 2>&1 9>&-
     for ((i = 0; i < 150; i++)); do libvirt_up && break; sleep 0.2; done
     started_for_sweep=1

@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
-  qemu-system-x86 qemu-utils qemu-block-extra
+  qemu-system-x86 qemu-system-common qemu-utils qemu-block-extra
   openssh-server openssh-client sshpass
   ceph-mon ceph-osd ceph-common radosgw
   netcat-openbsd python3-boto3 sudo procps util-linux passwd coreutils
@@ -49,19 +49,14 @@ if ((${#missing[@]} > 0)) || ! qemu_consistent; then
   install=()
   for p in "${PKGS[@]}"; do
     case $p in
-      qemu-utils | qemu-block-extra | qemu-system-x86) install+=("$p=$qemu_ver") ;;
+      qemu-utils | qemu-block-extra | qemu-system-x86 | qemu-system-common) install+=("$p=$qemu_ver") ;;
       *) install+=("$p") ;;
     esac
   done
   apt-get install "${apt_opts[@]}" --allow-downgrades "${install[@]}"
-  # Keep apt from "upgrading" qemu-utils back to a mismatching backport later.
-  apt-mark hold qemu-utils qemu-block-extra >/dev/null 2>&1 || true
 else
   log "all Debian packages present"
 fi
-
-# Daemons must not be auto-started by package scripts in the future either; the lab
-# starts them by hand. (Harmless when there is no init system.)
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"

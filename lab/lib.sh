@@ -70,6 +70,16 @@ stop_pid() {
   done
 }
 
+# proc_running NAME: a live (non-zombie) process with that exact name exists. pgrep also
+# lists zombies, which PID 1 here reaps lazily.
+proc_running() {
+  local pid
+  for pid in $(pgrep -x "$1" || true); do
+    pid_cmdline_has "$pid" "$1" && return 0
+  done
+  return 1
+}
+
 virsh_q() { timeout 60 virsh -q -c "$URI" "$@"; }
 
 # `virsh version` takes seconds (it asks QEMU for its version); a list is instant.

@@ -42,14 +42,16 @@ ensure_libvirt() {
   fix_kvm_access
   if ! libvirt_up; then
     mkdir -p "$STATE_DIR"
-    if ! pgrep -x virtlogd >/dev/null; then
+    if ! proc_running virtlogd; then
+      rm -f /run/virtlogd.pid
       virtlogd -d </dev/null >/dev/null 2>&1 9>&- || die "virtlogd -d failed"
       local i
       for ((i = 0; i < 50; i++)); do [[ -s /run/virtlogd.pid ]] && break; sleep 0.1; done
       echo "virtlogd $(cat /run/virtlogd.pid 2>/dev/null)" >>"$STARTED_FILE"
       log "virtlogd started"
     fi
-    if ! pgrep -x libvirtd >/dev/null; then
+    if ! proc_running libvirtd; then
+      rm -f /run/libvirtd.pid
       libvirtd -d </dev/null >/dev/null 2>&1 9>&- || die "libvirtd -d failed"
       local i
       for ((i = 0; i < 50; i++)); do [[ -s /run/libvirtd.pid ]] && break; sleep 0.1; done

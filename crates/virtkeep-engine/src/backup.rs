@@ -17,7 +17,7 @@ use virtkeep_libvirt::{Backend, Disk, DiskSource, Domain, NewSource, Rewrite, cm
 use virtkeep_ssh::RemoteCommand;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::export::{ExportStats, NbdExport, export_disk};
+use crate::export::{ExportStats, NbdExport, export_disk, export_stream};
 use crate::heal::{define, heal_vm};
 use crate::host::{Host, OVERLAY_MARKER};
 use crate::progress::{Event, Progress};
@@ -41,6 +41,11 @@ pub enum Transport {
     /// qemu-nbd on a private unix socket, reached through the SSH connection.
     #[default]
     Ssh,
+    /// qemu-nbd on plain TCP from host to node: unencrypted, for trusted networks.
+    Netcat,
+    /// `dd` of raw images through the SSH session, for hosts without qemu-nbd
+    /// (chosen automatically when qemu-nbd is missing).
+    Stream,
 }
 
 /// Options of one backup run (`virtkeep backup`).
@@ -331,22 +336,60 @@ async fn export_all(
     opts: &BackupOptions,
     progress: &Arc<dyn Progress>,
 ) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>)> {
+    let mut transport = opts.transport;
+    if transport != Transport::Stream {
+        let probe = RemoteCommand::new("sh").arg("-c").arg("command -v qemu-nbd");
+        if host.exec(&probe).await?.status != 0 {
+            progress.event(Event::Notice {
+                vm: vm.name.clone(),
+                message: "qemu-nbd is not installed on the host: falling back to a dd stream (every byte is read)".into(),
+            });
+            transport = Transport::Stream;
+        }
+    }
+    if transport == Transport::Stream {
+        if let Some(d) = plan.disks.iter().find(|d| d.format != "raw") {
+            return Err(Error::unsupported(format!(
+                "disk {} is {}: without qemu-nbd only raw images can be streamed",
+                d.target, d.format
+            ))
+            .hint("install qemu-nbd on the host (Debian: qemu-utils, RHEL: qemu-img)"));
+        }
+    }
     let writer = repo.begin_backup(meta).await?;
     let mut stats = Vec::new();
     for (i, disk) in plan.disks.iter().enumerate() {
-        let export = NbdExport::start_readonly(host, job_dir, i, &disk.path, &disk.format).await?;
+        let spec = |size| virtkeep_repo::DiskSpec {
+            name: disk.target.clone(),
+            size,
+            backend: "file".into(),
+            format: disk.format.clone(),
+            target: disk.target.clone(),
+            source: disk.path.clone(),
+        };
+        if transport == Transport::Stream {
+            let size: u64 = host
+                .run_string(&RemoteCommand::new("stat").arg("-L").arg("-c").arg("%s").arg("--").arg(&disk.path))
+                .await?
+                .trim()
+                .parse()
+                .map_err(|_| Error::new(ErrorKind::Remote, format!("cannot read the size of {}", disk.path)))?;
+            let sink = Arc::new(RepoSink::new(writer.disk(spec(size), None).await?));
+            let st = export_stream(host, &disk.path, sink.clone(), &vm.name, &disk.target, progress).await?;
+            sink.finish().await?;
+            stats.push(st);
+            continue;
+        }
+        let export = if transport == Transport::Netcat {
+            NbdExport::start_readonly_tcp(host, job_dir, i, &disk.path, &disk.format).await?
+        } else {
+            NbdExport::start_readonly(host, job_dir, i, &disk.path, &disk.format).await?
+        };
         let res = async {
-            let size = export.connect(host.session(), &[]).await?;
-            let size = { let s = size.size(); let _ = size.disconnect().await; s };
-            let spec = virtkeep_repo::DiskSpec {
-                name: disk.target.clone(),
-                size,
-                backend: "file".into(),
-                format: disk.format.clone(),
-                target: disk.target.clone(),
-                source: disk.path.clone(),
-            };
-            let sink = Arc::new(RepoSink::new(writer.disk(spec, None).await?));
+            let probe = export.connect(host.session(), &[]).await?;
+            let size = probe.size();
+            let _ = probe.disconnect().await;
+            let sink = Arc::new(RepoSink::new(writer.disk(spec(size), None).await?));
             let st = export_disk(host, &export, sink.clone(), opts.parallel.max(1), &vm.name, &disk.target, progress).await?;
             sink.finish().await?;
             Ok::<_, Error>(st)
@@ -357,7 +400,7 @@ async fn export_all(
         stopped?;
         stats.push(st);
     }
-    let manifest = writer.finish(serde_json::json!({ "method": plan.method })).await?;
+    let manifest = writer.finish(serde_json::json!({ "method": plan.method, "transport": transport })).await?;
     Ok((manifest, stats))
 }
 
@@ -451,5 +494,65 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Domain {
+        let path = format!("{}/../virtkeep-libvirt/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let xml = std::fs::read_to_string(&path).expect("fixture");
+        virtkeep_libvirt::parse_domain(&xml).expect("parses")
+    }
+
+    fn opts(exclude: &[&str]) -> BackupOptions {
+        BackupOptions { exclude_disks: exclude.iter().map(|s| s.to_string()).collect(), ..BackupOptions::default() }
+    }
+
+    #[test]
+    fn kvm_running_uses_live_snapshot_and_skips_media_and_shared_disks() {
+        let plan = plan_backup(&fixture("kvm-multi-disk.xml"), DomainState::Running, &opts(&[])).expect("plan");
+        assert_eq!(plan.method, FreezeMethod::LiveSnapshot);
+        let disks: Vec<_> = plan.disks.iter().map(|d| d.target.as_str()).collect();
+        assert_eq!(disks, ["vda", "vdb"]);
+        assert_eq!(plan.disks[1].path, "/srv/vm disks/web01, data.img");
+        let skipped: Vec<_> = plan.skipped.iter().map(|s| s.target.as_str()).collect();
+        assert_eq!(skipped, ["vdc", "sda", "sdb"]);
+    }
+
+    #[test]
+    fn stopped_vm_uses_overlays_and_excludes() {
+        let plan = plan_backup(&fixture("kvm-multi-disk.xml"), DomainState::ShutOff, &opts(&["vdb"])).expect("plan");
+        assert_eq!(plan.method, FreezeMethod::OfflineOverlay);
+        assert_eq!(plan.disks.len(), 1);
+        assert!(plan.skipped.iter().any(|s| s.target == "vdb" && s.reason.contains("exclude")));
+        let err = plan_backup(&fixture("kvm-multi-disk.xml"), DomainState::ShutOff, &opts(&["vdz"])).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Config);
+    }
+
+    /// Xen: libvirt's Xen driver has no external disk snapshots, so a running Xen domain
+    /// is refused with what to do; a stopped one uses the overlay method for qdisk file
+    /// disks, and other Xen disk drivers are refused unless excluded.
+    #[test]
+    fn xen_choices() {
+        let hvm = fixture("xen-hvm.xml");
+        let err = plan_backup(&hvm, DomainState::Running, &opts(&[])).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unsupported);
+        assert!(err.hint.as_deref().is_some_and(|h| h.contains("shut the domain down")));
+
+        let err = plan_backup(&hvm, DomainState::ShutOff, &opts(&["hdb"])).unwrap_err();
+        assert!(err.message.contains("xvdc"), "{}", err.message);
+
+        let plan = plan_backup(&hvm, DomainState::ShutOff, &opts(&["hdb", "xvdc"])).expect("plan");
+        assert_eq!(plan.method, FreezeMethod::OfflineOverlay);
+        assert_eq!(plan.disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>(), ["hda"]);
+        assert!(plan.skipped.iter().any(|s| s.target == "hdc"));
+        assert!(plan.skipped.iter().any(|s| s.target == "fda"));
+
+        let pv = fixture("xen-pv.xml");
+        let err = plan_backup(&pv, DomainState::ShutOff, &opts(&[])).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unsupported);
     }
 }

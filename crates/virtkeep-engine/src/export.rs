@@ -28,9 +28,19 @@ pub trait ChunkSink: Send + Sync {
     async fn zero_chunk(&self, index: u64) -> Result<()>;
 }
 
+/// Where a qemu-nbd export listens.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    /// A private unix socket on the host, reached through SSH (the default).
+    Unix(String),
+    /// Plain TCP on the host's address (`--transport netcat`): unencrypted, for
+    /// trusted networks only.
+    Tcp(String, u16),
+}
+
 /// A running qemu-nbd export on the host; `stop` kills it (and `heal` does, after a crash).
 pub struct NbdExport {
-    pub socket: String,
+    endpoint: Endpoint,
     pid_file: String,
 }
 
@@ -42,7 +52,30 @@ impl NbdExport {
         host.run(&cmd::qemu_nbd_export_readonly(&cmd::image_opts(format, path, false, true), &socket, &pid_file))
             .await
             .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
-        Ok(NbdExport { socket, pid_file })
+        Ok(NbdExport { endpoint: Endpoint::Unix(socket), pid_file })
+    }
+
+    /// Exports `path` read-only on plain TCP at the host's address, on the first free
+    /// port of a small range. Unencrypted and unauthenticated: `--transport netcat`.
+    pub async fn start_readonly_tcp(host: &Host, job_dir: &str, index: usize, path: &str, format: &str) -> Result<NbdExport> {
+        let pid_file = format!("{job_dir}/{index}.pid");
+        let bind = host.config.address.clone();
+        let mut last = None;
+        for attempt in 0..20u16 {
+            let port = 10809 + (std::process::id() as u16 % 500) + attempt * 7 + index as u16;
+            let cmd = RemoteCommand::new("qemu-nbd")
+                .args(["-r", "--fork", "--persistent", "--shared=8"])
+                .arg(format!("--bind={bind}"))
+                .arg(format!("--port={port}"))
+                .arg(format!("--pid-file={pid_file}"))
+                .arg("--image-opts")
+                .arg(cmd::image_opts(format, path, false, true));
+            match host.run(&cmd).await {
+                Ok(_) => return Ok(NbdExport { endpoint: Endpoint::Tcp(bind, port), pid_file }),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::new(ErrorKind::DataPath, "no free port")).context(format!("exporting {path} over TCP")))
     }
 
     /// Exports `path` writable, for restore.
@@ -52,12 +85,24 @@ impl NbdExport {
         host.run(&cmd::qemu_nbd_export_writable(path, format, false, &socket, &pid_file))
             .await
             .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
-        Ok(NbdExport { socket, pid_file })
+        Ok(NbdExport { endpoint: Endpoint::Unix(socket), pid_file })
     }
 
     pub async fn connect(&self, session: &virtkeep_ssh::Session, contexts: &[&str]) -> Result<NbdClient> {
-        let stream = session.open_unix_socket(&self.socket).await?;
-        Ok(NbdClient::connect(stream, "", contexts).await?)
+        match &self.endpoint {
+            Endpoint::Unix(socket) => {
+                let stream = session.open_unix_socket(socket).await?;
+                Ok(NbdClient::connect(stream, "", contexts).await?)
+            }
+            Endpoint::Tcp(addr, port) => {
+                let stream = tokio::net::TcpStream::connect((addr.as_str(), *port)).await.map_err(|e| {
+                    Error::new(ErrorKind::DataPath, format!("connecting to the NBD export at {addr}:{port}: {e}"))
+                        .hint("--transport netcat needs the host's qemu-nbd port reachable from the node (no firewall in between)")
+                })?;
+                let _ = stream.set_nodelay(true);
+                Ok(NbdClient::connect(stream, "", contexts).await?)
+            }
+        }
     }
 
     pub async fn stop(self, host: &Host) -> Result<()> {
@@ -70,6 +115,14 @@ impl NbdExport {
         host.run(&RemoteCommand::new("sh").arg("-c").arg(script).arg("sh").arg(pid.to_string())).await?;
         Ok(())
     }
+}
+
+/// How long one batch of NBD requests may take before the export counts as stalled.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+pub fn stalled() -> Error {
+    Error::new(ErrorKind::DataPath, "the NBD export stopped answering")
+        .hint("check the host's load and the network; `virtkeep cleanup HOST` removes what the job left")
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -152,8 +205,11 @@ pub async fn export_disk(
                     }
                 }
                 let (offs, futs): (Vec<u64>, Vec<_>) = reads.into_iter().unzip();
+                let all = tokio::time::timeout(REQUEST_TIMEOUT, futures::future::try_join_all(futs))
+                    .await
+                    .map_err(|_| stalled())??;
                 let mut moved = 0;
-                for (off, data) in offs.into_iter().zip(futures::future::try_join_all(futs).await?) {
+                for (off, data) in offs.into_iter().zip(all) {
                     buf[off as usize..off as usize + data.len()].copy_from_slice(&data);
                     moved += data.len() as u64;
                 }
@@ -197,4 +253,57 @@ mod tests {
         let plan = plan_chunks(&ex, 300, 128);
         assert_eq!(plan, vec![vec![(0, 10), (100, 28)], vec![(0, 122)], vec![]]);
     }
+}
+
+/// The fallback for hosts without qemu-nbd: `dd` of a raw image through the SSH
+/// session. Every byte travels (no block status); all-zero chunks are still not stored.
+pub async fn export_stream(
+    host: &Host,
+    path: &str,
+    sink: Arc<dyn ChunkSink>,
+    vm: &str,
+    disk: &str,
+    progress: &Arc<dyn Progress>,
+) -> Result<ExportStats> {
+    use tokio::io::AsyncReadExt;
+    let size: u64 = host
+        .run_string(&RemoteCommand::new("stat").arg("-L").arg("-c").arg("%s").arg("--").arg(path))
+        .await?
+        .trim()
+        .parse()
+        .map_err(|_| Error::new(ErrorKind::Remote, format!("cannot read the size of {path}")))?;
+    let chunk = sink.chunk_size();
+    progress.event(Event::DiskStart { vm: vm.to_string(), disk: disk.to_string(), bytes: size });
+    let cmd = RemoteCommand::new("dd")
+        .arg(format!("if={path}"))
+        .arg(format!("bs={}", chunk.min(16 << 20)))
+        .arg("iflag=fullblock")
+        .arg("status=none");
+    let mut proc = host.session().spawn(&cmd).await?;
+    let mut stats = ExportStats { size, ..ExportStats::default() };
+    let mut index = 0u64;
+    while index * chunk < size {
+        let len = chunk.min(size - index * chunk) as usize;
+        let mut buf = BytesMut::zeroed(len);
+        tokio::time::timeout(REQUEST_TIMEOUT, proc.stdout.read_exact(&mut buf))
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|e| Error::new(ErrorKind::DataPath, format!("reading {path} through dd: {e}")))?;
+        if buf.iter().all(|b| *b == 0) {
+            sink.zero_chunk(index).await?;
+            stats.zero_chunks += 1;
+        } else {
+            sink.data_chunk(index, buf.freeze()).await?;
+            stats.data_chunks += 1;
+        }
+        stats.bytes_read += len as u64;
+        progress.event(Event::DiskBytes { disk: disk.to_string(), bytes: len as u64 });
+        index += 1;
+    }
+    let (status, stderr) = proc.wait().await?;
+    if status != 0 {
+        return Err(Error::new(ErrorKind::Remote, format!("dd of {path} failed: {}", String::from_utf8_lossy(&stderr).trim())));
+    }
+    progress.event(Event::DiskDone { disk: disk.to_string() });
+    Ok(stats)
 }

@@ -159,7 +159,12 @@ pub enum Mode {
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportArg {
+    /// qemu-nbd on a private unix socket through the SSH connection (encrypted)
     Ssh,
+    /// qemu-nbd on plain TCP from the host: UNENCRYPTED, for trusted networks only
+    Netcat,
+    /// dd of raw images through SSH, for hosts without qemu-nbd (reads every byte)
+    Stream,
 }
 
 #[derive(Args, Debug)]

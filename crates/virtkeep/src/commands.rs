@@ -300,6 +300,8 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
         post_snapshot: args.post_snapshot.clone(),
         transport: match args.transport {
             TransportArg::Ssh => Transport::Ssh,
+            TransportArg::Netcat => Transport::Netcat,
+            TransportArg::Stream => Transport::Stream,
         },
         parallel: args.parallel,
     };

@@ -150,3 +150,40 @@ fn excluded_disk_and_hooks() {
     assert!(!xml.contains("dev='vdb'"), "excluded disk still defined");
     drop(restored);
 }
+
+/// `--transport netcat` (NBD on plain TCP) and `--transport stream` (dd through SSH)
+/// give the same bytes; the stream refuses qcow2 with what to do.
+#[test]
+fn netcat_and_stream_transports() {
+    let node = Node::new();
+    let vm = TestVm::builder("transport").qcow2_disk(16 * MIB).raw_disk(16 * MIB).running(true).build();
+    vm.write_pattern("vda", 0x61, 2 * MIB, MIB);
+    vm.write_pattern("vdb", 0x62, 5 * MIB, 2 * MIB);
+    let sums = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
+
+    let r = node.backup(&vm.name, &["--transport", "netcat"]);
+    let id = r["id"].as_str().expect("id").to_string();
+    assert!(vm.leftovers().is_empty());
+
+    let spec = format!("{HOST}/{}", vm.name);
+    let out = node.run(&["backup", &spec, "--transport", "stream"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-nbd"));
+    assert!(vm.leftovers().is_empty());
+
+    let s = node.backup(&vm.name, &["--transport", "stream", "--exclude-disk", "vda"]);
+    assert_eq!(s["disks"][0]["bytes_read"], 16 * MIB, "the stream reads every byte");
+    assert!(vm.leftovers().is_empty());
+
+    for (backup, targets) in [(id.as_str(), vec!["vda", "vdb"]), (s["id"].as_str().expect("id"), vec!["vdb"])] {
+        let new_name = unique_name("transport-restored");
+        let restored = TestVm::adopt(&new_name);
+        let out = node.json(&["restore", backup, "--to", HOST, "--name", &new_name, "--define"]);
+        for t in targets {
+            let (path, format) = restored_disk(&out, t);
+            let i = if t == "vda" { 0 } else { 1 };
+            assert_eq!(restored_checksum(path, format), sums[i], "{backup} {t}");
+        }
+        drop(restored);
+    }
+}
