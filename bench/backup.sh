@@ -107,6 +107,11 @@ blog "lab/up.sh"
 bash "$ROOT/lab/up.sh"
 load_lab_env /tmp/virtkeep-lab/env
 mkdir -p "$WORK/data" "$RUN_DIR" "$NODE"
+# a private copy: others' builds may replace target/release/virtkeep during the run
+BIN_SRC=$BIN
+BIN_INFO="$(stat -c '%y' "$BIN" | cut -d. -f1), sha256 $(sha256sum "$BIN" | cut -c1-12)"
+cp "$BIN" "$WORK/virtkeep"
+BIN=$WORK/virtkeep
 IMG=$VK_POOL_DIR/$DOM-vda.qcow2
 
 # ------------------------------------------------------------------ workload
@@ -403,7 +408,7 @@ CPU_MODEL=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 FACTS="- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), SIZE=$SIZE, REPS=$REPS, run took $((END_EPOCH - START_EPOCH)) s
 - machine: nproc=$(nproc), CPU \"$CPU_MODEL\", $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r)
 - **shared machine**: the cores are shared with other people's cargo builds/tests running at the same time; \"other\" CPU and busy cores in the table show how much. Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)
-- virtkeep $("$BIN" --version 2>/dev/null | head -1) ($(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')), $(rustc --version 2>/dev/null)
+- $("$BIN" --version 2>/dev/null | head -1): $BIN_SRC built $BIN_INFO (tree at $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?') + uncommitted edits of others), $(rustc --version 2>/dev/null)
 - $(qemu-img --version | head -1); $(virsh --version 2>/dev/null | sed 's/^/libvirt /'); $(ssh -V 2>&1); sshd on 127.0.0.1 (lab), repository on local disk ($(df -T "$WORK" | awk 'NR==2 {print $2}'), fsync on: default)
 - workload: qcow2 v3 $((DISK / MIB)) MiB virtual, allocated data $ALLOC B ($ALLOC_MIB MiB) + $((U / MIB)) MiB \`write -z\` zero clusters; running TCG domain $DOM (64 MiB, no OS)
 - throughput = allocated bytes / wall time of the whole command (backup includes SSH connect, snapshot, blockcommit; restore includes qemu-img create, define); \"data s\" = first \"disk transfer starts\" to last \"disk done\" in virtkeep's log (the data path alone)

@@ -201,8 +201,7 @@ done
 log "sshd listening on 127.0.0.1:$SSH_PORT"
 
 # ---------------------------------------------------------------- ceph
-# Start the cluster in the background while nothing else needs it... (kept simple:
-# sequential; the whole cluster takes ~3 s)
+# 1 mon + 1 memstore OSD + radosgw, everything under $CEPH_DIR (about 5 s).
 c() { timeout 30 ceph -c "$CEPH_CONF" --connect-timeout 10 "$@"; }
 for port in 3300 6789 7480; do
   port_busy "$port" && die "127.0.0.1:$port is in use by something else; the lab's Ceph needs it (ss -ltnp)"

@@ -74,6 +74,10 @@ pub enum FreezeMethod {
     /// Stopped VM: `qemu-img create` overlays, and the domain redefined on them so a
     /// start during the backup writes into the overlays, never into the frozen bases.
     OfflineOverlay,
+    /// qcow2 disks on a host with libvirt's backup API: `virsh backup-begin` in pull
+    /// mode with a checkpoint (dirty bitmaps), no overlay and no blockcommit. A stopped
+    /// VM is started paused for the job and destroyed again afterwards.
+    BackupApi,
 }
 
 /// Which disks a backup takes and how.
@@ -237,16 +241,15 @@ async fn backup_locked(
     for s in &plan.skipped {
         progress.event(Event::Notice { vm: vm.name.clone(), message: format!("skipping disk {}: {}", s.target, s.reason) });
     }
+    if let Some(cbt) = cbt_choice(host, &vm, &plan, opts).await? {
+        return crate::cbt_backup::run(host, repo, &vm, &plan, opts, progress, cbt, warnings, started).await;
+    }
     let (mode, reason) = match opts.mode {
         ModeRequest::Full => (virtkeep_repo::BackupMode::Full, "full backup requested".to_string()),
-        ModeRequest::Auto => (
+        ModeRequest::Auto | ModeRequest::Incremental => (
             virtkeep_repo::BackupMode::Full,
-            "full: incremental backups of file disks are not available in this version".to_string(),
+            incremental_unavailable(&plan),
         ),
-        ModeRequest::Incremental => {
-            return Err(Error::unsupported("incremental backups of file disks are not available in this version")
-                .hint("use --mode full or --mode auto"));
-        }
     };
 
     let job_id = crate::job_id();
@@ -325,6 +328,32 @@ async fn backup_locked(
     })
 }
 
+/// Why this backup cannot be incremental, for the manifest and the output.
+fn incremental_unavailable(plan: &Plan) -> String {
+    if plan.disks.iter().any(|d| d.format != "qcow2") {
+        "full: raw disks carry no dirty bitmap (only qcow2 disks can be backed up incrementally)".into()
+    } else {
+        "full: the host's libvirt has no backup API (checkpoints), so no dirty bitmap".into()
+    }
+}
+
+/// Decides whether the backup goes through libvirt's backup API, and from which base.
+async fn cbt_choice(
+    host: &Host,
+    vm: &Vm,
+    plan: &Plan,
+    opts: &BackupOptions,
+) -> Result<Option<crate::cbt_backup::Choice>> {
+    if vm.domain.kind == "xen"
+        || opts.transport != Transport::Ssh
+        || plan.disks.iter().any(|d| d.format != "qcow2")
+        || !crate::cbt::backup_api_supported(host).await
+    {
+        return Ok(None);
+    }
+    crate::cbt_backup::choose(host, plan, opts).await.map(Some)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn export_all(
     host: &Host,
@@ -390,7 +419,8 @@ async fn export_all(
             let size = probe.size();
             let _ = probe.disconnect().await;
             let sink = Arc::new(RepoSink::new(writer.disk(spec(size), None).await?));
-            let st = export_disk(host, &export, sink.clone(), opts.parallel.max(1), &vm.name, &disk.target, progress).await?;
+            let scope = crate::export::ReadScope::default();
+            let st = export_disk(host, &export, sink.clone(), &scope, opts.parallel.max(1), &vm.name, &disk.target, progress).await?;
             sink.finish().await?;
             Ok::<_, Error>(st)
         }
@@ -405,7 +435,7 @@ async fn export_all(
 }
 
 /// Runs a user hook on the host with `sh -c`; its output goes to the log.
-async fn run_hook(host: &Host, vm: &Vm, phase: &str, command: &str) -> Result<()> {
+pub(crate) async fn run_hook(host: &Host, vm: &Vm, phase: &str, command: &str) -> Result<()> {
     let cmd = RemoteCommand::new("sh")
         .arg("-c")
         .arg(command)
@@ -432,6 +462,7 @@ fn overlay_path(base: &str, job_id: &str) -> String {
 
 async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) -> Result<()> {
     match plan.method {
+        FreezeMethod::BackupApi => Err(Error::new(ErrorKind::Domain, "internal: the backup-API path takes no overlay")),
         FreezeMethod::LiveSnapshot => {
             if quiesce {
                 let ping = host.exec(&host.virsh().qemu_agent_ping(&vm.uuid, 5)).await?;

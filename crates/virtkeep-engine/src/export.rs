@@ -41,7 +41,10 @@ enum Endpoint {
 /// A running qemu-nbd export on the host; `stop` kills it (and `heal` does, after a crash).
 pub struct NbdExport {
     endpoint: Endpoint,
-    pid_file: String,
+    export_name: String,
+    /// qemu-nbd's pid file; `None` for libvirt's own NBD server (pull-mode backup),
+    /// which ends with the backup job.
+    pid_file: Option<String>,
 }
 
 impl NbdExport {
@@ -52,7 +55,7 @@ impl NbdExport {
         host.run(&cmd::qemu_nbd_export_readonly(&cmd::image_opts(format, path, false, true), &socket, &pid_file))
             .await
             .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
-        Ok(NbdExport { endpoint: Endpoint::Unix(socket), pid_file })
+        Ok(NbdExport { endpoint: Endpoint::Unix(socket), export_name: String::new(), pid_file: Some(pid_file) })
     }
 
     /// Exports `path` read-only on plain TCP at the host's address, on the first free
@@ -71,7 +74,9 @@ impl NbdExport {
                 .arg("--image-opts")
                 .arg(cmd::image_opts(format, path, false, true));
             match host.run(&cmd).await {
-                Ok(_) => return Ok(NbdExport { endpoint: Endpoint::Tcp(bind, port), pid_file }),
+                Ok(_) => {
+                    return Ok(NbdExport { endpoint: Endpoint::Tcp(bind, port), export_name: String::new(), pid_file: Some(pid_file) });
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -85,14 +90,19 @@ impl NbdExport {
         host.run(&cmd::qemu_nbd_export_writable(path, format, false, &socket, &pid_file))
             .await
             .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
-        Ok(NbdExport { endpoint: Endpoint::Unix(socket), pid_file })
+        Ok(NbdExport { endpoint: Endpoint::Unix(socket), export_name: String::new(), pid_file: Some(pid_file) })
+    }
+
+    /// The export of one disk of a libvirt pull-mode backup job.
+    pub fn libvirt_pull(socket: &str, target: &str) -> NbdExport {
+        NbdExport { endpoint: Endpoint::Unix(socket.to_string()), export_name: target.to_string(), pid_file: None }
     }
 
     pub async fn connect(&self, session: &virtkeep_ssh::Session, contexts: &[&str]) -> Result<NbdClient> {
         match &self.endpoint {
             Endpoint::Unix(socket) => {
                 let stream = session.open_unix_socket(socket).await?;
-                Ok(NbdClient::connect(stream, "", contexts).await?)
+                Ok(NbdClient::connect(stream, &self.export_name, contexts).await?)
             }
             Endpoint::Tcp(addr, port) => {
                 let stream = tokio::net::TcpStream::connect((addr.as_str(), *port)).await.map_err(|e| {
@@ -100,15 +110,16 @@ impl NbdExport {
                         .hint("--transport netcat needs the host's qemu-nbd port reachable from the node (no firewall in between)")
                 })?;
                 let _ = stream.set_nodelay(true);
-                Ok(NbdClient::connect(stream, "", contexts).await?)
+                Ok(NbdClient::connect(stream, &self.export_name, contexts).await?)
             }
         }
     }
 
     pub async fn stop(self, host: &Host) -> Result<()> {
-        let pid = host.run_string(&RemoteCommand::new("cat").arg(&self.pid_file)).await?;
+        let Some(pid_file) = self.pid_file else { return Ok(()) };
+        let pid = host.run_string(&RemoteCommand::new("cat").arg(&pid_file)).await?;
         let pid: u32 = pid.trim().parse().map_err(|_| {
-            Error::new(ErrorKind::Remote, format!("qemu-nbd pid file {} holds no pid", self.pid_file))
+            Error::new(ErrorKind::Remote, format!("qemu-nbd pid file {pid_file} holds no pid"))
         })?;
         // Terminate and wait until it is gone, so the image is no longer open.
         let script = r#"kill "$1" 2>/dev/null; i=0; while [ -e /proc/"$1" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done"#;
@@ -151,20 +162,33 @@ fn plan_chunks(extents: &[virtkeep_nbd::Mapped], size: u64, chunk: u64) -> Vec<V
     plan
 }
 
-/// Reads the whole guest-visible content of an export into `sink`.
+/// What to read of an export.
+#[derive(Clone, Default)]
+pub struct ReadScope {
+    /// `None`: a full read of the allocated data (`base:allocation`). `Some`: only the
+    /// ranges this dirty-bitmap context marks, patched onto the parent backup's chunks.
+    pub dirty: Option<(String, Arc<virtkeep_repo::DiskReader>)>,
+}
+
+/// Reads the guest-visible content of an export into `sink`: everything allocated, or
+/// (incremental) only the dirty ranges; unchanged chunks keep the parent's digest.
+#[allow(clippy::too_many_arguments)]
 pub async fn export_disk(
     host: &Host,
     export: &NbdExport,
     sink: Arc<dyn ChunkSink>,
+    scope: &ReadScope,
     parallel: usize,
     vm: &str,
     disk: &str,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
-    let control = export.connect(host.session(), &[BASE_ALLOCATION]).await?;
+    let context = scope.dirty.as_ref().map(|(c, _)| c.as_str()).unwrap_or(BASE_ALLOCATION).to_string();
+    let control = export.connect(host.session(), &[context.as_str()]).await?;
     let size = control.size();
-    let extents = allocated_extents(&control, BASE_ALLOCATION, 0, size).await?;
+    let extents = allocated_extents(&control, &context, 0, size).await?;
     let _ = control.disconnect().await;
+    let parent = scope.dirty.as_ref().map(|(_, r)| r.clone());
     let chunk = sink.chunk_size();
     let plan = Arc::new(plan_chunks(&extents, size, chunk));
     let data_bytes: u64 = plan.iter().flatten().map(|(_, l)| l).sum();
@@ -177,8 +201,8 @@ pub async fn export_disk(
     for w in 0..parallel.max(1) {
         let session = host.data_session(w).await?;
         let client = export.connect(&session, &[]).await?;
-        let (plan, next, read, zero, sink, progress) =
-            (plan.clone(), next.clone(), read.clone(), zero.clone(), sink.clone(), progress.clone());
+        let (plan, next, read, zero, sink, progress, parent) =
+            (plan.clone(), next.clone(), read.clone(), zero.clone(), sink.clone(), progress.clone(), parent.clone());
         let disk = disk.to_string();
         workers.spawn(async move {
             let _session = session;
@@ -188,12 +212,21 @@ pub async fn export_disk(
                 let Some(ranges) = plan.get(i) else { break };
                 let index = i as u64;
                 if ranges.is_empty() {
-                    sink.zero_chunk(index).await?;
-                    zero.fetch_add(1, Ordering::Relaxed);
+                    // Unchanged since the parent (incremental) keeps the seeded digest.
+                    if parent.is_none() {
+                        sink.zero_chunk(index).await?;
+                        zero.fetch_add(1, Ordering::Relaxed);
+                    }
                     continue;
                 }
                 let len = chunk.min(size - index * chunk) as usize;
-                let mut buf = BytesMut::zeroed(len);
+                let mut buf = match &parent {
+                    Some(p) => match p.read_chunk(index).await? {
+                        Some(old) if old.len() == len => BytesMut::from(&old[..]),
+                        _ => BytesMut::zeroed(len),
+                    },
+                    None => BytesMut::zeroed(len),
+                };
                 // Requests of this chunk go out together (the client pipelines them).
                 let mut reads = Vec::new();
                 for &(rel, rlen) in ranges {
@@ -234,7 +267,7 @@ pub async fn export_disk(
         size,
         bytes_read: read.load(Ordering::Relaxed),
         zero_chunks,
-        data_chunks: plan.len() as u64 - zero_chunks,
+        data_chunks: plan.iter().filter(|r| !r.is_empty()).count() as u64,
     })
 }
 

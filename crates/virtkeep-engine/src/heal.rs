@@ -76,7 +76,14 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
     let mut report = HealReport { vm: vm.name.clone(), actions: Vec::new() };
 
     if !dry_run {
+        if let Some(action) = crate::cbt_backup::undo_paused_start(host, vm_uuid).await? {
+            report.actions.push(action);
+        }
+        if crate::cbt::abort_stale_job(host, vm_uuid).await? {
+            report.actions.push("ended a backup job a killed run left on the VM".into());
+        }
         stop_job_exports(host, vm_uuid).await?;
+        vm.reload(host).await?;
     }
 
     // 2. Live disks on an overlay.

@@ -88,6 +88,21 @@ impl Host {
         Ok(())
     }
 
+    /// The user:group QEMU runs as: configured, else the distribution's default
+    /// (Debian/Ubuntu: libvirt-qemu, RHEL-likes: qemu).
+    pub async fn qemu_owner(&self) -> Result<(String, String)> {
+        if let (Some(u), Some(g)) = (&self.config.qemu_user, &self.config.qemu_group) {
+            return Ok((u.clone(), g.clone()));
+        }
+        for user in ["libvirt-qemu", "qemu"] {
+            if self.exec(&RemoteCommand::new("id").arg("-u").arg(user)).await?.status == 0 {
+                let group = self.run_string(&RemoteCommand::new("id").arg("-gn").arg(user)).await?;
+                return Ok((user.to_string(), group.trim().to_string()));
+            }
+        }
+        Ok(("root".into(), "root".into()))
+    }
+
     /// Creates the private per-job state directory on the host.
     pub async fn job_dir(&self, job: &str) -> Result<String> {
         let dir = format!("{HOST_STATE_DIR}/jobs/{job}");

@@ -6,6 +6,8 @@
 //! [`progress::Progress`], and errors that say what to do ([`Error`]).
 
 pub mod backup;
+pub mod cbt;
+pub mod cbt_backup;
 pub mod config;
 pub mod error;
 pub mod export;

@@ -97,20 +97,6 @@ pub fn destination(storage: &Storage, original: &str, new_name: Option<&str>, ta
     if dir.ends_with('/') { format!("{dir}{file}") } else { format!("{dir}/{file}") }
 }
 
-async fn default_owner(host: &Host) -> Result<(String, String)> {
-    if let (Some(u), Some(g)) = (&host.config.qemu_user, &host.config.qemu_group) {
-        return Ok((u.clone(), g.clone()));
-    }
-    // Debian/Ubuntu run QEMU as libvirt-qemu, RHEL-likes as qemu.
-    for user in ["libvirt-qemu", "qemu"] {
-        if host.exec(&RemoteCommand::new("id").arg("-u").arg(user)).await?.status == 0 {
-            let group = host.run_string(&RemoteCommand::new("id").arg("-gn").arg(user)).await?;
-            return Ok((user.to_string(), group.trim().to_string()));
-        }
-    }
-    Ok(("root".into(), "root".into()))
-}
-
 pub async fn restore(
     host: &Host,
     repo: &virtkeep_repo::Repository,
@@ -169,7 +155,7 @@ pub async fn restore(
 
     let (user, group) = match &opts.owner {
         Some(o) => o.clone(),
-        None => default_owner(host).await?,
+        None => host.qemu_owner().await?,
     };
     let job_dir = host.job_dir(&format!("restore-{}", crate::job_id())).await?;
     let mut restored = Vec::new();

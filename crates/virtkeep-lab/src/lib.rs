@@ -20,6 +20,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod hvm;
+
 /// Where `lab/up.sh` writes the lab's `KEY=VALUE` environment file.
 pub const ENV_FILE: &str = "/tmp/virtkeep-lab/env";
 

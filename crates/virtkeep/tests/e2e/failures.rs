@@ -1,5 +1,6 @@
 //! Failures must lose nothing and leave nothing: failing hooks, a node killed with
-//! SIGKILL at each phase, hostile names, XML the code does not know.
+//! SIGKILL at each phase of the overlay method (raw disks, so no backup API), hostile
+//! names, XML the code does not know.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -27,7 +28,7 @@ fn failing_pre_snapshot_command_aborts_cleanly() {
 }
 
 /// Starts a backup and SIGKILLs the node as soon as `trigger` shows in its log.
-fn kill_backup_when(node: &Node, vm: &str, extra: &[&str], trigger: &str) {
+pub fn kill_backup_when(node: &Node, vm: &str, extra: &[&str], trigger: &str) {
     let bin = assert_cmd::cargo::cargo_bin("virtkeep");
     let spec = format!("{HOST}/{vm}");
     let mut child = Command::new(bin)
@@ -80,7 +81,7 @@ fn assert_healed_and_backup_works(node: &Node, vm: &TestVm, sources: &[(String, 
 #[test]
 fn sigkill_after_snapshot_then_cleanup_heals() {
     let node = Node::new();
-    let vm = TestVm::builder("kill-snap").qcow2_disk(32 * MIB).running(true).build();
+    let vm = TestVm::builder("kill-snap").raw_disk(32 * MIB).running(true).build();
     vm.write_pattern("vda", 0x42, 0, 2 * MIB);
     let sum = vm.disk_checksum("vda");
     let sources = vm.current_sources();
@@ -93,7 +94,7 @@ fn sigkill_after_snapshot_then_cleanup_heals() {
 #[test]
 fn sigkill_mid_export_then_next_backup_heals() {
     let node = Node::new();
-    let vm = TestVm::builder("kill-exp").qcow2_disk(64 * MIB).running(true).build();
+    let vm = TestVm::builder("kill-exp").raw_disk(64 * MIB).running(true).build();
     vm.write_pattern("vda", 0x43, 0, 32 * MIB);
     let sum = vm.disk_checksum("vda");
     let sources = vm.current_sources();
@@ -115,7 +116,7 @@ fn sigkill_mid_export_then_next_backup_heals() {
 #[test]
 fn sigkill_before_blockcommit_then_cleanup_heals() {
     let node = Node::new();
-    let vm = TestVm::builder("kill-commit").qcow2_disk(16 * MIB).running(true).build();
+    let vm = TestVm::builder("kill-commit").raw_disk(16 * MIB).running(true).build();
     vm.write_pattern("vda", 0x44, 0, MIB);
     let sum = vm.disk_checksum("vda");
     let sources = vm.current_sources();

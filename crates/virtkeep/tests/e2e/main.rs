@@ -7,3 +7,4 @@ mod harness;
 mod backup_restore;
 mod failures;
 mod hosts;
+mod incremental;

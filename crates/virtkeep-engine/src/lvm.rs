@@ -1,0 +1,929 @@
+//! LVM primitives for VMs whose disks are logical volumes
+//! (`<disk type='block'><source dev='/dev/VG/LV'/>`): snapshot planning against the VG's
+//! free space, all-or-nothing snapshot creation, overflow checks, removal (also of what a
+//! killed job left), and LV creation for restore.
+//!
+//! Every LVM command runs with `LC_ALL=C` (stable messages) and
+//! `LVM_SUPPRESS_FD_WARNINGS=1` (sshd's inherited descriptors make LVM print warnings).
+//! Reporting uses `lvs/vgs --reportformat json`, which needs LVM ≥ 2.02.158
+//! (RHEL/CentOS 7.3); older tools get a clear [`ErrorKind::Unsupported`] error.
+//!
+//! Classic snapshots (`lvcreate -s -L`) are made one LV at a time: LVM has no atomic
+//! multi-LV snapshot, so the caller gives several disks of one VM a common instant by
+//! freezing the guest's filesystems or pausing the VM around [`create_snapshots`].
+//! A classic snapshot whose copy-on-write area fills up becomes invalid; call
+//! [`check_snapshot_valid`] after the last read and before publishing the backup.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use virtkeep_libvirt::cmd;
+use virtkeep_libvirt::parse::{self, LvInfo, VgInfo};
+use virtkeep_ssh::RemoteCommand;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::Host;
+
+/// Every snapshot LV virtkeep creates is named `{origin}-vksnap-{job_id}`, so that
+/// `cleanup` can tell its own snapshots from anything else.
+pub const LV_SNAPSHOT_MARKER: &str = "-vksnap-";
+
+/// LVM's limit on LV (and VG) names.
+pub const LVM_NAME_MAX: usize = 127;
+
+/// Device-mapper's limit on a device name (`DM_NAME_LEN` 128 with the NUL).
+const DM_NAME_MAX: usize = 127;
+
+/// The oldest LVM with JSON reporting (`--reportformat json`).
+pub const MIN_LVM_VERSION: &str = "2.02.158";
+
+/// A thin pool this full gets no new snapshot: the VM's writes during the backup would
+/// allocate blocks the pool may not have, and a full pool stops the VM's I/O.
+pub const THIN_POOL_FULL_PERCENT: f64 = 95.0;
+
+/// Extent size assumed when LVM reports none (LVM's default, 4 MiB).
+const DEFAULT_EXTENT: u64 = 4 << 20;
+
+/// An LV that is a VM disk: what snapshot planning needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LvDisk {
+    pub vg: String,
+    pub lv: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// A thin LV: it gets a thin snapshot (no copy-on-write size).
+    pub thin: bool,
+}
+
+impl LvDisk {
+    pub fn from_info(info: &LvInfo) -> LvDisk {
+        LvDisk {
+            vg: info.vg.clone(),
+            lv: info.name.clone(),
+            size: info.size,
+            thin: info.is_thin(),
+        }
+    }
+}
+
+/// One snapshot to make: `cow_size = Some(bytes)` for a classic snapshot, `None` for a
+/// thin one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    pub vg: String,
+    pub lv: String,
+    pub cow_size: Option<u64>,
+}
+
+impl SnapshotRequest {
+    /// Pairs disks with the sizes [`plan_snapshot_space`] returned for them.
+    pub fn planned(disks: &[LvDisk], cow_sizes: &[Option<u64>]) -> Vec<SnapshotRequest> {
+        disks
+            .iter()
+            .zip(cow_sizes)
+            .map(|(d, s)| SnapshotRequest {
+                vg: d.vg.clone(),
+                lv: d.lv.clone(),
+                cow_size: *s,
+            })
+            .collect()
+    }
+}
+
+/// A snapshot virtkeep made.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LvSnapshot {
+    pub vg: String,
+    /// The origin LV (the VM's disk).
+    pub origin: String,
+    /// The snapshot LV's name.
+    pub name: String,
+    /// `/dev/VG/NAME`: what to export or read.
+    pub path: String,
+    pub thin: bool,
+}
+
+/// What [`probe`] found on a host, for `host check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LvmProbe {
+    /// `2.03.16` from `lvm version`, when the tools are there.
+    pub version: Option<String>,
+    /// `lvs --reportformat json` works.
+    pub json_reporting: bool,
+    /// `thin_delta` (thin-provisioning-tools) is installed: changed blocks of thin LVs
+    /// can be listed without reading them.
+    pub thin_delta: bool,
+}
+
+/// `/dev/VG/LV` or `/dev/mapper/VG-LV` → `(VG, LV)`; `None` for anything else. A guess
+/// from the path: confirm it with [`lv_info`].
+pub fn parse_lv_path(path: &str) -> Option<(String, String)> {
+    virtkeep_libvirt::lvm_from_path(path)
+}
+
+/// `/dev/VG/LV`.
+pub fn lv_path(vg: &str, lv: &str) -> String {
+    format!("/dev/{vg}/{lv}")
+}
+
+/// The name of the snapshot of `vg/lv` for job `job_id`: `{lv}-vksnap-{job_id}`, with the
+/// origin part shortened as far as needed for LVM's 127-character limit and for the
+/// device-mapper name of the snapshot's COW device (`VG-NAME-cow`, every `-` doubled,
+/// at most 127 characters). Characters LVM does not allow in names become `_`.
+pub fn snapshot_name(vg: &str, lv: &str, job_id: &str) -> String {
+    let job: String = job_id
+        .chars()
+        .map(|c| if lvm_name_char(c) { c } else { '_' })
+        .collect();
+    let suffix = format!("{LV_SNAPSHOT_MARKER}{job}");
+    let dm_budget = DM_NAME_MAX.saturating_sub(dm_len(vg) + 1 + "-cow".len());
+    let mut prefix: String = lv
+        .chars()
+        .map(|c| if lvm_name_char(c) { c } else { '_' })
+        .collect();
+    loop {
+        let name = format!("{prefix}{suffix}");
+        let fits = name.len() <= LVM_NAME_MAX && dm_len(&name) <= dm_budget;
+        if fits || prefix.chars().count() <= 1 {
+            return name;
+        }
+        prefix.pop();
+    }
+}
+
+/// `name` is a snapshot virtkeep made of `vg/origin` (by its name, for any job).
+pub fn is_snapshot_name_of(vg: &str, origin: &str, name: &str) -> bool {
+    let Some(at) = name.rfind(LV_SNAPSHOT_MARKER) else {
+        return false;
+    };
+    let job = &name[at + LV_SNAPSHOT_MARKER.len()..];
+    !job.is_empty() && snapshot_name(vg, origin, job) == name
+}
+
+fn lvm_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-')
+}
+
+/// Length of a name in a device-mapper name (where `-` is written `--`).
+fn dm_len(s: &str) -> usize {
+    s.len() + s.matches('-').count()
+}
+
+/// A valid new LV name: LVM's character set, not `.`/`..`, no leading `-`, none of the
+/// names and infixes LVM reserves for itself.
+pub fn valid_new_lv_name(name: &str) -> bool {
+    const RESERVED_INFIXES: &[&str] = &[
+        "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_wcorig", "_mimage", "_mlog", "_pmspare",
+        "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_imeta", "_iorig",
+    ];
+    !name.is_empty()
+        && name.len() <= LVM_NAME_MAX
+        && name != "."
+        && name != ".."
+        && !name.starts_with('-')
+        && !name.starts_with("snapshot")
+        && !name.starts_with("pvmove")
+        && name.chars().all(lvm_name_char)
+        && !RESERVED_INFIXES.iter().any(|r| name.contains(r))
+}
+
+/// Copy-on-write size of a classic snapshot of an LV of `size` bytes: `share` of it,
+/// at least `floor`, at most what LVM can use (the origin plus its exception table),
+/// rounded up to whole extents.
+pub fn cow_size_for(size: u64, share: f64, floor: u64, extent: u64) -> u64 {
+    let extent = if extent == 0 { DEFAULT_EXTENT } else { extent };
+    let wanted = ((size as f64) * share).ceil();
+    let wanted = if wanted.is_finite() && wanted > 0.0 {
+        wanted.min(u64::MAX as f64) as u64
+    } else {
+        0
+    };
+    let cap = size.saturating_add(size / 128).saturating_add(2 * extent);
+    let bytes = wanted.max(floor).min(cap).max(extent);
+    bytes.div_ceil(extent).saturating_mul(extent)
+}
+
+/// `2.03.16` from `lvm version` output (`  LVM version:     2.03.16(2) (2022-05-18)`).
+pub fn parse_lvm_version(text: &str) -> Option<String> {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("LVM version:"))?;
+    let v = line.split(':').nth(1)?.trim();
+    let v: String = v
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
+
+/// `a.b.c` is at least [`MIN_LVM_VERSION`].
+pub fn lvm_version_has_json(version: &str) -> bool {
+    let parse = |s: &str| -> Vec<u64> { s.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
+    parse(version) >= parse(MIN_LVM_VERSION)
+}
+
+/// Bytes for messages: `512 B`, `16.0 MiB`, `1.50 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: &[&str] = &["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if v >= 100.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else if v >= 10.0 {
+        format!("{v:.1} {}", UNITS[u])
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+// ───────────────────────────── running LVM commands ─────────────────────────────
+
+fn lvm(cmd: RemoteCommand) -> RemoteCommand {
+    cmd.env("LC_ALL", "C").env("LVM_SUPPRESS_FD_WARNINGS", "1")
+}
+
+fn too_old(host: &Host, detail: &str) -> Error {
+    Error::unsupported(format!(
+        "LVM on host {} cannot report in JSON ({detail}); virtkeep needs LVM ≥ {MIN_LVM_VERSION} (RHEL/CentOS 7.3, Debian 9, Ubuntu 18.04)",
+        host.name
+    ))
+    .hint("update the lvm2 package on the host")
+}
+
+/// Runs an LVM reporting command; turns "no LVM" and "LVM too old" into clear errors.
+async fn report(host: &Host, cmd: RemoteCommand, what: &str) -> Result<String> {
+    let out = host.exec(&lvm(cmd)).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status == 127 {
+        return Err(Error::unsupported(format!(
+            "the LVM tools are not installed on host {} ({what}: command not found)",
+            host.name
+        ))
+        .hint(format!("install lvm2 ≥ {MIN_LVM_VERSION} on the host")));
+    }
+    if out.status != 0 {
+        let s = stderr.trim();
+        if s.contains("reportformat") || s.contains("nrecogni") {
+            return Err(too_old(host, s));
+        }
+        return Err(Error::new(
+            ErrorKind::Remote,
+            format!("`{what}` failed on host {}: {s}", host.name),
+        ));
+    }
+    String::from_utf8(out.stdout).map_err(|_| {
+        Error::new(
+            ErrorKind::Remote,
+            format!("`{what}` printed output that is not UTF-8"),
+        )
+    })
+}
+
+fn parse_failed(host: &Host, text: &str, e: virtkeep_libvirt::ParseError) -> Error {
+    if text.trim_start().starts_with('{') {
+        Error::new(
+            ErrorKind::Remote,
+            format!("unexpected LVM report from host {}: {e}", host.name),
+        )
+        .with_source(e)
+    } else {
+        too_old(host, "the report is not JSON")
+    }
+}
+
+/// All LVs (of one VG, or of all).
+pub async fn list_lvs(host: &Host, vg: Option<&str>) -> Result<Vec<LvInfo>> {
+    let text = report(host, cmd::lvs_json(vg), "lvs")
+        .await
+        .map_err(|e| match vg {
+            Some(vg) if e.message.contains("not found") => Error::new(
+                ErrorKind::Remote,
+                format!("volume group {vg} not found on host {}", host.name),
+            )
+            .hint(format!(
+                "`vgs` on the host lists its volume groups; restore elsewhere with --storage lvm:VG"
+            )),
+            _ => e,
+        })?;
+    parse::parse_lvs_json(&text).map_err(|e| parse_failed(host, &text, e))
+}
+
+/// All VGs of the host.
+pub async fn list_vgs(host: &Host) -> Result<Vec<VgInfo>> {
+    let text = report(host, cmd::vgs_json(), "vgs").await?;
+    parse::parse_vgs_json(&text).map_err(|e| parse_failed(host, &text, e))
+}
+
+/// One VG.
+pub async fn vg_info(host: &Host, vg: &str) -> Result<VgInfo> {
+    list_vgs(host)
+        .await?
+        .into_iter()
+        .find(|v| v.name == vg)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Remote,
+                format!("volume group {vg} not found on host {}", host.name),
+            )
+            .hint("`vgs` on the host lists its volume groups")
+        })
+}
+
+/// One LV.
+pub async fn lv_info(host: &Host, vg: &str, lv: &str) -> Result<LvInfo> {
+    list_lvs(host, Some(vg))
+        .await?
+        .into_iter()
+        .find(|l| l.name == lv)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Remote,
+                format!("logical volume {vg}/{lv} not found on host {}", host.name),
+            )
+            .hint("`lvs` on the host lists its logical volumes")
+        })
+}
+
+/// LVM version, JSON reporting and `thin_delta` on the host, for `host check`. Never
+/// fails because of LVM itself (missing tools give `version: None`).
+pub async fn probe(host: &Host) -> Result<LvmProbe> {
+    let out = host
+        .exec(&lvm(RemoteCommand::new("lvm").arg("version")))
+        .await?;
+    let version = if out.status == 0 {
+        parse_lvm_version(&String::from_utf8_lossy(&out.stdout))
+    } else {
+        None
+    };
+    let json_reporting = match &version {
+        Some(v) => {
+            lvm_version_has_json(v)
+                && host
+                    .exec(&lvm(cmd::vgs_json()))
+                    .await
+                    .map(|o| o.status == 0 && o.stdout.trim_ascii_start().starts_with(b"{"))
+                    .unwrap_or(false)
+        }
+        None => false,
+    };
+    let thin_delta = host
+        .exec(&RemoteCommand::raw_trusted(
+            "command -v thin_delta >/dev/null 2>&1 || test -x /usr/sbin/thin_delta",
+        ))
+        .await?
+        .status
+        == 0;
+    Ok(LvmProbe {
+        version,
+        json_reporting,
+        thin_delta,
+    })
+}
+
+// ───────────────────────────── snapshots ─────────────────────────────
+
+/// Copy-on-write sizes for snapshots of `disks` (`None` for thin LVs), after checking
+/// that each VG has room for all of its classic snapshots and that no thin pool is
+/// nearly full. `share` is the part of each origin's size to reserve (0 < share ≤ 1 makes
+/// sense; more is capped at what LVM can use), `floor` the minimum in bytes.
+pub async fn plan_snapshot_space(
+    host: &Host,
+    disks: &[LvDisk],
+    share: f64,
+    floor: u64,
+) -> Result<Vec<Option<u64>>> {
+    if !share.is_finite() || share <= 0.0 {
+        return Err(Error::config(format!(
+            "the LVM snapshot share must be a positive fraction, not {share}"
+        )));
+    }
+    let vgs = if disks.iter().any(|d| !d.thin) {
+        list_vgs(host).await?
+    } else {
+        Vec::new()
+    };
+    let mut sizes = Vec::with_capacity(disks.len());
+    let mut need: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut thin_vgs: Vec<&str> = Vec::new();
+    for d in disks {
+        if d.thin {
+            sizes.push(None);
+            if !thin_vgs.contains(&d.vg.as_str()) {
+                thin_vgs.push(&d.vg);
+            }
+            continue;
+        }
+        let vg = vgs.iter().find(|v| v.name == d.vg).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Remote,
+                format!("volume group {} not found on host {}", d.vg, host.name),
+            )
+        })?;
+        let cow = cow_size_for(d.size, share, floor, vg.extent_size);
+        *need.entry(&d.vg).or_default() += cow;
+        sizes.push(Some(cow));
+    }
+    for (vg_name, needed) in &need {
+        let vg = vgs
+            .iter()
+            .find(|v| v.name == *vg_name)
+            .expect("looked up above");
+        if *needed > vg.free {
+            return Err(Error::conflict(format!(
+                "volume group {vg_name} has {} free, the snapshots need {}",
+                human_bytes(vg.free),
+                human_bytes(*needed)
+            ))
+            .hint(
+                "a classic LVM snapshot needs free extents in the VG for every block the VM writes during the backup: \
+                 add space to the volume group (vgextend) or remove unused LVs, or lower the snapshot share/floor in the settings",
+            ));
+        }
+    }
+    // thin snapshots take no VG space, but the VM's writes during the backup fill the pool
+    for vg in thin_vgs {
+        let lvs = list_lvs(host, Some(vg)).await?;
+        for d in disks.iter().filter(|d| d.thin && d.vg == vg) {
+            let pool = lvs
+                .iter()
+                .find(|l| l.name == d.lv)
+                .and_then(|l| l.pool_lv.clone());
+            let Some(pool) = pool else { continue };
+            let Some(p) = lvs.iter().find(|l| l.name == pool) else {
+                continue;
+            };
+            if let Some(pct) = p.data_percent
+                && pct >= THIN_POOL_FULL_PERCENT
+            {
+                return Err(Error::conflict(format!(
+                    "thin pool {vg}/{pool} is {pct:.1}% full; a snapshot of {vg}/{} could let the VM's writes fill it",
+                    d.lv
+                ))
+                .hint("extend the thin pool (lvextend -L +SIZE VG/POOL) or free space in it before backing up"));
+            }
+        }
+    }
+    Ok(sizes)
+}
+
+/// Makes one snapshot per request, named [`snapshot_name`]`(vg, lv, job_id)`. All or
+/// nothing: when one fails, the ones made are removed again and the error is returned.
+pub async fn create_snapshots(
+    host: &Host,
+    requests: &[SnapshotRequest],
+    job_id: &str,
+) -> Result<Vec<LvSnapshot>> {
+    let mut made: Vec<LvSnapshot> = Vec::with_capacity(requests.len());
+    for r in requests {
+        let name = snapshot_name(&r.vg, &r.lv, job_id);
+        let out = host
+            .exec(&lvm(cmd::lvcreate_snapshot(
+                &r.vg, &r.lv, &name, r.cow_size,
+            )))
+            .await;
+        let failure = match out {
+            Ok(o) if o.status == 0 => None,
+            Ok(o) => Some(Error::new(
+                ErrorKind::Remote,
+                format!(
+                    "creating the LVM snapshot of {}/{} failed: {}",
+                    r.vg,
+                    r.lv,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+            )),
+            Err(e) => Some(e.context(format!("creating the LVM snapshot of {}/{}", r.vg, r.lv))),
+        };
+        if let Some(err) = failure {
+            // a half-made snapshot may exist too
+            let partial = LvSnapshot {
+                vg: r.vg.clone(),
+                origin: r.lv.clone(),
+                path: lv_path(&r.vg, &name),
+                name,
+                thin: r.cow_size.is_none(),
+            };
+            made.push(partial);
+            if let Err(e) = remove_snapshots(host, &made).await {
+                tracing::warn!(host = %host.name, error = %e, "removing the snapshots made so far failed; `virtkeep cleanup` removes them");
+            }
+            return Err(err);
+        }
+        tracing::debug!(host = %host.name, vg = %r.vg, lv = %r.lv, snapshot = %name, "LVM snapshot created");
+        made.push(LvSnapshot {
+            vg: r.vg.clone(),
+            origin: r.lv.clone(),
+            path: lv_path(&r.vg, &name),
+            name,
+            thin: r.cow_size.is_none(),
+        });
+    }
+    Ok(made)
+}
+
+/// Fails when the snapshot is gone, overflowed (invalid) or its thin pool failed: its
+/// content is then not the backup instant and must not be stored. Call it after the last
+/// read of the snapshot.
+pub async fn check_snapshot_valid(host: &Host, snap: &LvSnapshot) -> Result<()> {
+    let lvs = list_lvs(host, Some(&snap.vg)).await?;
+    let Some(info) = lvs.iter().find(|l| l.name == snap.name) else {
+        return Err(Error::new(
+            ErrorKind::DataPath,
+            format!(
+                "the LVM snapshot {}/{} disappeared during the backup",
+                snap.vg, snap.name
+            ),
+        ));
+    };
+    snapshot_state(info).map_err(|why| {
+        Error::new(
+            ErrorKind::DataPath,
+            format!("the LVM snapshot {}/{} of {} {why}: its content is no longer the backup instant, nothing of it is kept", snap.vg, snap.name, snap.origin),
+        )
+        .hint("the VM wrote more than the snapshot's copy-on-write space during the backup: raise the LVM snapshot share or floor, or back up at a quieter time")
+    })
+}
+
+/// `Err(reason)` for an LV that is not a usable snapshot.
+pub fn snapshot_state(info: &LvInfo) -> std::result::Result<(), String> {
+    if info.is_invalid_snapshot() {
+        return Err("overflowed (LVM marked it invalid)".into());
+    }
+    if !info.is_thin() && info.data_percent.is_some_and(|p| p >= 100.0) {
+        return Err("is full (copy-on-write space used up)".into());
+    }
+    if info.attr.chars().nth(8) == Some('F') {
+        return Err("failed (its thin pool failed)".into());
+    }
+    Ok(())
+}
+
+/// Removes the snapshots (each tried, also after an earlier one failed); the first
+/// error is returned. A snapshot that is gone already counts as removed.
+pub async fn remove_snapshots(host: &Host, snaps: &[LvSnapshot]) -> Result<()> {
+    let mut first_err = None;
+    for s in snaps {
+        if let Err(e) = remove_lv(host, &s.vg, &s.name).await
+            && first_err.is_none()
+        {
+            first_err = Some(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// `lvremove -f`, retried while the LV is still in use (a qemu-nbd that is exiting).
+async fn remove_lv(host: &Host, vg: &str, name: &str) -> Result<()> {
+    let mut last = String::new();
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+        }
+        let out = host.exec(&lvm(cmd::lvremove(vg, name))).await?;
+        if out.status == 0 {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if last.contains("Failed to find") || last.contains("not found") {
+            return Ok(());
+        }
+        if !(last.contains("in use") || last.contains("open") || last.contains("busy")) {
+            break;
+        }
+    }
+    Err(Error::new(ErrorKind::Remote, format!("removing the LVM snapshot {vg}/{name} failed: {last}"))
+        .hint("`virtkeep cleanup HOST` retries; `lvs -o+lv_attr` on the host shows whether something still holds it open"))
+}
+
+/// For `cleanup`: removes every LV in the VGs of `origins` that is a virtkeep snapshot of
+/// one of them (`{origin}-vksnap-*`, of any job), after stopping any qemu-nbd (or `dd`)
+/// still reading it. Returns the removed LVs as `VG/NAME`.
+pub async fn remove_leftover_snapshots(
+    host: &Host,
+    origins: &[(String, String)],
+) -> Result<Vec<String>> {
+    let mut by_vg: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (vg, lv) in origins {
+        by_vg.entry(vg).or_default().push(lv);
+    }
+    let mut removed = Vec::new();
+    let mut first_err = None;
+    for (vg, lvs_of_vg) in by_vg {
+        let lvs = list_lvs(host, Some(vg)).await?;
+        let leftovers: Vec<&LvInfo> = lvs
+            .iter()
+            .filter(|l| {
+                l.name.contains(LV_SNAPSHOT_MARKER)
+                    && lvs_of_vg
+                        .iter()
+                        .any(|o| is_snapshot_name_of(vg, o, &l.name))
+            })
+            .collect();
+        if leftovers.is_empty() {
+            continue;
+        }
+        let holders = reader_processes(host).await?;
+        for l in leftovers {
+            let paths = [
+                lv_path(vg, &l.name),
+                format!(
+                    "/dev/mapper/{}-{}",
+                    vg.replace('-', "--"),
+                    l.name.replace('-', "--")
+                ),
+            ];
+            for (pid, _) in holders
+                .iter()
+                .filter(|(_, args)| paths.iter().any(|p| mentions_path(args, p)))
+            {
+                stop_process(host, *pid).await?;
+            }
+            match remove_lv(host, vg, &l.name).await {
+                Ok(()) => removed.push(format!("{vg}/{}", l.name)),
+                Err(e) => {
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(removed),
+    }
+}
+
+/// `(pid, command line)` of every qemu-nbd and dd on the host (what reads a snapshot).
+async fn reader_processes(host: &Host) -> Result<Vec<(u32, String)>> {
+    let mut all = Vec::new();
+    for prog in ["qemu-nbd", "dd"] {
+        let out = host
+            .exec(&RemoteCommand::new("pgrep").args(["-a", "-x"]).arg(prog))
+            .await?;
+        // 1: none found; 127: no pgrep (then nothing can be checked)
+        if out.status != 0 {
+            continue;
+        }
+        all.extend(parse_pgrep(&String::from_utf8_lossy(&out.stdout)));
+    }
+    Ok(all)
+}
+
+/// `pgrep -a` lines: `PID ARGS…`.
+pub fn parse_pgrep(text: &str) -> Vec<(u32, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let (pid, args) = l.trim().split_once(' ')?;
+            Some((pid.parse().ok()?, args.to_string()))
+        })
+        .collect()
+}
+
+/// `args` names `path` as a whole (not as the prefix of a longer path).
+pub fn mentions_path(args: &str, path: &str) -> bool {
+    args.match_indices(path).any(|(i, _)| {
+        let after = args[i + path.len()..].chars().next();
+        let before = args[..i].chars().next_back();
+        matches!(after, None | Some(' ' | ',' | '\t' | '\'' | '"'))
+            && matches!(before, None | Some(' ' | '=' | ',' | '\t' | '\'' | '"'))
+    })
+}
+
+/// SIGTERM, up to 10 s for it to go, then SIGKILL.
+async fn stop_process(host: &Host, pid: u32) -> Result<()> {
+    let pid_s = pid.to_string();
+    tracing::info!(host = %host.name, pid, "stopping a process that still reads a leftover snapshot");
+    host.exec(&RemoteCommand::new("kill").arg("-TERM").arg(&pid_s))
+        .await?;
+    for _ in 0..40 {
+        let alive = host
+            .exec(
+                &RemoteCommand::new("test")
+                    .arg("-d")
+                    .arg(format!("/proc/{pid}")),
+            )
+            .await?;
+        if alive.status != 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    host.exec(&RemoteCommand::new("kill").arg("-KILL").arg(&pid_s))
+        .await?;
+    Ok(())
+}
+
+// ───────────────────────────── restore ─────────────────────────────
+
+/// Creates the LV `vg/name` of `size` bytes (rounded up by LVM to whole extents) for a
+/// restore, thin in `thin_pool` when given; refuses when it exists or the VG (thick) has
+/// no room. Returns `/dev/VG/NAME`. A thick LV is not zeroed beyond its first KiB: write
+/// the holes as zeros. A thin LV reads zeros where nothing was written.
+pub async fn create_lv(
+    host: &Host,
+    vg: &str,
+    name: &str,
+    size: u64,
+    thin_pool: Option<&str>,
+) -> Result<String> {
+    if !valid_new_lv_name(name) {
+        return Err(
+            Error::config(format!("{name:?} is not a valid LVM logical volume name")).hint(
+                "LV names may hold letters, digits and + _ . - (not first), up to 127 characters",
+            ),
+        );
+    }
+    let lvs = list_lvs(host, Some(vg)).await?;
+    if lvs.iter().any(|l| l.name == name) {
+        return Err(Error::conflict(format!("logical volume {vg}/{name} exists already on host {}", host.name))
+            .hint("restore under another name, or remove that LV (lvremove) after making sure nothing uses it"));
+    }
+    let cmd = match thin_pool {
+        Some(pool) => {
+            match lvs.iter().find(|l| l.name == pool) {
+                Some(p) if p.is_thin_pool() => {}
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::Remote,
+                        format!("thin pool {vg}/{pool} not found on host {}", host.name),
+                    )
+                    .hint("restore as a thick LV, or name an existing thin pool"));
+                }
+            }
+            RemoteCommand::new("lvcreate")
+                .args(["--yes", "-n"])
+                .arg(name)
+                .arg("-V")
+                .arg(format!("{size}b"))
+                .arg("--thinpool")
+                .arg(pool)
+                .arg(vg)
+        }
+        None => {
+            let info = vg_info(host, vg).await?;
+            let extent = if info.extent_size == 0 {
+                DEFAULT_EXTENT
+            } else {
+                info.extent_size
+            };
+            let needed = size.div_ceil(extent) * extent;
+            if needed > info.free {
+                return Err(Error::conflict(format!(
+                    "volume group {vg} has {} free, the restored disk needs {}",
+                    human_bytes(info.free),
+                    human_bytes(needed)
+                ))
+                .hint(
+                    "restore into another volume group (--storage lvm:VG) or make room in this one",
+                ));
+            }
+            cmd::lvcreate(vg, name, size)
+        }
+    };
+    let out = host.exec(&lvm(cmd)).await?;
+    if out.status != 0 {
+        return Err(Error::new(
+            ErrorKind::Remote,
+            format!(
+                "creating the logical volume {vg}/{name} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(lv_path(vg, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = "20250102T030405Z-0a1b2c3d";
+
+    #[test]
+    fn snapshot_names() {
+        let n = snapshot_name("vg0", "web-root", JOB);
+        assert_eq!(n, "web-root-vksnap-20250102T030405Z-0a1b2c3d");
+        assert!(valid_new_lv_name(&n));
+        assert!(is_snapshot_name_of("vg0", "web-root", &n));
+        assert!(!is_snapshot_name_of("vg0", "web", &n));
+        assert!(!is_snapshot_name_of("vg0", "web-root", "web-root"));
+        assert!(!is_snapshot_name_of("vg0", "web-root", "web-root-vksnap-"));
+        // hostile job ids cannot leave LVM's character set
+        let n = snapshot_name("vg0", "a", "x y/$(z)");
+        assert!(n.chars().all(lvm_name_char), "{n}");
+    }
+
+    #[test]
+    fn long_names_are_shortened_and_still_recognised() {
+        let lv = "d".repeat(127);
+        let n = snapshot_name("vg0", &lv, JOB);
+        assert!(n.len() <= LVM_NAME_MAX, "{}", n.len());
+        assert!(n.ends_with(&format!("{LV_SNAPSHOT_MARKER}{JOB}")));
+        assert!(dm_len("vg0") + 1 + dm_len(&n) + 4 <= DM_NAME_MAX);
+        assert!(is_snapshot_name_of("vg0", &lv, &n));
+        // another origin with the same shortened prefix is not matched
+        let other = format!("{}e", "d".repeat(126));
+        assert!(!is_snapshot_name_of("vg0", &other, &n) || snapshot_name("vg0", &other, JOB) == n);
+        // dashes count twice in device-mapper names
+        let lv = "a-".repeat(60);
+        let vg = "v-g".repeat(5);
+        let n = snapshot_name(&vg, &lv, JOB);
+        assert!(dm_len(&vg) + 1 + dm_len(&n) + 4 <= DM_NAME_MAX, "{n}");
+        assert!(is_snapshot_name_of(&vg, &lv, &n));
+    }
+
+    #[test]
+    fn lv_names() {
+        assert!(valid_new_lv_name("vm1-disk_0.img+x"));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-x",
+            "a/b",
+            "a b",
+            "snapshot1",
+            "pvmove0",
+            "x_tmeta",
+            "é",
+            &"x".repeat(128),
+        ] {
+            assert!(!valid_new_lv_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cow_sizes() {
+        const MIB: u64 = 1 << 20;
+        const EXT: u64 = 4 * MIB;
+        // share of the origin, rounded up to extents
+        assert_eq!(cow_size_for(1024 * MIB, 0.1, 0, EXT), 104 * MIB);
+        // floor
+        assert_eq!(cow_size_for(16 * MIB, 0.1, 32 * MIB, EXT), 32 * MIB);
+        // never more than the origin can use (+ exception table, + 2 extents)
+        assert_eq!(cow_size_for(64 * MIB, 5.0, 0, EXT), 72 * MIB);
+        assert_eq!(cow_size_for(64 * MIB, 1.0, 1 << 40, EXT), 72 * MIB);
+        // at least one extent
+        assert_eq!(cow_size_for(0, 0.1, 0, EXT), EXT);
+        assert_eq!(cow_size_for(MIB, 0.1, 0, 0), DEFAULT_EXTENT);
+    }
+
+    #[test]
+    fn versions() {
+        let out = "  LVM version:     2.03.16(2) (2022-05-18)\n  Library version: 1.02.185 (2022-05-18)\n  Driver version:  4.48.0\n";
+        assert_eq!(parse_lvm_version(out).as_deref(), Some("2.03.16"));
+        assert_eq!(parse_lvm_version("nothing"), None);
+        assert!(lvm_version_has_json("2.03.16"));
+        assert!(lvm_version_has_json("2.02.158"));
+        assert!(!lvm_version_has_json("2.02.130"));
+        assert!(!lvm_version_has_json("2.02.98"));
+    }
+
+    #[test]
+    fn process_matching() {
+        let ps = parse_pgrep(
+            "123 qemu-nbd -r --image-opts driver=raw,file.driver=host_device,file.filename=/dev/vg0/a-vksnap-J\n45 dd if=/dev/vg0/a-vksnap-J2 bs=4M\nbad line\n",
+        );
+        assert_eq!(ps.len(), 2);
+        assert!(mentions_path(&ps[0].1, "/dev/vg0/a-vksnap-J"));
+        assert!(!mentions_path(&ps[1].1, "/dev/vg0/a-vksnap-J"));
+        assert!(mentions_path("dd if=/dev/vg0/x", "/dev/vg0/x"));
+        assert!(!mentions_path("dd if=/dev/vg0/xy", "/dev/vg0/x"));
+        assert!(!mentions_path("dd if=/dev/vg0/x", "/dev/vg0/"));
+    }
+
+    #[test]
+    fn snapshot_states() {
+        let lv = |attr: &str, pct: Option<f64>| LvInfo {
+            name: "s".into(),
+            vg: "vg0".into(),
+            size: 1,
+            attr: attr.into(),
+            pool_lv: None,
+            origin: Some("o".into()),
+            data_percent: pct,
+            path: None,
+        };
+        assert!(snapshot_state(&lv("swi-a-s---", Some(12.0))).is_ok());
+        assert!(snapshot_state(&lv("swi-I-s---", Some(100.0))).is_err());
+        assert!(snapshot_state(&lv("swi-a-s---", Some(100.0))).is_err());
+        assert!(snapshot_state(&lv("Vwi-a-tz--", Some(100.0))).is_ok());
+        assert!(snapshot_state(&lv("Vwi-a-tzF-", None)).is_err());
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(16 << 20), "16.0 MiB");
+        assert_eq!(human_bytes(1536 << 20), "1.50 GiB");
+        assert_eq!(human_bytes(4 << 20), "4.00 MiB");
+    }
+}
