@@ -21,8 +21,8 @@
 # Everything created (domains, images, repositories, temp files) is removed on exit,
 # also on failure or Ctrl-C.
 #
-# Env: SIZE=full|small (8 GiB/~2 GiB data, or 1 GiB/~256 MiB), REPS (default 3),
-#      PARALLELS (default "1 2 4"), RESTORE_PARALLELS (default "1 2 4"),
+# Env: SIZE=full|small (8 GiB/~2 GiB data, or 1 GiB/~256 MiB), REPS (default 2 full,
+#      3 small), PARALLELS (default "1 2 4"), RESTORE_PARALLELS (default "2 4"),
 #      PROFILE (default 1), BUILD (default 1: cargo build --release -p virtkeep),
 #      KEEP=1 keeps the work dir (/var/tmp/vkt-bench-PID) for inspection.
 set -euo pipefail
@@ -33,9 +33,11 @@ source "$BENCH_DIR/lib.sh"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 SIZE=${SIZE:-full}
-REPS=${REPS:-3}
+if [[ ${SIZE:-full} == small ]]; then REPS=${REPS:-3}; else REPS=${REPS:-2}; fi
 PARALLELS=${PARALLELS:-"1 2 4"}
-RESTORE_PARALLELS=${RESTORE_PARALLELS:-"1 2 4"}
+RESTORE_PARALLELS=${RESTORE_PARALLELS:-"2 4"}
+# engine debug logs carry every remote command with a timestamp (overhead analysis)
+VK_LOG=${VK_LOG:-info,virtkeep_engine=debug}
 PROFILE=${PROFILE:-1}
 BUILD=${BUILD:-1}
 MIB=1048576
@@ -218,7 +220,7 @@ blog "domain $DOM running"
 cat "$IMG" "$RAW" >/dev/null
 
 # ------------------------------------------------------------------ node
-VK=(env -u XDG_CONFIG_HOME -u XDG_DATA_HOME HOME="$NODE" VIRTKEEP_LOG=info "$BIN" --config "$NODE/config.toml")
+VK=(env -u XDG_CONFIG_HOME -u XDG_DATA_HOME HOME="$NODE" VIRTKEEP_LOG="$VK_LOG" "$BIN" --config "$NODE/config.toml")
 "${VK[@]}" host add lab --ssh "$VK_SSH_USER@$VK_SSH_HOST:$VK_SSH_PORT" --identity "$VK_SSH_KEY" \
   --known-hosts "$VK_SSH_KNOWN_HOSTS" >"$RUN_DIR/host-add.out" 2>&1 || bdie "host add: $(cat "$RUN_DIR/host-add.out")"
 SSH=(ssh -q -F /dev/null -c aes128-gcm@openssh.com -p "$VK_SSH_PORT" -i "$VK_SSH_KEY" -o BatchMode=yes

@@ -57,7 +57,9 @@ fi
 if [[ -s $STARTED_FILE ]] && [[ -c /dev/kvm ]]; then
   read -r _ mode owner group < <(grep '^kvm-mode ' "$STARTED_FILE" | head -n1) || true
   if [[ -n ${mode:-} ]]; then
-    chown "$owner:$group" /dev/kvm && chmod "$mode" /dev/kvm || log "WARNING: could not restore /dev/kvm mode"
+    if ! { chown "$owner:$group" /dev/kvm && chmod "$mode" /dev/kvm; }; then
+      log "WARNING: could not restore /dev/kvm mode"
+    fi
   fi
 fi
 

@@ -9,7 +9,7 @@ PKGS=(
   openssh-server openssh-client sshpass
   ceph-mon ceph-osd ceph-common radosgw
   netcat-openbsd python3-boto3 sudo procps util-linux passwd coreutils
-  curl ca-certificates
+  curl ca-certificates shellcheck
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

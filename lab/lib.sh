@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared definitions for lab/up.sh, lab/down.sh, lab/test.sh and lab/demo.sh.
 # Sourced, never executed.
+# shellcheck disable=SC2034 # the constants are used by the scripts that source this
 
 LAB_DIR=/tmp/virtkeep-lab               # runtime state: env, sshd, ceph (wiped by down)
 STATE_DIR=/var/lib/virtkeep-lab         # images + "which daemons did the lab start"

@@ -34,7 +34,9 @@ fix_kvm_access() {
   if [[ $cur != "660 root kvm" ]]; then
     mkdir -p "$STATE_DIR"
     grep -q '^kvm-mode ' "$STARTED_FILE" 2>/dev/null || echo "kvm-mode $cur" >>"$STARTED_FILE"
-    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || log "WARNING: could not open /dev/kvm to group kvm"
+    if ! { chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; }; then
+      log "WARNING: could not open /dev/kvm to group kvm"
+    fi
   fi
 }
 

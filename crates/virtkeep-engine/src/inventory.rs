@@ -19,6 +19,10 @@ pub struct DiskInfo {
     pub allocated: Option<u64>,
     /// How virtkeep backs this disk up, or why it does not.
     pub method: String,
+    /// Backend details: LVM (from `lvs --reportformat json`) or Ceph RBD (from the XML
+    /// and `rbd info --format json` run with the host's Ceph settings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,7 +56,52 @@ async fn block_sizes(host: &Host, uuid: &str) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
+/// LVs by (vg, lv) from LVM's JSON report; empty when LVM reporting is unavailable.
+async fn lvm_report(host: &Host) -> Vec<virtkeep_libvirt::parse::LvInfo> {
+    match host.exec(&virtkeep_libvirt::cmd::lvs_json(None)).await {
+        Ok(out) if out.status == 0 => {
+            virtkeep_libvirt::parse::parse_lvs_json(&String::from_utf8_lossy(&out.stdout)).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
+async fn rbd_details(host: &Host, disk: &virtkeep_libvirt::Disk, pool: &str, image: &str) -> serde_json::Value {
+    let (monitors, auth) = match &disk.source {
+        DiskSource::Network { hosts, auth, .. } => (
+            hosts
+                .iter()
+                .map(|h| format!("{}:{}", h.name.as_deref().unwrap_or(""), h.port.as_deref().unwrap_or("6789")))
+                .collect::<Vec<_>>(),
+            auth.clone(),
+        ),
+        _ => (Vec::new(), None),
+    };
+    let mut v = serde_json::json!({
+        "pool": pool,
+        "image": image,
+        "monitors": monitors,
+        "auth_user": auth.as_ref().map(|a| a.username.clone()),
+        "secret_uuid": auth.as_ref().and_then(|a| a.secret_uuid.clone()),
+    });
+    match host.config.ceph_args() {
+        Some(ceph) => match host.exec(&ceph.info_json(pool, image)).await {
+            Ok(out) if out.status == 0 => {
+                if let Ok(info) = virtkeep_libvirt::parse::parse_rbd_info_json(&String::from_utf8_lossy(&out.stdout)) {
+                    v["size"] = info.size.into();
+                    v["fast_diff"] = info.has_fast_diff().into();
+                }
+            }
+            Ok(out) => v["rbd_info_error"] = String::from_utf8_lossy(&out.stderr).trim().to_string().into(),
+            Err(e) => v["rbd_info_error"] = e.to_string().into(),
+        },
+        None => v["rbd_info_error"] = "the host has no Ceph settings (host add --ceph-conf/--ceph-id/--ceph-keyring)".into(),
+    }
+    v
+}
+
 pub async fn list_vms(host: &Host) -> Result<Vec<VmInfo>> {
+    let mut lvs: Option<Vec<virtkeep_libvirt::parse::LvInfo>> = None;
     let uuids = host.run_string(&crate::heal::list_all_uuids(host)).await?;
     let mut vms = Vec::new();
     for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -72,14 +121,32 @@ pub async fn list_vms(host: &Host) -> Result<Vec<VmInfo>> {
                 (Ok(()), Backend::Rbd { .. }) => "rbd snapshot + export-diff (not in this version)".into(),
                 (Ok(()), _) => "not supported".into(),
             };
+            let details = match &backend {
+                Backend::Lvm { vg, lv } => {
+                    if lvs.is_none() {
+                        lvs = Some(lvm_report(host).await);
+                    }
+                    lvs.as_ref().and_then(|all| all.iter().find(|l| &l.vg == vg && &l.name == lv)).map(|l| {
+                        serde_json::json!({ "vg": l.vg, "lv": l.name, "size": l.size, "attr": l.attr, "thin_pool": l.pool_lv })
+                    })
+                }
+                Backend::Rbd { pool, image } => Some(rbd_details(host, d, pool, image).await),
+                _ => None,
+            };
+            let (virtual_size, allocated) = match (size, &details) {
+                (Some(s), _) => (Some(s.1), Some(s.2)),
+                (None, Some(d)) => (d["size"].as_u64(), None),
+                _ => (None, None),
+            };
             disks.push(DiskInfo {
+                details,
                 target: d.target.clone(),
                 device: format!("{:?}", d.device).to_lowercase(),
                 backend: backend_name(&backend),
                 format: d.format.clone(),
                 source: source_text(&d.source),
-                virtual_size: size.map(|s| s.1),
-                allocated: size.map(|s| s.2),
+                virtual_size,
+                allocated,
                 method,
             });
         }

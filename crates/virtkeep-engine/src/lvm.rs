@@ -198,7 +198,7 @@ pub fn cow_size_for(size: u64, share: f64, floor: u64, extent: u64) -> u64 {
     } else {
         0
     };
-    let cap = size.saturating_add(size / 128).saturating_add(2 * extent);
+    let cap = size.saturating_add(size / 64).saturating_add(extent);
     let bytes = wanted.max(floor).min(cap).max(extent);
     bytes.div_ceil(extent).saturating_mul(extent)
 }
@@ -307,9 +307,7 @@ pub async fn list_lvs(host: &Host, vg: Option<&str>) -> Result<Vec<LvInfo>> {
                 ErrorKind::Remote,
                 format!("volume group {vg} not found on host {}", host.name),
             )
-            .hint(format!(
-                "`vgs` on the host lists its volume groups; restore elsewhere with --storage lvm:VG"
-            )),
+            .hint("`vgs` on the host lists its volume groups; restore elsewhere with --storage lvm:VG"),
             _ => e,
         })?;
     parse::parse_lvs_json(&text).map_err(|e| parse_failed(host, &text, e))
@@ -704,11 +702,13 @@ async fn stop_process(host: &Host, pid: u32) -> Result<()> {
     host.exec(&RemoteCommand::new("kill").arg("-TERM").arg(&pid_s))
         .await?;
     for _ in 0..40 {
+        // a zombie (exited, not yet reaped) has an empty cmdline and holds no LV open
         let alive = host
             .exec(
-                &RemoteCommand::new("test")
-                    .arg("-d")
-                    .arg(format!("/proc/{pid}")),
+                &RemoteCommand::new("grep")
+                    .arg("-q")
+                    .arg(".")
+                    .arg(format!("/proc/{pid}/cmdline")),
             )
             .await?;
         if alive.status != 0 {
@@ -867,8 +867,10 @@ mod tests {
         // share of the origin, rounded up to extents
         assert_eq!(cow_size_for(1024 * MIB, 0.1, 0, EXT), 104 * MIB);
         // floor
-        assert_eq!(cow_size_for(16 * MIB, 0.1, 32 * MIB, EXT), 32 * MIB);
-        // never more than the origin can use (+ exception table, + 2 extents)
+        assert_eq!(cow_size_for(64 * MIB, 0.1, 32 * MIB, EXT), 32 * MIB);
+        // ... but not beyond what the origin can use
+        assert_eq!(cow_size_for(16 * MIB, 0.1, 32 * MIB, EXT), 24 * MIB);
+        // never more than the origin can use (+ exception table, + 1 extent)
         assert_eq!(cow_size_for(64 * MIB, 5.0, 0, EXT), 72 * MIB);
         assert_eq!(cow_size_for(64 * MIB, 1.0, 1 << 40, EXT), 72 * MIB);
         // at least one extent

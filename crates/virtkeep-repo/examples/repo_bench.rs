@@ -36,9 +36,30 @@ fn xorshift_fill(seed: u64, buf: &mut [u8]) {
 
 fn text_chunk(seed: u64) -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "virtual", "machine", "backup", "restore", "chunk", "index", "kernel", "page",
-        "block", "device", "libvirt", "qemu", "snapshot", "the", "a", "of", "and", "to",
-        "error", "info", "2026-11-26T21:00:00Z", "systemd", "sshd", "GET /api/v1/items",
+        "virtual",
+        "machine",
+        "backup",
+        "restore",
+        "chunk",
+        "index",
+        "kernel",
+        "page",
+        "block",
+        "device",
+        "libvirt",
+        "qemu",
+        "snapshot",
+        "the",
+        "a",
+        "of",
+        "and",
+        "to",
+        "error",
+        "info",
+        "2026-11-26T21:00:00Z",
+        "systemd",
+        "sshd",
+        "GET /api/v1/items",
     ];
     let mut out = Vec::with_capacity(CS);
     let mut x = seed | 1;
@@ -66,7 +87,11 @@ impl Gen {
             })
             .collect();
         let text = (0..2).map(|i| text_chunk(77 + i)).collect();
-        Gen { random, text, light }
+        Gen {
+            random,
+            text,
+            light,
+        }
     }
 
     /// Chunk `i` (None = all zero).
@@ -106,9 +131,11 @@ fn hwm_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .unwrap_or(0.0)
         / 1024.0
@@ -127,7 +154,7 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn ingest(repo: &Repository, gen: &Gen, chunks: u64, vm: &str) -> (f64, Manifest) {
+async fn ingest(repo: &Repository, data_gen: &Gen, chunks: u64, vm: &str) -> (f64, Manifest) {
     let size = chunks * CS as u64;
     let t = Instant::now();
     let w = repo
@@ -154,7 +181,7 @@ async fn ingest(repo: &Repository, gen: &Gen, chunks: u64, vm: &str) -> (f64, Ma
         .await
         .unwrap();
     for i in 0..chunks {
-        match gen.chunk(i) {
+        match data_gen.chunk(i) {
             Some(v) => d.write_chunk(i, Bytes::from(v)).await.unwrap(),
             None => {
                 // the engine learns zeros from block status; here the writer detects them
@@ -188,7 +215,13 @@ async fn restore_par(repo: &Repository, id: &str, par: usize) -> (f64, u64) {
     let total: u64 = futures::stream::iter(0..n)
         .map(|i| {
             let r = r.clone();
-            async move { r.read_chunk(i).await.unwrap().map(|b| b.len() as u64).unwrap_or(0) }
+            async move {
+                r.read_chunk(i)
+                    .await
+                    .unwrap()
+                    .map(|b| b.len() as u64)
+                    .unwrap_or(0)
+            }
         })
         .buffer_unordered(par)
         .fold(0u64, |a, b| async move { a + b })
@@ -208,9 +241,14 @@ fn main() {
     let mode = arg("--mode").unwrap_or_else(|| "all".into());
     let dir = arg("--dir").unwrap_or_else(|| "/tmp".into());
     let chunks = (gib * 256.0) as u64;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let gen = Gen::new(light);
-    let tmp = tempfile::Builder::new().prefix("vk-bench-").tempdir_in(&dir).unwrap();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let data_gen = Gen::new(light);
+    let tmp = tempfile::Builder::new()
+        .prefix("vk-bench-")
+        .tempdir_in(&dir)
+        .unwrap();
     let total = chunks * CS as u64;
     println!(
         "size {gib} GiB ({chunks} chunks of 4 MiB), profile {}, {cores} cores, repo {} (fsync off, AES-256-GCM, zstd-1)",
@@ -242,7 +280,7 @@ fn main() {
         let rt = runtime(cores);
         let (secs, m) = rt.block_on(async {
             let repo = init("rss").await;
-            ingest(&repo, &gen, chunks, "rss").await
+            ingest(&repo, &data_gen, chunks, "rss").await
         });
         println!(
             "RESULT {{\"size_gib\":{gib},\"chunks\":{chunks},\"ingest_mibps\":{:.0},\"chunks_new\":{},\"chunks_zero\":{},\"chunks_reused\":{},\"vmhwm_mib\":{:.1}}}",
@@ -261,7 +299,7 @@ fn main() {
     let mut comp = zstd::bulk::Compressor::new(1).unwrap();
     let zeros = vec![0u8; CS];
     for i in 0..base_n {
-        let c = gen.chunk(i);
+        let c = data_gen.chunk(i);
         let data = c.as_deref().unwrap_or(&zeros);
         let t = Instant::now();
         std::hint::black_box(blake3::hash(data));
@@ -282,7 +320,7 @@ fn main() {
         rt.block_on(async {
             let repo = init(&format!("r{threads}")).await;
             repo.set_parallelism(threads);
-            let (secs, m) = ingest(&repo, &gen, chunks, "bench").await;
+            let (secs, m) = ingest(&repo, &data_gen, chunks, "bench").await;
             let ing = mibps(total, secs);
             let (rs, rn) = restore_seq(&repo, &m.id).await;
             let (rp, _) = restore_par(&repo, &m.id, threads * 2).await;

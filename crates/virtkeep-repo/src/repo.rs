@@ -405,7 +405,9 @@ impl Repository {
     }
     /// Current CPU parallelism.
     pub fn parallelism(&self) -> usize {
-        self.inner.workers.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .workers
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
     pub(crate) fn timing(&self) -> LeaseTiming {
         self.inner.timing.lock().map(|g| *g).unwrap_or_default()

@@ -89,3 +89,45 @@ fn bad_input_gets_clear_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("vm list"));
 }
+
+/// RBD disks are listed from the XML (pool/image, monitors, auth, secret) plus
+/// `rbd info` run on the host with the host's Ceph settings passed explicitly.
+#[test]
+fn vm_list_shows_rbd_details() {
+    let node = Node::new();
+    let lab = node.lab;
+    let ssh = format!("{}@{}:{}", lab.ssh_user, lab.ssh_host, lab.ssh_port);
+    let (known, key) = (lab.known_hosts.display().to_string(), lab.ssh_key.display().to_string());
+    let (conf, keyring) = (lab.ceph_conf.display().to_string(), lab.ceph_keyring.display().to_string());
+    node.ok(&[
+        "host", "add", "ceph", "--ssh", &ssh, "--identity", &key, "--known-hosts", &known, "--ceph-conf", &conf, "--ceph-id",
+        &lab.ceph_id, "--ceph-keyring", &keyring,
+    ]);
+    let vm = TestVm::builder("rbdlist").rbd_disk(16 << 20).running(false).build();
+    let list = node.json(&["vm", "list", "ceph"]);
+    let entry = list.as_array().expect("list").iter().find(|v| v["name"] == vm.name.as_str()).expect("listed");
+    let disk = &entry["disks"][0];
+    let image = vm.disks[0].rbd_image.clone().expect("rbd image");
+    assert_eq!(disk["backend"], format!("rbd:{}/{image}", lab.ceph_pool));
+    assert_eq!(disk["details"]["size"], 16 << 20, "{disk}");
+    assert_eq!(disk["details"]["secret_uuid"], lab.ceph_secret_uuid.as_str());
+    assert!(disk["details"]["monitors"].as_array().expect("mons").iter().any(|m| m.as_str().is_some_and(|m| m.starts_with("127.0.0.1"))));
+    assert!(disk["method"].as_str().is_some_and(|m| m.contains("rbd")));
+}
+
+/// A requirement that fails is named with its fix, and the exit code says so.
+#[test]
+fn host_check_names_what_fails() {
+    let node = Node::new();
+    let lab = node.lab;
+    let ssh = format!("{}@{}:{}", lab.password_user, lab.ssh_host, lab.ssh_port);
+    let known = lab.known_hosts.display().to_string();
+    // Without sudo, the unprivileged user cannot reach qemu:///system nor /run/virtkeep.
+    node.ok(&["host", "add", "nosudo", "--ssh", &ssh, "--password-env", "VK_TEST_PW", "--known-hosts", &known]);
+    let out = node.cmd().args(["--json", "host", "check", "nosudo"]).env("VK_TEST_PW", &lab.password).output().expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let failed: Vec<&serde_json::Value> = v["checks"].as_array().expect("checks").iter().filter(|c| c["ok"] == false).collect();
+    assert!(failed.iter().any(|c| c["check"] == "virsh" && c["fix"].as_str().is_some()), "{v}");
+    assert!(v["checks"].as_array().expect("checks").iter().any(|c| c["check"] == "qemu-nbd" && c["ok"] == true));
+}

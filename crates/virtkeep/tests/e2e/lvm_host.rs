@@ -1,0 +1,456 @@
+//! The LVM primitives (`virtkeep_engine::lvm`) against a real LVM host: the LVM test
+//! hypervisor of `lab/hvm` (a Debian VM under TCG with LVM and libvirt, booted once per
+//! test run by `virtkeep_lab::hvm::hvm()`), reached through the engine's own SSH client.
+
+use std::time::Instant;
+
+use virtkeep_engine::config::HostConfig;
+use virtkeep_engine::host::Host;
+use virtkeep_engine::lvm::{self, LV_SNAPSHOT_MARKER, LvDisk, LvSnapshot, SnapshotRequest};
+use virtkeep_engine::{ErrorKind, job_id};
+use virtkeep_lab::hvm::{LvmTestVm, ScratchVg, hvm, sh_quote};
+
+use crate::harness::Node;
+
+const MIB: u64 = 1 << 20;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The engine's connection to the LVM hypervisor (strict host key from its known_hosts).
+async fn connect() -> Host {
+    let h = hvm();
+    let cfg: HostConfig = serde_json::from_value(serde_json::json!({
+        "address": h.host,
+        "port": h.port,
+        "user": h.user,
+        "identity": h.key,
+        "known_hosts": h.known_hosts,
+    }))
+    .expect("host config");
+    Host::connect("lvmhv", &cfg, &h.known_hosts)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the LVM hypervisor: {e} ({:?})", e.hint))
+}
+
+/// The VM's disks as LVM reports them (sizes rounded to extents, thin or not).
+async fn lv_disks(host: &Host, vm: &LvmTestVm) -> Vec<LvDisk> {
+    let mut out = Vec::new();
+    for d in &vm.disks {
+        let info = lvm::lv_info(host, &d.vg, &d.lv).await.expect("lv_info");
+        out.push(LvDisk::from_info(&info));
+    }
+    out
+}
+
+/// Removes LVs made outside an `LvmTestVm` when the test ends.
+struct LvGuard(Vec<String>);
+
+impl Drop for LvGuard {
+    fn drop(&mut self) {
+        let mut cmd = String::from("true");
+        for lv in &self.0 {
+            cmd.push_str(&format!("; lvremove -q -f {} 2>/dev/null", sh_quote(lv)));
+        }
+        let _ = hvm().try_ssh(&cmd);
+    }
+}
+
+/// A thick and a thin LV of a running VM: the snapshots made by `create_snapshots` read
+/// back through SSH (`dd`) byte for byte as the LVs were at the snapshot instant, while
+/// the VM keeps writing to its disks; then they are removed without a trace.
+#[test]
+fn lvm_snapshots_of_thick_and_thin_lvs_hold_the_instant() {
+    let h = hvm();
+    let vm = LvmTestVm::builder("lvsnap")
+        .thick_disk(32 * MIB)
+        .thin_disk(32 * MIB)
+        .running(true)
+        .build();
+    assert!(vm.is_running());
+    vm.write_pattern("vda", 0x11, 0, 4 * MIB);
+    vm.write_pattern("vdb", 0x22, MIB, 2 * MIB);
+    let at_instant = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
+
+    let rt = runtime();
+    let job = job_id();
+    let (host, snaps) = rt.block_on(async {
+        let host = connect().await;
+        let disks = lv_disks(&host, &vm).await;
+        assert_eq!(disks[0].size, 32 * MIB);
+        assert!(!disks[0].thin && disks[1].thin, "{disks:?}");
+        let sizes = lvm::plan_snapshot_space(&host, &disks, 0.25, 4 * MIB)
+            .await
+            .expect("plan");
+        assert_eq!(sizes, vec![Some(8 * MIB), None]);
+        let snaps = lvm::create_snapshots(&host, &SnapshotRequest::planned(&disks, &sizes), &job)
+            .await
+            .expect("create snapshots");
+        (host, snaps)
+    });
+    assert_eq!(snaps.len(), 2);
+    for (s, d) in snaps.iter().zip(&vm.disks) {
+        assert_eq!(s.origin, d.lv);
+        assert_eq!(s.name, lvm::snapshot_name(&d.vg, &d.lv, &job));
+        assert!(s.name.contains(LV_SNAPSHOT_MARKER));
+        assert_eq!(s.path, format!("/dev/{}/{}", d.vg, s.name));
+    }
+    assert!(!snaps[0].thin && snaps[1].thin);
+    let lvs = h.lvs(&h.vg);
+    let attr = |n: &str| {
+        lvs.iter()
+            .find(|(l, _, _)| l == n)
+            .map(|(_, a, o)| (a.clone(), o.clone()))
+    };
+    let (a0, o0) = attr(&snaps[0].name).expect("thick snapshot listed");
+    assert!(a0.starts_with('s'), "classic snapshot attr {a0}");
+    assert_eq!(o0, vm.disks[0].lv);
+    let (a1, o1) = attr(&snaps[1].name).expect("thin snapshot listed");
+    assert!(
+        a1.starts_with('V') && a1.chars().nth(4) == Some('a'),
+        "active thin snapshot attr {a1}"
+    );
+    assert_eq!(o1, vm.disks[1].lv);
+
+    // the running VM writes after the instant
+    vm.write_pattern("vda", 0x33, 0, 2 * MIB);
+    vm.write_pattern("vdb", 0x44, 8 * MIB, MIB);
+    assert_ne!(vm.disk_checksum("vda"), at_instant[0]);
+    assert_ne!(vm.disk_checksum("vdb"), at_instant[1]);
+
+    for (s, want) in snaps.iter().zip(&at_instant) {
+        let t = Instant::now();
+        let (got, n) = h.ssh_sha256(&format!("dd if={} bs=4M status=none", s.path));
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "ssh dd of {} ({} MiB): {secs:.1} s, {:.1} MiB/s",
+            s.name,
+            n / MIB,
+            n as f64 / MIB as f64 / secs
+        );
+        assert_eq!(n, 32 * MIB);
+        assert_eq!(
+            &got, want,
+            "snapshot {} is not the LV at the instant",
+            s.name
+        );
+    }
+
+    rt.block_on(async {
+        for s in &snaps {
+            lvm::check_snapshot_valid(&host, s)
+                .await
+                .expect("snapshot valid");
+        }
+        lvm::remove_snapshots(&host, &snaps).await.expect("remove");
+        // removing again is fine (gone counts as removed)
+        lvm::remove_snapshots(&host, &snaps)
+            .await
+            .expect("remove twice");
+    });
+    assert!(
+        vm.leftover_snapshots().is_empty(),
+        "{:?}",
+        vm.leftover_snapshots()
+    );
+    assert!(vm.is_running(), "the VM kept running");
+}
+
+/// A VG without room for the copy-on-write areas: `plan_snapshot_space` refuses with a
+/// clear message, and `create_snapshots` that fails half-way removes what it made.
+#[test]
+fn lvm_vg_too_full_is_refused_and_nothing_is_left() {
+    let h = hvm();
+    let vg = ScratchVg::new("lvfull", 64 * MIB);
+    let vm = LvmTestVm::builder("lvfull")
+        .vg(&vg.name)
+        .thick_disk(24 * MIB)
+        .thick_disk(24 * MIB)
+        .build();
+    let free = vg.free();
+    assert!(free < 16 * MIB, "scratch VG has {free} bytes free");
+    let rt = runtime();
+    rt.block_on(async {
+        let host = connect().await;
+        let disks = lv_disks(&host, &vm).await;
+        let err = lvm::plan_snapshot_space(&host, &disks, 0.5, 0)
+            .await
+            .expect_err("the VG is too small for two 12 MiB snapshots");
+        assert_eq!(err.kind, ErrorKind::Conflict);
+        assert!(
+            err.message
+                .contains(&format!("volume group {} has", vg.name))
+                && err.message.contains("free, the snapshots need 24.0 MiB"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.hint.as_deref().is_some_and(|h| h.contains("vgextend")),
+            "{:?}",
+            err.hint
+        );
+
+        // all or nothing: the first snapshot fits, the second does not
+        let reqs: Vec<SnapshotRequest> = disks
+            .iter()
+            .map(|d| SnapshotRequest {
+                vg: d.vg.clone(),
+                lv: d.lv.clone(),
+                cow_size: Some(free),
+            })
+            .collect();
+        let err = lvm::create_snapshots(&host, &reqs, &job_id())
+            .await
+            .expect_err("the second snapshot has no room");
+        assert_eq!(err.kind, ErrorKind::Remote);
+        assert!(err.message.contains(&disks[1].lv), "{}", err.message);
+    });
+    assert!(
+        vm.leftover_snapshots().is_empty(),
+        "{:?}",
+        vm.leftover_snapshots()
+    );
+    assert_eq!(h.lvs(&vg.name).len(), 2, "only the VM's LVs remain");
+    assert_eq!(vg.free(), free);
+}
+
+/// A classic snapshot whose copy-on-write area overflows is an error, never data.
+#[test]
+fn lvm_overflowed_snapshot_is_reported() {
+    let vm = LvmTestVm::builder("lvovf").thick_disk(32 * MIB).build();
+    let rt = runtime();
+    let host = rt.block_on(connect());
+    let d = vm.disk("vda").clone();
+    let snaps = rt
+        .block_on(lvm::create_snapshots(
+            &host,
+            &[SnapshotRequest {
+                vg: d.vg.clone(),
+                lv: d.lv.clone(),
+                cow_size: Some(4 * MIB),
+            }],
+            &job_id(),
+        ))
+        .expect("snapshot");
+    rt.block_on(lvm::check_snapshot_valid(&host, &snaps[0]))
+        .expect("valid before the writes");
+    // 12 MiB of writes into a 4 MiB copy-on-write area
+    vm.write_pattern("vda", 0x5a, 0, 12 * MIB);
+    let err = rt
+        .block_on(lvm::check_snapshot_valid(&host, &snaps[0]))
+        .expect_err("overflowed snapshot");
+    assert_eq!(err.kind, ErrorKind::DataPath);
+    assert!(
+        err.message.contains("overflowed") || err.message.contains("full"),
+        "{}",
+        err.message
+    );
+    rt.block_on(lvm::remove_snapshots(&host, &snaps))
+        .expect("remove the invalid snapshot");
+    assert!(vm.leftover_snapshots().is_empty());
+}
+
+/// What a killed job leaves (snapshots, a qemu-nbd still exporting one) is removed by
+/// `remove_leftover_snapshots`, and only for the origins it is given.
+#[test]
+fn lvm_leftover_snapshots_are_removed_with_their_readers() {
+    let h = hvm();
+    let vm = LvmTestVm::builder("lvleft")
+        .thick_disk(16 * MIB)
+        .thin_disk(16 * MIB)
+        .build();
+    let other = LvmTestVm::builder("lvkeep").thick_disk(16 * MIB).build();
+    let rt = runtime();
+    let host = rt.block_on(connect());
+    let reqs = |vm: &LvmTestVm| -> Vec<SnapshotRequest> {
+        vm.disks
+            .iter()
+            .map(|d| SnapshotRequest {
+                vg: d.vg.clone(),
+                lv: d.lv.clone(),
+                cow_size: (d.kind == virtkeep_lab::hvm::LvKind::Thick).then_some(4 * MIB),
+            })
+            .collect()
+    };
+    let killed: Vec<LvSnapshot> = rt
+        .block_on(lvm::create_snapshots(&host, &reqs(&vm), &job_id()))
+        .expect("snapshots");
+    let kept: Vec<LvSnapshot> = rt
+        .block_on(lvm::create_snapshots(&host, &reqs(&other), &job_id()))
+        .expect("snapshots");
+    // the killed job's export is still running
+    let pid_file = format!("/run/{}.nbd.pid", vm.name);
+    h.ssh(&format!(
+        "qemu-nbd -r --fork --persistent --socket=/run/{n}.nbd.sock --pid-file={pid_file} --image-opts driver=raw,file.driver=host_device,file.filename={p}",
+        n = vm.name,
+        p = killed[0].path
+    ));
+    let pid = h.ssh(&format!("cat {pid_file}")).trim().to_string();
+
+    let origins: Vec<(String, String)> = vm
+        .disks
+        .iter()
+        .map(|d| (d.vg.clone(), d.lv.clone()))
+        .collect();
+    let mut removed = rt
+        .block_on(lvm::remove_leftover_snapshots(&host, &origins))
+        .expect("remove leftovers");
+    removed.sort();
+    let mut expected: Vec<String> = killed
+        .iter()
+        .map(|s| format!("{}/{}", s.vg, s.name))
+        .collect();
+    expected.sort();
+    assert_eq!(removed, expected);
+    assert!(
+        vm.leftover_snapshots().is_empty(),
+        "{:?}",
+        vm.leftover_snapshots()
+    );
+    assert_eq!(
+        h.ssh(&format!(
+            "grep -q . /proc/{pid}/cmdline 2>/dev/null && echo alive || echo gone"
+        ))
+        .trim(),
+        "gone"
+    );
+    // another VM's snapshot is not touched
+    assert_eq!(
+        other.leftover_snapshots(),
+        vec![format!("{}/{}", kept[0].vg, kept[0].name)]
+    );
+    // nothing left: a second run removes nothing
+    assert!(
+        rt.block_on(lvm::remove_leftover_snapshots(&host, &origins))
+            .expect("again")
+            .is_empty()
+    );
+    rt.block_on(lvm::remove_snapshots(&host, &kept))
+        .expect("remove");
+}
+
+/// Restore targets: `create_lv` makes thick and thin LVs, refuses an existing one and a
+/// bad name; the probe sees LVM's version, JSON reporting and thin_delta.
+#[test]
+fn lvm_create_lv_for_restore_and_probe() {
+    let h = hvm();
+    let base = virtkeep_lab::unique_name("lvrestore");
+    let (thick, thin) = (format!("{base}-a"), format!("{base}-b"));
+    let _guard = LvGuard(vec![
+        format!("{}/{thick}", h.vg),
+        format!("{}/{thin}", h.vg),
+    ]);
+    let rt = runtime();
+    rt.block_on(async {
+        let host = connect().await;
+        let probe = lvm::probe(&host).await.expect("probe");
+        assert!(
+            probe
+                .version
+                .as_deref()
+                .is_some_and(lvm::lvm_version_has_json),
+            "{probe:?}"
+        );
+        assert!(probe.json_reporting && probe.thin_delta, "{probe:?}");
+        let vgs = lvm::list_vgs(&host).await.expect("vgs");
+        assert!(vgs.iter().any(|v| v.name == h.vg && v.free > 0), "{vgs:?}");
+
+        let p = lvm::create_lv(&host, &h.vg, &thick, 20 * MIB, None)
+            .await
+            .expect("thick LV");
+        assert_eq!(p, format!("/dev/{}/{thick}", h.vg));
+        assert_eq!(lvm::parse_lv_path(&p), Some((h.vg.clone(), thick.clone())));
+        let info = lvm::lv_info(&host, &h.vg, &thick).await.expect("info");
+        assert_eq!(info.size, 20 * MIB);
+        assert!(!info.is_thin());
+        let p = lvm::create_lv(&host, &h.vg, &thin, 16 * MIB, Some(&h.thinpool))
+            .await
+            .expect("thin LV");
+        let info = lvm::lv_info(&host, &h.vg, &thin).await.expect("info");
+        assert!(
+            info.is_thin() && info.pool_lv.as_deref() == Some(h.thinpool.as_str()),
+            "{info:?}"
+        );
+        assert_eq!(p, format!("/dev/{}/{thin}", h.vg));
+
+        let err = lvm::create_lv(&host, &h.vg, &thick, 20 * MIB, None)
+            .await
+            .expect_err("exists");
+        assert_eq!(err.kind, ErrorKind::Conflict);
+        assert!(err.message.contains("exists already"), "{}", err.message);
+        let err = lvm::create_lv(&host, &h.vg, "bad name", MIB, None)
+            .await
+            .expect_err("bad name");
+        assert_eq!(err.kind, ErrorKind::Config);
+        let err = lvm::create_lv(&host, &h.vg, &format!("{base}-c"), MIB, Some("nopool"))
+            .await
+            .expect_err("no pool");
+        assert!(err.message.contains("thin pool"), "{}", err.message);
+        let err = lvm::lv_info(&host, &h.vg, &format!("{base}-missing"))
+            .await
+            .expect_err("missing LV");
+        assert!(err.message.contains("not found"), "{}", err.message);
+        let err = lvm::list_lvs(&host, Some("vkt-no-such-vg"))
+            .await
+            .expect_err("missing VG");
+        assert!(
+            err.message
+                .contains("volume group vkt-no-such-vg not found"),
+            "{}",
+            err.message
+        );
+    });
+    assert_eq!(
+        h.ssh(&format!("blockdev --getsize64 /dev/{}/{thick}", h.vg))
+            .trim(),
+        (20 * MIB).to_string()
+    );
+}
+
+/// The CLI sees the LVM hypervisor as a host: `host check` passes (LVM reporting
+/// included) and `vm list` shows a VM on LVs.
+#[test]
+fn lvm_host_check_and_vm_list_through_the_cli() {
+    let h = hvm();
+    let node = Node::new();
+    let key = h.key.display().to_string();
+    let known = h.known_hosts.display().to_string();
+    node.ok(&[
+        "host",
+        "add",
+        "lvmhv",
+        "--ssh",
+        &h.ssh_spec(),
+        "--identity",
+        &key,
+        "--known-hosts",
+        &known,
+    ]);
+    let check = node.json(&["host", "check", "lvmhv"]);
+    assert_eq!(check["ok"], true, "{check}");
+    assert!(check.to_string().contains("LVM reporting"), "{check}");
+    let vm = LvmTestVm::builder("lvlist")
+        .thick_disk(16 * MIB)
+        .thin_disk(16 * MIB)
+        .build();
+    let list = node.json(&["vm", "list", "lvmhv"]);
+    let entry = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|v| v["name"] == vm.name.as_str())
+        .unwrap_or_else(|| panic!("{} not listed: {list}", vm.name))
+        .clone();
+    let disks = entry["disks"].as_array().expect("disks");
+    assert_eq!(disks.len(), 2, "{entry}");
+    assert!(
+        disks
+            .iter()
+            .all(|d| d["backend"].as_str().is_some_and(|b| b.contains("lvm"))),
+        "{entry}"
+    );
+}
