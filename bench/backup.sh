@@ -234,7 +234,8 @@ add() { eval "$1[\$2]+=\"\$3 \""; }
 med() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | median; }
 sample_add() { # CASE NAME: collect CPU figures of run NAME into CASE
   local f=$RUN_DIR/$2.cpu.json
-  add CPUV "$1" "$(cpu_of "$f" virtkeep)"
+  # virtkeep's own CPU from time -v (others' tests run virtkeep binaries too)
+  if [[ $1 == sshcat ]]; then add CPUV "$1" 0; else add CPUV "$1" "$(calc "$T_USER + $T_SYS")"; fi
   add CPUSSHD "$1" "$(cpu_of "$f" sshd ssh)"
   add CPUNBD "$1" "$(cpu_of "$f" qemu-nbd)"
   add CPUOTHER "$1" "$(cpu_other "$f" virtkeep sshd ssh qemu-nbd cat qemu-system-x86 python3 time)"
@@ -414,7 +415,7 @@ FACTS="- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), SIZE=$SIZE, REPS=$REPS, run took 
 - $(qemu-img --version | head -1); $(virsh --version 2>/dev/null | sed 's/^/libvirt /'); $(ssh -V 2>&1); sshd on 127.0.0.1 (lab), repository on local disk ($(df -T "$WORK" | awk 'NR==2 {print $2}'), fsync on: default)
 - workload: qcow2 v3 $((DISK / MIB)) MiB virtual, allocated data $ALLOC B ($ALLOC_MIB MiB) + $((U / MIB)) MiB \`write -z\` zero clusters; running TCG domain $DOM (64 MiB, no OS)
 - throughput = allocated bytes / wall time of the whole command (backup includes SSH connect, snapshot, blockcommit; restore includes qemu-img create, define); \"data s\" = first \"disk transfer starts\" to last \"disk done\" in virtkeep's log (the data path alone)
-- CPU s = CPU seconds used during the run (bench/cpusample.py, /proc): virtkeep process; ssh(d) = sshd processes (+ ssh client for ssh cat); nbd = qemu-nbd; other = everything else on the machine (mostly others' builds)"
+- CPU s: virtkeep = user+sys of our process (time -v); ssh(d) = all sshd processes (+ ssh client for ssh cat), nbd = all qemu-nbd, other = everything else on the machine, from bench/cpusample.py (/proc). On a shared lab the sshd/qemu-nbd figures include other people's tests using the same lab sshd."
 
 REPORT="# virtkeep backup/restore benchmark ($SIZE, $STAMP)
 

@@ -8,7 +8,7 @@
 # russh/OpenSSH (>1 = russh faster). Page cache is warmed first so disk is not measured.
 #
 # Env: VK_BENCH_FILE (default /var/tmp/virtkeep-bench-2g.bin), VK_BENCH_SIZE (bytes),
-#      RUNS, STREAMS (default "2 4").
+#      RUNS, STREAMS (default "2 4"), VK_BENCH_NO_BUILD.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 env_file=/tmp/virtkeep-lab/env
@@ -30,7 +30,11 @@ if [[ ! -f $file || $(stat -c %s "$file") -ne $size ]]; then
 fi
 cat "$file" > /dev/null # warm the page cache
 
-(cd "$root" && cargo build --release -q -p virtkeep-ssh --example ssh_cat)
+# VK_BENCH_NO_BUILD=1 reuses an existing release binary (the shared target dir may be
+# locked by other builds).
+if [[ -z ${VK_BENCH_NO_BUILD:-} ]]; then
+    (cd "$root" && cargo build --release -q -p virtkeep-ssh --example ssh_cat)
+fi
 bin="${CARGO_TARGET_DIR:-$root/target}/release/examples/ssh_cat"
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

@@ -78,7 +78,11 @@ MM=(mmdebstrap --variant=minbase --components=main --include="$PKGS"
   --skip=essential/unlink
   --setup-hook='mkdir -p "$1"/var/cache/apt/archives/'
   --setup-hook="sync-in $DEBS /var/cache/apt/archives/"
-  --customize-hook="sync-out /var/cache/apt/archives $DEBS")
+  --customize-hook="sync-out /var/cache/apt/archives $DEBS"
+  # a small initramfs (only what mounts /dev/vda): much faster to unpack and run under TCG
+  --customize-hook='echo MODULES=list >"$1/etc/initramfs-tools/conf.d/virtkeep-hvm"'
+  --customize-hook='printf "virtio_pci\nvirtio_blk\n" >>"$1/etc/initramfs-tools/modules"'
+  --customize-hook='chroot "$1" update-initramfs -u -k all')
 hlog "mmdebstrap bookworm (log: $WORK/mmdebstrap.log)"
 if ! timeout 1200 "${MM[@]}" bookworm "$ROOTFS" "$MIRROR" >"$WORK/mmdebstrap.log" 2>&1; then
   tail -40 "$WORK/mmdebstrap.log" >&2
@@ -104,6 +108,12 @@ MaxSessions 64
 ClientAliveInterval 15
 EOF
 
+# No udev coldplug at boot (see hvm-init): LVM lists devices itself instead of asking udev's
+# database, which would otherwise make it wait for devices udev never processed.
+sed -i 's/^\(\s*\)# obtain_device_list_from_udev = [01]$/\1obtain_device_list_from_udev = 0/' "$ROOTFS/etc/lvm/lvm.conf"
+grep -q '^\s*obtain_device_list_from_udev = 0' "$ROOTFS/etc/lvm/lvm.conf" ||
+  hdie "could not set obtain_device_list_from_udev = 0 in lvm.conf"
+
 # PID 1: mounts, modules, udev, config disk (keys), network, LVM, libvirt, sshd; then
 # reaps orphans and powers off after VK_IDLE_MINUTES without an SSH session.
 cat >"$ROOTFS/sbin/hvm-init" <<'EOF'
@@ -124,12 +134,6 @@ mkdir -p /run/sshd /run/lock /run/lvm /run/dbus
 hostname hvm
 ln -sf /proc/self/mounts /etc/mtab
 modprobe -a virtio_net virtio_blk virtio_rng dm_mod dm_snapshot dm_thin_pool loop 2>/dev/null
-if [ -x /lib/systemd/systemd-udevd ]; then
-  /lib/systemd/systemd-udevd --daemon
-  udevadm trigger --action=add --type=subsystems
-  udevadm trigger --action=add --type=devices
-  udevadm settle --timeout=30
-fi
 # config disk: a tar archive on the virtio disk with serial vkcfg
 CFG=/run/hvm-cfg
 mkdir -p $CFG
@@ -145,18 +149,22 @@ if [ -s $CFG/ssh_host_ed25519_key ]; then
 else
   ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 fi
-IDLE=0
 [ -s $CFG/config ] && . $CFG/config
 ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
+# sshd first: the connection setup overlaps with the rest (up.sh waits for hvm-ready)
+/usr/sbin/sshd
+# udevd for the events LVM waits on (LV device nodes and /dev/VG/LV links); no coldplug:
+# nothing here needs the existing devices' udev data, and it takes tens of seconds in TCG
+[ -x /lib/systemd/systemd-udevd ] && /lib/systemd/systemd-udevd --daemon
 vgchange -ay >/dev/null 2>&1
 dbus-daemon --system --fork >/dev/null 2>&1
 /usr/sbin/virtlogd -d
 /usr/sbin/libvirtd -d
-/usr/sbin/sshd
-say ready
+touch /run/hvm-ready
+say "ready after $(cut -d' ' -f1 /proc/uptime) s"
 # the first virsh call probes QEMU's capabilities (seconds under TCG): do it now
 (sleep 1; virsh -c qemu:///system domcapabilities >/dev/null 2>&1) &
 trap 'sync; echo o > /proc/sysrq-trigger' TERM USR2

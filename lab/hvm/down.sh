@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stops the LVM test hypervisor started by lab/hvm/up.sh and removes its per-boot state
-# (/tmp/virtkeep-lab/hvm: overlay, PV disk, keys, env). Only qemu processes of ours are
+# (/var/tmp/virtkeep-lab-hvm: overlay, PV disk, keys; /tmp/virtkeep-lab/hvm: env, pid). Only qemu processes of ours are
 # touched (recognised by their command line), also when the pid file is gone.
 # The cached image stays (it is a build cache); --purge removes it too.
 # Idempotent; takes the same lock as up.sh (--locked: the caller holds it).
@@ -23,7 +23,7 @@ if ((!LOCKED)); then
   flock -w 900 9 || hdie "could not lock $HVM_LOCK_FILE within 900 s"
 fi
 
-env_get() { sed -n "s/^$1=//p" "$HVM_ENV_FILE" 2>/dev/null | head -n1; }
+env_get() { sed -n "s/^$1=//p" "$HVM_STATE_ENV" 2>/dev/null | head -n1; }
 
 # graceful first: sync and power off from inside (PID 1 is a shell script)
 port=$(env_get VK_HVM_PORT) key=$(env_get VK_HVM_KEY) kh=$(env_get VK_HVM_KNOWN_HOSTS)
@@ -46,7 +46,7 @@ for pid in $(hvm_all_pids); do
   hlog "stopped qemu pid $pid"
 done
 [[ -n $pids ]] || hlog "not running"
-rm -rf "$HVM_RUN_DIR"
+rm -rf "$HVM_RUN_DIR" "$HVM_STATE_DIR"
 if ((PURGE)); then
   rm -rf --one-file-system "$HVM_CACHE_ROOT"
   hlog "image cache removed"

@@ -3,7 +3,12 @@
 # Debian VM under TCG (this machine's kernel has no device-mapper). Sourced, never run.
 
 HVM_CACHE_ROOT=${VK_HVM_CACHE_ROOT:-/var/cache/virtkeep-lab/hvm} # built images, keyed by build.sh's hash
-HVM_RUN_DIR=/tmp/virtkeep-lab/hvm         # per-boot state: overlay, PV disk, keys, pid, env
+# Per-boot state (overlay, PV disk, keys, known_hosts, console log, pid, env). Kept out of
+# /tmp/virtkeep-lab, which lab/up.sh wipes on a fresh start: a running VM survives that.
+HVM_STATE_DIR=/var/tmp/virtkeep-lab-hvm
+HVM_STATE_ENV=$HVM_STATE_DIR/env
+# Published copies for the tests (env, qemu.pid); up.sh rewrites them when they are gone.
+HVM_RUN_DIR=/tmp/virtkeep-lab/hvm
 HVM_ENV_FILE=$HVM_RUN_DIR/env
 HVM_LOCK_FILE=/tmp/virtkeep-lab-hvm.lock  # outside the run dir: survives its removal
 HVM_BUILD_LOCK=$HVM_CACHE_ROOT/.build.lock

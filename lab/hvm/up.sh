@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Boots the LVM test hypervisor and writes /tmp/virtkeep-lab/hvm/env:
+# Boots the LVM test hypervisor and writes /tmp/virtkeep-lab/hvm/env (and qemu.pid there;
+# the VM's own state lives in /var/tmp/virtkeep-lab-hvm, see lib.sh):
 #   VK_HVM_HOST=127.0.0.1 VK_HVM_PORT VK_HVM_USER=root VK_HVM_KEY VK_HVM_KNOWN_HOSTS
 #   VK_HVM_VG=vg0 VK_HVM_THINPOOL=thinpool VK_HVM_PID VK_HVM_RUN_DIR VK_HVM_BOOT_MS ...
 #
@@ -30,7 +31,14 @@ mkdir -p "$(dirname "$HVM_LOCK_FILE")"
 exec 9>>"$HVM_LOCK_FILE"
 flock -w 900 9 || hdie "could not lock $HVM_LOCK_FILE within 900 s (another lab/hvm/up.sh hangs?)"
 
-env_get() { sed -n "s/^$1=//p" "$HVM_ENV_FILE" 2>/dev/null | head -n1; }
+env_get() { sed -n "s/^$1=//p" "$HVM_STATE_ENV" 2>/dev/null | head -n1; }
+
+# (re)publish env and pid file where the tests look (lab/up.sh may have wiped them)
+publish() {
+  mkdir -p "$HVM_RUN_DIR"
+  cp "$HVM_STATE_DIR/qemu.pid" "$HVM_RUN_DIR/qemu.pid.tmp" && mv "$HVM_RUN_DIR/qemu.pid.tmp" "$HVM_RUN_DIR/qemu.pid"
+  cp "$HVM_STATE_ENV" "$HVM_ENV_FILE.tmp" && mv "$HVM_ENV_FILE.tmp" "$HVM_ENV_FILE"
+}
 
 SSH_OPTS=()
 set_ssh_opts() { mapfile -t SSH_OPTS < <(hvm_ssh_opts "$1" "$2" "$3"); }
@@ -42,7 +50,7 @@ gssh() {
 }
 
 healthy() {
-  [[ -s $HVM_ENV_FILE ]] || return 1
+  [[ -s $HVM_STATE_ENV ]] || return 1
   hvm_pid_alive "$(env_get VK_HVM_PID)" || return 1
   set_ssh_opts "$(env_get VK_HVM_PORT)" "$(env_get VK_HVM_KEY)" "$(env_get VK_HVM_KNOWN_HOSTS)"
   gssh 20 "vgs $HVM_VG >/dev/null 2>&1" 2>/dev/null
@@ -86,6 +94,7 @@ sweep_dead() {
 }
 
 if healthy; then
+  publish
   sweep_dead
   hlog "LVM hypervisor already up (env: $HVM_ENV_FILE)"
   exit 0
@@ -94,8 +103,8 @@ fi
 # ------------------------------------------------------------------ fresh boot
 "$HERE/down.sh" --locked >/dev/null 2>&1 || true
 IMAGE_DIR=$("$HERE/build.sh" 9>&-) || hdie "lab/hvm/build.sh failed"
-RUN=$HVM_RUN_DIR
-rm -rf "$RUN"
+RUN=$HVM_STATE_DIR
+rm -rf "$RUN" "$HVM_RUN_DIR"
 mkdir -p "$RUN/cfg"
 chmod 0700 "$RUN"
 
@@ -164,6 +173,7 @@ T1=${EPOCHREALTIME/[.,]/}
 hlog "SSH answers after $(((T1 - T0) / 1000000)) s"
 
 gssh 240 "set -e
+i=0; while [ ! -e /run/hvm-ready ] && [ \$i -lt 600 ]; do sleep 0.2; i=\$((i + 1)); done
 pvcreate -q -y /dev/hvm-pv0
 vgcreate -q $HVM_VG /dev/hvm-pv0
 lvcreate -q -y --type thin-pool -L ${VK_HVM_THINPOOL_SIZE:-512M} -n $HVM_THINPOOL $HVM_VG
@@ -172,7 +182,7 @@ vgs --noheadings -o vg_name,vg_size,vg_free --units m $HVM_VG" >"$RUN/vg.txt" 2>
 T2=${EPOCHREALTIME/[.,]/}
 hlog "VG ready: $(xargs <"$RUN/vg.txt")"
 
-cat >"$HVM_ENV_FILE.tmp" <<EOF
+cat >"$HVM_STATE_ENV.tmp" <<EOF
 VK_HVM_HOST=127.0.0.1
 VK_HVM_PORT=$PORT
 VK_HVM_USER=root
@@ -186,5 +196,6 @@ VK_HVM_IMAGE_DIR=$IMAGE_DIR
 VK_HVM_BOOT_MS=$(((T1 - T0) / 1000))
 VK_HVM_VG_SETUP_MS=$(((T2 - T1) / 1000))
 EOF
-mv "$HVM_ENV_FILE.tmp" "$HVM_ENV_FILE"
+mv "$HVM_STATE_ENV.tmp" "$HVM_STATE_ENV"
+publish
 hlog "LVM hypervisor up (env: $HVM_ENV_FILE)"

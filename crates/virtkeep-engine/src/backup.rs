@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use virtkeep_libvirt::{Backend, Disk, DiskSource, Domain, NewSource, Rewrite, cmd, rewrite_domain};
+use virtkeep_libvirt::{
+    Backend, Disk, DiskSource, Domain, NewSource, Rewrite, cmd, rewrite_domain,
+};
 use virtkeep_ssh::RemoteCommand;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -91,8 +93,11 @@ pub struct Plan {
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedDisk {
     pub target: String,
+    /// File path, or `pool/image` for RBD.
     pub path: String,
     pub format: String,
+    /// `(pool, image)` of a Ceph RBD disk.
+    pub rbd: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,8 +110,10 @@ pub struct SkippedDisk {
 pub fn plan_backup(domain: &Domain, state: DomainState, opts: &BackupOptions) -> Result<Plan> {
     for ex in &opts.exclude_disks {
         if !domain.disks.iter().any(|d| &d.target == ex) {
-            return Err(Error::config(format!("--exclude-disk {ex}: the domain has no disk {ex}"))
-                .hint(format!("its disks are: {}", targets(domain))));
+            return Err(
+                Error::config(format!("--exclude-disk {ex}: the domain has no disk {ex}"))
+                    .hint(format!("its disks are: {}", targets(domain))),
+            );
         }
     }
     let is_xen = domain.kind == "xen";
@@ -121,18 +128,27 @@ pub fn plan_backup(domain: &Domain, state: DomainState, opts: &BackupOptions) ->
     let mut skipped = Vec::new();
     for disk in &domain.disks {
         if opts.exclude_disks.contains(&disk.target) {
-            skipped.push(SkippedDisk { target: disk.target.clone(), reason: "excluded with --exclude-disk".into() });
+            skipped.push(SkippedDisk {
+                target: disk.target.clone(),
+                reason: "excluded with --exclude-disk".into(),
+            });
             continue;
         }
         if let Err(reason) = disk.is_backup_candidate() {
-            skipped.push(SkippedDisk { target: disk.target.clone(), reason: reason.to_string() });
+            skipped.push(SkippedDisk {
+                target: disk.target.clone(),
+                reason: reason.to_string(),
+            });
             continue;
         }
         match (disk.backend(), &disk.source) {
             (Backend::QcowFile | Backend::RawFile, DiskSource::File { path }) => {
                 if path.contains(OVERLAY_MARKER) {
-                    return Err(Error::domain(format!("disk {} runs on a virtkeep overlay ({path})", disk.target))
-                        .hint("run `virtkeep cleanup HOST` to commit it back"));
+                    return Err(Error::domain(format!(
+                        "disk {} runs on a virtkeep overlay ({path})",
+                        disk.target
+                    ))
+                    .hint("run `virtkeep cleanup HOST` to commit it back"));
                 }
                 if is_xen && !matches!(disk.driver_name.as_deref(), Some("qemu" | "qdisk")) {
                     return Err(Error::unsupported(format!(
@@ -146,6 +162,15 @@ pub fn plan_backup(domain: &Domain, state: DomainState, opts: &BackupOptions) ->
                     target: disk.target.clone(),
                     path: path.clone(),
                     format: disk.format.clone().unwrap_or_else(|| "raw".into()),
+                    rbd: None,
+                });
+            }
+            (Backend::Rbd { pool, image }, _) => {
+                disks.push(PlannedDisk {
+                    target: disk.target.clone(),
+                    path: format!("{pool}/{image}"),
+                    format: "raw".into(),
+                    rbd: Some((pool, image)),
                 });
             }
             (backend, _) => {
@@ -162,8 +187,16 @@ pub fn plan_backup(domain: &Domain, state: DomainState, opts: &BackupOptions) ->
         return Err(Error::domain(format!("{:?} has no disk to back up", domain.name))
             .hint("every disk was excluded or skipped (CD-ROMs, floppies, read-only and shareable disks are skipped)"));
     }
-    let method = if state.is_active() { FreezeMethod::LiveSnapshot } else { FreezeMethod::OfflineOverlay };
-    Ok(Plan { method, disks, skipped })
+    let method = if state.is_active() {
+        FreezeMethod::LiveSnapshot
+    } else {
+        FreezeMethod::OfflineOverlay
+    };
+    Ok(Plan {
+        method,
+        disks,
+        skipped,
+    })
 }
 
 fn describe(disk: &Disk, backend: &Backend) -> String {
@@ -176,7 +209,12 @@ fn describe(disk: &Disk, backend: &Backend) -> String {
 }
 
 fn targets(domain: &Domain) -> String {
-    domain.disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>().join(", ")
+    domain
+        .disks
+        .iter()
+        .map(|d| d.target.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One disk in the result of a backup.
@@ -215,7 +253,7 @@ pub async fn backup_vm(
     progress: Arc<dyn Progress>,
 ) -> Result<BackupResult> {
     let vm = Vm::find(host, vm_name).await?;
-    let lock = host.lock_vm(&vm.uuid).await?;
+    let lock = host.lock_vm(&vm.uuid, 60).await?;
     let res = backup_locked(host, repo, vm, opts, &progress).await;
     lock.release().await;
     res
@@ -232,20 +270,35 @@ async fn backup_locked(
     let mut warnings = Vec::new();
     let healed = heal_vm(host, &vm.uuid, false).await?;
     if !healed.actions.is_empty() {
-        let msg = format!("healed leftovers of an earlier run: {}", healed.actions.join("; "));
-        progress.event(Event::Notice { vm: vm.name.clone(), message: msg.clone() });
+        let msg = format!(
+            "healed leftovers of an earlier run: {}",
+            healed.actions.join("; ")
+        );
+        progress.event(Event::Notice {
+            vm: vm.name.clone(),
+            message: msg.clone(),
+        });
         warnings.push(msg);
         vm.reload(host).await?;
     }
     let plan = plan_backup(&vm.domain, vm.state, opts)?;
     for s in &plan.skipped {
-        progress.event(Event::Notice { vm: vm.name.clone(), message: format!("skipping disk {}: {}", s.target, s.reason) });
+        progress.event(Event::Notice {
+            vm: vm.name.clone(),
+            message: format!("skipping disk {}: {}", s.target, s.reason),
+        });
     }
     if let Some(cbt) = cbt_choice(host, &vm, &plan, opts).await? {
-        return crate::cbt_backup::run(host, repo, &vm, &plan, opts, progress, cbt, warnings, started).await;
+        return crate::cbt_backup::run(
+            host, repo, &vm, &plan, opts, progress, cbt, warnings, started,
+        )
+        .await;
     }
     let (mode, reason) = match opts.mode {
-        ModeRequest::Full => (virtkeep_repo::BackupMode::Full, "full backup requested".to_string()),
+        ModeRequest::Full => (
+            virtkeep_repo::BackupMode::Full,
+            "full backup requested".to_string(),
+        ),
         ModeRequest::Auto | ModeRequest::Incremental => (
             virtkeep_repo::BackupMode::Full,
             incremental_unavailable(&plan),
@@ -256,19 +309,31 @@ async fn backup_locked(
     let job_dir = host.job_dir(&format!("{}-{job_id}", vm.uuid)).await?;
 
     if let Some(cmd) = &opts.pre_snapshot {
-        progress.event(Event::Phase { vm: vm.name.clone(), phase: "pre-snapshot" });
-        run_hook(host, &vm, "pre-snapshot", cmd).await.map_err(|e| {
-            e.context("the pre-snapshot command failed, nothing was snapshotted")
-        })?;
+        progress.event(Event::Phase {
+            vm: vm.name.clone(),
+            phase: "pre-snapshot",
+        });
+        run_hook(host, &vm, "pre-snapshot", cmd)
+            .await
+            .map_err(|e| e.context("the pre-snapshot command failed, nothing was snapshotted"))?;
     }
-    progress.event(Event::Phase { vm: vm.name.clone(), phase: "snapshot" });
+    progress.event(Event::Phase {
+        vm: vm.name.clone(),
+        phase: "snapshot",
+    });
     let snapshot_time = time::OffsetDateTime::now_utc();
     let frozen = freeze(host, &vm, &plan, &job_id, opts.quiesce).await;
     if let Some(cmd) = &opts.post_snapshot {
-        progress.event(Event::Phase { vm: vm.name.clone(), phase: "post-snapshot" });
+        progress.event(Event::Phase {
+            vm: vm.name.clone(),
+            phase: "post-snapshot",
+        });
         if let Err(e) = run_hook(host, &vm, "post-snapshot", cmd).await {
             let msg = format!("the post-snapshot command failed: {e}");
-            progress.event(Event::Notice { vm: vm.name.clone(), message: msg.clone() });
+            progress.event(Event::Notice {
+                vm: vm.name.clone(),
+                message: msg.clone(),
+            });
             warnings.push(msg);
         }
     }
@@ -277,21 +342,53 @@ async fn backup_locked(
         return Err(e);
     }
 
-    progress.event(Event::Phase { vm: vm.name.clone(), phase: "export" });
+    progress.event(Event::Phase {
+        vm: vm.name.clone(),
+        phase: "export",
+    });
+    let rbd_bases = crate::rbd::bases(host, repo, &vm, &plan, opts.mode).await?;
+    let (mode, reason, parent) = match rbd_bases.values().next() {
+        Some((parent, _)) => {
+            let all = rbd_bases.len() == plan.disks.len();
+            (
+                virtkeep_repo::BackupMode::Incremental,
+                if all {
+                    format!(
+                        "incremental since backup {parent} (RBD export-diff from the kept snapshots)"
+                    )
+                } else {
+                    format!(
+                        "incremental since backup {parent} for RBD disks; file disks read in full ({reason})"
+                    )
+                },
+                Some(parent.clone()),
+            )
+        }
+        None => (mode, reason, None),
+    };
     let meta = virtkeep_repo::BackupMeta {
         host: host.name.clone(),
         vm: vm.name.clone(),
         mode,
         reason: reason.clone(),
-        parent: None,
+        parent,
         domain_xml: vm.inactive_xml.clone(),
         time: Some(snapshot_time),
     };
-    let exported = export_all(host, repo, &vm, &plan, meta, &job_dir, opts, progress).await;
+    let snap = format!("virtkeep-{job_id}");
+    let exported = export_all(
+        host, repo, &vm, &plan, meta, &job_dir, opts, progress, &rbd_bases, &snap,
+    )
+    .await;
 
-    progress.event(Event::Phase { vm: vm.name.clone(), phase: "commit" });
+    progress.event(Event::Phase {
+        vm: vm.name.clone(),
+        phase: "commit",
+    });
     let thawed = heal_vm(host, &vm.uuid, false).await;
-    let _ = host.run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir)).await;
+    let _ = host
+        .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir))
+        .await;
 
     let (manifest, stats) = exported?;
     if let Err(e) = thawed {
@@ -331,7 +428,8 @@ async fn backup_locked(
 /// Why this backup cannot be incremental, for the manifest and the output.
 fn incremental_unavailable(plan: &Plan) -> String {
     if plan.disks.iter().any(|d| d.format != "qcow2") {
-        "full: raw disks carry no dirty bitmap (only qcow2 disks can be backed up incrementally)".into()
+        "full: raw disks carry no dirty bitmap (only qcow2 disks can be backed up incrementally)"
+            .into()
     } else {
         "full: the host's libvirt has no backup API (checkpoints), so no dirty bitmap".into()
     }
@@ -364,10 +462,14 @@ async fn export_all(
     job_dir: &str,
     opts: &BackupOptions,
     progress: &Arc<dyn Progress>,
+    rbd_bases: &crate::rbd::Bases,
+    snap: &str,
 ) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>)> {
     let mut transport = opts.transport;
     if transport != Transport::Stream {
-        let probe = RemoteCommand::new("sh").arg("-c").arg("command -v qemu-nbd");
+        let probe = RemoteCommand::new("sh")
+            .arg("-c")
+            .arg("command -v qemu-nbd");
         if host.exec(&probe).await?.status != 0 {
             progress.event(Event::Notice {
                 vm: vm.name.clone(),
@@ -377,7 +479,11 @@ async fn export_all(
         }
     }
     if transport == Transport::Stream {
-        if let Some(d) = plan.disks.iter().find(|d| d.format != "raw") {
+        if let Some(d) = plan
+            .disks
+            .iter()
+            .find(|d| d.format != "raw" && d.rbd.is_none())
+        {
             return Err(Error::unsupported(format!(
                 "disk {} is {}: without qemu-nbd only raw images can be streamed",
                 d.target, d.format
@@ -396,15 +502,69 @@ async fn export_all(
             target: disk.target.clone(),
             source: disk.path.clone(),
         };
+        if let Some((pool, image)) = &disk.rbd {
+            let ceph = crate::rbd::ceph(host)?;
+            let size = crate::rbd::image_size(host, &ceph, pool, image).await?;
+            let mut spec = spec(size);
+            spec.backend = "rbd".into();
+            let (previous, from) = match rbd_bases.get(&disk.target) {
+                Some((parent, base_snap)) => (
+                    Some(repo.fixed_index(parent, &disk.target).await?),
+                    Some((
+                        base_snap.as_str(),
+                        Arc::new(repo.disk_reader(parent, &disk.target).await?),
+                    )),
+                ),
+                None => (None, None),
+            };
+            let sink = Arc::new(RepoSink::new(writer.disk(spec, previous.as_ref()).await?));
+            let st = crate::rbd::export(
+                host,
+                &ceph,
+                pool,
+                image,
+                snap,
+                from,
+                size,
+                sink.clone(),
+                &vm.name,
+                &disk.target,
+                progress,
+            )
+            .await?;
+            sink.finish().await?;
+            stats.push(st);
+            continue;
+        }
         if transport == Transport::Stream {
             let size: u64 = host
-                .run_string(&RemoteCommand::new("stat").arg("-L").arg("-c").arg("%s").arg("--").arg(&disk.path))
+                .run_string(
+                    &RemoteCommand::new("stat")
+                        .arg("-L")
+                        .arg("-c")
+                        .arg("%s")
+                        .arg("--")
+                        .arg(&disk.path),
+                )
                 .await?
                 .trim()
                 .parse()
-                .map_err(|_| Error::new(ErrorKind::Remote, format!("cannot read the size of {}", disk.path)))?;
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Remote,
+                        format!("cannot read the size of {}", disk.path),
+                    )
+                })?;
             let sink = Arc::new(RepoSink::new(writer.disk(spec(size), None).await?));
-            let st = export_stream(host, &disk.path, sink.clone(), &vm.name, &disk.target, progress).await?;
+            let st = export_stream(
+                host,
+                &disk.path,
+                sink.clone(),
+                &vm.name,
+                &disk.target,
+                progress,
+            )
+            .await?;
             sink.finish().await?;
             stats.push(st);
             continue;
@@ -420,7 +580,17 @@ async fn export_all(
             let _ = probe.disconnect().await;
             let sink = Arc::new(RepoSink::new(writer.disk(spec(size), None).await?));
             let scope = crate::export::ReadScope::default();
-            let st = export_disk(host, &export, sink.clone(), &scope, opts.parallel.max(1), &vm.name, &disk.target, progress).await?;
+            let st = export_disk(
+                host,
+                &export,
+                sink.clone(),
+                &scope,
+                opts.parallel.max(1),
+                &vm.name,
+                &disk.target,
+                progress,
+            )
+            .await?;
             sink.finish().await?;
             Ok::<_, Error>(st)
         }
@@ -430,7 +600,24 @@ async fn export_all(
         stopped?;
         stats.push(st);
     }
-    let manifest = writer.finish(serde_json::json!({ "method": plan.method, "transport": transport })).await?;
+    // Snapshot housekeeping happens as the manifest is published, before the VM is
+    // healed: the kept snapshot is then the recorded base, which healing keeps.
+    let keep = (opts.mode != ModeRequest::Full).then_some(snap);
+    let rbd: std::collections::BTreeMap<&str, Option<&str>> = plan
+        .disks
+        .iter()
+        .filter(|d| d.rbd.is_some())
+        .map(|d| (d.target.as_str(), keep))
+        .collect();
+    let manifest = writer
+        .finish(serde_json::json!({ "method": plan.method, "transport": transport, "rbd": rbd }))
+        .await?;
+    for d in &plan.disks {
+        if let Some((pool, image)) = &d.rbd {
+            let ceph = crate::rbd::ceph(host)?;
+            crate::rbd::housekeep(host, &ceph, pool, image, keep).await?;
+        }
+    }
     Ok((manifest, stats))
 }
 
@@ -450,8 +637,34 @@ pub(crate) async fn run_hook(host: &Host, vm: &Vm, phase: &str, command: &str) -
     if out.status != 0 {
         return Err(Error::new(
             ErrorKind::Remote,
-            format!("{phase} command exited with status {}: {}", out.status, stderr.trim()),
+            format!(
+                "{phase} command exited with status {}: {}",
+                out.status,
+                stderr.trim()
+            ),
         ));
+    }
+    Ok(())
+}
+
+/// `rbd snap create` of every RBD disk; all or nothing.
+async fn snap_rbds(host: &Host, rbds: &[&PlannedDisk], snap: &str) -> Result<()> {
+    if rbds.is_empty() {
+        return Ok(());
+    }
+    let ceph = crate::rbd::ceph(host)?;
+    let mut made: Vec<(&str, &str)> = Vec::new();
+    for d in rbds {
+        let Some((pool, image)) = &d.rbd else {
+            continue;
+        };
+        if let Err(e) = crate::rbd::snap_create(host, &ceph, pool, image, snap).await {
+            for (p, i) in made {
+                let _ = crate::rbd::snap_rm(host, &ceph, p, i, snap).await;
+            }
+            return Err(e);
+        }
+        made.push((pool, image));
     }
     Ok(())
 }
@@ -462,10 +675,15 @@ fn overlay_path(base: &str, job_id: &str) -> String {
 
 async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) -> Result<()> {
     match plan.method {
-        FreezeMethod::BackupApi => Err(Error::new(ErrorKind::Domain, "internal: the backup-API path takes no overlay")),
+        FreezeMethod::BackupApi => Err(Error::new(
+            ErrorKind::Domain,
+            "internal: the backup-API path takes no overlay",
+        )),
         FreezeMethod::LiveSnapshot => {
             if quiesce {
-                let ping = host.exec(&host.virsh().qemu_agent_ping(&vm.uuid, 5)).await?;
+                let ping = host
+                    .exec(&host.virsh().qemu_agent_ping(&vm.uuid, 5))
+                    .await?;
                 if ping.status != 0 {
                     return Err(Error::domain(format!(
                         "--quiesce needs the QEMU guest agent, and it does not answer in {:?}",
@@ -474,37 +692,117 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
                     .hint("install and start qemu-guest-agent in the guest (with a virtio-serial channel org.qemu.guest_agent.0), or back up without --quiesce (crash-consistent)"));
                 }
             }
-            let specs: Vec<(String, String)> =
-                plan.disks.iter().map(|d| (d.target.clone(), overlay_path(&d.path, job_id))).collect();
+            let files: Vec<&PlannedDisk> = plan.disks.iter().filter(|d| d.rbd.is_none()).collect();
+            let rbds: Vec<&PlannedDisk> = plan.disks.iter().filter(|d| d.rbd.is_some()).collect();
+            let specs: Vec<(String, String)> = files
+                .iter()
+                .map(|d| (d.target.clone(), overlay_path(&d.path, job_id)))
+                .collect();
             let excluded: Vec<String> = vm
                 .domain
                 .disks
                 .iter()
-                .filter(|d| !plan.disks.iter().any(|p| p.target == d.target))
+                .filter(|d| !files.iter().any(|p| p.target == d.target))
                 .filter(|d| !matches!(d.source, DiskSource::Empty))
                 .map(|d| d.target.clone())
                 .collect();
             let name = format!("virtkeep-{job_id}");
-            let specs: Vec<(&str, &str)> = specs.iter().map(|(t, p)| (t.as_str(), p.as_str())).collect();
-            let excluded: Vec<&str> = excluded.iter().map(String::as_str).collect();
-            host.run(&host.virsh().snapshot_create_disk_only(&vm.uuid, &name, &specs, &excluded, quiesce))
-                .await
-                .map_err(|e| e.context("taking the disk-only snapshot"))?;
-            Ok(())
+            // RBD snapshots are taken by separate calls: hold the guest still around
+            // all of them (fsfreeze with --quiesce, else a short pause) so every disk
+            // shares one instant.
+            let hold = !rbds.is_empty();
+            if hold {
+                if quiesce {
+                    host.run(&host.virsh().domfsfreeze(&vm.uuid))
+                        .await
+                        .map_err(|e| e.context("freezing the guest filesystems"))?;
+                } else {
+                    host.run(
+                        &host
+                            .virsh()
+                            .command("suspend")
+                            .arg("--domain")
+                            .arg(&vm.uuid),
+                    )
+                    .await?;
+                }
+            }
+            let res = async {
+                if !specs.is_empty() {
+                    let specs: Vec<(&str, &str)> = specs
+                        .iter()
+                        .map(|(t, p)| (t.as_str(), p.as_str()))
+                        .collect();
+                    let excluded: Vec<&str> = excluded.iter().map(String::as_str).collect();
+                    host.run(&host.virsh().snapshot_create_disk_only(
+                        &vm.uuid,
+                        &name,
+                        &specs,
+                        &excluded,
+                        quiesce && !hold,
+                    ))
+                    .await
+                    .map_err(|e| e.context("taking the disk-only snapshot"))?;
+                }
+                snap_rbds(host, &rbds, &name).await
+            }
+            .await;
+            if hold {
+                let thaw = if quiesce {
+                    host.virsh().domfsthaw(&vm.uuid)
+                } else {
+                    host.virsh().command("resume").arg("--domain").arg(&vm.uuid)
+                };
+                host.run(&thaw)
+                    .await
+                    .map_err(|e| e.context("resuming the guest after its snapshots"))?;
+            }
+            res
         }
         FreezeMethod::OfflineOverlay => {
             if quiesce {
-                return Err(Error::config("--quiesce applies to running VMs only; this one is shut off"));
+                return Err(Error::config(
+                    "--quiesce applies to running VMs only; this one is shut off",
+                ));
+            }
+            let rbds: Vec<&PlannedDisk> = plan.disks.iter().filter(|d| d.rbd.is_some()).collect();
+            snap_rbds(host, &rbds, &format!("virtkeep-{job_id}")).await?;
+            if rbds.len() == plan.disks.len() {
+                return Ok(());
             }
             let mut sources = std::collections::BTreeMap::new();
-            for d in &plan.disks {
+            for d in plan.disks.iter().filter(|d| d.rbd.is_none()) {
                 let overlay = overlay_path(&d.path, job_id);
-                host.run(&cmd::qemu_img_create_overlay(&overlay, &d.path, &d.format)).await?;
-                host.run(&RemoteCommand::new("chown").arg("--reference").arg(&d.path).arg("--").arg(&overlay)).await?;
-                host.run(&RemoteCommand::new("chmod").arg("--reference").arg(&d.path).arg("--").arg(&overlay)).await?;
-                sources.insert(d.target.clone(), NewSource::File { path: overlay, format: "qcow2".into() });
+                host.run(&cmd::qemu_img_create_overlay(&overlay, &d.path, &d.format))
+                    .await?;
+                host.run(
+                    &RemoteCommand::new("chown")
+                        .arg("--reference")
+                        .arg(&d.path)
+                        .arg("--")
+                        .arg(&overlay),
+                )
+                .await?;
+                host.run(
+                    &RemoteCommand::new("chmod")
+                        .arg("--reference")
+                        .arg(&d.path)
+                        .arg("--")
+                        .arg(&overlay),
+                )
+                .await?;
+                sources.insert(
+                    d.target.clone(),
+                    NewSource::File {
+                        path: overlay,
+                        format: "qcow2".into(),
+                    },
+                );
             }
-            let rw = Rewrite { disk_sources: sources, ..Rewrite::default() };
+            let rw = Rewrite {
+                disk_sources: sources,
+                ..Rewrite::default()
+            };
             let xml = rewrite_domain(&vm.inactive_xml, &rw)?;
             define(host, &vm.uuid, &xml).await?;
             // A start between our read of the state and the define would run on the
@@ -512,7 +810,10 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
             let now = Vm::load(host, &vm.uuid).await?;
             if now.state.is_active() {
                 let on_overlays = now.domain.disks.iter().all(|d| match &d.source {
-                    DiskSource::File { path } => !plan.disks.iter().any(|p| &p.path == path),
+                    DiskSource::File { path } => !plan
+                        .disks
+                        .iter()
+                        .any(|p| p.rbd.is_none() && &p.path == path),
                     _ => true,
                 });
                 if !on_overlays {
@@ -533,18 +834,29 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Domain {
-        let path = format!("{}/../virtkeep-libvirt/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/../virtkeep-libvirt/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let xml = std::fs::read_to_string(&path).expect("fixture");
         virtkeep_libvirt::parse_domain(&xml).expect("parses")
     }
 
     fn opts(exclude: &[&str]) -> BackupOptions {
-        BackupOptions { exclude_disks: exclude.iter().map(|s| s.to_string()).collect(), ..BackupOptions::default() }
+        BackupOptions {
+            exclude_disks: exclude.iter().map(|s| s.to_string()).collect(),
+            ..BackupOptions::default()
+        }
     }
 
     #[test]
     fn kvm_running_uses_live_snapshot_and_skips_media_and_shared_disks() {
-        let plan = plan_backup(&fixture("kvm-multi-disk.xml"), DomainState::Running, &opts(&[])).expect("plan");
+        let plan = plan_backup(
+            &fixture("kvm-multi-disk.xml"),
+            DomainState::Running,
+            &opts(&[]),
+        )
+        .expect("plan");
         assert_eq!(plan.method, FreezeMethod::LiveSnapshot);
         let disks: Vec<_> = plan.disks.iter().map(|d| d.target.as_str()).collect();
         assert_eq!(disks, ["vda", "vdb"]);
@@ -555,11 +867,25 @@ mod tests {
 
     #[test]
     fn stopped_vm_uses_overlays_and_excludes() {
-        let plan = plan_backup(&fixture("kvm-multi-disk.xml"), DomainState::ShutOff, &opts(&["vdb"])).expect("plan");
+        let plan = plan_backup(
+            &fixture("kvm-multi-disk.xml"),
+            DomainState::ShutOff,
+            &opts(&["vdb"]),
+        )
+        .expect("plan");
         assert_eq!(plan.method, FreezeMethod::OfflineOverlay);
         assert_eq!(plan.disks.len(), 1);
-        assert!(plan.skipped.iter().any(|s| s.target == "vdb" && s.reason.contains("exclude")));
-        let err = plan_backup(&fixture("kvm-multi-disk.xml"), DomainState::ShutOff, &opts(&["vdz"])).unwrap_err();
+        assert!(
+            plan.skipped
+                .iter()
+                .any(|s| s.target == "vdb" && s.reason.contains("exclude"))
+        );
+        let err = plan_backup(
+            &fixture("kvm-multi-disk.xml"),
+            DomainState::ShutOff,
+            &opts(&["vdz"]),
+        )
+        .unwrap_err();
         assert_eq!(err.kind, ErrorKind::Config);
     }
 
@@ -571,14 +897,24 @@ mod tests {
         let hvm = fixture("xen-hvm.xml");
         let err = plan_backup(&hvm, DomainState::Running, &opts(&[])).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unsupported);
-        assert!(err.hint.as_deref().is_some_and(|h| h.contains("shut the domain down")));
+        assert!(
+            err.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("shut the domain down"))
+        );
 
         let err = plan_backup(&hvm, DomainState::ShutOff, &opts(&["hdb"])).unwrap_err();
         assert!(err.message.contains("xvdc"), "{}", err.message);
 
         let plan = plan_backup(&hvm, DomainState::ShutOff, &opts(&["hdb", "xvdc"])).expect("plan");
         assert_eq!(plan.method, FreezeMethod::OfflineOverlay);
-        assert_eq!(plan.disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>(), ["hda"]);
+        assert_eq!(
+            plan.disks
+                .iter()
+                .map(|d| d.target.as_str())
+                .collect::<Vec<_>>(),
+            ["hda"]
+        );
         assert!(plan.skipped.iter().any(|s| s.target == "hdc"));
         assert!(plan.skipped.iter().any(|s| s.target == "fda"));
 

@@ -39,8 +39,10 @@ pub struct Base {
 pub async fn backup_api_supported(host: &Host) -> bool {
     match host.exec(&host.virsh().domcapabilities(None)).await {
         Ok(out) if out.status == 0 => {
-            virtkeep_libvirt::parse::parse_domcapabilities_backup_supported(&String::from_utf8_lossy(&out.stdout))
-                .unwrap_or(false)
+            virtkeep_libvirt::parse::parse_domcapabilities_backup_supported(
+                &String::from_utf8_lossy(&out.stdout),
+            )
+            .unwrap_or(false)
         }
         _ => false,
     }
@@ -52,7 +54,11 @@ pub async fn checkpoints(host: &Host, uuid: &str) -> Result<Vec<String>> {
 }
 
 /// The newest CBT backup of this VM in the repository, if any.
-pub async fn latest_record(repo: &virtkeep_repo::Repository, host: &str, vm: &str) -> Result<Option<Base>> {
+pub async fn latest_record(
+    repo: &virtkeep_repo::Repository,
+    host: &str,
+    vm: &str,
+) -> Result<Option<Base>> {
     let mut snaps = repo.snapshots().await?;
     snaps.retain(|s| s.host == host && s.vm == vm);
     snaps.sort_by_key(|s| s.time);
@@ -60,7 +66,10 @@ pub async fn latest_record(repo: &virtkeep_repo::Repository, host: &str, vm: &st
         let manifest = repo.manifest(&last.id).await?;
         if let Some(rec) = manifest.extra.get("cbt").cloned() {
             if let Ok(record) = serde_json::from_value::<CbtRecord>(rec) {
-                return Ok(Some(Base { id: manifest.id, record }));
+                return Ok(Some(Base {
+                    id: manifest.id,
+                    record,
+                }));
             }
         }
     }
@@ -68,7 +77,12 @@ pub async fn latest_record(repo: &virtkeep_repo::Repository, host: &str, vm: &st
 }
 
 /// Why an incremental cannot build on `base`, or `None` when it can.
-pub fn base_problem(base: &Base, uuid: &str, checkpoints: &[String], disks: &[(String, u64)]) -> Option<String> {
+pub fn base_problem(
+    base: &Base,
+    uuid: &str,
+    checkpoints: &[String],
+    disks: &[(String, u64)],
+) -> Option<String> {
     if base.record.vm_uuid != uuid {
         return Some(format!(
             "full: the VM's UUID changed since backup {} (redefined or replaced)",
@@ -82,18 +96,36 @@ pub fn base_problem(base: &Base, uuid: &str, checkpoints: &[String], disks: &[(S
         ));
     }
     if base.record.disks != disks {
-        return Some(format!("full: the VM's disks or their sizes changed since backup {}", base.id));
+        return Some(format!(
+            "full: the VM's disks or their sizes changed since backup {}",
+            base.id
+        ));
     }
     None
 }
 
-pub fn backup_xml(socket: &str, job_dir: &str, incremental: Option<&str>, targets: &[String], excluded: &[String]) -> String {
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;");
+pub fn backup_xml(
+    socket: &str,
+    job_dir: &str,
+    incremental: Option<&str>,
+    targets: &[String],
+    excluded: &[String],
+) -> String {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('\'', "&apos;")
+            .replace('"', "&quot;")
+    };
     let mut x = String::from("<domainbackup mode='pull'>\n");
     if let Some(cp) = incremental {
         x.push_str(&format!("  <incremental>{}</incremental>\n", esc(cp)));
     }
-    x.push_str(&format!("  <server transport='unix' socket='{}'/>\n  <disks>\n", esc(socket)));
+    x.push_str(&format!(
+        "  <server transport='unix' socket='{}'/>\n  <disks>\n",
+        esc(socket)
+    ));
     for (i, t) in targets.iter().enumerate() {
         x.push_str(&format!(
             "    <disk name='{}' backup='yes' type='file'><scratch file='{}/scratch-{i}.qcow2'/></disk>\n",
@@ -123,7 +155,15 @@ pub fn checkpoint_xml(name: &str, targets: &[String], excluded: &[String]) -> St
 /// Ends a pull-mode backup job of ours left by a killed node (its NBD socket lives in
 /// virtkeep's state dir); a job of another tool is left alone.
 pub async fn abort_stale_job(host: &Host, uuid: &str) -> Result<bool> {
-    let out = host.exec(&host.virsh().command("backup-dumpxml").arg("--domain").arg(uuid)).await?;
+    let out = host
+        .exec(
+            &host
+                .virsh()
+                .command("backup-dumpxml")
+                .arg("--domain")
+                .arg(uuid),
+        )
+        .await?;
     if out.status != 0 {
         return Ok(false);
     }
@@ -140,7 +180,8 @@ pub async fn prune_checkpoints(host: &Host, uuid: &str, keep: &str) -> Result<Ve
     let mut removed = Vec::new();
     for cp in checkpoints(host, uuid).await? {
         if cp.starts_with(CHECKPOINT_PREFIX) && cp != keep {
-            host.run(&host.virsh().checkpoint_delete(uuid, &cp, false)).await?;
+            host.run(&host.virsh().checkpoint_delete(uuid, &cp, false))
+                .await?;
             removed.push(cp);
         }
     }
@@ -150,8 +191,20 @@ pub async fn prune_checkpoints(host: &Host, uuid: &str, keep: &str) -> Result<Ve
 /// Makes the job dir usable by QEMU (the NBD socket and scratch files are QEMU's).
 pub async fn hand_job_dir_to_qemu(host: &Host, job_dir: &str) -> Result<()> {
     let (user, group) = host.qemu_owner().await?;
-    host.run(&RemoteCommand::new("chown").arg(format!("{user}:{group}")).arg("--").arg(job_dir)).await?;
-    host.run(&RemoteCommand::new("chmod").arg("0750").arg("--").arg(job_dir)).await?;
+    host.run(
+        &RemoteCommand::new("chown")
+            .arg(format!("{user}:{group}"))
+            .arg("--")
+            .arg(job_dir),
+    )
+    .await?;
+    host.run(
+        &RemoteCommand::new("chmod")
+            .arg("0750")
+            .arg("--")
+            .arg(job_dir),
+    )
+    .await?;
     Ok(())
 }
 
@@ -162,22 +215,44 @@ mod tests {
     fn base() -> Base {
         Base {
             id: "b1".into(),
-            record: CbtRecord { checkpoint: "virtkeep-1".into(), vm_uuid: "u".into(), disks: vec![("vda".into(), 10)] },
+            record: CbtRecord {
+                checkpoint: "virtkeep-1".into(),
+                vm_uuid: "u".into(),
+                disks: vec![("vda".into(), 10)],
+            },
         }
     }
 
     #[test]
     fn chain_problems_are_named() {
         let disks = vec![("vda".to_string(), 10)];
-        assert_eq!(base_problem(&base(), "u", &["virtkeep-1".into()], &disks), None);
-        assert!(base_problem(&base(), "other", &["virtkeep-1".into()], &disks).is_some_and(|r| r.contains("UUID")));
-        assert!(base_problem(&base(), "u", &["other-tool".into()], &disks).is_some_and(|r| r.contains("no longer exists")));
-        assert!(base_problem(&base(), "u", &["virtkeep-1".into()], &[("vda".into(), 20)]).is_some_and(|r| r.contains("sizes")));
+        assert_eq!(
+            base_problem(&base(), "u", &["virtkeep-1".into()], &disks),
+            None
+        );
+        assert!(
+            base_problem(&base(), "other", &["virtkeep-1".into()], &disks)
+                .is_some_and(|r| r.contains("UUID"))
+        );
+        assert!(
+            base_problem(&base(), "u", &["other-tool".into()], &disks)
+                .is_some_and(|r| r.contains("no longer exists"))
+        );
+        assert!(
+            base_problem(&base(), "u", &["virtkeep-1".into()], &[("vda".into(), 20)])
+                .is_some_and(|r| r.contains("sizes"))
+        );
     }
 
     #[test]
     fn job_xml_escapes_and_lists_disks() {
-        let x = backup_xml("/run/virtkeep/jobs/j/b.sock", "/run/virtkeep/jobs/j", Some("virtkeep-1"), &["vda".into()], &["vdb".into()]);
+        let x = backup_xml(
+            "/run/virtkeep/jobs/j/b.sock",
+            "/run/virtkeep/jobs/j",
+            Some("virtkeep-1"),
+            &["vda".into()],
+            &["vdb".into()],
+        );
         assert!(x.contains("<incremental>virtkeep-1</incremental>"));
         assert!(x.contains("<disk name='vdb' backup='no'/>"));
         let c = checkpoint_xml("virtkeep-2", &["vda".into()], &["vdb".into()]);

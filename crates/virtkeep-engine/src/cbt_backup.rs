@@ -16,8 +16,10 @@ use std::time::Instant;
 use virtkeep_libvirt::cmd;
 use virtkeep_ssh::RemoteCommand;
 
-use crate::backup::{BackupOptions, BackupResult, DiskResult, FreezeMethod, ModeRequest, Plan, run_hook};
-use crate::cbt::{self, Base, CbtRecord, CHECKPOINT_PREFIX};
+use crate::backup::{
+    BackupOptions, BackupResult, DiskResult, FreezeMethod, ModeRequest, Plan, run_hook,
+};
+use crate::cbt::{self, Base, CHECKPOINT_PREFIX, CbtRecord};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{NbdExport, ReadScope, export_disk};
 use crate::host::Host;
@@ -34,7 +36,9 @@ pub struct Choice {
 const PAUSED_MARKER: &str = "started-paused";
 
 async fn disk_size(host: &Host, path: &str, format: &str) -> Result<u64> {
-    let out = host.run_string(&cmd::qemu_img_info_json(path, Some(format), true)).await?;
+    let out = host
+        .run_string(&cmd::qemu_img_info_json(path, Some(format), true))
+        .await?;
     let info = virtkeep_libvirt::parse::parse_qemu_img_info(&out)
         .map_err(|e| Error::new(ErrorKind::Remote, format!("qemu-img info {path}: {e}")))?;
     Ok(info.virtual_size)
@@ -46,9 +50,17 @@ pub async fn choose(host: &Host, plan: &Plan, opts: &BackupOptions) -> Result<Ch
         sizes.push((d.target.clone(), disk_size(host, &d.path, &d.format).await?));
     }
     if opts.mode == ModeRequest::Full {
-        return Ok(Choice { base: None, reason: "full backup requested".into(), sizes });
+        return Ok(Choice {
+            base: None,
+            reason: "full backup requested".into(),
+            sizes,
+        });
     }
-    Ok(Choice { base: None, reason: String::new(), sizes })
+    Ok(Choice {
+        base: None,
+        reason: String::new(),
+        sizes,
+    })
 }
 
 /// Picks the base in the repository (needs the repository, so separate from `choose`).
@@ -69,7 +81,10 @@ async fn pick_base(
     match cbt::base_problem(&base, &vm.uuid, &checkpoints, &choice.sizes) {
         Some(problem) => choice.reason = problem,
         None => {
-            choice.reason = format!("incremental since backup {} (checkpoint {})", base.id, base.record.checkpoint);
+            choice.reason = format!(
+                "incremental since backup {} (checkpoint {})",
+                base.id, base.record.checkpoint
+            );
             choice.base = Some(base);
         }
     }
@@ -95,39 +110,76 @@ pub async fn run(
     let started_paused = if vm.state.is_active() {
         false
     } else {
-        progress.event(Event::Phase { vm: vm.name.clone(), phase: "start-paused" });
-        host.upload(&format!("{job_dir}/{PAUSED_MARKER}"), b"").await?;
-        host.run(&host.virsh().command("start").arg("--domain").arg(&vm.uuid).arg("--paused"))
-            .await
-            .map_err(|e| e.context("starting the stopped VM paused for its backup job"))?;
+        progress.event(Event::Phase {
+            vm: vm.name.clone(),
+            phase: "start-paused",
+        });
+        host.upload(&format!("{job_dir}/{PAUSED_MARKER}"), b"")
+            .await?;
+        host.run(
+            &host
+                .virsh()
+                .command("start")
+                .arg("--domain")
+                .arg(&vm.uuid)
+                .arg("--paused"),
+        )
+        .await
+        .map_err(|e| e.context("starting the stopped VM paused for its backup job"))?;
         true
     };
-    let res = run_job(host, repo, vm, plan, opts, progress, &mut choice, &job_dir, &job_id, &mut warnings).await;
+    let res = run_job(
+        host,
+        repo,
+        vm,
+        plan,
+        opts,
+        progress,
+        &mut choice,
+        &job_dir,
+        &job_id,
+        &mut warnings,
+    )
+    .await;
     // End the job whatever happened; a VM we started (and nobody resumed) goes down again.
     let _ = host.exec(&host.virsh().domjobabort(&vm.uuid)).await;
     if started_paused {
-        let state = host.run_string(&host.virsh().domstate(&vm.uuid)).await.unwrap_or_default();
+        let state = host
+            .run_string(&host.virsh().domstate(&vm.uuid))
+            .await
+            .unwrap_or_default();
         if state.trim() == "paused" {
             let _ = host.exec(&host.virsh().destroy(&vm.uuid)).await;
         } else {
-            warnings.push("the VM was resumed by someone during its backup and is left running".into());
+            warnings
+                .push("the VM was resumed by someone during its backup and is left running".into());
         }
     }
     let checkpoint = format!("{CHECKPOINT_PREFIX}{job_id}");
-    let _ = host.run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir)).await;
+    let _ = host
+        .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir))
+        .await;
     let (manifest, stats) = match res {
         Ok(v) => v,
         Err(e) => {
             // Merge the new checkpoint's bitmap back: the next incremental then starts
             // from the last checkpoint a published backup recorded.
-            if cbt::checkpoints(host, &vm.uuid).await.unwrap_or_default().contains(&checkpoint) {
-                let _ = host.exec(&host.virsh().checkpoint_delete(&vm.uuid, &checkpoint, false)).await;
+            if cbt::checkpoints(host, &vm.uuid)
+                .await
+                .unwrap_or_default()
+                .contains(&checkpoint)
+            {
+                let _ = host
+                    .exec(&host.virsh().checkpoint_delete(&vm.uuid, &checkpoint, false))
+                    .await;
             }
             return Err(e);
         }
     };
     match cbt::prune_checkpoints(host, &vm.uuid, &checkpoint).await {
-        Ok(removed) if !removed.is_empty() => tracing::info!(vm = %vm.name, ?removed, "older virtkeep checkpoints deleted"),
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!(vm = %vm.name, ?removed, "older virtkeep checkpoints deleted")
+        }
         Ok(_) => {}
         Err(e) => warnings.push(format!("could not delete older virtkeep checkpoints: {e}")),
     }
@@ -178,23 +230,40 @@ async fn run_job(
         .disks
         .iter()
         .filter(|d| !targets.contains(&d.target))
-        .filter(|d| matches!(d.device, virtkeep_libvirt::DiskDevice::Disk | virtkeep_libvirt::DiskDevice::Lun))
+        .filter(|d| {
+            matches!(
+                d.device,
+                virtkeep_libvirt::DiskDevice::Disk | virtkeep_libvirt::DiskDevice::Lun
+            )
+        })
         .map(|d| d.target.clone())
         .collect();
     let socket = format!("{job_dir}/nbd.sock");
     let checkpoint = format!("{CHECKPOINT_PREFIX}{job_id}");
     let cp_path = format!("{job_dir}/checkpoint.xml");
-    host.upload(&cp_path, cbt::checkpoint_xml(&checkpoint, &targets, &excluded).as_bytes()).await?;
+    host.upload(
+        &cp_path,
+        cbt::checkpoint_xml(&checkpoint, &targets, &excluded).as_bytes(),
+    )
+    .await?;
 
     if let Some(cmd) = &opts.pre_snapshot {
-        progress.event(Event::Phase { vm: vm.name.clone(), phase: "pre-snapshot" });
+        progress.event(Event::Phase {
+            vm: vm.name.clone(),
+            phase: "pre-snapshot",
+        });
         run_hook(host, vm, "pre-snapshot", cmd)
             .await
             .map_err(|e| e.context("the pre-snapshot command failed, nothing was snapshotted"))?;
     }
-    progress.event(Event::Phase { vm: vm.name.clone(), phase: "snapshot" });
+    progress.event(Event::Phase {
+        vm: vm.name.clone(),
+        phase: "snapshot",
+    });
     if opts.quiesce {
-        let ping = host.exec(&host.virsh().qemu_agent_ping(&vm.uuid, 5)).await?;
+        let ping = host
+            .exec(&host.virsh().qemu_agent_ping(&vm.uuid, 5))
+            .await?;
         if ping.status != 0 {
             return Err(Error::domain(format!("--quiesce needs the QEMU guest agent, and it does not answer in {:?}", vm.name))
                 .hint("install and start qemu-guest-agent in the guest, or back up without --quiesce (crash-consistent)"));
@@ -202,29 +271,59 @@ async fn run_job(
         host.run(&host.virsh().domfsfreeze(&vm.uuid)).await?;
     }
     let snapshot_time = time::OffsetDateTime::now_utc();
-    let mut begun = begin(host, vm, &socket, job_dir, choice.base.as_ref(), &targets, &excluded, &cp_path).await;
+    let mut begun = begin(
+        host,
+        vm,
+        &socket,
+        job_dir,
+        choice.base.as_ref(),
+        &targets,
+        &excluded,
+        &cp_path,
+    )
+    .await;
     if let (Err(e), Some(base)) = (&begun, &choice.base) {
         // A checkpoint whose bitmap is gone or inconsistent (disk replaced, host crash):
         // never a wrong incremental, a full instead.
-        choice.reason = format!("full: the dirty bitmap of checkpoint {} is unusable ({})", base.record.checkpoint, e.message.lines().next().unwrap_or(""));
+        choice.reason = format!(
+            "full: the dirty bitmap of checkpoint {} is unusable ({})",
+            base.record.checkpoint,
+            e.message.lines().next().unwrap_or("")
+        );
         choice.base = None;
-        begun = begin(host, vm, &socket, job_dir, None, &targets, &excluded, &cp_path).await;
+        begun = begin(
+            host, vm, &socket, job_dir, None, &targets, &excluded, &cp_path,
+        )
+        .await;
     }
     if opts.quiesce {
         let _ = host.exec(&host.virsh().domfsthaw(&vm.uuid)).await;
     }
     if let Some(cmd) = &opts.post_snapshot {
-        progress.event(Event::Phase { vm: vm.name.clone(), phase: "post-snapshot" });
+        progress.event(Event::Phase {
+            vm: vm.name.clone(),
+            phase: "post-snapshot",
+        });
         if let Err(e) = run_hook(host, vm, "post-snapshot", cmd).await {
             let msg = format!("the post-snapshot command failed: {e}");
-            progress.event(Event::Notice { vm: vm.name.clone(), message: msg.clone() });
+            progress.event(Event::Notice {
+                vm: vm.name.clone(),
+                message: msg.clone(),
+            });
             warnings.push(msg);
         }
     }
     begun.map_err(|e| e.context("starting the backup job (virsh backup-begin)"))?;
 
-    progress.event(Event::Phase { vm: vm.name.clone(), phase: "export" });
-    let mode = if choice.base.is_some() { virtkeep_repo::BackupMode::Incremental } else { virtkeep_repo::BackupMode::Full };
+    progress.event(Event::Phase {
+        vm: vm.name.clone(),
+        phase: "export",
+    });
+    let mode = if choice.base.is_some() {
+        virtkeep_repo::BackupMode::Incremental
+    } else {
+        virtkeep_repo::BackupMode::Full
+    };
     let meta = virtkeep_repo::BackupMeta {
         host: host.name.clone(),
         vm: vm.name.clone(),
@@ -250,16 +349,35 @@ async fn run_job(
             Some(b) => {
                 let index = repo.fixed_index(&b.id, &disk.target).await?;
                 let reader = Arc::new(repo.disk_reader(&b.id, &disk.target).await?);
-                (Some(index), ReadScope { dirty: Some((format!("qemu:dirty-bitmap:backup-{}", disk.target), reader)) })
+                (
+                    Some(index),
+                    ReadScope {
+                        dirty: Some((format!("qemu:dirty-bitmap:backup-{}", disk.target), reader)),
+                    },
+                )
             }
             None => (None, ReadScope::default()),
         };
         let sink = Arc::new(RepoSink::new(writer.disk(spec, previous.as_ref()).await?));
-        let st = export_disk(host, &export, sink.clone(), &scope, opts.parallel.max(1), &vm.name, &disk.target, progress).await?;
+        let st = export_disk(
+            host,
+            &export,
+            sink.clone(),
+            &scope,
+            opts.parallel.max(1),
+            &vm.name,
+            &disk.target,
+            progress,
+        )
+        .await?;
         sink.finish().await?;
         stats.push(st);
     }
-    let record = CbtRecord { checkpoint, vm_uuid: vm.uuid.clone(), disks: choice.sizes.clone() };
+    let record = CbtRecord {
+        checkpoint,
+        vm_uuid: vm.uuid.clone(),
+        disks: choice.sizes.clone(),
+    };
     let manifest = writer
         .finish(serde_json::json!({ "method": FreezeMethod::BackupApi, "transport": "ssh", "cbt": record }))
         .await?;
@@ -277,10 +395,17 @@ async fn begin(
     excluded: &[String],
     cp_path: &str,
 ) -> Result<()> {
-    let xml = cbt::backup_xml(socket, job_dir, base.map(|b| b.record.checkpoint.as_str()), targets, excluded);
+    let xml = cbt::backup_xml(
+        socket,
+        job_dir,
+        base.map(|b| b.record.checkpoint.as_str()),
+        targets,
+        excluded,
+    );
     let path = format!("{job_dir}/backup.xml");
     host.upload(&path, xml.as_bytes()).await?;
-    host.run(&host.virsh().backup_begin(&vm.uuid, &path, Some(cp_path))).await?;
+    host.run(&host.virsh().backup_begin(&vm.uuid, &path, Some(cp_path)))
+        .await?;
     Ok(())
 }
 
@@ -288,7 +413,14 @@ async fn begin(
 pub async fn undo_paused_start(host: &Host, uuid: &str) -> Result<Option<String>> {
     let script = r#"for f in "$1"/"$2"-*/started-paused; do [ -e "$f" ] && exit 0; done; exit 1"#;
     let found = host
-        .exec(&RemoteCommand::new("sh").arg("-c").arg(script).arg("sh").arg(format!("{}/jobs", crate::host::HOST_STATE_DIR)).arg(uuid))
+        .exec(
+            &RemoteCommand::new("sh")
+                .arg("-c")
+                .arg(script)
+                .arg("sh")
+                .arg(format!("{}/jobs", crate::host::HOST_STATE_DIR))
+                .arg(uuid),
+        )
         .await?;
     if found.status != 0 {
         return Ok(None);
@@ -297,7 +429,9 @@ pub async fn undo_paused_start(host: &Host, uuid: &str) -> Result<Option<String>
     if state.trim() == "paused" {
         let _ = host.exec(&host.virsh().domjobabort(uuid)).await;
         host.run(&host.virsh().destroy(uuid)).await?;
-        return Ok(Some("stopped the VM a killed job had started paused".into()));
+        return Ok(Some(
+            "stopped the VM a killed job had started paused".into(),
+        ));
     }
     Ok(None)
 }

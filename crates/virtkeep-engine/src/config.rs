@@ -111,24 +111,32 @@ impl HostConfig {
         use virtkeep_ssh::Auth;
         let auth = if let Some(var) = &self.password_env {
             let password = std::env::var(var).map_err(|_| {
-                Error::config(format!("the password variable {var} is not set"))
-                    .hint(format!("export {var}=… before running virtkeep, or use a key file"))
+                Error::config(format!("the password variable {var} is not set")).hint(format!(
+                    "export {var}=… before running virtkeep, or use a key file"
+                ))
             })?;
             Auth::Password { password }
         } else if let Some(path) = &self.identity {
-            Auth::KeyFile { path: path.clone(), passphrase: None }
+            Auth::KeyFile {
+                path: path.clone(),
+                passphrase: None,
+            }
         } else if self.agent.is_some() {
             Auth::Agent
         } else {
-            return Err(Error::config("the host has no authentication method")
-                .hint("give --identity KEYFILE, --password-env VAR or --agent to `virtkeep host add`"));
+            return Err(Error::config("the host has no authentication method").hint(
+                "give --identity KEYFILE, --password-env VAR or --agent to `virtkeep host add`",
+            ));
         };
         Ok(virtkeep_ssh::HostTarget {
             host: self.address.clone(),
             port: self.port,
             user: self.user.clone(),
             auth,
-            known_hosts: self.known_hosts.clone().unwrap_or_else(|| node_known_hosts.to_path_buf()),
+            known_hosts: self
+                .known_hosts
+                .clone()
+                .unwrap_or_else(|| node_known_hosts.to_path_buf()),
             sudo: self.sudo,
             connect_timeout: Duration::from_secs(15),
             keepalive: Duration::from_secs(10),

@@ -49,18 +49,38 @@ pub struct NbdExport {
 
 impl NbdExport {
     /// Exports `path` (format `format`) read-only, shared with the QEMU that may hold it.
-    pub async fn start_readonly(host: &Host, job_dir: &str, index: usize, path: &str, format: &str) -> Result<NbdExport> {
+    pub async fn start_readonly(
+        host: &Host,
+        job_dir: &str,
+        index: usize,
+        path: &str,
+        format: &str,
+    ) -> Result<NbdExport> {
         let socket = format!("{job_dir}/{index}.sock");
         let pid_file = format!("{job_dir}/{index}.pid");
-        host.run(&cmd::qemu_nbd_export_readonly(&cmd::image_opts(format, path, false, true), &socket, &pid_file))
-            .await
-            .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
-        Ok(NbdExport { endpoint: Endpoint::Unix(socket), export_name: String::new(), pid_file: Some(pid_file) })
+        host.run(&cmd::qemu_nbd_export_readonly(
+            &cmd::image_opts(format, path, false, true),
+            &socket,
+            &pid_file,
+        ))
+        .await
+        .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
+        Ok(NbdExport {
+            endpoint: Endpoint::Unix(socket),
+            export_name: String::new(),
+            pid_file: Some(pid_file),
+        })
     }
 
     /// Exports `path` read-only on plain TCP at the host's address, on the first free
     /// port of a small range. Unencrypted and unauthenticated: `--transport netcat`.
-    pub async fn start_readonly_tcp(host: &Host, job_dir: &str, index: usize, path: &str, format: &str) -> Result<NbdExport> {
+    pub async fn start_readonly_tcp(
+        host: &Host,
+        job_dir: &str,
+        index: usize,
+        path: &str,
+        format: &str,
+    ) -> Result<NbdExport> {
         let pid_file = format!("{job_dir}/{index}.pid");
         let bind = host.config.address.clone();
         let mut last = None;
@@ -75,30 +95,56 @@ impl NbdExport {
                 .arg(cmd::image_opts(format, path, false, true));
             match host.run(&cmd).await {
                 Ok(_) => {
-                    return Ok(NbdExport { endpoint: Endpoint::Tcp(bind, port), export_name: String::new(), pid_file: Some(pid_file) });
+                    return Ok(NbdExport {
+                        endpoint: Endpoint::Tcp(bind, port),
+                        export_name: String::new(),
+                        pid_file: Some(pid_file),
+                    });
                 }
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| Error::new(ErrorKind::DataPath, "no free port")).context(format!("exporting {path} over TCP")))
+        Err(last
+            .unwrap_or_else(|| Error::new(ErrorKind::DataPath, "no free port"))
+            .context(format!("exporting {path} over TCP")))
     }
 
     /// Exports `path` writable, for restore.
-    pub async fn start_writable(host: &Host, job_dir: &str, index: usize, path: &str, format: &str) -> Result<NbdExport> {
+    pub async fn start_writable(
+        host: &Host,
+        job_dir: &str,
+        index: usize,
+        path: &str,
+        format: &str,
+    ) -> Result<NbdExport> {
         let socket = format!("{job_dir}/{index}.sock");
         let pid_file = format!("{job_dir}/{index}.pid");
-        host.run(&cmd::qemu_nbd_export_writable(path, format, false, &socket, &pid_file))
-            .await
-            .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
-        Ok(NbdExport { endpoint: Endpoint::Unix(socket), export_name: String::new(), pid_file: Some(pid_file) })
+        host.run(&cmd::qemu_nbd_export_writable(
+            path, format, false, &socket, &pid_file,
+        ))
+        .await
+        .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
+        Ok(NbdExport {
+            endpoint: Endpoint::Unix(socket),
+            export_name: String::new(),
+            pid_file: Some(pid_file),
+        })
     }
 
     /// The export of one disk of a libvirt pull-mode backup job.
     pub fn libvirt_pull(socket: &str, target: &str) -> NbdExport {
-        NbdExport { endpoint: Endpoint::Unix(socket.to_string()), export_name: target.to_string(), pid_file: None }
+        NbdExport {
+            endpoint: Endpoint::Unix(socket.to_string()),
+            export_name: target.to_string(),
+            pid_file: None,
+        }
     }
 
-    pub async fn connect(&self, session: &virtkeep_ssh::Session, contexts: &[&str]) -> Result<NbdClient> {
+    pub async fn connect(
+        &self,
+        session: &virtkeep_ssh::Session,
+        contexts: &[&str],
+    ) -> Result<NbdClient> {
         match &self.endpoint {
             Endpoint::Unix(socket) => {
                 let stream = session.open_unix_socket(socket).await?;
@@ -116,14 +162,28 @@ impl NbdExport {
     }
 
     pub async fn stop(self, host: &Host) -> Result<()> {
-        let Some(pid_file) = self.pid_file else { return Ok(()) };
-        let pid = host.run_string(&RemoteCommand::new("cat").arg(&pid_file)).await?;
+        let Some(pid_file) = self.pid_file else {
+            return Ok(());
+        };
+        let pid = host
+            .run_string(&RemoteCommand::new("cat").arg(&pid_file))
+            .await?;
         let pid: u32 = pid.trim().parse().map_err(|_| {
-            Error::new(ErrorKind::Remote, format!("qemu-nbd pid file {pid_file} holds no pid"))
+            Error::new(
+                ErrorKind::Remote,
+                format!("qemu-nbd pid file {pid_file} holds no pid"),
+            )
         })?;
         // Terminate and wait until it is gone, so the image is no longer open.
         let script = r#"kill "$1" 2>/dev/null; i=0; while [ -e /proc/"$1" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done"#;
-        host.run(&RemoteCommand::new("sh").arg("-c").arg(script).arg("sh").arg(pid.to_string())).await?;
+        host.run(
+            &RemoteCommand::new("sh")
+                .arg("-c")
+                .arg(script)
+                .arg("sh")
+                .arg(pid.to_string()),
+        )
+        .await?;
         Ok(())
     }
 }
@@ -132,8 +192,9 @@ impl NbdExport {
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub fn stalled() -> Error {
-    Error::new(ErrorKind::DataPath, "the NBD export stopped answering")
-        .hint("check the host's load and the network; `virtkeep cleanup HOST` removes what the job left")
+    Error::new(ErrorKind::DataPath, "the NBD export stopped answering").hint(
+        "check the host's load and the network; `virtkeep cleanup HOST` removes what the job left",
+    )
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -183,7 +244,12 @@ pub async fn export_disk(
     disk: &str,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
-    let context = scope.dirty.as_ref().map(|(c, _)| c.as_str()).unwrap_or(BASE_ALLOCATION).to_string();
+    let context = scope
+        .dirty
+        .as_ref()
+        .map(|(c, _)| c.as_str())
+        .unwrap_or(BASE_ALLOCATION)
+        .to_string();
     let control = export.connect(host.session(), &[context.as_str()]).await?;
     let size = control.size();
     let extents = allocated_extents(&control, &context, 0, size).await?;
@@ -192,7 +258,11 @@ pub async fn export_disk(
     let chunk = sink.chunk_size();
     let plan = Arc::new(plan_chunks(&extents, size, chunk));
     let data_bytes: u64 = plan.iter().flatten().map(|(_, l)| l).sum();
-    progress.event(Event::DiskStart { vm: vm.to_string(), disk: disk.to_string(), bytes: data_bytes });
+    progress.event(Event::DiskStart {
+        vm: vm.to_string(),
+        disk: disk.to_string(),
+        bytes: data_bytes,
+    });
 
     let next = Arc::new(AtomicUsize::new(0));
     let read = Arc::new(AtomicU64::new(0));
@@ -201,8 +271,15 @@ pub async fn export_disk(
     for w in 0..parallel.max(1) {
         let session = host.data_session(w).await?;
         let client = export.connect(&session, &[]).await?;
-        let (plan, next, read, zero, sink, progress, parent) =
-            (plan.clone(), next.clone(), read.clone(), zero.clone(), sink.clone(), progress.clone(), parent.clone());
+        let (plan, next, read, zero, sink, progress, parent) = (
+            plan.clone(),
+            next.clone(),
+            read.clone(),
+            zero.clone(),
+            sink.clone(),
+            progress.clone(),
+            parent.clone(),
+        );
         let disk = disk.to_string();
         workers.spawn(async move {
             let _session = session;
@@ -238,9 +315,10 @@ pub async fn export_disk(
                     }
                 }
                 let (offs, futs): (Vec<u64>, Vec<_>) = reads.into_iter().unzip();
-                let all = tokio::time::timeout(REQUEST_TIMEOUT, futures::future::try_join_all(futs))
-                    .await
-                    .map_err(|_| stalled())??;
+                let all =
+                    tokio::time::timeout(REQUEST_TIMEOUT, futures::future::try_join_all(futs))
+                        .await
+                        .map_err(|_| stalled())??;
                 let mut moved = 0;
                 for (off, data) in offs.into_iter().zip(all) {
                     buf[off as usize..off as usize + data.len()].copy_from_slice(&data);
@@ -248,7 +326,10 @@ pub async fn export_disk(
                 }
                 read.fetch_add(moved, Ordering::Relaxed);
                 sink.data_chunk(index, buf.freeze()).await?;
-                progress.event(Event::DiskBytes { disk: disk.clone(), bytes: moved });
+                progress.event(Event::DiskBytes {
+                    disk: disk.clone(),
+                    bytes: moved,
+                });
             }
             let _ = client.disconnect().await;
             Ok::<(), Error>(())
@@ -258,10 +339,17 @@ pub async fn export_disk(
         match res {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
-            Err(join) => return Err(Error::new(ErrorKind::DataPath, format!("export worker failed: {join}"))),
+            Err(join) => {
+                return Err(Error::new(
+                    ErrorKind::DataPath,
+                    format!("export worker failed: {join}"),
+                ));
+            }
         }
     }
-    progress.event(Event::DiskDone { disk: disk.to_string() });
+    progress.event(Event::DiskDone {
+        disk: disk.to_string(),
+    });
     let zero_chunks = zero.load(Ordering::Relaxed);
     Ok(ExportStats {
         size,
@@ -279,9 +367,21 @@ mod tests {
     #[test]
     fn data_extents_split_at_chunk_boundaries() {
         let ex = [
-            Mapped { offset: 0, length: 10, kind: MappedKind::Data },
-            Mapped { offset: 10, length: 90, kind: MappedKind::Zero },
-            Mapped { offset: 100, length: 150, kind: MappedKind::Data },
+            Mapped {
+                offset: 0,
+                length: 10,
+                kind: MappedKind::Data,
+            },
+            Mapped {
+                offset: 10,
+                length: 90,
+                kind: MappedKind::Zero,
+            },
+            Mapped {
+                offset: 100,
+                length: 150,
+                kind: MappedKind::Data,
+            },
         ];
         let plan = plan_chunks(&ex, 300, 128);
         assert_eq!(plan, vec![vec![(0, 10), (100, 28)], vec![(0, 122)], vec![]]);
@@ -300,20 +400,34 @@ pub async fn export_stream(
 ) -> Result<ExportStats> {
     use tokio::io::AsyncReadExt;
     let size: u64 = host
-        .run_string(&RemoteCommand::new("stat").arg("-L").arg("-c").arg("%s").arg("--").arg(path))
+        .run_string(
+            &RemoteCommand::new("stat")
+                .arg("-L")
+                .arg("-c")
+                .arg("%s")
+                .arg("--")
+                .arg(path),
+        )
         .await?
         .trim()
         .parse()
         .map_err(|_| Error::new(ErrorKind::Remote, format!("cannot read the size of {path}")))?;
     let chunk = sink.chunk_size();
-    progress.event(Event::DiskStart { vm: vm.to_string(), disk: disk.to_string(), bytes: size });
+    progress.event(Event::DiskStart {
+        vm: vm.to_string(),
+        disk: disk.to_string(),
+        bytes: size,
+    });
     let cmd = RemoteCommand::new("dd")
         .arg(format!("if={path}"))
         .arg(format!("bs={}", chunk.min(16 << 20)))
         .arg("iflag=fullblock")
         .arg("status=none");
     let mut proc = host.session().spawn(&cmd).await?;
-    let mut stats = ExportStats { size, ..ExportStats::default() };
+    let mut stats = ExportStats {
+        size,
+        ..ExportStats::default()
+    };
     let mut index = 0u64;
     while index * chunk < size {
         let len = chunk.min(size - index * chunk) as usize;
@@ -321,7 +435,12 @@ pub async fn export_stream(
         tokio::time::timeout(REQUEST_TIMEOUT, proc.stdout.read_exact(&mut buf))
             .await
             .map_err(|_| stalled())?
-            .map_err(|e| Error::new(ErrorKind::DataPath, format!("reading {path} through dd: {e}")))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::DataPath,
+                    format!("reading {path} through dd: {e}"),
+                )
+            })?;
         if buf.iter().all(|b| *b == 0) {
             sink.zero_chunk(index).await?;
             stats.zero_chunks += 1;
@@ -330,13 +449,24 @@ pub async fn export_stream(
             stats.data_chunks += 1;
         }
         stats.bytes_read += len as u64;
-        progress.event(Event::DiskBytes { disk: disk.to_string(), bytes: len as u64 });
+        progress.event(Event::DiskBytes {
+            disk: disk.to_string(),
+            bytes: len as u64,
+        });
         index += 1;
     }
     let (status, stderr) = proc.wait().await?;
     if status != 0 {
-        return Err(Error::new(ErrorKind::Remote, format!("dd of {path} failed: {}", String::from_utf8_lossy(&stderr).trim())));
+        return Err(Error::new(
+            ErrorKind::Remote,
+            format!(
+                "dd of {path} failed: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            ),
+        ));
     }
-    progress.event(Event::DiskDone { disk: disk.to_string() });
+    progress.event(Event::DiskDone {
+        disk: disk.to_string(),
+    });
     Ok(stats)
 }

@@ -12,8 +12,8 @@
 
 use std::collections::BTreeMap;
 
-use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, cmd, rewrite_domain};
 use virtkeep_libvirt::parse::parse_qemu_img_info;
+use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, cmd, rewrite_domain};
 use virtkeep_ssh::RemoteCommand;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -73,14 +73,19 @@ pub async fn stop_job_exports(host: &Host, vm_uuid: &str) -> Result<()> {
 /// Heals one VM. The caller holds the VM lock.
 pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealReport> {
     let mut vm = Vm::load(host, vm_uuid).await?;
-    let mut report = HealReport { vm: vm.name.clone(), actions: Vec::new() };
+    let mut report = HealReport {
+        vm: vm.name.clone(),
+        actions: Vec::new(),
+    };
 
     if !dry_run {
         if let Some(action) = crate::cbt_backup::undo_paused_start(host, vm_uuid).await? {
             report.actions.push(action);
         }
         if crate::cbt::abort_stale_job(host, vm_uuid).await? {
-            report.actions.push("ended a backup job a killed run left on the VM".into());
+            report
+                .actions
+                .push("ended a backup job a killed run left on the VM".into());
         }
         stop_job_exports(host, vm_uuid).await?;
         vm.reload(host).await?;
@@ -92,7 +97,9 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
             if overlay_base(&path).is_none() {
                 continue;
             }
-            report.actions.push(format!("blockcommit {target} from {path} into its base and pivot"));
+            report.actions.push(format!(
+                "blockcommit {target} from {path} into its base and pivot"
+            ));
             if !dry_run {
                 commit_live_disk(host, vm_uuid, &target).await?;
             }
@@ -103,24 +110,51 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
     let inactive = virtkeep_libvirt::parse_domain(&vm.inactive_xml)?;
     let mut sources = BTreeMap::new();
     for (target, path) in file_sources(&inactive.disks) {
-        let Some(base) = overlay_base(&path) else { continue };
+        let Some(base) = overlay_base(&path) else {
+            continue;
+        };
         let base_format = backing_format(host, &path, base).await?;
         if !vm.state.is_active() && exists(host, &path).await? {
-            report.actions.push(format!("qemu-img commit {path} into {base}"));
+            report
+                .actions
+                .push(format!("qemu-img commit {path} into {base}"));
             if !dry_run {
                 host.run(&cmd::qemu_img_commit(&path))
                     .await
                     .map_err(|e| e.context(format!("committing overlay {path}")))?;
             }
         }
-        sources.insert(target, NewSource::File { path: base.to_string(), format: base_format });
+        sources.insert(
+            target,
+            NewSource::File {
+                path: base.to_string(),
+                format: base_format,
+            },
+        );
     }
     if !sources.is_empty() {
-        report.actions.push(format!("redefine {:?} on its base files", vm.name));
+        report
+            .actions
+            .push(format!("redefine {:?} on its base files", vm.name));
         if !dry_run {
-            let rw = Rewrite { disk_sources: sources, drop_backing_store: true, ..Rewrite::default() };
+            let rw = Rewrite {
+                disk_sources: sources,
+                drop_backing_store: true,
+                ..Rewrite::default()
+            };
             let xml = rewrite_domain(&vm.inactive_xml, &rw)?;
             define(host, vm_uuid, &xml).await?;
+        }
+    }
+
+    // RBD snapshots of a killed run (not the recorded base of the next incremental).
+    if let Some(ceph) = host.config.ceph_args() {
+        for d in &vm.domain.disks {
+            if let virtkeep_libvirt::Backend::Rbd { pool, image } = d.backend() {
+                report
+                    .actions
+                    .extend(crate::rbd::heal_image(host, &ceph, &pool, &image, dry_run).await?);
+            }
         }
     }
 
@@ -134,7 +168,10 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
         .chain(file_sources(&inactive.disks))
         .map(|(_, p)| p)
         .collect();
-    let mut bases: Vec<String> = referenced.iter().map(|p| overlay_base(p).unwrap_or(p).to_string()).collect();
+    let mut bases: Vec<String> = referenced
+        .iter()
+        .map(|p| overlay_base(p).unwrap_or(p).to_string())
+        .collect();
     bases.sort();
     bases.dedup();
     for base in bases {
@@ -144,7 +181,8 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
             }
             report.actions.push(format!("remove overlay {overlay}"));
             if !dry_run {
-                host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(&overlay)).await?;
+                host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(&overlay))
+                    .await?;
             }
         }
     }
@@ -154,19 +192,30 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
 /// Active commit of one disk back into its base, then pivot, also when a killed run
 /// left a commit job behind (then it is pivoted or aborted and done again).
 async fn commit_live_disk(host: &Host, uuid: &str, target: &str) -> Result<()> {
-    let out = host.exec(&host.virsh().blockcommit_active_pivot(uuid, target)).await?;
+    let out = host
+        .exec(&host.virsh().blockcommit_active_pivot(uuid, target))
+        .await?;
     if out.status == 0 {
         return Ok(());
     }
     let first = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    tracing::warn!(disk = target, "blockcommit failed ({first}); looking for a leftover block job");
+    tracing::warn!(
+        disk = target,
+        "blockcommit failed ({first}); looking for a leftover block job"
+    );
     // A job left by a killed node: pivot it if it is ready, otherwise abort and redo.
-    let pivot = host.exec(&host.virsh().blockjob_pivot(uuid, target)).await?;
+    let pivot = host
+        .exec(&host.virsh().blockjob_pivot(uuid, target))
+        .await?;
     if pivot.status == 0 {
         return Ok(());
     }
-    let _ = host.exec(&host.virsh().blockjob_abort(uuid, target)).await?;
-    let again = host.exec(&host.virsh().blockcommit_active_pivot(uuid, target)).await?;
+    let _ = host
+        .exec(&host.virsh().blockjob_abort(uuid, target))
+        .await?;
+    let again = host
+        .exec(&host.virsh().blockcommit_active_pivot(uuid, target))
+        .await?;
     if again.status == 0 {
         return Ok(());
     }
@@ -182,7 +231,9 @@ async fn commit_live_disk(host: &Host, uuid: &str, target: &str) -> Result<()> {
 
 async fn backing_format(host: &Host, overlay: &str, base: &str) -> Result<String> {
     for path in [overlay, base] {
-        let out = host.exec(&cmd::qemu_img_info_json(path, None, true)).await?;
+        let out = host
+            .exec(&cmd::qemu_img_info_json(path, None, true))
+            .await?;
         if out.status != 0 {
             continue;
         }
@@ -201,7 +252,11 @@ async fn backing_format(host: &Host, overlay: &str, base: &str) -> Result<String
 }
 
 async fn exists(host: &Host, path: &str) -> Result<bool> {
-    Ok(host.exec(&RemoteCommand::new("test").arg("-e").arg(path)).await?.status == 0)
+    Ok(host
+        .exec(&RemoteCommand::new("test").arg("-e").arg(path))
+        .await?
+        .status
+        == 0)
 }
 
 /// virtkeep overlays of `base` that exist on the host.
@@ -211,14 +266,26 @@ pub async fn overlays_of(host: &Host, base: &str) -> Result<Vec<String>> {
         None => return Ok(Vec::new()),
     };
     let out = host
-        .exec(&RemoteCommand::new("find").arg(dir).arg("-maxdepth").arg("1").arg("-type").arg("f").arg("-print0"))
+        .exec(
+            &RemoteCommand::new("find")
+                .arg(dir)
+                .arg("-maxdepth")
+                .arg("1")
+                .arg("-type")
+                .arg("f")
+                .arg("-print0"),
+        )
         .await?;
     let prefix = format!("{file}{OVERLAY_MARKER}");
     Ok(out
         .stdout
         .split(|b| *b == 0)
         .filter_map(|p| std::str::from_utf8(p).ok())
-        .filter(|p| p.rsplit('/').next().is_some_and(|name| name.starts_with(&prefix)))
+        .filter(|p| {
+            p.rsplit('/')
+                .next()
+                .is_some_and(|name| name.starts_with(&prefix))
+        })
         .filter(|p| overlay_base(p).is_some())
         .map(str::to_string)
         .collect())
@@ -231,12 +298,17 @@ pub fn list_all_uuids(host: &Host) -> RemoteCommand {
 
 /// `virsh define` of an XML document, uploaded to a private file first.
 pub async fn define(host: &Host, vm_key: &str, xml: &str) -> Result<()> {
-    let dir = host.job_dir(&format!("define-{}", uuid::Uuid::new_v4())).await?;
+    let dir = host
+        .job_dir(&format!("define-{}", uuid::Uuid::new_v4()))
+        .await?;
     let path = format!("{dir}/domain.xml");
     host.upload(&path, xml.as_bytes()).await?;
     let res = host.run(&host.virsh().define(&path)).await;
-    let _ = host.run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&dir)).await;
-    res.map(|_| ()).map_err(|e| e.context(format!("defining domain {vm_key}")))
+    let _ = host
+        .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&dir))
+        .await;
+    res.map(|_| ())
+        .map_err(|e| e.context(format!("defining domain {vm_key}")))
 }
 
 /// Heals every domain on the host that carries virtkeep leftovers; VMs whose lock is
@@ -245,17 +317,25 @@ pub async fn cleanup_host(host: &Host, dry_run: bool) -> Result<Vec<HealReport>>
     let uuids = host.run_string(&list_all_uuids(host)).await?;
     let mut reports = Vec::new();
     for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let lock = match host.lock_vm(uuid).await {
+        let lock = match host.lock_vm(uuid, 0).await {
             Ok(lock) => lock,
             Err(e) if e.kind == ErrorKind::Conflict => {
-                reports.push(HealReport { vm: uuid.to_string(), actions: vec!["skipped: a job holds this VM's lock".into()] });
+                reports.push(HealReport {
+                    vm: uuid.to_string(),
+                    actions: vec!["skipped: a job holds this VM's lock".into()],
+                });
                 continue;
             }
             Err(e) => return Err(e),
         };
         let res = heal_vm(host, uuid, dry_run).await;
         lock.release().await;
-        let report = res?;
+        let report = match res {
+            Ok(r) => r,
+            // Undefined between the listing and now: nothing of it to heal.
+            Err(_) if host.exec(&host.virsh().domuuid(uuid)).await?.status != 0 => continue,
+            Err(e) => return Err(e),
+        };
         if !report.actions.is_empty() {
             reports.push(report);
         }
@@ -269,7 +349,10 @@ mod tests {
 
     #[test]
     fn overlay_names_are_recognised() {
-        assert_eq!(overlay_base("/img/a.qcow2.virtkeep-20260101T000000Z-ab12"), Some("/img/a.qcow2"));
+        assert_eq!(
+            overlay_base("/img/a.qcow2.virtkeep-20260101T000000Z-ab12"),
+            Some("/img/a.qcow2")
+        );
         assert_eq!(overlay_base("/img/a.qcow2"), None);
         assert_eq!(overlay_base("/img/a.qcow2.virtkeep-"), None);
         assert_eq!(overlay_base("/img.virtkeep-x/a.qcow2"), None);

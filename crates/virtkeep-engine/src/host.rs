@@ -32,7 +32,12 @@ impl Host {
             .map_err(|e| Error::from(e).context(format!("connecting to host {name}")))?;
         // Data streams get their own connections: one SSH connection is bound to one core.
         let pool = Pool::new(target, 4);
-        Ok(Host { name: name.to_string(), config: config.clone(), pool, session })
+        Ok(Host {
+            name: name.to_string(),
+            config: config.clone(),
+            pool,
+            session,
+        })
     }
 
     pub fn session(&self) -> &Session {
@@ -68,7 +73,10 @@ impl Host {
     pub async fn run_string(&self, cmd: &RemoteCommand) -> Result<String> {
         let out = self.run(cmd).await?;
         String::from_utf8(out.stdout).map_err(|_| {
-            Error::new(ErrorKind::Remote, format!("`{cmd}` printed output that is not UTF-8"))
+            Error::new(
+                ErrorKind::Remote,
+                format!("`{cmd}` printed output that is not UTF-8"),
+            )
         })
     }
 
@@ -76,13 +84,22 @@ impl Host {
     pub async fn upload(&self, path: &str, content: &[u8]) -> Result<()> {
         let cmd = RemoteCommand::new("cat").stdout_to(path);
         let mut proc = self.session.spawn(&cmd).await?;
-        proc.stdin.write_all(content).await.map_err(io_err("uploading a file"))?;
-        proc.stdin.shutdown().await.map_err(io_err("uploading a file"))?;
+        proc.stdin
+            .write_all(content)
+            .await
+            .map_err(io_err("uploading a file"))?;
+        proc.stdin
+            .shutdown()
+            .await
+            .map_err(io_err("uploading a file"))?;
         let (status, stderr) = proc.wait().await?;
         if status != 0 {
             return Err(Error::new(
                 ErrorKind::Remote,
-                format!("writing {path} on the host failed: {}", String::from_utf8_lossy(&stderr).trim()),
+                format!(
+                    "writing {path} on the host failed: {}",
+                    String::from_utf8_lossy(&stderr).trim()
+                ),
             ));
         }
         Ok(())
@@ -95,8 +112,15 @@ impl Host {
             return Ok((u.clone(), g.clone()));
         }
         for user in ["libvirt-qemu", "qemu"] {
-            if self.exec(&RemoteCommand::new("id").arg("-u").arg(user)).await?.status == 0 {
-                let group = self.run_string(&RemoteCommand::new("id").arg("-gn").arg(user)).await?;
+            if self
+                .exec(&RemoteCommand::new("id").arg("-u").arg(user))
+                .await?
+                .status
+                == 0
+            {
+                let group = self
+                    .run_string(&RemoteCommand::new("id").arg("-gn").arg(user))
+                    .await?;
                 return Ok((user.to_string(), group.trim().to_string()));
             }
         }
@@ -106,19 +130,40 @@ impl Host {
     /// Creates the private per-job state directory on the host.
     pub async fn job_dir(&self, job: &str) -> Result<String> {
         let dir = format!("{HOST_STATE_DIR}/jobs/{job}");
-        self.run(&RemoteCommand::new("mkdir").arg("-p").arg("-m").arg("0711").arg(&dir)).await?;
+        self.run(
+            &RemoteCommand::new("mkdir")
+                .arg("-p")
+                .arg("-m")
+                .arg("0711")
+                .arg(&dir),
+        )
+        .await?;
         Ok(dir)
     }
 
     /// Takes the per-VM lock on the host, held for as long as the returned guard lives
     /// and the SSH connection is up: a node killed with SIGKILL drops the connection,
     /// the remote `cat` sees EOF and the lock goes with it, so no stale lock survives.
-    pub async fn lock_vm(&self, vm_uuid: &str) -> Result<VmLock> {
+    /// `wait_secs`: how long to wait for a lock held by a short job (a cleanup pass);
+    /// 0 fails at once.
+    pub async fn lock_vm(&self, vm_uuid: &str, wait_secs: u32) -> Result<VmLock> {
         let lock_dir = format!("{HOST_STATE_DIR}/locks");
-        self.run(&RemoteCommand::new("mkdir").arg("-p").arg("-m").arg("0700").arg(&lock_dir)).await?;
+        self.run(
+            &RemoteCommand::new("mkdir")
+                .arg("-p")
+                .arg("-m")
+                .arg("0700")
+                .arg(&lock_dir),
+        )
+        .await?;
         let path = format!("{lock_dir}/{vm_uuid}.lock");
+        let wait = if wait_secs == 0 {
+            vec!["-n".to_string()]
+        } else {
+            vec!["-w".to_string(), wait_secs.to_string()]
+        };
         let cmd = RemoteCommand::new("flock")
-            .arg("-n")
+            .args(wait)
             .arg("-E")
             .arg("75")
             .arg(&path)
@@ -133,12 +178,17 @@ impl Host {
                 let _ = proc.stdin.shutdown().await;
                 let (status, stderr) = proc.wait().await.unwrap_or((1, Vec::new()));
                 if status == 75 {
-                    Err(Error::conflict(format!("another virtkeep job holds the lock of VM {vm_uuid} on this host"))
-                        .hint("wait for the running backup or restore of this VM to finish"))
+                    Err(Error::conflict(format!(
+                        "another virtkeep job holds the lock of VM {vm_uuid} on this host"
+                    ))
+                    .hint("wait for the running backup or restore of this VM to finish"))
                 } else {
                     Err(Error::new(
                         ErrorKind::Remote,
-                        format!("could not take the VM lock on the host (flock exit {status}): {}", String::from_utf8_lossy(&stderr).trim()),
+                        format!(
+                            "could not take the VM lock on the host (flock exit {status}): {}",
+                            String::from_utf8_lossy(&stderr).trim()
+                        ),
                     )
                     .hint("virtkeep needs flock(1) from util-linux on the host"))
                 }

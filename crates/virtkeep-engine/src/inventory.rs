@@ -41,7 +41,10 @@ fn virsh(uri: &str) -> RemoteCommand {
 
 /// Capacity and allocation per target, from `virsh domblkinfo --all`.
 async fn block_sizes(host: &Host, uuid: &str) -> Vec<(String, u64, u64)> {
-    let Ok(out) = host.exec(&virsh(host.uri()).arg("domblkinfo").arg(uuid).arg("--all")).await else {
+    let Ok(out) = host
+        .exec(&virsh(host.uri()).arg("domblkinfo").arg(uuid).arg("--all"))
+        .await
+    else {
         return Vec::new();
     };
     String::from_utf8_lossy(&out.stdout)
@@ -49,7 +52,9 @@ async fn block_sizes(host: &Host, uuid: &str) -> Vec<(String, u64, u64)> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             match f.as_slice() {
-                [t, cap, alloc, ..] => Some((t.to_string(), cap.parse().ok()?, alloc.parse().ok()?)),
+                [t, cap, alloc, ..] => {
+                    Some((t.to_string(), cap.parse().ok()?, alloc.parse().ok()?))
+                }
                 _ => None,
             }
         })
@@ -60,18 +65,30 @@ async fn block_sizes(host: &Host, uuid: &str) -> Vec<(String, u64, u64)> {
 async fn lvm_report(host: &Host) -> Vec<virtkeep_libvirt::parse::LvInfo> {
     match host.exec(&virtkeep_libvirt::cmd::lvs_json(None)).await {
         Ok(out) if out.status == 0 => {
-            virtkeep_libvirt::parse::parse_lvs_json(&String::from_utf8_lossy(&out.stdout)).unwrap_or_default()
+            virtkeep_libvirt::parse::parse_lvs_json(&String::from_utf8_lossy(&out.stdout))
+                .unwrap_or_default()
         }
         _ => Vec::new(),
     }
 }
 
-async fn rbd_details(host: &Host, disk: &virtkeep_libvirt::Disk, pool: &str, image: &str) -> serde_json::Value {
+async fn rbd_details(
+    host: &Host,
+    disk: &virtkeep_libvirt::Disk,
+    pool: &str,
+    image: &str,
+) -> serde_json::Value {
     let (monitors, auth) = match &disk.source {
         DiskSource::Network { hosts, auth, .. } => (
             hosts
                 .iter()
-                .map(|h| format!("{}:{}", h.name.as_deref().unwrap_or(""), h.port.as_deref().unwrap_or("6789")))
+                .map(|h| {
+                    format!(
+                        "{}:{}",
+                        h.name.as_deref().unwrap_or(""),
+                        h.port.as_deref().unwrap_or("6789")
+                    )
+                })
                 .collect::<Vec<_>>(),
             auth.clone(),
         ),
@@ -87,15 +104,26 @@ async fn rbd_details(host: &Host, disk: &virtkeep_libvirt::Disk, pool: &str, ima
     match host.config.ceph_args() {
         Some(ceph) => match host.exec(&ceph.info_json(pool, image)).await {
             Ok(out) if out.status == 0 => {
-                if let Ok(info) = virtkeep_libvirt::parse::parse_rbd_info_json(&String::from_utf8_lossy(&out.stdout)) {
+                if let Ok(info) = virtkeep_libvirt::parse::parse_rbd_info_json(
+                    &String::from_utf8_lossy(&out.stdout),
+                ) {
                     v["size"] = info.size.into();
                     v["fast_diff"] = info.has_fast_diff().into();
                 }
             }
-            Ok(out) => v["rbd_info_error"] = String::from_utf8_lossy(&out.stderr).trim().to_string().into(),
+            Ok(out) => {
+                v["rbd_info_error"] = String::from_utf8_lossy(&out.stderr)
+                    .trim()
+                    .to_string()
+                    .into()
+            }
             Err(e) => v["rbd_info_error"] = e.to_string().into(),
         },
-        None => v["rbd_info_error"] = "the host has no Ceph settings (host add --ceph-conf/--ceph-id/--ceph-keyring)".into(),
+        None => {
+            v["rbd_info_error"] =
+                "the host has no Ceph settings (host add --ceph-conf/--ceph-id/--ceph-keyring)"
+                    .into()
+        }
     }
     v
 }
@@ -116,9 +144,13 @@ pub async fn list_vms(host: &Host) -> Result<Vec<VmInfo>> {
                 (Ok(()), Backend::QcowFile | Backend::RawFile) if vm.state.is_active() => {
                     "snapshot-create-as --disk-only, qemu-nbd over SSH".into()
                 }
-                (Ok(()), Backend::QcowFile | Backend::RawFile) => "qemu-img overlay, qemu-nbd over SSH".into(),
+                (Ok(()), Backend::QcowFile | Backend::RawFile) => {
+                    "qemu-img overlay, qemu-nbd over SSH".into()
+                }
                 (Ok(()), Backend::Lvm { .. }) => "lvcreate -s (not in this version)".into(),
-                (Ok(()), Backend::Rbd { .. }) => "rbd snapshot + export-diff (not in this version)".into(),
+                (Ok(()), Backend::Rbd { .. }) => {
+                    "rbd snapshot + export-diff (not in this version)".into()
+                }
                 (Ok(()), _) => "not supported".into(),
             };
             let details = match &backend {
@@ -177,7 +209,9 @@ fn source_text(s: &DiskSource) -> String {
     match s {
         DiskSource::File { path } => path.clone(),
         DiskSource::Block { dev } => dev.clone(),
-        DiskSource::Network { protocol, name, .. } => format!("{protocol}:{}", name.as_deref().unwrap_or("")),
+        DiskSource::Network { protocol, name, .. } => {
+            format!("{protocol}:{}", name.as_deref().unwrap_or(""))
+        }
         DiskSource::Volume { pool, volume } => format!("volume:{pool}/{volume}"),
         DiskSource::Empty => String::new(),
         other => format!("{other:?}"),
@@ -199,8 +233,17 @@ pub struct CheckItem {
 async fn probe(host: &Host, cmd: RemoteCommand) -> (bool, String) {
     match host.exec(&cmd).await {
         Ok(out) => {
-            let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-            let first = String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string();
+            let text = if out.stdout.is_empty() {
+                out.stderr
+            } else {
+                out.stdout
+            };
+            let first = String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
             (out.status == 0, first)
         }
         Err(e) => (false, e.to_string()),
@@ -211,40 +254,137 @@ pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
     let mut items = vec![CheckItem {
         check: "ssh + pinned host key".into(),
         ok: true,
-        detail: format!("{}@{}:{}", host.config.user, host.config.address, host.config.port),
+        detail: format!(
+            "{}@{}:{}",
+            host.config.user, host.config.address, host.config.port
+        ),
         fix: None,
         required: true,
     }];
     let mut add = |check: &str, (ok, detail): (bool, String), fix: &str, required: bool| {
-        items.push(CheckItem { check: check.into(), ok, detail, fix: (!ok).then(|| fix.to_string()), required });
+        items.push(CheckItem {
+            check: check.into(),
+            ok,
+            detail,
+            fix: (!ok).then(|| fix.to_string()),
+            required,
+        });
     };
-    let tool = |name: &str| RemoteCommand::new("sh").arg("-c").arg(r#"command -v "$1""#).arg("sh").arg(name.to_string());
+    let tool = |name: &str| {
+        RemoteCommand::new("sh")
+            .arg("-c")
+            .arg(r#"command -v "$1""#)
+            .arg("sh")
+            .arg(name.to_string())
+    };
     if host.config.sudo {
-        add("sudo -n", probe(host, RemoteCommand::new("true")).await, "give the user passwordless sudo for virsh, qemu-img, qemu-nbd, flock, lvm and rbd", true);
+        add(
+            "sudo -n",
+            probe(host, RemoteCommand::new("true")).await,
+            "give the user passwordless sudo for virsh, qemu-img, qemu-nbd, flock, lvm and rbd",
+            true,
+        );
     }
-    add("virsh", probe(host, host.virsh().version()).await, "install libvirt-clients (Debian) / libvirt-client (RHEL) and check the libvirt URI", true);
-    for (name, pkg) in [("qemu-img", "qemu-utils / qemu-img"), ("qemu-nbd", "qemu-utils / qemu-img"), ("flock", "util-linux")] {
+    add(
+        "virsh",
+        probe(host, host.virsh().version()).await,
+        "install libvirt-clients (Debian) / libvirt-client (RHEL) and check the libvirt URI",
+        true,
+    );
+    for (name, pkg) in [
+        ("qemu-img", "qemu-utils / qemu-img"),
+        ("qemu-nbd", "qemu-utils / qemu-img"),
+        ("flock", "util-linux"),
+    ] {
         let (ok, detail) = probe(host, tool(name)).await;
-        add(name, (ok, if ok { detail } else { format!("{name} not found") }), &format!("install {pkg} on the host"), true);
+        add(
+            name,
+            (
+                ok,
+                if ok {
+                    detail
+                } else {
+                    format!("{name} not found")
+                },
+            ),
+            &format!("install {pkg} on the host"),
+            true,
+        );
     }
     let (ok, detail) = probe(host, virsh(host.uri()).arg("help").arg("blockcommit")).await;
-    add("virsh blockcommit", (ok, if ok { "available".into() } else { detail }), "install the full libvirt (blockcommit missing: see the vendor's note on CentOS libvirt builds)", true);
+    add(
+        "virsh blockcommit",
+        (ok, if ok { "available".into() } else { detail }),
+        "install the full libvirt (blockcommit missing: see the vendor's note on CentOS libvirt builds)",
+        true,
+    );
     let caps = host.exec(&host.virsh().domcapabilities(None)).await;
-    let backup_api = caps.ok().is_some_and(|o| virtkeep_libvirt::parse::parse_domcapabilities_backup_supported(&String::from_utf8_lossy(&o.stdout)).unwrap_or(false));
-    add("libvirt backup API (CBT)", (backup_api, if backup_api { "supported".into() } else { "not supported".into() }), "libvirt ≥ 7.2 with QEMU ≥ 6.0 enables dirty-bitmap incrementals", false);
+    let backup_api = caps.ok().is_some_and(|o| {
+        virtkeep_libvirt::parse::parse_domcapabilities_backup_supported(&String::from_utf8_lossy(
+            &o.stdout,
+        ))
+        .unwrap_or(false)
+    });
+    add(
+        "libvirt backup API (CBT)",
+        (
+            backup_api,
+            if backup_api {
+                "supported".into()
+            } else {
+                "not supported".into()
+            },
+        ),
+        "libvirt ≥ 7.2 with QEMU ≥ 6.0 enables dirty-bitmap incrementals",
+        false,
+    );
     add(
         "state dir",
-        probe(host, RemoteCommand::new("mkdir").arg("-p").arg(HOST_STATE_DIR)).await,
+        probe(
+            host,
+            RemoteCommand::new("mkdir").arg("-p").arg(HOST_STATE_DIR),
+        )
+        .await,
         &format!("virtkeep needs to create {HOST_STATE_DIR} (root or sudo)"),
         true,
     );
-    let (ok, detail) = probe(host, RemoteCommand::new("df").arg("-B1").arg("--output=avail").arg("/var/lib/libvirt/images")).await;
-    add("free space for overlays (/var/lib/libvirt/images)", (ok, detail), "overlays go next to each disk; keep room for the writes made during a backup", false);
-    let lvm = probe(host, RemoteCommand::new("lvs").arg("--reportformat").arg("json").arg("-o").arg("lv_name")).await;
-    add("LVM reporting (lvs --reportformat json)", lvm, "update lvm2 (JSON reporting came with LVM 2.02.158, RHEL/CentOS 7.3)", false);
+    let (ok, detail) = probe(
+        host,
+        RemoteCommand::new("df")
+            .arg("-B1")
+            .arg("--output=avail")
+            .arg("/var/lib/libvirt/images"),
+    )
+    .await;
+    add(
+        "free space for overlays (/var/lib/libvirt/images)",
+        (ok, detail),
+        "overlays go next to each disk; keep room for the writes made during a backup",
+        false,
+    );
+    let lvm = probe(
+        host,
+        RemoteCommand::new("lvs")
+            .arg("--reportformat")
+            .arg("json")
+            .arg("-o")
+            .arg("lv_name"),
+    )
+    .await;
+    add(
+        "LVM reporting (lvs --reportformat json)",
+        lvm,
+        "update lvm2 (JSON reporting came with LVM 2.02.158, RHEL/CentOS 7.3)",
+        false,
+    );
     if let Some(ceph) = host.config.ceph_args() {
         let (ok, detail) = probe(host, ceph.rbd(&["ls", "rbd"])).await;
-        add("rbd + Ceph auth", (ok, detail), "check the host's ceph conf, id and keyring settings", false);
+        add(
+            "rbd + Ceph auth",
+            (ok, detail),
+            "check the host's ceph conf, id and keyring settings",
+            false,
+        );
     }
     Ok(items)
 }

@@ -12,9 +12,11 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod heal;
-pub mod inventory;
 pub mod host;
+pub mod inventory;
 pub mod progress;
+pub mod rbd;
+pub mod rbd_diff;
 pub mod restore;
 pub mod store;
 pub mod vm;
@@ -25,7 +27,9 @@ pub use error::{Error, ErrorKind, Result};
 pub fn job_id() -> String {
     let now = time::OffsetDateTime::now_utc();
     let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-    let stamp = now.format(&fmt).unwrap_or_else(|_| "00000000T000000Z".into());
+    let stamp = now
+        .format(&fmt)
+        .unwrap_or_else(|_| "00000000T000000Z".into());
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!("{stamp}-{}", &rand[..8])
 }

@@ -23,6 +23,15 @@ pub enum Storage {
     Original,
     /// Every disk into this directory.
     FileDir(String),
+    /// RBD disks into this Ceph pool (file disks stay files).
+    Rbd(String),
+}
+
+/// Where one disk is restored to.
+#[derive(Debug, Clone)]
+enum Dest {
+    File(String),
+    Rbd(String, String),
 }
 
 /// Options of one restore (`virtkeep restore`).
@@ -70,7 +79,13 @@ pub struct RestoreResult {
 fn safe_component(name: &str) -> String {
     let s: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     s.trim_start_matches('.').to_string()
 }
@@ -80,21 +95,36 @@ fn extension(format: &str) -> &'static str {
 }
 
 /// The path a disk is restored to.
-pub fn destination(storage: &Storage, original: &str, new_name: Option<&str>, target: &str, format: &str) -> String {
+pub fn destination(
+    storage: &Storage,
+    original: &str,
+    new_name: Option<&str>,
+    target: &str,
+    format: &str,
+) -> String {
     let (dir, file) = match original.rfind('/') {
         Some(i) => (&original[..i.max(1)], &original[i + 1..]),
         None => ("/var/lib/libvirt/images", original),
     };
     let dir = match storage {
-        Storage::Original => dir.to_string(),
+        Storage::Original | Storage::Rbd(_) => dir.to_string(),
         Storage::FileDir(d) => d.trim_end_matches('/').to_string(),
     };
     let dir = if dir.is_empty() { "/".to_string() } else { dir };
     let file = match new_name {
-        Some(n) => format!("{}-{}.{}", safe_component(n), safe_component(target), extension(format)),
+        Some(n) => format!(
+            "{}-{}.{}",
+            safe_component(n),
+            safe_component(target),
+            extension(format)
+        ),
         None => file.to_string(),
     };
-    if dir.ends_with('/') { format!("{dir}{file}") } else { format!("{dir}/{file}") }
+    if dir.ends_with('/') {
+        format!("{dir}{file}")
+    } else {
+        format!("{dir}/{file}")
+    }
 }
 
 pub async fn restore(
@@ -112,24 +142,37 @@ pub async fn restore(
 
     for d in &opts.disks {
         if !manifest.disks.iter().any(|m| &m.spec.target == d) {
-            return Err(Error::config(format!("backup {} has no disk {d}", manifest.id)));
+            return Err(Error::config(format!(
+                "backup {} has no disk {d}",
+                manifest.id
+            )));
         }
     }
-    let selected: Vec<_> =
-        manifest.disks.iter().filter(|m| opts.disks.is_empty() || opts.disks.contains(&m.spec.target)).collect();
+    let selected: Vec<_> = manifest
+        .disks
+        .iter()
+        .filter(|m| opts.disks.is_empty() || opts.disks.contains(&m.spec.target))
+        .collect();
 
     // Refuse to clobber anything before touching the host.
     let existing = host.exec(&host.virsh().domuuid(&name)).await?;
-    let existing_uuid = (existing.status == 0).then(|| String::from_utf8_lossy(&existing.stdout).trim().to_string());
+    let existing_uuid = (existing.status == 0)
+        .then(|| String::from_utf8_lossy(&existing.stdout).trim().to_string());
     if opts.define {
         if let Some(uuid) = &existing_uuid {
             if !opts.force {
-                return Err(Error::conflict(format!("a domain named {name:?} exists on host {}", host.name))
-                    .hint("restore under another name with --name NEW, or replace it with --force"));
+                return Err(Error::conflict(format!(
+                    "a domain named {name:?} exists on host {}",
+                    host.name
+                ))
+                .hint("restore under another name with --name NEW, or replace it with --force"));
             }
             let state = host.run_string(&host.virsh().domstate(uuid)).await?;
             if state.trim() != "shut off" {
-                return Err(Error::conflict(format!("domain {name:?} is {}: it must be shut off to be replaced", state.trim())));
+                return Err(Error::conflict(format!(
+                    "domain {name:?} is {}: it must be shut off to be replaced",
+                    state.trim()
+                )));
             }
         }
     } else if let Some(uuid) = &existing_uuid {
@@ -145,36 +188,173 @@ pub async fn restore(
     let new_name = if renamed { Some(name.as_str()) } else { None };
     let mut plan = Vec::new();
     for m in &selected {
-        let path = destination(&opts.storage, &m.spec.source, new_name, &m.spec.target, &m.spec.format);
-        if !opts.force && host.exec(&RemoteCommand::new("test").arg("-e").arg(&path)).await?.status == 0 {
-            return Err(Error::conflict(format!("{path} exists on host {}", host.name))
-                .hint("restore under another name (--name) or into another directory (--storage file:DIR), or overwrite with --force"));
+        let dest = if m.spec.backend == "rbd" {
+            let (pool, image) = crate::rbd::split(&m.spec.source);
+            match &opts.storage {
+                Storage::FileDir(_) => Dest::File(destination(
+                    &opts.storage,
+                    &format!("/{image}.img"),
+                    new_name,
+                    &m.spec.target,
+                    "raw",
+                )),
+                other => {
+                    let pool = if let Storage::Rbd(p) = other {
+                        p.as_str()
+                    } else {
+                        pool
+                    };
+                    let image = match new_name {
+                        Some(n) => {
+                            format!("{}-{}", safe_component(n), safe_component(&m.spec.target))
+                        }
+                        None => image.to_string(),
+                    };
+                    Dest::Rbd(pool.to_string(), image)
+                }
+            }
+        } else {
+            Dest::File(destination(
+                &opts.storage,
+                &m.spec.source,
+                new_name,
+                &m.spec.target,
+                &m.spec.format,
+            ))
+        };
+        match &dest {
+            Dest::File(path) => {
+                if !opts.force
+                    && host
+                        .exec(&RemoteCommand::new("test").arg("-e").arg(path))
+                        .await?
+                        .status
+                        == 0
+                {
+                    return Err(Error::conflict(format!("{path} exists on host {}", host.name))
+                        .hint("restore under another name (--name) or into another directory (--storage file:DIR), or overwrite with --force"));
+                }
+            }
+            Dest::Rbd(pool, image) => {
+                let ceph = crate::rbd::ceph(host)?;
+                if crate::rbd::image_exists(host, &ceph, pool, image).await? {
+                    if !opts.force {
+                        return Err(Error::conflict(format!("RBD image {pool}/{image} exists")).hint(
+                            "restore under another name (--name) or into another pool (--storage rbd:POOL), or overwrite with --force",
+                        ));
+                    }
+                    host.run(&ceph.rbd(&["snap", "purge"]).arg(format!("{pool}/{image}")))
+                        .await?;
+                    host.run(&ceph.rm(pool, image)).await?;
+                }
+                if opts.define {
+                    let secret = domain
+                        .disks
+                        .iter()
+                        .find(|d| d.target == m.spec.target)
+                        .and_then(|d| match &d.source {
+                            DiskSource::Network { auth: Some(a), .. } => a.secret_uuid.clone(),
+                            _ => None,
+                        });
+                    if let Some(uuid) = secret {
+                        if !crate::rbd::secret_exists(host, &uuid).await? {
+                            return Err(Error::conflict(format!(
+                                "disk {} authenticates with libvirt secret {uuid}, which host {} does not have",
+                                m.spec.target, host.name
+                            ))
+                            .hint(format!(
+                                "create it on the host: virsh secret-define a <secret ephemeral='no' private='yes'><uuid>{uuid}</uuid><usage type='ceph'><name>client.ID secret</name></usage></secret>, then virsh secret-set-value {uuid} --file KEYFILE"
+                            )));
+                        }
+                    }
+                }
+            }
         }
-        plan.push((*m, path));
+        plan.push((*m, dest));
     }
 
     let (user, group) = match &opts.owner {
         Some(o) => o.clone(),
         None => host.qemu_owner().await?,
     };
-    let job_dir = host.job_dir(&format!("restore-{}", crate::job_id())).await?;
+    let job_dir = host
+        .job_dir(&format!("restore-{}", crate::job_id()))
+        .await?;
     let mut restored = Vec::new();
     let res = async {
-        for (i, (m, path)) in plan.iter().enumerate() {
-            progress.event(Event::Phase { vm: name.clone(), phase: "restore" });
-            let written = restore_disk(host, repo, &manifest.id, m, path, &user, &group, &job_dir, i, opts.parallel, &progress).await?;
-            restored.push(RestoredDisk {
-                target: m.spec.target.clone(),
-                path: path.clone(),
-                format: m.spec.format.clone(),
-                size: m.spec.size,
-                bytes_written: written,
+        for (i, (m, dest)) in plan.iter().enumerate() {
+            progress.event(Event::Phase {
+                vm: name.clone(),
+                phase: "restore",
             });
+            match dest {
+                Dest::File(path) => {
+                    let format = if m.spec.backend == "rbd" {
+                        "raw"
+                    } else {
+                        m.spec.format.as_str()
+                    };
+                    let written = restore_disk(
+                        host,
+                        repo,
+                        &manifest.id,
+                        m,
+                        path,
+                        format,
+                        &user,
+                        &group,
+                        &job_dir,
+                        i,
+                        opts.parallel,
+                        &progress,
+                    )
+                    .await?;
+                    restored.push(RestoredDisk {
+                        target: m.spec.target.clone(),
+                        path: path.clone(),
+                        format: format.to_string(),
+                        size: m.spec.size,
+                        bytes_written: written,
+                    });
+                }
+                Dest::Rbd(pool, image) => {
+                    let ceph = crate::rbd::ceph(host)?;
+                    let reader = repo.disk_reader(&manifest.id, &m.spec.name).await?;
+                    progress.event(Event::DiskStart {
+                        vm: name.clone(),
+                        disk: m.spec.target.clone(),
+                        bytes: m.spec.size,
+                    });
+                    let written = crate::rbd::restore_image(
+                        host,
+                        &ceph,
+                        pool,
+                        image,
+                        &reader,
+                        m.spec.size,
+                        &progress,
+                        &m.spec.target,
+                    )
+                    .await?;
+                    progress.event(Event::DiskDone {
+                        disk: m.spec.target.clone(),
+                    });
+                    restored.push(RestoredDisk {
+                        target: m.spec.target.clone(),
+                        path: format!("rbd:{pool}/{image}"),
+                        format: "raw".into(),
+                        size: m.spec.size,
+                        bytes_written: written,
+                    });
+                }
+            }
         }
         Ok::<_, Error>(())
     }
     .await;
-    let _ = host.run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir)).await;
+    let _ = host
+        .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir))
+        .await;
     res?;
 
     let mut uuid = None;
@@ -182,16 +362,37 @@ pub async fn restore(
     if opts.define {
         let mut sources = BTreeMap::new();
         for d in &restored {
-            sources.insert(d.target.clone(), NewSource::File { path: d.path.clone(), format: d.format.clone() });
+            let source = match d.path.strip_prefix("rbd:") {
+                Some(spec) => {
+                    let (pool, image) = crate::rbd::split(spec);
+                    NewSource::Rbd {
+                        pool: pool.to_string(),
+                        image: image.to_string(),
+                        hosts: Vec::new(),
+                        auth: None,
+                    }
+                }
+                None => NewSource::File {
+                    path: d.path.clone(),
+                    format: d.format.clone(),
+                },
+            };
+            sources.insert(d.target.clone(), source);
         }
         // Disks the backup left out would point at the original VM's files: drop them.
         let mut remove = Vec::new();
         for disk in &domain.disks {
             let kept = sources.contains_key(&disk.target);
-            let media = matches!(disk.device, virtkeep_libvirt::DiskDevice::Cdrom | virtkeep_libvirt::DiskDevice::Floppy);
+            let media = matches!(
+                disk.device,
+                virtkeep_libvirt::DiskDevice::Cdrom | virtkeep_libvirt::DiskDevice::Floppy
+            );
             if !kept && !media && !matches!(disk.source, DiskSource::Empty) {
                 remove.push(disk.target.clone());
-                notes.push(format!("disk {} is not in this restore and was left out of the definition", disk.target));
+                notes.push(format!(
+                    "disk {} is not in this restore and was left out of the definition",
+                    disk.target
+                ));
             }
         }
         let new_uuid = if renamed || existing_uuid.is_none() && opts.name.is_some() {
@@ -210,7 +411,14 @@ pub async fn restore(
         };
         let xml = rewrite_domain(&manifest.domain_xml, &rw)?;
         if let (Some(old), true) = (&existing_uuid, opts.force) {
-            host.run(&host.virsh().undefine(old, cmd::UndefineOptions { keep_nvram: true, ..Default::default() })).await?;
+            host.run(&host.virsh().undefine(
+                old,
+                cmd::UndefineOptions {
+                    keep_nvram: true,
+                    ..Default::default()
+                },
+            ))
+            .await?;
             notes.push(format!("replaced the existing definition of {name:?}"));
         }
         define(host, &name, &xml).await?;
@@ -243,6 +451,7 @@ async fn restore_disk(
     id: &str,
     m: &virtkeep_repo::ManifestDisk,
     path: &str,
+    format: &str,
     user: &str,
     group: &str,
     job_dir: &str,
@@ -250,24 +459,39 @@ async fn restore_disk(
     parallel: usize,
     progress: &Arc<dyn Progress>,
 ) -> Result<u64> {
-    let format = m.spec.format.as_str();
     if format != "qcow2" && format != "raw" {
-        return Err(Error::unsupported(format!("disk {} has format {format}, which restore cannot create", m.spec.target)));
+        return Err(Error::unsupported(format!(
+            "disk {} has format {format}, which restore cannot create",
+            m.spec.target
+        )));
     }
     if let Some(i) = path.rfind('/') {
-        host.run(&RemoteCommand::new("mkdir").arg("-p").arg("--").arg(&path[..i.max(1)])).await?;
+        host.run(
+            &RemoteCommand::new("mkdir")
+                .arg("-p")
+                .arg("--")
+                .arg(&path[..i.max(1)]),
+        )
+        .await?;
     }
-    host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(path)).await?;
+    host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(path))
+        .await?;
     let create = if format == "qcow2" {
         cmd::qemu_img_create_qcow2(path, m.spec.size, None)
     } else {
         cmd::qemu_img_create_raw(path, m.spec.size)
     };
     host.run(&create).await?;
-    host.run(&RemoteCommand::new("chown").arg(format!("{user}:{group}")).arg("--").arg(path))
-        .await
-        .map_err(|e| e.context(format!("giving {path} to {user}:{group}")))?;
-    host.run(&RemoteCommand::new("chmod").arg("0600").arg("--").arg(path)).await?;
+    host.run(
+        &RemoteCommand::new("chown")
+            .arg(format!("{user}:{group}"))
+            .arg("--")
+            .arg(path),
+    )
+    .await
+    .map_err(|e| e.context(format!("giving {path} to {user}:{group}")))?;
+    host.run(&RemoteCommand::new("chmod").arg("0600").arg("--").arg(path))
+        .await?;
 
     let export = NbdExport::start_writable(host, job_dir, index, path, format).await?;
     let res = write_disk(host, repo, id, m, &export, parallel, progress).await;
@@ -289,16 +513,32 @@ async fn write_disk(
     let reader = Arc::new(repo.disk_reader(id, &m.spec.name).await?);
     let chunks = reader.index().chunk_count();
     let chunk_size = reader.index().chunk_size;
-    progress.event(Event::DiskStart { vm: String::new(), disk: m.spec.target.clone(), bytes: m.spec.size });
+    progress.event(Event::DiskStart {
+        vm: String::new(),
+        disk: m.spec.target.clone(),
+        bytes: m.spec.size,
+    });
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..parallel.max(1) {
         let session = host.data_session(w).await?;
         let client = export.connect(&session, &[]).await?;
         if client.size() < m.spec.size {
-            return Err(Error::new(ErrorKind::DataPath, format!("the new image is smaller ({}) than the disk ({})", client.size(), m.spec.size)));
+            return Err(Error::new(
+                ErrorKind::DataPath,
+                format!(
+                    "the new image is smaller ({}) than the disk ({})",
+                    client.size(),
+                    m.spec.size
+                ),
+            ));
         }
-        let (reader, next, progress, disk) = (reader.clone(), next.clone(), progress.clone(), m.spec.target.clone());
+        let (reader, next, progress, disk) = (
+            reader.clone(),
+            next.clone(),
+            progress.clone(),
+            m.spec.target.clone(),
+        );
         workers.spawn(async move {
             let _session = session;
             let max = u64::from(client.max_block().clamp(64 * 1024, 32 << 20));
@@ -309,13 +549,18 @@ async fn write_disk(
                     break;
                 }
                 let mut writes = Vec::new();
-                let Some(data) = reader.read_chunk(i).await? else { continue };
+                let Some(data) = reader.read_chunk(i).await? else {
+                    continue;
+                };
                 for extent in virtkeep_repo::split_zero_runs(i * chunk_size, data) {
                     if let virtkeep_repo::Extent::Data { offset, bytes } = extent {
                         let mut off = 0u64;
                         while off < bytes.len() as u64 {
                             let n = (bytes.len() as u64 - off).min(max);
-                            writes.push((offset + off, bytes.slice(off as usize..(off + n) as usize)));
+                            writes.push((
+                                offset + off,
+                                bytes.slice(off as usize..(off + n) as usize),
+                            ));
                             off += n;
                         }
                     }
@@ -324,7 +569,10 @@ async fn write_disk(
                 futures::future::try_join_all(futs).await?;
                 let n: u64 = writes.iter().map(|(_, b)| b.len() as u64).sum();
                 written += n;
-                progress.event(Event::DiskBytes { disk: disk.clone(), bytes: n });
+                progress.event(Event::DiskBytes {
+                    disk: disk.clone(),
+                    bytes: n,
+                });
             }
             client.flush().await?;
             let _ = client.disconnect().await;
@@ -336,10 +584,17 @@ async fn write_disk(
         match res {
             Ok(Ok(n)) => total += n,
             Ok(Err(e)) => return Err(e),
-            Err(join) => return Err(Error::new(ErrorKind::DataPath, format!("restore worker failed: {join}"))),
+            Err(join) => {
+                return Err(Error::new(
+                    ErrorKind::DataPath,
+                    format!("restore worker failed: {join}"),
+                ));
+            }
         }
     }
-    progress.event(Event::DiskDone { disk: m.spec.target.clone() });
+    progress.event(Event::DiskDone {
+        disk: m.spec.target.clone(),
+    });
     Ok(total)
 }
 
@@ -349,12 +604,39 @@ mod tests {
 
     #[test]
     fn destinations() {
-        assert_eq!(destination(&Storage::Original, "/img/a.qcow2", None, "vda", "qcow2"), "/img/a.qcow2");
         assert_eq!(
-            destination(&Storage::Original, "/img/a.qcow2", Some("it's $(x)"), "vda", "qcow2"),
+            destination(&Storage::Original, "/img/a.qcow2", None, "vda", "qcow2"),
+            "/img/a.qcow2"
+        );
+        assert_eq!(
+            destination(
+                &Storage::Original,
+                "/img/a.qcow2",
+                Some("it's $(x)"),
+                "vda",
+                "qcow2"
+            ),
             "/img/it_s___x_-vda.qcow2"
         );
-        assert_eq!(destination(&Storage::FileDir("/new/".into()), "/img/b.raw", None, "vdb", "raw"), "/new/b.raw");
-        assert_eq!(destination(&Storage::FileDir("/new".into()), "/img/b.raw", Some("n"), "vdb", "raw"), "/new/n-vdb.img");
+        assert_eq!(
+            destination(
+                &Storage::FileDir("/new/".into()),
+                "/img/b.raw",
+                None,
+                "vdb",
+                "raw"
+            ),
+            "/new/b.raw"
+        );
+        assert_eq!(
+            destination(
+                &Storage::FileDir("/new".into()),
+                "/img/b.raw",
+                Some("n"),
+                "vdb",
+                "raw"
+            ),
+            "/new/n-vdb.img"
+        );
     }
 }

@@ -49,8 +49,14 @@ impl Vm {
     pub async fn find(host: &Host, name: &str) -> Result<Vm> {
         let out = host.exec(&host.virsh().domuuid(name)).await?;
         if out.status != 0 {
-            return Err(Error::domain(format!("no domain named {name:?} on host {}", host.name))
-                .hint(format!("`virtkeep vm list {}` shows the domains on that host", host.name)));
+            return Err(
+                Error::domain(format!("no domain named {name:?} on host {}", host.name)).hint(
+                    format!(
+                        "`virtkeep vm list {}` shows the domains on that host",
+                        host.name
+                    ),
+                ),
+            );
         }
         let uuid = String::from_utf8_lossy(&out.stdout).trim().to_string();
         Self::load(host, &uuid).await
@@ -61,7 +67,14 @@ impl Vm {
         let inactive_xml = host.run_string(&host.virsh().dumpxml(uuid, true)).await?;
         let state = DomainState::parse(&host.run_string(&host.virsh().domstate(uuid)).await?);
         let domain = parse_domain(&xml)?;
-        Ok(Vm { uuid: uuid.to_string(), name: domain.name.clone(), state, xml, domain, inactive_xml })
+        Ok(Vm {
+            uuid: uuid.to_string(),
+            name: domain.name.clone(),
+            state,
+            xml,
+            domain,
+            inactive_xml,
+        })
     }
 
     pub async fn reload(&mut self, host: &Host) -> Result<()> {

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -58,7 +58,8 @@ pub struct Hvm {
     pub thinpool: String,
     /// `VK_HVM_PID`: the qemu process.
     pub pid: u32,
-    /// `VK_HVM_RUN_DIR`: per-boot state (console.log is there).
+    /// `VK_HVM_RUN_DIR`: the VM's per-boot state (`/var/tmp/virtkeep-lab-hvm`: overlay, PV
+    /// disk, keys, console.log, SSH control sockets).
     pub run_dir: PathBuf,
 }
 
@@ -143,6 +144,11 @@ impl Hvm {
                 .ok()
                 .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok())
                 .is_some()
+    }
+
+    /// The VM's serial console log (boot messages, `hvm-init:` lines), for failure reports.
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
     }
 
     /// `root@127.0.0.1:PORT`, for `virtkeep host add NAME --ssh …`.
@@ -707,14 +713,6 @@ impl Drop for ScratchVg {
             );
         }
     }
-}
-
-/// Path of the console log of the running VM (for failure reports).
-pub fn console_log() -> PathBuf {
-    Path::new(HVM_ENV_FILE)
-        .parent()
-        .map(|d| d.join("console.log"))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

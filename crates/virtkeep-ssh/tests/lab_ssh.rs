@@ -474,7 +474,10 @@ async fn wait_sends_eof_and_discards_unread_stdout() {
         .spawn(&RemoteCommand::new("sh").args(["-c", "cat; echo done >&2; exit 4"]))
         .await
         .expect("spawn");
-    p.stdin.write_all(&vec![b'x'; 3 << 20]).await.expect("write");
+    p.stdin
+        .write_all(&vec![b'x'; 3 << 20])
+        .await
+        .expect("write");
     let (status, stderr) = tokio::time::timeout(Duration::from_secs(30), p.wait())
         .await
         .expect("wait hangs")

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "virtkeep", version, about = "Agentless backup and restore of libvirt VMs over SSH")]
+#[command(
+    name = "virtkeep",
+    version,
+    about = "Agentless backup and restore of libvirt VMs over SSH"
+)]
 pub struct Cli {
     /// Configuration file [default: $VIRTKEEP_CONFIG or ~/.config/virtkeep/config.toml]
     #[arg(long, global = true, env = "VIRTKEEP_CONFIG")]

@@ -44,13 +44,20 @@ fn parse_ssh(spec: &str) -> anyhow::Result<(String, String, u16)> {
     let (user, rest) = spec.split_once('@').unwrap_or(("root", spec));
     let (addr, port) = match rest.rsplit_once(':') {
         Some((a, p)) if !a.contains(':') || a.ends_with(']') => {
-            let port = p.parse::<u16>().map_err(|_| EngineError::config(format!("--ssh {spec}: {p:?} is not a port")))?;
-            (a.trim_start_matches('[').trim_end_matches(']').to_string(), port)
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| EngineError::config(format!("--ssh {spec}: {p:?} is not a port")))?;
+            (
+                a.trim_start_matches('[').trim_end_matches(']').to_string(),
+                port,
+            )
         }
         _ => (rest.to_string(), 22),
     };
     if user.is_empty() || addr.is_empty() {
-        return Err(EngineError::config(format!("--ssh {spec}: expected USER@ADDRESS[:PORT]")).into());
+        return Err(
+            EngineError::config(format!("--ssh {spec}: expected USER@ADDRESS[:PORT]")).into(),
+        );
     }
     Ok((user.to_string(), addr, port))
 }
@@ -64,7 +71,9 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
     }
     if let Some(id) = &args.identity {
         if !id.exists() {
-            return Err(EngineError::config(format!("key file {} does not exist", id.display())).into());
+            return Err(
+                EngineError::config(format!("key file {} does not exist", id.display())).into(),
+            );
         }
     }
     let identity = match args.identity {
@@ -88,20 +97,41 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
             _ => None,
         },
     };
-    let existed = settings.config.hosts.insert(args.name.clone(), host).is_some();
+    let existed = settings
+        .config
+        .hosts
+        .insert(args.name.clone(), host)
+        .is_some();
     settings.save()?;
     if json {
-        print_json(&serde_json::json!({ "host": args.name, "updated": existed, "config": settings.path }))?;
+        print_json(
+            &serde_json::json!({ "host": args.name, "updated": existed, "config": settings.path }),
+        )?;
     } else {
-        println!("{} host {} in {}", if existed { "updated" } else { "added" }, args.name, settings.path.display());
-        println!("next: `virtkeep host trust {}` to pin its host key", args.name);
+        println!(
+            "{} host {} in {}",
+            if existed { "updated" } else { "added" },
+            args.name,
+            settings.path.display()
+        );
+        println!(
+            "next: `virtkeep host trust {}` to pin its host key",
+            args.name
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn host_trust(settings: &Settings, args: HostTrustArgs, json: bool) -> anyhow::Result<ExitCode> {
+async fn host_trust(
+    settings: &Settings,
+    args: HostTrustArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let host = settings.config.host(&args.name)?;
-    let known_hosts = host.known_hosts.clone().unwrap_or_else(|| settings.known_hosts());
+    let known_hosts = host
+        .known_hosts
+        .clone()
+        .unwrap_or_else(|| settings.known_hosts());
     let probed = virtkeep_ssh::probe_host_key(&host.address, host.port, Duration::from_secs(15))
         .await
         .map_err(EngineError::from)?;
@@ -111,13 +141,22 @@ async fn host_trust(settings: &Settings, args: HostTrustArgs, json: bool) -> any
         .check(&host.address, host.port, &probed.key);
     if matches!(status, virtkeep_ssh::known_hosts::HostKeyStatus::Trusted) {
         if json {
-            print_json(&serde_json::json!({ "host": args.name, "fingerprint": fingerprint, "pinned": true, "changed": false }))?;
+            print_json(
+                &serde_json::json!({ "host": args.name, "fingerprint": fingerprint, "pinned": true, "changed": false }),
+            )?;
         } else {
-            println!("{} ({}) is already pinned in {}", fingerprint, probed.algorithm, known_hosts.display());
+            println!(
+                "{} ({}) is already pinned in {}",
+                fingerprint,
+                probed.algorithm,
+                known_hosts.display()
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if let virtkeep_ssh::known_hosts::HostKeyStatus::Changed { .. } | virtkeep_ssh::known_hosts::HostKeyStatus::Revoked = status {
+    if let virtkeep_ssh::known_hosts::HostKeyStatus::Changed { .. }
+    | virtkeep_ssh::known_hosts::HostKeyStatus::Revoked = status
+    {
         return Err(EngineError::new(
             virtkeep_engine::ErrorKind::HostKey,
             format!("host {} presents {fingerprint}, which differs from the key pinned in {} (or is revoked)", args.name, known_hosts.display()),
@@ -144,7 +183,12 @@ async fn host_trust(settings: &Settings, args: HostTrustArgs, json: bool) -> any
                 .hint(format!("after checking it on the host, run `virtkeep host trust {} --fingerprint {fingerprint}`", args.name))
                 .into());
             }
-            eprint!("host {} presents the {} key\n  {fingerprint}\nPin it in {}? [y/N] ", args.name, probed.algorithm, known_hosts.display());
+            eprint!(
+                "host {} presents the {} key\n  {fingerprint}\nPin it in {}? [y/N] ",
+                args.name,
+                probed.algorithm,
+                known_hosts.display()
+            );
             std::io::stderr().flush()?;
             let mut answer = String::new();
             std::io::stdin().lock().read_line(&mut answer)?;
@@ -154,11 +198,18 @@ async fn host_trust(settings: &Settings, args: HostTrustArgs, json: bool) -> any
             }
         }
     }
-    virtkeep_ssh::known_hosts::pin(&known_hosts, &host.address, host.port, &probed.key).map_err(EngineError::from)?;
+    virtkeep_ssh::known_hosts::pin(&known_hosts, &host.address, host.port, &probed.key)
+        .map_err(EngineError::from)?;
     if json {
-        print_json(&serde_json::json!({ "host": args.name, "fingerprint": fingerprint, "pinned": true, "changed": true }))?;
+        print_json(
+            &serde_json::json!({ "host": args.name, "fingerprint": fingerprint, "pinned": true, "changed": true }),
+        )?;
     } else {
-        println!("pinned {fingerprint} for {} in {}", args.name, known_hosts.display());
+        println!(
+            "pinned {fingerprint} for {} in {}",
+            args.name,
+            known_hosts.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -171,14 +222,24 @@ async fn host_check(settings: &Settings, name: &str, json: bool) -> anyhow::Resu
         print_json(&serde_json::json!({ "host": name, "ok": !failed, "checks": items }))?;
     } else {
         for i in &items {
-            let mark = if i.ok { "ok  " } else if i.required { "FAIL" } else { "warn" };
+            let mark = if i.ok {
+                "ok  "
+            } else if i.required {
+                "FAIL"
+            } else {
+                "warn"
+            };
             println!("[{mark}] {:<44} {}", i.check, i.detail);
             if let Some(fix) = &i.fix {
                 println!("       fix: {fix}");
             }
         }
     }
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn host_list(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
@@ -192,7 +253,14 @@ fn host_list(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
         print_json(&list)?;
     } else {
         for (name, h) in &settings.config.hosts {
-            println!("{name:<20} {}@{}:{} {}{}", h.user, h.address, h.port, h.libvirt_uri, if h.sudo { " (sudo)" } else { "" });
+            println!(
+                "{name:<20} {}@{}:{} {}{}",
+                h.user,
+                h.address,
+                h.port,
+                h.libvirt_uri,
+                if h.sudo { " (sudo)" } else { "" }
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -200,7 +268,10 @@ fn host_list(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
 
 async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let names: Vec<String> = match only {
-        Some(h) => vec![settings.config.host(h)?; 1].iter().map(|_| h.to_string()).collect(),
+        Some(h) => vec![settings.config.host(h)?; 1]
+            .iter()
+            .map(|_| h.to_string())
+            .collect(),
         None => settings.config.hosts.keys().cloned().collect(),
     };
     let mut all = Vec::new();
@@ -212,7 +283,10 @@ async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow:
         print_json(&all)?;
     } else {
         for vm in &all {
-            println!("{}/{}  {:?}  {}  {}", vm.host, vm.name, vm.state, vm.kind, vm.uuid);
+            println!(
+                "{}/{}  {:?}  {}  {}",
+                vm.host, vm.name, vm.state, vm.kind, vm.uuid
+            );
             for d in &vm.disks {
                 println!(
                     "    {:<6} {:<10} {:<16} {:<6} {:>10} {:>10}  {}  [{}]",
@@ -231,19 +305,32 @@ async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
-async fn repo_init(settings: &mut Settings, args: RepoInitArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let location = args.location.clone().unwrap_or_else(crate::settings::default_repo_location);
+async fn repo_init(
+    settings: &mut Settings,
+    args: RepoInitArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let location = args
+        .location
+        .clone()
+        .unwrap_or_else(crate::settings::default_repo_location);
     let encryption = match args.encryption {
         Encryption::None => {
             if args.key_file.is_some() || args.passphrase_env.is_some() {
-                return Err(EngineError::config("--key-file/--passphrase-env need --encryption aes-256-gcm").into());
+                return Err(EngineError::config(
+                    "--key-file/--passphrase-env need --encryption aes-256-gcm",
+                )
+                .into());
             }
             None
         }
         Encryption::Aes256Gcm => Some(
-            Settings::key_source(args.key_file.as_deref(), args.passphrase_env.as_deref())?.ok_or_else(|| {
-                EngineError::config("--encryption aes-256-gcm needs --key-file FILE or --passphrase-env VAR")
-            })?,
+            Settings::key_source(args.key_file.as_deref(), args.passphrase_env.as_deref())?
+                .ok_or_else(|| {
+                    EngineError::config(
+                        "--encryption aes-256-gcm needs --key-file FILE or --passphrase-env VAR",
+                    )
+                })?,
         ),
     };
     let opts = virtkeep_repo::InitOptions {
@@ -253,7 +340,9 @@ async fn repo_init(settings: &mut Settings, args: RepoInitArgs, json: bool) -> a
         ..virtkeep_repo::InitOptions::default()
     };
     let loc = settings.location(&location, settings.config.repository.as_ref())?;
-    let repo = virtkeep_repo::Repository::init(loc, opts).await.map_err(EngineError::from)?;
+    let repo = virtkeep_repo::Repository::init(loc, opts)
+        .await
+        .map_err(EngineError::from)?;
     if settings.config.repository.is_none() {
         settings.config.repository = Some(RepositoryConfig {
             location: location.clone(),
@@ -265,9 +354,15 @@ async fn repo_init(settings: &mut Settings, args: RepoInitArgs, json: bool) -> a
         settings.save()?;
     }
     if json {
-        print_json(&serde_json::json!({ "location": location, "id": repo.id(), "encrypted": repo.is_encrypted(), "chunk_size": repo.chunk_size() }))?;
+        print_json(
+            &serde_json::json!({ "location": location, "id": repo.id(), "encrypted": repo.is_encrypted(), "chunk_size": repo.chunk_size() }),
+        )?;
     } else {
-        println!("initialised repository {location} ({}encrypted, {} MiB chunks)", if repo.is_encrypted() { "" } else { "not " }, repo.chunk_size() >> 20);
+        println!(
+            "initialised repository {location} ({}encrypted, {} MiB chunks)",
+            if repo.is_encrypted() { "" } else { "not " },
+            repo.chunk_size() >> 20
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -332,7 +427,14 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
                     let new: u64 = r.disks.iter().map(|d| d.bytes_new).sum();
                     println!(
                         "{}/{}: backup {} ({}, {}) {} read, {} new, {:.1}s",
-                        r.host, r.vm, r.id, r.mode, r.reason, human_bytes(read), human_bytes(new), r.duration_secs
+                        r.host,
+                        r.vm,
+                        r.id,
+                        r.mode,
+                        r.reason,
+                        human_bytes(read),
+                        human_bytes(new),
+                        r.duration_secs
                     );
                     for s in &r.skipped {
                         println!("  skipped {}: {}", s.target, s.reason);
@@ -355,7 +457,10 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
                     return Err(e);
                 } else {
                     eprintln!("{host_name}/{vm}: error: {e:#}");
-                    if let Some(h) = e.downcast_ref::<EngineError>().and_then(|e| e.hint.as_ref()) {
+                    if let Some(h) = e
+                        .downcast_ref::<EngineError>()
+                        .and_then(|e| e.hint.as_ref())
+                    {
                         eprintln!("  hint: {h}");
                     }
                 }
@@ -365,21 +470,35 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
     if json {
         print_json(&results)?;
     }
-    Ok(if failures > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failures > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-async fn snapshots(settings: &Settings, args: SnapshotsArgs, json: bool) -> anyhow::Result<ExitCode> {
+async fn snapshots(
+    settings: &Settings,
+    args: SnapshotsArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let mut list = repo.snapshots().await.map_err(EngineError::from)?;
     if let Some(f) = &args.filter {
-        let (h, v) = f.split_once('/').map(|(h, v)| (h, Some(v))).unwrap_or((f.as_str(), None));
+        let (h, v) = f
+            .split_once('/')
+            .map(|(h, v)| (h, Some(v)))
+            .unwrap_or((f.as_str(), None));
         list.retain(|s| s.host == h && v.is_none_or(|v| s.vm == v));
     }
     if json {
         print_json(&list)?;
     } else {
         for s in &list {
-            let time = s.time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+            let time = s
+                .time
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
             println!(
                 "{}  {}  {}/{}  {}  disks {}  size {}  new {}{}",
                 s.id,
@@ -397,23 +516,40 @@ async fn snapshots(settings: &Settings, args: SnapshotsArgs, json: bool) -> anyh
     Ok(ExitCode::SUCCESS)
 }
 
-async fn restore_cmd(settings: &Settings, args: RestoreArgs, json: bool) -> anyhow::Result<ExitCode> {
+async fn restore_cmd(
+    settings: &Settings,
+    args: RestoreArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let storage = match args.storage.as_deref() {
         None => Storage::Original,
         Some(s) => match s.split_once(':') {
             Some(("file", dir)) if dir.starts_with('/') => Storage::FileDir(dir.to_string()),
-            Some(("lvm" | "rbd", _)) => {
-                return Err(EngineError::unsupported(format!("--storage {s}: LVM and RBD restore are not in this version")).into());
+            Some(("rbd", pool)) if !pool.is_empty() && !pool.contains('/') => {
+                Storage::Rbd(pool.to_string())
             }
-            _ => return Err(EngineError::config(format!("--storage {s}: expected file:/ABSOLUTE/DIR")).into()),
+            Some(("lvm", _)) => {
+                return Err(EngineError::unsupported(format!(
+                    "--storage {s}: LVM restore is not in this version"
+                ))
+                .into());
+            }
+            _ => {
+                return Err(EngineError::config(format!(
+                    "--storage {s}: expected file:/ABSOLUTE/DIR or rbd:POOL"
+                ))
+                .into());
+            }
         },
     };
     let owner = match args.owner.as_deref() {
         None => None,
         Some(o) => match o.split_once(':') {
             Some((u, g)) if !u.is_empty() && !g.is_empty() => Some((u.to_string(), g.to_string())),
-            _ => return Err(EngineError::config(format!("--owner {o}: expected USER:GROUP")).into()),
+            _ => {
+                return Err(EngineError::config(format!("--owner {o}: expected USER:GROUP")).into());
+            }
         },
     };
     let host = connect(settings, &args.to).await?;
@@ -433,10 +569,22 @@ async fn restore_cmd(settings: &Settings, args: RestoreArgs, json: bool) -> anyh
         print_json(&r)?;
     } else {
         for d in &r.disks {
-            println!("restored {} -> {}:{} ({}, {} written)", d.target, r.host, d.path, d.format, human_bytes(d.bytes_written));
+            println!(
+                "restored {} -> {}:{} ({}, {} written)",
+                d.target,
+                r.host,
+                d.path,
+                d.format,
+                human_bytes(d.bytes_written)
+            );
         }
         if r.defined {
-            println!("defined {:?} ({}){}", r.vm, r.uuid.as_deref().unwrap_or("?"), if r.started { ", started" } else { "" });
+            println!(
+                "defined {:?} ({}){}",
+                r.vm,
+                r.uuid.as_deref().unwrap_or("?"),
+                if r.started { ", started" } else { "" }
+            );
         }
         for n in &r.notes {
             println!("note: {n}");
@@ -455,9 +603,23 @@ async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Re
     if json {
         print_json(&report)?;
     } else {
-        println!("{} backups, {} chunks checked, {} ok", report.snapshots_checked, report.chunks_checked, report.chunks_ok);
-        for p in report.missing.iter().map(|p| ("missing", p)).chain(report.corrupt.iter().map(|p| ("corrupt", p))) {
-            println!("{} chunk {}: {} (breaks {})", p.0, p.1.digest, p.1.error, p.1.snapshots.join(", "));
+        println!(
+            "{} backups, {} chunks checked, {} ok",
+            report.snapshots_checked, report.chunks_checked, report.chunks_ok
+        );
+        for p in report
+            .missing
+            .iter()
+            .map(|p| ("missing", p))
+            .chain(report.corrupt.iter().map(|p| ("corrupt", p)))
+        {
+            println!(
+                "{} chunk {}: {} (breaks {})",
+                p.0,
+                p.1.digest,
+                p.1.error,
+                p.1.snapshots.join(", ")
+            );
         }
         for m in &report.metadata_errors {
             println!("metadata: {m}");
@@ -466,7 +628,11 @@ async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Re
             println!("broken backups: {}", report.broken_snapshots.join(", "));
         }
     }
-    Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Result<ExitCode> {
@@ -479,17 +645,33 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
         yearly: args.keep_yearly,
     };
     if policy == virtkeep_repo::KeepPolicy::default() {
-        return Err(EngineError::config("prune needs at least one --keep-* option")
-            .hint("e.g. `virtkeep prune --keep-last 3 --keep-daily 7 --dry-run`")
-            .into());
+        return Err(
+            EngineError::config("prune needs at least one --keep-* option")
+                .hint("e.g. `virtkeep prune --keep-last 3 --keep-daily 7 --dry-run`")
+                .into(),
+        );
     }
     let repo = settings.open_repo(&args.repo).await?;
-    let decisions = repo.prune(&policy, None, args.dry_run).await.map_err(EngineError::from)?;
+    let decisions = repo
+        .prune(&policy, None, args.dry_run)
+        .await
+        .map_err(EngineError::from)?;
     if json {
         print_json(&decisions)?;
     } else {
         for d in &decisions {
-            println!("{} {}  {}", if d.keep { "keep  " } else if args.dry_run { "would remove" } else { "remove" }, d.id, d.reason);
+            println!(
+                "{} {}  {}",
+                if d.keep {
+                    "keep  "
+                } else if args.dry_run {
+                    "would remove"
+                } else {
+                    "remove"
+                },
+                d.id,
+                d.reason
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -498,7 +680,10 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
 async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let report = repo
-        .gc(virtkeep_repo::GcOptions { grace: Duration::from_secs(args.grace_hours * 3600), dry_run: args.dry_run })
+        .gc(virtkeep_repo::GcOptions {
+            grace: Duration::from_secs(args.grace_hours * 3600),
+            dry_run: args.dry_run,
+        })
         .await
         .map_err(EngineError::from)?;
     if json {
@@ -518,9 +703,13 @@ async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<Exi
 
 async fn cleanup(settings: &Settings, args: CleanupArgs, json: bool) -> anyhow::Result<ExitCode> {
     let host = connect(settings, &args.host).await?;
-    let reports = heal::cleanup_host(&host, args.dry_run).await.context("cleanup")?;
+    let reports = heal::cleanup_host(&host, args.dry_run)
+        .await
+        .context("cleanup")?;
     if json {
-        print_json(&serde_json::json!({ "host": args.host, "dry_run": args.dry_run, "vms": reports }))?;
+        print_json(
+            &serde_json::json!({ "host": args.host, "dry_run": args.dry_run, "vms": reports }),
+        )?;
     } else if reports.is_empty() {
         println!("{}: nothing to clean up", args.host);
     } else {

@@ -18,7 +18,9 @@ pub fn init_logging(verbose: u8, json: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIRTKEEP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json || !std::io::stderr().is_terminal() {
         let _ = builder.with_ansi(false).try_init();
     } else {
@@ -75,16 +77,20 @@ struct Bars {
 
 impl Progress for Bars {
     fn event(&self, event: Event) {
-        let Ok(mut bars) = self.bars.lock() else { return };
+        let Ok(mut bars) = self.bars.lock() else {
+            return;
+        };
         match event {
             Event::Phase { vm, phase } => {
                 let _ = self.multi.println(format!("{vm}: {phase}"));
             }
             Event::DiskStart { disk, bytes, .. } => {
                 let bar = self.multi.add(ProgressBar::new(bytes));
-                let style = ProgressStyle::with_template("{prefix:>6} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> ");
+                let style = ProgressStyle::with_template(
+                    "{prefix:>6} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
                 bar.set_style(style);
                 bar.set_prefix(disk.clone());
                 bars.insert(disk, bar);
@@ -114,5 +120,9 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

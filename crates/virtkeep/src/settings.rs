@@ -3,14 +3,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use virtkeep_engine::config::{Config, RepositoryConfig};
 use virtkeep_engine::Error as EngineError;
+use virtkeep_engine::config::{Config, RepositoryConfig};
 use virtkeep_repo::{KeySource, Location, Repository, S3Options};
 
 use crate::cli::RepoArgs;
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 pub fn default_config_path() -> PathBuf {
@@ -37,7 +39,9 @@ pub struct Settings {
 
 impl Settings {
     pub fn load(explicit: Option<&Path>) -> anyhow::Result<Settings> {
-        let path = explicit.map(Path::to_path_buf).unwrap_or_else(default_config_path);
+        let path = explicit
+            .map(Path::to_path_buf)
+            .unwrap_or_else(default_config_path);
         let config = match std::fs::read_to_string(&path) {
             Ok(text) => toml::from_str(&text).map_err(|e| {
                 EngineError::config(format!("{}: {}", path.display(), e.to_string().trim()))
@@ -46,7 +50,9 @@ impl Settings {
             // A missing file is an empty configuration: `host add` and `repo init` create it.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
             Err(e) => {
-                return Err(EngineError::config(format!("cannot read {}: {e}", path.display())).into());
+                return Err(
+                    EngineError::config(format!("cannot read {}: {e}", path.display())).into(),
+                );
             }
         };
         Ok(Settings { path, config })
@@ -72,7 +78,8 @@ impl Settings {
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("writing {}", self.path.display()))?;
         Ok(())
     }
 
@@ -94,7 +101,12 @@ impl Settings {
         });
         if let Some(loc) = &args.repo {
             if *loc != rc.location {
-                rc = RepositoryConfig { location: loc.clone(), key_file: None, passphrase_env: None, ..rc };
+                rc = RepositoryConfig {
+                    location: loc.clone(),
+                    key_file: None,
+                    passphrase_env: None,
+                    ..rc
+                };
             }
         }
         if args.key_file.is_some() {
@@ -106,13 +118,21 @@ impl Settings {
         rc
     }
 
-    pub fn location(&self, location: &str, rc: Option<&RepositoryConfig>) -> anyhow::Result<Location> {
+    pub fn location(
+        &self,
+        location: &str,
+        rc: Option<&RepositoryConfig>,
+    ) -> anyhow::Result<Location> {
         let loc = Location::parse(location).map_err(EngineError::from)?;
         Ok(match loc {
             Location::S3 { .. } => {
-                let endpoint = rc.and_then(|r| r.s3_endpoint.clone()).or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+                let endpoint = rc
+                    .and_then(|r| r.s3_endpoint.clone())
+                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
                 let opts = S3Options {
-                    allow_http: endpoint.as_deref().is_some_and(|e| e.starts_with("http://")),
+                    allow_http: endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("http://")),
                     endpoint,
                     region: rc.and_then(|r| r.s3_region.clone()),
                     access_key: None,
@@ -124,7 +144,10 @@ impl Settings {
         })
     }
 
-    pub fn key_source(key_file: Option<&Path>, passphrase_env: Option<&str>) -> anyhow::Result<Option<KeySource>> {
+    pub fn key_source(
+        key_file: Option<&Path>,
+        passphrase_env: Option<&str>,
+    ) -> anyhow::Result<Option<KeySource>> {
         if let Some(f) = key_file {
             return Ok(Some(KeySource::KeyFile(f.to_path_buf())));
         }
@@ -148,7 +171,11 @@ impl Settings {
                 rc.location
             );
             let err = EngineError::from(e);
-            let err = if err.hint.is_none() { err.hint(hint) } else { err };
+            let err = if err.hint.is_none() {
+                err.hint(hint)
+            } else {
+                err
+            };
             anyhow::Error::from(err.context(format!("repository {}", rc.location)))
         })
     }

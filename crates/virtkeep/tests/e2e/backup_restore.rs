@@ -7,8 +7,16 @@ use crate::harness::{HOST, Node, restored_checksum};
 const MIB: u64 = 1 << 20;
 
 fn restored_disk<'a>(r: &'a serde_json::Value, target: &str) -> (&'a str, &'a str) {
-    let d = r["disks"].as_array().expect("disks").iter().find(|d| d["target"] == target).expect("disk in result");
-    (d["path"].as_str().expect("path"), d["format"].as_str().expect("format"))
+    let d = r["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .find(|d| d["target"] == target)
+        .expect("disk in result");
+    (
+        d["path"].as_str().expect("path"),
+        d["format"].as_str().expect("format"),
+    )
 }
 
 /// Multi-disk running VM: data written while it runs, backup, more writes, restore under
@@ -17,7 +25,11 @@ fn restored_disk<'a>(r: &'a serde_json::Value, target: &str) -> (&'a str, &'a st
 #[test]
 fn running_vm_backup_and_restore_at_snapshot_instant() {
     let node = Node::new();
-    let vm = TestVm::builder("run").qcow2_disk(64 * MIB).raw_disk(32 * MIB).running(true).build();
+    let vm = TestVm::builder("run")
+        .qcow2_disk(64 * MIB)
+        .raw_disk(32 * MIB)
+        .running(true)
+        .build();
     let before_sources = vm.current_sources();
     vm.write_pattern("vda", 0xab, 0, 4 * MIB);
     vm.write_pattern("vda", 0xcd, 40 * MIB, 3 * MIB + 4096);
@@ -29,7 +41,12 @@ fn running_vm_backup_and_restore_at_snapshot_instant() {
     assert_eq!(result["mode"], "full");
     let id = result["id"].as_str().expect("id").to_string();
     // Only allocated data crossed the wire: about 8 MiB, not the 96 MiB of both disks.
-    let read: u64 = result["disks"].as_array().expect("disks").iter().map(|d| d["bytes_read"].as_u64().expect("n")).sum();
+    let read: u64 = result["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| d["bytes_read"].as_u64().expect("n"))
+        .sum();
     assert!(read >= 8 * MIB && read < 16 * MIB, "bytes read {read}");
 
     // The VM is back on its own files, nothing left behind, and it keeps running.
@@ -43,7 +60,12 @@ fn running_vm_backup_and_restore_at_snapshot_instant() {
     assert_ne!(vm.disk_checksum("vda"), at_snapshot[0]);
 
     let snaps = node.json(&["snapshots"]);
-    let listed = snaps.as_array().expect("list").iter().find(|s| s["id"] == id.as_str()).expect("backup listed");
+    let listed = snaps
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|s| s["id"] == id.as_str())
+        .expect("backup listed");
     assert_eq!(listed["vm"], vm.name.as_str());
     assert_eq!(listed["host"], HOST);
     assert!(listed["time"].as_str().is_some_and(|t| t.contains('T')));
@@ -54,7 +76,11 @@ fn running_vm_backup_and_restore_at_snapshot_instant() {
     assert_eq!(r["started"], true);
     for (i, target) in ["vda", "vdb"].iter().enumerate() {
         let (path, format) = restored_disk(&r, target);
-        assert_eq!(restored_checksum(path, format), at_snapshot[i], "disk {target} differs from the snapshot instant");
+        assert_eq!(
+            restored_checksum(path, format),
+            at_snapshot[i],
+            "disk {target} differs from the snapshot instant"
+        );
     }
     assert_eq!(restored_disk(&r, "vda").1, "qcow2");
     assert_eq!(restored_disk(&r, "vdb").1, "raw");
@@ -62,10 +88,18 @@ fn running_vm_backup_and_restore_at_snapshot_instant() {
     // A fresh identity: other UUID, other MACs, its own files.
     let xml = node.lab.virsh(&["dumpxml", &new_name]);
     let orig = node.lab.virsh(&["dumpxml", &vm.name]);
-    let uuid = |x: &str| x.split("<uuid>").nth(1).and_then(|s| s.split("</uuid>").next()).map(str::to_string);
+    let uuid = |x: &str| {
+        x.split("<uuid>")
+            .nth(1)
+            .and_then(|s| s.split("</uuid>").next())
+            .map(str::to_string)
+    };
     assert_ne!(uuid(&xml), uuid(&orig));
     for (_, src) in restored.current_sources() {
-        assert!(!before_sources.iter().any(|(_, s)| *s == src), "restored VM shares {src} with the original");
+        assert!(
+            !before_sources.iter().any(|(_, s)| *s == src),
+            "restored VM shares {src} with the original"
+        );
     }
 }
 
@@ -75,7 +109,11 @@ fn running_vm_backup_and_restore_at_snapshot_instant() {
 #[test]
 fn stopped_vm_backup_restore_and_refusals() {
     let node = Node::new();
-    let vm = TestVm::builder("stop").qcow2_disk(32 * MIB).raw_disk(16 * MIB).running(false).build();
+    let vm = TestVm::builder("stop")
+        .qcow2_disk(32 * MIB)
+        .raw_disk(16 * MIB)
+        .running(false)
+        .build();
     vm.write_pattern("vda", 0x11, MIB, 2 * MIB);
     vm.write_pattern("vdb", 0x22, 0, 512 * 1024);
     let sums = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
@@ -88,7 +126,10 @@ fn stopped_vm_backup_restore_and_refusals() {
     assert_eq!(vm.current_sources(), before);
     assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
     let inactive = node.lab.virsh(&["dumpxml", "--inactive", &vm.name]);
-    assert!(!inactive.contains(".virtkeep-"), "definition still names an overlay");
+    assert!(
+        !inactive.contains(".virtkeep-"),
+        "definition still names an overlay"
+    );
     let id = result["id"].as_str().expect("id");
 
     // Restoring over the VM's own files or domain is refused.
@@ -110,7 +151,17 @@ fn stopped_vm_backup_restore_and_refusals() {
     let new_name = unique_name("stop-restored");
     let restored = TestVm::adopt(&new_name);
     let storage = format!("file:{}", dir.display());
-    let r = node.json(&["restore", id, "--to", HOST, "--name", &new_name, "--storage", &storage, "--define"]);
+    let r = node.json(&[
+        "restore",
+        id,
+        "--to",
+        HOST,
+        "--name",
+        &new_name,
+        "--storage",
+        &storage,
+        "--define",
+    ]);
     for (i, target) in ["vda", "vdb"].iter().enumerate() {
         let (path, format) = restored_disk(&r, target);
         assert!(path.starts_with(&dir.display().to_string()));
@@ -127,14 +178,33 @@ fn stopped_vm_backup_restore_and_refusals() {
 #[test]
 fn excluded_disk_and_hooks() {
     let node = Node::new();
-    let vm = TestVm::builder("excl").qcow2_disk(16 * MIB).raw_disk(16 * MIB).running(true).build();
+    let vm = TestVm::builder("excl")
+        .qcow2_disk(16 * MIB)
+        .raw_disk(16 * MIB)
+        .running(true)
+        .build();
     vm.write_pattern("vda", 0x33, 0, MIB);
     let marker = node.lab.pool_dir.join(unique_name("hook"));
     let marker_s = marker.display().to_string();
     let pre = format!("echo \"pre $VIRTKEEP_VM\" >> '{marker_s}'");
     let post = format!("echo post >> '{marker_s}'");
-    let result = node.backup(&vm.name, &["--exclude-disk", "vdb", "--pre-snapshot", &pre, "--post-snapshot", &post]);
-    let disks: Vec<&str> = result["disks"].as_array().expect("disks").iter().map(|d| d["target"].as_str().expect("t")).collect();
+    let result = node.backup(
+        &vm.name,
+        &[
+            "--exclude-disk",
+            "vdb",
+            "--pre-snapshot",
+            &pre,
+            "--post-snapshot",
+            &post,
+        ],
+    );
+    let disks: Vec<&str> = result["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| d["target"].as_str().expect("t"))
+        .collect();
     assert_eq!(disks, ["vda"]);
     assert_eq!(result["skipped"][0]["target"], "vdb");
     let log = std::fs::read_to_string(&marker).expect("hooks ran");
@@ -144,8 +214,22 @@ fn excluded_disk_and_hooks() {
 
     let new_name = unique_name("excl-restored");
     let restored = TestVm::adopt(&new_name);
-    let r = node.json(&["restore", result["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
-    assert!(r["notes"].as_array().expect("notes").iter().any(|n| n.as_str().is_some_and(|n| n.contains("vdb"))));
+    let r = node.json(&[
+        "restore",
+        result["id"].as_str().expect("id"),
+        "--to",
+        HOST,
+        "--name",
+        &new_name,
+        "--define",
+    ]);
+    assert!(
+        r["notes"]
+            .as_array()
+            .expect("notes")
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.contains("vdb")))
+    );
     let xml = node.lab.virsh(&["dumpxml", &new_name]);
     assert!(!xml.contains("dev='vdb'"), "excluded disk still defined");
     drop(restored);
@@ -156,7 +240,11 @@ fn excluded_disk_and_hooks() {
 #[test]
 fn netcat_and_stream_transports() {
     let node = Node::new();
-    let vm = TestVm::builder("transport").qcow2_disk(16 * MIB).raw_disk(16 * MIB).running(true).build();
+    let vm = TestVm::builder("transport")
+        .qcow2_disk(16 * MIB)
+        .raw_disk(16 * MIB)
+        .running(true)
+        .build();
     vm.write_pattern("vda", 0x61, 2 * MIB, MIB);
     vm.write_pattern("vdb", 0x62, 5 * MIB, 2 * MIB);
     let sums = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
@@ -171,14 +259,26 @@ fn netcat_and_stream_transports() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-nbd"));
     assert!(vm.leftovers().is_empty());
 
-    let s = node.backup(&vm.name, &["--transport", "stream", "--exclude-disk", "vda"]);
-    assert_eq!(s["disks"][0]["bytes_read"], 16 * MIB, "the stream reads every byte");
+    let s = node.backup(
+        &vm.name,
+        &["--transport", "stream", "--exclude-disk", "vda"],
+    );
+    assert_eq!(
+        s["disks"][0]["bytes_read"],
+        16 * MIB,
+        "the stream reads every byte"
+    );
     assert!(vm.leftovers().is_empty());
 
-    for (backup, targets) in [(id.as_str(), vec!["vda", "vdb"]), (s["id"].as_str().expect("id"), vec!["vdb"])] {
+    for (backup, targets) in [
+        (id.as_str(), vec!["vda", "vdb"]),
+        (s["id"].as_str().expect("id"), vec!["vdb"]),
+    ] {
         let new_name = unique_name("transport-restored");
         let restored = TestVm::adopt(&new_name);
-        let out = node.json(&["restore", backup, "--to", HOST, "--name", &new_name, "--define"]);
+        let out = node.json(&[
+            "restore", backup, "--to", HOST, "--name", &new_name, "--define",
+        ]);
         for t in targets {
             let (path, format) = restored_disk(&out, t);
             let i = if t == "vda" { 0 } else { 1 };

@@ -15,13 +15,24 @@ const MIB: u64 = 1 << 20;
 #[test]
 fn failing_pre_snapshot_command_aborts_cleanly() {
     let node = Node::new();
-    let vm = TestVm::builder("prefail").qcow2_disk(16 * MIB).running(true).build();
+    let vm = TestVm::builder("prefail")
+        .qcow2_disk(16 * MIB)
+        .running(true)
+        .build();
     let before = vm.current_sources();
     let spec = format!("{HOST}/{}", vm.name);
-    let out = node.run(&["backup", &spec, "--pre-snapshot", "echo app not ready >&2; exit 3"]);
+    let out = node.run(&[
+        "backup",
+        &spec,
+        "--pre-snapshot",
+        "echo app not ready >&2; exit 3",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("pre-snapshot") && stderr.contains("app not ready"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("pre-snapshot") && stderr.contains("app not ready"),
+        "stderr: {stderr}"
+    );
     assert!(vm.leftovers().is_empty());
     assert_eq!(vm.current_sources(), before);
     assert_eq!(node.json(&["snapshots"]).as_array().map(Vec::len), Some(0));
@@ -55,16 +66,24 @@ pub fn kill_backup_when(node: &Node, vm: &str, extra: &[&str], trigger: &str) {
             let _ = child.wait();
             return;
         }
-        assert!(Instant::now() < deadline, "no {trigger:?} in time: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no {trigger:?} in time: {seen:?}"
+        );
     }
     let _ = child.wait();
     panic!("backup ended before {trigger:?}: {seen:?}");
 }
 
-fn assert_healed_and_backup_works(node: &Node, vm: &TestVm, sources: &[(String, String)], sum: &str) {
-    let cleanup = node.json(&["cleanup", HOST]);
-    let acted = cleanup["vms"].as_array().expect("vms");
-    assert!(!acted.is_empty(), "cleanup found nothing to heal");
+fn assert_healed_and_backup_works(
+    node: &Node,
+    vm: &TestVm,
+    sources: &[(String, String)],
+    sum: &str,
+) {
+    // Tests run in parallel and any `cleanup` heals every VM of the host, so whose
+    // cleanup did the work is not asserted; the healed state is.
+    node.json(&["cleanup", HOST]);
     assert!(vm.is_running());
     assert_eq!(vm.current_sources(), sources);
     assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
@@ -72,21 +91,43 @@ fn assert_healed_and_backup_works(node: &Node, vm: &TestVm, sources: &[(String, 
     let r = node.backup(&vm.name, &[]);
     let new_name = unique_name("killed-restored");
     let restored = TestVm::adopt(&new_name);
-    let out = node.json(&["restore", r["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
+    let out = node.json(&[
+        "restore",
+        r["id"].as_str().expect("id"),
+        "--to",
+        HOST,
+        "--name",
+        &new_name,
+        "--define",
+    ]);
     let d = &out["disks"][0];
-    assert_eq!(restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f")), sum);
+    assert_eq!(
+        restored_checksum(
+            d["path"].as_str().expect("p"),
+            d["format"].as_str().expect("f")
+        ),
+        sum
+    );
     drop(restored);
 }
 
 #[test]
 fn sigkill_after_snapshot_then_cleanup_heals() {
     let node = Node::new();
-    let vm = TestVm::builder("kill-snap").raw_disk(32 * MIB).running(true).build();
+    let vm = TestVm::builder("kill-snap")
+        .raw_disk(32 * MIB)
+        .running(true)
+        .build();
     vm.write_pattern("vda", 0x42, 0, 2 * MIB);
     let sum = vm.disk_checksum("vda");
     let sources = vm.current_sources();
     // The post-snapshot hook holds the job right after the snapshot: kill it there.
-    kill_backup_when(&node, &vm.name, &["--post-snapshot", "sleep 60"], "phase=\"post-snapshot\"");
+    kill_backup_when(
+        &node,
+        &vm.name,
+        &["--post-snapshot", "sleep 60"],
+        "phase=\"post-snapshot\"",
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert_healed_and_backup_works(&node, &vm, &sources, &sum);
 }
@@ -94,29 +135,60 @@ fn sigkill_after_snapshot_then_cleanup_heals() {
 #[test]
 fn sigkill_mid_export_then_next_backup_heals() {
     let node = Node::new();
-    let vm = TestVm::builder("kill-exp").raw_disk(64 * MIB).running(true).build();
+    let vm = TestVm::builder("kill-exp")
+        .raw_disk(64 * MIB)
+        .running(true)
+        .build();
     vm.write_pattern("vda", 0x43, 0, 32 * MIB);
     let sum = vm.disk_checksum("vda");
     let sources = vm.current_sources();
-    kill_backup_when(&node, &vm.name, &["--parallel", "1"], "disk transfer starts");
+    kill_backup_when(
+        &node,
+        &vm.name,
+        &["--parallel", "1"],
+        "disk transfer starts",
+    );
     // Without `cleanup`: the next backup of the VM heals first, then succeeds.
     let r = node.backup(&vm.name, &[]);
-    assert!(r["warnings"].as_array().expect("warnings").iter().any(|w| w.as_str().is_some_and(|w| w.contains("healed"))));
+    assert!(
+        r["warnings"]
+            .as_array()
+            .expect("warnings")
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("healed")))
+    );
     assert!(vm.is_running());
     assert_eq!(vm.current_sources(), sources);
     assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
     let new_name = unique_name("kill-exp-restored");
     let restored = TestVm::adopt(&new_name);
-    let out = node.json(&["restore", r["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
+    let out = node.json(&[
+        "restore",
+        r["id"].as_str().expect("id"),
+        "--to",
+        HOST,
+        "--name",
+        &new_name,
+        "--define",
+    ]);
     let d = &out["disks"][0];
-    assert_eq!(restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f")), sum);
+    assert_eq!(
+        restored_checksum(
+            d["path"].as_str().expect("p"),
+            d["format"].as_str().expect("f")
+        ),
+        sum
+    );
     drop(restored);
 }
 
 #[test]
 fn sigkill_before_blockcommit_then_cleanup_heals() {
     let node = Node::new();
-    let vm = TestVm::builder("kill-commit").raw_disk(16 * MIB).running(true).build();
+    let vm = TestVm::builder("kill-commit")
+        .raw_disk(16 * MIB)
+        .running(true)
+        .build();
     vm.write_pattern("vda", 0x44, 0, MIB);
     let sum = vm.disk_checksum("vda");
     let sources = vm.current_sources();
@@ -129,7 +201,12 @@ fn sigkill_before_blockcommit_then_cleanup_heals() {
 
 /// The kill may land after the commit finished: then cleanup has nothing to do, which
 /// is right too; the state must be clean either way.
-fn assert_healed_and_backup_works_or_already_clean(node: &Node, vm: &TestVm, sources: &[(String, String)], sum: &str) {
+fn assert_healed_and_backup_works_or_already_clean(
+    node: &Node,
+    vm: &TestVm,
+    sources: &[(String, String)],
+    sum: &str,
+) {
     node.json(&["cleanup", HOST]);
     assert!(vm.is_running());
     assert_eq!(vm.current_sources(), sources);
@@ -137,9 +214,23 @@ fn assert_healed_and_backup_works_or_already_clean(node: &Node, vm: &TestVm, sou
     let r = node.backup(&vm.name, &[]);
     let new_name = unique_name("kill-commit-restored");
     let restored = TestVm::adopt(&new_name);
-    let out = node.json(&["restore", r["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
+    let out = node.json(&[
+        "restore",
+        r["id"].as_str().expect("id"),
+        "--to",
+        HOST,
+        "--name",
+        &new_name,
+        "--define",
+    ]);
     let d = &out["disks"][0];
-    assert_eq!(restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f")), sum);
+    assert_eq!(
+        restored_checksum(
+            d["path"].as_str().expect("p"),
+            d["format"].as_str().expect("f")
+        ),
+        sum
+    );
     drop(restored);
 }
 
@@ -148,12 +239,22 @@ fn hostile_names_and_unknown_xml_survive() {
     let node = Node::new();
     // Names cannot hold '/', so an injection would touch a file in the remote shell's
     // working directory (root's home) or the node's.
-    let canaries = [std::path::PathBuf::from("/root/vkpwned"), std::env::current_dir().expect("cwd").join("vkpwned")];
+    let canaries = [
+        std::path::PathBuf::from("/root/vkpwned"),
+        std::env::current_dir().expect("cwd").join("vkpwned"),
+    ];
     for c in &canaries {
         let _ = std::fs::remove_file(c);
     }
-    let name = format!("it's $(touch vkpwned); \"quoted\" `touch vkpwned` ü {}", unique_name("h"));
-    let vm = TestVm::builder("hostile").name(&name).qcow2_disk(16 * MIB).running(true).build();
+    let name = format!(
+        "it's $(touch vkpwned); \"quoted\" `touch vkpwned` ü {}",
+        unique_name("h")
+    );
+    let vm = TestVm::builder("hostile")
+        .name(&name)
+        .qcow2_disk(16 * MIB)
+        .running(true)
+        .build();
     vm.write_pattern("vda", 0x77, 0, MIB);
     let sum = vm.disk_checksum("vda");
     // XML virtkeep does not model must come back unchanged.
@@ -162,27 +263,58 @@ fn hostile_names_and_unknown_xml_survive() {
     let with_meta = if xml.contains("<metadata>") {
         xml.replacen("<metadata>", &format!("<metadata>{custom}"), 1)
     } else {
-        xml.replacen("</name>", &format!("</name>\n  <metadata>{custom}</metadata>"), 1)
+        xml.replacen(
+            "</name>",
+            &format!("</name>\n  <metadata>{custom}</metadata>"),
+            1,
+        )
     };
     let file = node.dir.path().join("dom.xml");
     std::fs::write(&file, with_meta).expect("write xml");
     node.lab.virsh(&["define", &file.display().to_string()]);
 
     let listed = node.json(&["vm", "list", HOST]);
-    assert!(listed.as_array().expect("list").iter().any(|v| v["name"] == name.as_str()));
+    assert!(
+        listed
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|v| v["name"] == name.as_str())
+    );
     let r = node.backup(&name, &[]);
     assert_eq!(r["vm"], name.as_str());
     assert!(vm.leftovers().is_empty());
 
     let new_name = format!("restored $(touch vkpwned) 'x' {}", unique_name("h"));
     let restored = TestVm::adopt(&new_name);
-    let out = node.json(&["restore", r["id"].as_str().expect("id"), "--to", HOST, "--name", &new_name, "--define"]);
+    let out = node.json(&[
+        "restore",
+        r["id"].as_str().expect("id"),
+        "--to",
+        HOST,
+        "--name",
+        &new_name,
+        "--define",
+    ]);
     let d = &out["disks"][0];
-    assert_eq!(restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f")), sum);
+    assert_eq!(
+        restored_checksum(
+            d["path"].as_str().expect("p"),
+            d["format"].as_str().expect("f")
+        ),
+        sum
+    );
     let back = node.lab.virsh(&["dumpxml", "--inactive", &new_name]);
-    assert!(back.contains("keep &amp; me") && back.contains("http://example.com/vk"), "metadata lost:\n{back}");
+    assert!(
+        back.contains("keep &amp; me") && back.contains("http://example.com/vk"),
+        "metadata lost:\n{back}"
+    );
     for c in &canaries {
-        assert!(!c.exists(), "a name reached a shell unquoted: {} exists", c.display());
+        assert!(
+            !c.exists(),
+            "a name reached a shell unquoted: {} exists",
+            c.display()
+        );
     }
     drop(restored);
 }

@@ -20,12 +20,35 @@ impl Node {
     /// initialised local repository.
     pub fn new() -> Node {
         let lab = lab();
-        let dir = tempfile::Builder::new().prefix("vk-node-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("vk-node-")
+            .tempdir()
+            .expect("tempdir");
         let node = Node { dir, lab };
         let ssh = format!("{}@{}:{}", lab.ssh_user, lab.ssh_host, lab.ssh_port);
         let known = lab.known_hosts.to_string_lossy().to_string();
         let key = lab.ssh_key.to_string_lossy().to_string();
-        node.ok(&["host", "add", HOST, "--ssh", &ssh, "--identity", &key, "--known-hosts", &known]);
+        let (conf, keyring) = (
+            lab.ceph_conf.display().to_string(),
+            lab.ceph_keyring.display().to_string(),
+        );
+        node.ok(&[
+            "host",
+            "add",
+            HOST,
+            "--ssh",
+            &ssh,
+            "--identity",
+            &key,
+            "--known-hosts",
+            &known,
+            "--ceph-conf",
+            &conf,
+            "--ceph-id",
+            &lab.ceph_id,
+            "--ceph-keyring",
+            &keyring,
+        ]);
         let repo = node.repo().to_string_lossy().to_string();
         node.ok(&["repo", "init", &repo]);
         node
@@ -81,7 +104,11 @@ impl Node {
         let mut args = vec!["backup", spec.as_str()];
         args.extend_from_slice(extra);
         let v = self.json(&args);
-        let first = v.as_array().and_then(|a| a.first()).cloned().expect("one result");
+        let first = v
+            .as_array()
+            .and_then(|a| a.first())
+            .cloned()
+            .expect("one result");
         assert!(first.get("error").is_none(), "backup failed: {first}");
         first
     }

@@ -5,8 +5,16 @@ use virtkeep_lab::{TestVm, unique_name};
 use crate::harness::{HOST, Node};
 
 fn fingerprint(pub_file: &std::path::Path) -> String {
-    let out = std::process::Command::new("ssh-keygen").arg("-lf").arg(pub_file).output().expect("ssh-keygen");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).expect("fingerprint").to_string()
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(pub_file)
+        .output()
+        .expect("ssh-keygen");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("fingerprint")
+        .to_string()
 }
 
 /// An unknown host key is refused; `host trust` pins only the expected fingerprint.
@@ -18,7 +26,17 @@ fn host_trust_is_explicit() {
     let known = node.dir.path().join("fresh_known_hosts");
     let known_s = known.display().to_string();
     let key = lab.ssh_key.display().to_string();
-    node.ok(&["host", "add", "fresh", "--ssh", &ssh, "--identity", &key, "--known-hosts", &known_s]);
+    node.ok(&[
+        "host",
+        "add",
+        "fresh",
+        "--ssh",
+        &ssh,
+        "--identity",
+        &key,
+        "--known-hosts",
+        &known_s,
+    ]);
 
     let out = node.run(&["vm", "list", "fresh"]);
     assert_eq!(out.status.code(), Some(1));
@@ -28,10 +46,22 @@ fn host_trust_is_explicit() {
     // No terminal and no --fingerprint: refused, nothing pinned.
     let out = node.run(&["host", "trust", "fresh"]);
     assert!(!out.status.success());
-    assert!(!known.exists() || std::fs::read_to_string(&known).unwrap_or_default().trim().is_empty());
+    assert!(
+        !known.exists()
+            || std::fs::read_to_string(&known)
+                .unwrap_or_default()
+                .trim()
+                .is_empty()
+    );
 
     // A wrong fingerprint: refused.
-    let out = node.run(&["host", "trust", "fresh", "--fingerprint", "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"]);
+    let out = node.run(&[
+        "host",
+        "trust",
+        "fresh",
+        "--fingerprint",
+        "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was pinned"));
 
@@ -49,30 +79,70 @@ fn password_and_sudo_host() {
     let lab = node.lab;
     let ssh = format!("{}@{}:{}", lab.password_user, lab.ssh_host, lab.ssh_port);
     let known = lab.known_hosts.display().to_string();
-    node.ok(&["host", "add", "pw", "--ssh", &ssh, "--password-env", "VK_TEST_PW", "--known-hosts", &known, "--sudo"]);
+    node.ok(&[
+        "host",
+        "add",
+        "pw",
+        "--ssh",
+        &ssh,
+        "--password-env",
+        "VK_TEST_PW",
+        "--known-hosts",
+        &known,
+        "--sudo",
+    ]);
     let config = std::fs::read_to_string(node.config()).expect("config");
-    assert!(!config.contains(&lab.password), "password written into the config");
-    let out = node.cmd().args(["--json", "host", "check", "pw"]).env("VK_TEST_PW", &lab.password).output().expect("run");
+    assert!(
+        !config.contains(&lab.password),
+        "password written into the config"
+    );
+    let out = node
+        .cmd()
+        .args(["--json", "host", "check", "pw"])
+        .env("VK_TEST_PW", &lab.password)
+        .output()
+        .expect("run");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["ok"], true, "{v}");
-    let out = node.cmd().args(["host", "check", "pw"]).output().expect("run");
-    assert_eq!(out.status.code(), Some(2), "a missing password variable is a config error");
+    let out = node
+        .cmd()
+        .args(["host", "check", "pw"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a missing password variable is a config error"
+    );
 }
 
 /// `vm list` shows every domain with its disks and the method that applies.
 #[test]
 fn vm_list_shows_disks_and_methods() {
     let node = Node::new();
-    let vm = TestVm::builder("list").qcow2_disk(8 << 20).raw_disk(4 << 20).running(false).build();
+    let vm = TestVm::builder("list")
+        .qcow2_disk(8 << 20)
+        .raw_disk(4 << 20)
+        .running(false)
+        .build();
     let list = node.json(&["vm", "list", HOST]);
-    let entry = list.as_array().expect("list").iter().find(|v| v["name"] == vm.name.as_str()).expect("listed");
+    let entry = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|v| v["name"] == vm.name.as_str())
+        .expect("listed");
     assert_eq!(entry["state"], "shut_off");
     let disks = entry["disks"].as_array().expect("disks");
     assert_eq!(disks.len(), 2);
     assert_eq!(disks[0]["backend"], "qcow2-file");
     assert_eq!(disks[0]["virtual_size"], 8 << 20);
     assert_eq!(disks[1]["backend"], "raw-file");
-    assert!(disks[0]["method"].as_str().is_some_and(|m| m.contains("qemu-img overlay")));
+    assert!(
+        disks[0]["method"]
+            .as_str()
+            .is_some_and(|m| m.contains("qemu-img overlay"))
+    );
     let _ = unique_name("unused");
 }
 
@@ -97,21 +167,57 @@ fn vm_list_shows_rbd_details() {
     let node = Node::new();
     let lab = node.lab;
     let ssh = format!("{}@{}:{}", lab.ssh_user, lab.ssh_host, lab.ssh_port);
-    let (known, key) = (lab.known_hosts.display().to_string(), lab.ssh_key.display().to_string());
-    let (conf, keyring) = (lab.ceph_conf.display().to_string(), lab.ceph_keyring.display().to_string());
+    let (known, key) = (
+        lab.known_hosts.display().to_string(),
+        lab.ssh_key.display().to_string(),
+    );
+    let (conf, keyring) = (
+        lab.ceph_conf.display().to_string(),
+        lab.ceph_keyring.display().to_string(),
+    );
     node.ok(&[
-        "host", "add", "ceph", "--ssh", &ssh, "--identity", &key, "--known-hosts", &known, "--ceph-conf", &conf, "--ceph-id",
-        &lab.ceph_id, "--ceph-keyring", &keyring,
+        "host",
+        "add",
+        "ceph",
+        "--ssh",
+        &ssh,
+        "--identity",
+        &key,
+        "--known-hosts",
+        &known,
+        "--ceph-conf",
+        &conf,
+        "--ceph-id",
+        &lab.ceph_id,
+        "--ceph-keyring",
+        &keyring,
     ]);
-    let vm = TestVm::builder("rbdlist").rbd_disk(16 << 20).running(false).build();
+    let vm = TestVm::builder("rbdlist")
+        .rbd_disk(16 << 20)
+        .running(false)
+        .build();
     let list = node.json(&["vm", "list", "ceph"]);
-    let entry = list.as_array().expect("list").iter().find(|v| v["name"] == vm.name.as_str()).expect("listed");
+    let entry = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|v| v["name"] == vm.name.as_str())
+        .expect("listed");
     let disk = &entry["disks"][0];
     let image = vm.disks[0].rbd_image.clone().expect("rbd image");
     assert_eq!(disk["backend"], format!("rbd:{}/{image}", lab.ceph_pool));
     assert_eq!(disk["details"]["size"], 16 << 20, "{disk}");
-    assert_eq!(disk["details"]["secret_uuid"], lab.ceph_secret_uuid.as_str());
-    assert!(disk["details"]["monitors"].as_array().expect("mons").iter().any(|m| m.as_str().is_some_and(|m| m.starts_with("127.0.0.1"))));
+    assert_eq!(
+        disk["details"]["secret_uuid"],
+        lab.ceph_secret_uuid.as_str()
+    );
+    assert!(
+        disk["details"]["monitors"]
+            .as_array()
+            .expect("mons")
+            .iter()
+            .any(|m| m.as_str().is_some_and(|m| m.starts_with("127.0.0.1")))
+    );
     assert!(disk["method"].as_str().is_some_and(|m| m.contains("rbd")));
 }
 
@@ -123,11 +229,42 @@ fn host_check_names_what_fails() {
     let ssh = format!("{}@{}:{}", lab.password_user, lab.ssh_host, lab.ssh_port);
     let known = lab.known_hosts.display().to_string();
     // Without sudo, the unprivileged user cannot reach qemu:///system nor /run/virtkeep.
-    node.ok(&["host", "add", "nosudo", "--ssh", &ssh, "--password-env", "VK_TEST_PW", "--known-hosts", &known]);
-    let out = node.cmd().args(["--json", "host", "check", "nosudo"]).env("VK_TEST_PW", &lab.password).output().expect("run");
+    node.ok(&[
+        "host",
+        "add",
+        "nosudo",
+        "--ssh",
+        &ssh,
+        "--password-env",
+        "VK_TEST_PW",
+        "--known-hosts",
+        &known,
+    ]);
+    let out = node
+        .cmd()
+        .args(["--json", "host", "check", "nosudo"])
+        .env("VK_TEST_PW", &lab.password)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let failed: Vec<&serde_json::Value> = v["checks"].as_array().expect("checks").iter().filter(|c| c["ok"] == false).collect();
-    assert!(failed.iter().any(|c| c["check"] == "virsh" && c["fix"].as_str().is_some()), "{v}");
-    assert!(v["checks"].as_array().expect("checks").iter().any(|c| c["check"] == "qemu-nbd" && c["ok"] == true));
+    let failed: Vec<&serde_json::Value> = v["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|c| c["check"] == "virsh" && c["fix"].as_str().is_some()),
+        "{v}"
+    );
+    assert!(
+        v["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .any(|c| c["check"] == "qemu-nbd" && c["ok"] == true)
+    );
 }

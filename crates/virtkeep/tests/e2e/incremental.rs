@@ -11,7 +11,12 @@ const MIB: u64 = 1 << 20;
 const SLACK: u64 = 2 * 64 * 1024;
 
 fn bytes_read(r: &serde_json::Value) -> u64 {
-    r["disks"].as_array().expect("disks").iter().map(|d| d["bytes_read"].as_u64().expect("n")).sum()
+    r["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| d["bytes_read"].as_u64().expect("n"))
+        .sum()
 }
 
 fn restore_and_sum(node: &Node, id: &str, targets: &[&str]) -> Vec<String> {
@@ -21,8 +26,16 @@ fn restore_and_sum(node: &Node, id: &str, targets: &[&str]) -> Vec<String> {
     let sums = targets
         .iter()
         .map(|t| {
-            let d = out["disks"].as_array().expect("disks").iter().find(|d| d["target"] == *t).expect("disk");
-            restored_checksum(d["path"].as_str().expect("p"), d["format"].as_str().expect("f"))
+            let d = out["disks"]
+                .as_array()
+                .expect("disks")
+                .iter()
+                .find(|d| d["target"] == *t)
+                .expect("disk");
+            restored_checksum(
+                d["path"].as_str().expect("p"),
+                d["format"].as_str().expect("f"),
+            )
         })
         .collect();
     drop(restored);
@@ -30,13 +43,21 @@ fn restore_and_sum(node: &Node, id: &str, targets: &[&str]) -> Vec<String> {
 }
 
 fn virtkeep_checkpoints(vm: &TestVm) -> Vec<String> {
-    vm.leftovers().checkpoints.into_iter().filter(|c| c.starts_with("virtkeep-")).collect()
+    vm.leftovers()
+        .checkpoints
+        .into_iter()
+        .filter(|c| c.starts_with("virtkeep-"))
+        .collect()
 }
 
 #[test]
 fn incremental_reads_only_changes_and_every_backup_restores_its_instant() {
     let node = Node::new();
-    let vm = TestVm::builder("inc").qcow2_disk(64 * MIB).qcow2_disk(32 * MIB).running(true).build();
+    let vm = TestVm::builder("inc")
+        .qcow2_disk(64 * MIB)
+        .qcow2_disk(32 * MIB)
+        .running(true)
+        .build();
     vm.write_pattern("vda", 0x10, 0, 8 * MIB);
     vm.write_pattern("vdb", 0x20, 4 * MIB, 4 * MIB);
     let first = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
@@ -44,7 +65,13 @@ fn incremental_reads_only_changes_and_every_backup_restores_its_instant() {
     let full = node.backup(&vm.name, &[]);
     assert_eq!(full["method"], "backup_api");
     assert_eq!(full["mode"], "full");
-    assert!(full["reason"].as_str().is_some_and(|r| r.contains("no earlier backup")), "{}", full["reason"]);
+    assert!(
+        full["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no earlier backup")),
+        "{}",
+        full["reason"]
+    );
     assert_eq!(virtkeep_checkpoints(&vm).len(), 1);
 
     // 1 MiB + 256 KiB change.
@@ -56,25 +83,49 @@ fn incremental_reads_only_changes_and_every_backup_restores_its_instant() {
     let inc = node.backup(&vm.name, &[]);
     assert_eq!(inc["mode"], "incremental", "{}", inc["reason"]);
     let read = bytes_read(&inc);
-    assert!(read >= changed && read <= changed + 2 * SLACK, "incremental read {read} bytes for {changed} changed");
+    assert!(
+        read >= changed && read <= changed + 2 * SLACK,
+        "incremental read {read} bytes for {changed} changed"
+    );
     // Only the chunks holding changes are new in the repository.
-    let new_chunks: u64 = inc["disks"].as_array().expect("d").iter().map(|d| d["chunks_new"].as_u64().expect("n")).sum();
+    let new_chunks: u64 = inc["disks"]
+        .as_array()
+        .expect("d")
+        .iter()
+        .map(|d| d["chunks_new"].as_u64().expect("n"))
+        .sum();
     assert!(new_chunks <= 2, "new chunks {new_chunks}");
     let cps = virtkeep_checkpoints(&vm);
-    assert_eq!(cps.len(), 1, "older virtkeep checkpoints are deleted: {cps:?}");
+    assert_eq!(
+        cps.len(),
+        1,
+        "older virtkeep checkpoints are deleted: {cps:?}"
+    );
     let l = vm.leftovers();
-    assert!(l.overlay_files.is_empty() && l.snapshots.is_empty(), "{l:?}");
+    assert!(
+        l.overlay_files.is_empty() && l.snapshots.is_empty(),
+        "{l:?}"
+    );
     assert!(vm.is_running());
 
     vm.write_pattern("vda", 0x12, 0, MIB);
-    assert_eq!(restore_and_sum(&node, inc["id"].as_str().expect("id"), &["vda", "vdb"]), second);
-    assert_eq!(restore_and_sum(&node, full["id"].as_str().expect("id"), &["vda", "vdb"]), first);
+    assert_eq!(
+        restore_and_sum(&node, inc["id"].as_str().expect("id"), &["vda", "vdb"]),
+        second
+    );
+    assert_eq!(
+        restore_and_sum(&node, full["id"].as_str().expect("id"), &["vda", "vdb"]),
+        first
+    );
 }
 
 #[test]
 fn broken_chains_fall_back_to_full_with_the_reason() {
     let node = Node::new();
-    let vm = TestVm::builder("chain").qcow2_disk(32 * MIB).running(true).build();
+    let vm = TestVm::builder("chain")
+        .qcow2_disk(32 * MIB)
+        .running(true)
+        .build();
     vm.write_pattern("vda", 0x30, 0, 2 * MIB);
     node.backup(&vm.name, &[]);
 
@@ -83,60 +134,110 @@ fn broken_chains_fall_back_to_full_with_the_reason() {
     node.lab.virsh(&["checkpoint-delete", &vm.name, &cp]);
     let r = node.backup(&vm.name, &["--mode", "incremental"]);
     assert_eq!(r["mode"], "full");
-    assert!(r["reason"].as_str().is_some_and(|s| s.contains("no longer exists")), "{}", r["reason"]);
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("no longer exists")),
+        "{}",
+        r["reason"]
+    );
 
     // Another tool's checkpoint is left alone and does not disturb the chain.
-    node.lab.virsh(&["checkpoint-create-as", &vm.name, "othertool-1"]);
+    node.lab
+        .virsh(&["checkpoint-create-as", &vm.name, "othertool-1"]);
     vm.write_pattern("vda", 0x31, 3 * MIB, MIB);
     let sum = vm.disk_checksum("vda");
     let r = node.backup(&vm.name, &[]);
     assert_eq!(r["mode"], "incremental", "{}", r["reason"]);
-    assert!(vm.leftovers().checkpoints.contains(&"othertool-1".to_string()));
-    assert_eq!(restore_and_sum(&node, r["id"].as_str().expect("id"), &["vda"]), [sum.clone()]);
+    assert!(
+        vm.leftovers()
+            .checkpoints
+            .contains(&"othertool-1".to_string())
+    );
+    assert_eq!(
+        restore_and_sum(&node, r["id"].as_str().expect("id"), &["vda"]),
+        [sum.clone()]
+    );
 
     // The bitmap vanished from the image (disk replaced while the VM was off).
     vm.stop();
     let cp = virtkeep_checkpoints(&vm).pop().expect("checkpoint");
     let path = vm.disk("vda").path.clone().expect("path");
-    let out = std::process::Command::new("qemu-img").args(["bitmap", "--remove"]).arg(&path).arg(&cp).output().expect("qemu-img");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("qemu-img")
+        .args(["bitmap", "--remove"])
+        .arg(&path)
+        .arg(&cp)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     vm.start();
     let r = node.backup(&vm.name, &[]);
     assert_eq!(r["mode"], "full");
-    assert!(r["reason"].as_str().is_some_and(|s| s.contains("unusable")), "{}", r["reason"]);
-    assert_eq!(restore_and_sum(&node, r["id"].as_str().expect("id"), &["vda"]), [sum]);
+    assert!(
+        r["reason"].as_str().is_some_and(|s| s.contains("unusable")),
+        "{}",
+        r["reason"]
+    );
+    assert_eq!(
+        restore_and_sum(&node, r["id"].as_str().expect("id"), &["vda"]),
+        [sum]
+    );
 }
 
 #[test]
 fn stopped_vm_incremental_and_vm_stays_off() {
     let node = Node::new();
-    let vm = TestVm::builder("inc-off").qcow2_disk(32 * MIB).running(false).build();
+    let vm = TestVm::builder("inc-off")
+        .qcow2_disk(32 * MIB)
+        .running(false)
+        .build();
     vm.write_pattern("vda", 0x40, 0, 2 * MIB);
     let full = node.backup(&vm.name, &[]);
     assert_eq!(full["method"], "backup_api");
-    assert!(!vm.is_running(), "the VM is shut off again after its backup");
+    assert!(
+        !vm.is_running(),
+        "the VM is shut off again after its backup"
+    );
     vm.write_pattern("vda", 0x41, 16 * MIB, 512 * 1024);
     let sum = vm.disk_checksum("vda");
     let inc = node.backup(&vm.name, &[]);
     assert_eq!(inc["mode"], "incremental", "{}", inc["reason"]);
     assert!(bytes_read(&inc) <= 512 * 1024 + 2 * SLACK);
     assert!(!vm.is_running());
-    assert_eq!(restore_and_sum(&node, inc["id"].as_str().expect("id"), &["vda"]), [sum]);
+    assert_eq!(
+        restore_and_sum(&node, inc["id"].as_str().expect("id"), &["vda"]),
+        [sum]
+    );
 }
 
 #[test]
 fn node_killed_mid_incremental_next_run_is_correct() {
     let node = Node::new();
-    let vm = TestVm::builder("inc-kill").qcow2_disk(64 * MIB).running(true).build();
+    let vm = TestVm::builder("inc-kill")
+        .qcow2_disk(64 * MIB)
+        .running(true)
+        .build();
     vm.write_pattern("vda", 0x50, 0, 4 * MIB);
     node.backup(&vm.name, &[]);
     vm.write_pattern("vda", 0x51, 30 * MIB, 24 * MIB);
-    crate::failures::kill_backup_when(&node, &vm.name, &["--parallel", "1"], "disk transfer starts");
+    crate::failures::kill_backup_when(
+        &node,
+        &vm.name,
+        &["--parallel", "1"],
+        "disk transfer starts",
+    );
     vm.write_pattern("vda", 0x52, 60 * MIB, MIB);
     let sum = vm.disk_checksum("vda");
     let r = node.backup(&vm.name, &[]);
     assert_eq!(r["mode"], "incremental", "{}", r["reason"]);
     assert!(vm.is_running());
     assert_eq!(virtkeep_checkpoints(&vm).len(), 1);
-    assert_eq!(restore_and_sum(&node, r["id"].as_str().expect("id"), &["vda"]), [sum]);
+    assert_eq!(
+        restore_and_sum(&node, r["id"].as_str().expect("id"), &["vda"]),
+        [sum]
+    );
 }

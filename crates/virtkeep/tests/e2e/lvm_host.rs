@@ -437,7 +437,26 @@ fn lvm_host_check_and_vm_list_through_the_cli() {
         .thick_disk(16 * MIB)
         .thin_disk(16 * MIB)
         .build();
-    let list = node.json(&["vm", "list", "lvmhv"]);
+    // Other tests create and remove domains on this host at the same time; `vm list` in
+    // this version fails when a domain disappears between `virsh list` and `dumpxml`
+    // (reported to the engine lead), so give it a few tries.
+    let mut list = serde_json::Value::Null;
+    for attempt in 0..4 {
+        let out = node
+            .cmd()
+            .args(["--json", "vm", "list", "lvmhv"])
+            .output()
+            .expect("run");
+        if out.status.success() {
+            list = serde_json::from_slice(&out.stdout).expect("vm list JSON");
+            break;
+        }
+        assert!(
+            attempt < 3,
+            "vm list failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     let entry = list
         .as_array()
         .expect("list")

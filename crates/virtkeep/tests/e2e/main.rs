@@ -8,3 +8,4 @@ mod backup_restore;
 mod failures;
 mod hosts;
 mod incremental;
+mod rbd;

@@ -1,0 +1,430 @@
+//! Ceph RBD disks: `rbd snap create` per image, `rbd export-diff` (from the start for a
+//! full, `--from-snap` the kept snapshot for an incremental) streamed through SSH and
+//! parsed on the node, and `rbd import-diff` of a node-generated stream for restore.
+//!
+//! Snapshot housekeeping (the seed's rule): with `--mode auto|incremental` the newest
+//! virtkeep snapshot of each image is kept for the next incremental and recorded in the
+//! image's metadata (`virtkeep.base`) and the manifest; older virtkeep snapshots go.
+//! With `--mode full` no snapshot is left. `cleanup` removes virtkeep snapshots that are
+//! not the recorded base (a killed run's). Ceph settings (conf, id, keyring) are passed
+//! on every command line: sshd passes no CEPH_* variables.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use virtkeep_libvirt::cmd::CephArgs;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::{ChunkSink, ExportStats, REQUEST_TIMEOUT, stalled};
+use crate::host::Host;
+use crate::progress::{Event, Progress};
+use crate::rbd_diff::{DiffReader, DiffWriter, Record};
+
+pub const SNAP_PREFIX: &str = "virtkeep-";
+const BASE_KEY: &str = "virtkeep.base";
+
+pub fn ceph(host: &Host) -> Result<CephArgs> {
+    host.config.ceph_args().ok_or_else(|| {
+        Error::config(format!("host {} has RBD disks but no Ceph settings", host.name)).hint(format!(
+            "add them: `virtkeep host add {} --ssh … --ceph-conf /etc/ceph/ceph.conf --ceph-id admin --ceph-keyring /etc/ceph/ceph.client.admin.keyring`",
+            host.name
+        ))
+    })
+}
+
+pub fn split(spec: &str) -> (&str, &str) {
+    spec.split_once('/').unwrap_or(("rbd", spec))
+}
+
+pub async fn snapshots(
+    host: &Host,
+    ceph: &CephArgs,
+    pool: &str,
+    image: &str,
+) -> Result<Vec<String>> {
+    let out = host.run_string(&ceph.snap_ls_json(pool, image)).await?;
+    Ok(virtkeep_libvirt::parse::parse_rbd_snap_ls_json(&out)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Remote,
+                format!("rbd snap ls {pool}/{image}: {e}"),
+            )
+        })?
+        .into_iter()
+        .map(|s| s.name)
+        .collect())
+}
+
+pub async fn snap_create(
+    host: &Host,
+    ceph: &CephArgs,
+    pool: &str,
+    image: &str,
+    snap: &str,
+) -> Result<()> {
+    host.run(&ceph.snap_create(pool, image, snap))
+        .await
+        .map(|_| ())
+        .map_err(|e| e.context(format!("rbd snap create {pool}/{image}@{snap}")))
+}
+
+pub async fn snap_rm(
+    host: &Host,
+    ceph: &CephArgs,
+    pool: &str,
+    image: &str,
+    snap: &str,
+) -> Result<()> {
+    host.run(&ceph.snap_rm(pool, image, snap)).await.map(|_| ())
+}
+
+pub async fn recorded_base(
+    host: &Host,
+    ceph: &CephArgs,
+    pool: &str,
+    image: &str,
+) -> Option<String> {
+    let cmd = ceph
+        .rbd(&["image-meta", "get"])
+        .arg(format!("{pool}/{image}"))
+        .arg(BASE_KEY);
+    match host.exec(&cmd).await {
+        Ok(out) if out.status == 0 => Some(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+        _ => None,
+    }
+}
+
+/// Keeps `keep` (recording it as the base) or nothing, and removes other virtkeep snaps.
+pub async fn housekeep(
+    host: &Host,
+    ceph: &CephArgs,
+    pool: &str,
+    image: &str,
+    keep: Option<&str>,
+) -> Result<Vec<String>> {
+    let spec = format!("{pool}/{image}");
+    match keep {
+        Some(snap) => {
+            host.run(
+                &ceph
+                    .rbd(&["image-meta", "set"])
+                    .arg(&spec)
+                    .arg(BASE_KEY)
+                    .arg(snap),
+            )
+            .await?;
+        }
+        None => {
+            let _ = host
+                .exec(&ceph.rbd(&["image-meta", "remove"]).arg(&spec).arg(BASE_KEY))
+                .await;
+        }
+    }
+    let mut removed = Vec::new();
+    for s in snapshots(host, ceph, pool, image).await? {
+        if s.starts_with(SNAP_PREFIX) && Some(s.as_str()) != keep {
+            snap_rm(host, ceph, pool, image, &s).await?;
+            removed.push(s);
+        }
+    }
+    Ok(removed)
+}
+
+/// For `cleanup`: virtkeep snapshots other than the recorded base are a killed run's.
+pub async fn heal_image(
+    host: &Host,
+    ceph: &CephArgs,
+    pool: &str,
+    image: &str,
+    dry_run: bool,
+) -> Result<Vec<String>> {
+    let base = recorded_base(host, ceph, pool, image).await;
+    let mut actions = Vec::new();
+    for s in snapshots(host, ceph, pool, image).await? {
+        if s.starts_with(SNAP_PREFIX) && Some(&s) != base.as_ref() {
+            actions.push(format!("remove RBD snapshot {pool}/{image}@{s}"));
+            if !dry_run {
+                snap_rm(host, ceph, pool, image, &s).await?;
+            }
+        }
+    }
+    Ok(actions)
+}
+
+/// Streams `rbd export-diff` of `pool/image@snap` (from `from` when incremental) into
+/// the sink. A full fills untouched chunks with zeros; an incremental patches the
+/// records onto the parent's chunks and leaves untouched chunks as they were.
+#[allow(clippy::too_many_arguments)]
+pub async fn export(
+    host: &Host,
+    ceph: &CephArgs,
+    pool: &str,
+    image: &str,
+    snap: &str,
+    from: Option<(&str, Arc<virtkeep_repo::DiskReader>)>,
+    size: u64,
+    sink: Arc<dyn ChunkSink>,
+    vm: &str,
+    disk: &str,
+    progress: &Arc<dyn Progress>,
+) -> Result<ExportStats> {
+    let cmd = ceph.export_diff(pool, image, snap, from.as_ref().map(|(s, _)| *s));
+    let mut proc = host.session().spawn(&cmd).await?;
+    let parent = from.map(|(_, r)| r);
+    progress.event(Event::DiskStart {
+        vm: vm.to_string(),
+        disk: disk.to_string(),
+        bytes: size,
+    });
+    let chunk = sink.chunk_size();
+    let count = size.div_ceil(chunk);
+    let mut stats = ExportStats {
+        size,
+        ..ExportStats::default()
+    };
+    let mut current: Option<(u64, BytesMut)> = None;
+    let mut next_untouched = 0u64;
+
+    let mut reader = tokio::time::timeout(REQUEST_TIMEOUT, DiffReader::new(&mut proc.stdout))
+        .await
+        .map_err(|_| stalled())?
+        .map_err(diff_err)?;
+    loop {
+        let record = tokio::time::timeout(REQUEST_TIMEOUT, reader.next())
+            .await
+            .map_err(|_| stalled())?
+            .map_err(diff_err)?;
+        let (offset, len, data) = match record {
+            Record::End => break,
+            Record::Size(_) => continue,
+            Record::Data { offset, data } => (offset, data.len() as u64, Some(data)),
+            Record::Zero { offset, len } => (offset, len, None),
+        };
+        stats.bytes_read += data.as_ref().map_or(0, |d| d.len() as u64);
+        progress.event(Event::DiskBytes {
+            disk: disk.to_string(),
+            bytes: len,
+        });
+        let mut pos = offset;
+        while pos < (offset + len).min(size) {
+            let idx = pos / chunk;
+            if current.as_ref().is_none_or(|(i, _)| *i != idx) {
+                if let Some((i, buf)) = current.take() {
+                    if i > idx {
+                        return Err(Error::new(
+                            ErrorKind::DataPath,
+                            "rbd export-diff records out of order",
+                        ));
+                    }
+                    flush(&sink, i, buf, &mut stats).await?;
+                    next_untouched = i + 1;
+                }
+                fill_untouched(&sink, parent.is_some(), next_untouched, idx, &mut stats).await?;
+                let len = chunk.min(size - idx * chunk) as usize;
+                let base = match &parent {
+                    Some(p) => match p.read_chunk(idx).await? {
+                        Some(old) if old.len() == len => BytesMut::from(&old[..]),
+                        _ => BytesMut::zeroed(len),
+                    },
+                    None => BytesMut::zeroed(len),
+                };
+                current = Some((idx, base));
+            }
+            let end = ((idx + 1) * chunk).min(offset + len).min(size);
+            if let Some((_, buf)) = current.as_mut() {
+                let (a, b) = ((pos - idx * chunk) as usize, (end - idx * chunk) as usize);
+                match &data {
+                    Some(d) => buf[a..b]
+                        .copy_from_slice(&d[(pos - offset) as usize..(end - offset) as usize]),
+                    None => buf[a..b].fill(0),
+                }
+            }
+            pos = end;
+        }
+    }
+    if let Some((i, buf)) = current.take() {
+        flush(&sink, i, buf, &mut stats).await?;
+        next_untouched = i + 1;
+    }
+    fill_untouched(&sink, parent.is_some(), next_untouched, count, &mut stats).await?;
+    let (status, stderr) = proc.wait().await?;
+    if status != 0 {
+        return Err(Error::new(
+            ErrorKind::Remote,
+            format!(
+                "rbd export-diff {pool}/{image}@{snap} failed: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            ),
+        ));
+    }
+    progress.event(Event::DiskDone {
+        disk: disk.to_string(),
+    });
+    Ok(stats)
+}
+
+fn diff_err(e: crate::rbd_diff::DiffError) -> Error {
+    Error::new(ErrorKind::DataPath, e.to_string())
+}
+
+async fn flush(
+    sink: &Arc<dyn ChunkSink>,
+    index: u64,
+    buf: BytesMut,
+    stats: &mut ExportStats,
+) -> Result<()> {
+    stats.data_chunks += 1;
+    sink.data_chunk(index, buf.freeze()).await
+}
+
+/// Chunks `from..to` that the diff did not mention: zeros in a full, unchanged otherwise.
+async fn fill_untouched(
+    sink: &Arc<dyn ChunkSink>,
+    incremental: bool,
+    from: u64,
+    to: u64,
+    stats: &mut ExportStats,
+) -> Result<()> {
+    if incremental {
+        return Ok(());
+    }
+    for i in from..to {
+        sink.zero_chunk(i).await?;
+        stats.zero_chunks += 1;
+    }
+    Ok(())
+}
+
+/// Creates `pool/image` and writes the disk's data extents into it through
+/// `rbd import-diff` (zeros stay unallocated).
+pub async fn restore_image(
+    host: &Host,
+    ceph: &CephArgs,
+    pool: &str,
+    image: &str,
+    reader: &virtkeep_repo::DiskReader,
+    size: u64,
+    progress: &Arc<dyn Progress>,
+    disk: &str,
+) -> Result<u64> {
+    host.run(&ceph.create(pool, image, size))
+        .await
+        .map_err(|e| e.context(format!("creating RBD image {pool}/{image}")))?;
+    let spec = format!("{pool}/{image}");
+    let mut proc = host
+        .session()
+        .spawn(&ceph.rbd(&["import-diff", "--no-progress", "-"]).arg(&spec))
+        .await?;
+    let mut w = DiffWriter::new(&mut proc.stdin, size)
+        .await
+        .map_err(io("rbd import-diff"))?;
+    let chunk = reader.index().chunk_size;
+    let mut written = 0u64;
+    for i in 0..reader.index().chunk_count() {
+        let Some(data) = reader.read_chunk(i).await? else {
+            continue;
+        };
+        for extent in virtkeep_repo::split_zero_runs(i * chunk, Bytes::clone(&data)) {
+            if let virtkeep_repo::Extent::Data { offset, bytes } = extent {
+                w.data(offset, &bytes)
+                    .await
+                    .map_err(io("rbd import-diff"))?;
+                written += bytes.len() as u64;
+                progress.event(Event::DiskBytes {
+                    disk: disk.to_string(),
+                    bytes: bytes.len() as u64,
+                });
+            }
+        }
+    }
+    w.finish().await.map_err(io("rbd import-diff"))?;
+    proc.stdin.shutdown().await.map_err(io("rbd import-diff"))?;
+    let (status, stderr) = proc.wait().await?;
+    if status != 0 {
+        return Err(Error::new(
+            ErrorKind::Remote,
+            format!(
+                "rbd import-diff into {spec} failed: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            ),
+        ));
+    }
+    Ok(written)
+}
+
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |e| Error::new(ErrorKind::DataPath, format!("{what}: {e}"))
+}
+
+pub async fn image_exists(host: &Host, ceph: &CephArgs, pool: &str, image: &str) -> Result<bool> {
+    Ok(host.exec(&ceph.info_json(pool, image)).await?.status == 0)
+}
+
+/// Whether libvirt on the host has the secret a restored RBD disk refers to.
+pub async fn secret_exists(host: &Host, uuid: &str) -> Result<bool> {
+    let out = host
+        .exec(&host.virsh().command("secret-dumpxml").arg(uuid))
+        .await?;
+    Ok(out.status == 0)
+}
+
+/// Per RBD disk (by target): the backup id and kept snapshot an incremental builds on.
+pub type Bases = std::collections::BTreeMap<String, (String, String)>;
+
+pub async fn image_size(host: &Host, ceph: &CephArgs, pool: &str, image: &str) -> Result<u64> {
+    let out = host.run_string(&ceph.info_json(pool, image)).await?;
+    Ok(virtkeep_libvirt::parse::parse_rbd_info_json(&out)
+        .map_err(|e| Error::new(ErrorKind::Remote, format!("rbd info {pool}/{image}: {e}")))?
+        .size)
+}
+
+/// The bases of this VM's RBD disks: the snapshot the newest backup kept, when it is
+/// still on the image, still recorded as its base, and the image has the same size.
+pub async fn bases(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    vm: &crate::vm::Vm,
+    plan: &crate::backup::Plan,
+    mode: crate::backup::ModeRequest,
+) -> Result<Bases> {
+    let mut out = Bases::new();
+    if mode == crate::backup::ModeRequest::Full || plan.disks.iter().all(|d| d.rbd.is_none()) {
+        return Ok(out);
+    }
+    let mut snaps = repo.snapshots().await?;
+    snaps.retain(|s| s.host == host.name && s.vm == vm.name);
+    snaps.sort_by_key(|s| s.time);
+    let Some(last) = snaps.last() else {
+        return Ok(out);
+    };
+    let manifest = repo.manifest(&last.id).await?;
+    let ceph = ceph(host)?;
+    for d in &plan.disks {
+        let Some((pool, image)) = &d.rbd else {
+            continue;
+        };
+        let Some(snap) = manifest.extra["rbd"][&d.target].as_str() else {
+            continue;
+        };
+        let Some(old) = manifest.disks.iter().find(|m| m.spec.target == d.target) else {
+            continue;
+        };
+        if old.spec.source != format!("{pool}/{image}")
+            || old.spec.size != image_size(host, &ceph, pool, image).await?
+        {
+            continue;
+        }
+        if recorded_base(host, &ceph, pool, image).await.as_deref() != Some(snap) {
+            continue;
+        }
+        if snapshots(host, &ceph, pool, image)
+            .await?
+            .iter()
+            .any(|s| s == snap)
+        {
+            out.insert(d.target.clone(), (manifest.id.clone(), snap.to_string()));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,224 @@
+//! Ceph RBD disks on the lab's Ceph: rbd snapshots, export-diff fulls and incrementals,
+//! snapshot housekeeping, import-diff restores, and a VM mixing a file and an RBD disk.
+
+use virtkeep_lab::{TestVm, rbd_checksum, remove_rbd_image, unique_name};
+
+use crate::harness::{HOST, Node, restored_checksum};
+
+const MIB: u64 = 1 << 20;
+
+fn virtkeep_snaps(vm: &TestVm) -> Vec<String> {
+    vm.leftovers()
+        .rbd_snapshots
+        .into_iter()
+        .filter(|s| s.contains("@virtkeep-") || s.starts_with("virtkeep-"))
+        .collect()
+}
+
+/// Restores `id` under a new name; returns (target → checksum) and cleans up.
+fn restore_sums(node: &Node, id: &str, extra: &[&str]) -> Vec<(String, String)> {
+    let new_name = unique_name("rbd-restored");
+    let restored = TestVm::adopt(&new_name);
+    let mut args = vec![
+        "restore",
+        id,
+        "--to",
+        HOST,
+        "--name",
+        new_name.as_str(),
+        "--define",
+    ];
+    args.extend_from_slice(extra);
+    let out = node.json(&args);
+    let mut sums = Vec::new();
+    let mut images = Vec::new();
+    for d in out["disks"].as_array().expect("disks") {
+        let target = d["target"].as_str().expect("t").to_string();
+        let path = d["path"].as_str().expect("p");
+        let sum = match path.strip_prefix("rbd:") {
+            Some(spec) => {
+                let image = spec
+                    .split_once('/')
+                    .map(|(_, i)| i)
+                    .unwrap_or(spec)
+                    .to_string();
+                let s = rbd_checksum(&image);
+                images.push(image);
+                s
+            }
+            None => restored_checksum(path, d["format"].as_str().expect("f")),
+        };
+        sums.push((target, sum));
+    }
+    drop(restored);
+    for image in images {
+        remove_rbd_image(node.lab, &image);
+    }
+    sums
+}
+
+#[test]
+fn rbd_full_incremental_and_snapshot_housekeeping() {
+    let node = Node::new();
+    let vm = TestVm::builder("rbd")
+        .rbd_disk(32 * MIB)
+        .rbd_disk(16 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x71, 0, 4 * MIB);
+    vm.write_pattern("vdb", 0x72, 8 * MIB, 2 * MIB);
+    let first = vec![
+        ("vda".to_string(), vm.disk_checksum("vda")),
+        ("vdb".to_string(), vm.disk_checksum("vdb")),
+    ];
+
+    let full = node.backup(&vm.name, &[]);
+    assert_eq!(full["mode"], "full", "{full}");
+    assert_eq!(
+        virtkeep_snaps(&vm).len(),
+        2,
+        "one kept snapshot per image: {:?}",
+        vm.leftovers()
+    );
+    let full_read: u64 = full["disks"]
+        .as_array()
+        .expect("d")
+        .iter()
+        .map(|d| d["bytes_read"].as_u64().expect("n"))
+        .sum();
+    assert!(
+        full_read >= 6 * MIB && full_read < 16 * MIB,
+        "export-diff sends only allocated data: {full_read}"
+    );
+
+    vm.write_pattern("vda", 0x73, 20 * MIB, MIB);
+    let second = vec![
+        ("vda".to_string(), vm.disk_checksum("vda")),
+        ("vdb".to_string(), vm.disk_checksum("vdb")),
+    ];
+    let inc = node.backup(&vm.name, &[]);
+    assert_eq!(inc["mode"], "incremental", "{}", inc["reason"]);
+    let inc_read: u64 = inc["disks"]
+        .as_array()
+        .expect("d")
+        .iter()
+        .map(|d| d["bytes_read"].as_u64().expect("n"))
+        .sum();
+    assert!(
+        inc_read >= MIB && inc_read <= 4 * MIB + MIB,
+        "incremental read {inc_read}"
+    );
+    let snaps = virtkeep_snaps(&vm);
+    assert_eq!(
+        snaps.len(),
+        2,
+        "still exactly one virtkeep snapshot per image: {snaps:?}"
+    );
+
+    assert_eq!(
+        restore_sums(&node, inc["id"].as_str().expect("id"), &[]),
+        second
+    );
+    assert_eq!(
+        restore_sums(&node, full["id"].as_str().expect("id"), &[]),
+        first
+    );
+
+    // Without an incremental schedule (--mode full) no snapshot is left behind.
+    node.backup(&vm.name, &["--mode", "full"]);
+    assert!(virtkeep_snaps(&vm).is_empty(), "{:?}", vm.leftovers());
+    // And the next auto backup says why it is full.
+    let again = node.backup(&vm.name, &[]);
+    assert_eq!(again["mode"], "full");
+}
+
+#[test]
+fn qcow2_and_rbd_disks_share_one_instant_and_restore() {
+    let node = Node::new();
+    let vm = TestVm::builder("mixed")
+        .qcow2_disk(16 * MIB)
+        .rbd_disk(16 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x81, 0, 2 * MIB);
+    vm.write_pattern("vdb", 0x82, MIB, 2 * MIB);
+    let sums = vec![
+        ("vda".to_string(), vm.disk_checksum("vda")),
+        ("vdb".to_string(), vm.disk_checksum("vdb")),
+    ];
+    let r = node.backup(&vm.name, &[]);
+    assert_eq!(r["method"], "live_snapshot");
+    assert!(vm.is_running());
+    let l = vm.leftovers();
+    assert!(
+        l.overlay_files.is_empty() && l.snapshots.is_empty(),
+        "{l:?}"
+    );
+    // Restored under a new name into the pool, the VM with its RBD disk starts.
+    let new_name = unique_name("mixed-restored");
+    let restored = TestVm::adopt(&new_name);
+    let out = node.json(&[
+        "restore",
+        r["id"].as_str().expect("id"),
+        "--to",
+        HOST,
+        "--name",
+        &new_name,
+        "--start",
+    ]);
+    assert_eq!(out["started"], true);
+    let mut got = Vec::new();
+    let mut images = Vec::new();
+    for d in out["disks"].as_array().expect("disks") {
+        let path = d["path"].as_str().expect("p");
+        let sum = match path.strip_prefix("rbd:") {
+            Some(spec) => {
+                let image = spec
+                    .split_once('/')
+                    .map(|(_, i)| i)
+                    .unwrap_or(spec)
+                    .to_string();
+                images.push(image.clone());
+                rbd_checksum(&image)
+            }
+            None => restored_checksum(path, d["format"].as_str().expect("f")),
+        };
+        got.push((d["target"].as_str().expect("t").to_string(), sum));
+    }
+    assert_eq!(got, sums);
+    let xml = node.lab.virsh(&["dumpxml", &new_name]);
+    assert!(
+        xml.contains(&node.lab.ceph_secret_uuid),
+        "auth secret kept:\n{xml}"
+    );
+    drop(restored);
+    for image in images {
+        remove_rbd_image(node.lab, &image);
+    }
+}
+
+#[test]
+fn rbd_killed_mid_export_then_cleanup_keeps_only_the_base() {
+    let node = Node::new();
+    let vm = TestVm::builder("rbd-kill")
+        .rbd_disk(64 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x91, 0, 2 * MIB);
+    node.backup(&vm.name, &[]);
+    let base = virtkeep_snaps(&vm);
+    assert_eq!(base.len(), 1);
+    vm.write_pattern("vda", 0x92, 8 * MIB, 40 * MIB);
+    crate::failures::kill_backup_when(&node, &vm.name, &[], "disk transfer starts");
+    node.json(&["cleanup", HOST]);
+    assert_eq!(
+        virtkeep_snaps(&vm),
+        base,
+        "cleanup keeps the recorded base only"
+    );
+    assert!(vm.is_running());
+    let sum = vec![("vda".to_string(), vm.disk_checksum("vda"))];
+    let r = node.backup(&vm.name, &[]);
+    assert_eq!(r["mode"], "incremental", "{}", r["reason"]);
+    assert_eq!(restore_sums(&node, r["id"].as_str().expect("id"), &[]), sum);
+}
