@@ -478,18 +478,17 @@ async fn export_all(
             transport = Transport::Stream;
         }
     }
-    if transport == Transport::Stream {
-        if let Some(d) = plan
+    if transport == Transport::Stream
+        && let Some(d) = plan
             .disks
             .iter()
             .find(|d| d.format != "raw" && d.rbd.is_none())
-        {
-            return Err(Error::unsupported(format!(
-                "disk {} is {}: without qemu-nbd only raw images can be streamed",
-                d.target, d.format
-            ))
-            .hint("install qemu-nbd on the host (Debian: qemu-utils, RHEL: qemu-img)"));
-        }
+    {
+        return Err(Error::unsupported(format!(
+            "disk {} is {}: without qemu-nbd only raw images can be streamed",
+            d.target, d.format
+        ))
+        .hint("install qemu-nbd on the host (Debian: qemu-utils, RHEL: qemu-img)"));
     }
     let writer = repo.begin_backup(meta).await?;
     let mut stats = Vec::new();
@@ -885,7 +884,7 @@ mod tests {
             DomainState::ShutOff,
             &opts(&["vdz"]),
         )
-        .unwrap_err();
+        .expect_err("refused");
         assert_eq!(err.kind, ErrorKind::Config);
     }
 
@@ -895,7 +894,7 @@ mod tests {
     #[test]
     fn xen_choices() {
         let hvm = fixture("xen-hvm.xml");
-        let err = plan_backup(&hvm, DomainState::Running, &opts(&[])).unwrap_err();
+        let err = plan_backup(&hvm, DomainState::Running, &opts(&[])).expect_err("refused");
         assert_eq!(err.kind, ErrorKind::Unsupported);
         assert!(
             err.hint
@@ -903,7 +902,7 @@ mod tests {
                 .is_some_and(|h| h.contains("shut the domain down"))
         );
 
-        let err = plan_backup(&hvm, DomainState::ShutOff, &opts(&["hdb"])).unwrap_err();
+        let err = plan_backup(&hvm, DomainState::ShutOff, &opts(&["hdb"])).expect_err("refused");
         assert!(err.message.contains("xvdc"), "{}", err.message);
 
         let plan = plan_backup(&hvm, DomainState::ShutOff, &opts(&["hdb", "xvdc"])).expect("plan");
@@ -919,7 +918,7 @@ mod tests {
         assert!(plan.skipped.iter().any(|s| s.target == "fda"));
 
         let pv = fixture("xen-pv.xml");
-        let err = plan_backup(&pv, DomainState::ShutOff, &opts(&[])).unwrap_err();
+        let err = plan_backup(&pv, DomainState::ShutOff, &opts(&[])).expect_err("refused");
         assert_eq!(err.kind, ErrorKind::Unsupported);
     }
 }

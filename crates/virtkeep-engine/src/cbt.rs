@@ -64,8 +64,10 @@ pub async fn latest_record(
     snaps.sort_by_key(|s| s.time);
     if let Some(last) = snaps.last() {
         let manifest = repo.manifest(&last.id).await?;
-        if let Some(rec) = manifest.extra.get("cbt").cloned() {
-            if let Ok(record) = serde_json::from_value::<CbtRecord>(rec) {
+        if let Some(rec) = manifest.extra.get("cbt").cloned()
+            && let Ok(record) = serde_json::from_value::<CbtRecord>(rec)
+        {
+            {
                 return Ok(Some(Base {
                     id: manifest.id,
                     record,

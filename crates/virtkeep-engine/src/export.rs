@@ -359,35 +359,6 @@ pub async fn export_disk(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::plan_chunks;
-    use virtkeep_nbd::{Mapped, MappedKind};
-
-    #[test]
-    fn data_extents_split_at_chunk_boundaries() {
-        let ex = [
-            Mapped {
-                offset: 0,
-                length: 10,
-                kind: MappedKind::Data,
-            },
-            Mapped {
-                offset: 10,
-                length: 90,
-                kind: MappedKind::Zero,
-            },
-            Mapped {
-                offset: 100,
-                length: 150,
-                kind: MappedKind::Data,
-            },
-        ];
-        let plan = plan_chunks(&ex, 300, 128);
-        assert_eq!(plan, vec![vec![(0, 10), (100, 28)], vec![(0, 122)], vec![]]);
-    }
-}
-
 /// The fallback for hosts without qemu-nbd: `dd` of a raw image through the SSH
 /// session. Every byte travels (no block status); all-zero chunks are still not stored.
 pub async fn export_stream(
@@ -469,4 +440,33 @@ pub async fn export_stream(
         disk: disk.to_string(),
     });
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_chunks;
+    use virtkeep_nbd::{Mapped, MappedKind};
+
+    #[test]
+    fn data_extents_split_at_chunk_boundaries() {
+        let ex = [
+            Mapped {
+                offset: 0,
+                length: 10,
+                kind: MappedKind::Data,
+            },
+            Mapped {
+                offset: 10,
+                length: 90,
+                kind: MappedKind::Zero,
+            },
+            Mapped {
+                offset: 100,
+                length: 150,
+                kind: MappedKind::Data,
+            },
+        ];
+        let plan = plan_chunks(&ex, 300, 128);
+        assert_eq!(plan, vec![vec![(0, 10), (100, 28)], vec![(0, 122)], vec![]]);
+    }
 }

@@ -275,7 +275,7 @@ pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
             .arg("-c")
             .arg(r#"command -v "$1""#)
             .arg("sh")
-            .arg(name.to_string())
+            .arg(name)
     };
     if host.config.sudo {
         add(

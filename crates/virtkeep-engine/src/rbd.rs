@@ -298,6 +298,7 @@ async fn fill_untouched(
 
 /// Creates `pool/image` and writes the disk's data extents into it through
 /// `rbd import-diff` (zeros stay unallocated).
+#[allow(clippy::too_many_arguments)]
 pub async fn restore_image(
     host: &Host,
     ceph: &CephArgs,

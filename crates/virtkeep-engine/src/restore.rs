@@ -256,8 +256,10 @@ pub async fn restore(
                             DiskSource::Network { auth: Some(a), .. } => a.secret_uuid.clone(),
                             _ => None,
                         });
-                    if let Some(uuid) = secret {
-                        if !crate::rbd::secret_exists(host, &uuid).await? {
+                    if let Some(uuid) = secret
+                        && !crate::rbd::secret_exists(host, &uuid).await?
+                    {
+                        {
                             return Err(Error::conflict(format!(
                                 "disk {} authenticates with libvirt secret {uuid}, which host {} does not have",
                                 m.spec.target, host.name
@@ -424,8 +426,10 @@ pub async fn restore(
         define(host, &name, &xml).await?;
         let found = host.run_string(&host.virsh().domuuid(&name)).await?;
         uuid = Some(found.trim().to_string());
-        if opts.start {
-            if let Some(u) = &uuid {
+        if opts.start
+            && let Some(u) = &uuid
+        {
+            {
                 host.run(&host.virsh().start(u)).await?;
                 started_vm = true;
             }

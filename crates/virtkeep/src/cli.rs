@@ -54,7 +54,7 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum HostCommand {
     /// Add (or update) a host in the configuration
-    Add(HostAddArgs),
+    Add(Box<HostAddArgs>),
     /// Show the host's key fingerprint and pin it in the known_hosts file
     Trust(HostTrustArgs),
     /// Preflight: tools, versions, permissions, each with pass/fail and the fix

@@ -19,7 +19,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::load(cli.config.as_deref())?;
     let json = cli.json;
     match cli.command {
-        Command::Host(HostCommand::Add(args)) => host_add(&mut settings, args, json),
+        Command::Host(HostCommand::Add(args)) => host_add(&mut settings, *args, json),
         Command::Host(HostCommand::Trust(args)) => host_trust(&settings, args, json).await,
         Command::Host(HostCommand::Check { name }) => host_check(&settings, &name, json).await,
         Command::Host(HostCommand::List) => host_list(&settings, json),
@@ -69,17 +69,16 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
             .hint("give --identity KEYFILE, --password-env VAR (the variable's name, not the password) or --agent")
             .into());
     }
-    if let Some(id) = &args.identity {
-        if !id.exists() {
-            return Err(
-                EngineError::config(format!("key file {} does not exist", id.display())).into(),
-            );
-        }
+    if let Some(id) = &args.identity
+        && !id.exists()
+    {
+        return Err(
+            EngineError::config(format!("key file {} does not exist", id.display())).into(),
+        );
     }
-    let identity = match args.identity {
-        Some(p) => Some(std::fs::canonicalize(&p).unwrap_or(p)),
-        None => None,
-    };
+    let identity = args
+        .identity
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
     let host = HostConfig {
         address,
         port,
@@ -268,7 +267,7 @@ fn host_list(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
 
 async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let names: Vec<String> = match only {
-        Some(h) => vec![settings.config.host(h)?; 1]
+        Some(h) => [settings.config.host(h)?; 1]
             .iter()
             .map(|_| h.to_string())
             .collect(),
@@ -548,7 +547,9 @@ async fn restore_cmd(
         Some(o) => match o.split_once(':') {
             Some((u, g)) if !u.is_empty() && !g.is_empty() => Some((u.to_string(), g.to_string())),
             _ => {
-                return Err(EngineError::config(format!("--owner {o}: expected USER:GROUP")).into());
+                return Err(
+                    EngineError::config(format!("--owner {o}: expected USER:GROUP")).into(),
+                );
             }
         },
     };

@@ -99,15 +99,15 @@ impl Settings {
             s3_endpoint: None,
             s3_region: None,
         });
-        if let Some(loc) = &args.repo {
-            if *loc != rc.location {
-                rc = RepositoryConfig {
-                    location: loc.clone(),
-                    key_file: None,
-                    passphrase_env: None,
-                    ..rc
-                };
-            }
+        if let Some(loc) = &args.repo
+            && *loc != rc.location
+        {
+            rc = RepositoryConfig {
+                location: loc.clone(),
+                key_file: None,
+                passphrase_env: None,
+                ..rc
+            };
         }
         if args.key_file.is_some() {
             rc.key_file = args.key_file.clone();

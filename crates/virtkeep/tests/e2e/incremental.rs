@@ -156,7 +156,7 @@ fn broken_chains_fall_back_to_full_with_the_reason() {
     );
     assert_eq!(
         restore_and_sum(&node, r["id"].as_str().expect("id"), &["vda"]),
-        [sum.clone()]
+        std::slice::from_ref(&sum)
     );
 
     // The bitmap vanished from the image (disk replaced while the VM was off).
