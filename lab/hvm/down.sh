@@ -45,7 +45,7 @@ for pid in $(hvm_all_pids); do
   hvm_pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null
   hlog "stopped qemu pid $pid"
 done
-[[ -n $pids ]] || hlog "not running"
+if [[ -n $pids ]]; then hlog "stopped (qemu pid ${pids//$'\n'/ })"; else hlog "not running"; fi
 rm -rf "$HVM_RUN_DIR" "$HVM_STATE_DIR"
 if ((PURGE)); then
   rm -rf --one-file-system "$HVM_CACHE_ROOT"

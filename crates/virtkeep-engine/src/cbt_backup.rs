@@ -176,7 +176,13 @@ pub async fn run(
             return Err(e);
         }
     };
-    match cbt::prune_checkpoints(host, &vm.uuid, &checkpoint).await {
+    // Without incrementals (--mode full) no checkpoint stays behind, as with RBD.
+    let keep = if opts.mode == ModeRequest::Full {
+        ""
+    } else {
+        checkpoint.as_str()
+    };
+    match cbt::prune_checkpoints(host, &vm.uuid, keep).await {
         Ok(removed) if !removed.is_empty() => {
             tracing::info!(vm = %vm.name, ?removed, "older virtkeep checkpoints deleted")
         }

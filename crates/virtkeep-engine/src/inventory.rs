@@ -133,7 +133,12 @@ pub async fn list_vms(host: &Host) -> Result<Vec<VmInfo>> {
     let uuids = host.run_string(&crate::heal::list_all_uuids(host)).await?;
     let mut vms = Vec::new();
     for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let vm = Vm::load(host, uuid).await?;
+        let vm = match Vm::load(host, uuid).await {
+            Ok(vm) => vm,
+            // Undefined between the listing and now.
+            Err(_) if host.exec(&host.virsh().domuuid(uuid)).await?.status != 0 => continue,
+            Err(e) => return Err(e),
+        };
         let sizes = block_sizes(host, uuid).await;
         let mut disks = Vec::new();
         for d in &vm.domain.disks {

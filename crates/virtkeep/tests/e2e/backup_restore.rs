@@ -210,7 +210,7 @@ fn excluded_disk_and_hooks() {
     let log = std::fs::read_to_string(&marker).expect("hooks ran");
     assert_eq!(log, format!("pre {}\npost\n", vm.name));
     let _ = std::fs::remove_file(&marker);
-    assert!(vm.leftovers().is_empty());
+    crate::harness::assert_only_incremental_base(&vm);
 
     let new_name = unique_name("excl-restored");
     let restored = TestVm::adopt(&new_name);
@@ -251,13 +251,13 @@ fn netcat_and_stream_transports() {
 
     let r = node.backup(&vm.name, &["--transport", "netcat"]);
     let id = r["id"].as_str().expect("id").to_string();
-    assert!(vm.leftovers().is_empty());
+    crate::harness::assert_only_incremental_base(&vm);
 
     let spec = format!("{HOST}/{}", vm.name);
     let out = node.run(&["backup", &spec, "--transport", "stream"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-nbd"));
-    assert!(vm.leftovers().is_empty());
+    crate::harness::assert_only_incremental_base(&vm);
 
     let s = node.backup(
         &vm.name,
@@ -268,7 +268,7 @@ fn netcat_and_stream_transports() {
         16 * MIB,
         "the stream reads every byte"
     );
-    assert!(vm.leftovers().is_empty());
+    crate::harness::assert_only_incremental_base(&vm);
 
     for (backup, targets) in [
         (id.as_str(), vec!["vda", "vdb"]),

@@ -118,3 +118,19 @@ impl Node {
 pub fn restored_checksum(path: &str, format: &str) -> String {
     virtkeep_lab::file_checksum(Path::new(path), format)
 }
+
+/// Nothing of a backup is left on the host but what the next incremental needs: at most
+/// one virtkeep checkpoint (qcow2 with the backup API) or one virtkeep snapshot per RBD image.
+pub fn assert_only_incremental_base(vm: &virtkeep_lab::TestVm) {
+    let l = vm.leftovers();
+    assert!(
+        l.overlay_files.is_empty() && l.snapshots.is_empty(),
+        "leftovers: {l:?}"
+    );
+    let ours: Vec<&String> = l
+        .checkpoints
+        .iter()
+        .filter(|c| c.starts_with("virtkeep-"))
+        .collect();
+    assert!(ours.len() <= 1, "more than one virtkeep checkpoint: {l:?}");
+}

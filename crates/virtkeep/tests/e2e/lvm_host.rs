@@ -331,6 +331,7 @@ fn lvm_leftover_snapshots_are_removed_with_their_readers() {
     );
     rt.block_on(lvm::remove_snapshots(&host, &kept))
         .expect("remove");
+    let _ = h.try_ssh(&format!("rm -f {pid_file} /run/{}.nbd.sock", vm.name));
 }
 
 /// Restore targets: `create_lv` makes thick and thin LVs, refuses an existing one and a

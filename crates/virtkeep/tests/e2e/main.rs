@@ -8,4 +8,5 @@ mod backup_restore;
 mod failures;
 mod hosts;
 mod incremental;
+mod lvm_host;
 mod rbd;
