@@ -67,17 +67,70 @@ virsh -c "$VK_LIBVIRT_URI" qemu-monitor-command --domain "$DEMO_VM" --hmp \
   'qemu-io -d /machine/peripheral/ua-vda/virtio-backend "write -P 0xab 0 4M"' >/dev/null
 virsh -c "$VK_LIBVIRT_URI" qemu-monitor-command --domain "$DEMO_VM" --hmp \
   'qemu-io -d /machine/peripheral/ua-vdb/virtio-backend "write -P 0xcd 1M 2M"' >/dev/null
+# Flush, so that reading the image files from outside QEMU sees what the guest wrote.
+for dev in ua-vda ua-vdb; do
+  virsh -c "$VK_LIBVIRT_URI" qemu-monitor-command --domain "$DEMO_VM" --hmp \
+    "qemu-io -d /machine/peripheral/$dev/virtio-backend flush" >/dev/null
+done
 
-SSH=(ssh -F /dev/null -p "$VK_SSH_PORT" -i "$VK_SSH_KEY" -o IdentitiesOnly=yes
-  -o StrictHostKeyChecking=yes -o "UserKnownHostsFile=$VK_SSH_KNOWN_HOSTS"
-  -o GlobalKnownHostsFile=/dev/null -o BatchMode=yes "$VK_SSH_USER@$VK_SSH_HOST")
+# Guest-visible content of a disk image, as a hash (also while the VM runs).
+disk_sum() { # FILE FORMAT
+  local tmp
+  tmp=$(mktemp /var/tmp/vkt-demo-sum-XXXXXX)
+  qemu-img convert -U -f "$2" -O raw "$1" "$tmp"
+  sha256sum "$tmp" | cut -d' ' -f1
+  rm -f "$tmp"
+}
 
 # ---------------------------------------------------------------- main job
-# The node looks at the hypervisor host over SSH (strict host keys, the lab key).
-# (The backup/restore issue replaces this section with: virtkeep host add/trust,
-#  repo init, backup lab/vkt-demo, restore --name ..., compare checksums.)
-step "main job: virsh list --all on $VK_SSH_USER@$VK_SSH_HOST:$VK_SSH_PORT over SSH"
-"${SSH[@]}" "virsh -c $VK_LIBVIRT_URI list --all"
-"${SSH[@]}" "virsh -c $VK_LIBVIRT_URI domblklist --domain $DEMO_VM"
-echo "virtkeep binary: $VIRTKEEP" >&2
-echo "done; the lab stays up (lab/down.sh removes it)" >&2
+# virtkeep on its embedded defaults: the config file and the repository live in the
+# node user's XDG dirs (here a demo directory, so a real configuration is left alone).
+DEMO_DIR=/var/tmp/virtkeep-demo
+rm -rf "$DEMO_DIR"
+export XDG_CONFIG_HOME=$DEMO_DIR/config XDG_DATA_HOME=$DEMO_DIR/data
+vk() { "$VIRTKEEP" "$@"; }
+
+step "main job: add the hypervisor host (root@$VK_SSH_HOST:$VK_SSH_PORT, key auth)"
+vk host add lab --ssh "$VK_SSH_USER@$VK_SSH_HOST:$VK_SSH_PORT" --identity "$VK_SSH_KEY" \
+  --ceph-conf "$VK_CEPH_CONF" --ceph-id "$VK_CEPH_ID" --ceph-keyring "$VK_CEPH_KEYRING"
+
+step "main job: pin the host key (the fingerprint an admin reads on the host's console)"
+fingerprint=$(ssh-keygen -lf "$VK_SSH_HOSTKEY_ED25519_PUB" | cut -d' ' -f2)
+vk host trust lab --fingerprint "$fingerprint"
+
+step "main job: preflight"
+vk host check lab
+
+step "main job: create the repository (embedded default location)"
+vk repo init
+
+step "main job: the VMs on the host"
+vk vm list lab
+
+sums_before=("$(disk_sum "$DEMO_QCOW2" qcow2)" "$(disk_sum "$DEMO_RAW" raw)")
+step "main job: back up the running VM over SSH"
+vk backup lab/vkt-demo
+# The guest keeps writing after the snapshot instant; the restore must not show it.
+virsh -c "$VK_LIBVIRT_URI" qemu-monitor-command --domain "$DEMO_VM" --hmp \
+  'qemu-io -d /machine/peripheral/ua-vda/virtio-backend "write -P 0xee 0 1M"' >/dev/null
+vk snapshots
+id=$(vk --json snapshots | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+
+step "main job: restore backup $id as vkt-demo-restored and start it"
+virsh -c "$VK_LIBVIRT_URI" destroy --domain vkt-demo-restored >/dev/null 2>&1 || true
+virsh -c "$VK_LIBVIRT_URI" undefine --domain vkt-demo-restored >/dev/null 2>&1 || true
+rm -f "$VK_POOL_DIR"/vkt-demo-restored-*
+vk restore "$id" --to lab --name vkt-demo-restored --start
+
+step "main job: verify"
+vk verify --all
+sums_after=("$(disk_sum "$VK_POOL_DIR/vkt-demo-restored-vda.qcow2" qcow2)" "$(disk_sum "$VK_POOL_DIR/vkt-demo-restored-vdb.img" raw)")
+for i in 0 1; do
+  if [[ ${sums_before[$i]} != "${sums_after[$i]}" ]]; then
+    echo "FAILED: restored disk $i differs from the snapshot instant" >&2
+    exit 1
+  fi
+done
+virsh -c "$VK_LIBVIRT_URI" domstate --domain vkt-demo-restored
+echo "OK: both restored disks equal the source at the snapshot instant; vkt-demo-restored runs" >&2
+echo "(the lab stays up; lab/down.sh removes everything, $DEMO_DIR holds the demo's config and repository)" >&2
