@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034 # globals (T_*, NET_*, WL_*) are read by the scripts that source this
 # Helpers for bench/*.sh. Sourced, never executed.
 
 BENCH_DIR=${BENCH_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
@@ -97,4 +98,197 @@ for line in open(path, errors="replace"):
         t2 = ts(line) or t2
 print("%.3f" % (t2 - t1).total_seconds() if t1 and t2 else "nan")
 PY
+}
+
+# ---------------------------------------------------------------- bytes over SSH
+# Independent of virtkeep's own counters (bench/incremental.sh, bench/rbd.sh).
+# The lab sshd (LogLevel VERBOSE) logs "Transferred: sent S, received R bytes" when a
+# connection closes: SSH-layer bytes (packets with padding and MAC, key exchange and
+# auth included) per connection. sshd_mark gives the log offset before a run;
+# sshd_transferred OFFSET prints "CONNECTIONS SENT RECEIVED" summed over every
+# connection that closed since then (all clients of the lab sshd: on a shared lab,
+# other people's tests too).
+sshd_mark() { stat -c %s "${VK_LAB_DIR:-/tmp/virtkeep-lab}/ssh/sshd.log" 2>/dev/null || echo 0; }
+sshd_transferred() {
+  tail -c +$(($1 + 1)) "${VK_LAB_DIR:-/tmp/virtkeep-lab}/ssh/sshd.log" 2>/dev/null |
+    awk '/^Transferred: sent [0-9]+, received [0-9]+ bytes/ {s += $3 + 0; r += $5 + 0; n++}
+         END {printf "%d %.0f %.0f\n", n, s, r}'
+}
+# rx bytes of the loopback interface (/proc/net/dev; lo counts every packet once in rx,
+# both directions, IP+TCP headers included, and everything on lo: Ceph too)
+lo_bytes() { awk -F'[: ]+' '/^ *lo:/ {print $3}' /proc/net/dev; }
+
+# net_timed NAME CMD...: timed (above) plus the bytes over SSH of the run.
+# Sets NET_CONNS NET_SENT NET_RECV (sshd log, connections closed during the run + 1 s)
+# and LO_RAW (lo rx delta over the same window) and LO_WIN (window length, s).
+net_timed() {
+  local mark lo0 lo1 t0 rc=0
+  mark=$(sshd_mark)
+  lo0=$(lo_bytes)
+  t0=$EPOCHREALTIME
+  timed "$@" || rc=$?
+  sleep 1 # sshd logs "Transferred" right after the client closed
+  lo1=$(lo_bytes)
+  LO_WIN=$(calc "$EPOCHREALTIME - $t0")
+  LO_RAW=$((lo1 - lo0))
+  read -r NET_CONNS NET_SENT NET_RECV <<<"$(sshd_transferred "$mark")"
+  return $rc
+}
+# lo_idle_rate SECONDS: bytes/s on lo while nothing of ours runs (the noise to subtract)
+lo_idle_rate() {
+  local a b
+  a=$(lo_bytes)
+  sleep "$1"
+  b=$(lo_bytes)
+  calc "($b - $a) / $1"
+}
+
+# log_gaps LOG N: the N longest gaps between consecutive lines of a virtkeep log, with
+# the line that opens the gap (for sequential control-path steps: roughly how long the
+# remote command it names took). Shows where an incremental's fixed cost goes.
+log_gaps() {
+  python3 - "$1" "$2" <<'PY'
+import re, sys, datetime
+path, n = sys.argv[1], int(sys.argv[2])
+rows = []
+for line in open(path, errors="replace"):
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line).rstrip("\n")
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z\s*(.*)", line)
+    if not m:
+        continue
+    t = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")
+    t += datetime.timedelta(microseconds=int((m.group(2) or "0")[:6].ljust(6, "0")))
+    rows.append((t, m.group(3)))
+if not rows:
+    print("(no timestamped lines)")
+    sys.exit(0)
+gaps = []
+for (t1, text), (t2, _) in zip(rows, rows[1:]):
+    gaps.append(((t2 - t1).total_seconds(), text))
+total = (rows[-1][0] - rows[0][0]).total_seconds()
+print(f"first to last log line: {total:.3f} s, {len(rows)} lines")
+for g, text in sorted(gaps, key=lambda x: -x[0])[:n]:
+    print(f"{g:7.3f} s  {text[:220]}")
+PY
+}
+
+# ---------------------------------------------------------------- incremental workloads
+# workload_files DIR P: the data pieces of bench/incremental.sh and bench/rbd.sh in DIR:
+# head.bin/tail.bin (1 MiB random), rand1..4.bin (P random), rep.bin (a 4 MiB random
+# block repeated to P), text1..3.bin (P of log-like text, zstd -1 ~2.7x, as backup.sh).
+workload_files() {
+  local d=$1 u=$2 i
+  local mib=1048576
+  head -c $mib /dev/urandom >"$d/head.bin"
+  head -c $mib /dev/urandom >"$d/tail.bin"
+  for i in 1 2 3 4; do head -c "$u" /dev/urandom >"$d/rand$i.bin"; done
+  head -c $((4 * mib)) /dev/urandom >"$d/block4m"
+  for ((i = 0; i < u / (4 * mib); i++)); do cat "$d/block4m"; done >"$d/rep.bin"
+  python3 - "$d/pool.txt" <<'PY'
+import random, sys
+random.seed(20240501)
+words = ("the of and to in is was for on are as with his they at be this from have or by one had not but what all "
+         "were when we there can an your which their said if do will each about how up out them then she many some so "
+         "these would other into has more her two like him see time could no make than first been its who now people "
+         "my made over did down only way find use may water long little very after words called just where most know "
+         "get through back much before go good new write our used me man too any day same right look think also "
+         "around another came come work three word must because does part request response cache error warning").split()
+hosts = [f"node-{i:02d}.example.net" for i in range(40)]
+svcs = ["nginx", "sshd", "kernel", "systemd", "postgres", "app", "cron", "dockerd"]
+r = random.randint
+with open(sys.argv[1], "w") as f:
+    for _ in range(200000):
+        f.write(f"2025-{r(1,12):02d}-{r(1,28):02d}T{r(0,23):02d}:{r(0,59):02d}:{r(0,59):02d}.{r(0,999):03d}Z "
+                f"{random.choice(hosts)} {random.choice(svcs)}[{r(100,32000)}]: "
+                + " ".join(random.choices(words, k=r(4, 14)))
+                + f" id={random.getrandbits(48):012x} status={random.choice((200,200,200,204,301,404,500))} ms={r(0,2000)}\n")
+PY
+  shuf -r -n $((3 * u / 80)) "$d/pool.txt" | head -c $((3 * u)) >"$d/text.bin" || true
+  [[ $(stat -c %s "$d/text.bin") -eq $((3 * u)) ]] || bdie "text generation produced $(stat -c %s "$d/text.bin") bytes"
+  for i in 1 2 3; do
+    tail -c +$(((i - 1) * u + 1)) "$d/text.bin" | head -c "$u" >"$d/text$i.bin"
+  done
+  rm -f "$d/text.bin" "$d/pool.txt" "$d/block4m"
+}
+# workload_layout DISK U P: sets WL_LAYOUT ("file offset" lines) and WL_DATA (bytes):
+# the pieces of workload_files DIR P (P <= U) at offsets in units U = DISK/32:
+# 8 P + 2 MiB of data (~1/4 of the disk when P = U) spread over the disk, holes elsewhere.
+workload_layout() {
+  local disk=$1 u=$2 p=$3 mib=1048576
+  WL_LAYOUT=(
+    "head.bin 0"
+    "rand1.bin $((1 * u))"
+    "text1.bin $((4 * u + mib))"
+    "rand2.bin $((9 * u + 65536))"
+    "rep.bin $((13 * u))"
+    "text2.bin $((17 * u + 3 * mib))"
+    "rand3.bin $((21 * u))"
+    "text3.bin $((26 * u + 4096))"
+    "rand4.bin $((29 * u))"
+    "tail.bin $((disk - mib))"
+  )
+  WL_DATA=$((8 * p + 2 * mib))
+}
+
+# gen_changes MODE SEED DISK N: N non-overlapping writes ("offset length" lines) that
+# add up to ~1 % of DISK (N pieces of DISK/8192, one in each N-th of the disk at a
+# random place), on stdout. MODE aligned: offsets and lengths in 64 KiB units (the
+# dirty bitmap's granularity for 64 KiB qcow2 clusters); MODE unaligned: 4 KiB units,
+# lengths from 1/2 to 3/2 of the piece size (how a guest file system writes).
+# The last line is "# changed BYTES dirty64k BYTES" (dirty64k = the same writes
+# rounded out to 64 KiB granules: what a 64 KiB dirty bitmap marks).
+gen_changes() {
+  python3 - "$@" <<'PY'
+import random, sys
+mode, seed, disk, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rnd = random.Random(seed)
+piece = disk // 8192
+unit = 65536 if mode == "aligned" else 4096
+slot = disk // n
+out = []
+for i in range(n):
+    if mode == "aligned":
+        length = piece
+    else:
+        length = rnd.randrange(piece // 2, piece * 3 // 2 + 1, unit)
+    start = -(-i * slot // unit) * unit  # slot start rounded up to the unit
+    room = (i + 1) * slot - start - length
+    off = start + rnd.randrange(0, room // unit + 1) * unit
+    out.append((off, length))
+changed = sum(l for _, l in out)
+gran = set()
+for off, l in out:
+    for g in range(off // 65536, (off + l - 1) // 65536 + 1):
+        gran.add(g)
+for off, l in out:
+    print(off, l)
+print(f"# changed {changed} dirty64k {len(gran) * 65536}")
+PY
+}
+
+# hmp_writes DOM ALIAS PATTERN FILE: writes every "offset length" line of FILE with
+# byte PATTERN into the running domain's disk (qemu-io on the device through the HMP
+# monitor, as the lab's TestVm::write_pattern does), then flushes; waits until QEMU's
+# log confirms every write. virsh's URI from $VK_LIBVIRT_URI.
+hmp_writes() {
+  local dom=$1 alias=$2 pat=$3 file=$4 off len out n=0 log start want got i
+  local dev=/machine/peripheral/$alias/virtio-backend
+  log=/var/log/libvirt/qemu/$dom.log
+  start=$(stat -c %s "$log" 2>/dev/null || echo 0)
+  while read -r off len; do
+    [[ $off == "#" ]] && continue
+    out=$(virsh -q -c "$VK_LIBVIRT_URI" qemu-monitor-command --domain "$dom" --hmp \
+      "qemu-io -d $dev \"write -P $pat $off $len\"") || bdie "HMP qemu-io write failed on $dom"
+    [[ -z ${out//[[:space:]]/} ]] || bdie "HMP qemu-io write $off $len on $dom: $out"
+    n=$((n + 1))
+  done <"$file"
+  virsh -q -c "$VK_LIBVIRT_URI" qemu-monitor-command --domain "$dom" --hmp "qemu-io -d $dev \"flush\"" >/dev/null ||
+    bdie "HMP qemu-io flush failed on $dom"
+  want=$n
+  for ((i = 0; i < 150; i++)); do
+    got=$(tail -c +$((start + 1)) "$log" | grep -c 'wrote [0-9]*/[0-9]* bytes at offset' || true)
+    ((got >= want)) && return 0
+    sleep 0.1
+  done
+  bdie "QEMU's log confirms $got of $want writes on $dom"
 }

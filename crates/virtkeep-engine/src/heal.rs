@@ -94,14 +94,14 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
     // 2. Live disks on an overlay.
     if vm.state.is_active() {
         for (target, path) in file_sources(&vm.domain.disks) {
-            if overlay_base(&path).is_none() {
+            let Some(base) = overlay_base(&path) else {
                 continue;
-            }
+            };
             report.actions.push(format!(
-                "blockcommit {target} from {path} into its base and pivot"
+                "blockcommit {target} from {path} into {base} and pivot"
             ));
             if !dry_run {
-                commit_live_disk(host, vm_uuid, &target).await?;
+                commit_live_disk(host, vm_uuid, &target, base).await?;
             }
         }
     }
@@ -189,12 +189,18 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
     Ok(report)
 }
 
-/// Active commit of one disk back into its base, then pivot, also when a killed run
-/// left a commit job behind (then it is pivoted or aborted and done again).
-async fn commit_live_disk(host: &Host, uuid: &str, target: &str) -> Result<()> {
-    let out = host
-        .exec(&host.virsh().blockcommit_active_pivot(uuid, target))
-        .await?;
+/// Active commit of one disk into `base` (the image our overlay was put on, never
+/// further down: without `--base` libvirt flattens the whole chain, which for a linked
+/// clone writes the VM's data into the shared template), then pivot; also when a killed
+/// run left a commit job behind (then it is pivoted or aborted and done again).
+async fn commit_live_disk(host: &Host, uuid: &str, target: &str, base: &str) -> Result<()> {
+    let commit = || {
+        host.virsh()
+            .blockcommit_active_pivot(uuid, target)
+            .arg("--base")
+            .arg(base)
+    };
+    let out = host.exec(&commit()).await?;
     if out.status == 0 {
         return Ok(());
     }
@@ -213,9 +219,7 @@ async fn commit_live_disk(host: &Host, uuid: &str, target: &str) -> Result<()> {
     let _ = host
         .exec(&host.virsh().blockjob_abort(uuid, target))
         .await?;
-    let again = host
-        .exec(&host.virsh().blockcommit_active_pivot(uuid, target))
-        .await?;
+    let again = host.exec(&commit()).await?;
     if again.status == 0 {
         return Ok(());
     }
@@ -226,7 +230,7 @@ async fn commit_live_disk(host: &Host, uuid: &str, target: &str) -> Result<()> {
             String::from_utf8_lossy(&again.stderr).trim()
         ),
     )
-    .hint("the VM still runs on a virtkeep overlay, which is safe; run `virtkeep cleanup HOST` again, or `virsh blockcommit DOMAIN DISK --active --pivot` by hand"))
+    .hint("the VM still runs on a virtkeep overlay, which is safe; run `virtkeep cleanup HOST` again, or `virsh blockcommit DOMAIN DISK --active --pivot --base BASE` by hand"))
 }
 
 async fn backing_format(host: &Host, overlay: &str, base: &str) -> Result<String> {

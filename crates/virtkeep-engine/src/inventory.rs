@@ -343,50 +343,64 @@ pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
         "libvirt ≥ 7.2 with QEMU ≥ 6.0 enables dirty-bitmap incrementals",
         false,
     );
+    let (ok, detail) = probe(
+        host,
+        RemoteCommand::new("mkdir").arg("-p").arg(HOST_STATE_DIR),
+    )
+    .await;
     add(
         "state dir",
-        probe(
-            host,
-            RemoteCommand::new("mkdir").arg("-p").arg(HOST_STATE_DIR),
-        )
-        .await,
+        (
+            ok,
+            if ok {
+                HOST_STATE_DIR.to_string()
+            } else {
+                detail
+            },
+        ),
         &format!("virtkeep needs to create {HOST_STATE_DIR} (root or sudo)"),
         true,
     );
-    let (ok, detail) = probe(
-        host,
-        RemoteCommand::new("df")
-            .arg("-B1")
-            .arg("--output=avail")
-            .arg("/var/lib/libvirt/images"),
-    )
-    .await;
+    let df = RemoteCommand::new("df")
+        .arg("-B1")
+        .arg("--output=avail")
+        .arg("/var/lib/libvirt/images")
+        .pipe(RemoteCommand::new("tail").arg("-n1"));
+    let (ok, detail) = probe(host, df).await;
+    let detail = match detail.trim().parse::<u64>() {
+        Ok(n) => format!("{} free", human(n)),
+        Err(_) => detail,
+    };
     add(
         "free space for overlays (/var/lib/libvirt/images)",
         (ok, detail),
         "overlays go next to each disk; keep room for the writes made during a backup",
         false,
     );
-    let lvm = probe(
-        host,
-        RemoteCommand::new("lvs")
-            .arg("--reportformat")
-            .arg("json")
-            .arg("-o")
-            .arg("lv_name"),
-    )
-    .await;
+    let lvs = RemoteCommand::new("lvs")
+        .arg("--reportformat")
+        .arg("json")
+        .arg("-o")
+        .arg("lv_name");
+    let (ok, detail) = probe(host, lvs).await;
     add(
         "LVM reporting (lvs --reportformat json)",
-        lvm,
+        (ok, if ok { "available".to_string() } else { detail }),
         "update lvm2 (JSON reporting came with LVM 2.02.158, RHEL/CentOS 7.3)",
         false,
     );
     if let Some(ceph) = host.config.ceph_args() {
-        let (ok, detail) = probe(host, ceph.rbd(&["ls", "rbd"])).await;
+        let (ok, detail) = probe(host, ceph.rbd(&["pool", "ls"])).await;
         add(
             "rbd + Ceph auth",
-            (ok, detail),
+            (
+                ok,
+                if ok {
+                    "the cluster answers".to_string()
+                } else {
+                    detail
+                },
+            ),
             "check the host's ceph conf, id and keyring settings",
             false,
         );

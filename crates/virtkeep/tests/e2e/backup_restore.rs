@@ -287,3 +287,100 @@ fn netcat_and_stream_transports() {
         drop(restored);
     }
 }
+
+/// A linked clone (disk backed by a shared template): the backup commits its overlay into
+/// the VM's own disk, never into the template, and the restore is flattened.
+#[test]
+fn linked_clone_template_is_never_written() {
+    let node = Node::new();
+    let vm = TestVm::builder("clone")
+        .qcow2_disk(32 * MIB)
+        .raw_disk(8 * MIB)
+        .running(false)
+        .build();
+    let disk = vm.disk("vda").path.clone().expect("path");
+    let template = node
+        .lab
+        .pool_dir
+        .join(format!("{}-template.qcow2", vm.name));
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &template.display().to_string(),
+        "32M",
+    ]);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5e 0 8M"])
+        .arg(&template)
+        .output()
+        .expect("qemu-io");
+    assert!(out.status.success());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &template.display().to_string(),
+        "-F",
+        "qcow2",
+        &disk.display().to_string(),
+    ]);
+    let chown = format!("{}:{}", node.lab.qemu_user, node.lab.qemu_group);
+    for p in [&template, &disk] {
+        assert!(
+            std::process::Command::new("chown")
+                .arg(&chown)
+                .arg(p)
+                .status()
+                .expect("chown")
+                .success()
+        );
+    }
+    vm.start();
+    vm.write_pattern("vda", 0x6f, 4 * MIB, MIB);
+    let template_sum = virtkeep_lab::file_checksum(&template, "qcow2");
+    let sum = vm.disk_checksum("vda");
+    let before = vm.current_sources();
+
+    let r = node.backup(&vm.name, &[]);
+    assert_eq!(r["method"], "live_snapshot");
+    assert_eq!(
+        virtkeep_lab::file_checksum(&template, "qcow2"),
+        template_sum,
+        "the template was written"
+    );
+    assert_eq!(vm.current_sources(), before);
+    assert!(vm.leftovers().is_empty(), "{:?}", vm.leftovers());
+    assert_eq!(vm.disk_checksum("vda"), sum);
+
+    let new_name = unique_name("clone-restored");
+    let restored = TestVm::adopt(&new_name);
+    let out = node.json(&[
+        "restore",
+        r["id"].as_str().expect("id"),
+        "--to",
+        HOST,
+        "--name",
+        &new_name,
+        "--define",
+    ]);
+    let (path, format) = restored_disk(&out, "vda");
+    assert_eq!(restored_checksum(path, format), sum);
+    drop(restored);
+    drop(vm);
+    let _ = std::fs::remove_file(&template);
+}
