@@ -143,13 +143,8 @@ pub fn plan_backup(domain: &Domain, state: DomainState, opts: &BackupOptions) ->
         }
         match (disk.backend(), &disk.source) {
             (Backend::QcowFile | Backend::RawFile, DiskSource::File { path }) => {
-                if path.contains(OVERLAY_MARKER) {
-                    return Err(Error::domain(format!(
-                        "disk {} runs on a virtkeep overlay ({path})",
-                        disk.target
-                    ))
-                    .hint("run `virtkeep cleanup HOST` to commit it back"));
-                }
+                // A path with the overlay marker here is a kept overlay (healing ran
+                // first and committed every other one); it is read as the frozen layer.
                 if is_xen && !matches!(disk.driver_name.as_deref(), Some("qemu" | "qdisk")) {
                     return Err(Error::unsupported(format!(
                         "Xen disk {} uses driver {:?}: only qdisk file disks can be frozen with an overlay",
@@ -268,6 +263,11 @@ async fn backup_locked(
 ) -> Result<BackupResult> {
     let started = Instant::now();
     let mut warnings = Vec::new();
+    // Only `--mode incremental` keeps overlays under a running VM; any other backup
+    // returns it to its own files first.
+    if opts.mode != ModeRequest::Incremental {
+        crate::kept::clear(host, &vm.uuid).await?;
+    }
     let healed = heal_vm(host, &vm.uuid, false).await?;
     if !healed.actions.is_empty() {
         let msg = format!(
@@ -347,24 +347,42 @@ async fn backup_locked(
         phase: "export",
     });
     let rbd_bases = crate::rbd::bases(host, repo, &vm, &plan, opts.mode).await?;
-    let (mode, reason, parent) = match rbd_bases.values().next() {
+    let keep = opts.mode == ModeRequest::Incremental && plan.method == FreezeMethod::LiveSnapshot;
+    let (kept_bases, kept_problem) = if keep {
+        crate::kept::bases(host, repo, &vm, &plan).await?
+    } else {
+        (crate::rbd::Bases::new(), None)
+    };
+    let reason = match (keep, kept_problem) {
+        (true, Some(problem)) => problem,
+        _ => reason,
+    };
+    let (mode, reason, parent) = match rbd_bases.values().chain(kept_bases.values()).next() {
         Some((parent, _)) => {
-            let all = rbd_bases.len() == plan.disks.len();
+            let all = rbd_bases.len() + kept_bases.len() == plan.disks.len();
             (
                 virtkeep_repo::BackupMode::Incremental,
                 if all {
                     format!(
-                        "incremental since backup {parent} (RBD export-diff from the kept snapshots)"
+                        "incremental since backup {parent} (kept RBD snapshots / kept overlays)"
                     )
                 } else {
-                    format!(
-                        "incremental since backup {parent} for RBD disks; file disks read in full ({reason})"
-                    )
+                    format!("incremental since backup {parent} for some disks; {reason}")
                 },
                 Some(parent.clone()),
             )
         }
         None => (mode, reason, None),
+    };
+    // Under --mode incremental the new overlays stay under the running VM.
+    let kept_new: std::collections::BTreeMap<String, String> = if keep {
+        plan.disks
+            .iter()
+            .filter(|d| d.rbd.is_none())
+            .map(|d| (d.target.clone(), overlay_path(base_of(&d.path), &job_id)))
+            .collect()
+    } else {
+        Default::default()
     };
     let meta = virtkeep_repo::BackupMeta {
         host: host.name.clone(),
@@ -376,10 +394,43 @@ async fn backup_locked(
         time: Some(snapshot_time),
     };
     let snap = format!("virtkeep-{job_id}");
-    let exported = export_all(
-        host, repo, &vm, &plan, meta, &job_dir, opts, progress, &rbd_bases, &snap,
+    let mut exported = export_all(
+        host,
+        repo,
+        &vm,
+        &plan,
+        meta,
+        &job_dir,
+        opts,
+        progress,
+        &rbd_bases,
+        &snap,
+        &kept_bases,
+        &kept_new,
     )
     .await;
+    if keep && exported.is_ok() {
+        let kept = async {
+            for d in plan
+                .disks
+                .iter()
+                .filter(|d| kept_bases.contains_key(&d.target))
+            {
+                crate::kept::commit_kept(host, &vm.uuid, &d.target, &d.path, base_of(&d.path))
+                    .await?;
+            }
+            let entries: Vec<(String, String)> = kept_new.clone().into_iter().collect();
+            crate::kept::write(host, &vm.uuid, &entries).await
+        }
+        .await;
+        if let Err(e) = kept {
+            exported = Err(e);
+        }
+    }
+    if exported.is_err() {
+        // Nothing is kept after a failure: healing commits every overlay.
+        let _ = crate::kept::clear(host, &vm.uuid).await;
+    }
 
     progress.event(Event::Phase {
         vm: vm.name.clone(),
@@ -445,6 +496,8 @@ async fn cbt_choice(
     if vm.domain.kind == "xen"
         || opts.transport != Transport::Ssh
         || plan.disks.iter().any(|d| d.format != "qcow2")
+        // A disk on a kept overlay belongs to the kept-snapshot method.
+        || plan.disks.iter().any(|d| d.path.contains(OVERLAY_MARKER))
         || !crate::cbt::backup_api_supported(host).await
     {
         return Ok(None);
@@ -464,6 +517,8 @@ async fn export_all(
     progress: &Arc<dyn Progress>,
     rbd_bases: &crate::rbd::Bases,
     snap: &str,
+    kept_bases: &crate::rbd::Bases,
+    kept_new: &std::collections::BTreeMap<String, String>,
 ) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>)> {
     let mut transport = opts.transport;
     if transport != Transport::Stream {
@@ -577,8 +632,23 @@ async fn export_all(
             let probe = export.connect(host.session(), &[]).await?;
             let size = probe.size();
             let _ = probe.disconnect().await;
-            let sink = Arc::new(RepoSink::new(writer.disk(spec(size), None).await?));
-            let scope = crate::export::ReadScope::default();
+            let (previous, scope) = match kept_bases.get(&disk.target) {
+                Some((parent, kept)) => {
+                    let ranges = crate::kept::changed_ranges(host, kept).await?;
+                    let reader = Arc::new(repo.disk_reader(parent, &disk.target).await?);
+                    (
+                        Some(repo.fixed_index(parent, &disk.target).await?),
+                        crate::export::ReadScope {
+                            dirty: None,
+                            ranges: Some((ranges, reader)),
+                        },
+                    )
+                }
+                None => (None, crate::export::ReadScope::default()),
+            };
+            let sink = Arc::new(RepoSink::new(
+                writer.disk(spec(size), previous.as_ref()).await?,
+            ));
             let st = export_disk(
                 host,
                 &export,
@@ -609,7 +679,12 @@ async fn export_all(
         .map(|d| (d.target.as_str(), keep))
         .collect();
     let manifest = writer
-        .finish(serde_json::json!({ "method": plan.method, "transport": transport, "rbd": rbd }))
+        .finish(serde_json::json!({
+            "method": plan.method,
+            "transport": transport,
+            "rbd": rbd,
+            "kept": kept_new,
+        }))
         .await?;
     for d in &plan.disks {
         if let Some((pool, image)) = &d.rbd {
@@ -668,6 +743,11 @@ async fn snap_rbds(host: &Host, rbds: &[&PlannedDisk], snap: &str) -> Result<()>
     Ok(())
 }
 
+/// The VM's own image under a (kept) overlay path.
+fn base_of(path: &str) -> &str {
+    crate::heal::overlay_base(path).unwrap_or(path)
+}
+
 fn overlay_path(base: &str, job_id: &str) -> String {
     format!("{base}{OVERLAY_MARKER}{job_id}")
 }
@@ -695,7 +775,7 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
             let rbds: Vec<&PlannedDisk> = plan.disks.iter().filter(|d| d.rbd.is_some()).collect();
             let specs: Vec<(String, String)> = files
                 .iter()
-                .map(|d| (d.target.clone(), overlay_path(&d.path, job_id)))
+                .map(|d| (d.target.clone(), overlay_path(base_of(&d.path), job_id)))
                 .collect();
             let excluded: Vec<String> = vm
                 .domain

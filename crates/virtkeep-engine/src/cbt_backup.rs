@@ -358,6 +358,7 @@ async fn run_job(
                 (
                     Some(index),
                     ReadScope {
+                        ranges: None,
                         dirty: Some((format!("qemu:dirty-bitmap:backup-{}", disk.target), reader)),
                     },
                 )

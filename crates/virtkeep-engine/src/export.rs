@@ -229,6 +229,9 @@ pub struct ReadScope {
     /// `None`: a full read of the allocated data (`base:allocation`). `Some`: only the
     /// ranges this dirty-bitmap context marks, patched onto the parent backup's chunks.
     pub dirty: Option<(String, Arc<virtkeep_repo::DiskReader>)>,
+    /// Explicit changed ranges (offset, length) instead of a context: a kept overlay's
+    /// own allocation. Needs the parent reader in `dirty`'s place.
+    pub ranges: Option<(Vec<(u64, u64)>, Arc<virtkeep_repo::DiskReader>)>,
 }
 
 /// Reads the guest-visible content of an export into `sink`: everything allocated, or
@@ -252,9 +255,22 @@ pub async fn export_disk(
         .to_string();
     let control = export.connect(host.session(), &[context.as_str()]).await?;
     let size = control.size();
-    let extents = allocated_extents(&control, &context, 0, size).await?;
+    let extents = match &scope.ranges {
+        Some((ranges, _)) => ranges
+            .iter()
+            .map(|&(offset, length)| virtkeep_nbd::Mapped {
+                offset,
+                length,
+                kind: MappedKind::Data,
+            })
+            .collect(),
+        None => allocated_extents(&control, &context, 0, size).await?,
+    };
     let _ = control.disconnect().await;
-    let parent = scope.dirty.as_ref().map(|(_, r)| r.clone());
+    let parent = match (&scope.dirty, &scope.ranges) {
+        (Some((_, r)), _) | (None, Some((_, r))) => Some(r.clone()),
+        (None, None) => None,
+    };
     let chunk = sink.chunk_size();
     let plan = Arc::new(plan_chunks(&extents, size, chunk));
     let data_bytes: u64 = plan.iter().flatten().map(|(_, l)| l).sum();

@@ -91,12 +91,27 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
         vm.reload(host).await?;
     }
 
+    // Kept overlays (the kept-snapshot incremental method) stay while the VM runs on
+    // them; a stopped VM's are committed like any other.
+    let kept = if vm.state.is_active() {
+        crate::kept::read(host, vm_uuid).await?
+    } else {
+        if !dry_run {
+            crate::kept::clear(host, vm_uuid).await?;
+        }
+        Vec::new()
+    };
+    let is_kept = |target: &str, path: &str| kept.iter().any(|(t, p)| t == target && p == path);
+
     // 2. Live disks on an overlay.
     if vm.state.is_active() {
         for (target, path) in file_sources(&vm.domain.disks) {
             let Some(base) = overlay_base(&path) else {
                 continue;
             };
+            if is_kept(&target, &path) {
+                continue;
+            }
             report.actions.push(format!(
                 "blockcommit {target} from {path} into {base} and pivot"
             ));
@@ -113,6 +128,9 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
         let Some(base) = overlay_base(&path) else {
             continue;
         };
+        if vm.state.is_active() && is_kept(&target, &path) {
+            continue;
+        }
         let base_format = backing_format(host, &path, base).await?;
         if !vm.state.is_active() && exists(host, &path).await? {
             report

@@ -14,6 +14,7 @@ pub mod export;
 pub mod heal;
 pub mod host;
 pub mod inventory;
+pub mod kept;
 pub mod lvm;
 pub mod progress;
 pub mod rbd;

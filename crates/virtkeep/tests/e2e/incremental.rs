@@ -241,3 +241,75 @@ fn node_killed_mid_incremental_next_run_is_correct() {
         [sum]
     );
 }
+
+/// Raw disks carry no dirty bitmap: with `--mode incremental` the seed's kept-snapshot
+/// method keeps the newest overlay under the running VM, and the next backup reads only
+/// what that overlay holds. `cleanup` leaves kept overlays alone; a backup in another
+/// mode returns the VM to its own files.
+#[test]
+fn kept_overlay_incremental_for_raw_disks() {
+    let node = Node::new();
+    let vm = TestVm::builder("kept")
+        .raw_disk(32 * MIB)
+        .raw_disk(16 * MIB)
+        .running(true)
+        .build();
+    let own = vm.current_sources();
+    vm.write_pattern("vda", 0x61, 0, 4 * MIB);
+    vm.write_pattern("vdb", 0x62, 2 * MIB, MIB);
+    let first = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
+
+    let full = node.backup(&vm.name, &["--mode", "incremental"]);
+    assert_eq!(full["mode"], "full");
+    assert!(
+        full["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no earlier backup")),
+        "{}",
+        full["reason"]
+    );
+    let on_overlay = vm.current_sources();
+    assert!(
+        on_overlay.iter().all(|(_, s)| s.contains(".virtkeep-")),
+        "{on_overlay:?}"
+    );
+    assert!(vm.is_running());
+
+    vm.write_pattern("vda", 0x63, 10 * MIB, MIB);
+    let second = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
+    // cleanup keeps what the next incremental needs.
+    node.json(&["cleanup", HOST]);
+    assert_eq!(vm.current_sources(), on_overlay);
+
+    let inc = node.backup(&vm.name, &["--mode", "incremental"]);
+    assert_eq!(inc["mode"], "incremental", "{}", inc["reason"]);
+    let read = bytes_read(&inc);
+    assert!(
+        (MIB..=MIB + 2 * SLACK).contains(&read),
+        "incremental read {read} bytes for 1 MiB changed"
+    );
+    let now = vm.current_sources();
+    assert_ne!(now, on_overlay, "a new overlay is kept");
+    assert_eq!(
+        vm.leftovers().overlay_files.len(),
+        2,
+        "one kept overlay per disk: {:?}",
+        vm.leftovers()
+    );
+
+    assert_eq!(
+        restore_and_sum(&node, inc["id"].as_str().expect("id"), &["vda", "vdb"]),
+        second
+    );
+    assert_eq!(
+        restore_and_sum(&node, full["id"].as_str().expect("id"), &["vda", "vdb"]),
+        first
+    );
+
+    // Any other mode returns the VM to its own files.
+    let auto = node.backup(&vm.name, &[]);
+    assert_eq!(auto["mode"], "full");
+    assert_eq!(vm.current_sources(), own);
+    assert!(vm.leftovers().is_empty(), "{:?}", vm.leftovers());
+    assert_eq!([vm.disk_checksum("vda"), vm.disk_checksum("vdb")], second);
+}

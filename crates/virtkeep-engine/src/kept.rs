@@ -1,0 +1,141 @@
+//! The seed's kept-snapshot method, for running VMs whose disks cannot use the backup
+//! API (raw files, or hosts without it), with `--mode incremental`: the newest overlay
+//! stays under the running VM between backups; the next backup puts a new overlay on top,
+//! reads only what the kept overlay holds (`qemu-img map`, depth 0: the guest's writes
+//! since the last backup), patches that onto the parent's chunks, then commits the kept
+//! overlay into the base (`blockcommit --top KEPT --base BASE`).
+//!
+//! Which overlays are kept is recorded on the host in `/run/virtkeep/kept/UUID` (and in
+//! the manifest); healing leaves those alone while the VM runs on them. Anything else (a
+//! full or auto backup, a stopped VM, a lost record after a host reboot) commits them,
+//! and the next backup is a full with the reason said.
+
+use virtkeep_ssh::RemoteCommand;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::{HOST_STATE_DIR, Host};
+
+fn path(uuid: &str) -> String {
+    format!("{HOST_STATE_DIR}/kept/{uuid}")
+}
+
+/// The (target, overlay) pairs kept for this VM.
+pub async fn read(host: &Host, uuid: &str) -> Result<Vec<(String, String)>> {
+    let out = host
+        .exec(&RemoteCommand::new("cat").arg(path(uuid)))
+        .await?;
+    if out.status != 0 {
+        return Ok(Vec::new());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(t, p)| (t.to_string(), p.to_string()))
+        .collect())
+}
+
+pub async fn write(host: &Host, uuid: &str, entries: &[(String, String)]) -> Result<()> {
+    host.run(
+        &RemoteCommand::new("mkdir")
+            .arg("-p")
+            .arg("-m")
+            .arg("0700")
+            .arg(format!("{HOST_STATE_DIR}/kept")),
+    )
+    .await?;
+    let text: String = entries.iter().map(|(t, p)| format!("{t}\t{p}\n")).collect();
+    host.upload(&path(uuid), text.as_bytes()).await
+}
+
+pub async fn clear(host: &Host, uuid: &str) -> Result<()> {
+    host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(path(uuid)))
+        .await?;
+    Ok(())
+}
+
+/// The guest ranges a kept overlay holds itself (not inherited from its backing).
+pub async fn changed_ranges(host: &Host, overlay: &str) -> Result<Vec<(u64, u64)>> {
+    let out = host
+        .run_string(&virtkeep_libvirt::cmd::qemu_img_map_json(
+            overlay,
+            Some("qcow2"),
+            true,
+        ))
+        .await?;
+    let map = virtkeep_libvirt::parse::parse_qemu_img_map(&out)
+        .map_err(|e| Error::new(ErrorKind::Remote, format!("qemu-img map {overlay}: {e}")))?;
+    Ok(map
+        .iter()
+        .filter(|e| e.depth == 0)
+        .map(|e| (e.start, e.length))
+        .collect())
+}
+
+/// Merges the kept overlay below the running VM's new overlay into the base.
+pub async fn commit_kept(
+    host: &Host,
+    uuid: &str,
+    target: &str,
+    kept: &str,
+    base: &str,
+) -> Result<()> {
+    let cmd = host
+        .virsh()
+        .command("blockcommit")
+        .arg("--domain")
+        .arg(uuid)
+        .arg("--path")
+        .arg(target)
+        .arg("--top")
+        .arg(kept)
+        .arg("--base")
+        .arg(base)
+        .arg("--wait");
+    host.run(&cmd)
+        .await
+        .map_err(|e| e.context(format!("committing kept overlay {kept} into {base}")))?;
+    host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(kept))
+        .await?;
+    Ok(())
+}
+
+/// Per file disk (by target): the backup id and the kept overlay an incremental builds
+/// on; and, when none applies, why (for the manifest's reason).
+pub async fn bases(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    vm: &crate::vm::Vm,
+    plan: &crate::backup::Plan,
+) -> Result<(crate::rbd::Bases, Option<String>)> {
+    let mut out = crate::rbd::Bases::new();
+    let files: Vec<_> = plan.disks.iter().filter(|d| d.rbd.is_none()).collect();
+    if files.is_empty() {
+        return Ok((out, None));
+    }
+    let mut snaps = repo.snapshots().await?;
+    snaps.retain(|s| s.host == host.name && s.vm == vm.name);
+    snaps.sort_by_key(|s| s.time);
+    let Some(last) = snaps.last() else {
+        return Ok((out, Some("full: no earlier backup; the new overlay stays under the VM for the next incremental".into())));
+    };
+    let manifest = repo.manifest(&last.id).await?;
+    let kept_now = read(host, &vm.uuid).await?;
+    let mut missing = Vec::new();
+    for d in files {
+        let recorded = manifest.extra["kept"][&d.target].as_str() == Some(d.path.as_str());
+        let on_host = kept_now.iter().any(|(t, p)| t == &d.target && p == &d.path);
+        if recorded && on_host {
+            out.insert(d.target.clone(), (manifest.id.clone(), d.path.clone()));
+        } else {
+            missing.push(d.target.clone());
+        }
+    }
+    let reason = (!missing.is_empty()).then(|| {
+        format!(
+            "full for {}: no kept overlay of backup {} under the VM (first incremental backup, or the VM was stopped, redefined or the host rebooted)",
+            missing.join(", "),
+            manifest.id
+        )
+    });
+    Ok((out, reason))
+}
