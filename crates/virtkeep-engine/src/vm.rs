@@ -63,9 +63,27 @@ impl Vm {
     }
 
     pub async fn load(host: &Host, uuid: &str) -> Result<Vm> {
-        let xml = host.run_string(&host.virsh().dumpxml(uuid, false)).await?;
-        let inactive_xml = host.run_string(&host.virsh().dumpxml(uuid, true)).await?;
-        let state = DomainState::parse(&host.run_string(&host.virsh().domstate(uuid)).await?);
+        // One round trip for the three answers, separated by NUL (which XML cannot hold).
+        let nul = || virtkeep_ssh::RemoteCommand::new("printf").arg("\\0");
+        let cmd = host
+            .virsh()
+            .dumpxml(uuid, false)
+            .and_then(nul())
+            .and_then(host.virsh().dumpxml(uuid, true))
+            .and_then(nul())
+            .and_then(host.virsh().domstate(uuid));
+        let out = host.run_string(&cmd).await?;
+        let mut parts = out.split('\0');
+        let (Some(xml), Some(inactive_xml), Some(state), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(crate::Error::new(
+                crate::ErrorKind::Remote,
+                format!("unexpected output from virsh for domain {uuid}"),
+            ));
+        };
+        let (xml, inactive_xml) = (xml.to_string(), inactive_xml.to_string());
+        let state = DomainState::parse(state);
         let domain = parse_domain(&xml)?;
         Ok(Vm {
             uuid: uuid.to_string(),
