@@ -206,7 +206,8 @@ PY
   shuf -r -n $((3 * u / 80)) "$d/pool.txt" | head -c $((3 * u)) >"$d/text.bin" || true
   [[ $(stat -c %s "$d/text.bin") -eq $((3 * u)) ]] || bdie "text generation produced $(stat -c %s "$d/text.bin") bytes"
   for i in 1 2 3; do
-    tail -c +$(((i - 1) * u + 1)) "$d/text.bin" | head -c "$u" >"$d/text$i.bin"
+    dd if="$d/text.bin" of="$d/text$i.bin" bs=1M iflag=skip_bytes,count_bytes skip=$(((i - 1) * u)) count="$u" status=none
+    [[ $(stat -c %s "$d/text$i.bin") -eq $u ]] || bdie "text$i.bin has $(stat -c %s "$d/text$i.bin") bytes"
   done
   rm -f "$d/text.bin" "$d/pool.txt" "$d/block4m"
 }

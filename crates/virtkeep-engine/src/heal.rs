@@ -333,13 +333,18 @@ pub async fn define(host: &Host, vm_key: &str, xml: &str) -> Result<()> {
         .map_err(|e| e.context(format!("defining domain {vm_key}")))
 }
 
+/// How long `cleanup` waits for a VM's lock before skipping that VM.
+pub const CLEANUP_LOCK_WAIT_SECS: u32 = 20;
+
 /// Heals every domain on the host that carries virtkeep leftovers; VMs whose lock is
 /// held by a running job are skipped and said so.
 pub async fn cleanup_host(host: &Host, dry_run: bool) -> Result<Vec<HealReport>> {
     let uuids = host.run_string(&list_all_uuids(host)).await?;
     let mut reports = Vec::new();
     for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let lock = match host.lock_vm(uuid, 0).await {
+        // A killed node's lock goes away once sshd has torn its session down (seconds);
+        // a running backup's stays, and that VM is skipped.
+        let lock = match host.lock_vm(uuid, CLEANUP_LOCK_WAIT_SECS).await {
             Ok(lock) => lock,
             Err(e) if e.kind == ErrorKind::Conflict => {
                 reports.push(HealReport {
