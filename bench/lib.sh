@@ -104,34 +104,77 @@ PY
 # Independent of virtkeep's own counters (bench/incremental.sh, bench/rbd.sh).
 # The lab sshd (LogLevel VERBOSE) logs "Transferred: sent S, received R bytes" when a
 # connection closes: SSH-layer bytes (packets with padding and MAC, key exchange and
-# auth included) per connection. sshd_mark gives the log offset before a run;
-# sshd_transferred OFFSET prints "CONNECTIONS SENT RECEIVED" summed over every
-# connection that closed since then (all clients of the lab sshd: on a shared lab,
-# other people's tests too).
+# auth included) per connection. Other people's tests use the same lab sshd, so only
+# the connections of our processes are summed (their client ports, from ss).
 sshd_mark() { stat -c %s "${VK_LAB_DIR:-/tmp/virtkeep-lab}/ssh/sshd.log" 2>/dev/null || echo 0; }
+# sshd_transferred OFFSET [PORTS_FILE]: "CONNS SENT RECEIVED ALL_CONNS ALL_SENT ALL_RECEIVED":
+# the connections whose client port is listed in PORTS_FILE (see port_watch_start), and
+# all connections that closed since OFFSET. sshd logs "Connection closed by … port P",
+# "Transferred: …", "Closing connection to … port P" for each connection.
 sshd_transferred() {
   tail -c +$(($1 + 1)) "${VK_LAB_DIR:-/tmp/virtkeep-lab}/ssh/sshd.log" 2>/dev/null |
-    awk '/^Transferred: sent [0-9]+, received [0-9]+ bytes/ {s += $3 + 0; r += $5 + 0; n++}
-         END {printf "%d %.0f %.0f\n", n, s, r}'
+    awk -v portsfile="${2:-/dev/null}" '
+      BEGIN { while ((getline p < portsfile) > 0) want[p] = 1 }
+      { sub(/\r$/, "") } # sshd -E writes CRLF
+      /^Connection closed by .* port [0-9]+/ { last = $NF }
+      pending && /^Closing connection to .* port [0-9]+/ { port = $NF }
+      pending { if (port == "") port = last; if (port in want) { s += ps; r += pr; n++ } pending = 0; port = "" }
+      /^Transferred: sent [0-9]+, received [0-9]+ bytes/ { ps = $3 + 0; pr = $5 + 0; as += ps; ar += pr; an++; pending = 1 }
+      END { if (pending && (last in want)) { s += ps; r += pr; n++ }
+            printf "%d %.0f %.0f %d %.0f %.0f\n", n, s, r, an, as, ar }'
+}
+# port_watch_start PATTERN FILE: until port_watch_stop, every 0.1 s, appends to FILE the
+# client ports of established TCP connections to the lab sshd that belong to processes
+# whose command line matches PATTERN (pgrep -f): how our connections are told apart from
+# other clients of a shared lab sshd.
+PORTWATCH_PID=
+port_watch_start() {
+  local pat=$1 out=$2
+  : >"$out"
+  (
+    while :; do
+      pids=$(pgrep -d, -f -- "$pat" || true)
+      if [[ -n $pids ]]; then
+        ss -Htnp state established "( dport = :$VK_SSH_PORT )" 2>/dev/null |
+          awk -v pids=",$pids," '{ if (match($0, /pid=[0-9]+/)) { p = substr($0, RSTART + 4, RLENGTH - 4)
+                 if (index(pids, "," p ",")) { n = split($3, a, ":"); print a[n] } } }' >>"$out"
+      fi
+      sleep 0.1
+    done
+  ) &
+  PORTWATCH_PID=$!
+}
+port_watch_stop() {
+  [[ -n $PORTWATCH_PID ]] || return 0
+  kill "$PORTWATCH_PID" 2>/dev/null || true
+  wait "$PORTWATCH_PID" 2>/dev/null || true
+  PORTWATCH_PID=
 }
 # rx bytes of the loopback interface (/proc/net/dev; lo counts every packet once in rx,
-# both directions, IP+TCP headers included, and everything on lo: Ceph too)
+# both directions, IP+TCP headers included, and everything on lo: Ceph and other
+# people's tests on a shared lab too)
 lo_bytes() { awk -F'[: ]+' '/^ *lo:/ {print $3}' /proc/net/dev; }
 
-# net_timed NAME CMD...: timed (above) plus the bytes over SSH of the run.
-# Sets NET_CONNS NET_SENT NET_RECV (sshd log, connections closed during the run + 1 s)
-# and LO_RAW (lo rx delta over the same window) and LO_WIN (window length, s).
+# net_timed NAME CMD...: timed (above) plus the bytes over SSH of the run. Our
+# connections are those of processes matching $NET_MATCH (pgrep -f pattern).
+# Sets NET_CONNS NET_SENT NET_RECV (sshd log, our connections closed during the run +
+# 1 s), NET_ALL_CONNS NET_ALL_SENT NET_ALL_RECV (every connection that closed meanwhile),
+# LO_RAW (lo rx delta over the same window) and LO_WIN (window length, s).
 net_timed() {
   local mark lo0 lo1 t0 rc=0
   mark=$(sshd_mark)
   lo0=$(lo_bytes)
   t0=$EPOCHREALTIME
+  port_watch_start "$NET_MATCH" "$RUN_DIR/$1.ports"
   timed "$@" || rc=$?
+  port_watch_stop
+  sort -un -o "$RUN_DIR/$1.ports" "$RUN_DIR/$1.ports"
   sleep 1 # sshd logs "Transferred" right after the client closed
   lo1=$(lo_bytes)
   LO_WIN=$(calc "$EPOCHREALTIME - $t0")
   LO_RAW=$((lo1 - lo0))
-  read -r NET_CONNS NET_SENT NET_RECV <<<"$(sshd_transferred "$mark")"
+  read -r NET_CONNS NET_SENT NET_RECV NET_ALL_CONNS NET_ALL_SENT NET_ALL_RECV \
+    <<<"$(sshd_transferred "$mark" "$RUN_DIR/$1.ports")"
   return $rc
 }
 # lo_idle_rate SECONDS: bytes/s on lo while nothing of ours runs (the noise to subtract)

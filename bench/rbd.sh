@@ -77,6 +77,7 @@ cleanup() {
   trap - EXIT INT TERM
   set +e
   [[ -n $SAMPLER_PID ]] && kill -TERM "$SAMPLER_PID" 2>/dev/null && wait "$SAMPLER_PID" 2>/dev/null
+  port_watch_stop
   if [[ -n ${VK_LIBVIRT_URI:-} ]]; then
     virsh -q -c "$VK_LIBVIRT_URI" destroy --domain "$DOM" >/dev/null 2>&1
     virsh -q -c "$VK_LIBVIRT_URI" undefine --domain "$DOM" --snapshots-metadata --checkpoints-metadata >/dev/null 2>&1
@@ -212,24 +213,26 @@ record() { # CASE NAME [virtkeep]
     add DATA_S "$c" "$(log_span "$f.err" 'disk transfer starts' 'disk done')"
     add BYTES "$c" "$(jq '[.[0].disks[].bytes_read] | add' "$f.out")"
     add CPUV "$c" "$(calc "$T_USER + $T_SYS")"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$2" "$T_WALL" "$(jq -c '[.[0].mode, .[0].method, .[0].reason]' "$f.out")" \
-      "$(jq '[.[0].disks[].bytes_read] | add' "$f.out")" "$NET_SENT" "$NET_RECV" >>"$RUN_DIR/runs.tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$2" "$T_WALL" "$(jq -c '[.[0].mode, .[0].method, .[0].reason]' "$f.out")" \
+      "$(jq '[.[0].disks[].bytes_read] | add' "$f.out")" "$NET_CONNS" "$NET_SENT" "$NET_RECV" \
+      "$NET_ALL_CONNS:$NET_ALL_SENT:$NET_ALL_RECV" >>"$RUN_DIR/runs.tsv"
   else
     add CPUV "$c" 0
-    printf '%s\t%s\t-\t-\t%s\t%s\n' "$2" "$T_WALL" "$NET_SENT" "$NET_RECV" >>"$RUN_DIR/runs.tsv"
+    printf '%s\t%s\t-\t-\t%s\t%s\t%s\t%s\n' "$2" "$T_WALL" "$NET_CONNS" "$NET_SENT" "$NET_RECV" \
+      "$NET_ALL_CONNS:$NET_ALL_SENT:$NET_ALL_RECV" >>"$RUN_DIR/runs.tsv"
   fi
 }
 baseline() { # NAME CASE SNAP [FROM]
   local name=$1 c=$2 snap=$3 from=${4:-} extra=""
   [[ -n $from ]] && extra="--from-snap $from "
-  net_timed "$name" "${TO_NULL[@]}" "${SSH[@]}" "$REMOTE_RBD export-diff --no-progress ${extra}rbd/$IMGNAME@$snap -" ||
+  NET_MATCH="$IMGNAME@" net_timed "$name" "${TO_NULL[@]}" "${SSH[@]}" "$REMOTE_RBD export-diff --no-progress ${extra}rbd/$IMGNAME@$snap -" ||
     bdie "export-diff $name failed: $(cat "$RUN_DIR/$name.err")"
   record "$c" "$name"
   blog "  $name: $T_WALL s, sshd sent+recv $((NET_SENT + NET_RECV))"
 }
 backup() { # NAME CASE REPO MODE EXPECTED_MODE
   local name=$1 c=$2 repo=$3 mode=$4 want=$5 got
-  net_timed "$name" "${VK[@]}" --json backup "lab/$DOM" --repo "$repo" --mode "$mode" ||
+  NET_MATCH=$WORK/virtkeep net_timed "$name" "${VK[@]}" --json backup "lab/$DOM" --repo "$repo" --mode "$mode" ||
     bdie "backup $name failed: $(tail -c 2000 "$RUN_DIR/$name.out") $(tail -n 20 "$RUN_DIR/$name.err")"
   jq -e '.[0].error == null' "$RUN_DIR/$name.out" >/dev/null || bdie "backup $name: $(cat "$RUN_DIR/$name.out")"
   got=$(jq -r '.[0].mode' "$RUN_DIR/$name.out")
@@ -333,7 +336,7 @@ FACTS="- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), SIZE=$SIZE, REPS=$REPS, run took 
 - workload: RBD image rbd/$IMGNAME $((DISK / MIB)) MiB, $ALLOC B ($ALLOC_MIB MiB) written (rbd du: $RBD_DU), in running TCG domain $DOM (64 MiB RAM, no OS); Ceph before the run: $CEPH_USED B used, $CEPH_AVAIL B available
 - changes: $NCHG writes of $((DISK / 8192)) B (1.001 % of the disk; $CHANGED B) at random 64 KiB-aligned places, one in each 82nd of the disk, through the running QEMU (HMP qemu-io + flush, librbd)
 - baseline: \`ssh -c aes128-gcm@openssh.com … '$REMOTE_RBD export-diff --no-progress [--from-snap A] rbd/IMG@SNAP -' >/dev/null\` on the same sshd, with snapshots the script takes next to virtkeep's (the guest does not write, so both see the same data); the snapshot creation is outside the baseline's time, inside virtkeep's
-- wall = the whole command; data s = first \"disk transfer starts\" to last \"disk done\" in virtkeep's log; SSH bytes = the lab sshd's \"Transferred: sent+received\" of the connections that closed during the run (SSH layer, independent of virtkeep); MiB/s = allocated data ÷ wall (also for the incrementals, where it only says how fast relative to the disk)
+- wall = the whole command; data s = first \"disk transfer starts\" to last \"disk done\" in virtkeep's log; SSH bytes = the lab sshd's \"Transferred: sent+received\" of our processes' connections (client ports from ss -tnp polled every 0.1 s; SSH layer, independent of virtkeep; other people's tests use the same sshd); MiB/s = allocated data ÷ wall (also for the incrementals, where it only says how fast relative to the disk)
 - virtkeep snapshot housekeeping (virtkeep-* snapshots on the image, issue 7: exactly one with --mode auto|incremental): $SNAPS_LOG at the end all snapshots: [$ALL_SNAPS], image-meta virtkeep.base = $BASE_META"
 
 REPORT="# virtkeep RBD backup benchmark ($SIZE, $STAMP)
@@ -361,7 +364,7 @@ $GAPS_F
 \`\`\`
 $(cat "$RUN_DIR/runs.tsv")
 \`\`\`
-(name, wall s, [mode, method, reason], bytes_read, sshd sent, sshd received)
+(name, wall s, [mode, method, reason], bytes_read, our SSH connections, their sshd sent, received, all connections closed in the window conns:sent:received (others' tests included))
 
 ## Workload layout (image offsets)
 | piece | offset | length |

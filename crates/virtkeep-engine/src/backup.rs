@@ -224,6 +224,27 @@ pub struct DiskResult {
     pub chunks_zero: u64,
 }
 
+/// The per-disk lines of a result: the manifest's statistics and what crossed the wire.
+pub(crate) fn disk_results(
+    manifest: &virtkeep_repo::Manifest,
+    stats: Vec<ExportStats>,
+) -> Vec<DiskResult> {
+    manifest
+        .disks
+        .iter()
+        .zip(stats)
+        .map(|(d, s)| DiskResult {
+            target: d.spec.target.clone(),
+            size: d.spec.size,
+            bytes_read: s.bytes_read,
+            bytes_new: d.stats.bytes_new,
+            chunks_new: d.stats.chunks_new,
+            chunks_reused: d.stats.chunks_reused,
+            chunks_zero: d.stats.chunks_zero,
+        })
+        .collect()
+}
+
 /// What `virtkeep backup` reports (stable in `--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupResult {
@@ -448,20 +469,7 @@ async fn backup_locked(
             manifest.id
         )));
     }
-    let disks = manifest
-        .disks
-        .iter()
-        .zip(stats)
-        .map(|(d, s)| DiskResult {
-            target: d.spec.target.clone(),
-            size: d.spec.size,
-            bytes_read: s.bytes_read,
-            bytes_new: d.stats.bytes_new,
-            chunks_new: d.stats.chunks_new,
-            chunks_reused: d.stats.chunks_reused,
-            chunks_zero: d.stats.chunks_zero,
-        })
-        .collect();
+    let disks = disk_results(&manifest, stats);
     Ok(BackupResult {
         id: manifest.id.clone(),
         host: host.name.clone(),
@@ -638,9 +646,9 @@ async fn export_all(
                     let reader = Arc::new(repo.disk_reader(parent, &disk.target).await?);
                     (
                         Some(repo.fixed_index(parent, &disk.target).await?),
-                        crate::export::ReadScope {
-                            dirty: None,
-                            ranges: Some((ranges, reader)),
+                        crate::export::ReadScope::Ranges {
+                            ranges,
+                            parent: reader,
                         },
                     )
                 }

@@ -16,9 +16,7 @@ use std::time::Instant;
 use virtkeep_libvirt::cmd;
 use virtkeep_ssh::RemoteCommand;
 
-use crate::backup::{
-    BackupOptions, BackupResult, DiskResult, FreezeMethod, ModeRequest, Plan, run_hook,
-};
+use crate::backup::{BackupOptions, BackupResult, FreezeMethod, ModeRequest, Plan, run_hook};
 use crate::cbt::{self, Base, CHECKPOINT_PREFIX, CbtRecord};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{NbdExport, ReadScope, export_disk};
@@ -189,20 +187,7 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => warnings.push(format!("could not delete older virtkeep checkpoints: {e}")),
     }
-    let disks = manifest
-        .disks
-        .iter()
-        .zip(stats)
-        .map(|(d, s)| DiskResult {
-            target: d.spec.target.clone(),
-            size: d.spec.size,
-            bytes_read: s.bytes_read,
-            bytes_new: d.stats.bytes_new,
-            chunks_new: d.stats.chunks_new,
-            chunks_reused: d.stats.chunks_reused,
-            chunks_zero: d.stats.chunks_zero,
-        })
-        .collect();
+    let disks = crate::backup::disk_results(&manifest, stats);
     Ok(BackupResult {
         id: manifest.id.clone(),
         host: host.name.clone(),
@@ -357,9 +342,9 @@ async fn run_job(
                 let reader = Arc::new(repo.disk_reader(&b.id, &disk.target).await?);
                 (
                     Some(index),
-                    ReadScope {
-                        ranges: None,
-                        dirty: Some((format!("qemu:dirty-bitmap:backup-{}", disk.target), reader)),
+                    ReadScope::Dirty {
+                        context: format!("qemu:dirty-bitmap:backup-{}", disk.target),
+                        parent: reader,
                     },
                 )
             }

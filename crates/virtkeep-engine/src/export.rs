@@ -225,13 +225,21 @@ fn plan_chunks(extents: &[virtkeep_nbd::Mapped], size: u64, chunk: u64) -> Vec<V
 
 /// What to read of an export.
 #[derive(Clone, Default)]
-pub struct ReadScope {
-    /// `None`: a full read of the allocated data (`base:allocation`). `Some`: only the
-    /// ranges this dirty-bitmap context marks, patched onto the parent backup's chunks.
-    pub dirty: Option<(String, Arc<virtkeep_repo::DiskReader>)>,
-    /// Explicit changed ranges (offset, length) instead of a context: a kept overlay's
-    /// own allocation. Needs the parent reader in `dirty`'s place.
-    pub ranges: Option<(Vec<(u64, u64)>, Arc<virtkeep_repo::DiskReader>)>,
+pub enum ReadScope {
+    /// Everything allocated (`base:allocation`).
+    #[default]
+    Full,
+    /// Only the ranges a dirty-bitmap context marks, patched onto the parent's chunks.
+    Dirty {
+        context: String,
+        parent: Arc<virtkeep_repo::DiskReader>,
+    },
+    /// Only these (offset, length) ranges, patched onto the parent's chunks: a kept
+    /// overlay's own allocation.
+    Ranges {
+        ranges: Vec<(u64, u64)>,
+        parent: Arc<virtkeep_repo::DiskReader>,
+    },
 }
 
 /// Reads the guest-visible content of an export into `sink`: everything allocated, or
@@ -247,16 +255,14 @@ pub async fn export_disk(
     disk: &str,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
-    let context = scope
-        .dirty
-        .as_ref()
-        .map(|(c, _)| c.as_str())
-        .unwrap_or(BASE_ALLOCATION)
-        .to_string();
+    let context = match scope {
+        ReadScope::Dirty { context, .. } => context.clone(),
+        _ => BASE_ALLOCATION.to_string(),
+    };
     let control = export.connect(host.session(), &[context.as_str()]).await?;
     let size = control.size();
-    let extents = match &scope.ranges {
-        Some((ranges, _)) => ranges
+    let extents = match scope {
+        ReadScope::Ranges { ranges, .. } => ranges
             .iter()
             .map(|&(offset, length)| virtkeep_nbd::Mapped {
                 offset,
@@ -264,12 +270,12 @@ pub async fn export_disk(
                 kind: MappedKind::Data,
             })
             .collect(),
-        None => allocated_extents(&control, &context, 0, size).await?,
+        _ => allocated_extents(&control, &context, 0, size).await?,
     };
     let _ = control.disconnect().await;
-    let parent = match (&scope.dirty, &scope.ranges) {
-        (Some((_, r)), _) | (None, Some((_, r))) => Some(r.clone()),
-        (None, None) => None,
+    let parent = match scope {
+        ReadScope::Dirty { parent, .. } | ReadScope::Ranges { parent, .. } => Some(parent.clone()),
+        ReadScope::Full => None,
     };
     let chunk = sink.chunk_size();
     let plan = Arc::new(plan_chunks(&extents, size, chunk));

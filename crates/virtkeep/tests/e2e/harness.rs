@@ -134,3 +134,45 @@ pub fn assert_only_incremental_base(vm: &virtkeep_lab::TestVm) {
         .collect();
     assert!(ours.len() <= 1, "more than one virtkeep checkpoint: {l:?}");
 }
+
+/// Restores backup `id` under a fresh name (`--define`, plus `extra`), returns the
+/// guest-visible checksum of every restored disk by target, and removes what it made.
+pub fn restore_sums(node: &Node, id: &str, extra: &[&str]) -> Vec<(String, String)> {
+    let new_name = virtkeep_lab::unique_name("restored");
+    let restored = virtkeep_lab::TestVm::adopt(&new_name);
+    let mut args = vec![
+        "restore",
+        id,
+        "--to",
+        HOST,
+        "--name",
+        new_name.as_str(),
+        "--define",
+    ];
+    args.extend_from_slice(extra);
+    let out = node.json(&args);
+    let mut sums = Vec::new();
+    let mut images = Vec::new();
+    for d in out["disks"].as_array().expect("disks") {
+        let path = d["path"].as_str().expect("path");
+        let sum = match path.strip_prefix("rbd:") {
+            Some(spec) => {
+                let image = spec
+                    .split_once('/')
+                    .map(|(_, i)| i)
+                    .unwrap_or(spec)
+                    .to_string();
+                let s = virtkeep_lab::rbd_checksum(&image);
+                images.push(image);
+                s
+            }
+            None => restored_checksum(path, d["format"].as_str().expect("format")),
+        };
+        sums.push((d["target"].as_str().expect("target").to_string(), sum));
+    }
+    drop(restored);
+    for image in images {
+        virtkeep_lab::remove_rbd_image(node.lab, &image);
+    }
+    sums
+}

@@ -1,9 +1,9 @@
 //! Incremental backups through libvirt's backup API (checkpoints, dirty bitmaps, pull
 //! mode over the SSH-forwarded socket) and how broken chains heal themselves.
 
-use virtkeep_lab::{TestVm, unique_name};
+use virtkeep_lab::TestVm;
 
-use crate::harness::{HOST, Node, restored_checksum};
+use crate::harness::{HOST, Node};
 
 const MIB: u64 = 1 << 20;
 /// Dirty bitmaps track 64 KiB clusters: a changed range costs at most one extra
@@ -20,26 +20,16 @@ fn bytes_read(r: &serde_json::Value) -> u64 {
 }
 
 fn restore_and_sum(node: &Node, id: &str, targets: &[&str]) -> Vec<String> {
-    let new_name = unique_name("inc-restored");
-    let restored = TestVm::adopt(&new_name);
-    let out = node.json(&["restore", id, "--to", HOST, "--name", &new_name, "--define"]);
-    let sums = targets
+    let sums = crate::harness::restore_sums(node, id, &[]);
+    targets
         .iter()
         .map(|t| {
-            let d = out["disks"]
-                .as_array()
-                .expect("disks")
-                .iter()
-                .find(|d| d["target"] == *t)
-                .expect("disk");
-            restored_checksum(
-                d["path"].as_str().expect("p"),
-                d["format"].as_str().expect("f"),
-            )
+            sums.iter()
+                .find(|(target, _)| target == t)
+                .map(|(_, s)| s.clone())
+                .expect("restored disk")
         })
-        .collect();
-    drop(restored);
-    sums
+        .collect()
 }
 
 fn virtkeep_checkpoints(vm: &TestVm) -> Vec<String> {

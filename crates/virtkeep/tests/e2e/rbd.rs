@@ -15,47 +15,7 @@ fn virtkeep_snaps(vm: &TestVm) -> Vec<String> {
         .collect()
 }
 
-/// Restores `id` under a new name; returns (target → checksum) and cleans up.
-fn restore_sums(node: &Node, id: &str, extra: &[&str]) -> Vec<(String, String)> {
-    let new_name = unique_name("rbd-restored");
-    let restored = TestVm::adopt(&new_name);
-    let mut args = vec![
-        "restore",
-        id,
-        "--to",
-        HOST,
-        "--name",
-        new_name.as_str(),
-        "--define",
-    ];
-    args.extend_from_slice(extra);
-    let out = node.json(&args);
-    let mut sums = Vec::new();
-    let mut images = Vec::new();
-    for d in out["disks"].as_array().expect("disks") {
-        let target = d["target"].as_str().expect("t").to_string();
-        let path = d["path"].as_str().expect("p");
-        let sum = match path.strip_prefix("rbd:") {
-            Some(spec) => {
-                let image = spec
-                    .split_once('/')
-                    .map(|(_, i)| i)
-                    .unwrap_or(spec)
-                    .to_string();
-                let s = rbd_checksum(&image);
-                images.push(image);
-                s
-            }
-            None => restored_checksum(path, d["format"].as_str().expect("f")),
-        };
-        sums.push((target, sum));
-    }
-    drop(restored);
-    for image in images {
-        remove_rbd_image(node.lab, &image);
-    }
-    sums
-}
+use crate::harness::restore_sums;
 
 #[test]
 fn rbd_full_incremental_and_snapshot_housekeeping() {
