@@ -191,6 +191,10 @@ VK=(env -u XDG_CONFIG_HOME -u XDG_DATA_HOME HOME="$NODE" VIRTKEEP_LOG="$VK_LOG" 
 SSH=(ssh -q -F /dev/null -c aes128-gcm@openssh.com -p "$VK_SSH_PORT" -i "$VK_SSH_KEY" -o BatchMode=yes
   -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o "UserKnownHostsFile=$VK_SSH_KNOWN_HOSTS"
   -o GlobalKnownHostsFile=/dev/null -o ControlPath=none "$VK_SSH_USER@$VK_SSH_HOST")
+# the baseline's client logs its byte counts ("Transferred: sent S, received R bytes", the
+# SSH-layer counters sshd logs for virtkeep's connections): sshd itself logs nothing of
+# the kind for a client that disconnects cleanly, as OpenSSH's does
+SSHV=("${SSH[@]/#-q/-oLogLevel=VERBOSE}")
 # the remote side of the baseline: the command virtkeep runs (rbd_diff), stream to our /dev/null
 REMOTE_RBD="rbd -c $VK_CEPH_CONF --id $VK_CEPH_ID --keyring $VK_CEPH_KEYRING"
 TO_NULL=(bash -c 'exec "$@" >/dev/null' to-null) # /usr/bin/time runs programs, not functions
@@ -225,8 +229,11 @@ record() { # CASE NAME [virtkeep]
 baseline() { # NAME CASE SNAP [FROM]
   local name=$1 c=$2 snap=$3 from=${4:-} extra=""
   [[ -n $from ]] && extra="--from-snap $from "
-  NET_MATCH="$IMGNAME@" net_timed "$name" "${TO_NULL[@]}" "${SSH[@]}" "$REMOTE_RBD export-diff --no-progress ${extra}rbd/$IMGNAME@$snap -" ||
+  NET_MATCH="$IMGNAME@" net_timed "$name" "${TO_NULL[@]}" "${SSHV[@]}" "$REMOTE_RBD export-diff --no-progress ${extra}rbd/$IMGNAME@$snap -" ||
     bdie "export-diff $name failed: $(cat "$RUN_DIR/$name.err")"
+  read -r NET_SENT NET_RECV < <(tr -d '\r' <"$RUN_DIR/$name.err" |
+    awk '/Transferred: sent [0-9]+, received [0-9]+ bytes/ {gsub(",", "", $3); print $5 + 0, $3 + 0}')
+  NET_CONNS=1
   record "$c" "$name"
   blog "  $name: $T_WALL s, sshd sent+recv $((NET_SENT + NET_RECV))"
 }
@@ -246,7 +253,7 @@ SNAPS_LOG=""
 for ((r = 1; r <= REPS; r++)); do
   repo=$WORK/repo-r$r
   "${VK[@]}" repo init "$repo" >"$RUN_DIR/init-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-r$r.out")"
-  "${RBDC[@]}" snap create "rbd/$IMGNAME@vkbench-r$r-a" >/dev/null
+  "${RBDC[@]}" snap create --no-progress "rbd/$IMGNAME@vkbench-r$r-a" >/dev/null
   blog "round $r/$REPS: full"
   if ((r % 2)); then
     baseline "xdiff-full-r$r" xfull "vkbench-r$r-a"
@@ -260,7 +267,7 @@ for ((r = 1; r <= REPS; r++)); do
   read -r _ _ CHANGED _ _ < <(tail -n 1 "$RUN_DIR/changes-r$r.txt")
   blog "round $r/$REPS: writing $CHANGED bytes (1 %) in $NCHG pieces through QEMU"
   hmp_writes "$DOM" ua-vda "0x$(printf '%02x' $((0x40 + r)))" "$RUN_DIR/changes-r$r.txt"
-  "${RBDC[@]}" snap create "rbd/$IMGNAME@vkbench-r$r-b" >/dev/null
+  "${RBDC[@]}" snap create --no-progress "rbd/$IMGNAME@vkbench-r$r-b" >/dev/null
   blog "round $r/$REPS: incremental"
   if ((r % 2)); then
     baseline "xdiff-incr-r$r" xincr "vkbench-r$r-b" "vkbench-r$r-a"
@@ -336,7 +343,7 @@ FACTS="- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), SIZE=$SIZE, REPS=$REPS, run took 
 - workload: RBD image rbd/$IMGNAME $((DISK / MIB)) MiB, $ALLOC B ($ALLOC_MIB MiB) written (rbd du: $RBD_DU), in running TCG domain $DOM (64 MiB RAM, no OS); Ceph before the run: $CEPH_USED B used, $CEPH_AVAIL B available
 - changes: $NCHG writes of $((DISK / 8192)) B (1.001 % of the disk; $CHANGED B) at random 64 KiB-aligned places, one in each 82nd of the disk, through the running QEMU (HMP qemu-io + flush, librbd)
 - baseline: \`ssh -c aes128-gcm@openssh.com … '$REMOTE_RBD export-diff --no-progress [--from-snap A] rbd/IMG@SNAP -' >/dev/null\` on the same sshd, with snapshots the script takes next to virtkeep's (the guest does not write, so both see the same data); the snapshot creation is outside the baseline's time, inside virtkeep's
-- wall = the whole command; data s = first \"disk transfer starts\" to last \"disk done\" in virtkeep's log; SSH bytes = the lab sshd's \"Transferred: sent+received\" of our processes' connections (client ports from ss -tnp polled every 0.1 s; SSH layer, independent of virtkeep; other people's tests use the same sshd); MiB/s = allocated data ÷ wall (also for the incrementals, where it only says how fast relative to the disk)
+- wall = the whole command; data s = first \"disk transfer starts\" to last \"disk done\" in virtkeep's log; SSH bytes = for virtkeep the lab sshd's \"Transferred: sent+received\" of our processes' connections, for the baseline the ssh client's own \"Transferred:\" line (LogLevel VERBOSE; the same SSH-layer counters seen from the other end) (client ports from ss -tnp polled every 0.1 s; SSH layer, independent of virtkeep; other people's tests use the same sshd); MiB/s = allocated data ÷ wall (also for the incrementals, where it only says how fast relative to the disk)
 - virtkeep snapshot housekeeping (virtkeep-* snapshots on the image, issue 7: exactly one with --mode auto|incremental): $SNAPS_LOG at the end all snapshots: [$ALL_SNAPS], image-meta virtkeep.base = $BASE_META"
 
 REPORT="# virtkeep RBD backup benchmark ($SIZE, $STAMP)

@@ -10,3 +10,4 @@ mod hosts;
 mod incremental;
 mod lvm_host;
 mod rbd;
+mod repository;
