@@ -599,28 +599,12 @@ async fn export_all(
             continue;
         }
         if transport == Transport::Stream {
-            let size: u64 = host
-                .run_string(
-                    &RemoteCommand::new("stat")
-                        .arg("-L")
-                        .arg("-c")
-                        .arg("%s")
-                        .arg("--")
-                        .arg(&disk.path),
-                )
-                .await?
-                .trim()
-                .parse()
-                .map_err(|_| {
-                    Error::new(
-                        ErrorKind::Remote,
-                        format!("cannot read the size of {}", disk.path),
-                    )
-                })?;
+            let size = host.file_size(&disk.path).await?;
             let sink = Arc::new(RepoSink::new(writer.disk(spec(size), None).await?));
             let st = export_stream(
                 host,
                 &disk.path,
+                size,
                 sink.clone(),
                 &vm.name,
                 &disk.target,

@@ -386,25 +386,13 @@ pub async fn export_disk(
 pub async fn export_stream(
     host: &Host,
     path: &str,
+    size: u64,
     sink: Arc<dyn ChunkSink>,
     vm: &str,
     disk: &str,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
     use tokio::io::AsyncReadExt;
-    let size: u64 = host
-        .run_string(
-            &RemoteCommand::new("stat")
-                .arg("-L")
-                .arg("-c")
-                .arg("%s")
-                .arg("--")
-                .arg(path),
-        )
-        .await?
-        .trim()
-        .parse()
-        .map_err(|_| Error::new(ErrorKind::Remote, format!("cannot read the size of {path}")))?;
     let chunk = sink.chunk_size();
     progress.event(Event::DiskStart {
         vm: vm.to_string(),

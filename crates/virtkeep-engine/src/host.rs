@@ -80,6 +80,22 @@ impl Host {
         })
     }
 
+    /// Size in bytes of a file (or, through `-L`, what a link points to) on the host.
+    pub async fn file_size(&self, path: &str) -> Result<u64> {
+        let cmd = RemoteCommand::new("stat")
+            .arg("-L")
+            .arg("-c")
+            .arg("%s")
+            .arg("--")
+            .arg(path);
+        self.run_string(&cmd).await?.trim().parse().map_err(|_| {
+            Error::new(
+                ErrorKind::Remote,
+                format!("cannot read the size of {path} on host {}", self.name),
+            )
+        })
+    }
+
     /// Writes `content` to `path` on the host (through stdin, never the command line).
     pub async fn upload(&self, path: &str, content: &[u8]) -> Result<()> {
         let cmd = RemoteCommand::new("cat").stdout_to(path);
