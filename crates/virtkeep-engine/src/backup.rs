@@ -22,6 +22,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::export::{ExportStats, NbdExport, export_disk, export_stream};
 use crate::heal::{define, heal_vm};
 use crate::host::{Host, OVERLAY_MARKER};
+use crate::lvm_backup::FrozenLvs;
 use crate::progress::{Event, Progress};
 use crate::store::RepoSink;
 use crate::vm::{DomainState, Vm};
@@ -98,6 +99,15 @@ pub struct PlannedDisk {
     pub format: String,
     /// `(pool, image)` of a Ceph RBD disk.
     pub rbd: Option<(String, String)>,
+    /// `(vg, lv)` of a disk on an LVM logical volume (`path` is `/dev/VG/LV`).
+    pub lvm: Option<(String, String)>,
+}
+
+impl PlannedDisk {
+    /// A file disk: frozen with a qcow2 overlay (neither RBD nor LVM).
+    pub fn is_file(&self) -> bool {
+        self.rbd.is_none() && self.lvm.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,6 +168,7 @@ pub fn plan_backup(domain: &Domain, state: DomainState, opts: &BackupOptions) ->
                     path: path.clone(),
                     format: disk.format.clone().unwrap_or_else(|| "raw".into()),
                     rbd: None,
+                    lvm: None,
                 });
             }
             (Backend::Rbd { pool, image }, _) => {
@@ -166,6 +177,17 @@ pub fn plan_backup(domain: &Domain, state: DomainState, opts: &BackupOptions) ->
                     path: format!("{pool}/{image}"),
                     format: "raw".into(),
                     rbd: Some((pool, image)),
+                    lvm: None,
+                });
+            }
+            // An LV is frozen with an LVM snapshot (no overlay), read like a raw image.
+            (Backend::Lvm { vg, lv }, _) => {
+                disks.push(PlannedDisk {
+                    target: disk.target.clone(),
+                    path: crate::lvm::lv_path(&vg, &lv),
+                    format: disk.format.clone().unwrap_or_else(|| "raw".into()),
+                    rbd: None,
+                    lvm: Some((vg, lv)),
                 });
             }
             (backend, _) => {
@@ -358,10 +380,13 @@ async fn backup_locked(
             warnings.push(msg);
         }
     }
-    if let Err(e) = frozen {
-        let _ = heal_vm(host, &vm.uuid, false).await;
-        return Err(e);
-    }
+    let frozen_lvs = match frozen {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = heal_vm(host, &vm.uuid, false).await;
+            return Err(e);
+        }
+    };
 
     progress.event(Event::Phase {
         vm: vm.name.clone(),
@@ -378,14 +403,33 @@ async fn backup_locked(
         (true, Some(problem)) => problem,
         _ => reason,
     };
-    let (mode, reason, parent) = match rbd_bases.values().chain(kept_bases.values()).next() {
-        Some((parent, _)) => {
-            let all = rbd_bases.len() + kept_bases.len() == plan.disks.len();
+    let lvm_parent = if opts.mode == ModeRequest::Full {
+        None
+    } else {
+        crate::lvm_backup::parent(host, repo, &vm.name, &frozen_lvs).await?
+    };
+    let lvm_based = if lvm_parent.is_some() {
+        frozen_lvs.len()
+    } else {
+        0
+    };
+    let bases = rbd_bases
+        .values()
+        .chain(kept_bases.values())
+        .map(|(parent, _)| parent)
+        .chain(lvm_parent.iter().map(|m| &m.id));
+    let (mode, reason, parent) = match bases.clone().next() {
+        Some(parent) => {
+            let all = rbd_bases.len() + kept_bases.len() + lvm_based == plan.disks.len();
             (
                 virtkeep_repo::BackupMode::Incremental,
-                if all {
+                if lvm_based == plan.disks.len() {
                     format!(
-                        "incremental since backup {parent} (kept RBD snapshots / kept overlays)"
+                        "incremental since backup {parent}: LVM keeps no change map, so each snapshot was read whole and only the chunks that changed were stored"
+                    )
+                } else if all {
+                    format!(
+                        "incremental since backup {parent} (kept RBD snapshots / kept overlays; LVM volumes read whole, only changed chunks stored)"
                     )
                 } else {
                     format!("incremental since backup {parent} for some disks; {reason}")
@@ -399,7 +443,7 @@ async fn backup_locked(
     let kept_new: std::collections::BTreeMap<String, String> = if keep {
         plan.disks
             .iter()
-            .filter(|d| d.rbd.is_none())
+            .filter(|d| d.is_file())
             .map(|d| (d.target.clone(), overlay_path(base_of(&d.path), &job_id)))
             .collect()
     } else {
@@ -428,6 +472,8 @@ async fn backup_locked(
         &snap,
         &kept_bases,
         &kept_new,
+        &frozen_lvs,
+        lvm_parent.as_ref(),
     )
     .await;
     if keep && exported.is_ok() {
@@ -486,7 +532,9 @@ async fn backup_locked(
 
 /// Why this backup cannot be incremental, for the manifest and the output.
 fn incremental_unavailable(plan: &Plan) -> String {
-    if plan.disks.iter().any(|d| d.format != "qcow2") {
+    if plan.disks.iter().any(|d| d.lvm.is_some()) {
+        "full: no earlier backup of these LVM volumes (LVM keeps no change map: later backups read each snapshot whole and store only the chunks that changed)".into()
+    } else if plan.disks.iter().any(|d| d.format != "qcow2") {
         "full: raw disks carry no dirty bitmap (only qcow2 disks can be backed up incrementally)"
             .into()
     } else {
@@ -503,7 +551,7 @@ async fn cbt_choice(
 ) -> Result<Option<crate::cbt_backup::Choice>> {
     if vm.domain.kind == "xen"
         || opts.transport != Transport::Ssh
-        || plan.disks.iter().any(|d| d.format != "qcow2")
+        || plan.disks.iter().any(|d| d.format != "qcow2" || !d.is_file())
         // A disk on a kept overlay belongs to the kept-snapshot method.
         || plan.disks.iter().any(|d| d.path.contains(OVERLAY_MARKER))
         || !crate::cbt::backup_api_supported(host).await
@@ -527,6 +575,8 @@ async fn export_all(
     snap: &str,
     kept_bases: &crate::rbd::Bases,
     kept_new: &std::collections::BTreeMap<String, String>,
+    lvm: &FrozenLvs,
+    lvm_parent: Option<&virtkeep_repo::Manifest>,
 ) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>)> {
     let mut transport = opts.transport;
     if transport != Transport::Stream {
@@ -556,10 +606,18 @@ async fn export_all(
     let writer = repo.begin_backup(meta).await?;
     let mut stats = Vec::new();
     for (i, disk) in plan.disks.iter().enumerate() {
+        // An LVM disk is read from its snapshot, as a block device.
+        let frozen_lv = lvm.get(&disk.target);
+        let read_path = frozen_lv.map_or(disk.path.as_str(), |f| f.snapshot.path.as_str());
+        let block_device = frozen_lv.is_some();
+        let lvm_previous = match (frozen_lv, lvm_parent) {
+            (Some(_), Some(parent)) => Some(repo.fixed_index(&parent.id, &disk.target).await?),
+            _ => None,
+        };
         let spec = |size| virtkeep_repo::DiskSpec {
             name: disk.target.clone(),
             size,
-            backend: "file".into(),
+            backend: if block_device { "lvm" } else { "file" }.into(),
             format: disk.format.clone(),
             target: disk.target.clone(),
             source: disk.path.clone(),
@@ -599,11 +657,17 @@ async fn export_all(
             continue;
         }
         if transport == Transport::Stream {
-            let size = host.file_size(&disk.path).await?;
-            let sink = Arc::new(RepoSink::new(writer.disk(spec(size), None).await?));
+            let size = if block_device {
+                host.block_device_size(read_path).await?
+            } else {
+                host.file_size(read_path).await?
+            };
+            let sink = Arc::new(RepoSink::new(
+                writer.disk(spec(size), lvm_previous.as_ref()).await?,
+            ));
             let st = export_stream(
                 host,
-                &disk.path,
+                read_path,
                 size,
                 sink.clone(),
                 &vm.name,
@@ -616,9 +680,11 @@ async fn export_all(
             continue;
         }
         let export = if transport == Transport::Netcat {
-            NbdExport::start_readonly_tcp(host, job_dir, i, &disk.path, &disk.format).await?
+            NbdExport::start_readonly_tcp(host, job_dir, i, read_path, &disk.format, block_device)
+                .await?
         } else {
-            NbdExport::start_readonly(host, job_dir, i, &disk.path, &disk.format).await?
+            NbdExport::start_readonly(host, job_dir, i, read_path, &disk.format, block_device)
+                .await?
         };
         let res = async {
             let probe = export.connect(host.session(), &[]).await?;
@@ -636,7 +702,7 @@ async fn export_all(
                         },
                     )
                 }
-                None => (None, crate::export::ReadScope::default()),
+                None => (lvm_previous, crate::export::ReadScope::default()),
             };
             let sink = Arc::new(RepoSink::new(
                 writer.disk(spec(size), previous.as_ref()).await?,
@@ -670,12 +736,15 @@ async fn export_all(
         .filter(|d| d.rbd.is_some())
         .map(|d| (d.target.as_str(), keep))
         .collect();
+    // An overflowed LVM snapshot no longer holds the instant: nothing of it is published.
+    crate::lvm_backup::check_valid(host, lvm).await?;
     let manifest = writer
         .finish(serde_json::json!({
             "method": plan.method,
             "transport": transport,
             "rbd": rbd,
             "kept": kept_new,
+            "lvm": lvm,
         }))
         .await?;
     for d in &plan.disks {
@@ -744,7 +813,16 @@ fn overlay_path(base: &str, job_id: &str) -> String {
     format!("{base}{OVERLAY_MARKER}{job_id}")
 }
 
-async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) -> Result<()> {
+async fn freeze(
+    host: &Host,
+    vm: &Vm,
+    plan: &Plan,
+    job_id: &str,
+    quiesce: bool,
+) -> Result<FrozenLvs> {
+    let planned: Vec<&PlannedDisk> = plan.disks.iter().collect();
+    // LVM sizes are checked before anything is made: a refusal leaves nothing behind.
+    let lvs = crate::lvm_backup::prepare(host, &planned, job_id).await?;
     match plan.method {
         FreezeMethod::BackupApi => Err(Error::new(
             ErrorKind::Domain,
@@ -763,7 +841,7 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
                     .hint("install and start qemu-guest-agent in the guest (with a virtio-serial channel org.qemu.guest_agent.0), or back up without --quiesce (crash-consistent)"));
                 }
             }
-            let files: Vec<&PlannedDisk> = plan.disks.iter().filter(|d| d.rbd.is_none()).collect();
+            let files: Vec<&PlannedDisk> = plan.disks.iter().filter(|d| d.is_file()).collect();
             let rbds: Vec<&PlannedDisk> = plan.disks.iter().filter(|d| d.rbd.is_some()).collect();
             let specs: Vec<(String, String)> = files
                 .iter()
@@ -778,10 +856,13 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
                 .map(|d| d.target.clone())
                 .collect();
             let name = format!("virtkeep-{job_id}");
-            // RBD snapshots are taken by separate calls: hold the guest still around
-            // all of them (fsfreeze with --quiesce, else a short pause) so every disk
-            // shares one instant.
-            let hold = !rbds.is_empty();
+            // RBD and LVM snapshots are taken by separate calls: hold the guest still
+            // around all of them (fsfreeze with --quiesce, else a short pause) so every
+            // disk shares one instant. One LV alone is one atomic call.
+            let calls = usize::from(!specs.is_empty())
+                + rbds.len()
+                + plan.disks.iter().filter(|d| d.lvm.is_some()).count();
+            let hold = !rbds.is_empty() || calls > 1;
             if hold {
                 if quiesce {
                     host.run(&host.virsh().domfsfreeze(&vm.uuid))
@@ -815,7 +896,8 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
                     .await
                     .map_err(|e| e.context("taking the disk-only snapshot"))?;
                 }
-                snap_rbds(host, &rbds, &name).await
+                snap_rbds(host, &rbds, &name).await?;
+                crate::lvm_backup::snapshot(host, &lvs, job_id).await
             }
             .await;
             if hold {
@@ -838,11 +920,12 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
             }
             let rbds: Vec<&PlannedDisk> = plan.disks.iter().filter(|d| d.rbd.is_some()).collect();
             snap_rbds(host, &rbds, &format!("virtkeep-{job_id}")).await?;
-            if rbds.len() == plan.disks.len() {
-                return Ok(());
+            let frozen = crate::lvm_backup::snapshot(host, &lvs, job_id).await?;
+            if !plan.disks.iter().any(PlannedDisk::is_file) {
+                return Ok(frozen);
             }
             let mut sources = std::collections::BTreeMap::new();
-            for d in plan.disks.iter().filter(|d| d.rbd.is_none()) {
+            for d in plan.disks.iter().filter(|d| d.is_file()) {
                 let overlay = overlay_path(&d.path, job_id);
                 host.run(&cmd::qemu_img_create_overlay(&overlay, &d.path, &d.format))
                     .await?;
@@ -881,10 +964,9 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
             let now = Vm::load(host, &vm.uuid).await?;
             if now.state.is_active() {
                 let on_overlays = now.domain.disks.iter().all(|d| match &d.source {
-                    DiskSource::File { path } => !plan
-                        .disks
-                        .iter()
-                        .any(|p| p.rbd.is_none() && &p.path == path),
+                    DiskSource::File { path } => {
+                        !plan.disks.iter().any(|p| p.is_file() && &p.path == path)
+                    }
                     _ => true,
                 });
                 if !on_overlays {
@@ -895,7 +977,7 @@ async fn freeze(host: &Host, vm: &Vm, plan: &Plan, job_id: &str, quiesce: bool) 
                     .hint("run the backup again: a running VM is snapshotted through libvirt"));
                 }
             }
-            Ok(())
+            Ok(frozen)
         }
     }
 }

@@ -59,6 +59,38 @@ pub struct HostConfig {
     pub qemu_group: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceph: Option<CephConfig>,
+    /// How big the copy-on-write areas of classic LVM snapshots are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<LvmConfig>,
+}
+
+/// Sizing of classic (thick) LVM snapshots: the VM's writes during the backup must fit
+/// into the copy-on-write area, or the snapshot becomes invalid and the backup fails.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LvmConfig {
+    /// Share of the origin LV's size (0.1 = 10 %).
+    #[serde(default = "default_lvm_share")]
+    pub snapshot_share: f64,
+    /// Lower bound in MiB (capped at what the origin can use).
+    #[serde(default = "default_lvm_floor_mib")]
+    pub snapshot_floor_mib: u64,
+}
+
+impl Default for LvmConfig {
+    fn default() -> Self {
+        LvmConfig {
+            snapshot_share: default_lvm_share(),
+            snapshot_floor_mib: default_lvm_floor_mib(),
+        }
+    }
+}
+
+fn default_lvm_share() -> f64 {
+    0.1
+}
+fn default_lvm_floor_mib() -> u64 {
+    512
 }
 
 /// Ceph settings passed explicitly on every `rbd` command (sshd passes no CEPH_* variables).

@@ -55,11 +55,12 @@ impl NbdExport {
         index: usize,
         path: &str,
         format: &str,
+        block_device: bool,
     ) -> Result<NbdExport> {
         let socket = format!("{job_dir}/{index}.sock");
         let pid_file = format!("{job_dir}/{index}.pid");
         host.run(&cmd::qemu_nbd_export_readonly(
-            &cmd::image_opts(format, path, false, true),
+            &cmd::image_opts(format, path, block_device, true),
             &socket,
             &pid_file,
         ))
@@ -80,6 +81,7 @@ impl NbdExport {
         index: usize,
         path: &str,
         format: &str,
+        block_device: bool,
     ) -> Result<NbdExport> {
         let pid_file = format!("{job_dir}/{index}.pid");
         let bind = host.config.address.clone();
@@ -92,7 +94,7 @@ impl NbdExport {
                 .arg(format!("--port={port}"))
                 .arg(format!("--pid-file={pid_file}"))
                 .arg("--image-opts")
-                .arg(cmd::image_opts(format, path, false, true));
+                .arg(cmd::image_opts(format, path, block_device, true));
             match host.run(&cmd).await {
                 Ok(_) => {
                     return Ok(NbdExport {
@@ -116,11 +118,16 @@ impl NbdExport {
         index: usize,
         path: &str,
         format: &str,
+        block_device: bool,
     ) -> Result<NbdExport> {
         let socket = format!("{job_dir}/{index}.sock");
         let pid_file = format!("{job_dir}/{index}.pid");
         host.run(&cmd::qemu_nbd_export_writable(
-            path, format, false, &socket, &pid_file,
+            path,
+            format,
+            block_device,
+            &socket,
+            &pid_file,
         ))
         .await
         .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;

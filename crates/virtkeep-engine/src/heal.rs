@@ -176,6 +176,40 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
         }
     }
 
+    // LVM snapshots of this VM's volumes, whichever job made them: no job of this VM
+    // runs (the caller holds its lock), so each is a leftover.
+    let mut origins: Vec<(String, String)> = vm
+        .domain
+        .disks
+        .iter()
+        .chain(&inactive.disks)
+        .filter_map(|d| match d.backend() {
+            virtkeep_libvirt::Backend::Lvm { vg, lv } => Some((vg, lv)),
+            _ => None,
+        })
+        .collect();
+    origins.sort();
+    origins.dedup();
+    if !origins.is_empty() {
+        let lvm_actions = if dry_run {
+            crate::lvm::find_leftover_snapshots(host, &origins)
+                .await
+                .map(|l| l.into_iter().map(|(vg, n)| format!("{vg}/{n}")).collect())
+        } else {
+            crate::lvm::remove_leftover_snapshots(host, &origins).await
+        };
+        match lvm_actions {
+            Ok(removed) => report.actions.extend(
+                removed
+                    .into_iter()
+                    .map(|s| format!("remove LVM snapshot {s}")),
+            ),
+            // No LVM tools: a /dev/mapper path that only looked like an LV.
+            Err(e) if e.kind == ErrorKind::Unsupported => {}
+            Err(e) => return Err(e),
+        }
+    }
+
     // 5. Overlay files no definition refers to any more.
     if !dry_run {
         vm.reload(host).await?;
@@ -335,6 +369,15 @@ pub async fn define(host: &Host, vm_key: &str, xml: &str) -> Result<()> {
 
 /// How long `cleanup` waits for a VM's lock before skipping that VM.
 pub const CLEANUP_LOCK_WAIT_SECS: u32 = 20;
+
+/// Heals one VM (by name or UUID), waiting a while for a running job's lock.
+pub async fn cleanup_vm(host: &Host, vm_key: &str, dry_run: bool) -> Result<HealReport> {
+    let vm = Vm::find(host, vm_key).await?;
+    let lock = host.lock_vm(&vm.uuid, CLEANUP_LOCK_WAIT_SECS).await?;
+    let res = heal_vm(host, &vm.uuid, dry_run).await;
+    lock.release().await;
+    res
+}
 
 /// Heals every domain on the host that carries virtkeep leftovers; VMs whose lock is
 /// held by a running job are skipped and said so.

@@ -96,6 +96,17 @@ impl Host {
         })
     }
 
+    /// Size in bytes of a block device (an LV, a snapshot) on the host.
+    pub async fn block_device_size(&self, path: &str) -> Result<u64> {
+        let cmd = RemoteCommand::new("blockdev").arg("--getsize64").arg(path);
+        self.run_string(&cmd).await?.trim().parse().map_err(|_| {
+            Error::new(
+                ErrorKind::Remote,
+                format!("cannot read the size of {path} on host {}", self.name),
+            )
+        })
+    }
+
     /// Writes `content` to `path` on the host (through stdin, never the command line).
     pub async fn upload(&self, path: &str, content: &[u8]) -> Result<()> {
         let cmd = RemoteCommand::new("cat").stdout_to(path);

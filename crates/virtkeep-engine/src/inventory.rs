@@ -389,6 +389,22 @@ pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
         "update lvm2 (JSON reporting came with LVM 2.02.158, RHEL/CentOS 7.3)",
         false,
     );
+    if ok {
+        let (td, _) = probe(host, tool("thin_delta")).await;
+        add(
+            "thin_delta (thin-provisioning-tools)",
+            (
+                td,
+                if td {
+                    "installed; LVM backups still read each snapshot whole and store only the changed chunks".to_string()
+                } else {
+                    "not installed: LVM backups read each snapshot whole and store only the changed chunks".to_string()
+                },
+            ),
+            "install thin-provisioning-tools for thin-pool checks",
+            false,
+        );
+    }
     if let Some(ceph) = host.config.ceph_args() {
         let (ok, detail) = probe(host, ceph.rbd(&["pool", "ls"])).await;
         add(

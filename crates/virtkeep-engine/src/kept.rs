@@ -108,7 +108,7 @@ pub async fn bases(
     plan: &crate::backup::Plan,
 ) -> Result<(crate::rbd::Bases, Option<String>)> {
     let mut out = crate::rbd::Bases::new();
-    let files: Vec<_> = plan.disks.iter().filter(|d| d.rbd.is_none()).collect();
+    let files: Vec<_> = plan.disks.iter().filter(|d| d.is_file()).collect();
     if files.is_empty() {
         return Ok((out, None));
     }

@@ -16,6 +16,7 @@ pub mod host;
 pub mod inventory;
 pub mod kept;
 pub mod lvm;
+pub mod lvm_backup;
 pub mod progress;
 pub mod rbd;
 pub mod rbd_diff;

@@ -607,34 +607,21 @@ pub async fn remove_leftover_snapshots(
     host: &Host,
     origins: &[(String, String)],
 ) -> Result<Vec<String>> {
-    let mut by_vg: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (vg, lv) in origins {
-        by_vg.entry(vg).or_default().push(lv);
+    let mut by_vg: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (vg, name) in find_leftover_snapshots(host, origins).await? {
+        by_vg.entry(vg).or_default().push(name);
     }
     let mut removed = Vec::new();
     let mut first_err = None;
-    for (vg, lvs_of_vg) in by_vg {
-        let lvs = list_lvs(host, Some(vg)).await?;
-        let leftovers: Vec<&LvInfo> = lvs
-            .iter()
-            .filter(|l| {
-                l.name.contains(LV_SNAPSHOT_MARKER)
-                    && lvs_of_vg
-                        .iter()
-                        .any(|o| is_snapshot_name_of(vg, o, &l.name))
-            })
-            .collect();
-        if leftovers.is_empty() {
-            continue;
-        }
+    for (vg, leftovers) in by_vg {
         let holders = reader_processes(host).await?;
-        for l in leftovers {
+        for name in leftovers {
             let paths = [
-                lv_path(vg, &l.name),
+                lv_path(vg, &name),
                 format!(
                     "/dev/mapper/{}-{}",
                     vg.replace('-', "--"),
-                    l.name.replace('-', "--")
+                    name.replace('-', "--")
                 ),
             ];
             for (pid, _) in holders
@@ -643,8 +630,8 @@ pub async fn remove_leftover_snapshots(
             {
                 stop_process(host, *pid).await?;
             }
-            match remove_lv(host, vg, &l.name).await {
-                Ok(()) => removed.push(format!("{vg}/{}", l.name)),
+            match remove_lv(host, vg, &name).await {
+                Ok(()) => removed.push(format!("{vg}/{name}")),
                 Err(e) => {
                     if first_err.is_none() {
                         first_err = Some(e);
@@ -657,6 +644,33 @@ pub async fn remove_leftover_snapshots(
         Some(e) => Err(e),
         None => Ok(removed),
     }
+}
+
+/// Every LV in the VGs of `origins` that is a virtkeep snapshot of one of them (of any
+/// job), as `(VG, NAME)`: what [`remove_leftover_snapshots`] removes.
+pub async fn find_leftover_snapshots<'a>(
+    host: &Host,
+    origins: &'a [(String, String)],
+) -> Result<Vec<(&'a str, String)>> {
+    let mut by_vg: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (vg, lv) in origins {
+        by_vg.entry(vg).or_default().push(lv);
+    }
+    let mut out = Vec::new();
+    for (vg, lvs_of_vg) in by_vg {
+        let lvs = list_lvs(host, Some(vg)).await?;
+        out.extend(
+            lvs.iter()
+                .filter(|l| {
+                    l.name.contains(LV_SNAPSHOT_MARKER)
+                        && lvs_of_vg
+                            .iter()
+                            .any(|o| is_snapshot_name_of(vg, o, &l.name))
+                })
+                .map(|l| (vg, l.name.clone())),
+        );
+    }
+    Ok(out)
 }
 
 /// `(pid, command line)` of every qemu-nbd and dd on the host (what reads a snapshot).

@@ -25,6 +25,8 @@ pub enum Storage {
     FileDir(String),
     /// RBD disks into this Ceph pool (file disks stay files).
     Rbd(String),
+    /// Every disk into a new logical volume of this LVM volume group (raw).
+    Lvm(String),
 }
 
 /// Where one disk is restored to.
@@ -32,6 +34,17 @@ pub enum Storage {
 enum Dest {
     File(String),
     Rbd(String, String),
+    Lv(LvDest),
+}
+
+#[derive(Debug, Clone)]
+struct LvDest {
+    vg: String,
+    name: String,
+    /// Thin pool of the new LV; thick when `None`.
+    thin_pool: Option<String>,
+    /// An LV of that name exists and `--force` lets the restore write into it.
+    reuse: bool,
 }
 
 /// Options of one restore (`virtkeep restore`).
@@ -55,6 +68,8 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoredDisk {
     pub target: String,
+    /// `file`, `rbd` or `lvm`.
+    pub backend: String,
     pub path: String,
     pub format: String,
     pub size: u64,
@@ -107,7 +122,7 @@ pub fn destination(
         None => ("/var/lib/libvirt/images", original),
     };
     let dir = match storage {
-        Storage::Original | Storage::Rbd(_) => dir.to_string(),
+        Storage::Original | Storage::Rbd(_) | Storage::Lvm(_) => dir.to_string(),
         Storage::FileDir(d) => d.trim_end_matches('/').to_string(),
     };
     let dir = if dir.is_empty() { "/".to_string() } else { dir };
@@ -187,8 +202,31 @@ pub async fn restore(
     }
     let new_name = if renamed { Some(name.as_str()) } else { None };
     let mut plan = Vec::new();
+    let mut lv_lists: BTreeMap<String, Vec<virtkeep_libvirt::parse::LvInfo>> = BTreeMap::new();
     for m in &selected {
-        let dest = if m.spec.backend == "rbd" {
+        let dest = if let Some(dest) = lv_destination(
+            host,
+            &manifest,
+            m,
+            &opts.storage,
+            new_name,
+            &mut lv_lists,
+            &mut notes,
+        )
+        .await?
+        {
+            dest
+        } else if m.spec.backend == "lvm" {
+            let (_, lv) = virtkeep_libvirt::lvm_from_path(&m.spec.source)
+                .unwrap_or_else(|| (String::new(), m.spec.target.clone()));
+            Dest::File(destination(
+                &opts.storage,
+                &format!("/{lv}.img"),
+                new_name,
+                &m.spec.target,
+                "raw",
+            ))
+        } else if m.spec.backend == "rbd" {
             let (pool, image) = crate::rbd::split(&m.spec.source);
             match &opts.storage {
                 Storage::FileDir(_) => Dest::File(destination(
@@ -223,6 +261,15 @@ pub async fn restore(
             ))
         };
         match &dest {
+            Dest::Lv(lv) => {
+                if lv.reuse && !opts.force {
+                    return Err(Error::conflict(format!(
+                        "logical volume {}/{} exists on host {}",
+                        lv.vg, lv.name, host.name
+                    ))
+                    .hint("restore under another name (--name) or into another volume group (--storage lvm:VG), or overwrite it with --force"));
+                }
+            }
             Dest::File(path) => {
                 if !opts.force
                     && host
@@ -313,8 +360,31 @@ pub async fn restore(
                     .await?;
                     restored.push(RestoredDisk {
                         target: m.spec.target.clone(),
+                        backend: "file".into(),
                         path: path.clone(),
                         format: format.to_string(),
+                        size: m.spec.size,
+                        bytes_written: written,
+                    });
+                }
+                Dest::Lv(lv) => {
+                    let (path, written) = restore_lv(
+                        host,
+                        repo,
+                        &manifest.id,
+                        m,
+                        lv,
+                        &job_dir,
+                        i,
+                        opts.parallel,
+                        &progress,
+                    )
+                    .await?;
+                    restored.push(RestoredDisk {
+                        target: m.spec.target.clone(),
+                        backend: "lvm".into(),
+                        path,
+                        format: "raw".into(),
                         size: m.spec.size,
                         bytes_written: written,
                     });
@@ -343,6 +413,7 @@ pub async fn restore(
                     });
                     restored.push(RestoredDisk {
                         target: m.spec.target.clone(),
+                        backend: "rbd".into(),
                         path: format!("rbd:{pool}/{image}"),
                         format: "raw".into(),
                         size: m.spec.size,
@@ -365,6 +436,9 @@ pub async fn restore(
         let mut sources = BTreeMap::new();
         for d in &restored {
             let source = match d.path.strip_prefix("rbd:") {
+                _ if d.backend == "lvm" => NewSource::Block {
+                    dev: d.path.clone(),
+                },
                 Some(spec) => {
                     let (pool, image) = crate::rbd::split(spec);
                     NewSource::Rbd {
@@ -497,14 +571,17 @@ async fn restore_disk(
     host.run(&RemoteCommand::new("chmod").arg("0600").arg("--").arg(path))
         .await?;
 
-    let export = NbdExport::start_writable(host, job_dir, index, path, format).await?;
-    let res = write_disk(host, repo, id, m, &export, parallel, progress).await;
+    let export = NbdExport::start_writable(host, job_dir, index, path, format, false).await?;
+    let res = write_disk(host, repo, id, m, &export, parallel, false, progress).await;
     let stopped = export.stop(host).await;
     let written = res?;
     stopped?;
     Ok(written)
 }
 
+/// Writes the data extents of a backed-up disk through `export`; with `zero_fill` also
+/// its zeros (a thick LV or a reused volume holds old data where the disk had holes).
+#[allow(clippy::too_many_arguments)]
 async fn write_disk(
     host: &Host,
     repo: &virtkeep_repo::Repository,
@@ -512,11 +589,13 @@ async fn write_disk(
     m: &virtkeep_repo::ManifestDisk,
     export: &NbdExport,
     parallel: usize,
+    zero_fill: bool,
     progress: &Arc<dyn Progress>,
 ) -> Result<u64> {
     let reader = Arc::new(repo.disk_reader(id, &m.spec.name).await?);
     let chunks = reader.index().chunk_count();
     let chunk_size = reader.index().chunk_size;
+    let size = m.spec.size;
     progress.event(Event::DiskStart {
         vm: String::new(),
         disk: m.spec.target.clone(),
@@ -553,23 +632,42 @@ async fn write_disk(
                     break;
                 }
                 let mut writes = Vec::new();
+                let mut zeros = Vec::new();
                 let Some(data) = reader.read_chunk(i).await? else {
+                    if zero_fill {
+                        let len = chunk_size.min(size.saturating_sub(i * chunk_size));
+                        zeros.push((i * chunk_size, len));
+                        let futs = zeros
+                            .iter()
+                            .map(|(o, n)| client.write_zeroes(*o, *n as u32, false));
+                        futures::future::try_join_all(futs).await?;
+                    }
                     continue;
                 };
                 for extent in virtkeep_repo::split_zero_runs(i * chunk_size, data) {
-                    if let virtkeep_repo::Extent::Data { offset, bytes } = extent {
-                        let mut off = 0u64;
-                        while off < bytes.len() as u64 {
-                            let n = (bytes.len() as u64 - off).min(max);
-                            writes.push((
-                                offset + off,
-                                bytes.slice(off as usize..(off + n) as usize),
-                            ));
-                            off += n;
+                    match extent {
+                        virtkeep_repo::Extent::Data { offset, bytes } => {
+                            let mut off = 0u64;
+                            while off < bytes.len() as u64 {
+                                let n = (bytes.len() as u64 - off).min(max);
+                                writes.push((
+                                    offset + off,
+                                    bytes.slice(off as usize..(off + n) as usize),
+                                ));
+                                off += n;
+                            }
                         }
+                        virtkeep_repo::Extent::Zero { offset, len } if zero_fill => {
+                            zeros.push((offset, len));
+                        }
+                        virtkeep_repo::Extent::Zero { .. } => {}
                     }
                 }
                 let futs = writes.iter().map(|(o, b)| client.write(*o, b));
+                futures::future::try_join_all(futs).await?;
+                let futs = zeros
+                    .iter()
+                    .map(|(o, n)| client.write_zeroes(*o, *n as u32, false));
                 futures::future::try_join_all(futs).await?;
                 let n: u64 = writes.iter().map(|(_, b)| b.len() as u64).sum();
                 written += n;
@@ -600,6 +698,119 @@ async fn write_disk(
         disk: m.spec.target.clone(),
     });
     Ok(total)
+}
+
+/// An LV name for a restored disk: LVM's character set, not LVM's reserved names.
+fn lv_name(name: &str) -> String {
+    let mut s = safe_component(name).trim_start_matches('-').to_string();
+    if s.is_empty() || !crate::lvm::valid_new_lv_name(&s) {
+        s = format!("vk-{s}");
+    }
+    s.truncate(crate::lvm::LVM_NAME_MAX);
+    s
+}
+
+/// Where a disk goes when it is restored into a logical volume: an LVM disk restored in
+/// place (its VG, or `--storage lvm:VG`), or any disk with `--storage lvm:VG`. `None`
+/// when the disk does not go into an LV.
+#[allow(clippy::too_many_arguments)]
+async fn lv_destination(
+    host: &Host,
+    manifest: &virtkeep_repo::Manifest,
+    m: &virtkeep_repo::ManifestDisk,
+    storage: &Storage,
+    new_name: Option<&str>,
+    lv_lists: &mut BTreeMap<String, Vec<virtkeep_libvirt::parse::LvInfo>>,
+    notes: &mut Vec<String>,
+) -> Result<Option<Dest>> {
+    let original = (m.spec.backend == "lvm")
+        .then(|| virtkeep_libvirt::lvm_from_path(&m.spec.source))
+        .flatten();
+    let vg = match (storage, &original) {
+        (Storage::Lvm(vg), _) => vg.clone(),
+        (Storage::Original | Storage::Rbd(_), Some((vg, _))) => vg.clone(),
+        _ => return Ok(None),
+    };
+    let base = match &original {
+        Some((_, lv)) => lv.clone(),
+        None => {
+            let file = m.spec.source.rsplit('/').next().unwrap_or(&m.spec.target);
+            file.strip_suffix(".qcow2")
+                .or_else(|| file.strip_suffix(".img"))
+                .or_else(|| file.strip_suffix(".raw"))
+                .unwrap_or(file)
+                .to_string()
+        }
+    };
+    let name = match new_name {
+        Some(n) => lv_name(&format!("{n}-{}", m.spec.target)),
+        None => lv_name(&base),
+    };
+    if !lv_lists.contains_key(&vg) {
+        lv_lists.insert(vg.clone(), crate::lvm::list_lvs(host, Some(&vg)).await?);
+    }
+    let lvs = &lv_lists[&vg];
+    let existing = lvs.iter().find(|l| l.name == name);
+    if let Some(e) = existing
+        && e.size < m.spec.size
+    {
+        return Err(Error::conflict(format!(
+            "logical volume {vg}/{name} exists and is smaller ({} B) than the disk ({} B)",
+            e.size, m.spec.size
+        ))
+        .hint(
+            "restore under another name (--name) or into another volume group (--storage lvm:VG)",
+        ));
+    }
+    let wanted_pool = manifest.extra["lvm"][&m.spec.target]["thin_pool"].as_str();
+    let thin_pool = match wanted_pool {
+        Some(pool) if lvs.iter().any(|l| l.name == pool && l.is_thin_pool()) => {
+            Some(pool.to_string())
+        }
+        Some(pool) => {
+            notes.push(format!(
+                "disk {} was a thin LV in pool {pool}; volume group {vg} has no such thin pool, so it is restored thick",
+                m.spec.target
+            ));
+            None
+        }
+        None => None,
+    };
+    Ok(Some(Dest::Lv(LvDest {
+        vg,
+        name,
+        thin_pool,
+        reuse: existing.is_some(),
+    })))
+}
+
+/// Creates the LV (or reuses an existing one under `--force`) and writes the disk into
+/// it through qemu-nbd on the block device. A new thin LV reads zeros where nothing is
+/// written; a thick or reused one gets its zero runs written too.
+#[allow(clippy::too_many_arguments)]
+async fn restore_lv(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    id: &str,
+    m: &virtkeep_repo::ManifestDisk,
+    lv: &LvDest,
+    job_dir: &str,
+    index: usize,
+    parallel: usize,
+    progress: &Arc<dyn Progress>,
+) -> Result<(String, u64)> {
+    let path = if lv.reuse {
+        crate::lvm::lv_path(&lv.vg, &lv.name)
+    } else {
+        crate::lvm::create_lv(host, &lv.vg, &lv.name, m.spec.size, lv.thin_pool.as_deref()).await?
+    };
+    let zero_fill = lv.reuse || lv.thin_pool.is_none();
+    let export = NbdExport::start_writable(host, job_dir, index, &path, "raw", true).await?;
+    let res = write_disk(host, repo, id, m, &export, parallel, zero_fill, progress).await;
+    let stopped = export.stop(host).await;
+    let written = res?;
+    stopped?;
+    Ok((path, written))
 }
 
 #[cfg(test)]

@@ -218,7 +218,8 @@ pub struct RestoreArgs {
     /// New domain name (gets a fresh UUID and MAC addresses)
     #[arg(long)]
     pub name: Option<String>,
-    /// file:DIR
+    /// Where the disks go: file:/DIR (files), rbd:POOL (RBD disks into this pool) or
+    /// lvm:VG (every disk into a new logical volume); each disk's own place otherwise
     #[arg(long)]
     pub storage: Option<String>,
     /// USER:GROUP of the restored files
@@ -283,6 +284,9 @@ pub struct GcArgs {
 #[derive(Args, Debug)]
 pub struct CleanupArgs {
     pub host: String,
+    /// Only this VM (name or UUID); every VM of the host otherwise
+    #[arg(long)]
+    pub vm: Option<String>,
     #[arg(long)]
     pub dry_run: bool,
 }

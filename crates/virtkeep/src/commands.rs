@@ -95,6 +95,7 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
             (Some(conf), Some(id), Some(keyring)) => Some(CephConfig { conf, id, keyring }),
             _ => None,
         },
+        lvm: settings.config.hosts.get(&args.name).and_then(|h| h.lvm),
     };
     let existed = settings
         .config
@@ -528,15 +529,12 @@ async fn restore_cmd(
             Some(("rbd", pool)) if !pool.is_empty() && !pool.contains('/') => {
                 Storage::Rbd(pool.to_string())
             }
-            Some(("lvm", _)) => {
-                return Err(EngineError::unsupported(format!(
-                    "--storage {s}: LVM restore is not in this version"
-                ))
-                .into());
+            Some(("lvm", vg)) if virtkeep_engine::lvm::valid_new_lv_name(vg) => {
+                Storage::Lvm(vg.to_string())
             }
             _ => {
                 return Err(EngineError::config(format!(
-                    "--storage {s}: expected file:/ABSOLUTE/DIR or rbd:POOL"
+                    "--storage {s}: expected file:/ABSOLUTE/DIR, rbd:POOL or lvm:VG"
                 ))
                 .into());
             }
@@ -704,9 +702,21 @@ async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<Exi
 
 async fn cleanup(settings: &Settings, args: CleanupArgs, json: bool) -> anyhow::Result<ExitCode> {
     let host = connect(settings, &args.host).await?;
-    let reports = heal::cleanup_host(&host, args.dry_run)
-        .await
-        .context("cleanup")?;
+    let reports = match &args.vm {
+        Some(vm) => {
+            let r = heal::cleanup_vm(&host, vm, args.dry_run)
+                .await
+                .context("cleanup")?;
+            if r.actions.is_empty() {
+                vec![]
+            } else {
+                vec![r]
+            }
+        }
+        None => heal::cleanup_host(&host, args.dry_run)
+            .await
+            .context("cleanup")?,
+    };
     if json {
         print_json(
             &serde_json::json!({ "host": args.host, "dry_run": args.dry_run, "vms": reports }),

@@ -40,15 +40,19 @@ fn failing_pre_snapshot_command_aborts_cleanly() {
 
 /// Starts a backup and SIGKILLs the node as soon as `trigger` shows in its log.
 pub fn kill_backup_when(node: &Node, vm: &str, extra: &[&str], trigger: &str) {
+    kill_backup_of_when(node, &format!("{HOST}/{vm}"), extra, trigger);
+}
+
+/// Like [`kill_backup_when`] for `HOST/VM` on any host of the node.
+pub fn kill_backup_of_when(node: &Node, spec: &str, extra: &[&str], trigger: &str) {
     let bin = assert_cmd::cargo::cargo_bin("virtkeep");
-    let spec = format!("{HOST}/{vm}");
     let mut child = Command::new(bin)
         .arg("--config")
         .arg(node.config())
         .env("HOME", node.dir.path())
         .env("VIRTKEEP_LOG", "info")
         .arg("backup")
-        .arg(&spec)
+        .arg(spec)
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -1,0 +1,172 @@
+//! LVM disks in a backup: one `lvcreate -s` snapshot per logical volume, sized against
+//! the VG's free space before anything is made, read through the same qemu-nbd path as a
+//! raw image, checked for overflow before the backup is published, and removed by
+//! healing (after success, failure, or a killed run).
+//!
+//! LVM keeps no change map, so an LVM "incremental" reads the whole snapshot and stores
+//! only the chunks that changed: the previous backup's index is handed to the writer, so
+//! unchanged chunks are recognised by their digest and never uploaded again.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::backup::PlannedDisk;
+use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::lvm::{self, LvDisk, LvSnapshot, SnapshotRequest};
+
+/// One LVM disk of a running job.
+#[derive(Debug, Clone, Serialize)]
+pub struct FrozenLv {
+    pub vg: String,
+    pub lv: String,
+    /// The thin pool of a thin LV (a restore recreates the LV thin in it).
+    pub thin_pool: Option<String>,
+    /// The snapshot the data is read from.
+    #[serde(skip)]
+    pub snapshot: LvSnapshot,
+}
+
+/// The LVM disks of a job, by target.
+pub type FrozenLvs = BTreeMap<String, FrozenLv>;
+
+/// What [`prepare`] found and decided: the snapshots to make, all sizes checked.
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    requests: Vec<SnapshotRequest>,
+    disks: Vec<(String, FrozenLv)>,
+}
+
+impl Prepared {
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+}
+
+/// Looks the LVs up (one `lvs` per VG) and sizes their snapshots from the host's
+/// `[hosts.NAME.lvm]` settings; refuses when a VG lacks room or a thin pool is nearly
+/// full. Nothing is created here, so a refusal leaves nothing behind.
+pub async fn prepare(host: &Host, disks: &[&PlannedDisk], job_id: &str) -> Result<Prepared> {
+    let lvm_disks: Vec<(&PlannedDisk, &str, &str)> = disks
+        .iter()
+        .filter_map(|d| {
+            d.lvm
+                .as_ref()
+                .map(|(vg, lv)| (*d, vg.as_str(), lv.as_str()))
+        })
+        .collect();
+    if lvm_disks.is_empty() {
+        return Ok(Prepared::default());
+    }
+    let mut by_vg: BTreeMap<&str, Vec<virtkeep_libvirt::parse::LvInfo>> = BTreeMap::new();
+    for (_, vg, _) in &lvm_disks {
+        if !by_vg.contains_key(vg) {
+            by_vg.insert(vg, lvm::list_lvs(host, Some(vg)).await?);
+        }
+    }
+    let mut infos = Vec::new();
+    let mut out = Prepared::default();
+    for (d, vg, lv) in &lvm_disks {
+        let info = by_vg
+            .get(vg)
+            .and_then(|lvs| lvs.iter().find(|l| l.name == *lv))
+            .ok_or_else(|| {
+                Error::domain(format!(
+                    "disk {} names the logical volume {vg}/{lv}, which host {} does not have",
+                    d.target, host.name
+                ))
+                .hint("`lvs` on the host lists its logical volumes; fix the domain definition or exclude the disk with --exclude-disk")
+            })?;
+        if info.origin.is_some() && !info.is_thin() {
+            return Err(Error::unsupported(format!(
+                "disk {} is the LVM snapshot {vg}/{lv}: a snapshot of a snapshot is not supported",
+                d.target
+            ))
+            .hint(format!("exclude it with --exclude-disk {}", d.target)));
+        }
+        let disk = LvDisk::from_info(info);
+        let name = lvm::snapshot_name(vg, lv, job_id);
+        out.disks.push((
+            d.target.clone(),
+            FrozenLv {
+                vg: vg.to_string(),
+                lv: lv.to_string(),
+                thin_pool: if disk.thin {
+                    info.pool_lv.clone()
+                } else {
+                    None
+                },
+                snapshot: LvSnapshot {
+                    vg: vg.to_string(),
+                    origin: lv.to_string(),
+                    path: lvm::lv_path(vg, &name),
+                    name,
+                    thin: disk.thin,
+                },
+            },
+        ));
+        infos.push(disk);
+    }
+    let cfg = host.config.lvm.unwrap_or_default();
+    let sizes = lvm::plan_snapshot_space(
+        host,
+        &infos,
+        cfg.snapshot_share,
+        cfg.snapshot_floor_mib.saturating_mul(1 << 20),
+    )
+    .await?;
+    out.requests = SnapshotRequest::planned(&infos, &sizes);
+    Ok(out)
+}
+
+/// Makes the planned snapshots (all or nothing). The caller holds the guest still when
+/// other disks must share the instant.
+pub async fn snapshot(host: &Host, prepared: &Prepared, job_id: &str) -> Result<FrozenLvs> {
+    if prepared.is_empty() {
+        return Ok(FrozenLvs::new());
+    }
+    let made = lvm::create_snapshots(host, &prepared.requests, job_id).await?;
+    let mut out = FrozenLvs::new();
+    for ((target, mut frozen), snap) in prepared.disks.iter().cloned().zip(made) {
+        frozen.snapshot = snap;
+        out.insert(target, frozen);
+    }
+    Ok(out)
+}
+
+/// Every snapshot still holds the backup instant (none overflowed while it was read).
+pub async fn check_valid(host: &Host, frozen: &FrozenLvs) -> Result<()> {
+    for f in frozen.values() {
+        lvm::check_snapshot_valid(host, &f.snapshot).await?;
+    }
+    Ok(())
+}
+
+/// The newest earlier backup of this VM that has every LVM disk of `frozen` from the same
+/// LV: its chunks are not stored again. `None` for a first backup.
+pub async fn parent(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    vm: &str,
+    frozen: &FrozenLvs,
+) -> Result<Option<virtkeep_repo::Manifest>> {
+    if frozen.is_empty() {
+        return Ok(None);
+    }
+    let mut snaps = repo.snapshots().await?;
+    snaps.retain(|s| s.host == host.name && s.vm == vm);
+    snaps.sort_by_key(|s| s.time);
+    let Some(last) = snaps.last() else {
+        return Ok(None);
+    };
+    let manifest = repo.manifest(&last.id).await?;
+    let all = frozen.iter().all(|(target, f)| {
+        manifest.disks.iter().any(|m| {
+            &m.spec.target == target
+                && m.spec.backend == "lvm"
+                && m.spec.source == lvm::lv_path(&f.vg, &f.lv)
+        })
+    });
+    Ok(all.then_some(manifest))
+}
