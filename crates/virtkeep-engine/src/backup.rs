@@ -311,7 +311,7 @@ async fn backup_locked(
     if opts.mode != ModeRequest::Incremental {
         crate::kept::clear(host, &vm.uuid).await?;
     }
-    let healed = heal_vm(host, &vm.uuid, false).await?;
+    let healed = crate::heal::heal_loaded(host, vm.clone(), false).await?;
     if !healed.actions.is_empty() {
         let msg = format!(
             "healed leftovers of an earlier run: {}",

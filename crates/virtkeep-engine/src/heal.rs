@@ -72,7 +72,14 @@ pub async fn stop_job_exports(host: &Host, vm_uuid: &str) -> Result<()> {
 
 /// Heals one VM. The caller holds the VM lock.
 pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealReport> {
-    let mut vm = Vm::load(host, vm_uuid).await?;
+    heal_loaded(host, Vm::load(host, vm_uuid).await?, dry_run).await
+}
+
+/// [`heal_vm`] of a VM the caller has just loaded (each load costs a few `virsh` calls;
+/// the VM is loaded again only after healing changed it).
+pub async fn heal_loaded(host: &Host, mut vm: Vm, dry_run: bool) -> Result<HealReport> {
+    let vm_uuid = vm.uuid.clone();
+    let vm_uuid = vm_uuid.as_str();
     let mut report = HealReport {
         vm: vm.name.clone(),
         actions: Vec::new(),
@@ -88,7 +95,9 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
                 .push("ended a backup job a killed run left on the VM".into());
         }
         stop_job_exports(host, vm_uuid).await?;
-        vm.reload(host).await?;
+        if !report.actions.is_empty() {
+            vm.reload(host).await?;
+        }
     }
 
     // Kept overlays (the kept-snapshot incremental method) stay while the VM runs on
@@ -210,8 +219,9 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
         }
     }
 
-    // 5. Overlay files no definition refers to any more.
-    if !dry_run {
+    // 5. Overlay files no definition refers to any more (against the definitions as
+    // they are now: reloaded when a commit or redefine above changed them).
+    if !dry_run && report.actions.iter().any(|a| !a.starts_with("remove ")) {
         vm.reload(host).await?;
     }
     let inactive = virtkeep_libvirt::parse_domain(&vm.inactive_xml)?;

@@ -34,6 +34,7 @@ impl DomainState {
 }
 
 /// A domain as found on the host: its UUID, live and persistent XML, and state.
+#[derive(Debug, Clone)]
 pub struct Vm {
     pub uuid: String,
     pub name: String,

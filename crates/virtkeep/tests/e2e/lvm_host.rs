@@ -573,6 +573,8 @@ fn device_checksum(path: &str) -> String {
 /// domain is defined on the new LVs and starts; no snapshot is left on the host.
 #[test]
 fn lvm_backup_incremental_and_restore_of_a_running_vm() {
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:6.1}s] {what}", t0.elapsed().as_secs_f64());
     let h = hvm();
     let node = lvm_node();
     let vm = LvmTestVm::builder("lvbk")
@@ -584,7 +586,9 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     vm.write_pattern("vdb", 0x62, 3 * MIB, 5 * MIB);
     let first = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
 
+    step("VM built, pattern written");
     let full = backup_json(&node, &vm.name, &[]);
+    step("full backup");
     assert_eq!(full["mode"], "full", "{full}");
     assert_eq!(full["method"], "live_snapshot", "{full}");
     assert!(
@@ -604,7 +608,9 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     let second = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
     assert_ne!(first, second);
 
+    step("writes");
     let inc = backup_json(&node, &vm.name, &[]);
+    step("incremental backup");
     assert_eq!(inc["mode"], "incremental", "{inc}");
     assert!(
         inc["reason"]
@@ -633,6 +639,7 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     let name1 = virtkeep_lab::unique_name("lvbk-full");
     let full_id = full["id"].as_str().expect("id");
     let restored = restore_lvs(&node, full_id, &name1, &[], &mut domains, &mut lvs);
+    step("restore of the full backup");
     assert_eq!(restored.len(), 2);
     for ((target, path), want) in restored.iter().zip(&first) {
         assert!(path.starts_with(&format!("/dev/{}/", h.vg)), "{path}");
@@ -660,6 +667,7 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
         &mut domains,
         &mut lvs,
     );
+    step("restore of the incremental");
     for ((target, path), want) in restored.iter().zip(&second) {
         assert_eq!(&device_checksum(path), want, "{target} of the incremental");
     }
