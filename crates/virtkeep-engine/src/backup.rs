@@ -380,7 +380,7 @@ async fn backup_locked(
             warnings.push(msg);
         }
     }
-    let frozen_lvs = match frozen {
+    let mut frozen_lvs = match frozen {
         Ok(f) => f,
         Err(e) => {
             let _ = heal_vm(host, &vm.uuid, false).await;
@@ -408,10 +408,36 @@ async fn backup_locked(
     } else {
         crate::lvm_backup::parent(host, repo, &vm.name, &frozen_lvs).await?
     };
+    let thin_ranges = match crate::lvm_backup::thin_deltas(
+        host,
+        &mut frozen_lvs,
+        lvm_parent.as_ref(),
+        opts.mode != ModeRequest::Full,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("thin_delta failed, the thin LVs are read whole: {e}");
+            progress.event(Event::Notice {
+                vm: vm.name.clone(),
+                message: msg.clone(),
+            });
+            warnings.push(msg);
+            Default::default()
+        }
+    };
     let lvm_based = if lvm_parent.is_some() {
         frozen_lvs.len()
     } else {
         0
+    };
+    let lvm_how = if !thin_ranges.is_empty() && thin_ranges.len() == frozen_lvs.len() {
+        "thin_delta listed the changed blocks of the thin LVs and only those were read"
+    } else if !thin_ranges.is_empty() {
+        "thin_delta listed the changed blocks of the thin LVs (only those were read); the other LVs were read whole and only their changed chunks stored"
+    } else {
+        "LVM keeps no change map, so each snapshot was read whole and only the chunks that changed were stored"
     };
     let bases = rbd_bases
         .values()
@@ -424,9 +450,7 @@ async fn backup_locked(
             (
                 virtkeep_repo::BackupMode::Incremental,
                 if lvm_based == plan.disks.len() {
-                    format!(
-                        "incremental since backup {parent}: LVM keeps no change map, so each snapshot was read whole and only the chunks that changed were stored"
-                    )
+                    format!("incremental since backup {parent}: {lvm_how}")
                 } else if all {
                     format!(
                         "incremental since backup {parent} (kept RBD snapshots / kept overlays; LVM volumes read whole, only changed chunks stored)"
@@ -474,8 +498,16 @@ async fn backup_locked(
         &kept_new,
         &frozen_lvs,
         lvm_parent.as_ref(),
+        &thin_ranges,
     )
     .await;
+    if exported.is_ok()
+        && let Err(e) = crate::lvm_backup::replace_bases(host, &frozen_lvs).await
+    {
+        warnings.push(format!(
+            "the backup is stored, but its thin snapshots could not be kept as the next base (the next backup reads them whole): {e}"
+        ));
+    }
     if keep && exported.is_ok() {
         let kept = async {
             for d in plan
@@ -577,6 +609,7 @@ async fn export_all(
     kept_new: &std::collections::BTreeMap<String, String>,
     lvm: &FrozenLvs,
     lvm_parent: Option<&virtkeep_repo::Manifest>,
+    thin_ranges: &std::collections::BTreeMap<String, Vec<(u64, u64)>>,
 ) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>)> {
     let mut transport = opts.transport;
     if transport != Transport::Stream {
@@ -702,7 +735,16 @@ async fn export_all(
                         },
                     )
                 }
-                None => (lvm_previous, crate::export::ReadScope::default()),
+                None => match (thin_ranges.get(&disk.target), lvm_parent) {
+                    (Some(ranges), Some(parent)) => (
+                        lvm_previous,
+                        crate::export::ReadScope::Ranges {
+                            ranges: ranges.clone(),
+                            parent: Arc::new(repo.disk_reader(&parent.id, &disk.target).await?),
+                        },
+                    ),
+                    _ => (lvm_previous, crate::export::ReadScope::default()),
+                },
             };
             let sink = Arc::new(RepoSink::new(
                 writer.disk(spec(size), previous.as_ref()).await?,

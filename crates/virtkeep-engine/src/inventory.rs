@@ -396,12 +396,13 @@ pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
             (
                 td,
                 if td {
-                    "installed; LVM backups still read each snapshot whole and store only the changed chunks".to_string()
+                    "installed: incrementals of thin LVs read only the blocks thin_delta lists"
+                        .to_string()
                 } else {
-                    "not installed: LVM backups read each snapshot whole and store only the changed chunks".to_string()
+                    "not installed: incrementals of thin LVs read each snapshot whole (only changed chunks are stored)".to_string()
                 },
             ),
-            "install thin-provisioning-tools for thin-pool checks",
+            "install thin-provisioning-tools so that thin LV incrementals read only what changed",
             false,
         );
     }

@@ -28,6 +28,10 @@ use crate::host::Host;
 /// `cleanup` can tell its own snapshots from anything else.
 pub const LV_SNAPSHOT_MARKER: &str = "-vksnap-";
 
+/// The LV tag of a thin snapshot kept as the base of the next incremental (`thin_delta`
+/// lists what changed since it). Healing leaves tagged snapshots alone.
+pub const BASE_TAG: &str = "virtkeep_base";
+
 /// LVM's limit on LV (and VG) names.
 pub const LVM_NAME_MAX: usize = 127;
 
@@ -663,6 +667,7 @@ pub async fn find_leftover_snapshots<'a>(
             lvs.iter()
                 .filter(|l| {
                     l.name.contains(LV_SNAPSHOT_MARKER)
+                        && !l.tags.iter().any(|t| t == BASE_TAG)
                         && lvs_of_vg
                             .iter()
                             .any(|o| is_snapshot_name_of(vg, o, &l.name))
@@ -733,6 +738,114 @@ async fn stop_process(host: &Host, pid: u32) -> Result<()> {
     host.exec(&RemoteCommand::new("kill").arg("-KILL").arg(&pid_s))
         .await?;
     Ok(())
+}
+
+// ───────────────────────────── thin_delta ─────────────────────────────
+
+/// Marks (or unmarks) a thin snapshot as the kept base of its origin.
+pub async fn set_base_tag(host: &Host, vg: &str, name: &str, on: bool) -> Result<()> {
+    let cmd = RemoteCommand::new("lvchange")
+        .arg(if on { "--addtag" } else { "--deltag" })
+        .arg(BASE_TAG)
+        .arg(format!("{vg}/{name}"));
+    host.run(&lvm(cmd))
+        .await
+        .map_err(|e| e.context(format!("tagging the LVM snapshot {vg}/{name}")))?;
+    Ok(())
+}
+
+/// Kept base snapshots (tagged [`BASE_TAG`]) of `vg/origin`.
+pub async fn base_snapshots(host: &Host, vg: &str, origin: &str) -> Result<Vec<LvInfo>> {
+    Ok(list_lvs(host, Some(vg))
+        .await?
+        .into_iter()
+        .filter(|l| {
+            l.tags.iter().any(|t| t == BASE_TAG) && is_snapshot_name_of(vg, origin, &l.name)
+        })
+        .collect())
+}
+
+/// `thin_delta` between two thin LVs of one pool, through a metadata snapshot of the
+/// live pool (released again, also when thin_delta fails); prints its XML.
+const THIN_DELTA: &str = r#"set -e
+vg=$1 pool=$2 a=$3 b=$4
+ida=$(lvs --noheadings -o thin_id "$vg/$a" | tr -d ' ')
+idb=$(lvs --noheadings -o thin_id "$vg/$b" | tr -d ' ')
+dm=$(printf %s "$vg" | sed 's/-/--/g')-$(printf %s "$pool" | sed 's/-/--/g')
+# a killed run may have left a metadata snapshot reserved
+dmsetup message "$dm-tpool" 0 release_metadata_snap 2>/dev/null || true
+dmsetup message "$dm-tpool" 0 reserve_metadata_snap
+trap 'dmsetup message "$dm-tpool" 0 release_metadata_snap' EXIT
+thin_delta -m --snap1 "$ida" --snap2 "$idb" "/dev/mapper/${dm}_tmeta""#;
+
+/// The byte ranges in which thin LVs `base` and `new` (snapshots of one origin, in
+/// `vg/pool`) differ, from the pool's metadata: no data is read.
+pub async fn thin_changed_ranges(
+    host: &Host,
+    vg: &str,
+    pool: &str,
+    base: &str,
+    new: &str,
+) -> Result<Vec<(u64, u64)>> {
+    let cmd = RemoteCommand::new("sh")
+        .arg("-c")
+        .arg(THIN_DELTA)
+        .arg("sh")
+        .args([vg, pool, base, new]);
+    let xml = host
+        .run_string(&lvm(cmd))
+        .await
+        .map_err(|e| e.context(format!("listing the changes of {vg}/{new} with thin_delta")))?;
+    parse_thin_delta(&xml).map_err(|why| {
+        Error::new(
+            ErrorKind::Remote,
+            format!("unexpected thin_delta output for {vg}/{new}: {why}"),
+        )
+    })
+}
+
+/// Changed byte ranges from `thin_delta -m` XML: `different`, `left_only` and
+/// `right_only` runs of data blocks (`data_block_size` is in 512-byte sectors).
+pub fn parse_thin_delta(xml: &str) -> std::result::Result<Vec<(u64, u64)>, String> {
+    fn attr(tag: &str, name: &str) -> Option<u64> {
+        let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+        let end = tag[at..].find('"')?;
+        tag[at..at + end].parse().ok()
+    }
+    let mut block = None;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for line in xml.lines().map(str::trim) {
+        if line.starts_with("<superblock") {
+            let sectors = attr(line, "data_block_size")
+                .filter(|s| *s > 0)
+                .ok_or("no data_block_size in the superblock")?;
+            block = Some(sectors * 512);
+        } else if ["<different", "<left_only", "<right_only"]
+            .iter()
+            .any(|t| line.starts_with(t))
+        {
+            let block = block.ok_or("a range before the superblock")?;
+            let (Some(begin), Some(len)) = (attr(line, "begin"), attr(line, "length")) else {
+                return Err(format!("a range without begin/length: {line}"));
+            };
+            let (off, n) = (begin * block, len * block);
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += n,
+                _ => out.push((off, n)),
+            }
+        } else if line.starts_with("<same")
+            || line.starts_with("<diff")
+            || line.starts_with("</")
+            || line.is_empty()
+        {
+        } else {
+            return Err(format!("unexpected line: {line}"));
+        }
+    }
+    if block.is_none() {
+        return Err("no superblock".into());
+    }
+    Ok(out)
 }
 
 // ───────────────────────────── restore ─────────────────────────────
@@ -927,12 +1040,39 @@ mod tests {
             origin: Some("o".into()),
             data_percent: pct,
             path: None,
+            tags: Vec::new(),
         };
         assert!(snapshot_state(&lv("swi-a-s---", Some(12.0))).is_ok());
         assert!(snapshot_state(&lv("swi-I-s---", Some(100.0))).is_err());
         assert!(snapshot_state(&lv("swi-a-s---", Some(100.0))).is_err());
         assert!(snapshot_state(&lv("Vwi-a-tz--", Some(100.0))).is_ok());
         assert!(snapshot_state(&lv("Vwi-a-tzF-", None)).is_err());
+    }
+
+    #[test]
+    fn thin_delta_ranges() {
+        let xml = r#"<superblock uuid="" time="12" transaction="45" data_block_size="128" nr_data_blocks="0">
+  <diff left="9" right="10">
+    <same begin="0" length="16"/>
+    <right_only begin="16" length="1"/>
+    <different begin="17" length="2"/>
+    <left_only begin="80" length="1"/>
+  </diff>
+</superblock>
+"#;
+        const B: u64 = 64 * 1024;
+        assert_eq!(
+            parse_thin_delta(xml),
+            Ok(vec![(16 * B, 3 * B), (80 * B, B)])
+        );
+        assert_eq!(
+            parse_thin_delta("<superblock data_block_size=\"128\">\n</superblock>"),
+            Ok(vec![])
+        );
+        assert!(parse_thin_delta("").is_err());
+        assert!(parse_thin_delta("<different begin=\"1\" length=\"1\"/>").is_err());
+        assert!(parse_thin_delta("<superblock data_block_size=\"0\">").is_err());
+        assert!(parse_thin_delta("<superblock data_block_size=\"8\">\n<bogus/>").is_err());
     }
 
     #[test]

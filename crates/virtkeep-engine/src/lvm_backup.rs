@@ -6,6 +6,13 @@
 //! LVM keeps no change map, so an LVM "incremental" reads the whole snapshot and stores
 //! only the chunks that changed: the previous backup's index is handed to the writer, so
 //! unchanged chunks are recognised by their digest and never uploaded again.
+//!
+//! Thin LVs do better when the host has `thin_delta` (thin-provisioning-tools): the
+//! thin snapshot of a backup in `--mode auto|incremental` stays on the host, tagged
+//! [`lvm::BASE_TAG`] and recorded in the manifest; the next backup asks the pool's
+//! metadata which blocks differ between that base and its new snapshot and reads only
+//! those, patched onto the parent's chunks. The base is replaced after each published
+//! backup and dropped by `--mode full`; healing leaves tagged snapshots alone.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +30,11 @@ pub struct FrozenLv {
     pub lv: String,
     /// The thin pool of a thin LV (a restore recreates the LV thin in it).
     pub thin_pool: Option<String>,
+    /// The snapshot this backup leaves on the host as the next incremental's base.
+    pub kept: Option<String>,
+    /// Origin size in bytes.
+    #[serde(skip)]
+    pub size: u64,
     /// The snapshot the data is read from.
     #[serde(skip)]
     pub snapshot: LvSnapshot,
@@ -97,6 +109,8 @@ pub async fn prepare(host: &Host, disks: &[&PlannedDisk], job_id: &str) -> Resul
                 } else {
                     None
                 },
+                kept: None,
+                size: disk.size,
                 snapshot: LvSnapshot {
                     vg: vg.to_string(),
                     origin: lv.to_string(),
@@ -139,6 +153,82 @@ pub async fn snapshot(host: &Host, prepared: &Prepared, job_id: &str) -> Result<
 pub async fn check_valid(host: &Host, frozen: &FrozenLvs) -> Result<()> {
     for f in frozen.values() {
         lvm::check_snapshot_valid(host, &f.snapshot).await?;
+    }
+    Ok(())
+}
+
+/// Changed ranges per target, for thin LVs whose base (kept by the parent backup) is
+/// still on the host; also decides which thin snapshots this backup keeps (`--mode
+/// auto|incremental` on a host with thin_delta).
+pub async fn thin_deltas(
+    host: &Host,
+    frozen: &mut FrozenLvs,
+    parent: Option<&virtkeep_repo::Manifest>,
+    keep: bool,
+) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
+    let mut out = BTreeMap::new();
+    if !keep || !frozen.values().any(|f| f.thin_pool.is_some()) {
+        return Ok(out);
+    }
+    let has_thin_delta = host
+        .exec(&virtkeep_ssh::RemoteCommand::raw_trusted(
+            "command -v thin_delta >/dev/null 2>&1 || test -x /usr/sbin/thin_delta",
+        ))
+        .await?
+        .status
+        == 0;
+    if !has_thin_delta {
+        return Ok(out);
+    }
+    for (target, f) in frozen.iter_mut() {
+        let Some(pool) = f.thin_pool.clone() else {
+            continue;
+        };
+        f.kept = Some(f.snapshot.name.clone());
+        let Some(parent) = parent else { continue };
+        let Some(base) = parent.extra["lvm"][target]["kept"].as_str() else {
+            continue;
+        };
+        let same_size = parent
+            .disks
+            .iter()
+            .any(|m| &m.spec.target == target && m.spec.size == f.size);
+        if !same_size {
+            continue;
+        }
+        let on_host = lvm::base_snapshots(host, &f.vg, &f.lv)
+            .await?
+            .iter()
+            .any(|l| l.name == base);
+        if on_host {
+            let ranges =
+                lvm::thin_changed_ranges(host, &f.vg, &pool, base, &f.snapshot.name).await?;
+            out.insert(target.clone(), ranges);
+        }
+    }
+    Ok(out)
+}
+
+/// After the backup is published: the kept thin snapshots become the bases (tagged),
+/// older bases of the same LVs go.
+pub async fn replace_bases(host: &Host, frozen: &FrozenLvs) -> Result<()> {
+    for f in frozen.values().filter(|f| f.thin_pool.is_some()) {
+        let old: Vec<LvSnapshot> = lvm::base_snapshots(host, &f.vg, &f.lv)
+            .await?
+            .into_iter()
+            .filter(|l| Some(&l.name) != f.kept.as_ref())
+            .map(|l| LvSnapshot {
+                vg: f.vg.clone(),
+                origin: f.lv.clone(),
+                path: lvm::lv_path(&f.vg, &l.name),
+                name: l.name,
+                thin: true,
+            })
+            .collect();
+        if let Some(kept) = &f.kept {
+            lvm::set_base_tag(host, &f.vg, kept, true).await?;
+        }
+        lvm::remove_snapshots(host, &old).await?;
     }
     Ok(())
 }

@@ -439,7 +439,8 @@ pub fn qemu_nbd_export_writable(
 // ───────────────────────────── LVM ─────────────────────────────
 
 /// Fields requested by [`lvs_json`].
-pub const LVS_FIELDS: &str = "lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path";
+pub const LVS_FIELDS: &str =
+    "lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path,lv_tags";
 /// Fields requested by [`vgs_json`].
 pub const VGS_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size";
 

@@ -346,6 +346,8 @@ pub struct LvInfo {
     pub data_percent: Option<f64>,
     /// `/dev/VG/LV` (empty for hidden LVs).
     pub path: Option<String>,
+    /// LV tags (`lvchange --addtag`).
+    pub tags: Vec<String>,
 }
 
 impl LvInfo {
@@ -417,6 +419,8 @@ struct RawLv {
     data_percent: String,
     #[serde(default)]
     lv_path: String,
+    #[serde(default)]
+    lv_tags: String,
 }
 
 #[derive(Deserialize)]
@@ -461,6 +465,13 @@ pub fn parse_lvs_json(json_text: &str) -> Result<Vec<LvInfo>, ParseError> {
                 origin: non_empty(r.origin),
                 data_percent,
                 path: non_empty(r.lv_path),
+                tags: r
+                    .lv_tags
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect(),
             });
         }
     }

@@ -245,11 +245,11 @@ fn qemu_nbd_image_opts_escape_commas() {
 fn lvm() {
     assert_eq!(
         cmd::lvs_json(None).render(),
-        "lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path"
+        "lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path,lv_tags"
     );
     assert_eq!(
         cmd::lvs_json(Some("vg0")).render(),
-        "lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path vg0"
+        "lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path,lv_tags vg0"
     );
     assert_eq!(
         cmd::vgs_json().render(),

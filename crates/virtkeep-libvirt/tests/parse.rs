@@ -192,6 +192,12 @@ fn lvs_json() {
             .is_err()
     );
     assert!(parse_lvs_json("  WARNING: Running as a non-root user.").is_err());
+    let tagged = parse_lvs_json(
+        r#"{"report":[{"lv":[{"lv_name":"a","vg_name":"b","lv_size":"1","lv_tags":"virtkeep_base,other"}]}]}"#,
+    )
+    .expect("tags");
+    assert_eq!(tagged[0].tags, vec!["virtkeep_base", "other"]);
+    assert!(lvs[0].tags.is_empty());
 }
 
 #[test]

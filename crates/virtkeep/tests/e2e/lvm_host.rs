@@ -568,9 +568,11 @@ fn device_checksum(path: &str) -> String {
 }
 
 /// The issue's main case: a running VM on a thick and a thin LV; full backup → writes →
-/// incremental (whole snapshots read, only the changed chunks stored) → each backup
-/// restored into new LVs (the thin one thin again) equals its own instant; the restored
-/// domain is defined on the new LVs and starts; no snapshot is left on the host.
+/// incremental (the thick snapshot read whole with only the changed chunk stored, the
+/// thin one read only where thin_delta says it changed) → each backup restored into new
+/// LVs (the thin one thin again) equals its own instant; the restored domain is defined
+/// on the new LVs and starts; the only snapshot left on the host is the thin LV's tagged
+/// base, and `--mode full` removes it.
 #[test]
 fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     let t0 = Instant::now();
@@ -585,8 +587,8 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     vm.write_pattern("vda", 0x61, 0, 6 * MIB);
     vm.write_pattern("vdb", 0x62, 3 * MIB, 5 * MIB);
     let first = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
-
     step("VM built, pattern written");
+
     let full = backup_json(&node, &vm.name, &[]);
     step("full backup");
     assert_eq!(full["mode"], "full", "{full}");
@@ -595,11 +597,20 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
         full["reason"].as_str().is_some_and(|r| r.contains("LVM")),
         "{full}"
     );
-    assert!(
-        vm.leftover_snapshots().is_empty(),
-        "{:?}",
-        vm.leftover_snapshots()
-    );
+    // the thin LV's snapshot stays as the next incremental's base, tagged; nothing else
+    let only_thin_base = |vm: &LvmTestVm| {
+        let left = vm.leftover_snapshots();
+        assert_eq!(left.len(), 1, "{left:?}");
+        let prefix = format!("{}/{}{LV_SNAPSHOT_MARKER}", vm.disks[1].vg, vm.disks[1].lv);
+        assert!(left[0].starts_with(&prefix), "{left:?}");
+        let tags = h.ssh(&format!(
+            "lvs --noheadings -o lv_tags {}",
+            sh_quote(&left[0])
+        ));
+        assert_eq!(tags.trim(), lvm::BASE_TAG, "{left:?}");
+        left[0].clone()
+    };
+    let base1 = only_thin_base(&vm);
     assert!(vm.is_running());
 
     // 1 MiB changed on each disk
@@ -607,35 +618,38 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     vm.write_pattern("vdb", 0x72, 20 * MIB, MIB);
     let second = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
     assert_ne!(first, second);
-
     step("writes");
+
     let inc = backup_json(&node, &vm.name, &[]);
     step("incremental backup");
     assert_eq!(inc["mode"], "incremental", "{inc}");
     assert!(
         inc["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("read whole")),
+            .is_some_and(|r| r.contains("thin_delta")),
         "{inc}"
     );
     for d in inc["disks"].as_array().expect("disks") {
         let read = d["bytes_read"].as_u64().expect("bytes_read");
         let new = d["bytes_new"].as_u64().expect("bytes_new");
         eprintln!("incremental {}: read {read} B, new {new} B", d["target"]);
-        // LVM has no change map: at least the written data is read again ...
-        assert!(read >= 6 * MIB, "{d}");
-        // ... but only the chunk holding the changed MiB is new
+        if d["target"] == "vda" {
+            // a thick LV has no change map: at least the written data is read again
+            assert!(read >= 6 * MIB, "{d}");
+        } else {
+            // thin_delta: the changed MiB (in 64 KiB pool blocks), nothing else
+            assert!((MIB..=MIB + 128 * 1024).contains(&read), "{d}");
+        }
+        // only the chunk holding the changed MiB is new
         assert!(new > 0 && new <= 4 * MIB, "{d}");
         assert_eq!(d["chunks_new"], 1, "{d}");
     }
-    assert!(
-        vm.leftover_snapshots().is_empty(),
-        "{:?}",
-        vm.leftover_snapshots()
-    );
+    let base2 = only_thin_base(&vm);
+    assert_ne!(base1, base2, "the base moves to the newest backup");
 
-    let mut domains = DomainGuard(Vec::new());
+    // the domains go first (a running one holds its LVs open)
     let mut lvs = LvGuard(Vec::new());
+    let mut domains = DomainGuard(Vec::new());
     let name1 = virtkeep_lab::unique_name("lvbk-full");
     let full_id = full["id"].as_str().expect("id");
     let restored = restore_lvs(&node, full_id, &name1, &[], &mut domains, &mut lvs);
@@ -655,7 +669,7 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
         .1;
     assert!(attr.starts_with('V'), "restored vdb is not thin: {attr}");
 
-    // the incremental into another VG name given explicitly, started
+    // the incremental, into the VG named explicitly, and started
     let name2 = virtkeep_lab::unique_name("lvbk-inc");
     let inc_id = inc["id"].as_str().expect("id");
     let storage = format!("lvm:{}", h.vg);
@@ -681,10 +695,18 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
         );
     }
     assert!(xml.contains("type='block'"), "{xml}");
-    // the original VM is untouched and nothing of virtkeep is left
+
+    // the original VM is untouched; a full backup keeps no base
     assert!(vm.is_running());
-    assert!(vm.leftover_snapshots().is_empty());
     assert_eq!(vm.disk_checksum("vda"), second[0]);
+    let again = backup_json(&node, &vm.name, &["--mode", "full"]);
+    step("backup with --mode full");
+    assert_eq!(again["mode"], "full", "{again}");
+    assert!(
+        vm.leftover_snapshots().is_empty(),
+        "{:?}",
+        vm.leftover_snapshots()
+    );
 }
 
 /// A VG without room for the snapshots: the backup is refused before anything is made,
@@ -750,8 +772,8 @@ fn lvm_killed_mid_export_then_cleanup_removes_the_snapshot() {
     );
     let r = backup_json(&node, &vm.name, &[]);
     assert_eq!(r["method"], "offline_overlay", "{r}");
-    let mut domains = DomainGuard(Vec::new());
     let mut lvs = LvGuard(Vec::new());
+    let mut domains = DomainGuard(Vec::new());
     let name = virtkeep_lab::unique_name("lvkill-r");
     let restored = restore_lvs(
         &node,
