@@ -10,6 +10,7 @@ PKGS=(
   ceph-mon ceph-osd ceph-common radosgw
   netcat-openbsd python3-boto3 sudo procps util-linux passwd coreutils
   curl ca-certificates shellcheck
+  mmdebstrap eatmydata e2fsprogs
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

@@ -392,21 +392,36 @@ async fn backup_locked(
         vm: vm.name.clone(),
         phase: "export",
     });
-    let rbd_bases = crate::rbd::bases(host, repo, &vm, &plan, opts.mode).await?;
     let keep = opts.mode == ModeRequest::Incremental && plan.method == FreezeMethod::LiveSnapshot;
-    let (kept_bases, kept_problem) = if keep {
-        crate::kept::bases(host, repo, &vm, &plan).await?
-    } else {
-        (crate::rbd::Bases::new(), None)
+    // The VM is frozen from here on: a failure to find the bases heals before returning.
+    let bases = async {
+        let rbd_bases = crate::rbd::bases(host, repo, &vm, &plan, opts.mode).await?;
+        let kept = if keep {
+            crate::kept::bases(host, repo, &vm, &plan).await?
+        } else {
+            (crate::rbd::Bases::new(), None)
+        };
+        let lvm_parent = if opts.mode == ModeRequest::Full {
+            None
+        } else {
+            crate::lvm_backup::parent(host, repo, &vm.name, &frozen_lvs).await?
+        };
+        Ok::<_, Error>((rbd_bases, kept, lvm_parent))
+    }
+    .await;
+    let (rbd_bases, (kept_bases, kept_problem), lvm_parent) = match bases {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = heal_vm(host, &vm.uuid, false).await;
+            let _ = host
+                .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir))
+                .await;
+            return Err(e);
+        }
     };
     let reason = match (keep, kept_problem) {
         (true, Some(problem)) => problem,
         _ => reason,
-    };
-    let lvm_parent = if opts.mode == ModeRequest::Full {
-        None
-    } else {
-        crate::lvm_backup::parent(host, repo, &vm.name, &frozen_lvs).await?
     };
     let thin_ranges = match crate::lvm_backup::thin_deltas(
         host,
