@@ -411,6 +411,13 @@ impl Catalog {
         Ok(())
     }
 
+    pub fn finish_run_note(&self, id: i64, note: &str) -> Result<()> {
+        self.conn()
+            .execute("UPDATE runs SET note = ?2 WHERE id = ?1", params![id, note])
+            .map_err(self.err("annotating a run"))?;
+        Ok(())
+    }
+
     pub fn runs(&self, policy: Option<&str>, limit: u32) -> Result<Vec<RunRecord>> {
         let c = self.conn();
         let mut st = c

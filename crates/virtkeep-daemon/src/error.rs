@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 /// A mistake in the configuration file, pointing at the place.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}:{column}: {message}; expected {expected}", file.display())]
+#[error("{}:{line}:{column}: {message}{}", file.display(), if expected.is_empty() { String::new() } else { format!("; expected {expected}") })]
 pub struct ConfigError {
     pub file: PathBuf,
     /// 1-based line of the offending value.
@@ -13,7 +13,7 @@ pub struct ConfigError {
     /// 1-based column (in characters) of the offending value.
     pub column: usize,
     pub message: String,
-    /// What would have been accepted there.
+    /// What would have been accepted there (empty when the message says it).
     pub expected: String,
 }
 

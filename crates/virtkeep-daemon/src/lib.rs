@@ -16,3 +16,8 @@ pub mod policy;
 pub mod schedule;
 
 pub use error::{ConfigError, DaemonError, Result};
+pub mod api;
+pub mod daemon;
+pub mod dispatch;
+pub mod metrics;
+pub mod task;

@@ -320,7 +320,7 @@ impl DaemonConfig {
             let message = e.message().trim().to_string();
             // toml's message already says what it wanted ("expected one of …") where it knows.
             let expected = if message.contains("expected") {
-                "what the message says".to_string()
+                String::new()
             } else {
                 "a setting described in docs/daemon.md".to_string()
             };
