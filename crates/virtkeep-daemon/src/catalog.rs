@@ -584,6 +584,18 @@ impl Catalog {
             .map_err(self.err("listing jobs"))
     }
 
+    /// Whether `policy` already has a queued or running job for this VM.
+    pub fn has_open_job(&self, host: &str, vm: &str, policy: &str) -> Result<bool> {
+        self.conn()
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM jobs WHERE host = ?1 AND vm = ?2 AND policy = ?3
+                                AND status IN ('queued', 'running'))",
+                params![host, vm, policy],
+                |r| r.get(0),
+            )
+            .map_err(self.err("reading jobs"))
+    }
+
     /// Raw `not_before` of a queued job (unix seconds), for the dispatcher.
     pub fn not_before(&self, id: i64) -> Result<i64> {
         self.conn()
@@ -601,6 +613,7 @@ impl Catalog {
             status: Some(JobStatus::Running),
             ..Default::default()
         })?;
+        let mut failed = Vec::new();
         for j in &orphans {
             self.finish_job(
                 j.id,
@@ -609,8 +622,9 @@ impl Catalog {
                     ..Default::default()
                 },
             )?;
+            failed.push(self.job(j.id)?);
         }
-        Ok(orphans)
+        Ok(failed)
     }
 
     /// Counts of a run's jobs: (total tries that are final, failed among them,
@@ -740,6 +754,7 @@ mod tests {
         assert_eq!(c.next_run("p", "every 5s auto").expect("n"), Some(100));
         let orphans = c.fail_orphans("daemon died").expect("orphans");
         assert_eq!(orphans.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id]);
+        assert_eq!(orphans[0].status, JobStatus::Failed);
         let j = c.job(id).expect("job");
         assert_eq!(j.status, JobStatus::Failed);
         assert_eq!(j.error.as_deref(), Some("daemon died"));

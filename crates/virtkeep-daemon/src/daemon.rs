@@ -280,6 +280,7 @@ impl State {
     pub async fn start_run(&mut self, p: &Policy, mode: ScheduleMode, trigger: &str) -> Result<()> {
         let run = self.catalog.start_run(&p.name, mode.as_str(), trigger)?;
         let mut notes = Vec::new();
+        let mut had_error = false;
         let mut count = 0;
         let request = serde_json::to_string(&JobRequest::Backup {
             policy: Some(p.name.clone()),
@@ -304,10 +305,20 @@ impl State {
             let chosen = sel.select(&available);
             for wanted in &sel.names {
                 if !available.contains(wanted) {
+                    had_error = true;
                     notes.push(format!("{}/{wanted}: no such VM", sel.host));
                 }
             }
             for vm in chosen {
+                // A run does not pile up behind the previous one: a VM whose backup of
+                // this policy is still queued or running is left to that job.
+                if self.catalog.has_open_job(&sel.host, vm, &p.name)? {
+                    notes.push(format!(
+                        "{}/{vm}: skipped, its previous backup has not finished",
+                        sel.host
+                    ));
+                    continue;
+                }
                 let id = self.catalog.add_job(&NewJob {
                     run_id: Some(run),
                     kind: "backup",
@@ -332,11 +343,7 @@ impl State {
         if count == 0 {
             self.catalog.finish_run(
                 run,
-                if notes.is_empty() {
-                    "succeeded"
-                } else {
-                    "failed"
-                },
+                if had_error { "failed" } else { "skipped" },
                 Some(note.as_deref().unwrap_or("no VM matched the selection")),
             )?;
         } else if let Some(n) = &note {

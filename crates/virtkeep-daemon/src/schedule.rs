@@ -8,11 +8,21 @@ use croner::Cron;
 
 /// Which backup a schedule asks for.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize, serde::Serialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleMode {
     /// Incremental where the chain allows it, full otherwise (the engine decides).
+    #[default]
     Auto,
     Incremental,
     Full,

@@ -26,6 +26,8 @@ pub enum JobRequest {
         /// The policy whose options apply; none: defaults and the default repository.
         #[serde(default)]
         policy: Option<String>,
+        /// `auto` (default), `full` or `incremental`.
+        #[serde(default)]
         #[schema(value_type = String)]
         mode: ScheduleMode,
     },
