@@ -620,3 +620,124 @@ names = ["db01"]
         assert!(stderr.contains("expected 5 fields"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn sigterm_with_abort_stops_the_export_and_heals_the_vm() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkd-term")
+        .raw_disk(64 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x54, 0, 32 * MIB);
+    let sources = vm.current_sources();
+    append_config(
+        &node,
+        &format!(
+            r#"
+[daemon]
+catalog = "{}"
+shutdown = "abort"
+retries = 1
+
+[policies.hourly]
+schedules = [{{ every = "1h", mode = "full" }}]
+parallel = 1
+
+[[policies.hourly.vms]]
+host = "{HOST}"
+names = ["{}"]
+"#,
+            catalog(&node),
+            vm.name
+        ),
+    );
+    let mut daemon = Daemon::start(&node);
+    daemon.wait_log("disk transfer starts", 120);
+    let started = Instant::now();
+    daemon.terminate();
+    eprintln!(
+        "SIGTERM with abort took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let list = jobs(&node);
+    let first = list.iter().find(|j| j["attempt"] == 1).expect("first job");
+    assert_eq!(first["status"], "failed", "{list:#?}");
+    assert!(
+        first["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("aborted by the daemon's shutdown")),
+        "{first}"
+    );
+    // Its retry waits in the catalog for the next start.
+    let retry = list.iter().find(|j| j["attempt"] == 2).expect("retry");
+    assert_eq!(retry["status"], "queued", "{list:#?}");
+    assert_eq!(retry["retry_of"], first["id"]);
+    assert!(vm.is_running());
+    assert_eq!(vm.current_sources(), sources);
+    assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
+    assert_eq!(node.json(&["snapshots"]).as_array().map(Vec::len), Some(0));
+}
+
+#[test]
+fn a_run_fails_its_remaining_tasks_past_the_threshold() {
+    let node = Node::new();
+    let vms: Vec<TestVm> = (0..3)
+        .map(|_| {
+            TestVm::builder("vkd-rest")
+                .qcow2_disk(4 * MIB)
+                .running(false)
+                .build()
+        })
+        .collect();
+    let names: Vec<String> = vms.iter().map(|v| format!("\"{}\"", v.name)).collect();
+    append_config(
+        &node,
+        &format!(
+            r#"
+[daemon]
+catalog = "{}"
+max_jobs = 1
+retries = 0
+
+[policies.strict]
+schedules = [{{ every = "1h" }}]
+pre_snapshot = "echo not today >&2; exit 7"
+fail_rest_above_percent = 30
+
+[[policies.strict.vms]]
+host = "{HOST}"
+names = [{}]
+"#,
+            catalog(&node),
+            names.join(", ")
+        ),
+    );
+    let daemon = Daemon::start(&node);
+    let list = wait_jobs(&node, &daemon, 120, "the run's end", |l| {
+        l.len() == 3 && l.iter().all(|j| j["status"] == "failed")
+    });
+    let policies = node.json(&["policy", "list"]);
+    daemon.terminate();
+    let ran: Vec<&Value> = list
+        .iter()
+        .filter(|j| j["error"].as_str().is_some_and(|e| e.contains("not today")))
+        .collect();
+    let cancelled: Vec<&Value> = list
+        .iter()
+        .filter(|j| {
+            j["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("not run: 1 of the 3 tasks"))
+        })
+        .collect();
+    assert_eq!((ran.len(), cancelled.len()), (1, 2), "{list:#?}");
+    assert!(
+        cancelled.iter().all(|j| j["started"].is_null()),
+        "{list:#?}"
+    );
+    assert_eq!(
+        policies[0]["last_runs"][0]["status"], "failed",
+        "{policies}"
+    );
+}
