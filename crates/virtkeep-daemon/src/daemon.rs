@@ -123,6 +123,26 @@ async fn finish_aborted(
     Ok(())
 }
 
+/// A schedule's next run at start-up (the missed-run rule of docs/daemon.md): no
+/// history → its first run; a time still ahead → kept; a time that passed while the
+/// daemon was stopped → now once (`run-once`, however many were missed) or the next
+/// regular time (`skip`).
+pub fn initial_next(
+    s: &crate::schedule::Schedule,
+    stored: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    rule: MissedRuns,
+) -> Option<DateTime<Utc>> {
+    match stored {
+        None => s.first_run(now),
+        Some(t) if t <= now => match rule {
+            MissedRuns::RunOnce => Some(t),
+            MissedRuns::Skip => s.next_after(now),
+        },
+        Some(t) => Some(t),
+    }
+}
+
 fn to_unix(t: DateTime<Utc>) -> i64 {
     t.timestamp()
 }
@@ -195,21 +215,11 @@ impl State {
         let now = Utc::now();
         for p in self.env.daemon.policies.values().filter(|p| p.enabled) {
             for s in &p.schedules {
-                let stored = self.catalog.next_run(&p.name, &s.key)?;
-                let next = match stored.map(from_unix) {
-                    None => s.first_run(now),
-                    Some(t) if t <= now => match self.env.daemon.missed_runs {
-                        MissedRuns::RunOnce => {
-                            tracing::info!(policy = %p.name, schedule = %s.describe(), missed = %t, "catching up a missed run");
-                            Some(t)
-                        }
-                        MissedRuns::Skip => {
-                            tracing::info!(policy = %p.name, schedule = %s.describe(), missed = %t, "skipping a missed run");
-                            s.next_after(now)
-                        }
-                    },
-                    Some(t) => Some(t),
-                };
+                let stored = self.catalog.next_run(&p.name, &s.key)?.map(from_unix);
+                let next = initial_next(s, stored, now, self.env.daemon.missed_runs);
+                if let Some(t) = stored.filter(|t| *t <= now) {
+                    tracing::info!(policy = %p.name, schedule = %s.describe(), missed = %t, rule = ?self.env.daemon.missed_runs, "a run fell due while the daemon was stopped");
+                }
                 self.catalog
                     .set_next_run(&p.name, &s.key, next.map(to_unix), None)?;
                 if let Some(n) = next {
@@ -475,5 +485,39 @@ impl State {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::Schedule;
+    use chrono::TimeZone;
+
+    #[test]
+    fn missed_runs_rule() {
+        let now = Utc
+            .with_ymd_and_hms(2026, 3, 10, 12, 0, 0)
+            .single()
+            .expect("t");
+        let cron = Schedule::cron("0 2 * * *", chrono_tz::Tz::UTC, ScheduleMode::Full).expect("c");
+        let at2 = Utc.with_ymd_and_hms(2026, 3, 11, 2, 0, 0).single();
+        // First start: the next occurrence.
+        assert_eq!(initial_next(&cron, None, now, MissedRuns::RunOnce), at2);
+        // Missed three nights: one run now (due at its old time), not three.
+        let old = Utc
+            .with_ymd_and_hms(2026, 3, 7, 2, 0, 0)
+            .single()
+            .expect("t");
+        assert_eq!(
+            initial_next(&cron, Some(old), now, MissedRuns::RunOnce),
+            Some(old)
+        );
+        assert_eq!(initial_next(&cron, Some(old), now, MissedRuns::Skip), at2);
+        // Not missed: kept.
+        assert_eq!(initial_next(&cron, at2, now, MissedRuns::Skip), at2);
+        // Intervals start at once.
+        let every = Schedule::every(Duration::from_secs(3600), "1h", ScheduleMode::Auto);
+        assert_eq!(initial_next(&every, None, now, MissedRuns::Skip), Some(now));
     }
 }
