@@ -729,6 +729,28 @@ exclude = ["-test$"]
     }
 
     #[test]
+    fn the_packaged_sample_config_is_valid() {
+        let text = include_str!("../../../packaging/virtkeep.toml");
+        let engine: EngineConfig = toml::from_str(text).expect("engine part");
+        let c = DaemonConfig::parse(Path::new("packaging/virtkeep.toml"), text, &engine)
+            .expect("daemon part");
+        assert_eq!(c.policies.len(), 2);
+        assert!(c.api.is_some());
+        // `host add` and `repo init` rewrite the file from the engine's Config: the
+        // daemon's sections must survive that.
+        let rewritten = toml::to_string_pretty(&engine).expect("serialise");
+        let again: EngineConfig = toml::from_str(&rewritten).expect("engine part");
+        let c2 = DaemonConfig::parse(Path::new("rewritten.toml"), &rewritten, &again)
+            .expect("daemon part after a rewrite");
+        assert_eq!(
+            c2.policies.keys().collect::<Vec<_>>(),
+            c.policies.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(c2.policies["nightly"].schedules.len(), 2);
+        assert_eq!(c2.host_limit("kvm1"), 2);
+    }
+
+    #[test]
     fn an_empty_file_has_defaults() {
         let c = parse("").expect("empty");
         assert!(c.policies.is_empty());
