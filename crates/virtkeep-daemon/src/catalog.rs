@@ -276,6 +276,19 @@ impl Catalog {
             _lock: None,
         };
         cat.setup_connection()?;
+        // A daemon that is creating the catalog right now: nothing to read yet.
+        let initialised: bool = cat
+            .conn()
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')
+                    AND EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(cat.err("reading the schema"))?;
+        if !initialised {
+            return Ok(None);
+        }
         cat.check_version()?;
         Ok(Some(cat))
     }
@@ -311,13 +324,13 @@ impl Catalog {
                 .map_err(self.err("enabling WAL"))?;
             c.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(self.err("setting synchronous"))?;
-            c.execute_batch(SCHEMA)
-                .map_err(self.err("creating the schema"))?;
-            c.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?1)",
-                params![SCHEMA_VERSION.to_string()],
-            )
-            .map_err(self.err("writing the schema version"))?;
+            // One transaction: a reader never sees the tables without the version.
+            c.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {SCHEMA}
+                 INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
+                 COMMIT;"
+            ))
+            .map_err(self.err("creating the schema"))?;
         }
         self.check_version()
     }

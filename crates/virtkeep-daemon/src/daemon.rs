@@ -288,72 +288,82 @@ impl State {
 
     /// Creates a run of `policy` with one job per selected VM.
     pub async fn start_run(&mut self, p: &Policy, mode: ScheduleMode, trigger: &str) -> Result<()> {
-        let run = self.catalog.start_run(&p.name, mode.as_str(), trigger)?;
         let mut notes = Vec::new();
         let mut had_error = false;
-        let mut count = 0;
-        let request = serde_json::to_string(&JobRequest::Backup {
-            policy: Some(p.name.clone()),
-            mode,
-        })
-        .unwrap_or_default();
+        let mut skipped = 0;
+        let mut chosen: Vec<(String, String)> = Vec::new();
         for sel in &p.selections {
-            let available =
-                match tokio::time::timeout(Duration::from_secs(60), host_vms(&self.env, &sel.host))
-                    .await
-                {
-                    Ok(Ok(v)) => v,
-                    Ok(Err(e)) => {
-                        notes.push(format!("host {}: {e}", sel.host));
-                        continue;
-                    }
-                    Err(_) => {
-                        notes.push(format!("host {}: no answer in 60 s", sel.host));
-                        continue;
-                    }
-                };
-            let chosen = sel.select(&available);
+            let listed =
+                tokio::time::timeout(Duration::from_secs(60), host_vms(&self.env, &sel.host)).await;
+            let available = match listed {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    had_error = true;
+                    notes.push(format!("host {}: {e}", sel.host));
+                    continue;
+                }
+                Err(_) => {
+                    had_error = true;
+                    notes.push(format!("host {}: no answer in 60 s", sel.host));
+                    continue;
+                }
+            };
             for wanted in &sel.names {
                 if !available.contains(wanted) {
                     had_error = true;
                     notes.push(format!("{}/{wanted}: no such VM", sel.host));
                 }
             }
-            for vm in chosen {
+            for vm in sel.select(&available) {
                 // A run does not pile up behind the previous one: a VM whose backup of
                 // this policy is still queued or running is left to that job.
                 if self.catalog.has_open_job(&sel.host, vm, &p.name)? {
+                    skipped += 1;
                     notes.push(format!(
                         "{}/{vm}: skipped, its previous backup has not finished",
                         sel.host
                     ));
-                    continue;
+                } else if !chosen.iter().any(|(h, v)| h == &sel.host && v == vm) {
+                    chosen.push((sel.host.clone(), vm.clone()));
                 }
-                let id = self.catalog.add_job(&NewJob {
-                    run_id: Some(run),
-                    kind: "backup",
-                    host: &sel.host,
-                    vm,
-                    policy: Some(&p.name),
-                    request: &request,
-                    attempt: 1,
-                    retry_of: None,
-                    priority: p.priority as i64,
-                    not_before: now(),
-                })?;
-                self.enqueue(id)?;
-                count += 1;
             }
         }
+        if chosen.is_empty() && !had_error && skipped > 0 {
+            // Nothing to do and nothing wrong: no run is recorded, or a short interval
+            // behind a slow backup would fill the history with empty runs.
+            tracing::info!(policy = %p.name, skipped, "run skipped: the previous backups have not finished");
+            return Ok(());
+        }
+        let run = self.catalog.start_run(&p.name, mode.as_str(), trigger)?;
+        let request = serde_json::to_string(&JobRequest::Backup {
+            policy: Some(p.name.clone()),
+            mode,
+        })
+        .unwrap_or_default();
+        for (host, vm) in &chosen {
+            let id = self.catalog.add_job(&NewJob {
+                run_id: Some(run),
+                kind: "backup",
+                host,
+                vm,
+                policy: Some(&p.name),
+                request: &request,
+                attempt: 1,
+                retry_of: None,
+                priority: i64::from(p.priority),
+                not_before: now(),
+            })?;
+            self.enqueue(id)?;
+        }
         let note = (!notes.is_empty()).then(|| notes.join("; "));
-        tracing::info!(policy = %p.name, run, jobs = count, mode = mode.as_str(), trigger, "policy run");
+        tracing::info!(policy = %p.name, run, jobs = chosen.len(), mode = mode.as_str(), trigger, "policy run");
         if let Some(n) = &note {
             tracing::warn!(policy = %p.name, run, "{n}");
         }
-        if count == 0 {
+        if chosen.is_empty() {
             self.catalog.finish_run(
                 run,
-                if had_error { "failed" } else { "skipped" },
+                if had_error { "failed" } else { "succeeded" },
                 Some(note.as_deref().unwrap_or("no VM matched the selection")),
             )?;
         } else if let Some(n) = &note {
