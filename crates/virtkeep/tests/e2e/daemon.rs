@@ -511,19 +511,35 @@ token_env = "VKD_TEST_TOKEN"
     );
     assert_eq!(status, 400, "{body}");
 
-    // Start a backup and follow it.
-    let (status, body) = http(
-        port,
-        "POST",
-        "/api/jobs",
-        Some(TOKEN),
-        Some(&serde_json::json!({"kind": "backup", "host": HOST, "vm": vm.name, "mode": "full"})),
-    );
-    assert_eq!(status, 202, "{body}");
-    let id = json_of(&body)["id"].as_i64().expect("id");
+    // Start two backups of the VM at once and follow them: they run one after the other.
+    let submit = || {
+        let (status, body) = http(
+            port,
+            "POST",
+            "/api/jobs",
+            Some(TOKEN),
+            Some(
+                &serde_json::json!({"kind": "backup", "host": HOST, "vm": vm.name, "mode": "full"}),
+            ),
+        );
+        assert_eq!(status, 202, "{body}");
+        json_of(&body)["id"].as_i64().expect("id")
+    };
+    let (id, second) = (submit(), submit());
     let job = wait_job_http(port, id, &daemon);
     assert_eq!(job["status"], "succeeded", "{job}");
-    let snapshot = job["snapshot"].as_str().expect("snapshot").to_string();
+    let other = wait_job_http(port, second, &daemon);
+    assert_eq!(other["status"], "succeeded", "{other}");
+    let (a, b) = if job["started"].as_str() <= other["started"].as_str() {
+        (&job, &other)
+    } else {
+        (&other, &job)
+    };
+    assert!(
+        b["started"].as_str().expect("started") >= a["finished"].as_str().expect("finished"),
+        "two backups of one VM overlapped: {a} {b}"
+    );
+    let snapshot = other["snapshot"].as_str().expect("snapshot").to_string();
 
     let (status, body) = http(
         port,
@@ -534,8 +550,15 @@ token_env = "VKD_TEST_TOKEN"
     );
     assert_eq!(status, 200);
     let backups = json_of(&body);
-    assert_eq!(backups.as_array().map(Vec::len), Some(1), "{backups}");
-    assert_eq!(backups[0]["id"], snapshot.as_str());
+    assert_eq!(backups.as_array().map(Vec::len), Some(2), "{backups}");
+    assert!(
+        backups
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|b| b["id"] == snapshot.as_str()),
+        "{backups}"
+    );
 
     let (status, metrics) = http(port, "GET", "/metrics", Some(TOKEN), None);
     assert_eq!(status, 200);
@@ -552,7 +575,14 @@ token_env = "VKD_TEST_TOKEN"
         "{metrics}"
     );
     assert!(
-        metrics.contains("virtkeep_jobs{status=\"succeeded\"} 1"),
+        metrics.contains("virtkeep_jobs{status=\"succeeded\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "virtkeep_backup_successes_total{{host=\"{HOST}\",vm=\"{}\"}} 2",
+            vm.name
+        )),
         "{metrics}"
     );
 
@@ -577,7 +607,7 @@ token_env = "VKD_TEST_TOKEN"
     assert_eq!(restored_sum, sum);
     // The CLI reads the same jobs.
     let listed = jobs(&node);
-    assert_eq!(listed.len(), 2, "{listed:#?}");
+    assert_eq!(listed.len(), 3, "{listed:#?}");
     daemon.terminate();
     drop(restored);
 }
