@@ -143,6 +143,13 @@ pub fn initial_next(
     }
 }
 
+/// Seconds before the retry of a try that failed: `backoff × 2^(attempt−1)`, the
+/// doubling capped at 2^10.
+pub fn retry_delay(backoff: Duration, attempt: i64) -> i64 {
+    let base = i64::try_from(backoff.as_secs()).unwrap_or(i64::MAX);
+    base.saturating_mul(1i64 << (attempt - 1).clamp(0, 10))
+}
+
 fn to_unix(t: DateTime<Utc>) -> i64 {
     t.timestamp()
 }
@@ -431,9 +438,8 @@ impl State {
                 tracing::warn!(job = id, host = %job.host, vm = %job.vm, attempt = job.attempt, "job failed: {e}")
             }
         }
-        let backoff = self.env.daemon.retry_backoff.as_secs() as i64;
-        let factor = 1i64 << (job.attempt - 1).clamp(0, 10);
-        self.retry_or_close(&job, backoff.saturating_mul(factor))
+        let delay = retry_delay(self.env.daemon.retry_backoff, job.attempt);
+        self.retry_or_close(&job, delay)
     }
 
     /// After a job ended: queue its retry (failed backups with tries left), apply the
@@ -503,6 +509,13 @@ mod tests {
     use super::*;
     use crate::schedule::Schedule;
     use chrono::TimeZone;
+
+    #[test]
+    fn retries_back_off_exponentially() {
+        let b = Duration::from_secs(60);
+        assert_eq!([1, 2, 3, 4].map(|a| retry_delay(b, a)), [60, 120, 240, 480]);
+        assert_eq!(retry_delay(b, 40), 60 * 1024);
+    }
 
     #[test]
     fn missed_runs_rule() {

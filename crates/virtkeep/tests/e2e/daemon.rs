@@ -771,3 +771,69 @@ names = [{}]
         "{policies}"
     );
 }
+
+#[test]
+fn a_failed_backup_is_retried_after_the_backoff() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkd-retry")
+        .qcow2_disk(4 * MIB)
+        .running(false)
+        .build();
+    // The hook fails the first time only (the flag lives on the host, which is this machine).
+    let flag = std::env::temp_dir().join(virtkeep_lab::unique_name("vkd-retry-flag"));
+    let flag_s = flag.display().to_string();
+    append_config(
+        &node,
+        &format!(
+            r#"
+[daemon]
+catalog = "{}"
+retries = 2
+retry_backoff = "3s"
+
+[policies.once]
+schedules = [{{ every = "1h" }}]
+pre_snapshot = "test -e {flag_s} || {{ touch {flag_s}; echo first try fails >&2; exit 1; }}"
+
+[[policies.once.vms]]
+host = "{HOST}"
+names = ["{}"]
+"#,
+            catalog(&node),
+            vm.name
+        ),
+    );
+    let daemon = Daemon::start(&node);
+    let list = wait_jobs(&node, &daemon, 120, "the retry's success", |l| {
+        !succeeded(l).is_empty()
+    });
+    daemon.terminate();
+    let _ = std::fs::remove_file(&flag);
+    assert_eq!(list.len(), 2, "{list:#?}");
+    let (retry, first) = (&list[0], &list[1]);
+    assert_eq!(first["status"], "failed");
+    assert!(
+        first["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("first try fails")),
+        "{first}"
+    );
+    assert_eq!(retry["status"], "succeeded");
+    assert_eq!(
+        (retry["attempt"].as_i64(), retry["retry_of"].as_i64()),
+        (Some(2), first["id"].as_i64())
+    );
+    let at = |v: &Value| unix_seconds(v.as_str().expect("time"));
+    assert!(
+        at(&retry["started"]) - at(&first["finished"]) >= 3,
+        "the retry waited less than retry_backoff: {first} {retry}"
+    );
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time `YYYY-MM-DDTHH:MM:SSZ` (as the
+/// catalog writes them), enough to compare two times of one test.
+fn unix_seconds(t: &str) -> i64 {
+    let parsed = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("bad time {t}: {e}"));
+    parsed.unix_timestamp()
+}
