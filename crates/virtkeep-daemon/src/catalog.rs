@@ -265,10 +265,18 @@ impl Catalog {
         if !path.exists() {
             return Ok(None);
         }
+        // Read-write lets SQLite use the WAL index like the daemon does; a user who may
+        // only read the file (an operator looking at the daemon's history) still can.
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
+        .or_else(|_| {
+            Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+        })
         .map_err(DaemonError::catalog(path, "opening"))?;
         let cat = Catalog {
             path: path.to_path_buf(),
