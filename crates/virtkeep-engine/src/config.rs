@@ -24,6 +24,18 @@ pub struct Config {
     pub known_hosts: Option<PathBuf>,
     #[serde(default)]
     pub hosts: BTreeMap<String, HostConfig>,
+    /// Further named repositories, for policies that back up somewhere else than the
+    /// default `[repository]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub repositories: BTreeMap<String, RepositoryConfig>,
+    /// `[daemon]` and `[policies.*]` belong to virtkeep-daemon, which reads and checks
+    /// them from the file's text (to point errors at lines). They are kept here as
+    /// opaque values only so that commands which rewrite the file (`host add`,
+    /// `repo init`) do not drop them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policies: BTreeMap<String, serde_json::Value>,
 }
 
 /// How to reach and use one hypervisor.

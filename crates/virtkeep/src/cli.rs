@@ -49,6 +49,42 @@ pub enum Command {
     Gc(GcArgs),
     /// Return VMs to their own files and remove what killed jobs left on a host
     Cleanup(CleanupArgs),
+    /// Run the policies' schedules, the job queue and the REST API until SIGTERM
+    Daemon,
+    /// Job history and state from the daemon's catalog
+    Jobs(JobsArgs),
+    /// Backup policies from the configuration file
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct JobsArgs {
+    /// Only jobs in this state
+    #[arg(long, value_enum)]
+    pub status: Option<JobStatusArg>,
+    /// Only jobs of HOST or HOST/VM
+    pub filter: Option<String>,
+    /// Only the jobs of this policy run
+    #[arg(long)]
+    pub run: Option<i64>,
+    /// At most this many, newest first
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatusArg {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Policies with their schedules, next and last runs
+    List,
 }
 
 #[derive(Subcommand, Debug)]

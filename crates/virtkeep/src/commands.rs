@@ -32,6 +32,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prune(args) => prune(&settings, args, json).await,
         Command::Gc(args) => gc(&settings, args, json).await,
         Command::Cleanup(args) => cleanup(&settings, args, json).await,
+        Command::Daemon => crate::daemon::daemon(&settings).await,
+        Command::Jobs(args) => crate::daemon::jobs(&settings, args, json),
+        Command::Policy(PolicyCommand::List) => crate::daemon::policy_list(&settings, json),
     }
 }
 

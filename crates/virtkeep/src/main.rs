@@ -4,6 +4,7 @@
 
 mod cli;
 mod commands;
+mod daemon;
 mod output;
 mod settings;
 
@@ -23,7 +24,12 @@ fn main() -> ExitCode {
             };
         }
     };
-    output::init_logging(cli.verbose, cli.json);
+    // The daemon logs what it does by default: its log is its user interface.
+    let verbose = match cli.command {
+        cli::Command::Daemon => cli.verbose.max(1),
+        _ => cli.verbose,
+    };
+    output::init_logging(verbose, cli.json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -91,6 +91,15 @@ impl Settings {
             .unwrap_or_else(|| default_config_path().with_file_name("known_hosts"))
     }
 
+    /// The repository commands use without `--repo` (the config's, else the embedded default).
+    pub fn default_repository(&self) -> RepositoryConfig {
+        self.repo_config(&RepoArgs {
+            repo: None,
+            key_file: None,
+            passphrase_env: None,
+        })
+    }
+
     fn repo_config(&self, args: &RepoArgs) -> RepositoryConfig {
         let mut rc = self.config.repository.clone().unwrap_or(RepositoryConfig {
             location: default_repo_location(),

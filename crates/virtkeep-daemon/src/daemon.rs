@@ -1,0 +1,546 @@
+//! The daemon's loop: due schedules become runs and jobs, the queue starts jobs within
+//! the limits, finished jobs are recorded, retried or end their run; SIGTERM (the
+//! `shutdown` future) stops it as docs/daemon.md describes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
+use virtkeep_ssh::RemoteCommand;
+
+use crate::catalog::{Catalog, JobOutcome, JobRecord, NewJob, now};
+use crate::dispatch::{Pending, Queue};
+use crate::error::Result;
+use crate::policy::{MissedRuns, Policy, ShutdownMode};
+use crate::schedule::ScheduleMode;
+use crate::task::{self, Env, JobRequest, ProgressMap};
+
+/// What the API hands the loop: a job already in the catalog, to queue.
+pub type Submissions = mpsc::UnboundedSender<i64>;
+
+/// The error of a job whose daemon died under it (found at the next start).
+pub const ORPHAN_ERROR: &str = "the daemon stopped while this job ran (killed or crashed); the VM was healed and the job retried";
+
+struct State {
+    env: Arc<Env>,
+    catalog: Arc<Catalog>,
+    queue: Queue,
+    progress: ProgressMap,
+    done_tx: mpsc::UnboundedSender<(i64, JobOutcome)>,
+    cancel_rx: watch::Receiver<bool>,
+    /// Next run per (policy, schedule key).
+    next: BTreeMap<(String, String), DateTime<Utc>>,
+    /// Retries are not queued while the daemon shuts down; they wait in the catalog.
+    stopping: bool,
+}
+
+/// Runs the daemon until `shutdown` resolves, then stops as configured.
+/// `api` is called once the catalog is open, with what the API server needs.
+pub async fn run(
+    env: Env,
+    shutdown: impl Future<Output = ()>,
+    api: impl FnOnce(Arc<Env>, Arc<Catalog>, ProgressMap, Submissions) -> Result<()>,
+) -> Result<()> {
+    let env = Arc::new(env);
+    let catalog = Arc::new(Catalog::open_writer(&env.daemon.catalog)?);
+    tracing::info!(catalog = %catalog.path().display(), policies = env.daemon.policies.len(), "daemon starting");
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let (submit_tx, mut submit_rx) = mpsc::unbounded_channel::<i64>();
+    let progress = ProgressMap::default();
+    let mut st = State {
+        env: env.clone(),
+        catalog: catalog.clone(),
+        queue: Queue::default(),
+        progress: progress.clone(),
+        done_tx,
+        cancel_rx,
+        next: BTreeMap::new(),
+        stopping: false,
+    };
+    st.recover().await?;
+    st.init_schedules()?;
+    api(env.clone(), catalog.clone(), progress, submit_tx)?;
+
+    tokio::pin!(shutdown);
+    loop {
+        st.fire_due_schedules().await?;
+        st.start_jobs()?;
+        let wake = st.wake_in();
+        tokio::select! {
+            Some((id, outcome)) = done_rx.recv() => st.job_done(id, outcome)?,
+            Some(id) = submit_rx.recv() => st.enqueue(id)?,
+            _ = tokio::time::sleep(wake) => {}
+            _ = &mut shutdown => break,
+        }
+    }
+
+    // Shutdown: nothing new starts; queued jobs stay queued in the catalog for the next start.
+    st.stopping = true;
+    let running = st.queue.running();
+    tracing::info!(running, mode = ?env.daemon.shutdown, "shutting down");
+    if env.daemon.shutdown == ShutdownMode::Abort {
+        let _ = cancel_tx.send(true);
+    }
+    let grace = match env.daemon.shutdown {
+        ShutdownMode::Finish => env.daemon.shutdown_grace,
+        ShutdownMode::Abort => Duration::from_secs(120),
+    };
+    let deadline = tokio::time::Instant::now() + grace;
+    while st.queue.running() > 0 {
+        tokio::select! {
+            Some((id, outcome)) = done_rx.recv() => st.job_done(id, outcome)?,
+            _ = tokio::time::sleep_until(deadline) => {
+                if *cancel_tx.borrow() {
+                    tracing::error!(running = st.queue.running(), "jobs did not stop in time");
+                    break;
+                }
+                tracing::warn!("shutdown grace over: aborting the running jobs");
+                let _ = cancel_tx.send(true);
+                // Healing after the abort gets its own time.
+                return finish_aborted(&mut st, &mut done_rx).await;
+            }
+        }
+    }
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+async fn finish_aborted(
+    st: &mut State,
+    done_rx: &mut mpsc::UnboundedReceiver<(i64, JobOutcome)>,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while st.queue.running() > 0 {
+        tokio::select! {
+            Some((id, outcome)) = done_rx.recv() => st.job_done(id, outcome)?,
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    Ok(())
+}
+
+/// A schedule's next run at start-up (the missed-run rule of docs/daemon.md): no
+/// history → its first run; a time still ahead → kept; a time that passed while the
+/// daemon was stopped → now once (`run-once`, however many were missed) or the next
+/// regular time (`skip`).
+pub fn initial_next(
+    s: &crate::schedule::Schedule,
+    stored: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    rule: MissedRuns,
+) -> Option<DateTime<Utc>> {
+    match stored {
+        None => s.first_run(now),
+        Some(t) if t <= now => match rule {
+            MissedRuns::RunOnce => Some(t),
+            MissedRuns::Skip => s.next_after(now),
+        },
+        Some(t) => Some(t),
+    }
+}
+
+/// Seconds before the retry of a try that failed: `backoff × 2^(attempt−1)`, the
+/// doubling capped at 2^10.
+pub fn retry_delay(backoff: Duration, attempt: i64) -> i64 {
+    let base = i64::try_from(backoff.as_secs()).unwrap_or(i64::MAX);
+    base.saturating_mul(1i64 << (attempt - 1).clamp(0, 10))
+}
+
+fn to_unix(t: DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+fn from_unix(t: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(t, 0).unwrap_or_else(Utc::now)
+}
+
+/// The VMs of `host` (all domains, running or not), by name.
+pub async fn host_vms(
+    env: &Env,
+    host: &str,
+) -> std::result::Result<Vec<String>, virtkeep_engine::Error> {
+    let h = env.connect(host).await?;
+    let out = h
+        .run_string(
+            &RemoteCommand::new("virsh")
+                .arg("-q")
+                .arg("-c")
+                .arg(h.uri())
+                .arg("list")
+                .arg("--all")
+                .arg("--name"),
+        )
+        .await?;
+    Ok(out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+impl State {
+    fn policy_retries(&self, job: &JobRecord) -> u32 {
+        job.policy
+            .as_deref()
+            .and_then(|p| self.env.daemon.policies.get(p))
+            .map(|p| p.retries)
+            .unwrap_or(self.env.daemon.retries)
+    }
+
+    /// Jobs a dead daemon left running are failed, their VMs healed, and retried;
+    /// queued jobs are queued again.
+    async fn recover(&mut self) -> Result<()> {
+        let orphans = self.catalog.fail_orphans(ORPHAN_ERROR)?;
+        for j in orphans {
+            tracing::warn!(job = j.id, host = %j.host, vm = %j.vm, "job left running by a stopped daemon: marked failed");
+            match self.env.connect(&j.host).await {
+                Ok(h) => {
+                    let healed = task::heal_after_interruption(&h, &j.vm).await;
+                    if !healed.is_empty() {
+                        tracing::info!(job = j.id, "healed: {}", healed.join("; "));
+                    }
+                }
+                Err(e) => tracing::warn!(job = j.id, "cannot heal {}/{}: {e}", j.host, j.vm),
+            }
+            self.retry_or_close(&j, 0)?;
+        }
+        for j in self.catalog.jobs(&crate::catalog::JobFilter {
+            status: Some(crate::catalog::JobStatus::Queued),
+            ..Default::default()
+        })? {
+            self.enqueue_record(&j)?;
+        }
+        Ok(())
+    }
+
+    fn init_schedules(&mut self) -> Result<()> {
+        let now = Utc::now();
+        for p in self.env.daemon.policies.values().filter(|p| p.enabled) {
+            for s in &p.schedules {
+                let stored = self.catalog.next_run(&p.name, &s.key)?.map(from_unix);
+                let next = initial_next(s, stored, now, self.env.daemon.missed_runs);
+                if let Some(t) = stored.filter(|t| *t <= now) {
+                    tracing::info!(policy = %p.name, schedule = %s.describe(), missed = %t, rule = ?self.env.daemon.missed_runs, "a run fell due while the daemon was stopped");
+                }
+                self.catalog
+                    .set_next_run(&p.name, &s.key, next.map(to_unix), None)?;
+                if let Some(n) = next {
+                    self.next.insert((p.name.clone(), s.key.clone()), n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn wake_in(&self) -> Duration {
+        let now = Utc::now();
+        let mut until = now + chrono::Duration::seconds(30);
+        if let Some(t) = self.next.values().min() {
+            until = until.min(*t);
+        }
+        if let Some(t) = self.queue.next_wake(now.timestamp()) {
+            until = until.min(from_unix(t));
+        }
+        (until - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_millis(200))
+    }
+
+    async fn fire_due_schedules(&mut self) -> Result<()> {
+        let now = Utc::now();
+        let mut due: BTreeMap<String, (ScheduleMode, bool)> = BTreeMap::new();
+        let keys: Vec<(String, String)> = self
+            .next
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (policy, key) in keys {
+            let Some(p) = self.env.daemon.policies.get(&policy) else {
+                continue;
+            };
+            let Some(s) = p.schedules.iter().find(|s| s.key == key) else {
+                continue;
+            };
+            let scheduled = self.next.get(&(policy.clone(), key.clone())).copied();
+            let missed = scheduled.is_some_and(|t| now - t > chrono::Duration::seconds(60));
+            let next = s.next_after(now);
+            self.catalog
+                .set_next_run(&policy, &key, next.map(to_unix), Some(to_unix(now)))?;
+            match next {
+                Some(n) => self.next.insert((policy.clone(), key.clone()), n),
+                None => self.next.remove(&(policy.clone(), key.clone())),
+            };
+            // Schedules of one policy due together make one run of the strongest mode
+            // (a weekly full and a daily incremental at the same time: one full).
+            let e = due.entry(policy).or_insert((s.mode, missed));
+            e.0 = e.0.max(s.mode);
+            e.1 &= missed;
+        }
+        for (policy, (mode, missed)) in due {
+            let Some(p) = self.env.daemon.policies.get(&policy).cloned() else {
+                continue;
+            };
+            self.start_run(&p, mode, if missed { "missed" } else { "schedule" })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Creates a run of `policy` with one job per selected VM.
+    pub async fn start_run(&mut self, p: &Policy, mode: ScheduleMode, trigger: &str) -> Result<()> {
+        let mut notes = Vec::new();
+        let mut had_error = false;
+        let mut skipped = 0;
+        let mut chosen: Vec<(String, String)> = Vec::new();
+        for sel in &p.selections {
+            let listed =
+                tokio::time::timeout(Duration::from_secs(60), host_vms(&self.env, &sel.host)).await;
+            let available = match listed {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    had_error = true;
+                    notes.push(format!("host {}: {e}", sel.host));
+                    continue;
+                }
+                Err(_) => {
+                    had_error = true;
+                    notes.push(format!("host {}: no answer in 60 s", sel.host));
+                    continue;
+                }
+            };
+            for wanted in &sel.names {
+                if !available.contains(wanted) {
+                    had_error = true;
+                    notes.push(format!("{}/{wanted}: no such VM", sel.host));
+                }
+            }
+            for vm in sel.select(&available) {
+                // A run does not pile up behind the previous one: a VM whose backup of
+                // this policy is still queued or running is left to that job.
+                if self.catalog.has_open_job(&sel.host, vm, &p.name)? {
+                    skipped += 1;
+                    notes.push(format!(
+                        "{}/{vm}: skipped, its previous backup has not finished",
+                        sel.host
+                    ));
+                } else if !chosen.iter().any(|(h, v)| h == &sel.host && v == vm) {
+                    chosen.push((sel.host.clone(), vm.clone()));
+                }
+            }
+        }
+        if chosen.is_empty() && !had_error && skipped > 0 {
+            // Nothing to do and nothing wrong: no run is recorded, or a short interval
+            // behind a slow backup would fill the history with empty runs.
+            tracing::info!(policy = %p.name, skipped, "run skipped: the previous backups have not finished");
+            return Ok(());
+        }
+        let run = self.catalog.start_run(&p.name, mode.as_str(), trigger)?;
+        let request = serde_json::to_string(&JobRequest::Backup {
+            policy: Some(p.name.clone()),
+            mode,
+        })
+        .unwrap_or_default();
+        for (host, vm) in &chosen {
+            let id = self.catalog.add_job(&NewJob {
+                run_id: Some(run),
+                kind: "backup",
+                host,
+                vm,
+                policy: Some(&p.name),
+                request: &request,
+                attempt: 1,
+                retry_of: None,
+                priority: i64::from(p.priority),
+                not_before: now(),
+            })?;
+            self.enqueue(id)?;
+        }
+        let note = (!notes.is_empty()).then(|| notes.join("; "));
+        tracing::info!(policy = %p.name, run, jobs = chosen.len(), mode = mode.as_str(), trigger, "policy run");
+        if let Some(n) = &note {
+            tracing::warn!(policy = %p.name, run, "{n}");
+        }
+        if chosen.is_empty() {
+            self.catalog.finish_run(
+                run,
+                if had_error { "failed" } else { "succeeded" },
+                Some(note.as_deref().unwrap_or("no VM matched the selection")),
+            )?;
+        } else if let Some(n) = &note {
+            // Recorded now; the run's status is decided when its jobs end.
+            self.catalog.finish_run_note(run, n)?;
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, id: i64) -> Result<()> {
+        let j = self.catalog.job(id)?;
+        self.enqueue_record(&j)
+    }
+
+    fn enqueue_record(&mut self, j: &JobRecord) -> Result<()> {
+        let vm = match serde_json::from_str::<JobRequest>(&j.request) {
+            Ok(JobRequest::Restore { name: Some(n), .. }) => n,
+            _ => j.vm.clone(),
+        };
+        self.queue.push(Pending {
+            id: j.id,
+            host: j.host.clone(),
+            vm,
+            priority: j.priority,
+            not_before: self.catalog.not_before(j.id)?,
+            run_id: j.run_id,
+        });
+        Ok(())
+    }
+
+    fn start_jobs(&mut self) -> Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
+        let daemon = &self.env.daemon;
+        let started = self
+            .queue
+            .start(now(), daemon.max_jobs, &|h| daemon.host_limit(h));
+        for p in started {
+            self.catalog.mark_running(p.id)?;
+            let job = self.catalog.job(p.id)?;
+            tracing::info!(job = job.id, kind = %job.kind, host = %job.host, vm = %job.vm, attempt = job.attempt, "job starts");
+            let env = self.env.clone();
+            let progress = self.progress.clone();
+            let cancel = self.cancel_rx.clone();
+            let done = self.done_tx.clone();
+            tokio::spawn(async move {
+                let id = job.id;
+                let outcome = task::run(env, job, progress, cancel).await;
+                let _ = done.send((id, outcome));
+            });
+        }
+        Ok(())
+    }
+
+    fn job_done(&mut self, id: i64, outcome: JobOutcome) -> Result<()> {
+        self.queue.finished(id);
+        self.catalog.finish_job(id, &outcome)?;
+        let job = self.catalog.job(id)?;
+        match &outcome.error {
+            None => {
+                tracing::info!(job = id, host = %job.host, vm = %job.vm, snapshot = ?job.snapshot, mode = ?job.mode, pruned = ?job.pruned, "job succeeded")
+            }
+            Some(e) => {
+                tracing::warn!(job = id, host = %job.host, vm = %job.vm, attempt = job.attempt, "job failed: {e}")
+            }
+        }
+        let delay = retry_delay(self.env.daemon.retry_backoff, job.attempt);
+        self.retry_or_close(&job, delay)
+    }
+
+    /// After a job ended: queue its retry (failed backups with tries left), apply the
+    /// policy run's fail-rest threshold, and close the run when nothing is left.
+    fn retry_or_close(&mut self, job: &JobRecord, delay: i64) -> Result<()> {
+        let failed = job.error.is_some();
+        if failed && job.kind == "backup" && job.attempt <= self.policy_retries(job) as i64 {
+            let id = self.catalog.add_job(&NewJob {
+                run_id: job.run_id,
+                kind: &job.kind,
+                host: &job.host,
+                vm: &job.vm,
+                policy: job.policy.as_deref(),
+                request: &job.request,
+                attempt: job.attempt + 1,
+                retry_of: Some(job.id),
+                priority: job.priority,
+                not_before: now() + delay,
+            })?;
+            tracing::info!(job = job.id, retry = id, in_secs = delay, "retry queued");
+            if !self.stopping {
+                self.enqueue(id)?;
+            }
+        }
+        let Some(run) = job.run_id else {
+            return Ok(());
+        };
+        let (finals, failures, open) = self.catalog.run_counts(run)?;
+        let total = finals + open;
+        let threshold = job
+            .policy
+            .as_deref()
+            .and_then(|p| self.env.daemon.policies.get(p))
+            .and_then(|p| p.fail_rest_above_percent);
+        if let Some(pct) = threshold
+            && open > 0
+            && failures * 100 > i64::from(pct) * total
+        {
+            let why = format!(
+                "not run: {failures} of the {total} tasks of run {run} failed, more than the policy's fail_rest_above_percent = {pct}"
+            );
+            for id in self.queue.cancel_run(run) {
+                self.catalog.finish_job(
+                    id,
+                    &JobOutcome {
+                        error: Some(why.clone()),
+                        ..Default::default()
+                    },
+                )?;
+            }
+            tracing::warn!(run, "{why}");
+        }
+        let (_, failures, open) = self.catalog.run_counts(run)?;
+        if open == 0 {
+            self.catalog.finish_run(
+                run,
+                if failures > 0 { "failed" } else { "succeeded" },
+                None,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::Schedule;
+    use chrono::TimeZone;
+
+    #[test]
+    fn retries_back_off_exponentially() {
+        let b = Duration::from_secs(60);
+        assert_eq!([1, 2, 3, 4].map(|a| retry_delay(b, a)), [60, 120, 240, 480]);
+        assert_eq!(retry_delay(b, 40), 60 * 1024);
+    }
+
+    #[test]
+    fn missed_runs_rule() {
+        let now = Utc
+            .with_ymd_and_hms(2026, 3, 10, 12, 0, 0)
+            .single()
+            .expect("t");
+        let cron = Schedule::cron("0 2 * * *", chrono_tz::Tz::UTC, ScheduleMode::Full).expect("c");
+        let at2 = Utc.with_ymd_and_hms(2026, 3, 11, 2, 0, 0).single();
+        // First start: the next occurrence.
+        assert_eq!(initial_next(&cron, None, now, MissedRuns::RunOnce), at2);
+        // Missed three nights: one run now (due at its old time), not three.
+        let old = Utc
+            .with_ymd_and_hms(2026, 3, 7, 2, 0, 0)
+            .single()
+            .expect("t");
+        assert_eq!(
+            initial_next(&cron, Some(old), now, MissedRuns::RunOnce),
+            Some(old)
+        );
+        assert_eq!(initial_next(&cron, Some(old), now, MissedRuns::Skip), at2);
+        // Not missed: kept.
+        assert_eq!(initial_next(&cron, at2, now, MissedRuns::Skip), at2);
+        // Intervals start at once.
+        let every = Schedule::every(Duration::from_secs(3600), "1h", ScheduleMode::Auto);
+        assert_eq!(initial_next(&every, None, now, MissedRuns::Skip), Some(now));
+    }
+}

@@ -1,0 +1,160 @@
+//! Which queued jobs start now: node and per-host limits, one job per VM at a time,
+//! higher priority first, retries not before their backoff has passed.
+//!
+//! Pure bookkeeping (no I/O), so the rules are tested without a host.
+
+use std::collections::{HashMap, HashSet};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub id: i64,
+    pub host: String,
+    /// The VM the job touches: the backed-up VM, or a restore's target domain name.
+    pub vm: String,
+    pub priority: i64,
+    /// Unix seconds before which the job waits (retry backoff).
+    pub not_before: i64,
+    pub run_id: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Queue {
+    pending: Vec<Pending>,
+    running: HashMap<i64, (String, String)>,
+}
+
+impl Queue {
+    pub fn push(&mut self, p: Pending) {
+        if !self.pending.iter().any(|q| q.id == p.id) {
+            self.pending.push(p);
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.running.is_empty()
+    }
+
+    /// Takes the jobs that may start at `now` and counts them as running.
+    pub fn start(
+        &mut self,
+        now: i64,
+        max_jobs: usize,
+        host_limit: &dyn Fn(&str) -> usize,
+    ) -> Vec<Pending> {
+        self.pending.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.not_before.cmp(&b.not_before))
+                .then(a.id.cmp(&b.id))
+        });
+        let mut per_host: HashMap<String, usize> = HashMap::new();
+        let mut busy: HashSet<(String, String)> = HashSet::new();
+        for (h, v) in self.running.values() {
+            *per_host.entry(h.clone()).or_default() += 1;
+            busy.insert((h.clone(), v.clone()));
+        }
+        let mut started = Vec::new();
+        let mut keep = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            let key = (p.host.clone(), p.vm.clone());
+            let host_count = per_host.get(&p.host).copied().unwrap_or(0);
+            if self.running.len() < max_jobs
+                && p.not_before <= now
+                && host_count < host_limit(&p.host)
+                && !busy.contains(&key)
+            {
+                *per_host.entry(p.host.clone()).or_default() += 1;
+                busy.insert(key.clone());
+                self.running.insert(p.id, key);
+                started.push(p);
+            } else {
+                keep.push(p);
+            }
+        }
+        self.pending = keep;
+        started
+    }
+
+    pub fn finished(&mut self, id: i64) {
+        self.running.remove(&id);
+    }
+
+    /// Removes the queued jobs of a run; returns their ids.
+    pub fn cancel_run(&mut self, run_id: i64) -> Vec<i64> {
+        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.run_id == Some(run_id));
+        self.pending = keep;
+        gone.into_iter().map(|p| p.id).collect()
+    }
+
+    /// The earliest `not_before` among queued jobs that wait for time alone.
+    pub fn next_wake(&self, now: i64) -> Option<i64> {
+        self.pending
+            .iter()
+            .map(|p| p.not_before)
+            .filter(|t| *t > now)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(id: i64, host: &str, vm: &str, priority: i64) -> Pending {
+        Pending {
+            id,
+            host: host.into(),
+            vm: vm.into(),
+            priority,
+            not_before: 0,
+            run_id: Some(1),
+        }
+    }
+
+    fn ids(v: &[Pending]) -> Vec<i64> {
+        v.iter().map(|p| p.id).collect()
+    }
+
+    #[test]
+    fn limits_priority_and_one_job_per_vm() {
+        let mut q = Queue::default();
+        q.push(p(1, "a", "vm1", 0));
+        q.push(p(2, "a", "vm1", 0)); // same VM: waits for job 1
+        q.push(p(3, "a", "vm2", 5));
+        q.push(p(4, "b", "vm3", 0));
+        q.push(p(5, "b", "vm4", 0));
+        let limit = |h: &str| if h == "a" { 2 } else { 1 };
+        // Node limit 3: priority 5 first, then by id; host b takes one.
+        let s = q.start(10, 3, &limit);
+        assert_eq!(ids(&s), vec![3, 1, 4]);
+        assert_eq!(ids(&q.start(10, 3, &limit)), Vec::<i64>::new());
+        q.finished(1);
+        assert_eq!(ids(&q.start(10, 3, &limit)), vec![2]);
+        q.finished(4);
+        assert_eq!(ids(&q.start(10, 3, &limit)), vec![5]);
+    }
+
+    #[test]
+    fn backoff_and_cancel() {
+        let mut q = Queue::default();
+        let mut r = p(1, "a", "vm1", 0);
+        r.not_before = 100;
+        q.push(r);
+        q.push(p(2, "a", "vm2", 0));
+        assert_eq!(q.next_wake(50), Some(100));
+        assert_eq!(ids(&q.start(50, 5, &|_| 1)), vec![2]);
+        q.finished(2);
+        assert_eq!(q.cancel_run(1), vec![1]);
+        assert!(q.is_idle());
+    }
+}

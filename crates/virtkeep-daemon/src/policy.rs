@@ -1,0 +1,761 @@
+//! The daemon's part of the configuration file: `[daemon]` (catalog, limits, retries,
+//! shutdown, API) and `[policies.NAME]` (which VMs, when, how, how long to keep).
+//!
+//! Read from the file's text rather than from the engine's `Config` so that every
+//! error names the file, line and column, and what was expected there.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+use toml::Spanned;
+use virtkeep_engine::config::Config as EngineConfig;
+
+use crate::error::ConfigError;
+use crate::schedule::{Schedule, ScheduleMode, parse_duration};
+
+/// What to do with runs that fell due while the daemon was not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissedRuns {
+    /// One run at start-up for each schedule that missed one or more (never several).
+    #[default]
+    RunOnce,
+    /// Wait for the next regular time.
+    Skip,
+}
+
+/// What SIGTERM does to running jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownMode {
+    /// Let running jobs finish (up to `shutdown_grace`, then abort them).
+    #[default]
+    Finish,
+    /// Abort running jobs at once, returning their VMs to their own files.
+    Abort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportSetting {
+    #[default]
+    Ssh,
+    Netcat,
+    Stream,
+}
+
+impl TransportSetting {
+    pub fn engine(self) -> virtkeep_engine::backup::Transport {
+        use virtkeep_engine::backup::Transport;
+        match self {
+            TransportSetting::Ssh => Transport::Ssh,
+            TransportSetting::Netcat => Transport::Netcat,
+            TransportSetting::Stream => Transport::Stream,
+        }
+    }
+}
+
+// ---- the file's shape -------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct FileModel {
+    #[serde(default)]
+    daemon: Option<DaemonModel>,
+    #[serde(default)]
+    policies: BTreeMap<String, Spanned<PolicyModel>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DaemonModel {
+    catalog: Option<PathBuf>,
+    max_jobs: Option<Spanned<usize>>,
+    max_jobs_per_host: Option<Spanned<usize>>,
+    #[serde(default)]
+    host_limits: BTreeMap<Spanned<String>, Spanned<usize>>,
+    #[serde(default)]
+    missed_runs: MissedRuns,
+    retries: Option<u32>,
+    retry_backoff: Option<Spanned<String>>,
+    #[serde(default)]
+    shutdown: ShutdownMode,
+    shutdown_grace: Option<Spanned<String>>,
+    api: Option<ApiModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiModel {
+    listen: Spanned<String>,
+    token_env: Option<Spanned<String>>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyModel {
+    #[serde(default = "yes")]
+    enabled: bool,
+    repository: Option<Spanned<String>>,
+    #[serde(default)]
+    priority: i32,
+    vms: Vec<SelectModel>,
+    schedules: Vec<Spanned<ScheduleModel>>,
+    retention: Option<Spanned<RetentionModel>>,
+    pre_snapshot: Option<String>,
+    post_snapshot: Option<String>,
+    #[serde(default)]
+    quiesce: bool,
+    #[serde(default)]
+    transport: TransportSetting,
+    #[serde(default)]
+    exclude_disks: Vec<String>,
+    parallel: Option<Spanned<usize>>,
+    retries: Option<u32>,
+    fail_rest_above_percent: Option<Spanned<u8>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectModel {
+    host: Spanned<String>,
+    #[serde(default)]
+    names: Vec<String>,
+    #[serde(default)]
+    regex: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleModel {
+    cron: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+    every: Option<Spanned<String>>,
+    #[serde(default = "auto")]
+    mode: ScheduleMode,
+}
+
+fn auto() -> ScheduleMode {
+    ScheduleMode::Auto
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetentionModel {
+    keep_last: Option<u32>,
+    keep_hourly: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_monthly: Option<u32>,
+    keep_yearly: Option<u32>,
+}
+
+// ---- the checked result ---------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub file: PathBuf,
+    pub catalog: PathBuf,
+    pub max_jobs: usize,
+    pub max_jobs_per_host: usize,
+    pub host_limits: BTreeMap<String, usize>,
+    pub missed_runs: MissedRuns,
+    pub retries: u32,
+    pub retry_backoff: Duration,
+    pub shutdown: ShutdownMode,
+    pub shutdown_grace: Duration,
+    pub api: Option<ApiConfig>,
+    pub policies: BTreeMap<String, Policy>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: String,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub enabled: bool,
+    /// A name from `[repositories]`; `None` is the default `[repository]`.
+    pub repository: Option<String>,
+    pub priority: i32,
+    pub selections: Vec<Selection>,
+    pub schedules: Vec<Schedule>,
+    pub retention: Option<virtkeep_repo::KeepPolicy>,
+    pub pre_snapshot: Option<String>,
+    pub post_snapshot: Option<String>,
+    pub quiesce: bool,
+    pub transport: TransportSetting,
+    pub exclude_disks: Vec<String>,
+    pub parallel: usize,
+    /// Retries of a failed backup (the daemon-wide default when not set here).
+    pub retries: u32,
+    /// Fail the tasks not yet started when more than this share of the run failed.
+    pub fail_rest_above_percent: Option<u8>,
+}
+
+/// VMs of one host: by name or regex (anchored by the user as they like), minus exclusions.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    pub host: String,
+    pub names: Vec<String>,
+    pub regex: Vec<Regex>,
+    pub exclude: Vec<Regex>,
+}
+
+impl Selection {
+    pub fn matches(&self, vm: &str) -> bool {
+        let included =
+            self.names.iter().any(|n| n == vm) || self.regex.iter().any(|r| r.is_match(vm));
+        included && !self.exclude.iter().any(|r| r.is_match(vm))
+    }
+
+    /// The selected VMs among `available` (the host's domains), in the host's order.
+    pub fn select<'a>(&self, available: &'a [String]) -> Vec<&'a String> {
+        available.iter().filter(|vm| self.matches(vm)).collect()
+    }
+}
+
+impl Policy {
+    pub fn backup_options(&self, mode: ScheduleMode) -> virtkeep_engine::backup::BackupOptions {
+        virtkeep_engine::backup::BackupOptions {
+            mode: mode.engine(),
+            exclude_disks: self.exclude_disks.clone(),
+            quiesce: self.quiesce,
+            pre_snapshot: self.pre_snapshot.clone(),
+            post_snapshot: self.post_snapshot.clone(),
+            transport: self.transport.engine(),
+            parallel: self.parallel,
+        }
+    }
+}
+
+/// The default catalog: next to the default repository, in the user's data directory.
+pub fn default_catalog() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/root"))
+                .join(".local/share")
+        })
+        .join("virtkeep/catalog.sqlite")
+}
+
+struct Checker<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn err<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        message: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::at(
+            self.file, self.text, span.start, message, expected,
+        ))
+    }
+
+    fn duration(&self, v: &Spanned<String>, what: &str) -> Result<Duration, ConfigError> {
+        match parse_duration(v.get_ref()) {
+            Some(d) if !d.is_zero() => Ok(d),
+            _ => self.err(
+                v.span(),
+                format!("{what} {:?} is not a duration", v.get_ref()),
+                "a number with a unit, e.g. \"30s\", \"15m\", \"6h\", \"1d\" or \"1h30m\"",
+            ),
+        }
+    }
+
+    fn regex(&self, v: &Spanned<String>) -> Result<Regex, ConfigError> {
+        Regex::new(v.get_ref()).map_err(|e| {
+            ConfigError::at(
+                self.file,
+                self.text,
+                v.span().start,
+                format!(
+                    "{:?} is not a valid regular expression: {}",
+                    v.get_ref(),
+                    e.to_string().lines().last().unwrap_or("")
+                ),
+                "a regular expression (Rust regex syntax), e.g. \"^web-\"",
+            )
+        })
+    }
+
+    fn positive(&self, v: &Spanned<usize>, what: &str) -> Result<usize, ConfigError> {
+        if *v.get_ref() == 0 {
+            return self.err(v.span(), format!("{what} is 0"), "a number of at least 1");
+        }
+        Ok(*v.get_ref())
+    }
+}
+
+impl DaemonConfig {
+    /// Reads the daemon's settings and policies from the configuration file's `text`;
+    /// `engine` is the same file as the engine read it (hosts and repositories).
+    pub fn parse(
+        file: &Path,
+        text: &str,
+        engine: &EngineConfig,
+    ) -> Result<DaemonConfig, ConfigError> {
+        let model: FileModel = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|s| s.start).unwrap_or(0);
+            let message = e.message().trim().to_string();
+            // toml's message already says what it wanted ("expected one of …") where it knows.
+            let expected = if message.contains("expected") {
+                String::new()
+            } else {
+                "a setting described in docs/daemon.md".to_string()
+            };
+            ConfigError::at(file, text, at, message, expected)
+        })?;
+        let c = Checker { file, text };
+        let d = model.daemon.unwrap_or_default();
+        let max_jobs = match &d.max_jobs {
+            Some(v) => c.positive(v, "max_jobs")?,
+            None => 2,
+        };
+        let max_jobs_per_host = match &d.max_jobs_per_host {
+            Some(v) => c.positive(v, "max_jobs_per_host")?,
+            None => 1,
+        };
+        let mut host_limits = BTreeMap::new();
+        for (h, n) in &d.host_limits {
+            if !engine.hosts.contains_key(h.get_ref()) {
+                return c.err(
+                    h.span(),
+                    format!("host_limits names the unknown host {:?}", h.get_ref()),
+                    host_names(engine),
+                );
+            }
+            host_limits.insert(h.get_ref().clone(), c.positive(n, "a host limit")?);
+        }
+        let retry_backoff = match &d.retry_backoff {
+            Some(v) => c.duration(v, "retry_backoff")?,
+            None => Duration::from_secs(60),
+        };
+        let shutdown_grace = match &d.shutdown_grace {
+            Some(v) => c.duration(v, "shutdown_grace")?,
+            None => Duration::from_secs(30 * 60),
+        };
+        let api = match d.api {
+            None => None,
+            Some(a) => {
+                if a.listen.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                    return c.err(
+                        a.listen.span(),
+                        format!("listen {:?} is not an address", a.listen.get_ref()),
+                        "IP:PORT, e.g. \"127.0.0.1:8470\"",
+                    );
+                }
+                if a.token_env.is_none() && a.token_file.is_none() {
+                    return c.err(a.listen.span(), "the API has no token", "token_env = \"VARIABLE\" or token_file = \"/path\" next to listen (the token itself never goes in this file)");
+                }
+                Some(ApiConfig {
+                    listen: a.listen.into_inner(),
+                    token_env: a.token_env.map(Spanned::into_inner),
+                    token_file: a.token_file,
+                })
+            }
+        };
+        let retries = d.retries.unwrap_or(2);
+        let mut policies = BTreeMap::new();
+        for (name, p) in model.policies {
+            let span = p.span();
+            let p = p.into_inner();
+            policies.insert(
+                name.clone(),
+                check_policy(&c, engine, &name, span, p, retries)?,
+            );
+        }
+        Ok(DaemonConfig {
+            file: file.to_path_buf(),
+            catalog: d.catalog.unwrap_or_else(default_catalog),
+            max_jobs,
+            max_jobs_per_host,
+            host_limits,
+            missed_runs: d.missed_runs,
+            retries,
+            retry_backoff,
+            shutdown: d.shutdown,
+            shutdown_grace,
+            api,
+            policies,
+        })
+    }
+
+    /// Reads `file`; a missing file is an empty configuration.
+    pub fn load(file: &Path, engine: &EngineConfig) -> crate::Result<DaemonConfig> {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(crate::DaemonError::Io {
+                    what: "reading",
+                    path: file.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        Ok(Self::parse(file, &text, engine)?)
+    }
+
+    pub fn host_limit(&self, host: &str) -> usize {
+        self.host_limits
+            .get(host)
+            .copied()
+            .unwrap_or(self.max_jobs_per_host)
+    }
+}
+
+fn host_names(engine: &EngineConfig) -> String {
+    if engine.hosts.is_empty() {
+        "a host added with `virtkeep host add` (none are configured)".into()
+    } else {
+        format!(
+            "one of the configured hosts: {}",
+            engine
+                .hosts
+                .keys()
+                .map(|h| format!("{h:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+fn check_policy(
+    c: &Checker<'_>,
+    engine: &EngineConfig,
+    name: &str,
+    span: std::ops::Range<usize>,
+    p: PolicyModel,
+    default_retries: u32,
+) -> Result<Policy, ConfigError> {
+    if let Some(r) = &p.repository
+        && !engine.repositories.contains_key(r.get_ref())
+    {
+        let known: Vec<String> = engine
+            .repositories
+            .keys()
+            .map(|k| format!("{k:?}"))
+            .collect();
+        return c.err(r.span(), format!("policy {name}: no repository named {:?}", r.get_ref()), if known.is_empty() {
+            "a name from [repositories.NAME] (none are defined; leave repository out to use [repository])".to_string()
+        } else {
+            format!("one of {}", known.join(", "))
+        });
+    }
+    if p.vms.is_empty() {
+        return c.err(
+            span,
+            format!("policy {name} selects no VMs"),
+            "at least one [[policies.NAME.vms]] with host = \"…\" and names or regex",
+        );
+    }
+    let mut selections = Vec::new();
+    for s in &p.vms {
+        if !engine.hosts.contains_key(s.host.get_ref()) {
+            return c.err(
+                s.host.span(),
+                format!("policy {name}: unknown host {:?}", s.host.get_ref()),
+                host_names(engine),
+            );
+        }
+        if s.names.is_empty() && s.regex.is_empty() {
+            return c.err(
+                s.host.span(),
+                format!(
+                    "policy {name}: the selection on host {} names no VMs",
+                    s.host.get_ref()
+                ),
+                "names = [\"vm\", …] and/or regex = [\"^pattern\", …]",
+            );
+        }
+        selections.push(Selection {
+            host: s.host.get_ref().clone(),
+            names: s.names.clone(),
+            regex: s
+                .regex
+                .iter()
+                .map(|r| c.regex(r))
+                .collect::<Result<_, _>>()?,
+            exclude: s
+                .exclude
+                .iter()
+                .map(|r| c.regex(r))
+                .collect::<Result<_, _>>()?,
+        });
+    }
+    if p.schedules.is_empty() {
+        return c.err(span, format!("policy {name} has no schedule"), "schedules = [{ cron = \"0 2 * * *\", timezone = \"Europe/Berlin\", mode = \"incremental\" }] or [{ every = \"6h\" }]");
+    }
+    let mut schedules = Vec::new();
+    for s in &p.schedules {
+        let sp = s.span();
+        let s = s.get_ref();
+        let schedule = match (&s.cron, &s.every) {
+            (Some(cron), None) => {
+                let tz = match &s.timezone {
+                    None => chrono_tz::Tz::UTC,
+                    Some(t) => match t.get_ref().parse::<chrono_tz::Tz>() {
+                        Ok(tz) => tz,
+                        Err(_) => {
+                            return c.err(
+                                t.span(),
+                                format!("unknown time zone {:?}", t.get_ref()),
+                                "an IANA time zone name, e.g. \"UTC\" or \"Europe/Berlin\"",
+                            );
+                        }
+                    },
+                };
+                Schedule::cron(cron.get_ref(), tz, s.mode).or_else(|e| {
+                    c.err(cron.span(), format!("cron expression {:?}: {e}", cron.get_ref()), "5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first, e.g. \"0 2 * * *\"")
+                })?
+            }
+            (None, Some(every)) => {
+                if let Some(t) = &s.timezone {
+                    return c.err(
+                        t.span(),
+                        "timezone applies to cron schedules only",
+                        "no timezone with every = …",
+                    );
+                }
+                Schedule::every(c.duration(every, "every")?, every.get_ref(), s.mode)
+            }
+            _ => {
+                return c.err(
+                    sp,
+                    "a schedule needs exactly one of cron and every",
+                    "{ cron = \"0 2 * * *\" } or { every = \"6h\" }",
+                );
+            }
+        };
+        schedules.push(schedule);
+    }
+    let retention = match p.retention {
+        None => None,
+        Some(r) => {
+            let sp = r.span();
+            let r = r.into_inner();
+            let keep = virtkeep_repo::KeepPolicy {
+                last: r.keep_last,
+                hourly: r.keep_hourly,
+                daily: r.keep_daily,
+                weekly: r.keep_weekly,
+                monthly: r.keep_monthly,
+                yearly: r.keep_yearly,
+            };
+            if keep == virtkeep_repo::KeepPolicy::default()
+                || [
+                    r.keep_last,
+                    r.keep_hourly,
+                    r.keep_daily,
+                    r.keep_weekly,
+                    r.keep_monthly,
+                    r.keep_yearly,
+                ]
+                .iter()
+                .all(|k| k.unwrap_or(0) == 0)
+            {
+                return c.err(sp, format!("policy {name}: retention keeps nothing explicitly"), "at least one of keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly above 0");
+            }
+            Some(keep)
+        }
+    };
+    let parallel = match &p.parallel {
+        Some(v) => c.positive(v, "parallel")?,
+        None => 2,
+    };
+    if let Some(pct) = &p.fail_rest_above_percent
+        && *pct.get_ref() > 100
+    {
+        return c.err(
+            pct.span(),
+            format!("fail_rest_above_percent is {}", pct.get_ref()),
+            "a percentage from 0 to 100",
+        );
+    }
+    Ok(Policy {
+        name: name.to_string(),
+        enabled: p.enabled,
+        repository: p.repository.map(Spanned::into_inner),
+        priority: p.priority,
+        selections,
+        schedules,
+        retention,
+        pre_snapshot: p.pre_snapshot,
+        post_snapshot: p.post_snapshot,
+        quiesce: p.quiesce,
+        transport: p.transport,
+        exclude_disks: p.exclude_disks,
+        parallel,
+        retries: p.retries.unwrap_or(default_retries),
+        fail_rest_above_percent: p.fail_rest_above_percent.map(Spanned::into_inner),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> EngineConfig {
+        toml::from_str(
+            r#"
+[repository]
+location = "/tmp/repo"
+[repositories.offsite]
+location = "s3://b/p"
+[hosts.kvm1]
+address = "10.0.0.1"
+identity = "/k"
+"#,
+        )
+        .expect("engine config")
+    }
+
+    fn parse(text: &str) -> Result<DaemonConfig, ConfigError> {
+        DaemonConfig::parse(Path::new("/etc/virtkeep.toml"), text, &engine())
+    }
+
+    const GOOD: &str = r#"
+[daemon]
+catalog = "/var/lib/virtkeep/catalog.sqlite"
+max_jobs = 4
+host_limits = { kvm1 = 2 }
+retry_backoff = "30s"
+missed_runs = "skip"
+
+[daemon.api]
+listen = "127.0.0.1:8470"
+token_env = "VIRTKEEP_API_TOKEN"
+
+[policies.nightly]
+repository = "offsite"
+priority = 10
+schedules = [
+  { cron = "0 2 * * 1-6", timezone = "Europe/Berlin", mode = "incremental" },
+  { cron = "0 2 * * 0", timezone = "Europe/Berlin", mode = "full" },
+]
+retention = { keep_last = 3, keep_daily = 7 }
+fail_rest_above_percent = 50
+
+[[policies.nightly.vms]]
+host = "kvm1"
+names = ["db01"]
+regex = ["^web-"]
+exclude = ["-test$"]
+"#;
+
+    #[test]
+    fn a_full_config_reads() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.max_jobs, 4);
+        assert_eq!(c.host_limit("kvm1"), 2);
+        assert_eq!(c.host_limit("other"), 1);
+        assert_eq!(c.missed_runs, MissedRuns::Skip);
+        assert_eq!(c.retry_backoff, Duration::from_secs(30));
+        let p = &c.policies["nightly"];
+        assert_eq!(p.repository.as_deref(), Some("offsite"));
+        assert_eq!(p.schedules.len(), 2);
+        assert_eq!(p.schedules[1].mode, ScheduleMode::Full);
+        assert_eq!(p.retention.and_then(|r| r.last), Some(3));
+        let sel = &p.selections[0];
+        assert!(sel.matches("db01"));
+        assert!(sel.matches("web-1"));
+        assert!(!sel.matches("web-1-test"));
+        assert!(!sel.matches("db02"));
+    }
+
+    fn err_of(text: &str) -> ConfigError {
+        parse(text).expect_err("must fail")
+    }
+
+    #[test]
+    fn errors_point_at_the_line_and_say_what_was_expected() {
+        let bad = GOOD.replace("0 2 * * 1-6", "0 25 * * 1-6");
+        let e = err_of(&bad);
+        assert_eq!(e.line, 17, "{e}");
+        assert!(e.expected.contains("5 fields"), "{e}");
+        assert!(e.to_string().starts_with("/etc/virtkeep.toml:17:"), "{e}");
+
+        let e = err_of(&GOOD.replace(
+            "Europe/Berlin\", mode = \"incremental",
+            "Mars/Base\", mode = \"incremental",
+        ));
+        assert_eq!((e.line, e.expected.contains("IANA")), (17, true), "{e}");
+
+        let e = err_of(&GOOD.replace("mode = \"full\"", "mode = \"weekly\""));
+        assert_eq!(e.line, 18, "{e}");
+        assert!(
+            e.message.contains("weekly") && e.message.contains("incremental"),
+            "{e}"
+        );
+
+        let e = err_of(&GOOD.replace("host = \"kvm1\"", "host = \"kvm9\""));
+        assert_eq!(e.line, 24, "{e}");
+        assert!(e.expected.contains("\"kvm1\""), "{e}");
+
+        let e = err_of(&GOOD.replace("^web-", "^web-("));
+        assert_eq!((e.line, e.column), (26, 10), "{e}");
+
+        let e = err_of(&GOOD.replace("retry_backoff = \"30s\"", "retry_backoff = \"soon\""));
+        assert_eq!(e.line, 6, "{e}");
+
+        let e = err_of(&GOOD.replace("priority = 10", "priority = 10\ncolour = \"red\""));
+        assert_eq!(e.line, 16, "{e}");
+        assert!(e.message.contains("colour"), "{e}");
+
+        let e = err_of(&GOOD.replace("token_env = \"VIRTKEEP_API_TOKEN\"", ""));
+        assert_eq!(e.line, 10, "{e}");
+        assert!(e.expected.contains("token_env"), "{e}");
+    }
+
+    #[test]
+    fn the_packaged_sample_config_is_valid() {
+        let text = include_str!("../../../packaging/virtkeep.toml");
+        let engine: EngineConfig = toml::from_str(text).expect("engine part");
+        let c = DaemonConfig::parse(Path::new("packaging/virtkeep.toml"), text, &engine)
+            .expect("daemon part");
+        assert_eq!(c.policies.len(), 2);
+        assert!(c.api.is_some());
+        // `host add` and `repo init` rewrite the file from the engine's Config: the
+        // daemon's sections must survive that.
+        let rewritten = toml::to_string_pretty(&engine).expect("serialise");
+        let again: EngineConfig = toml::from_str(&rewritten).expect("engine part");
+        let c2 = DaemonConfig::parse(Path::new("rewritten.toml"), &rewritten, &again)
+            .expect("daemon part after a rewrite");
+        assert_eq!(
+            c2.policies.keys().collect::<Vec<_>>(),
+            c.policies.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(c2.policies["nightly"].schedules.len(), 2);
+        assert_eq!(c2.host_limit("kvm1"), 2);
+    }
+
+    #[test]
+    fn an_empty_file_has_defaults() {
+        let c = parse("").expect("empty");
+        assert!(c.policies.is_empty());
+        assert_eq!(c.max_jobs, 2);
+        assert_eq!(c.missed_runs, MissedRuns::RunOnce);
+        assert!(c.api.is_none());
+    }
+}

@@ -1,0 +1,359 @@
+//! One job: connect, run the engine's backup or restore, apply retention, report.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use virtkeep_engine::backup::{BackupOptions, backup_vm};
+use virtkeep_engine::config::{Config as EngineConfig, RepositoryConfig};
+use virtkeep_engine::host::Host;
+use virtkeep_engine::progress::{Event, Progress};
+use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
+use virtkeep_engine::{Error as EngineError, ErrorKind, heal};
+use virtkeep_repo::{KeySource, Location, Repository, S3Options};
+
+use crate::catalog::{JobOutcome, JobRecord};
+use crate::policy::DaemonConfig;
+use crate::schedule::ScheduleMode;
+
+/// What a job does, as stored in the catalog (so that a restarted daemon can retry it).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum JobRequest {
+    Backup {
+        /// The policy whose options apply; none: defaults and the default repository.
+        #[serde(default)]
+        policy: Option<String>,
+        /// `auto` (default), `full` or `incremental`.
+        #[serde(default)]
+        #[schema(value_type = String)]
+        mode: ScheduleMode,
+    },
+    Restore {
+        snapshot: String,
+        /// New domain name (fresh UUID and MACs).
+        #[serde(default)]
+        name: Option<String>,
+        /// `file:/DIR` or `rbd:POOL`; the original places otherwise.
+        #[serde(default)]
+        storage: Option<String>,
+        #[serde(default)]
+        define: bool,
+        #[serde(default)]
+        start: bool,
+        #[serde(default)]
+        force: bool,
+        /// A name from `[repositories]`; the default repository otherwise.
+        #[serde(default)]
+        repository: Option<String>,
+    },
+}
+
+impl JobRequest {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobRequest::Backup { .. } => "backup",
+            JobRequest::Restore { .. } => "restore",
+        }
+    }
+}
+
+/// Everything a job needs from the node's configuration.
+pub struct Env {
+    pub engine: EngineConfig,
+    pub daemon: DaemonConfig,
+    /// The node-wide known_hosts file.
+    pub known_hosts: PathBuf,
+    /// The repository used when neither the policy nor the request names one.
+    pub default_repository: RepositoryConfig,
+}
+
+impl Env {
+    pub fn repository_config(&self, name: Option<&str>) -> Result<&RepositoryConfig, EngineError> {
+        match name {
+            None => Ok(&self.default_repository),
+            Some(n) => self.engine.repositories.get(n).ok_or_else(|| {
+                EngineError::config(format!("no repository named {n:?} in the configuration"))
+            }),
+        }
+    }
+
+    pub async fn connect(&self, host: &str) -> Result<Host, EngineError> {
+        Host::connect(host, self.engine.host(host)?, &self.known_hosts).await
+    }
+}
+
+/// Opens a repository as `virtkeep` commands do (S3 endpoint from the config or AWS_*).
+pub async fn open_repository(rc: &RepositoryConfig) -> Result<Repository, EngineError> {
+    let mut location = Location::parse(&rc.location)?;
+    if let Location::S3 { .. } = location {
+        let endpoint = rc
+            .s3_endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+        location = location.with_s3_options(S3Options {
+            allow_http: endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://")),
+            endpoint,
+            region: rc.s3_region.clone(),
+            access_key: None,
+            secret_key: None,
+        });
+    }
+    let key = if let Some(f) = &rc.key_file {
+        Some(KeySource::KeyFile(f.clone()))
+    } else if let Some(var) = &rc.passphrase_env {
+        Some(KeySource::Passphrase(std::env::var(var).map_err(|_| {
+            EngineError::config(format!("the passphrase variable {var} is not set"))
+                .hint(format!("set {var} in the daemon's environment"))
+        })?))
+    } else {
+        None
+    };
+    Repository::open(location, key)
+        .await
+        .map_err(|e| EngineError::from(e).context(format!("repository {}", rc.location)))
+}
+
+/// How far a running job is, for the API.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct JobProgress {
+    pub phase: String,
+    /// Bytes the transfer will move (allocated data of the disks started so far).
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+}
+
+pub type ProgressMap = Arc<Mutex<HashMap<i64, JobProgress>>>;
+
+/// Records progress for the API and logs phases (the log is what an operator tails).
+struct Tracker {
+    job: i64,
+    map: ProgressMap,
+}
+
+impl Progress for Tracker {
+    fn event(&self, event: Event) {
+        let Ok(mut map) = self.map.lock() else {
+            return;
+        };
+        let p = map.entry(self.job).or_default();
+        match event {
+            Event::Phase { vm, phase } => {
+                tracing::info!(job = self.job, vm = %vm, phase, "phase");
+                p.phase = phase.to_string();
+            }
+            Event::DiskStart { vm, disk, bytes } => {
+                tracing::info!(job = self.job, vm = %vm, disk = %disk, bytes, "disk transfer starts");
+                p.bytes_total += bytes;
+            }
+            Event::DiskBytes { bytes, .. } => p.bytes_done += bytes,
+            Event::DiskDone { disk } => tracing::info!(job = self.job, disk = %disk, "disk done"),
+            Event::Notice { vm, message } => tracing::warn!(job = self.job, vm = %vm, "{message}"),
+        }
+    }
+}
+
+fn error_text(e: &EngineError) -> String {
+    match &e.hint {
+        Some(h) => format!("{e} (hint: {h})"),
+        None => e.to_string(),
+    }
+}
+
+/// Returns a VM that an interrupted job left on overlays to its own files.
+pub async fn heal_after_interruption(host: &Host, vm: &str) -> Vec<String> {
+    let Ok(v) = virtkeep_engine::vm::Vm::find(host, vm).await else {
+        return Vec::new();
+    };
+    let _ = heal::stop_job_exports(host, &v.uuid).await;
+    match heal::heal_vm(host, &v.uuid, false).await {
+        Ok(r) => r.actions,
+        Err(e) => vec![format!("healing failed: {e}")],
+    }
+}
+
+/// Runs one job to its end. `cancel` turning true aborts it cleanly: the engine's
+/// future is dropped, then the VM is healed the way `virtkeep cleanup` would.
+pub async fn run(
+    env: Arc<Env>,
+    job: JobRecord,
+    progress: ProgressMap,
+    mut cancel: watch::Receiver<bool>,
+) -> JobOutcome {
+    let req: JobRequest = match serde_json::from_str(&job.request) {
+        Ok(r) => r,
+        Err(e) => {
+            return JobOutcome {
+                error: Some(format!("unreadable job request in the catalog: {e}")),
+                ..Default::default()
+            };
+        }
+    };
+    let tracker: Arc<dyn Progress> = Arc::new(Tracker {
+        job: job.id,
+        map: progress.clone(),
+    });
+    let host = match env.connect(&job.host).await {
+        Ok(h) => h,
+        Err(e) => {
+            return JobOutcome {
+                error: Some(error_text(&e)),
+                ..Default::default()
+            };
+        }
+    };
+    let work = async {
+        match &req {
+            JobRequest::Backup { policy, mode } => {
+                backup(&env, &host, &job, policy.as_deref(), *mode, tracker).await
+            }
+            JobRequest::Restore { .. } => restore_job(&env, &host, &req, tracker).await,
+        }
+    };
+    let cancelled = async {
+        // A dropped sender means no abort can come any more.
+        let fired = cancel.wait_for(|c| *c).await.is_ok();
+        if !fired {
+            std::future::pending::<()>().await;
+        }
+    };
+    let outcome = tokio::select! {
+        r = work => r.unwrap_or_else(|e| JobOutcome { error: Some(error_text(&e)), ..Default::default() }),
+        _ = cancelled => {
+            let healed = heal_after_interruption(&host, &job.vm).await;
+            JobOutcome {
+                error: Some(EngineError::new(ErrorKind::Interrupted, "aborted by the daemon's shutdown").to_string()),
+                note: (!healed.is_empty()).then(|| format!("healed: {}", healed.join("; "))),
+                ..Default::default()
+            }
+        }
+    };
+    if let Ok(mut m) = progress.lock() {
+        m.remove(&job.id);
+    }
+    outcome
+}
+
+async fn backup(
+    env: &Env,
+    host: &Host,
+    job: &JobRecord,
+    policy: Option<&str>,
+    mode: ScheduleMode,
+    progress: Arc<dyn Progress>,
+) -> Result<JobOutcome, EngineError> {
+    let policy = match policy {
+        None => None,
+        Some(name) => Some(env.daemon.policies.get(name).ok_or_else(|| {
+            EngineError::config(format!("policy {name:?} is no longer in the configuration"))
+        })?),
+    };
+    let opts = match policy {
+        Some(p) => p.backup_options(mode),
+        None => BackupOptions {
+            mode: mode.engine(),
+            parallel: 2,
+            ..BackupOptions::default()
+        },
+    };
+    let rc = env.repository_config(policy.and_then(|p| p.repository.as_deref()))?;
+    let repo = open_repository(rc).await?;
+    let r = backup_vm(host, &repo, &job.vm, &opts, progress).await?;
+    let mut outcome = JobOutcome {
+        snapshot: Some(r.id.clone()),
+        mode: Some(r.mode.clone()),
+        bytes_read: Some(r.disks.iter().map(|d| d.bytes_read as i64).sum()),
+        bytes_new: Some(r.disks.iter().map(|d| d.bytes_new as i64).sum()),
+        duration: Some(r.duration_secs),
+        note: (!r.warnings.is_empty()).then(|| r.warnings.join("; ")),
+        ..Default::default()
+    };
+    // Retention runs only after a success, and only over this VM's backups: a failed
+    // backup never costs an older one.
+    if let Some(keep) = policy.and_then(|p| p.retention) {
+        match repo.prune(&keep, Some((&r.host, &r.vm)), false).await {
+            Ok(decisions) => {
+                let removed = decisions.iter().filter(|d| !d.keep).count() as i64;
+                tracing::info!(job = job.id, vm = %r.vm, removed, "retention applied");
+                outcome.pruned = Some(removed);
+            }
+            Err(e) => {
+                let note = format!("retention failed: {e}");
+                tracing::warn!(job = job.id, "{note}");
+                outcome.note = Some(match outcome.note {
+                    Some(n) => format!("{n}; {note}"),
+                    None => note,
+                });
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+pub fn parse_storage(s: Option<&str>) -> Result<Storage, EngineError> {
+    match s {
+        None => Ok(Storage::Original),
+        Some(s) => match s.split_once(':') {
+            Some(("file", dir)) if dir.starts_with('/') => Ok(Storage::FileDir(dir.to_string())),
+            Some(("rbd", pool)) if !pool.is_empty() && !pool.contains('/') => {
+                Ok(Storage::Rbd(pool.to_string()))
+            }
+            _ => Err(EngineError::config(format!(
+                "storage {s:?}: expected file:/ABSOLUTE/DIR or rbd:POOL"
+            ))),
+        },
+    }
+}
+
+async fn restore_job(
+    env: &Env,
+    host: &Host,
+    req: &JobRequest,
+    progress: Arc<dyn Progress>,
+) -> Result<JobOutcome, EngineError> {
+    let JobRequest::Restore {
+        snapshot,
+        name,
+        storage,
+        define,
+        start,
+        force,
+        repository,
+    } = req
+    else {
+        return Err(EngineError::config("not a restore request"));
+    };
+    let repo = open_repository(env.repository_config(repository.as_deref())?).await?;
+    let opts = RestoreOptions {
+        snapshot: snapshot.clone(),
+        name: name.clone(),
+        storage: parse_storage(storage.as_deref())?,
+        owner: None,
+        disks: Vec::new(),
+        define: *define || *start,
+        start: *start,
+        force: *force,
+        parallel: 2,
+    };
+    let r = restore(host, &repo, &opts, progress).await?;
+    Ok(JobOutcome {
+        snapshot: Some(r.snapshot.clone()),
+        bytes_new: Some(r.disks.iter().map(|d| d.bytes_written as i64).sum()),
+        duration: Some(r.duration_secs),
+        note: Some(format!(
+            "restored {} to {}{}",
+            r.vm,
+            r.disks
+                .iter()
+                .map(|d| d.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if r.defined { " (defined)" } else { "" }
+        )),
+        ..Default::default()
+    })
+}
