@@ -36,7 +36,7 @@ pub enum JobRequest {
         /// New domain name (fresh UUID and MACs).
         #[serde(default)]
         name: Option<String>,
-        /// `file:/DIR` or `rbd:POOL`; the original places otherwise.
+        /// `file:/DIR`, `rbd:POOL` or `lvm:VG`; the original places otherwise.
         #[serde(default)]
         storage: Option<String>,
         #[serde(default)]
@@ -295,18 +295,7 @@ async fn backup(
 }
 
 pub fn parse_storage(s: Option<&str>) -> Result<Storage, EngineError> {
-    match s {
-        None => Ok(Storage::Original),
-        Some(s) => match s.split_once(':') {
-            Some(("file", dir)) if dir.starts_with('/') => Ok(Storage::FileDir(dir.to_string())),
-            Some(("rbd", pool)) if !pool.is_empty() && !pool.contains('/') => {
-                Ok(Storage::Rbd(pool.to_string()))
-            }
-            _ => Err(EngineError::config(format!(
-                "storage {s:?}: expected file:/ABSOLUTE/DIR or rbd:POOL"
-            ))),
-        },
-    }
+    Storage::parse(s)
 }
 
 async fn restore_job(

@@ -29,6 +29,27 @@ pub enum Storage {
     Lvm(String),
 }
 
+impl Storage {
+    /// `--storage` as the user writes it: none, `file:/DIR`, `rbd:POOL` or `lvm:VG`.
+    pub fn parse(s: Option<&str>) -> Result<Storage> {
+        let Some(s) = s else {
+            return Ok(Storage::Original);
+        };
+        match s.split_once(':') {
+            Some(("file", dir)) if dir.starts_with('/') => Ok(Storage::FileDir(dir.to_string())),
+            Some(("rbd", pool)) if !pool.is_empty() && !pool.contains('/') => {
+                Ok(Storage::Rbd(pool.to_string()))
+            }
+            Some(("lvm", vg)) if crate::lvm::valid_new_lv_name(vg) => {
+                Ok(Storage::Lvm(vg.to_string()))
+            }
+            _ => Err(Error::config(format!(
+                "storage {s:?}: expected file:/ABSOLUTE/DIR, rbd:POOL or lvm:VG"
+            ))),
+        }
+    }
+}
+
 /// Where one disk is restored to.
 #[derive(Debug, Clone)]
 enum Dest {

@@ -525,24 +525,7 @@ async fn restore_cmd(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
-    let storage = match args.storage.as_deref() {
-        None => Storage::Original,
-        Some(s) => match s.split_once(':') {
-            Some(("file", dir)) if dir.starts_with('/') => Storage::FileDir(dir.to_string()),
-            Some(("rbd", pool)) if !pool.is_empty() && !pool.contains('/') => {
-                Storage::Rbd(pool.to_string())
-            }
-            Some(("lvm", vg)) if virtkeep_engine::lvm::valid_new_lv_name(vg) => {
-                Storage::Lvm(vg.to_string())
-            }
-            _ => {
-                return Err(EngineError::config(format!(
-                    "--storage {s}: expected file:/ABSOLUTE/DIR, rbd:POOL or lvm:VG"
-                ))
-                .into());
-            }
-        },
-    };
+    let storage = Storage::parse(args.storage.as_deref())?;
     let owner = match args.owner.as_deref() {
         None => None,
         Some(o) => match o.split_once(':') {
