@@ -290,9 +290,13 @@ pub async fn backup_vm(
     opts: &BackupOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<BackupResult> {
-    let vm = Vm::find(host, vm_name).await?;
-    let lock = host.lock_vm(&vm.uuid, 60).await?;
-    let res = backup_locked(host, repo, vm, opts, &progress).await;
+    // Loaded under the lock: another job of this VM may have changed it until then.
+    let uuid = Vm::find_uuid(host, vm_name).await?;
+    let lock = host.lock_vm(&uuid, 60).await?;
+    let res = match Vm::load(host, &uuid).await {
+        Ok(vm) => backup_locked(host, repo, vm, opts, &progress).await,
+        Err(e) => Err(e),
+    };
     lock.release().await;
     res
 }

@@ -48,6 +48,12 @@ pub struct Vm {
 
 impl Vm {
     pub async fn find(host: &Host, name: &str) -> Result<Vm> {
+        let uuid = Self::find_uuid(host, name).await?;
+        Self::load(host, &uuid).await
+    }
+
+    /// The UUID of the domain named `name` (or with that UUID).
+    pub async fn find_uuid(host: &Host, name: &str) -> Result<String> {
         let out = host.exec(&host.virsh().domuuid(name)).await?;
         if out.status != 0 {
             return Err(
@@ -59,8 +65,7 @@ impl Vm {
                 ),
             );
         }
-        let uuid = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Self::load(host, &uuid).await
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     pub async fn load(host: &Host, uuid: &str) -> Result<Vm> {
