@@ -375,13 +375,7 @@ pub async fn probe(host: &Host) -> Result<LvmProbe> {
         }
         None => false,
     };
-    let thin_delta = host
-        .exec(&RemoteCommand::raw_trusted(
-            "command -v thin_delta >/dev/null 2>&1 || test -x /usr/sbin/thin_delta",
-        ))
-        .await?
-        .status
-        == 0;
+    let thin_delta = has_thin_delta(host).await?;
     Ok(LvmProbe {
         version,
         json_reporting,
@@ -741,6 +735,14 @@ async fn stop_process(host: &Host, pid: u32) -> Result<()> {
 }
 
 // ───────────────────────────── thin_delta ─────────────────────────────
+
+/// `thin_delta` (thin-provisioning-tools) is installed on the host.
+pub async fn has_thin_delta(host: &Host) -> Result<bool> {
+    let probe = RemoteCommand::raw_trusted(
+        "command -v thin_delta >/dev/null 2>&1 || test -x /usr/sbin/thin_delta",
+    );
+    Ok(host.exec(&probe).await?.status == 0)
+}
 
 /// Marks (or unmarks) a thin snapshot as the kept base of its origin.
 pub async fn set_base_tag(host: &Host, vg: &str, name: &str, on: bool) -> Result<()> {

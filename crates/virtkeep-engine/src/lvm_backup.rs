@@ -170,14 +170,7 @@ pub async fn thin_deltas(
     if !keep || !frozen.values().any(|f| f.thin_pool.is_some()) {
         return Ok(out);
     }
-    let has_thin_delta = host
-        .exec(&virtkeep_ssh::RemoteCommand::raw_trusted(
-            "command -v thin_delta >/dev/null 2>&1 || test -x /usr/sbin/thin_delta",
-        ))
-        .await?
-        .status
-        == 0;
-    if !has_thin_delta {
+    if !lvm::has_thin_delta(host).await? {
         return Ok(out);
     }
     for (target, f) in frozen.iter_mut() {

@@ -100,7 +100,12 @@ impl Node {
 
     /// Backs up one VM and returns the backup's JSON result.
     pub fn backup(&self, vm: &str, extra: &[&str]) -> Value {
-        let spec = format!("{HOST}/{vm}");
+        self.backup_on(HOST, vm, extra)
+    }
+
+    /// Like [`Node::backup`] for a VM on another host of the node.
+    pub fn backup_on(&self, host: &str, vm: &str, extra: &[&str]) -> Value {
+        let spec = format!("{host}/{vm}");
         let mut args = vec!["backup", spec.as_str()];
         args.extend_from_slice(extra);
         let v = self.json(&args);

@@ -416,21 +416,7 @@ fn lvm_create_lv_for_restore_and_probe() {
 /// included) and `vm list` shows a VM on LVs.
 #[test]
 fn lvm_host_check_and_vm_list_through_the_cli() {
-    let h = hvm();
-    let node = Node::new();
-    let key = h.key.display().to_string();
-    let known = h.known_hosts.display().to_string();
-    node.ok(&[
-        "host",
-        "add",
-        "lvmhv",
-        "--ssh",
-        &h.ssh_spec(),
-        "--identity",
-        &key,
-        "--known-hosts",
-        &known,
-    ]);
+    let node = lvm_node();
     let check = node.json(&["host", "check", "lvmhv"]);
     assert_eq!(check["ok"], true, "{check}");
     assert!(check.to_string().contains("LVM reporting"), "{check}");
@@ -513,20 +499,6 @@ impl Drop for DomainGuard {
     }
 }
 
-fn backup_json(node: &Node, vm: &str, extra: &[&str]) -> serde_json::Value {
-    let spec = format!("lvmhv/{vm}");
-    let mut args = vec!["backup", spec.as_str()];
-    args.extend_from_slice(extra);
-    let v = node.json(&args);
-    let first = v
-        .as_array()
-        .and_then(|a| a.first())
-        .cloned()
-        .expect("one result");
-    assert!(first.get("error").is_none(), "backup failed: {first}");
-    first
-}
-
 /// Restores `id` under `name` with `extra`; returns `(target, path)` of every disk, and
 /// registers the new domain and LVs for removal.
 fn restore_lvs(
@@ -589,7 +561,7 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     let first = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
     step("VM built, pattern written");
 
-    let full = backup_json(&node, &vm.name, &[]);
+    let full = node.backup_on("lvmhv", &vm.name, &[]);
     step("full backup");
     assert_eq!(full["mode"], "full", "{full}");
     assert_eq!(full["method"], "live_snapshot", "{full}");
@@ -620,7 +592,7 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     assert_ne!(first, second);
     step("writes");
 
-    let inc = backup_json(&node, &vm.name, &[]);
+    let inc = node.backup_on("lvmhv", &vm.name, &[]);
     step("incremental backup");
     assert_eq!(inc["mode"], "incremental", "{inc}");
     assert!(
@@ -699,7 +671,7 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     // the original VM is untouched; a full backup keeps no base
     assert!(vm.is_running());
     assert_eq!(vm.disk_checksum("vda"), second[0]);
-    let again = backup_json(&node, &vm.name, &["--mode", "full"]);
+    let again = node.backup_on("lvmhv", &vm.name, &["--mode", "full"]);
     step("backup with --mode full");
     assert_eq!(again["mode"], "full", "{again}");
     assert!(
@@ -770,7 +742,7 @@ fn lvm_killed_mid_export_then_cleanup_removes_the_snapshot() {
         "{:?}",
         vm.leftover_snapshots()
     );
-    let r = backup_json(&node, &vm.name, &[]);
+    let r = node.backup_on("lvmhv", &vm.name, &[]);
     assert_eq!(r["method"], "offline_overlay", "{r}");
     let mut lvs = LvGuard(Vec::new());
     let mut domains = DomainGuard(Vec::new());
