@@ -337,10 +337,10 @@ if [[ $PROFILE == 1 ]] && command -v perf >/dev/null; then
     {
       echo "### $name: perf record -a -F 499 (whole machine, others' builds included)"
       echo '```'
-      perf report -i "$RUN_DIR/$name.perf" --no-children --sort comm --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+      perf report -i "$RUN_DIR/$name.perf" --no-children --sort comm --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15 || true
       echo
-      perf report -i "$RUN_DIR/$name.perf" --no-children --comm virtkeep,sshd,qemu-nbd,tokio-runtime-w --sort comm,dso,sym --stdio 2>/dev/null |
-        grep -v '^#' | grep -v '^$' | head -45
+      perf report -i "$RUN_DIR/$name.perf" --no-children --comm virtkeep,sshd,qemu-nbd,tokio-rt-worker --sort comm,dso,sym --stdio 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -45 || true
       echo '```'
     } >"$RUN_DIR/$name.perf.txt"
     PERF_TXT+=$(cat "$RUN_DIR/$name.perf.txt")$'\n\n'

@@ -26,7 +26,7 @@
 # Everything created (domain, image, repositories, temp files) is removed on exit, also
 # on failure or Ctrl-C.
 #
-# Env: SIZE=small|large (2 GiB disk / ~514 MiB data, or 16 GiB / ~4 GiB), REPS (rounds,
+# Env: SIZE=small|workload|large (2 GiB disk / ~514 MiB data, 8 GiB / ~2 GiB, or 16 GiB / ~4 GiB), REPS (rounds,
 #      default 3 small, 2 large), PARALLEL (backup --parallel, default 2), VERIFY (1),
 #      BUILD (1: cargo build --release -p virtkeep), VK_LOG (virtkeep's log filter,
 #      default info,virtkeep_engine=debug), KEEP=1 keeps the work dir.
@@ -41,8 +41,9 @@ SIZE=${SIZE:-small}
 MIB=1048576
 case $SIZE in
   small) DISK=$((2048 * MIB)) REPS=${REPS:-3} ;;
+  workload) DISK=$((8192 * MIB)) REPS=${REPS:-2} ;; # issue 5's workload: 8 GiB, ~2 GiB data
   large) DISK=$((16384 * MIB)) REPS=${REPS:-2} ;;
-  *) bdie "SIZE must be small or large" ;;
+  *) bdie "SIZE must be small, workload or large" ;;
 esac
 U=$((DISK / 32)) # layout unit and piece size: 64 MiB (small), 512 MiB (large)
 NCHG=82          # pieces of DISK/8192: 82 x DISK/8192 = 1.001 % of the disk
@@ -170,6 +171,32 @@ VK=(env -u XDG_CONFIG_HOME -u XDG_DATA_HOME HOME="$NODE" VIRTKEEP_LOG="$VK_LOG" 
   --known-hosts "$VK_SSH_KNOWN_HOSTS" >"$RUN_DIR/host-add.out" 2>&1 || bdie "host add: $(cat "$RUN_DIR/host-add.out")"
 "${VK[@]}" --json host check lab >"$RUN_DIR/host-check.json" 2>"$RUN_DIR/host-check.err" || true
 
+SSH=(ssh -q -F /dev/null -c aes128-gcm@openssh.com -p "$VK_SSH_PORT" -i "$VK_SSH_KEY" -o BatchMode=yes
+  -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o "UserKnownHostsFile=$VK_SSH_KNOWN_HOSTS"
+  -o GlobalKnownHostsFile=/dev/null -o ControlPath=none "$VK_SSH_USER@$VK_SSH_HOST")
+# The floor of any incremental through libvirt's backup API from this node, measured
+# in the same round: the changed bytes alone over one SSH session (`ssh … head -c N
+# IMG >/dev/null`), and libvirt's own job (checkpoint + pull-mode backup-begin +
+# domjobabort + checkpoint-delete, run on the host in one SSH command, no data read).
+floor_runs() { # ROUND BYTES
+  local r=$1 bytes=$2 t0 t1
+  t0=$EPOCHREALTIME
+  "${SSH[@]}" "head -c $bytes $(printf %q "$IMG") >/dev/null" || bdie "ssh head failed"
+  t1=$EPOCHREALTIME
+  add WALL floorssh "$(calc "$t1 - $t0")"
+  local d=/run/vkt-floor-$$-$r
+  t0=$EPOCHREALTIME
+  "${SSH[@]}" "set -e; mkdir -p $d; chmod 0777 $d
+    printf '%s' \"<domaincheckpoint><name>vkt-floor-$$-$r</name></domaincheckpoint>\" >$d/cp.xml
+    printf '%s' \"<domainbackup mode='pull'><server transport='unix' socket='$d/nbd.sock'/><disks><disk name='vda' backup='yes' type='file'><scratch file='$d/s.qcow2'/></disk></disks></domainbackup>\" >$d/b.xml
+    virsh -q -c $VK_LIBVIRT_URI backup-begin --domain $DOM --backupxml $d/b.xml --checkpointxml $d/cp.xml >/dev/null
+    virsh -q -c $VK_LIBVIRT_URI domjobabort --domain $DOM
+    virsh -q -c $VK_LIBVIRT_URI checkpoint-delete --domain $DOM --checkpointname vkt-floor-$$-$r >/dev/null
+    rm -rf $d" || bdie "libvirt floor job failed"
+  t1=$EPOCHREALTIME
+  add WALL floorlv "$(calc "$t1 - $t0")"
+}
+
 # ------------------------------------------------------------------ measurements
 blog "loopback idle rate (5 s)"
 LO_IDLE=$(lo_idle_rate 5)
@@ -229,6 +256,8 @@ for ((r = 1; r <= REPS; r++)); do
   backup "incr-r$r" "$repo" incremental incremental
   record incr "incr-r$r"
   CP_COUNTS+="after incremental r$r: $(checkpoints); "
+  floor_runs "$r" "$CHANGED_A"
+  blog "  floor: ssh head -c $CHANGED_A: $(med WALL floorssh) s, libvirt job alone: $(med WALL floorlv) s (medians so far)"
   ((r == REPS)) || rm -rf -- "$repo"
 done
 
@@ -261,6 +290,7 @@ fi
 
 # ------------------------------------------------------------------ report
 FULL_W=$(med WALL full)
+FLOOR=$(calc "$(med WALL floorssh) + $(med WALL floorlv)")
 INCR_W=$(med WALL incr)
 WALL_RATIO=$(calc "$INCR_W / $FULL_W")
 READ_I=$(med READ incr)
@@ -291,6 +321,8 @@ TARGETS="| target (issue 6) | measured (medians of $REPS rounds) | verdict |
 | bytes over SSH ≤ 1.2 × changed (sshd log: SSH-layer bytes, both directions) | $SSHD_I / $CHANGED_A = $R_SSHD | $(verdict "$R_SSHD <= 1.2") |
 | same, virtkeep's bytes_read (NBD payload only) | $READ_I / $CHANGED_A = $R_READ | $(verdict "$R_READ <= 1.2") |
 | (loopback counter minus idle rate: all of lo, other people's lab tests included — not a verdict) | $(printf '%.0f' "$LOB_I") / $CHANGED_A = $R_LO | - |
+| floor: changed bytes over ssh + libvirt's job alone, vs the full | $FLOOR s / $FULL_W s = $(calc "100 * $FLOOR / $FULL_W") % (no tool using the backup API from the node can go below this) | $(verdict "$(calc "$FLOOR / $FULL_W") <= 0.05") |
+| incremental wall vs that floor | $INCR_W s / $FLOOR s = $(calc "$INCR_W / $FLOOR") | - |
 | unaligned writes: sshd bytes / written bytes | $SSHD_U / $CHANGED_U = $(calc "$SSHD_U / $CHANGED_U") (bitmap bound: $DIRTY_U / $CHANGED_U = $(calc "$DIRTY_U / $CHANGED_U")) | $(verdict "$SSHD_U <= 1.2 * $CHANGED_U") |
 "
 GAPS=$(log_gaps "$RUN_DIR/incr-r$REPS.err" 12)

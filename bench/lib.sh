@@ -11,7 +11,8 @@ bdie() {
 }
 
 # median of numbers on stdin (one per line); empty input -> "nan"
-median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "nan"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+# (an even count averages the middle two; integers stay integers, never 1e+09: bc reads it)
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) {print "nan"; exit} if (NR%2) v=a[(NR+1)/2]; else v=(a[NR/2]+a[NR/2+1])/2; if (v==int(v)) printf "%.0f\n", v; else printf "%.3f\n", v}'; }
 # min / max of numbers on stdin
 minmax() { sort -g | awk 'NR==1{mn=$1} {mx=$1} END {printf "%s-%s", mn, mx}'; }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use virtkeep_libvirt::cmd;
 use virtkeep_nbd::{BASE_ALLOCATION, MappedKind, NbdClient, allocated_extents};
 use virtkeep_ssh::RemoteCommand;
@@ -122,15 +123,16 @@ impl NbdExport {
     ) -> Result<NbdExport> {
         let socket = format!("{job_dir}/{index}.sock");
         let pid_file = format!("{job_dir}/{index}.pid");
-        host.run(&cmd::qemu_nbd_export_writable(
-            path,
-            format,
-            block_device,
-            &socket,
-            &pid_file,
-        ))
-        .await
-        .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
+        let start = |direct| {
+            cmd::qemu_nbd_export_writable(path, format, block_device, direct, &socket, &pid_file)
+        };
+        if let Err(e) = host.run(&start(true)).await {
+            // No O_DIRECT there (tmpfs, some network file systems): through the page cache.
+            tracing::debug!(path, error = %e, "qemu-nbd without the page cache failed; using it");
+            host.run(&start(false))
+                .await
+                .map_err(|e| e.context(format!("exporting {path} with qemu-nbd")))?;
+        }
         Ok(NbdExport {
             endpoint: Endpoint::Unix(socket),
             export_name: String::new(),
@@ -172,25 +174,28 @@ impl NbdExport {
         let Some(pid_file) = self.pid_file else {
             return Ok(());
         };
-        let pid = host
-            .run_string(&RemoteCommand::new("cat").arg(&pid_file))
-            .await?;
-        let pid: u32 = pid.trim().parse().map_err(|_| {
-            Error::new(
-                ErrorKind::Remote,
-                format!("qemu-nbd pid file {pid_file} holds no pid"),
-            )
-        })?;
-        // Terminate and wait until it is gone, so the image is no longer open.
-        let script = r#"kill "$1" 2>/dev/null; i=0; while [ -e /proc/"$1" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done"#;
+        // Terminate and wait until it is gone, so the image is no longer open. A
+        // zombie counts as gone: it has closed the image, and its reaper (init, as
+        // qemu-nbd --fork detaches) may take seconds to collect it.
+        let script = r#"pid=$(cat "$1") || exit 1
+case $pid in ''|*[!0-9]*) echo "qemu-nbd pid file $1 holds no pid" >&2; exit 1;; esac
+kill "$pid" 2>/dev/null
+i=0
+while [ $i -lt 100 ]; do
+  st=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' /proc/"$pid"/status 2>/dev/null) || break
+  case $st in ''|Z) break;; esac
+  sleep 0.05
+  i=$((i + 1))
+done"#;
         host.run(
             &RemoteCommand::new("sh")
                 .arg("-c")
                 .arg(script)
                 .arg("sh")
-                .arg(pid.to_string()),
+                .arg(&pid_file),
         )
-        .await?;
+        .await
+        .map_err(|e| e.context("stopping qemu-nbd"))?;
         Ok(())
     }
 }
@@ -313,53 +318,40 @@ pub async fn export_disk(
         workers.spawn(async move {
             let _session = session;
             let max = u64::from(client.max_block().clamp(64 * 1024, 32 << 20));
-            loop {
+            let job = ChunkJob {
+                client: &client,
+                max,
+                chunk,
+                size,
+                parent: parent.as_ref(),
+            };
+            // Chunks are taken from the shared counter as this worker has room, so the
+            // workers still share the disk evenly.
+            let indices = std::iter::from_fn(|| {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(ranges) = plan.get(i) else { break };
-                let index = i as u64;
-                if ranges.is_empty() {
-                    // Unchanged since the parent (incremental) keeps the seeded digest.
-                    if parent.is_none() {
+                (i < plan.len()).then_some(i)
+            });
+            let mut chunks = futures::stream::iter(indices)
+                .map(|i| job.fetch(i as u64, &plan[i]))
+                .buffer_unordered(CHUNKS_IN_FLIGHT);
+            while let Some(fetched) = chunks.next().await {
+                match fetched? {
+                    Fetched::Unchanged => {}
+                    Fetched::Zero(index) => {
                         sink.zero_chunk(index).await?;
                         zero.fetch_add(1, Ordering::Relaxed);
                     }
-                    continue;
-                }
-                let len = chunk.min(size - index * chunk) as usize;
-                let mut buf = match &parent {
-                    Some(p) => match p.read_chunk(index).await? {
-                        Some(old) if old.len() == len => BytesMut::from(&old[..]),
-                        _ => BytesMut::zeroed(len),
-                    },
-                    None => BytesMut::zeroed(len),
-                };
-                // Requests of this chunk go out together (the client pipelines them).
-                let mut reads = Vec::new();
-                for &(rel, rlen) in ranges {
-                    let mut off = rel;
-                    while off < rel + rlen {
-                        let n = (rel + rlen - off).min(max);
-                        reads.push((off, client.read(index * chunk + off, n as u32)));
-                        off += n;
+                    Fetched::Data { index, data, moved } => {
+                        read.fetch_add(moved, Ordering::Relaxed);
+                        sink.data_chunk(index, data).await?;
+                        progress.event(Event::DiskBytes {
+                            disk: disk.clone(),
+                            bytes: moved,
+                        });
                     }
                 }
-                let (offs, futs): (Vec<u64>, Vec<_>) = reads.into_iter().unzip();
-                let all =
-                    tokio::time::timeout(REQUEST_TIMEOUT, futures::future::try_join_all(futs))
-                        .await
-                        .map_err(|_| stalled())??;
-                let mut moved = 0;
-                for (off, data) in offs.into_iter().zip(all) {
-                    buf[off as usize..off as usize + data.len()].copy_from_slice(&data);
-                    moved += data.len() as u64;
-                }
-                read.fetch_add(moved, Ordering::Relaxed);
-                sink.data_chunk(index, buf.freeze()).await?;
-                progress.event(Event::DiskBytes {
-                    disk: disk.clone(),
-                    bytes: moved,
-                });
             }
+            drop(chunks);
             let _ = client.disconnect().await;
             Ok::<(), Error>(())
         });
@@ -386,6 +378,87 @@ pub async fn export_disk(
         zero_chunks,
         data_chunks: plan.iter().filter(|r| !r.is_empty()).count() as u64,
     })
+}
+
+/// Chunks each NBD connection reads at once: while one chunk's replies are copied and
+/// handed to the repository writer, the next one's requests are already on the wire.
+const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// What one chunk of the plan turned into.
+enum Fetched {
+    /// Nothing to read: unchanged since the parent (it keeps the seeded digest).
+    Unchanged,
+    /// Nothing allocated: a zero chunk.
+    Zero(u64),
+    Data {
+        index: u64,
+        data: Bytes,
+        moved: u64,
+    },
+}
+
+/// Reads the planned ranges of one chunk through an NBD connection.
+struct ChunkJob<'a> {
+    client: &'a NbdClient,
+    max: u64,
+    chunk: u64,
+    size: u64,
+    parent: Option<&'a Arc<virtkeep_repo::DiskReader>>,
+}
+
+impl ChunkJob<'_> {
+    async fn fetch(&self, index: u64, ranges: &[(u64, u64)]) -> Result<Fetched> {
+        if ranges.is_empty() {
+            return Ok(match self.parent {
+                Some(_) => Fetched::Unchanged,
+                None => Fetched::Zero(index),
+            });
+        }
+        let len = self.chunk.min(self.size - index * self.chunk) as usize;
+        // Requests of this chunk go out together (the client pipelines them).
+        let mut offs = Vec::new();
+        let mut reads = Vec::new();
+        for &(rel, rlen) in ranges {
+            let mut off = rel;
+            while off < rel + rlen {
+                let n = (rel + rlen - off).min(self.max);
+                offs.push(off);
+                reads.push(self.client.read(index * self.chunk + off, n as u32));
+                off += n;
+            }
+        }
+        let replies = async {
+            tokio::time::timeout(REQUEST_TIMEOUT, futures::future::try_join_all(reads))
+                .await
+                .map_err(|_| stalled())?
+                .map_err(Error::from)
+        };
+        let whole = offs.len() == 1 && ranges[0].1 == len as u64;
+        // An incremental merges the changed ranges into the parent's chunk, read
+        // from the repository while the NBD replies arrive.
+        let base = async {
+            match self.parent {
+                Some(p) if !whole => p.read_chunk(index).await.map_err(Error::from),
+                _ => Ok(None),
+            }
+        };
+        let (all, base) = tokio::try_join!(replies, base)?;
+        let moved: u64 = all.iter().map(|d| d.len() as u64).sum();
+        let data = if whole && offs[0] == 0 && all[0].len() == len {
+            // The whole chunk in one reply (the common case): no zeroing, no copy.
+            all.into_iter().next().unwrap_or_default()
+        } else {
+            let mut buf = match base {
+                Some(old) if old.len() == len => BytesMut::from(&old[..]),
+                _ => BytesMut::zeroed(len),
+            };
+            for (off, data) in offs.into_iter().zip(all) {
+                buf[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            }
+            buf.freeze()
+        };
+        Ok(Fetched::Data { index, data, moved })
+    }
 }
 
 /// The fallback for hosts without qemu-nbd: `dd` of a raw image through the SSH

@@ -30,6 +30,8 @@ impl Host {
         let session = Session::connect(&target)
             .await
             .map_err(|e| Error::from(e).context(format!("connecting to host {name}")))?;
+        // The VM lock and the first commands run at once: two shells ready for them.
+        session.prewarm_shells(2);
         // Data streams get their own connections: one SSH connection is bound to one core.
         let pool = Pool::new(target, 4);
         Ok(Host {

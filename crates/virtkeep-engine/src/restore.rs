@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use futures::StreamExt;
 use serde::Serialize;
 use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, cmd, parse_domain, rewrite_domain};
 use virtkeep_ssh::RemoteCommand;
@@ -645,58 +646,36 @@ async fn write_disk(
         );
         workers.spawn(async move {
             let _session = session;
-            let max = u64::from(client.max_block().clamp(64 * 1024, 32 << 20));
-            let mut written = 0u64;
-            loop {
+            let job = ChunkWrite {
+                client: &client,
+                max: u64::from(client.max_block().clamp(64 * 1024, 32 << 20)),
+                chunk_size,
+                size,
+                zero_fill,
+            };
+            let indices = std::iter::from_fn(|| {
                 let i = next.fetch_add(1, Ordering::Relaxed) as u64;
-                if i >= chunks {
-                    break;
-                }
-                let mut writes = Vec::new();
-                let mut zeros = Vec::new();
-                let Some(data) = reader.read_chunk(i).await? else {
-                    if zero_fill {
-                        let len = chunk_size.min(size.saturating_sub(i * chunk_size));
-                        zeros.push((i * chunk_size, len));
-                        let futs = zeros
-                            .iter()
-                            .map(|(o, n)| client.write_zeroes(*o, *n as u32, false));
-                        futures::future::try_join_all(futs).await?;
-                    }
-                    continue;
-                };
-                for extent in virtkeep_repo::split_zero_runs(i * chunk_size, data) {
-                    match extent {
-                        virtkeep_repo::Extent::Data { offset, bytes } => {
-                            let mut off = 0u64;
-                            while off < bytes.len() as u64 {
-                                let n = (bytes.len() as u64 - off).min(max);
-                                writes.push((
-                                    offset + off,
-                                    bytes.slice(off as usize..(off + n) as usize),
-                                ));
-                                off += n;
-                            }
-                        }
-                        virtkeep_repo::Extent::Zero { offset, len } if zero_fill => {
-                            zeros.push((offset, len));
-                        }
-                        virtkeep_repo::Extent::Zero { .. } => {}
-                    }
-                }
-                let futs = writes.iter().map(|(o, b)| client.write(*o, b));
-                futures::future::try_join_all(futs).await?;
-                let futs = zeros
-                    .iter()
-                    .map(|(o, n)| client.write_zeroes(*o, *n as u32, false));
-                futures::future::try_join_all(futs).await?;
-                let n: u64 = writes.iter().map(|(_, b)| b.len() as u64).sum();
+                (i < chunks).then_some(i)
+            });
+            // Two chunks per connection: one is read and decoded (on another core)
+            // while the other's writes are on the wire, so neither waits for the other.
+            let mut done = futures::stream::iter(indices)
+                .map(|i| {
+                    let reader = reader.clone();
+                    let read = tokio::spawn(async move { reader.read_chunk(i).await });
+                    job.write(i, read)
+                })
+                .buffer_unordered(CHUNKS_IN_FLIGHT);
+            let mut written = 0u64;
+            while let Some(n) = done.next().await {
+                let n = n?;
                 written += n;
                 progress.event(Event::DiskBytes {
                     disk: disk.clone(),
                     bytes: n,
                 });
             }
+            drop(done);
             client.flush().await?;
             let _ = client.disconnect().await;
             Ok::<u64, Error>(written)
@@ -719,6 +698,68 @@ async fn write_disk(
         disk: m.spec.target.clone(),
     });
     Ok(total)
+}
+
+/// Chunks each NBD connection has in flight during a restore.
+const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Writes one chunk of a restored disk through an NBD connection.
+struct ChunkWrite<'a> {
+    client: &'a virtkeep_nbd::NbdClient,
+    max: u64,
+    chunk_size: u64,
+    size: u64,
+    zero_fill: bool,
+}
+
+impl ChunkWrite<'_> {
+    /// Waits for chunk `i` from `read`, writes its data extents (and, with
+    /// `zero_fill`, its zero runs), returns the data bytes written.
+    async fn write(
+        &self,
+        i: u64,
+        read: tokio::task::JoinHandle<virtkeep_repo::Result<Option<bytes::Bytes>>>,
+    ) -> Result<u64> {
+        let data = read.await.map_err(|join| {
+            Error::new(ErrorKind::DataPath, format!("chunk reader failed: {join}"))
+        })??;
+        let Some(data) = data else {
+            if self.zero_fill {
+                let len = self
+                    .chunk_size
+                    .min(self.size.saturating_sub(i * self.chunk_size));
+                self.client
+                    .write_zeroes(i * self.chunk_size, len as u32, false)
+                    .await?;
+            }
+            return Ok(0);
+        };
+        let mut writes = Vec::new();
+        let mut zeros = Vec::new();
+        for extent in virtkeep_repo::split_zero_runs(i * self.chunk_size, data) {
+            match extent {
+                virtkeep_repo::Extent::Data { offset, bytes } => {
+                    let mut off = 0u64;
+                    while off < bytes.len() as u64 {
+                        let n = (bytes.len() as u64 - off).min(self.max);
+                        writes.push((offset + off, bytes.slice(off as usize..(off + n) as usize)));
+                        off += n;
+                    }
+                }
+                virtkeep_repo::Extent::Zero { offset, len } if self.zero_fill => {
+                    zeros.push((offset, len));
+                }
+                virtkeep_repo::Extent::Zero { .. } => {}
+            }
+        }
+        let futs = writes.iter().map(|(o, b)| self.client.write(*o, b));
+        futures::future::try_join_all(futs).await?;
+        let futs = zeros
+            .iter()
+            .map(|(o, n)| self.client.write_zeroes(*o, *n as u32, false));
+        futures::future::try_join_all(futs).await?;
+        Ok(writes.iter().map(|(_, b)| b.len() as u64).sum())
+    }
 }
 
 /// An LV name for a restored disk: LVM's character set, not LVM's reserved names.

@@ -418,19 +418,28 @@ pub fn qemu_nbd_export_readonly(image_opts: &str, socket: &str, pid_file: &str) 
 }
 
 /// Writable NBD export for restore: `qemu-nbd --fork --persistent --shared=8
-/// --discard=unmap --socket=S --pid-file=P --image-opts
+/// --discard=unmap [--cache=none] --socket=S --pid-file=P --image-opts
 /// driver=FMT,file.driver=file|host_device,file.filename=PATH`. Zero writes the
-/// client sends with "may trim" become holes (`--discard=unmap`).
+/// client sends with "may trim" become holes (`--discard=unmap`). `direct` bypasses
+/// the host's page cache (O_DIRECT): copying every restored byte into the page cache
+/// and writing it back later cost qemu-nbd three times the CPU of the transfer; file
+/// systems without O_DIRECT (tmpfs) refuse it, so callers fall back.
 pub fn qemu_nbd_export_writable(
     path: &str,
     format: &str,
     block_device: bool,
+    direct: bool,
     socket: &str,
     pid_file: &str,
 ) -> RemoteCommand {
-    RemoteCommand::new("qemu-nbd")
-        .args(["--fork", "--persistent", "--shared=8", "--discard=unmap"])
-        .arg(format!("--socket={socket}"))
+    let c = RemoteCommand::new("qemu-nbd").args([
+        "--fork",
+        "--persistent",
+        "--shared=8",
+        "--discard=unmap",
+    ]);
+    let c = if direct { c.arg("--cache=none") } else { c };
+    c.arg(format!("--socket={socket}"))
         .arg(format!("--pid-file={pid_file}"))
         .arg("--image-opts")
         .arg(image_opts(format, path, block_device, false))

@@ -234,9 +234,14 @@ fn qemu_nbd_image_opts_escape_commas() {
          'driver=qcow2,force-share=on,file.driver=file,file.filename=/srv/vm,,1/disk,, a.qcow2'"
     );
     assert_eq!(
-        cmd::qemu_nbd_export_writable("/r/x.raw", "raw", false, "/s", "/p").render(),
+        cmd::qemu_nbd_export_writable("/r/x.raw", "raw", false, false, "/s", "/p").render(),
         "qemu-nbd --fork --persistent '--shared=8' '--discard=unmap' '--socket=/s' '--pid-file=/p' \
          --image-opts 'driver=raw,file.driver=file,file.filename=/r/x.raw'"
+    );
+    assert_eq!(
+        cmd::qemu_nbd_export_writable("/r/x.raw", "raw", false, true, "/s", "/p").render(),
+        "qemu-nbd --fork --persistent '--shared=8' '--discard=unmap' '--cache=none' '--socket=/s' \
+         '--pid-file=/p' --image-opts 'driver=raw,file.driver=file,file.filename=/r/x.raw'"
     );
     assert_eq!(cmd::escape_commas("a,,b,"), "a,,,,b,,");
 }

@@ -13,6 +13,7 @@ mod error;
 pub mod known_hosts;
 mod pool;
 mod session;
+mod shell;
 
 pub use command::{RemoteCommand, quote};
 pub use error::SshError;

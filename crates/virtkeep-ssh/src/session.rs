@@ -5,7 +5,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::known_hosts::{self, HostKeyStatus, KnownHosts};
+use crate::shell::{self, CommandShell, ShellError};
 use crate::{RemoteCommand, SshError};
 
 /// Receive window per channel. Only `Config::window_size` counts on the client side
@@ -452,7 +454,18 @@ struct Inner {
     handle: Handle<ClientHandler>,
     target: HostTarget,
     host_key: PublicKey,
+    /// Idle command shells of this connection (see [`crate::shell`]).
+    shells: Mutex<Vec<CommandShell>>,
+    /// Cleared when the host cannot run the command shell, or by the caller.
+    shell_enabled: AtomicBool,
+    /// Shells being started right now, and a wake-up for those waiting on them.
+    shells_starting: AtomicUsize,
+    shell_ready: tokio::sync::Notify,
 }
+
+/// Idle command shells kept per connection; more concurrent commands than this
+/// start extra shells that are closed after use.
+const IDLE_SHELLS: usize = 4;
 
 /// An authenticated SSH connection. Cheap to clone; all clones share the connection.
 /// One connection is served by one task (one core): use [`crate::Pool`] to spread
@@ -518,6 +531,10 @@ impl Session {
                 handle,
                 target: target.clone(),
                 host_key,
+                shells: Mutex::new(Vec::new()),
+                shell_enabled: AtomicBool::new(true),
+                shells_starting: AtomicUsize::new(0),
+                shell_ready: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -587,11 +604,132 @@ impl Session {
         Ok(ch)
     }
 
-    /// Run `cmd`, collecting stdout and stderr (drained together, so neither can
-    /// stall the other). Stdin is closed immediately. Any exit status is `Ok`.
+    /// Run short commands through a command shell on the host (the default), or each
+    /// on a channel of its own (`false`: every command pays the login shell's start-up).
+    pub fn use_command_shell(&self, enabled: bool) {
+        self.inner.shell_enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Run `cmd`, collecting stdout and stderr. Stdin is `/dev/null`. Any exit status
+    /// is `Ok`. Runs through an idle command shell of this connection when the host
+    /// has one (see [`crate::shell`]), else on a channel of its own.
     pub async fn exec(&self, cmd: &RemoteCommand) -> Result<Output, SshError> {
         let line = self.command_line(cmd);
-        let mut ch = self.start(&line).await?;
+        let Some(mut shell) = self.idle_shell().await? else {
+            return self.exec_on_channel(&line).await;
+        };
+        match shell.run(&line).await {
+            Ok(out) => {
+                self.put_shell(shell);
+                Ok(out)
+            }
+            // The command may have run: report, never retry.
+            Err(ShellError::Broken(detail)) | Err(ShellError::NotAvailable(detail)) => {
+                Err(if self.is_closed() {
+                    self.disconnected(format!("while running `{line}`"))
+                } else {
+                    SshError::ChannelClosed {
+                        what: format!("`{line}` ({detail})"),
+                    }
+                })
+            }
+        }
+    }
+
+    /// An idle command shell, or a new one; `None` when shells are off or the host
+    /// cannot run one (then they stay off for this connection). A shell already starting is waited for rather than a further one started: on a
+    /// loaded host, login shells starting side by side only slow each other down.
+    async fn idle_shell(&self) -> Result<Option<CommandShell>, SshError> {
+        loop {
+            // Registered before the checks, so a shell put back in between still wakes us.
+            let ready = self.inner.shell_ready.notified();
+            if let Some(shell) = self.take_idle_shell() {
+                return Ok(Some(shell));
+            }
+            if !self.inner.shell_enabled.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            if self.inner.shells_starting.load(Ordering::SeqCst) == 0 {
+                return self.new_shell().await;
+            }
+            ready.await;
+        }
+    }
+
+    fn take_idle_shell(&self) -> Option<CommandShell> {
+        if !self.inner.shell_enabled.load(Ordering::Relaxed) {
+            return None;
+        }
+        lock(&self.inner.shells).pop()
+    }
+
+    /// Starts `n` command shells in the background, so that the first commands and
+    /// streams of a job do not wait for the login shell's start-up one after another.
+    pub fn prewarm_shells(&self, n: usize) {
+        for _ in 0..n.min(IDLE_SHELLS) {
+            self.refill_shells();
+        }
+    }
+
+    /// Starts a shell in the background and adds it to the idle ones.
+    fn refill_shells(&self) {
+        let session = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(shell)) = session.new_shell().await {
+                session.put_shell(shell);
+            }
+        });
+    }
+
+    fn put_shell(&self, shell: CommandShell) {
+        let extra = {
+            let mut idle = lock(&self.inner.shells);
+            if idle.len() < IDLE_SHELLS {
+                idle.push(shell);
+                None
+            } else {
+                Some(shell)
+            }
+        };
+        if let Some(shell) = extra {
+            // EOF ends the remote loop; dropping alone would leave it until disconnect.
+            tokio::spawn(shell.close());
+        }
+        self.inner.shell_ready.notify_waiters();
+    }
+
+    async fn new_shell(&self) -> Result<Option<CommandShell>, SshError> {
+        if !self.inner.shell_enabled.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        // Never under sudo: each command line carries its own sudo wrapping.
+        let script = RemoteCommand::new("sh")
+            .arg("-c")
+            .arg(shell::SCRIPT)
+            .render();
+        self.inner.shells_starting.fetch_add(1, Ordering::SeqCst);
+        let started = async {
+            let proc = self.spawn_line(script).await?;
+            Ok::<_, SshError>(CommandShell::start(proc).await)
+        }
+        .await;
+        self.inner.shells_starting.fetch_sub(1, Ordering::SeqCst);
+        self.inner.shell_ready.notify_waiters();
+        match started? {
+            Ok(shell) => Ok(Some(shell)),
+            Err(ShellError::NotAvailable(detail)) | Err(ShellError::Broken(detail)) => {
+                if self.is_closed() {
+                    return Err(self.disconnected("starting the command shell"));
+                }
+                tracing::debug!(host = %self.inner.target.host, %detail, "no command shell on this host: one channel per command");
+                self.inner.shell_enabled.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn exec_on_channel(&self, line: &str) -> Result<Output, SshError> {
+        let mut ch = self.start(line).await?;
         ch.eof()
             .await
             .map_err(|e| self.map_russh("closing stdin", e))?;
@@ -609,7 +747,7 @@ impl Session {
                 }
             }
         }
-        let status = end.finish(self, &line)?;
+        let status = end.finish(self, line)?;
         Ok(Output {
             status,
             stdout,
@@ -644,8 +782,29 @@ impl Session {
     /// stops reading this *connection* — so give each data stream its own connection
     /// ([`crate::Pool::data_session`]); control commands on other connections are
     /// unaffected.
+    ///
+    /// An idle command shell of this connection is turned into the process when there
+    /// is one (and a replacement is started in the background), which saves the login
+    /// shell's start-up.
     pub async fn spawn(&self, cmd: &RemoteCommand) -> Result<RemoteProcess, SshError> {
         let line = self.command_line(cmd);
+        let Some(shell) = self.take_idle_shell() else {
+            return self.spawn_line(line).await;
+        };
+        self.refill_shells();
+        shell.exec_into(&line).await.map_err(|e| {
+            let (ShellError::Broken(detail) | ShellError::NotAvailable(detail)) = e;
+            if self.is_closed() {
+                self.disconnected(format!("starting `{line}`"))
+            } else {
+                SshError::ChannelClosed {
+                    what: format!("`{line}` ({detail})"),
+                }
+            }
+        })
+    }
+
+    async fn spawn_line(&self, line: String) -> Result<RemoteProcess, SshError> {
         let ch = self.start(&line).await?;
         let (mut rd, wr) = ch.split();
         let stdin = RemoteStdin {
@@ -654,7 +813,9 @@ impl Session {
         };
         let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(STDOUT_CHUNKS);
         let (done_tx, done_rx) = oneshot::channel();
-        let session = self.clone();
+        // Weak: a pooled command shell's channel lives as long as the session, and a
+        // strong reference here would keep the connection open after its last user.
+        let session = Arc::downgrade(&self.inner);
         let line2 = line.clone();
         tokio::spawn(async move {
             // Keep the write half alive until the remote side is done, so the
@@ -687,7 +848,10 @@ impl Session {
                     }
                 }
             }
-            let result = end.finish(&session, &line2);
+            let result = match session.upgrade() {
+                Some(inner) => end.finish(&Session { inner }, &line2),
+                None => end.finish_detached(&line2),
+            };
             if let Some(t) = tx.take() {
                 // Stdout ended without the server's EOF: never let a truncated stream
                 // look like a complete one.
@@ -888,6 +1052,16 @@ impl End {
         false
     }
 
+    /// [`finish`](Self::finish) once every handle of the session is gone.
+    fn finish_detached(self, line: &str) -> Result<u32, SshError> {
+        match self.status {
+            Some(s) => Ok(s),
+            None => Err(SshError::ChannelClosed {
+                what: format!("`{line}` (session closed)"),
+            }),
+        }
+    }
+
     fn finish(self, session: &Session, line: &str) -> Result<u32, SshError> {
         if self.refused {
             return Err(SshError::ChannelOpen {
@@ -966,8 +1140,8 @@ pub struct RemoteProcess {
     pub stdout: RemoteStdout,
     /// The command's stdin; `shutdown()` sends EOF.
     pub stdin: RemoteStdin,
-    command: String,
-    done: oneshot::Receiver<Result<(u32, Vec<u8>), SshError>>,
+    pub(crate) command: String,
+    pub(crate) done: oneshot::Receiver<Result<(u32, Vec<u8>), SshError>>,
 }
 
 impl fmt::Debug for RemoteProcess {
@@ -1124,6 +1298,12 @@ impl AsyncWrite for ChannelStream {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// A poisoned lock only means another task panicked while holding it; the idle
+/// list is still consistent (push/pop are atomic under the lock).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

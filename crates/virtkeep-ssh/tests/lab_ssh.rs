@@ -676,3 +676,103 @@ async fn silent_server_times_out() {
     assert!(started.elapsed() < Duration::from_secs(5));
     drop(l);
 }
+
+/// Short commands go through the command shell: the same results as one channel per
+/// command (status, stdout, stderr, binary and large output, hostile arguments),
+/// concurrent callers each get a shell, and a failed command leaves the shell usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_shell_matches_one_channel_per_command() {
+    let via_shell = connect(&root_target()).await;
+    let via_channels = connect(&root_target()).await;
+    via_channels.use_command_shell(false);
+    let hostile = "it's $(id) \"q\" `x` ü\n\ttab; &";
+    let cmds = [
+        RemoteCommand::new("printf").arg("%s").arg(hostile),
+        RemoteCommand::new("sh").args(["-c", "printf 'a\\0b'; echo err >&2; exit 7"]),
+        RemoteCommand::new("head")
+            .args(["-c", "3000000", "/dev/urandom"])
+            .pipe(RemoteCommand::new("sha256sum")),
+        RemoteCommand::new("sh").args(["-c", "kill -9 $$"]),
+        RemoteCommand::new("cat"),
+        RemoteCommand::new("sh").args(["-c", "seq 1 200000"]),
+        RemoteCommand::new("no-such-command-virtkeep"),
+    ];
+    for cmd in &cmds {
+        let a = via_shell.exec(cmd).await.expect("shell exec");
+        let b = via_channels.exec(cmd).await.expect("channel exec");
+        assert_eq!(a.status, b.status, "{cmd}");
+        if !cmd.render().contains("urandom") {
+            assert_eq!(a.stdout, b.stdout, "{cmd}");
+        }
+        // A command killed by a signal: dash, running the line, notes "Killed" where
+        // the login shell exec'd the command; the status is the same.
+        if a.status < 128 {
+            assert_eq!(
+                a.stderr.is_empty(),
+                b.stderr.is_empty(),
+                "{cmd}: {:?} vs {:?}",
+                String::from_utf8_lossy(&a.stderr),
+                String::from_utf8_lossy(&b.stderr)
+            );
+        }
+    }
+    // Many callers at once, each answer is its own.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = via_shell.clone();
+        tasks.push(tokio::spawn(async move {
+            let out = s
+                .run(
+                    &RemoteCommand::new("sh")
+                        .args(["-c", "sleep 0.2; echo \"$1\"", "sh"])
+                        .arg(i.to_string()),
+                )
+                .await
+                .expect("concurrent run");
+            (i, out.stdout)
+        }));
+    }
+    for t in tasks {
+        let (i, out) = t.await.expect("task");
+        assert_eq!(out, format!("{i}\n").into_bytes());
+    }
+    // A command that forks a daemon keeping its stdout does not hold the reply back.
+    let started = Instant::now();
+    let out = via_shell
+        .run(&RemoteCommand::raw_trusted(
+            "(sleep 3; echo late) & echo now",
+        ))
+        .await
+        .expect("daemon");
+    assert_eq!(out.stdout, b"now\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        via_shell
+            .run_stdout_string(&RemoteCommand::new("echo").arg("next"))
+            .await
+            .expect("next"),
+        "next\n"
+    );
+    // A streaming process started from an idle shell: stdin, stdout, stderr, status.
+    for round in 0..3 {
+        let mut p = via_shell
+            .spawn(&RemoteCommand::raw_trusted(
+                "tr a-z A-Z; echo warn >&2; exit 4",
+            ))
+            .await
+            .expect("spawn");
+        p.stdin.write_all(b"stream me").await.expect("stdin");
+        p.stdin.shutdown().await.expect("eof");
+        let mut got = Vec::new();
+        p.stdout.read_to_end(&mut got).await.expect("stdout");
+        assert_eq!(got, b"STREAM ME", "round {round}");
+        let (status, stderr) = p.wait().await.expect("wait");
+        assert_eq!((status, stderr), (4, b"warn\n".to_vec()), "round {round}");
+    }
+    via_shell.close().await.expect("close");
+    via_channels.close().await.expect("close");
+}

@@ -122,11 +122,13 @@ fn sigkill_after_snapshot_then_cleanup_heals() {
 #[test]
 fn sigkill_mid_export_then_next_backup_heals() {
     let node = Node::new();
+    // 256 MiB of data: the export must still be running when the harness, on a loaded
+    // machine, gets round to reading the trigger line and killing the node.
     let vm = TestVm::builder("kill-exp")
-        .raw_disk(64 * MIB)
+        .raw_disk(512 * MIB)
         .running(true)
         .build();
-    vm.write_pattern("vda", 0x43, 0, 32 * MIB);
+    vm.write_pattern("vda", 0x43, 0, 256 * MIB);
     let sum = vm.disk_checksum("vda");
     let sources = vm.current_sources();
     kill_backup_when(
@@ -142,7 +144,8 @@ fn sigkill_mid_export_then_next_backup_heals() {
             .as_array()
             .expect("warnings")
             .iter()
-            .any(|w| w.as_str().is_some_and(|w| w.contains("healed")))
+            .any(|w| w.as_str().is_some_and(|w| w.contains("healed"))),
+        "the next backup healed nothing: {r}"
     );
     assert!(vm.is_running());
     assert_eq!(vm.current_sources(), sources);
