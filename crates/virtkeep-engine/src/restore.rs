@@ -222,6 +222,28 @@ pub async fn restore(
             .hint("shut it down first, or restore to other files with --name or --storage"));
         }
     }
+    // A renamed copy gets a UEFI variable store of its own: two domains on one NVRAM
+    // file overwrite each other's boot entries.
+    let nvram = match (&domain.nvram, renamed && opts.define) {
+        (Some(old), true) => {
+            let new = nvram_path_for(old, &name);
+            if !opts.force
+                && host
+                    .exec(&RemoteCommand::new("test").arg("-e").arg(&new))
+                    .await?
+                    .status
+                    == 0
+            {
+                return Err(Error::conflict(format!(
+                    "NVRAM file {new} exists on host {}",
+                    host.name
+                ))
+                .hint("restore under another name (--name), or overwrite with --force"));
+            }
+            Some((old.clone(), new))
+        }
+        _ => None,
+    };
     let new_name = if renamed { Some(name.as_str()) } else { None };
     let mut plan = Vec::new();
     let mut lv_lists: BTreeMap<String, Vec<virtkeep_libvirt::parse::LvInfo>> = BTreeMap::new();
@@ -498,14 +520,17 @@ pub async fn restore(
         } else {
             None
         };
+        if let Some((old, new)) = &nvram {
+            notes.push(copy_nvram(host, old, new).await?);
+        }
         let rw = Rewrite {
+            nvram: nvram.as_ref().map(|(_, new)| new.clone()),
             name: renamed.then(|| name.clone()),
             new_uuid: new_uuid.clone(),
             regenerate_macs: renamed,
             remove_disks: remove,
             disk_sources: sources,
             drop_backing_store: true,
-            ..Rewrite::default()
         };
         let xml = rewrite_domain(&manifest.domain_xml, &rw)?;
         if let (Some(old), true) = (&existing_uuid, opts.force) {
@@ -759,6 +784,39 @@ impl ChunkWrite<'_> {
             .map(|(o, n)| self.client.write_zeroes(*o, *n as u32, false));
         futures::future::try_join_all(futs).await?;
         Ok(writes.iter().map(|(_, b)| b.len() as u64).sum())
+    }
+}
+
+/// `NAME_VARS.fd` beside the original's store (libvirt's own naming).
+fn nvram_path_for(old: &str, name: &str) -> String {
+    let dir = match old.rsplit_once('/') {
+        Some((d, _)) if !d.is_empty() => d,
+        _ => "/var/lib/libvirt/qemu/nvram",
+    };
+    format!("{dir}/{}_VARS.fd", safe_component(name))
+}
+
+/// Copies the original domain's current UEFI variables to `new` (the backup holds
+/// none: the variables at the backup instant are not kept); without an original
+/// store, libvirt creates `new` from the firmware's template at the first start.
+async fn copy_nvram(host: &Host, old: &str, new: &str) -> Result<String> {
+    let have_old = host
+        .exec(&RemoteCommand::new("test").arg("-f").arg(old))
+        .await?
+        .status
+        == 0;
+    if have_old {
+        host.run(&RemoteCommand::new("cp").arg("--").arg(old).arg(new))
+            .await?;
+        Ok(format!(
+            "UEFI variables: {new}, copied from the original's current {old}"
+        ))
+    } else {
+        host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(new))
+            .await?;
+        Ok(format!(
+            "UEFI variables: {new}, created by libvirt from the firmware template at first start ({old} is gone)"
+        ))
     }
 }
 

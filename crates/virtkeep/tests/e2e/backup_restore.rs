@@ -384,3 +384,96 @@ fn linked_clone_template_is_never_written() {
     drop(vm);
     let _ = std::fs::remove_file(&template);
 }
+
+/// Undefines UEFI domains with their NVRAM files (libvirt refuses a plain undefine of
+/// a domain with `<nvram>`); declared after the `TestVm`s, so it runs before their Drop.
+struct UndefineWithNvram<'a>(&'a Node, Vec<String>);
+
+impl Drop for UndefineWithNvram<'_> {
+    fn drop(&mut self) {
+        for name in &self.1 {
+            let _ = self.0.lab.try_virsh(&[
+                "undefine",
+                "--domain",
+                name,
+                "--nvram",
+                "--checkpoints-metadata",
+            ]);
+        }
+    }
+}
+
+/// A UEFI VM restored under a new name gets a variable store of its own (a copy of the
+/// original's), never the original's file: two domains on one NVRAM file overwrite each
+/// other's boot entries. An existing store of that name is refused without --force.
+#[test]
+fn renamed_uefi_vm_gets_its_own_nvram() {
+    let node = Node::new();
+    // Raw and stopped: the offline method, which never starts the VM (the lab has no
+    // OVMF firmware to start it with).
+    let vm = TestVm::builder("uefi")
+        .raw_disk(16 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x3c, 0, MIB);
+    let sum = vm.disk_checksum("vda");
+    let nvram_dir = std::path::Path::new("/var/lib/libvirt/qemu/nvram");
+    std::fs::create_dir_all(nvram_dir).expect("nvram dir");
+    let original = nvram_dir.join(format!("{}_VARS.fd", vm.name));
+    let vars: Vec<u8> = (0..128 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&original, &vars).expect("write nvram");
+    let xml = node.lab.virsh(&["dumpxml", "--inactive", &vm.name]);
+    let os = format!(
+        "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>\
+         <nvram>{}</nvram></os>\n  <features><acpi/></features>",
+        original.display()
+    );
+    assert!(
+        xml.contains("</os>") && !xml.contains("<features>"),
+        "{xml}"
+    );
+    let file = node.dir.path().join("uefi.xml");
+    std::fs::write(&file, xml.replacen("</os>", &os, 1)).expect("write xml");
+    let new_name = unique_name("uefi-restored");
+    let restored = TestVm::adopt(&new_name);
+    node.lab.virsh(&["define", &file.display().to_string()]);
+    let _undefine = UndefineWithNvram(&node, vec![vm.name.clone(), new_name.clone()]);
+
+    let r = node.backup(&vm.name, &[]);
+    let id = r["id"].as_str().expect("id");
+    let own = nvram_dir.join(format!("{new_name}_VARS.fd"));
+    std::fs::write(&own, b"someone else's").expect("write");
+    let refused = node.run(&["restore", id, "--to", HOST, "--name", &new_name, "--define"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("NVRAM file"), "{stderr}");
+    assert!(
+        node.lab
+            .try_virsh(&["domuuid", "--domain", &new_name])
+            .is_err(),
+        "refused restore defined the domain"
+    );
+    assert_eq!(std::fs::read(&own).expect("kept"), b"someone else's");
+    std::fs::remove_file(&own).expect("rm");
+
+    let out = node.json(&["restore", id, "--to", HOST, "--name", &new_name, "--define"]);
+    let (path, format) = restored_disk(&out, "vda");
+    assert_eq!(restored_checksum(path, format), sum);
+    let restored_xml = node.lab.virsh(&["dumpxml", "--inactive", &new_name]);
+    assert!(
+        restored_xml.contains(&format!("<nvram>{}</nvram>", own.display())),
+        "{restored_xml}"
+    );
+    assert!(!restored_xml.contains(&original.display().to_string()));
+    assert_eq!(std::fs::read(&own).expect("own nvram"), vars);
+    assert_eq!(std::fs::read(&original).expect("original nvram"), vars);
+    assert!(
+        out["notes"]
+            .as_array()
+            .expect("notes")
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.contains("UEFI variables"))),
+        "{out}"
+    );
+    drop(restored);
+}
