@@ -421,8 +421,8 @@ pub fn qemu_nbd_export_readonly(image_opts: &str, socket: &str, pid_file: &str) 
 /// --discard=unmap [--cache=none] --socket=S --pid-file=P --image-opts
 /// driver=FMT,file.driver=file|host_device,file.filename=PATH`. Zero writes the
 /// client sends with "may trim" become holes (`--discard=unmap`). `direct` bypasses
-/// the host's page cache (O_DIRECT): copying every restored byte into the page cache
-/// and writing it back later cost qemu-nbd three times the CPU of the transfer; file
+/// the host's page cache (O_DIRECT): through the page cache qemu-nbd used 7.9 CPU s to
+/// restore the 1794 MiB benchmark disk, without it 2.0 s; file
 /// systems without O_DIRECT (tmpfs) refuse it, so callers fall back.
 pub fn qemu_nbd_export_writable(
     path: &str,

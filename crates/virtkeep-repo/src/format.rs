@@ -84,25 +84,6 @@ fn compress(level: i32, data: &[u8]) -> Result<Vec<u8>> {
     })
 }
 
-/// Size of each of the three windows [`looks_compressible`] tries.
-const SAMPLE_WINDOW: usize = 64 * 1024;
-
-/// False when the start, middle and end of `data` together save less than 3 % under
-/// zstd; chunks under 16 windows are always tried whole.
-fn looks_compressible(level: i32, data: &[u8]) -> Result<bool> {
-    if data.len() < 16 * SAMPLE_WINDOW {
-        return Ok(true);
-    }
-    let mid = data.len() / 2 - SAMPLE_WINDOW / 2;
-    let end = data.len() - SAMPLE_WINDOW;
-    let mut sample = Vec::with_capacity(3 * SAMPLE_WINDOW);
-    for start in [0, mid, end] {
-        sample.extend_from_slice(&data[start..start + SAMPLE_WINDOW]);
-    }
-    let c = compress(level, &sample)?;
-    Ok((c.len() as u64) * 100 <= (sample.len() as u64) * 97)
-}
-
 /// Hashing, compression and encryption of chunks and metadata blobs for one repository.
 pub struct Codec {
     pub(crate) id_key: [u8; 32],
@@ -220,11 +201,8 @@ impl Codec {
     }
 
     /// Encode a (non-zero) chunk: compress when it saves ≥ 3 %, encrypt when keyed.
-    /// A large chunk whose three sample windows do not compress (random data, already
-    /// compressed or encrypted guest files) is stored as is without compressing the
-    /// whole: zstd over incompressible data was a quarter of a backup's CPU time.
     pub fn encode_chunk(&self, digest: &Digest, data: &[u8]) -> Result<Vec<u8>> {
-        let compressed = if self.zstd_level != 0 && looks_compressible(self.zstd_level, data)? {
+        let compressed = if self.zstd_level != 0 {
             let c = compress(self.zstd_level, data)?;
             ((c.len() as u64) * 100 <= (data.len() as u64) * 97).then_some(c)
         } else {
@@ -429,42 +407,6 @@ mod tests {
         assert_eq!(hex::encode(*MAGIC_META_PLAIN), "4e95bd086bab0a51");
         assert_eq!(hex::encode(*MAGIC_META_ENC), "dce7b3de57abde81");
         assert_eq!(hex::encode(*MAGIC_FIXED_INDEX), "a4a2953b094d5056");
-    }
-
-    /// Incompressible chunks skip zstd; anything with a compressible window is tried
-    /// whole; both decode to the same bytes.
-    #[test]
-    fn sampled_compression_decision() {
-        let mut c = codec(false);
-        c.chunk_size = 4 << 20;
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let random: Vec<u8> = (0..c.chunk_size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let text: Vec<u8> = b"Nov 27 04:40:01 kvm01 libvirtd[812]: backup job started\n"
-            .iter()
-            .copied()
-            .cycle()
-            .take(c.chunk_size)
-            .collect();
-        let mut mixed = random.clone();
-        mixed[c.chunk_size / 4..].copy_from_slice(&text[c.chunk_size / 4..]);
-        for (name, data, want) in [
-            ("random", &random, *MAGIC_CHUNK_PLAIN),
-            ("text", &text, *MAGIC_CHUNK_ZSTD),
-            ("random head, text tail", &mixed, *MAGIC_CHUNK_ZSTD),
-        ] {
-            let d = c.digest(data);
-            let blob = c.encode_chunk(&d, data).expect("encode");
-            assert_eq!(&blob[..8], &want[..], "{name}");
-            let back = c.decode_chunk(&d, Bytes::from(blob)).expect("decode");
-            assert_eq!(&back[..], &data[..], "{name}");
-        }
     }
 
     #[test]

@@ -209,11 +209,13 @@ mod tests {
         assert!(SCRIPT.contains(&format!("echo '{GREETING}'")));
     }
 
-    /// The script itself, run by the local /bin/sh: framing, status, stderr, a
-    /// command that forks a daemon holding its stdout, binary output.
-    #[test]
-    fn script_round_trip_with_local_sh() {
-        use std::io::{BufRead, Read, Write};
+    /// The script run by the local /bin/sh, past its greeting.
+    fn local_shell() -> (
+        std::process::Child,
+        std::process::ChildStdin,
+        std::io::BufReader<std::process::ChildStdout>,
+    ) {
+        use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut child = Command::new("sh")
             .arg("-c")
@@ -222,11 +224,20 @@ mod tests {
             .stdout(Stdio::piped())
             .spawn()
             .expect("sh runs");
-        let mut stdin = child.stdin.take().expect("stdin");
+        let stdin = child.stdin.take().expect("stdin");
         let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
         let mut greet = String::new();
         stdout.read_line(&mut greet).expect("greeting");
         assert_eq!(greet.trim_end(), GREETING);
+        (child, stdin, stdout)
+    }
+
+    /// The script itself, run by the local /bin/sh: framing, status, stderr, a
+    /// command that forks a daemon holding its stdout, binary output.
+    #[test]
+    fn script_round_trip_with_local_sh() {
+        use std::io::{BufRead, Read, Write};
+        let (mut child, mut stdin, mut stdout) = local_shell();
         let mut run = |line: &str| -> (u32, Vec<u8>, Vec<u8>) {
             write!(stdin, "{}\n{line}", line.len()).expect("write");
             stdin.flush().expect("flush");
@@ -264,23 +275,12 @@ mod tests {
     /// command.
     #[test]
     fn truncated_frame_never_runs() {
-        use std::io::{BufRead, Write};
-        use std::process::{Command, Stdio};
+        use std::io::Write;
         let dir = std::env::temp_dir().join(format!("vk-shell-trunc-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let victim = dir.join("victim");
         std::fs::write(&victim, b"keep").expect("write");
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(SCRIPT)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("sh runs");
-        let mut stdin = child.stdin.take().expect("stdin");
-        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-        let mut greet = String::new();
-        stdout.read_line(&mut greet).expect("greeting");
+        let (mut child, mut stdin, _stdout) = local_shell();
         // The whole line would be `rm -f VICTIM.bak`; only `rm -f VICTIM` arrives.
         let full = format!("rm -f {}.bak", victim.display());
         let cut = format!("rm -f {}", victim.display());
