@@ -113,6 +113,8 @@ struct PolicyModel {
     transport: TransportSetting,
     #[serde(default)]
     exclude_disks: Vec<String>,
+    #[serde(default = "yes")]
+    keep_base: bool,
     parallel: Option<Spanned<usize>>,
     retries: Option<u32>,
     fail_rest_above_percent: Option<Spanned<u8>>,
@@ -199,6 +201,8 @@ pub struct Policy {
     pub quiesce: bool,
     pub transport: TransportSetting,
     pub exclude_disks: Vec<String>,
+    /// Leave the next incremental's base on the host (`keep_base = false`: nothing).
+    pub keep_base: bool,
     pub parallel: usize,
     /// Retries of a failed backup (the daemon-wide default when not set here).
     pub retries: u32,
@@ -232,6 +236,11 @@ impl Policy {
     pub fn backup_options(&self, mode: ScheduleMode) -> virtkeep_engine::backup::BackupOptions {
         virtkeep_engine::backup::BackupOptions {
             mode: mode.engine(),
+            base: if self.keep_base {
+                virtkeep_engine::backup::BaseOnHost::Keep
+            } else {
+                virtkeep_engine::backup::BaseOnHost::Remove
+            },
             exclude_disks: self.exclude_disks.clone(),
             quiesce: self.quiesce,
             pre_snapshot: self.pre_snapshot.clone(),
@@ -606,6 +615,7 @@ fn check_policy(
         quiesce: p.quiesce,
         transport: p.transport,
         exclude_disks: p.exclude_disks,
+        keep_base: p.keep_base,
         parallel,
         retries: p.retries.unwrap_or(default_retries),
         fail_rest_above_percent: p.fail_rest_above_percent.map(Spanned::into_inner),

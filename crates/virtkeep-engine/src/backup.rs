@@ -10,7 +10,6 @@
 //! 6. publish the manifest only when every disk was exported.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde::Serialize;
 use virtkeep_libvirt::{
@@ -23,6 +22,7 @@ use crate::export::{ExportStats, NbdExport, export_disk, export_stream};
 use crate::heal::{define, heal_vm};
 use crate::host::{Host, OVERLAY_MARKER};
 use crate::lvm_backup::FrozenLvs;
+use crate::phases::{Phase, PhaseClock, Phases};
 use crate::progress::{Event, Progress};
 use crate::store::RepoSink;
 use crate::vm::{DomainState, Vm};
@@ -51,10 +51,40 @@ pub enum Transport {
     Stream,
 }
 
+/// Whether a backup leaves on the host the base the next incremental builds on (the
+/// libvirt checkpoint, the RBD snapshot, the thin LVM snapshot, the kept overlay).
+/// Every mode keeps it, `--mode full` too: a full is a full read, not a break of the
+/// chain. `Remove` (`--no-keep-base`, policy `keep_base = false`) leaves nothing and
+/// records that in the manifest, so the next backup's reason says why it is a full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseOnHost {
+    #[default]
+    Keep,
+    Remove,
+}
+
+/// Manifest `extra` key: `false` when the backup left no base on the host on request.
+pub const BASE_KEPT_KEY: &str = "base_kept";
+
+/// Whether `manifest` was taken with the base removed on request (`--no-keep-base`).
+pub fn base_removed_on_request(manifest: &virtkeep_repo::Manifest) -> bool {
+    manifest.extra.get(BASE_KEPT_KEY) == Some(&serde_json::Value::Bool(false))
+}
+
+/// The reason of a full whose parent left no base on request.
+pub fn removed_on_request_reason(parent: &str) -> String {
+    format!(
+        "full: backup {parent} left no base on the host, as asked (--no-keep-base or keep_base = false)"
+    )
+}
+
 /// Options of one backup run (`virtkeep backup`).
 #[derive(Debug, Clone, Default)]
 pub struct BackupOptions {
     pub mode: ModeRequest,
+    /// Leave the next incremental's base on the host (the default) or nothing.
+    pub base: BaseOnHost,
     /// Disk targets (`vdb`) to leave out.
     pub exclude_disks: Vec<String>,
     /// Freeze guest filesystems through the QEMU guest agent.
@@ -280,6 +310,8 @@ pub struct BackupResult {
     pub skipped: Vec<SkippedDisk>,
     pub warnings: Vec<String>,
     pub duration_secs: f64,
+    /// Where the time went (`connect_secs` is the caller's).
+    pub phases: Phases,
 }
 
 /// Backs up one VM. See the module docs for the order of events.
@@ -290,11 +322,15 @@ pub async fn backup_vm(
     opts: &BackupOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<BackupResult> {
+    let mut clock = PhaseClock::new();
     // Loaded under the lock: another job of this VM may have changed it until then.
     let uuid = Vm::find_uuid(host, vm_name).await?;
     let lock = host.lock_vm(&uuid, 60).await?;
     let res = match Vm::load(host, &uuid).await {
-        Ok(vm) => backup_locked(host, repo, vm, opts, &progress).await,
+        Ok(vm) => {
+            clock.lap(Phase::LockLoad);
+            backup_locked(host, repo, vm, opts, &progress, clock).await
+        }
         Err(e) => Err(e),
     };
     lock.release().await;
@@ -307,8 +343,8 @@ async fn backup_locked(
     mut vm: Vm,
     opts: &BackupOptions,
     progress: &Arc<dyn Progress>,
+    mut clock: PhaseClock,
 ) -> Result<BackupResult> {
-    let started = Instant::now();
     let mut warnings = Vec::new();
     // Only `--mode incremental` keeps overlays under a running VM; any other backup
     // returns it to its own files first.
@@ -337,7 +373,7 @@ async fn backup_locked(
     }
     if let Some(cbt) = cbt_choice(host, &vm, &plan, opts).await? {
         return crate::cbt_backup::run(
-            host, repo, &vm, &plan, opts, progress, cbt, warnings, started,
+            host, repo, &vm, &plan, opts, progress, cbt, warnings, clock,
         )
         .await;
     }
@@ -354,6 +390,7 @@ async fn backup_locked(
 
     let job_id = crate::job_id();
     let job_dir = host.job_dir(&format!("{}-{job_id}", vm.uuid)).await?;
+    clock.lap(Phase::Plan);
 
     if let Some(cmd) = &opts.pre_snapshot {
         progress.event(Event::Phase {
@@ -391,16 +428,21 @@ async fn backup_locked(
             return Err(e);
         }
     };
+    clock.lap(Phase::Freeze);
 
     progress.event(Event::Phase {
         vm: vm.name.clone(),
         phase: "export",
     });
-    let keep = opts.mode == ModeRequest::Incremental && plan.method == FreezeMethod::LiveSnapshot;
+    let live = plan.method == FreezeMethod::LiveSnapshot;
+    // An incremental reads what the kept overlays hold; a full or an incremental leaves
+    // its new overlays as the next base (auto never leaves a VM on an overlay).
+    let use_kept = live && opts.mode == ModeRequest::Incremental;
+    let keep = live && opts.mode != ModeRequest::Auto && opts.base == BaseOnHost::Keep;
     // The VM is frozen from here on: a failure to find the bases heals before returning.
     let bases = async {
         let rbd_bases = crate::rbd::bases(host, repo, &vm, &plan, opts.mode).await?;
-        let kept = if keep {
+        let kept = if use_kept {
             crate::kept::bases(host, repo, &vm, &plan).await?
         } else {
             (crate::rbd::Bases::new(), None)
@@ -413,7 +455,7 @@ async fn backup_locked(
         Ok::<_, Error>((rbd_bases, kept, lvm_parent))
     }
     .await;
-    let (rbd_bases, (kept_bases, kept_problem), lvm_parent) = match bases {
+    let ((rbd_bases, rbd_problem), (kept_bases, kept_problem), lvm_parent) = match bases {
         Ok(b) => b,
         Err(e) => {
             let _ = heal_vm(host, &vm.uuid, false).await;
@@ -423,15 +465,12 @@ async fn backup_locked(
             return Err(e);
         }
     };
-    let reason = match (keep, kept_problem) {
-        (true, Some(problem)) => problem,
-        _ => reason,
-    };
-    let thin_ranges = match crate::lvm_backup::thin_deltas(
+    let reason = kept_problem.or(rbd_problem).unwrap_or(reason);
+    let thin = match crate::lvm_backup::thin_deltas(
         host,
         &mut frozen_lvs,
         lvm_parent.as_ref(),
-        opts.mode != ModeRequest::Full,
+        opts.base == BaseOnHost::Keep,
     )
     .await
     {
@@ -451,13 +490,7 @@ async fn backup_locked(
     } else {
         0
     };
-    let lvm_how = if !thin_ranges.is_empty() && thin_ranges.len() == frozen_lvs.len() {
-        "thin_delta listed the changed blocks of the thin LVs and only those were read"
-    } else if !thin_ranges.is_empty() {
-        "thin_delta listed the changed blocks of the thin LVs (only those were read); the other LVs were read whole and only their changed chunks stored"
-    } else {
-        "LVM keeps no change map, so each snapshot was read whole and only the chunks that changed were stored"
-    };
+    let lvm_how = lvm_reason(&thin, frozen_lvs.len());
     let bases = rbd_bases
         .values()
         .chain(kept_bases.values())
@@ -502,6 +535,7 @@ async fn backup_locked(
         time: Some(snapshot_time),
     };
     let snap = format!("virtkeep-{job_id}");
+    clock.lap(Phase::Plan);
     let mut exported = export_all(
         host,
         repo,
@@ -517,9 +551,11 @@ async fn backup_locked(
         &kept_new,
         &frozen_lvs,
         lvm_parent.as_ref(),
-        &thin_ranges,
+        &thin.ranges,
     )
     .await;
+    let publish_secs = exported.as_ref().map_or(0.0, |e| e.2);
+    clock.lap_split(Phase::Data, Phase::Publish, publish_secs);
     if exported.is_ok()
         && let Err(e) = crate::lvm_backup::replace_bases(host, &frozen_lvs).await
     {
@@ -545,11 +581,12 @@ async fn backup_locked(
             exported = Err(e);
         }
     }
-    if exported.is_err() {
-        // Nothing is kept after a failure: healing commits every overlay.
+    if exported.is_err() || !keep {
+        // Nothing is kept after a failure (or when not asked): healing commits every overlay.
         let _ = crate::kept::clear(host, &vm.uuid).await;
     }
 
+    clock.lap(Phase::Publish);
     progress.event(Event::Phase {
         vm: vm.name.clone(),
         phase: "commit",
@@ -559,7 +596,8 @@ async fn backup_locked(
         .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir))
         .await;
 
-    let (manifest, stats) = exported?;
+    clock.lap(Phase::Heal);
+    let (manifest, stats, _) = exported?;
     if let Err(e) = thawed {
         return Err(e.context(format!(
             "backup {} is stored, but the VM could not be returned to its own files",
@@ -577,14 +615,37 @@ async fn backup_locked(
         disks,
         skipped: plan.skipped.clone(),
         warnings,
-        duration_secs: started.elapsed().as_secs_f64(),
+        duration_secs: clock.elapsed_secs(),
+        phases: clock.phases(),
     })
+}
+
+/// How an LVM incremental read its volumes, for the reason.
+fn lvm_reason(thin: &crate::lvm_backup::ThinDeltas, lvs: usize) -> String {
+    let mut how = if !thin.ranges.is_empty() && thin.ranges.len() == lvs {
+        "thin_delta listed the changed blocks of the thin LVs and only those were read".to_string()
+    } else if !thin.ranges.is_empty() {
+        "thin_delta listed the changed blocks of the thin LVs (only those were read); the other LVs were read whole and only their changed chunks stored".to_string()
+    } else {
+        "each snapshot was read whole and only the chunks that changed were stored (LVM keeps no change map)".to_string()
+    };
+    if !thin.read_whole.is_empty() {
+        how.push_str(&format!(
+            "; thin LVs read whole: {}",
+            thin.read_whole.join("; ")
+        ));
+    }
+    how
 }
 
 /// Why this backup cannot be incremental, for the manifest and the output.
 fn incremental_unavailable(plan: &Plan) -> String {
     if plan.disks.iter().any(|d| d.lvm.is_some()) {
         "full: no earlier backup of these LVM volumes (LVM keeps no change map: later backups read each snapshot whole and store only the chunks that changed)".into()
+    } else if plan.disks.iter().any(|d| d.format != "qcow2")
+        && plan.method == FreezeMethod::LiveSnapshot
+    {
+        "full: raw disks carry no dirty bitmap; in --mode full or incremental an overlay stays under the running VM for the next incremental (auto never leaves one)".into()
     } else if plan.disks.iter().any(|d| d.format != "qcow2") {
         "full: raw disks carry no dirty bitmap (only qcow2 disks can be backed up incrementally)"
             .into()
@@ -605,7 +666,7 @@ async fn cbt_choice(
         || plan.disks.iter().any(|d| d.format != "qcow2" || !d.is_file())
         // A disk on a kept overlay belongs to the kept-snapshot method.
         || plan.disks.iter().any(|d| d.path.contains(OVERLAY_MARKER))
-        || !crate::cbt::backup_api_supported(host).await
+        || !crate::cbt::backup_api_supported(host, false).await
     {
         return Ok(None);
     }
@@ -629,7 +690,7 @@ async fn export_all(
     lvm: &FrozenLvs,
     lvm_parent: Option<&virtkeep_repo::Manifest>,
     thin_ranges: &std::collections::BTreeMap<String, Vec<(u64, u64)>>,
-) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>)> {
+) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>, f64)> {
     let mut transport = opts.transport;
     if transport != Transport::Stream {
         let probe = RemoteCommand::new("sh")
@@ -790,7 +851,7 @@ async fn export_all(
     }
     // Snapshot housekeeping happens as the manifest is published, before the VM is
     // healed: the kept snapshot is then the recorded base, which healing keeps.
-    let keep = (opts.mode != ModeRequest::Full).then_some(snap);
+    let keep = (opts.base == BaseOnHost::Keep).then_some(snap);
     let rbd: std::collections::BTreeMap<&str, Option<&str>> = plan
         .disks
         .iter()
@@ -799,6 +860,7 @@ async fn export_all(
         .collect();
     // An overflowed LVM snapshot no longer holds the instant: nothing of it is published.
     crate::lvm_backup::check_valid(host, lvm).await?;
+    let publishing = std::time::Instant::now();
     let manifest = writer
         .finish(serde_json::json!({
             "method": plan.method,
@@ -806,6 +868,7 @@ async fn export_all(
             "rbd": rbd,
             "kept": kept_new,
             "lvm": lvm,
+            BASE_KEPT_KEY: opts.base == BaseOnHost::Keep,
         }))
         .await?;
     for d in &plan.disks {
@@ -814,7 +877,7 @@ async fn export_all(
             crate::rbd::housekeep(host, &ceph, pool, image, keep).await?;
         }
     }
-    Ok((manifest, stats))
+    Ok((manifest, stats, publishing.elapsed().as_secs_f64()))
 }
 
 /// Runs a user hook on the host with `sh -c`; its output goes to the log.

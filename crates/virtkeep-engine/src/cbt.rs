@@ -35,17 +35,75 @@ pub struct Base {
     pub record: CbtRecord,
 }
 
-/// Whether the host's libvirt offers the backup API.
-pub async fn backup_api_supported(host: &Host) -> bool {
-    match host.exec(&host.virsh().domcapabilities(None)).await {
+/// Where the host keeps the answer of the last capability probe (tmpfs: a reboot, which
+/// may change device permissions, re-probes).
+const CAPS_CACHE: &str = "/run/virtkeep/caps-backup-api";
+
+/// Prints a fingerprint of the host's libvirt and QEMU installation (versions, and size
+/// and mtime of the daemon and emulator binaries: any upgrade changes it), then the
+/// cached answer. No input goes into the script.
+const CAPS_KEY_SCRIPT: &str = r#"{ virsh --version; stat -L -c '%n %s %Y' /usr/bin/qemu-system-* /usr/libexec/qemu-kvm /usr/sbin/libvirtd /usr/sbin/virtqemud; } 2>/dev/null | cksum; head -c 200 "$1" 2>/dev/null"#;
+
+/// The cached answer in the output of [`CAPS_KEY_SCRIPT`], when it belongs to the
+/// installation the host has now.
+pub fn cached_backup_api(out: &str) -> Option<bool> {
+    let mut lines = out.lines();
+    let key = lines.next()?.trim();
+    let (cached_key, answer) = lines.next()?.split_once('\t')?;
+    if key.is_empty() || cached_key != key {
+        return None;
+    }
+    match answer {
+        "yes" => Some(true),
+        "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether the host's libvirt offers the backup API. `virsh domcapabilities` can take
+/// seconds (libvirt re-probes QEMU on every call on some hosts), and a host's answer only
+/// changes with its libvirt or QEMU: it is asked once per installation and the answer
+/// kept on the host; `refresh` (from `host check`) asks again.
+pub async fn backup_api_supported(host: &Host, refresh: bool) -> bool {
+    let probe = RemoteCommand::new("sh")
+        .arg("-c")
+        .arg(CAPS_KEY_SCRIPT)
+        .arg("sh")
+        .arg(CAPS_CACHE);
+    let Ok(out) = host.exec(&probe).await else {
+        return false;
+    };
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !refresh && let Some(answer) = cached_backup_api(&out) {
+        return answer;
+    }
+    let answer = match host.exec(&host.virsh().domcapabilities(None)).await {
         Ok(out) if out.status == 0 => {
             virtkeep_libvirt::parse::parse_domcapabilities_backup_supported(
                 &String::from_utf8_lossy(&out.stdout),
             )
             .unwrap_or(false)
         }
-        _ => false,
+        _ => return false,
+    };
+    if let Some(key) = out.lines().next().filter(|k| !k.trim().is_empty()) {
+        let entry = format!("{}\t{}\n", key.trim(), if answer { "yes" } else { "no" });
+        let stored = async {
+            host.run(
+                &RemoteCommand::new("mkdir")
+                    .arg("-p")
+                    .arg("-m")
+                    .arg("0700")
+                    .arg(HOST_STATE_DIR),
+            )
+            .await?;
+            host.upload(CAPS_CACHE, entry.as_bytes()).await
+        };
+        if let Err(e) = stored.await {
+            tracing::warn!(host = %host.name, error = %e, "could not keep the capability probe's answer");
+        }
     }
+    answer
 }
 
 pub async fn checkpoints(host: &Host, uuid: &str) -> Result<Vec<String>> {
@@ -53,29 +111,42 @@ pub async fn checkpoints(host: &Host, uuid: &str) -> Result<Vec<String>> {
     Ok(virtkeep_libvirt::parse::parse_virsh_list_names(&out))
 }
 
-/// The newest CBT backup of this VM in the repository, if any.
+/// What the newest backup of this VM offers an incremental: a CBT base, or why not.
+pub enum Latest {
+    Base(Base),
+    /// A full is needed; the reason names the cause.
+    None(String),
+}
+
+/// The newest backup of this VM in the repository, as a CBT base.
 pub async fn latest_record(
     repo: &virtkeep_repo::Repository,
     host: &str,
     vm: &str,
-) -> Result<Option<Base>> {
-    let mut snaps = repo.snapshots().await?;
-    snaps.retain(|s| s.host == host && s.vm == vm);
-    snaps.sort_by_key(|s| s.time);
-    if let Some(last) = snaps.last() {
-        let manifest = repo.manifest(&last.id).await?;
-        if let Some(rec) = manifest.extra.get("cbt").cloned()
-            && let Ok(record) = serde_json::from_value::<CbtRecord>(rec)
-        {
-            {
-                return Ok(Some(Base {
-                    id: manifest.id,
-                    record,
-                }));
-            }
-        }
+) -> Result<Latest> {
+    let Some(manifest) = crate::store::latest_backup(repo, host, vm).await? else {
+        return Ok(Latest::None("full: no earlier backup of this VM".into()));
+    };
+    if crate::backup::base_removed_on_request(&manifest) {
+        return Ok(Latest::None(crate::backup::removed_on_request_reason(
+            &manifest.id,
+        )));
     }
-    Ok(None)
+    match manifest
+        .extra
+        .get("cbt")
+        .cloned()
+        .map(serde_json::from_value::<CbtRecord>)
+    {
+        Some(Ok(record)) => Ok(Latest::Base(Base {
+            id: manifest.id,
+            record,
+        })),
+        _ => Ok(Latest::None(format!(
+            "full: the newest backup {} was not taken with a checkpoint (another method or an older virtkeep)",
+            manifest.id
+        ))),
+    }
 }
 
 /// Why an incremental cannot build on `base`, or `None` when it can.
@@ -213,6 +284,18 @@ pub async fn hand_job_dir_to_qemu(host: &Host, job_dir: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_capability_only_for_the_same_installation() {
+        assert_eq!(cached_backup_api("123 45\n123 45\tyes\n"), Some(true));
+        assert_eq!(cached_backup_api("123 45\n123 45\tno\n"), Some(false));
+        // libvirt or QEMU changed since the answer was kept: ask again.
+        assert_eq!(cached_backup_api("999 45\n123 45\tyes\n"), None);
+        // Nothing kept yet, or a damaged file.
+        assert_eq!(cached_backup_api("123 45\n"), None);
+        assert_eq!(cached_backup_api("123 45\n123 45\tmaybe\n"), None);
+        assert_eq!(cached_backup_api("\n\tyes\n"), None);
+    }
 
     fn base() -> Base {
         Base {

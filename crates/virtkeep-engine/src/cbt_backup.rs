@@ -11,16 +11,19 @@
 //!    delete the new checkpoint so the next incremental still starts from the last good one.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use virtkeep_libvirt::cmd;
 use virtkeep_ssh::RemoteCommand;
 
-use crate::backup::{BackupOptions, BackupResult, FreezeMethod, ModeRequest, Plan, run_hook};
+use crate::backup::{
+    BASE_KEPT_KEY, BackupOptions, BackupResult, BaseOnHost, FreezeMethod, ModeRequest, Plan,
+    run_hook,
+};
 use crate::cbt::{self, Base, CHECKPOINT_PREFIX, CbtRecord};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{NbdExport, ReadScope, export_disk};
 use crate::host::Host;
+use crate::phases::{Phase, PhaseClock};
 use crate::progress::{Event, Progress};
 use crate::store::RepoSink;
 use crate::vm::Vm;
@@ -71,9 +74,12 @@ async fn pick_base(
     if !choice.reason.is_empty() {
         return Ok(());
     }
-    let Some(base) = cbt::latest_record(repo, &host.name, &vm.name).await? else {
-        choice.reason = "full: no earlier backup of this VM with a checkpoint".into();
-        return Ok(());
+    let base = match cbt::latest_record(repo, &host.name, &vm.name).await? {
+        cbt::Latest::Base(base) => base,
+        cbt::Latest::None(reason) => {
+            choice.reason = reason;
+            return Ok(());
+        }
     };
     let checkpoints = cbt::checkpoints(host, &vm.uuid).await?;
     match cbt::base_problem(&base, &vm.uuid, &checkpoints, &choice.sizes) {
@@ -99,12 +105,13 @@ pub async fn run(
     progress: &Arc<dyn Progress>,
     mut choice: Choice,
     mut warnings: Vec<String>,
-    started: Instant,
+    mut clock: PhaseClock,
 ) -> Result<BackupResult> {
     pick_base(host, repo, vm, &mut choice).await?;
     let job_id = crate::job_id();
     let job_dir = host.job_dir(&format!("{}-{job_id}", vm.uuid)).await?;
     cbt::hand_job_dir_to_qemu(host, &job_dir).await?;
+    clock.lap(Phase::Plan);
     let started_paused = if vm.state.is_active() {
         false
     } else {
@@ -137,8 +144,10 @@ pub async fn run(
         &job_dir,
         &job_id,
         &mut warnings,
+        &mut clock,
     )
     .await;
+    clock.lap(Phase::Publish);
     // End the job whatever happened; a VM we started (and nobody resumed) goes down again.
     let _ = host.exec(&host.virsh().domjobabort(&vm.uuid)).await;
     if started_paused {
@@ -174,11 +183,10 @@ pub async fn run(
             return Err(e);
         }
     };
-    // Without incrementals (--mode full) no checkpoint stays behind, as with RBD.
-    let keep = if opts.mode == ModeRequest::Full {
-        ""
-    } else {
-        checkpoint.as_str()
+    // Every mode keeps its checkpoint for the next incremental, unless asked not to.
+    let keep = match opts.base {
+        BaseOnHost::Keep => checkpoint.as_str(),
+        BaseOnHost::Remove => "",
     };
     match cbt::prune_checkpoints(host, &vm.uuid, keep).await {
         Ok(removed) if !removed.is_empty() => {
@@ -187,6 +195,7 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => warnings.push(format!("could not delete older virtkeep checkpoints: {e}")),
     }
+    clock.lap(Phase::Heal);
     let disks = crate::backup::disk_results(&manifest, stats);
     Ok(BackupResult {
         id: manifest.id.clone(),
@@ -198,7 +207,8 @@ pub async fn run(
         disks,
         skipped: plan.skipped.clone(),
         warnings,
-        duration_secs: started.elapsed().as_secs_f64(),
+        duration_secs: clock.elapsed_secs(),
+        phases: clock.phases(),
     })
 }
 
@@ -214,6 +224,7 @@ async fn run_job(
     job_dir: &str,
     job_id: &str,
     warnings: &mut Vec<String>,
+    clock: &mut PhaseClock,
 ) -> Result<(virtkeep_repo::Manifest, Vec<crate::export::ExportStats>)> {
     let targets: Vec<String> = plan.disks.iter().map(|d| d.target.clone()).collect();
     let excluded: Vec<String> = vm
@@ -305,6 +316,7 @@ async fn run_job(
         }
     }
     begun.map_err(|e| e.context("starting the backup job (virsh backup-begin)"))?;
+    clock.lap(Phase::Freeze);
 
     progress.event(Event::Phase {
         vm: vm.name.clone(),
@@ -365,13 +377,19 @@ async fn run_job(
         sink.finish().await?;
         stats.push(st);
     }
+    clock.lap(Phase::Data);
     let record = CbtRecord {
         checkpoint,
         vm_uuid: vm.uuid.clone(),
         disks: choice.sizes.clone(),
     };
     let manifest = writer
-        .finish(serde_json::json!({ "method": FreezeMethod::BackupApi, "transport": "ssh", "cbt": record }))
+        .finish(serde_json::json!({
+            "method": FreezeMethod::BackupApi,
+            "transport": "ssh",
+            "cbt": record,
+            BASE_KEPT_KEY: opts.base == BaseOnHost::Keep,
+        }))
         .await?;
     Ok((manifest, stats))
 }

@@ -323,13 +323,8 @@ pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
         "install the full libvirt (blockcommit missing: see the vendor's note on CentOS libvirt builds)",
         true,
     );
-    let caps = host.exec(&host.virsh().domcapabilities(None)).await;
-    let backup_api = caps.ok().is_some_and(|o| {
-        virtkeep_libvirt::parse::parse_domcapabilities_backup_supported(&String::from_utf8_lossy(
-            &o.stdout,
-        ))
-        .unwrap_or(false)
-    });
+    // `host check` asks again and refreshes the answer backups use.
+    let backup_api = crate::cbt::backup_api_supported(host, true).await;
     add(
         "libvirt backup API (CBT)",
         (

@@ -5,10 +5,12 @@
 //! since the last backup), patches that onto the parent's chunks, then commits the kept
 //! overlay into the base (`blockcommit --top KEPT --base BASE`).
 //!
-//! Which overlays are kept is recorded on the host in `/run/virtkeep/kept/UUID` (and in
-//! the manifest); healing leaves those alone while the VM runs on them. Anything else (a
-//! full or auto backup, a stopped VM, a lost record after a host reboot) commits them,
-//! and the next backup is a full with the reason said.
+//! `--mode full` reads the base whole and keeps its new overlay the same way, so the next
+//! incremental builds on it. Which overlays are kept is recorded on the host in
+//! `/run/virtkeep/kept/UUID` (and in the manifest); healing leaves those alone while the
+//! VM runs on them. Anything else (an auto backup, `--no-keep-base`, a stopped VM, a lost
+//! record after a host reboot) commits them, and the next backup is a full with the
+//! reason said.
 
 use virtkeep_ssh::RemoteCommand;
 
@@ -112,30 +114,35 @@ pub async fn bases(
     if files.is_empty() {
         return Ok((out, None));
     }
-    let mut snaps = repo.snapshots().await?;
-    snaps.retain(|s| s.host == host.name && s.vm == vm.name);
-    snaps.sort_by_key(|s| s.time);
-    let Some(last) = snaps.last() else {
+    let Some(manifest) = crate::store::latest_backup(repo, &host.name, &vm.name).await? else {
         return Ok((out, Some("full: no earlier backup; the new overlay stays under the VM for the next incremental".into())));
     };
-    let manifest = repo.manifest(&last.id).await?;
+    if crate::backup::base_removed_on_request(&manifest) {
+        return Ok((
+            out,
+            Some(crate::backup::removed_on_request_reason(&manifest.id)),
+        ));
+    }
     let kept_now = read(host, &vm.uuid).await?;
-    let mut missing = Vec::new();
+    let mut problems = Vec::new();
     for d in files {
         let recorded = manifest.extra["kept"][&d.target].as_str() == Some(d.path.as_str());
         let on_host = kept_now.iter().any(|(t, p)| t == &d.target && p == &d.path);
-        if recorded && on_host {
-            out.insert(d.target.clone(), (manifest.id.clone(), d.path.clone()));
-        } else {
-            missing.push(d.target.clone());
+        match (recorded, on_host) {
+            (true, true) => {
+                out.insert(d.target.clone(), (manifest.id.clone(), d.path.clone()));
+            }
+            // The VM runs on its own file: that backup kept no overlay of this disk.
+            (false, _) if !d.path.contains(crate::host::OVERLAY_MARKER) => problems.push(format!(
+                "{}: backup {} left no overlay under it (a backup in auto mode, of a stopped VM, or by another method)",
+                d.target, manifest.id
+            )),
+            _ => problems.push(format!(
+                "{}: the overlay backup {} kept is no longer the VM's recorded top (VM stopped or redefined, host rebooted, or the record lost)",
+                d.target, manifest.id
+            )),
         }
     }
-    let reason = (!missing.is_empty()).then(|| {
-        format!(
-            "full for {}: no kept overlay of backup {} under the VM (first incremental backup, or the VM was stopped, redefined or the host rebooted)",
-            missing.join(", "),
-            manifest.id
-        )
-    });
+    let reason = (!problems.is_empty()).then(|| format!("full: {}", problems.join("; ")));
     Ok((out, reason))
 }

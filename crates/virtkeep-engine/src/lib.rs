@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod kept;
 pub mod lvm;
 pub mod lvm_backup;
+pub mod phases;
 pub mod progress;
 pub mod rbd;
 pub mod rbd_diff;

@@ -8,11 +8,11 @@
 //! unchanged chunks are recognised by their digest and never uploaded again.
 //!
 //! Thin LVs do better when the host has `thin_delta` (thin-provisioning-tools): the
-//! thin snapshot of a backup in `--mode auto|incremental` stays on the host, tagged
+//! thin snapshot of every backup (`--mode full` too) stays on the host, tagged
 //! [`lvm::BASE_TAG`] and recorded in the manifest; the next backup asks the pool's
 //! metadata which blocks differ between that base and its new snapshot and reads only
 //! those, patched onto the parent's chunks. The base is replaced after each published
-//! backup and dropped by `--mode full`; healing leaves tagged snapshots alone.
+//! backup and dropped only by `--no-keep-base`; healing leaves tagged snapshots alone.
 
 use std::collections::BTreeMap;
 
@@ -157,16 +157,24 @@ pub async fn check_valid(host: &Host, frozen: &FrozenLvs) -> Result<()> {
     Ok(())
 }
 
+/// What thin_delta gives a backup: the changed ranges of each thin LV whose base (kept
+/// by the parent backup) is still on the host, and why the others are read whole.
+#[derive(Debug, Default)]
+pub struct ThinDeltas {
+    pub ranges: BTreeMap<String, Vec<(u64, u64)>>,
+    pub read_whole: Vec<String>,
+}
+
 /// Changed ranges per target, for thin LVs whose base (kept by the parent backup) is
-/// still on the host; also decides which thin snapshots this backup keeps (`--mode
-/// auto|incremental` on a host with thin_delta).
+/// still on the host; also decides which thin snapshots this backup keeps (all of
+/// them, on a host with thin_delta, unless `keep` is false: `--no-keep-base`).
 pub async fn thin_deltas(
     host: &Host,
     frozen: &mut FrozenLvs,
     parent: Option<&virtkeep_repo::Manifest>,
     keep: bool,
-) -> Result<BTreeMap<String, Vec<(u64, u64)>>> {
-    let mut out = BTreeMap::new();
+) -> Result<ThinDeltas> {
+    let mut out = ThinDeltas::default();
     if !keep || !frozen.values().any(|f| f.thin_pool.is_some()) {
         return Ok(out);
     }
@@ -179,27 +187,54 @@ pub async fn thin_deltas(
         };
         f.kept = Some(f.snapshot.name.clone());
         let Some(parent) = parent else { continue };
-        let Some(base) = parent.extra["lvm"][target]["kept"].as_str() else {
-            continue;
-        };
-        let same_size = parent
-            .disks
-            .iter()
-            .any(|m| &m.spec.target == target && m.spec.size == f.size);
-        if !same_size {
-            continue;
-        }
-        let on_host = lvm::base_snapshots(host, &f.vg, &f.lv)
-            .await?
-            .iter()
-            .any(|l| l.name == base);
-        if on_host {
-            let ranges =
-                lvm::thin_changed_ranges(host, &f.vg, &pool, base, &f.snapshot.name).await?;
-            out.insert(target.clone(), ranges);
+        match thin_base(host, parent, target, f).await? {
+            Ok(base) => {
+                let ranges =
+                    lvm::thin_changed_ranges(host, &f.vg, &pool, &base, &f.snapshot.name).await?;
+                out.ranges.insert(target.clone(), ranges);
+            }
+            Err(why) => out.read_whole.push(format!("{target}: {why}")),
         }
     }
     Ok(out)
+}
+
+/// The thin snapshot `parent` kept of this LV, when it can serve as the base, or why not.
+async fn thin_base(
+    host: &Host,
+    parent: &virtkeep_repo::Manifest,
+    target: &str,
+    f: &FrozenLv,
+) -> Result<std::result::Result<String, String>> {
+    if crate::backup::base_removed_on_request(parent) {
+        return Ok(Err(format!(
+            "backup {} left no base on the host, as asked (--no-keep-base)",
+            parent.id
+        )));
+    }
+    let Some(base) = parent.extra["lvm"][target]["kept"].as_str() else {
+        return Ok(Err(format!(
+            "backup {} kept no thin snapshot of it",
+            parent.id
+        )));
+    };
+    let same_size = parent
+        .disks
+        .iter()
+        .any(|m| m.spec.target == target && m.spec.size == f.size);
+    if !same_size {
+        return Ok(Err("the LV was resized".into()));
+    }
+    let on_host = lvm::base_snapshots(host, &f.vg, &f.lv)
+        .await?
+        .iter()
+        .any(|l| l.name == base);
+    if !on_host {
+        return Ok(Err(format!(
+            "its base {base} is no longer on the host (removed, or the LV was replaced)"
+        )));
+    }
+    Ok(Ok(base.to_string()))
 }
 
 /// After the backup is published: the kept thin snapshots become the bases (tagged),

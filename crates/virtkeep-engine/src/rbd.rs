@@ -2,11 +2,12 @@
 //! full, `--from-snap` the kept snapshot for an incremental) streamed through SSH and
 //! parsed on the node, and `rbd import-diff` of a node-generated stream for restore.
 //!
-//! Snapshot housekeeping (the seed's rule): with `--mode auto|incremental` the newest
-//! virtkeep snapshot of each image is kept for the next incremental and recorded in the
-//! image's metadata (`virtkeep.base`) and the manifest; older virtkeep snapshots go.
-//! With `--mode full` no snapshot is left. `cleanup` removes virtkeep snapshots that are
-//! not the recorded base (a killed run's). Ceph settings (conf, id, keyring) are passed
+//! Snapshot housekeeping: every backup (`--mode full` too: a full read, not a break of
+//! the chain) keeps the newest virtkeep snapshot of each image for the next incremental,
+//! recorded in the image's metadata (`virtkeep.base`) and the manifest; older virtkeep
+//! snapshots go. Only `--no-keep-base` leaves none (recorded in the manifest, so the next
+//! backup says why it is a full). `cleanup` removes virtkeep snapshots that are not the
+//! recorded base (a killed run's). Ceph settings (conf, id, keyring) are passed
 //! on every command line: sshd passes no CEPH_* variables.
 
 use std::sync::Arc;
@@ -381,51 +382,86 @@ pub async fn image_size(host: &Host, ceph: &CephArgs, pool: &str, image: &str) -
 }
 
 /// The bases of this VM's RBD disks: the snapshot the newest backup kept, when it is
-/// still on the image, still recorded as its base, and the image has the same size.
+/// still on the image, still recorded as its base, and the image has the same size;
+/// and, for the disks without one, why (for the manifest's reason). `--mode full`
+/// looks for none.
 pub async fn bases(
     host: &Host,
     repo: &virtkeep_repo::Repository,
     vm: &crate::vm::Vm,
     plan: &crate::backup::Plan,
     mode: crate::backup::ModeRequest,
-) -> Result<Bases> {
+) -> Result<(Bases, Option<String>)> {
     let mut out = Bases::new();
     if mode == crate::backup::ModeRequest::Full || plan.disks.iter().all(|d| d.rbd.is_none()) {
-        return Ok(out);
+        return Ok((out, None));
     }
-    let mut snaps = repo.snapshots().await?;
-    snaps.retain(|s| s.host == host.name && s.vm == vm.name);
-    snaps.sort_by_key(|s| s.time);
-    let Some(last) = snaps.last() else {
-        return Ok(out);
+    let Some(manifest) = crate::store::latest_backup(repo, &host.name, &vm.name).await? else {
+        return Ok((out, Some("full: no earlier backup of this VM".into())));
     };
-    let manifest = repo.manifest(&last.id).await?;
+    if crate::backup::base_removed_on_request(&manifest) {
+        return Ok((
+            out,
+            Some(crate::backup::removed_on_request_reason(&manifest.id)),
+        ));
+    }
     let ceph = ceph(host)?;
+    let mut problems = Vec::new();
     for d in &plan.disks {
         let Some((pool, image)) = &d.rbd else {
             continue;
         };
-        let Some(snap) = manifest.extra["rbd"][&d.target].as_str() else {
-            continue;
-        };
-        let Some(old) = manifest.disks.iter().find(|m| m.spec.target == d.target) else {
-            continue;
-        };
-        if old.spec.source != format!("{pool}/{image}")
-            || old.spec.size != image_size(host, &ceph, pool, image).await?
-        {
-            continue;
-        }
-        if recorded_base(host, &ceph, pool, image).await.as_deref() != Some(snap) {
-            continue;
-        }
-        if snapshots(host, &ceph, pool, image)
-            .await?
-            .iter()
-            .any(|s| s == snap)
-        {
-            out.insert(d.target.clone(), (manifest.id.clone(), snap.to_string()));
+        match base_of_disk(host, &ceph, &manifest, &d.target, pool, image).await? {
+            Ok(snap) => {
+                out.insert(d.target.clone(), (manifest.id.clone(), snap));
+            }
+            Err(problem) => problems.push(format!("{}: {problem}", d.target)),
         }
     }
-    Ok(out)
+    let reason = (!problems.is_empty()).then(|| {
+        format!(
+            "full for RBD disks without a base of backup {} ({})",
+            manifest.id,
+            problems.join("; ")
+        )
+    });
+    Ok((out, reason))
+}
+
+/// The snapshot of `pool/image` that backup `manifest` kept, or why it cannot serve.
+async fn base_of_disk(
+    host: &Host,
+    ceph: &CephArgs,
+    manifest: &virtkeep_repo::Manifest,
+    target: &str,
+    pool: &str,
+    image: &str,
+) -> Result<std::result::Result<String, String>> {
+    let Some(snap) = manifest.extra["rbd"][target].as_str() else {
+        return Ok(Err("that backup kept no snapshot of it".into()));
+    };
+    let Some(old) = manifest.disks.iter().find(|m| m.spec.target == target) else {
+        return Ok(Err("not in that backup".into()));
+    };
+    if old.spec.source != format!("{pool}/{image}") {
+        return Ok(Err(format!("the disk was {} then", old.spec.source)));
+    }
+    if old.spec.size != image_size(host, ceph, pool, image).await? {
+        return Ok(Err("the image was resized".into()));
+    }
+    if recorded_base(host, ceph, pool, image).await.as_deref() != Some(snap) {
+        return Ok(Err(format!(
+            "the image's recorded base is no longer {snap} (image replaced or metadata removed)"
+        )));
+    }
+    if !snapshots(host, ceph, pool, image)
+        .await?
+        .iter()
+        .any(|s| s == snap)
+    {
+        return Ok(Err(format!(
+            "snapshot {snap} no longer exists (deleted on the host, or the image was replaced)"
+        )));
+    }
+    Ok(Ok(snap.to_string()))
 }

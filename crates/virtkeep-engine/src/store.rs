@@ -36,3 +36,18 @@ impl ChunkSink for RepoSink {
         Ok(self.writer.zero_chunk(index)?)
     }
 }
+
+/// The newest backup of `host`/`vm` in the repository (the parent every incremental
+/// method looks for), or `None` when the VM has none.
+pub async fn latest_backup(
+    repo: &virtkeep_repo::Repository,
+    host: &str,
+    vm: &str,
+) -> Result<Option<virtkeep_repo::Manifest>> {
+    let mut snaps = repo.snapshots().await?;
+    snaps.retain(|s| s.host == host && s.vm == vm);
+    let Some(last) = snaps.into_iter().max_by_key(|s| s.time) else {
+        return Ok(None);
+    };
+    Ok(Some(repo.manifest(&last.id).await?))
+}

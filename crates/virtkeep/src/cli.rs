@@ -216,6 +216,10 @@ pub struct BackupArgs {
     pub repo: RepoArgs,
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: Mode,
+    /// Leave nothing on the host for the next incremental (no checkpoint, RBD or thin LVM
+    /// snapshot, or kept overlay); the next backup is then a full, and says why
+    #[arg(long)]
+    pub no_keep_base: bool,
     /// Leave out this disk (target name, e.g. vdb); repeatable
     #[arg(long)]
     pub exclude_disk: Vec<String>,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use virtkeep_engine::backup::{BackupOptions, ModeRequest, Transport, backup_vm};
+use virtkeep_engine::backup::{BackupOptions, BaseOnHost, ModeRequest, Transport, backup_vm};
 use virtkeep_engine::config::{CephConfig, HostConfig, RepositoryConfig};
 use virtkeep_engine::host::Host;
 use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
@@ -392,6 +392,11 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
             Mode::Full => ModeRequest::Full,
             Mode::Incremental => ModeRequest::Incremental,
         },
+        base: if args.no_keep_base {
+            BaseOnHost::Remove
+        } else {
+            BaseOnHost::Keep
+        },
         exclude_disks: args.exclude_disk.clone(),
         quiesce: args.quiesce,
         pre_snapshot: args.pre_snapshot.clone(),
@@ -408,10 +413,16 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
     let mut failures = 0;
     for (host_name, vm) in &targets {
         let res = async {
+            let connecting = std::time::Instant::now();
             let host = connect(settings, host_name).await?;
+            let connect_secs = connecting.elapsed().as_secs_f64();
             let job = backup_vm(&host, &repo, vm, &opts, progress.clone());
             tokio::select! {
-                r = job => Ok::<_, anyhow::Error>(r?),
+                r = job => {
+                    let mut r = r?;
+                    r.phases.connect_secs = connect_secs;
+                    Ok::<_, anyhow::Error>(r)
+                }
                 _ = tokio::signal::ctrl_c() => {
                     // The interrupted job's future is gone; heal the VM before exiting.
                     if let Ok(v) = virtkeep_engine::vm::Vm::find(&host, vm).await {

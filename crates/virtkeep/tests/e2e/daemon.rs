@@ -837,3 +837,66 @@ fn unix_seconds(t: &str) -> i64 {
         .unwrap_or_else(|e| panic!("bad time {t}: {e}"));
     parsed.unix_timestamp()
 }
+
+/// A weekly full and daily incrementals, compressed to seconds: a scheduled full does
+/// not break the chain, so the backups go full, incremental, …, full, incremental — never
+/// a full that was asked as an incremental.
+#[test]
+fn full_and_incremental_schedules_alternate_without_breaking_the_chain() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkd-mix")
+        .qcow2_disk(16 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x53, 0, 2 * MIB);
+    append_config(
+        &node,
+        &format!(
+            r#"
+[daemon]
+catalog = "{}"
+
+[policies.mix]
+schedules = [{{ every = "15s", mode = "full" }}, {{ every = "3s", mode = "incremental" }}]
+
+[[policies.mix.vms]]
+host = "{HOST}"
+names = ["{}"]
+"#,
+            catalog(&node),
+            vm.name
+        ),
+    );
+    // Oldest first.
+    let modes = |l: &[Value]| -> Vec<String> {
+        let mut ok: Vec<String> = succeeded(l)
+            .iter()
+            .map(|j| j["mode"].as_str().unwrap_or("").to_string())
+            .collect();
+        ok.reverse();
+        ok
+    };
+    let daemon = Daemon::start(&node);
+    wait_jobs(
+        &node,
+        &daemon,
+        240,
+        "a second scheduled full followed by an incremental",
+        |l| {
+            let m = modes(l);
+            let fulls: Vec<usize> = (0..m.len()).filter(|&i| m[i] == "full").collect();
+            fulls.len() >= 2 && fulls.last().is_some_and(|&i| i + 1 < m.len())
+        },
+    );
+    daemon.terminate();
+    let m = modes(&jobs(&node));
+    assert_eq!(m[0], "full", "{m:?}");
+    assert!(m.iter().filter(|x| *x == "full").count() >= 2, "{m:?}");
+    assert!(
+        m.windows(2).all(|w| !(w[0] == "full" && w[1] == "full")),
+        "an incremental after a full fell back to a full: {m:?}"
+    );
+    assert!(m.iter().all(|x| x == "full" || x == "incremental"), "{m:?}");
+    assert_only_incremental_base(&vm);
+    assert!(vm.is_running());
+}

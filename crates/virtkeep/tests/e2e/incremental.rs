@@ -303,3 +303,118 @@ fn kept_overlay_incremental_for_raw_disks() {
     assert!(vm.leftovers().is_empty(), "{:?}", vm.leftovers());
     assert_eq!([vm.disk_checksum("vda"), vm.disk_checksum("vdb")], second);
 }
+
+/// A full is a full read, not a break of the chain (qcow2 with the backup API): the
+/// checkpoint of `--mode full` stays, the next incremental reads only the writes and
+/// restores their instant; `--no-keep-base` leaves no checkpoint and the next backup
+/// says it is a full because of that, not because of the host.
+#[test]
+fn full_keeps_the_checkpoint_and_no_keep_base_leaves_nothing() {
+    let node = Node::new();
+    let vm = TestVm::builder("fullcp")
+        .qcow2_disk(32 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x40, 0, 4 * MIB);
+    let full = node.backup(&vm.name, &["--mode", "full"]);
+    assert_eq!(full["mode"], "full");
+    assert_eq!(full["method"], "backup_api");
+    assert_eq!(virtkeep_checkpoints(&vm).len(), 1, "{:?}", vm.leftovers());
+    for phase in [
+        "lock_load_secs",
+        "plan_secs",
+        "freeze_secs",
+        "data_secs",
+        "heal_secs",
+    ] {
+        assert!(
+            full["phases"][phase].as_f64().is_some_and(|s| s > 0.0),
+            "{phase}: {}",
+            full["phases"]
+        );
+    }
+
+    // Writes at known offsets: 1 MiB and 512 KiB.
+    vm.write_pattern("vda", 0x41, 8 * MIB, MIB);
+    vm.write_pattern("vda", 0x42, 20 * MIB, 512 * 1024);
+    let changed = MIB + 512 * 1024;
+    let at_inc = vm.disk_checksum("vda");
+    let inc = node.backup(&vm.name, &["--mode", "incremental"]);
+    assert_eq!(inc["mode"], "incremental", "{}", inc["reason"]);
+    let read = bytes_read(&inc);
+    assert!(
+        (changed..=changed + 2 * SLACK).contains(&read),
+        "incremental after a full read {read} bytes for {changed} changed"
+    );
+    vm.write_pattern("vda", 0x43, 0, MIB);
+    assert_eq!(
+        restore_and_sum(&node, inc["id"].as_str().expect("id"), &["vda"]),
+        [at_inc]
+    );
+
+    // Asked to leave nothing on the host.
+    node.backup(&vm.name, &["--mode", "full", "--no-keep-base"]);
+    let l = vm.leftovers();
+    assert!(l.is_empty(), "{l:?}");
+    let next = node.backup(&vm.name, &["--mode", "incremental"]);
+    assert_eq!(next["mode"], "full");
+    let reason = next["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("left no base") && !reason.contains("host rebuilt"),
+        "{reason}"
+    );
+    assert_eq!(virtkeep_checkpoints(&vm).len(), 1, "the chain starts again");
+}
+
+/// The kept-overlay method (raw disks of a running VM): `--mode full` reads the base
+/// whole and leaves its overlay as the next incremental's base; `--no-keep-base`
+/// returns the VM to its own files.
+#[test]
+fn full_of_raw_disks_keeps_an_overlay_for_the_next_incremental() {
+    let node = Node::new();
+    let vm = TestVm::builder("fullkept")
+        .raw_disk(32 * MIB)
+        .running(true)
+        .build();
+    let own = vm.current_sources();
+    vm.write_pattern("vda", 0x64, 0, 4 * MIB);
+    let full = node.backup(&vm.name, &["--mode", "full"]);
+    assert_eq!(full["mode"], "full");
+    assert!(
+        vm.current_sources()
+            .iter()
+            .all(|(_, s)| s.contains(".virtkeep-")),
+        "{:?}",
+        vm.current_sources()
+    );
+
+    vm.write_pattern("vda", 0x65, 12 * MIB, MIB);
+    vm.write_pattern("vda", 0x66, 24 * MIB, 256 * 1024);
+    let changed = MIB + 256 * 1024;
+    let at_inc = vm.disk_checksum("vda");
+    let inc = node.backup(&vm.name, &["--mode", "incremental"]);
+    assert_eq!(inc["mode"], "incremental", "{}", inc["reason"]);
+    let read = bytes_read(&inc);
+    assert!(
+        (changed..=changed + 4 * SLACK).contains(&read),
+        "incremental after a full read {read} bytes for {changed} changed"
+    );
+    assert_eq!(
+        restore_and_sum(&node, inc["id"].as_str().expect("id"), &["vda"]),
+        std::slice::from_ref(&at_inc)
+    );
+
+    node.backup(&vm.name, &["--mode", "incremental", "--no-keep-base"]);
+    assert_eq!(vm.current_sources(), own);
+    assert!(vm.leftovers().is_empty(), "{:?}", vm.leftovers());
+    assert_eq!(vm.disk_checksum("vda"), at_inc);
+    let next = node.backup(&vm.name, &["--mode", "incremental"]);
+    assert_eq!(next["mode"], "full");
+    assert!(
+        next["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("left no base")),
+        "{}",
+        next["reason"]
+    );
+}

@@ -668,16 +668,48 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     }
     assert!(xml.contains("type='block'"), "{xml}");
 
-    // the original VM is untouched; a full backup keeps no base
+    // the original VM is untouched; a full backup reads whole and keeps the base
     assert!(vm.is_running());
     assert_eq!(vm.disk_checksum("vda"), second[0]);
     let again = node.backup_on("lvmhv", &vm.name, &["--mode", "full"]);
     step("backup with --mode full");
     assert_eq!(again["mode"], "full", "{again}");
+    let base3 = only_thin_base(&vm);
+    assert_ne!(base2, base3, "the full's snapshot is the new base");
+    vm.write_pattern("vdb", 0x73, 12 * MIB, MIB);
+    let third = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
+    let inc2 = node.backup_on("lvmhv", &vm.name, &["--mode", "incremental"]);
+    step("incremental after the full");
+    assert_eq!(inc2["mode"], "incremental", "{inc2}");
+    let vdb = &inc2["disks"][1];
+    assert_eq!(vdb["target"], "vdb");
+    let read = vdb["bytes_read"].as_u64().expect("bytes_read");
+    assert!((MIB..=MIB + 128 * 1024).contains(&read), "{vdb}");
+    let name3 = virtkeep_lab::unique_name("lvbk-inc2");
+    let inc2_id = inc2["id"].as_str().expect("id");
+    let restored = restore_lvs(&node, inc2_id, &name3, &[], &mut domains, &mut lvs);
+    for ((target, path), want) in restored.iter().zip(&third) {
+        assert_eq!(
+            &device_checksum(path),
+            want,
+            "{target} of the incremental after a full"
+        );
+    }
+
+    // asked to leave nothing: no snapshot, and the next backup says why
+    node.backup_on("lvmhv", &vm.name, &["--mode", "full", "--no-keep-base"]);
+    step("backup with --no-keep-base");
     assert!(
         vm.leftover_snapshots().is_empty(),
         "{:?}",
         vm.leftover_snapshots()
+    );
+    let next = node.backup_on("lvmhv", &vm.name, &["--mode", "incremental"]);
+    assert!(
+        next["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("left no base")),
+        "{next}"
     );
 }
 

@@ -84,12 +84,44 @@ fn rbd_full_incremental_and_snapshot_housekeeping() {
         first
     );
 
-    // Without an incremental schedule (--mode full) no snapshot is left behind.
-    node.backup(&vm.name, &["--mode", "full"]);
+    // A full is a full read, not a break of the chain: its snapshots stay as the base.
+    let full2 = node.backup(&vm.name, &["--mode", "full"]);
+    assert_eq!(full2["mode"], "full");
+    assert_eq!(virtkeep_snaps(&vm).len(), 2, "{:?}", vm.leftovers());
+    vm.write_pattern("vdb", 0x74, 4 * MIB, MIB);
+    let third = vec![
+        ("vda".to_string(), vm.disk_checksum("vda")),
+        ("vdb".to_string(), vm.disk_checksum("vdb")),
+    ];
+    let inc2 = node.backup(&vm.name, &["--mode", "incremental"]);
+    assert_eq!(inc2["mode"], "incremental", "{}", inc2["reason"]);
+    let inc2_read: u64 = inc2["disks"]
+        .as_array()
+        .expect("d")
+        .iter()
+        .map(|d| d["bytes_read"].as_u64().expect("n"))
+        .sum();
+    assert!(
+        (MIB..=4 * MIB + MIB).contains(&inc2_read),
+        "incremental after a full read {inc2_read}"
+    );
+    assert_eq!(
+        restore_sums(&node, inc2["id"].as_str().expect("id"), &[]),
+        third
+    );
+
+    // Asked to leave nothing: no snapshot, and the next backup says why it is a full.
+    node.backup(&vm.name, &["--mode", "full", "--no-keep-base"]);
     assert!(virtkeep_snaps(&vm).is_empty(), "{:?}", vm.leftovers());
-    // And the next auto backup says why it is full.
     let again = node.backup(&vm.name, &[]);
     assert_eq!(again["mode"], "full");
+    assert!(
+        again["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("left no base")),
+        "{}",
+        again["reason"]
+    );
 }
 
 #[test]
