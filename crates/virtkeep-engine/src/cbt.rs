@@ -268,14 +268,13 @@ pub async fn hand_job_dir_to_qemu(host: &Host, job_dir: &str) -> Result<()> {
         &RemoteCommand::new("chown")
             .arg(format!("{user}:{group}"))
             .arg("--")
-            .arg(job_dir),
-    )
-    .await?;
-    host.run(
-        &RemoteCommand::new("chmod")
-            .arg("0750")
-            .arg("--")
-            .arg(job_dir),
+            .arg(job_dir)
+            .and_then(
+                RemoteCommand::new("chmod")
+                    .arg("0750")
+                    .arg("--")
+                    .arg(job_dir),
+            ),
     )
     .await?;
     Ok(())

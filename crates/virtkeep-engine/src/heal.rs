@@ -70,6 +70,18 @@ pub async fn stop_job_exports(host: &Host, vm_uuid: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether any job dir of this VM exists on the host (a job runs, or a killed one left it).
+async fn has_job_dirs(host: &Host, vm_uuid: &str) -> Result<bool> {
+    let script = r#"for d in "$1"/"$2"-*; do [ -e "$d" ] && exit 0; done; exit 1"#;
+    let cmd = RemoteCommand::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .arg(format!("{HOST_STATE_DIR}/jobs"))
+        .arg(vm_uuid);
+    Ok(host.exec(&cmd).await?.status == 0)
+}
+
 /// Heals one VM. The caller holds the VM lock.
 pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealReport> {
     heal_loaded(host, Vm::load(host, vm_uuid).await?, dry_run).await
@@ -85,7 +97,9 @@ pub async fn heal_loaded(host: &Host, mut vm: Vm, dry_run: bool) -> Result<HealR
         actions: Vec::new(),
     };
 
-    if !dry_run {
+    // A paused start, a pull-mode job and exports of ours all live in a job dir of this
+    // VM: with none (the usual case) their three checks, one a `virsh` call, are skipped.
+    if !dry_run && has_job_dirs(host, vm_uuid).await? {
         if let Some(action) = crate::cbt_backup::undo_paused_start(host, vm_uuid).await? {
             report.actions.push(action);
         }

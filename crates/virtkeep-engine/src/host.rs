@@ -22,6 +22,8 @@ pub struct Host {
     pub config: HostConfig,
     pool: Pool,
     session: Session,
+    /// The qemu user:group once looked up (it does not change during a connection).
+    qemu_owner: tokio::sync::OnceCell<(String, String)>,
 }
 
 impl Host {
@@ -39,6 +41,7 @@ impl Host {
             config: config.clone(),
             pool,
             session,
+            qemu_owner: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -140,6 +143,13 @@ impl Host {
         if let (Some(u), Some(g)) = (&self.config.qemu_user, &self.config.qemu_group) {
             return Ok((u.clone(), g.clone()));
         }
+        self.qemu_owner
+            .get_or_try_init(|| self.lookup_qemu_owner())
+            .await
+            .cloned()
+    }
+
+    async fn lookup_qemu_owner(&self) -> Result<(String, String)> {
         for user in ["libvirt-qemu", "qemu"] {
             if self
                 .exec(&RemoteCommand::new("id").arg("-u").arg(user))
