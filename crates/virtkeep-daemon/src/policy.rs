@@ -113,8 +113,7 @@ struct PolicyModel {
     transport: TransportSetting,
     #[serde(default)]
     exclude_disks: Vec<String>,
-    #[serde(default = "yes")]
-    keep_base: bool,
+    keep_base: Option<bool>,
     parallel: Option<Spanned<usize>>,
     retries: Option<u32>,
     fail_rest_above_percent: Option<Spanned<u8>>,
@@ -201,7 +200,9 @@ pub struct Policy {
     pub quiesce: bool,
     pub transport: TransportSetting,
     pub exclude_disks: Vec<String>,
-    /// Leave the next incremental's base on the host (`keep_base = false`: nothing).
+    /// Leave the next incremental's base on the host. Default: when some schedule is not
+    /// `full` (as the seed keeps the last snapshot only for VMs with an incremental
+    /// schedule); `keep_base = false` leaves nothing.
     pub keep_base: bool,
     pub parallel: usize,
     /// Retries of a failed backup (the daemon-wide default when not set here).
@@ -602,6 +603,9 @@ fn check_policy(
             "a percentage from 0 to 100",
         );
     }
+    let keep_base = p
+        .keep_base
+        .unwrap_or_else(|| schedules.iter().any(|s| s.mode != ScheduleMode::Full));
     Ok(Policy {
         name: name.to_string(),
         enabled: p.enabled,
@@ -615,7 +619,7 @@ fn check_policy(
         quiesce: p.quiesce,
         transport: p.transport,
         exclude_disks: p.exclude_disks,
-        keep_base: p.keep_base,
+        keep_base,
         parallel,
         retries: p.retries.unwrap_or(default_retries),
         fail_rest_above_percent: p.fail_rest_above_percent.map(Spanned::into_inner),
@@ -675,6 +679,22 @@ exclude = ["-test$"]
 "#;
 
     #[test]
+    fn keep_base_follows_the_schedules_unless_set() {
+        let inc = "mode = \"incremental\"";
+        let full_only = GOOD.replace(inc, "mode = \"full\"");
+        assert!(!parse(&full_only).expect("valid").policies["nightly"].keep_base);
+        let off = GOOD.replace("fail_rest_above_percent = 50", "keep_base = false");
+        let p = &parse(&off).expect("valid").policies["nightly"];
+        assert!(!p.keep_base);
+        assert_eq!(
+            p.backup_options(ScheduleMode::Full).base,
+            virtkeep_engine::backup::BaseOnHost::Remove
+        );
+        let on = full_only.replace("fail_rest_above_percent = 50", "keep_base = true");
+        assert!(parse(&on).expect("valid").policies["nightly"].keep_base);
+    }
+
+    #[test]
     fn a_full_config_reads() {
         let c = parse(GOOD).expect("valid");
         assert_eq!(c.max_jobs, 4);
@@ -685,6 +705,8 @@ exclude = ["-test$"]
         let p = &c.policies["nightly"];
         assert_eq!(p.repository.as_deref(), Some("offsite"));
         assert_eq!(p.schedules.len(), 2);
+        // An incremental schedule uses the base a full leaves.
+        assert!(p.keep_base);
         assert_eq!(p.schedules[1].mode, ScheduleMode::Full);
         assert_eq!(p.retention.and_then(|r| r.last), Some(3));
         let sel = &p.selections[0];

@@ -591,6 +591,7 @@ async fn backup_locked(
         vm: vm.name.clone(),
         phase: "commit",
     });
+    crate::failpoint::hit("before-heal").await;
     let thawed = heal_vm(host, &vm.uuid, false).await;
     let _ = host
         .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&job_dir))

@@ -11,6 +11,7 @@ pub mod cbt_backup;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod failpoint;
 pub mod heal;
 pub mod host;
 pub mod inventory;

@@ -29,7 +29,9 @@ impl ChunkSink for RepoSink {
     }
 
     async fn data_chunk(&self, index: u64, data: Bytes) -> Result<()> {
-        Ok(self.writer.write_chunk(index, data).await?)
+        self.writer.write_chunk(index, data).await?;
+        crate::failpoint::hit("export-chunk-written").await;
+        Ok(())
     }
 
     async fn zero_chunk(&self, index: u64) -> Result<()> {

@@ -21,10 +21,25 @@ struct Daemon {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// The daemon's log line when failpoint `name` stops it (see `virtkeep_engine::failpoint`).
+fn failpoint_reached(name: &str) -> String {
+    format!("virtkeep: failpoint {name} reached")
+}
+
 impl Daemon {
     fn start(node: &Node) -> Daemon {
+        Daemon::start_with(node, None)
+    }
+
+    /// With failpoint `failpoint` on: its job stops there for good (for fault tests).
+    fn start_with(node: &Node, failpoint: Option<&str>) -> Daemon {
         let bin = assert_cmd::cargo::cargo_bin("virtkeep");
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        cmd.env_remove("VIRTKEEP_FAILPOINT");
+        if let Some(name) = failpoint {
+            cmd.env("VIRTKEEP_FAILPOINT", name);
+        }
+        let mut child = cmd
             .arg("--config")
             .arg(node.config())
             .arg("daemon")
@@ -282,9 +297,9 @@ regex = ["^{}$"]
             vm.name
         ),
     );
-    // An interval schedule without history fires at once.
-    let mut daemon = Daemon::start(&node);
-    daemon.wait_log("disk transfer starts", 120);
+    // An interval schedule without history fires at once; its job stops mid export.
+    let mut daemon = Daemon::start_with(&node, Some("export-chunk-written"));
+    daemon.wait_log(&failpoint_reached("export-chunk-written"), 120);
     daemon.kill();
     let left = jobs(&node);
     assert_eq!(left.len(), 1, "{left:#?}");
@@ -681,8 +696,8 @@ names = ["{}"]
             vm.name
         ),
     );
-    let mut daemon = Daemon::start(&node);
-    daemon.wait_log("disk transfer starts", 120);
+    let mut daemon = Daemon::start_with(&node, Some("export-chunk-written"));
+    daemon.wait_log(&failpoint_reached("export-chunk-written"), 120);
     let started = Instant::now();
     daemon.terminate();
     eprintln!(

@@ -38,28 +38,39 @@ fn failing_pre_snapshot_command_aborts_cleanly() {
     assert_eq!(node.json(&["snapshots"]).as_array().map(Vec::len), Some(0));
 }
 
-/// Starts a backup and SIGKILLs the node as soon as `trigger` shows in its log.
+/// Starts a backup and SIGKILLs the node as soon as `trigger` shows in its log. Only for
+/// points where the node waits by itself (a sleeping hook); everywhere else use
+/// [`kill_backup_at`], which cannot race the code under test.
 pub fn kill_backup_when(node: &Node, vm: &str, extra: &[&str], trigger: &str) {
-    kill_backup_of_when(node, &format!("{HOST}/{vm}"), extra, trigger);
+    kill_backup(node, &format!("{HOST}/{vm}"), extra, None, trigger);
 }
 
-/// Like [`kill_backup_when`] for `HOST/VM` on any host of the node.
-pub fn kill_backup_of_when(node: &Node, spec: &str, extra: &[&str], trigger: &str) {
+/// Starts a backup of `spec` (HOST/VM) with failpoint `name` switched on: the node stops
+/// there for good, and the harness SIGKILLs it at exactly that point.
+pub fn kill_backup_at(node: &Node, spec: &str, extra: &[&str], name: &str) {
+    let trigger = format!("virtkeep: failpoint {name} reached");
+    kill_backup(node, spec, extra, Some(name), &trigger);
+}
+
+fn kill_backup(node: &Node, spec: &str, extra: &[&str], failpoint: Option<&str>, trigger: &str) {
     let bin = assert_cmd::cargo::cargo_bin("virtkeep");
-    let mut child = Command::new(bin)
-        .arg("--config")
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config")
         .arg(node.config())
         .env("HOME", node.dir.path())
         .env("VIRTKEEP_LOG", "info")
+        .env_remove("VIRTKEEP_FAILPOINT")
         .arg("backup")
         .arg(spec)
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn virtkeep");
+        .stderr(Stdio::piped());
+    if let Some(name) = failpoint {
+        cmd.env("VIRTKEEP_FAILPOINT", name);
+    }
+    let mut child = cmd.spawn().expect("spawn virtkeep");
     let stderr = child.stderr.take().expect("stderr");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     let mut seen = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let line = line.unwrap_or_default();
@@ -122,21 +133,16 @@ fn sigkill_after_snapshot_then_cleanup_heals() {
 #[test]
 fn sigkill_mid_export_then_next_backup_heals() {
     let node = Node::new();
-    // 256 MiB of data: the export must still be running when the harness, on a loaded
-    // machine, gets round to reading the trigger line and killing the node.
     let vm = TestVm::builder("kill-exp")
-        .raw_disk(512 * MIB)
+        .raw_disk(64 * MIB)
         .running(true)
         .build();
-    vm.write_pattern("vda", 0x43, 0, 256 * MIB);
+    vm.write_pattern("vda", 0x43, 0, 32 * MIB);
     let sum = vm.disk_checksum("vda");
     let sources = vm.current_sources();
-    kill_backup_when(
-        &node,
-        &vm.name,
-        &["--parallel", "1"],
-        "disk transfer starts",
-    );
+    // The node stops once the first chunk is in the repository: mid export, always.
+    let spec = format!("{HOST}/{}", vm.name);
+    kill_backup_at(&node, &spec, &[], "export-chunk-written");
     // Without `cleanup`: the next backup of the VM heals first, then succeeds.
     let r = node.backup(&vm.name, &[]);
     assert!(
@@ -182,7 +188,7 @@ fn sigkill_before_blockcommit_then_cleanup_heals() {
     vm.write_pattern("vda", 0x44, 0, MIB);
     let sum = vm.disk_checksum("vda");
     let sources = vm.current_sources();
-    kill_backup_when(&node, &vm.name, &[], "phase=\"commit\"");
+    kill_backup_at(&node, &format!("{HOST}/{}", vm.name), &[], "before-heal");
     std::thread::sleep(Duration::from_secs(1));
     let dry = node.json(&["cleanup", HOST, "--dry-run"]);
     assert!(dry["dry_run"].as_bool().unwrap_or(false));

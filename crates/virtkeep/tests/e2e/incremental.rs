@@ -214,11 +214,11 @@ fn node_killed_mid_incremental_next_run_is_correct() {
     vm.write_pattern("vda", 0x50, 0, 4 * MIB);
     node.backup(&vm.name, &[]);
     vm.write_pattern("vda", 0x51, 30 * MIB, 24 * MIB);
-    crate::failures::kill_backup_when(
+    crate::failures::kill_backup_at(
         &node,
-        &vm.name,
-        &["--parallel", "1"],
-        "disk transfer starts",
+        &format!("{HOST}/{}", vm.name),
+        &[],
+        "export-chunk-written",
     );
     vm.write_pattern("vda", 0x52, 60 * MIB, MIB);
     let sum = vm.disk_checksum("vda");

@@ -544,7 +544,7 @@ fn device_checksum(path: &str) -> String {
 /// thin one read only where thin_delta says it changed) → each backup restored into new
 /// LVs (the thin one thin again) equals its own instant; the restored domain is defined
 /// on the new LVs and starts; the only snapshot left on the host is the thin LV's tagged
-/// base, and `--mode full` removes it.
+/// base, and a `--mode full` replaces it with its own.
 #[test]
 fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     let t0 = Instant::now();
@@ -676,29 +676,37 @@ fn lvm_backup_incremental_and_restore_of_a_running_vm() {
     assert_eq!(again["mode"], "full", "{again}");
     let base3 = only_thin_base(&vm);
     assert_ne!(base2, base3, "the full's snapshot is the new base");
-    vm.write_pattern("vdb", 0x73, 12 * MIB, MIB);
-    let third = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
-    let inc2 = node.backup_on("lvmhv", &vm.name, &["--mode", "incremental"]);
-    step("incremental after the full");
-    assert_eq!(inc2["mode"], "incremental", "{inc2}");
-    let vdb = &inc2["disks"][1];
-    assert_eq!(vdb["target"], "vdb");
-    let read = vdb["bytes_read"].as_u64().expect("bytes_read");
-    assert!((MIB..=MIB + 128 * 1024).contains(&read), "{vdb}");
-    let name3 = virtkeep_lab::unique_name("lvbk-inc2");
-    let inc2_id = inc2["id"].as_str().expect("id");
-    let restored = restore_lvs(&node, inc2_id, &name3, &[], &mut domains, &mut lvs);
-    for ((target, path), want) in restored.iter().zip(&third) {
-        assert_eq!(
-            &device_checksum(path),
-            want,
-            "{target} of the incremental after a full"
-        );
-    }
+}
 
-    // asked to leave nothing: no snapshot, and the next backup says why
+/// A full of a thin LV leaves its snapshot as the next incremental's base: the
+/// incremental after it reads only the changed blocks (thin_delta) and restores its
+/// instant; `--no-keep-base` leaves no snapshot and the next backup says why it read
+/// the LV whole.
+#[test]
+fn lvm_thin_full_keeps_the_base_and_no_keep_base_leaves_nothing() {
+    let node = lvm_node();
+    let vm = LvmTestVm::builder("lvfull")
+        .thin_disk(16 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x64, 0, 4 * MIB);
+    let full = node.backup_on("lvmhv", &vm.name, &["--mode", "full"]);
+    assert_eq!(full["mode"], "full", "{full}");
+    assert_eq!(vm.leftover_snapshots().len(), 1, "the full keeps its base");
+
+    vm.write_pattern("vda", 0x65, 8 * MIB, MIB);
+    let at_inc = vm.disk_checksum("vda");
+    let inc = node.backup_on("lvmhv", &vm.name, &["--mode", "incremental"]);
+    assert_eq!(inc["mode"], "incremental", "{inc}");
+    let read = inc["disks"][0]["bytes_read"].as_u64().expect("bytes_read");
+    assert!((MIB..=MIB + 128 * 1024).contains(&read), "{inc}");
+    let (mut lvs, mut domains) = (LvGuard(Vec::new()), DomainGuard(Vec::new()));
+    let name = virtkeep_lab::unique_name("lvfull-inc");
+    let id = inc["id"].as_str().expect("id");
+    let restored = restore_lvs(&node, id, &name, &[], &mut domains, &mut lvs);
+    assert_eq!(device_checksum(&restored[0].1), at_inc);
+
     node.backup_on("lvmhv", &vm.name, &["--mode", "full", "--no-keep-base"]);
-    step("backup with --no-keep-base");
     assert!(
         vm.leftover_snapshots().is_empty(),
         "{:?}",
@@ -752,11 +760,11 @@ fn lvm_killed_mid_export_then_cleanup_removes_the_snapshot() {
     let vm = LvmTestVm::builder("lvkill").thick_disk(48 * MIB).build();
     vm.write_pattern("vda", 0x5c, 0, 40 * MIB);
     let sum = vm.disk_checksum("vda");
-    crate::failures::kill_backup_of_when(
+    crate::failures::kill_backup_at(
         &node,
         &format!("lvmhv/{}", vm.name),
-        &["--parallel", "1"],
-        "disk transfer starts",
+        &[],
+        "export-chunk-written",
     );
     assert_eq!(
         vm.leftover_snapshots().len(),

@@ -201,7 +201,12 @@ fn rbd_killed_mid_export_then_cleanup_keeps_only_the_base() {
     let base = virtkeep_snaps(&vm);
     assert_eq!(base.len(), 1);
     vm.write_pattern("vda", 0x92, 8 * MIB, 40 * MIB);
-    crate::failures::kill_backup_when(&node, &vm.name, &[], "disk transfer starts");
+    crate::failures::kill_backup_at(
+        &node,
+        &format!("{HOST}/{}", vm.name),
+        &[],
+        "export-chunk-written",
+    );
     node.json(&["cleanup", HOST]);
     assert_eq!(
         virtkeep_snaps(&vm),

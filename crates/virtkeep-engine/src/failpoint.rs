@@ -1,0 +1,44 @@
+//! Named points where a fault test stops the node: with `VIRTKEEP_FAILPOINT=NAME[,NAME…]`
+//! in its environment, the process announces `virtkeep: failpoint NAME reached` on stderr
+//! when it gets there and then waits forever, so the harness kills it at exactly that
+//! point. A fault test never races the code it tests (a kill sent on a log line could
+//! land after the export had already finished). Without the variable a failpoint costs
+//! one lookup of a cached empty list.
+//!
+//! | name | where |
+//! |---|---|
+//! | `export-chunk-written` | a data chunk of a backup is in the repository (mid export) |
+//! | `before-heal` | a backup is about to return the VM to its own disks |
+
+use std::sync::OnceLock;
+
+/// The environment variable that switches failpoints on.
+pub const ENV: &str = "VIRTKEEP_FAILPOINT";
+
+fn active() -> &'static [String] {
+    static ACTIVE: OnceLock<Vec<String>> = OnceLock::new();
+    ACTIVE.get_or_init(|| {
+        std::env::var(ENV)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// Whether failpoint `name` is switched on.
+pub fn is_active(name: &str) -> bool {
+    active().iter().any(|a| a == name)
+}
+
+/// Stops here for good when `name` is switched on.
+pub async fn hit(name: &str) {
+    if is_active(name) {
+        eprintln!("virtkeep: failpoint {name} reached");
+        std::future::pending::<()>().await;
+    }
+}
