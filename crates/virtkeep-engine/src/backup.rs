@@ -20,6 +20,7 @@ use virtkeep_ssh::RemoteCommand;
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{ExportStats, NbdExport, export_disk, export_stream};
 use crate::heal::{define, heal_vm};
+use crate::hold::Hold;
 use crate::host::{Host, OVERLAY_MARKER};
 use crate::lvm_backup::FrozenLvs;
 use crate::phases::{Phase, PhaseClock, Phases};
@@ -406,7 +407,7 @@ async fn backup_locked(
         phase: "snapshot",
     });
     let snapshot_time = time::OffsetDateTime::now_utc();
-    let frozen = freeze(host, &vm, &plan, &job_id, opts.quiesce).await;
+    let frozen = freeze(host, &vm, &plan, &job_id, &job_dir, opts.quiesce).await;
     if let Some(cmd) = &opts.post_snapshot {
         progress.event(Event::Phase {
             vm: vm.name.clone(),
@@ -943,6 +944,7 @@ async fn freeze(
     vm: &Vm,
     plan: &Plan,
     job_id: &str,
+    job_dir: &str,
     quiesce: bool,
 ) -> Result<FrozenLvs> {
     let planned: Vec<&PlannedDisk> = plan.disks.iter().collect();
@@ -988,21 +990,15 @@ async fn freeze(
                 + rbds.len()
                 + plan.disks.iter().filter(|d| d.lvm.is_some()).count();
             let hold = !rbds.is_empty() || calls > 1;
+            let how = if quiesce {
+                Hold::FsFreeze
+            } else {
+                Hold::Suspend
+            };
             if hold {
-                if quiesce {
-                    host.run(&host.virsh().domfsfreeze(&vm.uuid))
-                        .await
-                        .map_err(|e| e.context("freezing the guest filesystems"))?;
-                } else {
-                    host.run(
-                        &host
-                            .virsh()
-                            .command("suspend")
-                            .arg("--domain")
-                            .arg(&vm.uuid),
-                    )
-                    .await?;
-                }
+                crate::hold::hold(host, &vm.uuid, job_dir, how)
+                    .await
+                    .map_err(|e| e.context("holding the guest still for its snapshots"))?;
             }
             let res = async {
                 if !specs.is_empty() {
@@ -1026,12 +1022,7 @@ async fn freeze(
             }
             .await;
             if hold {
-                let thaw = if quiesce {
-                    host.virsh().domfsthaw(&vm.uuid)
-                } else {
-                    host.virsh().command("resume").arg("--domain").arg(&vm.uuid)
-                };
-                host.run(&thaw)
+                crate::hold::release(host, &vm.uuid, job_dir, how)
                     .await
                     .map_err(|e| e.context("resuming the guest after its snapshots"))?;
             }

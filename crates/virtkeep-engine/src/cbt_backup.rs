@@ -270,7 +270,7 @@ async fn run_job(
             return Err(Error::domain(format!("--quiesce needs the QEMU guest agent, and it does not answer in {:?}", vm.name))
                 .hint("install and start qemu-guest-agent in the guest, or back up without --quiesce (crash-consistent)"));
         }
-        host.run(&host.virsh().domfsfreeze(&vm.uuid)).await?;
+        crate::hold::hold(host, &vm.uuid, job_dir, crate::hold::Hold::FsFreeze).await?;
     }
     let snapshot_time = time::OffsetDateTime::now_utc();
     let mut begun = begin(
@@ -299,7 +299,8 @@ async fn run_job(
         .await;
     }
     if opts.quiesce {
-        let _ = host.exec(&host.virsh().domfsthaw(&vm.uuid)).await;
+        // A failed thaw keeps the record: healing at the end of this job retries it.
+        let _ = crate::hold::release(host, &vm.uuid, job_dir, crate::hold::Hold::FsFreeze).await;
     }
     if let Some(cmd) = &opts.post_snapshot {
         progress.event(Event::Phase {

@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `export-chunk-written` | a data chunk of a backup is in the repository (mid export) |
 //! | `before-heal` | a backup is about to return the VM to its own disks |
+//! | `held` | the guest is paused or frozen around several snapshot calls |
 
 use std::sync::OnceLock;
 

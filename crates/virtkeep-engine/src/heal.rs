@@ -108,6 +108,10 @@ pub async fn heal_loaded(host: &Host, mut vm: Vm, dry_run: bool) -> Result<HealR
                 .actions
                 .push("ended a backup job a killed run left on the VM".into());
         }
+        // Before the job dirs (and their hold records) go with the exports below.
+        report
+            .actions
+            .extend(crate::hold::undo_left_holds(host, vm_uuid).await?);
         stop_job_exports(host, vm_uuid).await?;
         if !report.actions.is_empty() {
             vm.reload(host).await?;

@@ -13,6 +13,7 @@ pub mod error;
 pub mod export;
 pub mod failpoint;
 pub mod heal;
+pub mod hold;
 pub mod host;
 pub mod inventory;
 pub mod kept;

@@ -279,3 +279,46 @@ fn hostile_names_and_unknown_xml_survive() {
     }
     drop(restored);
 }
+
+fn domstate(vm: &TestVm) -> String {
+    virtkeep_lab::lab()
+        .virsh(&["domstate", "--domain", &vm.name])
+        .trim()
+        .to_string()
+}
+
+/// The node killed while it holds the guest still (a file and an RBD disk: two snapshot
+/// calls, so the VM is paused around them): the pause was recorded on the host first, so
+/// `cleanup` resumes the VM; a VM someone else paused is never resumed.
+#[test]
+fn sigkill_inside_the_pause_window_then_cleanup_resumes() {
+    let node = Node::new();
+    let vm = TestVm::builder("kill-held")
+        .raw_disk(16 * MIB)
+        .rbd_disk(16 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x45, 0, MIB);
+    let sources = vm.current_sources();
+    kill_backup_at(&node, &format!("{HOST}/{}", vm.name), &[], "held");
+    assert_eq!(domstate(&vm), "paused", "the kill landed inside the pause");
+
+    // Another VM paused by its owner stays paused through the same cleanup.
+    let other = TestVm::builder("user-paused")
+        .raw_disk(16 * MIB)
+        .running(true)
+        .build();
+    virtkeep_lab::lab().virsh(&["suspend", "--domain", &other.name]);
+
+    node.json(&["cleanup", HOST]);
+    assert_eq!(domstate(&vm), "running");
+    assert_eq!(vm.current_sources(), sources);
+    assert_eq!(
+        domstate(&other),
+        "paused",
+        "not paused by virtkeep: left alone"
+    );
+    let r = node.backup(&vm.name, &[]);
+    assert!(r["error"].is_null(), "{r}");
+    assert_eq!(domstate(&vm), "running");
+}
