@@ -268,3 +268,36 @@ fn host_check_names_what_fails() {
             .any(|c| c["check"] == "qemu-nbd" && c["ok"] == true)
     );
 }
+
+/// `virsh domcapabilities` (seconds on some hosts) is asked once per libvirt/QEMU
+/// installation, not on every backup: the answer is kept on the host, and `host check`
+/// asks again. Read from virtkeep's own debug log of the commands it ran.
+#[test]
+fn backup_api_probe_is_cached_and_host_check_refreshes_it() {
+    let node = Node::new();
+    let vm = TestVm::builder("caps")
+        .qcow2_disk(16 << 20)
+        .running(true)
+        .build();
+    let commands_of = |args: &[&str]| -> String {
+        let out = node
+            .cmd()
+            .env("VIRTKEEP_LOG", "virtkeep_engine=debug")
+            .args(args)
+            .output()
+            .expect("virtkeep");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let spec = format!("{HOST}/{}", vm.name);
+    // The first run may have to ask (another test or host may have changed the answer).
+    commands_of(&["backup", &spec]);
+    let second = commands_of(&["--json", "backup", &spec]);
+    assert!(
+        !second.contains("domcapabilities"),
+        "the second backup asked libvirt again:\n{second}"
+    );
+    assert!(second.contains("caps-backup-api"), "{second}");
+    let check = commands_of(&["host", "check", HOST]);
+    assert!(check.contains("domcapabilities"), "{check}");
+}
