@@ -74,6 +74,14 @@ pub struct HostConfig {
     /// How big the copy-on-write areas of classic LVM snapshots are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lvm: Option<LvmConfig>,
+    /// Seconds a control command (virsh, rbd, lvm, qemu-img, hooks) may take before the
+    /// job gives up on it (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_timeout_secs: Option<u64>,
+    /// Seconds a command that moves a disk's data on the host (blockcommit, qemu-img
+    /// commit) may take (default 21600: 6 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_command_timeout_secs: Option<u64>,
 }
 
 /// Sizing of classic (thick) LVM snapshots: the VM's writes during the backup must fit

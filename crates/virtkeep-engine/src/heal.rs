@@ -17,7 +17,7 @@ use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, cmd, rewrite_domain};
 use virtkeep_ssh::RemoteCommand;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::{HOST_STATE_DIR, Host, OVERLAY_MARKER};
+use crate::host::{Deadline, HOST_STATE_DIR, Host, OVERLAY_MARKER};
 use crate::vm::Vm;
 
 /// What healing did, or (dry run) would do.
@@ -164,7 +164,7 @@ pub async fn heal_loaded(host: &Host, mut vm: Vm, dry_run: bool) -> Result<HealR
                 .actions
                 .push(format!("qemu-img commit {path} into {base}"));
             if !dry_run {
-                host.run(&cmd::qemu_img_commit(&path))
+                host.run_within(&cmd::qemu_img_commit(&path), Deadline::Data)
                     .await
                     .map_err(|e| e.context(format!("committing overlay {path}")))?;
             }
@@ -280,7 +280,7 @@ async fn commit_live_disk(host: &Host, uuid: &str, target: &str, base: &str) -> 
             .arg("--base")
             .arg(base)
     };
-    let out = host.exec(&commit()).await?;
+    let out = host.exec_within(&commit(), Deadline::Data).await?;
     if out.status == 0 {
         return Ok(());
     }
@@ -299,7 +299,7 @@ async fn commit_live_disk(host: &Host, uuid: &str, target: &str, base: &str) -> 
     let _ = host
         .exec(&host.virsh().blockjob_abort(uuid, target))
         .await?;
-    let again = host.exec(&commit()).await?;
+    let again = host.exec_within(&commit(), Deadline::Data).await?;
     if again.status == 0 {
         return Ok(());
     }

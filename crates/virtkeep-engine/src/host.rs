@@ -17,6 +17,41 @@ pub const HOST_STATE_DIR: &str = "/run/virtkeep";
 /// `cleanup` can tell its own files from anything else.
 pub const OVERLAY_MARKER: &str = ".virtkeep-";
 
+/// The class of a remote command, which decides how long it may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// virsh, rbd, lvm, qemu-img info/create, hooks: seconds, normally.
+    Control,
+    /// Commands that move a disk's data on the host: blockcommit, qemu-img commit.
+    Data,
+}
+
+/// Default deadline of [`Deadline::Control`] commands.
+pub const DEFAULT_COMMAND_TIMEOUT_SECS: u64 = 300;
+/// Default deadline of [`Deadline::Data`] commands.
+pub const DEFAULT_DATA_COMMAND_TIMEOUT_SECS: u64 = 6 * 3600;
+
+impl Deadline {
+    fn of(self, config: &HostConfig) -> std::time::Duration {
+        let secs = match self {
+            Deadline::Control => config
+                .command_timeout_secs
+                .unwrap_or(DEFAULT_COMMAND_TIMEOUT_SECS),
+            Deadline::Data => config
+                .data_command_timeout_secs
+                .unwrap_or(DEFAULT_DATA_COMMAND_TIMEOUT_SECS),
+        };
+        std::time::Duration::from_secs(secs.max(1))
+    }
+
+    fn setting(self) -> &'static str {
+        match self {
+            Deadline::Control => "command_timeout_secs",
+            Deadline::Data => "data_command_timeout_secs",
+        }
+    }
+}
+
 pub struct Host {
     pub name: String,
     pub config: HostConfig,
@@ -65,14 +100,54 @@ impl Host {
 
     /// Runs a command; a non-zero exit is an error carrying its stderr.
     pub async fn run(&self, cmd: &RemoteCommand) -> Result<Output> {
-        tracing::debug!(host = %self.name, command = %cmd, "run");
-        Ok(self.session.run(cmd).await?)
+        self.run_within(cmd, Deadline::Control).await
     }
 
     /// Runs a command and returns its exit status and output without judging them.
     pub async fn exec(&self, cmd: &RemoteCommand) -> Result<Output> {
+        self.exec_within(cmd, Deadline::Control).await
+    }
+
+    /// [`run`](Self::run) with the deadline of its class.
+    pub async fn run_within(&self, cmd: &RemoteCommand, deadline: Deadline) -> Result<Output> {
+        tracing::debug!(host = %self.name, command = %cmd, "run");
+        self.bounded(cmd, deadline, self.session.run(cmd)).await
+    }
+
+    /// [`exec`](Self::exec) with the deadline of its class.
+    pub async fn exec_within(&self, cmd: &RemoteCommand, deadline: Deadline) -> Result<Output> {
         tracing::debug!(host = %self.name, command = %cmd, "exec");
-        Ok(self.session.exec(cmd).await?)
+        self.bounded(cmd, deadline, self.session.exec(cmd)).await
+    }
+
+    /// Every remote command has a deadline: a command that hangs on a live link (a
+    /// `virsh` waiting on a stuck QEMU monitor) fails the job in bounded time, so the job
+    /// releases the VM lock and heals. The command itself may go on on the host (its
+    /// shell is dropped with the future, never reused); healing deals with what it leaves.
+    async fn bounded(
+        &self,
+        cmd: &RemoteCommand,
+        deadline: Deadline,
+        fut: impl std::future::Future<Output = std::result::Result<Output, virtkeep_ssh::SshError>>,
+    ) -> Result<Output> {
+        let limit = deadline.of(&self.config);
+        match tokio::time::timeout(limit, fut).await {
+            Ok(res) => Ok(res?),
+            Err(_) => Err(Error::new(
+                ErrorKind::Remote,
+                format!(
+                    "`{cmd}` did not finish within {} s on host {}",
+                    limit.as_secs(),
+                    self.name
+                ),
+            )
+            .hint(format!(
+                "the host may be overloaded or the command hung (a stuck QEMU or storage); it may still run there. `virtkeep cleanup {}` heals the VM once it returns; raise {} in [hosts.{}] for slow hosts",
+                self.name,
+                deadline.setting(),
+                self.name
+            ))),
+        }
     }
 
     pub async fn run_string(&self, cmd: &RemoteCommand) -> Result<String> {

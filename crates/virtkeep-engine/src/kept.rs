@@ -93,7 +93,7 @@ pub async fn commit_kept(
         .arg("--base")
         .arg(base)
         .arg("--wait");
-    host.run(&cmd)
+    host.run_within(&cmd, crate::host::Deadline::Data)
         .await
         .map_err(|e| e.context(format!("committing kept overlay {kept} into {base}")))?;
     host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(kept))

@@ -82,6 +82,7 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
     let identity = args
         .identity
         .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+    let previous = settings.config.hosts.get(&args.name);
     let host = HostConfig {
         address,
         port,
@@ -99,6 +100,8 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
             _ => None,
         },
         lvm: settings.config.hosts.get(&args.name).and_then(|h| h.lvm),
+        command_timeout_secs: previous.and_then(|h| h.command_timeout_secs),
+        data_command_timeout_secs: previous.and_then(|h| h.data_command_timeout_secs),
     };
     let existed = settings
         .config

@@ -322,3 +322,71 @@ fn sigkill_inside_the_pause_window_then_cleanup_resumes() {
     assert!(r["error"].is_null(), "{r}");
     assert_eq!(domstate(&vm), "running");
 }
+
+/// SIGCONTs a QEMU process when dropped (also after a failed assertion).
+struct Continue(String);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
+/// A host command that hangs on a live link (`virsh snapshot-create-as` waiting on a
+/// stopped QEMU's monitor): the job fails in bounded time (`command_timeout_secs`),
+/// releases the VM lock and heals; once QEMU runs again `cleanup` puts the VM back on its
+/// own file with its definition unchanged, and the next backup works.
+#[test]
+fn hung_host_command_fails_the_job_in_bounded_time() {
+    let node = Node::new();
+    let cfg = std::fs::read_to_string(node.config()).expect("config");
+    let section = format!("[hosts.{HOST}]\n");
+    assert!(cfg.contains(&section), "{cfg}");
+    let cfg = cfg.replacen(&section, &format!("{section}command_timeout_secs = 8\n"), 1);
+    std::fs::write(node.config(), cfg).expect("config");
+    let vm = TestVm::builder("hung")
+        .raw_disk(16 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x46, 0, MIB);
+    let sum = vm.disk_checksum("vda");
+    let sources = vm.current_sources();
+    let lab = virtkeep_lab::lab();
+    let inactive = lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]);
+    let pid_file = format!("/run/libvirt/qemu/{}.pid", vm.name);
+    let pid = std::fs::read_to_string(&pid_file).expect("qemu pid");
+    let _cont = Continue(pid.trim().to_string());
+
+    // The pre-snapshot hook stops QEMU: the snapshot that follows waits on its monitor.
+    let hook = format!("kill -STOP \"$(cat '{pid_file}')\"");
+    let started = Instant::now();
+    let out = node.run(&[
+        "backup",
+        &format!("{HOST}/{}", vm.name),
+        "--pre-snapshot",
+        &hook,
+    ]);
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("did not finish within 8 s"), "{stderr}");
+    eprintln!(
+        "the job with a hung command ended after {:.1} s",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(150), "took {took:?}:\n{stderr}");
+
+    drop(_cont);
+    std::thread::sleep(Duration::from_secs(2));
+    node.json(&["cleanup", HOST]);
+    assert!(vm.is_running());
+    assert_eq!(vm.current_sources(), sources);
+    assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
+    assert_eq!(
+        lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]),
+        inactive
+    );
+    let r = node.backup(&vm.name, &[]);
+    let sums = crate::harness::restore_sums(&node, r["id"].as_str().expect("id"), &[]);
+    assert_eq!(sums, [("vda".to_string(), sum)]);
+}
