@@ -114,6 +114,7 @@ struct PolicyModel {
     #[serde(default)]
     exclude_disks: Vec<String>,
     keep_base: Option<bool>,
+    job_timeout: Option<Spanned<String>>,
     parallel: Option<Spanned<usize>>,
     retries: Option<u32>,
     fail_rest_above_percent: Option<Spanned<u8>>,
@@ -185,6 +186,9 @@ pub struct ApiConfig {
     pub token_file: Option<PathBuf>,
 }
 
+/// How long a job may run when its policy does not say (and for jobs without a policy).
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub name: String,
@@ -204,6 +208,9 @@ pub struct Policy {
     /// `full` (as the seed keeps the last snapshot only for VMs with an incremental
     /// schedule); `keep_base = false` leaves nothing.
     pub keep_base: bool,
+    /// A job of this policy that runs longer is aborted and its VM healed, so that a
+    /// stuck job can never block the VM's schedules (default 24 h).
+    pub job_timeout: Duration,
     pub parallel: usize,
     /// Retries of a failed backup (the daemon-wide default when not set here).
     pub retries: u32,
@@ -603,6 +610,10 @@ fn check_policy(
             "a percentage from 0 to 100",
         );
     }
+    let job_timeout = match &p.job_timeout {
+        Some(v) => c.duration(v, "job_timeout")?,
+        None => DEFAULT_JOB_TIMEOUT,
+    };
     let keep_base = p
         .keep_base
         .unwrap_or_else(|| schedules.iter().any(|s| s.mode != ScheduleMode::Full));
@@ -620,6 +631,7 @@ fn check_policy(
         transport: p.transport,
         exclude_disks: p.exclude_disks,
         keep_base,
+        job_timeout,
         parallel,
         retries: p.retries.unwrap_or(default_retries),
         fail_rest_above_percent: p.fail_rest_above_percent.map(Spanned::into_inner),
@@ -683,6 +695,15 @@ exclude = ["-test$"]
         let inc = "mode = \"incremental\"";
         let full_only = GOOD.replace(inc, "mode = \"full\"");
         assert!(!parse(&full_only).expect("valid").policies["nightly"].keep_base);
+        assert_eq!(
+            parse(GOOD).expect("valid").policies["nightly"].job_timeout,
+            DEFAULT_JOB_TIMEOUT
+        );
+        let short = GOOD.replace("fail_rest_above_percent = 50", "job_timeout = \"90m\"");
+        assert_eq!(
+            parse(&short).expect("valid").policies["nightly"].job_timeout,
+            Duration::from_secs(5400)
+        );
         let off = GOOD.replace("fail_rest_above_percent = 50", "keep_base = false");
         let p = &parse(&off).expect("valid").policies["nightly"];
         assert!(!p.keep_base);

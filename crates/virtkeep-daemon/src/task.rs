@@ -214,6 +214,16 @@ pub async fn run(
             JobRequest::Restore { .. } => restore_job(&env, &host, &req, tracker).await,
         }
     };
+    let limit = match &req {
+        JobRequest::Backup {
+            policy: Some(name), ..
+        } => env
+            .daemon
+            .policies
+            .get(name)
+            .map_or(crate::policy::DEFAULT_JOB_TIMEOUT, |p| p.job_timeout),
+        _ => crate::policy::DEFAULT_JOB_TIMEOUT,
+    };
     let cancelled = async {
         // A dropped sender means no abort can come any more.
         let fired = cancel.wait_for(|c| *c).await.is_ok();
@@ -223,19 +233,26 @@ pub async fn run(
     };
     let outcome = tokio::select! {
         r = work => r.unwrap_or_else(|e| JobOutcome { error: Some(error_text(&e)), ..Default::default() }),
-        _ = cancelled => {
-            let healed = heal_after_interruption(&host, &job.vm).await;
-            JobOutcome {
-                error: Some(EngineError::new(ErrorKind::Interrupted, "aborted by the daemon's shutdown").to_string()),
-                note: (!healed.is_empty()).then(|| format!("healed: {}", healed.join("; "))),
-                ..Default::default()
-            }
+        _ = cancelled => aborted(&host, &job.vm, "aborted by the daemon's shutdown").await,
+        _ = tokio::time::sleep(limit) => {
+            let why = format!("aborted: the job ran longer than its job_timeout ({} s)", limit.as_secs());
+            aborted(&host, &job.vm, &why).await
         }
     };
     if let Ok(mut m) = progress.lock() {
         m.remove(&job.id);
     }
     outcome
+}
+
+/// The outcome of a job whose engine future was dropped: the VM healed as `cleanup` would.
+async fn aborted(host: &Host, vm: &str, why: &str) -> JobOutcome {
+    let healed = heal_after_interruption(host, vm).await;
+    JobOutcome {
+        error: Some(EngineError::new(ErrorKind::Interrupted, why).to_string()),
+        note: (!healed.is_empty()).then(|| format!("healed: {}", healed.join("; "))),
+        ..Default::default()
+    }
 }
 
 async fn backup(

@@ -149,7 +149,36 @@ impl NbdExport {
         }
     }
 
+    /// Connects and completes the NBD handshake within [`HANDSHAKE_TIMEOUT`] (a server
+    /// that accepts but never answers must not hold the job forever).
     pub async fn connect(
+        &self,
+        session: &virtkeep_ssh::Session,
+        contexts: &[&str],
+    ) -> Result<NbdClient> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connect_unbounded(session, contexts))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::DataPath,
+                    format!(
+                        "the NBD export {} did not complete its handshake within {} s",
+                        self.describe(),
+                        HANDSHAKE_TIMEOUT.as_secs()
+                    ),
+                )
+                .hint("the host's qemu-nbd or libvirt is stuck or overloaded; `virtkeep cleanup HOST` heals the VM")
+            })?
+    }
+
+    fn describe(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(socket) => socket.clone(),
+            Endpoint::Tcp(addr, port) => format!("{addr}:{port}"),
+        }
+    }
+
+    async fn connect_unbounded(
         &self,
         session: &virtkeep_ssh::Session,
         contexts: &[&str],
@@ -202,6 +231,8 @@ done"#;
 
 /// How long one batch of NBD requests may take before the export counts as stalled.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// How long connecting to an NBD export and its handshake may take.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub fn stalled() -> Error {
     Error::new(ErrorKind::DataPath, "the NBD export stopped answering").hint(

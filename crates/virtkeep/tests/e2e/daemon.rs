@@ -915,3 +915,61 @@ names = ["{}"]
     assert_only_incremental_base(&vm);
     assert!(vm.is_running());
 }
+
+/// A job that never ends (stopped at a failpoint mid export) is aborted after its
+/// policy's `job_timeout`, its VM healed, and the VM's schedule goes on: the "already
+/// queued or running" rule cannot block it forever.
+#[test]
+fn a_stuck_job_is_aborted_after_job_timeout_and_the_schedule_goes_on() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkd-stuck")
+        .raw_disk(16 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x55, 0, 2 * MIB);
+    let sources = vm.current_sources();
+    append_config(
+        &node,
+        &format!(
+            r#"
+[daemon]
+catalog = "{}"
+retries = 0
+
+[policies.stuck]
+schedules = [{{ every = "2s", mode = "full" }}]
+job_timeout = "4s"
+
+[[policies.stuck.vms]]
+host = "{HOST}"
+names = ["{}"]
+"#,
+            catalog(&node),
+            vm.name
+        ),
+    );
+    let timed_out = |l: &[Value]| -> usize {
+        l.iter()
+            .filter(|j| {
+                j["status"] == "failed"
+                    && j["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("job_timeout"))
+            })
+            .count()
+    };
+    let daemon = Daemon::start_with(&node, Some("export-chunk-written"));
+    wait_jobs(
+        &node,
+        &daemon,
+        120,
+        "two jobs aborted by job_timeout",
+        |l| timed_out(l) >= 2,
+    );
+    daemon.terminate();
+    let list = jobs(&node);
+    assert!(timed_out(&list) >= 2, "{list:#?}");
+    assert!(vm.is_running());
+    assert_eq!(vm.current_sources(), sources);
+    assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
+}
