@@ -768,13 +768,19 @@ pub async fn base_snapshots(host: &Host, vg: &str, origin: &str) -> Result<Vec<L
 }
 
 /// `thin_delta` between two thin LVs of one pool, through a metadata snapshot of the
-/// live pool (released again, also when thin_delta fails); prints its XML.
+/// live pool (released again, also when thin_delta fails); prints its XML. A pool has
+/// one metadata snapshot: one holder at a time, by a host-side lock per pool (`flock`,
+/// released by the kernel when a killed holder's shell dies), so two incrementals on
+/// one pool never release each other's.
 const THIN_DELTA: &str = r#"set -e
 vg=$1 pool=$2 a=$3 b=$4
 ida=$(lvs --noheadings -o thin_id "$vg/$a" | tr -d ' ')
 idb=$(lvs --noheadings -o thin_id "$vg/$b" | tr -d ' ')
 dm=$(printf %s "$vg" | sed 's/-/--/g')-$(printf %s "$pool" | sed 's/-/--/g')
-# a killed run may have left a metadata snapshot reserved
+mkdir -p -m 0700 /run/virtkeep/locks
+exec 9>"/run/virtkeep/locks/thin-metadata-$dm"
+flock -w 240 9 || { echo "another job kept the metadata snapshot of pool $vg/$pool for 240 s" >&2; exit 1; }
+# holding the lock: a reserved snapshot now can only be a killed holder's
 dmsetup message "$dm-tpool" 0 release_metadata_snap 2>/dev/null || true
 dmsetup message "$dm-tpool" 0 reserve_metadata_snap
 trap 'dmsetup message "$dm-tpool" 0 release_metadata_snap' EXIT
