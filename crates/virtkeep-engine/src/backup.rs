@@ -347,8 +347,12 @@ async fn backup_locked(
     mut clock: PhaseClock,
 ) -> Result<BackupResult> {
     let mut warnings = Vec::new();
-    // Only `--mode incremental` keeps overlays under a running VM; any other backup
-    // returns it to its own files first.
+    // `--mode incremental` starts and continues the overlay chain of disks without a
+    // dirty bitmap; a full continues one that is in use (it never starts one: running
+    // on an overlay is a cost a user asks for). Any other backup returns the VM to its
+    // own files first.
+    let chain_in_use =
+        opts.mode == ModeRequest::Full && !crate::kept::read(host, &vm.uuid).await?.is_empty();
     if opts.mode != ModeRequest::Incremental {
         crate::kept::clear(host, &vm.uuid).await?;
     }
@@ -436,10 +440,12 @@ async fn backup_locked(
         phase: "export",
     });
     let live = plan.method == FreezeMethod::LiveSnapshot;
-    // An incremental reads what the kept overlays hold; a full or an incremental leaves
-    // its new overlays as the next base (auto never leaves a VM on an overlay).
+    // An incremental reads what the kept overlays hold and leaves its new overlays as
+    // the next base; so does a full of a chain in use (auto never leaves an overlay).
     let use_kept = live && opts.mode == ModeRequest::Incremental;
-    let keep = live && opts.mode != ModeRequest::Auto && opts.base == BaseOnHost::Keep;
+    let keep = live
+        && opts.base == BaseOnHost::Keep
+        && (opts.mode == ModeRequest::Incremental || chain_in_use);
     // The VM is frozen from here on: a failure to find the bases heals before returning.
     let bases = async {
         let rbd_bases = crate::rbd::bases(host, repo, &vm, &plan, opts.mode).await?;
@@ -647,7 +653,7 @@ fn incremental_unavailable(plan: &Plan) -> String {
     } else if plan.disks.iter().any(|d| d.format != "qcow2")
         && plan.method == FreezeMethod::LiveSnapshot
     {
-        "full: raw disks carry no dirty bitmap; in --mode full or incremental an overlay stays under the running VM for the next incremental (auto never leaves one)".into()
+        "full: raw disks carry no dirty bitmap; --mode incremental keeps an overlay under the running VM for the next incremental (auto never leaves one)".into()
     } else if plan.disks.iter().any(|d| d.format != "qcow2") {
         "full: raw disks carry no dirty bitmap (only qcow2 disks can be backed up incrementally)"
             .into()

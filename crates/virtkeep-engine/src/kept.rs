@@ -5,8 +5,9 @@
 //! since the last backup), patches that onto the parent's chunks, then commits the kept
 //! overlay into the base (`blockcommit --top KEPT --base BASE`).
 //!
-//! `--mode full` reads the base whole and keeps its new overlay the same way, so the next
-//! incremental builds on it. Which overlays are kept is recorded on the host in
+//! `--mode full` of a VM whose chain is in use (a kept overlay under it) reads the base
+//! whole and keeps its new overlay the same way, so the next incremental builds on it;
+//! a full never starts a chain (running on an overlay is a cost the user asks for). Which overlays are kept is recorded on the host in
 //! `/run/virtkeep/kept/UUID` (and in the manifest); healing leaves those alone while the
 //! VM runs on them. Anything else (an auto backup, `--no-keep-base`, a stopped VM, a lost
 //! record after a host reboot) commits them, and the next backup is a full with the
@@ -134,7 +135,7 @@ pub async fn bases(
             }
             // The VM runs on its own file: that backup kept no overlay of this disk.
             (false, _) if !d.path.contains(crate::host::OVERLAY_MARKER) => problems.push(format!(
-                "{}: backup {} left no overlay under it (a backup in auto mode, of a stopped VM, or by another method)",
+                "{}: backup {} left no overlay under it (only --mode incremental starts the overlay chain; a backup in auto mode, of a stopped VM or by another method leaves none)",
                 d.target, manifest.id
             )),
             _ => problems.push(format!(

@@ -366,9 +366,10 @@ fn full_keeps_the_checkpoint_and_no_keep_base_leaves_nothing() {
     assert_eq!(virtkeep_checkpoints(&vm).len(), 1, "the chain starts again");
 }
 
-/// The kept-overlay method (raw disks of a running VM): `--mode full` reads the base
-/// whole and leaves its overlay as the next incremental's base; `--no-keep-base`
-/// returns the VM to its own files.
+/// The kept-overlay method (raw disks of a running VM): a full never starts the overlay
+/// chain, but once an incremental has, `--mode full` reads the base whole and leaves its
+/// overlay as the next incremental's base; `--no-keep-base` returns the VM to its own
+/// files.
 #[test]
 fn full_of_raw_disks_keeps_an_overlay_for_the_next_incremental() {
     let node = Node::new();
@@ -378,6 +379,15 @@ fn full_of_raw_disks_keeps_an_overlay_for_the_next_incremental() {
         .build();
     let own = vm.current_sources();
     vm.write_pattern("vda", 0x64, 0, 4 * MIB);
+    node.backup(&vm.name, &["--mode", "full"]);
+    assert_eq!(vm.current_sources(), own, "a full starts no overlay chain");
+    let first = node.backup(&vm.name, &["--mode", "incremental"]);
+    assert!(
+        first["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("left no overlay")),
+        "{first}"
+    );
     let full = node.backup(&vm.name, &["--mode", "full"]);
     assert_eq!(full["mode"], "full");
     assert!(

@@ -798,3 +798,53 @@ fn lvm_killed_mid_export_then_cleanup_removes_the_snapshot() {
     assert_eq!(device_checksum(&restored[0].1), sum);
     assert!(vm.leftover_snapshots().is_empty());
 }
+
+/// Two incrementals on one thin pool at once: each reserves the pool's single metadata
+/// snapshot for its thin_delta under the host-side lock, so neither releases the other's;
+/// both read only their changes and restore their instants.
+#[test]
+fn lvm_concurrent_thin_delta_incrementals_on_one_pool() {
+    let node = lvm_node();
+    let vms: Vec<LvmTestVm> = ["lvcon1", "lvcon2"]
+        .iter()
+        .map(|t| {
+            LvmTestVm::builder(t)
+                .thin_disk(16 * MIB)
+                .running(true)
+                .build()
+        })
+        .collect();
+    for (i, vm) in vms.iter().enumerate() {
+        vm.write_pattern("vda", 0x70 + i as u8, 0, 2 * MIB);
+        node.backup_on("lvmhv", &vm.name, &[]);
+        vm.write_pattern("vda", 0x78 + i as u8, 6 * MIB, MIB);
+    }
+    let sums: Vec<String> = vms.iter().map(|vm| vm.disk_checksum("vda")).collect();
+    let results: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .map(|vm| s.spawn(|| node.backup_on("lvmhv", &vm.name, &["--mode", "incremental"])))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("backup thread"))
+            .collect()
+    });
+    let (mut lvs, mut domains) = (LvGuard(Vec::new()), DomainGuard(Vec::new()));
+    for (r, want) in results.iter().zip(&sums) {
+        assert_eq!(r["mode"], "incremental", "{r}");
+        assert!(
+            r["reason"]
+                .as_str()
+                .is_some_and(|x| x.contains("thin_delta")),
+            "{r}"
+        );
+        assert!(r["warnings"].as_array().is_some_and(Vec::is_empty), "{r}");
+        let read = r["disks"][0]["bytes_read"].as_u64().expect("bytes_read");
+        assert!((MIB..=MIB + 128 * 1024).contains(&read), "{r}");
+        let name = virtkeep_lab::unique_name("lvcon-r");
+        let id = r["id"].as_str().expect("id");
+        let restored = restore_lvs(&node, id, &name, &[], &mut domains, &mut lvs);
+        assert_eq!(&device_checksum(&restored[0].1), want);
+    }
+}
