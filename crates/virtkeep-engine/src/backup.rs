@@ -182,6 +182,10 @@ pub fn plan_backup(domain: &Domain, state: DomainState, opts: &BackupOptions) ->
             });
             continue;
         }
+        if let Some(problem) = disk.rbd_name_problem() {
+            return Err(Error::unsupported(format!("disk {}: {problem}", disk.target))
+                .hint(format!("virtkeep passes no other RBD names to rbd; rename the image or leave the disk out with --exclude-disk {}", disk.target)));
+        }
         match (disk.backend(), &disk.source) {
             (Backend::QcowFile | Backend::RawFile, DiskSource::File { path }) => {
                 // A path with the overlay marker here is a kept overlay (healing ran
@@ -1196,5 +1200,32 @@ mod tests {
         let pv = fixture("xen-pv.xml");
         let err = plan_backup(&pv, DomainState::ShutOff, &opts(&[])).expect_err("refused");
         assert_eq!(err.kind, ErrorKind::Unsupported);
+    }
+
+    /// An RBD name that could be read as an rbd option is refused with the disk and
+    /// the name, before anything runs; the disk can be left out.
+    #[test]
+    fn rbd_names_that_look_like_options_are_refused() {
+        let path = format!(
+            "{}/../virtkeep-libvirt/tests/fixtures/rbd-auth.xml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let xml = std::fs::read_to_string(&path).expect("fixture");
+        for bad in ["--keyring=/tmp/k/db", "vms/-db-ceph-root", "vms/a b"] {
+            let xml = xml.replace("vms/db-ceph-root", bad);
+            let dom = virtkeep_libvirt::parse_domain(&xml).expect("parses");
+            let err = plan_backup(&dom, DomainState::Running, &opts(&["vdc", "vdd"]))
+                .expect_err("refused");
+            assert_eq!(err.kind, ErrorKind::Unsupported, "{err}");
+            assert!(err.message.contains("disk vda: RBD"), "{err}");
+            assert!(
+                err.hint
+                    .as_deref()
+                    .is_some_and(|h| h.contains("--exclude-disk vda"))
+            );
+            let plan = plan_backup(&dom, DomainState::Running, &opts(&["vda", "vdc", "vdd"]))
+                .expect("without vda");
+            assert_eq!(plan.disks.len(), 1);
+        }
     }
 }

@@ -54,6 +54,9 @@ pub async fn snapshots(
         })?
         .into_iter()
         .map(|s| s.name)
+        // Snapshot names go back into rbd command lines: only names virtkeep could
+        // have made are passed on (other tools' snapshots are never touched anyway).
+        .filter(|n| virtkeep_libvirt::check_rbd_name("snapshot", n).is_ok())
         .collect())
 }
 
@@ -86,12 +89,10 @@ pub async fn recorded_base(
     pool: &str,
     image: &str,
 ) -> Option<String> {
-    let cmd = ceph
-        .rbd(&["image-meta", "get"])
-        .arg(format!("{pool}/{image}"))
-        .arg(BASE_KEY);
+    let cmd = ceph.meta_get(pool, image, BASE_KEY);
     match host.exec(&cmd).await {
-        Ok(out) if out.status == 0 => Some(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+        Ok(out) if out.status == 0 => Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+            .filter(|s| virtkeep_libvirt::check_rbd_name("snapshot", s).is_ok()),
         _ => None,
     }
 }
@@ -104,22 +105,13 @@ pub async fn housekeep(
     image: &str,
     keep: Option<&str>,
 ) -> Result<Vec<String>> {
-    let spec = format!("{pool}/{image}");
     match keep {
         Some(snap) => {
-            host.run(
-                &ceph
-                    .rbd(&["image-meta", "set"])
-                    .arg(&spec)
-                    .arg(BASE_KEY)
-                    .arg(snap),
-            )
-            .await?;
+            host.run(&ceph.meta_set(pool, image, BASE_KEY, snap))
+                .await?;
         }
         None => {
-            let _ = host
-                .exec(&ceph.rbd(&["image-meta", "remove"]).arg(&spec).arg(BASE_KEY))
-                .await;
+            let _ = host.exec(&ceph.meta_remove(pool, image, BASE_KEY)).await;
         }
     }
     let mut removed = Vec::new();
@@ -314,10 +306,7 @@ pub async fn restore_image(
         .await
         .map_err(|e| e.context(format!("creating RBD image {pool}/{image}")))?;
     let spec = format!("{pool}/{image}");
-    let mut proc = host
-        .session()
-        .spawn(&ceph.rbd(&["import-diff", "--no-progress", "-"]).arg(&spec))
-        .await?;
+    let mut proc = host.session().spawn(&ceph.import_diff(pool, image)).await?;
     let mut w = DiffWriter::new(&mut proc.stdin, size)
         .await
         .map_err(io("rbd import-diff"))?;

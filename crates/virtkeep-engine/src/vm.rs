@@ -33,6 +33,15 @@ impl DomainState {
     }
 }
 
+/// `8-4-4-4-12` hex digits.
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 /// A domain as found on the host: its UUID, live and persistent XML, and state.
 #[derive(Debug, Clone)]
 pub struct Vm {
@@ -52,20 +61,58 @@ impl Vm {
         Self::load(host, &uuid).await
     }
 
-    /// The UUID of the domain named `name` (or with that UUID).
+    /// The UUID of the domain named `name`; a UUID is accepted when no domain has that
+    /// name.
+    ///
+    /// `virsh domuuid X` reads X as an id first, then as a name: a domain *named* `14`
+    /// would resolve to whatever runs with id 14. So the answer is
+    /// checked by asking that UUID's name, and on a mismatch the domains are searched by
+    /// name.
     pub async fn find_uuid(host: &Host, name: &str) -> Result<String> {
         let out = host.exec(&host.virsh().domuuid(name)).await?;
-        if out.status != 0 {
-            return Err(
-                Error::domain(format!("no domain named {name:?} on host {}", host.name)).hint(
-                    format!(
-                        "`virtkeep vm list {}` shows the domains on that host",
-                        host.name
-                    ),
-                ),
-            );
+        if out.status == 0 {
+            let uuid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if Self::name_of(host, &uuid).await?.as_deref() == Some(name) {
+                return Ok(uuid);
+            }
+            // An id matched: look for the domain that has this name.
+            if let Some(found) = Self::search_by_name(host, name).await? {
+                return Ok(found);
+            }
+        } else if is_uuid(name) && Self::name_of(host, name).await?.is_some() {
+            // `virsh domuuid` takes no UUID; a UUID names the domain it belongs to.
+            return Ok(name.to_ascii_lowercase());
         }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        Err(Self::not_found(host, name))
+    }
+
+    fn not_found(host: &Host, name: &str) -> Error {
+        Error::domain(format!("no domain named {name:?} on host {}", host.name)).hint(format!(
+            "`virtkeep vm list {}` shows the domains on that host",
+            host.name
+        ))
+    }
+
+    /// The name of the domain with this UUID, `None` when there is none (any more).
+    async fn name_of(host: &Host, uuid: &str) -> Result<Option<String>> {
+        let out = host.exec(&host.virsh().domname(uuid)).await?;
+        if out.status != 0 {
+            return Ok(None);
+        }
+        // virsh ends the name with a newline and an empty line.
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(Some(text.trim_end_matches('\n').to_string()))
+    }
+
+    /// The UUID of the domain whose name is exactly `name`, looked at one by one.
+    async fn search_by_name(host: &Host, name: &str) -> Result<Option<String>> {
+        let uuids = host.run_string(&crate::heal::list_all_uuids(host)).await?;
+        for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            if Self::name_of(host, uuid).await?.as_deref() == Some(name) {
+                return Ok(Some(uuid.to_string()));
+            }
+        }
+        Ok(None)
     }
 
     pub async fn load(host: &Host, uuid: &str) -> Result<Vm> {

@@ -482,7 +482,11 @@ impl TestVmBuilder {
             "TestVm {name:?} needs at least one disk"
         );
         assert!(self.disks.len() <= 26, "at most 26 disks");
-        if lab.try_virsh(&["domuuid", "--domain", &name]).is_ok() {
+        // By name only: `--domain 14` would find the domain running with id 14.
+        let exists = lab
+            .try_virsh(&["list", "--all", "--name"])
+            .is_ok_and(|l| l.lines().any(|n| n == name));
+        if exists {
             // A leftover of a killed run with the same custom name: remove it when it
             // only uses lab storage, refuse otherwise.
             let old = TestVm::adopt(&name);

@@ -82,10 +82,15 @@ impl Virsh {
         self.command("list").args(["--all", "--name"])
     }
 
-    /// `virsh dumpxml --domain DOM [--inactive]`.
+    /// `virsh dumpxml --domain DOM [--inactive] --security-info`.
+    ///
+    /// Always with `--security-info`: virtkeep redefines domains from what it read
+    /// (stopped VMs on overlays, healing, restore), and without it libvirt leaves out
+    /// the VNC/SPICE passwords, so a redefinition would silently drop them.
     pub fn dumpxml(&self, dom: &str, inactive: bool) -> RemoteCommand {
         let c = self.dom("dumpxml", dom);
-        if inactive { c.arg("--inactive") } else { c }
+        let c = if inactive { c.arg("--inactive") } else { c };
+        c.arg("--security-info")
     }
 
     /// `virsh domstate --domain DOM`.
@@ -93,9 +98,16 @@ impl Virsh {
         self.dom("domstate", dom)
     }
 
-    /// `virsh domuuid --domain DOM`.
+    /// `virsh domuuid --domain DOM`. virsh reads DOM as an id first, then as a UUID,
+    /// then as a name: to look a domain up by name, check the answer with
+    /// [`Virsh::domname`] (the engine's `Vm::find_uuid` does).
     pub fn domuuid(&self, dom: &str) -> RemoteCommand {
         self.dom("domuuid", dom)
+    }
+
+    /// `virsh domname --domain DOM` (DOM a UUID: never read as an id or a name).
+    pub fn domname(&self, dom: &str) -> RemoteCommand {
+        self.dom("domname", dom)
     }
 
     /// `virsh dominfo --domain DOM`.
@@ -531,31 +543,32 @@ impl CephArgs {
         c.args(subcommand)
     }
 
-    /// `rbd info --format json POOL/IMAGE`.
+    /// `rbd info --format json --image=POOL/IMAGE`.
     pub fn info_json(&self, pool: &str, image: &str) -> RemoteCommand {
         self.rbd(&["info", "--format", "json"])
-            .arg(format!("{pool}/{image}"))
+            .arg(rbd_image_arg(pool, image, None))
     }
 
-    /// `rbd snap create POOL/IMAGE@SNAP`.
+    /// `rbd snap create --no-progress --image=POOL/IMAGE@SNAP`.
     pub fn snap_create(&self, pool: &str, image: &str, snap: &str) -> RemoteCommand {
         self.rbd(&["snap", "create", "--no-progress"])
-            .arg(format!("{pool}/{image}@{snap}"))
+            .arg(rbd_image_arg(pool, image, Some(snap)))
     }
 
-    /// `rbd snap rm POOL/IMAGE@SNAP`.
+    /// `rbd snap rm --no-progress --image=POOL/IMAGE@SNAP`.
     pub fn snap_rm(&self, pool: &str, image: &str, snap: &str) -> RemoteCommand {
         self.rbd(&["snap", "rm", "--no-progress"])
-            .arg(format!("{pool}/{image}@{snap}"))
+            .arg(rbd_image_arg(pool, image, Some(snap)))
     }
 
-    /// `rbd snap ls --format json POOL/IMAGE`.
+    /// `rbd snap ls --format json --image=POOL/IMAGE`.
     pub fn snap_ls_json(&self, pool: &str, image: &str) -> RemoteCommand {
         self.rbd(&["snap", "ls", "--format", "json"])
-            .arg(format!("{pool}/{image}"))
+            .arg(rbd_image_arg(pool, image, None))
     }
 
-    /// `rbd export-diff --no-progress [--from-snap A] POOL/IMAGE@SNAP -` (stream on stdout).
+    /// `rbd export-diff --no-progress [--from-snap=A] --image=POOL/IMAGE@SNAP -`
+    /// (stream on stdout).
     pub fn export_diff(
         &self,
         pool: &str,
@@ -565,28 +578,62 @@ impl CephArgs {
     ) -> RemoteCommand {
         let mut c = self.rbd(&["export-diff", "--no-progress"]);
         if let Some(f) = from_snap {
-            c = c.arg("--from-snap").arg(f);
+            c = c.arg(format!("--from-snap={f}"));
         }
-        c.arg(format!("{pool}/{image}@{snap}")).arg("-")
+        c.arg(rbd_image_arg(pool, image, Some(snap))).arg("-")
     }
 
-    /// `rbd import-diff --no-progress - POOL/IMAGE` (stream on stdin).
+    /// `rbd import-diff --no-progress - --image=POOL/IMAGE` (stream on stdin).
     pub fn import_diff(&self, pool: &str, image: &str) -> RemoteCommand {
         self.rbd(&["import-diff", "--no-progress", "-"])
-            .arg(format!("{pool}/{image}"))
+            .arg(rbd_image_arg(pool, image, None))
     }
 
-    /// `rbd create --size {bytes}B POOL/IMAGE` (a plain number would mean MiB).
+    /// `rbd create --size={bytes}B --image=POOL/IMAGE` (a plain number would mean MiB).
     pub fn create(&self, pool: &str, image: &str, size: u64) -> RemoteCommand {
-        self.rbd(&["create", "--size"])
-            .arg(format!("{size}B"))
-            .arg(format!("{pool}/{image}"))
+        self.rbd(&["create"])
+            .arg(format!("--size={size}B"))
+            .arg(rbd_image_arg(pool, image, None))
     }
 
-    /// `rbd rm --no-progress POOL/IMAGE`.
+    /// `rbd rm --no-progress --image=POOL/IMAGE`.
     pub fn rm(&self, pool: &str, image: &str) -> RemoteCommand {
         self.rbd(&["rm", "--no-progress"])
-            .arg(format!("{pool}/{image}"))
+            .arg(rbd_image_arg(pool, image, None))
+    }
+
+    /// `rbd image-meta get --image=POOL/IMAGE KEY`.
+    pub fn meta_get(&self, pool: &str, image: &str, key: &str) -> RemoteCommand {
+        self.rbd(&["image-meta", "get"])
+            .arg(rbd_image_arg(pool, image, None))
+            .arg(key)
+    }
+
+    /// `rbd image-meta set --image=POOL/IMAGE KEY VALUE`.
+    pub fn meta_set(&self, pool: &str, image: &str, key: &str, value: &str) -> RemoteCommand {
+        self.rbd(&["image-meta", "set"])
+            .arg(rbd_image_arg(pool, image, None))
+            .arg(key)
+            .arg(value)
+    }
+
+    /// `rbd image-meta remove --image=POOL/IMAGE KEY`.
+    pub fn meta_remove(&self, pool: &str, image: &str, key: &str) -> RemoteCommand {
+        self.rbd(&["image-meta", "remove"])
+            .arg(rbd_image_arg(pool, image, None))
+            .arg(key)
+    }
+}
+
+/// The image (or snapshot) of an `rbd` command as one option with its value attached:
+/// `--image=POOL/IMAGE[@SNAP]` (rbd splits pool, namespace and snapshot out of it).
+/// A positional `POOL/IMAGE` would be read as an option when the pool name starts with
+/// `-`; an attached value never is. Names are checked where they are read
+/// ([`crate::check_rbd_image`]); this is the second line.
+pub fn rbd_image_arg(pool: &str, image: &str, snap: Option<&str>) -> String {
+    match snap {
+        Some(s) => format!("--image={pool}/{image}@{s}"),
+        None => format!("--image={pool}/{image}"),
     }
 }
 

@@ -255,10 +255,29 @@ impl Disk {
                 name: Some(name),
                 ..
             } if protocol == "rbd" => match split_rbd_name(name) {
-                Some((pool, image)) => Backend::Rbd { pool, image },
-                None => Backend::Other,
+                Some((pool, image)) if check_rbd_image(&pool, &image).is_ok() => {
+                    Backend::Rbd { pool, image }
+                }
+                // Unusable names: see `rbd_name_problem`.
+                _ => Backend::Other,
             },
             _ => Backend::Other,
+        }
+    }
+
+    /// For an RBD disk whose `name=` virtkeep refuses to pass to `rbd` (see
+    /// [`check_rbd_image`]): why. Such a disk is [`Backend::Other`].
+    pub fn rbd_name_problem(&self) -> Option<String> {
+        let DiskSource::Network { protocol, name, .. } = &self.source else {
+            return None;
+        };
+        if protocol != "rbd" {
+            return None;
+        }
+        let name = name.as_deref().unwrap_or("");
+        match split_rbd_name(name) {
+            Some((pool, image)) => check_rbd_image(&pool, &image).err(),
+            None => Some(format!("RBD name {name:?} is not POOL/IMAGE")),
         }
     }
 
@@ -299,8 +318,45 @@ impl Disk {
     }
 }
 
+/// Longest pool, namespace, image or snapshot name virtkeep accepts.
+pub const RBD_NAME_MAX: usize = 255;
+
+/// Check one component of an RBD name (`what`: pool, namespace, image, snapshot): 1 to
+/// [`RBD_NAME_MAX`] bytes of `[A-Za-z0-9._-]`, not starting with `-` or `.`. Names come
+/// from domain XML and command output, so nothing else reaches an `rbd` command line.
+pub fn check_rbd_name(what: &str, name: &str) -> Result<(), String> {
+    let chars_ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if name.is_empty() || name.len() > RBD_NAME_MAX {
+        Err(format!(
+            "RBD {what} name {name:?} must be 1 to {RBD_NAME_MAX} bytes long"
+        ))
+    } else if !chars_ok || name.starts_with(['-', '.']) {
+        Err(format!(
+            "RBD {what} name {name:?} must be made of [A-Za-z0-9._-] and not start with '-' or '.'"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Check a pool and an image name (`image` or `namespace/image`) with
+/// [`check_rbd_name`].
+pub fn check_rbd_image(pool: &str, image: &str) -> Result<(), String> {
+    check_rbd_name("pool", pool)?;
+    match image.split_once('/') {
+        Some((ns, img)) => {
+            check_rbd_name("namespace", ns)?;
+            check_rbd_name("image", img)
+        }
+        None => check_rbd_name("image", image),
+    }
+}
+
 /// Split an RBD `name=` (`pool/image`, `pool/ns/image`, optionally `@snap`) into pool
-/// and image. The snapshot suffix is dropped.
+/// and image. The snapshot suffix is dropped. The names are not checked: see
+/// [`check_rbd_image`] ([`Disk::backend`] does).
 pub fn split_rbd_name(name: &str) -> Option<(String, String)> {
     let name = name.split('@').next().unwrap_or(name);
     let (pool, image) = name.split_once('/')?;
@@ -640,5 +696,25 @@ mod tests {
             Some(("pool".into(), "ns/img".into()))
         );
         assert_eq!(split_rbd_name("img"), None);
+        assert_eq!(check_rbd_image("rbd", "vm-100-disk-0"), Ok(()));
+        assert_eq!(check_rbd_image("rbd", "ns/img_1.x"), Ok(()));
+        for (pool, image) in [
+            ("-c", "img"),
+            ("rbd", "--keyring=/tmp/k"),
+            ("rbd", "ns/-x"),
+            ("-rbd", "ns/x"),
+            (".rbd", "x"),
+            ("rbd", "a b"),
+            ("rbd", "a@b"),
+            ("rbd", "a/b/c"),
+            ("rbd", ""),
+            ("rbd", "$(reboot)"),
+        ] {
+            assert!(check_rbd_image(pool, image).is_err(), "{pool}/{image}");
+        }
+        let long = "a".repeat(RBD_NAME_MAX + 1);
+        assert!(check_rbd_image("rbd", &long).is_err());
+        assert!(check_rbd_image("rbd", &long[1..]).is_ok());
+        assert!(check_rbd_name("snapshot", "virtkeep-20260101T000000Z-ab").is_ok());
     }
 }

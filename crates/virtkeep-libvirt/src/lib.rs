@@ -17,8 +17,8 @@ pub mod cmd;
 pub mod parse;
 
 pub use domain::{
-    Backend, Disk, DiskAuth, DiskDevice, DiskSource, Domain, Interface, NetHost, SkipReason,
-    lvm_from_path, parse_domain, split_rbd_name,
+    Backend, Disk, DiskAuth, DiskDevice, DiskSource, Domain, Interface, NetHost, RBD_NAME_MAX,
+    SkipReason, check_rbd_image, check_rbd_name, lvm_from_path, parse_domain, split_rbd_name,
 };
 pub use error::{ParseError, XmlError};
 pub use rewrite::{NewSource, Rewrite, rewrite_domain};

@@ -17,11 +17,11 @@ fn virsh_basics() {
     );
     assert_eq!(
         v.dumpxml("web01", true).render(),
-        "LC_ALL=C virsh -c qemu:///system dumpxml --domain web01 --inactive"
+        "LC_ALL=C virsh -c qemu:///system dumpxml --domain web01 --inactive --security-info"
     );
     assert_eq!(
         v.dumpxml("it's $(touch /tmp/x)", false).render(),
-        r"LC_ALL=C virsh -c qemu:///system dumpxml --domain 'it'\''s $(touch /tmp/x)'"
+        r"LC_ALL=C virsh -c qemu:///system dumpxml --domain 'it'\''s $(touch /tmp/x)' --security-info"
     );
     assert_eq!(
         v.domstate("-rf").render(),
@@ -30,6 +30,10 @@ fn virsh_basics() {
     assert_eq!(
         Virsh::new("xen:///system").domuuid("a b").render(),
         "LC_ALL=C virsh -c xen:///system domuuid --domain 'a b'"
+    );
+    assert_eq!(
+        v.domname("6b1c1e0e-5b5a-4c4e-9d43-0a1b2c3d4e5f").render(),
+        "LC_ALL=C virsh -c qemu:///system domname --domain 6b1c1e0e-5b5a-4c4e-9d43-0a1b2c3d4e5f"
     );
     assert_eq!(
         v.dominfo("x").render(),
@@ -289,43 +293,88 @@ fn rbd_passes_ceph_settings_every_time() {
         "rbd -c '/etc/ceph/c 1.conf' --id backup --keyring /etc/ceph/ceph.client.backup.keyring";
     assert_eq!(
         c.info_json("vms", "db").render(),
-        format!("{pre} info --format json vms/db")
+        format!("{pre} info --format json '--image=vms/db'")
     );
     assert_eq!(
         c.snap_create("vms", "db", "vk-1").render(),
-        format!("{pre} snap create --no-progress vms/db@vk-1")
+        format!("{pre} snap create --no-progress '--image=vms/db@vk-1'")
     );
     assert_eq!(
         c.snap_rm("vms", "db", "vk-1").render(),
-        format!("{pre} snap rm --no-progress vms/db@vk-1")
+        format!("{pre} snap rm --no-progress '--image=vms/db@vk-1'")
     );
     assert_eq!(
         c.snap_ls_json("vms", "db").render(),
-        format!("{pre} snap ls --format json vms/db")
+        format!("{pre} snap ls --format json '--image=vms/db'")
     );
     assert_eq!(
         c.export_diff("vms", "db", "vk-2", Some("vk-1")).render(),
-        format!("{pre} export-diff --no-progress --from-snap vk-1 vms/db@vk-2 -")
+        format!("{pre} export-diff --no-progress '--from-snap=vk-1' '--image=vms/db@vk-2' -")
     );
     assert_eq!(
         c.export_diff("vms", "db", "vk-1", None).render(),
-        format!("{pre} export-diff --no-progress vms/db@vk-1 -")
+        format!("{pre} export-diff --no-progress '--image=vms/db@vk-1' -")
     );
     assert_eq!(
         c.import_diff("vms", "db").render(),
-        format!("{pre} import-diff --no-progress - vms/db")
+        format!("{pre} import-diff --no-progress - '--image=vms/db'")
     );
     assert_eq!(
         c.create("vms", "db", 5_242_881).render(),
-        format!("{pre} create --size 5242881B vms/db")
+        format!("{pre} create '--size=5242881B' '--image=vms/db'")
     );
     assert_eq!(
         c.rm("vms", "db").render(),
-        format!("{pre} rm --no-progress vms/db")
+        format!("{pre} rm --no-progress '--image=vms/db'")
     );
     assert_eq!(
         CephArgs::default().info_json("p", "i").render(),
-        "rbd info --format json p/i"
+        "rbd info --format json '--image=p/i'"
+    );
+}
+
+/// Pool, image and snapshot names that look like options stay values: every rbd
+/// builder passes them attached to `'--image=`' (and `'--from-snap=`),' never as a word of
+/// their own.
+#[test]
+fn rbd_names_are_never_options() {
+    let c = CephArgs::default();
+    let (pool, image, snap) = ("--keyring=/tmp/evil", "-x", "--pool=other");
+    let cmds = [
+        c.info_json(pool, image),
+        c.snap_create(pool, image, snap),
+        c.snap_rm(pool, image, snap),
+        c.snap_ls_json(pool, image),
+        c.export_diff(pool, image, snap, Some(snap)),
+        c.import_diff(pool, image),
+        c.create(pool, image, 1),
+        c.rm(pool, image),
+        c.meta_get(pool, image, "virtkeep.base"),
+        c.meta_set(pool, image, "virtkeep.base", "virtkeep-1"),
+        c.meta_remove(pool, image, "virtkeep.base"),
+    ];
+    let allowed = [
+        "--format",
+        "--no-progress",
+        "--image=--keyring=/tmp/evil/-x",
+        "--image=--keyring=/tmp/evil/-x@--pool=other",
+        "--from-snap=--pool=other",
+        "--size=1B",
+    ];
+    for cmd in cmds {
+        let line = cmd.render();
+        for word in line.split(' ').filter(|w| w.starts_with('-')) {
+            let word = word.trim_matches('\'');
+            assert!(
+                word == "-" || allowed.contains(&word),
+                "{word:?} reaches rbd as an option of its own in {line}"
+            );
+        }
+    }
+    assert_eq!(
+        c.meta_set("rbd", "ns/img", "virtkeep.base", "virtkeep-1")
+            .render(),
+        "rbd image-meta set '--image=rbd/ns/img' virtkeep.base virtkeep-1"
     );
 }
 

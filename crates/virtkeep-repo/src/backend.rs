@@ -9,8 +9,8 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::error::{RepoError, Result};
@@ -51,6 +51,9 @@ pub trait ChunkBackend: Send + Sync + Debug + 'static {
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;
     /// All objects whose key starts with `prefix` (a directory-like prefix ending in `/`).
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>>;
+    /// Temporary objects of writes in progress or interrupted (`.tmp-*` names, left
+    /// out of [`ChunkBackend::list`]) under `prefix` (`""`: everywhere), for GC.
+    fn list_temp<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>>;
     /// Delete an object; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<()>;
     /// Human readable location.
@@ -59,6 +62,11 @@ pub trait ChunkBackend: Send + Sync + Debug + 'static {
 
 // ---------------------------------------------------------------------------------------
 // Local filesystem
+
+/// Mode of every directory the filesystem backend creates.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every object file the filesystem backend writes.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Local filesystem backend: one file per object, temp file + rename (or hard link for
 /// create-only), optional fsync of the file and its directory.
@@ -95,17 +103,25 @@ impl FsBackend {
         let dir = path
             .parent()
             .ok_or_else(|| RepoError::InvalidArgument(format!("no parent for {path:?}")))?;
-        std::fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
+        // Private whatever the umask (as restic and borg do): backups hold whole disks
+        // and domain XML with its secrets. The umask can only take bits away.
+        let mut dirs = std::fs::DirBuilder::new();
+        dirs.recursive(true);
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            dirs.mode(PRIVATE_DIR_MODE);
+            opts.mode(PRIVATE_FILE_MODE);
+        }
+        dirs.create(dir).map_err(|e| RepoError::io(dir, e))?;
         let tmp = dir.join(format!(
             ".tmp-{}-{}",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("obj"),
             uuid::Uuid::new_v4().simple()
         ));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| RepoError::io(&tmp, e))?;
+        let mut f = opts.open(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
         let res = f
             .write_all(data)
             .and_then(|()| if self.fsync { f.sync_all() } else { Ok(()) });
@@ -199,26 +215,11 @@ impl ChunkBackend for FsBackend {
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>> {
-        // Walk directory by directory so memory stays bounded by one directory listing.
-        let root = self.root.clone();
-        let start = root.join(prefix.trim_end_matches('/'));
-        let state = vec![start];
-        futures::stream::unfold(state, move |mut stack| {
-            let root = root.clone();
-            async move {
-                let dir = stack.pop()?;
-                let res = tokio::task::spawn_blocking(move || list_dir(&root, &dir)).await;
-                let (items, subdirs) = match res {
-                    Ok(Ok(v)) => v,
-                    Ok(Err(e)) => return Some((vec![Err(e)], stack)),
-                    Err(e) => return Some((vec![Err(e.into())], stack)),
-                };
-                stack.extend(subdirs);
-                Some((items.into_iter().map(Ok).collect::<Vec<_>>(), stack))
-            }
-        })
-        .flat_map(futures::stream::iter)
-        .boxed()
+        self.walk(prefix, false)
+    }
+
+    fn list_temp<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>> {
+        self.walk(prefix, true)
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
@@ -236,7 +237,35 @@ impl ChunkBackend for FsBackend {
     }
 }
 
-fn list_dir(root: &Path, dir: &Path) -> Result<(Vec<ObjectInfo>, Vec<PathBuf>)> {
+impl FsBackend {
+    /// Objects under `prefix`, or (`temp`) only the `.tmp-*` files.
+    fn walk<'a>(&'a self, prefix: &'a str, temp: bool) -> BoxStream<'a, Result<ObjectInfo>> {
+        // Walk directory by directory so memory stays bounded by one directory listing.
+        let root = self.root.clone();
+        let start = root.join(prefix.trim_end_matches('/'));
+        let state = vec![start];
+        futures::stream::unfold(state, move |mut stack| {
+            let root = root.clone();
+            async move {
+                let dir = stack.pop()?;
+                let res = tokio::task::spawn_blocking(move || list_dir(&root, &dir, temp)).await;
+                let (items, subdirs) = match res {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => return Some((vec![Err(e)], stack)),
+                    Err(e) => return Some((vec![Err(e.into())], stack)),
+                };
+                stack.extend(subdirs);
+                Some((items.into_iter().map(Ok).collect::<Vec<_>>(), stack))
+            }
+        })
+        .flat_map(futures::stream::iter)
+        .boxed()
+    }
+}
+
+/// Files directly in `dir` (`temp`: only `.tmp-*` ones, else all others) and its
+/// subdirectories.
+fn list_dir(root: &Path, dir: &Path, temp: bool) -> Result<(Vec<ObjectInfo>, Vec<PathBuf>)> {
     let mut items = Vec::new();
     let mut subdirs = Vec::new();
     let rd = match std::fs::read_dir(dir) {
@@ -248,13 +277,10 @@ fn list_dir(root: &Path, dir: &Path) -> Result<(Vec<ObjectInfo>, Vec<PathBuf>)> 
         let ent = ent.map_err(|e| RepoError::io(dir, e))?;
         let name = ent.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with(".tmp-") {
-            continue;
-        }
         let ft = ent.file_type().map_err(|e| RepoError::io(ent.path(), e))?;
         if ft.is_dir() {
             subdirs.push(ent.path());
-        } else if ft.is_file() {
+        } else if ft.is_file() && name.starts_with(".tmp-") == temp {
             let md = match ent.metadata() {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -414,14 +440,11 @@ impl ChunkBackend for S3Backend {
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>> {
-        let p = self.path(prefix.trim_end_matches('/'));
-        self.store
-            .list(Some(&p))
-            .map(move |r| match r {
-                Ok(m) => Ok(meta_info(self.rel(&m.location), &m)),
-                Err(e) => Err(RepoError::backend(prefix, e)),
-            })
-            .boxed()
+        self.walk(prefix, false)
+    }
+
+    fn list_temp<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>> {
+        self.walk(prefix, true)
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
@@ -437,6 +460,25 @@ impl ChunkBackend for S3Backend {
         } else {
             format!("s3://{}/{}", self.bucket, self.prefix)
         }
+    }
+}
+
+impl S3Backend {
+    /// Objects under `prefix`, or (`temp`) only those named `.tmp-*` (virtkeep writes
+    /// none to S3; they are treated as on the filesystem, for one rule on both).
+    fn walk<'a>(&'a self, prefix: &'a str, temp: bool) -> BoxStream<'a, Result<ObjectInfo>> {
+        let p = self.path(prefix.trim_end_matches('/'));
+        self.store
+            .list(Some(&p))
+            .map(move |r| match r {
+                Ok(m) => Ok(meta_info(self.rel(&m.location), &m)),
+                Err(e) => Err(RepoError::backend(prefix, e)),
+            })
+            .try_filter(move |o| {
+                let leaf = o.key.rsplit('/').next().unwrap_or_default();
+                futures::future::ready(leaf.starts_with(".tmp-") == temp)
+            })
+            .boxed()
     }
 }
 
@@ -502,6 +544,28 @@ impl Location {
             *fsync = on;
         }
         self
+    }
+
+    /// A warning when a local repository's directory lets other users in (repositories
+    /// made before they were private, or opened up by hand); `None` for S3.
+    pub fn access_warning(&self) -> Option<String> {
+        let Location::Local { path, .. } = self else {
+            return None;
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Some(format!(
+                    "repository {} is open to other users (mode {mode:o}): its backups and \
+                     their domain XML can be read by them; run `chmod -R go-rwx {}`",
+                    path.display(),
+                    path.display()
+                ));
+            }
+        }
+        None
     }
 
     /// Build the backend.

@@ -153,7 +153,54 @@ pub(crate) fn new_kek(src: &KeySource) -> Result<([u8; 32], Kdf)> {
     }
 }
 
+/// Bounds on the argon2id parameters `open` accepts from a config. The config is not
+/// authenticated before the key is derived, so these keep a crafted one from making
+/// `open` run for hours or allocate without limit: at most 1 GiB and 10 passes
+/// (virtkeep writes 64 MiB, 3 passes, 1 lane).
+pub(crate) const ARGON_M_KIB_MAX: u32 = 1024 * 1024;
+pub(crate) const ARGON_T_MAX: u32 = 10;
+pub(crate) const ARGON_P_MAX: u32 = 16;
+
+/// Refuses argon2id parameters outside the bounds above, before any work is done.
+pub(crate) fn check_kdf_bounds(kdf: &Kdf) -> Result<()> {
+    let Kdf::Argon2id { m_kib, t, p, salt } = kdf else {
+        return Ok(());
+    };
+    let bad = |what: &str, v: String, range: String| {
+        RepoError::corrupt(
+            "config",
+            format!(
+                "key derivation parameter {what} = {v} is outside {range}: the config was \
+                 changed outside virtkeep (restore it from a copy)"
+            ),
+        )
+    };
+    if !(1..=ARGON_P_MAX).contains(p) {
+        return Err(bad("p", p.to_string(), format!("1..={ARGON_P_MAX}")));
+    }
+    if !(1..=ARGON_T_MAX).contains(t) {
+        return Err(bad("t", t.to_string(), format!("1..={ARGON_T_MAX}")));
+    }
+    let m_min = 8 * p;
+    if !(m_min..=ARGON_M_KIB_MAX).contains(m_kib) {
+        return Err(bad(
+            "m_kib",
+            m_kib.to_string(),
+            format!("{m_min}..={ARGON_M_KIB_MAX}"),
+        ));
+    }
+    if !(16..=128).contains(&salt.len()) {
+        return Err(bad(
+            "salt length",
+            salt.len().to_string(),
+            "16..=128 hex digits".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn argon(pass: &str, kdf: &Kdf) -> Result<[u8; 32]> {
+    check_kdf_bounds(kdf)?;
     let Kdf::Argon2id { m_kib, t, p, salt } = kdf else {
         return Err(RepoError::Task("not an argon2 kdf".into()));
     };

@@ -48,6 +48,14 @@ pub enum RepoError {
     /// The backup is the base of a running backup and cannot be forgotten now.
     #[error("backup {id} is in use as the base of running backup {lease}")]
     InUse { id: String, lease: String },
+    /// GC found a backup whose manifest or index cannot be read: it sweeps nothing, as
+    /// the chunks only that backup uses cannot be told from garbage.
+    #[error(
+        "backup {id} cannot be read ({reason}); garbage collection sweeps nothing while it \
+         exists: check it with `virtkeep verify {id}`, and if it cannot be repaired remove \
+         it with `virtkeep forget {id}`"
+    )]
+    UnreadableBackup { id: String, reason: String },
     /// Another garbage collection holds the GC lease.
     #[error("garbage collection already running (lease {lease}, refreshed {age_secs} s ago)")]
     GcRunning { lease: String, age_secs: u64 },

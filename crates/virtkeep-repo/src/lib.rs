@@ -21,7 +21,8 @@ mod repo;
 mod writer;
 
 pub use backend::{
-    ChunkBackend, FsBackend, Location, ObjectInfo, PutOutcome, S3Backend, S3Options,
+    ChunkBackend, FsBackend, Location, ObjectInfo, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, PutOutcome,
+    S3Backend, S3Options,
 };
 pub use crypto::{EncryptionConfig, Kdf, KeySource};
 pub use error::{RepoError, Result};
@@ -33,10 +34,11 @@ pub use manifest::{
     BackupMeta, BackupMode, BackupStats, DiskSpec, DiskStats, Manifest, ManifestDisk,
     SnapshotSummary,
 };
+pub use prune::PruneReport;
 pub use prune::{KeepPolicy, PruneDecision, compute_prune};
 pub use reader::{DiskReader, Extent, MIN_ZERO_RUN, split_zero_runs};
 pub use repo::{
     ChunkProblem, DEFAULT_CHUNK_SIZE, GcOptions, GcReport, InitOptions, LeaseTiming, Repository,
-    VerifyReport, VerifySelection,
+    SnapshotListing, UnreadableManifest, VerifyReport, VerifySelection,
 };
 pub use writer::{BackupWriter, DiskWriter, ExtentSink};

@@ -164,13 +164,30 @@ impl Repository {
     /// Prune every (host, vm) group, or only `group` when given. Removed backups are
     /// forgotten unless `dry_run`; chunks are freed by the next GC. Decisions are listed
     /// newest first within each group.
+    ///
+    /// Backups whose manifest cannot be read are left alone and logged;
+    /// [`Repository::prune_report`] names them.
     pub async fn prune(
         &self,
         policy: &KeepPolicy,
         group: Option<(&str, &str)>,
         dry_run: bool,
     ) -> Result<Vec<PruneDecision>> {
-        let snaps = self.snapshots().await?;
+        let report = self.prune_report(policy, group, dry_run).await?;
+        crate::repo::log_unreadable(&report.unreadable);
+        Ok(report.decisions)
+    }
+
+    /// [`Repository::prune`], also naming the backups whose manifest cannot be read
+    /// (they are never removed by prune: nothing says which group they belong to).
+    pub async fn prune_report(
+        &self,
+        policy: &KeepPolicy,
+        group: Option<(&str, &str)>,
+        dry_run: bool,
+    ) -> Result<PruneReport> {
+        let listing = self.list_snapshots().await?;
+        let snaps = listing.snapshots;
         let mut groups: std::collections::BTreeMap<(String, String), Vec<SnapshotSummary>> =
             Default::default();
         for s in snaps {
@@ -211,6 +228,18 @@ impl Repository {
                 out.push(d);
             }
         }
-        Ok(out)
+        Ok(PruneReport {
+            decisions: out,
+            unreadable: listing.unreadable,
+        })
     }
+}
+
+/// Result of [`Repository::prune_report`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    /// One decision per readable backup, newest first within each group.
+    pub decisions: Vec<PruneDecision>,
+    /// Backups whose manifest cannot be read: skipped.
+    pub unreadable: Vec<crate::repo::UnreadableManifest>,
 }

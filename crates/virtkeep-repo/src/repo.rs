@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::backend::{ChunkBackend, Location, PutOutcome};
+use crate::backend::{ChunkBackend, Location, ObjectInfo, PutOutcome};
 use crate::crypto::{self, EncryptionConfig, KeySource};
 use crate::error::{RepoError, Result};
 use crate::format::{Codec, Digest, FixedIndex, ZERO_DIGEST, chunk_key};
@@ -129,6 +129,7 @@ pub(crate) struct RepoInner {
     pub master: Option<[u8; 32]>,
     pub timing: std::sync::Mutex<LeaseTiming>,
     pub workers: std::sync::atomic::AtomicUsize,
+    pub warnings: Vec<String>,
 }
 
 /// An open repository. Cheap to clone.
@@ -297,6 +298,7 @@ impl Repository {
                 master,
                 timing: std::sync::Mutex::new(LeaseTiming::default()),
                 workers: std::sync::atomic::AtomicUsize::new(workers),
+                warnings: Vec::new(),
             }),
         })
     }
@@ -350,7 +352,21 @@ impl Repository {
             }
             (None, None) => None,
         };
-        Self::build(backend, location, cfg, master)
+        let warning = location.access_warning();
+        let mut repo = Self::build(backend, location, cfg, master)?;
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+            if let Some(inner) = Arc::get_mut(&mut repo.inner) {
+                inner.warnings.push(w);
+            }
+        }
+        Ok(repo)
+    }
+
+    /// Warnings found at `open` (a repository other users can read), for the caller to
+    /// show; also logged.
+    pub fn warnings(&self) -> &[String] {
+        &self.inner.warnings
     }
 
     /// Re-wrap the master key with a new passphrase or key file. Rewrites only `config`.
@@ -450,19 +466,7 @@ impl Repository {
 
     /// The manifest of backup `id` (with the live protected flag).
     pub async fn manifest(&self, id: &str) -> Result<Manifest> {
-        check_name("backup id", id)?;
-        let key = manifest_key(id);
-        let b = self
-            .get_meta(&key)
-            .await?
-            .ok_or_else(|| RepoError::SnapshotNotFound(id.into()))?;
-        let mut m: Manifest = serde_json::from_slice(&b).map_err(|e| RepoError::json(&key, e))?;
-        if m.id != id {
-            return Err(RepoError::corrupt(
-                key,
-                format!("manifest names backup {}", m.id),
-            ));
-        }
+        let mut m = self.read_manifest(id).await?;
         m.protected = self.inner.backend.head(&protected_key(id)).await?.is_some();
         Ok(m)
     }
@@ -505,54 +509,86 @@ impl Repository {
         Ok((ids, protected))
     }
 
-    /// All published backups, oldest first.
+    /// All published backups whose manifest can be read, oldest first. Unreadable
+    /// manifests are left out and logged; [`Repository::list_snapshots`] names them.
     pub async fn snapshots(&self) -> Result<Vec<SnapshotSummary>> {
-        Ok(self
-            .manifests()
-            .await?
-            .into_iter()
-            .map(|m| SnapshotSummary {
-                id: m.id.clone(),
-                time: m.time,
-                host: m.host.clone(),
-                vm: m.vm.clone(),
-                mode: m.mode,
-                disks: m.disks.iter().map(|d| d.spec.name.clone()).collect(),
-                size: m.disks.iter().map(|d| d.spec.size).sum(),
-                bytes_new: m.stats.totals.bytes_stored,
-                protected: m.protected,
-            })
-            .collect())
+        let listing = self.list_snapshots().await?;
+        log_unreadable(&listing.unreadable);
+        Ok(listing.snapshots)
     }
 
-    /// All manifests, oldest first.
+    /// All published backups, oldest first, and the backups whose manifest cannot be
+    /// read (one corrupt manifest must not hide every other backup).
+    pub async fn list_snapshots(&self) -> Result<SnapshotListing> {
+        let (manifests, unreadable) = self.manifests_checked().await?;
+        Ok(SnapshotListing {
+            snapshots: manifests.iter().map(summary).collect(),
+            unreadable,
+        })
+    }
+
+    /// All manifests that can be read, oldest first (unreadable ones are logged and left
+    /// out; see [`Repository::list_snapshots`]).
     pub async fn manifests(&self) -> Result<Vec<Manifest>> {
+        let (manifests, unreadable) = self.manifests_checked().await?;
+        log_unreadable(&unreadable);
+        Ok(manifests)
+    }
+
+    /// Every readable manifest (oldest first) and every unreadable one. A manifest
+    /// forgotten while this runs is in neither list.
+    pub async fn manifests_checked(&self) -> Result<(Vec<Manifest>, Vec<UnreadableManifest>)> {
         let (ids, protected) = self.snapshot_ids().await?;
-        let mut out: Vec<Manifest> = futures::stream::iter(ids)
+        let results: Vec<(String, Result<Manifest>)> = futures::stream::iter(ids)
             .map(|id| async move {
-                let key = manifest_key(&id);
-                let b = self
-                    .get_meta(&key)
-                    .await?
-                    .ok_or_else(|| RepoError::SnapshotNotFound(id.clone()))?;
-                let m: Manifest =
-                    serde_json::from_slice(&b).map_err(|e| RepoError::json(&key, e))?;
-                if m.id != id {
-                    return Err(RepoError::corrupt(
-                        key,
-                        format!("manifest names backup {}", m.id),
-                    ));
-                }
-                Ok::<_, RepoError>(m)
+                let m = self.read_manifest(&id).await;
+                (id, m)
             })
             .buffer_unordered(16)
-            .try_collect()
-            .await?;
-        for m in &mut out {
-            m.protected = protected.contains(&m.id);
+            .collect()
+            .await;
+        let mut out = Vec::new();
+        let mut unreadable = Vec::new();
+        for (id, res) in results {
+            match res {
+                Ok(mut m) => {
+                    m.protected = protected.contains(&m.id);
+                    out.push(m);
+                }
+                Err(RepoError::SnapshotNotFound(_)) => {}
+                // The storage itself failing is not one bad manifest: fail the listing.
+                Err(
+                    e @ (RepoError::Backend { .. } | RepoError::Io { .. } | RepoError::Task(_)),
+                ) => {
+                    return Err(e);
+                }
+                Err(e) => unreadable.push(UnreadableManifest {
+                    id,
+                    error: e.to_string(),
+                }),
+            }
         }
         out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.id.cmp(&b.id)));
-        Ok(out)
+        unreadable.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((out, unreadable))
+    }
+
+    /// Reads and checks one manifest (without the live protected flag).
+    async fn read_manifest(&self, id: &str) -> Result<Manifest> {
+        check_name("backup id", id)?;
+        let key = manifest_key(id);
+        let b = self
+            .get_meta(&key)
+            .await?
+            .ok_or_else(|| RepoError::SnapshotNotFound(id.into()))?;
+        let m: Manifest = serde_json::from_slice(&b).map_err(|e| RepoError::json(&key, e))?;
+        if m.id != id {
+            return Err(RepoError::corrupt(
+                key,
+                format!("manifest names backup {}", m.id),
+            ));
+        }
+        Ok(m)
     }
 
     /// Set or clear the protected flag.
@@ -570,10 +606,16 @@ impl Repository {
 
     /// Remove a backup (manifest first, so it disappears atomically; then its indexes).
     /// Chunks are freed by a later GC. Refuses protected backups and backups a running
-    /// backup reuses chunks from.
+    /// backup reuses chunks from. Works on a backup whose manifest cannot be read, and
+    /// deletes only keys under `snapshots/<id>/` that it lists itself, never a key a
+    /// manifest names (a crafted manifest could name `config`).
     pub async fn forget(&self, id: &str) -> Result<()> {
-        let m = self.manifest(id).await?;
-        if m.protected {
+        check_name("backup id", id)?;
+        let be = &self.inner.backend;
+        if be.head(&manifest_key(id)).await?.is_none() {
+            return Err(RepoError::SnapshotNotFound(id.into()));
+        }
+        if be.head(&protected_key(id)).await?.is_some() {
             return Err(RepoError::Protected(id.into()));
         }
         let now = self.storage_now().await?;
@@ -585,9 +627,14 @@ impl Repository {
                 });
             }
         }
-        self.inner.backend.delete(&manifest_key(id)).await?;
-        for d in &m.disks {
-            self.inner.backend.delete(&d.index).await?;
+        be.delete(&manifest_key(id)).await?;
+        let prefix = format!("snapshots/{id}/");
+        let objs: Vec<ObjectInfo> = be.list(&prefix).try_collect().await?;
+        for o in objs {
+            let leaf = o.key.strip_prefix(&prefix).unwrap_or_default();
+            if leaf.ends_with(".fidx") && !leaf.contains('/') {
+                be.delete(&o.key).await?;
+            }
         }
         Ok(())
     }
@@ -811,11 +858,23 @@ impl Repository {
         // 3. mark: every published backup's indexes
         let mut marked: HashSet<Digest> = HashSet::new();
         let mut index_keys: HashSet<String> = HashSet::new();
-        for m in self.manifests().await? {
+        let (manifests, unreadable) = self.manifests_checked().await?;
+        if let Some(u) = unreadable.into_iter().next() {
+            return Err(RepoError::UnreadableBackup {
+                id: u.id,
+                reason: u.error,
+            });
+        }
+        for m in manifests {
             report.snapshots += 1;
             for d in &m.disks {
-                let ix = self.fixed_index(&m.id, &d.spec.name).await?;
-                index_keys.insert(d.index.clone());
+                let ix = self.fixed_index(&m.id, &d.spec.name).await.map_err(|e| {
+                    RepoError::UnreadableBackup {
+                        id: m.id.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                index_keys.insert(index_key(&m.id, &d.spec.name));
                 marked.extend(ix.digests.iter().filter(|d| **d != ZERO_DIGEST));
             }
         }
@@ -825,6 +884,17 @@ impl Repository {
         for o in objs {
             if o.key.ends_with(".fidx") && !index_keys.contains(&o.key) && o.modified < cutoff {
                 report.orphan_indexes_removed += 1;
+                if !opts.dry_run {
+                    be.delete(&o.key).await?;
+                }
+            }
+        }
+        // temp files of writes that died half-way (fs backend): older than the cutoff,
+        // no write that is still running can own them
+        let temps: Vec<_> = be.list_temp("").try_collect().await?;
+        for o in temps {
+            if o.modified < cutoff {
+                report.temp_removed += 1;
                 if !opts.dry_run {
                     be.delete(&o.key).await?;
                 }
@@ -952,4 +1022,51 @@ pub struct GcReport {
     pub bytes_kept: u64,
     /// Index objects of unpublished (crashed) backups removed.
     pub orphan_indexes_removed: u64,
+    /// Stale `.tmp-*` objects of interrupted writes removed.
+    pub temp_removed: u64,
+}
+
+/// A backup whose manifest cannot be read (corrupt, failing authentication, of an
+/// unknown version). Listing and prune skip it and name it; GC refuses to sweep while
+/// it exists; [`Repository::forget`] removes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnreadableManifest {
+    /// Backup id.
+    pub id: String,
+    /// Why it cannot be read.
+    pub error: String,
+}
+
+/// Result of [`Repository::list_snapshots`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SnapshotListing {
+    /// Readable backups, oldest first.
+    pub snapshots: Vec<SnapshotSummary>,
+    /// Backups whose manifest cannot be read.
+    pub unreadable: Vec<UnreadableManifest>,
+}
+
+fn summary(m: &Manifest) -> SnapshotSummary {
+    SnapshotSummary {
+        id: m.id.clone(),
+        time: m.time,
+        host: m.host.clone(),
+        vm: m.vm.clone(),
+        mode: m.mode,
+        disks: m.disks.iter().map(|d| d.spec.name.clone()).collect(),
+        size: m.disks.iter().map(|d| d.spec.size).sum(),
+        bytes_new: m.stats.totals.bytes_stored,
+        protected: m.protected,
+    }
+}
+
+pub(crate) fn log_unreadable(unreadable: &[UnreadableManifest]) {
+    for u in unreadable {
+        tracing::warn!(
+            "backup {} is left out: its manifest cannot be read ({}); `virtkeep forget {}` removes it",
+            u.id,
+            u.error,
+            u.id
+        );
+    }
 }

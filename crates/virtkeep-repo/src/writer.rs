@@ -55,12 +55,32 @@ pub struct BackupWriter {
     meta: BackupMeta,
     time: OffsetDateTime,
     started: Instant,
-    refresher: tokio::task::JoinHandle<()>,
+    /// The lease refresher; taken when the lease is released.
+    refresher: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// A writer dropped without `finish`/`abort` (the backup failed and the caller returned
+/// early) releases its lease in the background, so a failed backup does not hold back
+/// GC or pin its base for `stale_after`. Its index objects are GC's.
 impl Drop for BackupWriter {
     fn drop(&mut self) {
-        self.refresher.abort();
+        let Some(refresher) = self.refresher.take() else {
+            return;
+        };
+        refresher.abort();
+        let (be, key) = (self.sh.repo.backend().clone(), self.sh.lease.key.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    // Wait for the refresher to be gone, or it could write the lease anew.
+                    let _ = refresher.await;
+                    if let Err(e) = be.delete(&key).await {
+                        tracing::warn!("releasing backup lease {key}: {e}");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!("backup lease {key} left to expire (no runtime)"),
+        }
     }
 }
 
@@ -135,7 +155,7 @@ impl Repository {
             meta,
             time,
             started: Instant::now(),
-            refresher,
+            refresher: Some(refresher),
         })
     }
 }
@@ -206,8 +226,27 @@ impl BackupWriter {
         })
     }
 
-    /// Publish: wait for the lease rules, write the manifest (create-only), drop the lease.
-    pub async fn finish(self, extra: serde_json::Value) -> Result<Manifest> {
+    /// Stops refreshing and deletes the lease (once).
+    async fn release_lease(&mut self) -> Result<()> {
+        let Some(refresher) = self.refresher.take() else {
+            return Ok(());
+        };
+        refresher.abort();
+        let _ = refresher.await;
+        self.sh.repo.backend().delete(&self.sh.lease.key).await
+    }
+
+    /// Publish: wait for the lease rules, write the manifest (create-only), drop the
+    /// lease. The lease is dropped when publishing fails too.
+    pub async fn finish(mut self, extra: serde_json::Value) -> Result<Manifest> {
+        let res = self.publish(extra).await;
+        let released = self.release_lease().await;
+        let m = res?;
+        released?;
+        Ok(m)
+    }
+
+    async fn publish(&mut self, extra: serde_json::Value) -> Result<Manifest> {
         let repo = self.sh.repo.clone();
         let be = repo.backend().clone();
         if !lock(&self.sh.open_disks).is_empty() {
@@ -283,21 +322,19 @@ impl BackupWriter {
             return Err(RepoError::LeaseExpired(self.sh.lease.key.clone()));
         }
         repo.put_meta(&key, body, true).await?;
-        self.refresher.abort();
-        be.delete(&self.sh.lease.key).await?;
         Ok(m)
     }
 
     /// Abandon the backup: remove its index objects and its lease. Chunks already uploaded
     /// stay until GC.
-    pub async fn abort(self) -> Result<()> {
-        self.refresher.abort();
+    pub async fn abort(mut self) -> Result<()> {
         let be = self.sh.repo.backend().clone();
         let disks = std::mem::take(&mut *lock(&self.sh.disks));
+        let mut res = Ok(());
         for d in disks {
-            be.delete(&d.index).await?;
+            res = res.and(be.delete(&d.index).await);
         }
-        be.delete(&self.sh.lease.key).await
+        self.release_lease().await.and(res)
     }
 }
 

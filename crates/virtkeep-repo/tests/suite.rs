@@ -645,3 +645,386 @@ fn gc_mid_backup_keeps_everything_the_backup_uses(kind: Kind) {
         fx.cleanup().await;
     })
 }
+
+// -- hardening (issue 17) -----------------------------------------------------------------
+
+both_backends!(
+    kdf_parameters_are_bounded,
+    prune_deletes_only_keys_it_derives,
+    unreadable_manifest_is_isolated,
+    gc_collects_stale_temp_objects,
+    failed_backup_releases_its_lease,
+);
+
+/// Rewrites `config` with `edit` applied to its JSON.
+async fn edit_config(fx: &Fx, edit: impl FnOnce(&mut serde_json::Value)) {
+    let be = fx.loc.backend().unwrap();
+    let raw = be.get("config").await.unwrap().unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    edit(&mut cfg);
+    be.put("config", Bytes::from(serde_json::to_vec(&cfg).unwrap()))
+        .await
+        .unwrap();
+}
+
+/// A config whose argon2id parameters would make `open` run for hours or allocate
+/// without limit is refused at once, naming the parameter.
+fn kdf_parameters_are_bounded(kind: Kind) {
+    let rt = rt();
+    let fx = fx(kind);
+    let pass = || Some(KeySource::Passphrase("correct horse".into()));
+    rt.block_on(new_repo(&fx, pass(), Duration::from_secs(3600)));
+    let cases: [(&str, u64, &str); 3] = [
+        ("t", 4_000_000_000, "t = 4000000000"),
+        ("m_kib", 1 << 22, "m_kib = 4194304"),
+        ("p", 0, "p = 0"),
+    ];
+    for (field, value, expect) in cases {
+        let original = rt.block_on(async {
+            let mut original = serde_json::Value::Null;
+            edit_config(&fx, |c| {
+                original = c["encryption"]["kdf"][field].clone();
+                c["encryption"]["kdf"][field] = value.into();
+            })
+            .await;
+            original
+        });
+        let res = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                Repository::open(fx.loc.clone(), pass()),
+            )
+            .await
+        });
+        let err = match res {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => panic!("{field} = {value} accepted"),
+            Err(_) => {
+                // Without the bound the derivation runs on a blocking thread: do not
+                // wait for it when the runtime goes.
+                rt.shutdown_background();
+                panic!("open with {field} = {value} did not return in 20 s");
+            }
+        };
+        assert!(matches!(err, RepoError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(expect), "{err}");
+        rt.block_on(edit_config(&fx, |c| {
+            c["encryption"]["kdf"][field] = original
+        }));
+    }
+    rt.block_on(async {
+        Repository::open(fx.loc.clone(), pass()).await.unwrap();
+        fx.cleanup().await;
+    });
+}
+
+/// An unencrypted meta blob around `payload` (magic, CRC32 of the rest, payload).
+fn plain_meta(payload: &[u8]) -> Bytes {
+    let mut out = MAGIC_META_PLAIN.to_vec();
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// A manifest (unencrypted repositories only have a CRC) naming `config` as its index:
+/// prune forgets the backup and deletes the backup's own index, never `config`.
+fn prune_deletes_only_keys_it_derives(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::ZERO).await;
+        let a = backup_full(&repo, "vm", &noise(30, 2 * CS as usize)).await;
+        let b = backup_full(&repo, "vm", &noise(31, 2 * CS as usize)).await;
+        let be = repo.backend().clone();
+        let key = format!("snapshots/{}/manifest", a.id);
+        let blob = be.get(&key).await.unwrap().unwrap();
+        let mut m: serde_json::Value = serde_json::from_slice(&blob[12..]).unwrap();
+        m["disks"][0]["index"] = "config".into();
+        be.put(&key, plain_meta(&serde_json::to_vec(&m).unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(repo.manifest(&a.id).await.unwrap().disks[0].index, "config");
+        let policy = KeepPolicy {
+            last: Some(1),
+            ..Default::default()
+        };
+        let d = repo.prune(&policy, None, false).await.unwrap();
+        assert_eq!(d.iter().filter(|d| !d.keep).count(), 1, "{d:?}");
+        assert!(
+            be.head("config").await.unwrap().is_some(),
+            "prune deleted config"
+        );
+        let a_index = format!("snapshots/{}/vda.fidx", a.id);
+        assert!(
+            be.head(&a_index).await.unwrap().is_none(),
+            "index left behind"
+        );
+        let repo = Repository::open(fx.loc.clone(), None).await.unwrap();
+        let ids: Vec<_> = repo
+            .snapshots()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, vec![b.id.clone()]);
+        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        fx.cleanup().await;
+    })
+}
+
+/// One corrupt manifest: listing and prune go on without it and name it, GC refuses to
+/// sweep and says how to forget it, forget removes it (refusing while protected).
+fn unreadable_manifest_is_isolated(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = new_repo(
+            &fx,
+            Some(KeySource::KeyFile(tmp.path().join("k"))),
+            Duration::ZERO,
+        )
+        .await;
+        let a1 = backup_full(&repo, "vm1", &noise(40, 2 * CS as usize)).await;
+        let bad = backup_full(&repo, "vm1", &noise(41, 2 * CS as usize)).await;
+        let a2 = backup_full(&repo, "vm1", &noise(42, 2 * CS as usize)).await;
+        let c = backup_full(&repo, "vm2", &noise(43, 2 * CS as usize)).await;
+        let be = repo.backend().clone();
+        let key = format!("snapshots/{}/manifest", bad.id);
+        let mut blob = be.get(&key).await.unwrap().unwrap().to_vec();
+        let mid = blob.len() / 2;
+        blob[mid] ^= 0x01;
+        be.put(&key, Bytes::from(blob)).await.unwrap();
+
+        let listing = repo.list_snapshots().await.unwrap();
+        let ids: Vec<_> = listing.snapshots.iter().map(|s| s.id.clone()).collect();
+        assert_eq!(ids, vec![a1.id.clone(), a2.id.clone(), c.id.clone()]);
+        assert_eq!(listing.unreadable.len(), 1);
+        assert_eq!(listing.unreadable[0].id, bad.id);
+        assert!(
+            listing.unreadable[0].error.contains("manifest"),
+            "{:?}",
+            listing.unreadable
+        );
+        assert_eq!(repo.snapshots().await.unwrap().len(), 3);
+
+        let policy = KeepPolicy {
+            last: Some(1),
+            ..Default::default()
+        };
+        let report = repo.prune_report(&policy, None, false).await.unwrap();
+        assert_eq!(report.unreadable, listing.unreadable);
+        let removed: Vec<_> = report
+            .decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .map(|d| d.id.clone())
+            .collect();
+        assert_eq!(removed, vec![a1.id.clone()]);
+        assert!(report.decisions.iter().all(|d| d.id != bad.id));
+
+        let gc = GcOptions {
+            grace: Duration::ZERO,
+            dry_run: false,
+        };
+        let err = repo.gc(gc).await.unwrap_err();
+        assert!(matches!(err, RepoError::UnreadableBackup { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("virtkeep forget {}", bad.id)),
+            "{err}"
+        );
+
+        be.put(
+            &format!("snapshots/{}/protected", bad.id),
+            Bytes::from_static(b"1"),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            repo.forget(&bad.id).await,
+            Err(RepoError::Protected(_))
+        ));
+        be.delete(&format!("snapshots/{}/protected", bad.id))
+            .await
+            .unwrap();
+        repo.forget(&bad.id).await.unwrap();
+        assert!(repo.list_snapshots().await.unwrap().unreadable.is_empty());
+        let objs = fx.all_objects().await;
+        assert!(!objs.iter().any(|(k, _)| k.contains(&bad.id)), "{objs:?}");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let g = repo.gc(gc).await.unwrap();
+        assert!(g.chunks_removed >= 2, "{g:?}");
+        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        assert_eq!(
+            restore(&repo, &a2.id, "vda").await,
+            noise(42, 2 * CS as usize)
+        );
+        fx.cleanup().await;
+    })
+}
+
+/// `.tmp-*` objects of writes that died half-way are removed by GC once older than its
+/// cutoff (listings never show them).
+fn gc_collects_stale_temp_objects(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::ZERO).await;
+        let a = backup_full(&repo, "vm", &noise(50, 2 * CS as usize)).await;
+        let be = repo.backend().clone();
+        let temps = [
+            "chunks/abc/.tmp-abcdef-0123",
+            "snapshots/x/.tmp-manifest-4567",
+            ".tmp-config-89ab",
+        ];
+        for t in temps {
+            be.put(t, Bytes::from_static(b"half")).await.unwrap();
+        }
+        assert!(
+            !fx.all_objects()
+                .await
+                .iter()
+                .any(|(k, _)| k.contains(".tmp-"))
+        );
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let mut gc = GcOptions {
+            grace: Duration::ZERO,
+            dry_run: true,
+        };
+        assert_eq!(repo.gc(gc).await.unwrap().temp_removed, 3);
+        assert!(
+            be.head(temps[0]).await.unwrap().is_some(),
+            "dry run deleted"
+        );
+        gc.dry_run = false;
+        let g = repo.gc(gc).await.unwrap();
+        assert_eq!(g.temp_removed, 3, "{g:?}");
+        assert_eq!(g.chunks_removed, 0, "{g:?}");
+        for t in temps {
+            assert!(be.head(t).await.unwrap().is_none(), "{t} left");
+        }
+        // A recent one stays.
+        gc.grace = Duration::from_secs(3600);
+        be.put(temps[0], Bytes::from_static(b"half")).await.unwrap();
+        assert_eq!(repo.gc(gc).await.unwrap().temp_removed, 0);
+        assert!(be.head(temps[0]).await.unwrap().is_some());
+        assert_eq!(
+            restore(&repo, &a.id, "vda").await,
+            noise(50, 2 * CS as usize)
+        );
+        fx.cleanup().await;
+    })
+}
+
+async fn leases(fx: &Fx) -> Vec<String> {
+    fx.all_objects()
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("locks/backup-"))
+        .collect()
+}
+
+/// A backup that fails (its writer dropped mid-way, or `finish` refusing) releases its
+/// lease at once: its base can be forgotten and GC's cutoff is not held back.
+fn failed_backup_releases_its_lease(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::ZERO).await;
+        let a = backup_full(&repo, "vm", &noise(60, 2 * CS as usize)).await;
+        let ix = repo.fixed_index(&a.id, "vda").await.unwrap();
+        let w = repo
+            .begin_backup(meta("vm", Some(a.id.clone())))
+            .await
+            .unwrap();
+        let d = w.disk(spec("vda", 2 * CS), Some(&ix)).await.unwrap();
+        d.write_chunk(0, Bytes::from(noise(61, CS as usize)))
+            .await
+            .unwrap();
+        assert_eq!(leases(&fx).await.len(), 1);
+        assert!(matches!(
+            repo.forget(&a.id).await,
+            Err(RepoError::InUse { .. })
+        ));
+        drop(d);
+        drop(w); // the engine's `?` on a failed export
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !leases(&fx).await.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lease kept: {:?}",
+                leases(&fx).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // finish refusing to publish releases it too
+        let w2 = repo.begin_backup(meta("vm", None)).await.unwrap();
+        let _d2 = w2.disk(spec("vda", CS), None).await.unwrap();
+        assert!(matches!(
+            w2.finish(serde_json::Value::Null).await,
+            Err(RepoError::WriterState(_))
+        ));
+        assert!(leases(&fx).await.is_empty(), "{:?}", leases(&fx).await);
+        repo.forget(&a.id).await.unwrap();
+        fx.cleanup().await;
+    })
+}
+
+/// Directories 0700 and objects 0600 whatever the umask (filesystem only: S3 has no
+/// modes), and a warning when an existing repository is open to others.
+#[test]
+fn repository_is_private_under_umask_022() {
+    use std::os::unix::fs::PermissionsExt;
+    set_umask(0o022);
+    rt().block_on(async {
+        let fx = fx(Kind::Fs);
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = new_repo(
+            &fx,
+            Some(KeySource::KeyFile(tmp.path().join("k"))),
+            Duration::ZERO,
+        )
+        .await;
+        backup_full(&repo, "vm", &noise(70, 3 * CS as usize)).await;
+        let Location::Local { path: root, .. } = fx.loc.clone() else {
+            unreachable!()
+        };
+        let mut stack = vec![root.clone()];
+        let (mut dirs, mut files) = (0, 0);
+        while let Some(dir) = stack.pop() {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", dir.display());
+            dirs += 1;
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+                    assert_eq!(mode, 0o600, "{}", e.path().display());
+                    files += 1;
+                }
+            }
+        }
+        assert!(dirs >= 4 && files >= 5, "{dirs} dirs, {files} files");
+        let key = Some(KeySource::KeyFile(tmp.path().join("k")));
+        let r = Repository::open(fx.loc.clone(), key.clone()).await.unwrap();
+        assert!(r.warnings().is_empty(), "{:?}", r.warnings());
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let r = Repository::open(fx.loc.clone(), key).await.unwrap();
+        assert_eq!(r.warnings().len(), 1);
+        assert!(
+            r.warnings()[0].contains("chmod -R go-rwx"),
+            "{:?}",
+            r.warnings()
+        );
+    })
+}
+
+/// `umask(2)`: process-wide, and nextest runs every test in its own process.
+#[allow(unsafe_code)]
+fn set_umask(mask: libc::mode_t) {
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe {
+        libc::umask(mask);
+    }
+}

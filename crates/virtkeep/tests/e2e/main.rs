@@ -7,6 +7,7 @@ mod harness;
 mod backup_restore;
 mod daemon;
 mod failures;
+mod hardening;
 mod hosts;
 mod incremental;
 mod lvm_host;
