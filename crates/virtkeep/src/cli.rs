@@ -45,6 +45,12 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Remove backups by retention policy
     Prune(PruneArgs),
+    /// Remove one or more backups (refuses protected ones); `gc` frees their chunks
+    Forget(SnapshotIdsArgs),
+    /// Protect backups from forget and prune
+    Protect(SnapshotIdsArgs),
+    /// Remove the protection of backups
+    Unprotect(SnapshotIdsArgs),
     /// Free chunks no backup references any more
     Gc(GcArgs),
     /// Return VMs to their own files and remove what killed jobs left on a host
@@ -243,6 +249,18 @@ pub struct BackupArgs {
 pub struct SnapshotsArgs {
     /// Only backups of HOST or HOST/VM
     pub filter: Option<String>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Times in UTC instead of the local time zone
+    #[arg(long)]
+    pub utc: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotIdsArgs {
+    /// Backup ids (from `virtkeep snapshots`)
+    #[arg(required = true)]
+    pub snapshots: Vec<String>,
     #[command(flatten)]
     pub repo: RepoArgs,
 }

@@ -13,7 +13,8 @@ use virtkeep_engine::{Error as EngineError, heal, inventory};
 
 use crate::cli::*;
 use crate::output::{human_bytes, print_json, progress};
-use crate::settings::Settings;
+use crate::settings::{Settings, repo_err};
+use virtkeep_repo::RepoError;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::load(cli.config.as_deref())?;
@@ -30,6 +31,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => restore_cmd(&settings, args, json).await,
         Command::Verify(args) => verify(&settings, args, json).await,
         Command::Prune(args) => prune(&settings, args, json).await,
+        Command::Forget(args) => crate::manage::forget(&settings, args, json).await,
+        Command::Protect(args) => crate::manage::protect(&settings, args, true, json).await,
+        Command::Unprotect(args) => crate::manage::protect(&settings, args, false, json).await,
         Command::Gc(args) => gc(&settings, args, json).await,
         Command::Cleanup(args) => cleanup(&settings, args, json).await,
         Command::Daemon => crate::daemon::daemon(&settings).await,
@@ -345,7 +349,7 @@ async fn repo_init(
     let loc = settings.location(&location, settings.config.repository.as_ref())?;
     let repo = virtkeep_repo::Repository::init(loc, opts)
         .await
-        .map_err(EngineError::from)?;
+        .map_err(|e| crate::settings::repo_error(e, &location))?;
     if settings.config.repository.is_none() {
         settings.config.repository = Some(RepositoryConfig {
             location: location.clone(),
@@ -411,6 +415,7 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
     let progress = progress(json);
     let mut results = Vec::new();
     let mut failures = 0;
+    let mut interrupted = false;
     for (host_name, vm) in &targets {
         let res = async {
             let connecting = std::time::Instant::now();
@@ -461,22 +466,22 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
             }
             Err(e) => {
                 failures += 1;
+                let code = crate::output::exit_code(&e);
+                interrupted |= code == crate::output::exit::INTERRUPTED;
                 if json {
-                    let engine = e.downcast_ref::<EngineError>();
                     results.push(serde_json::json!({
-                        "host": host_name, "vm": vm,
-                        "error": { "kind": engine.map(|e| e.kind), "message": format!("{e:#}"), "hint": engine.and_then(|e| e.hint.clone()) }
+                        "host": host_name, "vm": vm, "error": crate::output::error_json(&e),
                     }));
                 } else if targets.len() == 1 {
                     return Err(e);
                 } else {
-                    eprintln!("{host_name}/{vm}: error: {e:#}");
-                    if let Some(h) = e
-                        .downcast_ref::<EngineError>()
-                        .and_then(|e| e.hint.as_ref())
-                    {
+                    eprintln!("{host_name}/{vm}: error: {}", crate::output::message(&e));
+                    if let Some(h) = crate::output::hint(&e) {
                         eprintln!("  hint: {h}");
                     }
+                }
+                if interrupted {
+                    break;
                 }
             }
         }
@@ -484,10 +489,17 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
     if json {
         print_json(&results)?;
     }
-    Ok(if failures > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
+    Ok(backup_exit_code(failures, targets.len(), interrupted))
+}
+
+/// 0 all done, 130 interrupted, 3 some of several VMs failed, 1 all failed.
+fn backup_exit_code(failures: usize, total: usize, interrupted: bool) -> ExitCode {
+    use crate::output::exit;
+    ExitCode::from(match failures {
+        _ if interrupted => exit::INTERRUPTED,
+        0 => 0,
+        f if f < total => exit::PARTIAL,
+        _ => exit::FAILED,
     })
 }
 
@@ -497,7 +509,7 @@ async fn snapshots(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
-    let mut list = repo.snapshots().await.map_err(EngineError::from)?;
+    let mut list = repo.snapshots().await.map_err(repo_err)?;
     if let Some(f) = &args.filter {
         let (h, v) = f
             .split_once('/')
@@ -507,25 +519,13 @@ async fn snapshots(
     }
     if json {
         print_json(&list)?;
-    } else {
-        for s in &list {
-            let time = s
-                .time
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default();
-            println!(
-                "{}  {}  {}/{}  {}  disks {}  size {}  new {}{}",
-                s.id,
-                time,
-                s.host,
-                s.vm,
-                s.mode,
-                s.disks.join(","),
-                human_bytes(s.size),
-                human_bytes(s.bytes_new),
-                if s.protected { "  protected" } else { "" }
-            );
+    } else if list.is_empty() {
+        match &args.filter {
+            Some(f) => println!("no backups of {f}"),
+            None => println!("no backups"),
         }
+    } else {
+        print!("{}", crate::output::snapshot_table(&list, args.utc));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -592,10 +592,19 @@ async fn restore_cmd(
 async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let selection = match args.snapshot {
-        Some(id) => virtkeep_repo::VerifySelection::Snapshots(vec![id]),
+        Some(id) => {
+            // An unknown id is an error of its own, not a "broken backup"; a damaged
+            // manifest is for verify to report.
+            if let Err(e @ (RepoError::SnapshotNotFound(_) | RepoError::InvalidArgument(_))) =
+                repo.manifest(&id).await
+            {
+                return Err(repo_err(e).into());
+            }
+            virtkeep_repo::VerifySelection::Snapshots(vec![id])
+        }
         None => virtkeep_repo::VerifySelection::All,
     };
-    let report = repo.verify(selection).await.map_err(EngineError::from)?;
+    let report = repo.verify(selection).await.map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {
@@ -651,7 +660,7 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
     let decisions = repo
         .prune(&policy, None, args.dry_run)
         .await
-        .map_err(EngineError::from)?;
+        .map_err(repo_err)?;
     if json {
         print_json(&decisions)?;
     } else {
@@ -681,7 +690,7 @@ async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<Exi
             dry_run: args.dry_run,
         })
         .await
-        .map_err(EngineError::from)?;
+        .map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {

@@ -1,10 +1,13 @@
 //! virtkeep: agentless backup and restore of libvirt VMs over SSH.
 //!
-//! Exit codes: 0 success, 1 the job failed, 2 usage or configuration error.
+//! Exit codes (docs/cli.md): 0 success, 1 failed, 2 usage or configuration error,
+//! 3 some of several VMs failed, 10 repository missing, 11 repository locked,
+//! 12 wrong key or password, 130 interrupted.
 
 mod cli;
 mod commands;
 mod daemon;
+mod manage;
 mod output;
 mod settings;
 
@@ -41,7 +44,23 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.json;
-    match runtime.block_on(commands::run(cli)) {
+    // `backup` heals the VM itself on Ctrl-C and the daemon drains its jobs on a signal;
+    // any other command just stops where it is (nothing it does needs undoing).
+    let own_signals = matches!(cli.command, cli::Command::Backup(_) | cli::Command::Daemon);
+    let result = runtime.block_on(async move {
+        if own_signals {
+            return commands::run(cli).await;
+        }
+        tokio::select! {
+            r = commands::run(cli) => r,
+            _ = tokio::signal::ctrl_c() => Err(virtkeep_engine::Error::new(
+                virtkeep_engine::ErrorKind::Interrupted,
+                "interrupted",
+            )
+            .into()),
+        }
+    });
+    match result {
         Ok(code) => code,
         Err(err) => output::report_error(&err, json),
     }

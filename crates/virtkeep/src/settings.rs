@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use virtkeep_engine::Error as EngineError;
 use virtkeep_engine::config::{Config, RepositoryConfig};
-use virtkeep_repo::{KeySource, Location, Repository, S3Options};
+use virtkeep_repo::{KeySource, Location, RepoError, Repository, S3Options};
 
 use crate::cli::RepoArgs;
 
@@ -175,17 +175,54 @@ impl Settings {
         let location = self.location(&rc.location, Some(&rc))?;
         let key = Self::key_source(rc.key_file.as_deref(), rc.passphrase_env.as_deref())?;
         Repository::open(location, key).await.map_err(|e| {
-            let hint = format!(
-                "create it with `virtkeep repo init {}`, or name another with --repo",
-                rc.location
-            );
-            let err = EngineError::from(e);
-            let err = if err.hint.is_none() {
-                err.hint(hint)
+            let err = repo_error(e, &rc.location);
+            // Most repository errors name the location already.
+            if err.message.contains(&rc.location) {
+                err.into()
             } else {
-                err
-            };
-            anyhow::Error::from(err.context(format!("repository {}", rc.location)))
+                err.context(format!("repository {}", rc.location)).into()
+            }
         })
+    }
+}
+
+/// [`repo_error`] for operations on an open repository (which is never missing).
+pub fn repo_err(e: RepoError) -> EngineError {
+    repo_error(e, "LOCATION")
+}
+
+/// A repository error with the hint that fits it: the one place that says what to do,
+/// so that a wrong key is never answered with "create it".
+pub fn repo_error(e: RepoError, location: &str) -> EngineError {
+    let hint = match &e {
+        RepoError::NotARepository(_) => Some(format!(
+            "create it with `virtkeep repo init {location}`, or name another with --repo or VIRTKEEP_REPOSITORY"
+        )),
+        RepoError::KeyRequired { message, .. } if message.contains("not encrypted") => Some(
+            "this repository has no key: leave out --key-file and the password options".into(),
+        ),
+        RepoError::WrongKey { .. } | RepoError::KeyRequired { .. } => Some(
+            "give the repository's key file (--key-file) or its password (--password-file, \
+             --password-command, VIRTKEEP_PASSWORD_FILE, --passphrase-env, or the prompt on a terminal)"
+                .into(),
+        ),
+        RepoError::GcRunning { .. } => {
+            Some("another `virtkeep gc` is running; try again when it has finished".into())
+        }
+        RepoError::InUse { .. } => {
+            Some("a running backup builds on it; try again when that backup has finished".into())
+        }
+        RepoError::SnapshotNotFound(_) => {
+            Some("`virtkeep snapshots` lists the backups and their ids".into())
+        }
+        RepoError::Protected(id) => Some(format!(
+            "`virtkeep unprotect {id}` first if it really is to go"
+        )),
+        _ => None,
+    };
+    let err = EngineError::from(e);
+    match hint {
+        Some(h) if err.hint.is_none() => err.hint(h),
+        _ => err,
     }
 }

@@ -5,6 +5,7 @@
 mod harness;
 
 mod backup_restore;
+mod cli;
 mod daemon;
 mod failures;
 mod hosts;

@@ -96,7 +96,7 @@ fn encrypted_repository_verify_prune_gc() {
         ])
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(12));
     assert!(
         String::from_utf8_lossy(&out.stderr)
             .to_lowercase()
