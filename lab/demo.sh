@@ -101,7 +101,7 @@ vk host trust lab --fingerprint "$fingerprint"
 step "main job: preflight"
 vk host check lab
 
-step "main job: create the repository (embedded default location)"
+step "main job: create the repository (embedded default location, encrypted with a new key file)"
 vk repo init
 
 step "main job: the VMs on the host"

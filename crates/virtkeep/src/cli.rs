@@ -156,18 +156,61 @@ pub enum VmCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum RepoCommand {
-    /// Create a repository (a directory, or s3://bucket/prefix)
+    /// Create a repository (a directory, or s3://bucket/prefix), encrypted by default
     Init(RepoInitArgs),
+    /// The repository's key: export a copy, change the password or key file
+    #[command(subcommand)]
+    Key(RepoKeyCommand),
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Subcommand, Debug)]
+pub enum RepoKeyCommand {
+    /// Write the repository's wrapped master key (its `config` object) to a new file
+    Export(RepoKeyExportArgs),
+    /// Re-wrap the master key with a new password or key file
+    ChangePassphrase(RepoKeyChangeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RepoKeyExportArgs {
+    /// File to create (mode 0600; an existing file is not overwritten)
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RepoKeyChangeArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Unlock with this key file from now on (created when it does not exist)
+    #[arg(long, conflicts_with_all = ["new_password_file", "new_password_command"])]
+    pub new_key_file: Option<PathBuf>,
+    /// Unlock with the password in this file from now on
+    #[arg(long, conflicts_with = "new_password_command")]
+    pub new_password_file: Option<PathBuf>,
+    /// Unlock with the password this command prints from now on
+    #[arg(long)]
+    pub new_password_command: Option<String>,
+}
+
+/// The repository and its key. The key is taken from the first of: --key-file,
+/// --password-file, --password-command, --passphrase-env; else from the config file;
+/// else asked for on a terminal.
+#[derive(Args, Debug, Clone, Default)]
 pub struct RepoArgs {
     /// Repository location [default: the config file's, else ~/.local/share/virtkeep/repo]
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "VIRTKEEP_REPOSITORY")]
     pub repo: Option<String>,
     /// Key file of an encrypted repository
     #[arg(long, global = true)]
     pub key_file: Option<PathBuf>,
+    /// File whose first line is the repository's password
+    #[arg(long, global = true, env = "VIRTKEEP_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Command (sh -c) that prints the repository's password
+    #[arg(long, global = true, env = "VIRTKEEP_PASSWORD_COMMAND")]
+    pub password_command: Option<String>,
     /// Variable holding the passphrase of an encrypted repository
     #[arg(long, global = true)]
     pub passphrase_env: Option<String>,
@@ -176,10 +219,19 @@ pub struct RepoArgs {
 #[derive(Args, Debug)]
 pub struct RepoInitArgs {
     pub location: Option<String>,
-    #[arg(long, value_enum, default_value = "none")]
+    /// `none` for a repository anyone who can read it can read
+    #[arg(long, value_enum, default_value = "aes-256-gcm")]
     pub encryption: Encryption,
+    /// Key file to create [default: keys/repo-XXXXXXXX.key beside the config file,
+    /// unless a password option is given]
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// File whose first line is the password
+    #[arg(long, env = "VIRTKEEP_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Command (sh -c) that prints the password
+    #[arg(long, env = "VIRTKEEP_PASSWORD_COMMAND")]
+    pub password_command: Option<String>,
     #[arg(long)]
     pub passphrase_env: Option<String>,
     /// Chunk size in MiB

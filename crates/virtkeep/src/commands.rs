@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use virtkeep_engine::backup::{BackupOptions, BaseOnHost, ModeRequest, Transport, backup_vm};
-use virtkeep_engine::config::{CephConfig, HostConfig, RepositoryConfig};
+use virtkeep_engine::config::{CephConfig, HostConfig};
 use virtkeep_engine::host::Host;
 use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
 use virtkeep_engine::{Error as EngineError, heal, inventory};
@@ -25,7 +25,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Host(HostCommand::Check { name }) => host_check(&settings, &name, json).await,
         Command::Host(HostCommand::List) => host_list(&settings, json),
         Command::Vm(VmCommand::List { host }) => vm_list(&settings, host.as_deref(), json).await,
-        Command::Repo(RepoCommand::Init(args)) => repo_init(&mut settings, args, json).await,
+        Command::Repo(RepoCommand::Init(args)) => {
+            crate::repo_cmds::init(&mut settings, args, json).await
+        }
+        Command::Repo(RepoCommand::Key(RepoKeyCommand::Export(args))) => {
+            crate::repo_cmds::key_export(&settings, args).await
+        }
+        Command::Repo(RepoCommand::Key(RepoKeyCommand::ChangePassphrase(args))) => {
+            crate::repo_cmds::key_change(&mut settings, args, json).await
+        }
         Command::Backup(args) => backup(&settings, args, json).await,
         Command::Snapshots(args) => snapshots(&settings, args, json).await,
         Command::Restore(args) => restore_cmd(&settings, args, json).await,
@@ -308,68 +316,6 @@ async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow:
                 );
             }
         }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn repo_init(
-    settings: &mut Settings,
-    args: RepoInitArgs,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let location = args
-        .location
-        .clone()
-        .unwrap_or_else(crate::settings::default_repo_location);
-    let encryption = match args.encryption {
-        Encryption::None => {
-            if args.key_file.is_some() || args.passphrase_env.is_some() {
-                return Err(EngineError::config(
-                    "--key-file/--passphrase-env need --encryption aes-256-gcm",
-                )
-                .into());
-            }
-            None
-        }
-        Encryption::Aes256Gcm => Some(
-            Settings::key_source(args.key_file.as_deref(), args.passphrase_env.as_deref())?
-                .ok_or_else(|| {
-                    EngineError::config(
-                        "--encryption aes-256-gcm needs --key-file FILE or --passphrase-env VAR",
-                    )
-                })?,
-        ),
-    };
-    let opts = virtkeep_repo::InitOptions {
-        chunk_size: args.chunk_size_mib << 20,
-        zstd_level: args.zstd_level,
-        encryption,
-        ..virtkeep_repo::InitOptions::default()
-    };
-    let loc = settings.location(&location, settings.config.repository.as_ref())?;
-    let repo = virtkeep_repo::Repository::init(loc, opts)
-        .await
-        .map_err(|e| crate::settings::repo_error(e, &location))?;
-    if settings.config.repository.is_none() {
-        settings.config.repository = Some(RepositoryConfig {
-            location: location.clone(),
-            key_file: args.key_file.clone(),
-            passphrase_env: args.passphrase_env.clone(),
-            s3_endpoint: None,
-            s3_region: None,
-        });
-        settings.save()?;
-    }
-    if json {
-        print_json(
-            &serde_json::json!({ "location": location, "id": repo.id(), "encrypted": repo.is_encrypted(), "chunk_size": repo.chunk_size() }),
-        )?;
-    } else {
-        println!(
-            "initialised repository {location} ({}encrypted, {} MiB chunks)",
-            if repo.is_encrypted() { "" } else { "not " },
-            repo.chunk_size() >> 20
-        );
     }
     Ok(ExitCode::SUCCESS)
 }

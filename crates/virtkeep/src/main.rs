@@ -7,8 +7,10 @@
 mod cli;
 mod commands;
 mod daemon;
+mod keys;
 mod manage;
 mod output;
+mod repo_cmds;
 mod settings;
 
 use std::process::ExitCode;

@@ -8,6 +8,7 @@ use virtkeep_engine::config::{Config, RepositoryConfig};
 use virtkeep_repo::{KeySource, Location, RepoError, Repository, S3Options};
 
 use crate::cli::RepoArgs;
+use crate::keys::{self, KeyChoice};
 
 fn home() -> PathBuf {
     std::env::var_os("HOME")
@@ -93,14 +94,13 @@ impl Settings {
 
     /// The repository commands use without `--repo` (the config's, else the embedded default).
     pub fn default_repository(&self) -> RepositoryConfig {
-        self.repo_config(&RepoArgs {
-            repo: None,
-            key_file: None,
-            passphrase_env: None,
-        })
+        self.repo_config(&RepoArgs::default()).0
     }
 
-    fn repo_config(&self, args: &RepoArgs) -> RepositoryConfig {
+    /// The repository to open and where its key comes from: the command line's key
+    /// options replace the configuration's; another location than the configuration's
+    /// takes none of its key settings.
+    fn repo_config(&self, args: &RepoArgs) -> (RepositoryConfig, KeyChoice) {
         let mut rc = self.config.repository.clone().unwrap_or(RepositoryConfig {
             location: default_repo_location(),
             key_file: None,
@@ -108,23 +108,33 @@ impl Settings {
             s3_endpoint: None,
             s3_region: None,
         });
-        if let Some(loc) = &args.repo
-            && *loc != rc.location
-        {
-            rc = RepositoryConfig {
-                location: loc.clone(),
-                key_file: None,
-                passphrase_env: None,
-                ..rc
-            };
+        if let Some(loc) = &args.repo {
+            let loc = keys::absolute_location(loc);
+            if loc != rc.location {
+                rc = RepositoryConfig {
+                    location: loc,
+                    key_file: None,
+                    passphrase_env: None,
+                    ..rc
+                };
+            }
         }
-        if args.key_file.is_some() {
-            rc.key_file = args.key_file.clone();
-        }
-        if args.passphrase_env.is_some() {
-            rc.passphrase_env = args.passphrase_env.clone();
-        }
-        rc
+        let given = KeyChoice {
+            key_file: args.key_file.as_deref().map(keys::absolute),
+            password_file: args.password_file.clone(),
+            password_command: args.password_command.clone(),
+            passphrase_env: args.passphrase_env.clone(),
+        };
+        let choice = if given.is_empty() {
+            KeyChoice {
+                key_file: rc.key_file.clone(),
+                passphrase_env: rc.passphrase_env.clone(),
+                ..KeyChoice::default()
+            }
+        } else {
+            given
+        };
+        (rc, choice)
     }
 
     pub fn location(
@@ -153,28 +163,21 @@ impl Settings {
         })
     }
 
-    pub fn key_source(
-        key_file: Option<&Path>,
-        passphrase_env: Option<&str>,
-    ) -> anyhow::Result<Option<KeySource>> {
-        if let Some(f) = key_file {
-            return Ok(Some(KeySource::KeyFile(f.to_path_buf())));
-        }
-        if let Some(var) = passphrase_env {
-            let p = std::env::var(var).map_err(|_| {
-                EngineError::config(format!("the passphrase variable {var} is not set"))
-                    .hint(format!("export {var}=… before running virtkeep"))
-            })?;
-            return Ok(Some(KeySource::Passphrase(p)));
-        }
-        Ok(None)
-    }
-
     pub async fn open_repo(&self, args: &RepoArgs) -> anyhow::Result<Repository> {
-        let rc = self.repo_config(args);
+        let (rc, choice) = self.repo_config(args);
         let location = self.location(&rc.location, Some(&rc))?;
-        let key = Self::key_source(rc.key_file.as_deref(), rc.passphrase_env.as_deref())?;
-        Repository::open(location, key).await.map_err(|e| {
+        let key = choice.resolve().await?;
+        let may_prompt = key.is_none() && keys::can_prompt();
+        let opened = match Repository::open(location.clone(), key).await {
+            // Encrypted, and nothing said how to unlock it: ask, as restic and borg do.
+            Err(RepoError::KeyRequired { .. }) if may_prompt => {
+                let prompt = format!("password for repository {}: ", rc.location);
+                let password = keys::prompt(&prompt)?;
+                Repository::open(location, Some(KeySource::Passphrase(password))).await
+            }
+            other => other,
+        };
+        opened.map_err(|e| {
             let err = repo_error(e, &rc.location);
             // Most repository errors name the location already.
             if err.message.contains(&rc.location) {

@@ -10,6 +10,7 @@ mod daemon;
 mod failures;
 mod hosts;
 mod incremental;
+mod keys;
 mod lvm_host;
 mod rbd;
 mod repository;

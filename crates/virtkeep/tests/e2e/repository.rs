@@ -199,7 +199,9 @@ fn backup_into_s3_on_ceph_rgw() {
     };
     let mut c = node.cmd();
     s3(&mut c);
-    c.args(["repo", "init", &location]).assert().success();
+    c.args(["repo", "init", &location, "--encryption", "none"])
+        .assert()
+        .success();
     let mut c = node.cmd();
     s3(&mut c);
     let out = c
