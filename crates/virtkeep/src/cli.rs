@@ -62,6 +62,14 @@ pub enum Command {
     /// Backup policies from the configuration file
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print the shell completion script (e.g. `virtkeep completions bash >
+    /// /etc/bash_completion.d/virtkeep`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (virtkeep.1, virtkeep-backup.1, …) into DIR
+    Man { dir: PathBuf },
 }
 
 #[derive(Args, Debug)]

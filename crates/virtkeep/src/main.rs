@@ -29,6 +29,21 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Neither needs the configuration (a broken one must not stop them) nor a runtime.
+    match &cli.command {
+        cli::Command::Completions { shell } => {
+            let mut cmd = <cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "virtkeep", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        cli::Command::Man { dir } => {
+            return match write_man_pages(dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => output::report_error(&e, cli.json),
+            };
+        }
+        _ => {}
+    }
     // The daemon logs what it does by default: its log is its user interface.
     let verbose = match cli.command {
         cli::Command::Daemon => cli.verbose.max(1),
@@ -66,4 +81,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => output::report_error(&err, json),
     }
+}
+
+/// One page per command and subcommand (virtkeep.1, virtkeep-repo-init.1, …).
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = <cli::Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd, dir).with_context(|| format!("writing into {}", dir.display()))
 }

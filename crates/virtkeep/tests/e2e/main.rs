@@ -6,6 +6,7 @@ mod harness;
 
 mod backup_restore;
 mod cli;
+mod completions;
 mod daemon;
 mod failures;
 mod hosts;
