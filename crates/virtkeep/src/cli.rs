@@ -103,8 +103,10 @@ pub enum PolicyCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum HostCommand {
-    /// Add (or update) a host in the configuration
+    /// Add a host, or update what is given of an existing one
     Add(Box<HostAddArgs>),
+    /// Remove a host from the configuration (its pinned key stays in known_hosts)
+    Remove { name: String },
     /// Show the host's key fingerprint and pin it in the known_hosts file
     Trust(HostTrustArgs),
     /// Preflight: tools, versions, permissions, each with pass/fail and the fix
@@ -116,9 +118,9 @@ pub enum HostCommand {
 #[derive(Args, Debug)]
 pub struct HostAddArgs {
     pub name: String,
-    /// USER@ADDRESS[:PORT]
+    /// USER@ADDRESS[:PORT] (needed for a new host)
     #[arg(long)]
-    pub ssh: String,
+    pub ssh: Option<String>,
     /// Private key file
     #[arg(long, conflicts_with_all = ["password_env", "agent"])]
     pub identity: Option<PathBuf>,
@@ -132,10 +134,14 @@ pub struct HostAddArgs {
     #[arg(long)]
     pub known_hosts: Option<PathBuf>,
     /// Run host commands through sudo -n
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_sudo")]
     pub sudo: bool,
-    #[arg(long, default_value = "qemu:///system")]
-    pub libvirt_uri: String,
+    /// Run host commands as the SSH user (undoes --sudo)
+    #[arg(long)]
+    pub no_sudo: bool,
+    /// [default for a new host: qemu:///system]
+    #[arg(long)]
+    pub libvirt_uri: Option<String>,
     #[arg(long, requires = "qemu_group")]
     pub qemu_user: Option<String>,
     #[arg(long, requires = "qemu_user")]

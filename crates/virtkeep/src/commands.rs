@@ -21,6 +21,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.json;
     match cli.command {
         Command::Host(HostCommand::Add(args)) => host_add(&mut settings, *args, json),
+        Command::Host(HostCommand::Remove { name }) => host_remove(&mut settings, &name, json),
         Command::Host(HostCommand::Trust(args)) => host_trust(&settings, args, json).await,
         Command::Host(HostCommand::Check { name }) => host_check(&settings, &name, json).await,
         Command::Host(HostCommand::List) => host_list(&settings, json),
@@ -80,11 +81,61 @@ fn parse_ssh(spec: &str) -> anyhow::Result<(String, String, u16)> {
 }
 
 fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let (user, address, port) = parse_ssh(&args.ssh)?;
-    if args.identity.is_none() && args.password_env.is_none() && !args.agent {
+    let existing = settings.config.hosts.get(&args.name).cloned();
+    let existed = existing.is_some();
+    let mut host = match (existing, &args.ssh) {
+        (Some(h), _) => h,
+        (None, Some(_)) => HostConfig {
+            address: String::new(),
+            port: 22,
+            user: String::new(),
+            identity: None,
+            password_env: None,
+            agent: None,
+            known_hosts: None,
+            sudo: false,
+            libvirt_uri: "qemu:///system".into(),
+            qemu_user: None,
+            qemu_group: None,
+            ceph: None,
+            lvm: None,
+        },
+        (None, None) => {
+            return Err(EngineError::config(format!(
+                "host {} is new: give --ssh USER@ADDRESS[:PORT]",
+                args.name
+            ))
+            .into());
+        }
+    };
+    if !existed && args.identity.is_none() && args.password_env.is_none() && !args.agent {
         return Err(EngineError::config("no authentication method given")
             .hint("give --identity KEYFILE, --password-env VAR (the variable's name, not the password) or --agent")
             .into());
+    }
+    let name = args.name.clone();
+    apply_host_args(&mut host, args)?;
+    settings.config.hosts.insert(name.clone(), host);
+    settings.save()?;
+    if json {
+        print_json(
+            &serde_json::json!({ "host": name, "updated": existed, "config": settings.path }),
+        )?;
+    } else {
+        println!(
+            "{} host {name} in {}",
+            if existed { "updated" } else { "added" },
+            settings.path.display()
+        );
+        println!("next: `virtkeep host trust {name}` to pin its host key");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sets what the command line gives and leaves the rest as it was.
+fn apply_host_args(host: &mut HostConfig, args: HostAddArgs) -> anyhow::Result<()> {
+    if let Some(ssh) = &args.ssh {
+        (host.user, host.address, host.port) = parse_ssh(ssh)?;
     }
     if let Some(id) = &args.identity
         && !id.exists()
@@ -93,48 +144,46 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
             EngineError::config(format!("key file {} does not exist", id.display())).into(),
         );
     }
-    let identity = args
-        .identity
-        .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
-    let host = HostConfig {
-        address,
-        port,
-        user,
-        identity,
-        password_env: args.password_env,
-        agent: args.agent.then(String::new),
-        known_hosts: args.known_hosts,
-        sudo: args.sudo,
-        libvirt_uri: args.libvirt_uri,
-        qemu_user: args.qemu_user,
-        qemu_group: args.qemu_group,
-        ceph: match (args.ceph_conf, args.ceph_id, args.ceph_keyring) {
-            (Some(conf), Some(id), Some(keyring)) => Some(CephConfig { conf, id, keyring }),
-            _ => None,
-        },
-        lvm: settings.config.hosts.get(&args.name).and_then(|h| h.lvm),
-    };
-    let existed = settings
-        .config
-        .hosts
-        .insert(args.name.clone(), host)
-        .is_some();
+    // One authentication method: a new one replaces the old.
+    if args.identity.is_some() || args.password_env.is_some() || args.agent {
+        host.identity = args
+            .identity
+            .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+        host.password_env = args.password_env;
+        host.agent = args.agent.then(String::new);
+    }
+    if let Some(k) = args.known_hosts {
+        host.known_hosts = Some(crate::keys::absolute(&k));
+    }
+    if args.sudo || args.no_sudo {
+        host.sudo = args.sudo;
+    }
+    if let Some(uri) = args.libvirt_uri {
+        host.libvirt_uri = uri;
+    }
+    if let (Some(u), Some(g)) = (args.qemu_user, args.qemu_group) {
+        (host.qemu_user, host.qemu_group) = (Some(u), Some(g));
+    }
+    if let (Some(conf), Some(id), Some(keyring)) = (args.ceph_conf, args.ceph_id, args.ceph_keyring)
+    {
+        host.ceph = Some(CephConfig { conf, id, keyring });
+    }
+    Ok(())
+}
+
+fn host_remove(settings: &mut Settings, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    if settings.config.hosts.remove(name).is_none() {
+        return Err(
+            EngineError::config(format!("no host {name} in {}", settings.path.display()))
+                .hint("`virtkeep host list` shows the configured hosts")
+                .into(),
+        );
+    }
     settings.save()?;
     if json {
-        print_json(
-            &serde_json::json!({ "host": args.name, "updated": existed, "config": settings.path }),
-        )?;
+        print_json(&serde_json::json!({ "host": name, "removed": true, "config": settings.path }))?;
     } else {
-        println!(
-            "{} host {} in {}",
-            if existed { "updated" } else { "added" },
-            args.name,
-            settings.path.display()
-        );
-        println!(
-            "next: `virtkeep host trust {}` to pin its host key",
-            args.name
-        );
+        println!("removed host {name} from {}", settings.path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,7 @@
 
 mod cli;
 mod commands;
+mod configfile;
 mod daemon;
 mod keys;
 mod manage;

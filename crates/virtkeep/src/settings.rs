@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use virtkeep_engine::Error as EngineError;
 use virtkeep_engine::config::{Config, RepositoryConfig};
 use virtkeep_repo::{KeySource, Location, RepoError, Repository, S3Options};
@@ -16,11 +15,26 @@ fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
+/// The file root and the service user share with the daemon.
+pub const SYSTEM_CONFIG: &str = "/etc/virtkeep/config.toml";
+
+/// Root and the `virtkeep` service user use the node's file (the daemon's); other users
+/// their own in the XDG configuration directory.
 pub fn default_config_path() -> PathBuf {
+    if is_system_user() {
+        return PathBuf::from(SYSTEM_CONFIG);
+    }
     std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| home().join(".config"))
         .join("virtkeep/config.toml")
+}
+
+fn is_system_user() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective user.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    root || std::env::var("USER").is_ok_and(|u| u == "virtkeep")
 }
 
 /// The embedded default repository: a directory in the node user's data dir.
@@ -36,6 +50,9 @@ pub fn default_repo_location() -> String {
 pub struct Settings {
     pub path: PathBuf,
     pub config: Config,
+    /// The file as read, and what it said: `save` changes only what differs.
+    text: String,
+    loaded: Config,
 }
 
 impl Settings {
@@ -43,44 +60,34 @@ impl Settings {
         let path = explicit
             .map(Path::to_path_buf)
             .unwrap_or_else(default_config_path);
-        let config = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| {
-                EngineError::config(format!("{}: {}", path.display(), e.to_string().trim()))
-                    .hint("fix the file, or move it away to start from the defaults")
-            })?,
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
             // A missing file is an empty configuration: `host add` and `repo init` create it.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => {
                 return Err(
                     EngineError::config(format!("cannot read {}: {e}", path.display())).into(),
                 );
             }
         };
-        Ok(Settings { path, config })
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            EngineError::config(format!("{}: {}", path.display(), e.to_string().trim()))
+                .hint("fix the file, or move it away to start from the defaults")
+        })?;
+        Ok(Settings {
+            path,
+            loaded: config.clone(),
+            config,
+            text,
+        })
     }
 
-    /// Writes the file atomically (temp + rename), private to the user.
-    pub fn save(&self) -> anyhow::Result<()> {
-        let text = toml::to_string_pretty(&self.config).context("serialising the configuration")?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let tmp = self.path.with_extension("toml.tmp");
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("writing {}", self.path.display()))?;
+    /// Writes what changed into the file (comments and order of the rest kept).
+    pub fn save(&mut self) -> anyhow::Result<()> {
+        let text = crate::configfile::edit(&self.text, &self.loaded, &self.config)?;
+        crate::configfile::write(&self.path, &text)?;
+        self.text = text;
+        self.loaded = self.config.clone();
         Ok(())
     }
 
@@ -89,7 +96,7 @@ impl Settings {
         self.config
             .known_hosts
             .clone()
-            .unwrap_or_else(|| default_config_path().with_file_name("known_hosts"))
+            .unwrap_or_else(|| self.path.with_file_name("known_hosts"))
     }
 
     /// The repository commands use without `--repo` (the config's, else the embedded default).

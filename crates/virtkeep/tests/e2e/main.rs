@@ -7,6 +7,7 @@ mod harness;
 mod backup_restore;
 mod cli;
 mod completions;
+mod config;
 mod daemon;
 mod failures;
 mod hosts;
