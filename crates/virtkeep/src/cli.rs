@@ -53,6 +53,8 @@ pub enum Command {
     Unprotect(SnapshotIdsArgs),
     /// Free chunks no backup references any more
     Gc(GcArgs),
+    /// Repository size, deduplication ratio and backups per VM
+    Stats(StatsArgs),
     /// Return VMs to their own files and remove what killed jobs left on a host
     Cleanup(CleanupArgs),
     /// Run the policies' schedules, the job queue and the REST API until SIGTERM
@@ -376,6 +378,8 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct PruneArgs {
+    /// Only the backups of HOST or HOST/VM (each VM is pruned on its own either way)
+    pub filter: Option<String>,
     #[command(flatten)]
     pub repo: RepoArgs,
     #[arg(long)]
@@ -392,6 +396,14 @@ pub struct PruneArgs {
     pub keep_yearly: Option<u32>,
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// Only the VMs of HOST or HOST/VM in the per-VM table
+    pub filter: Option<String>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 #[derive(Args, Debug)]

@@ -44,6 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Protect(args) => crate::manage::protect(&settings, args, true, json).await,
         Command::Unprotect(args) => crate::manage::protect(&settings, args, false, json).await,
         Command::Gc(args) => gc(&settings, args, json).await,
+        Command::Stats(args) => crate::stats::stats(&settings, args, json).await,
         Command::Cleanup(args) => cleanup(&settings, args, json).await,
         Command::Daemon => crate::daemon::daemon(&settings).await,
         Command::Jobs(args) => crate::daemon::jobs(&settings, args, json),
@@ -340,13 +341,40 @@ async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow:
             .collect(),
         None => settings.config.hosts.keys().cloned().collect(),
     };
+    let several = names.len() > 1;
     let mut all = Vec::new();
+    let mut failed = Vec::new();
     for name in names {
-        let host = connect(settings, &name).await?;
-        all.extend(inventory::list_vms(&host).await?);
+        let listed = async {
+            let host = connect(settings, &name).await?;
+            anyhow::Ok(inventory::list_vms(&host).await?)
+        }
+        .await;
+        match listed {
+            Ok(vms) => all.extend(vms),
+            // One host down must not hide the others.
+            Err(e) if several => {
+                if !json {
+                    eprintln!("{name}: error: {}", crate::output::message(&e));
+                    if let Some(h) = crate::output::hint(&e) {
+                        eprintln!("  hint: {h}");
+                    }
+                }
+                failed.push((name, e));
+            }
+            Err(e) => return Err(e),
+        }
     }
     if json {
-        print_json(&all)?;
+        let mut list = serde_json::to_value(&all)?;
+        if let Some(items) = list.as_array_mut() {
+            for (name, e) in &failed {
+                items.push(
+                    serde_json::json!({ "host": name, "error": crate::output::error_json(e) }),
+                );
+            }
+        }
+        print_json(&list)?;
     } else {
         for vm in &all {
             println!(
@@ -368,7 +396,11 @@ async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow:
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(crate::output::exit::PARTIAL)
+    })
 }
 
 fn split_host_vm(spec: &str) -> anyhow::Result<(&str, &str)> {
@@ -654,10 +686,14 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
         );
     }
     let repo = settings.open_repo(&args.repo).await?;
-    let decisions = repo
-        .prune(&policy, None, args.dry_run)
-        .await
-        .map_err(repo_err)?;
+    let decisions = match args.filter.as_deref() {
+        None => repo.prune(&policy, None, args.dry_run).await,
+        Some(f) => match f.split_once('/') {
+            Some((h, v)) => repo.prune(&policy, Some((h, v)), args.dry_run).await,
+            None => prune_host(&repo, f, &policy, args.dry_run).await,
+        },
+    }
+    .map_err(repo_err)?;
     if json {
         print_json(&decisions)?;
     } else {
@@ -677,6 +713,30 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every VM of one host, group by group (the library prunes one group or all).
+async fn prune_host(
+    repo: &virtkeep_repo::Repository,
+    host: &str,
+    policy: &virtkeep_repo::KeepPolicy,
+    dry_run: bool,
+) -> virtkeep_repo::Result<Vec<virtkeep_repo::PruneDecision>> {
+    let vms: std::collections::BTreeSet<String> = repo
+        .snapshots()
+        .await?
+        .into_iter()
+        .filter(|s| s.host == host)
+        .map(|s| s.vm)
+        .collect();
+    let mut out = Vec::new();
+    for vm in vms {
+        out.extend(
+            repo.prune(policy, Some((host, vm.as_str())), dry_run)
+                .await?,
+        );
+    }
+    Ok(out)
 }
 
 async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<ExitCode> {

@@ -13,6 +13,7 @@ mod manage;
 mod output;
 mod repo_cmds;
 mod settings;
+mod stats;
 
 use std::process::ExitCode;
 

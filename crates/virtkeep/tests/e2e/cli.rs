@@ -175,3 +175,101 @@ fn snapshots_table_forget_protect_and_partial_failure() {
         assert!(err.contains("virtkeep snapshots"), "{err}");
     }
 }
+
+fn chunk_bytes(repo: &std::path::Path) -> (u64, u64) {
+    let (mut n, mut bytes) = (0, 0);
+    for dir in std::fs::read_dir(repo.join("chunks"))
+        .expect("chunks")
+        .flatten()
+    {
+        for f in std::fs::read_dir(dir.path()).expect("fan-out").flatten() {
+            n += 1;
+            bytes += f.metadata().expect("stat").len();
+        }
+    }
+    (n, bytes)
+}
+
+/// `stats` against the files on disk, `prune HOST/VM` and `prune HOST` touching only
+/// their scope, `vm list` going on past a host that is down.
+#[test]
+fn stats_prune_scope_and_vm_list_past_a_down_host() {
+    let node = Node::new();
+    let a = TestVm::builder("st-a")
+        .raw_disk(8 * MIB)
+        .running(true)
+        .build();
+    let b = TestVm::builder("st-b")
+        .raw_disk(4 * MIB)
+        .running(true)
+        .build();
+    a.write_pattern("vda", 0x41, 0, 2 * MIB);
+    b.write_pattern("vda", 0x42, 0, MIB);
+    for _ in 0..2 {
+        node.backup(&a.name, &["--mode", "full"]);
+        node.backup(&b.name, &["--mode", "full"]);
+    }
+    let s = node.json(&["stats"]);
+    let (chunks, bytes) = chunk_bytes(&node.repo());
+    assert_eq!(s["backups"], 4, "{s}");
+    assert_eq!(s["chunks"], chunks, "{s}");
+    assert_eq!(s["stored_bytes"], bytes, "{s}");
+    assert_eq!(s["logical_bytes"], 24 * MIB, "{s}");
+    let ratio = s["dedup_ratio"].as_f64().expect("ratio");
+    assert!(
+        (ratio - (24 * MIB) as f64 / bytes as f64).abs() < 1e-9,
+        "{s}"
+    );
+    let only_a = node.json(&["stats", &format!("{HOST}/{}", a.name)]);
+    let vms = only_a["vms"].as_array().expect("vms");
+    assert_eq!(vms.len(), 1, "{only_a}");
+    assert_eq!(vms[0]["backups"], 2);
+    assert_eq!(vms[0]["logical_bytes"], 16 * MIB);
+    let text = node.ok(&["stats"]);
+    assert!(
+        text.contains("4 backups holding 24.0 MiB of disks"),
+        "{text}"
+    );
+
+    // prune HOST/VM: only that VM's group.
+    let count = |vm: &str| {
+        node.json(&["snapshots"])
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter(|s| s["vm"] == vm)
+            .count()
+    };
+    node.ok(&["prune", &format!("{HOST}/{}", a.name), "--keep-last", "1"]);
+    assert_eq!((count(&a.name), count(&b.name)), (1, 2));
+    node.ok(&["prune", "elsewhere", "--keep-last", "1"]);
+    assert_eq!((count(&a.name), count(&b.name)), (1, 2));
+    node.ok(&["prune", HOST, "--keep-last", "1"]);
+    assert_eq!((count(&a.name), count(&b.name)), (1, 1));
+
+    // A host that is down: reported, the other listed, exit 3.
+    node.ok(&[
+        "host",
+        "add",
+        "down",
+        "--ssh",
+        "root@127.0.0.1:1",
+        "--agent",
+    ]);
+    let out = node.run(&["vm", "list"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("{HOST}/{}", a.name)));
+    assert!(stderr(&out).starts_with("down: error:"), "{}", stderr(&out));
+    let out = node.run(&["--json", "vm", "list"]);
+    assert_eq!(out.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let items = v.as_array().expect("list");
+    assert!(items.iter().any(|i| i["name"] == a.name.as_str()));
+    assert!(
+        items
+            .iter()
+            .any(|i| i["host"] == "down" && i["error"]["message"].is_string())
+    );
+    // Named alone, the host's failure is the command's.
+    assert_eq!(node.run(&["vm", "list", "down"]).status.code(), Some(1));
+}
