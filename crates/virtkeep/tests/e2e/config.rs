@@ -154,3 +154,52 @@ fn root_uses_the_system_configuration_file() {
     };
     assert!(err.contains(&expected), "{err}");
 }
+
+/// The packaging's sysusers.d and tmpfiles.d files, applied to an empty root: the
+/// service user exists and owns the directories the unit reads and writes.
+#[test]
+fn packaging_creates_the_service_user_and_its_directories() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    let packaging = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging");
+    for (kind, dir) in [
+        ("sysusers.d", "usr/lib/sysusers.d"),
+        ("tmpfiles.d", "usr/lib/tmpfiles.d"),
+    ] {
+        std::fs::create_dir_all(r.join(dir)).expect("mkdir");
+        std::fs::copy(
+            packaging.join(kind).join("virtkeep.conf"),
+            r.join(dir).join("virtkeep.conf"),
+        )
+        .expect("copy");
+    }
+    std::fs::create_dir_all(r.join("etc")).expect("etc");
+    let root_arg = format!("--root={}", r.display());
+    let st = std::process::Command::new("systemd-sysusers")
+        .arg(&root_arg)
+        .status();
+    assert!(st.expect("systemd-sysusers").success());
+    let passwd = std::fs::read_to_string(r.join("etc/passwd")).expect("passwd");
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("virtkeep:"))
+        .unwrap_or_else(|| panic!("no virtkeep user: {passwd}"));
+    let fields: Vec<&str> = line.split(':').collect();
+    assert_eq!(fields[5], "/var/lib/virtkeep", "{line}");
+    let uid: u32 = fields[2].parse().expect("uid");
+    let st = std::process::Command::new("systemd-tmpfiles")
+        .args([&root_arg, "--create"])
+        .status();
+    assert!(st.expect("systemd-tmpfiles").success());
+    for dir in ["etc/virtkeep", "etc/virtkeep/keys", "var/lib/virtkeep"] {
+        let m = std::fs::metadata(r.join(dir)).expect(dir);
+        assert_eq!(
+            (m.uid(), m.permissions().mode() & 0o777),
+            (uid, 0o700),
+            "{dir}"
+        );
+    }
+    let unit = std::fs::read_to_string(packaging.join("virtkeep.service")).expect("unit");
+    assert!(unit.contains("User=virtkeep") && !unit.contains("\nConfigurationDirectory="));
+}
