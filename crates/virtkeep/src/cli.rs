@@ -394,6 +394,10 @@ pub struct PruneArgs {
     pub keep_monthly: Option<u32>,
     #[arg(long)]
     pub keep_yearly: Option<u32>,
+    /// Keep every backup taken within DURATION of the VM's newest one (e.g. 7d, 2w,
+    /// 1y6m, 36h; m = 30 days, y = 365 days)
+    #[arg(long, value_parser = parse_duration)]
+    pub keep_within: Option<time::Duration>,
     #[arg(long)]
     pub dry_run: bool,
 }
@@ -425,4 +429,36 @@ pub struct CleanupArgs {
     pub vm: Option<String>,
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// `1y6m2w3d12h`: years of 365 days, months of 30 days, weeks, days, hours.
+pub fn parse_duration(s: &str) -> Result<time::Duration, String> {
+    let bad = || format!("{s:?}: expected a duration such as 7d, 2w, 1y6m or 36h");
+    let mut total = time::Duration::ZERO;
+    let mut digits = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let n: i64 = digits.parse().map_err(|_| bad())?;
+        let hours = match c {
+            'y' => 365 * 24,
+            'm' => 30 * 24,
+            'w' => 7 * 24,
+            'd' => 24,
+            'h' => 1,
+            _ => return Err(bad()),
+        };
+        let part = n
+            .checked_mul(hours)
+            .filter(|h| *h <= 1_000_000)
+            .ok_or_else(bad)?;
+        total += time::Duration::hours(part);
+        digits.clear();
+    }
+    if !digits.is_empty() || total.is_zero() {
+        return Err(bad());
+    }
+    Ok(total)
 }

@@ -678,7 +678,7 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
         monthly: args.keep_monthly,
         yearly: args.keep_yearly,
     };
-    if policy == virtkeep_repo::KeepPolicy::default() {
+    if policy == virtkeep_repo::KeepPolicy::default() && args.keep_within.is_none() {
         return Err(
             EngineError::config("prune needs at least one --keep-* option")
                 .hint("e.g. `virtkeep prune --keep-last 3 --keep-daily 7 --dry-run`")
@@ -686,11 +686,15 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
         );
     }
     let repo = settings.open_repo(&args.repo).await?;
+    let within = args.keep_within;
     let decisions = match args.filter.as_deref() {
-        None => repo.prune(&policy, None, args.dry_run).await,
+        None => repo.prune_within(&policy, within, None, args.dry_run).await,
         Some(f) => match f.split_once('/') {
-            Some((h, v)) => repo.prune(&policy, Some((h, v)), args.dry_run).await,
-            None => prune_host(&repo, f, &policy, args.dry_run).await,
+            Some(group) => {
+                repo.prune_within(&policy, within, Some(group), args.dry_run)
+                    .await
+            }
+            None => prune_host(&repo, f, (&policy, within), args.dry_run).await,
         },
     }
     .map_err(repo_err)?;
@@ -719,7 +723,7 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
 async fn prune_host(
     repo: &virtkeep_repo::Repository,
     host: &str,
-    policy: &virtkeep_repo::KeepPolicy,
+    (policy, within): (&virtkeep_repo::KeepPolicy, Option<time::Duration>),
     dry_run: bool,
 ) -> virtkeep_repo::Result<Vec<virtkeep_repo::PruneDecision>> {
     let vms: std::collections::BTreeSet<String> = repo
@@ -732,7 +736,7 @@ async fn prune_host(
     let mut out = Vec::new();
     for vm in vms {
         out.extend(
-            repo.prune(policy, Some((host, vm.as_str())), dry_run)
+            repo.prune_within(policy, within, Some((host, vm.as_str())), dry_run)
                 .await?,
         );
     }

@@ -1,5 +1,6 @@
 //! `repo init`, `repo key export`, `repo key change-passphrase`.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -72,12 +73,23 @@ pub async fn init(
         });
         settings.save()?;
     }
+    print_init(&repo, &location, choice.key_file.as_deref(), json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the key is and that it must be backed up: the one moment to say it.
+fn print_init(
+    repo: &virtkeep_repo::Repository,
+    location: &str,
+    key_file: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
         print_json(&serde_json::json!({
             "location": location, "id": repo.id(), "encrypted": repo.is_encrypted(),
-            "chunk_size": repo.chunk_size(), "key_file": choice.key_file,
+            "chunk_size": repo.chunk_size(), "key_file": key_file,
         }))?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     }
     println!(
         "initialised repository {location} ({}, {} MiB chunks)",
@@ -88,7 +100,7 @@ pub async fn init(
         },
         repo.chunk_size() >> 20
     );
-    if let Some(f) = &choice.key_file {
+    if let Some(f) = key_file {
         println!("key file: {}", f.display());
         println!(
             "BACK UP the key file now, somewhere else than the repository, together with\n\
@@ -100,7 +112,7 @@ pub async fn init(
              without them no backup can be read."
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// `keys/repo-XXXXXXXX.key` beside the configuration file (a directory only its user
@@ -118,8 +130,6 @@ fn default_key_file(settings: &Settings) -> anyhow::Result<PathBuf> {
     let name = uuid::Uuid::new_v4().simple().to_string();
     Ok(dir.join(format!("repo-{}.key", &name[..8])))
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 /// Writes the repository's `config` object (wrapped master key, KDF parameters) to a
 /// file: with the key file or password, it brings back access to a repository whose

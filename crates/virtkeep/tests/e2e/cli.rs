@@ -231,6 +231,23 @@ fn stats_prune_scope_and_vm_list_past_a_down_host() {
         "{text}"
     );
 
+    // --keep-within counts back from the VM's newest backup: both of b's are recent.
+    let d = node.json(&[
+        "prune",
+        &format!("{HOST}/{}", b.name),
+        "--keep-within",
+        "1h",
+    ]);
+    let reasons: Vec<&str> = d
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|d| d["reason"].as_str().expect("reason"))
+        .collect();
+    assert_eq!(reasons, ["keep-within", "keep-within"], "{d}");
+    let out = node.run(&["prune", "--keep-within", "5x"]);
+    assert_eq!(out.status.code(), Some(2));
+
     // prune HOST/VM: only that VM's group.
     let count = |vm: &str| {
         node.json(&["snapshots"])
