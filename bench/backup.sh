@@ -252,7 +252,7 @@ for ((r = 1; r <= REPS; r++)); do
   sample_add sshcat "sshcat-r$r"
   for p in $PARALLELS; do
     repo=$WORK/repo-p$p-r$r
-    "${VK[@]}" repo init "$repo" >"$RUN_DIR/init-p$p-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-p$p-r$r.out")"
+    "${VK[@]}" repo init "$repo" --encryption none >"$RUN_DIR/init-p$p-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-p$p-r$r.out")"
     blog "rep $r/$REPS: backup --parallel $p"
     name=backup-p$p-r$r
     timed "$name" "${VK[@]}" --json backup "lab/$DOM" --repo "$repo" --mode full --parallel "$p" ||
@@ -346,7 +346,7 @@ if [[ $PROFILE == 1 ]] && command -v perf >/dev/null; then
     PERF_TXT+=$(cat "$RUN_DIR/$name.perf.txt")$'\n\n'
   }
   repo=$WORK/repo-profile
-  "${VK[@]}" repo init "$repo" >/dev/null 2>&1
+  "${VK[@]}" repo init "$repo" --encryption none >/dev/null 2>&1
   blog "profile: backup --parallel 2 under perf"
   profile_run profile-backup "${VK[@]}" --json backup "lab/$DOM" --repo "$repo" --mode full --parallel 2
   pid_=$(jq -r '.[0].id' "$RUN_DIR/profile-backup.out" 2>/dev/null || echo "")

@@ -243,7 +243,7 @@ CHANGED_A="" DIRTY_A=""
 CP_COUNTS=""
 for ((r = 1; r <= REPS; r++)); do
   repo=$WORK/repo-r$r
-  "${VK[@]}" repo init "$repo" >"$RUN_DIR/init-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-r$r.out")"
+  "${VK[@]}" repo init "$repo" --encryption none >"$RUN_DIR/init-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-r$r.out")"
   blog "round $r/$REPS: full backup (--mode auto, first in a fresh repository)"
   backup "full-r$r" "$repo" auto full
   record full "full-r$r"

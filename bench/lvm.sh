@@ -78,7 +78,7 @@ baseline() {
 }
 run_virtkeep() {
   local repo=$RUN_DIR/repo-$1
-  "$VK_BIN" --config "$CONFIG" repo init "$repo" >/dev/null
+  "$VK_BIN" --config "$CONFIG" repo init "$repo" --encryption none >/dev/null
   VIRTKEEP_LOG=info timed "vk-$1" "$VK_BIN" --config "$CONFIG" --json backup "hvm/$NAME" --repo "$repo" ||
     bdie "virtkeep backup failed: $(tail -5 "$RUN_DIR/vk-$1.err")"
   VK_WALL=$T_WALL

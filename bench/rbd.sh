@@ -252,7 +252,7 @@ vk_snaps() { "${RBDC[@]}" snap ls --format json "rbd/$IMGNAME" | jq -r '[.[] | s
 SNAPS_LOG=""
 for ((r = 1; r <= REPS; r++)); do
   repo=$WORK/repo-r$r
-  "${VK[@]}" repo init "$repo" >"$RUN_DIR/init-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-r$r.out")"
+  "${VK[@]}" repo init "$repo" --encryption none >"$RUN_DIR/init-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-r$r.out")"
   "${RBDC[@]}" snap create --no-progress "rbd/$IMGNAME@vkbench-r$r-a" >/dev/null
   blog "round $r/$REPS: full"
   if ((r % 2)); then

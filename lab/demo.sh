@@ -83,11 +83,12 @@ disk_sum() { # FILE FORMAT
 }
 
 # ---------------------------------------------------------------- main job
-# virtkeep on its embedded defaults: the config file and the repository live in the
-# node user's XDG dirs (here a demo directory, so a real configuration is left alone).
+# virtkeep on its embedded defaults: the repository lives in the node user's XDG data dir,
+# the config file in a demo directory (root's default, /etc/virtkeep/config.toml, is left
+# alone), the new repository's key file beside it.
 DEMO_DIR=/var/tmp/virtkeep-demo
 rm -rf "$DEMO_DIR"
-export XDG_CONFIG_HOME=$DEMO_DIR/config XDG_DATA_HOME=$DEMO_DIR/data
+export VIRTKEEP_CONFIG=$DEMO_DIR/config/virtkeep/config.toml XDG_DATA_HOME=$DEMO_DIR/data
 vk() { "$VIRTKEEP" "$@"; }
 
 step "main job: add the hypervisor host (root@$VK_SSH_HOST:$VK_SSH_PORT, key auth)"
@@ -101,7 +102,7 @@ vk host trust lab --fingerprint "$fingerprint"
 step "main job: preflight"
 vk host check lab
 
-step "main job: create the repository (embedded default location)"
+step "main job: create the repository (embedded default location, encrypted with a new key file)"
 vk repo init
 
 step "main job: the VMs on the host"

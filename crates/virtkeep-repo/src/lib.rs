@@ -34,8 +34,7 @@ pub use manifest::{
     BackupMeta, BackupMode, BackupStats, DiskSpec, DiskStats, Manifest, ManifestDisk,
     SnapshotSummary,
 };
-pub use prune::PruneReport;
-pub use prune::{KeepPolicy, PruneDecision, compute_prune};
+pub use prune::{KeepPolicy, PruneDecision, PruneReport, compute_prune, compute_prune_within};
 pub use reader::{DiskReader, Extent, MIN_ZERO_RUN, split_zero_runs};
 pub use repo::{
     ChunkProblem, DEFAULT_CHUNK_SIZE, GcOptions, GcReport, InitOptions, LeaseTiming, Repository,

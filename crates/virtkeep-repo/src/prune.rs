@@ -81,63 +81,32 @@ fn period(t: OffsetDateTime, kind: &str) -> String {
 
 /// Apply `policy` to one group (one host/VM). Pure; periods in UTC.
 pub fn compute_prune(group: &[SnapshotSummary], policy: &KeepPolicy) -> Vec<PruneDecision> {
+    compute_prune_within(group, policy, None)
+}
+
+/// [`compute_prune`] that also keeps every backup taken within `within` of the group's
+/// newest one (restic's `--keep-within`), before the other options are applied.
+pub fn compute_prune_within(
+    group: &[SnapshotSummary],
+    policy: &KeepPolicy,
+    within: Option<time::Duration>,
+) -> Vec<PruneDecision> {
     let mut list: Vec<&SnapshotSummary> = group.iter().collect();
     list.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id))); // newest first
+    let any = policy.any() || within.is_some();
     let mut mark: HashMap<&str, Mark> = HashMap::new();
-    if policy.any() {
-        let opts: [(&'static str, Option<u32>); 6] = [
-            ("keep-last", policy.last),
-            ("keep-hourly", policy.hourly),
-            ("keep-daily", policy.daily),
-            ("keep-weekly", policy.weekly),
-            ("keep-monthly", policy.monthly),
-            ("keep-yearly", policy.yearly),
-        ];
-        for (name, keep) in opts {
-            let Some(keep) = keep.filter(|k| *k > 0) else {
-                continue;
-            };
-            let sel = |s: &SnapshotSummary| {
-                if name == "keep-last" {
-                    s.id.clone()
-                } else {
-                    period(s.time, name)
-                }
-            };
-            let mut already: HashSet<String> = HashSet::new();
-            for s in &list {
-                if let Some(Mark::Keep(_)) = mark.get(s.id.as_str()) {
-                    already.insert(sel(s));
-                }
-            }
-            let mut include: HashSet<String> = HashSet::new();
-            for s in &list {
-                if mark.contains_key(s.id.as_str()) {
-                    continue;
-                }
-                if s.protected {
-                    mark.insert(&s.id, Mark::Protected);
-                    continue;
-                }
-                let id = sel(s);
-                if already.contains(&id) {
-                    continue;
-                }
-                if !include.contains(&id) {
-                    if include.len() >= keep as usize {
-                        break;
-                    }
-                    include.insert(id);
-                    mark.insert(&s.id, Mark::Keep(name));
-                } else {
-                    mark.insert(&s.id, Mark::Remove);
-                }
-            }
+    if let (Some(w), Some(newest)) = (within, list.first()) {
+        let since = newest.time - w;
+        for s in list.iter().filter(|s| !s.protected && s.time >= since) {
+            mark.insert(&s.id, Mark::Keep("keep-within"));
         }
+    }
+    if policy.any() {
+        mark_periods(&list, policy, &mut mark);
     }
     list.iter()
         .map(|s| {
-            let m = if !policy.any() {
+            let m = if !any {
                 Mark::Keep("keep-all (no keep option)")
             } else if s.protected {
                 Mark::Protected
@@ -160,6 +129,63 @@ pub fn compute_prune(group: &[SnapshotSummary], policy: &KeepPolicy) -> Vec<Prun
         .collect()
 }
 
+/// The keep-last/hourly/… options over `list` (newest first), in that order.
+fn mark_periods<'a>(
+    list: &[&'a SnapshotSummary],
+    policy: &KeepPolicy,
+    mark: &mut HashMap<&'a str, Mark>,
+) {
+    let opts: [(&'static str, Option<u32>); 6] = [
+        ("keep-last", policy.last),
+        ("keep-hourly", policy.hourly),
+        ("keep-daily", policy.daily),
+        ("keep-weekly", policy.weekly),
+        ("keep-monthly", policy.monthly),
+        ("keep-yearly", policy.yearly),
+    ];
+    for (name, keep) in opts {
+        let Some(keep) = keep.filter(|k| *k > 0) else {
+            continue;
+        };
+        let sel = |s: &SnapshotSummary| {
+            if name == "keep-last" {
+                s.id.clone()
+            } else {
+                period(s.time, name)
+            }
+        };
+        let mut already: HashSet<String> = HashSet::new();
+        for s in list {
+            if let Some(Mark::Keep(_)) = mark.get(s.id.as_str()) {
+                already.insert(sel(s));
+            }
+        }
+        let mut include: HashSet<String> = HashSet::new();
+        for s in list {
+            if mark.contains_key(s.id.as_str()) {
+                continue;
+            }
+            if s.protected {
+                mark.insert(&s.id, Mark::Protected);
+                continue;
+            }
+            let id = sel(s);
+            if already.contains(&id) {
+                continue;
+            }
+            if !include.contains(&id) {
+                if include.len() >= keep as usize {
+                    break;
+                }
+                include.insert(id);
+                mark.insert(&s.id, Mark::Keep(name));
+            } else {
+                mark.insert(&s.id, Mark::Remove);
+            }
+        }
+    }
+}
+
 impl Repository {
     /// Prune every (host, vm) group, or only `group` when given. Removed backups are
     /// forgotten unless `dry_run`; chunks are freed by the next GC. Decisions are listed
@@ -173,7 +199,20 @@ impl Repository {
         group: Option<(&str, &str)>,
         dry_run: bool,
     ) -> Result<Vec<PruneDecision>> {
-        let report = self.prune_report(policy, group, dry_run).await?;
+        self.prune_within(policy, None, group, dry_run).await
+    }
+
+    /// [`Repository::prune`] with [`compute_prune_within`]'s `within`.
+    pub async fn prune_within(
+        &self,
+        policy: &KeepPolicy,
+        within: Option<time::Duration>,
+        group: Option<(&str, &str)>,
+        dry_run: bool,
+    ) -> Result<Vec<PruneDecision>> {
+        let report = self
+            .prune_report_within(policy, within, group, dry_run)
+            .await?;
         crate::repo::log_unreadable(&report.unreadable);
         Ok(report.decisions)
     }
@@ -183,6 +222,17 @@ impl Repository {
     pub async fn prune_report(
         &self,
         policy: &KeepPolicy,
+        group: Option<(&str, &str)>,
+        dry_run: bool,
+    ) -> Result<PruneReport> {
+        self.prune_report_within(policy, None, group, dry_run).await
+    }
+
+    /// [`Repository::prune_report`] with [`compute_prune_within`]'s `within`.
+    pub async fn prune_report_within(
+        &self,
+        policy: &KeepPolicy,
+        within: Option<time::Duration>,
         group: Option<(&str, &str)>,
         dry_run: bool,
     ) -> Result<PruneReport> {
@@ -210,7 +260,7 @@ impl Repository {
             .collect();
         let mut out = Vec::new();
         for (_, g) in groups {
-            for mut d in compute_prune(&g, policy) {
+            for mut d in compute_prune_within(&g, policy, within) {
                 if !d.keep && pinned.contains(&d.id) {
                     d.keep = true;
                     d.reason = "in use by a running backup".into();

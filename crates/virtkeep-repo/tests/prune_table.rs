@@ -193,3 +193,40 @@ fn protected_never_pruned_and_not_counted() {
             .all(|x| x.2 == "not selected by any keep option")
     );
 }
+
+#[test]
+fn keep_within_counts_back_from_the_newest_backup() {
+    let s = series();
+    let within = |d: time::Duration, p: KeepPolicy| -> Vec<String> {
+        let mut v: Vec<String> = compute_prune_within(&s, &p, Some(d))
+            .into_iter()
+            .filter(|d| d.keep)
+            .map(|d| d.id)
+            .collect();
+        v.sort();
+        v
+    };
+    // Newest: 2026-01-20 20:00; 1 day back reaches 2026-01-19 20:00 inclusive.
+    assert_eq!(
+        within(time::Duration::days(1), KeepPolicy::default()),
+        ["d19b", "d20a", "d20b"]
+    );
+    // Combined with keep-last: the last 2 beyond those already kept by keep-within.
+    let p = KeepPolicy {
+        last: Some(2),
+        ..KeepPolicy::default()
+    };
+    assert_eq!(
+        within(time::Duration::hours(12), p),
+        ["d19a", "d19b", "d20a", "d20b"]
+    );
+    // Protected ones stay protected, and nothing outside the window is kept.
+    let decisions =
+        compute_prune_within(&s, &KeepPolicy::default(), Some(time::Duration::hours(1)));
+    let kept: Vec<_> = decisions
+        .iter()
+        .filter(|d| d.keep)
+        .map(|d| d.reason.as_str())
+        .collect();
+    assert_eq!(kept, ["keep-within"]);
+}

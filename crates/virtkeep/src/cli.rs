@@ -45,8 +45,16 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Remove backups by retention policy
     Prune(PruneArgs),
+    /// Remove one or more backups (refuses protected ones); `gc` frees their chunks
+    Forget(SnapshotIdsArgs),
+    /// Protect backups from forget and prune
+    Protect(SnapshotIdsArgs),
+    /// Remove the protection of backups
+    Unprotect(SnapshotIdsArgs),
     /// Free chunks no backup references any more
     Gc(GcArgs),
+    /// Repository size, deduplication ratio and backups per VM
+    Stats(StatsArgs),
     /// Return VMs to their own files and remove what killed jobs left on a host
     Cleanup(CleanupArgs),
     /// Run the policies' schedules, the job queue and the REST API until SIGTERM
@@ -56,6 +64,14 @@ pub enum Command {
     /// Backup policies from the configuration file
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print the shell completion script (e.g. `virtkeep completions bash >
+    /// /etc/bash_completion.d/virtkeep`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (virtkeep.1, virtkeep-backup.1, …) into DIR
+    Man { dir: PathBuf },
 }
 
 #[derive(Args, Debug)]
@@ -89,8 +105,10 @@ pub enum PolicyCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum HostCommand {
-    /// Add (or update) a host in the configuration
+    /// Add a host, or update what is given of an existing one
     Add(Box<HostAddArgs>),
+    /// Remove a host from the configuration (its pinned key stays in known_hosts)
+    Remove { name: String },
     /// Show the host's key fingerprint and pin it in the known_hosts file
     Trust(HostTrustArgs),
     /// Preflight: tools, versions, permissions, each with pass/fail and the fix
@@ -102,9 +120,9 @@ pub enum HostCommand {
 #[derive(Args, Debug)]
 pub struct HostAddArgs {
     pub name: String,
-    /// USER@ADDRESS[:PORT]
+    /// USER@ADDRESS[:PORT] (needed for a new host)
     #[arg(long)]
-    pub ssh: String,
+    pub ssh: Option<String>,
     /// Private key file
     #[arg(long, conflicts_with_all = ["password_env", "agent"])]
     pub identity: Option<PathBuf>,
@@ -118,10 +136,14 @@ pub struct HostAddArgs {
     #[arg(long)]
     pub known_hosts: Option<PathBuf>,
     /// Run host commands through sudo -n
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_sudo")]
     pub sudo: bool,
-    #[arg(long, default_value = "qemu:///system")]
-    pub libvirt_uri: String,
+    /// Run host commands as the SSH user (undoes --sudo)
+    #[arg(long)]
+    pub no_sudo: bool,
+    /// [default for a new host: qemu:///system]
+    #[arg(long)]
+    pub libvirt_uri: Option<String>,
     #[arg(long, requires = "qemu_group")]
     pub qemu_user: Option<String>,
     #[arg(long, requires = "qemu_user")]
@@ -150,18 +172,61 @@ pub enum VmCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum RepoCommand {
-    /// Create a repository (a directory, or s3://bucket/prefix)
+    /// Create a repository (a directory, or s3://bucket/prefix), encrypted by default
     Init(RepoInitArgs),
+    /// The repository's key: export a copy, change the password or key file
+    #[command(subcommand)]
+    Key(RepoKeyCommand),
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Subcommand, Debug)]
+pub enum RepoKeyCommand {
+    /// Write the repository's wrapped master key (its `config` object) to a new file
+    Export(RepoKeyExportArgs),
+    /// Re-wrap the master key with a new password or key file
+    ChangePassphrase(RepoKeyChangeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RepoKeyExportArgs {
+    /// File to create (mode 0600; an existing file is not overwritten)
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RepoKeyChangeArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Unlock with this key file from now on (created when it does not exist)
+    #[arg(long, conflicts_with_all = ["new_password_file", "new_password_command"])]
+    pub new_key_file: Option<PathBuf>,
+    /// Unlock with the password in this file from now on
+    #[arg(long, conflicts_with = "new_password_command")]
+    pub new_password_file: Option<PathBuf>,
+    /// Unlock with the password this command prints from now on
+    #[arg(long)]
+    pub new_password_command: Option<String>,
+}
+
+/// The repository and its key. The key is taken from the first of: --key-file,
+/// --password-file, --password-command, --passphrase-env; else from the config file;
+/// else asked for on a terminal.
+#[derive(Args, Debug, Clone, Default)]
 pub struct RepoArgs {
     /// Repository location [default: the config file's, else ~/.local/share/virtkeep/repo]
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "VIRTKEEP_REPOSITORY")]
     pub repo: Option<String>,
     /// Key file of an encrypted repository
     #[arg(long, global = true)]
     pub key_file: Option<PathBuf>,
+    /// File whose first line is the repository's password
+    #[arg(long, global = true, env = "VIRTKEEP_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Command (sh -c) that prints the repository's password
+    #[arg(long, global = true, env = "VIRTKEEP_PASSWORD_COMMAND")]
+    pub password_command: Option<String>,
     /// Variable holding the passphrase of an encrypted repository
     #[arg(long, global = true)]
     pub passphrase_env: Option<String>,
@@ -170,10 +235,19 @@ pub struct RepoArgs {
 #[derive(Args, Debug)]
 pub struct RepoInitArgs {
     pub location: Option<String>,
-    #[arg(long, value_enum, default_value = "none")]
+    /// `none` for a repository anyone who can read it can read
+    #[arg(long, value_enum, default_value = "aes-256-gcm")]
     pub encryption: Encryption,
+    /// Key file to create [default: keys/repo-XXXXXXXX.key beside the config file,
+    /// unless a password option is given]
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// File whose first line is the password
+    #[arg(long, env = "VIRTKEEP_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Command (sh -c) that prints the password
+    #[arg(long, env = "VIRTKEEP_PASSWORD_COMMAND")]
+    pub password_command: Option<String>,
     #[arg(long)]
     pub passphrase_env: Option<String>,
     /// Chunk size in MiB
@@ -245,6 +319,18 @@ pub struct SnapshotsArgs {
     pub filter: Option<String>,
     #[command(flatten)]
     pub repo: RepoArgs,
+    /// Times in UTC instead of the local time zone
+    #[arg(long)]
+    pub utc: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotIdsArgs {
+    /// Backup ids (from `virtkeep snapshots`)
+    #[arg(required = true)]
+    pub snapshots: Vec<String>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 #[derive(Args, Debug)]
@@ -292,6 +378,8 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct PruneArgs {
+    /// Only the backups of HOST or HOST/VM (each VM is pruned on its own either way)
+    pub filter: Option<String>,
     #[command(flatten)]
     pub repo: RepoArgs,
     #[arg(long)]
@@ -306,8 +394,20 @@ pub struct PruneArgs {
     pub keep_monthly: Option<u32>,
     #[arg(long)]
     pub keep_yearly: Option<u32>,
+    /// Keep every backup taken within DURATION of the VM's newest one (e.g. 7d, 2w,
+    /// 1y6m, 36h; m = 30 days, y = 365 days)
+    #[arg(long, value_parser = parse_duration)]
+    pub keep_within: Option<time::Duration>,
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// Only the VMs of HOST or HOST/VM in the per-VM table
+    pub filter: Option<String>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 #[derive(Args, Debug)]
@@ -329,4 +429,36 @@ pub struct CleanupArgs {
     pub vm: Option<String>,
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// `1y6m2w3d12h`: years of 365 days, months of 30 days, weeks, days, hours.
+pub fn parse_duration(s: &str) -> Result<time::Duration, String> {
+    let bad = || format!("{s:?}: expected a duration such as 7d, 2w, 1y6m or 36h");
+    let mut total = time::Duration::ZERO;
+    let mut digits = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let n: i64 = digits.parse().map_err(|_| bad())?;
+        let hours = match c {
+            'y' => 365 * 24,
+            'm' => 30 * 24,
+            'w' => 7 * 24,
+            'd' => 24,
+            'h' => 1,
+            _ => return Err(bad()),
+        };
+        let part = n
+            .checked_mul(hours)
+            .filter(|h| *h <= 1_000_000)
+            .ok_or_else(bad)?;
+        total += time::Duration::hours(part);
+        digits.clear();
+    }
+    if !digits.is_empty() || total.is_zero() {
+        return Err(bad());
+    }
+    Ok(total)
 }

@@ -6,35 +6,51 @@ use std::time::Duration;
 
 use anyhow::Context;
 use virtkeep_engine::backup::{BackupOptions, BaseOnHost, ModeRequest, Transport, backup_vm};
-use virtkeep_engine::config::{CephConfig, HostConfig, RepositoryConfig};
+use virtkeep_engine::config::{CephConfig, HostConfig};
 use virtkeep_engine::host::Host;
 use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
 use virtkeep_engine::{Error as EngineError, heal, inventory};
 
 use crate::cli::*;
 use crate::output::{human_bytes, print_json, progress};
-use crate::settings::Settings;
+use crate::settings::{Settings, repo_err};
+use virtkeep_repo::RepoError;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::load(cli.config.as_deref())?;
     let json = cli.json;
     match cli.command {
         Command::Host(HostCommand::Add(args)) => host_add(&mut settings, *args, json),
+        Command::Host(HostCommand::Remove { name }) => host_remove(&mut settings, &name, json),
         Command::Host(HostCommand::Trust(args)) => host_trust(&settings, args, json).await,
         Command::Host(HostCommand::Check { name }) => host_check(&settings, &name, json).await,
         Command::Host(HostCommand::List) => host_list(&settings, json),
         Command::Vm(VmCommand::List { host }) => vm_list(&settings, host.as_deref(), json).await,
-        Command::Repo(RepoCommand::Init(args)) => repo_init(&mut settings, args, json).await,
+        Command::Repo(RepoCommand::Init(args)) => {
+            crate::repo_cmds::init(&mut settings, args, json).await
+        }
+        Command::Repo(RepoCommand::Key(RepoKeyCommand::Export(args))) => {
+            crate::repo_cmds::key_export(&settings, args).await
+        }
+        Command::Repo(RepoCommand::Key(RepoKeyCommand::ChangePassphrase(args))) => {
+            crate::repo_cmds::key_change(&mut settings, args, json).await
+        }
         Command::Backup(args) => backup(&settings, args, json).await,
         Command::Snapshots(args) => snapshots(&settings, args, json).await,
         Command::Restore(args) => restore_cmd(&settings, args, json).await,
         Command::Verify(args) => verify(&settings, args, json).await,
         Command::Prune(args) => prune(&settings, args, json).await,
+        Command::Forget(args) => crate::manage::forget(&settings, args, json).await,
+        Command::Protect(args) => crate::manage::protect(&settings, args, true, json).await,
+        Command::Unprotect(args) => crate::manage::protect(&settings, args, false, json).await,
         Command::Gc(args) => gc(&settings, args, json).await,
+        Command::Stats(args) => crate::stats::stats(&settings, args, json).await,
         Command::Cleanup(args) => cleanup(&settings, args, json).await,
         Command::Daemon => crate::daemon::daemon(&settings).await,
         Command::Jobs(args) => crate::daemon::jobs(&settings, args, json),
         Command::Policy(PolicyCommand::List) => crate::daemon::policy_list(&settings, json),
+        // Handled in main before any configuration is read.
+        Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -66,11 +82,63 @@ fn parse_ssh(spec: &str) -> anyhow::Result<(String, String, u16)> {
 }
 
 fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let (user, address, port) = parse_ssh(&args.ssh)?;
-    if args.identity.is_none() && args.password_env.is_none() && !args.agent {
+    let existing = settings.config.hosts.get(&args.name).cloned();
+    let existed = existing.is_some();
+    let mut host = match (existing, &args.ssh) {
+        (Some(h), _) => h,
+        (None, Some(_)) => HostConfig {
+            address: String::new(),
+            port: 22,
+            user: String::new(),
+            identity: None,
+            password_env: None,
+            agent: None,
+            known_hosts: None,
+            sudo: false,
+            libvirt_uri: "qemu:///system".into(),
+            qemu_user: None,
+            qemu_group: None,
+            ceph: None,
+            lvm: None,
+            command_timeout_secs: None,
+            data_command_timeout_secs: None,
+        },
+        (None, None) => {
+            return Err(EngineError::config(format!(
+                "host {} is new: give --ssh USER@ADDRESS[:PORT]",
+                args.name
+            ))
+            .into());
+        }
+    };
+    if !existed && args.identity.is_none() && args.password_env.is_none() && !args.agent {
         return Err(EngineError::config("no authentication method given")
             .hint("give --identity KEYFILE, --password-env VAR (the variable's name, not the password) or --agent")
             .into());
+    }
+    let name = args.name.clone();
+    apply_host_args(&mut host, args)?;
+    settings.config.hosts.insert(name.clone(), host);
+    settings.save()?;
+    if json {
+        print_json(
+            &serde_json::json!({ "host": name, "updated": existed, "config": settings.path }),
+        )?;
+    } else {
+        println!(
+            "{} host {name} in {}",
+            if existed { "updated" } else { "added" },
+            settings.path.display()
+        );
+        println!("next: `virtkeep host trust {name}` to pin its host key");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sets what the command line gives and leaves the rest as it was.
+fn apply_host_args(host: &mut HostConfig, args: HostAddArgs) -> anyhow::Result<()> {
+    if let Some(ssh) = &args.ssh {
+        (host.user, host.address, host.port) = parse_ssh(ssh)?;
     }
     if let Some(id) = &args.identity
         && !id.exists()
@@ -79,51 +147,46 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
             EngineError::config(format!("key file {} does not exist", id.display())).into(),
         );
     }
-    let identity = args
-        .identity
-        .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
-    let previous = settings.config.hosts.get(&args.name);
-    let host = HostConfig {
-        address,
-        port,
-        user,
-        identity,
-        password_env: args.password_env,
-        agent: args.agent.then(String::new),
-        known_hosts: args.known_hosts,
-        sudo: args.sudo,
-        libvirt_uri: args.libvirt_uri,
-        qemu_user: args.qemu_user,
-        qemu_group: args.qemu_group,
-        ceph: match (args.ceph_conf, args.ceph_id, args.ceph_keyring) {
-            (Some(conf), Some(id), Some(keyring)) => Some(CephConfig { conf, id, keyring }),
-            _ => None,
-        },
-        lvm: settings.config.hosts.get(&args.name).and_then(|h| h.lvm),
-        command_timeout_secs: previous.and_then(|h| h.command_timeout_secs),
-        data_command_timeout_secs: previous.and_then(|h| h.data_command_timeout_secs),
-    };
-    let existed = settings
-        .config
-        .hosts
-        .insert(args.name.clone(), host)
-        .is_some();
+    // One authentication method: a new one replaces the old.
+    if args.identity.is_some() || args.password_env.is_some() || args.agent {
+        host.identity = args
+            .identity
+            .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+        host.password_env = args.password_env;
+        host.agent = args.agent.then(String::new);
+    }
+    if let Some(k) = args.known_hosts {
+        host.known_hosts = Some(crate::keys::absolute(&k));
+    }
+    if args.sudo || args.no_sudo {
+        host.sudo = args.sudo;
+    }
+    if let Some(uri) = args.libvirt_uri {
+        host.libvirt_uri = uri;
+    }
+    if let (Some(u), Some(g)) = (args.qemu_user, args.qemu_group) {
+        (host.qemu_user, host.qemu_group) = (Some(u), Some(g));
+    }
+    if let (Some(conf), Some(id), Some(keyring)) = (args.ceph_conf, args.ceph_id, args.ceph_keyring)
+    {
+        host.ceph = Some(CephConfig { conf, id, keyring });
+    }
+    Ok(())
+}
+
+fn host_remove(settings: &mut Settings, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    if settings.config.hosts.remove(name).is_none() {
+        return Err(
+            EngineError::config(format!("no host {name} in {}", settings.path.display()))
+                .hint("`virtkeep host list` shows the configured hosts")
+                .into(),
+        );
+    }
     settings.save()?;
     if json {
-        print_json(
-            &serde_json::json!({ "host": args.name, "updated": existed, "config": settings.path }),
-        )?;
+        print_json(&serde_json::json!({ "host": name, "removed": true, "config": settings.path }))?;
     } else {
-        println!(
-            "{} host {} in {}",
-            if existed { "updated" } else { "added" },
-            args.name,
-            settings.path.display()
-        );
-        println!(
-            "next: `virtkeep host trust {}` to pin its host key",
-            args.name
-        );
+        println!("removed host {name} from {}", settings.path.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -280,13 +343,40 @@ async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow:
             .collect(),
         None => settings.config.hosts.keys().cloned().collect(),
     };
+    let several = names.len() > 1;
     let mut all = Vec::new();
+    let mut failed = Vec::new();
     for name in names {
-        let host = connect(settings, &name).await?;
-        all.extend(inventory::list_vms(&host).await?);
+        let listed = async {
+            let host = connect(settings, &name).await?;
+            anyhow::Ok(inventory::list_vms(&host).await?)
+        }
+        .await;
+        match listed {
+            Ok(vms) => all.extend(vms),
+            // One host down must not hide the others.
+            Err(e) if several => {
+                if !json {
+                    eprintln!("{name}: error: {}", crate::output::message(&e));
+                    if let Some(h) = crate::output::hint(&e) {
+                        eprintln!("  hint: {h}");
+                    }
+                }
+                failed.push((name, e));
+            }
+            Err(e) => return Err(e),
+        }
     }
     if json {
-        print_json(&all)?;
+        let mut list = serde_json::to_value(&all)?;
+        if let Some(items) = list.as_array_mut() {
+            for (name, e) in &failed {
+                items.push(
+                    serde_json::json!({ "host": name, "error": crate::output::error_json(e) }),
+                );
+            }
+        }
+        print_json(&list)?;
     } else {
         for vm in &all {
             println!(
@@ -308,69 +398,11 @@ async fn vm_list(settings: &Settings, only: Option<&str>, json: bool) -> anyhow:
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn repo_init(
-    settings: &mut Settings,
-    args: RepoInitArgs,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let location = args
-        .location
-        .clone()
-        .unwrap_or_else(crate::settings::default_repo_location);
-    let encryption = match args.encryption {
-        Encryption::None => {
-            if args.key_file.is_some() || args.passphrase_env.is_some() {
-                return Err(EngineError::config(
-                    "--key-file/--passphrase-env need --encryption aes-256-gcm",
-                )
-                .into());
-            }
-            None
-        }
-        Encryption::Aes256Gcm => Some(
-            Settings::key_source(args.key_file.as_deref(), args.passphrase_env.as_deref())?
-                .ok_or_else(|| {
-                    EngineError::config(
-                        "--encryption aes-256-gcm needs --key-file FILE or --passphrase-env VAR",
-                    )
-                })?,
-        ),
-    };
-    let opts = virtkeep_repo::InitOptions {
-        chunk_size: args.chunk_size_mib << 20,
-        zstd_level: args.zstd_level,
-        encryption,
-        ..virtkeep_repo::InitOptions::default()
-    };
-    let loc = settings.location(&location, settings.config.repository.as_ref())?;
-    let repo = virtkeep_repo::Repository::init(loc, opts)
-        .await
-        .map_err(EngineError::from)?;
-    if settings.config.repository.is_none() {
-        settings.config.repository = Some(RepositoryConfig {
-            location: location.clone(),
-            key_file: args.key_file.clone(),
-            passphrase_env: args.passphrase_env.clone(),
-            s3_endpoint: None,
-            s3_region: None,
-        });
-        settings.save()?;
-    }
-    if json {
-        print_json(
-            &serde_json::json!({ "location": location, "id": repo.id(), "encrypted": repo.is_encrypted(), "chunk_size": repo.chunk_size() }),
-        )?;
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
     } else {
-        println!(
-            "initialised repository {location} ({}encrypted, {} MiB chunks)",
-            if repo.is_encrypted() { "" } else { "not " },
-            repo.chunk_size() >> 20
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+        ExitCode::from(crate::output::exit::PARTIAL)
+    })
 }
 
 fn split_host_vm(spec: &str) -> anyhow::Result<(&str, &str)> {
@@ -414,6 +446,7 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
     let progress = progress(json);
     let mut results = Vec::new();
     let mut failures = 0;
+    let mut interrupted = false;
     for (host_name, vm) in &targets {
         let res = async {
             let connecting = std::time::Instant::now();
@@ -464,22 +497,22 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
             }
             Err(e) => {
                 failures += 1;
+                let code = crate::output::exit_code(&e);
+                interrupted |= code == crate::output::exit::INTERRUPTED;
                 if json {
-                    let engine = e.downcast_ref::<EngineError>();
                     results.push(serde_json::json!({
-                        "host": host_name, "vm": vm,
-                        "error": { "kind": engine.map(|e| e.kind), "message": format!("{e:#}"), "hint": engine.and_then(|e| e.hint.clone()) }
+                        "host": host_name, "vm": vm, "error": crate::output::error_json(&e),
                     }));
                 } else if targets.len() == 1 {
                     return Err(e);
                 } else {
-                    eprintln!("{host_name}/{vm}: error: {e:#}");
-                    if let Some(h) = e
-                        .downcast_ref::<EngineError>()
-                        .and_then(|e| e.hint.as_ref())
-                    {
+                    eprintln!("{host_name}/{vm}: error: {}", crate::output::message(&e));
+                    if let Some(h) = crate::output::hint(&e) {
                         eprintln!("  hint: {h}");
                     }
+                }
+                if interrupted {
+                    break;
                 }
             }
         }
@@ -487,10 +520,17 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
     if json {
         print_json(&results)?;
     }
-    Ok(if failures > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
+    Ok(backup_exit_code(failures, targets.len(), interrupted))
+}
+
+/// 0 all done, 130 interrupted, 3 some of several VMs failed, 1 all failed.
+fn backup_exit_code(failures: usize, total: usize, interrupted: bool) -> ExitCode {
+    use crate::output::exit;
+    ExitCode::from(match failures {
+        _ if interrupted => exit::INTERRUPTED,
+        0 => 0,
+        f if f < total => exit::PARTIAL,
+        _ => exit::FAILED,
     })
 }
 
@@ -500,7 +540,7 @@ async fn snapshots(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
-    let mut list = repo.snapshots().await.map_err(EngineError::from)?;
+    let mut list = repo.snapshots().await.map_err(repo_err)?;
     if let Some(f) = &args.filter {
         let (h, v) = f
             .split_once('/')
@@ -510,25 +550,13 @@ async fn snapshots(
     }
     if json {
         print_json(&list)?;
-    } else {
-        for s in &list {
-            let time = s
-                .time
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default();
-            println!(
-                "{}  {}  {}/{}  {}  disks {}  size {}  new {}{}",
-                s.id,
-                time,
-                s.host,
-                s.vm,
-                s.mode,
-                s.disks.join(","),
-                human_bytes(s.size),
-                human_bytes(s.bytes_new),
-                if s.protected { "  protected" } else { "" }
-            );
+    } else if list.is_empty() {
+        match &args.filter {
+            Some(f) => println!("no backups of {f}"),
+            None => println!("no backups"),
         }
+    } else {
+        print!("{}", crate::output::snapshot_table(&list, args.utc));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -595,10 +623,19 @@ async fn restore_cmd(
 async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let selection = match args.snapshot {
-        Some(id) => virtkeep_repo::VerifySelection::Snapshots(vec![id]),
+        Some(id) => {
+            // An unknown id is an error of its own, not a "broken backup"; a damaged
+            // manifest is for verify to report.
+            if let Err(e @ (RepoError::SnapshotNotFound(_) | RepoError::InvalidArgument(_))) =
+                repo.manifest(&id).await
+            {
+                return Err(repo_err(e).into());
+            }
+            virtkeep_repo::VerifySelection::Snapshots(vec![id])
+        }
         None => virtkeep_repo::VerifySelection::All,
     };
-    let report = repo.verify(selection).await.map_err(EngineError::from)?;
+    let report = repo.verify(selection).await.map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {
@@ -643,7 +680,7 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
         monthly: args.keep_monthly,
         yearly: args.keep_yearly,
     };
-    if policy == virtkeep_repo::KeepPolicy::default() {
+    if policy == virtkeep_repo::KeepPolicy::default() && args.keep_within.is_none() {
         return Err(
             EngineError::config("prune needs at least one --keep-* option")
                 .hint("e.g. `virtkeep prune --keep-last 3 --keep-daily 7 --dry-run`")
@@ -651,10 +688,18 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
         );
     }
     let repo = settings.open_repo(&args.repo).await?;
-    let decisions = repo
-        .prune(&policy, None, args.dry_run)
-        .await
-        .map_err(EngineError::from)?;
+    let within = args.keep_within;
+    let decisions = match args.filter.as_deref() {
+        None => repo.prune_within(&policy, within, None, args.dry_run).await,
+        Some(f) => match f.split_once('/') {
+            Some(group) => {
+                repo.prune_within(&policy, within, Some(group), args.dry_run)
+                    .await
+            }
+            None => prune_host(&repo, f, (&policy, within), args.dry_run).await,
+        },
+    }
+    .map_err(repo_err)?;
     if json {
         print_json(&decisions)?;
     } else {
@@ -676,6 +721,30 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
+/// Every VM of one host, group by group (the library prunes one group or all).
+async fn prune_host(
+    repo: &virtkeep_repo::Repository,
+    host: &str,
+    (policy, within): (&virtkeep_repo::KeepPolicy, Option<time::Duration>),
+    dry_run: bool,
+) -> virtkeep_repo::Result<Vec<virtkeep_repo::PruneDecision>> {
+    let vms: std::collections::BTreeSet<String> = repo
+        .snapshots()
+        .await?
+        .into_iter()
+        .filter(|s| s.host == host)
+        .map(|s| s.vm)
+        .collect();
+    let mut out = Vec::new();
+    for vm in vms {
+        out.extend(
+            repo.prune_within(policy, within, Some((host, vm.as_str())), dry_run)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
 async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let report = repo
@@ -684,7 +753,7 @@ async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<Exi
             dry_run: args.dry_run,
         })
         .await
-        .map_err(EngineError::from)?;
+        .map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {

@@ -1,12 +1,19 @@
 //! virtkeep: agentless backup and restore of libvirt VMs over SSH.
 //!
-//! Exit codes: 0 success, 1 the job failed, 2 usage or configuration error.
+//! Exit codes (docs/cli.md): 0 success, 1 failed, 2 usage or configuration error,
+//! 3 some of several VMs failed, 10 repository missing, 11 repository locked,
+//! 12 wrong key or password, 130 interrupted.
 
 mod cli;
 mod commands;
+mod configfile;
 mod daemon;
+mod keys;
+mod manage;
 mod output;
+mod repo_cmds;
 mod settings;
+mod stats;
 
 use std::process::ExitCode;
 
@@ -24,6 +31,21 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Neither needs the configuration (a broken one must not stop them) nor a runtime.
+    match &cli.command {
+        cli::Command::Completions { shell } => {
+            let mut cmd = <cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "virtkeep", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        cli::Command::Man { dir } => {
+            return match write_man_pages(dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => output::report_error(&e, cli.json),
+            };
+        }
+        _ => {}
+    }
     // The daemon logs what it does by default: its log is its user interface.
     let verbose = match cli.command {
         cli::Command::Daemon => cli.verbose.max(1),
@@ -41,8 +63,32 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.json;
-    match runtime.block_on(commands::run(cli)) {
+    // `backup` heals the VM itself on Ctrl-C and the daemon drains its jobs on a signal;
+    // any other command just stops where it is (nothing it does needs undoing).
+    let own_signals = matches!(cli.command, cli::Command::Backup(_) | cli::Command::Daemon);
+    let result = runtime.block_on(async move {
+        if own_signals {
+            return commands::run(cli).await;
+        }
+        tokio::select! {
+            r = commands::run(cli) => r,
+            _ = tokio::signal::ctrl_c() => Err(virtkeep_engine::Error::new(
+                virtkeep_engine::ErrorKind::Interrupted,
+                "interrupted",
+            )
+            .into()),
+        }
+    });
+    match result {
         Ok(code) => code,
         Err(err) => output::report_error(&err, json),
     }
+}
+
+/// One page per command and subcommand (virtkeep.1, virtkeep-repo-init.1, …).
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = <cli::Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd, dir).with_context(|| format!("writing into {}", dir.display()))
 }

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use virtkeep_engine::progress::{Event, LogProgress, Progress};
 use virtkeep_engine::{Error as EngineError, ErrorKind};
+use virtkeep_repo::RepoError;
 
 pub fn init_logging(verbose: u8, json: bool) {
     let default = match verbose {
@@ -28,31 +29,93 @@ pub fn init_logging(verbose: u8, json: bool) {
     }
 }
 
-/// Prints an error (with its hint) and returns the exit code for it.
-pub fn report_error(err: &anyhow::Error, json: bool) -> ExitCode {
-    let engine = err.downcast_ref::<EngineError>();
-    let kind = engine.map(|e| e.kind);
-    let code = match kind {
-        Some(ErrorKind::Config) => 2,
-        _ => 1,
-    };
-    let hint = engine.and_then(|e| e.hint.clone());
-    if json {
-        let value = serde_json::json!({
-            "error": {
-                "kind": kind,
-                "message": format!("{err:#}"),
-                "hint": hint,
+/// The exit codes scripts can rely on (docs/cli.md, "Exit codes").
+pub mod exit {
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const PARTIAL: u8 = 3;
+    pub const REPO_MISSING: u8 = 10;
+    pub const REPO_LOCKED: u8 = 11;
+    pub const WRONG_KEY: u8 = 12;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// The one place where error kinds become exit codes: the first cause in the chain
+/// that has a specific code decides (a repository error under an engine error of
+/// kind `repository` is looked at, too).
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(r) = cause.downcast_ref::<RepoError>() {
+            match r {
+                RepoError::NotARepository(_) => return exit::REPO_MISSING,
+                RepoError::GcRunning { .. } | RepoError::InUse { .. } => return exit::REPO_LOCKED,
+                RepoError::WrongKey { .. } | RepoError::KeyRequired { .. } => {
+                    return exit::WRONG_KEY;
+                }
+                _ => {}
             }
-        });
-        println!("{value}");
+        }
+        if let Some(e) = cause.downcast_ref::<EngineError>() {
+            match e.kind {
+                ErrorKind::Config => return exit::USAGE,
+                ErrorKind::Interrupted => return exit::INTERRUPTED,
+                _ => {}
+            }
+        }
+    }
+    exit::FAILED
+}
+
+/// The error's message once: the engine's errors already carry their source's text,
+/// so a cause whose text the previous one contains is not repeated.
+pub fn message(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !previous.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        previous = text;
+    }
+    out
+}
+
+/// The hint of the outermost engine error that has one.
+pub fn hint(err: &anyhow::Error) -> Option<String> {
+    err.chain()
+        .filter_map(|c| c.downcast_ref::<EngineError>())
+        .find_map(|e| e.hint.clone())
+}
+
+/// Kind, message and hint of an error as `--json` shows it (also per VM in `backup`).
+pub fn error_json(err: &anyhow::Error) -> serde_json::Value {
+    let kind = err
+        .chain()
+        .find_map(|c| c.downcast_ref::<EngineError>())
+        .map(|e| e.kind);
+    serde_json::json!({
+        "kind": kind,
+        "message": message(err),
+        "hint": hint(err),
+        "exit_code": exit_code(err),
+    })
+}
+
+/// Prints an error (with its hint) once and returns the exit code for it.
+pub fn report_error(err: &anyhow::Error, json: bool) -> ExitCode {
+    if json {
+        println!("{}", serde_json::json!({ "error": error_json(err) }));
     } else {
-        eprintln!("error: {err:#}");
-        if let Some(h) = hint {
+        eprintln!("error: {}", message(err));
+        if let Some(h) = hint(err) {
             eprintln!("hint: {h}");
         }
     }
-    ExitCode::from(code)
+    ExitCode::from(exit_code(err))
 }
 
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
@@ -113,3 +176,54 @@ impl Progress for Bars {
 }
 
 pub use virtkeep_engine::inventory::human as human_bytes;
+
+/// `snapshots` as a table with a header and a totals line; times in the local zone
+/// unless `utc`.
+pub fn snapshot_table(list: &[virtkeep_repo::SnapshotSummary], utc: bool) -> String {
+    use comfy_table::{Cell, CellAlignment, Table, presets};
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING);
+    table.set_header(["ID", "TIME", "VM", "MODE", "DISKS", "SIZE", "NEW", ""]);
+    for s in list {
+        table.add_row([
+            Cell::new(&s.id),
+            Cell::new(format_time(s.time, utc)),
+            Cell::new(format!("{}/{}", s.host, s.vm)),
+            Cell::new(s.mode),
+            Cell::new(s.disks.join(",")),
+            Cell::new(human_bytes(s.size)).set_alignment(CellAlignment::Right),
+            Cell::new(human_bytes(s.bytes_new)).set_alignment(CellAlignment::Right),
+            Cell::new(if s.protected { "protected" } else { "" }),
+        ]);
+    }
+    // The preset pads every cell by one blank: not needed before the first column; the
+    // trailing blanks of the last (mostly empty) column are noise.
+    let mut out: String = table
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(&l).trim_end()))
+        .collect();
+    let size: u64 = list.iter().map(|s| s.size).sum();
+    let new: u64 = list.iter().map(|s| s.bytes_new).sum();
+    out.push_str(&format!(
+        "{} backup{}, {} of disks, {} stored new\n",
+        list.len(),
+        if list.len() == 1 { "" } else { "s" },
+        human_bytes(size),
+        human_bytes(new)
+    ));
+    out
+}
+
+/// A backup time for people: local time with its offset, or UTC.
+pub fn format_time(t: time::OffsetDateTime, utc: bool) -> String {
+    let Some(dt) = chrono::DateTime::from_timestamp(t.unix_timestamp(), 0) else {
+        return t.to_string();
+    };
+    if utc {
+        dt.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+    } else {
+        dt.with_timezone(&chrono::Local)
+            .format("%Y-%m-%d %H:%M:%S %:z")
+            .to_string()
+    }
+}

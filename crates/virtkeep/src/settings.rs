@@ -2,12 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use virtkeep_engine::Error as EngineError;
 use virtkeep_engine::config::{Config, RepositoryConfig};
-use virtkeep_repo::{KeySource, Location, Repository, S3Options};
+use virtkeep_repo::{KeySource, Location, RepoError, Repository, S3Options};
 
 use crate::cli::RepoArgs;
+use crate::keys::{self, KeyChoice};
 
 fn home() -> PathBuf {
     std::env::var_os("HOME")
@@ -15,11 +15,26 @@ fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
+/// The file root and the service user share with the daemon.
+pub const SYSTEM_CONFIG: &str = "/etc/virtkeep/config.toml";
+
+/// Root and the `virtkeep` service user use the node's file (the daemon's); other users
+/// their own in the XDG configuration directory.
 pub fn default_config_path() -> PathBuf {
+    if is_system_user() {
+        return PathBuf::from(SYSTEM_CONFIG);
+    }
     std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| home().join(".config"))
         .join("virtkeep/config.toml")
+}
+
+fn is_system_user() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective user.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    root || std::env::var("USER").is_ok_and(|u| u == "virtkeep")
 }
 
 /// The embedded default repository: a directory in the node user's data dir.
@@ -35,6 +50,9 @@ pub fn default_repo_location() -> String {
 pub struct Settings {
     pub path: PathBuf,
     pub config: Config,
+    /// The file as read, and what it said: `save` changes only what differs.
+    text: String,
+    loaded: Config,
 }
 
 impl Settings {
@@ -42,44 +60,34 @@ impl Settings {
         let path = explicit
             .map(Path::to_path_buf)
             .unwrap_or_else(default_config_path);
-        let config = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| {
-                EngineError::config(format!("{}: {}", path.display(), e.to_string().trim()))
-                    .hint("fix the file, or move it away to start from the defaults")
-            })?,
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
             // A missing file is an empty configuration: `host add` and `repo init` create it.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => {
                 return Err(
                     EngineError::config(format!("cannot read {}: {e}", path.display())).into(),
                 );
             }
         };
-        Ok(Settings { path, config })
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            EngineError::config(format!("{}: {}", path.display(), e.to_string().trim()))
+                .hint("fix the file, or move it away to start from the defaults")
+        })?;
+        Ok(Settings {
+            path,
+            loaded: config.clone(),
+            config,
+            text,
+        })
     }
 
-    /// Writes the file atomically (temp + rename), private to the user.
-    pub fn save(&self) -> anyhow::Result<()> {
-        let text = toml::to_string_pretty(&self.config).context("serialising the configuration")?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let tmp = self.path.with_extension("toml.tmp");
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("writing {}", self.path.display()))?;
+    /// Writes what changed into the file (comments and order of the rest kept).
+    pub fn save(&mut self) -> anyhow::Result<()> {
+        let text = crate::configfile::edit(&self.text, &self.loaded, &self.config)?;
+        crate::configfile::write(&self.path, &text)?;
+        self.text = text;
+        self.loaded = self.config.clone();
         Ok(())
     }
 
@@ -88,19 +96,18 @@ impl Settings {
         self.config
             .known_hosts
             .clone()
-            .unwrap_or_else(|| default_config_path().with_file_name("known_hosts"))
+            .unwrap_or_else(|| self.path.with_file_name("known_hosts"))
     }
 
     /// The repository commands use without `--repo` (the config's, else the embedded default).
     pub fn default_repository(&self) -> RepositoryConfig {
-        self.repo_config(&RepoArgs {
-            repo: None,
-            key_file: None,
-            passphrase_env: None,
-        })
+        self.repo_config(&RepoArgs::default()).0
     }
 
-    fn repo_config(&self, args: &RepoArgs) -> RepositoryConfig {
+    /// The repository to open and where its key comes from: the command line's key
+    /// options replace the configuration's; another location than the configuration's
+    /// takes none of its key settings.
+    fn repo_config(&self, args: &RepoArgs) -> (RepositoryConfig, KeyChoice) {
         let mut rc = self.config.repository.clone().unwrap_or(RepositoryConfig {
             location: default_repo_location(),
             key_file: None,
@@ -108,23 +115,33 @@ impl Settings {
             s3_endpoint: None,
             s3_region: None,
         });
-        if let Some(loc) = &args.repo
-            && *loc != rc.location
-        {
-            rc = RepositoryConfig {
-                location: loc.clone(),
-                key_file: None,
-                passphrase_env: None,
-                ..rc
-            };
+        if let Some(loc) = &args.repo {
+            let loc = keys::absolute_location(loc);
+            if loc != rc.location {
+                rc = RepositoryConfig {
+                    location: loc,
+                    key_file: None,
+                    passphrase_env: None,
+                    ..rc
+                };
+            }
         }
-        if args.key_file.is_some() {
-            rc.key_file = args.key_file.clone();
-        }
-        if args.passphrase_env.is_some() {
-            rc.passphrase_env = args.passphrase_env.clone();
-        }
-        rc
+        let given = KeyChoice {
+            key_file: args.key_file.as_deref().map(keys::absolute),
+            password_file: args.password_file.clone(),
+            password_command: args.password_command.clone(),
+            passphrase_env: args.passphrase_env.clone(),
+        };
+        let choice = if given.is_empty() {
+            KeyChoice {
+                key_file: rc.key_file.clone(),
+                passphrase_env: rc.passphrase_env.clone(),
+                ..KeyChoice::default()
+            }
+        } else {
+            given
+        };
+        (rc, choice)
     }
 
     pub fn location(
@@ -153,39 +170,69 @@ impl Settings {
         })
     }
 
-    pub fn key_source(
-        key_file: Option<&Path>,
-        passphrase_env: Option<&str>,
-    ) -> anyhow::Result<Option<KeySource>> {
-        if let Some(f) = key_file {
-            return Ok(Some(KeySource::KeyFile(f.to_path_buf())));
-        }
-        if let Some(var) = passphrase_env {
-            let p = std::env::var(var).map_err(|_| {
-                EngineError::config(format!("the passphrase variable {var} is not set"))
-                    .hint(format!("export {var}=… before running virtkeep"))
-            })?;
-            return Ok(Some(KeySource::Passphrase(p)));
-        }
-        Ok(None)
-    }
-
     pub async fn open_repo(&self, args: &RepoArgs) -> anyhow::Result<Repository> {
-        let rc = self.repo_config(args);
+        let (rc, choice) = self.repo_config(args);
         let location = self.location(&rc.location, Some(&rc))?;
-        let key = Self::key_source(rc.key_file.as_deref(), rc.passphrase_env.as_deref())?;
-        Repository::open(location, key).await.map_err(|e| {
-            let hint = format!(
-                "create it with `virtkeep repo init {}`, or name another with --repo",
-                rc.location
-            );
-            let err = EngineError::from(e);
-            let err = if err.hint.is_none() {
-                err.hint(hint)
+        let key = choice.resolve().await?;
+        let may_prompt = key.is_none() && keys::can_prompt();
+        let opened = match Repository::open(location.clone(), key).await {
+            // Encrypted, and nothing said how to unlock it: ask, as restic and borg do.
+            Err(RepoError::KeyRequired { .. }) if may_prompt => {
+                let prompt = format!("password for repository {}: ", rc.location);
+                let password = keys::prompt(&prompt)?;
+                Repository::open(location, Some(KeySource::Passphrase(password))).await
+            }
+            other => other,
+        };
+        opened.map_err(|e| {
+            let err = repo_error(e, &rc.location);
+            // Most repository errors name the location already.
+            if err.message.contains(&rc.location) {
+                err.into()
             } else {
-                err
-            };
-            anyhow::Error::from(err.context(format!("repository {}", rc.location)))
+                err.context(format!("repository {}", rc.location)).into()
+            }
         })
+    }
+}
+
+/// [`repo_error`] for operations on an open repository (which is never missing).
+pub fn repo_err(e: RepoError) -> EngineError {
+    repo_error(e, "LOCATION")
+}
+
+/// A repository error with the hint that fits it: the one place that says what to do,
+/// so that a wrong key is never answered with "create it".
+pub fn repo_error(e: RepoError, location: &str) -> EngineError {
+    let hint = match &e {
+        RepoError::NotARepository(_) => Some(format!(
+            "create it with `virtkeep repo init {location}`, or name another with --repo or VIRTKEEP_REPOSITORY"
+        )),
+        RepoError::KeyRequired { message, .. } if message.contains("not encrypted") => Some(
+            "this repository has no key: leave out --key-file and the password options".into(),
+        ),
+        RepoError::WrongKey { .. } | RepoError::KeyRequired { .. } => Some(
+            "give the repository's key file (--key-file) or its password (--password-file, \
+             --password-command, VIRTKEEP_PASSWORD_FILE, --passphrase-env, or the prompt on a terminal)"
+                .into(),
+        ),
+        RepoError::GcRunning { .. } => {
+            Some("another `virtkeep gc` is running; try again when it has finished".into())
+        }
+        RepoError::InUse { .. } => {
+            Some("a running backup builds on it; try again when that backup has finished".into())
+        }
+        RepoError::SnapshotNotFound(_) => {
+            Some("`virtkeep snapshots` lists the backups and their ids".into())
+        }
+        RepoError::Protected(id) => Some(format!(
+            "`virtkeep unprotect {id}` first if it really is to go"
+        )),
+        _ => None,
+    };
+    let err = EngineError::from(e);
+    match hint {
+        Some(h) if err.hint.is_none() => err.hint(h),
+        _ => err,
     }
 }

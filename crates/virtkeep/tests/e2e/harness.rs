@@ -50,7 +50,7 @@ impl Node {
             &keyring,
         ]);
         let repo = node.repo().to_string_lossy().to_string();
-        node.ok(&["repo", "init", &repo]);
+        node.ok(&["repo", "init", &repo, "--encryption", "none"]);
         node
     }
 

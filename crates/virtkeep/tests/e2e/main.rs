@@ -5,11 +5,15 @@
 mod harness;
 
 mod backup_restore;
+mod cli;
+mod completions;
+mod config;
 mod daemon;
 mod failures;
 mod hardening;
 mod hosts;
 mod incremental;
+mod keys;
 mod lvm_host;
 mod rbd;
 mod repository;

@@ -1,0 +1,66 @@
+//! Managing single backups: forget, protect, unprotect.
+
+use std::process::ExitCode;
+
+use crate::cli::SnapshotIdsArgs;
+use crate::output::print_json;
+use crate::settings::{Settings, repo_err};
+
+/// Forgets each backup in turn; the first refusal (protected, in use, unknown) stops
+/// the command with what was forgotten so far reported.
+pub async fn forget(
+    settings: &Settings,
+    args: SnapshotIdsArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let mut done = Vec::new();
+    for id in &args.snapshots {
+        if let Err(e) = repo.forget(id).await {
+            // With --json stdout holds the error object alone.
+            if !json {
+                report_done(&done, "forgot", json)?;
+            }
+            return Err(repo_err(e).into());
+        }
+        done.push(id.clone());
+    }
+    report_done(&done, "forgot", json)?;
+    if !json {
+        println!("`virtkeep gc` frees the chunks no other backup uses");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn protect(
+    settings: &Settings,
+    args: SnapshotIdsArgs,
+    on: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let verb = if on { "protected" } else { "unprotected" };
+    let mut done = Vec::new();
+    for id in &args.snapshots {
+        if let Err(e) = repo.set_protected(id, on).await {
+            if !json {
+                report_done(&done, verb, json)?;
+            }
+            return Err(repo_err(e).into());
+        }
+        done.push(id.clone());
+    }
+    report_done(&done, verb, json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report_done(ids: &[String], verb: &str, json: bool) -> anyhow::Result<()> {
+    if json {
+        print_json(&serde_json::json!({ verb: ids }))?;
+    } else {
+        for id in ids {
+            println!("{verb} {id}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! `repo init`, `repo key export`, `repo key change-passphrase`.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use virtkeep_engine::Error as EngineError;
+use virtkeep_engine::config::RepositoryConfig;
+use virtkeep_repo::KeySource;
+
+use crate::cli::{Encryption, RepoInitArgs, RepoKeyChangeArgs, RepoKeyExportArgs};
+use crate::keys::{self, KeyChoice};
+use crate::output::print_json;
+use crate::settings::{Settings, repo_err, repo_error};
+
+/// The repository object that holds the wrapped master key and the KDF parameters
+/// (docs/format.md).
+const CONFIG_OBJECT: &str = "config";
+
+pub async fn init(
+    settings: &mut Settings,
+    args: RepoInitArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let location = keys::absolute_location(
+        &args
+            .location
+            .clone()
+            .unwrap_or_else(crate::settings::default_repo_location),
+    );
+    let mut choice = KeyChoice {
+        key_file: args.key_file.as_deref().map(keys::absolute),
+        password_file: args.password_file.clone(),
+        password_command: args.password_command.clone(),
+        passphrase_env: args.passphrase_env.clone(),
+    };
+    let encryption = match args.encryption {
+        Encryption::None if !choice.is_empty() => {
+            return Err(EngineError::config(
+                "--key-file and the password options need --encryption aes-256-gcm",
+            )
+            .into());
+        }
+        Encryption::None => None,
+        Encryption::Aes256Gcm => {
+            if choice.is_empty() {
+                // Nothing said: a fresh key file beside the configuration file.
+                choice.key_file = Some(default_key_file(settings)?);
+            }
+            if let Some(f) = &choice.key_file {
+                keys::check_key_dir(f)?;
+            }
+            choice.resolve().await?
+        }
+    };
+    let opts = virtkeep_repo::InitOptions {
+        chunk_size: args.chunk_size_mib << 20,
+        zstd_level: args.zstd_level,
+        encryption,
+        ..virtkeep_repo::InitOptions::default()
+    };
+    let loc = settings.location(&location, settings.config.repository.as_ref())?;
+    let repo = virtkeep_repo::Repository::init(loc, opts)
+        .await
+        .map_err(|e| repo_error(e, &location))?;
+    if settings.config.repository.is_none() {
+        settings.config.repository = Some(RepositoryConfig {
+            location: location.clone(),
+            key_file: choice.key_file.clone(),
+            passphrase_env: choice.passphrase_env.clone(),
+            s3_endpoint: None,
+            s3_region: None,
+        });
+        settings.save()?;
+    }
+    print_init(&repo, &location, choice.key_file.as_deref(), json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the key is and that it must be backed up: the one moment to say it.
+fn print_init(
+    repo: &virtkeep_repo::Repository,
+    location: &str,
+    key_file: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        print_json(&serde_json::json!({
+            "location": location, "id": repo.id(), "encrypted": repo.is_encrypted(),
+            "chunk_size": repo.chunk_size(), "key_file": key_file,
+        }))?;
+        return Ok(());
+    }
+    println!(
+        "initialised repository {location} ({}, {} MiB chunks)",
+        if repo.is_encrypted() {
+            "encrypted with aes-256-gcm"
+        } else {
+            "not encrypted"
+        },
+        repo.chunk_size() >> 20
+    );
+    if let Some(f) = key_file {
+        println!("key file: {}", f.display());
+        println!(
+            "BACK UP the key file now, somewhere else than the repository, together with\n\
+             `virtkeep repo key export FILE`: without them no backup can be read."
+        );
+    } else if repo.is_encrypted() {
+        println!(
+            "Keep the password safe and back up `virtkeep repo key export FILE`:\n\
+             without them no backup can be read."
+        );
+    }
+    Ok(())
+}
+
+/// `keys/repo-XXXXXXXX.key` beside the configuration file (a directory only its user
+/// can enter).
+fn default_key_file(settings: &Settings) -> anyhow::Result<PathBuf> {
+    let dir = keys::absolute(settings.path.parent().unwrap_or(Path::new("."))).join("keys");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| {
+            EngineError::config(format!("cannot create {}: {e}", dir.display()))
+                .hint("give --key-file FILE or a password option")
+        })?;
+    let name = uuid::Uuid::new_v4().simple().to_string();
+    Ok(dir.join(format!("repo-{}.key", &name[..8])))
+}
+
+/// Writes the repository's `config` object (wrapped master key, KDF parameters) to a
+/// file: with the key file or password, it brings back access to a repository whose
+/// `config` was lost or damaged.
+pub async fn key_export(settings: &Settings, args: RepoKeyExportArgs) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let bytes = repo
+        .backend()
+        .get(CONFIG_OBJECT)
+        .await
+        .map_err(repo_err)?
+        .ok_or_else(|| {
+            EngineError::new(
+                virtkeep_engine::ErrorKind::Repository,
+                "the repository's config object vanished",
+            )
+        })?;
+    write_private_new(&args.file, &bytes)?;
+    eprintln!(
+        "wrote the repository's config (its wrapped master key) to {}; keep it with the key \
+         file or password, away from the repository: copied back as the repository's \
+         `config` object it restores access",
+        args.file.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_private_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| EngineError::config(format!("cannot create {}: {e}", path.display())))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Re-wraps the master key with a new key file or password; the old one stops working.
+pub async fn key_change(
+    settings: &mut Settings,
+    args: RepoKeyChangeArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let new = KeyChoice {
+        key_file: args.new_key_file.as_deref().map(keys::absolute),
+        password_file: args.new_password_file.clone(),
+        password_command: args.new_password_command.clone(),
+        passphrase_env: None,
+    };
+    if let Some(f) = &new.key_file {
+        keys::check_key_dir(f)?;
+    }
+    let source = match new.resolve().await? {
+        Some(s) => s,
+        None if keys::can_prompt() => KeySource::Passphrase(keys::prompt_new("new password: ")?),
+        None => {
+            return Err(EngineError::config("no new key given")
+                .hint("give --new-key-file, --new-password-file or --new-password-command")
+                .into());
+        }
+    };
+    repo.change_passphrase(source).await.map_err(repo_err)?;
+    let location = repo.location().to_string();
+    // The configuration must name the new key, or the next command fails.
+    if let Some(rc) = settings.config.repository.as_mut()
+        && rc.location == location
+    {
+        rc.key_file = new.key_file.clone();
+        rc.passphrase_env = None;
+        settings.save()?;
+    }
+    if json {
+        print_json(&serde_json::json!({ "location": location, "key_file": new.key_file }))?;
+    } else {
+        println!("changed the key of {location}; the old one no longer opens it");
+        if let Some(f) = &new.key_file {
+            println!("key file: {} (back it up)", f.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
