@@ -12,3 +12,4 @@ mod incremental;
 mod lvm_host;
 mod rbd;
 mod repository;
+mod restore_safety;
