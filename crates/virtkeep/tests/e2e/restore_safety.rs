@@ -583,3 +583,52 @@ fn snapshot_names_and_restore_to_a_local_file() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// An RBD disk restored in place with --force: a failed restore (missing chunk) leaves
+/// the image as it was — no `snap purge`/`rbd rm` before the new data is written — and
+/// no temporary image; a good one replaces it.
+#[test]
+fn rbd_in_place_restore_replaces_only_after_writing() {
+    let node = Node::new();
+    let vm = TestVm::builder("rbd-swap")
+        .rbd_disk(16 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x51, 0, 2 * MIB);
+    let first_sum = vm.disk_checksum("vda");
+    let first = node.backup(&vm.name, &["--mode", "full"])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    vm.write_pattern("vda", 0x52, 0, MIB);
+    let broken = node.backup(&vm.name, &["--mode", "full"])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    delete_a_chunk_of(&node, &broken, "vda");
+    vm.write_pattern("vda", 0x53, 0, MIB);
+    let current = vm.disk_checksum("vda");
+    let snaps = vm.leftovers().rbd_snapshots;
+    let pool = &node.lab.ceph_pool;
+
+    let out = node.run(&["restore", &broken, "--to", HOST, "--force"]);
+    assert!(
+        !out.status.success(),
+        "restore with a missing chunk succeeded"
+    );
+    assert_eq!(vm.disk_checksum("vda"), current, "the image changed");
+    assert_eq!(vm.leftovers().rbd_snapshots, snaps, "its snapshots changed");
+    let ours = || {
+        node.lab
+            .rbd(&["ls", pool])
+            .lines()
+            .filter(|i| i.starts_with(&vm.name) && i.contains(".vkrestore-"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert!(ours().is_empty(), "temporary left: {:?}", ours());
+
+    node.ok(&["restore", &first, "--to", HOST, "--force"]);
+    assert_eq!(vm.disk_checksum("vda"), first_sum);
+    assert!(ours().is_empty(), "temporary left: {:?}", ours());
+}
