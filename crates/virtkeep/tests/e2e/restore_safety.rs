@@ -264,7 +264,7 @@ fn running_domains_disk_is_never_overwritten() {
 
 /// An in-place restore with --force that fails (a chunk of the second disk is missing)
 /// leaves both original disks byte for byte and the definition as they were, and no
-/// temporary; `--dry-run` writes nothing either.
+/// temporary; `--dry-run` shows the plan and writes nothing.
 #[test]
 fn failed_in_place_restore_leaves_the_original() {
     let node = Node::new();
@@ -291,29 +291,6 @@ fn failed_in_place_restore_leaves_the_original() {
         .collect();
     let xml = node.lab.virsh(&["dumpxml", "--inactive", &vm.name]);
 
-    let plan = node.json(&[
-        "restore",
-        &id,
-        "--to",
-        HOST,
-        "--define",
-        "--force",
-        "--dry-run",
-    ]);
-    assert_eq!(plan["dry_run"], true);
-    assert_eq!(plan["replaces"], serde_json::json!(["vda", "vdb"]));
-    assert_eq!(plan["disks"][0]["path"], disks[0].display().to_string());
-    assert!(
-        plan["xml_changes"]
-            .as_array()
-            .expect("changes")
-            .iter()
-            .any(|c| c
-                .as_str()
-                .is_some_and(|c| c.starts_with("disk vdb: source file"))),
-        "{plan}"
-    );
-
     delete_a_chunk_of(&node, &id, "vdb");
     for extra in [&[][..], &["--define"][..]] {
         let mut args = vec!["restore", id.as_str(), "--to", HOST, "--force"];
@@ -337,6 +314,37 @@ fn failed_in_place_restore_leaves_the_original() {
             );
         }
         assert_eq!(node.lab.virsh(&["dumpxml", "--inactive", &vm.name]), xml);
+    }
+
+    // The plan of the same restore (a dry run reads no chunk); it writes nothing.
+    let plan = node.json(&[
+        "restore",
+        &id,
+        "--to",
+        HOST,
+        "--define",
+        "--force",
+        "--dry-run",
+    ]);
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["replaces"], serde_json::json!(["vda", "vdb"]));
+    assert_eq!(plan["disks"][0]["path"], disks[0].display().to_string());
+    assert!(
+        plan["xml_changes"]
+            .as_array()
+            .expect("changes")
+            .iter()
+            .any(|c| c
+                .as_str()
+                .is_some_and(|c| c.starts_with("disk vdb: source file"))),
+        "{plan}"
+    );
+    for (d, b) in disks.iter().zip(&before) {
+        assert!(
+            std::fs::read(d).expect("read") == *b,
+            "{} changed",
+            d.display()
+        );
     }
 }
 
