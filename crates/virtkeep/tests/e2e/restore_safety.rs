@@ -56,8 +56,9 @@ fn tamper_manifest(node: &Node, id: &str, edit: impl FnOnce(&mut Value)) {
     std::fs::write(&path, blob).expect("write manifest");
 }
 
-/// Deletes one stored chunk of disk `target` of backup `id` (local repository).
-fn delete_a_chunk_of(node: &Node, id: &str, target: &str) {
+/// Deletes one stored chunk of disk `target` of backup `id` (local repository);
+/// returns its path and bytes, to put it back.
+fn delete_a_chunk_of(node: &Node, id: &str, target: &str) -> (PathBuf, Vec<u8>) {
     let snap = node.repo().join("snapshots").join(id);
     let (_, manifest) = meta_payload(&snap.join("manifest"));
     let m: Value = serde_json::from_slice(&manifest).expect("manifest");
@@ -76,7 +77,9 @@ fn delete_a_chunk_of(node: &Node, id: &str, target: &str) {
         .expect("a stored chunk");
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let chunk = node.repo().join("chunks").join(&hex[..3]).join(&hex);
+    let bytes = std::fs::read(&chunk).expect("read chunk");
     std::fs::remove_file(&chunk).expect("remove chunk");
+    (chunk, bytes)
 }
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -639,4 +642,64 @@ fn rbd_in_place_restore_replaces_only_after_writing() {
     node.ok(&["restore", &first, "--to", HOST, "--force"]);
     assert_eq!(vm.disk_checksum("vda"), first_sum);
     assert!(ours().is_empty(), "temporary left: {:?}", ours());
+}
+
+/// LVM disks restored in place with --force (thick and thin): a failed restore (missing
+/// chunk of the second disk) leaves both LVs as they were and no temporary LV; with the
+/// chunk back, the restore replaces them, the thin one thin again.
+#[test]
+fn lvm_in_place_restore_replaces_only_after_writing() {
+    use virtkeep_lab::hvm::{LvmTestVm, hvm};
+    let h = hvm();
+    let node = crate::lvm_host::lvm_node();
+    let vm = LvmTestVm::builder("lvswap")
+        .thick_disk(8 * MIB)
+        .thin_disk(8 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x54, 0, MIB);
+    vm.write_pattern("vdb", 0x55, MIB, MIB);
+    let sums = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
+    let id = node.backup_on("lvmhv", &vm.name, &["--mode", "full"])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let (chunk, bytes) = delete_a_chunk_of(&node, &id, "vdb");
+    vm.write_pattern("vda", 0x57, 0, MIB);
+    vm.write_pattern("vdb", 0x57, 0, MIB);
+    let current = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
+    let vg = vm.disks[0].vg.clone();
+    let temporaries = || {
+        h.lvs(&vg)
+            .into_iter()
+            .filter(|(n, _, _)| {
+                vm.disks
+                    .iter()
+                    .any(|d| n.starts_with(&format!("{}.vkrestore-", d.lv)))
+            })
+            .collect::<Vec<_>>()
+    };
+
+    let out = node.run(&["restore", &id, "--to", "lvmhv", "--force"]);
+    assert!(
+        !out.status.success(),
+        "restore with a missing chunk succeeded"
+    );
+    let now = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
+    assert_eq!(now, current, "an LV changed");
+    assert!(temporaries().is_empty(), "{:?}", temporaries());
+
+    std::fs::write(&chunk, bytes).expect("put the chunk back");
+    node.ok(&["restore", &id, "--to", "lvmhv", "--force"]);
+    let now = [vm.disk_checksum("vda"), vm.disk_checksum("vdb")];
+    assert_eq!(now, sums);
+    assert!(temporaries().is_empty(), "{:?}", temporaries());
+    let thin = &vm.disks[1];
+    let attr = h
+        .lvs(&thin.vg)
+        .into_iter()
+        .find(|(n, _, _)| *n == thin.lv)
+        .map(|(_, a, _)| a)
+        .expect("thin LV still there");
+    assert!(attr.starts_with('V'), "restored vdb is not thin: {attr}");
 }
