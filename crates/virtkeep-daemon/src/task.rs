@@ -344,6 +344,7 @@ async fn restore_job(
         start: *start,
         force: *force,
         parallel: 2,
+        ..RestoreOptions::default()
     };
     let r = restore(host, &repo, &opts, progress).await?;
     Ok(JobOutcome {

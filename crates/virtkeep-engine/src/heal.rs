@@ -410,8 +410,8 @@ pub async fn cleanup_vm(host: &Host, vm_key: &str, dry_run: bool) -> Result<Heal
 /// Heals every domain on the host that carries virtkeep leftovers; VMs whose lock is
 /// held by a running job are skipped and said so.
 pub async fn cleanup_host(host: &Host, dry_run: bool) -> Result<Vec<HealReport>> {
+    let mut reports = cleanup_restores(host, dry_run).await?;
     let uuids = host.run_string(&list_all_uuids(host)).await?;
-    let mut reports = Vec::new();
     for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
         // A killed node's lock goes away once sshd has torn its session down (seconds);
         // a running backup's stays, and that VM is skipped.
@@ -437,6 +437,39 @@ pub async fn cleanup_host(host: &Host, dry_run: bool) -> Result<Vec<HealReport>>
         if !report.actions.is_empty() {
             reports.push(report);
         }
+    }
+    Ok(reports)
+}
+
+/// Finishes the restores killed on this host: exports stopped, temporaries removed (or,
+/// once the swap had begun, swapped in). A restore whose lock is held still runs.
+async fn cleanup_restores(host: &Host, dry_run: bool) -> Result<Vec<HealReport>> {
+    use crate::restore::stage;
+    let mut reports = Vec::new();
+    for (dir, key) in stage::killed_jobs(host).await? {
+        let key_ok = !key.is_empty()
+            && !key.starts_with('.')
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !stage::is_restore_job_dir(&dir) || !key_ok {
+            continue;
+        }
+        let vm = format!("restore job {}", dir.rsplit('/').next().unwrap_or(&dir));
+        let lock = match host.lock_vm(&key, CLEANUP_LOCK_WAIT_SECS).await {
+            Ok(lock) => lock,
+            Err(e) if e.kind == ErrorKind::Conflict => {
+                reports.push(HealReport {
+                    vm,
+                    actions: vec!["skipped: the restore is still running".into()],
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let res = stage::finish_killed(host, &dir, dry_run).await;
+        lock.release().await;
+        reports.push(HealReport { vm, actions: res? });
     }
     Ok(reports)
 }

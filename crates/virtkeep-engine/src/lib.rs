@@ -24,6 +24,7 @@ pub mod progress;
 pub mod rbd;
 pub mod rbd_diff;
 pub mod restore;
+pub mod snapshot_ref;
 pub mod store;
 pub mod vm;
 

@@ -575,8 +575,14 @@ pub async fn remove_snapshots(host: &Host, snaps: &[LvSnapshot]) -> Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-/// `lvremove -f`, retried while the LV is still in use (a qemu-nbd that is exiting).
-async fn remove_lv(host: &Host, vg: &str, name: &str) -> Result<()> {
+/// `lvrename VG OLD NEW` (names checked by the caller).
+pub fn lvrename(vg: &str, old: &str, new: &str) -> RemoteCommand {
+    lvm(RemoteCommand::new("lvrename").arg(vg).arg(old).arg(new))
+}
+
+/// `lvremove -f`, retried while the LV is still in use (a qemu-nbd that is exiting);
+/// an LV that does not exist counts as removed.
+pub async fn remove_lv(host: &Host, vg: &str, name: &str) -> Result<()> {
     let mut last = String::new();
     for attempt in 0..5 {
         if attempt > 0 {
@@ -594,7 +600,7 @@ async fn remove_lv(host: &Host, vg: &str, name: &str) -> Result<()> {
             break;
         }
     }
-    Err(Error::new(ErrorKind::Remote, format!("removing the LVM snapshot {vg}/{name} failed: {last}"))
+    Err(Error::new(ErrorKind::Remote, format!("removing the logical volume {vg}/{name} failed: {last}"))
         .hint("`virtkeep cleanup HOST` retries; `lvs -o+lv_attr` on the host shows whether something still holds it open"))
 }
 

@@ -307,7 +307,34 @@ pub async fn restore_image(
         .map_err(|e| e.context(format!("creating RBD image {pool}/{image}")))?;
     let spec = format!("{pool}/{image}");
     let mut proc = host.session().spawn(&ceph.import_diff(pool, image)).await?;
-    let mut w = DiffWriter::new(&mut proc.stdin, size)
+    let fed = feed_import(&mut proc.stdin, reader, size, progress, disk).await;
+    let shut = proc.stdin.shutdown().await.map_err(io("rbd import-diff"));
+    // Waited for even after a failed read: the image can be removed only once
+    // `rbd import-diff` has closed it.
+    let (status, stderr) = proc.wait().await?;
+    let written = fed?;
+    shut?;
+    if status != 0 {
+        return Err(Error::new(
+            ErrorKind::Remote,
+            format!(
+                "rbd import-diff into {spec} failed: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            ),
+        ));
+    }
+    Ok(written)
+}
+
+/// Streams the data extents of a backed-up disk as an rbd diff into `stdin`.
+async fn feed_import<W: tokio::io::AsyncWrite + Unpin>(
+    stdin: &mut W,
+    reader: &virtkeep_repo::DiskReader,
+    size: u64,
+    progress: &Arc<dyn Progress>,
+    disk: &str,
+) -> Result<u64> {
+    let mut w = DiffWriter::new(stdin, size)
         .await
         .map_err(io("rbd import-diff"))?;
     let chunk = reader.index().chunk_size;
@@ -330,17 +357,6 @@ pub async fn restore_image(
         }
     }
     w.finish().await.map_err(io("rbd import-diff"))?;
-    proc.stdin.shutdown().await.map_err(io("rbd import-diff"))?;
-    let (status, stderr) = proc.wait().await?;
-    if status != 0 {
-        return Err(Error::new(
-            ErrorKind::Remote,
-            format!(
-                "rbd import-diff into {spec} failed: {}",
-                String::from_utf8_lossy(&stderr).trim()
-            ),
-        ));
-    }
     Ok(written)
 }
 

@@ -86,6 +86,20 @@ impl Vm {
         Err(Self::not_found(host, name))
     }
 
+    /// The UUID of the domain *named* `name` (never one whose id or UUID reads like it),
+    /// or `None` when the host has no such domain.
+    pub async fn uuid_by_name(host: &Host, name: &str) -> Result<Option<String>> {
+        let out = host.exec(&host.virsh().domuuid(name)).await?;
+        if out.status != 0 {
+            return Ok(None);
+        }
+        let uuid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if Self::name_of(host, &uuid).await?.as_deref() == Some(name) {
+            return Ok(Some(uuid));
+        }
+        Self::search_by_name(host, name).await
+    }
+
     fn not_found(host: &Host, name: &str) -> Error {
         Error::domain(format!("no domain named {name:?} on host {}", host.name)).hint(format!(
             "`virtkeep vm list {}` shows the domains on that host",

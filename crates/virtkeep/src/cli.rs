@@ -335,10 +335,23 @@ pub struct SnapshotIdsArgs {
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// Backup id (from `virtkeep snapshots`)
+    /// Backup id (from `virtkeep snapshots`), a unique prefix of it, or HOST/VM@latest
     pub snapshot: String,
+    /// Host to restore onto
+    #[arg(long, required_unless_present = "to_file")]
+    pub to: Option<String>,
+    /// Write one disk (--disk) to this file on this node instead, no hypervisor involved
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["to", "name", "storage", "owner", "define", "start", "dry_run"], requires = "disk")]
+    pub to_file: Option<std::path::PathBuf>,
+    /// Format of the --to-file file: raw (sparse) or qcow2
+    #[arg(long, requires = "to_file", value_parser = ["raw", "qcow2"], default_value = "raw")]
+    pub format: String,
+    /// Check and print the plan (disks, destinations, XML changes); write nothing
     #[arg(long)]
-    pub to: String,
+    pub dry_run: bool,
+    /// Define a domain whose XML passes arguments to QEMU (<qemu:commandline> …)
+    #[arg(long)]
+    pub allow_qemu_passthrough: bool,
     #[command(flatten)]
     pub repo: RepoArgs,
     /// New domain name (gets a fresh UUID and MAC addresses)
@@ -369,6 +382,7 @@ pub struct RestoreArgs {
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest; every backup when omitted
     pub snapshot: Option<String>,
     #[arg(long, conflicts_with = "snapshot")]
     pub all: bool,

@@ -14,7 +14,6 @@ use virtkeep_engine::{Error as EngineError, heal, inventory};
 use crate::cli::*;
 use crate::output::{human_bytes, print_json, progress};
 use crate::settings::{Settings, repo_err};
-use virtkeep_repo::RepoError;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::load(cli.config.as_deref())?;
@@ -567,6 +566,9 @@ async fn restore_cmd(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
+    if let Some(path) = &args.to_file {
+        return restore_to_file_cmd(&repo, &args, path, json).await;
+    }
     let storage = Storage::parse(args.storage.as_deref())?;
     let owner = match args.owner.as_deref() {
         None => None,
@@ -579,7 +581,7 @@ async fn restore_cmd(
             }
         },
     };
-    let host = connect(settings, &args.to).await?;
+    let host = connect(settings, args.to.as_deref().unwrap_or_default()).await?;
     let opts = RestoreOptions {
         snapshot: args.snapshot.clone(),
         name: args.name.clone(),
@@ -590,10 +592,14 @@ async fn restore_cmd(
         start: args.start,
         force: args.force,
         parallel: args.parallel,
+        dry_run: args.dry_run,
+        allow_qemu_passthrough: args.allow_qemu_passthrough,
     };
     let r = restore(&host, &repo, &opts, progress(json)).await?;
     if json {
         print_json(&r)?;
+    } else if r.dry_run {
+        print_restore_plan(&r);
     } else {
         for d in &r.disks {
             println!(
@@ -620,17 +626,76 @@ async fn restore_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `restore --dry-run` without `--json`.
+fn print_restore_plan(r: &virtkeep_engine::restore::RestoreResult) {
+    println!(
+        "dry run: nothing written; restore {} to {}:",
+        r.snapshot, r.host
+    );
+    for d in &r.disks {
+        let replaced = if r.replaces.contains(&d.target) {
+            ", replaces the existing one"
+        } else {
+            ""
+        };
+        println!(
+            "  disk {} -> {} ({} {}, {}){replaced}",
+            d.target,
+            d.path,
+            d.backend,
+            d.format,
+            human_bytes(d.size)
+        );
+    }
+    for c in &r.xml_changes {
+        println!("  define {:?}: {c}", r.vm);
+    }
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+}
+
+async fn restore_to_file_cmd(
+    repo: &virtkeep_repo::Repository,
+    args: &RestoreArgs,
+    path: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use virtkeep_engine::restore::local;
+    let opts = local::LocalOptions {
+        snapshot: args.snapshot.clone(),
+        disk: args.disk.first().cloned().unwrap_or_default(),
+        path: path.to_path_buf(),
+        format: local::FileFormat::parse(&args.format)?,
+        force: args.force,
+    };
+    if args.disk.len() != 1 {
+        return Err(
+            EngineError::config("--to-file writes one disk: give exactly one --disk").into(),
+        );
+    }
+    let r = local::restore_to_file(repo, &opts, progress(json)).await?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "restored {} -> {} ({:?}, {} written)",
+            r.disk,
+            r.path,
+            r.format,
+            human_bytes(r.bytes_written)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let selection = match args.snapshot {
-        Some(id) => {
+        Some(spec) => {
             // An unknown id is an error of its own, not a "broken backup"; a damaged
             // manifest is for verify to report.
-            if let Err(e @ (RepoError::SnapshotNotFound(_) | RepoError::InvalidArgument(_))) =
-                repo.manifest(&id).await
-            {
-                return Err(repo_err(e).into());
-            }
+            let id = virtkeep_engine::snapshot_ref::resolve(&repo, &spec).await?;
             virtkeep_repo::VerifySelection::Snapshots(vec![id])
         }
         None => virtkeep_repo::VerifySelection::All,

@@ -14,8 +14,9 @@ pub async fn forget(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
+    let ids = resolve_all(&repo, &args.snapshots).await?;
     let mut done = Vec::new();
-    for id in &args.snapshots {
+    for id in &ids {
         if let Err(e) = repo.forget(id).await {
             // With --json stdout holds the error object alone.
             if !json {
@@ -40,8 +41,9 @@ pub async fn protect(
 ) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let verb = if on { "protected" } else { "unprotected" };
+    let ids = resolve_all(&repo, &args.snapshots).await?;
     let mut done = Vec::new();
-    for id in &args.snapshots {
+    for id in &ids {
         if let Err(e) = repo.set_protected(id, on).await {
             if !json {
                 report_done(&done, verb, json)?;
@@ -52,6 +54,19 @@ pub async fn protect(
     }
     report_done(&done, verb, json)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each SNAPSHOT (id, unique id prefix, HOST/VM@latest) as a backup id, before anything
+/// is changed: one that names nothing stops the command with nothing done.
+async fn resolve_all(
+    repo: &virtkeep_repo::Repository,
+    specs: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for spec in specs {
+        ids.push(virtkeep_engine::snapshot_ref::resolve(repo, spec).await?);
+    }
+    Ok(ids)
 }
 
 fn report_done(ids: &[String], verb: &str, json: bool) -> anyhow::Result<()> {

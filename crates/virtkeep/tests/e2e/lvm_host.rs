@@ -464,7 +464,7 @@ fn lvm_host_check_and_vm_list_through_the_cli() {
 // ───────────────────────────── backup and restore through the CLI ─────────────────────────────
 
 /// A node with the LVM hypervisor added as host `lvmhv`.
-fn lvm_node() -> Node {
+pub(crate) fn lvm_node() -> Node {
     let h = hvm();
     let node = Node::new();
     let key = h.key.display().to_string();

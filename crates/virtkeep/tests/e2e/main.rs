@@ -17,3 +17,4 @@ mod keys;
 mod lvm_host;
 mod rbd;
 mod repository;
+mod restore_safety;
