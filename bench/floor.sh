@@ -350,7 +350,7 @@ for ((r = 1; r <= REPS; r++)); do
       zstd) run_zstd "zstd-r$r" ;;
       vk)
         repo=$WORK/repo-full-r$r
-        "${VKC[@]}" repo init "$repo" >"$RUN_DIR/init-full-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-full-r$r.out")"
+        "${VKC[@]}" repo init "$repo" --encryption none >"$RUN_DIR/init-full-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-full-r$r.out")"
         vk_backup vkfull "vkfull-r$r" "$repo" full full
         rm -rf -- "$repo"
         ;;
@@ -367,7 +367,7 @@ CHANGES_MD=""
 for pat in A B; do
   repo=$WORK/repo-inc-$pat
   ndir=$WORK/nbd-inc-$pat
-  "${VKC[@]}" repo init "$repo" >"$RUN_DIR/init-inc-$pat.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-inc-$pat.out")"
+  "${VKC[@]}" repo init "$repo" --encryption none >"$RUN_DIR/init-inc-$pat.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-inc-$pat.out")"
   blog "pattern $pat: virtkeep full (--mode $FULL_MODE) and virtnbdbackup full"
   vk_backup "vkbase$pat" "vkbase-$pat" "$repo" "$FULL_MODE" full
   nbd_backup "nbdbase$pat" "nbdbase-$pat" "$ndir" full
