@@ -11,7 +11,6 @@
 //! incremental never depends on anything but its parent's index, so a broken chain
 //! costs one full read, never a wrong restore.
 
-use serde::{Deserialize, Serialize};
 use virtkeep_ssh::RemoteCommand;
 
 use crate::error::Result;
@@ -20,14 +19,7 @@ use crate::host::{HOST_STATE_DIR, Host};
 /// Prefix of the checkpoints virtkeep creates (others' checkpoints are left alone).
 pub const CHECKPOINT_PREFIX: &str = "virtkeep-";
 
-/// What a CBT backup records in its manifest (`extra.cbt`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CbtRecord {
-    pub checkpoint: String,
-    pub vm_uuid: String,
-    /// (target, size) of every disk in the backup.
-    pub disks: Vec<(String, u64)>,
-}
+pub use crate::plan::CbtRecord;
 
 /// The backup an incremental builds on.
 pub struct Base {
@@ -109,44 +101,6 @@ pub async fn backup_api_supported(host: &Host, refresh: bool) -> bool {
 pub async fn checkpoints(host: &Host, uuid: &str) -> Result<Vec<String>> {
     let out = host.run_string(&host.virsh().checkpoint_list(uuid)).await?;
     Ok(virtkeep_libvirt::parse::parse_virsh_list_names(&out))
-}
-
-/// What the newest backup of this VM offers an incremental: a CBT base, or why not.
-pub enum Latest {
-    Base(Base),
-    /// A full is needed; the reason names the cause.
-    None(String),
-}
-
-/// The newest backup of this VM in the repository, as a CBT base.
-pub async fn latest_record(
-    repo: &virtkeep_repo::Repository,
-    host: &str,
-    vm: &str,
-) -> Result<Latest> {
-    let Some(manifest) = crate::store::latest_backup(repo, host, vm).await? else {
-        return Ok(Latest::None("full: no earlier backup of this VM".into()));
-    };
-    if crate::backup::base_removed_on_request(&manifest) {
-        return Ok(Latest::None(crate::backup::removed_on_request_reason(
-            &manifest.id,
-        )));
-    }
-    match manifest
-        .extra
-        .get("cbt")
-        .cloned()
-        .map(serde_json::from_value::<CbtRecord>)
-    {
-        Some(Ok(record)) => Ok(Latest::Base(Base {
-            id: manifest.id,
-            record,
-        })),
-        _ => Ok(Latest::None(format!(
-            "full: the newest backup {} was not taken with a checkpoint (another method or an older virtkeep)",
-            manifest.id
-        ))),
-    }
 }
 
 /// Why an incremental cannot build on `base`, or `None` when it can.
@@ -246,6 +200,36 @@ pub async fn abort_stale_job(host: &Host, uuid: &str) -> Result<bool> {
     }
     host.exec(&host.virsh().domjobabort(uuid)).await?;
     Ok(true)
+}
+
+/// The marker in a job dir of a VM a backup-API job started paused (healing stops it).
+pub const PAUSED_MARKER: &str = "started-paused";
+
+/// For `heal`: a VM virtkeep started paused for a job that did not finish goes down again.
+pub async fn undo_paused_start(host: &Host, uuid: &str) -> Result<Option<String>> {
+    let script = r#"for f in "$1"/"$2"-*/started-paused; do [ -e "$f" ] && exit 0; done; exit 1"#;
+    let found = host
+        .exec(
+            &RemoteCommand::new("sh")
+                .arg("-c")
+                .arg(script)
+                .arg("sh")
+                .arg(format!("{HOST_STATE_DIR}/jobs"))
+                .arg(uuid),
+        )
+        .await?;
+    if found.status != 0 {
+        return Ok(None);
+    }
+    let state = host.run_string(&host.virsh().domstate(uuid)).await?;
+    if state.trim() == "paused" {
+        let _ = host.exec(&host.virsh().domjobabort(uuid)).await;
+        host.run(&host.virsh().destroy(uuid)).await?;
+        return Ok(Some(
+            "stopped the VM a killed job had started paused".into(),
+        ));
+    }
+    Ok(None)
 }
 
 /// Deletes virtkeep checkpoints other than `keep` (bitmaps merge into their successors).

@@ -285,19 +285,40 @@ pub enum ReadScope {
     },
 }
 
+/// Which disk is read, and how: the caller's side of [`export_disk`] and
+/// [`export_stream`].
+#[derive(Clone)]
+pub struct DiskRead {
+    pub scope: ReadScope,
+    /// Parallel data connections.
+    pub parallel: usize,
+    /// VM and disk names, for progress events.
+    pub vm: String,
+    pub disk: String,
+}
+
+impl DiskRead {
+    /// Everything allocated of disk `disk` of `vm`.
+    pub fn whole(vm: &str, disk: &str, parallel: usize) -> DiskRead {
+        DiskRead {
+            scope: ReadScope::Full,
+            parallel,
+            vm: vm.to_string(),
+            disk: disk.to_string(),
+        }
+    }
+}
+
 /// Reads the guest-visible content of an export into `sink`: everything allocated, or
 /// (incremental) only the dirty ranges; unchanged chunks keep the parent's digest.
-#[allow(clippy::too_many_arguments)]
 pub async fn export_disk(
     host: &Host,
     export: &NbdExport,
     sink: Arc<dyn ChunkSink>,
-    scope: &ReadScope,
-    parallel: usize,
-    vm: &str,
-    disk: &str,
+    read: &DiskRead,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
+    let scope = &read.scope;
     let context = match scope {
         ReadScope::Dirty { context, .. } => context.clone(),
         _ => BASE_ALLOCATION.to_string(),
@@ -324,67 +345,30 @@ pub async fn export_disk(
     let plan = Arc::new(plan_chunks(&extents, size, chunk));
     let data_bytes: u64 = plan.iter().flatten().map(|(_, l)| l).sum();
     progress.event(Event::DiskStart {
-        vm: vm.to_string(),
-        disk: disk.to_string(),
+        vm: read.vm.clone(),
+        disk: read.disk.clone(),
         bytes: data_bytes,
     });
-
-    let next = Arc::new(AtomicUsize::new(0));
-    let read = Arc::new(AtomicU64::new(0));
-    let zero = Arc::new(AtomicU64::new(0));
+    let shared = Workers {
+        plan: plan.clone(),
+        next: Arc::new(AtomicUsize::new(0)),
+        read: Arc::new(AtomicU64::new(0)),
+        zero: Arc::new(AtomicU64::new(0)),
+        sink,
+        progress: progress.clone(),
+        parent,
+        disk: read.disk.clone(),
+        chunk,
+        size,
+    };
     let mut workers = tokio::task::JoinSet::new();
-    for w in 0..parallel.max(1) {
+    for w in 0..read.parallel.max(1) {
         let session = host.data_session(w).await?;
         let client = export.connect(&session, &[]).await?;
-        let (plan, next, read, zero, sink, progress, parent) = (
-            plan.clone(),
-            next.clone(),
-            read.clone(),
-            zero.clone(),
-            sink.clone(),
-            progress.clone(),
-            parent.clone(),
-        );
-        let disk = disk.to_string();
+        let shared = shared.clone();
         workers.spawn(async move {
             let _session = session;
-            let max = u64::from(client.max_block().clamp(64 * 1024, 32 << 20));
-            let job = ChunkJob {
-                client: &client,
-                max,
-                chunk,
-                size,
-                parent: parent.as_ref(),
-            };
-            // Chunks are taken from the shared counter as this worker has room, so the
-            // workers still share the disk evenly.
-            let indices = std::iter::from_fn(|| {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                (i < plan.len()).then_some(i)
-            });
-            let mut chunks = futures::stream::iter(indices)
-                .map(|i| job.fetch(i as u64, &plan[i]))
-                .buffer_unordered(CHUNKS_IN_FLIGHT);
-            while let Some(fetched) = chunks.next().await {
-                match fetched? {
-                    Fetched::Unchanged => {}
-                    Fetched::Zero(index) => {
-                        sink.zero_chunk(index).await?;
-                        zero.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Fetched::Data { index, data, moved } => {
-                        read.fetch_add(moved, Ordering::Relaxed);
-                        sink.data_chunk(index, data).await?;
-                        progress.event(Event::DiskBytes {
-                            disk: disk.clone(),
-                            bytes: moved,
-                        });
-                    }
-                }
-            }
-            drop(chunks);
-            let _ = client.disconnect().await;
-            Ok::<(), Error>(())
+            shared.run(client).await
         });
     }
     while let Some(res) = workers.join_next().await {
@@ -400,15 +384,72 @@ pub async fn export_disk(
         }
     }
     progress.event(Event::DiskDone {
-        disk: disk.to_string(),
+        disk: read.disk.clone(),
     });
-    let zero_chunks = zero.load(Ordering::Relaxed);
     Ok(ExportStats {
         size,
-        bytes_read: read.load(Ordering::Relaxed),
-        zero_chunks,
+        bytes_read: shared.read.load(Ordering::Relaxed),
+        zero_chunks: shared.zero.load(Ordering::Relaxed),
         data_chunks: plan.iter().filter(|r| !r.is_empty()).count() as u64,
     })
+}
+
+/// What the parallel readers of one disk share.
+#[derive(Clone)]
+struct Workers {
+    plan: Arc<Vec<Vec<(u64, u64)>>>,
+    next: Arc<AtomicUsize>,
+    read: Arc<AtomicU64>,
+    zero: Arc<AtomicU64>,
+    sink: Arc<dyn ChunkSink>,
+    progress: Arc<dyn Progress>,
+    parent: Option<Arc<virtkeep_repo::DiskReader>>,
+    disk: String,
+    chunk: u64,
+    size: u64,
+}
+
+impl Workers {
+    /// One reader: takes chunks from the shared counter until the plan is done.
+    async fn run(self, client: NbdClient) -> Result<()> {
+        let max = u64::from(client.max_block().clamp(64 * 1024, 32 << 20));
+        let job = ChunkJob {
+            client: &client,
+            max,
+            chunk: self.chunk,
+            size: self.size,
+            parent: self.parent.as_ref(),
+        };
+        // Chunks are taken from the shared counter as this worker has room, so the
+        // workers still share the disk evenly.
+        let indices = std::iter::from_fn(|| {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            (i < self.plan.len()).then_some(i)
+        });
+        let mut chunks = futures::stream::iter(indices)
+            .map(|i| job.fetch(i as u64, &self.plan[i]))
+            .buffer_unordered(CHUNKS_IN_FLIGHT);
+        while let Some(fetched) = chunks.next().await {
+            match fetched? {
+                Fetched::Unchanged => {}
+                Fetched::Zero(index) => {
+                    self.sink.zero_chunk(index).await?;
+                    self.zero.fetch_add(1, Ordering::Relaxed);
+                }
+                Fetched::Data { index, data, moved } => {
+                    self.read.fetch_add(moved, Ordering::Relaxed);
+                    self.sink.data_chunk(index, data).await?;
+                    self.progress.event(Event::DiskBytes {
+                        disk: self.disk.clone(),
+                        bytes: moved,
+                    });
+                }
+            }
+        }
+        drop(chunks);
+        let _ = client.disconnect().await;
+        Ok(())
+    }
 }
 
 /// Chunks each NBD connection reads at once: while one chunk's replies are copied and
@@ -499,11 +540,11 @@ pub async fn export_stream(
     path: &str,
     size: u64,
     sink: Arc<dyn ChunkSink>,
-    vm: &str,
-    disk: &str,
+    read: &DiskRead,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
     use tokio::io::AsyncReadExt;
+    let (vm, disk) = (read.vm.as_str(), read.disk.as_str());
     let chunk = sink.chunk_size();
     progress.event(Event::DiskStart {
         vm: vm.to_string(),

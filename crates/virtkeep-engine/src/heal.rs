@@ -16,6 +16,7 @@ use virtkeep_libvirt::parse::parse_qemu_img_info;
 use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, cmd, rewrite_domain};
 use virtkeep_ssh::RemoteCommand;
 
+use crate::backup::overlay::{clear_kept, read_kept};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::{Deadline, HOST_STATE_DIR, Host, OVERLAY_MARKER};
 use crate::vm::Vm;
@@ -27,15 +28,7 @@ pub struct HealReport {
     pub actions: Vec<String>,
 }
 
-/// The base image an overlay path of ours belongs to, when the path is one of ours.
-pub fn overlay_base(path: &str) -> Option<&str> {
-    let idx = path.rfind(OVERLAY_MARKER)?;
-    let tail = &path[idx + OVERLAY_MARKER.len()..];
-    if tail.is_empty() || tail.contains('/') {
-        return None;
-    }
-    Some(&path[..idx])
-}
+pub use crate::backup::overlay::overlay_base;
 
 fn file_sources(xml_disks: &[virtkeep_libvirt::Disk]) -> Vec<(String, String)> {
     xml_disks
@@ -90,79 +83,111 @@ pub async fn heal_vm(host: &Host, vm_uuid: &str, dry_run: bool) -> Result<HealRe
 /// [`heal_vm`] of a VM the caller has just loaded (each load costs a few `virsh` calls;
 /// the VM is loaded again only after healing changed it).
 pub async fn heal_loaded(host: &Host, mut vm: Vm, dry_run: bool) -> Result<HealReport> {
-    let vm_uuid = vm.uuid.clone();
-    let vm_uuid = vm_uuid.as_str();
-    let mut report = HealReport {
-        vm: vm.name.clone(),
-        actions: Vec::new(),
-    };
-
-    // A paused start, a pull-mode job and exports of ours all live in a job dir of this
-    // VM: with none (the usual case) their three checks, one a `virsh` call, are skipped.
-    if !dry_run && has_job_dirs(host, vm_uuid).await? {
-        if let Some(action) = crate::cbt_backup::undo_paused_start(host, vm_uuid).await? {
-            report.actions.push(action);
-        }
-        if crate::cbt::abort_stale_job(host, vm_uuid).await? {
-            report
-                .actions
-                .push("ended a backup job a killed run left on the VM".into());
-        }
-        // Before the job dirs (and their hold records) go with the exports below.
-        report
-            .actions
-            .extend(crate::hold::undo_left_holds(host, vm_uuid).await?);
-        stop_job_exports(host, vm_uuid).await?;
-        if !report.actions.is_empty() {
+    let mut actions = Vec::new();
+    if !dry_run {
+        actions.extend(end_jobs(host, &vm.uuid).await?);
+        if !actions.is_empty() {
             vm.reload(host).await?;
         }
     }
-
-    // Kept overlays (the kept-snapshot incremental method) stay while the VM runs on
+    // Kept overlays (the kept-overlay incremental method) stay while the VM runs on
     // them; a stopped VM's are committed like any other.
     let kept = if vm.state.is_active() {
-        crate::kept::read(host, vm_uuid).await?
+        read_kept(host, &vm.uuid).await?
     } else {
         if !dry_run {
-            crate::kept::clear(host, vm_uuid).await?;
+            clear_kept(host, &vm.uuid).await?;
         }
         Vec::new()
     };
-    let is_kept = |target: &str, path: &str| kept.iter().any(|(t, p)| t == target && p == path);
-
-    // 2. Live disks on an overlay.
     if vm.state.is_active() {
-        for (target, path) in file_sources(&vm.domain.disks) {
-            let Some(base) = overlay_base(&path) else {
-                continue;
-            };
-            if is_kept(&target, &path) {
-                continue;
-            }
-            report.actions.push(format!(
-                "blockcommit {target} from {path} into {base} and pivot"
-            ));
-            if !dry_run {
-                commit_live_disk(host, vm_uuid, &target, base).await?;
-            }
+        actions.extend(commit_live(host, &vm, &kept, dry_run).await?);
+    }
+    let inactive = virtkeep_libvirt::parse_domain(&vm.inactive_xml)?;
+    actions.extend(redefine_on_bases(host, &vm, &inactive, &kept, dry_run).await?);
+    actions.extend(rbd_leftovers(host, &vm, dry_run).await?);
+    actions.extend(lvm_leftovers(host, &vm, &inactive, dry_run).await?);
+    // 5. Overlay files no definition refers to any more (against the definitions as
+    // they are now: reloaded when a commit or redefine above changed them).
+    if !dry_run && actions.iter().any(|a| !a.starts_with("remove ")) {
+        vm.reload(host).await?;
+    }
+    actions.extend(remove_unreferenced(host, &vm, dry_run).await?);
+    Ok(HealReport {
+        vm: vm.name.clone(),
+        actions,
+    })
+}
+
+/// A paused start, a pull-mode job and exports of ours all live in a job dir of this
+/// VM: with none (the usual case) their three checks, one a `virsh` call, are skipped.
+async fn end_jobs(host: &Host, vm_uuid: &str) -> Result<Vec<String>> {
+    let mut actions = Vec::new();
+    if !has_job_dirs(host, vm_uuid).await? {
+        return Ok(actions);
+    }
+    if let Some(action) = crate::cbt::undo_paused_start(host, vm_uuid).await? {
+        actions.push(action);
+    }
+    if crate::cbt::abort_stale_job(host, vm_uuid).await? {
+        actions.push("ended a backup job a killed run left on the VM".into());
+    }
+    // Before the job dirs (and their hold records) go with the exports below.
+    actions.extend(crate::hold::undo_left_holds(host, vm_uuid).await?);
+    stop_job_exports(host, vm_uuid).await?;
+    Ok(actions)
+}
+
+fn is_kept(kept: &[(String, String)], target: &str, path: &str) -> bool {
+    kept.iter().any(|(t, p)| t == target && p == path)
+}
+
+/// 2. Live disks on an overlay (not a kept one): active commit and pivot.
+async fn commit_live(
+    host: &Host,
+    vm: &Vm,
+    kept: &[(String, String)],
+    dry_run: bool,
+) -> Result<Vec<String>> {
+    let mut actions = Vec::new();
+    for (target, path) in file_sources(&vm.domain.disks) {
+        let Some(base) = overlay_base(&path) else {
+            continue;
+        };
+        if is_kept(kept, &target, &path) {
+            continue;
+        }
+        actions.push(format!(
+            "blockcommit {target} from {path} into {base} and pivot"
+        ));
+        if !dry_run {
+            commit_live_disk(host, &vm.uuid, &target, base).await?;
         }
     }
+    Ok(actions)
+}
 
-    // 3 + 4. The persistent definition.
-    let inactive = virtkeep_libvirt::parse_domain(&vm.inactive_xml)?;
+/// 3 + 4. The persistent definition: a stopped VM's overlays committed, and the
+/// definition put back on the base files.
+async fn redefine_on_bases(
+    host: &Host,
+    vm: &Vm,
+    inactive: &virtkeep_libvirt::Domain,
+    kept: &[(String, String)],
+    dry_run: bool,
+) -> Result<Vec<String>> {
+    let mut actions = Vec::new();
     let mut sources = BTreeMap::new();
     for (target, path) in file_sources(&inactive.disks) {
         let Some(base) = overlay_base(&path) else {
             continue;
         };
-        if vm.state.is_active() && is_kept(&target, &path) {
+        if vm.state.is_active() && is_kept(kept, &target, &path) {
             continue;
         }
         let base_format = backing_format(host, &path, base).await?;
         if !vm.state.is_active() && exists(host, &path).await? {
-            report
-                .actions
-                .push(format!("qemu-img commit {path} into {base}"));
+            actions.push(format!("qemu-img commit {path} into {base}"));
             if !dry_run {
                 host.run_within(&cmd::qemu_img_commit(&path), Deadline::Data)
                     .await
@@ -177,34 +202,44 @@ pub async fn heal_loaded(host: &Host, mut vm: Vm, dry_run: bool) -> Result<HealR
             },
         );
     }
-    if !sources.is_empty() {
-        report
-            .actions
-            .push(format!("redefine {:?} on its base files", vm.name));
-        if !dry_run {
-            let rw = Rewrite {
-                disk_sources: sources,
-                drop_backing_store: true,
-                ..Rewrite::default()
-            };
-            let xml = rewrite_domain(&vm.inactive_xml, &rw)?;
-            define(host, vm_uuid, &xml).await?;
+    if sources.is_empty() {
+        return Ok(actions);
+    }
+    actions.push(format!("redefine {:?} on its base files", vm.name));
+    if !dry_run {
+        let rw = Rewrite {
+            disk_sources: sources,
+            drop_backing_store: true,
+            ..Rewrite::default()
+        };
+        let xml = rewrite_domain(&vm.inactive_xml, &rw)?;
+        define(host, &vm.uuid, &xml).await?;
+    }
+    Ok(actions)
+}
+
+/// RBD snapshots of a killed run (not the recorded base of the next incremental).
+async fn rbd_leftovers(host: &Host, vm: &Vm, dry_run: bool) -> Result<Vec<String>> {
+    let mut actions = Vec::new();
+    let Some(ceph) = host.config.ceph_args() else {
+        return Ok(actions);
+    };
+    for d in &vm.domain.disks {
+        if let virtkeep_libvirt::Backend::Rbd { pool, image } = d.backend() {
+            actions.extend(crate::rbd::heal_image(host, &ceph, &pool, &image, dry_run).await?);
         }
     }
+    Ok(actions)
+}
 
-    // RBD snapshots of a killed run (not the recorded base of the next incremental).
-    if let Some(ceph) = host.config.ceph_args() {
-        for d in &vm.domain.disks {
-            if let virtkeep_libvirt::Backend::Rbd { pool, image } = d.backend() {
-                report
-                    .actions
-                    .extend(crate::rbd::heal_image(host, &ceph, &pool, &image, dry_run).await?);
-            }
-        }
-    }
-
-    // LVM snapshots of this VM's volumes, whichever job made them: no job of this VM
-    // runs (the caller holds its lock), so each is a leftover.
+/// LVM snapshots of this VM's volumes, whichever job made them: no job of this VM runs
+/// (the caller holds its lock), so each is a leftover.
+async fn lvm_leftovers(
+    host: &Host,
+    vm: &Vm,
+    inactive: &virtkeep_libvirt::Domain,
+    dry_run: bool,
+) -> Result<Vec<String>> {
     let mut origins: Vec<(String, String)> = vm
         .domain
         .disks
@@ -217,31 +252,29 @@ pub async fn heal_loaded(host: &Host, mut vm: Vm, dry_run: bool) -> Result<HealR
         .collect();
     origins.sort();
     origins.dedup();
-    if !origins.is_empty() {
-        let lvm_actions = if dry_run {
-            crate::lvm::find_leftover_snapshots(host, &origins)
-                .await
-                .map(|l| l.into_iter().map(|(vg, n)| format!("{vg}/{n}")).collect())
-        } else {
-            crate::lvm::remove_leftover_snapshots(host, &origins).await
-        };
-        match lvm_actions {
-            Ok(removed) => report.actions.extend(
-                removed
-                    .into_iter()
-                    .map(|s| format!("remove LVM snapshot {s}")),
-            ),
-            // No LVM tools: a /dev/mapper path that only looked like an LV.
-            Err(e) if e.kind == ErrorKind::Unsupported => {}
-            Err(e) => return Err(e),
-        }
+    if origins.is_empty() {
+        return Ok(Vec::new());
     }
+    let removed = if dry_run {
+        crate::lvm::find_leftover_snapshots(host, &origins)
+            .await
+            .map(|l| l.into_iter().map(|(vg, n)| format!("{vg}/{n}")).collect())
+    } else {
+        crate::lvm::remove_leftover_snapshots(host, &origins).await
+    };
+    match removed {
+        Ok(removed) => Ok(removed
+            .into_iter()
+            .map(|s| format!("remove LVM snapshot {s}"))
+            .collect()),
+        // No LVM tools: a /dev/mapper path that only looked like an LV.
+        Err(e) if e.kind == ErrorKind::Unsupported => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
 
-    // 5. Overlay files no definition refers to any more (against the definitions as
-    // they are now: reloaded when a commit or redefine above changed them).
-    if !dry_run && report.actions.iter().any(|a| !a.starts_with("remove ")) {
-        vm.reload(host).await?;
-    }
+/// 5. Overlay files of the VM's images that no definition refers to.
+async fn remove_unreferenced(host: &Host, vm: &Vm, dry_run: bool) -> Result<Vec<String>> {
     let inactive = virtkeep_libvirt::parse_domain(&vm.inactive_xml)?;
     let referenced: Vec<String> = file_sources(&vm.domain.disks)
         .into_iter()
@@ -254,19 +287,20 @@ pub async fn heal_loaded(host: &Host, mut vm: Vm, dry_run: bool) -> Result<HealR
         .collect();
     bases.sort();
     bases.dedup();
+    let mut actions = Vec::new();
     for base in bases {
         for overlay in overlays_of(host, &base).await? {
             if referenced.contains(&overlay) {
                 continue;
             }
-            report.actions.push(format!("remove overlay {overlay}"));
+            actions.push(format!("remove overlay {overlay}"));
             if !dry_run {
                 host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(&overlay))
                     .await?;
             }
         }
     }
-    Ok(report)
+    Ok(actions)
 }
 
 /// Active commit of one disk into `base` (the image our overlay was put on, never
@@ -472,20 +506,4 @@ async fn cleanup_restores(host: &Host, dry_run: bool) -> Result<Vec<HealReport>>
         reports.push(HealReport { vm, actions: res? });
     }
     Ok(reports)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::overlay_base;
-
-    #[test]
-    fn overlay_names_are_recognised() {
-        assert_eq!(
-            overlay_base("/img/a.qcow2.virtkeep-20260101T000000Z-ab12"),
-            Some("/img/a.qcow2")
-        );
-        assert_eq!(overlay_base("/img/a.qcow2"), None);
-        assert_eq!(overlay_base("/img/a.qcow2.virtkeep-"), None);
-        assert_eq!(overlay_base("/img.virtkeep-x/a.qcow2"), None);
-    }
 }

@@ -7,7 +7,6 @@
 
 pub mod backup;
 pub mod cbt;
-pub mod cbt_backup;
 pub mod config;
 pub mod error;
 pub mod export;
@@ -16,9 +15,7 @@ pub mod heal;
 pub mod hold;
 pub mod host;
 pub mod inventory;
-pub mod kept;
 pub mod lvm;
-pub mod lvm_backup;
 pub mod phases;
 pub mod plan;
 pub mod progress;

@@ -145,23 +145,39 @@ pub async fn heal_image(
     Ok(actions)
 }
 
+/// One `rbd export-diff` to read: `pool/image@snap`, from snapshot `from` (with the
+/// parent backup's chunks the diff is patched onto) when incremental.
+pub struct DiffExport<'a> {
+    pub ceph: &'a CephArgs,
+    pub pool: &'a str,
+    pub image: &'a str,
+    pub snap: &'a str,
+    pub from: Option<(&'a str, Arc<virtkeep_repo::DiskReader>)>,
+    pub size: u64,
+    /// VM and disk names, for progress events.
+    pub vm: &'a str,
+    pub disk: &'a str,
+}
+
 /// Streams `rbd export-diff` of `pool/image@snap` (from `from` when incremental) into
 /// the sink. A full fills untouched chunks with zeros; an incremental patches the
 /// records onto the parent's chunks and leaves untouched chunks as they were.
-#[allow(clippy::too_many_arguments)]
 pub async fn export(
     host: &Host,
-    ceph: &CephArgs,
-    pool: &str,
-    image: &str,
-    snap: &str,
-    from: Option<(&str, Arc<virtkeep_repo::DiskReader>)>,
-    size: u64,
+    req: DiffExport<'_>,
     sink: Arc<dyn ChunkSink>,
-    vm: &str,
-    disk: &str,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
+    let DiffExport {
+        ceph,
+        pool,
+        image,
+        snap,
+        from,
+        size,
+        vm,
+        disk,
+    } = req;
     let cmd = ceph.export_diff(pool, image, snap, from.as_ref().map(|(s, _)| *s));
     let mut proc = host.session().spawn(&cmd).await?;
     let parent = from.map(|(_, r)| r);
@@ -289,19 +305,30 @@ async fn fill_untouched(
     Ok(())
 }
 
+/// The RBD image a restore creates: `pool/image` of `size` bytes, for disk `disk`.
+pub struct ImageRestore<'a> {
+    pub ceph: &'a CephArgs,
+    pub pool: &'a str,
+    pub image: &'a str,
+    pub size: u64,
+    pub disk: &'a str,
+}
+
 /// Creates `pool/image` and writes the disk's data extents into it through
 /// `rbd import-diff` (zeros stay unallocated).
-#[allow(clippy::too_many_arguments)]
 pub async fn restore_image(
     host: &Host,
-    ceph: &CephArgs,
-    pool: &str,
-    image: &str,
+    to: &ImageRestore<'_>,
     reader: &virtkeep_repo::DiskReader,
-    size: u64,
     progress: &Arc<dyn Progress>,
-    disk: &str,
 ) -> Result<u64> {
+    let &ImageRestore {
+        ceph,
+        pool,
+        image,
+        size,
+        disk,
+    } = to;
     host.run(&ceph.create(pool, image, size))
         .await
         .map_err(|e| e.context(format!("creating RBD image {pool}/{image}")))?;
@@ -376,97 +403,9 @@ pub async fn secret_exists(host: &Host, uuid: &str) -> Result<bool> {
     Ok(out.status == 0)
 }
 
-/// Per RBD disk (by target): the backup id and kept snapshot an incremental builds on.
-pub type Bases = std::collections::BTreeMap<String, (String, String)>;
-
 pub async fn image_size(host: &Host, ceph: &CephArgs, pool: &str, image: &str) -> Result<u64> {
     let out = host.run_string(&ceph.info_json(pool, image)).await?;
     Ok(virtkeep_libvirt::parse::parse_rbd_info_json(&out)
         .map_err(|e| Error::new(ErrorKind::Remote, format!("rbd info {pool}/{image}: {e}")))?
         .size)
-}
-
-/// The bases of this VM's RBD disks: the snapshot the newest backup kept, when it is
-/// still on the image, still recorded as its base, and the image has the same size;
-/// and, for the disks without one, why (for the manifest's reason). `--mode full`
-/// looks for none.
-pub async fn bases(
-    host: &Host,
-    repo: &virtkeep_repo::Repository,
-    vm: &crate::vm::Vm,
-    plan: &crate::backup::Plan,
-    mode: crate::backup::ModeRequest,
-) -> Result<(Bases, Option<String>)> {
-    let mut out = Bases::new();
-    if mode == crate::backup::ModeRequest::Full || plan.disks.iter().all(|d| d.rbd.is_none()) {
-        return Ok((out, None));
-    }
-    let Some(manifest) = crate::store::latest_backup(repo, &host.name, &vm.name).await? else {
-        return Ok((out, Some("full: no earlier backup of this VM".into())));
-    };
-    if crate::backup::base_removed_on_request(&manifest) {
-        return Ok((
-            out,
-            Some(crate::backup::removed_on_request_reason(&manifest.id)),
-        ));
-    }
-    let ceph = ceph(host)?;
-    let mut problems = Vec::new();
-    for d in &plan.disks {
-        let Some((pool, image)) = &d.rbd else {
-            continue;
-        };
-        match base_of_disk(host, &ceph, &manifest, &d.target, pool, image).await? {
-            Ok(snap) => {
-                out.insert(d.target.clone(), (manifest.id.clone(), snap));
-            }
-            Err(problem) => problems.push(format!("{}: {problem}", d.target)),
-        }
-    }
-    let reason = (!problems.is_empty()).then(|| {
-        format!(
-            "full for RBD disks without a base of backup {} ({})",
-            manifest.id,
-            problems.join("; ")
-        )
-    });
-    Ok((out, reason))
-}
-
-/// The snapshot of `pool/image` that backup `manifest` kept, or why it cannot serve.
-async fn base_of_disk(
-    host: &Host,
-    ceph: &CephArgs,
-    manifest: &virtkeep_repo::Manifest,
-    target: &str,
-    pool: &str,
-    image: &str,
-) -> Result<std::result::Result<String, String>> {
-    let Some(snap) = manifest.extra["rbd"][target].as_str() else {
-        return Ok(Err("that backup kept no snapshot of it".into()));
-    };
-    let Some(old) = manifest.disks.iter().find(|m| m.spec.target == target) else {
-        return Ok(Err("not in that backup".into()));
-    };
-    if old.spec.source != format!("{pool}/{image}") {
-        return Ok(Err(format!("the disk was {} then", old.spec.source)));
-    }
-    if old.spec.size != image_size(host, ceph, pool, image).await? {
-        return Ok(Err("the image was resized".into()));
-    }
-    if recorded_base(host, ceph, pool, image).await.as_deref() != Some(snap) {
-        return Ok(Err(format!(
-            "the image's recorded base is no longer {snap} (image replaced or metadata removed)"
-        )));
-    }
-    if !snapshots(host, ceph, pool, image)
-        .await?
-        .iter()
-        .any(|s| s == snap)
-    {
-        return Ok(Err(format!(
-            "snapshot {snap} no longer exists (deleted on the host, or the image was replaced)"
-        )));
-    }
-    Ok(Ok(snap.to_string()))
 }

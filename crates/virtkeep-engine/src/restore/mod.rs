@@ -867,17 +867,14 @@ async fn write_one(
                 disk: p.m.spec.target.clone(),
                 bytes: p.m.spec.size,
             });
-            let written = crate::rbd::restore_image(
-                host,
-                &ceph,
+            let to = crate::rbd::ImageRestore {
+                ceph: &ceph,
                 pool,
                 image,
-                &reader,
-                p.m.spec.size,
-                ctx.progress,
-                &p.m.spec.target,
-            )
-            .await?;
+                size: p.m.spec.size,
+                disk: &p.m.spec.target,
+            };
+            let written = crate::rbd::restore_image(host, &to, &reader, ctx.progress).await?;
             ctx.progress.event(Event::DiskDone {
                 disk: p.m.spec.target.clone(),
             });
@@ -1206,7 +1203,7 @@ async fn lv_destination(
             "restore under another name (--name) or into another volume group (--storage lvm:VG)",
         ));
     }
-    let wanted_pool = manifest.extra["lvm"][&m.spec.target]["thin_pool"].as_str();
+    let wanted_pool = crate::plan::BackupExtra::of(manifest).thin_pool(&m.spec.target);
     let thin_pool = match wanted_pool {
         Some(pool) if lvs.iter().any(|l| l.name == pool && l.is_thin_pool()) => {
             Some(pool.to_string())
