@@ -186,15 +186,18 @@ pub async fn export(
         disk: disk.to_string(),
         bytes: size,
     });
-    let chunk = sink.chunk_size();
-    let count = size.div_ceil(chunk);
-    let mut stats = ExportStats {
+    let mut patcher = Patcher {
+        chunk: sink.chunk_size(),
+        sink,
+        parent,
         size,
-        ..ExportStats::default()
+        stats: ExportStats {
+            size,
+            ..ExportStats::default()
+        },
+        current: None,
+        next_untouched: 0,
     };
-    let mut current: Option<(u64, BytesMut)> = None;
-    let mut next_untouched = 0u64;
-
     let mut reader = tokio::time::timeout(REQUEST_TIMEOUT, DiffReader::new(&mut proc.stdout))
         .await
         .map_err(|_| stalled())?
@@ -210,53 +213,14 @@ pub async fn export(
             Record::Data { offset, data } => (offset, data.len() as u64, Some(data)),
             Record::Zero { offset, len } => (offset, len, None),
         };
-        stats.bytes_read += data.as_ref().map_or(0, |d| d.len() as u64);
+        patcher.stats.bytes_read += data.as_ref().map_or(0, |d| d.len() as u64);
         progress.event(Event::DiskBytes {
             disk: disk.to_string(),
             bytes: len,
         });
-        let mut pos = offset;
-        while pos < (offset + len).min(size) {
-            let idx = pos / chunk;
-            if current.as_ref().is_none_or(|(i, _)| *i != idx) {
-                if let Some((i, buf)) = current.take() {
-                    if i > idx {
-                        return Err(Error::new(
-                            ErrorKind::DataPath,
-                            "rbd export-diff records out of order",
-                        ));
-                    }
-                    flush(&sink, i, buf, &mut stats).await?;
-                    next_untouched = i + 1;
-                }
-                fill_untouched(&sink, parent.is_some(), next_untouched, idx, &mut stats).await?;
-                let len = chunk.min(size - idx * chunk) as usize;
-                let base = match &parent {
-                    Some(p) => match p.read_chunk(idx).await? {
-                        Some(old) if old.len() == len => BytesMut::from(&old[..]),
-                        _ => BytesMut::zeroed(len),
-                    },
-                    None => BytesMut::zeroed(len),
-                };
-                current = Some((idx, base));
-            }
-            let end = ((idx + 1) * chunk).min(offset + len).min(size);
-            if let Some((_, buf)) = current.as_mut() {
-                let (a, b) = ((pos - idx * chunk) as usize, (end - idx * chunk) as usize);
-                match &data {
-                    Some(d) => buf[a..b]
-                        .copy_from_slice(&d[(pos - offset) as usize..(end - offset) as usize]),
-                    None => buf[a..b].fill(0),
-                }
-            }
-            pos = end;
-        }
+        patcher.apply(offset, len, data.as_deref()).await?;
     }
-    if let Some((i, buf)) = current.take() {
-        flush(&sink, i, buf, &mut stats).await?;
-        next_untouched = i + 1;
-    }
-    fill_untouched(&sink, parent.is_some(), next_untouched, count, &mut stats).await?;
+    let stats = patcher.finish().await?;
     let (status, stderr) = proc.wait().await?;
     if status != 0 {
         return Err(Error::new(
@@ -271,6 +235,96 @@ pub async fn export(
         disk: disk.to_string(),
     });
     Ok(stats)
+}
+
+/// Turns the records of an export-diff into whole chunks: each chunk starts as the
+/// parent's (incremental) or zeros (full) and gets the records' bytes written over it.
+struct Patcher {
+    sink: Arc<dyn ChunkSink>,
+    parent: Option<Arc<virtkeep_repo::DiskReader>>,
+    chunk: u64,
+    size: u64,
+    stats: ExportStats,
+    /// The chunk being patched.
+    current: Option<(u64, BytesMut)>,
+    /// The first chunk not yet handed to the sink.
+    next_untouched: u64,
+}
+
+impl Patcher {
+    /// Writes `len` bytes at `offset` (`data`, or zeros) into the chunks they cover.
+    async fn apply(&mut self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let chunk = self.chunk;
+        let mut pos = offset;
+        while pos < (offset + len).min(self.size) {
+            let idx = pos / chunk;
+            if self.current.as_ref().is_none_or(|(i, _)| *i != idx) {
+                self.start_chunk(idx).await?;
+            }
+            let end = ((idx + 1) * chunk).min(offset + len).min(self.size);
+            if let Some((_, buf)) = self.current.as_mut() {
+                let (a, b) = ((pos - idx * chunk) as usize, (end - idx * chunk) as usize);
+                match data {
+                    Some(d) => buf[a..b]
+                        .copy_from_slice(&d[(pos - offset) as usize..(end - offset) as usize]),
+                    None => buf[a..b].fill(0),
+                }
+            }
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// Hands the chunk being patched to the sink and starts chunk `idx`.
+    async fn start_chunk(&mut self, idx: u64) -> Result<()> {
+        if let Some((i, buf)) = self.current.take() {
+            if i > idx {
+                return Err(Error::new(
+                    ErrorKind::DataPath,
+                    "rbd export-diff records out of order",
+                ));
+            }
+            flush(&self.sink, i, buf, &mut self.stats).await?;
+            self.next_untouched = i + 1;
+        }
+        let incremental = self.parent.is_some();
+        fill_untouched(
+            &self.sink,
+            incremental,
+            self.next_untouched,
+            idx,
+            &mut self.stats,
+        )
+        .await?;
+        let len = self.chunk.min(self.size - idx * self.chunk) as usize;
+        let base = match &self.parent {
+            Some(p) => match p.read_chunk(idx).await? {
+                Some(old) if old.len() == len => BytesMut::from(&old[..]),
+                _ => BytesMut::zeroed(len),
+            },
+            None => BytesMut::zeroed(len),
+        };
+        self.current = Some((idx, base));
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<ExportStats> {
+        if let Some((i, buf)) = self.current.take() {
+            flush(&self.sink, i, buf, &mut self.stats).await?;
+            self.next_untouched = i + 1;
+        }
+        let count = self.size.div_ceil(self.chunk);
+        let incremental = self.parent.is_some();
+        fill_untouched(
+            &self.sink,
+            incremental,
+            self.next_untouched,
+            count,
+            &mut self.stats,
+        )
+        .await?;
+        Ok(self.stats)
+    }
 }
 
 fn diff_err(e: crate::rbd_diff::DiffError) -> Error {
