@@ -28,7 +28,9 @@ pub struct HealReport {
     pub actions: Vec<String>,
 }
 
+// Re-exported for the callers that still name them here (restore's guard and stage).
 pub use crate::backup::overlay::overlay_base;
+pub use crate::define::define;
 
 fn file_sources(xml_disks: &[virtkeep_libvirt::Disk]) -> Vec<(String, String)> {
     xml_disks
@@ -412,98 +414,4 @@ pub async fn overlays_of(host: &Host, base: &str) -> Result<Vec<String>> {
 /// `virsh list --all --uuid`: every domain, addressed by UUID.
 pub fn list_all_uuids(host: &Host) -> RemoteCommand {
     host.virsh().command("list").arg("--all").arg("--uuid")
-}
-
-/// `virsh define` of an XML document, uploaded to a private file first.
-pub async fn define(host: &Host, vm_key: &str, xml: &str) -> Result<()> {
-    let dir = host
-        .job_dir(&format!("define-{}", uuid::Uuid::new_v4()))
-        .await?;
-    let path = format!("{dir}/domain.xml");
-    host.upload(&path, xml.as_bytes()).await?;
-    let res = host.run(&host.virsh().define(&path)).await;
-    let _ = host
-        .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&dir))
-        .await;
-    res.map(|_| ())
-        .map_err(|e| e.context(format!("defining domain {vm_key}")))
-}
-
-/// How long `cleanup` waits for a VM's lock before skipping that VM.
-pub const CLEANUP_LOCK_WAIT_SECS: u32 = 20;
-
-/// Heals one VM (by name or UUID), waiting a while for a running job's lock.
-pub async fn cleanup_vm(host: &Host, vm_key: &str, dry_run: bool) -> Result<HealReport> {
-    let vm = Vm::find(host, vm_key).await?;
-    let lock = host.lock_vm(&vm.uuid, CLEANUP_LOCK_WAIT_SECS).await?;
-    let res = heal_vm(host, &vm.uuid, dry_run).await;
-    lock.release().await;
-    res
-}
-
-/// Heals every domain on the host that carries virtkeep leftovers; VMs whose lock is
-/// held by a running job are skipped and said so.
-pub async fn cleanup_host(host: &Host, dry_run: bool) -> Result<Vec<HealReport>> {
-    let mut reports = cleanup_restores(host, dry_run).await?;
-    let uuids = host.run_string(&list_all_uuids(host)).await?;
-    for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        // A killed node's lock goes away once sshd has torn its session down (seconds);
-        // a running backup's stays, and that VM is skipped.
-        let lock = match host.lock_vm(uuid, CLEANUP_LOCK_WAIT_SECS).await {
-            Ok(lock) => lock,
-            Err(e) if e.kind == ErrorKind::Conflict => {
-                reports.push(HealReport {
-                    vm: uuid.to_string(),
-                    actions: vec!["skipped: a job holds this VM's lock".into()],
-                });
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let res = heal_vm(host, uuid, dry_run).await;
-        lock.release().await;
-        let report = match res {
-            Ok(r) => r,
-            // Undefined between the listing and now: nothing of it to heal.
-            Err(_) if host.exec(&host.virsh().domuuid(uuid)).await?.status != 0 => continue,
-            Err(e) => return Err(e),
-        };
-        if !report.actions.is_empty() {
-            reports.push(report);
-        }
-    }
-    Ok(reports)
-}
-
-/// Finishes the restores killed on this host: exports stopped, temporaries removed (or,
-/// once the swap had begun, swapped in). A restore whose lock is held still runs.
-async fn cleanup_restores(host: &Host, dry_run: bool) -> Result<Vec<HealReport>> {
-    use crate::restore::stage;
-    let mut reports = Vec::new();
-    for (dir, key) in stage::killed_jobs(host).await? {
-        let key_ok = !key.is_empty()
-            && !key.starts_with('.')
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !stage::is_restore_job_dir(&dir) || !key_ok {
-            continue;
-        }
-        let vm = format!("restore job {}", dir.rsplit('/').next().unwrap_or(&dir));
-        let lock = match host.lock_vm(&key, CLEANUP_LOCK_WAIT_SECS).await {
-            Ok(lock) => lock,
-            Err(e) if e.kind == ErrorKind::Conflict => {
-                reports.push(HealReport {
-                    vm,
-                    actions: vec!["skipped: the restore is still running".into()],
-                });
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let res = stage::finish_killed(host, &dir, dry_run).await;
-        lock.release().await;
-        reports.push(HealReport { vm, actions: res? });
-    }
-    Ok(reports)
 }

@@ -7,7 +7,9 @@
 
 pub mod backup;
 pub mod cbt;
+pub mod cleanup;
 pub mod config;
+pub mod define;
 pub mod error;
 pub mod export;
 pub mod failpoint;

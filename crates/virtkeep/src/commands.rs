@@ -9,7 +9,7 @@ use virtkeep_engine::backup::{BackupOptions, BaseOnHost, backup_vm};
 use virtkeep_engine::config::{CephConfig, HostConfig};
 use virtkeep_engine::host::Host;
 use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
-use virtkeep_engine::{Error as EngineError, heal, inventory};
+use virtkeep_engine::{Error as EngineError, cleanup, heal, inventory};
 
 use crate::cli::*;
 use crate::output::{human_bytes, print_json, progress};
@@ -830,7 +830,7 @@ async fn cleanup(settings: &Settings, args: CleanupArgs, json: bool) -> anyhow::
     let host = connect(settings, &args.host).await?;
     let reports = match &args.vm {
         Some(vm) => {
-            let r = heal::cleanup_vm(&host, vm, args.dry_run)
+            let r = cleanup::cleanup_vm(&host, vm, args.dry_run)
                 .await
                 .context("cleanup")?;
             if r.actions.is_empty() {
@@ -839,7 +839,7 @@ async fn cleanup(settings: &Settings, args: CleanupArgs, json: bool) -> anyhow::
                 vec![r]
             }
         }
-        None => heal::cleanup_host(&host, args.dry_run)
+        None => cleanup::cleanup_host(&host, args.dry_run)
             .await
             .context("cleanup")?,
     };
