@@ -15,8 +15,8 @@ use crate::catalog::{Catalog, JobOutcome, JobRecord, NewJob, now};
 use crate::dispatch::{Pending, Queue};
 use crate::error::Result;
 use crate::policy::{MissedRuns, Policy, ShutdownMode};
-use crate::schedule::ScheduleMode;
 use crate::task::{self, Env, JobRequest, ProgressMap};
+use virtkeep_engine::plan::ModeRequest;
 
 /// What the API hands the loop: a job already in the catalog, to queue.
 pub type Submissions = mpsc::UnboundedSender<i64>;
@@ -254,7 +254,7 @@ impl State {
 
     async fn fire_due_schedules(&mut self) -> Result<()> {
         let now = Utc::now();
-        let mut due: BTreeMap<String, (ScheduleMode, bool)> = BTreeMap::new();
+        let mut due: BTreeMap<String, (ModeRequest, bool)> = BTreeMap::new();
         let keys: Vec<(String, String)> = self
             .next
             .iter()
@@ -294,7 +294,7 @@ impl State {
     }
 
     /// Creates a run of `policy` with one job per selected VM.
-    pub async fn start_run(&mut self, p: &Policy, mode: ScheduleMode, trigger: &str) -> Result<()> {
+    pub async fn start_run(&mut self, p: &Policy, mode: ModeRequest, trigger: &str) -> Result<()> {
         let mut notes = Vec::new();
         let mut had_error = false;
         let mut skipped = 0;
@@ -523,7 +523,7 @@ mod tests {
             .with_ymd_and_hms(2026, 3, 10, 12, 0, 0)
             .single()
             .expect("t");
-        let cron = Schedule::cron("0 2 * * *", chrono_tz::Tz::UTC, ScheduleMode::Full).expect("c");
+        let cron = Schedule::cron("0 2 * * *", chrono_tz::Tz::UTC, ModeRequest::Full).expect("c");
         let at2 = Utc.with_ymd_and_hms(2026, 3, 11, 2, 0, 0).single();
         // First start: the next occurrence.
         assert_eq!(initial_next(&cron, None, now, MissedRuns::RunOnce), at2);
@@ -540,7 +540,7 @@ mod tests {
         // Not missed: kept.
         assert_eq!(initial_next(&cron, at2, now, MissedRuns::Skip), at2);
         // Intervals start at once.
-        let every = Schedule::every(Duration::from_secs(3600), "1h", ScheduleMode::Auto);
+        let every = Schedule::every(Duration::from_secs(3600), "1h", ModeRequest::Auto);
         assert_eq!(initial_next(&every, None, now, MissedRuns::Skip), Some(now));
     }
 }

@@ -14,7 +14,8 @@ use toml::Spanned;
 use virtkeep_engine::config::Config as EngineConfig;
 
 use crate::error::ConfigError;
-use crate::schedule::{Schedule, ScheduleMode, parse_duration};
+use crate::schedule::{Schedule, parse_duration};
+use virtkeep_engine::plan::{ModeRequest, Transport};
 
 /// What to do with runs that fell due while the daemon was not running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
@@ -36,26 +37,6 @@ pub enum ShutdownMode {
     Finish,
     /// Abort running jobs at once, returning their VMs to their own files.
     Abort,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportSetting {
-    #[default]
-    Ssh,
-    Netcat,
-    Stream,
-}
-
-impl TransportSetting {
-    pub fn engine(self) -> virtkeep_engine::backup::Transport {
-        use virtkeep_engine::backup::Transport;
-        match self {
-            TransportSetting::Ssh => Transport::Ssh,
-            TransportSetting::Netcat => Transport::Netcat,
-            TransportSetting::Stream => Transport::Stream,
-        }
-    }
 }
 
 // ---- the file's shape -------------------------------------------------------------
@@ -103,14 +84,14 @@ struct PolicyModel {
     #[serde(default)]
     priority: i32,
     vms: Vec<SelectModel>,
-    schedules: Vec<Spanned<ScheduleModel>>,
+    schedules: Vec<Spanned<ModeRequestl>>,
     retention: Option<Spanned<RetentionModel>>,
     pre_snapshot: Option<String>,
     post_snapshot: Option<String>,
     #[serde(default)]
     quiesce: bool,
     #[serde(default)]
-    transport: TransportSetting,
+    transport: Transport,
     #[serde(default)]
     exclude_disks: Vec<String>,
     keep_base: Option<bool>,
@@ -138,16 +119,16 @@ struct SelectModel {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ScheduleModel {
+struct ModeRequestl {
     cron: Option<Spanned<String>>,
     timezone: Option<Spanned<String>>,
     every: Option<Spanned<String>>,
     #[serde(default = "auto")]
-    mode: ScheduleMode,
+    mode: ModeRequest,
 }
 
-fn auto() -> ScheduleMode {
-    ScheduleMode::Auto
+fn auto() -> ModeRequest {
+    ModeRequest::Auto
 }
 
 #[derive(Deserialize, Default)]
@@ -202,7 +183,7 @@ pub struct Policy {
     pub pre_snapshot: Option<String>,
     pub post_snapshot: Option<String>,
     pub quiesce: bool,
-    pub transport: TransportSetting,
+    pub transport: Transport,
     pub exclude_disks: Vec<String>,
     /// Leave the next incremental's base on the host. Default: when some schedule is not
     /// `full` (as the seed keeps the last snapshot only for VMs with an incremental
@@ -241,9 +222,9 @@ impl Selection {
 }
 
 impl Policy {
-    pub fn backup_options(&self, mode: ScheduleMode) -> virtkeep_engine::backup::BackupOptions {
+    pub fn backup_options(&self, mode: ModeRequest) -> virtkeep_engine::backup::BackupOptions {
         virtkeep_engine::backup::BackupOptions {
-            mode: mode.engine(),
+            mode,
             base: if self.keep_base {
                 virtkeep_engine::backup::BaseOnHost::Keep
             } else {
@@ -253,7 +234,7 @@ impl Policy {
             quiesce: self.quiesce,
             pre_snapshot: self.pre_snapshot.clone(),
             post_snapshot: self.post_snapshot.clone(),
-            transport: self.transport.engine(),
+            transport: self.transport,
             parallel: self.parallel,
         }
     }
@@ -616,7 +597,7 @@ fn check_policy(
     };
     let keep_base = p
         .keep_base
-        .unwrap_or_else(|| schedules.iter().any(|s| s.mode != ScheduleMode::Full));
+        .unwrap_or_else(|| schedules.iter().any(|s| s.mode != ModeRequest::Full));
     Ok(Policy {
         name: name.to_string(),
         enabled: p.enabled,
@@ -708,7 +689,7 @@ exclude = ["-test$"]
         let p = &parse(&off).expect("valid").policies["nightly"];
         assert!(!p.keep_base);
         assert_eq!(
-            p.backup_options(ScheduleMode::Full).base,
+            p.backup_options(ModeRequest::Full).base,
             virtkeep_engine::backup::BaseOnHost::Remove
         );
         let on = full_only.replace("fail_rest_above_percent = 50", "keep_base = true");
@@ -728,7 +709,7 @@ exclude = ["-test$"]
         assert_eq!(p.schedules.len(), 2);
         // An incremental schedule uses the base a full leaves.
         assert!(p.keep_base);
-        assert_eq!(p.schedules[1].mode, ScheduleMode::Full);
+        assert_eq!(p.schedules[1].mode, ModeRequest::Full);
         assert_eq!(p.retention.and_then(|r| r.last), Some(3));
         let sel = &p.selections[0];
         assert!(sel.matches("db01"));

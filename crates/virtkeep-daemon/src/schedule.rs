@@ -5,56 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
-
-/// Which backup a schedule asks for.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Default,
-    serde::Deserialize,
-    serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ScheduleMode {
-    /// Incremental where the chain allows it, full otherwise (the engine decides).
-    #[default]
-    Auto,
-    Incremental,
-    Full,
-}
-
-impl ScheduleMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ScheduleMode::Auto => "auto",
-            ScheduleMode::Incremental => "incremental",
-            ScheduleMode::Full => "full",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<ScheduleMode> {
-        match s {
-            "auto" => Some(ScheduleMode::Auto),
-            "incremental" => Some(ScheduleMode::Incremental),
-            "full" => Some(ScheduleMode::Full),
-            _ => None,
-        }
-    }
-
-    pub fn engine(self) -> virtkeep_engine::backup::ModeRequest {
-        use virtkeep_engine::backup::ModeRequest;
-        match self {
-            ScheduleMode::Auto => ModeRequest::Auto,
-            ScheduleMode::Incremental => ModeRequest::Incremental,
-            ScheduleMode::Full => ModeRequest::Full,
-        }
-    }
-}
+use virtkeep_engine::plan::ModeRequest;
 
 #[derive(Debug, Clone)]
 pub enum Trigger {
@@ -69,14 +20,14 @@ pub enum Trigger {
 #[derive(Debug, Clone)]
 pub struct Schedule {
     pub trigger: Trigger,
-    pub mode: ScheduleMode,
+    pub mode: ModeRequest,
     /// Stable key of this schedule in the catalog: editing the schedule starts a new
     /// next-run state instead of inheriting the old one.
     pub key: String,
 }
 
 impl Schedule {
-    pub fn cron(pattern: &str, tz: Tz, mode: ScheduleMode) -> Result<Schedule, String> {
+    pub fn cron(pattern: &str, tz: Tz, mode: ModeRequest) -> Result<Schedule, String> {
         let cron = croner::parser::CronParser::new()
             .parse(pattern)
             .map_err(|e| e.to_string())?;
@@ -90,7 +41,7 @@ impl Schedule {
         })
     }
 
-    pub fn every(every: Duration, text: &str, mode: ScheduleMode) -> Schedule {
+    pub fn every(every: Duration, text: &str, mode: ModeRequest) -> Schedule {
         Schedule {
             trigger: Trigger::Every(every),
             mode,
@@ -185,7 +136,7 @@ mod tests {
     #[test]
     fn cron_in_a_time_zone_follows_daylight_saving() {
         let tz: Tz = "Europe/Berlin".parse().expect("tz");
-        let s = Schedule::cron("0 2 * * *", tz, ScheduleMode::Incremental).expect("cron");
+        let s = Schedule::cron("0 2 * * *", tz, ModeRequest::Incremental).expect("cron");
         // Winter: 02:00 in Berlin is 01:00 UTC.
         let t = Utc
             .with_ymd_and_hms(2026, 1, 10, 12, 0, 0)
@@ -208,7 +159,7 @@ mod tests {
 
     #[test]
     fn cron_with_seconds_and_intervals() {
-        let s = Schedule::cron("*/5 * * * * *", Tz::UTC, ScheduleMode::Auto).expect("cron");
+        let s = Schedule::cron("*/5 * * * * *", Tz::UTC, ModeRequest::Auto).expect("cron");
         let t = Utc
             .with_ymd_and_hms(2026, 1, 1, 0, 0, 1)
             .single()
@@ -217,12 +168,12 @@ mod tests {
             s.next_after(t),
             Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 5).single()
         );
-        let e = Schedule::every(Duration::from_secs(3), "3s", ScheduleMode::Full);
+        let e = Schedule::every(Duration::from_secs(3), "3s", ModeRequest::Full);
         assert_eq!(e.first_run(t), Some(t));
         assert_eq!(
             e.next_after(t),
             Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 4).single()
         );
-        assert!(Schedule::cron("61 * * * *", Tz::UTC, ScheduleMode::Auto).is_err());
+        assert!(Schedule::cron("61 * * * *", Tz::UTC, ModeRequest::Auto).is_err());
     }
 }

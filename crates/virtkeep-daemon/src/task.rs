@@ -16,7 +16,7 @@ use virtkeep_repo::{KeySource, Location, Repository, S3Options};
 
 use crate::catalog::{JobOutcome, JobRecord};
 use crate::policy::DaemonConfig;
-use crate::schedule::ScheduleMode;
+use virtkeep_engine::plan::ModeRequest;
 
 /// What a job does, as stored in the catalog (so that a restarted daemon can retry it).
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -29,7 +29,7 @@ pub enum JobRequest {
         /// `auto` (default), `full` or `incremental`.
         #[serde(default)]
         #[schema(value_type = String)]
-        mode: ScheduleMode,
+        mode: ModeRequest,
     },
     Restore {
         snapshot: String,
@@ -260,7 +260,7 @@ async fn backup(
     host: &Host,
     job: &JobRecord,
     policy: Option<&str>,
-    mode: ScheduleMode,
+    mode: ModeRequest,
     progress: Arc<dyn Progress>,
 ) -> Result<JobOutcome, EngineError> {
     let policy = match policy {
@@ -272,7 +272,7 @@ async fn backup(
     let opts = match policy {
         Some(p) => p.backup_options(mode),
         None => BackupOptions {
-            mode: mode.engine(),
+            mode,
             parallel: 2,
             ..BackupOptions::default()
         },

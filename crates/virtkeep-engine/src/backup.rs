@@ -24,46 +24,10 @@ use crate::hold::Hold;
 use crate::host::{Host, OVERLAY_MARKER};
 use crate::lvm_backup::FrozenLvs;
 use crate::phases::{Phase, PhaseClock, Phases};
+pub use crate::plan::{BaseOnHost, ModeRequest, Transport};
 use crate::progress::{Event, Progress};
 use crate::store::RepoSink;
 use crate::vm::{DomainState, Vm};
-
-/// What the user asked for with `--mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModeRequest {
-    #[default]
-    Auto,
-    Full,
-    Incremental,
-}
-
-/// How frozen data travels from the host to the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// qemu-nbd on a private unix socket, reached through the SSH connection.
-    #[default]
-    Ssh,
-    /// qemu-nbd on plain TCP from host to node: unencrypted, for trusted networks.
-    Netcat,
-    /// `dd` of raw images through the SSH session, for hosts without qemu-nbd
-    /// (chosen automatically when qemu-nbd is missing).
-    Stream,
-}
-
-/// Whether a backup leaves on the host the base the next incremental builds on (the
-/// libvirt checkpoint, the RBD snapshot, the thin LVM snapshot, the kept overlay).
-/// Every mode keeps it, `--mode full` too: a full is a full read, not a break of the
-/// chain. `Remove` (`--no-keep-base`, policy `keep_base = false`) leaves nothing and
-/// records that in the manifest, so the next backup's reason says why it is a full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BaseOnHost {
-    #[default]
-    Keep,
-    Remove,
-}
 
 /// Manifest `extra` key: `false` when the backup left no base on the host on request.
 pub const BASE_KEPT_KEY: &str = "base_kept";
@@ -742,7 +706,11 @@ async fn export_all(
         let spec = |size| virtkeep_repo::DiskSpec {
             name: disk.target.clone(),
             size,
-            backend: if block_device { "lvm" } else { "file" }.into(),
+            backend: if block_device {
+                virtkeep_repo::Storage::Lvm
+            } else {
+                virtkeep_repo::Storage::File
+            },
             format: disk.format.clone(),
             target: disk.target.clone(),
             source: disk.path.clone(),
@@ -751,7 +719,7 @@ async fn export_all(
             let ceph = crate::rbd::ceph(host)?;
             let size = crate::rbd::image_size(host, &ceph, pool, image).await?;
             let mut spec = spec(size);
-            spec.backend = "rbd".into();
+            spec.backend = virtkeep_repo::Storage::Rbd;
             let (previous, from) = match rbd_bases.get(&disk.target) {
                 Some((parent, base_snap)) => (
                     Some(repo.fixed_index(parent, &disk.target).await?),

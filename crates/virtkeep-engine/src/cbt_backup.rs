@@ -344,7 +344,7 @@ async fn run_job(
         let spec = virtkeep_repo::DiskSpec {
             name: disk.target.clone(),
             size: *size,
-            backend: "file".into(),
+            backend: virtkeep_repo::Storage::File,
             format: disk.format.clone(),
             target: disk.target.clone(),
             source: disk.path.clone(),

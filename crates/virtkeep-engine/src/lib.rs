@@ -20,6 +20,7 @@ pub mod kept;
 pub mod lvm;
 pub mod lvm_backup;
 pub mod phases;
+pub mod plan;
 pub mod progress;
 pub mod rbd;
 pub mod rbd_diff;

@@ -282,7 +282,7 @@ pub async fn parent(
     let all = frozen.iter().all(|(target, f)| {
         manifest.disks.iter().any(|m| {
             &m.spec.target == target
-                && m.spec.backend == "lvm"
+                && m.spec.backend == virtkeep_repo::Storage::Lvm
                 && m.spec.source == lvm::lv_path(&f.vg, &f.lv)
         })
     });

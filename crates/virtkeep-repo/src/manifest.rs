@@ -22,6 +22,37 @@ impl std::fmt::Display for BackupMode {
     }
 }
 
+/// Where a disk lives on the hypervisor. Recorded in each manifest's disk spec as its
+/// lowercase name (`file`, `lvm`, `rbd`, the strings of every format version so far);
+/// a manifest naming another one is refused when it is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// A qcow2 or raw image file.
+    #[default]
+    File,
+    /// An LVM logical volume (thick or thin).
+    Lvm,
+    /// A Ceph RBD image.
+    Rbd,
+}
+
+impl Storage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Storage::File => "file",
+            Storage::Lvm => "lvm",
+            Storage::Rbd => "rbd",
+        }
+    }
+}
+
+impl std::fmt::Display for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the engine knows when a backup begins.
 #[derive(Debug, Clone)]
 pub struct BackupMeta {
@@ -48,8 +79,8 @@ pub struct DiskSpec {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
-    /// Storage backend on the hypervisor (`file`, `lvm`, `rbd`).
-    pub backend: String,
+    /// Storage backend on the hypervisor.
+    pub backend: Storage,
     /// Image format (`raw`, `qcow2`).
     pub format: String,
     /// Target device (`vda`).

@@ -130,7 +130,7 @@ pub fn spec(name: &str, size: u64) -> DiskSpec {
     DiskSpec {
         name: name.into(),
         size,
-        backend: "file".into(),
+        backend: virtkeep_repo::Storage::File,
         format: "raw".into(),
         target: name.into(),
         source: format!("/var/lib/libvirt/images/{name}.img"),

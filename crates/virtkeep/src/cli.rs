@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use virtkeep_engine::plan::{ModeRequest, Transport};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -264,23 +265,6 @@ pub enum Encryption {
     Aes256Gcm,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Auto,
-    Full,
-    Incremental,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportArg {
-    /// qemu-nbd on a private unix socket through the SSH connection (encrypted)
-    Ssh,
-    /// qemu-nbd on plain TCP from the host: UNENCRYPTED, for trusted networks only
-    Netcat,
-    /// dd of raw images through SSH, for hosts without qemu-nbd (reads every byte)
-    Stream,
-}
-
 #[derive(Args, Debug)]
 pub struct BackupArgs {
     /// HOST/VM (the VM name may contain any character but '/')
@@ -289,7 +273,7 @@ pub struct BackupArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     #[arg(long, value_enum, default_value = "auto")]
-    pub mode: Mode,
+    pub mode: ModeRequest,
     /// Leave nothing on the host for the next incremental (no checkpoint, RBD or thin LVM
     /// snapshot, or kept overlay); the next backup is then a full, and says why
     #[arg(long)]
@@ -307,7 +291,7 @@ pub struct BackupArgs {
     #[arg(long)]
     pub post_snapshot: Option<String>,
     #[arg(long, value_enum, default_value = "ssh")]
-    pub transport: TransportArg,
+    pub transport: Transport,
     /// Parallel data connections per disk
     #[arg(long, default_value_t = 2)]
     pub parallel: usize,

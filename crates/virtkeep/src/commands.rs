@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use virtkeep_engine::backup::{BackupOptions, BaseOnHost, ModeRequest, Transport, backup_vm};
+use virtkeep_engine::backup::{BackupOptions, BaseOnHost, backup_vm};
 use virtkeep_engine::config::{CephConfig, HostConfig};
 use virtkeep_engine::host::Host;
 use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
@@ -421,11 +421,7 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
         .collect::<anyhow::Result<_>>()?;
     let repo = settings.open_repo(&args.repo).await?;
     let opts = BackupOptions {
-        mode: match args.mode {
-            Mode::Auto => ModeRequest::Auto,
-            Mode::Full => ModeRequest::Full,
-            Mode::Incremental => ModeRequest::Incremental,
-        },
+        mode: args.mode,
         base: if args.no_keep_base {
             BaseOnHost::Remove
         } else {
@@ -435,11 +431,7 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
         quiesce: args.quiesce,
         pre_snapshot: args.pre_snapshot.clone(),
         post_snapshot: args.post_snapshot.clone(),
-        transport: match args.transport {
-            TransportArg::Ssh => Transport::Ssh,
-            TransportArg::Netcat => Transport::Netcat,
-            TransportArg::Stream => Transport::Stream,
-        },
+        transport: args.transport,
         parallel: args.parallel,
     };
     let progress = progress(json);

@@ -105,8 +105,7 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoredDisk {
     pub target: String,
-    /// `file`, `rbd` or `lvm`.
-    pub backend: String,
+    pub backend: virtkeep_repo::Storage,
     pub path: String,
     pub format: String,
     pub size: u64,
@@ -450,7 +449,7 @@ async fn plan_disks<'a>(
             None => other_destination(m, &opts.storage, new_name),
         };
         let format = match &dest {
-            Dest::File(_) if m.spec.backend != "rbd" => m.spec.format.clone(),
+            Dest::File(_) if m.spec.backend != virtkeep_repo::Storage::Rbd => m.spec.format.clone(),
             _ => "raw".to_string(),
         };
         if format != "qcow2" && format != "raw" {
@@ -487,13 +486,13 @@ fn other_destination(
     new_name: Option<&str>,
 ) -> Dest {
     let target = &m.spec.target;
-    if m.spec.backend == "lvm" {
+    if m.spec.backend == virtkeep_repo::Storage::Lvm {
         let (_, lv) = virtkeep_libvirt::lvm_from_path(&m.spec.source)
             .unwrap_or_else(|| (String::new(), target.clone()));
         let path = destination(storage, &format!("/{lv}.img"), new_name, target, "raw");
         return Dest::File(path);
     }
-    if m.spec.backend != "rbd" {
+    if m.spec.backend != virtkeep_repo::Storage::Rbd {
         let path = destination(storage, &m.spec.source, new_name, target, &m.spec.format);
         return Dest::File(path);
     }
@@ -625,13 +624,16 @@ async fn check_rbd_secret(
 
 fn planned_disk(p: &Planned<'_>, bytes_written: u64) -> RestoredDisk {
     let (backend, path) = match &p.dest {
-        Dest::File(path) => ("file", path.clone()),
-        Dest::Lv(lv) => ("lvm", crate::lvm::lv_path(&lv.vg, &lv.name)),
-        Dest::Rbd(pool, image) => ("rbd", format!("rbd:{pool}/{image}")),
+        Dest::File(path) => (virtkeep_repo::Storage::File, path.clone()),
+        Dest::Lv(lv) => (
+            virtkeep_repo::Storage::Lvm,
+            crate::lvm::lv_path(&lv.vg, &lv.name),
+        ),
+        Dest::Rbd(pool, image) => (virtkeep_repo::Storage::Rbd, format!("rbd:{pool}/{image}")),
     };
     RestoredDisk {
         target: p.m.spec.target.clone(),
-        backend: backend.into(),
+        backend,
         path,
         format: p.format.clone(),
         size: p.m.spec.size,
@@ -1165,7 +1167,7 @@ async fn lv_destination(
     lv_lists: &mut BTreeMap<String, Vec<virtkeep_libvirt::parse::LvInfo>>,
     notes: &mut Vec<String>,
 ) -> Result<Option<Dest>> {
-    let original = (m.spec.backend == "lvm")
+    let original = (m.spec.backend == virtkeep_repo::Storage::Lvm)
         .then(|| virtkeep_libvirt::lvm_from_path(&m.spec.source))
         .flatten();
     let vg = match (storage, &original) {
