@@ -421,3 +421,85 @@ pub fn name_char(c: char) -> bool {
 pub fn dm_len(s: &str) -> usize {
     s.len() + s.matches('-').count()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lv_names() {
+        assert!(valid_new_lv_name("vm1-disk_0.img+x"));
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-x",
+            "a/b",
+            "a b",
+            "snapshot1",
+            "pvmove0",
+            "x_tmeta",
+            "é",
+            &"x".repeat(128),
+        ] {
+            assert!(!valid_new_lv_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn versions() {
+        let out = "  LVM version:     2.03.16(2) (2022-05-18)\n  Library version: 1.02.185 (2022-05-18)\n  Driver version:  4.48.0\n";
+        assert_eq!(parse_lvm_version(out).as_deref(), Some("2.03.16"));
+        assert_eq!(parse_lvm_version("nothing"), None);
+        assert!(lvm_version_has_json("2.03.16"));
+        assert!(lvm_version_has_json("2.02.158"));
+        assert!(!lvm_version_has_json("2.02.130"));
+        assert!(!lvm_version_has_json("2.02.98"));
+    }
+
+    #[test]
+    fn snapshot_states() {
+        let lv = |attr: &str, pct: Option<f64>| LvInfo {
+            name: "s".into(),
+            vg: "vg0".into(),
+            size: 1,
+            attr: attr.into(),
+            pool_lv: None,
+            origin: Some("o".into()),
+            data_percent: pct,
+            path: None,
+            tags: Vec::new(),
+        };
+        assert!(snapshot_state(&lv("swi-a-s---", Some(12.0))).is_ok());
+        assert!(snapshot_state(&lv("swi-I-s---", Some(100.0))).is_err());
+        assert!(snapshot_state(&lv("swi-a-s---", Some(100.0))).is_err());
+        assert!(snapshot_state(&lv("Vwi-a-tz--", Some(100.0))).is_ok());
+        assert!(snapshot_state(&lv("Vwi-a-tzF-", None)).is_err());
+    }
+
+    #[test]
+    fn thin_delta_ranges() {
+        let xml = r#"<superblock uuid="" time="12" transaction="45" data_block_size="128" nr_data_blocks="0">
+  <diff left="9" right="10">
+    <same begin="0" length="16"/>
+    <right_only begin="16" length="1"/>
+    <different begin="17" length="2"/>
+    <left_only begin="80" length="1"/>
+  </diff>
+</superblock>
+"#;
+        const B: u64 = 64 * 1024;
+        assert_eq!(
+            parse_thin_delta(xml),
+            Ok(vec![(16 * B, 3 * B), (80 * B, B)])
+        );
+        assert_eq!(
+            parse_thin_delta("<superblock data_block_size=\"128\">\n</superblock>"),
+            Ok(vec![])
+        );
+        assert!(parse_thin_delta("").is_err());
+        assert!(parse_thin_delta("<different begin=\"1\" length=\"1\"/>").is_err());
+        assert!(parse_thin_delta("<superblock data_block_size=\"0\">").is_err());
+        assert!(parse_thin_delta("<superblock data_block_size=\"8\">\n<bogus/>").is_err());
+    }
+}

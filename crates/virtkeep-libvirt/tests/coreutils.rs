@@ -245,3 +245,16 @@ fn file_builders_run_locally() {
     assert!(run(&kill(Signal::Term, child.id())).0);
     assert!(!child.wait().expect("wait").success());
 }
+
+#[test]
+fn process_matching() {
+    let ps = parse_pgrep(
+        "123 qemu-nbd -r --image-opts driver=raw,file.driver=host_device,file.filename=/dev/vg0/a-vksnap-J\n45 dd if=/dev/vg0/a-vksnap-J2 bs=4M\nbad line\n",
+    );
+    assert_eq!(ps.len(), 2);
+    assert!(mentions_path(&ps[0].1, "/dev/vg0/a-vksnap-J"));
+    assert!(!mentions_path(&ps[1].1, "/dev/vg0/a-vksnap-J"));
+    assert!(mentions_path("dd if=/dev/vg0/x", "/dev/vg0/x"));
+    assert!(!mentions_path("dd if=/dev/vg0/xy", "/dev/vg0/x"));
+    assert!(!mentions_path("dd if=/dev/vg0/x", "/dev/vg0/"));
+}
