@@ -23,7 +23,7 @@ pub async fn cleanup_vm(host: &Host, vm_key: &str, dry_run: bool) -> Result<Heal
 /// held by a running job are skipped and said so.
 pub async fn cleanup_host(host: &Host, dry_run: bool) -> Result<Vec<HealReport>> {
     let mut reports = cleanup_restores(host, dry_run).await?;
-    let uuids = host.run_string(&crate::heal::list_all_uuids(host)).await?;
+    let uuids = host.run_string(&host.virsh().list_all_uuids()).await?;
     for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
         // A killed node's lock goes away once sshd has torn its session down (seconds);
         // a running backup's stays, and that VM is skipped.

@@ -1,7 +1,7 @@
 //! `virsh define` of a domain XML document: below healing, backup and restore, which
 //! all redefine domains.
 
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::coreutils;
 
 use crate::error::Result;
 use crate::host::Host;
@@ -14,9 +14,7 @@ pub async fn define(host: &Host, vm_key: &str, xml: &str) -> Result<()> {
     let path = format!("{dir}/domain.xml");
     host.upload(&path, xml.as_bytes()).await?;
     let res = host.run(&host.virsh().define(&path)).await;
-    let _ = host
-        .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&dir))
-        .await;
+    let _ = host.run(&coreutils::rm_rf(&dir)).await;
     res.map(|_| ())
         .map_err(|e| e.context(format!("defining domain {vm_key}")))
 }

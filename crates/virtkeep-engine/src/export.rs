@@ -12,9 +12,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use virtkeep_libvirt::cmd;
+use virtkeep_libvirt::{coreutils, qemu_nbd};
 use virtkeep_nbd::{BASE_ALLOCATION, MappedKind, NbdClient, allocated_extents};
-use virtkeep_ssh::RemoteCommand;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::Host;
@@ -60,8 +59,8 @@ impl NbdExport {
     ) -> Result<NbdExport> {
         let socket = format!("{job_dir}/{index}.sock");
         let pid_file = format!("{job_dir}/{index}.pid");
-        host.run(&cmd::qemu_nbd_export_readonly(
-            &cmd::image_opts(format, path, block_device, true),
+        host.run(&qemu_nbd::export_readonly(
+            &qemu_nbd::image_opts(format, path, block_device, true),
             &socket,
             &pid_file,
         ))
@@ -89,13 +88,8 @@ impl NbdExport {
         let mut last = None;
         for attempt in 0..20u16 {
             let port = 10809 + (std::process::id() as u16 % 500) + attempt * 7 + index as u16;
-            let cmd = RemoteCommand::new("qemu-nbd")
-                .args(["-r", "--fork", "--persistent", "--shared=8"])
-                .arg(format!("--bind={bind}"))
-                .arg(format!("--port={port}"))
-                .arg(format!("--pid-file={pid_file}"))
-                .arg("--image-opts")
-                .arg(cmd::image_opts(format, path, block_device, true));
+            let opts = qemu_nbd::image_opts(format, path, block_device, true);
+            let cmd = qemu_nbd::export_readonly_tcp(&opts, &bind, port, &pid_file);
             match host.run(&cmd).await {
                 Ok(_) => {
                     return Ok(NbdExport {
@@ -124,7 +118,7 @@ impl NbdExport {
         let socket = format!("{job_dir}/{index}.sock");
         let pid_file = format!("{job_dir}/{index}.pid");
         let start = |direct| {
-            cmd::qemu_nbd_export_writable(path, format, block_device, direct, &socket, &pid_file)
+            qemu_nbd::export_writable(path, format, block_device, direct, &socket, &pid_file)
         };
         if let Err(e) = host.run(&start(true)).await {
             // No O_DIRECT there (tmpfs, some network file systems): through the page cache.
@@ -206,25 +200,9 @@ impl NbdExport {
         // Terminate and wait until it is gone, so the image is no longer open. A
         // zombie counts as gone: it has closed the image, and its reaper (init, as
         // qemu-nbd --fork detaches) may take seconds to collect it.
-        let script = r#"pid=$(cat "$1") || exit 1
-case $pid in ''|*[!0-9]*) echo "qemu-nbd pid file $1 holds no pid" >&2; exit 1;; esac
-kill "$pid" 2>/dev/null
-i=0
-while [ $i -lt 100 ]; do
-  st=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' /proc/"$pid"/status 2>/dev/null) || break
-  case $st in ''|Z) break;; esac
-  sleep 0.05
-  i=$((i + 1))
-done"#;
-        host.run(
-            &RemoteCommand::new("sh")
-                .arg("-c")
-                .arg(script)
-                .arg("sh")
-                .arg(&pid_file),
-        )
-        .await
-        .map_err(|e| e.context("stopping qemu-nbd"))?;
+        host.run(&qemu_nbd::stop(&pid_file))
+            .await
+            .map_err(|e| e.context("stopping qemu-nbd"))?;
         Ok(())
     }
 }
@@ -551,11 +529,7 @@ pub async fn export_stream(
         disk: disk.to_string(),
         bytes: size,
     });
-    let cmd = RemoteCommand::new("dd")
-        .arg(format!("if={path}"))
-        .arg(format!("bs={}", chunk.min(16 << 20)))
-        .arg("iflag=fullblock")
-        .arg("status=none");
+    let cmd = coreutils::dd_read(path, chunk.min(16 << 20));
     let mut proc = host.session().spawn(&cmd).await?;
     let mut stats = ExportStats {
         size,

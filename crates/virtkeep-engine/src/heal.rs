@@ -12,9 +12,8 @@
 
 use std::collections::BTreeMap;
 
-use virtkeep_libvirt::parse::parse_qemu_img_info;
-use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, cmd, rewrite_domain};
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::qemu_img::{self, parse_qemu_img_info};
+use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, coreutils, qemu_nbd, rewrite_domain, sh};
 
 use crate::backup::overlay::{clear_kept, read_kept};
 use crate::error::{Error, ErrorKind, Result};
@@ -42,38 +41,16 @@ fn file_sources(xml_disks: &[virtkeep_libvirt::Disk]) -> Vec<(String, String)> {
         .collect()
 }
 
-const KILL_JOB_EXPORTS: &str = r#"for d in "$1"/"$2"-*; do
-  [ -d "$d" ] || continue
-  for p in "$d"/*.pid; do
-    [ -f "$p" ] || continue
-    pid=$(cat "$p")
-    case "$pid" in ''|*[!0-9]*) continue;; esac
-    case "$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null)" in *qemu-nbd*) kill "$pid";; esac
-  done
-  rm -rf "$d"
-done"#;
-
 /// Stops leftover exports of this VM's jobs (all of them, so call it under the VM lock).
 pub async fn stop_job_exports(host: &Host, vm_uuid: &str) -> Result<()> {
-    let cmd = RemoteCommand::new("sh")
-        .arg("-c")
-        .arg(KILL_JOB_EXPORTS)
-        .arg("sh")
-        .arg(format!("{HOST_STATE_DIR}/jobs"))
-        .arg(vm_uuid);
+    let cmd = qemu_nbd::kill_job_exports(&format!("{HOST_STATE_DIR}/jobs"), vm_uuid);
     host.run(&cmd).await?;
     Ok(())
 }
 
 /// Whether any job dir of this VM exists on the host (a job runs, or a killed one left it).
 async fn has_job_dirs(host: &Host, vm_uuid: &str) -> Result<bool> {
-    let script = r#"for d in "$1"/"$2"-*; do [ -e "$d" ] && exit 0; done; exit 1"#;
-    let cmd = RemoteCommand::new("sh")
-        .arg("-c")
-        .arg(script)
-        .arg("sh")
-        .arg(format!("{HOST_STATE_DIR}/jobs"))
-        .arg(vm_uuid);
+    let cmd = sh::has_job_dirs(&format!("{HOST_STATE_DIR}/jobs"), vm_uuid);
     Ok(host.exec(&cmd).await?.status == 0)
 }
 
@@ -191,7 +168,7 @@ async fn redefine_on_bases(
         if !vm.state.is_active() && exists(host, &path).await? {
             actions.push(format!("qemu-img commit {path} into {base}"));
             if !dry_run {
-                host.run_within(&cmd::qemu_img_commit(&path), Deadline::Data)
+                host.run_within(&qemu_img::commit(&path), Deadline::Data)
                     .await
                     .map_err(|e| e.context(format!("committing overlay {path}")))?;
             }
@@ -297,8 +274,7 @@ async fn remove_unreferenced(host: &Host, vm: &Vm, dry_run: bool) -> Result<Vec<
             }
             actions.push(format!("remove overlay {overlay}"));
             if !dry_run {
-                host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(&overlay))
-                    .await?;
+                host.run(&coreutils::rm_f(&overlay)).await?;
             }
         }
     }
@@ -351,9 +327,7 @@ async fn commit_live_disk(host: &Host, uuid: &str, target: &str, base: &str) -> 
 
 async fn backing_format(host: &Host, overlay: &str, base: &str) -> Result<String> {
     for path in [overlay, base] {
-        let out = host
-            .exec(&cmd::qemu_img_info_json(path, None, true))
-            .await?;
+        let out = host.exec(&qemu_img::info_json(path, None, true)).await?;
         if out.status != 0 {
             continue;
         }
@@ -372,11 +346,7 @@ async fn backing_format(host: &Host, overlay: &str, base: &str) -> Result<String
 }
 
 async fn exists(host: &Host, path: &str) -> Result<bool> {
-    Ok(host
-        .exec(&RemoteCommand::new("test").arg("-e").arg(path))
-        .await?
-        .status
-        == 0)
+    Ok(host.exec(&coreutils::exists(path)).await?.status == 0)
 }
 
 /// virtkeep overlays of `base` that exist on the host.
@@ -385,17 +355,7 @@ pub async fn overlays_of(host: &Host, base: &str) -> Result<Vec<String>> {
         Some(i) => (&base[..i.max(1)], &base[i + 1..]),
         None => return Ok(Vec::new()),
     };
-    let out = host
-        .exec(
-            &RemoteCommand::new("find")
-                .arg(dir)
-                .arg("-maxdepth")
-                .arg("1")
-                .arg("-type")
-                .arg("f")
-                .arg("-print0"),
-        )
-        .await?;
+    let out = host.exec(&coreutils::list_files(dir)).await?;
     let prefix = format!("{file}{OVERLAY_MARKER}");
     Ok(out
         .stdout
@@ -409,9 +369,4 @@ pub async fn overlays_of(host: &Host, base: &str) -> Result<Vec<String>> {
         .filter(|p| overlay_base(p).is_some())
         .map(str::to_string)
         .collect())
-}
-
-/// `virsh list --all --uuid`: every domain, addressed by UUID.
-pub fn list_all_uuids(host: &Host) -> RemoteCommand {
-    host.virsh().command("list").arg("--all").arg("--uuid")
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use virtkeep_libvirt::cmd::CephArgs;
+use virtkeep_libvirt::rbd::CephArgs;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{ChunkSink, ExportStats, REQUEST_TIMEOUT, stalled};
@@ -45,7 +45,7 @@ pub async fn snapshots(
     image: &str,
 ) -> Result<Vec<String>> {
     let out = host.run_string(&ceph.snap_ls_json(pool, image)).await?;
-    Ok(virtkeep_libvirt::parse::parse_rbd_snap_ls_json(&out)
+    Ok(virtkeep_libvirt::rbd::parse_rbd_snap_ls_json(&out)
         .map_err(|e| {
             Error::new(
                 ErrorKind::Remote,
@@ -451,15 +451,13 @@ pub async fn image_exists(host: &Host, ceph: &CephArgs, pool: &str, image: &str)
 
 /// Whether libvirt on the host has the secret a restored RBD disk refers to.
 pub async fn secret_exists(host: &Host, uuid: &str) -> Result<bool> {
-    let out = host
-        .exec(&host.virsh().command("secret-dumpxml").arg(uuid))
-        .await?;
+    let out = host.exec(&host.virsh().secret_dumpxml(uuid)).await?;
     Ok(out.status == 0)
 }
 
 pub async fn image_size(host: &Host, ceph: &CephArgs, pool: &str, image: &str) -> Result<u64> {
     let out = host.run_string(&ceph.info_json(pool, image)).await?;
-    Ok(virtkeep_libvirt::parse::parse_rbd_info_json(&out)
+    Ok(virtkeep_libvirt::rbd::parse_rbd_info_json(&out)
         .map_err(|e| Error::new(ErrorKind::Remote, format!("rbd info {pool}/{image}: {e}")))?
         .size)
 }

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use virtkeep_libvirt::cmd;
+use virtkeep_libvirt::qemu_img;
 
 use super::job::{Job, disk_results};
 use crate::cbt::{self, Base, CHECKPOINT_PREFIX, CbtRecord, PAUSED_MARKER};
@@ -45,9 +45,9 @@ struct Names {
 
 async fn disk_size(host: &Host, path: &str, format: &str) -> Result<u64> {
     let out = host
-        .run_string(&cmd::qemu_img_info_json(path, Some(format), true))
+        .run_string(&qemu_img::info_json(path, Some(format), true))
         .await?;
-    let info = virtkeep_libvirt::parse::parse_qemu_img_info(&out)
+    let info = qemu_img::parse_qemu_img_info(&out)
         .map_err(|e| Error::new(ErrorKind::Remote, format!("qemu-img info {path}: {e}")))?;
     Ok(info.virtual_size)
 }
@@ -201,16 +201,9 @@ async fn start_paused(job: &Job<'_>) -> Result<bool> {
     let host = job.host;
     host.upload(&format!("{}/{PAUSED_MARKER}", job.dir), b"")
         .await?;
-    host.run(
-        &host
-            .virsh()
-            .command("start")
-            .arg("--domain")
-            .arg(&job.vm.uuid)
-            .arg("--paused"),
-    )
-    .await
-    .map_err(|e| e.context("starting the stopped VM paused for its backup job"))?;
+    host.run(&host.virsh().start_paused(&job.vm.uuid))
+        .await
+        .map_err(|e| e.context("starting the stopped VM paused for its backup job"))?;
     Ok(true)
 }
 

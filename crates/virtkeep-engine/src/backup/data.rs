@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::sh;
 
 use super::job::Job;
 use super::strategy::{DiskOut, Strategy};
@@ -32,14 +32,11 @@ async fn transport(
     strategies: &[Box<dyn Strategy>],
 ) -> Result<Transport> {
     let mut transport = job.opts.transport;
-    if transport != Transport::Stream {
-        let probe = RemoteCommand::new("sh")
-            .arg("-c")
-            .arg("command -v qemu-nbd");
-        if job.host.exec(&probe).await?.status != 0 {
-            job.notice("qemu-nbd is not installed on the host: falling back to a dd stream (every byte is read)".into());
-            transport = Transport::Stream;
-        }
+    if transport != Transport::Stream
+        && job.host.exec(&sh::command_path("qemu-nbd")).await?.status != 0
+    {
+        job.notice("qemu-nbd is not installed on the host: falling back to a dd stream (every byte is read)".into());
+        transport = Transport::Stream;
     }
     if transport == Transport::Stream {
         for d in plan.disks.iter().filter(|d| d.format != "raw") {

@@ -6,16 +6,15 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, cmd, rewrite_domain};
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, coreutils, qemu_img, rewrite_domain};
 
 use super::image::{ImageRead, export_image};
 use super::job::Job;
 use super::overlay::{base_of, clear_kept, overlay_path};
 use super::strategy::{BaseSummary, DiskOut, Freeze, Strategy};
+use crate::define::define;
 use crate::error::{Error, Result};
 use crate::export::ExportStats;
-use crate::heal::define;
 use crate::plan::{BackupExtra, Plan, PlannedDisk};
 use crate::vm::Vm;
 
@@ -90,18 +89,10 @@ impl Overlays {
         let mut sources = BTreeMap::new();
         for d in &self.disks {
             let overlay = overlay_path(&d.path, &job.id);
-            host.run(&cmd::qemu_img_create_overlay(&overlay, &d.path, &d.format))
+            host.run(&qemu_img::create_overlay(&overlay, &d.path, &d.format))
                 .await?;
-            for tool in ["chown", "chmod"] {
-                host.run(
-                    &RemoteCommand::new(tool)
-                        .arg("--reference")
-                        .arg(&d.path)
-                        .arg("--")
-                        .arg(&overlay),
-                )
-                .await?;
-            }
+            host.run(&coreutils::chown_like(&d.path, &overlay)).await?;
+            host.run(&coreutils::chmod_like(&d.path, &overlay)).await?;
             sources.insert(
                 d.target.clone(),
                 NewSource::File {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::{coreutils, sh};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::ExportStats;
@@ -61,10 +61,7 @@ impl Job<'_> {
 
     /// Removes the job's directory (best effort: healing removes what is left).
     pub async fn remove_dir(&self) {
-        let _ = self
-            .host
-            .run(&RemoteCommand::new("rm").arg("-rf").arg("--").arg(&self.dir))
-            .await;
+        let _ = self.host.run(&coreutils::rm_rf(&self.dir)).await;
     }
 
     /// The name of the snapshots and checkpoint this job takes.
@@ -118,13 +115,15 @@ impl Job<'_> {
 
 /// Runs a user hook on the host with `sh -c`; its output goes to the log.
 pub async fn run_hook(host: &Host, vm: &Vm, phase: &str, command: &str) -> Result<()> {
-    let cmd = RemoteCommand::new("sh")
-        .arg("-c")
-        .arg(command)
-        .env("VIRTKEEP_PHASE", phase)
-        .env("VIRTKEEP_VM", &vm.name)
-        .env("VIRTKEEP_VM_UUID", &vm.uuid)
-        .env("VIRTKEEP_HOST", &host.name);
+    let cmd = sh::hook(
+        command,
+        &[
+            ("VIRTKEEP_PHASE", phase),
+            ("VIRTKEEP_VM", &vm.name),
+            ("VIRTKEEP_VM_UUID", &vm.uuid),
+            ("VIRTKEEP_HOST", &host.name),
+        ],
+    );
     let out = host.exec(&cmd).await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -121,13 +121,13 @@ impl Kept {
 /// The guest ranges a kept overlay holds itself (not inherited from its backing).
 async fn changed_ranges(host: &Host, overlay: &str) -> Result<Vec<(u64, u64)>> {
     let out = host
-        .run_string(&virtkeep_libvirt::cmd::qemu_img_map_json(
+        .run_string(&virtkeep_libvirt::qemu_img::map_json(
             overlay,
             Some("qcow2"),
             true,
         ))
         .await?;
-    let map = virtkeep_libvirt::parse::parse_qemu_img_map(&out)
+    let map = virtkeep_libvirt::qemu_img::parse_qemu_img_map(&out)
         .map_err(|e| Error::new(ErrorKind::Remote, format!("qemu-img map {overlay}: {e}")))?;
     Ok(map
         .iter()
@@ -138,28 +138,11 @@ async fn changed_ranges(host: &Host, overlay: &str) -> Result<Vec<(u64, u64)>> {
 
 /// Merges the kept overlay below the running VM's new overlay into the base.
 async fn commit_kept(host: &Host, uuid: &str, target: &str, kept: &str, base: &str) -> Result<()> {
-    let cmd = host
-        .virsh()
-        .command("blockcommit")
-        .arg("--domain")
-        .arg(uuid)
-        .arg("--path")
-        .arg(target)
-        .arg("--top")
-        .arg(kept)
-        .arg("--base")
-        .arg(base)
-        .arg("--wait");
+    let cmd = host.virsh().blockcommit(uuid, target, kept, base);
     host.run_within(&cmd, crate::host::Deadline::Data)
         .await
         .map_err(|e| e.context(format!("committing kept overlay {kept} into {base}")))?;
-    host.run(
-        &virtkeep_ssh::RemoteCommand::new("rm")
-            .arg("-f")
-            .arg("--")
-            .arg(kept),
-    )
-    .await?;
+    host.run(&virtkeep_libvirt::coreutils::rm_f(kept)).await?;
     Ok(())
 }
 

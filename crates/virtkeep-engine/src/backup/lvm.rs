@@ -84,7 +84,7 @@ pub async fn prepare(host: &Host, disks: &[PlannedDisk], job_id: &str) -> Result
     if lvm_disks.is_empty() {
         return Ok(Prepared::default());
     }
-    let mut by_vg: BTreeMap<&str, Vec<virtkeep_libvirt::parse::LvInfo>> = BTreeMap::new();
+    let mut by_vg: BTreeMap<&str, Vec<virtkeep_libvirt::lvm::LvInfo>> = BTreeMap::new();
     for (_, vg, _) in &lvm_disks {
         if !by_vg.contains_key(vg) {
             by_vg.insert(vg, lvm::list_lvs(host, Some(vg)).await?);

@@ -2,7 +2,7 @@
 //! under running VMs (`/run/virtkeep/kept/UUID`). Shared by the file and kept-overlay
 //! strategies and by healing, which is why it imports neither.
 
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::coreutils;
 
 use crate::error::Result;
 use crate::host::{HOST_STATE_DIR, Host, OVERLAY_MARKER};
@@ -33,9 +33,7 @@ fn kept_path(uuid: &str) -> String {
 
 /// The (target, overlay) pairs kept for this VM.
 pub async fn read_kept(host: &Host, uuid: &str) -> Result<Vec<(String, String)>> {
-    let out = host
-        .exec(&RemoteCommand::new("cat").arg(kept_path(uuid)))
-        .await?;
+    let out = host.exec(&coreutils::cat(&kept_path(uuid))).await?;
     if out.status != 0 {
         return Ok(Vec::new());
     }
@@ -47,26 +45,17 @@ pub async fn read_kept(host: &Host, uuid: &str) -> Result<Vec<(String, String)>>
 }
 
 pub async fn write_kept(host: &Host, uuid: &str, entries: &[(String, String)]) -> Result<()> {
-    host.run(
-        &RemoteCommand::new("mkdir")
-            .arg("-p")
-            .arg("-m")
-            .arg("0700")
-            .arg(format!("{HOST_STATE_DIR}/kept")),
-    )
+    host.run(&coreutils::mkdir_p_mode(
+        &format!("{HOST_STATE_DIR}/kept"),
+        0o700,
+    ))
     .await?;
     let text: String = entries.iter().map(|(t, p)| format!("{t}\t{p}\n")).collect();
     host.upload(&kept_path(uuid), text.as_bytes()).await
 }
 
 pub async fn clear_kept(host: &Host, uuid: &str) -> Result<()> {
-    host.run(
-        &RemoteCommand::new("rm")
-            .arg("-f")
-            .arg("--")
-            .arg(kept_path(uuid)),
-    )
-    .await?;
+    host.run(&coreutils::rm_f(&kept_path(uuid))).await?;
     Ok(())
 }
 

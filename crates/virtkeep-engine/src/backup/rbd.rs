@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use virtkeep_libvirt::cmd::CephArgs;
+use virtkeep_libvirt::rbd::CephArgs;
 
 use super::job::Job;
 use super::strategy::{BaseSummary, DiskOut, Freeze, Strategy};
