@@ -61,3 +61,77 @@ fn decision(plan: &Plan, found: &[BaseSummary], default: String) -> Decision {
         parent: Some(parent),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{DiskKind, FreezeMethod, PlannedDisk};
+
+    fn plan(n: usize) -> Plan {
+        let disk = |i: usize| PlannedDisk {
+            target: format!("vd{i}"),
+            path: format!("/img/{i}"),
+            format: "raw".into(),
+            kind: DiskKind::File {
+                path: format!("/img/{i}"),
+            },
+        };
+        Plan {
+            method: FreezeMethod::LiveSnapshot,
+            disks: (0..n).map(disk).collect(),
+            skipped: Vec::new(),
+        }
+    }
+
+    fn based(n: usize, detail: Option<&str>) -> BaseSummary {
+        BaseSummary {
+            parent: Some("b1".into()),
+            based: n,
+            problem: None,
+            detail: detail.map(str::to_string),
+        }
+    }
+
+    /// The reasons of today's manifests: one strategy covering every disk says how it
+    /// read them; bases for every disk, or only some (then the missing ones' problem).
+    #[test]
+    fn reasons() {
+        let none = BaseSummary::default();
+        let d = decision(&plan(2), &[none, based(2, Some("thin"))], "x".into());
+        assert_eq!(d.reason, "incremental since backup b1: thin");
+        assert_eq!(d.parent.as_deref(), Some("b1"));
+
+        let d = decision(
+            &plan(2),
+            &[based(1, None), based(1, Some("thin"))],
+            "x".into(),
+        );
+        assert!(
+            d.reason
+                .starts_with("incremental since backup b1 (kept RBD"),
+            "{}",
+            d.reason
+        );
+
+        let problem = |p: &str| BaseSummary {
+            problem: Some(p.into()),
+            ..BaseSummary::default()
+        };
+        let d = decision(
+            &plan(3),
+            &[based(1, None), problem("rbd"), problem("kept")],
+            "x".into(),
+        );
+        assert_eq!(d.reason, "incremental since backup b1 for some disks; kept");
+
+        let d = decision(
+            &plan(1),
+            &[problem("rbd"), BaseSummary::default()],
+            "dflt".into(),
+        );
+        assert_eq!(d.mode, virtkeep_repo::BackupMode::Full);
+        assert_eq!(d.reason, "rbd");
+        let d = decision(&plan(1), &[BaseSummary::default()], "dflt".into());
+        assert_eq!((d.reason.as_str(), d.parent), ("dflt", None));
+    }
+}
