@@ -296,26 +296,8 @@ pub async fn export_disk(
     read: &DiskRead,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
-    let scope = &read.scope;
-    let context = match scope {
-        ReadScope::Dirty { context, .. } => context.clone(),
-        _ => BASE_ALLOCATION.to_string(),
-    };
-    let control = export.connect(host.session(), &[context.as_str()]).await?;
-    let size = control.size();
-    let extents = match scope {
-        ReadScope::Ranges { ranges, .. } => ranges
-            .iter()
-            .map(|&(offset, length)| virtkeep_nbd::Mapped {
-                offset,
-                length,
-                kind: MappedKind::Data,
-            })
-            .collect(),
-        _ => allocated_extents(&control, &context, 0, size).await?,
-    };
-    let _ = control.disconnect().await;
-    let parent = match scope {
+    let (size, extents) = extents(host, export, &read.scope).await?;
+    let parent = match &read.scope {
         ReadScope::Dirty { parent, .. } | ReadScope::Ranges { parent, .. } => Some(parent.clone()),
         ReadScope::Full => None,
     };
@@ -370,6 +352,34 @@ pub async fn export_disk(
         zero_chunks: shared.zero.load(Ordering::Relaxed),
         data_chunks: plan.iter().filter(|r| !r.is_empty()).count() as u64,
     })
+}
+
+/// The export's size and the extents `scope` reads: the allocated ones, the dirty ones,
+/// or the given ranges.
+async fn extents(
+    host: &Host,
+    export: &NbdExport,
+    scope: &ReadScope,
+) -> Result<(u64, Vec<virtkeep_nbd::Mapped>)> {
+    let context = match scope {
+        ReadScope::Dirty { context, .. } => context.clone(),
+        _ => BASE_ALLOCATION.to_string(),
+    };
+    let control = export.connect(host.session(), &[context.as_str()]).await?;
+    let size = control.size();
+    let extents = match scope {
+        ReadScope::Ranges { ranges, .. } => ranges
+            .iter()
+            .map(|&(offset, length)| virtkeep_nbd::Mapped {
+                offset,
+                length,
+                kind: MappedKind::Data,
+            })
+            .collect(),
+        _ => allocated_extents(&control, &context, 0, size).await?,
+    };
+    let _ = control.disconnect().await;
+    Ok((size, extents))
 }
 
 /// What the parallel readers of one disk share.
