@@ -370,6 +370,10 @@ pub struct VerifyArgs {
     pub snapshot: Option<String>,
     #[arg(long, conflicts_with = "snapshot")]
     pub all: bool,
+    /// Download and check every chunk (default: check that manifests and indexes read
+    /// and authenticate and that every chunk they name exists, downloading no chunk)
+    #[arg(long)]
+    pub read_data: bool,
     #[command(flatten)]
     pub repo: RepoArgs,
 }

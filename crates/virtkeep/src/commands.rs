@@ -692,13 +692,24 @@ async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Re
         }
         None => virtkeep_repo::VerifySelection::All,
     };
-    let report = repo.verify(selection).await.map_err(repo_err)?;
+    let opts = virtkeep_repo::VerifyOptions {
+        selection,
+        read_data: args.read_data,
+    };
+    let report = repo.verify(opts).await.map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {
         println!(
-            "{} backups, {} chunks checked, {} ok",
-            report.snapshots_checked, report.chunks_checked, report.chunks_ok
+            "{} backups, {} chunks {}, {} ok",
+            report.snapshots_checked,
+            report.chunks_checked,
+            if report.read_data {
+                "read"
+            } else {
+                "looked up (contents not read; --read-data reads them)"
+            },
+            report.chunks_ok
         );
         for p in report
             .missing
