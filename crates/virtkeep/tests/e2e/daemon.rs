@@ -724,6 +724,86 @@ names = ["{}"]
     assert_eq!(node.json(&["snapshots"]).as_array().map(Vec::len), Some(0));
 }
 
+/// The value of the series `name{labels}` in Prometheus text.
+fn series_value(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let head = format!("{name}{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&head))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A VM a policy selects that never had a successful backup (its backups fail, or the
+/// host does not even have it) has a last-success series, 0, so docs/daemon.md's alert
+/// `time() - virtkeep_backup_last_success_timestamp_seconds > 26*3600` fires for it.
+#[test]
+fn metrics_have_a_series_for_a_vm_never_backed_up() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkd-never")
+        .qcow2_disk(4 * MIB)
+        .running(false)
+        .build();
+    let absent = virtkeep_lab::unique_name("vkd-absent");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    append_config(
+        &node,
+        &format!(
+            r#"
+[daemon]
+catalog = "{}"
+retries = 0
+
+[daemon.api]
+listen = "127.0.0.1:{port}"
+token_env = "VKD_TEST_TOKEN"
+
+[policies.never]
+schedules = [{{ every = "1h" }}]
+pre_snapshot = "echo not this time >&2; exit 3"
+
+[[policies.never.vms]]
+host = "{HOST}"
+names = ["{}", "{absent}"]
+"#,
+            catalog(&node),
+            vm.name
+        ),
+    );
+    let mut daemon = Daemon::start(&node);
+    daemon.wait_log("API listening", 30);
+    let list = wait_jobs(&node, &daemon, 120, "the failed backup", |l| {
+        l.len() == 1 && l[0]["status"] == "failed"
+    });
+    assert_eq!(list[0]["vm"], vm.name.as_str(), "{list:#?}");
+    let (status, metrics) = http(port, "GET", "/metrics", Some(TOKEN), None);
+    daemon.terminate();
+    assert_eq!(status, 200, "{metrics}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    for name in [vm.name.as_str(), absent.as_str()] {
+        let labels = format!("host=\"{HOST}\",vm=\"{name}\"");
+        let last = series_value(
+            &metrics,
+            "virtkeep_backup_last_success_timestamp_seconds",
+            &labels,
+        );
+        assert_eq!(last, Some(0.0), "{name}: {metrics}");
+        // The documented alert's expression, evaluated as Prometheus would.
+        assert!(now - last.unwrap_or(now) > 26.0 * 3600.0);
+    }
+    let failures = |name: &str| {
+        let labels = format!("host=\"{HOST}\",vm=\"{name}\"");
+        series_value(&metrics, "virtkeep_backup_failures_total", &labels)
+    };
+    assert_eq!(failures(&vm.name), Some(1.0), "{metrics}");
+    assert_eq!(failures(&absent), Some(0.0), "{metrics}");
+}
+
 #[test]
 fn a_run_fails_its_remaining_tasks_past_the_threshold() {
     let node = Node::new();
