@@ -12,7 +12,8 @@ use virtkeep_engine::plan::{ModeRequest, Transport};
     about = "Agentless backup and restore of libvirt VMs over SSH"
 )]
 pub struct Cli {
-    /// Configuration file [default: $VIRTKEEP_CONFIG or ~/.config/virtkeep/config.toml]
+    /// Configuration file [default: $VIRTKEEP_CONFIG, else /etc/virtkeep/config.toml for
+    /// root and the virtkeep user, ~/.config/virtkeep/config.toml for others]
     #[arg(long, global = true, env = "VIRTKEEP_CONFIG")]
     pub config: Option<PathBuf>,
     /// Machine-readable output on stdout (stable, documented in docs/cli.md)
