@@ -14,6 +14,7 @@ use crate::crypto::{self, EncryptionConfig, KeySource};
 use crate::error::{RepoError, Result};
 use crate::format::{Codec, Digest, FixedIndex, ZERO_DIGEST, chunk_key};
 use crate::manifest::{Manifest, SnapshotSummary};
+use crate::progress::{QuietProgress, RepoProgress};
 
 /// Default chunk size (4 MiB).
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
@@ -696,6 +697,15 @@ impl Repository {
 
     /// Mark and sweep. See docs/format.md for the rules.
     pub async fn gc(&self, opts: GcOptions) -> Result<GcReport> {
+        self.gc_reporting(opts, &QuietProgress).await
+    }
+
+    /// [`Repository::gc`], reporting its stages (mark, sweep) to `progress`.
+    pub async fn gc_reporting(
+        &self,
+        opts: GcOptions,
+        progress: &dyn RepoProgress,
+    ) -> Result<GcReport> {
         let be = self.inner.backend.clone();
         let timing = self.timing();
         let lease_id = uuid::Uuid::new_v4().to_string();
@@ -746,7 +756,7 @@ impl Repository {
                 }
             })
         };
-        let res = self.gc_locked(&opts).await;
+        let res = self.gc_locked(&opts, progress).await;
         refresher.abort();
         let _ = refresher.await;
         if be.get(GC_LOCK).await?.as_deref() == Some(&body[..]) {
@@ -755,7 +765,42 @@ impl Repository {
         res
     }
 
-    async fn gc_locked(&self, opts: &GcOptions) -> Result<GcReport> {
+    /// GC's mark phase: the chunks and index objects of every published backup. An
+    /// unreadable manifest or index stops GC (its chunks would be swept).
+    async fn gc_mark(
+        &self,
+        report: &mut GcReport,
+        progress: &dyn RepoProgress,
+    ) -> Result<(HashSet<Digest>, HashSet<String>)> {
+        let mut marked: HashSet<Digest> = HashSet::new();
+        let mut index_keys: HashSet<String> = HashSet::new();
+        let (manifests, unreadable) = self.manifests_checked().await?;
+        if let Some(u) = unreadable.into_iter().next() {
+            return Err(RepoError::UnreadableBackup {
+                id: u.id,
+                reason: u.error,
+            });
+        }
+        progress.stage("reading indexes", Some(manifests.len() as u64));
+        for m in manifests {
+            report.snapshots += 1;
+            for d in &m.disks {
+                let ix = self.fixed_index(&m.id, &d.spec.name).await.map_err(|e| {
+                    RepoError::UnreadableBackup {
+                        id: m.id.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                index_keys.insert(index_key(&m.id, &d.spec.name));
+                marked.extend(ix.digests.iter().filter(|d| **d != ZERO_DIGEST));
+            }
+            progress.advance(1);
+        }
+        report.chunks_referenced = marked.len() as u64;
+        Ok((marked, index_keys))
+    }
+
+    async fn gc_locked(&self, opts: &GcOptions, progress: &dyn RepoProgress) -> Result<GcReport> {
         let be = &self.inner.backend;
         let gc_start = be
             .head(GC_LOCK)
@@ -778,29 +823,7 @@ impl Repository {
             ..Default::default()
         };
         // 3. mark: every published backup's indexes
-        let mut marked: HashSet<Digest> = HashSet::new();
-        let mut index_keys: HashSet<String> = HashSet::new();
-        let (manifests, unreadable) = self.manifests_checked().await?;
-        if let Some(u) = unreadable.into_iter().next() {
-            return Err(RepoError::UnreadableBackup {
-                id: u.id,
-                reason: u.error,
-            });
-        }
-        for m in manifests {
-            report.snapshots += 1;
-            for d in &m.disks {
-                let ix = self.fixed_index(&m.id, &d.spec.name).await.map_err(|e| {
-                    RepoError::UnreadableBackup {
-                        id: m.id.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                index_keys.insert(index_key(&m.id, &d.spec.name));
-                marked.extend(ix.digests.iter().filter(|d| **d != ZERO_DIGEST));
-            }
-        }
-        report.chunks_referenced = marked.len() as u64;
+        let (marked, index_keys) = self.gc_mark(&mut report, progress).await?;
         // orphan index objects (crashed backups): remove when older than the cutoff
         let objs: Vec<_> = be.list("snapshots/").try_collect().await?;
         for o in objs {
@@ -823,8 +846,10 @@ impl Repository {
             }
         }
         // 4. sweep
+        progress.stage("sweeping chunks", None);
         let mut s = be.list("chunks/");
         while let Some(o) = s.try_next().await? {
+            progress.advance(1);
             let Some(d) = parse_chunk_key(&o.key) else {
                 continue;
             };

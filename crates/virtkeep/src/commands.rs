@@ -12,7 +12,7 @@ use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
 use virtkeep_engine::{Error as EngineError, heal, inventory};
 
 use crate::cli::*;
-use crate::output::{human_bytes, print_json, progress};
+use crate::output::{human_bytes, print_json, progress, stages};
 use crate::settings::{Settings, repo_err};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -696,7 +696,10 @@ async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Re
         selection,
         read_data: args.read_data,
     };
-    let report = repo.verify(opts).await.map_err(repo_err)?;
+    let progress = stages(json);
+    let report = repo.verify_reporting(opts, &*progress).await;
+    progress.finish();
+    let report = report.map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {
@@ -815,13 +818,14 @@ async fn prune_host(
 
 async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
-    let report = repo
-        .gc(virtkeep_repo::GcOptions {
-            grace: Duration::from_secs(args.grace_hours * 3600),
-            dry_run: args.dry_run,
-        })
-        .await
-        .map_err(repo_err)?;
+    let opts = virtkeep_repo::GcOptions {
+        grace: Duration::from_secs(args.grace_hours * 3600),
+        dry_run: args.dry_run,
+    };
+    let progress = stages(json);
+    let report = repo.gc_reporting(opts, &*progress).await;
+    progress.finish();
+    let report = report.map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {

@@ -355,3 +355,61 @@ fn backup_into_s3_on_ceph_rgw() {
     assert_eq!(verify(&[]), (vec![deleted.clone()], vec![]));
     assert_eq!(verify(&["--read-data"]), (vec![deleted], vec![changed]));
 }
+
+/// verify and gc show a bar per stage when stderr is a terminal (a pseudo-terminal made
+/// by `script`), and log lines instead when it is not.
+#[test]
+fn verify_and_gc_progress_on_a_terminal_log_lines_otherwise() {
+    let node = Node::new();
+    let vm = TestVm::builder("progress")
+        .qcow2_disk(8 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x31, 0, 2 * MIB);
+    node.backup(&vm.name, &["--mode", "full"]);
+    let bin = assert_cmd::cargo::cargo_bin("virtkeep");
+    let on_terminal = |args: &str| -> String {
+        let line = format!(
+            "{} --config {} {args}",
+            bin.display(),
+            node.config().display()
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("HOME", node.dir.path())
+            .env_remove("VIRTKEEP_LOG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("script");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{args}: {text}");
+        text
+    };
+    let shown = on_terminal("verify --read-data");
+    for stage in ["reading manifests and indexes [", "reading chunks ["] {
+        assert!(shown.contains(stage), "{stage:?} not in {shown:?}");
+    }
+    assert!(shown.contains("1 backups, "), "{shown:?}");
+    let shown = on_terminal("gc --dry-run");
+    for stage in ["reading indexes [", "sweeping chunks "] {
+        assert!(shown.contains(stage), "{stage:?} not in {shown:?}");
+    }
+
+    // Not a terminal: no bar, and with -v the stages as log lines.
+    for args in [["-v", "verify", "--read-data"], ["-v", "gc", "--dry-run"]] {
+        let out = node.run(&args);
+        assert!(out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains(" ["), "{args:?}: {stderr}");
+        let stage = if args[1] == "verify" {
+            "reading chunks"
+        } else {
+            "sweeping chunks"
+        };
+        assert!(
+            stderr.contains(&format!("stage starts stage=\"{stage}\"")),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.contains("stage done"), "{args:?}: {stderr}");
+    }
+}
