@@ -255,6 +255,8 @@ impl Walk {
                 .find(|r| r.contains(&format!("kvm1/{}", self.vm)))
                 .unwrap_or_else(|| panic!("the backup is not listed: {stdout}"));
             self.id = row.split_whitespace().next().map(String::from);
+        } else if l.ends_with(" verify") {
+            assert!(stdout.starts_with("1 backups, "), "{stdout}");
         } else if l.contains(" restore ") {
             self.restored = Some(TestVm::adopt(&format!("{}-restoretest", self.vm)));
         }
