@@ -18,11 +18,14 @@ pub enum DomainState {
 }
 
 impl DomainState {
+    /// From `virsh domstate` output: what virtkeep does with the domain, by state.
     fn parse(s: &str) -> DomainState {
-        match s.trim() {
-            "running" | "in shutdown" | "blocked" => DomainState::Running,
-            "paused" | "pmsuspended" => DomainState::Paused,
-            "shut off" | "crashed" => DomainState::ShutOff,
+        use virtkeep_libvirt::virsh::DomainState as S;
+        match virtkeep_libvirt::virsh::parse_domstate(s) {
+            Ok(S::Running | S::InShutdown) => DomainState::Running,
+            Ok(S::Other(o)) if o == "blocked" => DomainState::Running,
+            Ok(S::Paused | S::PmSuspended) => DomainState::Paused,
+            Ok(S::ShutOff | S::Crashed) => DomainState::ShutOff,
             _ => DomainState::Other,
         }
     }
@@ -120,7 +123,7 @@ impl Vm {
 
     /// The UUID of the domain whose name is exactly `name`, looked at one by one.
     async fn search_by_name(host: &Host, name: &str) -> Result<Option<String>> {
-        let uuids = host.run_string(&crate::heal::list_all_uuids(host)).await?;
+        let uuids = host.run_string(&host.virsh().list_all_uuids()).await?;
         for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
             if Self::name_of(host, uuid).await?.as_deref() == Some(name) {
                 return Ok(Some(uuid.to_string()));
@@ -130,20 +133,9 @@ impl Vm {
     }
 
     pub async fn load(host: &Host, uuid: &str) -> Result<Vm> {
-        // One round trip for the three answers, separated by NUL (which XML cannot hold).
-        let nul = || virtkeep_ssh::RemoteCommand::new("printf").arg("\\0");
-        let cmd = host
-            .virsh()
-            .dumpxml(uuid, false)
-            .and_then(nul())
-            .and_then(host.virsh().dumpxml(uuid, true))
-            .and_then(nul())
-            .and_then(host.virsh().domstate(uuid));
-        let out = host.run_string(&cmd).await?;
-        let mut parts = out.split('\0');
-        let (Some(xml), Some(inactive_xml), Some(state), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        // One round trip for the three answers.
+        let out = host.run_string(&host.virsh().describe(uuid)).await?;
+        let Some((xml, inactive_xml, state)) = virtkeep_libvirt::virsh::parse_describe(&out) else {
             return Err(crate::Error::new(
                 crate::ErrorKind::Remote,
                 format!("unexpected output from virsh for domain {uuid}"),
@@ -165,5 +157,27 @@ impl Vm {
     pub async fn reload(&mut self, host: &Host) -> Result<()> {
         *self = Self::load(host, &self.uuid).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_from_domstate() {
+        for (out, want) in [
+            ("running\n\n", DomainState::Running),
+            ("in shutdown\n", DomainState::Running),
+            ("blocked\n", DomainState::Running),
+            ("paused\n", DomainState::Paused),
+            ("pmsuspended\n", DomainState::Paused),
+            ("shut off\n\n", DomainState::ShutOff),
+            ("crashed\n", DomainState::ShutOff),
+            ("idle\n", DomainState::Other),
+            ("", DomainState::Other),
+        ] {
+            assert_eq!(DomainState::parse(out), want, "{out:?}");
+        }
     }
 }
