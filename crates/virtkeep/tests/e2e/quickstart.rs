@@ -74,36 +74,62 @@ fn quickstart_lines() -> Vec<String> {
     lines
 }
 
-/// The lab's authorized_keys with one more line, removed again on drop.
+/// The lab's authorized_keys with one more line, removed again on drop. Other tests log
+/// in through the same file at the same time: the line is appended in one write and
+/// removed by renaming a new file over the old, so sshd never reads a partial file; a
+/// lock beside it keeps two such edits from losing each other's line.
 struct AuthorizedKey {
     file: PathBuf,
     line: String,
 }
 
 impl AuthorizedKey {
+    fn locked<T>(file: &Path, f: impl FnOnce() -> T) -> T {
+        let lock = std::fs::File::create(file.with_extension("vk-test-lock")).expect("lock file");
+        lock.lock().expect("lock");
+        f()
+    }
+
     fn add(lab: &Lab, pub_file: &Path) -> AuthorizedKey {
+        use std::io::Write;
         let file = lab.lab_dir.join("ssh/authorized_keys");
         let line = std::fs::read_to_string(pub_file)
             .expect("public key")
             .trim()
             .to_string();
-        let mut text = std::fs::read_to_string(&file).expect("authorized_keys");
-        text.push_str(&format!("{line}\n"));
-        std::fs::write(&file, text).expect("append to authorized_keys");
+        AuthorizedKey::locked(&file, || {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&file)
+                .expect("authorized_keys");
+            f.write_all(format!("{line}\n").as_bytes())
+                .expect("append to authorized_keys");
+        });
         AuthorizedKey { file, line }
     }
 }
 
 impl Drop for AuthorizedKey {
     fn drop(&mut self) {
-        if let Ok(text) = std::fs::read_to_string(&self.file) {
+        AuthorizedKey::locked(&self.file, || {
+            let Ok(text) = std::fs::read_to_string(&self.file) else {
+                return;
+            };
             let kept: String = text
                 .lines()
                 .filter(|l| l.trim() != self.line)
                 .map(|l| format!("{l}\n"))
                 .collect();
-            let _ = std::fs::write(&self.file, kept);
-        }
+            let tmp = self.file.with_extension("vk-test-tmp");
+            let written = std::fs::write(&tmp, kept).and_then(|()| {
+                let mode = std::fs::metadata(&self.file)?.permissions();
+                std::fs::set_permissions(&tmp, mode)?;
+                std::fs::rename(&tmp, &self.file)
+            });
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        });
     }
 }
 
