@@ -23,6 +23,7 @@ pub mod plan;
 pub mod progress;
 pub mod rbd;
 pub mod rbd_diff;
+pub mod repo_key;
 pub mod restore;
 pub mod snapshot_ref;
 pub mod store;
