@@ -65,7 +65,7 @@ pub enum SshError {
         known_hosts.display(),
         expected.join(", "),
         key_file_stem(algorithm),
-        crate::known_hosts::host_pattern(host, *port),
+        host_pattern(host, *port),
         known_hosts.display()
     )]
     HostKeyChanged {
@@ -197,6 +197,17 @@ fn stderr_tail(stderr: &str) -> String {
         out.push_str(l);
     }
     out
+}
+
+/// The name under which OpenSSH records `host`/`port`: `host` for port 22,
+/// `[host]:port` otherwise. Defined here, not in `known_hosts.rs` (which
+/// re-exports it), because error messages need it and `known_hosts` uses this module.
+pub fn host_pattern(host: &str, port: u16) -> String {
+    if port == 22 {
+        host.to_owned()
+    } else {
+        format!("[{host}]:{port}")
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use russh::keys::{HashAlg, PublicKey};
 use sha1::Sha1;
 
-use crate::SshError;
+use crate::error::SshError;
+pub use crate::error::host_pattern;
 
 /// The verdict for one presented host key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,16 +51,6 @@ pub struct KnownHosts {
     path: PathBuf,
     entries: Vec<Entry>,
     skipped: Vec<usize>,
-}
-
-/// The name under which OpenSSH records `host`/`port`: `host` for port 22,
-/// `[host]:port` otherwise.
-pub fn host_pattern(host: &str, port: u16) -> String {
-    if port == 22 {
-        host.to_owned()
-    } else {
-        format!("[{host}]:{port}")
-    }
 }
 
 /// The `SHA256:…` fingerprint of a key, as printed by `ssh-keygen -lf`.

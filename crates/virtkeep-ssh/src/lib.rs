@@ -1,26 +1,52 @@
 //! virtkeep-ssh: the SSH transport of virtkeep.
 //!
 //! - [`quote`] and [`RemoteCommand`]: the only way command lines are built.
-//! - [`Session`]: a russh connection with strict host-key checking against our own
-//!   trust store ([`known_hosts`]), key-file / password / agent authentication,
-//!   `exec`/`run`/`spawn` and unix-socket forwarding.
+//! - [`Session`] (`session.rs`): an authenticated connection shared by its clones,
+//!   with a pool of command shells on the host (`shell.rs`); `exec`/`run`/`spawn` and
+//!   unix-socket forwarding.
+//! - Connecting (`connect.rs`): [`HostTarget`], [`Auth`], strict host-key checking
+//!   against our own trust store ([`known_hosts`]), key-file / password / agent
+//!   authentication.
+//! - Remote processes (`process.rs`): [`RemoteProcess`] and its streams, [`Output`],
+//!   [`ChannelStream`], and running a command on a channel of its own.
 //! - [`Pool`]: a control connection plus lazily opened data connections (one russh
 //!   connection is served by one task, i.e. one core).
 //! - [`probe_host_key`]: fetch a server's host key for `virtkeep host trust`.
 
 mod command;
+mod connect;
 mod error;
 pub mod known_hosts;
 mod pool;
+mod process;
 mod session;
 mod shell;
 
 pub use command::{RemoteCommand, quote};
+pub use connect::{Auth, HostKeyInfo, HostTarget, probe_host_key};
 pub use error::SshError;
 pub use known_hosts::{HostKeyStatus, KnownHosts};
 pub use pool::Pool;
+pub use process::{ChannelStream, Output, RemoteProcess, RemoteStdin, RemoteStdout};
 pub use russh::keys::PublicKey;
-pub use session::{
-    Auth, ChannelStream, HostKeyInfo, HostTarget, Output, RemoteProcess, RemoteStdin, RemoteStdout,
-    Session, probe_host_key,
-};
+pub use session::Session;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    #[test]
+    fn public_types_are_send_sync_unpin() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        fn stream<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>() {}
+        fn reader<T: AsyncRead + Unpin + Send>() {}
+        fn writer<T: AsyncWrite + Unpin + Send>() {}
+        send_sync::<Session>();
+        send_sync::<Pool>();
+        send_sync::<SshError>();
+        stream::<ChannelStream>();
+        reader::<RemoteStdout>();
+        writer::<RemoteStdin>();
+    }
+}

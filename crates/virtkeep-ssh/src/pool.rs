@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
-use crate::{HostTarget, Session, SshError};
+use crate::connect::HostTarget;
+use crate::error::SshError;
+use crate::session::Session;
 
 /// Connections to one host: one for control commands and up to `max_connections`
 /// for data streams, each opened on first use and reopened if it was lost.

@@ -20,8 +20,8 @@
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use crate::SshError;
-use crate::session::{Output, RemoteProcess, RemoteStdin, RemoteStdout};
+use crate::error::SshError;
+use crate::process::{Output, RemoteProcess, RemoteStdin, RemoteStdout};
 
 /// First line the shell prints once it is ready: the protocol version.
 pub(crate) const GREETING: &str = "virtkeep-shell 1";
