@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
-use virtkeep_ssh::RemoteCommand;
 
 use crate::catalog::{Catalog, JobOutcome, JobRecord, NewJob, now};
 use crate::dispatch::{Pending, Queue};
@@ -164,17 +163,7 @@ pub async fn host_vms(
     host: &str,
 ) -> std::result::Result<Vec<String>, virtkeep_engine::Error> {
     let h = env.connect(host).await?;
-    let out = h
-        .run_string(
-            &RemoteCommand::new("virsh")
-                .arg("-q")
-                .arg("-c")
-                .arg(h.uri())
-                .arg("list")
-                .arg("--all")
-                .arg("--name"),
-        )
-        .await?;
+    let out = h.run_string(&h.virsh().list_all_names()).await?;
     Ok(out
         .lines()
         .map(str::trim)

@@ -6,6 +6,7 @@
 //! every job, `cleanup`, the daemon's orphan rule) resumes or thaws what such a record
 //! names, and never a VM virtkeep did not pause or freeze.
 
+use virtkeep_libvirt::{coreutils, sh};
 use virtkeep_ssh::RemoteCommand;
 
 use crate::error::Result;
@@ -38,14 +39,14 @@ impl Hold {
 
     fn start(self, host: &Host, uuid: &str) -> RemoteCommand {
         match self {
-            Hold::Suspend => host.virsh().command("suspend").arg("--domain").arg(uuid),
+            Hold::Suspend => host.virsh().suspend(uuid),
             Hold::FsFreeze => host.virsh().domfsfreeze(uuid),
         }
     }
 
     fn end(self, host: &Host, uuid: &str) -> RemoteCommand {
         match self {
-            Hold::Suspend => host.virsh().command("resume").arg("--domain").arg(uuid),
+            Hold::Suspend => host.virsh().resume(uuid),
             Hold::FsFreeze => host.virsh().domfsthaw(uuid),
         }
     }
@@ -56,9 +57,7 @@ pub async fn hold(host: &Host, uuid: &str, job_dir: &str, how: Hold) -> Result<(
     let marker = format!("{job_dir}/{}", how.marker());
     host.upload(&marker, b"").await?;
     if let Err(e) = host.run(&how.start(host, uuid)).await {
-        let _ = host
-            .run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(&marker))
-            .await;
+        let _ = host.run(&coreutils::rm_f(&marker)).await;
         return Err(e);
     }
     crate::failpoint::hit("held").await;
@@ -69,28 +68,15 @@ pub async fn hold(host: &Host, uuid: &str, job_dir: &str, how: Hold) -> Result<(
 /// healing tries again).
 pub async fn release(host: &Host, uuid: &str, job_dir: &str, how: Hold) -> Result<()> {
     host.run(&how.end(host, uuid)).await?;
-    host.run(
-        &RemoteCommand::new("rm")
-            .arg("-f")
-            .arg("--")
-            .arg(format!("{job_dir}/{}", how.marker())),
-    )
-    .await?;
+    host.run(&coreutils::rm_f(&format!("{job_dir}/{}", how.marker())))
+        .await?;
     Ok(())
 }
-
-/// Lists `DIR<TAB>MARKER` of every hold record of this VM's jobs.
-const LIST_HOLDS: &str = r#"for f in "$1"/"$2"-*/held-*; do [ -e "$f" ] && printf '%s\t%s\n' "${f%/*}" "${f##*/}"; done; exit 0"#;
 
 /// For healing: ends every hold a job of this VM recorded and did not release (the
 /// caller holds the VM lock, so no job of the VM runs). Returns what it did.
 pub async fn undo_left_holds(host: &Host, uuid: &str) -> Result<Vec<String>> {
-    let list = RemoteCommand::new("sh")
-        .arg("-c")
-        .arg(LIST_HOLDS)
-        .arg("sh")
-        .arg(format!("{HOST_STATE_DIR}/jobs"))
-        .arg(uuid);
+    let list = sh::list_holds(&format!("{HOST_STATE_DIR}/jobs"), uuid);
     let out = host.run_string(&list).await?;
     let mut done = Vec::new();
     for (dir, how) in parse_holds(&out) {
@@ -117,18 +103,13 @@ pub async fn undo_left_holds(host: &Host, uuid: &str) -> Result<Vec<String>> {
                 done.push("thawed the guest filesystems a killed job had frozen".to_string());
             }
         }
-        host.run(
-            &RemoteCommand::new("rm")
-                .arg("-f")
-                .arg("--")
-                .arg(format!("{dir}/{}", how.marker())),
-        )
-        .await?;
+        host.run(&coreutils::rm_f(&format!("{dir}/{}", how.marker())))
+            .await?;
     }
     Ok(done)
 }
 
-/// The records in the output of [`LIST_HOLDS`]; anything else on a line is ignored.
+/// The records in the output of [`sh::list_holds`]; anything else on a line is ignored.
 fn parse_holds(out: &str) -> Vec<(String, Hold)> {
     out.lines()
         .filter_map(|l| l.split_once('\t'))

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use virtkeep_libvirt::coreutils;
 use virtkeep_ssh::{Output, Pool, RemoteCommand, RemoteProcess, Session};
 
 use crate::config::HostConfig;
@@ -94,8 +95,8 @@ impl Host {
     }
 
     /// `virsh -c URI …` builders for this host.
-    pub fn virsh(&self) -> virtkeep_libvirt::cmd::Virsh {
-        virtkeep_libvirt::cmd::Virsh::new(self.uri())
+    pub fn virsh(&self) -> virtkeep_libvirt::virsh::Virsh {
+        virtkeep_libvirt::virsh::Virsh::new(self.uri())
     }
 
     /// Runs a command; a non-zero exit is an error carrying its stderr.
@@ -162,13 +163,8 @@ impl Host {
 
     /// Size in bytes of a file (or, through `-L`, what a link points to) on the host.
     pub async fn file_size(&self, path: &str) -> Result<u64> {
-        let cmd = RemoteCommand::new("stat")
-            .arg("-L")
-            .arg("-c")
-            .arg("%s")
-            .arg("--")
-            .arg(path);
-        self.run_string(&cmd).await?.trim().parse().map_err(|_| {
+        let out = self.run_string(&coreutils::stat(path)).await?;
+        coreutils::parse_stat(&out).map(|s| s.size).map_err(|_| {
             Error::new(
                 ErrorKind::Remote,
                 format!("cannot read the size of {path} on host {}", self.name),
@@ -178,19 +174,21 @@ impl Host {
 
     /// Size in bytes of a block device (an LV, a snapshot) on the host.
     pub async fn block_device_size(&self, path: &str) -> Result<u64> {
-        let cmd = RemoteCommand::new("blockdev").arg("--getsize64").arg(path);
-        self.run_string(&cmd).await?.trim().parse().map_err(|_| {
-            Error::new(
-                ErrorKind::Remote,
-                format!("cannot read the size of {path} on host {}", self.name),
-            )
-        })
+        self.run_string(&coreutils::blockdev_size(path))
+            .await?
+            .trim()
+            .parse()
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Remote,
+                    format!("cannot read the size of {path} on host {}", self.name),
+                )
+            })
     }
 
     /// Writes `content` to `path` on the host (through stdin, never the command line).
     pub async fn upload(&self, path: &str, content: &[u8]) -> Result<()> {
-        let cmd = RemoteCommand::new("cat").stdout_to(path);
-        let mut proc = self.session.spawn(&cmd).await?;
+        let mut proc = self.session.spawn(&coreutils::write_stdin_to(path)).await?;
         proc.stdin
             .write_all(content)
             .await
@@ -226,15 +224,8 @@ impl Host {
 
     async fn lookup_qemu_owner(&self) -> Result<(String, String)> {
         for user in ["libvirt-qemu", "qemu"] {
-            if self
-                .exec(&RemoteCommand::new("id").arg("-u").arg(user))
-                .await?
-                .status
-                == 0
-            {
-                let group = self
-                    .run_string(&RemoteCommand::new("id").arg("-gn").arg(user))
-                    .await?;
+            if self.exec(&coreutils::user_exists(user)).await?.status == 0 {
+                let group = self.run_string(&coreutils::primary_group(user)).await?;
                 return Ok((user.to_string(), group.trim().to_string()));
             }
         }
@@ -244,14 +235,7 @@ impl Host {
     /// Creates the private per-job state directory on the host.
     pub async fn job_dir(&self, job: &str) -> Result<String> {
         let dir = format!("{HOST_STATE_DIR}/jobs/{job}");
-        self.run(
-            &RemoteCommand::new("mkdir")
-                .arg("-p")
-                .arg("-m")
-                .arg("0711")
-                .arg(&dir),
-        )
-        .await?;
+        self.run(&coreutils::mkdir_p_mode(&dir, 0o711)).await?;
         Ok(dir)
     }
 
@@ -262,36 +246,20 @@ impl Host {
     /// 0 fails at once.
     pub async fn lock_vm(&self, vm_uuid: &str, wait_secs: u32) -> Result<VmLock> {
         let lock_dir = format!("{HOST_STATE_DIR}/locks");
-        self.run(
-            &RemoteCommand::new("mkdir")
-                .arg("-p")
-                .arg("-m")
-                .arg("0700")
-                .arg(&lock_dir),
-        )
-        .await?;
+        self.run(&coreutils::mkdir_p_mode(&lock_dir, 0o700)).await?;
         let path = format!("{lock_dir}/{vm_uuid}.lock");
-        let wait = if wait_secs == 0 {
-            vec!["-n".to_string()]
-        } else {
-            vec!["-w".to_string(), wait_secs.to_string()]
-        };
-        let cmd = RemoteCommand::new("flock")
-            .args(wait)
-            .arg("-E")
-            .arg("75")
-            .arg(&path)
-            .arg("sh")
-            .arg("-c")
-            .arg("echo locked; exec cat >/dev/null");
-        let mut proc = self.session.spawn(&cmd).await?;
+        let wait = (wait_secs > 0).then_some(wait_secs);
+        let mut proc = self
+            .session
+            .spawn(&coreutils::flock_hold(&path, wait))
+            .await?;
         let mut first = [0u8; 7];
         match proc.stdout.read_exact(&mut first).await {
             Ok(_) if &first == b"locked\n" => Ok(VmLock { proc: Some(proc) }),
             _ => {
                 let _ = proc.stdin.shutdown().await;
                 let (status, stderr) = proc.wait().await.unwrap_or((1, Vec::new()));
-                if status == 75 {
+                if status == coreutils::FLOCK_CONFLICT_STATUS {
                     Err(Error::conflict(format!(
                         "another virtkeep job holds the lock of VM {vm_uuid} on this host"
                     ))

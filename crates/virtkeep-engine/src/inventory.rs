@@ -1,8 +1,10 @@
 //! `vm list` and `host check`: what is on a host and whether virtkeep can work there.
 
 use serde::Serialize;
-use virtkeep_libvirt::{Backend, DiskSource};
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::lvm::{self as lvm_cmd, LvInfo};
+use virtkeep_libvirt::virsh::parse_domblkinfo_all;
+use virtkeep_libvirt::{Backend, DiskSource, coreutils, human_bytes, sh};
+use virtkeep_ssh::{Output, RemoteCommand};
 
 use crate::error::Result;
 use crate::host::{HOST_STATE_DIR, Host};
@@ -35,38 +37,19 @@ pub struct VmInfo {
     pub disks: Vec<DiskInfo>,
 }
 
-fn virsh(uri: &str) -> RemoteCommand {
-    RemoteCommand::new("virsh").arg("-q").arg("-c").arg(uri)
-}
-
 /// Capacity and allocation per target, from `virsh domblkinfo --all`.
 async fn block_sizes(host: &Host, uuid: &str) -> Vec<(String, u64, u64)> {
-    let Ok(out) = host
-        .exec(&virsh(host.uri()).arg("domblkinfo").arg(uuid).arg("--all"))
-        .await
-    else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            match f.as_slice() {
-                [t, cap, alloc, ..] => {
-                    Some((t.to_string(), cap.parse().ok()?, alloc.parse().ok()?))
-                }
-                _ => None,
-            }
-        })
-        .collect()
+    match host.exec(&host.virsh().domblkinfo_all(uuid)).await {
+        Ok(out) => parse_domblkinfo_all(&String::from_utf8_lossy(&out.stdout)),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// LVs by (vg, lv) from LVM's JSON report; empty when LVM reporting is unavailable.
-async fn lvm_report(host: &Host) -> Vec<virtkeep_libvirt::parse::LvInfo> {
-    match host.exec(&virtkeep_libvirt::cmd::lvs_json(None)).await {
+async fn lvm_report(host: &Host) -> Vec<LvInfo> {
+    match host.exec(&lvm_cmd::lvs_json(None)).await {
         Ok(out) if out.status == 0 => {
-            virtkeep_libvirt::parse::parse_lvs_json(&String::from_utf8_lossy(&out.stdout))
-                .unwrap_or_default()
+            lvm_cmd::parse_lvs_json(&String::from_utf8_lossy(&out.stdout)).unwrap_or_default()
         }
         _ => Vec::new(),
     }
@@ -104,7 +87,7 @@ async fn rbd_details(
     match host.config.ceph_args() {
         Some(ceph) => match host.exec(&ceph.info_json(pool, image)).await {
             Ok(out) if out.status == 0 => {
-                if let Ok(info) = virtkeep_libvirt::parse::parse_rbd_info_json(
+                if let Ok(info) = virtkeep_libvirt::rbd::parse_rbd_info_json(
                     &String::from_utf8_lossy(&out.stdout),
                 ) {
                     v["size"] = info.size.into();
@@ -129,8 +112,8 @@ async fn rbd_details(
 }
 
 pub async fn list_vms(host: &Host) -> Result<Vec<VmInfo>> {
-    let mut lvs: Option<Vec<virtkeep_libvirt::parse::LvInfo>> = None;
-    let uuids = host.run_string(&crate::heal::list_all_uuids(host)).await?;
+    let mut lvs: Option<Vec<LvInfo>> = None;
+    let uuids = host.run_string(&host.virsh().list_all_uuids()).await?;
     let mut vms = Vec::new();
     for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let vm = match Vm::load(host, uuid).await {
@@ -235,8 +218,9 @@ pub struct CheckItem {
     pub required: bool,
 }
 
-async fn probe(host: &Host, cmd: RemoteCommand) -> (bool, String) {
-    match host.exec(&cmd).await {
+/// `(ok, first line of stdout, else of stderr)` of a command's output.
+fn judged(out: Result<Output>) -> (bool, String) {
+    match out {
         Ok(out) => {
             let text = if out.stdout.is_empty() {
                 out.stderr
@@ -255,42 +239,71 @@ async fn probe(host: &Host, cmd: RemoteCommand) -> (bool, String) {
     }
 }
 
-pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
-    let mut items = vec![CheckItem {
-        check: "ssh + pinned host key".into(),
-        ok: true,
-        detail: format!(
-            "{}@{}:{}",
-            host.config.user, host.config.address, host.config.port
-        ),
-        fix: None,
-        required: true,
-    }];
-    let mut add = |check: &str, (ok, detail): (bool, String), fix: &str, required: bool| {
-        items.push(CheckItem {
+async fn probe(host: &Host, cmd: RemoteCommand) -> (bool, String) {
+    judged(host.exec(&cmd).await)
+}
+
+/// The lines of `host check`, in order.
+struct Checks {
+    items: Vec<CheckItem>,
+}
+
+impl Checks {
+    fn add(&mut self, check: &str, (ok, detail): (bool, String), fix: &str, required: bool) {
+        self.items.push(CheckItem {
             check: check.into(),
             ok,
             detail,
             fix: (!ok).then(|| fix.to_string()),
             required,
         });
+    }
+
+    /// A detail for a check that passed, else what the command said.
+    fn add_with(
+        &mut self,
+        check: &str,
+        (ok, detail): (bool, String),
+        passed: &str,
+        fix: &str,
+        required: bool,
+    ) {
+        let detail = if ok { passed.to_string() } else { detail };
+        self.add(check, (ok, detail), fix, required);
+    }
+}
+
+pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
+    let mut c = Checks {
+        items: vec![CheckItem {
+            check: "ssh + pinned host key".into(),
+            ok: true,
+            detail: format!(
+                "{}@{}:{}",
+                host.config.user, host.config.address, host.config.port
+            ),
+            fix: None,
+            required: true,
+        }],
     };
-    let tool = |name: &str| {
-        RemoteCommand::new("sh")
-            .arg("-c")
-            .arg(r#"command -v "$1""#)
-            .arg("sh")
-            .arg(name)
-    };
+    check_tools(host, &mut c).await;
+    check_libvirt(host, &mut c).await;
+    check_space(host, &mut c).await;
+    check_storage(host, &mut c).await;
+    Ok(c.items)
+}
+
+/// sudo, virsh and the tools every backup needs.
+async fn check_tools(host: &Host, c: &mut Checks) {
     if host.config.sudo {
-        add(
+        c.add(
             "sudo -n",
-            probe(host, RemoteCommand::new("true")).await,
+            probe(host, sh::noop()).await,
             "give the user passwordless sudo for virsh, qemu-img, qemu-nbd, flock, lvm and rbd",
             true,
         );
     }
-    add(
+    c.add(
         "virsh",
         probe(host, host.virsh().version()).await,
         "install libvirt-clients (Debian) / libvirt-client (RHEL) and check the libvirt URI",
@@ -301,137 +314,110 @@ pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
         ("qemu-nbd", "qemu-utils / qemu-img"),
         ("flock", "util-linux"),
     ] {
-        let (ok, detail) = probe(host, tool(name)).await;
-        add(
+        let (ok, detail) = probe(host, sh::command_path(name)).await;
+        let detail = if ok {
+            detail
+        } else {
+            format!("{name} not found")
+        };
+        c.add(
             name,
-            (
-                ok,
-                if ok {
-                    detail
-                } else {
-                    format!("{name} not found")
-                },
-            ),
+            (ok, detail),
             &format!("install {pkg} on the host"),
             true,
         );
     }
-    let (ok, detail) = probe(host, virsh(host.uri()).arg("help").arg("blockcommit")).await;
-    add(
+}
+
+/// What libvirt offers: blockcommit, the backup API.
+async fn check_libvirt(host: &Host, c: &mut Checks) {
+    c.add_with(
         "virsh blockcommit",
-        (ok, if ok { "available".into() } else { detail }),
+        probe(host, host.virsh().help("blockcommit")).await,
+        "available",
         "install the full libvirt (blockcommit missing: see the vendor's note on CentOS libvirt builds)",
         true,
     );
     // `host check` asks again and refreshes the answer backups use.
     let backup_api = crate::cbt::backup_api_supported(host, true).await;
-    add(
+    let detail = if backup_api {
+        "supported"
+    } else {
+        "not supported"
+    };
+    c.add(
         "libvirt backup API (CBT)",
-        (
-            backup_api,
-            if backup_api {
-                "supported".into()
-            } else {
-                "not supported".into()
-            },
-        ),
+        (backup_api, detail.into()),
         "libvirt ≥ 7.2 with QEMU ≥ 6.0 enables dirty-bitmap incrementals",
         false,
     );
-    let (ok, detail) = probe(
-        host,
-        RemoteCommand::new("mkdir").arg("-p").arg(HOST_STATE_DIR),
-    )
-    .await;
-    add(
+}
+
+/// The state directory and room for overlays.
+async fn check_space(host: &Host, c: &mut Checks) {
+    c.add_with(
         "state dir",
-        (
-            ok,
-            if ok {
-                HOST_STATE_DIR.to_string()
-            } else {
-                detail
-            },
-        ),
+        probe(host, coreutils::mkdir_p(HOST_STATE_DIR)).await,
+        HOST_STATE_DIR,
         &format!("virtkeep needs to create {HOST_STATE_DIR} (root or sudo)"),
         true,
     );
-    let df = RemoteCommand::new("df")
-        .arg("-B1")
-        .arg("--output=avail")
-        .arg("/var/lib/libvirt/images")
-        .pipe(RemoteCommand::new("tail").arg("-n1"));
-    let (ok, detail) = probe(host, df).await;
-    let detail = match detail.trim().parse::<u64>() {
-        Ok(n) => format!("{} free", human(n)),
-        Err(_) => detail,
+    let out = host.exec(&coreutils::df_avail(IMAGES_DIR)).await;
+    let free = match &out {
+        Ok(o) if o.status == 0 => {
+            coreutils::parse_df_avail(&String::from_utf8_lossy(&o.stdout)).ok()
+        }
+        _ => None,
     };
-    add(
-        "free space for overlays (/var/lib/libvirt/images)",
+    let (ok, detail) = match free {
+        Some(n) => (true, format!("{} free", human_bytes(n))),
+        None => judged(out),
+    };
+    c.add(
+        &format!("free space for overlays ({IMAGES_DIR})"),
         (ok, detail),
         "overlays go next to each disk; keep room for the writes made during a backup",
         false,
     );
-    let lvs = RemoteCommand::new("lvs")
-        .arg("--reportformat")
-        .arg("json")
-        .arg("-o")
-        .arg("lv_name");
-    let (ok, detail) = probe(host, lvs).await;
-    add(
+}
+
+/// LVM (and thin_delta) and Ceph RBD, when the host has them.
+async fn check_storage(host: &Host, c: &mut Checks) {
+    let (ok, detail) = probe(host, lvm_cmd::lvs_json(None)).await;
+    c.add_with(
         "LVM reporting (lvs --reportformat json)",
-        (ok, if ok { "available".to_string() } else { detail }),
+        (ok, detail),
+        "available",
         "update lvm2 (JSON reporting came with LVM 2.02.158, RHEL/CentOS 7.3)",
         false,
     );
     if ok {
-        let (td, _) = probe(host, tool("thin_delta")).await;
-        add(
+        let (td, _) = probe(host, sh::command_path("thin_delta")).await;
+        let detail = if td {
+            "installed: incrementals of thin LVs read only the blocks thin_delta lists"
+        } else {
+            "not installed: incrementals of thin LVs read each snapshot whole (only changed chunks are stored)"
+        };
+        c.add(
             "thin_delta (thin-provisioning-tools)",
-            (
-                td,
-                if td {
-                    "installed: incrementals of thin LVs read only the blocks thin_delta lists"
-                        .to_string()
-                } else {
-                    "not installed: incrementals of thin LVs read each snapshot whole (only changed chunks are stored)".to_string()
-                },
-            ),
+            (td, detail.to_string()),
             "install thin-provisioning-tools so that thin LV incrementals read only what changed",
             false,
         );
     }
     if let Some(ceph) = host.config.ceph_args() {
-        let (ok, detail) = probe(host, ceph.rbd(&["pool", "ls"])).await;
-        add(
+        c.add_with(
             "rbd + Ceph auth",
-            (
-                ok,
-                if ok {
-                    "the cluster answers".to_string()
-                } else {
-                    detail
-                },
-            ),
+            probe(host, ceph.pool_ls()).await,
+            "the cluster answers",
             "check the host's ceph conf, id and keyring settings",
             false,
         );
     }
-    Ok(items)
 }
 
-/// Bytes in binary units, for human-readable details.
-pub fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+/// Where overlays of file disks usually go.
+const IMAGES_DIR: &str = "/var/lib/libvirt/images";
+
+/// Bytes in binary units (the CLI's formatter; one for all of virtkeep).
+pub use virtkeep_libvirt::human_bytes as human;

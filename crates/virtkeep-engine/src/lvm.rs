@@ -3,8 +3,7 @@
 //! free space, all-or-nothing snapshot creation, overflow checks, removal (also of what a
 //! killed job left), and LV creation for restore.
 //!
-//! Every LVM command runs with `LC_ALL=C` (stable messages) and
-//! `LVM_SUPPRESS_FD_WARNINGS=1` (sshd's inherited descriptors make LVM print warnings).
+//! The command lines and the parsing of LVM's reports are `virtkeep_libvirt::lvm`'s.
 //! Reporting uses `lvs/vgs --reportformat json`, which needs LVM ≥ 2.02.158
 //! (RHEL/CentOS 7.3); older tools get a clear [`ErrorKind::Unsupported`] error.
 //!
@@ -17,8 +16,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use virtkeep_libvirt::cmd;
-use virtkeep_libvirt::parse::{self, LvInfo, VgInfo};
+use virtkeep_libvirt::coreutils::{self, Signal, mentions_path, parse_pgrep};
+use virtkeep_libvirt::human_bytes;
+use virtkeep_libvirt::lvm::{
+    self as lvm_cmd, DM_NAME_MAX, LvInfo, VgInfo, dm_len, name_char, parse_lvm_version,
+};
 use virtkeep_ssh::RemoteCommand;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -28,22 +30,14 @@ use crate::host::Host;
 /// `cleanup` can tell its own snapshots from anything else.
 pub const LV_SNAPSHOT_MARKER: &str = "-vksnap-";
 
-/// The LV tag of a thin snapshot kept as the base of the next incremental (`thin_delta`
-/// lists what changed since it). Healing leaves tagged snapshots alone.
-pub const BASE_TAG: &str = "virtkeep_base";
-
-/// LVM's limit on LV (and VG) names.
-pub const LVM_NAME_MAX: usize = 127;
-
-/// Device-mapper's limit on a device name (`DM_NAME_LEN` 128 with the NUL).
-const DM_NAME_MAX: usize = 127;
-
-/// The oldest LVM with JSON reporting (`--reportformat json`).
-pub const MIN_LVM_VERSION: &str = "2.02.158";
-
 /// A thin pool this full gets no new snapshot: the VM's writes during the backup would
 /// allocate blocks the pool may not have, and a full pool stops the VM's I/O.
 pub const THIN_POOL_FULL_PERCENT: f64 = 95.0;
+
+pub use virtkeep_libvirt::lvm::{
+    BASE_TAG, LVM_NAME_MAX, MIN_LVM_VERSION, lvm_version_has_json, lvrename, parse_thin_delta,
+    snapshot_state, valid_new_lv_name,
+};
 
 /// Extent size assumed when LVM reports none (LVM's default, 4 MiB).
 const DEFAULT_EXTENT: u64 = 4 << 20;
@@ -137,13 +131,13 @@ pub fn lv_path(vg: &str, lv: &str) -> String {
 pub fn snapshot_name(vg: &str, lv: &str, job_id: &str) -> String {
     let job: String = job_id
         .chars()
-        .map(|c| if lvm_name_char(c) { c } else { '_' })
+        .map(|c| if name_char(c) { c } else { '_' })
         .collect();
     let suffix = format!("{LV_SNAPSHOT_MARKER}{job}");
     let dm_budget = DM_NAME_MAX.saturating_sub(dm_len(vg) + 1 + "-cow".len());
     let mut prefix: String = lv
         .chars()
-        .map(|c| if lvm_name_char(c) { c } else { '_' })
+        .map(|c| if name_char(c) { c } else { '_' })
         .collect();
     loop {
         let name = format!("{prefix}{suffix}");
@@ -164,33 +158,6 @@ pub fn is_snapshot_name_of(vg: &str, origin: &str, name: &str) -> bool {
     !job.is_empty() && snapshot_name(vg, origin, job) == name
 }
 
-fn lvm_name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-')
-}
-
-/// Length of a name in a device-mapper name (where `-` is written `--`).
-fn dm_len(s: &str) -> usize {
-    s.len() + s.matches('-').count()
-}
-
-/// A valid new LV name: LVM's character set, not `.`/`..`, no leading `-`, none of the
-/// names and infixes LVM reserves for itself.
-pub fn valid_new_lv_name(name: &str) -> bool {
-    const RESERVED_INFIXES: &[&str] = &[
-        "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_wcorig", "_mimage", "_mlog", "_pmspare",
-        "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_imeta", "_iorig",
-    ];
-    !name.is_empty()
-        && name.len() <= LVM_NAME_MAX
-        && name != "."
-        && name != ".."
-        && !name.starts_with('-')
-        && !name.starts_with("snapshot")
-        && !name.starts_with("pvmove")
-        && name.chars().all(lvm_name_char)
-        && !RESERVED_INFIXES.iter().any(|r| name.contains(r))
-}
-
 /// Copy-on-write size of a classic snapshot of an LV of `size` bytes: `share` of it,
 /// at least `floor`, at most what LVM can use (the origin plus its exception table),
 /// rounded up to whole extents.
@@ -207,51 +174,7 @@ pub fn cow_size_for(size: u64, share: f64, floor: u64, extent: u64) -> u64 {
     bytes.div_ceil(extent).saturating_mul(extent)
 }
 
-/// `2.03.16` from `lvm version` output (`  LVM version:     2.03.16(2) (2022-05-18)`).
-pub fn parse_lvm_version(text: &str) -> Option<String> {
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("LVM version:"))?;
-    let v = line.split(':').nth(1)?.trim();
-    let v: String = v
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    (!v.is_empty()).then_some(v)
-}
-
-/// `a.b.c` is at least [`MIN_LVM_VERSION`].
-pub fn lvm_version_has_json(version: &str) -> bool {
-    let parse = |s: &str| -> Vec<u64> { s.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
-    parse(version) >= parse(MIN_LVM_VERSION)
-}
-
-/// Bytes for messages: `512 B`, `16.0 MiB`, `1.50 GiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: &[&str] = &["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if v >= 100.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else if v >= 10.0 {
-        format!("{v:.1} {}", UNITS[u])
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
-
 // ───────────────────────────── running LVM commands ─────────────────────────────
-
-fn lvm(cmd: RemoteCommand) -> RemoteCommand {
-    cmd.env("LC_ALL", "C").env("LVM_SUPPRESS_FD_WARNINGS", "1")
-}
 
 fn too_old(host: &Host, detail: &str) -> Error {
     Error::unsupported(format!(
@@ -263,7 +186,7 @@ fn too_old(host: &Host, detail: &str) -> Error {
 
 /// Runs an LVM reporting command; turns "no LVM" and "LVM too old" into clear errors.
 async fn report(host: &Host, cmd: RemoteCommand, what: &str) -> Result<String> {
-    let out = host.exec(&lvm(cmd)).await?;
+    let out = host.exec(&cmd).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status == 127 {
         return Err(Error::unsupported(format!(
@@ -304,7 +227,7 @@ fn parse_failed(host: &Host, text: &str, e: virtkeep_libvirt::ParseError) -> Err
 
 /// All LVs (of one VG, or of all).
 pub async fn list_lvs(host: &Host, vg: Option<&str>) -> Result<Vec<LvInfo>> {
-    let text = report(host, cmd::lvs_json(vg), "lvs")
+    let text = report(host, lvm_cmd::lvs_json(vg), "lvs")
         .await
         .map_err(|e| match vg {
             Some(vg) if e.message.contains("not found") => Error::new(
@@ -314,13 +237,13 @@ pub async fn list_lvs(host: &Host, vg: Option<&str>) -> Result<Vec<LvInfo>> {
             .hint("`vgs` on the host lists its volume groups; restore elsewhere with --storage lvm:VG"),
             _ => e,
         })?;
-    parse::parse_lvs_json(&text).map_err(|e| parse_failed(host, &text, e))
+    lvm_cmd::parse_lvs_json(&text).map_err(|e| parse_failed(host, &text, e))
 }
 
 /// All VGs of the host.
 pub async fn list_vgs(host: &Host) -> Result<Vec<VgInfo>> {
-    let text = report(host, cmd::vgs_json(), "vgs").await?;
-    parse::parse_vgs_json(&text).map_err(|e| parse_failed(host, &text, e))
+    let text = report(host, lvm_cmd::vgs_json(), "vgs").await?;
+    lvm_cmd::parse_vgs_json(&text).map_err(|e| parse_failed(host, &text, e))
 }
 
 /// One VG.
@@ -356,9 +279,7 @@ pub async fn lv_info(host: &Host, vg: &str, lv: &str) -> Result<LvInfo> {
 /// LVM version, JSON reporting and `thin_delta` on the host, for `host check`. Never
 /// fails because of LVM itself (missing tools give `version: None`).
 pub async fn probe(host: &Host) -> Result<LvmProbe> {
-    let out = host
-        .exec(&lvm(RemoteCommand::new("lvm").arg("version")))
-        .await?;
+    let out = host.exec(&lvm_cmd::version()).await?;
     let version = if out.status == 0 {
         parse_lvm_version(&String::from_utf8_lossy(&out.stdout))
     } else {
@@ -368,7 +289,7 @@ pub async fn probe(host: &Host) -> Result<LvmProbe> {
         Some(v) => {
             lvm_version_has_json(v)
                 && host
-                    .exec(&lvm(cmd::vgs_json()))
+                    .exec(&lvm_cmd::vgs_json())
                     .await
                     .map(|o| o.status == 0 && o.stdout.trim_ascii_start().starts_with(b"{"))
                     .unwrap_or(false)
@@ -480,9 +401,7 @@ pub async fn create_snapshots(
     for r in requests {
         let name = snapshot_name(&r.vg, &r.lv, job_id);
         let out = host
-            .exec(&lvm(cmd::lvcreate_snapshot(
-                &r.vg, &r.lv, &name, r.cow_size,
-            )))
+            .exec(&lvm_cmd::lvcreate_snapshot(&r.vg, &r.lv, &name, r.cow_size))
             .await;
         let failure = match out {
             Ok(o) if o.status == 0 => None,
@@ -547,20 +466,6 @@ pub async fn check_snapshot_valid(host: &Host, snap: &LvSnapshot) -> Result<()> 
     })
 }
 
-/// `Err(reason)` for an LV that is not a usable snapshot.
-pub fn snapshot_state(info: &LvInfo) -> std::result::Result<(), String> {
-    if info.is_invalid_snapshot() {
-        return Err("overflowed (LVM marked it invalid)".into());
-    }
-    if !info.is_thin() && info.data_percent.is_some_and(|p| p >= 100.0) {
-        return Err("is full (copy-on-write space used up)".into());
-    }
-    if info.attr.chars().nth(8) == Some('F') {
-        return Err("failed (its thin pool failed)".into());
-    }
-    Ok(())
-}
-
 /// Removes the snapshots (each tried, also after an earlier one failed); the first
 /// error is returned. A snapshot that is gone already counts as removed.
 pub async fn remove_snapshots(host: &Host, snaps: &[LvSnapshot]) -> Result<()> {
@@ -575,11 +480,6 @@ pub async fn remove_snapshots(host: &Host, snaps: &[LvSnapshot]) -> Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-/// `lvrename VG OLD NEW` (names checked by the caller).
-pub fn lvrename(vg: &str, old: &str, new: &str) -> RemoteCommand {
-    lvm(RemoteCommand::new("lvrename").arg(vg).arg(old).arg(new))
-}
-
 /// `lvremove -f`, retried while the LV is still in use (a qemu-nbd that is exiting);
 /// an LV that does not exist counts as removed.
 pub async fn remove_lv(host: &Host, vg: &str, name: &str) -> Result<()> {
@@ -588,7 +488,7 @@ pub async fn remove_lv(host: &Host, vg: &str, name: &str) -> Result<()> {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
         }
-        let out = host.exec(&lvm(cmd::lvremove(vg, name))).await?;
+        let out = host.exec(&lvm_cmd::lvremove(vg, name)).await?;
         if out.status == 0 {
             return Ok(());
         }
@@ -682,9 +582,7 @@ pub async fn find_leftover_snapshots<'a>(
 async fn reader_processes(host: &Host) -> Result<Vec<(u32, String)>> {
     let mut all = Vec::new();
     for prog in ["qemu-nbd", "dd"] {
-        let out = host
-            .exec(&RemoteCommand::new("pgrep").args(["-a", "-x"]).arg(prog))
-            .await?;
+        let out = host.exec(&coreutils::pgrep_exact(prog)).await?;
         // 1: none found; 127: no pgrep (then nothing can be checked)
         if out.status != 0 {
             continue;
@@ -694,49 +592,19 @@ async fn reader_processes(host: &Host) -> Result<Vec<(u32, String)>> {
     Ok(all)
 }
 
-/// `pgrep -a` lines: `PID ARGS…`.
-pub fn parse_pgrep(text: &str) -> Vec<(u32, String)> {
-    text.lines()
-        .filter_map(|l| {
-            let (pid, args) = l.trim().split_once(' ')?;
-            Some((pid.parse().ok()?, args.to_string()))
-        })
-        .collect()
-}
-
-/// `args` names `path` as a whole (not as the prefix of a longer path).
-pub fn mentions_path(args: &str, path: &str) -> bool {
-    args.match_indices(path).any(|(i, _)| {
-        let after = args[i + path.len()..].chars().next();
-        let before = args[..i].chars().next_back();
-        matches!(after, None | Some(' ' | ',' | '\t' | '\'' | '"'))
-            && matches!(before, None | Some(' ' | '=' | ',' | '\t' | '\'' | '"'))
-    })
-}
-
 /// SIGTERM, up to 10 s for it to go, then SIGKILL.
 async fn stop_process(host: &Host, pid: u32) -> Result<()> {
-    let pid_s = pid.to_string();
     tracing::info!(host = %host.name, pid, "stopping a process that still reads a leftover snapshot");
-    host.exec(&RemoteCommand::new("kill").arg("-TERM").arg(&pid_s))
-        .await?;
+    host.exec(&coreutils::kill(Signal::Term, pid)).await?;
     for _ in 0..40 {
         // a zombie (exited, not yet reaped) has an empty cmdline and holds no LV open
-        let alive = host
-            .exec(
-                &RemoteCommand::new("grep")
-                    .arg("-q")
-                    .arg(".")
-                    .arg(format!("/proc/{pid}/cmdline")),
-            )
-            .await?;
+        let alive = host.exec(&coreutils::process_alive(pid)).await?;
         if alive.status != 0 {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    host.exec(&RemoteCommand::new("kill").arg("-KILL").arg(&pid_s))
-        .await?;
+    host.exec(&coreutils::kill(Signal::Kill, pid)).await?;
     Ok(())
 }
 
@@ -744,19 +612,12 @@ async fn stop_process(host: &Host, pid: u32) -> Result<()> {
 
 /// `thin_delta` (thin-provisioning-tools) is installed on the host.
 pub async fn has_thin_delta(host: &Host) -> Result<bool> {
-    let probe = RemoteCommand::raw_trusted(
-        "command -v thin_delta >/dev/null 2>&1 || test -x /usr/sbin/thin_delta",
-    );
-    Ok(host.exec(&probe).await?.status == 0)
+    Ok(host.exec(&lvm_cmd::has_thin_delta()).await?.status == 0)
 }
 
 /// Marks (or unmarks) a thin snapshot as the kept base of its origin.
 pub async fn set_base_tag(host: &Host, vg: &str, name: &str, on: bool) -> Result<()> {
-    let cmd = RemoteCommand::new("lvchange")
-        .arg(if on { "--addtag" } else { "--deltag" })
-        .arg(BASE_TAG)
-        .arg(format!("{vg}/{name}"));
-    host.run(&lvm(cmd))
+    host.run(&lvm_cmd::set_base_tag(vg, name, on))
         .await
         .map_err(|e| e.context(format!("tagging the LVM snapshot {vg}/{name}")))?;
     Ok(())
@@ -773,25 +634,6 @@ pub async fn base_snapshots(host: &Host, vg: &str, origin: &str) -> Result<Vec<L
         .collect())
 }
 
-/// `thin_delta` between two thin LVs of one pool, through a metadata snapshot of the
-/// live pool (released again, also when thin_delta fails); prints its XML. A pool has
-/// one metadata snapshot: one holder at a time, by a host-side lock per pool (`flock`,
-/// released by the kernel when a killed holder's shell dies), so two incrementals on
-/// one pool never release each other's.
-const THIN_DELTA: &str = r#"set -e
-vg=$1 pool=$2 a=$3 b=$4
-ida=$(lvs --noheadings -o thin_id "$vg/$a" | tr -d ' ')
-idb=$(lvs --noheadings -o thin_id "$vg/$b" | tr -d ' ')
-dm=$(printf %s "$vg" | sed 's/-/--/g')-$(printf %s "$pool" | sed 's/-/--/g')
-mkdir -p -m 0700 /run/virtkeep/locks
-exec 9>"/run/virtkeep/locks/thin-metadata-$dm"
-flock -w 240 9 || { echo "another job kept the metadata snapshot of pool $vg/$pool for 240 s" >&2; exit 1; }
-# holding the lock: a reserved snapshot now can only be a killed holder's
-dmsetup message "$dm-tpool" 0 release_metadata_snap 2>/dev/null || true
-dmsetup message "$dm-tpool" 0 reserve_metadata_snap
-trap 'dmsetup message "$dm-tpool" 0 release_metadata_snap' EXIT
-thin_delta -m --snap1 "$ida" --snap2 "$idb" "/dev/mapper/${dm}_tmeta""#;
-
 /// The byte ranges in which thin LVs `base` and `new` (snapshots of one origin, in
 /// `vg/pool`) differ, from the pool's metadata: no data is read.
 pub async fn thin_changed_ranges(
@@ -801,13 +643,8 @@ pub async fn thin_changed_ranges(
     base: &str,
     new: &str,
 ) -> Result<Vec<(u64, u64)>> {
-    let cmd = RemoteCommand::new("sh")
-        .arg("-c")
-        .arg(THIN_DELTA)
-        .arg("sh")
-        .args([vg, pool, base, new]);
     let xml = host
-        .run_string(&lvm(cmd))
+        .run_string(&lvm_cmd::thin_delta(vg, pool, base, new))
         .await
         .map_err(|e| e.context(format!("listing the changes of {vg}/{new} with thin_delta")))?;
     parse_thin_delta(&xml).map_err(|why| {
@@ -816,50 +653,6 @@ pub async fn thin_changed_ranges(
             format!("unexpected thin_delta output for {vg}/{new}: {why}"),
         )
     })
-}
-
-/// Changed byte ranges from `thin_delta -m` XML: `different`, `left_only` and
-/// `right_only` runs of data blocks (`data_block_size` is in 512-byte sectors).
-pub fn parse_thin_delta(xml: &str) -> std::result::Result<Vec<(u64, u64)>, String> {
-    fn attr(tag: &str, name: &str) -> Option<u64> {
-        let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
-        let end = tag[at..].find('"')?;
-        tag[at..at + end].parse().ok()
-    }
-    let mut block = None;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for line in xml.lines().map(str::trim) {
-        if line.starts_with("<superblock") {
-            let sectors = attr(line, "data_block_size")
-                .filter(|s| *s > 0)
-                .ok_or("no data_block_size in the superblock")?;
-            block = Some(sectors * 512);
-        } else if ["<different", "<left_only", "<right_only"]
-            .iter()
-            .any(|t| line.starts_with(t))
-        {
-            let block = block.ok_or("a range before the superblock")?;
-            let (Some(begin), Some(len)) = (attr(line, "begin"), attr(line, "length")) else {
-                return Err(format!("a range without begin/length: {line}"));
-            };
-            let (off, n) = (begin * block, len * block);
-            match out.last_mut() {
-                Some((o, l)) if *o + *l == off => *l += n,
-                _ => out.push((off, n)),
-            }
-        } else if line.starts_with("<same")
-            || line.starts_with("<diff")
-            || line.starts_with("</")
-            || line.is_empty()
-        {
-        } else {
-            return Err(format!("unexpected line: {line}"));
-        }
-    }
-    if block.is_none() {
-        return Err("no superblock".into());
-    }
-    Ok(out)
 }
 
 // ───────────────────────────── restore ─────────────────────────────
@@ -899,14 +692,7 @@ pub async fn create_lv(
                     .hint("restore as a thick LV, or name an existing thin pool"));
                 }
             }
-            RemoteCommand::new("lvcreate")
-                .args(["--yes", "-n"])
-                .arg(name)
-                .arg("-V")
-                .arg(format!("{size}b"))
-                .arg("--thinpool")
-                .arg(pool)
-                .arg(vg)
+            lvm_cmd::lvcreate_thin(vg, name, size, pool)
         }
         None => {
             let info = vg_info(host, vg).await?;
@@ -926,10 +712,10 @@ pub async fn create_lv(
                     "restore into another volume group (--storage lvm:VG) or make room in this one",
                 ));
             }
-            cmd::lvcreate(vg, name, size)
+            lvm_cmd::lvcreate(vg, name, size)
         }
     };
-    let out = host.exec(&lvm(cmd)).await?;
+    let out = host.exec(&cmd).await?;
     if out.status != 0 {
         return Err(Error::new(
             ErrorKind::Remote,
@@ -959,7 +745,7 @@ mod tests {
         assert!(!is_snapshot_name_of("vg0", "web-root", "web-root-vksnap-"));
         // hostile job ids cannot leave LVM's character set
         let n = snapshot_name("vg0", "a", "x y/$(z)");
-        assert!(n.chars().all(lvm_name_char), "{n}");
+        assert!(n.chars().all(name_char), "{n}");
     }
 
     #[test]
@@ -982,26 +768,6 @@ mod tests {
     }
 
     #[test]
-    fn lv_names() {
-        assert!(valid_new_lv_name("vm1-disk_0.img+x"));
-        for bad in [
-            "",
-            ".",
-            "..",
-            "-x",
-            "a/b",
-            "a b",
-            "snapshot1",
-            "pvmove0",
-            "x_tmeta",
-            "é",
-            &"x".repeat(128),
-        ] {
-            assert!(!valid_new_lv_name(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
     fn cow_sizes() {
         const MIB: u64 = 1 << 20;
         const EXT: u64 = 4 * MIB;
@@ -1017,83 +783,5 @@ mod tests {
         // at least one extent
         assert_eq!(cow_size_for(0, 0.1, 0, EXT), EXT);
         assert_eq!(cow_size_for(MIB, 0.1, 0, 0), DEFAULT_EXTENT);
-    }
-
-    #[test]
-    fn versions() {
-        let out = "  LVM version:     2.03.16(2) (2022-05-18)\n  Library version: 1.02.185 (2022-05-18)\n  Driver version:  4.48.0\n";
-        assert_eq!(parse_lvm_version(out).as_deref(), Some("2.03.16"));
-        assert_eq!(parse_lvm_version("nothing"), None);
-        assert!(lvm_version_has_json("2.03.16"));
-        assert!(lvm_version_has_json("2.02.158"));
-        assert!(!lvm_version_has_json("2.02.130"));
-        assert!(!lvm_version_has_json("2.02.98"));
-    }
-
-    #[test]
-    fn process_matching() {
-        let ps = parse_pgrep(
-            "123 qemu-nbd -r --image-opts driver=raw,file.driver=host_device,file.filename=/dev/vg0/a-vksnap-J\n45 dd if=/dev/vg0/a-vksnap-J2 bs=4M\nbad line\n",
-        );
-        assert_eq!(ps.len(), 2);
-        assert!(mentions_path(&ps[0].1, "/dev/vg0/a-vksnap-J"));
-        assert!(!mentions_path(&ps[1].1, "/dev/vg0/a-vksnap-J"));
-        assert!(mentions_path("dd if=/dev/vg0/x", "/dev/vg0/x"));
-        assert!(!mentions_path("dd if=/dev/vg0/xy", "/dev/vg0/x"));
-        assert!(!mentions_path("dd if=/dev/vg0/x", "/dev/vg0/"));
-    }
-
-    #[test]
-    fn snapshot_states() {
-        let lv = |attr: &str, pct: Option<f64>| LvInfo {
-            name: "s".into(),
-            vg: "vg0".into(),
-            size: 1,
-            attr: attr.into(),
-            pool_lv: None,
-            origin: Some("o".into()),
-            data_percent: pct,
-            path: None,
-            tags: Vec::new(),
-        };
-        assert!(snapshot_state(&lv("swi-a-s---", Some(12.0))).is_ok());
-        assert!(snapshot_state(&lv("swi-I-s---", Some(100.0))).is_err());
-        assert!(snapshot_state(&lv("swi-a-s---", Some(100.0))).is_err());
-        assert!(snapshot_state(&lv("Vwi-a-tz--", Some(100.0))).is_ok());
-        assert!(snapshot_state(&lv("Vwi-a-tzF-", None)).is_err());
-    }
-
-    #[test]
-    fn thin_delta_ranges() {
-        let xml = r#"<superblock uuid="" time="12" transaction="45" data_block_size="128" nr_data_blocks="0">
-  <diff left="9" right="10">
-    <same begin="0" length="16"/>
-    <right_only begin="16" length="1"/>
-    <different begin="17" length="2"/>
-    <left_only begin="80" length="1"/>
-  </diff>
-</superblock>
-"#;
-        const B: u64 = 64 * 1024;
-        assert_eq!(
-            parse_thin_delta(xml),
-            Ok(vec![(16 * B, 3 * B), (80 * B, B)])
-        );
-        assert_eq!(
-            parse_thin_delta("<superblock data_block_size=\"128\">\n</superblock>"),
-            Ok(vec![])
-        );
-        assert!(parse_thin_delta("").is_err());
-        assert!(parse_thin_delta("<different begin=\"1\" length=\"1\"/>").is_err());
-        assert!(parse_thin_delta("<superblock data_block_size=\"0\">").is_err());
-        assert!(parse_thin_delta("<superblock data_block_size=\"8\">\n<bogus/>").is_err());
-    }
-
-    #[test]
-    fn human() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(16 << 20), "16.0 MiB");
-        assert_eq!(human_bytes(1536 << 20), "1.50 GiB");
-        assert_eq!(human_bytes(4 << 20), "4.00 MiB");
     }
 }

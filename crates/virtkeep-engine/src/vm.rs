@@ -120,7 +120,7 @@ impl Vm {
 
     /// The UUID of the domain whose name is exactly `name`, looked at one by one.
     async fn search_by_name(host: &Host, name: &str) -> Result<Option<String>> {
-        let uuids = host.run_string(&crate::heal::list_all_uuids(host)).await?;
+        let uuids = host.run_string(&host.virsh().list_all_uuids()).await?;
         for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
             if Self::name_of(host, uuid).await?.as_deref() == Some(name) {
                 return Ok(Some(uuid.to_string()));
@@ -130,20 +130,9 @@ impl Vm {
     }
 
     pub async fn load(host: &Host, uuid: &str) -> Result<Vm> {
-        // One round trip for the three answers, separated by NUL (which XML cannot hold).
-        let nul = || virtkeep_ssh::RemoteCommand::new("printf").arg("\\0");
-        let cmd = host
-            .virsh()
-            .dumpxml(uuid, false)
-            .and_then(nul())
-            .and_then(host.virsh().dumpxml(uuid, true))
-            .and_then(nul())
-            .and_then(host.virsh().domstate(uuid));
-        let out = host.run_string(&cmd).await?;
-        let mut parts = out.split('\0');
-        let (Some(xml), Some(inactive_xml), Some(state), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        // One round trip for the three answers.
+        let out = host.run_string(&host.virsh().describe(uuid)).await?;
+        let Some((xml, inactive_xml, state)) = virtkeep_libvirt::virsh::parse_describe(&out) else {
             return Err(crate::Error::new(
                 crate::ErrorKind::Remote,
                 format!("unexpected output from virsh for domain {uuid}"),

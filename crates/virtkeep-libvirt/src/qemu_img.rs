@@ -1,0 +1,203 @@
+//! `qemu-img`: builders and the parsers of their JSON output.
+//!
+//! Paths that are not absolute get a `./` prefix ([`safe_path`]): a leading `-` would
+//! be an option, `proto:` a protocol.
+
+use serde::Deserialize;
+use virtkeep_ssh::RemoteCommand;
+
+use crate::error::ParseError;
+use crate::support::{json, safe_path, unexpected};
+
+/// `qemu-img info --output=json [-f FMT] [-U] PATH`. Give the format whenever it is
+/// known: probing a raw image lets a guest that wrote a qcow2 header into its disk
+/// redirect the read.
+pub fn info_json(path: &str, format: Option<&str>, force_share: bool) -> RemoteCommand {
+    let mut c = RemoteCommand::new("qemu-img").args(["info", "--output=json"]);
+    if let Some(f) = format {
+        c = c.arg("-f").arg(f);
+    }
+    if force_share {
+        c = c.arg("-U");
+    }
+    c.arg(safe_path(path))
+}
+
+/// `qemu-img create -f qcow2 PATH SIZE` (sparse; `size` in bytes), or with
+/// `backing = Some((file, fmt))` an overlay `-b FILE -F FMT` of the given size.
+pub fn create_qcow2(path: &str, size: u64, backing: Option<(&str, &str)>) -> RemoteCommand {
+    let mut c = RemoteCommand::new("qemu-img").args(["create", "-q", "-f", "qcow2"]);
+    if let Some((file, fmt)) = backing {
+        c = c.arg("-b").arg(safe_path(file)).arg("-F").arg(fmt);
+    }
+    c.arg(safe_path(path)).arg(size.to_string())
+}
+
+/// `qemu-img create -q -f qcow2 -b BACKING -F FMT PATH`: an overlay as large as its
+/// backing file (the stopped-VM snapshot).
+pub fn create_overlay(path: &str, backing: &str, backing_format: &str) -> RemoteCommand {
+    RemoteCommand::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(safe_path(backing))
+        .arg("-F")
+        .arg(backing_format)
+        .arg(safe_path(path))
+}
+
+/// `qemu-img create -q -f raw PATH SIZE` (a sparse file).
+pub fn create_raw(path: &str, size: u64) -> RemoteCommand {
+    RemoteCommand::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(safe_path(path))
+        .arg(size.to_string())
+}
+
+/// `qemu-img map --output=json [-f FMT] [-U] PATH`.
+pub fn map_json(path: &str, format: Option<&str>, force_share: bool) -> RemoteCommand {
+    let mut c = RemoteCommand::new("qemu-img").args(["map", "--output=json"]);
+    if let Some(f) = format {
+        c = c.arg("-f").arg(f);
+    }
+    if force_share {
+        c = c.arg("-U");
+    }
+    c.arg(safe_path(path))
+}
+
+/// `qemu-img commit -q -f qcow2 OVERLAY` (merge a stopped VM's overlay into its base).
+pub fn commit(overlay: &str) -> RemoteCommand {
+    RemoteCommand::new("qemu-img")
+        .args(["commit", "-q", "-f", "qcow2"])
+        .arg(safe_path(overlay))
+}
+
+// ───────────────────────────── output ─────────────────────────────
+
+/// A persistent dirty bitmap of a qcow2 image.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct DirtyBitmap {
+    /// Bitmap name (libvirt names it after the checkpoint).
+    pub name: String,
+    /// Granularity in bytes.
+    pub granularity: u64,
+    /// `auto`, `in-use`, `inconsistent`.
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+impl DirtyBitmap {
+    /// `inconsistent` or left `in-use` without a running QEMU: unusable.
+    pub fn is_inconsistent(&self) -> bool {
+        self.flags.iter().any(|f| f == "inconsistent")
+    }
+}
+
+/// `qemu-img info --output=json` for one image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// `qcow2`, `raw`, …
+    pub format: String,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Allocated bytes on the host (absent for some protocols).
+    pub actual_size: Option<u64>,
+    /// Backing file as written in the image.
+    pub backing_filename: Option<String>,
+    /// Backing file resolved to a full path.
+    pub full_backing_filename: Option<String>,
+    /// Format of the backing file, when recorded.
+    pub backing_format: Option<String>,
+    /// qcow2 cluster size.
+    pub cluster_size: Option<u64>,
+    /// qcow2 persistent dirty bitmaps.
+    pub dirty_bitmaps: Vec<DirtyBitmap>,
+}
+
+#[derive(Deserialize)]
+struct RawImageInfo {
+    format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "actual-size")]
+    actual_size: Option<u64>,
+    #[serde(rename = "backing-filename")]
+    backing_filename: Option<String>,
+    #[serde(rename = "full-backing-filename")]
+    full_backing_filename: Option<String>,
+    #[serde(rename = "backing-filename-format")]
+    backing_format: Option<String>,
+    #[serde(rename = "cluster-size")]
+    cluster_size: Option<u64>,
+    #[serde(rename = "format-specific")]
+    format_specific: Option<RawFormatSpecific>,
+}
+
+#[derive(Deserialize)]
+struct RawFormatSpecific {
+    #[serde(default)]
+    data: Option<RawFormatData>,
+}
+
+#[derive(Deserialize)]
+struct RawFormatData {
+    #[serde(default)]
+    bitmaps: Vec<DirtyBitmap>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrChain {
+    One(RawImageInfo),
+    Chain(Vec<RawImageInfo>),
+}
+
+/// Parse `qemu-img info --output=json` (with `--backing-chain` the first, top image
+/// is returned).
+pub fn parse_qemu_img_info(json_text: &str) -> Result<ImageInfo, ParseError> {
+    let what = "qemu-img info";
+    let raw = match json::<OneOrChain>(what, json_text)? {
+        OneOrChain::One(r) => r,
+        OneOrChain::Chain(v) => v
+            .into_iter()
+            .next()
+            .ok_or_else(|| unexpected(what, "empty backing chain"))?,
+    };
+    Ok(ImageInfo {
+        format: raw.format,
+        virtual_size: raw.virtual_size,
+        actual_size: raw.actual_size,
+        backing_filename: raw.backing_filename,
+        full_backing_filename: raw.full_backing_filename,
+        backing_format: raw.backing_format,
+        cluster_size: raw.cluster_size,
+        dirty_bitmaps: raw
+            .format_specific
+            .and_then(|f| f.data)
+            .map(|d| d.bitmaps)
+            .unwrap_or_default(),
+    })
+}
+
+/// One extent of `qemu-img map --output=json`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MapExtent {
+    /// Guest offset.
+    pub start: u64,
+    /// Length.
+    pub length: u64,
+    /// Backing-chain depth the data comes from.
+    #[serde(default)]
+    pub depth: u64,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Has data (as opposed to a hole).
+    pub data: bool,
+    /// Host offset, for raw-ish layouts.
+    #[serde(default)]
+    pub offset: Option<u64>,
+}
+
+/// Parse `qemu-img map --output=json`.
+pub fn parse_qemu_img_map(json_text: &str) -> Result<Vec<MapExtent>, ParseError> {
+    json("qemu-img map", json_text)
+}
