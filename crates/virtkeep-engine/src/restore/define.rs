@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, cmd, rewrite_domain};
+use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, rewrite_domain, virsh};
 
 use super::job::{Job, Planned};
 use super::nvram;
@@ -108,7 +108,7 @@ pub async fn define_restored(
     if let (Some(old), true) = (&job.existing_uuid, opts.force) {
         host.run(&host.virsh().undefine(
             old,
-            cmd::UndefineOptions {
+            virsh::UndefineOptions {
                 keep_nvram: true,
                 ..Default::default()
             },

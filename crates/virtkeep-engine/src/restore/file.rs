@@ -3,8 +3,9 @@
 //! qemu-nbd export, then renamed over it.
 
 use async_trait::async_trait;
-use virtkeep_libvirt::{NewSource, cmd};
-use virtkeep_ssh::RemoteCommand;
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
+use virtkeep_libvirt::{NewSource, coreutils, qemu_img, sh};
 
 use super::context::{DiskCheck, DiskWrite, WriteCtx};
 use super::destination::Destination;
@@ -74,28 +75,18 @@ impl Destination for FileDest {
     }
 
     async fn temp_exists(&self, host: &Host, s: &Staged) -> Result<bool> {
-        Ok(host
-            .exec(&RemoteCommand::new("test").arg("-f").arg(&s.temp))
-            .await?
-            .status
-            == 0)
+        Ok(host.exec(&coreutils::is_file(&s.temp)).await?.status == 0)
     }
 
     /// rename(2): the destination is the old file or the new one, never neither.
     async fn commit(&self, host: &Host, s: &Staged) -> Result<()> {
-        host.run(
-            &RemoteCommand::new("mv")
-                .args(["-f", "-T", "--"])
-                .arg(&s.temp)
-                .arg(&self.path),
-        )
-        .await?;
+        host.run(&coreutils::mv_replace(&s.temp, &self.path))
+            .await?;
         Ok(())
     }
 
     async fn roll_back(&self, host: &Host, s: &Staged) -> Result<()> {
-        host.run(&RemoteCommand::new("rm").args(["-f", "--"]).arg(&s.temp))
-            .await?;
+        host.run(&coreutils::rm_f(&s.temp)).await?;
         Ok(())
     }
 
@@ -111,34 +102,42 @@ impl Destination for FileDest {
     }
 }
 
+/// What is at a file destination on the host (the last line of
+/// `sh::resolve_and_classify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Found {
+    Symlink,
+    /// A regular file.
+    File,
+    Other,
+    Missing,
+}
+
+impl Found {
+    fn parse(s: &str) -> Option<Found> {
+        Found::deserialize(IntoDeserializer::<serde::de::value::Error>::into_deserializer(s)).ok()
+    }
+}
+
 /// What the host says about a file destination: whether it exists (as a regular file);
 /// refuses a path whose parents or leaf are symlinks, or that is not a regular file.
 async fn check_on_host(host: &Host, path: &str) -> Result<bool> {
     // `realpath -m` resolves every symlink along the path, existing or not: a canonical
     // path it changes goes through a symlink somewhere.
-    const SCRIPT: &str = r#"r=$(realpath -m -- "$1") || exit 3
-printf '%s\n' "$r"
-if [ -L "$1" ]; then echo symlink; elif [ -f "$1" ]; then echo regular; elif [ -e "$1" ]; then echo other; else echo missing; fi"#;
-    let out = host
-        .run_string(
-            &RemoteCommand::new("sh")
-                .arg("-c")
-                .arg(SCRIPT)
-                .arg("sh")
-                .arg(path),
-        )
-        .await?;
+    let out = host.run_string(&sh::resolve_and_classify(path)).await?;
     let mut lines = out.lines();
-    let (resolved, kind) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-    if resolved != path || kind == "symlink" {
+    let (resolved, found) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    let found = Found::parse(found);
+    if resolved != path || found == Some(Found::Symlink) {
         return Err(guard::refused(format!(
             "destination {path} on host {} goes through a symlink (it resolves to {resolved})",
             host.name
         )));
     }
-    match kind {
-        "regular" => Ok(true),
-        "missing" => Ok(false),
+    match found {
+        Some(Found::File) => Ok(true),
+        Some(Found::Missing) => Ok(false),
         _ => Err(Error::conflict(format!(
             "destination {path} on host {} exists and is not a regular file",
             host.name
@@ -155,30 +154,18 @@ async fn create_file(
 ) -> Result<()> {
     let host = ctx.host;
     if let Some(i) = path.rfind('/') {
-        host.run(
-            &RemoteCommand::new("mkdir")
-                .arg("-p")
-                .arg("--")
-                .arg(&path[..i.max(1)]),
-        )
-        .await?;
+        host.run(&coreutils::mkdir_p(&path[..i.max(1)])).await?;
     }
     let create = if format == "qcow2" {
-        cmd::qemu_img_create_qcow2(path, m.spec.size, None)
+        qemu_img::create_qcow2(path, m.spec.size, None)
     } else {
-        cmd::qemu_img_create_raw(path, m.spec.size)
+        qemu_img::create_raw(path, m.spec.size)
     };
     host.run(&create).await?;
     let (user, group) = ctx.owner;
-    host.run(
-        &RemoteCommand::new("chown")
-            .arg(format!("{user}:{group}"))
-            .arg("--")
-            .arg(path),
-    )
-    .await
-    .map_err(|e| e.context(format!("giving {path} to {user}:{group}")))?;
-    host.run(&RemoteCommand::new("chmod").arg("0600").arg("--").arg(path))
-        .await?;
+    host.run(&coreutils::chown(&format!("{user}:{group}"), path))
+        .await
+        .map_err(|e| e.context(format!("giving {path} to {user}:{group}")))?;
+    host.run(&coreutils::chmod(0o600, path)).await?;
     Ok(())
 }

@@ -6,7 +6,7 @@
 //!
 //! This module imports nothing of the restore (every part of it uses this one).
 
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::coreutils;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::Host;
@@ -105,11 +105,9 @@ pub async fn resolve_all<'a>(
     if paths.is_empty() {
         return Ok(Vec::new());
     }
-    let mut cmd = RemoteCommand::new("realpath").arg("-m").arg("-z").arg("--");
-    for p in &paths {
-        cmd = cmd.arg(*p);
-    }
-    let out = host.run_string(&cmd).await?;
+    let out = host
+        .run_string(&coreutils::realpath_all(paths.iter().copied()))
+        .await?;
     let res: Vec<String> = out
         .split('\0')
         .filter(|s| !s.is_empty())

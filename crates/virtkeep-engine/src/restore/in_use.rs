@@ -19,9 +19,7 @@ impl InUse {
     /// Reads every active domain's live definition (one `virsh` per domain) and
     /// resolves its file and block sources (and the bases of virtkeep overlays).
     pub async fn load(host: &Host) -> Result<InUse> {
-        let list = host
-            .run_string(&host.virsh().command("list").arg("--uuid"))
-            .await?;
+        let list = host.run_string(&host.virsh().list_active_uuids()).await?;
         let mut paths = Vec::new();
         let mut used = Vec::new();
         for uuid in list.lines().map(str::trim).filter(|l| !l.is_empty()) {

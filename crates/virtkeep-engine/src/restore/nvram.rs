@@ -1,7 +1,7 @@
 //! The UEFI variable store of a restored domain: a renamed copy gets a store of its
 //! own (two domains on one NVRAM file overwrite each other's boot entries).
 
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::coreutils;
 
 use super::guard::{self, safe_component};
 use super::job::Job;
@@ -21,13 +21,7 @@ pub async fn plan(
     };
     let new = path_for(old, &job.name);
     guard::check_path(&new)?;
-    if !opts.force
-        && host
-            .exec(&RemoteCommand::new("test").arg("-e").arg(&new))
-            .await?
-            .status
-            == 0
-    {
+    if !opts.force && host.exec(&coreutils::exists(&new)).await?.status == 0 {
         return Err(
             Error::conflict(format!("NVRAM file {new} exists on host {}", host.name))
                 .hint("restore under another name (--name), or overwrite with --force"),
@@ -49,20 +43,14 @@ fn path_for(old: &str, name: &str) -> String {
 /// none: the variables at the backup instant are not kept); without an original
 /// store, libvirt creates `new` from the firmware's template at the first start.
 pub async fn copy(host: &Host, old: &str, new: &str) -> Result<String> {
-    let have_old = host
-        .exec(&RemoteCommand::new("test").arg("-f").arg(old))
-        .await?
-        .status
-        == 0;
+    let have_old = host.exec(&coreutils::is_file(old)).await?.status == 0;
     if have_old {
-        host.run(&RemoteCommand::new("cp").arg("--").arg(old).arg(new))
-            .await?;
+        host.run(&coreutils::cp(old, new)).await?;
         Ok(format!(
             "UEFI variables: {new}, copied from the original's current {old}"
         ))
     } else {
-        host.run(&RemoteCommand::new("rm").arg("-f").arg("--").arg(new))
-            .await?;
+        host.run(&coreutils::rm_f(new)).await?;
         Ok(format!(
             "UEFI variables: {new}, created by libvirt from the firmware template at first start ({old} is gone)"
         ))

@@ -69,7 +69,7 @@ pub struct Place<'a> {
     /// The new domain name, when the restore renames.
     pub new_name: Option<&'a str>,
     /// The LVs of each volume group looked at (one listing each).
-    pub lv_lists: BTreeMap<String, Vec<virtkeep_libvirt::parse::LvInfo>>,
+    pub lv_lists: BTreeMap<String, Vec<virtkeep_libvirt::lvm::LvInfo>>,
     /// What the user should know about the choices.
     pub notes: &'a mut Vec<String>,
 }

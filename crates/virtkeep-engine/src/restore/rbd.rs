@@ -119,11 +119,10 @@ impl Destination for RbdDest {
         let ceph = crate::rbd::ceph(host)?;
         let (pool, temp) = split(&s.temp);
         if crate::rbd::image_exists(host, &ceph, pool, &self.image).await? {
-            host.run(&ceph.rbd(&["snap", "purge"]).arg(self.spec()))
-                .await?;
+            host.run(&ceph.snap_purge(&self.pool, &self.image)).await?;
             host.run(&ceph.rm(pool, &self.image)).await?;
         }
-        host.run(&ceph.rbd(&["rename"]).arg(&s.temp).arg(self.spec()))
+        host.run(&ceph.rename(pool, temp, &self.image))
             .await
             .map_err(|e| e.context(format!("renaming RBD image {pool}/{temp}")))?;
         Ok(())

@@ -10,7 +10,7 @@
 //! This module imports neither the rest of the restore nor healing (both use it): only
 //! the destinations ([`super::file`], [`super::lvm`], [`super::rbd`]) and the record.
 
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::{coreutils, qemu_nbd, sh};
 
 use super::destination::Destination;
 use super::file::FileDest;
@@ -73,18 +73,8 @@ pub async fn roll_back_all(host: &Host, swaps: &[Swap<'_>]) -> Result<()> {
 /// The restore job directories on the host, with the key of the lock each one's
 /// restore held.
 pub async fn killed_jobs(host: &Host) -> Result<Vec<(String, String)>> {
-    const SCRIPT: &str = r#"for d in "$1"/restore-*; do
-  [ -d "$d" ] || continue
-  printf '%s\t%s\n' "$d" "$(head -c 200 "$d/lock" 2>/dev/null | tr -d '\t\n')"
-done"#;
     let out = host
-        .run_string(
-            &RemoteCommand::new("sh")
-                .arg("-c")
-                .arg(SCRIPT)
-                .arg("sh")
-                .arg(format!("{HOST_STATE_DIR}/jobs")),
-        )
+        .run_string(&sh::list_restore_jobs(&format!("{HOST_STATE_DIR}/jobs")))
         .await?;
     Ok(out
         .lines()
@@ -97,15 +87,11 @@ done"#;
 /// directory. The caller holds the job's lock. Returns what was done (or would be).
 pub async fn finish_killed(host: &Host, job_dir: &str, dry_run: bool) -> Result<Vec<String>> {
     let text = host
-        .exec(&RemoteCommand::new("cat").arg(format!("{job_dir}/{STAGED}")))
+        .exec(&coreutils::cat(&format!("{job_dir}/{STAGED}")))
         .await?;
     let staged = parse_record(&String::from_utf8_lossy(&text.stdout));
     let committing = host
-        .exec(
-            &RemoteCommand::new("test")
-                .arg("-e")
-                .arg(format!("{job_dir}/{COMMITTING}")),
-        )
+        .exec(&coreutils::exists(&format!("{job_dir}/{COMMITTING}")))
         .await?
         .status
         == 0;
@@ -131,31 +117,17 @@ pub async fn finish_killed(host: &Host, job_dir: &str, dry_run: bool) -> Result<
         }
     }
     if !dry_run {
-        host.run(&RemoteCommand::new("rm").args(["-rf", "--"]).arg(job_dir))
-            .await?;
+        host.run(&coreutils::rm_rf(job_dir)).await?;
     }
     Ok(actions)
 }
 
 /// Kills the qemu-nbd processes named by the job's pid files.
 async fn stop_exports(host: &Host, job_dir: &str) -> Result<()> {
-    const SCRIPT: &str = r#"for p in "$1"/*.pid; do
-  [ -f "$p" ] || continue
-  pid=$(cat "$p")
-  case "$pid" in ''|*[!0-9]*) continue;; esac
-  case "$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null)" in *qemu-nbd*) kill "$pid";; esac
-done
-sleep 0.2"#;
-    host.run(
-        &RemoteCommand::new("sh")
-            .arg("-c")
-            .arg(SCRIPT)
-            .arg("sh")
-            .arg(job_dir),
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e: Error| e.context("stopping a killed restore's exports"))
+    host.run(&qemu_nbd::kill_exports_in(job_dir))
+        .await
+        .map(|_| ())
+        .map_err(|e: Error| e.context("stopping a killed restore's exports"))
 }
 
 /// A restore job's directory name is ours and under the jobs directory.

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::coreutils;
 
 use super::context::{DiskWrite, WriteCtx};
 use super::job::{Checked, Job};
@@ -44,7 +44,7 @@ pub async fn write(
         .iter()
         .map(|p| (p.dest.as_ref(), &p.staged))
         .collect();
-    let rm_job_dir = RemoteCommand::new("rm").args(["-rf", "--"]).arg(&job_dir);
+    let rm_job_dir = coreutils::rm_rf(&job_dir);
     let restored = match write_all(&ctx, checked, &job_dir, &job.lock_key).await {
         Ok(r) => r,
         Err(e) => {
