@@ -6,6 +6,7 @@
 //! every job, `cleanup`, the daemon's orphan rule) resumes or thaws what such a record
 //! names, and never a VM virtkeep did not pause or freeze.
 
+use virtkeep_libvirt::virsh::{DomainState, parse_domstate};
 use virtkeep_libvirt::{coreutils, sh};
 use virtkeep_ssh::RemoteCommand;
 
@@ -85,7 +86,7 @@ pub async fn undo_left_holds(host: &Host, uuid: &str) -> Result<Vec<String>> {
         match how {
             Hold::Suspend => {
                 let state = host.run_string(&host.virsh().domstate(uuid)).await?;
-                if state.trim() == "paused" {
+                if parse_domstate(&state).is_ok_and(|s| s == DomainState::Paused) {
                     host.run(&how.end(host, uuid)).await?;
                     done.push("resumed the VM a killed job had paused".to_string());
                 }

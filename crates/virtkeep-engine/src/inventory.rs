@@ -408,7 +408,7 @@ async fn check_storage(host: &Host, c: &mut Checks) {
     if let Some(ceph) = host.config.ceph_args() {
         c.add_with(
             "rbd + Ceph auth",
-            probe(host, ceph.pool_ls()).await,
+            probe(host, ceph.default_pool_stats()).await,
             "the cluster answers",
             "check the host's ceph conf, id and keyring settings",
             false,

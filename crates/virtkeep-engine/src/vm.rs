@@ -18,11 +18,14 @@ pub enum DomainState {
 }
 
 impl DomainState {
+    /// From `virsh domstate` output: what virtkeep does with the domain, by state.
     fn parse(s: &str) -> DomainState {
-        match s.trim() {
-            "running" | "in shutdown" | "blocked" => DomainState::Running,
-            "paused" | "pmsuspended" => DomainState::Paused,
-            "shut off" | "crashed" => DomainState::ShutOff,
+        use virtkeep_libvirt::virsh::DomainState as S;
+        match virtkeep_libvirt::virsh::parse_domstate(s) {
+            Ok(S::Running | S::InShutdown) => DomainState::Running,
+            Ok(S::Other(o)) if o == "blocked" => DomainState::Running,
+            Ok(S::Paused | S::PmSuspended) => DomainState::Paused,
+            Ok(S::ShutOff | S::Crashed) => DomainState::ShutOff,
             _ => DomainState::Other,
         }
     }
@@ -154,5 +157,27 @@ impl Vm {
     pub async fn reload(&mut self, host: &Host) -> Result<()> {
         *self = Self::load(host, &self.uuid).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_from_domstate() {
+        for (out, want) in [
+            ("running\n\n", DomainState::Running),
+            ("in shutdown\n", DomainState::Running),
+            ("blocked\n", DomainState::Running),
+            ("paused\n", DomainState::Paused),
+            ("pmsuspended\n", DomainState::Paused),
+            ("shut off\n\n", DomainState::ShutOff),
+            ("crashed\n", DomainState::ShutOff),
+            ("idle\n", DomainState::Other),
+            ("", DomainState::Other),
+        ] {
+            assert_eq!(DomainState::parse(out), want, "{out:?}");
+        }
     }
 }

@@ -164,27 +164,27 @@ impl LvInfo {
     fn attr_at(&self, i: usize) -> Option<char> {
         self.attr.chars().nth(i)
     }
-    /// A (classic or thin) snapshot: attr[0] is `s`/`S`, or a thin LV with an origin.
+    /// A (classic or thin) snapshot: `attr[0]` is `s`/`S`, or a thin LV with an origin.
     pub fn is_snapshot(&self) -> bool {
         matches!(self.attr_at(0), Some('s' | 'S')) || (self.is_thin() && self.origin.is_some())
     }
-    /// A thin volume (attr[0] `V`).
+    /// A thin volume (`attr[0]` is `V`).
     pub fn is_thin(&self) -> bool {
         self.attr_at(0) == Some('V')
     }
-    /// A thin pool (attr[0] `t`).
+    /// A thin pool (`attr[0]` is `t`).
     pub fn is_thin_pool(&self) -> bool {
         self.attr_at(0) == Some('t')
     }
-    /// Active (attr[4] `a`).
+    /// Active (`attr[4]` is `a`).
     pub fn is_active(&self) -> bool {
         self.attr_at(4) == Some('a')
     }
-    /// Open by someone, e.g. a running VM (attr[5] `o`).
+    /// Open by someone, e.g. a running VM (`attr[5]` is `o`).
     pub fn is_open(&self) -> bool {
         self.attr_at(5) == Some('o')
     }
-    /// An invalid (overflowed) snapshot (attr[4] `I`).
+    /// An invalid (overflowed) snapshot (`attr[4]` is `I`).
     pub fn is_invalid_snapshot(&self) -> bool {
         self.attr_at(4) == Some('I')
     }

@@ -98,9 +98,11 @@ impl CephArgs {
             .arg(rbd_image_arg(pool, image, None))
     }
 
-    /// `rbd pool ls`: answers when the cluster and the credentials work.
-    pub fn pool_ls(&self) -> RemoteCommand {
-        self.rbd(&["pool", "ls"])
+    /// `rbd pool stats`: statistics of the default pool (`rbd_default_pool`, `rbd`
+    /// unless ceph.conf says otherwise); succeeds when the cluster answers and the
+    /// credentials work. (rbd has no `pool ls`.)
+    pub fn default_pool_stats(&self) -> RemoteCommand {
+        self.rbd(&["pool", "stats"])
     }
 
     /// `rbd snap purge --no-progress --image=POOL/IMAGE`: removes every (unprotected)

@@ -79,10 +79,37 @@ pub fn installation_key_and_cache(cache_file: &str) -> RemoteCommand {
 
 /// Prints `realpath -m PATH` (every symlink along the path resolved, existing or not),
 /// then what PATH is: `symlink`, `file` (regular), `other` or `missing`. Exit 3 when
-/// the path cannot be resolved.
+/// the path cannot be resolved. Read the answer with [`parse_resolve_and_classify`].
 pub fn resolve_and_classify(path: &str) -> RemoteCommand {
     const SCRIPT: &str = r#"r=$(realpath -m -- "$1") || exit 3
 printf '%s\n' "$r"
 if [ -L "$1" ]; then echo symlink; elif [ -f "$1" ]; then echo file; elif [ -e "$1" ]; then echo other; else echo missing; fi"#;
     script(SCRIPT, [path])
+}
+
+/// What [`resolve_and_classify`] found at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// The path itself is a symbolic link.
+    Symlink,
+    /// A regular file.
+    File,
+    /// Something else (a directory, a device, …).
+    Other,
+    /// Nothing.
+    Missing,
+}
+
+/// `(resolved path, kind)` from the output of [`resolve_and_classify`]; an answer it
+/// cannot read is [`PathKind::Other`] (never a file, never missing).
+pub fn parse_resolve_and_classify(out: &str) -> (&str, PathKind) {
+    let mut lines = out.lines();
+    let resolved = lines.next().unwrap_or("");
+    let kind = match lines.next().unwrap_or("") {
+        "symlink" => PathKind::Symlink,
+        "file" => PathKind::File,
+        "missing" => PathKind::Missing,
+        _ => PathKind::Other,
+    };
+    (resolved, kind)
 }

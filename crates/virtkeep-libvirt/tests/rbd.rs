@@ -146,13 +146,13 @@ fn rbd_info_and_snaps() {
 }
 
 #[test]
-fn rbd_pool_snap_purge_rename() {
+fn rbd_pool_stats_snap_purge_rename() {
     let c = CephArgs {
         conf: Some("/c".into()),
         id: None,
         keyring: None,
     };
-    assert_eq!(c.pool_ls().render(), "rbd -c /c pool ls");
+    assert_eq!(c.default_pool_stats().render(), "rbd -c /c pool stats");
     assert_eq!(
         c.snap_purge("vms", "db").render(),
         "rbd -c /c snap purge --no-progress '--image=vms/db'"
@@ -161,4 +161,58 @@ fn rbd_pool_snap_purge_rename() {
         c.rename("vms", "db.tmp", "db").render(),
         "rbd -c /c rename '--image=vms/db.tmp' '--dest=vms/db'"
     );
+}
+
+/// Every rbd builder against the lab's Ceph cluster (skipped when the lab is not up;
+/// it makes and removes one `vkt-` image of its own).
+#[test]
+fn rbd_forms_run_against_the_lab_cluster() {
+    let Some(lab) = virtkeep_lab::Lab::load().filter(virtkeep_lab::Lab::healthy) else {
+        return;
+    };
+    let c = CephArgs {
+        conf: Some(lab.ceph_conf.to_string_lossy().into_owned()),
+        id: Some(lab.ceph_id.clone()),
+        keyring: Some(lab.ceph_keyring.to_string_lossy().into_owned()),
+    };
+    let run = |cmd: &virtkeep_ssh::RemoteCommand| {
+        let out = std::process::Command::new("sh")
+            .args(["-c", &cmd.render()])
+            .output()
+            .expect("sh");
+        assert!(out.status.success(), "{}: {out:?}", cmd.render());
+        String::from_utf8(out.stdout).expect("utf8")
+    };
+    let pool = lab.ceph_pool.as_str();
+    let a = format!("vkt-libvirt-rbd-{}", std::process::id());
+    let b = format!("{a}-renamed");
+    run(&c.default_pool_stats());
+    run(&c.create(pool, &a, 1 << 20));
+    let info = parse_rbd_info_json(&run(&c.info_json(pool, &a))).expect("info");
+    assert_eq!(info.size, 1 << 20);
+    run(&c.snap_create(pool, &a, "s1"));
+    run(&c.snap_create(pool, &a, "s2"));
+    run(&c.meta_set(pool, &a, "virtkeep.base", "s2"));
+    assert_eq!(run(&c.meta_get(pool, &a, "virtkeep.base")).trim(), "s2");
+    run(&c.meta_remove(pool, &a, "virtkeep.base"));
+    run(&c.snap_rm(pool, &a, "s1"));
+    let snaps = parse_rbd_snap_ls_json(&run(&c.snap_ls_json(pool, &a))).expect("snaps");
+    assert_eq!(
+        snaps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["s2"]
+    );
+    run(&c.snap_purge(pool, &a));
+    assert!(
+        parse_rbd_snap_ls_json(&run(&c.snap_ls_json(pool, &a)))
+            .expect("snaps")
+            .is_empty()
+    );
+    run(&c.rename(pool, &a, &b));
+    assert_eq!(
+        parse_rbd_info_json(&run(&c.info_json(pool, &b)))
+            .expect("info")
+            .name,
+        b
+    );
+    run(&c.rm(pool, &b));
 }

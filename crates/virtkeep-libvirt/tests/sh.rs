@@ -100,6 +100,18 @@ fn resolve_and_classify() {
         run(&sh::resolve_and_classify(real.to_str().expect("utf8"))).1,
         format!("{}\nother\n", real.display())
     );
+    let out = run(&sh::resolve_and_classify(f_s)).1;
+    let (resolved, kind) = sh::parse_resolve_and_classify(&out);
+    assert_eq!((resolved, kind), (f_s, sh::PathKind::File));
+    for (out, want) in [
+        ("/a\nsymlink\n", sh::PathKind::Symlink),
+        ("/a\nmissing\n", sh::PathKind::Missing),
+        ("/a\nother\n", sh::PathKind::Other),
+        ("/a\n", sh::PathKind::Other),
+        ("", sh::PathKind::Other),
+    ] {
+        assert_eq!(sh::parse_resolve_and_classify(out).1, want, "{out:?}");
+    }
 }
 
 #[test]

@@ -219,6 +219,15 @@ fn vm_list_shows_rbd_details() {
             .any(|m| m.as_str().is_some_and(|m| m.starts_with("127.0.0.1")))
     );
     assert!(disk["method"].as_str().is_some_and(|m| m.contains("rbd")));
+    // `host check` reaches the cluster with the host's Ceph settings.
+    let check = node.json(&["host", "check", "ceph"]);
+    let rbd = check["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["check"] == "rbd + Ceph auth")
+        .expect("rbd check");
+    assert_eq!(rbd["ok"], true, "{rbd}");
 }
 
 /// A requirement that fails is named with its fix, and the exit code says so.
