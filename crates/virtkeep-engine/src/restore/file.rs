@@ -3,9 +3,8 @@
 //! qemu-nbd export, then renamed over it.
 
 use async_trait::async_trait;
-use serde::Deserialize;
-use serde::de::IntoDeserializer;
-use virtkeep_libvirt::{NewSource, coreutils, qemu_img, sh};
+use virtkeep_libvirt::sh::{self, PathKind};
+use virtkeep_libvirt::{NewSource, coreutils, qemu_img};
 
 use super::context::{DiskCheck, DiskWrite, WriteCtx};
 use super::destination::Destination;
@@ -102,42 +101,22 @@ impl Destination for FileDest {
     }
 }
 
-/// What is at a file destination on the host (the last line of
-/// `sh::resolve_and_classify`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Found {
-    Symlink,
-    /// A regular file.
-    File,
-    Other,
-    Missing,
-}
-
-impl Found {
-    fn parse(s: &str) -> Option<Found> {
-        Found::deserialize(IntoDeserializer::<serde::de::value::Error>::into_deserializer(s)).ok()
-    }
-}
-
 /// What the host says about a file destination: whether it exists (as a regular file);
 /// refuses a path whose parents or leaf are symlinks, or that is not a regular file.
 async fn check_on_host(host: &Host, path: &str) -> Result<bool> {
     // `realpath -m` resolves every symlink along the path, existing or not: a canonical
     // path it changes goes through a symlink somewhere.
     let out = host.run_string(&sh::resolve_and_classify(path)).await?;
-    let mut lines = out.lines();
-    let (resolved, found) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-    let found = Found::parse(found);
-    if resolved != path || found == Some(Found::Symlink) {
+    let (resolved, kind) = sh::parse_resolve_and_classify(&out);
+    if resolved != path || kind == PathKind::Symlink {
         return Err(guard::refused(format!(
             "destination {path} on host {} goes through a symlink (it resolves to {resolved})",
             host.name
         )));
     }
-    match found {
-        Some(Found::File) => Ok(true),
-        Some(Found::Missing) => Ok(false),
+    match kind {
+        PathKind::File => Ok(true),
+        PathKind::Missing => Ok(false),
         _ => Err(Error::conflict(format!(
             "destination {path} on host {} exists and is not a regular file",
             host.name
