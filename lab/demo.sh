@@ -124,7 +124,7 @@ rm -f "$VK_POOL_DIR"/vkt-demo-restored-*
 vk restore "$id" --to lab --name vkt-demo-restored --start
 
 step "main job: verify"
-vk verify --all
+vk verify --all --read-data
 sums_after=("$(disk_sum "$VK_POOL_DIR/vkt-demo-restored-vda.qcow2" qcow2)" "$(disk_sum "$VK_POOL_DIR/vkt-demo-restored-vdb.img" raw)")
 for i in 0 1; do
   if [[ ${sums_before[$i]} != "${sums_after[$i]}" ]]; then

@@ -528,7 +528,7 @@ async fn list_policies(State(s): State<Arc<ApiState>>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "metrics",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
-    match crate::metrics::render(&s.catalog) {
+    match crate::metrics::render(&s.catalog, &s.env.daemon.named_vms()) {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,

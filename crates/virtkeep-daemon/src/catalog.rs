@@ -244,7 +244,8 @@ impl Catalog {
                 path: lock.clone(),
                 source,
             })?;
-        if fs2::FileExt::try_lock_exclusive(&file).is_err() {
+        // std's advisory lock (flock on Unix), released when the file closes with the catalog.
+        if file.try_lock().is_err() {
             return Err(DaemonError::CatalogBusy {
                 path: path.to_path_buf(),
                 lock,

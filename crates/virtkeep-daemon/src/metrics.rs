@@ -1,9 +1,10 @@
 //! `/metrics` in the Prometheus text format, computed from the catalog at each scrape
 //! (so the figures survive restarts and need no counters in memory).
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, VmStats};
 use crate::error::Result;
 
 fn label(v: &str) -> String {
@@ -17,16 +18,42 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-pub fn render(catalog: &Catalog) -> Result<String> {
-    let stats = catalog.vm_stats()?;
+/// The VMs to report: every VM with a backup job in the catalog, and every VM a policy
+/// names (`named`) even before its first job, so that a VM which never had a successful
+/// backup has a series (its last success is 0) and the alert on its age fires.
+fn vms(catalog: &Catalog, named: &BTreeSet<(String, String)>) -> Result<Vec<VmStats>> {
+    let mut stats = catalog.vm_stats()?;
+    let known: BTreeSet<(String, String)> = stats
+        .iter()
+        .map(|s| (s.host.clone(), s.vm.clone()))
+        .collect();
+    for (host, vm) in named.difference(&known) {
+        stats.push(VmStats {
+            host: host.clone(),
+            vm: vm.clone(),
+            last_success: None,
+            last_bytes_read: None,
+            last_bytes_new: None,
+            last_duration: None,
+            failures: 0,
+            successes: 0,
+        });
+    }
+    stats.sort_by(|a, b| (&a.host, &a.vm).cmp(&(&b.host, &b.vm)));
+    Ok(stats)
+}
+
+/// The metrics text; `named` are the (host, VM) pairs the policies name.
+pub fn render(catalog: &Catalog, named: &BTreeSet<(String, String)>) -> Result<String> {
+    let stats = vms(catalog, named)?;
     let mut out = String::new();
-    type Pick = fn(&crate::catalog::VmStats) -> Option<f64>;
+    type Pick = fn(&VmStats) -> Option<f64>;
     let per_vm: [(&str, &str, &str, Pick); 6] = [
         (
             "virtkeep_backup_last_success_timestamp_seconds",
             "gauge",
-            "Unix time of the VM's last successful backup.",
-            |s| s.last_success.map(|v| v as f64),
+            "Unix time of the VM's last successful backup, 0 when it never had one.",
+            |s| Some(s.last_success.unwrap_or(0) as f64),
         ),
         (
             "virtkeep_backup_last_bytes_read",
@@ -93,20 +120,19 @@ mod tests {
     fn renders_per_vm_series_with_escaped_labels() {
         let dir = tempfile::tempdir().expect("tmp");
         let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
-        let id = c
-            .add_job(&NewJob {
-                run_id: None,
-                kind: "backup",
-                host: "kvm1",
-                vm: "we\"ird",
-                policy: None,
-                request: "{}",
-                attempt: 1,
-                retry_of: None,
-                priority: 0,
-                not_before: 0,
-            })
-            .expect("job");
+        let job = NewJob {
+            run_id: None,
+            kind: "backup",
+            host: "kvm1",
+            vm: "we\"ird",
+            policy: None,
+            request: "{}",
+            attempt: 1,
+            retry_of: None,
+            priority: 0,
+            not_before: 0,
+        };
+        let id = c.add_job(&job).expect("job");
         c.finish_job(
             id,
             &JobOutcome {
@@ -116,7 +142,35 @@ mod tests {
             },
         )
         .expect("finish");
-        let text = render(&c).expect("render");
+        // A VM whose backup failed, and one a policy names that never had a job.
+        let failed = c
+            .add_job(&NewJob {
+                vm: "broken",
+                ..job.clone()
+            })
+            .expect("job");
+        c.finish_job(
+            failed,
+            &JobOutcome {
+                error: Some("no".into()),
+                ..Default::default()
+            },
+        )
+        .expect("finish");
+        let named = BTreeSet::from([("kvm2".to_string(), "new".to_string())]);
+        let text = render(&c, &named).expect("render");
+        for vm in ["host=\"kvm1\",vm=\"broken\"", "host=\"kvm2\",vm=\"new\""] {
+            assert!(
+                text.contains(&format!(
+                    "virtkeep_backup_last_success_timestamp_seconds{{{vm}}} 0\n"
+                )),
+                "{text}"
+            );
+        }
+        assert!(
+            text.contains("virtkeep_backup_failures_total{host=\"kvm1\",vm=\"broken\"} 1\n"),
+            "{text}"
+        );
         assert!(
             text.contains("virtkeep_backup_last_bytes_new{host=\"kvm1\",vm=\"we\\\"ird\"} 42"),
             "{text}"

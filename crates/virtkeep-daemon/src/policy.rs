@@ -160,6 +160,19 @@ pub struct DaemonConfig {
     pub policies: BTreeMap<String, Policy>,
 }
 
+impl DaemonConfig {
+    /// (host, VM) pairs the enabled policies name exactly (`names`); VMs matched by a
+    /// regular expression are only known once a run has listed the host's domains.
+    pub fn named_vms(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.policies
+            .values()
+            .filter(|p| p.enabled)
+            .flat_map(|p| &p.selections)
+            .flat_map(|s| s.names.iter().map(|n| (s.host.clone(), n.clone())))
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub listen: String,

@@ -10,9 +10,10 @@ use virtkeep_engine::backup::{BackupOptions, backup_vm};
 use virtkeep_engine::config::{Config as EngineConfig, RepositoryConfig};
 use virtkeep_engine::host::Host;
 use virtkeep_engine::progress::{Event, Progress};
+use virtkeep_engine::repo_key::KeyChoice;
 use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
 use virtkeep_engine::{Error as EngineError, ErrorKind, heal};
-use virtkeep_repo::{KeySource, Location, Repository, S3Options};
+use virtkeep_repo::{Location, RepoError, Repository, S3Options};
 
 use crate::catalog::{JobOutcome, JobRecord};
 use crate::policy::DaemonConfig;
@@ -103,19 +104,26 @@ pub async fn open_repository(rc: &RepositoryConfig) -> Result<Repository, Engine
             secret_key: None,
         });
     }
-    let key = if let Some(f) = &rc.key_file {
-        Some(KeySource::KeyFile(f.clone()))
-    } else if let Some(var) = &rc.passphrase_env {
-        Some(KeySource::Passphrase(std::env::var(var).map_err(|_| {
-            EngineError::config(format!("the passphrase variable {var} is not set"))
-                .hint(format!("set {var} in the daemon's environment"))
-        })?))
-    } else {
-        None
+    let in_context = |e: EngineError| e.context(format!("repository {}", rc.location));
+    // The repository's own key settings (docs/daemon.md); when it names none and turns
+    // out to be encrypted, VIRTKEEP_PASSWORD_FILE / _COMMAND in the daemon's environment,
+    // where the CLI would prompt (so the variables never break an unencrypted one).
+    let own = KeyChoice::of_repository(rc);
+    let key = own.resolve().await.map_err(in_context)?;
+    let opened = match Repository::open(location.clone(), key).await {
+        Err(RepoError::KeyRequired {
+            location: l,
+            message,
+        }) if own.is_empty() => match KeyChoice::from_env().resolve().await.map_err(in_context)? {
+            Some(key) => Repository::open(location, Some(key)).await,
+            None => Err(RepoError::KeyRequired {
+                location: l,
+                message,
+            }),
+        },
+        other => other,
     };
-    Repository::open(location, key)
-        .await
-        .map_err(|e| EngineError::from(e).context(format!("repository {}", rc.location)))
+    opened.map_err(|e| in_context(EngineError::from(e)))
 }
 
 /// How far a running job is, for the API.

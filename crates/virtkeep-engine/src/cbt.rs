@@ -11,8 +11,7 @@
 //! incremental never depends on anything but its parent's index, so a broken chain
 //! costs one full read, never a wrong restore.
 
-use serde::{Deserialize, Serialize};
-use virtkeep_ssh::RemoteCommand;
+use virtkeep_libvirt::{coreutils, sh, virsh};
 
 use crate::error::Result;
 use crate::host::{HOST_STATE_DIR, Host};
@@ -20,14 +19,7 @@ use crate::host::{HOST_STATE_DIR, Host};
 /// Prefix of the checkpoints virtkeep creates (others' checkpoints are left alone).
 pub const CHECKPOINT_PREFIX: &str = "virtkeep-";
 
-/// What a CBT backup records in its manifest (`extra.cbt`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CbtRecord {
-    pub checkpoint: String,
-    pub vm_uuid: String,
-    /// (target, size) of every disk in the backup.
-    pub disks: Vec<(String, u64)>,
-}
+pub use crate::plan::CbtRecord;
 
 /// The backup an incremental builds on.
 pub struct Base {
@@ -39,12 +31,8 @@ pub struct Base {
 /// may change device permissions, re-probes).
 const CAPS_CACHE: &str = "/run/virtkeep/caps-backup-api";
 
-/// Prints a fingerprint of the host's libvirt and QEMU installation (versions, and size
-/// and mtime of the daemon and emulator binaries: any upgrade changes it), then the
-/// cached answer. No input goes into the script.
-const CAPS_KEY_SCRIPT: &str = r#"{ virsh --version; stat -L -c '%n %s %Y' /usr/bin/qemu-system-* /usr/libexec/qemu-kvm /usr/sbin/libvirtd /usr/sbin/virtqemud; } 2>/dev/null | cksum; head -c 200 "$1" 2>/dev/null"#;
-
-/// The cached answer in the output of [`CAPS_KEY_SCRIPT`], when it belongs to the
+/// The cached answer in the output of [`sh::installation_key_and_cache`] (a fingerprint
+/// of the host's libvirt and QEMU installation, then the cached answer), when it belongs to the
 /// installation the host has now.
 pub fn cached_backup_api(out: &str) -> Option<bool> {
     let mut lines = out.lines();
@@ -65,11 +53,7 @@ pub fn cached_backup_api(out: &str) -> Option<bool> {
 /// changes with its libvirt or QEMU: it is asked once per installation and the answer
 /// kept on the host; `refresh` (from `host check`) asks again.
 pub async fn backup_api_supported(host: &Host, refresh: bool) -> bool {
-    let probe = RemoteCommand::new("sh")
-        .arg("-c")
-        .arg(CAPS_KEY_SCRIPT)
-        .arg("sh")
-        .arg(CAPS_CACHE);
+    let probe = sh::installation_key_and_cache(CAPS_CACHE);
     let Ok(out) = host.exec(&probe).await else {
         return false;
     };
@@ -79,24 +63,16 @@ pub async fn backup_api_supported(host: &Host, refresh: bool) -> bool {
     }
     let answer = match host.exec(&host.virsh().domcapabilities(None)).await {
         Ok(out) if out.status == 0 => {
-            virtkeep_libvirt::parse::parse_domcapabilities_backup_supported(
-                &String::from_utf8_lossy(&out.stdout),
-            )
-            .unwrap_or(false)
+            virsh::parse_domcapabilities_backup_supported(&String::from_utf8_lossy(&out.stdout))
+                .unwrap_or(false)
         }
         _ => return false,
     };
     if let Some(key) = out.lines().next().filter(|k| !k.trim().is_empty()) {
         let entry = format!("{}\t{}\n", key.trim(), if answer { "yes" } else { "no" });
         let stored = async {
-            host.run(
-                &RemoteCommand::new("mkdir")
-                    .arg("-p")
-                    .arg("-m")
-                    .arg("0700")
-                    .arg(HOST_STATE_DIR),
-            )
-            .await?;
+            host.run(&coreutils::mkdir_p_mode(HOST_STATE_DIR, 0o700))
+                .await?;
             host.upload(CAPS_CACHE, entry.as_bytes()).await
         };
         if let Err(e) = stored.await {
@@ -108,45 +84,7 @@ pub async fn backup_api_supported(host: &Host, refresh: bool) -> bool {
 
 pub async fn checkpoints(host: &Host, uuid: &str) -> Result<Vec<String>> {
     let out = host.run_string(&host.virsh().checkpoint_list(uuid)).await?;
-    Ok(virtkeep_libvirt::parse::parse_virsh_list_names(&out))
-}
-
-/// What the newest backup of this VM offers an incremental: a CBT base, or why not.
-pub enum Latest {
-    Base(Base),
-    /// A full is needed; the reason names the cause.
-    None(String),
-}
-
-/// The newest backup of this VM in the repository, as a CBT base.
-pub async fn latest_record(
-    repo: &virtkeep_repo::Repository,
-    host: &str,
-    vm: &str,
-) -> Result<Latest> {
-    let Some(manifest) = crate::store::latest_backup(repo, host, vm).await? else {
-        return Ok(Latest::None("full: no earlier backup of this VM".into()));
-    };
-    if crate::backup::base_removed_on_request(&manifest) {
-        return Ok(Latest::None(crate::backup::removed_on_request_reason(
-            &manifest.id,
-        )));
-    }
-    match manifest
-        .extra
-        .get("cbt")
-        .cloned()
-        .map(serde_json::from_value::<CbtRecord>)
-    {
-        Some(Ok(record)) => Ok(Latest::Base(Base {
-            id: manifest.id,
-            record,
-        })),
-        _ => Ok(Latest::None(format!(
-            "full: the newest backup {} was not taken with a checkpoint (another method or an older virtkeep)",
-            manifest.id
-        ))),
-    }
+    Ok(virsh::parse_virsh_list_names(&out))
 }
 
 /// Why an incremental cannot build on `base`, or `None` when it can.
@@ -228,15 +166,7 @@ pub fn checkpoint_xml(name: &str, targets: &[String], excluded: &[String]) -> St
 /// Ends a pull-mode backup job of ours left by a killed node (its NBD socket lives in
 /// virtkeep's state dir); a job of another tool is left alone.
 pub async fn abort_stale_job(host: &Host, uuid: &str) -> Result<bool> {
-    let out = host
-        .exec(
-            &host
-                .virsh()
-                .command("backup-dumpxml")
-                .arg("--domain")
-                .arg(uuid),
-        )
-        .await?;
+    let out = host.exec(&host.virsh().backup_dumpxml(uuid)).await?;
     if out.status != 0 {
         return Ok(false);
     }
@@ -246,6 +176,27 @@ pub async fn abort_stale_job(host: &Host, uuid: &str) -> Result<bool> {
     }
     host.exec(&host.virsh().domjobabort(uuid)).await?;
     Ok(true)
+}
+
+/// The marker in a job dir of a VM a backup-API job started paused (healing stops it).
+pub const PAUSED_MARKER: &str = "started-paused";
+
+/// For `heal`: a VM virtkeep started paused for a job that did not finish goes down again.
+pub async fn undo_paused_start(host: &Host, uuid: &str) -> Result<Option<String>> {
+    let jobs = format!("{HOST_STATE_DIR}/jobs");
+    let found = host.exec(&sh::has_started_paused_job(&jobs, uuid)).await?;
+    if found.status != 0 {
+        return Ok(None);
+    }
+    let state = host.run_string(&host.virsh().domstate(uuid)).await?;
+    if state.trim() == "paused" {
+        let _ = host.exec(&host.virsh().domjobabort(uuid)).await;
+        host.run(&host.virsh().destroy(uuid)).await?;
+        return Ok(Some(
+            "stopped the VM a killed job had started paused".into(),
+        ));
+    }
+    Ok(None)
 }
 
 /// Deletes virtkeep checkpoints other than `keep` (bitmaps merge into their successors).
@@ -265,16 +216,8 @@ pub async fn prune_checkpoints(host: &Host, uuid: &str, keep: &str) -> Result<Ve
 pub async fn hand_job_dir_to_qemu(host: &Host, job_dir: &str) -> Result<()> {
     let (user, group) = host.qemu_owner().await?;
     host.run(
-        &RemoteCommand::new("chown")
-            .arg(format!("{user}:{group}"))
-            .arg("--")
-            .arg(job_dir)
-            .and_then(
-                RemoteCommand::new("chmod")
-                    .arg("0750")
-                    .arg("--")
-                    .arg(job_dir),
-            ),
+        &coreutils::chown(&format!("{user}:{group}"), job_dir)
+            .and_then(coreutils::chmod(0o750, job_dir)),
     )
     .await?;
     Ok(())

@@ -1,8 +1,8 @@
 //! Node configuration: hosts and repositories, as kept in the TOML config file.
 //!
 //! Secrets are never stored here: a host refers to a key file or to the name of an
-//! environment variable that holds a password, and a repository to a key file or a
-//! passphrase variable.
+//! environment variable that holds a password, and a repository to a key file, a
+//! password file, a password command or a passphrase variable.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -130,6 +130,13 @@ pub struct RepositoryConfig {
     pub location: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// File whose first line is the repository's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Command (`sh -c`) that prints the repository's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_command: Option<String>,
+    /// Name of the environment variable holding the passphrase (never the passphrase).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passphrase_env: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

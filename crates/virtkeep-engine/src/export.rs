@@ -12,9 +12,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use virtkeep_libvirt::cmd;
+use virtkeep_libvirt::{coreutils, qemu_nbd};
 use virtkeep_nbd::{BASE_ALLOCATION, MappedKind, NbdClient, allocated_extents};
-use virtkeep_ssh::RemoteCommand;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::Host;
@@ -60,8 +59,8 @@ impl NbdExport {
     ) -> Result<NbdExport> {
         let socket = format!("{job_dir}/{index}.sock");
         let pid_file = format!("{job_dir}/{index}.pid");
-        host.run(&cmd::qemu_nbd_export_readonly(
-            &cmd::image_opts(format, path, block_device, true),
+        host.run(&qemu_nbd::export_readonly(
+            &qemu_nbd::image_opts(format, path, block_device, true),
             &socket,
             &pid_file,
         ))
@@ -89,13 +88,8 @@ impl NbdExport {
         let mut last = None;
         for attempt in 0..20u16 {
             let port = 10809 + (std::process::id() as u16 % 500) + attempt * 7 + index as u16;
-            let cmd = RemoteCommand::new("qemu-nbd")
-                .args(["-r", "--fork", "--persistent", "--shared=8"])
-                .arg(format!("--bind={bind}"))
-                .arg(format!("--port={port}"))
-                .arg(format!("--pid-file={pid_file}"))
-                .arg("--image-opts")
-                .arg(cmd::image_opts(format, path, block_device, true));
+            let opts = qemu_nbd::image_opts(format, path, block_device, true);
+            let cmd = qemu_nbd::export_readonly_tcp(&opts, &bind, port, &pid_file);
             match host.run(&cmd).await {
                 Ok(_) => {
                     return Ok(NbdExport {
@@ -124,7 +118,7 @@ impl NbdExport {
         let socket = format!("{job_dir}/{index}.sock");
         let pid_file = format!("{job_dir}/{index}.pid");
         let start = |direct| {
-            cmd::qemu_nbd_export_writable(path, format, block_device, direct, &socket, &pid_file)
+            qemu_nbd::export_writable(path, format, block_device, direct, &socket, &pid_file)
         };
         if let Err(e) = host.run(&start(true)).await {
             // No O_DIRECT there (tmpfs, some network file systems): through the page cache.
@@ -206,25 +200,9 @@ impl NbdExport {
         // Terminate and wait until it is gone, so the image is no longer open. A
         // zombie counts as gone: it has closed the image, and its reaper (init, as
         // qemu-nbd --fork detaches) may take seconds to collect it.
-        let script = r#"pid=$(cat "$1") || exit 1
-case $pid in ''|*[!0-9]*) echo "qemu-nbd pid file $1 holds no pid" >&2; exit 1;; esac
-kill "$pid" 2>/dev/null
-i=0
-while [ $i -lt 100 ]; do
-  st=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' /proc/"$pid"/status 2>/dev/null) || break
-  case $st in ''|Z) break;; esac
-  sleep 0.05
-  i=$((i + 1))
-done"#;
-        host.run(
-            &RemoteCommand::new("sh")
-                .arg("-c")
-                .arg(script)
-                .arg("sh")
-                .arg(&pid_file),
-        )
-        .await
-        .map_err(|e| e.context("stopping qemu-nbd"))?;
+        host.run(&qemu_nbd::stop(&pid_file))
+            .await
+            .map_err(|e| e.context("stopping qemu-nbd"))?;
         Ok(())
     }
 }
@@ -285,19 +263,104 @@ pub enum ReadScope {
     },
 }
 
+/// Which disk is read, and how: the caller's side of [`export_disk`] and
+/// [`export_stream`].
+#[derive(Clone)]
+pub struct DiskRead {
+    pub scope: ReadScope,
+    /// Parallel data connections.
+    pub parallel: usize,
+    /// VM and disk names, for progress events.
+    pub vm: String,
+    pub disk: String,
+}
+
+impl DiskRead {
+    /// Everything allocated of disk `disk` of `vm`.
+    pub fn whole(vm: &str, disk: &str, parallel: usize) -> DiskRead {
+        DiskRead {
+            scope: ReadScope::Full,
+            parallel,
+            vm: vm.to_string(),
+            disk: disk.to_string(),
+        }
+    }
+}
+
 /// Reads the guest-visible content of an export into `sink`: everything allocated, or
 /// (incremental) only the dirty ranges; unchanged chunks keep the parent's digest.
-#[allow(clippy::too_many_arguments)]
 pub async fn export_disk(
     host: &Host,
     export: &NbdExport,
     sink: Arc<dyn ChunkSink>,
-    scope: &ReadScope,
-    parallel: usize,
-    vm: &str,
-    disk: &str,
+    read: &DiskRead,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
+    let (size, extents) = extents(host, export, &read.scope).await?;
+    let parent = match &read.scope {
+        ReadScope::Dirty { parent, .. } | ReadScope::Ranges { parent, .. } => Some(parent.clone()),
+        ReadScope::Full => None,
+    };
+    let chunk = sink.chunk_size();
+    let plan = Arc::new(plan_chunks(&extents, size, chunk));
+    let data_bytes: u64 = plan.iter().flatten().map(|(_, l)| l).sum();
+    progress.event(Event::DiskStart {
+        vm: read.vm.clone(),
+        disk: read.disk.clone(),
+        bytes: data_bytes,
+    });
+    let shared = Workers {
+        plan: plan.clone(),
+        next: Arc::new(AtomicUsize::new(0)),
+        read: Arc::new(AtomicU64::new(0)),
+        zero: Arc::new(AtomicU64::new(0)),
+        sink,
+        progress: progress.clone(),
+        parent,
+        disk: read.disk.clone(),
+        chunk,
+        size,
+    };
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..read.parallel.max(1) {
+        let session = host.data_session(w).await?;
+        let client = export.connect(&session, &[]).await?;
+        let shared = shared.clone();
+        workers.spawn(async move {
+            let _session = session;
+            shared.run(client).await
+        });
+    }
+    while let Some(res) = workers.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(join) => {
+                return Err(Error::new(
+                    ErrorKind::DataPath,
+                    format!("export worker failed: {join}"),
+                ));
+            }
+        }
+    }
+    progress.event(Event::DiskDone {
+        disk: read.disk.clone(),
+    });
+    Ok(ExportStats {
+        size,
+        bytes_read: shared.read.load(Ordering::Relaxed),
+        zero_chunks: shared.zero.load(Ordering::Relaxed),
+        data_chunks: plan.iter().filter(|r| !r.is_empty()).count() as u64,
+    })
+}
+
+/// The export's size and the extents `scope` reads: the allocated ones, the dirty ones,
+/// or the given ranges.
+async fn extents(
+    host: &Host,
+    export: &NbdExport,
+    scope: &ReadScope,
+) -> Result<(u64, Vec<virtkeep_nbd::Mapped>)> {
     let context = match scope {
         ReadScope::Dirty { context, .. } => context.clone(),
         _ => BASE_ALLOCATION.to_string(),
@@ -316,99 +379,65 @@ pub async fn export_disk(
         _ => allocated_extents(&control, &context, 0, size).await?,
     };
     let _ = control.disconnect().await;
-    let parent = match scope {
-        ReadScope::Dirty { parent, .. } | ReadScope::Ranges { parent, .. } => Some(parent.clone()),
-        ReadScope::Full => None,
-    };
-    let chunk = sink.chunk_size();
-    let plan = Arc::new(plan_chunks(&extents, size, chunk));
-    let data_bytes: u64 = plan.iter().flatten().map(|(_, l)| l).sum();
-    progress.event(Event::DiskStart {
-        vm: vm.to_string(),
-        disk: disk.to_string(),
-        bytes: data_bytes,
-    });
+    Ok((size, extents))
+}
 
-    let next = Arc::new(AtomicUsize::new(0));
-    let read = Arc::new(AtomicU64::new(0));
-    let zero = Arc::new(AtomicU64::new(0));
-    let mut workers = tokio::task::JoinSet::new();
-    for w in 0..parallel.max(1) {
-        let session = host.data_session(w).await?;
-        let client = export.connect(&session, &[]).await?;
-        let (plan, next, read, zero, sink, progress, parent) = (
-            plan.clone(),
-            next.clone(),
-            read.clone(),
-            zero.clone(),
-            sink.clone(),
-            progress.clone(),
-            parent.clone(),
-        );
-        let disk = disk.to_string();
-        workers.spawn(async move {
-            let _session = session;
-            let max = u64::from(client.max_block().clamp(64 * 1024, 32 << 20));
-            let job = ChunkJob {
-                client: &client,
-                max,
-                chunk,
-                size,
-                parent: parent.as_ref(),
-            };
-            // Chunks are taken from the shared counter as this worker has room, so the
-            // workers still share the disk evenly.
-            let indices = std::iter::from_fn(|| {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                (i < plan.len()).then_some(i)
-            });
-            let mut chunks = futures::stream::iter(indices)
-                .map(|i| job.fetch(i as u64, &plan[i]))
-                .buffer_unordered(CHUNKS_IN_FLIGHT);
-            while let Some(fetched) = chunks.next().await {
-                match fetched? {
-                    Fetched::Unchanged => {}
-                    Fetched::Zero(index) => {
-                        sink.zero_chunk(index).await?;
-                        zero.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Fetched::Data { index, data, moved } => {
-                        read.fetch_add(moved, Ordering::Relaxed);
-                        sink.data_chunk(index, data).await?;
-                        progress.event(Event::DiskBytes {
-                            disk: disk.clone(),
-                            bytes: moved,
-                        });
-                    }
+/// What the parallel readers of one disk share.
+#[derive(Clone)]
+struct Workers {
+    plan: Arc<Vec<Vec<(u64, u64)>>>,
+    next: Arc<AtomicUsize>,
+    read: Arc<AtomicU64>,
+    zero: Arc<AtomicU64>,
+    sink: Arc<dyn ChunkSink>,
+    progress: Arc<dyn Progress>,
+    parent: Option<Arc<virtkeep_repo::DiskReader>>,
+    disk: String,
+    chunk: u64,
+    size: u64,
+}
+
+impl Workers {
+    /// One reader: takes chunks from the shared counter until the plan is done.
+    async fn run(self, client: NbdClient) -> Result<()> {
+        let max = u64::from(client.max_block().clamp(64 * 1024, 32 << 20));
+        let job = ChunkJob {
+            client: &client,
+            max,
+            chunk: self.chunk,
+            size: self.size,
+            parent: self.parent.as_ref(),
+        };
+        // Chunks are taken from the shared counter as this worker has room, so the
+        // workers still share the disk evenly.
+        let indices = std::iter::from_fn(|| {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            (i < self.plan.len()).then_some(i)
+        });
+        let mut chunks = futures::stream::iter(indices)
+            .map(|i| job.fetch(i as u64, &self.plan[i]))
+            .buffer_unordered(CHUNKS_IN_FLIGHT);
+        while let Some(fetched) = chunks.next().await {
+            match fetched? {
+                Fetched::Unchanged => {}
+                Fetched::Zero(index) => {
+                    self.sink.zero_chunk(index).await?;
+                    self.zero.fetch_add(1, Ordering::Relaxed);
+                }
+                Fetched::Data { index, data, moved } => {
+                    self.read.fetch_add(moved, Ordering::Relaxed);
+                    self.sink.data_chunk(index, data).await?;
+                    self.progress.event(Event::DiskBytes {
+                        disk: self.disk.clone(),
+                        bytes: moved,
+                    });
                 }
             }
-            drop(chunks);
-            let _ = client.disconnect().await;
-            Ok::<(), Error>(())
-        });
-    }
-    while let Some(res) = workers.join_next().await {
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(join) => {
-                return Err(Error::new(
-                    ErrorKind::DataPath,
-                    format!("export worker failed: {join}"),
-                ));
-            }
         }
+        drop(chunks);
+        let _ = client.disconnect().await;
+        Ok(())
     }
-    progress.event(Event::DiskDone {
-        disk: disk.to_string(),
-    });
-    let zero_chunks = zero.load(Ordering::Relaxed);
-    Ok(ExportStats {
-        size,
-        bytes_read: read.load(Ordering::Relaxed),
-        zero_chunks,
-        data_chunks: plan.iter().filter(|r| !r.is_empty()).count() as u64,
-    })
 }
 
 /// Chunks each NBD connection reads at once: while one chunk's replies are copied and
@@ -499,22 +528,18 @@ pub async fn export_stream(
     path: &str,
     size: u64,
     sink: Arc<dyn ChunkSink>,
-    vm: &str,
-    disk: &str,
+    read: &DiskRead,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
     use tokio::io::AsyncReadExt;
+    let (vm, disk) = (read.vm.as_str(), read.disk.as_str());
     let chunk = sink.chunk_size();
     progress.event(Event::DiskStart {
         vm: vm.to_string(),
         disk: disk.to_string(),
         bytes: size,
     });
-    let cmd = RemoteCommand::new("dd")
-        .arg(format!("if={path}"))
-        .arg(format!("bs={}", chunk.min(16 << 20)))
-        .arg("iflag=fullblock")
-        .arg("status=none");
+    let cmd = coreutils::dd_read(path, chunk.min(16 << 20));
     let mut proc = host.session().spawn(&cmd).await?;
     let mut stats = ExportStats {
         size,

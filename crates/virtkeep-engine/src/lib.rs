@@ -7,8 +7,9 @@
 
 pub mod backup;
 pub mod cbt;
-pub mod cbt_backup;
+pub mod cleanup;
 pub mod config;
+pub mod define;
 pub mod error;
 pub mod export;
 pub mod failpoint;
@@ -16,14 +17,13 @@ pub mod heal;
 pub mod hold;
 pub mod host;
 pub mod inventory;
-pub mod kept;
 pub mod lvm;
-pub mod lvm_backup;
 pub mod phases;
 pub mod plan;
 pub mod progress;
 pub mod rbd;
 pub mod rbd_diff;
+pub mod repo_key;
 pub mod restore;
 pub mod snapshot_ref;
 pub mod store;

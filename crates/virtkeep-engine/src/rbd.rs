@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use virtkeep_libvirt::cmd::CephArgs;
+use virtkeep_libvirt::rbd::CephArgs;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{ChunkSink, ExportStats, REQUEST_TIMEOUT, stalled};
@@ -45,7 +45,7 @@ pub async fn snapshots(
     image: &str,
 ) -> Result<Vec<String>> {
     let out = host.run_string(&ceph.snap_ls_json(pool, image)).await?;
-    Ok(virtkeep_libvirt::parse::parse_rbd_snap_ls_json(&out)
+    Ok(virtkeep_libvirt::rbd::parse_rbd_snap_ls_json(&out)
         .map_err(|e| {
             Error::new(
                 ErrorKind::Remote,
@@ -145,23 +145,39 @@ pub async fn heal_image(
     Ok(actions)
 }
 
+/// One `rbd export-diff` to read: `pool/image@snap`, from snapshot `from` (with the
+/// parent backup's chunks the diff is patched onto) when incremental.
+pub struct DiffExport<'a> {
+    pub ceph: &'a CephArgs,
+    pub pool: &'a str,
+    pub image: &'a str,
+    pub snap: &'a str,
+    pub from: Option<(&'a str, Arc<virtkeep_repo::DiskReader>)>,
+    pub size: u64,
+    /// VM and disk names, for progress events.
+    pub vm: &'a str,
+    pub disk: &'a str,
+}
+
 /// Streams `rbd export-diff` of `pool/image@snap` (from `from` when incremental) into
 /// the sink. A full fills untouched chunks with zeros; an incremental patches the
 /// records onto the parent's chunks and leaves untouched chunks as they were.
-#[allow(clippy::too_many_arguments)]
 pub async fn export(
     host: &Host,
-    ceph: &CephArgs,
-    pool: &str,
-    image: &str,
-    snap: &str,
-    from: Option<(&str, Arc<virtkeep_repo::DiskReader>)>,
-    size: u64,
+    req: DiffExport<'_>,
     sink: Arc<dyn ChunkSink>,
-    vm: &str,
-    disk: &str,
     progress: &Arc<dyn Progress>,
 ) -> Result<ExportStats> {
+    let DiffExport {
+        ceph,
+        pool,
+        image,
+        snap,
+        from,
+        size,
+        vm,
+        disk,
+    } = req;
     let cmd = ceph.export_diff(pool, image, snap, from.as_ref().map(|(s, _)| *s));
     let mut proc = host.session().spawn(&cmd).await?;
     let parent = from.map(|(_, r)| r);
@@ -170,15 +186,18 @@ pub async fn export(
         disk: disk.to_string(),
         bytes: size,
     });
-    let chunk = sink.chunk_size();
-    let count = size.div_ceil(chunk);
-    let mut stats = ExportStats {
+    let mut patcher = Patcher {
+        chunk: sink.chunk_size(),
+        sink,
+        parent,
         size,
-        ..ExportStats::default()
+        stats: ExportStats {
+            size,
+            ..ExportStats::default()
+        },
+        current: None,
+        next_untouched: 0,
     };
-    let mut current: Option<(u64, BytesMut)> = None;
-    let mut next_untouched = 0u64;
-
     let mut reader = tokio::time::timeout(REQUEST_TIMEOUT, DiffReader::new(&mut proc.stdout))
         .await
         .map_err(|_| stalled())?
@@ -194,53 +213,14 @@ pub async fn export(
             Record::Data { offset, data } => (offset, data.len() as u64, Some(data)),
             Record::Zero { offset, len } => (offset, len, None),
         };
-        stats.bytes_read += data.as_ref().map_or(0, |d| d.len() as u64);
+        patcher.stats.bytes_read += data.as_ref().map_or(0, |d| d.len() as u64);
         progress.event(Event::DiskBytes {
             disk: disk.to_string(),
             bytes: len,
         });
-        let mut pos = offset;
-        while pos < (offset + len).min(size) {
-            let idx = pos / chunk;
-            if current.as_ref().is_none_or(|(i, _)| *i != idx) {
-                if let Some((i, buf)) = current.take() {
-                    if i > idx {
-                        return Err(Error::new(
-                            ErrorKind::DataPath,
-                            "rbd export-diff records out of order",
-                        ));
-                    }
-                    flush(&sink, i, buf, &mut stats).await?;
-                    next_untouched = i + 1;
-                }
-                fill_untouched(&sink, parent.is_some(), next_untouched, idx, &mut stats).await?;
-                let len = chunk.min(size - idx * chunk) as usize;
-                let base = match &parent {
-                    Some(p) => match p.read_chunk(idx).await? {
-                        Some(old) if old.len() == len => BytesMut::from(&old[..]),
-                        _ => BytesMut::zeroed(len),
-                    },
-                    None => BytesMut::zeroed(len),
-                };
-                current = Some((idx, base));
-            }
-            let end = ((idx + 1) * chunk).min(offset + len).min(size);
-            if let Some((_, buf)) = current.as_mut() {
-                let (a, b) = ((pos - idx * chunk) as usize, (end - idx * chunk) as usize);
-                match &data {
-                    Some(d) => buf[a..b]
-                        .copy_from_slice(&d[(pos - offset) as usize..(end - offset) as usize]),
-                    None => buf[a..b].fill(0),
-                }
-            }
-            pos = end;
-        }
+        patcher.apply(offset, len, data.as_deref()).await?;
     }
-    if let Some((i, buf)) = current.take() {
-        flush(&sink, i, buf, &mut stats).await?;
-        next_untouched = i + 1;
-    }
-    fill_untouched(&sink, parent.is_some(), next_untouched, count, &mut stats).await?;
+    let stats = patcher.finish().await?;
     let (status, stderr) = proc.wait().await?;
     if status != 0 {
         return Err(Error::new(
@@ -255,6 +235,96 @@ pub async fn export(
         disk: disk.to_string(),
     });
     Ok(stats)
+}
+
+/// Turns the records of an export-diff into whole chunks: each chunk starts as the
+/// parent's (incremental) or zeros (full) and gets the records' bytes written over it.
+struct Patcher {
+    sink: Arc<dyn ChunkSink>,
+    parent: Option<Arc<virtkeep_repo::DiskReader>>,
+    chunk: u64,
+    size: u64,
+    stats: ExportStats,
+    /// The chunk being patched.
+    current: Option<(u64, BytesMut)>,
+    /// The first chunk not yet handed to the sink.
+    next_untouched: u64,
+}
+
+impl Patcher {
+    /// Writes `len` bytes at `offset` (`data`, or zeros) into the chunks they cover.
+    async fn apply(&mut self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let chunk = self.chunk;
+        let mut pos = offset;
+        while pos < (offset + len).min(self.size) {
+            let idx = pos / chunk;
+            if self.current.as_ref().is_none_or(|(i, _)| *i != idx) {
+                self.start_chunk(idx).await?;
+            }
+            let end = ((idx + 1) * chunk).min(offset + len).min(self.size);
+            if let Some((_, buf)) = self.current.as_mut() {
+                let (a, b) = ((pos - idx * chunk) as usize, (end - idx * chunk) as usize);
+                match data {
+                    Some(d) => buf[a..b]
+                        .copy_from_slice(&d[(pos - offset) as usize..(end - offset) as usize]),
+                    None => buf[a..b].fill(0),
+                }
+            }
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// Hands the chunk being patched to the sink and starts chunk `idx`.
+    async fn start_chunk(&mut self, idx: u64) -> Result<()> {
+        if let Some((i, buf)) = self.current.take() {
+            if i > idx {
+                return Err(Error::new(
+                    ErrorKind::DataPath,
+                    "rbd export-diff records out of order",
+                ));
+            }
+            flush(&self.sink, i, buf, &mut self.stats).await?;
+            self.next_untouched = i + 1;
+        }
+        let incremental = self.parent.is_some();
+        fill_untouched(
+            &self.sink,
+            incremental,
+            self.next_untouched,
+            idx,
+            &mut self.stats,
+        )
+        .await?;
+        let len = self.chunk.min(self.size - idx * self.chunk) as usize;
+        let base = match &self.parent {
+            Some(p) => match p.read_chunk(idx).await? {
+                Some(old) if old.len() == len => BytesMut::from(&old[..]),
+                _ => BytesMut::zeroed(len),
+            },
+            None => BytesMut::zeroed(len),
+        };
+        self.current = Some((idx, base));
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<ExportStats> {
+        if let Some((i, buf)) = self.current.take() {
+            flush(&self.sink, i, buf, &mut self.stats).await?;
+            self.next_untouched = i + 1;
+        }
+        let count = self.size.div_ceil(self.chunk);
+        let incremental = self.parent.is_some();
+        fill_untouched(
+            &self.sink,
+            incremental,
+            self.next_untouched,
+            count,
+            &mut self.stats,
+        )
+        .await?;
+        Ok(self.stats)
+    }
 }
 
 fn diff_err(e: crate::rbd_diff::DiffError) -> Error {
@@ -289,19 +359,30 @@ async fn fill_untouched(
     Ok(())
 }
 
+/// The RBD image a restore creates: `pool/image` of `size` bytes, for disk `disk`.
+pub struct ImageRestore<'a> {
+    pub ceph: &'a CephArgs,
+    pub pool: &'a str,
+    pub image: &'a str,
+    pub size: u64,
+    pub disk: &'a str,
+}
+
 /// Creates `pool/image` and writes the disk's data extents into it through
 /// `rbd import-diff` (zeros stay unallocated).
-#[allow(clippy::too_many_arguments)]
 pub async fn restore_image(
     host: &Host,
-    ceph: &CephArgs,
-    pool: &str,
-    image: &str,
+    to: &ImageRestore<'_>,
     reader: &virtkeep_repo::DiskReader,
-    size: u64,
     progress: &Arc<dyn Progress>,
-    disk: &str,
 ) -> Result<u64> {
+    let &ImageRestore {
+        ceph,
+        pool,
+        image,
+        size,
+        disk,
+    } = to;
     host.run(&ceph.create(pool, image, size))
         .await
         .map_err(|e| e.context(format!("creating RBD image {pool}/{image}")))?;
@@ -370,103 +451,13 @@ pub async fn image_exists(host: &Host, ceph: &CephArgs, pool: &str, image: &str)
 
 /// Whether libvirt on the host has the secret a restored RBD disk refers to.
 pub async fn secret_exists(host: &Host, uuid: &str) -> Result<bool> {
-    let out = host
-        .exec(&host.virsh().command("secret-dumpxml").arg(uuid))
-        .await?;
+    let out = host.exec(&host.virsh().secret_dumpxml(uuid)).await?;
     Ok(out.status == 0)
 }
 
-/// Per RBD disk (by target): the backup id and kept snapshot an incremental builds on.
-pub type Bases = std::collections::BTreeMap<String, (String, String)>;
-
 pub async fn image_size(host: &Host, ceph: &CephArgs, pool: &str, image: &str) -> Result<u64> {
     let out = host.run_string(&ceph.info_json(pool, image)).await?;
-    Ok(virtkeep_libvirt::parse::parse_rbd_info_json(&out)
+    Ok(virtkeep_libvirt::rbd::parse_rbd_info_json(&out)
         .map_err(|e| Error::new(ErrorKind::Remote, format!("rbd info {pool}/{image}: {e}")))?
         .size)
-}
-
-/// The bases of this VM's RBD disks: the snapshot the newest backup kept, when it is
-/// still on the image, still recorded as its base, and the image has the same size;
-/// and, for the disks without one, why (for the manifest's reason). `--mode full`
-/// looks for none.
-pub async fn bases(
-    host: &Host,
-    repo: &virtkeep_repo::Repository,
-    vm: &crate::vm::Vm,
-    plan: &crate::backup::Plan,
-    mode: crate::backup::ModeRequest,
-) -> Result<(Bases, Option<String>)> {
-    let mut out = Bases::new();
-    if mode == crate::backup::ModeRequest::Full || plan.disks.iter().all(|d| d.rbd.is_none()) {
-        return Ok((out, None));
-    }
-    let Some(manifest) = crate::store::latest_backup(repo, &host.name, &vm.name).await? else {
-        return Ok((out, Some("full: no earlier backup of this VM".into())));
-    };
-    if crate::backup::base_removed_on_request(&manifest) {
-        return Ok((
-            out,
-            Some(crate::backup::removed_on_request_reason(&manifest.id)),
-        ));
-    }
-    let ceph = ceph(host)?;
-    let mut problems = Vec::new();
-    for d in &plan.disks {
-        let Some((pool, image)) = &d.rbd else {
-            continue;
-        };
-        match base_of_disk(host, &ceph, &manifest, &d.target, pool, image).await? {
-            Ok(snap) => {
-                out.insert(d.target.clone(), (manifest.id.clone(), snap));
-            }
-            Err(problem) => problems.push(format!("{}: {problem}", d.target)),
-        }
-    }
-    let reason = (!problems.is_empty()).then(|| {
-        format!(
-            "full for RBD disks without a base of backup {} ({})",
-            manifest.id,
-            problems.join("; ")
-        )
-    });
-    Ok((out, reason))
-}
-
-/// The snapshot of `pool/image` that backup `manifest` kept, or why it cannot serve.
-async fn base_of_disk(
-    host: &Host,
-    ceph: &CephArgs,
-    manifest: &virtkeep_repo::Manifest,
-    target: &str,
-    pool: &str,
-    image: &str,
-) -> Result<std::result::Result<String, String>> {
-    let Some(snap) = manifest.extra["rbd"][target].as_str() else {
-        return Ok(Err("that backup kept no snapshot of it".into()));
-    };
-    let Some(old) = manifest.disks.iter().find(|m| m.spec.target == target) else {
-        return Ok(Err("not in that backup".into()));
-    };
-    if old.spec.source != format!("{pool}/{image}") {
-        return Ok(Err(format!("the disk was {} then", old.spec.source)));
-    }
-    if old.spec.size != image_size(host, ceph, pool, image).await? {
-        return Ok(Err("the image was resized".into()));
-    }
-    if recorded_base(host, ceph, pool, image).await.as_deref() != Some(snap) {
-        return Ok(Err(format!(
-            "the image's recorded base is no longer {snap} (image replaced or metadata removed)"
-        )));
-    }
-    if !snapshots(host, ceph, pool, image)
-        .await?
-        .iter()
-        .any(|s| s == snap)
-    {
-        return Ok(Err(format!(
-            "snapshot {snap} no longer exists (deleted on the host, or the image was replaced)"
-        )));
-    }
-    Ok(Ok(snap.to_string()))
 }

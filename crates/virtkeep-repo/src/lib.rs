@@ -15,9 +15,11 @@ mod crypto;
 mod error;
 mod format;
 mod manifest;
+mod progress;
 mod prune;
 mod reader;
 mod repo;
+mod verify;
 mod writer;
 
 pub use backend::{
@@ -34,10 +36,12 @@ pub use manifest::{
     BackupMeta, BackupMode, BackupStats, DiskSpec, DiskStats, Manifest, ManifestDisk,
     SnapshotSummary, Storage,
 };
+pub use progress::{QuietProgress, RepoProgress};
 pub use prune::{KeepPolicy, PruneDecision, PruneReport, compute_prune, compute_prune_within};
 pub use reader::{DiskReader, Extent, MIN_ZERO_RUN, split_zero_runs};
 pub use repo::{
-    ChunkProblem, DEFAULT_CHUNK_SIZE, GcOptions, GcReport, InitOptions, LeaseTiming, Repository,
-    SnapshotListing, UnreadableManifest, VerifyReport, VerifySelection,
+    DEFAULT_CHUNK_SIZE, GcOptions, GcReport, InitOptions, LeaseTiming, Repository, SnapshotListing,
+    UnreadableManifest,
 };
+pub use verify::{ChunkProblem, VerifyOptions, VerifyReport, VerifySelection};
 pub use writer::{BackupWriter, DiskWriter, ExtentSink};

@@ -1,6 +1,6 @@
 //! The repository: config, keys, snapshots, leases, verify, forget, GC.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,6 +14,7 @@ use crate::crypto::{self, EncryptionConfig, KeySource};
 use crate::error::{RepoError, Result};
 use crate::format::{Codec, Digest, FixedIndex, ZERO_DIGEST, chunk_key};
 use crate::manifest::{Manifest, SnapshotSummary};
+use crate::progress::{QuietProgress, RepoProgress};
 
 /// Default chunk size (4 MiB).
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
@@ -184,7 +185,7 @@ fn protected_key(id: &str) -> String {
     format!("snapshots/{id}/protected")
 }
 
-fn parse_chunk_key(key: &str) -> Option<Digest> {
+pub(crate) fn parse_chunk_key(key: &str) -> Option<Digest> {
     let name = key.rsplit('/').next()?;
     let v = hex::decode(name).ok()?;
     v.try_into().ok()
@@ -488,7 +489,7 @@ impl Repository {
         Ok(ix)
     }
 
-    async fn snapshot_ids(&self) -> Result<(Vec<String>, HashSet<String>)> {
+    pub(crate) async fn snapshot_ids(&self) -> Result<(Vec<String>, HashSet<String>)> {
         let mut ids = Vec::new();
         let mut protected = HashSet::new();
         let mut s = self.inner.backend.list("snapshots/");
@@ -676,84 +677,6 @@ impl Repository {
         Ok(out)
     }
 
-    // -- verify ---------------------------------------------------------------------------
-
-    /// Check every chunk of the selected backups.
-    pub async fn verify(&self, selection: VerifySelection) -> Result<VerifyReport> {
-        let ids: Vec<String> = match selection {
-            VerifySelection::All => self.snapshot_ids().await?.0,
-            VerifySelection::Snapshots(v) => v,
-        };
-        let mut report = VerifyReport::default();
-        let mut users: HashMap<Digest, Vec<String>> = HashMap::new();
-        for id in &ids {
-            report.snapshots_checked += 1;
-            let m = match self.manifest(id).await {
-                Ok(m) => m,
-                Err(e) => {
-                    report.metadata_errors.push(format!("{id}: {e}"));
-                    report.broken_snapshots.push(id.clone());
-                    continue;
-                }
-            };
-            for d in &m.disks {
-                match self.fixed_index(id, &d.spec.name).await {
-                    Ok(ix) => {
-                        for dg in ix.digests {
-                            if dg != ZERO_DIGEST {
-                                let u = users.entry(dg).or_default();
-                                if u.last() != Some(id) {
-                                    u.push(id.clone());
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        report
-                            .metadata_errors
-                            .push(format!("{id}/{}: {e}", d.spec.name));
-                        if !report.broken_snapshots.contains(id) {
-                            report.broken_snapshots.push(id.clone());
-                        }
-                    }
-                }
-            }
-        }
-        let digests: Vec<Digest> = users.keys().copied().collect();
-        let mut results = futures::stream::iter(digests)
-            .map(|d| async move { (d, self.read_chunk_by_digest(&d).await) })
-            .buffer_unordered(self.parallelism().max(2) * 2);
-        let mut broken: std::collections::BTreeSet<String> =
-            report.broken_snapshots.iter().cloned().collect();
-        while let Some((d, r)) = results.next().await {
-            report.chunks_checked += 1;
-            let snaps = users.get(&d).cloned().unwrap_or_default();
-            match r {
-                Ok(_) => report.chunks_ok += 1,
-                Err(RepoError::ChunkMissing { digest }) => {
-                    broken.extend(snaps.iter().cloned());
-                    report.missing.push(ChunkProblem {
-                        digest,
-                        error: "missing".into(),
-                        snapshots: snaps,
-                    });
-                }
-                Err(e) => {
-                    broken.extend(snaps.iter().cloned());
-                    report.corrupt.push(ChunkProblem {
-                        digest: hex::encode(d),
-                        error: e.to_string(),
-                        snapshots: snaps,
-                    });
-                }
-            }
-        }
-        report.broken_snapshots = broken.into_iter().collect();
-        report.missing.sort_by(|a, b| a.digest.cmp(&b.digest));
-        report.corrupt.sort_by(|a, b| a.digest.cmp(&b.digest));
-        Ok(report)
-    }
-
     /// Fetch and decode one chunk by digest (all-zero digest → `None` is not allowed here).
     pub async fn read_chunk_by_digest(&self, d: &Digest) -> Result<Bytes> {
         let key = chunk_key(d);
@@ -774,6 +697,15 @@ impl Repository {
 
     /// Mark and sweep. See docs/format.md for the rules.
     pub async fn gc(&self, opts: GcOptions) -> Result<GcReport> {
+        self.gc_reporting(opts, &QuietProgress).await
+    }
+
+    /// [`Repository::gc`], reporting its stages (mark, sweep) to `progress`.
+    pub async fn gc_reporting(
+        &self,
+        opts: GcOptions,
+        progress: &dyn RepoProgress,
+    ) -> Result<GcReport> {
         let be = self.inner.backend.clone();
         let timing = self.timing();
         let lease_id = uuid::Uuid::new_v4().to_string();
@@ -824,7 +756,7 @@ impl Repository {
                 }
             })
         };
-        let res = self.gc_locked(&opts).await;
+        let res = self.gc_locked(&opts, progress).await;
         refresher.abort();
         let _ = refresher.await;
         if be.get(GC_LOCK).await?.as_deref() == Some(&body[..]) {
@@ -833,7 +765,42 @@ impl Repository {
         res
     }
 
-    async fn gc_locked(&self, opts: &GcOptions) -> Result<GcReport> {
+    /// GC's mark phase: the chunks and index objects of every published backup. An
+    /// unreadable manifest or index stops GC (its chunks would be swept).
+    async fn gc_mark(
+        &self,
+        report: &mut GcReport,
+        progress: &dyn RepoProgress,
+    ) -> Result<(HashSet<Digest>, HashSet<String>)> {
+        let mut marked: HashSet<Digest> = HashSet::new();
+        let mut index_keys: HashSet<String> = HashSet::new();
+        let (manifests, unreadable) = self.manifests_checked().await?;
+        if let Some(u) = unreadable.into_iter().next() {
+            return Err(RepoError::UnreadableBackup {
+                id: u.id,
+                reason: u.error,
+            });
+        }
+        progress.stage("reading indexes", Some(manifests.len() as u64));
+        for m in manifests {
+            report.snapshots += 1;
+            for d in &m.disks {
+                let ix = self.fixed_index(&m.id, &d.spec.name).await.map_err(|e| {
+                    RepoError::UnreadableBackup {
+                        id: m.id.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                index_keys.insert(index_key(&m.id, &d.spec.name));
+                marked.extend(ix.digests.iter().filter(|d| **d != ZERO_DIGEST));
+            }
+            progress.advance(1);
+        }
+        report.chunks_referenced = marked.len() as u64;
+        Ok((marked, index_keys))
+    }
+
+    async fn gc_locked(&self, opts: &GcOptions, progress: &dyn RepoProgress) -> Result<GcReport> {
         let be = &self.inner.backend;
         let gc_start = be
             .head(GC_LOCK)
@@ -856,29 +823,7 @@ impl Repository {
             ..Default::default()
         };
         // 3. mark: every published backup's indexes
-        let mut marked: HashSet<Digest> = HashSet::new();
-        let mut index_keys: HashSet<String> = HashSet::new();
-        let (manifests, unreadable) = self.manifests_checked().await?;
-        if let Some(u) = unreadable.into_iter().next() {
-            return Err(RepoError::UnreadableBackup {
-                id: u.id,
-                reason: u.error,
-            });
-        }
-        for m in manifests {
-            report.snapshots += 1;
-            for d in &m.disks {
-                let ix = self.fixed_index(&m.id, &d.spec.name).await.map_err(|e| {
-                    RepoError::UnreadableBackup {
-                        id: m.id.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                index_keys.insert(index_key(&m.id, &d.spec.name));
-                marked.extend(ix.digests.iter().filter(|d| **d != ZERO_DIGEST));
-            }
-        }
-        report.chunks_referenced = marked.len() as u64;
+        let (marked, index_keys) = self.gc_mark(&mut report, progress).await?;
         // orphan index objects (crashed backups): remove when older than the cutoff
         let objs: Vec<_> = be.list("snapshots/").try_collect().await?;
         for o in objs {
@@ -901,8 +846,10 @@ impl Repository {
             }
         }
         // 4. sweep
+        progress.stage("sweeping chunks", None);
         let mut s = be.list("chunks/");
         while let Some(o) = s.try_next().await? {
+            progress.advance(1);
             let Some(d) = parse_chunk_key(&o.key) else {
                 continue;
             };
@@ -931,52 +878,6 @@ impl Repository {
             report.bytes_freed += o.size;
         }
         Ok(report)
-    }
-}
-
-/// What `verify` checks.
-#[derive(Debug, Clone)]
-pub enum VerifySelection {
-    /// Every backup.
-    All,
-    /// These backups.
-    Snapshots(Vec<String>),
-}
-
-/// A missing or corrupt chunk and the backups it breaks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChunkProblem {
-    /// Hex digest.
-    pub digest: String,
-    /// What is wrong.
-    pub error: String,
-    /// Backups referencing it.
-    pub snapshots: Vec<String>,
-}
-
-/// Result of `verify`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct VerifyReport {
-    /// Backups looked at.
-    pub snapshots_checked: u64,
-    /// Distinct chunks checked.
-    pub chunks_checked: u64,
-    /// Chunks that passed.
-    pub chunks_ok: u64,
-    /// Missing chunks.
-    pub missing: Vec<ChunkProblem>,
-    /// Corrupt chunks.
-    pub corrupt: Vec<ChunkProblem>,
-    /// Manifest/index problems.
-    pub metadata_errors: Vec<String>,
-    /// Backups that cannot be fully restored.
-    pub broken_snapshots: Vec<String>,
-}
-
-impl VerifyReport {
-    /// True when nothing is wrong (the CLI exits non-zero otherwise).
-    pub fn is_ok(&self) -> bool {
-        self.missing.is_empty() && self.corrupt.is_empty() && self.metadata_errors.is_empty()
     }
 }
 

@@ -169,7 +169,12 @@ fn seeded_from_previous(kind: Kind) {
         }
         assert_eq!(restore(&repo, &b.id, "vda").await, data);
         // the parent is untouched
-        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        assert!(
+            repo.verify(VerifyOptions::new(VerifySelection::All).with_read_data())
+                .await
+                .unwrap()
+                .is_ok()
+        );
         fx.cleanup().await;
     })
 }
@@ -278,8 +283,28 @@ fn corruption_detected(kind: Kind) {
             .await
             .unwrap();
         be.delete(&chunk_key(&only_b)).await.unwrap();
-        let r = repo.verify(VerifySelection::All).await.unwrap();
+        // The cheap check (listing, no download) finds the deleted chunk only: the
+        // changed one still exists under its name.
+        let r = repo
+            .verify(VerifyOptions::new(VerifySelection::All))
+            .await
+            .unwrap();
         assert!(!r.is_ok());
+        assert!(!r.read_data);
+        assert!(r.corrupt.is_empty(), "{r:?}");
+        assert_eq!(r.missing.len(), 1, "{r:?}");
+        assert_eq!(r.missing[0].digest, hex::encode(only_b));
+        assert_eq!(r.missing[0].snapshots, vec![b.id.clone()]);
+        assert_eq!(r.broken_snapshots, vec![b.id.clone()]);
+        assert_eq!(r.chunks_checked, r.chunks_ok + 1);
+        assert_eq!(r.chunks_checked, 5, "{r:?}");
+        // Reading the data finds both.
+        let r = repo
+            .verify(VerifyOptions::new(VerifySelection::All).with_read_data())
+            .await
+            .unwrap();
+        assert!(!r.is_ok());
+        assert!(r.read_data);
         assert_eq!(r.corrupt.len(), 1);
         assert_eq!(r.corrupt[0].digest, hex::encode(shared));
         let mut s = r.corrupt[0].snapshots.clone();
@@ -296,12 +321,13 @@ fn corruption_detected(kind: Kind) {
         let e = rd.read_chunk(1).await.unwrap_err();
         assert!(e.to_string().contains(&hex::encode(shared)), "{e}");
         // selective verify of A only reports A
-        let r = repo
-            .verify(VerifySelection::Snapshots(vec![a.id.clone()]))
-            .await
-            .unwrap();
+        let only_a = VerifyOptions::new(VerifySelection::Snapshots(vec![a.id.clone()]));
+        let r = repo.verify(only_a.clone().with_read_data()).await.unwrap();
         assert_eq!(r.broken_snapshots, vec![a.id.clone()]);
         assert!(r.missing.is_empty());
+        // (without reading, A's chunks are all there)
+        let r = repo.verify(only_a).await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
         fx.cleanup().await;
     })
 }
@@ -385,7 +411,12 @@ fn prune_forget_protected(kind: Kind) {
             .unwrap();
         assert_eq!(g.chunks_removed, 1, "{g:?}");
         assert_eq!(g.chunks_kept, 3);
-        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        assert!(
+            repo.verify(VerifyOptions::new(VerifySelection::All).with_read_data())
+                .await
+                .unwrap()
+                .is_ok()
+        );
         repo.set_protected(&ids[0], false).await.unwrap();
         repo.forget(&ids[0]).await.unwrap();
         assert!(matches!(
@@ -478,7 +509,10 @@ fn concurrent_backup_and_gc(kind: Kind) {
         let (runs, removed) = gc.await.unwrap();
         assert!(runs >= 1);
         let b = w.finish(serde_json::Value::Null).await.unwrap();
-        let r = repo.verify(VerifySelection::All).await.unwrap();
+        let r = repo
+            .verify(VerifyOptions::new(VerifySelection::All).with_read_data())
+            .await
+            .unwrap();
         assert!(r.is_ok(), "{r:?}");
         assert_eq!(restore(&repo, &b.id, "vda").await, expect);
         // after the backup: the rest of X goes
@@ -498,7 +532,12 @@ fn concurrent_backup_and_gc(kind: Kind) {
             let present = repo.backend().head(&chunk_key(dg)).await.unwrap().is_some();
             assert_eq!(present, i % 2 == 0, "chunk {i} of X");
         }
-        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        assert!(
+            repo.verify(VerifyOptions::new(VerifySelection::All).with_read_data())
+                .await
+                .unwrap()
+                .is_ok()
+        );
         fx.cleanup().await;
     })
 }
@@ -584,8 +623,18 @@ fn tampered_metadata_refused(kind: Kind) {
             repo.fixed_index(&b.id, "vda").await,
             Err(RepoError::Corrupt { .. })
         ));
-        let r = repo.verify(VerifySelection::All).await.unwrap();
+        let r = repo
+            .verify(VerifyOptions::new(VerifySelection::All).with_read_data())
+            .await
+            .unwrap();
         assert_eq!(r.broken_snapshots, vec![b.id.clone()]);
+        // The cheap check authenticates indexes too.
+        let r = repo
+            .verify(VerifyOptions::new(VerifySelection::All))
+            .await
+            .unwrap();
+        assert_eq!(r.broken_snapshots, vec![b.id.clone()]);
+        assert_eq!(r.metadata_errors.len(), 1, "{r:?}");
         // GC refuses to sweep with an unreadable index
         assert!(
             repo.gc(GcOptions {
@@ -638,7 +687,12 @@ fn gc_mid_backup_keeps_everything_the_backup_uses(kind: Kind) {
                 .is_some()
         );
         let m = w.finish(serde_json::Value::Null).await.unwrap();
-        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        assert!(
+            repo.verify(VerifyOptions::new(VerifySelection::All).with_read_data())
+                .await
+                .unwrap()
+                .is_ok()
+        );
         let mut expect = xdata[..CS as usize].to_vec();
         expect.extend(noise(21, CS as usize));
         assert_eq!(restore(&repo, &m.id, "vda").await, expect);
@@ -767,7 +821,12 @@ fn prune_deletes_only_keys_it_derives(kind: Kind) {
             .map(|s| s.id)
             .collect();
         assert_eq!(ids, vec![b.id.clone()]);
-        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        assert!(
+            repo.verify(VerifyOptions::new(VerifySelection::All).with_read_data())
+                .await
+                .unwrap()
+                .is_ok()
+        );
         fx.cleanup().await;
     })
 }
@@ -854,7 +913,12 @@ fn unreadable_manifest_is_isolated(kind: Kind) {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let g = repo.gc(gc).await.unwrap();
         assert!(g.chunks_removed >= 2, "{g:?}");
-        assert!(repo.verify(VerifySelection::All).await.unwrap().is_ok());
+        assert!(
+            repo.verify(VerifyOptions::new(VerifySelection::All).with_read_data())
+                .await
+                .unwrap()
+                .is_ok()
+        );
         assert_eq!(
             restore(&repo, &a2.id, "vda").await,
             noise(42, 2 * CS as usize)

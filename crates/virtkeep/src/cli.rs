@@ -12,7 +12,8 @@ use virtkeep_engine::plan::{ModeRequest, Transport};
     about = "Agentless backup and restore of libvirt VMs over SSH"
 )]
 pub struct Cli {
-    /// Configuration file [default: $VIRTKEEP_CONFIG or ~/.config/virtkeep/config.toml]
+    /// Configuration file [default: $VIRTKEEP_CONFIG, else /etc/virtkeep/config.toml for
+    /// root and the virtkeep user, ~/.config/virtkeep/config.toml for others]
     #[arg(long, global = true, env = "VIRTKEEP_CONFIG")]
     pub config: Option<PathBuf>,
     /// Machine-readable output on stdout (stable, documented in docs/cli.md)
@@ -370,6 +371,10 @@ pub struct VerifyArgs {
     pub snapshot: Option<String>,
     #[arg(long, conflicts_with = "snapshot")]
     pub all: bool,
+    /// Download and check every chunk (default: check that manifests and indexes read
+    /// and authenticate and that every chunk they name exists, downloading no chunk)
+    #[arg(long)]
+    pub read_data: bool,
     #[command(flatten)]
     pub repo: RepoArgs,
 }

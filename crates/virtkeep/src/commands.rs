@@ -9,10 +9,10 @@ use virtkeep_engine::backup::{BackupOptions, BaseOnHost, backup_vm};
 use virtkeep_engine::config::{CephConfig, HostConfig};
 use virtkeep_engine::host::Host;
 use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
-use virtkeep_engine::{Error as EngineError, heal, inventory};
+use virtkeep_engine::{Error as EngineError, cleanup, heal, inventory};
 
 use crate::cli::*;
-use crate::output::{human_bytes, print_json, progress};
+use crate::output::{human_bytes, print_json, progress, stages};
 use crate::settings::{Settings, repo_err};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -692,13 +692,27 @@ async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Re
         }
         None => virtkeep_repo::VerifySelection::All,
     };
-    let report = repo.verify(selection).await.map_err(repo_err)?;
+    let opts = virtkeep_repo::VerifyOptions {
+        selection,
+        read_data: args.read_data,
+    };
+    let progress = stages(json);
+    let report = repo.verify_reporting(opts, &*progress).await;
+    progress.finish();
+    let report = report.map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {
         println!(
-            "{} backups, {} chunks checked, {} ok",
-            report.snapshots_checked, report.chunks_checked, report.chunks_ok
+            "{} backups, {} chunks {}, {} ok",
+            report.snapshots_checked,
+            report.chunks_checked,
+            if report.read_data {
+                "read"
+            } else {
+                "looked up (contents not read; --read-data reads them)"
+            },
+            report.chunks_ok
         );
         for p in report
             .missing
@@ -804,13 +818,14 @@ async fn prune_host(
 
 async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
-    let report = repo
-        .gc(virtkeep_repo::GcOptions {
-            grace: Duration::from_secs(args.grace_hours * 3600),
-            dry_run: args.dry_run,
-        })
-        .await
-        .map_err(repo_err)?;
+    let opts = virtkeep_repo::GcOptions {
+        grace: Duration::from_secs(args.grace_hours * 3600),
+        dry_run: args.dry_run,
+    };
+    let progress = stages(json);
+    let report = repo.gc_reporting(opts, &*progress).await;
+    progress.finish();
+    let report = report.map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {
@@ -830,7 +845,7 @@ async fn cleanup(settings: &Settings, args: CleanupArgs, json: bool) -> anyhow::
     let host = connect(settings, &args.host).await?;
     let reports = match &args.vm {
         Some(vm) => {
-            let r = heal::cleanup_vm(&host, vm, args.dry_run)
+            let r = cleanup::cleanup_vm(&host, vm, args.dry_run)
                 .await
                 .context("cleanup")?;
             if r.actions.is_empty() {
@@ -839,7 +854,7 @@ async fn cleanup(settings: &Settings, args: CleanupArgs, json: bool) -> anyhow::
                 vec![r]
             }
         }
-        None => heal::cleanup_host(&host, args.dry_run)
+        None => cleanup::cleanup_host(&host, args.dry_run)
             .await
             .context("cleanup")?,
     };

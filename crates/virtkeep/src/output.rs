@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use virtkeep_engine::progress::{Event, LogProgress, Progress};
 use virtkeep_engine::{Error as EngineError, ErrorKind};
-use virtkeep_repo::RepoError;
+use virtkeep_repo::{RepoError, RepoProgress};
 
 pub fn init_logging(verbose: u8, json: bool) {
     let default = match verbose {
@@ -171,6 +171,110 @@ impl Progress for Bars {
             Event::Notice { vm, message } => {
                 let _ = self.multi.println(format!("{vm}: {message}"));
             }
+        }
+    }
+}
+
+/// Progress of a repository operation (verify, gc) in stages; `finish` ends the last.
+pub trait Stages: RepoProgress {
+    fn finish(&self);
+}
+
+/// A bar per stage when stderr is a terminal (and not `--json`); log lines otherwise.
+pub fn stages(json: bool) -> Box<dyn Stages> {
+    if !json && std::io::stderr().is_terminal() {
+        Box::new(StageBars::default())
+    } else {
+        Box::new(StageLog::default())
+    }
+}
+
+#[derive(Default)]
+struct StageBars {
+    current: Mutex<Option<ProgressBar>>,
+}
+
+impl RepoProgress for StageBars {
+    fn stage(&self, name: &'static str, total: Option<u64>) {
+        let Ok(mut current) = self.current.lock() else {
+            return;
+        };
+        if let Some(done) = current.take() {
+            done.finish();
+        }
+        let (bar, template) = match total {
+            Some(n) => (
+                ProgressBar::new(n),
+                "{prefix} [{wide_bar}] {pos}/{len} {eta}",
+            ),
+            // A listing: how far it got, not how far it has to go.
+            None => (ProgressBar::no_length(), "{prefix} {spinner} {pos}"),
+        };
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(name);
+        bar.tick();
+        *current = Some(bar);
+    }
+
+    fn advance(&self, n: u64) {
+        if let Ok(current) = self.current.lock()
+            && let Some(bar) = current.as_ref()
+        {
+            bar.inc(n);
+        }
+    }
+}
+
+impl Stages for StageBars {
+    fn finish(&self) {
+        if let Ok(mut current) = self.current.lock()
+            && let Some(bar) = current.take()
+        {
+            bar.finish();
+        }
+    }
+}
+
+/// Stages as tracing events: when each starts (with its size) and how many items it did.
+#[derive(Default)]
+struct StageLog {
+    current: Mutex<Option<(&'static str, u64)>>,
+}
+
+impl StageLog {
+    fn end(current: &mut Option<(&'static str, u64)>) {
+        if let Some((stage, done)) = current.take() {
+            tracing::info!(stage, done, "stage done");
+        }
+    }
+}
+
+impl RepoProgress for StageLog {
+    fn stage(&self, name: &'static str, total: Option<u64>) {
+        if let Ok(mut current) = self.current.lock() {
+            StageLog::end(&mut current);
+            tracing::info!(stage = name, total, "stage starts");
+            *current = Some((name, 0));
+        }
+    }
+
+    fn advance(&self, n: u64) {
+        if let Ok(mut current) = self.current.lock()
+            && let Some((_, done)) = current.as_mut()
+        {
+            *done += n;
+        }
+    }
+}
+
+impl Stages for StageLog {
+    fn finish(&self) {
+        if let Ok(mut current) = self.current.lock() {
+            StageLog::end(&mut current);
         }
     }
 }

@@ -67,6 +67,8 @@ pub async fn init(
         settings.config.repository = Some(RepositoryConfig {
             location: location.clone(),
             key_file: choice.key_file.clone(),
+            password_file: choice.password_file.as_deref().map(keys::absolute),
+            password_command: choice.password_command.clone(),
             passphrase_env: choice.passphrase_env.clone(),
             s3_endpoint: None,
             s3_region: None,
@@ -203,6 +205,8 @@ pub async fn key_change(
         && rc.location == location
     {
         rc.key_file = new.key_file.clone();
+        rc.password_file = new.password_file.as_deref().map(keys::absolute);
+        rc.password_command = new.password_command.clone();
         rc.passphrase_env = None;
         settings.save()?;
     }

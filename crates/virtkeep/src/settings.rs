@@ -111,6 +111,8 @@ impl Settings {
         let mut rc = self.config.repository.clone().unwrap_or(RepositoryConfig {
             location: default_repo_location(),
             key_file: None,
+            password_file: None,
+            password_command: None,
             passphrase_env: None,
             s3_endpoint: None,
             s3_region: None,
@@ -121,6 +123,8 @@ impl Settings {
                 rc = RepositoryConfig {
                     location: loc,
                     key_file: None,
+                    password_file: None,
+                    password_command: None,
                     passphrase_env: None,
                     ..rc
                 };
@@ -132,15 +136,8 @@ impl Settings {
             password_command: args.password_command.clone(),
             passphrase_env: args.passphrase_env.clone(),
         };
-        let choice = if given.is_empty() {
-            KeyChoice {
-                key_file: rc.key_file.clone(),
-                passphrase_env: rc.passphrase_env.clone(),
-                ..KeyChoice::default()
-            }
-        } else {
-            given
-        };
+        // The command line (and its variables) first, then the configuration's.
+        let choice = given.or(KeyChoice::of_repository(&rc));
         (rc, choice)
     }
 

@@ -8,8 +8,8 @@ use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, rewrite_domain, virsh};
 use super::job::{Job, Planned};
 use super::nvram;
 use super::options::RestoreOptions;
+use crate::define::define;
 use crate::error::Result;
-use crate::heal::define;
 use crate::host::Host;
 
 /// The domain XML changes of a restore: new sources, and for a new name a new identity.

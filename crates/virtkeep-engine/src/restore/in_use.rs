@@ -33,7 +33,7 @@ impl InUse {
                 match &d.source {
                     DiskSource::File { path } => {
                         paths.push((path.clone(), vm.name.clone()));
-                        if let Some(base) = crate::heal::overlay_base(path) {
+                        if let Some(base) = crate::backup::overlay::overlay_base(path) {
                             paths.push((base.to_string(), vm.name.clone()));
                         }
                     }

@@ -127,8 +127,7 @@ impl Place<'_> {
                 "restore under another name (--name) or into another volume group (--storage lvm:VG)",
             ));
         }
-        let manifest = self.manifest;
-        let wanted_pool = manifest.extra["lvm"][&m.spec.target]["thin_pool"].as_str();
+        let wanted_pool = crate::plan::BackupExtra::of(self.manifest).thin_pool(&m.spec.target);
         let thin_pool = match wanted_pool {
             Some(pool) if lvs.iter().any(|l| l.name == pool && l.is_thin_pool()) => {
                 Some(pool.to_string())

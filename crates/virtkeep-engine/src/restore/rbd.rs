@@ -92,17 +92,14 @@ impl Destination for RbdDest {
             disk: m.spec.target.clone(),
             bytes: m.spec.size,
         });
-        let written = crate::rbd::restore_image(
-            ctx.host,
-            &ceph,
+        let to = crate::rbd::ImageRestore {
+            ceph: &ceph,
             pool,
             image,
-            &reader,
-            m.spec.size,
-            ctx.progress,
-            &m.spec.target,
-        )
-        .await?;
+            size: m.spec.size,
+            disk: &m.spec.target,
+        };
+        let written = crate::rbd::restore_image(ctx.host, &to, &reader, ctx.progress).await?;
         ctx.progress.event(Event::DiskDone {
             disk: m.spec.target.clone(),
         });

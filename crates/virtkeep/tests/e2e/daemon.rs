@@ -33,12 +33,20 @@ impl Daemon {
 
     /// With failpoint `failpoint` on: its job stops there for good (for fault tests).
     fn start_with(node: &Node, failpoint: Option<&str>) -> Daemon {
+        Daemon::start_env(node, failpoint, &[])
+    }
+
+    /// With further variables in the daemon's environment.
+    fn start_env(node: &Node, failpoint: Option<&str>, env: &[(&str, &str)]) -> Daemon {
         let bin = assert_cmd::cargo::cargo_bin("virtkeep");
         let mut cmd = Command::new(bin);
         cmd.env_remove("VIRTKEEP_FAILPOINT");
+        cmd.env_remove("VIRTKEEP_PASSWORD_FILE");
+        cmd.env_remove("VIRTKEEP_PASSWORD_COMMAND");
         if let Some(name) = failpoint {
             cmd.env("VIRTKEEP_FAILPOINT", name);
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .arg("--config")
             .arg(node.config())
@@ -722,6 +730,204 @@ names = ["{}"]
     assert_eq!(vm.current_sources(), sources);
     assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
     assert_eq!(node.json(&["snapshots"]).as_array().map(Vec::len), Some(0));
+}
+
+/// The value of the series `name{labels}` in Prometheus text.
+fn series_value(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let head = format!("{name}{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&head))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A VM a policy selects that never had a successful backup (its backups fail, or the
+/// host does not even have it) has a last-success series, 0, so docs/daemon.md's alert
+/// `time() - virtkeep_backup_last_success_timestamp_seconds > 26*3600` fires for it.
+#[test]
+fn metrics_have_a_series_for_a_vm_never_backed_up() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkd-never")
+        .qcow2_disk(4 * MIB)
+        .running(false)
+        .build();
+    let absent = virtkeep_lab::unique_name("vkd-absent");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    append_config(
+        &node,
+        &format!(
+            r#"
+[daemon]
+catalog = "{}"
+retries = 0
+
+[daemon.api]
+listen = "127.0.0.1:{port}"
+token_env = "VKD_TEST_TOKEN"
+
+[policies.never]
+schedules = [{{ every = "1h" }}]
+pre_snapshot = "echo not this time >&2; exit 3"
+
+[[policies.never.vms]]
+host = "{HOST}"
+names = ["{}", "{absent}"]
+"#,
+            catalog(&node),
+            vm.name
+        ),
+    );
+    let mut daemon = Daemon::start(&node);
+    daemon.wait_log("API listening", 30);
+    let list = wait_jobs(&node, &daemon, 120, "the failed backup", |l| {
+        l.len() == 1 && l[0]["status"] == "failed"
+    });
+    assert_eq!(list[0]["vm"], vm.name.as_str(), "{list:#?}");
+    let (status, metrics) = http(port, "GET", "/metrics", Some(TOKEN), None);
+    daemon.terminate();
+    assert_eq!(status, 200, "{metrics}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    for name in [vm.name.as_str(), absent.as_str()] {
+        let labels = format!("host=\"{HOST}\",vm=\"{name}\"");
+        let last = series_value(
+            &metrics,
+            "virtkeep_backup_last_success_timestamp_seconds",
+            &labels,
+        );
+        assert_eq!(last, Some(0.0), "{name}: {metrics}");
+        // The documented alert's expression, evaluated as Prometheus would.
+        assert!(now - last.unwrap_or(now) > 26.0 * 3600.0);
+    }
+    let failures = |name: &str| {
+        let labels = format!("host=\"{HOST}\",vm=\"{name}\"");
+        series_value(&metrics, "virtkeep_backup_failures_total", &labels)
+    };
+    assert_eq!(failures(&vm.name), Some(1.0), "{metrics}");
+    assert_eq!(failures(&absent), Some(0.0), "{metrics}");
+}
+
+/// The daemon opens encrypted repositories from the sources the CLI reads: the
+/// configuration's `password_file` and `password_command`, and VIRTKEEP_PASSWORD_FILE
+/// for a repository that names no key (never for an unencrypted one, which it would
+/// break); a wrong password fails the job with the repository's error.
+#[test]
+fn the_daemon_reads_repository_passwords_as_the_cli_does() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkd-keys")
+        .qcow2_disk(4 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x5a, 0, MIB);
+    let dir = node.dir.path();
+    let mut repos = Vec::new();
+    for (name, password) in [
+        ("byfile", "file pw"),
+        ("bycmd", "command pw"),
+        ("byenv", "env pw"),
+    ] {
+        let pw = dir.join(format!("{name}.pw"));
+        std::fs::write(&pw, format!("{password}\n")).expect("pw");
+        let repo = dir.join(name).display().to_string();
+        let pw = pw.display().to_string();
+        node.ok(&["repo", "init", &repo, "--password-file", &pw]);
+        repos.push((name, repo, pw));
+    }
+    let bad = dir.join("bad.pw");
+    std::fs::write(&bad, "not it\n").expect("pw");
+    let mut text = format!(
+        r#"
+[repositories.byfile]
+location = "{}"
+password_file = "{}"
+
+[repositories.bycmd]
+location = "{}"
+password_command = "cat '{}'"
+
+[repositories.byenv]
+location = "{}"
+
+[repositories.wrong]
+location = "{}"
+password_file = "{}"
+
+[daemon]
+catalog = "{}"
+retries = 0
+"#,
+        repos[0].1,
+        repos[0].2,
+        repos[1].1,
+        repos[1].2,
+        repos[2].1,
+        repos[0].1,
+        bad.display(),
+        catalog(&node)
+    );
+    // One policy per repository; "plain" uses the harness's unencrypted [repository].
+    for policy in ["byfile", "bycmd", "byenv", "wrong", "plain"] {
+        let repository = if policy == "plain" {
+            String::new()
+        } else {
+            format!("repository = \"{policy}\"\n")
+        };
+        text.push_str(&format!(
+            r#"
+[policies.{policy}]
+{repository}schedules = [{{ every = "1h", mode = "full" }}]
+
+[[policies.{policy}.vms]]
+host = "{HOST}"
+names = ["{}"]
+"#,
+            vm.name
+        ));
+    }
+    append_config(&node, &text);
+    let env_pw = repos[2].2.clone();
+    let daemon = Daemon::start_env(&node, None, &[("VIRTKEEP_PASSWORD_FILE", &env_pw)]);
+    let list = wait_jobs(&node, &daemon, 180, "five finished jobs", |l| {
+        l.len() == 5
+            && l.iter()
+                .all(|j| j["status"] == "succeeded" || j["status"] == "failed")
+    });
+    daemon.terminate();
+    let status = |policy: &str| -> &Value {
+        list.iter()
+            .find(|j| j["policy"] == policy)
+            .unwrap_or_else(|| panic!("no job of {policy}: {list:#?}"))
+    };
+    for policy in ["byfile", "bycmd", "byenv", "plain"] {
+        assert_eq!(status(policy)["status"], "succeeded", "{list:#?}");
+    }
+    let wrong = status("wrong");
+    assert_eq!(wrong["status"], "failed", "{wrong}");
+    assert!(
+        wrong["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not unlock")),
+        "{wrong}"
+    );
+    // Each backup is in its repository, readable with that repository's password.
+    for (name, repo, pw) in &repos {
+        let snaps = node.json(&["snapshots", "--repo", repo, "--password-file", pw]);
+        let snapshot = status(name)["snapshot"]
+            .as_str()
+            .expect("snapshot")
+            .to_string();
+        assert!(
+            snaps
+                .as_array()
+                .is_some_and(|l| l.len() == 1 && l[0]["id"] == snapshot.as_str()),
+            "{name}: {snaps}"
+        );
+    }
 }
 
 #[test]

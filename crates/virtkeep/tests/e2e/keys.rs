@@ -277,3 +277,59 @@ fn interrupted_command_exits_130() {
     std::thread::sleep(Duration::from_secs(1));
     assert!(!marker.exists());
 }
+
+/// The configuration names a password file or command as the daemon reads them: `repo
+/// init --password-file` records the file (absolute), and later commands open the
+/// repository with it from anywhere; `password_command` works the same way.
+#[test]
+fn password_file_and_command_in_the_configuration() {
+    let node = bare_node();
+    let dir = node.dir.path();
+    std::fs::write(dir.join("pw"), "in the config\n").expect("pw");
+    let out = node
+        .cmd()
+        .current_dir(dir)
+        .args(["repo", "init", "cfg-repo", "--password-file", "pw"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let config: toml::Table =
+        toml::from_str(&std::fs::read_to_string(node.config()).expect("config")).expect("toml");
+    let pw = dir.join("pw").display().to_string();
+    assert_eq!(
+        config["repository"]["password_file"].as_str(),
+        Some(pw.as_str())
+    );
+    assert!(config["repository"].get("key_file").is_none(), "{config}");
+    let snapshots = || {
+        node.cmd()
+            .current_dir("/")
+            .arg("snapshots")
+            .output()
+            .expect("run")
+    };
+    let out = snapshots();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "no backups\n");
+
+    // A password command instead of the file; a failing one is a usage error.
+    let edit = |from: &str, to: &str| {
+        let c = std::fs::read_to_string(node.config()).expect("config");
+        assert!(c.contains(from), "{c}");
+        std::fs::write(node.config(), c.replace(from, to)).expect("write");
+    };
+    edit(
+        &format!("password_file = \"{pw}\""),
+        &format!("password_command = \"cat {pw}\""),
+    );
+    let out = snapshots();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    edit(&format!("cat {pw}"), "exit 3");
+    let out = snapshots();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("password command"),
+        "{}",
+        text(&out.stderr)
+    );
+}

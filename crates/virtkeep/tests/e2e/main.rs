@@ -15,6 +15,7 @@ mod hosts;
 mod incremental;
 mod keys;
 mod lvm_host;
+mod quickstart;
 mod rbd;
 mod repository;
 mod restore_safety;

@@ -16,15 +16,19 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use async_trait::async_trait;
 
-use crate::backup::PlannedDisk;
+use super::image::{ImageRead, export_image};
+use super::job::Job;
+use super::strategy::{BaseSummary, DiskOut, Freeze, Strategy};
 use crate::error::{Error, Result};
+use crate::export::ExportStats;
 use crate::host::Host;
 use crate::lvm::{self, LvDisk, LvSnapshot, SnapshotRequest};
+use crate::plan::{BackupExtra, DiskKind, LvmRecord, ModeRequest, Plan, PlannedDisk};
 
 /// One LVM disk of a running job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct FrozenLv {
     pub vg: String,
     pub lv: String,
@@ -33,11 +37,21 @@ pub struct FrozenLv {
     /// The snapshot this backup leaves on the host as the next incremental's base.
     pub kept: Option<String>,
     /// Origin size in bytes.
-    #[serde(skip)]
     pub size: u64,
     /// The snapshot the data is read from.
-    #[serde(skip)]
     pub snapshot: LvSnapshot,
+}
+
+impl FrozenLv {
+    /// What the manifest records of it (`extra.lvm.TARGET`).
+    pub fn record(&self) -> LvmRecord {
+        LvmRecord {
+            vg: self.vg.clone(),
+            lv: self.lv.clone(),
+            thin_pool: self.thin_pool.clone(),
+            kept: self.kept.clone(),
+        }
+    }
 }
 
 /// The LVM disks of a job, by target.
@@ -59,19 +73,18 @@ impl Prepared {
 /// Looks the LVs up (one `lvs` per VG) and sizes their snapshots from the host's
 /// `[hosts.NAME.lvm]` settings; refuses when a VG lacks room or a thin pool is nearly
 /// full. Nothing is created here, so a refusal leaves nothing behind.
-pub async fn prepare(host: &Host, disks: &[&PlannedDisk], job_id: &str) -> Result<Prepared> {
+pub async fn prepare(host: &Host, disks: &[PlannedDisk], job_id: &str) -> Result<Prepared> {
     let lvm_disks: Vec<(&PlannedDisk, &str, &str)> = disks
         .iter()
-        .filter_map(|d| {
-            d.lvm
-                .as_ref()
-                .map(|(vg, lv)| (*d, vg.as_str(), lv.as_str()))
+        .filter_map(|d| match &d.kind {
+            DiskKind::Lvm { vg, lv } => Some((d, vg.as_str(), lv.as_str())),
+            _ => None,
         })
         .collect();
     if lvm_disks.is_empty() {
         return Ok(Prepared::default());
     }
-    let mut by_vg: BTreeMap<&str, Vec<virtkeep_libvirt::parse::LvInfo>> = BTreeMap::new();
+    let mut by_vg: BTreeMap<&str, Vec<virtkeep_libvirt::lvm::LvInfo>> = BTreeMap::new();
     for (_, vg, _) in &lvm_disks {
         if !by_vg.contains_key(vg) {
             by_vg.insert(vg, lvm::list_lvs(host, Some(vg)).await?);
@@ -206,13 +219,14 @@ async fn thin_base(
     target: &str,
     f: &FrozenLv,
 ) -> Result<std::result::Result<String, String>> {
-    if crate::backup::base_removed_on_request(parent) {
+    let extra = BackupExtra::of(parent);
+    if extra.base_removed_on_request() {
         return Ok(Err(format!(
             "backup {} left no base on the host, as asked (--no-keep-base)",
             parent.id
         )));
     }
-    let Some(base) = parent.extra["lvm"][target]["kept"].as_str() else {
+    let Some(base) = extra.lvm_base(target) else {
         return Ok(Err(format!(
             "backup {} kept no thin snapshot of it",
             parent.id
@@ -272,13 +286,9 @@ pub async fn parent(
     if frozen.is_empty() {
         return Ok(None);
     }
-    let mut snaps = repo.snapshots().await?;
-    snaps.retain(|s| s.host == host.name && s.vm == vm);
-    snaps.sort_by_key(|s| s.time);
-    let Some(last) = snaps.last() else {
+    let Some(manifest) = crate::store::latest_backup(repo, &host.name, vm).await? else {
         return Ok(None);
     };
-    let manifest = repo.manifest(&last.id).await?;
     let all = frozen.iter().all(|(target, f)| {
         manifest.disks.iter().any(|m| {
             &m.spec.target == target
@@ -287,4 +297,139 @@ pub async fn parent(
         })
     });
     Ok(all.then_some(manifest))
+}
+
+/// How an LVM incremental read its volumes, for the reason.
+fn lvm_reason(thin: &ThinDeltas, lvs: usize) -> String {
+    let mut how = if !thin.ranges.is_empty() && thin.ranges.len() == lvs {
+        "thin_delta listed the changed blocks of the thin LVs and only those were read".to_string()
+    } else if !thin.ranges.is_empty() {
+        "thin_delta listed the changed blocks of the thin LVs (only those were read); the other LVs were read whole and only their changed chunks stored".to_string()
+    } else {
+        "each snapshot was read whole and only the chunks that changed were stored (LVM keeps no change map)".to_string()
+    };
+    if !thin.read_whole.is_empty() {
+        how.push_str(&format!(
+            "; thin LVs read whole: {}",
+            thin.read_whole.join("; ")
+        ));
+    }
+    how
+}
+
+/// The LVM snapshot strategy of a job's LVM disks.
+pub struct Snapshots {
+    disks: Vec<PlannedDisk>,
+    prepared: Prepared,
+    frozen: FrozenLvs,
+    /// The backup whose chunks (and kept thin snapshots) this one builds on.
+    parent: Option<virtkeep_repo::Manifest>,
+    thin: ThinDeltas,
+}
+
+impl Snapshots {
+    pub fn new(plan: &Plan) -> Snapshots {
+        Snapshots {
+            disks: plan
+                .disks
+                .iter()
+                .filter(|d| matches!(d.kind, DiskKind::Lvm { .. }))
+                .cloned()
+                .collect(),
+            prepared: Prepared::default(),
+            frozen: FrozenLvs::new(),
+            parent: None,
+            thin: ThinDeltas::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Strategy for Snapshots {
+    fn owns(&self, disk: &PlannedDisk) -> bool {
+        matches!(disk.kind, DiskKind::Lvm { .. })
+    }
+
+    /// LV sizes are checked before anything is made: a refusal leaves nothing behind.
+    async fn prepare(&mut self, job: &Job<'_>) -> Result<()> {
+        self.prepared = prepare(job.host, &self.disks, &job.id).await?;
+        Ok(())
+    }
+
+    fn freeze_calls(&self) -> usize {
+        self.disks.len()
+    }
+
+    async fn freeze(&mut self, job: &Job<'_>, _freeze: Freeze) -> Result<()> {
+        self.frozen = snapshot(job.host, &self.prepared, &job.id).await?;
+        Ok(())
+    }
+
+    async fn bases(&mut self, job: &mut Job<'_>) -> Result<BaseSummary> {
+        if job.opts.mode != ModeRequest::Full {
+            self.parent = parent(job.host, job.repo, &job.vm.name, &self.frozen).await?;
+        }
+        let keep = job.opts.base == crate::plan::BaseOnHost::Keep;
+        self.thin = match thin_deltas(job.host, &mut self.frozen, self.parent.as_ref(), keep).await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                job.warn(format!(
+                    "thin_delta failed, the thin LVs are read whole: {e}"
+                ));
+                ThinDeltas::default()
+            }
+        };
+        let Some(parent) = &self.parent else {
+            return Ok(BaseSummary::default());
+        };
+        Ok(BaseSummary {
+            parent: Some(parent.id.clone()),
+            based: self.frozen.len(),
+            problem: None,
+            detail: Some(lvm_reason(&self.thin, self.frozen.len())),
+        })
+    }
+
+    /// An LVM disk is read from its snapshot, as a block device.
+    async fn export(
+        &self,
+        job: &Job<'_>,
+        out: &DiskOut<'_>,
+        disk: &PlannedDisk,
+    ) -> Result<ExportStats> {
+        let frozen = self.frozen.get(&disk.target).ok_or_else(|| {
+            Error::domain(format!("internal: LVM disk {} was not frozen", disk.target))
+        })?;
+        let parent = self.parent.as_ref().map(|p| p.id.as_str());
+        let read = ImageRead {
+            disk,
+            path: &frozen.snapshot.path,
+            block_device: true,
+            parent,
+            ranges: parent.and(self.thin.ranges.get(&disk.target).cloned()),
+        };
+        export_image(job, out, read).await
+    }
+
+    /// An overflowed snapshot no longer holds the instant: nothing of it is published.
+    async fn publish(&self, job: &Job<'_>, extra: &mut BackupExtra) -> Result<()> {
+        check_valid(job.host, &self.frozen).await?;
+        extra.lvm = Some(
+            self.frozen
+                .iter()
+                .map(|(t, f)| (t.clone(), f.record()))
+                .collect(),
+        );
+        Ok(())
+    }
+
+    async fn after_publish(&mut self, job: &mut Job<'_>) -> Result<()> {
+        if let Err(e) = replace_bases(job.host, &self.frozen).await {
+            job.warnings.push(format!(
+                "the backup is stored, but its thin snapshots could not be kept as the next base (the next backup reads them whole): {e}"
+            ));
+        }
+        Ok(())
+    }
 }

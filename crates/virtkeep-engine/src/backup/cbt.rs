@@ -1,0 +1,398 @@
+//! The backup-API path of `virtkeep backup`, a whole-job strategy (see [`crate::cbt`]
+//! for the model):
+//!
+//! 1. decide full or incremental from the repository's record and the host's checkpoints;
+//! 2. a stopped VM is started paused (a marker in the job dir lets `cleanup` undo that);
+//! 3. pre command, `virsh backup-begin` (pull mode, new checkpoint at the same instant),
+//!    post command; an incremental whose bitmap turns out unusable becomes a full;
+//! 4. read each disk's export (libvirt's NBD server on a unix socket, through SSH):
+//!    allocated extents for a full, dirty extents patched onto the parent's chunks for
+//!    an incremental;
+//! 5. publish, end the job, drop older virtkeep checkpoints; on failure end the job and
+//!    delete the new checkpoint so the next incremental still starts from the last good one.
+
+use std::sync::Arc;
+
+use virtkeep_libvirt::qemu_img;
+
+use super::job::{Job, disk_results};
+use crate::cbt::{self, Base, CHECKPOINT_PREFIX, CbtRecord, PAUSED_MARKER};
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::{DiskRead, ExportStats, NbdExport, ReadScope, export_disk};
+use crate::host::{Host, OVERLAY_MARKER};
+use crate::phases::Phase;
+use crate::plan::{
+    BackupExtra, BackupResult, BaseOnHost, FreezeMethod, ModeRequest, Plan, Transport,
+    removed_on_request_reason,
+};
+use crate::store::RepoSink;
+
+/// Full or incremental, and the disks' sizes (recorded with the checkpoint).
+pub struct Choice {
+    base: Option<Base>,
+    reason: String,
+    sizes: Vec<(String, u64)>,
+}
+
+/// The names one job's backup-API calls use.
+struct Names {
+    socket: String,
+    checkpoint: String,
+    checkpoint_xml: String,
+    targets: Vec<String>,
+    excluded: Vec<String>,
+}
+
+async fn disk_size(host: &Host, path: &str, format: &str) -> Result<u64> {
+    let out = host
+        .run_string(&qemu_img::info_json(path, Some(format), true))
+        .await?;
+    let info = qemu_img::parse_qemu_img_info(&out)
+        .map_err(|e| Error::new(ErrorKind::Remote, format!("qemu-img info {path}: {e}")))?;
+    Ok(info.virtual_size)
+}
+
+/// Whether the backup goes through libvirt's backup API: qcow2 file disks only (a disk
+/// on a kept overlay belongs to the kept-overlay method), the SSH transport, and a host
+/// whose libvirt has the API.
+pub async fn choose(job: &Job<'_>, plan: &Plan) -> Result<Option<Choice>> {
+    let host = job.host;
+    if job.vm.domain.kind == "xen"
+        || job.opts.transport != Transport::Ssh
+        || plan
+            .disks
+            .iter()
+            .any(|d| d.format != "qcow2" || !d.is_file())
+        || plan.disks.iter().any(|d| d.path.contains(OVERLAY_MARKER))
+        || !cbt::backup_api_supported(host, false).await
+    {
+        return Ok(None);
+    }
+    let mut sizes = Vec::new();
+    for d in &plan.disks {
+        sizes.push((d.target.clone(), disk_size(host, &d.path, &d.format).await?));
+    }
+    let reason = match job.opts.mode {
+        ModeRequest::Full => "full backup requested".into(),
+        _ => String::new(),
+    };
+    Ok(Some(Choice {
+        base: None,
+        reason,
+        sizes,
+    }))
+}
+
+/// The newest backup of this VM, as a CBT base, or why a full is needed.
+async fn latest_record(job: &Job<'_>) -> Result<std::result::Result<Base, String>> {
+    let Some(manifest) =
+        crate::store::latest_backup(job.repo, &job.host.name, &job.vm.name).await?
+    else {
+        return Ok(Err("full: no earlier backup of this VM".into()));
+    };
+    let extra = BackupExtra::of(&manifest);
+    if extra.base_removed_on_request() {
+        return Ok(Err(removed_on_request_reason(&manifest.id)));
+    }
+    match extra.cbt {
+        Some(record) => Ok(Ok(Base {
+            id: manifest.id,
+            record,
+        })),
+        None => Ok(Err(format!(
+            "full: the newest backup {} was not taken with a checkpoint (another method or an older virtkeep)",
+            manifest.id
+        ))),
+    }
+}
+
+/// Picks the base in the repository, unless a full was asked for.
+async fn pick_base(job: &Job<'_>, choice: &mut Choice) -> Result<()> {
+    if !choice.reason.is_empty() {
+        return Ok(());
+    }
+    let base = match latest_record(job).await? {
+        Ok(base) => base,
+        Err(reason) => {
+            choice.reason = reason;
+            return Ok(());
+        }
+    };
+    let checkpoints = cbt::checkpoints(job.host, &job.vm.uuid).await?;
+    match cbt::base_problem(&base, &job.vm.uuid, &checkpoints, &choice.sizes) {
+        Some(problem) => choice.reason = problem,
+        None => {
+            choice.reason = format!(
+                "incremental since backup {} (checkpoint {})",
+                base.id, base.record.checkpoint
+            );
+            choice.base = Some(base);
+        }
+    }
+    Ok(())
+}
+
+/// Runs the whole job through the backup API.
+pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<BackupResult> {
+    pick_base(&job, &mut choice).await?;
+    job.open_dir().await?;
+    cbt::hand_job_dir_to_qemu(job.host, &job.dir).await?;
+    job.clock.lap(Phase::Plan);
+    let started_paused = start_paused(&job).await?;
+    let res = run_job(&mut job, plan, &mut choice).await;
+    job.clock.lap(Phase::Publish);
+    end_job(&mut job, started_paused).await;
+    let checkpoint = format!("{CHECKPOINT_PREFIX}{}", job.id);
+    job.remove_dir().await;
+    let (host, uuid) = (job.host, job.vm.uuid.clone());
+    let (manifest, stats) = match res {
+        Ok(v) => v,
+        Err(e) => {
+            // Merge the new checkpoint's bitmap back: the next incremental then starts
+            // from the last checkpoint a published backup recorded.
+            if cbt::checkpoints(host, &uuid)
+                .await
+                .unwrap_or_default()
+                .contains(&checkpoint)
+            {
+                let _ = host
+                    .exec(&host.virsh().checkpoint_delete(&uuid, &checkpoint, false))
+                    .await;
+            }
+            return Err(e);
+        }
+    };
+    // Every mode keeps its checkpoint for the next incremental, unless asked not to.
+    let keep = match job.opts.base {
+        BaseOnHost::Keep => checkpoint.as_str(),
+        BaseOnHost::Remove => "",
+    };
+    match cbt::prune_checkpoints(host, &uuid, keep).await {
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!(vm = %job.vm.name, ?removed, "older virtkeep checkpoints deleted")
+        }
+        Ok(_) => {}
+        Err(e) => job
+            .warnings
+            .push(format!("could not delete older virtkeep checkpoints: {e}")),
+    }
+    job.clock.lap(Phase::Heal);
+    Ok(BackupResult {
+        id: manifest.id.clone(),
+        host: host.name.clone(),
+        vm: job.vm.name.clone(),
+        mode: manifest.mode.to_string(),
+        reason: manifest.reason.clone(),
+        method: FreezeMethod::BackupApi,
+        disks: disk_results(&manifest, stats),
+        skipped: plan.skipped.clone(),
+        warnings: job.warnings,
+        duration_secs: job.clock.elapsed_secs(),
+        phases: job.clock.phases(),
+    })
+}
+
+/// A stopped VM is started paused for the job (and a marker left for healing).
+async fn start_paused(job: &Job<'_>) -> Result<bool> {
+    if job.vm.state.is_active() {
+        return Ok(false);
+    }
+    job.phase("start-paused");
+    let host = job.host;
+    host.upload(&format!("{}/{PAUSED_MARKER}", job.dir), b"")
+        .await?;
+    host.run(&host.virsh().start_paused(&job.vm.uuid))
+        .await
+        .map_err(|e| e.context("starting the stopped VM paused for its backup job"))?;
+    Ok(true)
+}
+
+/// Ends the job whatever happened; a VM we started (and nobody resumed) goes down again.
+async fn end_job(job: &mut Job<'_>, started_paused: bool) {
+    let (host, uuid) = (job.host, job.vm.uuid.as_str());
+    let _ = host.exec(&host.virsh().domjobabort(uuid)).await;
+    if !started_paused {
+        return;
+    }
+    let state = host
+        .run_string(&host.virsh().domstate(uuid))
+        .await
+        .unwrap_or_default();
+    if state.trim() == "paused" {
+        let _ = host.exec(&host.virsh().destroy(uuid)).await;
+    } else {
+        job.warnings
+            .push("the VM was resumed by someone during its backup and is left running".into());
+    }
+}
+
+fn names(job: &Job<'_>, plan: &Plan) -> Names {
+    let targets: Vec<String> = plan.disks.iter().map(|d| d.target.clone()).collect();
+    let excluded: Vec<String> = job
+        .vm
+        .domain
+        .disks
+        .iter()
+        .filter(|d| !targets.contains(&d.target))
+        .filter(|d| {
+            matches!(
+                d.device,
+                virtkeep_libvirt::DiskDevice::Disk | virtkeep_libvirt::DiskDevice::Lun
+            )
+        })
+        .map(|d| d.target.clone())
+        .collect();
+    Names {
+        socket: format!("{}/nbd.sock", job.dir),
+        checkpoint: format!("{CHECKPOINT_PREFIX}{}", job.id),
+        checkpoint_xml: format!("{}/checkpoint.xml", job.dir),
+        targets,
+        excluded,
+    }
+}
+
+async fn run_job(
+    job: &mut Job<'_>,
+    plan: &Plan,
+    choice: &mut Choice,
+) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>)> {
+    let names = names(job, plan);
+    let xml = cbt::checkpoint_xml(&names.checkpoint, &names.targets, &names.excluded);
+    job.host
+        .upload(&names.checkpoint_xml, xml.as_bytes())
+        .await?;
+    let snapshot_time = freeze(job, &names, choice).await?;
+    job.clock.lap(Phase::Freeze);
+    job.phase("export");
+    let mode = if choice.base.is_some() {
+        virtkeep_repo::BackupMode::Incremental
+    } else {
+        virtkeep_repo::BackupMode::Full
+    };
+    let meta = virtkeep_repo::BackupMeta {
+        host: job.host.name.clone(),
+        vm: job.vm.name.clone(),
+        mode,
+        reason: choice.reason.clone(),
+        parent: choice.base.as_ref().map(|b| b.id.clone()),
+        domain_xml: job.vm.inactive_xml.clone(),
+        time: Some(snapshot_time),
+    };
+    let writer = job.repo.begin_backup(meta).await?;
+    let mut stats = Vec::new();
+    for (disk, (_, size)) in plan.disks.iter().zip(&choice.sizes) {
+        stats.push(read_disk(job, &writer, &names.socket, disk, *size, choice).await?);
+    }
+    job.clock.lap(Phase::Data);
+    let extra = BackupExtra {
+        method: Some(FreezeMethod::BackupApi),
+        transport: Some(Transport::Ssh),
+        cbt: Some(CbtRecord {
+            checkpoint: names.checkpoint,
+            vm_uuid: job.vm.uuid.clone(),
+            disks: choice.sizes.clone(),
+        }),
+        base_kept: Some(job.opts.base == BaseOnHost::Keep),
+        ..BackupExtra::default()
+    };
+    let manifest = writer.finish(extra.to_value()).await?;
+    Ok((manifest, stats))
+}
+
+/// Pre command, `backup-begin` (a full instead when the base's bitmap is unusable),
+/// post command. Returns the instant.
+async fn freeze(
+    job: &mut Job<'_>,
+    names: &Names,
+    choice: &mut Choice,
+) -> Result<time::OffsetDateTime> {
+    job.pre_snapshot().await?;
+    job.phase("snapshot");
+    let (host, uuid) = (job.host, job.vm.uuid.clone());
+    if job.opts.quiesce {
+        job.ping_agent("install and start qemu-guest-agent in the guest, or back up without --quiesce (crash-consistent)").await?;
+        crate::hold::hold(host, &uuid, &job.dir, crate::hold::Hold::FsFreeze).await?;
+    }
+    let snapshot_time = time::OffsetDateTime::now_utc();
+    let mut begun = begin(job, names, choice.base.as_ref()).await;
+    if let (Err(e), Some(base)) = (&begun, &choice.base) {
+        // A checkpoint whose bitmap is gone or inconsistent (disk replaced, host crash):
+        // never a wrong incremental, a full instead.
+        choice.reason = format!(
+            "full: the dirty bitmap of checkpoint {} is unusable ({})",
+            base.record.checkpoint,
+            e.message.lines().next().unwrap_or("")
+        );
+        choice.base = None;
+        begun = begin(job, names, None).await;
+    }
+    if job.opts.quiesce {
+        // A failed thaw keeps the record: healing at the end of this job retries it.
+        let _ = crate::hold::release(host, &uuid, &job.dir, crate::hold::Hold::FsFreeze).await;
+    }
+    job.post_snapshot().await;
+    begun.map_err(|e| e.context("starting the backup job (virsh backup-begin)"))?;
+    Ok(snapshot_time)
+}
+
+async fn begin(job: &Job<'_>, names: &Names, base: Option<&Base>) -> Result<()> {
+    let xml = cbt::backup_xml(
+        &names.socket,
+        &job.dir,
+        base.map(|b| b.record.checkpoint.as_str()),
+        &names.targets,
+        &names.excluded,
+    );
+    let path = format!("{}/backup.xml", job.dir);
+    job.host.upload(&path, xml.as_bytes()).await?;
+    job.host
+        .run(
+            &job.host
+                .virsh()
+                .backup_begin(&job.vm.uuid, &path, Some(&names.checkpoint_xml)),
+        )
+        .await?;
+    Ok(())
+}
+
+/// One disk from libvirt's NBD export: allocated extents, or the dirty ones since the base.
+async fn read_disk(
+    job: &Job<'_>,
+    writer: &virtkeep_repo::BackupWriter,
+    socket: &str,
+    disk: &crate::plan::PlannedDisk,
+    size: u64,
+    choice: &Choice,
+) -> Result<ExportStats> {
+    let export = NbdExport::libvirt_pull(socket, &disk.target);
+    let spec = virtkeep_repo::DiskSpec {
+        name: disk.target.clone(),
+        size,
+        backend: disk.kind.storage(),
+        format: disk.format.clone(),
+        target: disk.target.clone(),
+        source: disk.path.clone(),
+    };
+    let (previous, scope) = match &choice.base {
+        Some(b) => {
+            let index = job.repo.fixed_index(&b.id, &disk.target).await?;
+            let reader = Arc::new(job.repo.disk_reader(&b.id, &disk.target).await?);
+            (
+                Some(index),
+                ReadScope::Dirty {
+                    context: format!("qemu:dirty-bitmap:backup-{}", disk.target),
+                    parent: reader,
+                },
+            )
+        }
+        None => (None, ReadScope::default()),
+    };
+    let sink = Arc::new(RepoSink::new(writer.disk(spec, previous.as_ref()).await?));
+    let read = DiskRead {
+        scope,
+        ..DiskRead::whole(&job.vm.name, &disk.target, job.parallel())
+    };
+    let st = export_disk(job.host, &export, sink.clone(), &read, &job.progress).await?;
+    sink.finish().await?;
+    Ok(st)
+}
