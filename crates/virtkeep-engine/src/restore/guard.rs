@@ -1,14 +1,13 @@
-//! Where a restore may write: the repository only suggests destinations (a manifest is
-//! untrusted input), so every destination is checked here before anything is written:
-//! canonical absolute paths with no symlink on the host, LVM and RBD names from a safe
-//! character set, no two disks on one destination, nothing a running domain uses.
+//! The lexical rules of what a restore may write to: the repository only suggests
+//! destinations (a manifest is untrusted input), so the names virtkeep makes from it are
+//! kept to safe characters and checked here (canonical absolute paths, LVM and RBD names
+//! from a safe character set) before anything is written. The checks that ask the host
+//! are each destination's own (its `check`).
+//!
+//! This module imports nothing of the restore (every part of it uses this one).
 
-use std::collections::BTreeMap;
+use virtkeep_libvirt::coreutils;
 
-use virtkeep_libvirt::DiskSource;
-use virtkeep_ssh::RemoteCommand;
-
-use super::Dest;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::Host;
 
@@ -19,10 +18,26 @@ pub const NAME_MAX: usize = 255;
 /// Longest RBD pool or image name virtkeep creates.
 const RBD_NAME_MAX: usize = 255;
 
-fn refused(what: String) -> Error {
+/// A destination refused because of what the backup suggested.
+pub fn refused(what: String) -> Error {
     Error::new(ErrorKind::Repository, what).hint(
         "the backup's stored location is not used as is; choose the destination with --storage file:DIR, lvm:VG or rbd:POOL, and --name NEW",
     )
+}
+
+/// Keeps a file-name component to characters that need no care anywhere.
+pub fn safe_component(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    s.trim_start_matches('.').to_string()
 }
 
 /// A file destination must be absolute and canonical: no `.`/`..`, no empty component,
@@ -81,166 +96,18 @@ pub fn check_vg_name(vg: &str) -> Result<()> {
     }
 }
 
-/// The lexical checks of one destination (no host access).
-pub fn check_names(dest: &Dest) -> Result<()> {
-    match dest {
-        Dest::File(path) => check_path(path),
-        Dest::Rbd(pool, image) => {
-            check_rbd_name("pool", pool)?;
-            check_rbd_name("image", image)
-        }
-        Dest::Lv(lv) => {
-            check_vg_name(&lv.vg)?;
-            if crate::lvm::valid_new_lv_name(&lv.name) {
-                Ok(())
-            } else {
-                Err(refused(format!("LV name {:?} is not allowed", lv.name)))
-            }
-        }
-    }
-}
-
-/// A key naming the destination, equal for two disks that would share it.
-pub fn key(dest: &Dest) -> String {
-    match dest {
-        Dest::File(p) => format!("file {p}"),
-        Dest::Rbd(pool, image) => format!("rbd {pool}/{image}"),
-        Dest::Lv(lv) => format!("lv {}/{}", lv.vg, lv.name),
-    }
-}
-
-/// Two disks of one restore never share a destination.
-pub fn check_distinct<'a>(dests: impl Iterator<Item = (&'a str, &'a Dest)>) -> Result<()> {
-    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
-    for (target, dest) in dests {
-        if let Some(other) = seen.insert(key(dest), target) {
-            return Err(Error::conflict(format!(
-                "disks {other} and {target} would both be restored to {}",
-                key(dest)
-            ))
-            .hint("restore under a new name (--name NEW): each disk then gets a name of its own (NEW-TARGET)"));
-        }
-    }
-    Ok(())
-}
-
-/// What the host says about a file destination: whether it exists (as a regular file);
-/// refuses a path whose parents or leaf are symlinks, or that is not a regular file.
-pub async fn check_file_on_host(host: &Host, path: &str) -> Result<bool> {
-    // `realpath -m` resolves every symlink along the path, existing or not: a canonical
-    // path it changes goes through a symlink somewhere.
-    const SCRIPT: &str = r#"r=$(realpath -m -- "$1") || exit 3
-printf '%s\n' "$r"
-if [ -L "$1" ]; then echo symlink; elif [ -f "$1" ]; then echo file; elif [ -e "$1" ]; then echo other; else echo missing; fi"#;
-    let out = host
-        .run_string(
-            &RemoteCommand::new("sh")
-                .arg("-c")
-                .arg(SCRIPT)
-                .arg("sh")
-                .arg(path),
-        )
-        .await?;
-    let mut lines = out.lines();
-    let (resolved, kind) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-    if resolved != path || kind == "symlink" {
-        return Err(refused(format!(
-            "destination {path} on host {} goes through a symlink (it resolves to {resolved})",
-            host.name
-        )));
-    }
-    match kind {
-        "file" => Ok(true),
-        "missing" => Ok(false),
-        _ => Err(Error::conflict(format!(
-            "destination {path} on host {} exists and is not a regular file",
-            host.name
-        ))),
-    }
-}
-
-/// What the running domains of a host use: canonical file and block paths, RBD names.
-pub struct InUse {
-    /// (resolved path or `pool/image`, domain name)
-    used: Vec<(String, String)>,
-}
-
-impl InUse {
-    /// Reads every active domain's live definition (one `virsh` per domain) and
-    /// resolves its file and block sources (and the bases of virtkeep overlays).
-    pub async fn load(host: &Host) -> Result<InUse> {
-        let list = host
-            .run_string(&host.virsh().command("list").arg("--uuid"))
-            .await?;
-        let mut paths = Vec::new();
-        let mut used = Vec::new();
-        for uuid in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let vm = match crate::vm::Vm::load(host, uuid).await {
-                Ok(vm) => vm,
-                // Gone between the listing and now: it uses nothing.
-                Err(_) if host.exec(&host.virsh().domuuid(uuid)).await?.status != 0 => continue,
-                Err(e) => return Err(e),
-            };
-            for d in &vm.domain.disks {
-                match &d.source {
-                    DiskSource::File { path } => {
-                        paths.push((path.clone(), vm.name.clone()));
-                        if let Some(base) = crate::heal::overlay_base(path) {
-                            paths.push((base.to_string(), vm.name.clone()));
-                        }
-                    }
-                    DiskSource::Block { dev } => paths.push((dev.clone(), vm.name.clone())),
-                    DiskSource::Network {
-                        name: Some(name), ..
-                    } => used.push((name.clone(), vm.name.clone())),
-                    _ => {}
-                }
-            }
-        }
-        let resolved = resolve_all(host, paths.iter().map(|(p, _)| p.as_str())).await?;
-        for ((raw, vm), res) in paths.into_iter().zip(resolved) {
-            used.push((res, vm.clone()));
-            used.push((raw, vm));
-        }
-        Ok(InUse { used })
-    }
-
-    /// Refuses a destination that a running domain uses.
-    pub async fn check(&self, host: &Host, target: &str, dest: &Dest) -> Result<()> {
-        let names = match dest {
-            Dest::File(p) => vec![p.clone()],
-            Dest::Rbd(pool, image) => vec![format!("{pool}/{image}")],
-            Dest::Lv(lv) => {
-                let path = crate::lvm::lv_path(&lv.vg, &lv.name);
-                let mut v = resolve_all(host, std::iter::once(path.as_str())).await?;
-                v.push(path);
-                v
-            }
-        };
-        let hit = self.used.iter().find(|(u, _)| names.contains(u));
-        match hit {
-            None => Ok(()),
-            Some((_, vm)) => Err(Error::conflict(format!(
-                "disk {target} would be restored to {}, which running domain {vm:?} uses on host {}",
-                key(dest),
-                host.name
-            ))
-            .hint("shut that domain down first, or restore elsewhere (--name NEW, --storage …); --force does not override this")),
-        }
-    }
-}
-
 /// `realpath -m` of each path, in order (one round trip).
-async fn resolve_all<'a>(host: &Host, paths: impl Iterator<Item = &'a str>) -> Result<Vec<String>> {
+pub async fn resolve_all<'a>(
+    host: &Host,
+    paths: impl Iterator<Item = &'a str>,
+) -> Result<Vec<String>> {
     let paths: Vec<&str> = paths.collect();
     if paths.is_empty() {
         return Ok(Vec::new());
     }
-    let mut cmd = RemoteCommand::new("realpath").arg("-m").arg("-z").arg("--");
-    for p in &paths {
-        cmd = cmd.arg(*p);
-    }
-    let out = host.run_string(&cmd).await?;
+    let out = host
+        .run_string(&coreutils::realpath_all(paths.iter().copied()))
+        .await?;
     let res: Vec<String> = out
         .split('\0')
         .filter(|s| !s.is_empty())

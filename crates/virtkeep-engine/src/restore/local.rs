@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::stage::TEMP_MARKER;
+use super::staged::TEMP_MARKER;
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::{Event, Progress};
 

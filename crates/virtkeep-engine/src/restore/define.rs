@@ -1,0 +1,128 @@
+//! The last step of a restore: the backup's domain XML rewritten for the restored
+//! disks (and, under a new name, a new identity), defined, and started on request.
+
+use std::collections::BTreeMap;
+
+use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, rewrite_domain, virsh};
+
+use super::job::{Job, Planned};
+use super::nvram;
+use super::options::RestoreOptions;
+use crate::define::define;
+use crate::error::Result;
+use crate::host::Host;
+
+/// The domain XML changes of a restore: new sources, and for a new name a new identity.
+pub fn rewrite_for(
+    job: &Job,
+    opts: &RestoreOptions,
+    plan: &[Planned<'_>],
+    nvram: &Option<(String, String)>,
+    notes: &mut Vec<String>,
+) -> Rewrite {
+    let mut sources = BTreeMap::new();
+    for p in plan {
+        let source = p.dest.new_source(&p.format);
+        sources.insert(p.m.spec.target.clone(), source);
+    }
+    // Disks the backup left out would point at the original VM's files: drop them.
+    let mut remove = Vec::new();
+    for disk in &job.domain.disks {
+        let media = matches!(
+            disk.device,
+            virtkeep_libvirt::DiskDevice::Cdrom | virtkeep_libvirt::DiskDevice::Floppy
+        );
+        if !sources.contains_key(&disk.target)
+            && !media
+            && !matches!(disk.source, DiskSource::Empty)
+        {
+            remove.push(disk.target.clone());
+            if opts.define {
+                notes.push(format!(
+                    "disk {} is not in this restore and was left out of the definition",
+                    disk.target
+                ));
+            }
+        }
+    }
+    let renamed = job.renamed();
+    let new_uuid = (renamed || job.existing_uuid.is_none() && opts.name.is_some())
+        .then(|| uuid::Uuid::new_v4().to_string());
+    Rewrite {
+        nvram: nvram.as_ref().map(|(_, new)| new.clone()),
+        name: renamed.then(|| job.name.clone()),
+        new_uuid,
+        regenerate_macs: renamed,
+        remove_disks: remove,
+        disk_sources: sources,
+        drop_backing_store: true,
+    }
+}
+
+/// What a rewrite changes, one line each (for `--dry-run`).
+pub fn describe_rewrite(rw: &Rewrite) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(n) = &rw.name {
+        out.push(format!("name: {n}"));
+    }
+    if rw.new_uuid.is_some() {
+        out.push("uuid: a new random UUID".into());
+    }
+    if rw.regenerate_macs {
+        out.push("interfaces: new MAC addresses".into());
+    }
+    for (target, source) in &rw.disk_sources {
+        let s = match source {
+            NewSource::File { path, format } => format!("file {path} ({format})"),
+            NewSource::Block { dev } => format!("block device {dev}"),
+            NewSource::Rbd { pool, image, .. } => format!("RBD image {pool}/{image}"),
+        };
+        out.push(format!("disk {target}: source {s}"));
+    }
+    for target in &rw.remove_disks {
+        out.push(format!("disk {target}: removed (not in this restore)"));
+    }
+    if let Some(n) = &rw.nvram {
+        out.push(format!("nvram: {n}"));
+    }
+    if rw.drop_backing_store {
+        out.push("backing stores: dropped (restored disks are flat)".into());
+    }
+    out
+}
+
+/// Defines (and with `--start` starts) the restored domain; returns its UUID and
+/// whether it was started.
+pub async fn define_restored(
+    host: &Host,
+    opts: &RestoreOptions,
+    job: &Job,
+    nvram: &Option<(String, String)>,
+    rw: &Rewrite,
+    notes: &mut Vec<String>,
+) -> Result<(String, bool)> {
+    if let Some((old, new)) = nvram {
+        notes.push(nvram::copy(host, old, new).await?);
+    }
+    let xml = rewrite_domain(&job.manifest.domain_xml, rw)?;
+    if let (Some(old), true) = (&job.existing_uuid, opts.force) {
+        host.run(&host.virsh().undefine(
+            old,
+            virsh::UndefineOptions {
+                keep_nvram: true,
+                ..Default::default()
+            },
+        ))
+        .await?;
+        notes.push(format!(
+            "replaced the existing definition of {:?}",
+            job.name
+        ));
+    }
+    define(host, &job.name, &xml).await?;
+    let uuid = crate::vm::Vm::find_uuid(host, &job.name).await?;
+    if opts.start {
+        host.run(&host.virsh().start(&uuid)).await?;
+    }
+    Ok((uuid, opts.start))
+}
