@@ -203,8 +203,8 @@ impl HostConfig {
     }
 
     /// The ceph arguments for `rbd` on this host, when it has Ceph settings.
-    pub fn ceph_args(&self) -> Option<virtkeep_libvirt::cmd::CephArgs> {
-        self.ceph.as_ref().map(|c| virtkeep_libvirt::cmd::CephArgs {
+    pub fn ceph_args(&self) -> Option<virtkeep_libvirt::rbd::CephArgs> {
+        self.ceph.as_ref().map(|c| virtkeep_libvirt::rbd::CephArgs {
             conf: Some(c.conf.clone()),
             id: Some(c.id.clone()),
             keyring: Some(c.keyring.clone()),

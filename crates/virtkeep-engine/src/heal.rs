@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 use virtkeep_libvirt::qemu_img::{self, parse_qemu_img_info};
 use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, coreutils, qemu_nbd, rewrite_domain, sh};
 
-use crate::backup::overlay::{clear_kept, read_kept};
+use crate::backup::overlay::{clear_kept, overlay_base, read_kept};
+use crate::define::define;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::{Deadline, HOST_STATE_DIR, Host, OVERLAY_MARKER};
 use crate::vm::Vm;
@@ -26,10 +27,6 @@ pub struct HealReport {
     pub vm: String,
     pub actions: Vec<String>,
 }
-
-// Re-exported for the callers that still name them here (restore's guard and stage).
-pub use crate::backup::overlay::overlay_base;
-pub use crate::define::define;
 
 fn file_sources(xml_disks: &[virtkeep_libvirt::Disk]) -> Vec<(String, String)> {
     xml_disks

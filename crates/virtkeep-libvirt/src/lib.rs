@@ -27,9 +27,6 @@ pub mod rbd;
 pub mod sh;
 pub mod virsh;
 
-pub mod cmd;
-pub mod parse;
-
 pub use domain::{
     Backend, Disk, DiskAuth, DiskDevice, DiskSource, Domain, Interface, NetHost, RBD_NAME_MAX,
     SkipReason, check_rbd_image, check_rbd_name, lvm_from_path, parse_domain, split_rbd_name,

@@ -23,9 +23,7 @@ pub struct CephArgs {
 
 impl CephArgs {
     /// `rbd [-c X] [--id Y] [--keyring Z] SUBCOMMAND…`, for the builders below.
-    /// (Public only while engine code still appends its own arguments; use a named
-    /// builder.)
-    pub fn rbd(&self, subcommand: &[&str]) -> RemoteCommand {
+    fn rbd(&self, subcommand: &[&str]) -> RemoteCommand {
         let mut c = RemoteCommand::new("rbd");
         if let Some(x) = &self.conf {
             c = c.arg("-c").arg(x);

@@ -44,9 +44,8 @@ impl Virsh {
         &self.uri
     }
 
-    /// `LC_ALL=C virsh -c URI SUBCOMMAND`, for the builders below. (Public only while
-    /// engine code still appends its own arguments; use a named builder.)
-    pub fn command(&self, subcommand: &str) -> RemoteCommand {
+    /// `LC_ALL=C virsh -c URI SUBCOMMAND`, for the builders below.
+    fn command(&self, subcommand: &str) -> RemoteCommand {
         RemoteCommand::new("virsh")
             .env("LC_ALL", "C")
             .arg("-c")
