@@ -166,6 +166,18 @@ impl PlannedDisk {
     pub fn is_file(&self) -> bool {
         matches!(self.kind, DiskKind::File { .. })
     }
+
+    /// The disk's spec in the manifest, at `size` bytes.
+    pub fn spec(&self, size: u64) -> virtkeep_repo::DiskSpec {
+        virtkeep_repo::DiskSpec {
+            name: self.target.clone(),
+            size,
+            backend: self.kind.storage(),
+            format: self.format.clone(),
+            target: self.target.clone(),
+            source: self.path.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

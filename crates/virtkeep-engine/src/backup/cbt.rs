@@ -365,14 +365,7 @@ async fn read_disk(
     choice: &Choice,
 ) -> Result<ExportStats> {
     let export = NbdExport::libvirt_pull(socket, &disk.target);
-    let spec = virtkeep_repo::DiskSpec {
-        name: disk.target.clone(),
-        size,
-        backend: disk.kind.storage(),
-        format: disk.format.clone(),
-        target: disk.target.clone(),
-        source: disk.path.clone(),
-    };
+    let spec = disk.spec(size);
     let (previous, scope) = match &choice.base {
         Some(b) => {
             let index = job.repo.fixed_index(&b.id, &disk.target).await?;

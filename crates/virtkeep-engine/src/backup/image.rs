@@ -25,17 +25,6 @@ pub struct ImageRead<'a> {
     pub ranges: Option<Vec<(u64, u64)>>,
 }
 
-fn spec(disk: &PlannedDisk, size: u64) -> virtkeep_repo::DiskSpec {
-    virtkeep_repo::DiskSpec {
-        name: disk.target.clone(),
-        size,
-        backend: disk.kind.storage(),
-        format: disk.format.clone(),
-        target: disk.target.clone(),
-        source: disk.path.clone(),
-    }
-}
-
 /// Reads `read` into the backup through the job's transport.
 pub async fn export_image(
     job: &Job<'_>,
@@ -55,7 +44,7 @@ pub async fn export_image(
         };
         let sink = Arc::new(RepoSink::new(
             out.writer
-                .disk(spec(read.disk, size), previous.as_ref())
+                .disk(read.disk.spec(size), previous.as_ref())
                 .await?,
         ));
         let to = DiskRead::whole(&job.vm.name, &read.disk.target, 1);
@@ -100,7 +89,7 @@ async fn read_export(
     };
     let sink = Arc::new(RepoSink::new(
         out.writer
-            .disk(spec(read.disk, size), previous.as_ref())
+            .disk(read.disk.spec(size), previous.as_ref())
             .await?,
     ));
     let to = DiskRead {

@@ -199,14 +199,7 @@ impl Strategy for Snapshots {
             ),
             None => (None, None),
         };
-        let spec = virtkeep_repo::DiskSpec {
-            name: disk.target.clone(),
-            size,
-            backend: disk.kind.storage(),
-            format: disk.format.clone(),
-            target: disk.target.clone(),
-            source: disk.path.clone(),
-        };
+        let spec = disk.spec(size);
         let sink = Arc::new(RepoSink::new(
             out.writer.disk(spec, previous.as_ref()).await?,
         ));
