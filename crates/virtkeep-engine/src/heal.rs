@@ -283,12 +283,7 @@ async fn remove_unreferenced(host: &Host, vm: &Vm, dry_run: bool) -> Result<Vec<
 /// clone writes the VM's data into the shared template), then pivot; also when a killed
 /// run left a commit job behind (then it is pivoted or aborted and done again).
 async fn commit_live_disk(host: &Host, uuid: &str, target: &str, base: &str) -> Result<()> {
-    let commit = || {
-        host.virsh()
-            .blockcommit_active_pivot(uuid, target)
-            .arg("--base")
-            .arg(base)
-    };
+    let commit = || host.virsh().blockcommit_active_pivot(uuid, target, base);
     let out = host.exec_within(&commit(), Deadline::Data).await?;
     if out.status == 0 {
         return Ok(());

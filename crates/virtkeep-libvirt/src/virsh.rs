@@ -126,14 +126,17 @@ impl Virsh {
     }
 
     /// Merge the active overlay back into its base and switch the VM to the base:
-    /// `virsh blockcommit --domain DOM --path TARGET --active --pivot --wait`.
-    /// (`--pivot` needs `--active`; `--wait` makes virsh return only when the job is
-    /// done; `--delete` is deliberately not used: virtkeep removes its overlay itself
-    /// after checking the pivot happened.)
-    pub fn blockcommit_active_pivot(&self, dom: &str, target: &str) -> RemoteCommand {
+    /// `virsh blockcommit --domain DOM --path TARGET --base BASE --active --pivot --wait`.
+    /// (`--base` stops the commit at the image the overlay was put on: without it
+    /// libvirt flattens the whole chain; `--pivot` needs `--active`; `--wait` makes virsh
+    /// return only when the job is done; `--delete` is deliberately not used: virtkeep
+    /// removes its overlay itself after checking the pivot happened.)
+    pub fn blockcommit_active_pivot(&self, dom: &str, target: &str, base: &str) -> RemoteCommand {
         self.dom("blockcommit", dom)
             .arg("--path")
             .arg(target)
+            .arg("--base")
+            .arg(base)
             .args(["--active", "--pivot", "--wait"])
     }
 

@@ -81,8 +81,9 @@ fn snapshot_create_disk_only_escapes_commas() {
 fn block_jobs_and_lifecycle() {
     let v = v();
     assert_eq!(
-        v.blockcommit_active_pivot("web01", "vda").render(),
-        "LC_ALL=C virsh -c qemu:///system blockcommit --domain web01 --path vda --active --pivot --wait"
+        v.blockcommit_active_pivot("web01", "vda", "/var/lib/libvirt/images/-web01.qcow2")
+            .render(),
+        "LC_ALL=C virsh -c qemu:///system blockcommit --domain web01 --path vda --base /var/lib/libvirt/images/-web01.qcow2 --active --pivot --wait"
     );
     assert_eq!(
         v.blockjob_abort("web01", "vda").render(),
