@@ -15,6 +15,7 @@ mod crypto;
 mod error;
 mod format;
 mod manifest;
+mod nvram;
 mod progress;
 mod prune;
 mod reader;
@@ -36,6 +37,7 @@ pub use manifest::{
     BackupMeta, BackupMode, BackupStats, DiskSpec, DiskStats, Manifest, ManifestDisk,
     SnapshotSummary, Storage,
 };
+pub use nvram::{MAX_NVRAM_SIZE, ManifestNvram, NVRAM_ARTEFACT};
 pub use progress::{QuietProgress, RepoProgress};
 pub use prune::{KeepPolicy, PruneDecision, PruneReport, compute_prune, compute_prune_within};
 pub use reader::{DiskReader, Extent, MIN_ZERO_RUN, split_zero_runs};

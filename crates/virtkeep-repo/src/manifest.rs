@@ -175,6 +175,9 @@ pub struct Manifest {
     /// Free-form data from the engine.
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// The UEFI variable store, when the VM has one (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<crate::nvram::ManifestNvram>,
 }
 
 /// One line of `snapshots`.

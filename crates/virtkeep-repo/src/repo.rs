@@ -454,7 +454,7 @@ impl Repository {
         }
     }
 
-    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    pub(crate) async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let Some(b) = self.inner.backend.get(key).await? else {
             return Ok(None);
         };
@@ -792,6 +792,19 @@ impl Repository {
                     }
                 })?;
                 index_keys.insert(index_key(&m.id, &d.spec.name));
+                marked.extend(ix.digests.iter().filter(|d| **d != ZERO_DIGEST));
+            }
+            let unreadable = |e: RepoError| RepoError::UnreadableBackup {
+                id: m.id.clone(),
+                reason: e.to_string(),
+            };
+            if let Some(ix) = self.nvram_index(&m).await.map_err(unreadable)? {
+                index_keys.insert(
+                    m.nvram
+                        .as_ref()
+                        .map(|n| n.index.clone())
+                        .unwrap_or_default(),
+                );
                 marked.extend(ix.digests.iter().filter(|d| **d != ZERO_DIGEST));
             }
             progress.advance(1);

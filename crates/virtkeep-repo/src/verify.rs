@@ -153,6 +153,21 @@ impl Repository {
                     continue;
                 }
             };
+            match self.nvram_index(&m).await {
+                Ok(ix) => {
+                    let digests = ix.into_iter().flat_map(|ix| ix.digests);
+                    for dg in digests.filter(|d| *d != ZERO_DIGEST) {
+                        let u = users.entry(dg).or_default();
+                        if u.last() != Some(id) {
+                            u.push(id.clone());
+                        }
+                    }
+                }
+                Err(e) => {
+                    report.metadata_errors.push(format!("{id}/nvram: {e}"));
+                    report.mark_broken(id);
+                }
+            }
             for d in &m.disks {
                 match self.fixed_index(id, &d.spec.name).await {
                     Ok(ix) => {

@@ -47,6 +47,7 @@ struct Shared {
     disks: Mutex<Vec<ManifestDisk>>,
     open_disks: Mutex<HashSet<String>>,
     reuse_window: Duration,
+    nvram: Mutex<Option<crate::nvram::ManifestNvram>>,
 }
 
 /// A running backup. Holds a lease that GC and forget respect until `finish`/`abort`.
@@ -151,12 +152,35 @@ impl Repository {
                 disks: Mutex::new(Vec::new()),
                 open_disks: Mutex::new(HashSet::new()),
                 reuse_window: self.min_grace(),
+                nvram: Mutex::new(None),
             }),
             meta,
             time,
             started: Instant::now(),
             refresher: Some(refresher),
         })
+    }
+}
+
+/// What [`crate::nvram`] stores through a writer.
+impl BackupWriter {
+    pub(crate) fn repo(&self) -> &Repository {
+        &self.sh.repo
+    }
+    pub(crate) fn nvram_entry(&self) -> Option<crate::nvram::ManifestNvram> {
+        lock(&self.sh.nvram).clone()
+    }
+    pub(crate) fn set_nvram_entry(&self, n: crate::nvram::ManifestNvram) {
+        *lock(&self.sh.nvram) = Some(n);
+    }
+    pub(crate) fn reuse_window(&self) -> Duration {
+        self.sh.reuse_window
+    }
+    pub(crate) fn lease_start(&self) -> SystemTime {
+        self.sh.lease.start
+    }
+    pub(crate) fn note_refreshed(&self, d: Digest) {
+        lock(&self.sh.refreshed).push(d);
     }
 }
 
@@ -315,6 +339,7 @@ impl BackupWriter {
                 duration_secs: self.started.elapsed().as_secs_f64(),
             },
             extra,
+            nvram: lock(&self.sh.nvram).clone(),
         };
         let key = manifest_key(&m.id);
         let body = serde_json::to_vec_pretty(&m).map_err(|e| RepoError::json(&key, e))?;
@@ -333,6 +358,10 @@ impl BackupWriter {
         let mut res = Ok(());
         for d in disks {
             res = res.and(be.delete(&d.index).await);
+        }
+        let nvram = lock(&self.sh.nvram).take();
+        if let Some(n) = nvram {
+            res = res.and(be.delete(&n.index).await);
         }
         self.release_lease().await.and(res)
     }
