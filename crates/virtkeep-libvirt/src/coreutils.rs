@@ -77,6 +77,12 @@ pub fn cat(path: &str) -> RemoteCommand {
     RemoteCommand::new("cat").args(["--", path])
 }
 
+/// `head -c N -- PATH`: at most `n` bytes of a file (a bounded read of a file whose
+/// size the host could change).
+pub fn head_bytes(path: &str, n: u64) -> RemoteCommand {
+    RemoteCommand::new("head").args(["-c", &n.to_string(), "--", path])
+}
+
 /// `cat > PATH`: writes the command's stdin to `path` (content never goes on the
 /// command line).
 pub fn write_stdin_to(path: &str) -> RemoteCommand {

@@ -262,6 +262,7 @@ async fn run_job(
         .upload(&names.checkpoint_xml, xml.as_bytes())
         .await?;
     let snapshot_time = freeze(job, &names, choice).await?;
+    let nvram = super::nvram::capture(job).await?;
     job.clock.lap(Phase::Freeze);
     job.phase("export");
     let mode = if choice.base.is_some() {
@@ -295,6 +296,7 @@ async fn run_job(
         base_kept: Some(job.opts.base == BaseOnHost::Keep),
         ..BackupExtra::default()
     };
+    super::nvram::store(&writer, &nvram).await?;
     let manifest = writer.finish(extra.to_value()).await?;
     Ok((manifest, stats))
 }

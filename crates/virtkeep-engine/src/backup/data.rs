@@ -58,7 +58,7 @@ pub async fn export_all(
     job: &Job<'_>,
     plan: &Plan,
     strategies: &[Box<dyn Strategy>],
-    meta: virtkeep_repo::BackupMeta,
+    (meta, nvram): (virtkeep_repo::BackupMeta, &super::nvram::Captured),
 ) -> Result<Exported> {
     let transport = transport(job, plan, strategies).await?;
     let writer = job.repo.begin_backup(meta).await?;
@@ -80,6 +80,7 @@ pub async fn export_all(
     for s in strategies {
         s.publish(job, &mut extra).await?;
     }
+    super::nvram::store(&writer, nvram).await?;
     let publishing = Instant::now();
     let manifest = writer.finish(extra.to_value()).await?;
     Ok((manifest, stats, publishing.elapsed().as_secs_f64()))

@@ -22,6 +22,7 @@ pub mod image;
 pub mod job;
 pub mod kept;
 pub mod lvm;
+mod nvram;
 pub mod overlay;
 pub mod rbd;
 pub mod strategy;
@@ -138,7 +139,11 @@ async fn run_strategies(
     job.clock.lap(Phase::Freeze);
     job.phase("export");
     // The VM is frozen from here on: a failure to find the bases heals before returning.
-    let decided = match decide::decide(&mut job, plan, &mut strategies).await {
+    let ready = match nvram::capture(&job).await {
+        Ok(nv) => (decide::decide(&mut job, plan, &mut strategies).await).map(|d| (d, nv)),
+        Err(e) => Err(e),
+    };
+    let (decided, captured) = match ready {
         Ok(d) => d,
         Err(e) => {
             let _ = heal_vm(job.host, &job.vm.uuid, false).await;
@@ -156,7 +161,7 @@ async fn run_strategies(
         time: Some(snapshot_time),
     };
     job.clock.lap(Phase::Plan);
-    let exported = publish(&mut job, plan, &mut strategies, meta).await;
+    let exported = publish(&mut job, plan, &mut strategies, (meta, &captured)).await;
     job.phase("commit");
     crate::failpoint::hit("before-heal").await;
     let thawed = heal_vm(job.host, &job.vm.uuid, false).await;
@@ -190,7 +195,7 @@ async fn publish(
     job: &mut Job<'_>,
     plan: &Plan,
     strategies: &mut [Box<dyn Strategy>],
-    meta: virtkeep_repo::BackupMeta,
+    meta: (virtkeep_repo::BackupMeta, &nvram::Captured),
 ) -> Result<data::Exported> {
     let mut exported = data::export_all(job, plan, strategies, meta).await;
     let publish_secs = exported.as_ref().map_or(0.0, |e| e.2);

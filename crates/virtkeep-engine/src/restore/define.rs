@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, rewrite_domain, virsh};
 
-use super::job::{Job, Planned};
+use super::job::{Job, NvramPlan, Planned};
 use super::nvram;
 use super::options::RestoreOptions;
 use crate::define::define;
@@ -17,7 +17,7 @@ pub fn rewrite_for(
     job: &Job,
     opts: &RestoreOptions,
     plan: &[Planned<'_>],
-    nvram: &Option<(String, String)>,
+    nvram: &Option<NvramPlan>,
     notes: &mut Vec<String>,
 ) -> Rewrite {
     let mut sources = BTreeMap::new();
@@ -49,7 +49,7 @@ pub fn rewrite_for(
     let new_uuid = (renamed || job.existing_uuid.is_none() && opts.name.is_some())
         .then(|| uuid::Uuid::new_v4().to_string());
     Rewrite {
-        nvram: nvram.as_ref().map(|(_, new)| new.clone()),
+        nvram: nvram.as_ref().and_then(|n| n.rewrite.clone()),
         name: renamed.then(|| job.name.clone()),
         new_uuid,
         regenerate_macs: renamed,
@@ -97,12 +97,15 @@ pub async fn define_restored(
     host: &Host,
     opts: &RestoreOptions,
     job: &Job,
-    nvram: &Option<(String, String)>,
+    nvram: &Option<NvramPlan>,
     rw: &Rewrite,
     notes: &mut Vec<String>,
 ) -> Result<(String, bool)> {
-    if let Some((old, new)) = nvram {
-        notes.push(nvram::copy(host, old, new).await?);
+    if let Some(n) = nvram
+        .as_ref()
+        .filter(|n| n.rewrite.is_some() && n.bytes.is_none())
+    {
+        notes.push(nvram::finish(host, n).await?);
     }
     let xml = rewrite_domain(&job.manifest.domain_xml, rw)?;
     if let (Some(old), true) = (&job.existing_uuid, opts.force) {

@@ -53,11 +53,36 @@ impl Planned<'_> {
     }
 }
 
+/// The UEFI variable store of the restored domain.
+pub struct NvramPlan {
+    /// The store written (the domain's `<nvram>`, or the renamed copy's own).
+    pub dest: String,
+    /// The temporary the backup's bytes are written to before the swap.
+    pub temp: String,
+    /// The backup's bytes (`None`: a backup made before virtkeep kept the store).
+    pub bytes: Option<Vec<u8>>,
+    /// The original's store (copied for a renamed copy when the backup has none).
+    pub copy_from: String,
+    /// The new `<nvram>` path of a renamed copy.
+    pub rewrite: Option<String>,
+}
+
+impl NvramPlan {
+    /// The record of its temporary (a file swapped in like a file disk).
+    pub fn staged(&self) -> Option<Staged> {
+        self.bytes.as_ref().map(|_| Staged {
+            kind: super::staged::Kind::File,
+            temp: self.temp.clone(),
+            dest: self.dest.clone(),
+        })
+    }
+}
+
 /// A restore that passed every check.
 pub struct Checked<'a> {
     pub plan: Vec<Planned<'a>>,
-    /// The UEFI store of a renamed copy: (the original's, the copy's).
-    pub nvram: Option<(String, String)>,
+    /// What happens to the UEFI variable store.
+    pub nvram: Option<NvramPlan>,
     /// The restore's job id (names its temporaries and job directory).
     pub job_id: String,
 }

@@ -17,6 +17,7 @@ use crate::host::Host;
 
 pub async fn refuse<'a>(
     host: &Host,
+    repo: &virtkeep_repo::Repository,
     job: &'a Job,
     opts: &RestoreOptions,
     notes: &mut Vec<String>,
@@ -26,9 +27,9 @@ pub async fn refuse<'a>(
         check_passthrough(&job.manifest, opts.allow_qemu_passthrough)?;
         check_existing_domain(host, opts, job).await?;
     }
-    let nvram = nvram::plan(host, opts, job).await?;
     let job_id = crate::job_id();
     let tag = &job_id[job_id.len().saturating_sub(8)..];
+    let nvram = nvram::plan(host, repo, opts, job, tag).await?;
     let placed = place_all(host, job, &selected, opts, notes).await?;
     let plan = check_all(host, job, placed, opts, tag).await?;
     Ok(Checked {

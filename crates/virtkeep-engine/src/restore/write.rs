@@ -8,7 +8,9 @@ use std::sync::Arc;
 use virtkeep_libvirt::coreutils;
 
 use super::context::{DiskWrite, WriteCtx};
+use super::file::FileDest;
 use super::job::{Checked, Job};
+use super::nvram;
 use super::options::{RestoreOptions, RestoredDisk};
 use super::stage::{self, Swap};
 use crate::error::{Error, Result};
@@ -39,11 +41,21 @@ pub async fn write(
     let job_dir = host
         .job_dir(&format!("{}{}", stage::JOB_PREFIX, checked.job_id))
         .await?;
-    let swaps: Vec<Swap<'_>> = checked
+    // The UEFI store is swapped in with the disks, as one more file.
+    let nvram = checked.nvram.as_ref().and_then(|n| {
+        let dest = FileDest {
+            path: n.dest.clone(),
+        };
+        n.staged().map(|s| (dest, s))
+    });
+    let mut swaps: Vec<Swap<'_>> = checked
         .plan
         .iter()
         .map(|p| (p.dest.as_ref(), &p.staged))
         .collect();
+    if let Some((dest, s)) = &nvram {
+        swaps.push((dest, s));
+    }
     let rm_job_dir = coreutils::rm_rf(&job_dir);
     let restored = match write_all(&ctx, checked, &job_dir, &job.lock_key).await {
         Ok(r) => r,
@@ -74,8 +86,12 @@ async fn write_all(
         lock_key.as_bytes(),
     )
     .await?;
-    let staged: Vec<_> = checked.plan.iter().map(|p| p.staged.clone()).collect();
+    let mut staged: Vec<_> = checked.plan.iter().map(|p| p.staged.clone()).collect();
+    staged.extend(checked.nvram.as_ref().and_then(|n| n.staged()));
     stage::record(host, job_dir, &staged).await?;
+    if let Some(n) = &checked.nvram {
+        nvram::write_temp(host, n, ctx.owner).await?;
+    }
     let mut restored = Vec::new();
     for (index, p) in checked.plan.iter().enumerate() {
         ctx.progress.event(Event::Phase {

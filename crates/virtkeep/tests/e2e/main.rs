@@ -19,3 +19,4 @@ mod quickstart;
 mod rbd;
 mod repository;
 mod restore_safety;
+mod uefi;
