@@ -27,6 +27,18 @@ use super::staged::Staged;
 use crate::error::Result;
 use crate::host::Host;
 
+/// Where a destination takes its room from, for the free-space check before anything
+/// is written (several disks into one place add up).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Room {
+    /// A file in this directory (it may not exist yet).
+    Dir(String),
+    /// A thick LV: extents of this volume group.
+    Vg(String),
+    /// A thin LV: data space of this pool (`VG`, `POOL`).
+    ThinPool(String, String),
+}
+
 #[async_trait]
 pub trait Destination: Send + Sync + std::fmt::Debug {
     /// The lexical checks of the names virtkeep chose (no host access): a canonical
@@ -75,4 +87,11 @@ pub trait Destination: Send + Sync + std::fmt::Debug {
 
     /// The disk's new source in the domain XML.
     fn new_source(&self, format: &str) -> NewSource;
+
+    /// Where the temporary takes its room and whether all of the disk's size is taken
+    /// (a thick LV) or only its data; `None`: not checked (Ceph allocates thinly and
+    /// refuses on its own).
+    fn room(&self) -> Option<(Room, bool)> {
+        None
+    }
 }

@@ -7,7 +7,7 @@ use virtkeep_libvirt::sh::{self, PathKind};
 use virtkeep_libvirt::{NewSource, coreutils, qemu_img};
 
 use super::context::{DiskCheck, DiskWrite, WriteCtx};
-use super::destination::Destination;
+use super::destination::{Destination, Room};
 use super::guard;
 use super::nbd;
 use super::staged::{Kind, Staged, temp_file};
@@ -91,6 +91,14 @@ impl Destination for FileDest {
 
     fn report(&self) -> (virtkeep_repo::Storage, String) {
         (virtkeep_repo::Storage::File, self.path.clone())
+    }
+
+    fn room(&self) -> Option<(Room, bool)> {
+        let dir = match self.path.rsplit_once('/') {
+            Some((d, _)) if !d.is_empty() => d,
+            _ => "/",
+        };
+        Some((Room::Dir(dir.to_string()), false))
     }
 
     fn new_source(&self, format: &str) -> NewSource {

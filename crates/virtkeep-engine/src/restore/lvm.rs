@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use virtkeep_libvirt::NewSource;
 
 use super::context::{DiskCheck, DiskWrite, WriteCtx};
-use super::destination::Destination;
+use super::destination::{Destination, Room};
 use super::guard;
 use super::nbd;
 use super::staged::{Kind, Staged, split, temp_name};
@@ -141,6 +141,13 @@ impl Destination for LvDest {
 
     fn report(&self) -> (virtkeep_repo::Storage, String) {
         (virtkeep_repo::Storage::Lvm, self.path())
+    }
+
+    fn room(&self) -> Option<(Room, bool)> {
+        Some(match &self.thin_pool {
+            Some(pool) => (Room::ThinPool(self.vg.clone(), pool.clone()), false),
+            None => (Room::Vg(self.vg.clone()), true),
+        })
     }
 
     fn new_source(&self, _format: &str) -> NewSource {

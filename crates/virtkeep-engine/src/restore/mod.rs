@@ -11,7 +11,7 @@
 //! The modules form layers, each importing only those below it:
 //! `guard` (lexical rules) ← `staged` (temporary names, the host's record) ← `context`,
 //! `options`, `nbd` ← `destination` ← `file`/`lvm`/`rbd` ← `stage`, `place`, `in_use`,
-//! `job`, `nvram` ← `resolve`, `refuse`, `write`, `define` ← this module.
+//! `job`, `nvram`, `space` ← `resolve`, `refuse`, `write`, `define` ← this module.
 
 mod context;
 mod define;
@@ -29,6 +29,7 @@ mod place;
 mod rbd;
 mod refuse;
 mod resolve;
+mod space;
 pub mod stage;
 mod staged;
 mod write;

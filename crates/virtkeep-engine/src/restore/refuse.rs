@@ -12,6 +12,7 @@ use super::job::{Checked, Job, Planned};
 use super::nvram;
 use super::options::RestoreOptions;
 use super::place::Place;
+use super::space;
 use crate::error::{Error, Result};
 use crate::host::Host;
 
@@ -32,6 +33,7 @@ pub async fn refuse<'a>(
     let nvram = nvram::plan(host, repo, opts, job, tag).await?;
     let placed = place_all(host, job, &selected, opts, notes).await?;
     let plan = check_all(host, job, placed, opts, tag).await?;
+    space::check(host, repo, &job.manifest.id, &plan).await?;
     Ok(Checked {
         plan,
         nvram,

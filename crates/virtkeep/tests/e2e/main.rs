@@ -19,4 +19,5 @@ mod quickstart;
 mod rbd;
 mod repository;
 mod restore_safety;
+mod restore_space;
 mod uefi;
