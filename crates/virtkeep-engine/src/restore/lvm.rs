@@ -126,8 +126,14 @@ impl Destination for LvDest {
             .any(|l| l.name == name))
     }
 
+    /// The old LV goes with its kept incremental base (a tagged thin snapshot of it): a
+    /// base of the old data would make the next incremental diff the restored LV
+    /// against data it never held.
     async fn commit(&self, host: &Host, s: &Staged) -> Result<()> {
         let (vg, temp) = split(&s.temp);
+        for base in crate::lvm::base_snapshots(host, vg, &self.name).await? {
+            crate::lvm::remove_lv(host, vg, &base.name).await?;
+        }
         crate::lvm::remove_lv(host, vg, &self.name).await?;
         host.run(&crate::lvm::lvrename(vg, temp, &self.name))
             .await?;

@@ -702,4 +702,11 @@ fn lvm_in_place_restore_replaces_only_after_writing() {
         .map(|(_, a, _)| a)
         .expect("thin LV still there");
     assert!(attr.starts_with('V'), "restored vdb is not thin: {attr}");
+    // The old thin LV's kept incremental base (of data the LV no longer holds) went
+    // with it.
+    assert!(
+        vm.leftover_snapshots().is_empty(),
+        "{:?}",
+        vm.leftover_snapshots()
+    );
 }

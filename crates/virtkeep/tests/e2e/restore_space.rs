@@ -112,3 +112,44 @@ fn file_restore_without_room_is_refused_before_writing() {
     }
     drop(guard);
 }
+
+/// A thick LV restored in place needs its whole size in free extents (the old LV stays
+/// until the swap): refused before anything is made, the LV and the VG's free space as
+/// they were.
+#[test]
+fn lvm_thick_restore_without_extents_is_refused_before_writing() {
+    use virtkeep_lab::hvm::{LvmTestVm, ScratchVg, hvm};
+    let h = hvm();
+    let node = crate::lvm_host::lvm_node();
+    let vg = ScratchVg::new("rspace", 128 * MIB);
+    let vm = LvmTestVm::builder("rspace")
+        .vg(&vg.name)
+        .thick_disk(40 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x63, 0, MIB);
+    let id = node.backup_on("lvmhv", &vm.name, &["--mode", "full"])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    vm.write_pattern("vda", 0x64, 0, MIB);
+    // the backup's snapshot needed room; now the VG has less than the LV's size free
+    h.ssh(&format!("lvcreate -q -y -L 64m -n vkt-filler {}", vg.name));
+    let before = vm.disk_checksum("vda");
+    let free = vg.free();
+    assert!(free < 40 * MIB, "scratch VG has {free} bytes free");
+    let lvs = h.lvs(&vg.name);
+
+    let out = node.run(&["restore", &id, "--to", "lvmhv", "--force"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "restore without room succeeded");
+    assert!(stderr.contains("not enough free space"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("volume group {}", vg.name)),
+        "{stderr}"
+    );
+    assert!(stderr.contains("vgextend"), "{stderr}");
+    assert_eq!(vm.disk_checksum("vda"), before);
+    assert_eq!(h.lvs(&vg.name), lvs, "an LV was made or removed");
+    assert_eq!(vg.free(), free);
+}
