@@ -710,3 +710,86 @@ fn lvm_in_place_restore_replaces_only_after_writing() {
         vm.leftover_snapshots()
     );
 }
+
+/// Runs `virtkeep ARGS` and kills it (SIGKILL) once `started()` says its temporary is
+/// being written.
+fn kill_mid_restore(node: &Node, args: &[&str], started: impl Fn() -> bool) {
+    let bin = assert_cmd::cargo::cargo_bin("virtkeep");
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn virtkeep");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !started() {
+        assert!(Instant::now() < deadline, "no temporary appeared");
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "restore ended first"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// No qemu-nbd of this machine serves a path or image containing `needle`.
+fn assert_no_export_of(needle: &str) {
+    let nbd = Command::new("pgrep")
+        .args(["-af", "qemu-nbd"])
+        .output()
+        .expect("pgrep");
+    let list = String::from_utf8_lossy(&nbd.stdout);
+    assert!(
+        !list.lines().any(|l| l.contains(needle)),
+        "export still running: {list}"
+    );
+}
+
+/// SIGKILL of the node while an in-place `--force` restore writes an RBD image's
+/// temporary: the image is untouched, and after `cleanup` no temporary image or export
+/// is left, the image and its snapshots are as they were, and the next restore succeeds.
+#[test]
+fn rbd_killed_in_place_restore_then_cleanup() {
+    let node = Node::new();
+    let vm = TestVm::builder("rbd-kill")
+        .rbd_disk(256 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x4b, 0, 160 * MIB);
+    let sum = vm.disk_checksum("vda");
+    let id = node.backup(&vm.name, &["--mode", "full"])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    vm.write_pattern("vda", 0x4c, 0, MIB);
+    let before = vm.disk_checksum("vda");
+    let snaps = vm.leftovers().rbd_snapshots;
+    let pool = node.lab.ceph_pool.clone();
+    let temps = || {
+        node.lab
+            .rbd(&["ls", &pool])
+            .lines()
+            .filter(|i| i.starts_with(&vm.name) && i.contains(".vkrestore-"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let args = ["restore", &id, "--to", HOST, "--force", "--parallel", "1"];
+    kill_mid_restore(&node, &args, || !temps().is_empty());
+    assert_eq!(vm.disk_checksum("vda"), before);
+
+    node.json(&["cleanup", HOST]);
+    assert!(temps().is_empty(), "cleanup left {:?}", temps());
+    assert_no_export_of(&format!("{}.vkrestore-", vm.name));
+    assert_eq!(vm.disk_checksum("vda"), before);
+    assert_eq!(vm.leftovers().rbd_snapshots, snaps);
+
+    node.ok(&["restore", &id, "--to", HOST, "--force"]);
+    assert_eq!(vm.disk_checksum("vda"), sum);
+    assert!(temps().is_empty(), "{:?}", temps());
+}
