@@ -793,3 +793,54 @@ fn rbd_killed_in_place_restore_then_cleanup() {
     assert_eq!(vm.disk_checksum("vda"), sum);
     assert!(temps().is_empty(), "{:?}", temps());
 }
+
+/// SIGKILL of the node while an in-place `--force` restore writes a thick LV's
+/// temporary on the LVM hypervisor: the LV is untouched, and after `cleanup` no
+/// temporary LV or export is left, the LV is as it was, and the next restore succeeds.
+#[test]
+fn lvm_killed_in_place_restore_then_cleanup() {
+    use virtkeep_lab::hvm::{LvmTestVm, hvm};
+    let h = hvm();
+    let node = crate::lvm_host::lvm_node();
+    let vm = LvmTestVm::builder("lvkill")
+        .thick_disk(128 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x4b, 0, 96 * MIB);
+    let sum = vm.disk_checksum("vda");
+    let id = node.backup_on("lvmhv", &vm.name, &["--mode", "full"])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    vm.write_pattern("vda", 0x4c, 0, MIB);
+    let before = vm.disk_checksum("vda");
+    let (vg, lv) = (vm.disks[0].vg.clone(), vm.disks[0].lv.clone());
+    let marker = format!("{lv}.vkrestore-");
+    let temps = || {
+        h.lvs(&vg)
+            .into_iter()
+            .filter(|(n, _, _)| n.starts_with(&marker))
+            .collect::<Vec<_>>()
+    };
+    let args = [
+        "restore",
+        &id,
+        "--to",
+        "lvmhv",
+        "--force",
+        "--parallel",
+        "1",
+    ];
+    kill_mid_restore(&node, &args, || !temps().is_empty());
+    assert_eq!(vm.disk_checksum("vda"), before);
+
+    node.json(&["cleanup", "lvmhv"]);
+    assert!(temps().is_empty(), "cleanup left {:?}", temps());
+    let nbd = h.ssh("pgrep -af qemu-nbd || true");
+    assert!(!nbd.contains(&marker), "export still running: {nbd}");
+    assert_eq!(vm.disk_checksum("vda"), before);
+
+    node.ok(&["restore", &id, "--to", "lvmhv", "--force"]);
+    assert_eq!(vm.disk_checksum("vda"), sum);
+    assert!(temps().is_empty(), "{:?}", temps());
+}
