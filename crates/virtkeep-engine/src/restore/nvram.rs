@@ -33,6 +33,9 @@ pub async fn plan(
     if renamed && !opts.define {
         return Ok(None); // no domain would use the copy's store
     }
+    if !renamed && !opts.disks.is_empty() {
+        return Ok(None); // `--disk` puts back those disks only, not the firmware's state
+    }
     let dest = if renamed {
         path_for(old, &job.name)
     } else {

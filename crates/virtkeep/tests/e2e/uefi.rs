@@ -116,7 +116,14 @@ fn uefi_nvram_is_backed_up_and_restored() {
         .collect();
     assert!(temps.is_empty(), "temporaries left: {temps:?}");
 
+    // `--disk` puts back that disk only
     std::fs::write(&store, store_bytes(3)).expect("change store");
+    node.ok(&["restore", &id, "--to", HOST, "--force", "--disk", "vda"]);
+    assert!(
+        std::fs::read(&store).expect("store") == store_bytes(3),
+        "--disk replaced the store"
+    );
+
     node.ok(&[
         "restore", &id, "--to", HOST, "--name", &new_name, "--define",
     ]);
