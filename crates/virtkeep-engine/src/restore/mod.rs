@@ -82,11 +82,15 @@ async fn restore_locked(
     let checked = refuse::refuse(host, repo, job, opts, &mut notes).await?;
     let rw = define::rewrite_for(job, opts, &checked.plan, &checked.nvram, &mut notes);
     let mut result = planned(host, opts, job, &checked, &rw);
+    if let Some(n) = checked.nvram.as_ref().filter(|n| n.bytes.is_some()) {
+        let when = if opts.dry_run { "would be " } else { "" };
+        notes.push(format!(
+            "UEFI variables: {}, {when}written from the backup",
+            n.dest
+        ));
+    }
     if !opts.dry_run {
         result.disks = write::write(host, repo, opts, job, &checked, progress).await?;
-        if let Some(n) = checked.nvram.as_ref().filter(|n| n.bytes.is_some()) {
-            notes.push(format!("UEFI variables: {}, from the backup", n.dest));
-        }
         if opts.define {
             let (uuid, started) =
                 define::define_restored(host, opts, job, &checked.nvram, &rw, &mut notes).await?;
