@@ -234,6 +234,12 @@ fn backup_into_s3_on_ceph_rgw() {
             .env("AWS_SECRET_ACCESS_KEY", &lab.s3_secret_key)
             .env("AWS_REGION", &lab.s3_region);
     };
+    // Another location than the configured one: its key file is named on each command.
+    let key_file = node.dir.path().join("s3.key").display().to_string();
+    let s3 = |c: &mut assert_cmd::Command| {
+        s3(c);
+        c.args(["--key-file", &key_file]);
+    };
     let mut c = node.cmd();
     s3(&mut c);
     c.args(["repo", "init", &location, "--encryption", "none"])
@@ -300,6 +306,7 @@ fn backup_into_s3_on_ceph_rgw() {
             access_key: Some(lab.s3_access_key.clone()),
             secret_key: Some(lab.s3_secret_key.clone()),
             allow_http: true,
+            instance_metadata: false,
         })
         .backend()
         .expect("backend");
