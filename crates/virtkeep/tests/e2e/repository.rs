@@ -236,13 +236,10 @@ fn backup_into_s3_on_ceph_rgw() {
     };
     // Another location than the configured one: its key file is named on each command.
     let key_file = node.dir.path().join("s3.key").display().to_string();
-    let s3 = |c: &mut assert_cmd::Command| {
-        s3(c);
-        c.args(["--key-file", &key_file]);
-    };
     let mut c = node.cmd();
     s3(&mut c);
     c.args(["repo", "init", &location, "--encryption", "none"])
+        .args(["--key-file", &key_file])
         .assert()
         .success();
     let mut c = node.cmd();
@@ -254,6 +251,8 @@ fn backup_into_s3_on_ceph_rgw() {
             &format!("{HOST}/{}", vm.name),
             "--repo",
             &location,
+            "--key-file",
+            &key_file,
         ])
         .output()
         .expect("run");
@@ -270,8 +269,18 @@ fn backup_into_s3_on_ceph_rgw() {
     s3(&mut c);
     let out = c
         .args([
-            "--json", "restore", &id, "--to", HOST, "--name", &new_name, "--define", "--repo",
+            "--json",
+            "restore",
+            &id,
+            "--to",
+            HOST,
+            "--name",
+            &new_name,
+            "--define",
+            "--repo",
             &location,
+            "--key-file",
+            &key_file,
         ])
         .output()
         .expect("run");
@@ -340,6 +349,7 @@ fn backup_into_s3_on_ceph_rgw() {
         s3(&mut c);
         let out = c
             .args(["--json", "verify", "--repo", &location])
+            .args(["--key-file", &key_file])
             .args(extra)
             .output()
             .expect("run");
