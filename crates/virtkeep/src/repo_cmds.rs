@@ -100,6 +100,19 @@ pub async fn init(
         settings.save()?;
     }
     print_init(&repo, &location, choice.key_file.as_deref(), json)?;
+    let configured = std::iter::once(settings.config.repository.as_ref())
+        .flatten()
+        .chain(settings.config.repositories.values())
+        .any(|rc| rc.location == location);
+    if let Some(f) = &choice.key_file
+        && !configured
+    {
+        eprintln!(
+            "note: {location} is not a repository of the configuration: give \
+             `--repo {location} --key-file {}` to the commands that use it",
+            f.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -341,12 +354,14 @@ pub async fn upgrade(
         (Some(KeySource::KeyFile(f)), false) => Some(f.clone()),
         _ => Some(default_key_file(settings)?),
     };
-    let report = repo.upgrade(auth_key.clone()).await.map_err(repo_err)?;
-    if let Some(f) = &report.key_file
+    // Named before the upgrade writes anything: an interrupted upgrade is then finished
+    // by running it again with the same key file.
+    if let Some(f) = &auth_key
         && record_key_file(settings, &rc.location, f)?
     {
         settings.save()?;
     }
+    let report = repo.upgrade(auth_key).await.map_err(repo_err)?;
     if json {
         print_json(&report)?;
     } else {
