@@ -1087,8 +1087,9 @@ async fn unlock_plain(
             format!(
                 "the config says format v1 (metadata not authenticated), but this node \
                  holds the key file {} for it: the config was changed outside virtkeep \
-                 (restore it from a copy), or `virtkeep repo upgrade` was interrupted \
-                 (run it again)",
+                 (restore it from a copy) — unless a `virtkeep repo upgrade` failed just \
+                 before writing it: then run that again (it refuses a repository whose \
+                 metadata is already authenticated)",
                 path.display()
             ),
         )),

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::backend::ObjectInfo;
 use crate::crypto;
 use crate::error::{RepoError, Result};
-use crate::format::Codec;
+use crate::format::{Codec, MAGIC_META_AUTH};
 use crate::repo::{FORMAT_VERSION, Keys, Repository, make_codec, read_key_blocking};
 
 /// What [`Repository::upgrade`] did.
@@ -97,6 +97,9 @@ impl Repository {
                         .into(),
                 )
             })?;
+        if cfg.version < FORMAT_VERSION {
+            self.refuse_downgraded().await?;
+        }
         let key = read_key_blocking(path.clone(), true).await?;
         if cfg.version < FORMAT_VERSION {
             cfg.version = FORMAT_VERSION;
@@ -122,6 +125,30 @@ impl Repository {
         )?;
         self.authenticate_metadata(&old, &new, &mut report).await?;
         Ok(report)
+    }
+
+    /// A v1 config next to authenticated (v2) metadata was lowered from v2 outside
+    /// virtkeep (to get unauthenticated objects accepted): upgrading would bless them.
+    async fn refuse_downgraded(&self) -> Result<()> {
+        let be = &self.inner.backend;
+        let objects: Vec<ObjectInfo> = be.list("snapshots/").try_collect().await?;
+        for o in objects.iter().filter(|o| is_meta_key(&o.key)) {
+            if let Some(blob) = be.get(&o.key).await?
+                && blob.len() >= 8
+                && blob[..8] == *MAGIC_META_AUTH
+            {
+                return Err(RepoError::corrupt(
+                    "config",
+                    format!(
+                        "the config says format v1, but {} is authenticated (v2): the \
+                         config was changed outside virtkeep; restore it from a copy \
+                         instead of upgrading",
+                        o.key
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Re-writes every v1 manifest and index with a MAC.

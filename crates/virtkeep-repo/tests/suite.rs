@@ -1308,6 +1308,22 @@ fn v1_repository_reads_with_a_warning_and_upgrades(kind: Kind) {
         assert!(e.to_string().contains("not authenticated"), "{e}");
         let listing = repo.list_snapshots().await.unwrap();
         assert_eq!(listing.unreadable.len(), 1);
+        // ... and so is the config lowered to v1 to have it accepted: by open with the
+        // node's key file, and by an upgrade that would bless it
+        edit_config(&fx, |c| c["version"] = 1.into()).await;
+        let e = Repository::open(fx.loc.clone(), Some(KeySource::KeyFile(fx.key())))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("changed outside virtkeep"), "{e}");
+        let repo = Repository::open_for_upgrade(fx.loc.clone(), None)
+            .await
+            .unwrap();
+        let e = repo.upgrade(Some(fx.key())).await.unwrap_err();
+        assert!(e.to_string().contains("is authenticated (v2)"), "{e}");
+        assert_eq!(
+            be.get(&mkey).await.unwrap().unwrap()[..8],
+            *MAGIC_META_PLAIN
+        );
         fx.cleanup().await;
 
         // encrypted v1: opens with a warning, upgrade re-writes only the config
