@@ -235,21 +235,7 @@ fn key_file_missing_then_exported_and_imported_on_a_second_node() {
 fn v1_repository_read_with_a_warning_then_upgraded() {
     let node = Node::new();
     let v1 = node.dir.path().join("v1repo");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(virtkeep_repo::Repository::init(
-            virtkeep_repo::Location::Local {
-                path: v1.clone(),
-                fsync: false,
-            },
-            virtkeep_repo::InitOptions {
-                format_version: 1,
-                ..Default::default()
-            },
-        ))
-        .expect("v1 repository");
+    v1_repository(&v1, None);
     let loc = v1.display().to_string();
     let vm = TestVm::builder("authv1")
         .raw_disk(8 * MIB)
@@ -368,4 +354,86 @@ fn s3_without_credentials_fails_fast_naming_the_settings() {
     ] {
         assert!(err.contains(want), "{want}: {err}");
     }
+}
+
+/// Builds a repository with the v1 writer (`encryption`: the key file of an encrypted one).
+fn v1_repository(path: &Path, encryption: Option<&Path>) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(virtkeep_repo::Repository::init(
+            virtkeep_repo::Location::Local {
+                path: path.to_path_buf(),
+                fsync: false,
+            },
+            virtkeep_repo::InitOptions {
+                format_version: 1,
+                encryption: encryption.map(|k| virtkeep_repo::KeySource::KeyFile(k.to_path_buf())),
+                ..Default::default()
+            },
+        ))
+        .expect("v1 repository");
+}
+
+/// `repo upgrade` of the configured repository names the new key file in the
+/// configuration (plain commands keep working); an encrypted v1 repository is upgraded
+/// with the key that unlocks it and its warning goes.
+#[test]
+fn upgrade_of_the_configured_repository_and_of_an_encrypted_one() {
+    let node = Node::new();
+    let plain = node.dir.path().join("v1plain");
+    v1_repository(&plain, None);
+    let c = std::fs::read_to_string(node.config()).expect("config");
+    let mut c: toml::Table = toml::from_str(&c).expect("toml");
+    let mut rc = toml::Table::new();
+    rc.insert("location".into(), plain.display().to_string().into());
+    c.insert("repository".into(), rc.into());
+    std::fs::write(node.config(), toml::to_string(&c).expect("toml")).expect("write");
+    let out = node.run(&["snapshots"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("format v1"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = node.json(&["repo", "upgrade"]);
+    assert_eq!(out["from_version"], 1);
+    assert_eq!(out["to_version"], 2);
+    let key = out["key_file"].as_str().expect("key file").to_string();
+    assert_eq!(
+        std::fs::metadata(&key).expect("key").permissions().mode() & 0o777,
+        0o600
+    );
+    let c: toml::Table =
+        toml::from_str(&std::fs::read_to_string(node.config()).expect("config")).expect("toml");
+    assert_eq!(c["repository"]["key_file"].as_str(), Some(key.as_str()));
+    let out = node.run(&["snapshots"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("format v1"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let enc = node.dir.path().join("v1enc");
+    let enc_key = node.dir.path().join("enc.key");
+    v1_repository(&enc, Some(&enc_key));
+    let (enc, enc_key) = (enc.display().to_string(), enc_key.display().to_string());
+    let args = ["--repo", enc.as_str(), "--key-file", enc_key.as_str()];
+    let out = node.run(&[&["snapshots"][..], &args].concat());
+    assert!(
+        text(&out.stderr).contains("format v1"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = node.ok(&[&["repo", "upgrade"][..], &args].concat());
+    assert!(out.contains("format v1 -> v2"), "{out}");
+    let out = node.run(&[&["snapshots"][..], &args].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("format v1"),
+        "{}",
+        text(&out.stderr)
+    );
 }
