@@ -54,14 +54,27 @@ pub async fn backup_server(
     Ok(NbdServer::new(exports)?)
 }
 
-/// Serve backup `id` on the unix socket `socket` until `shutdown` completes.
+/// Serve backup `id` on a new unix socket at `socket` until `shutdown` completes.
+/// The socket is made owner-only (it hands out decrypted disk bytes) before
+/// `on_ready(export names)` is called; it is removed on return. An existing file at
+/// `socket` is refused, never replaced.
 pub async fn serve_backup(
     repo: &Repository,
     id: &str,
     socket: &Path,
     shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&[&str]),
 ) -> Result<(), FilesError> {
+    use std::os::unix::fs::PermissionsExt;
     let server = Arc::new(backup_server(repo, id, DiskViewOptions::default()).await?);
-    virtkeep_nbd::serve_unix(server, socket, shutdown).await?;
-    Ok(())
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    let res = async {
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        on_ready(&server.export_names());
+        virtkeep_nbd::serve_listener(server.clone(), listener, shutdown).await?;
+        Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_file(socket);
+    res
 }

@@ -25,7 +25,9 @@ mod server;
 pub use client::NbdClient;
 pub use error::NbdError;
 pub use proto::errno_name;
-pub use server::{ExportSource, MAX_CONNECTIONS, MAX_OPTIONS, NbdServer, serve_unix};
+pub use server::{
+    ExportSource, MAX_CONNECTIONS, MAX_OPTIONS, NbdServer, serve_listener, serve_unix,
+};
 
 /// The standard allocation metadata context.
 pub const BASE_ALLOCATION: &str = "base:allocation";

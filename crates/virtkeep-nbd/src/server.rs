@@ -350,12 +350,14 @@ pub async fn serve_unix<E: ExportSource>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NbdError> {
     let listener = tokio::net::UnixListener::bind(path)?;
-    let res = accept_loop(server, listener, shutdown).await;
+    let res = serve_listener(server, listener, shutdown).await;
     let _ = std::fs::remove_file(path);
     res
 }
 
-async fn accept_loop<E: ExportSource>(
+/// Serve `server` on connections accepted from `listener` until `shutdown` completes
+/// (at most [`MAX_CONNECTIONS`] at once; one failing connection does not stop the rest).
+pub async fn serve_listener<E: ExportSource>(
     server: Arc<NbdServer<E>>,
     listener: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()>,
