@@ -253,3 +253,39 @@ proptest! {
         check_sane(&img);
     }
 }
+
+/// Signatures the lab cannot make here (no mkfs.vfat, no pvcreate on a file, no mkntfs).
+#[test]
+fn detects_fat_ntfs_lvm_and_btrfs_signatures() {
+    let mut fat32 = vec![0u8; 4096];
+    fat32[510] = 0x55;
+    fat32[511] = 0xAA;
+    fat32[71..82].copy_from_slice(b"EFI        ");
+    fat32[82..90].copy_from_slice(b"FAT32   ");
+    let f = detect_bytes(&fat32).unwrap();
+    assert_eq!((f.kind.as_str(), f.label.as_deref()), ("vfat", Some("EFI")));
+    let mut fat16 = vec![0u8; 4096];
+    fat16[510] = 0x55;
+    fat16[511] = 0xAA;
+    fat16[43..54].copy_from_slice(b"NO NAME    ");
+    fat16[54..62].copy_from_slice(b"FAT16   ");
+    let f = detect_bytes(&fat16).unwrap();
+    assert_eq!((f.kind.as_str(), f.label), ("vfat", None));
+    let mut ntfs = vec![0u8; 4096];
+    ntfs[3..11].copy_from_slice(b"NTFS    ");
+    assert_eq!(detect_bytes(&ntfs).unwrap().kind, "ntfs");
+    let mut pv = vec![0u8; 4096];
+    pv[512..520].copy_from_slice(b"LABELONE");
+    pv[536..544].copy_from_slice(b"LVM2 001");
+    assert_eq!(detect_bytes(&pv).unwrap().kind, "LVM2_member");
+    let mut btrfs = vec![0u8; 0x11000];
+    btrfs[0x10040..0x10048].copy_from_slice(b"_BHRfS_M");
+    assert_eq!(detect_bytes(&btrfs).unwrap().kind, "btrfs");
+    assert_eq!(detect_bytes(&[0u8; 70000]), None);
+    // A FAT boot sector at LBA 0 is a whole-disk filesystem, not an MBR.
+    let mut disk = fat32.clone();
+    disk.resize(1 << 20, 0);
+    let l = layout(&disk);
+    assert_eq!(l.table, TableKind::None);
+    assert_eq!(l.filesystem.unwrap().kind, "vfat");
+}
