@@ -8,14 +8,18 @@
 //! Everything read here comes from a guest and is untrusted: the parsers bound every
 //! length and loop and report what they skip as warnings.
 
+mod browse;
 mod error;
 mod export;
+mod ext4;
 mod fsdetect;
 mod layout;
 mod partition;
 
+pub use browse::{FileTarget, list_dir};
 pub use error::FilesError;
 pub use export::{DiskExport, backup_server, serve_backup};
+pub use ext4::{DirEntryInfo, DirListing, EntryKind, MAX_DIR_ENTRIES, MAX_PATH, list_ext4};
 pub use fsdetect::{FsInfo, PROBE_BYTES, detect, detect_bytes};
 pub use layout::{DiskLayout, PartitionLayout, backup_layout, disk_layout, read_layout};
 pub use partition::{

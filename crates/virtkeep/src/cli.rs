@@ -485,7 +485,7 @@ pub struct ServeNbdArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum FilesCommand {
-    /// Disks of a backup with their partitions and filesystems
+    /// Disks of a backup with their partitions and filesystems, or one directory
     Ls(FilesLsArgs),
 }
 
@@ -493,6 +493,9 @@ pub enum FilesCommand {
 pub struct FilesLsArgs {
     /// Backup id, a unique prefix of it, or HOST/VM@latest
     pub snapshot: String,
+    /// A directory to list: DISK:PART:/PATH (e.g. vda:1:/etc) or DISK:/PATH for a
+    /// filesystem on the whole disk (ext2/3/4 so far); without it, the disks' layout
+    pub target: Option<String>,
     #[command(flatten)]
     pub repo: RepoArgs,
 }

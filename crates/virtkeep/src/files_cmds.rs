@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use serde::Serialize;
-use virtkeep_files::{DiskLayout, FilesError, FsInfo};
+use virtkeep_files::{DirListing, DiskLayout, EntryKind, FileTarget, FilesError, FsInfo};
 
 use crate::cli::{FilesLsArgs, ServeNbdArgs};
 use crate::output::{human_bytes, print_json};
@@ -74,6 +74,9 @@ pub async fn files_ls(
 ) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    if let Some(target) = &args.target {
+        return list_dir(&repo, id, target, json).await;
+    }
     let disks = virtkeep_files::backup_layout(&repo, &id)
         .await
         .map_err(files_err)?;
@@ -127,6 +130,94 @@ fn layout_text(disks: &[DiskLayout]) -> String {
         for w in &d.warnings {
             let _ = writeln!(out, "  warning: {w}");
         }
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct FilesDir {
+    snapshot: String,
+    disk: String,
+    partition: Option<u32>,
+    #[serde(flatten)]
+    listing: DirListing,
+}
+
+async fn list_dir(
+    repo: &virtkeep_repo::Repository,
+    id: String,
+    target: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let t: FileTarget = target.parse().map_err(files_err)?;
+    let listing = virtkeep_files::list_dir(repo, &id, &t)
+        .await
+        .map_err(files_err)?;
+    if json {
+        print_json(&FilesDir {
+            snapshot: id,
+            disk: t.disk,
+            partition: t.partition,
+            listing,
+        })?;
+    } else {
+        print!("{}", listing_text(&listing));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mode_text(kind: EntryKind, mode: u16) -> String {
+    let t = match kind {
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        EntryKind::BlockDevice => 'b',
+        EntryKind::CharDevice => 'c',
+        EntryKind::Fifo => 'p',
+        EntryKind::Socket => 's',
+        EntryKind::File => '-',
+    };
+    let bits: String = (0..9)
+        .map(|i| {
+            let on = mode & (0o400 >> i) != 0;
+            match (on, i % 3) {
+                (false, _) => '-',
+                (true, 0) => 'r',
+                (true, 1) => 'w',
+                (true, _) => 'x',
+            }
+        })
+        .collect();
+    format!("{t}{bits}")
+}
+
+fn listing_text(l: &DirListing) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for e in &l.entries {
+        let time = chrono::DateTime::from_timestamp(e.mtime, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_else(|| e.mtime.to_string());
+        let _ = write!(
+            out,
+            "{} {:>5} {:>5} {:>12} {} {}",
+            mode_text(e.kind, e.mode),
+            e.uid,
+            e.gid,
+            e.size,
+            time,
+            e.name
+        );
+        if let Some(t) = &e.target {
+            let _ = write!(out, " -> {t}");
+        }
+        out.push('\n');
+    }
+    if l.truncated {
+        let _ = writeln!(
+            out,
+            "(listing truncated at {} entries)",
+            virtkeep_files::MAX_DIR_ENTRIES
+        );
     }
     out
 }

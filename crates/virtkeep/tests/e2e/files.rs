@@ -35,6 +35,8 @@ fn put_fs(disk: &Path, offset_mib: u64, size_mib: u64, mkfs: &[&str]) {
     let content = dir.path().join("content");
     std::fs::create_dir_all(content.join("etc")).expect("content dir");
     std::fs::write(content.join("etc/hostname"), "files-test\n").expect("content");
+    std::fs::write(content.join("etc/ünï cödé.txt"), "x").expect("content");
+    std::os::unix::fs::symlink("hostname", content.join("etc/link")).expect("symlink");
     let args: Vec<String> = mkfs
         .iter()
         .map(|a| a.replace("{img}", &img.display().to_string()))
@@ -207,6 +209,46 @@ fn files_ls_lists_partitions_and_filesystems() {
         b["warnings"].as_array().is_some_and(|w| w.is_empty()),
         "{b}"
     );
+
+    // Directories of the ext filesystems, read from the backup.
+    let etc = node.json(&["files", "ls", &id, "vda:1:/etc"]);
+    let entries = etc["entries"].as_array().expect("entries");
+    let names: Vec<&str> = entries.iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(names, ["hostname", "link", "ünï cödé.txt"], "{etc}");
+    assert_eq!(
+        (entries[0]["kind"].as_str(), entries[0]["size"].as_u64()),
+        (Some("file"), Some(11))
+    );
+    assert_eq!(
+        (entries[1]["kind"].as_str(), entries[1]["target"].as_str()),
+        (Some("symlink"), Some("hostname"))
+    );
+    let home = node.json(&["files", "ls", &id, "vdb:6:/"]);
+    let names: Vec<&str> = home["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(names, ["etc", "lost+found"], "{home}");
+    let text = node.ok(&["files", "ls", &id, "vdb:6:/etc"]);
+    assert!(
+        text.contains("link -> hostname") && text.contains(" 11 "),
+        "{text}"
+    );
+    for (target, want) in [
+        ("vda:2:/", "xfs"),
+        ("vda:9:/", "no partition 9"),
+        ("vdz:1:/", "no disk"),
+        ("vda:1:/nope", "/nope"),
+    ] {
+        let out = node.run(&["files", "ls", &id, target]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{target}: {err}"
+        );
+    }
 
     // The text form names the same things.
     let text = node.ok(&["files", "ls", &id]);
