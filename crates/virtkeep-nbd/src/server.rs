@@ -383,6 +383,7 @@ pub async fn serve_listener<E: ExportSource>(
     }
 }
 
+#[derive(Clone, Copy)]
 struct Request {
     flags: u16,
     kind: u16,
@@ -391,7 +392,25 @@ struct Request {
     len: u32,
 }
 
+/// A reply, in the order of the requests: built already, or a read still running
+/// (holding its share of the connection's in-flight byte budget).
+enum Pending {
+    Ready(Vec<u8>),
+    Read(
+        tokio::task::JoinHandle<Vec<u8>>,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+}
+
+/// Replies queued per connection.
+const MAX_INFLIGHT: usize = 16;
+/// Read payload in flight per connection, in KiB (64 MiB).
+const INFLIGHT_KIB: usize = 64 * 1024;
+
 impl<E: ExportSource> NbdServer<E> {
+    /// Requests are read and reads started in order while earlier replies are still
+    /// being produced (qemu-img keeps several requests in flight); replies go out in
+    /// request order.
     async fn transmit<R, W>(
         &self,
         rd: &mut R,
@@ -404,88 +423,154 @@ impl<E: ExportSource> NbdServer<E> {
         W: AsyncWrite + Unpin,
     {
         wr.flush().await?;
-        loop {
-            let magic = rd.read_u32().await?;
-            if magic != REQUEST_MAGIC {
-                return Err(invalid(format!("request magic {magic:#x}")));
+        let (tx, rx) = tokio::sync::mpsc::channel(MAX_INFLIGHT);
+        let (r, w) = tokio::join!(requests(rd, conn, export, tx), replies(wr, rx));
+        r.and(w)
+    }
+}
+
+async fn read_request<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Request, NbdError> {
+    let magic = rd.read_u32().await?;
+    if magic != REQUEST_MAGIC {
+        return Err(invalid(format!("request magic {magic:#x}")));
+    }
+    Ok(Request {
+        flags: rd.read_u16().await?,
+        kind: rd.read_u16().await?,
+        handle: rd.read_u64().await?,
+        offset: rd.read_u64().await?,
+        len: rd.read_u32().await?,
+    })
+}
+
+async fn requests<R: AsyncRead + Unpin, E: ExportSource>(
+    rd: &mut R,
+    conn: &Conn,
+    export: &Arc<E>,
+    tx: tokio::sync::mpsc::Sender<Pending>,
+) -> Result<(), NbdError> {
+    let budget = Arc::new(tokio::sync::Semaphore::new(INFLIGHT_KIB));
+    let st = conn.structured;
+    loop {
+        let req = read_request(rd).await?;
+        let in_range = req
+            .offset
+            .checked_add(u64::from(req.len))
+            .is_some_and(|end| end <= export.size());
+        let mut out = Vec::new();
+        match req.kind {
+            CMD_DISC => return Ok(()),
+            CMD_WRITE => {
+                if req.len > MAX_PAYLOAD {
+                    return Err(invalid(format!("write of {} bytes", req.len)));
+                }
+                // Drain the payload to stay in step with the client, then refuse.
+                let mut sink = rd.take(u64::from(req.len));
+                tokio::io::copy(&mut sink, &mut tokio::io::sink()).await?;
+                fail(&mut out, st, &req, EPERM, "read-only export").await?;
             }
-            let req = Request {
-                flags: rd.read_u16().await?,
-                kind: rd.read_u16().await?,
-                handle: rd.read_u64().await?,
-                offset: rd.read_u64().await?,
-                len: rd.read_u32().await?,
-            };
-            let in_range = req
-                .offset
-                .checked_add(u64::from(req.len))
-                .is_some_and(|end| end <= export.size());
-            match req.kind {
-                CMD_DISC => return Ok(()),
-                CMD_WRITE => {
-                    if req.len > MAX_PAYLOAD {
-                        return Err(invalid(format!("write of {} bytes", req.len)));
-                    }
-                    // Drain the payload to stay in step with the client, then refuse.
-                    let mut sink = rd.take(u64::from(req.len));
-                    tokio::io::copy(&mut sink, &mut tokio::io::sink()).await?;
-                    fail(wr, conn, &req, EPERM, "read-only export").await?;
-                }
-                CMD_TRIM | CMD_WRITE_ZEROES => {
-                    fail(wr, conn, &req, EPERM, "read-only export").await?
-                }
-                CMD_FLUSH => simple(wr, &req, 0, &[]).await?,
-                CMD_READ if !in_range || req.len > MAX_PAYLOAD => {
-                    fail(wr, conn, &req, EINVAL, "read outside the export").await?
-                }
-                CMD_READ => self.read(wr, conn, &req, export).await?,
-                CMD_BLOCK_STATUS if !conn.base_allocation => {
-                    fail(wr, conn, &req, EINVAL, "no metadata context negotiated").await?
-                }
-                CMD_BLOCK_STATUS if !in_range || req.len == 0 => {
-                    fail(wr, conn, &req, EINVAL, "range outside the export").await?
-                }
-                CMD_BLOCK_STATUS => block_status(wr, &req, export).await?,
-                _ => fail(wr, conn, &req, EINVAL, "unknown command").await?,
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                fail(&mut out, st, &req, EPERM, "read-only export").await?
             }
+            CMD_FLUSH => simple(&mut out, &req, 0, &[]).await?,
+            CMD_READ if !in_range || req.len > MAX_PAYLOAD => {
+                fail(&mut out, st, &req, EINVAL, "read outside the export").await?
+            }
+            CMD_READ => {
+                let kib = (req.len as usize / 1024).clamp(1, INFLIGHT_KIB) as u32;
+                let permit = budget
+                    .clone()
+                    .acquire_many_owned(kib)
+                    .await
+                    .map_err(|e| NbdError::Io(std::io::Error::other(e)))?;
+                let export = export.clone();
+                let task = tokio::spawn(async move { read_reply(&export, st, req).await });
+                if tx.send(Pending::Read(task, permit)).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            CMD_BLOCK_STATUS if !conn.base_allocation => {
+                fail(&mut out, st, &req, EINVAL, "no metadata context negotiated").await?
+            }
+            CMD_BLOCK_STATUS if !in_range || req.len == 0 => {
+                fail(&mut out, st, &req, EINVAL, "range outside the export").await?
+            }
+            CMD_BLOCK_STATUS => block_status(&mut out, &req, export).await?,
+            _ => fail(&mut out, st, &req, EINVAL, "unknown command").await?,
+        }
+        // The writer is gone only when the client is: stop reading too.
+        if tx.send(Pending::Ready(out)).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn replies<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut rx: tokio::sync::mpsc::Receiver<Pending>,
+) -> Result<(), NbdError> {
+    while let Some(p) = rx.recv().await {
+        let (bytes, permit) = match p {
+            Pending::Ready(b) => (b, None),
+            Pending::Read(task, permit) => {
+                let b = task
+                    .await
+                    .map_err(|e| NbdError::Io(std::io::Error::other(e)))?;
+                (b, Some(permit))
+            }
+        };
+        wr.write_all(&bytes).await?;
+        drop(permit);
+        if rx.is_empty() {
             wr.flush().await?;
         }
     }
+    wr.flush().await?;
+    Ok(())
+}
 
-    async fn read<W: AsyncWrite + Unpin>(
-        &self,
-        wr: &mut W,
-        conn: &Conn,
-        req: &Request,
-        export: &Arc<E>,
-    ) -> Result<(), NbdError> {
-        if conn.structured && req.len > 0 {
-            let alloc = export.allocation(req.offset, req.len);
-            if alloc.iter().all(|e| e.flags & crate::STATE_ZERO != 0) {
-                let mut p = req.offset.to_be_bytes().to_vec();
-                p.extend_from_slice(&req.len.to_be_bytes());
-                return chunk(wr, req, REPLY_TYPE_OFFSET_HOLE, &p).await;
-            }
+/// The whole reply to an in-range READ: one hole chunk when the allocation map says
+/// zeros, else one data chunk (or a simple reply), or an EIO error.
+async fn read_reply<E: ExportSource>(export: &Arc<E>, st: bool, req: Request) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = read_into(&mut out, export, st, &req).await;
+    out
+}
+
+async fn read_into<E: ExportSource>(
+    out: &mut Vec<u8>,
+    export: &Arc<E>,
+    st: bool,
+    req: &Request,
+) -> Result<(), NbdError> {
+    if st && req.len > 0 {
+        let alloc = export.allocation(req.offset, req.len);
+        if alloc.iter().all(|e| e.flags & crate::STATE_ZERO != 0) {
+            let mut p = req.offset.to_be_bytes().to_vec();
+            p.extend_from_slice(&req.len.to_be_bytes());
+            return chunk(out, req, REPLY_TYPE_OFFSET_HOLE, &p).await;
         }
-        let data = match export.read(req.offset, req.len).await {
-            Ok(d) if d.len() == req.len as usize => d,
-            Ok(d) => {
-                let msg = format!("short read: {} of {} bytes", d.len(), req.len);
-                return fail(wr, conn, req, EIO, &msg).await;
-            }
-            Err(e) => {
-                tracing::warn!(offset = req.offset, error = %e, "NBD read failed");
-                return fail(wr, conn, req, EIO, &e.to_string()).await;
-            }
-        };
-        if conn.structured {
-            let mut p = Vec::with_capacity(8 + data.len());
-            p.extend_from_slice(&req.offset.to_be_bytes());
-            p.extend_from_slice(&data);
-            chunk(wr, req, REPLY_TYPE_OFFSET_DATA, &p).await
-        } else {
-            simple(wr, req, 0, &data).await
+    }
+    let data = match export.read(req.offset, req.len).await {
+        Ok(d) if d.len() == req.len as usize => d,
+        Ok(d) => {
+            let msg = format!("short read: {} of {} bytes", d.len(), req.len);
+            return fail(out, st, req, EIO, &msg).await;
         }
+        Err(e) => {
+            tracing::warn!(offset = req.offset, error = %e, "NBD read failed");
+            return fail(out, st, req, EIO, &e.to_string()).await;
+        }
+    };
+    if st {
+        let mut p = Vec::with_capacity(8 + data.len());
+        p.extend_from_slice(&req.offset.to_be_bytes());
+        p.extend_from_slice(&data);
+        chunk(out, req, REPLY_TYPE_OFFSET_DATA, &p).await
+    } else {
+        simple(out, req, 0, &data).await
     }
 }
 
@@ -555,12 +640,12 @@ async fn chunk<W: AsyncWrite + Unpin>(
 
 async fn fail<W: AsyncWrite + Unpin>(
     wr: &mut W,
-    conn: &Conn,
+    structured: bool,
     req: &Request,
     errno: u32,
     msg: &str,
 ) -> Result<(), NbdError> {
-    if !conn.structured {
+    if !structured {
         return simple(wr, req, errno, &[]).await;
     }
     let msg = &msg.as_bytes()[..msg.floor_char_boundary(1024)];
