@@ -266,7 +266,7 @@ fn files_ls_lists_partitions_and_filesystems() {
 }
 
 /// Runs `serve-nbd` in the background; returns the child once the socket is ready.
-fn serve(node: &Node, id: &str, socket: &Path) -> Child {
+fn serve(node: &Node, id: &str, socket: &Path, repo: &[&str]) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_virtkeep"))
         .arg("--config")
         .arg(node.config())
@@ -275,6 +275,7 @@ fn serve(node: &Node, id: &str, socket: &Path) -> Child {
         .env_remove("XDG_DATA_HOME")
         .args(["--json", "serve-nbd", id, "--socket"])
         .arg(socket)
+        .args(repo)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -293,7 +294,7 @@ fn nbd_uri(export: &str, socket: &Path) -> String {
     format!("nbd+unix:///{export}?socket={}", socket.display())
 }
 
-/// qemu-img reads the backup through serve-nbd byte-equal to the source disks; a
+/// qemu-img reads a backup in an encrypted repository through serve-nbd byte-equal to the source disks; a
 /// write is refused; Ctrl-C ends the server and removes its socket.
 #[test]
 fn serve_nbd_is_byte_equal_and_read_only() {
@@ -301,12 +302,17 @@ fn serve_nbd_is_byte_equal_and_read_only() {
     let vm = fixture_vm();
     let vda = vm.disk("vda").path.clone().expect("vda");
     let vdb = vm.disk("vdb").path.clone().expect("vdb");
-    let id = node.backup(&vm.name, &[])["id"]
+    // An encrypted repository: the view decrypts and decompresses on the fly.
+    let (repo, key) = (node.dir.path().join("enc"), node.dir.path().join("enc.key"));
+    let (repo, key) = (repo.display().to_string(), key.display().to_string());
+    node.ok(&["repo", "init", &repo, "--key-file", &key]);
+    let enc = ["--repo", repo.as_str(), "--key-file", key.as_str()];
+    let id = node.backup(&vm.name, &enc)["id"]
         .as_str()
         .expect("id")
         .to_string();
     let socket = node.dir.path().join("nbd.sock");
-    let mut child = serve(&node, &id, &socket);
+    let mut child = serve(&node, &id, &socket, &enc);
     let mode = std::fs::metadata(&socket).expect("socket").permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
