@@ -70,7 +70,7 @@ fn parted_partitions(disk: &Path) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
-/// vda: GPT (sgdisk) with ext4 "root", xfs "data", swap; vdb: MBR (parted) with an
+/// vda: GPT (sgdisk) with ext4 "root", xfs "data", swap, a vfat ESP; vdb: MBR (parted) with an
 /// ext2 primary and an extended partition holding swap and ext4 logicals.
 fn fixture_vm() -> TestVm {
     let vm = TestVm::builder("files")
@@ -83,6 +83,7 @@ fn fixture_vm() -> TestVm {
         .args(["-n", "1:2048:+32M", "-t", "1:8300", "-c", "1:root"])
         .args(["-n", "2:0:+310M", "-t", "2:8300", "-c", "2:data"])
         .args(["-n", "3:0:+16M", "-t", "3:8200", "-c", "3:swap"])
+        .args(["-n", "4:0:+16M", "-t", "4:ef00", "-c", "4:esp"])
         .arg(&vda));
     put_fs(
         &vda,
@@ -106,6 +107,7 @@ fn fixture_vm() -> TestVm {
         &["mkfs.xfs", "-q", "-f", "-L", "data", "{img}"],
     );
     put_fs(&vda, 343, 16, &["mkswap", "-L", "swp", "{img}"]);
+    put_fs(&vda, 359, 16, &["mkfs.vfat", "-n", "ESP", "{img}"]);
     let vdb = vm.disk("vdb").path.clone().expect("vdb file");
     sh(Command::new("parted").args(["-s"]).arg(&vdb).args([
         "mklabel", "msdos", "mkpart", "primary", "1MiB", "17MiB", "mkpart", "extended", "17MiB",
@@ -185,13 +187,15 @@ fn files_ls_lists_partitions_and_filesystems() {
     assert_eq!(fs_of(a, 1), ("ext4".into(), "root".into()));
     assert_eq!(fs_of(a, 2), ("xfs".into(), "data".into()));
     assert_eq!(fs_of(a, 3), ("swap".into(), "swp".into()));
+    assert_eq!(fs_of(a, 4), ("vfat".into(), "ESP".into()));
     let names: Vec<&str> = a["partitions"]
         .as_array()
         .map(|p| p.iter().filter_map(|p| p["name"].as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(names, ["root", "data", "swap"]);
+    assert_eq!(names, ["root", "data", "swap", "esp"]);
     assert_eq!(a["partitions"][0]["type_name"], "Linux filesystem");
     assert_eq!(a["partitions"][2]["type_name"], "Linux swap");
+    assert_eq!(a["partitions"][3]["type_name"], "EFI system");
 
     assert_eq!(
         (b["disk"].as_str(), b["table"].as_str()),
