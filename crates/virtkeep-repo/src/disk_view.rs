@@ -222,23 +222,29 @@ impl DiskView {
             if self.inner.reader.index().is_zero(i) {
                 continue;
             }
-            let f = self.fetch(i);
-            if let Some(f) = f {
-                tokio::spawn(async move {
-                    let _ = f.await;
-                });
+            if self.lock().entries.contains_key(&i) {
+                continue;
             }
+            let f = self.fetch(i);
+            tokio::spawn(async move {
+                let _ = f.await;
+            });
         }
     }
 
-    /// A fetch of chunk `i` unless it is cached (joins one already in flight).
-    fn fetch(&self, i: u64) -> Option<Fetch> {
+    /// A fetch of chunk `i`: the cached bytes, the one already in flight, or a new one.
+    fn fetch(&self, i: u64) -> Fetch {
         let mut c = self.lock();
-        if c.entries.contains_key(&i) {
-            return None;
+        c.tick += 1;
+        let tick = c.tick;
+        if let Some((b, t)) = c.entries.get_mut(&i) {
+            *t = tick;
+            let b = b.clone();
+            c.stats.hits += 1;
+            return futures::future::ready(Ok(Some(b))).boxed().shared();
         }
         if let Some(f) = c.inflight.get(&i) {
-            return Some(f.clone());
+            return f.clone();
         }
         let view = self.clone();
         let fut = async move {
@@ -258,7 +264,7 @@ impl DiskView {
         .boxed()
         .shared();
         c.inflight.insert(i, fut.clone());
-        Some(fut)
+        fut
     }
 
     fn insert(&self, c: &mut Cache, i: u64, b: Bytes) {
@@ -291,25 +297,10 @@ impl DiskView {
         if self.inner.reader.index().is_zero(i) {
             return Ok(None);
         }
-        {
-            let mut c = self.lock();
-            c.tick += 1;
-            let tick = c.tick;
-            if let Some((b, t)) = c.entries.get_mut(&i) {
-                *t = tick;
-                let b = b.clone();
-                c.stats.hits += 1;
-                return Ok(Some(b));
-            }
-        }
-        match self.fetch(i) {
-            Some(f) => match f.await {
-                Ok(b) => Ok(b),
-                // The shared error cannot be moved out: read again for the caller's own.
-                Err(_) => self.inner.reader.read_chunk(i).await,
-            },
-            // Inserted between the two locks.
-            None => Box::pin(self.chunk(i)).await,
+        match self.fetch(i).await {
+            Ok(b) => Ok(b),
+            // The shared error cannot be moved out: read again for the caller's own.
+            Err(_) => self.inner.reader.read_chunk(i).await,
         }
     }
 

@@ -145,3 +145,31 @@ both_backends!(
     zero_chunks_and_allocation,
     sequential_readahead_and_blocking
 );
+
+/// A lost chunk fails the reads that need it, every time (errors are not cached), and
+/// nothing else.
+#[test]
+fn missing_chunk_fails_only_its_reads() {
+    rt().block_on(async {
+        let f = fx(Kind::Fs);
+        let repo = new_repo(&f, None, std::time::Duration::ZERO).await;
+        let data = source();
+        let m = backup_full(&repo, "dv", &data).await;
+        let idx = repo.fixed_index(&m.id, "vda").await.unwrap();
+        let Location::Local { path, .. } = &f.loc else {
+            unreachable!()
+        };
+        std::fs::remove_file(path.join(chunk_key(&idx.digests[3]))).unwrap();
+        let view = repo.disk_view(&m.id, "vda", opts(8, 2)).await.unwrap();
+        for _ in 0..2 {
+            let e = view.read_at(3 * CS + 10, 100).await.unwrap_err();
+            assert!(matches!(e, RepoError::ChunkMissing { .. }), "{e}");
+            // A read across chunks 2..4 fails too; chunk 2 and 4 alone read.
+            assert!(view.read_at(2 * CS, (3 * CS) as usize).await.is_err());
+        }
+        let b = view.read_at(2 * CS, CS as usize).await.unwrap();
+        assert_eq!(&b[..], &data[(2 * CS) as usize..(3 * CS) as usize]);
+        let b = view.read_at(4 * CS, 10).await.unwrap();
+        assert_eq!(&b[..], &data[(4 * CS) as usize..(4 * CS) as usize + 10]);
+    });
+}
