@@ -12,6 +12,7 @@
 
 mod backend;
 mod crypto;
+mod disk_view;
 mod error;
 mod format;
 mod manifest;
@@ -28,6 +29,10 @@ pub use backend::{
     S3Backend, S3Options,
 };
 pub use crypto::{EncryptionConfig, Kdf, KeySource};
+pub use disk_view::{
+    Allocation, BlockingDiskView, DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD_CHUNKS, DiskView,
+    DiskViewOptions, MAX_READ, ViewStats,
+};
 pub use error::{RepoError, Result};
 pub use format::{
     Digest, FixedIndex, MAGIC_CHUNK_ENC, MAGIC_CHUNK_ENC_ZSTD, MAGIC_CHUNK_PLAIN, MAGIC_CHUNK_ZSTD,

@@ -66,6 +66,11 @@ pub enum Command {
     /// Backup policies from the configuration file
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Serve the disks of a backup read-only over NBD on a unix socket (Ctrl-C ends it)
+    ServeNbd(ServeNbdArgs),
+    /// Look inside backups without restoring them: disks, partitions, filesystems
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Print the shell completion script (e.g. `virtkeep completions bash >
     /// /etc/bash_completion.d/virtkeep`)
     Completions {
@@ -487,4 +492,33 @@ pub fn parse_duration(s: &str) -> Result<time::Duration, String> {
         return Err(bad());
     }
     Ok(total)
+}
+
+#[derive(Args, Debug)]
+pub struct ServeNbdArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// Unix socket to create (must not exist; removed when the server ends); one export
+    /// per disk, named by its target (`nbd+unix:///vda?socket=PATH`)
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FilesCommand {
+    /// Disks of a backup with their partitions and filesystems, or one directory
+    Ls(FilesLsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FilesLsArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// A directory to list: DISK:PART:/PATH (e.g. vda:1:/etc) or DISK:/PATH for a
+    /// filesystem on the whole disk (ext2/3/4 so far); without it, the disks' layout
+    pub target: Option<String>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }

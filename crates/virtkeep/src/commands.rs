@@ -54,6 +54,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon => crate::daemon::daemon(&settings).await,
         Command::Jobs(args) => crate::daemon::jobs(&settings, args, json),
         Command::Policy(PolicyCommand::List) => crate::daemon::policy_list(&settings, json),
+        Command::ServeNbd(args) => crate::files_cmds::serve_nbd(&settings, args, json).await,
+        Command::Files(FilesCommand::Ls(args)) => {
+            crate::files_cmds::files_ls(&settings, args, json).await
+        }
         // Handled in main before any configuration is read.
         Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
     }
