@@ -390,3 +390,69 @@ fn hung_host_command_fails_the_job_in_bounded_time() {
     let sums = crate::harness::restore_sums(&node, r["id"].as_str().expect("id"), &[]);
     assert_eq!(sums, [("vda".to_string(), sum)]);
 }
+
+fn domjobinfo(vm: &TestVm) -> String {
+    virtkeep_lab::lab().virsh(&["domjobinfo", "--domain", &vm.name])
+}
+
+/// Job directories of the VM on the host (`/run/virtkeep/jobs/UUID-*`: scratch files,
+/// the NBD socket, the backup XML).
+fn job_dirs(vm: &TestVm) -> Vec<String> {
+    let uuid = virtkeep_lab::lab().virsh(&["domuuid", "--domain", &vm.name]);
+    let prefix = format!("{}-", uuid.trim());
+    std::fs::read_dir("/run/virtkeep/jobs")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGKILL right after `virsh backup-begin` (backup API, qcow2 disk): the pull-mode job
+/// and its NBD export are left running in QEMU. `cleanup` ends the job and removes its
+/// scratch files and socket; the definition is unchanged, and the next backup is an
+/// incremental that holds every write since the last published backup.
+#[test]
+fn sigkill_at_backup_begin_then_cleanup_ends_the_job() {
+    let node = Node::new();
+    let lab = virtkeep_lab::lab();
+    let vm = TestVm::builder("kill-begin")
+        .qcow2_disk(32 * MIB)
+        .running(true)
+        .build();
+    let inactive = lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]);
+    vm.write_pattern("vda", 0x51, 0, MIB);
+    let full = node.backup(&vm.name, &[]);
+    assert_eq!(full["method"], "backup_api", "{full}");
+    vm.write_pattern("vda", 0x52, 4 * MIB, MIB);
+    let spec = format!("{HOST}/{}", vm.name);
+    kill_backup_at(&node, &spec, &[], "backup-begun");
+    let job = domjobinfo(&vm);
+    assert!(job.contains("Backup"), "the kill left no backup job: {job}");
+    assert!(!job_dirs(&vm).is_empty(), "the killed job left no job dir");
+    vm.write_pattern("vda", 0x53, 8 * MIB, MIB);
+    let sum = vm.disk_checksum("vda");
+
+    node.json(&["cleanup", HOST]);
+    let job = domjobinfo(&vm);
+    assert!(
+        job.lines()
+            .any(|l| l.starts_with("Job type:") && l.trim_end().ends_with("None")),
+        "a backup job is left in QEMU: {job}"
+    );
+    assert_eq!(job_dirs(&vm), Vec::<String>::new(), "scratch/NBD left");
+    assert!(vm.is_running());
+    assert_eq!(
+        lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]),
+        inactive
+    );
+    let r = node.backup(&vm.name, &[]);
+    assert_eq!(r["mode"], "incremental", "{r}");
+    assert_eq!(r["method"], "backup_api", "{r}");
+    let sums = crate::harness::restore_sums(&node, r["id"].as_str().expect("id"), &[]);
+    assert_eq!(sums, [("vda".to_string(), sum)]);
+    crate::harness::assert_only_incremental_base(&vm);
+    node.ok(&["verify", "--all"]);
+}

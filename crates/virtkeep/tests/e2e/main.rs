@@ -10,6 +10,7 @@ mod completions;
 mod config;
 mod daemon;
 mod failures;
+mod faults;
 mod hardening;
 mod hosts;
 mod incremental;
