@@ -199,3 +199,145 @@ fn a_restore_racing_a_backup_waits_for_it() {
     let sums = crate::harness::restore_sums(&node, next["id"].as_str().expect("id"), &[]);
     assert_eq!(sums, [("vda".to_string(), old_sum)]);
 }
+
+/// SIGCONTs a process when dropped (also after a failed assertion).
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Sets a per-host setting of the node's lab host in its config file.
+fn set_host_option(node: &Node, line: &str) {
+    let cfg = std::fs::read_to_string(node.config()).expect("config");
+    let section = format!("[hosts.{HOST}]\n");
+    assert!(cfg.contains(&section), "{cfg}");
+    let cfg = cfg.replacen(&section, &format!("{section}{line}\n"), 1);
+    std::fs::write(node.config(), cfg).expect("config");
+}
+
+/// qemu-nbd processes (not the shell that starts one) whose command line contains
+/// `needle`: (pid, command line).
+fn qemu_nbd_with(needle: &str) -> Vec<(u32, String)> {
+    let out = Command::new("pgrep")
+        .args(["-ax", "qemu-nbd"])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| {
+            let (pid, cmd) = l.split_once(' ')?;
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let zombie = state
+                .rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z'));
+            (!zombie).then(|| Some((pid.parse().ok()?, cmd.to_string())))?
+        })
+        .collect()
+}
+
+/// The restore's temporary beside `disk` (`NAME.vkrestore-…`), once it holds data
+/// (4 MiB: `qemu-img create` already allocates its first block).
+fn written_temporary(disk: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let base = disk.file_name()?.to_string_lossy().into_owned();
+    std::fs::read_dir(disk.parent()?)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            n.contains(".vkrestore-")
+                && n.contains(&base)
+                && std::fs::metadata(p).is_ok_and(|m| m.blocks() * 512 >= 4 * MIB)
+        })
+}
+
+/// An in-place restore whose destination stops taking writes (the host's qemu-nbd is
+/// SIGSTOPped once data arrived in the temporary) fails within the host's
+/// `data_stall_timeout_secs`, not never: the original disk and definition are
+/// untouched, no temporary and no export is left, and the next restore works.
+#[test]
+fn a_hung_restore_write_fails_in_bounded_time() {
+    let node = Node::new();
+    set_host_option(&node, "data_stall_timeout_secs = 5");
+    let vm = TestVm::builder("hung-write")
+        .raw_disk(256 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x71, 0, 192 * MIB);
+    let sum = vm.disk_checksum("vda");
+    let id = node.backup(&vm.name, &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    vm.write_pattern("vda", 0x72, 0, MIB);
+    let disk = vm.disk("vda").path.clone().expect("path");
+    let before = virtkeep_lab::file_checksum(&disk, "raw");
+    let inactive = inactive_xml(&vm);
+
+    let log = node.dir.path().join("restore.log");
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .args(["restore", &id, "--to", HOST, "--force", "--parallel", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn virtkeep");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let (temp, pid) = loop {
+        if let Some(t) = written_temporary(&disk)
+            && let Some((pid, _)) = qemu_nbd_with(&t.display().to_string()).first()
+        {
+            break (t, *pid);
+        }
+        assert!(std::time::Instant::now() < deadline, "no data arrived");
+        assert!(child.try_wait().expect("wait").is_none(), "restore ended");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    sh(&format!("kill -STOP {pid}"));
+    let _cont = Continue(pid);
+    let stopped = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if stopped.elapsed() > std::time::Duration::from_secs(90) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the restore still runs 90 s after its destination stopped");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let took = stopped.elapsed();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no progress within data_stall_timeout_secs"),
+        "{stderr}"
+    );
+    eprintln!(
+        "the hung restore ended {:.1} s after the stop",
+        took.as_secs_f64()
+    );
+    assert!(took < std::time::Duration::from_secs(60), "took {took:?}");
+    assert_eq!(virtkeep_lab::file_checksum(&disk, "raw"), before);
+    assert!(!temp.exists(), "{} left", temp.display());
+    assert_eq!(
+        qemu_nbd_with(&temp.display().to_string()),
+        vec![],
+        "export left"
+    );
+    assert_eq!(inactive_xml(&vm), inactive);
+    drop(_cont);
+
+    node.ok(&["restore", &id, "--to", HOST, "--force"]);
+    assert_eq!(vm.disk_checksum("vda"), sum);
+    node.ok(&["verify", "--all"]);
+}
