@@ -456,3 +456,128 @@ fn sigkill_at_backup_begin_then_cleanup_ends_the_job() {
     crate::harness::assert_only_incremental_base(&vm);
     node.ok(&["verify", "--all"]);
 }
+
+/// The node's established TCP connections to the lab sshd, as local ports.
+fn ssh_ports_of(pid: u32) -> Vec<String> {
+    let port = virtkeep_lab::lab().ssh_port;
+    let out = Command::new("ss")
+        .args(["-tnpH", "state", "established"])
+        .arg(format!("( dport = :{port} )"))
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| l.split_whitespace().nth(2)?.rsplit_once(':'))
+        .map(|(_, p)| p.to_string())
+        .collect()
+}
+
+/// Cuts every SSH connection of process `pid` (`ss -K`: the sockets are destroyed, the
+/// node gets an error, the server a reset): the link is gone mid-command.
+fn cut_links_of(pid: u32) -> usize {
+    let port = virtkeep_lab::lab().ssh_port;
+    let ports = ssh_ports_of(pid);
+    for p in &ports {
+        let st = Command::new("ss")
+            .args(["-K", "-tnH", "state", "established"])
+            .arg(format!("( sport = :{p} and dport = :{port} )"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("ss -K");
+        assert!(st.success());
+    }
+    ports.len()
+}
+
+/// The link cut while `virsh blockcommit` runs on the host (it waits on a QEMU the
+/// post-snapshot hook stopped, so the cut lands inside the commit, no race): the job
+/// fails in bounded time; once QEMU runs again, `cleanup` finishes the commit, the VM
+/// runs on its own file with its definition unchanged, and the next backup works.
+#[test]
+fn link_cut_during_blockcommit_then_cleanup_finishes_it() {
+    let node = Node::new();
+    let lab = virtkeep_lab::lab();
+    let vm = TestVm::builder("cut-commit")
+        .raw_disk(16 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x47, 0, MIB);
+    let sum = vm.disk_checksum("vda");
+    let sources = vm.current_sources();
+    let inactive = lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]);
+    let uuid = lab
+        .virsh(&["domuuid", "--domain", &vm.name])
+        .trim()
+        .to_string();
+    let pid_file = format!("/run/libvirt/qemu/{}.pid", vm.name);
+    let pid = std::fs::read_to_string(&pid_file).expect("qemu pid");
+    let cont = Continue(pid.trim().to_string());
+
+    let log = node.dir.path().join("backup.log");
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .env("VIRTKEEP_LOG", "info")
+        .env_remove("VIRTKEEP_FAILPOINT")
+        .args(["backup", &format!("{HOST}/{}", vm.name), "--post-snapshot"])
+        .arg(format!("kill -STOP \"$(cat '{pid_file}')\""))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn virtkeep");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = Command::new("pgrep")
+            .args(["-af", "blockcommit"])
+            .output()
+            .expect("pgrep");
+        if String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.contains(&uuid) && l.starts_with(|c: char| c.is_ascii_digit()))
+        {
+            break;
+        }
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(Instant::now() < deadline, "no blockcommit: {log}");
+        assert!(child.try_wait().expect("wait").is_none(), "ended: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(cut_links_of(child.id()) > 0, "no connection to cut");
+    let cut = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if cut.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the job still runs 120 s after the link was cut");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = cut.elapsed();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "{stderr}");
+    eprintln!(
+        "the job ended {:.1} s after the cut:\n{stderr}",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+
+    drop(cont);
+    std::thread::sleep(Duration::from_secs(2));
+    node.json(&["cleanup", HOST, "--vm", &vm.name]);
+    assert!(vm.is_running());
+    assert_eq!(vm.current_sources(), sources);
+    assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
+    assert_eq!(
+        lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]),
+        inactive
+    );
+    let r = node.backup(&vm.name, &[]);
+    let sums = crate::harness::restore_sums(&node, r["id"].as_str().expect("id"), &[]);
+    assert_eq!(sums, [("vda".to_string(), sum)]);
+    node.ok(&["verify", "--all"]);
+}
