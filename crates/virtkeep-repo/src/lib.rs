@@ -19,6 +19,7 @@ mod progress;
 mod prune;
 mod reader;
 mod repo;
+mod upgrade;
 mod verify;
 mod writer;
 
@@ -30,7 +31,8 @@ pub use crypto::{EncryptionConfig, Kdf, KeySource};
 pub use error::{RepoError, Result};
 pub use format::{
     Digest, FixedIndex, MAGIC_CHUNK_ENC, MAGIC_CHUNK_ENC_ZSTD, MAGIC_CHUNK_PLAIN, MAGIC_CHUNK_ZSTD,
-    MAGIC_FIXED_INDEX, MAGIC_META_ENC, MAGIC_META_PLAIN, ZERO_DIGEST, chunk_key, is_all_zero,
+    MAGIC_FIXED_INDEX, MAGIC_META_AUTH, MAGIC_META_ENC, MAGIC_META_PLAIN, ZERO_DIGEST, chunk_key,
+    is_all_zero,
 };
 pub use manifest::{
     BackupMeta, BackupMode, BackupStats, DiskSpec, DiskStats, Manifest, ManifestDisk,
@@ -40,8 +42,9 @@ pub use progress::{QuietProgress, RepoProgress};
 pub use prune::{KeepPolicy, PruneDecision, PruneReport, compute_prune, compute_prune_within};
 pub use reader::{DiskReader, Extent, MIN_ZERO_RUN, split_zero_runs};
 pub use repo::{
-    DEFAULT_CHUNK_SIZE, GcOptions, GcReport, InitOptions, LeaseTiming, Repository, SnapshotListing,
-    UnreadableManifest,
+    DEFAULT_CHUNK_SIZE, FORMAT_VERSION, GcOptions, GcReport, InitOptions, LeaseTiming, Repository,
+    SnapshotListing, UnreadableManifest,
 };
+pub use upgrade::{UpgradeFailure, UpgradeReport};
 pub use verify::{ChunkProblem, VerifyOptions, VerifyReport, VerifySelection};
 pub use writer::{BackupWriter, DiskWriter, ExtentSink};

@@ -176,15 +176,37 @@ pub enum VmCommand {
 pub enum RepoCommand {
     /// Create a repository (a directory, or s3://bucket/prefix), encrypted by default
     Init(RepoInitArgs),
-    /// The repository's key: export a copy, change the password or key file
+    /// The repository's key: export a copy, import one, change the password or key file
     #[command(subcommand)]
     Key(RepoKeyCommand),
+    /// Upgrade the repository to format v2 (authenticated metadata; chunks unchanged)
+    Upgrade(RepoUpgradeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RepoUpgradeArgs {
+    /// (--key-file, unencrypted: the key file to authenticate the metadata with from now
+    /// on, created when it does not exist [default: the configured one, else
+    /// keys/repo-XXXXXXXX.key beside the config file])
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RepoKeyImportArgs {
+    /// A key file written by `repo key export` (or copied) on another node
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum RepoKeyCommand {
-    /// Write the repository's wrapped master key (its `config` object) to a new file
+    /// Write the repository's key to a new file: the wrapped master key (its `config`
+    /// object) when encrypted, a copy of the key file that authenticates it otherwise
     Export(RepoKeyExportArgs),
+    /// Keep a copy of a repository's key file on this node and name it in the config
+    Import(RepoKeyImportArgs),
     /// Re-wrap the master key with a new password or key file
     ChangePassphrase(RepoKeyChangeArgs),
 }
@@ -220,7 +242,8 @@ pub struct RepoArgs {
     /// Repository location [default: the config file's, else ~/.local/share/virtkeep/repo]
     #[arg(long, global = true, env = "VIRTKEEP_REPOSITORY")]
     pub repo: Option<String>,
-    /// Key file of an encrypted repository
+    /// Key file of the repository (encrypted: unlocks it; unencrypted: authenticates its
+    /// manifests and indexes)
     #[arg(long, global = true)]
     pub key_file: Option<PathBuf>,
     /// File whose first line is the repository's password

@@ -31,6 +31,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Repo(RepoCommand::Key(RepoKeyCommand::Export(args))) => {
             crate::repo_cmds::key_export(&settings, args).await
         }
+        Command::Repo(RepoCommand::Key(RepoKeyCommand::Import(args))) => {
+            crate::repo_cmds::key_import(&mut settings, args, json).await
+        }
+        Command::Repo(RepoCommand::Upgrade(args)) => {
+            crate::repo_cmds::upgrade(&mut settings, args, json).await
+        }
         Command::Repo(RepoCommand::Key(RepoKeyCommand::ChangePassphrase(args))) => {
             crate::repo_cmds::key_change(&mut settings, args, json).await
         }

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod auth;
 mod backup_restore;
 mod cli;
 mod completions;
