@@ -490,12 +490,55 @@ fn cut_links_of(pid: u32) -> usize {
     ports.len()
 }
 
+/// Packets of the node's SSH connections silently dropped (iptables on loopback), as
+/// on a link that went away without a word; the rules go when dropped.
+struct Blackhole(Vec<Vec<String>>);
+
+impl Blackhole {
+    fn links_of(pid: u32) -> Blackhole {
+        let lab_port = virtkeep_lab::lab().ssh_port.to_string();
+        let mut rules = Vec::new();
+        for p in ssh_ports_of(pid) {
+            for (sport, dport) in [(&p, &lab_port), (&lab_port, &p)] {
+                rules.push(
+                    [
+                        "INPUT", "-p", "tcp", "--sport", sport, "--dport", dport, "-j", "DROP",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                );
+            }
+        }
+        let mut hole = Blackhole(Vec::new());
+        for r in rules {
+            let st = Command::new("iptables")
+                .arg("-I")
+                .args(&r)
+                .status()
+                .expect("iptables");
+            assert!(st.success(), "iptables -I {r:?}");
+            hole.0.push(r);
+        }
+        hole
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        for r in &self.0 {
+            let _ = Command::new("iptables").arg("-D").args(r).status();
+        }
+    }
+}
+
+/// How a test cuts the node's link: returns what undoes it (if anything) when dropped.
+type Cut = fn(u32) -> Option<Blackhole>;
+
 /// The link cut while `virsh blockcommit` runs on the host (it waits on a QEMU the
 /// post-snapshot hook stopped, so the cut lands inside the commit, no race): the job
-/// fails in bounded time; once QEMU runs again, `cleanup` finishes the commit, the VM
+/// fails within `bound`; once QEMU runs again, `cleanup` finishes the commit, the VM
 /// runs on its own file with its definition unchanged, and the next backup works.
-#[test]
-fn link_cut_during_blockcommit_then_cleanup_finishes_it() {
+fn link_cut_during_blockcommit(cut_link: Cut, bound: Duration) {
     let node = Node::new();
     let lab = virtkeep_lab::lab();
     let vm = TestVm::builder("cut-commit")
@@ -544,16 +587,17 @@ fn link_cut_during_blockcommit_then_cleanup_finishes_it() {
         assert!(child.try_wait().expect("wait").is_none(), "ended: {log}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(cut_links_of(child.id()) > 0, "no connection to cut");
+    assert!(!ssh_ports_of(child.id()).is_empty(), "no connection to cut");
+    let hole = cut_link(child.id());
     let cut = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().expect("wait") {
             break st;
         }
-        if cut.elapsed() > Duration::from_secs(120) {
+        if cut.elapsed() > bound + Duration::from_secs(60) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the job still runs 120 s after the link was cut");
+            panic!("the job still runs {bound:?} + 60 s after the link was cut");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -564,8 +608,9 @@ fn link_cut_during_blockcommit_then_cleanup_finishes_it() {
         "the job ended {:.1} s after the cut:\n{stderr}",
         took.as_secs_f64()
     );
-    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(took < bound, "took {took:?}");
 
+    drop(hole);
     drop(cont);
     std::thread::sleep(Duration::from_secs(2));
     node.json(&["cleanup", HOST, "--vm", &vm.name]);
@@ -580,4 +625,26 @@ fn link_cut_during_blockcommit_then_cleanup_finishes_it() {
     let sums = crate::harness::restore_sums(&node, r["id"].as_str().expect("id"), &[]);
     assert_eq!(sums, [("vda".to_string(), sum)]);
     node.ok(&["verify", "--all"]);
+}
+
+/// The sockets destroyed (`ss -K`): the node sees the connection fail at once.
+#[test]
+fn link_reset_during_blockcommit_then_cleanup_finishes_it() {
+    link_cut_during_blockcommit(
+        |pid| {
+            cut_links_of(pid);
+            None
+        },
+        Duration::from_secs(30),
+    );
+}
+
+/// Every packet dropped, nothing said: the SSH keepalives (15 s, three unanswered)
+/// end the job.
+#[test]
+fn link_loss_during_blockcommit_then_cleanup_finishes_it() {
+    link_cut_during_blockcommit(
+        |pid| Some(Blackhole::links_of(pid)),
+        Duration::from_secs(110),
+    );
 }
