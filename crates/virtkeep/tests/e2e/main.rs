@@ -11,6 +11,7 @@ mod completions;
 mod config;
 mod daemon;
 mod failures;
+mod faults;
 mod files;
 mod hardening;
 mod hosts;
