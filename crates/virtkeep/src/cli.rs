@@ -97,6 +97,7 @@ pub enum JobStatusArg {
     Running,
     Succeeded,
     Failed,
+    Cancelled,
 }
 
 #[derive(Subcommand, Debug)]

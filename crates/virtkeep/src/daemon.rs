@@ -70,7 +70,7 @@ pub async fn daemon(settings: &Settings) -> anyhow::Result<ExitCode> {
                 submit,
                 tokens,
             };
-            api::serve(state, &api_config.listen)?;
+            api::serve(state, &api_config)?;
         }
         Ok(())
     })
@@ -97,6 +97,7 @@ pub fn jobs(settings: &Settings, args: JobsArgs, json: bool) -> anyhow::Result<E
                     JobStatusArg::Running => JobStatus::Running,
                     JobStatusArg::Succeeded => JobStatus::Succeeded,
                     JobStatusArg::Failed => JobStatus::Failed,
+                    JobStatusArg::Cancelled => JobStatus::Cancelled,
                 }),
                 host,
                 vm,

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod api;
 mod backup_restore;
 mod cli;
 mod completions;
