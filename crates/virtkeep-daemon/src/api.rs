@@ -775,13 +775,14 @@ pub fn serve(state: ApiState, api: &ApiConfig) -> Result<std::net::SocketAddr> {
         source,
     };
     let tls = match &api.tls {
-        Some(files) => {
-            let r = crate::tls::Reloader::new(files.clone())?;
-            r.reload_on_sighup().map_err(fail)?;
-            Some(r)
-        }
+        Some(files) => Some(crate::tls::Reloader::new(files.clone())?),
         None => None,
     };
+    crate::tls::handle_sighup(tls.clone()).map_err(|source| DaemonError::Io {
+        what: "installing the SIGHUP handler",
+        path: "SIGHUP".into(),
+        source,
+    })?;
     let listener = std::net::TcpListener::bind(listen)
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
         .map_err(fail)?;

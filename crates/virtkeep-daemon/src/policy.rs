@@ -910,7 +910,15 @@ exclude = ["-test$"]
         let c = DaemonConfig::parse(Path::new("packaging/virtkeep.toml"), text, &engine)
             .expect("daemon part");
         assert_eq!(c.policies.len(), 2);
-        assert!(c.api.is_some());
+        let api = c.api.as_ref().expect("api");
+        // The sample gives every token a scope, and Prometheus' may only read.
+        assert!(api.tokens.iter().all(|t| t.scoped), "{:?}", api.tokens);
+        assert!(api.tokens.contains(&TokenSource {
+            from: TokenFrom::Env("VIRTKEEP_PROMETHEUS_TOKEN".into()),
+            scope: Scope::Read,
+            scoped: true,
+        }));
+        assert_eq!(c.history, crate::history::DEFAULT_LIMITS);
         // `host add` and `repo init` rewrite the file from the engine's Config: the
         // daemon's sections must survive that.
         let rewritten = toml::to_string_pretty(&engine).expect("serialise");

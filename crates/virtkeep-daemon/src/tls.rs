@@ -82,28 +82,32 @@ impl Reloader {
         }
         Ok(())
     }
+}
 
-    /// Reloads on every SIGHUP for the daemon's lifetime. The handler is installed now,
-    /// before the API is announced, so a SIGHUP sent after start never kills the daemon.
-    pub fn reload_on_sighup(&self) -> std::io::Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = signal(SignalKind::hangup())?;
-        let me = self.clone();
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                match me.reload() {
-                    Ok(()) => tracing::info!(
-                        certificate = %me.files.certificate.display(),
-                        "SIGHUP: TLS certificate reloaded"
-                    ),
-                    Err(e) => tracing::error!(
-                        "SIGHUP: TLS reload failed, the previous certificate stays in use: {e}"
-                    ),
-                }
+/// Handles SIGHUP for the daemon's lifetime: reloads the certificate when there is one,
+/// else only logs (so `systemctl reload` never stops a daemon without TLS). Installed
+/// before the API is announced, so a SIGHUP sent after start never kills the daemon.
+pub fn handle_sighup(tls: Option<Reloader>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Some(me) = &tls else {
+                tracing::info!("SIGHUP: nothing to reload (no TLS certificate configured)");
+                continue;
+            };
+            match me.reload() {
+                Ok(()) => tracing::info!(
+                    certificate = %me.files.certificate.display(),
+                    "SIGHUP: TLS certificate reloaded"
+                ),
+                Err(e) => tracing::error!(
+                    "SIGHUP: TLS reload failed, the previous certificate stays in use: {e}"
+                ),
             }
-        });
-        Ok(())
-    }
+        }
+    });
+    Ok(())
 }
 
 /// TLS connections for `axum::serve`: a task accepts TCP connections and runs each

@@ -71,6 +71,13 @@ pub async fn daemon(settings: &Settings) -> anyhow::Result<ExitCode> {
                 tokens,
             };
             api::serve(state, &api_config)?;
+        } else {
+            // SIGHUP (`systemctl reload`) must not stop a daemon without an API.
+            virtkeep_daemon::tls::handle_sighup(None).map_err(|source| DaemonError::Io {
+                what: "installing the SIGHUP handler",
+                path: std::path::PathBuf::from("SIGHUP"),
+                source,
+            })?;
         }
         Ok(())
     })

@@ -374,6 +374,10 @@ insecure_plain_http = true
     let mut daemon = Daemon::start(&node);
     daemon.wait_log("API listening", 30);
     assert_eq!(http(port, "GET", "/api/hosts", Some(TOKEN), None).0, 200);
+    // SIGHUP (`systemctl reload`) without TLS does not stop the daemon.
+    daemon.signal("HUP");
+    daemon.wait_log("SIGHUP: nothing to reload", 20);
+    assert_eq!(http(port, "GET", "/api/hosts", Some(TOKEN), None).0, 200);
     daemon.terminate();
 }
 
