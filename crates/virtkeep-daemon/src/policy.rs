@@ -423,19 +423,10 @@ impl DaemonConfig {
             Some(v) => c.duration(v, "shutdown_grace")?,
             None => Duration::from_secs(30 * 60),
         };
+        let history = check_history(&c, &d)?;
         let api = match d.api {
             None => None,
             Some(a) => Some(check_api(&c, a)?),
-        };
-        let history = HistoryLimits {
-            max_age: match &d.history_max_age {
-                Some(v) => c.duration(v, "history_max_age")?,
-                None => crate::history::DEFAULT_LIMITS.max_age,
-            },
-            max_jobs: match &d.history_max_jobs {
-                Some(v) => c.positive(v, "history_max_jobs")?,
-                None => crate::history::DEFAULT_LIMITS.max_jobs,
-            },
         };
         let retries = d.retries.unwrap_or(2);
         let mut policies = BTreeMap::new();
@@ -486,6 +477,19 @@ impl DaemonConfig {
             .copied()
             .unwrap_or(self.max_jobs_per_host)
     }
+}
+
+fn check_history(c: &Checker<'_>, d: &DaemonModel) -> Result<HistoryLimits, ConfigError> {
+    Ok(HistoryLimits {
+        max_age: match &d.history_max_age {
+            Some(v) => c.duration(v, "history_max_age")?,
+            None => crate::history::DEFAULT_LIMITS.max_age,
+        },
+        max_jobs: match &d.history_max_jobs {
+            Some(v) => c.positive(v, "history_max_jobs")?,
+            None => crate::history::DEFAULT_LIMITS.max_jobs,
+        },
+    })
 }
 
 fn check_api(c: &Checker<'_>, a: ApiModel) -> Result<ApiConfig, ConfigError> {

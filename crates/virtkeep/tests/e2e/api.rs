@@ -356,6 +356,8 @@ token_env = "VKD_TEST_TOKEN"
     );
 
     std::fs::write(node.config(), base).expect("config");
+    // Accepts connections (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     append_config(
         &node,
         &format!(
@@ -367,13 +369,37 @@ catalog = "{}"
 listen = "0.0.0.0:{port}"
 token_env = "VKD_TEST_TOKEN"
 insecure_plain_http = true
+request_timeout = "2s"
+
+[hosts.silent]
+address = "127.0.0.1"
+port = {}
+user = "root"
+identity = "{}"
 "#,
-            catalog(&node)
+            catalog(&node),
+            silent.local_addr().expect("addr").port(),
+            node.lab.ssh_key.display()
         ),
     );
     let mut daemon = Daemon::start(&node);
     daemon.wait_log("API listening", 30);
     assert_eq!(http(port, "GET", "/api/hosts", Some(TOKEN), None).0, 200);
+    // A host that accepts TCP but never says a word: the request ends at request_timeout.
+    let asked = Instant::now();
+    let (status, body) = http(port, "GET", "/api/hosts/silent/vms", Some(TOKEN), None);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        json_of(&body)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("request_timeout")),
+        "{body}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        asked.elapsed()
+    );
     // SIGHUP (`systemctl reload`) without TLS does not stop the daemon.
     daemon.signal("HUP");
     daemon.wait_log("SIGHUP: nothing to reload", 20);
