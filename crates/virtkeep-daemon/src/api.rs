@@ -21,6 +21,7 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 use crate::catalog::{Catalog, JobFilter, JobRecord, JobStatus, NewJob, RunRecord, now, rfc3339};
 use crate::daemon::{CancelReply, Control, Submissions};
 use crate::error::{DaemonError, Result};
+use crate::idle::IdleLimit;
 use crate::policy::{ApiConfig, DaemonConfig, TokenFrom};
 use crate::scope::{self, Action, Scope};
 use crate::task::{Env, JobProgress, JobRequest, ProgressMap, open_repository};
@@ -766,6 +767,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
+/// How much longer than `request_timeout` a connection may stay without traffic.
+const IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Binds `[daemon.api] listen` (failing now, not later) and serves in the background:
 /// HTTPS when the configuration names a certificate (reloaded on SIGHUP), else HTTP.
 pub fn serve(state: ApiState, api: &ApiConfig) -> Result<std::net::SocketAddr> {
@@ -789,18 +793,22 @@ pub fn serve(state: ApiState, api: &ApiConfig) -> Result<std::net::SocketAddr> {
     let addr = listener.local_addr().map_err(fail)?;
     let listener = tokio::net::TcpListener::from_std(listener).map_err(fail)?;
     let app = router(Arc::new(state));
+    // Idle connections close a little after request_timeout, so a slow handler gets
+    // its 503 out first.
+    let limit = api.request_timeout + IDLE_GRACE;
     match tls {
         Some(tls) => {
-            let listener = crate::tls::TlsListener::new(listener, tls).map_err(fail)?;
+            let inner = crate::tls::TlsListener::new(listener, tls).map_err(fail)?;
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
+                if let Err(e) = axum::serve(IdleLimit { inner, limit }, app).await {
                     tracing::error!("API server stopped: {e}");
                 }
             });
         }
         None => {
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
+                let inner = listener;
+                if let Err(e) = axum::serve(IdleLimit { inner, limit }, app).await {
                     tracing::error!("API server stopped: {e}");
                 }
             });

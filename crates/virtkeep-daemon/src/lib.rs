@@ -13,6 +13,7 @@
 pub mod catalog;
 pub mod error;
 pub mod history;
+pub mod idle;
 pub mod policy;
 pub mod schedule;
 pub mod scope;

@@ -400,6 +400,25 @@ identity = "{}"
         "{:?}",
         asked.elapsed()
     );
+    // A connection that never sends a request is closed soon after request_timeout.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let opened = Instant::now();
+    let mut byte = [0u8; 1];
+    let closed = std::io::Read::read(&mut idle, &mut byte);
+    assert!(
+        matches!(closed, Ok(0))
+            || closed
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "{closed:?}"
+    );
+    assert!(
+        opened.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        opened.elapsed()
+    );
     // SIGHUP (`systemctl reload`) without TLS does not stop the daemon.
     daemon.signal("HUP");
     daemon.wait_log("SIGHUP: nothing to reload", 20);
