@@ -88,6 +88,13 @@ tokens = [
         let (status, body) = http(port, "GET", path, Some(read), None);
         assert_eq!(status, 200, "{path}: {body}");
     }
+    let (_, doc) = http(port, "GET", "/api/openapi.json", None, None);
+    let doc = json_of(&doc);
+    assert!(
+        doc["paths"]["/api/jobs/{id}"]["delete"].is_object(),
+        "{doc}"
+    );
+    assert!(doc["components"]["schemas"]["Scope"].is_object(), "{doc}");
     let backup = json!({"kind": "backup", "host": HOST, "vm": vm.name, "mode": "full"});
     assert_forbidden(post(port, read, &backup), "operate", "read");
     let restore_of = |snapshot: &str, name: &str| json!({"kind": "restore", "host": HOST, "snapshot": snapshot, "name": name, "define": true, "force": true});
