@@ -11,6 +11,7 @@ PKGS=(
   netcat-openbsd python3-boto3 sudo procps util-linux passwd coreutils
   curl ca-certificates shellcheck
   mmdebstrap eatmydata e2fsprogs
+  gdisk parted xfsprogs dosfstools libnbd-bin  # file-level restore fixtures (e2e/files.rs)
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

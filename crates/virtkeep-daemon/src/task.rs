@@ -13,7 +13,7 @@ use virtkeep_engine::progress::{Event, Progress};
 use virtkeep_engine::repo_key::KeyChoice;
 use virtkeep_engine::restore::{RestoreOptions, Storage, restore};
 use virtkeep_engine::{Error as EngineError, ErrorKind, heal};
-use virtkeep_repo::{Location, RepoError, Repository, S3Options};
+use virtkeep_repo::{Location, RepoError, Repository};
 
 use crate::catalog::{JobOutcome, JobRecord};
 use crate::policy::DaemonConfig;
@@ -90,19 +90,7 @@ impl Env {
 pub async fn open_repository(rc: &RepositoryConfig) -> Result<Repository, EngineError> {
     let mut location = Location::parse(&rc.location)?;
     if let Location::S3 { .. } = location {
-        let endpoint = rc
-            .s3_endpoint
-            .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
-        location = location.with_s3_options(S3Options {
-            allow_http: endpoint
-                .as_deref()
-                .is_some_and(|e| e.starts_with("http://")),
-            endpoint,
-            region: rc.s3_region.clone(),
-            access_key: None,
-            secret_key: None,
-        });
+        location = location.with_s3_options(rc.s3_options());
     }
     let in_context = |e: EngineError| e.context(format!("repository {}", rc.location));
     // The repository's own key settings (docs/daemon.md); when it names none and turns

@@ -5,12 +5,14 @@
 mod harness;
 
 mod api;
+mod auth;
 mod backup_restore;
 mod cli;
 mod completions;
 mod config;
 mod daemon;
 mod failures;
+mod files;
 mod hardening;
 mod hosts;
 mod incremental;
