@@ -102,6 +102,7 @@ pub enum JobStatusArg {
     Running,
     Succeeded,
     Failed,
+    Cancelled,
 }
 
 #[derive(Subcommand, Debug)]
