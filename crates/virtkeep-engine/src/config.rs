@@ -82,6 +82,10 @@ pub struct HostConfig {
     /// commit) may take (default 21600: 6 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_command_timeout_secs: Option<u64>,
+    /// Seconds a disk's data stream (a backup's NBD reads, a restore's NBD writes) may
+    /// make no progress before the job gives up on it (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_stall_timeout_secs: Option<u64>,
 }
 
 /// Sizing of classic (thick) LVM snapshots: the VM's writes during the backup must fit
@@ -123,7 +127,7 @@ pub struct CephConfig {
 }
 
 /// Where backups go and how they are protected.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryConfig {
     /// A directory, or `s3://bucket/prefix`.
@@ -143,6 +147,31 @@ pub struct RepositoryConfig {
     pub s3_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_region: Option<String>,
+    /// Without S3 credentials, take them from the cloud instance metadata service
+    /// (off: a missing credential is an error naming the variables to set).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub s3_instance_metadata: bool,
+}
+
+impl RepositoryConfig {
+    /// The S3 settings of this repository (the endpoint from the config or
+    /// `AWS_ENDPOINT_URL`; keys from the `AWS_*` variables).
+    pub fn s3_options(&self) -> virtkeep_repo::S3Options {
+        let endpoint = self
+            .s3_endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+        virtkeep_repo::S3Options {
+            allow_http: endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://")),
+            endpoint,
+            region: self.s3_region.clone(),
+            access_key: None,
+            secret_key: None,
+            instance_metadata: self.s3_instance_metadata,
+        }
+    }
 }
 
 fn default_port() -> u16 {

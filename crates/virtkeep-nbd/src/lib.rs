@@ -1,6 +1,7 @@
 //! virtkeep-nbd: an async NBD client (fixed newstyle handshake, structured replies,
 //! metadata contexts, pipelined requests) over any tokio byte stream — in virtkeep a
-//! unix socket forwarded through SSH to `qemu-nbd` on the hypervisor.
+//! unix socket forwarded through SSH to `qemu-nbd` on the hypervisor — and a read-only
+//! NBD server ([`NbdServer`]) that exports backups to qemu-img and other NBD clients.
 //!
 //! ```no_run
 //! # async fn f(stream: tokio::net::UnixStream) -> Result<(), virtkeep_nbd::NbdError> {
@@ -19,10 +20,14 @@ mod client;
 mod error;
 mod handshake;
 mod proto;
+mod server;
 
 pub use client::NbdClient;
 pub use error::NbdError;
 pub use proto::errno_name;
+pub use server::{
+    ExportSource, MAX_CONNECTIONS, MAX_OPTIONS, NbdServer, serve_listener, serve_unix,
+};
 
 /// The standard allocation metadata context.
 pub const BASE_ALLOCATION: &str = "base:allocation";

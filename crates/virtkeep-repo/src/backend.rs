@@ -317,6 +317,40 @@ pub struct S3Options {
     pub secret_key: Option<String>,
     /// Allow plain HTTP endpoints.
     pub allow_http: bool,
+    /// Without credentials (static keys, web identity, container credentials), ask the
+    /// cloud instance metadata service (169.254.169.254) for them. Off by default: a
+    /// node that is not a cloud instance would wait on that address and fail confusingly.
+    pub instance_metadata: bool,
+}
+
+/// Refuses a builder that would fall back to the instance metadata service for its
+/// credentials when `opts` does not ask for it — before any network call.
+fn check_s3_credentials(
+    b: &object_store::aws::AmazonS3Builder,
+    opts: &S3Options,
+    location: &str,
+) -> Result<()> {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let has = |k: K| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
+    let credentials = has(K::AccessKeyId)
+        || has(K::SecretAccessKey)
+        || (has(K::WebIdentityTokenFile) && has(K::RoleArn))
+        || has(K::ContainerCredentialsRelativeUri)
+        || has(K::ContainerCredentialsFullUri)
+        || b.get_config_value(&K::SkipSignature)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    if credentials || opts.instance_metadata {
+        return Ok(());
+    }
+    Err(RepoError::InvalidLocation(
+        location.to_string(),
+        "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a web \
+         identity or container credentials through AWS_WEB_IDENTITY_TOKEN_FILE + \
+         AWS_ROLE_ARN, AWS_CONTAINER_CREDENTIALS_RELATIVE_URI), or, on a cloud instance, \
+         `s3_instance_metadata = true` in the repository's configuration to take them from \
+         the instance metadata service"
+            .into(),
+    ))
 }
 
 /// S3 (or S3-compatible: Ceph RGW, MinIO) backend through `object_store`.
@@ -350,6 +384,7 @@ impl S3Backend {
         if opts.allow_http {
             b = b.with_allow_http(true);
         }
+        check_s3_credentials(&b, opts, &format!("s3://{bucket}/{prefix}"))?;
         let store = b.build().map_err(|e| {
             RepoError::InvalidLocation(format!("s3://{bucket}/{prefix}"), e.to_string())
         })?;

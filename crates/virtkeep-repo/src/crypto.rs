@@ -77,11 +77,11 @@ pub(crate) fn random<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
-fn fingerprint(kek: &[u8; 32]) -> String {
+pub(crate) fn fingerprint(kek: &[u8; 32]) -> String {
     hex::encode(&blake3::derive_key("virtkeep key fingerprint v1", kek)[..8])
 }
 
-fn read_key_file(path: &PathBuf, create: bool) -> Result<[u8; 32]> {
+pub(crate) fn read_key_file(path: &PathBuf, create: bool) -> Result<[u8; 32]> {
     match std::fs::read(path) {
         Ok(b) => {
             let obj = path.display().to_string();
@@ -215,18 +215,39 @@ fn argon(pass: &str, kdf: &Kdf) -> Result<[u8; 32]> {
     Ok(out)
 }
 
-fn wrap_aad(repo_id: &str) -> Vec<u8> {
-    format!("virtkeep wrapped master key v1\0{repo_id}").into_bytes()
+/// What the wrapped master key and the v2 config MAC bind besides the repository id:
+/// the cipher and every key derivation parameter, so a config whose parameters were
+/// edited is refused (format v2).
+pub(crate) fn kdf_binding(enc: &EncryptionConfig) -> String {
+    let kdf = match &enc.kdf {
+        Kdf::Argon2id { m_kib, t, p, salt } => format!("argon2id\0{m_kib}\0{t}\0{p}\0{salt}"),
+        Kdf::KeyFile { fingerprint } => format!("key-file\0{fingerprint}"),
+    };
+    format!("{}\0{kdf}", enc.cipher)
 }
 
-/// Wrap the master key.
-pub(crate) fn wrap(kek: &[u8; 32], master: &[u8; 32], repo_id: &str) -> Result<String> {
+/// AAD of the wrapped master key: v1 binds the repository id, v2 also the cipher and
+/// KDF parameters ([`kdf_binding`]).
+fn wrap_aad(repo_id: &str, binding: Option<&str>) -> Vec<u8> {
+    match binding {
+        None => format!("virtkeep wrapped master key v1\0{repo_id}").into_bytes(),
+        Some(b) => format!("virtkeep wrapped master key v2\0{repo_id}\0{b}").into_bytes(),
+    }
+}
+
+/// Wrap the master key (`binding`: `Some(kdf_binding)` for format v2).
+pub(crate) fn wrap(
+    kek: &[u8; 32],
+    master: &[u8; 32],
+    repo_id: &str,
+    binding: Option<&str>,
+) -> Result<String> {
     let key = aead_key(kek)?;
     let nonce = random::<12>()?;
     let mut buf = master.to_vec();
     key.seal_in_place_append_tag(
         Nonce::assume_unique_for_key(nonce),
-        Aad::from(wrap_aad(repo_id)),
+        Aad::from(wrap_aad(repo_id, binding)),
         &mut buf,
     )
     .map_err(|_| RepoError::Task("AES-GCM seal failed".into()))?;
@@ -235,13 +256,26 @@ pub(crate) fn wrap(kek: &[u8; 32], master: &[u8; 32], repo_id: &str) -> Result<S
     Ok(hex::encode(out))
 }
 
-/// Unwrap the master key with `src`; a failure is [`RepoError::WrongKey`].
+/// Unwrap the master key with `src` (format `version` of the config); returns the
+/// master key and the key-encryption key. A failure is [`RepoError::WrongKey`].
 pub(crate) fn unwrap_master(
     src: &KeySource,
     enc: &EncryptionConfig,
     repo_id: &str,
     location: &str,
-) -> Result<[u8; 32]> {
+    version: u32,
+) -> Result<([u8; 32], [u8; 32])> {
+    if enc.cipher != "aes-256-gcm" {
+        return Err(RepoError::corrupt(
+            "config",
+            format!(
+                "cipher {:?} is not aes-256-gcm: the config was changed outside virtkeep \
+                 (restore it from a copy, `virtkeep repo key export` writes one)",
+                enc.cipher
+            ),
+        ));
+    }
+    let binding = (version >= 2).then(|| kdf_binding(enc));
     let wrong = |hint: String| RepoError::WrongKey {
         location: location.into(),
         hint,
@@ -282,24 +316,31 @@ pub(crate) fn unwrap_master(
     let pt = key
         .open_in_place(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(wrap_aad(repo_id)),
+            Aad::from(wrap_aad(repo_id, binding.as_deref())),
             &mut buf,
         )
         .map_err(|_| {
-            wrong(match src {
-                KeySource::Passphrase(_) => {
+            wrong(match (src, &enc.kdf) {
+                (KeySource::Passphrase(_), Kdf::Argon2id { m_kib, t, p, .. }) => format!(
                     "the passphrase does not unlock the repository key; check it (and the \
-                     variable it comes from)"
-                        .into()
-                }
-                KeySource::KeyFile(p) => format!(
-                    "key file {} does not unlock the repository key",
+                     variable it comes from). If it is right, the key derivation parameters \
+                     in the repository's config (argon2id m_kib={m_kib} t={t} p={p}) or its \
+                     cipher were changed outside virtkeep: restore the config from a copy"
+                ),
+                (KeySource::Passphrase(_), _) => "the passphrase does not unlock the \
+                     repository key"
+                    .into(),
+                (KeySource::KeyFile(p), _) => format!(
+                    "key file {} does not unlock the repository key (or the config's key \
+                     derivation parameters or cipher were changed outside virtkeep)",
                     p.display()
                 ),
             })
         })?;
-    pt.try_into()
-        .map_err(|_| RepoError::corrupt("config wrapped_key", "bad master key length"))
+    let master = pt
+        .try_into()
+        .map_err(|_| RepoError::corrupt("config wrapped_key", "bad master key length"))?;
+    Ok((master, kek))
 }
 
 pub(crate) fn aead_key(k: &[u8; 32]) -> Result<LessSafeKey> {

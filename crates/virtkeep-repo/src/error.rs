@@ -11,6 +11,13 @@ pub enum RepoError {
     /// The repository is encrypted but no key was given (or the other way round).
     #[error("repository {location}: {message}")]
     KeyRequired { location: String, message: String },
+    /// An unencrypted repository of format v2 authenticates its manifests and indexes
+    /// with a key file kept on the node, and none was given.
+    #[error(
+        "repository {location} authenticates its metadata with a key file kept on the node, \
+         and none was given"
+    )]
+    AuthKeyRequired { location: String },
     /// `init` found an existing repository.
     #[error("a repository already exists at {0}")]
     AlreadyExists(String),

@@ -31,6 +31,9 @@ pub static MAGIC_CHUNK_ENC_ZSTD: LazyLock<[u8; 8]> =
     LazyLock::new(|| magic("virtkeep chunk encrypted zstd v1"));
 /// Metadata blob (index, manifest), not encrypted.
 pub static MAGIC_META_PLAIN: LazyLock<[u8; 8]> = LazyLock::new(|| magic("virtkeep meta plain v1"));
+/// Metadata blob, not encrypted, authenticated with the node's key (format v2).
+pub static MAGIC_META_AUTH: LazyLock<[u8; 8]> =
+    LazyLock::new(|| magic("virtkeep meta authenticated v2"));
 /// Metadata blob, AES-256-GCM.
 pub static MAGIC_META_ENC: LazyLock<[u8; 8]> =
     LazyLock::new(|| magic("virtkeep meta encrypted v1"));
@@ -47,6 +50,7 @@ pub type Digest = [u8; 32];
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const HDR: usize = 12; // magic + crc32
+const MAC_LEN: usize = 32;
 
 /// True when every byte is zero.
 pub fn is_all_zero(data: &[u8]) -> bool {
@@ -90,6 +94,26 @@ pub struct Codec {
     pub(crate) aead: Option<LessSafeKey>,
     pub(crate) zstd_level: i32,
     pub(crate) chunk_size: usize,
+    /// Unencrypted format v2: the key that authenticates metadata blobs (derived from the
+    /// node's key file). `None` in encrypted repositories (GCM authenticates) and in
+    /// unencrypted v1 ones (CRC only).
+    pub(crate) meta_mac: Option<[u8; 32]>,
+}
+
+/// The metadata MAC key derived from an unencrypted repository's authentication key.
+pub(crate) fn meta_mac_key(auth_key: &[u8; 32]) -> [u8; 32] {
+    blake3::derive_key("virtkeep 2026 meta mac key v2", auth_key)
+}
+
+/// keyed-BLAKE3(mac key, magic || len(object key) u32 LE || object key || payload): the
+/// object key binds a blob to its backup id and disk, so it cannot be moved.
+fn meta_mac(key: &[u8; 32], magic: &[u8; 8], object: &str, payload: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(magic);
+    h.update(&(object.len() as u32).to_le_bytes());
+    h.update(object.as_bytes());
+    h.update(payload);
+    h.finalize()
 }
 
 impl std::fmt::Debug for Codec {
@@ -98,6 +122,7 @@ impl std::fmt::Debug for Codec {
             .field("encrypted", &self.aead.is_some())
             .field("zstd_level", &self.zstd_level)
             .field("chunk_size", &self.chunk_size)
+            .field("authenticated", &self.meta_mac.is_some())
             .finish()
     }
 }
@@ -244,8 +269,22 @@ impl Codec {
         Ok(Bytes::from(data))
     }
 
-    /// Wrap a metadata payload (index, manifest), authenticated with its object key.
+    /// Wrap a metadata payload (index, manifest), authenticated with its object key:
+    /// AES-GCM when encrypted, a keyed MAC in unencrypted format v2, a CRC only in v1.
     pub fn encode_meta(&self, key: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        if self.aead.is_none()
+            && let Some(mk) = &self.meta_mac
+        {
+            let magic = &*MAGIC_META_AUTH;
+            let mut out = Vec::with_capacity(HDR + MAC_LEN + payload.len());
+            out.extend_from_slice(magic);
+            out.extend_from_slice(&[0u8; 4]);
+            out.extend_from_slice(meta_mac(mk, magic, key, payload).as_bytes());
+            out.extend_from_slice(payload);
+            let crc = crc32fast::hash(&out[HDR..]);
+            out[8..12].copy_from_slice(&crc.to_le_bytes());
+            return Ok(out);
+        }
         let magic = if self.aead.is_some() {
             &MAGIC_META_ENC
         } else {
@@ -254,9 +293,13 @@ impl Codec {
         self.seal(magic, key.as_bytes(), payload)
     }
 
-    /// Unwrap a metadata blob stored under `key`.
+    /// Unwrap a metadata blob stored under `key`. In an unencrypted v2 repository only an
+    /// authenticated blob whose MAC (over its object key) checks is accepted.
     pub fn decode_meta(&self, key: &str, blob: Bytes) -> Result<Vec<u8>> {
         let err = |reason: String| RepoError::corrupt(key, reason);
+        if blob.len() >= HDR && blob[..8] == *MAGIC_META_AUTH {
+            return self.open_authenticated(key, &blob);
+        }
         let mut buf = Vec::from(blob);
         let (magic, payload) = self.open(&mut buf, key.as_bytes(), &err)?;
         if magic != *MAGIC_META_ENC && magic != *MAGIC_META_PLAIN {
@@ -265,7 +308,48 @@ impl Codec {
                 reason: format!("unknown magic {}", hex::encode(magic)),
             });
         }
+        if magic == *MAGIC_META_PLAIN && self.meta_mac.is_some() {
+            return Err(err(
+                "authentication failed: the object is not authenticated (a \
+                            format v1 blob in a v2 repository: written outside virtkeep, or \
+                            left by an interrupted `virtkeep repo upgrade`, which converts it)"
+                    .into(),
+            ));
+        }
         Ok(payload.to_vec())
+    }
+
+    fn open_authenticated(&self, key: &str, blob: &[u8]) -> Result<Vec<u8>> {
+        let err = |reason: &str| RepoError::corrupt(key, reason);
+        let crc = u32::from_le_bytes([blob[8], blob[9], blob[10], blob[11]]);
+        if crc32fast::hash(&blob[HDR..]) != crc {
+            return Err(err("CRC mismatch"));
+        }
+        if blob.len() < HDR + MAC_LEN {
+            return Err(err("truncated authentication header"));
+        }
+        let Some(mk) = self.meta_mac.as_ref().filter(|_| self.aead.is_none()) else {
+            return Err(err(
+                "an authenticated (format v2) blob in a repository whose config does not \
+                 authenticate metadata: refused",
+            ));
+        };
+        let mut mac = [0u8; MAC_LEN];
+        mac.copy_from_slice(&blob[HDR..HDR + MAC_LEN]);
+        let payload = &blob[HDR + MAC_LEN..];
+        // blake3::Hash compares in constant time.
+        if meta_mac(mk, &MAGIC_META_AUTH, key, payload) != blake3::Hash::from(mac) {
+            return Err(err(
+                "authentication failed (modified outside virtkeep, moved from another \
+                 object, or the key file is not this repository's)",
+            ));
+        }
+        Ok(payload.to_vec())
+    }
+
+    /// Whether `blob` is a format v1 unencrypted metadata blob (CRC only).
+    pub(crate) fn is_plain_meta(blob: &[u8]) -> bool {
+        blob.len() >= HDR && blob[..8] == *MAGIC_META_PLAIN
     }
 }
 
@@ -394,6 +478,14 @@ mod tests {
             aead,
             zstd_level: 1,
             chunk_size: 1 << 16,
+            meta_mac: None,
+        }
+    }
+
+    fn authenticated() -> Codec {
+        Codec {
+            meta_mac: Some(meta_mac_key(&[5u8; 32])),
+            ..codec(false)
         }
     }
 
@@ -407,6 +499,51 @@ mod tests {
         assert_eq!(hex::encode(*MAGIC_META_PLAIN), "4e95bd086bab0a51");
         assert_eq!(hex::encode(*MAGIC_META_ENC), "dce7b3de57abde81");
         assert_eq!(hex::encode(*MAGIC_FIXED_INDEX), "a4a2953b094d5056");
+        assert_eq!(hex::encode(*MAGIC_META_AUTH), MAGIC_META_AUTH_HEX);
+    }
+
+    const MAGIC_META_AUTH_HEX: &str = "0d6d7c412d8e0d96";
+
+    #[test]
+    fn authenticated_meta_bound_to_key_and_checked() {
+        let c = authenticated();
+        let b = c.encode_meta("snapshots/a/manifest", b"{}").expect("enc");
+        assert_eq!(b[..8], *MAGIC_META_AUTH);
+        let dec = |k: &str, b: Vec<u8>| c.decode_meta(k, Bytes::from(b));
+        assert_eq!(dec("snapshots/a/manifest", b.clone()).expect("dec"), b"{}");
+        // moved to another backup
+        assert!(dec("snapshots/b/manifest", b.clone()).is_err());
+        // payload edited and the CRC recomputed
+        let mut bad = b.clone();
+        let last = bad.len() - 1;
+        bad[last] = b'x';
+        let crc = crc32fast::hash(&bad[HDR..]);
+        bad[8..12].copy_from_slice(&crc.to_le_bytes());
+        let e = dec("snapshots/a/manifest", bad).expect_err("tampered");
+        assert!(e.to_string().contains("authentication failed"), "{e}");
+        // a v1 (CRC only) blob is refused, and an authenticated one without the key
+        let v1 = codec(false)
+            .encode_meta("snapshots/a/manifest", b"{}")
+            .expect("v1");
+        assert!(dec("snapshots/a/manifest", v1.clone()).is_err());
+        assert!(
+            codec(false)
+                .decode_meta("snapshots/a/manifest", Bytes::from(b))
+                .is_err()
+        );
+        // another key
+        let other = Codec {
+            meta_mac: Some(meta_mac_key(&[6u8; 32])),
+            ..codec(false)
+        };
+        let b = c.encode_meta("k", b"x").expect("enc");
+        assert!(other.decode_meta("k", Bytes::from(b)).is_err());
+        assert_eq!(
+            codec(false)
+                .decode_meta("snapshots/a/manifest", Bytes::from(v1))
+                .expect("v1"),
+            b"{}"
+        );
     }
 
     #[test]
@@ -418,6 +555,7 @@ mod tests {
             ("chunk enc zstd", *MAGIC_CHUNK_ENC_ZSTD),
             ("meta plain", *MAGIC_META_PLAIN),
             ("meta enc", *MAGIC_META_ENC),
+            ("meta auth", *MAGIC_META_AUTH),
             ("fixed index", *MAGIC_FIXED_INDEX),
         ] {
             println!("{n}: {}", hex::encode(m));

@@ -12,6 +12,7 @@
 
 mod backend;
 mod crypto;
+mod disk_view;
 mod error;
 mod format;
 mod manifest;
@@ -20,6 +21,7 @@ mod progress;
 mod prune;
 mod reader;
 mod repo;
+mod upgrade;
 mod verify;
 mod writer;
 
@@ -28,10 +30,15 @@ pub use backend::{
     S3Backend, S3Options,
 };
 pub use crypto::{EncryptionConfig, Kdf, KeySource};
+pub use disk_view::{
+    Allocation, BlockingDiskView, DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD_CHUNKS, DiskView,
+    DiskViewOptions, MAX_READ, ViewStats,
+};
 pub use error::{RepoError, Result};
 pub use format::{
     Digest, FixedIndex, MAGIC_CHUNK_ENC, MAGIC_CHUNK_ENC_ZSTD, MAGIC_CHUNK_PLAIN, MAGIC_CHUNK_ZSTD,
-    MAGIC_FIXED_INDEX, MAGIC_META_ENC, MAGIC_META_PLAIN, ZERO_DIGEST, chunk_key, is_all_zero,
+    MAGIC_FIXED_INDEX, MAGIC_META_AUTH, MAGIC_META_ENC, MAGIC_META_PLAIN, ZERO_DIGEST, chunk_key,
+    is_all_zero,
 };
 pub use manifest::{
     BackupMeta, BackupMode, BackupStats, DiskSpec, DiskStats, Manifest, ManifestDisk,
@@ -42,8 +49,9 @@ pub use progress::{QuietProgress, RepoProgress};
 pub use prune::{KeepPolicy, PruneDecision, PruneReport, compute_prune, compute_prune_within};
 pub use reader::{DiskReader, Extent, MIN_ZERO_RUN, split_zero_runs};
 pub use repo::{
-    DEFAULT_CHUNK_SIZE, GcOptions, GcReport, InitOptions, LeaseTiming, Repository, SnapshotListing,
-    UnreadableManifest,
+    DEFAULT_CHUNK_SIZE, FORMAT_VERSION, GcOptions, GcReport, InitOptions, LeaseTiming, Repository,
+    SnapshotListing, UnreadableManifest,
 };
+pub use upgrade::{UpgradeFailure, UpgradeReport};
 pub use verify::{ChunkProblem, VerifyOptions, VerifyReport, VerifySelection};
 pub use writer::{BackupWriter, DiskWriter, ExtentSink};

@@ -1,6 +1,7 @@
 //! The repository: config, keys, snapshots, leases, verify, forget, GC.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -18,8 +19,10 @@ use crate::progress::{QuietProgress, RepoProgress};
 
 /// Default chunk size (4 MiB).
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
-const CONFIG_KEY: &str = "config";
+pub(crate) const CONFIG_KEY: &str = "config";
 const CONFIG_FORMAT: &str = "virtkeep-repo";
+/// The repository format this build writes (docs/format.md); it reads 1 and 2.
+pub const FORMAT_VERSION: u32 = 2;
 pub(crate) const GC_LOCK: &str = "locks/gc";
 pub(crate) const LEASE_PREFIX: &str = "locks/backup-";
 
@@ -35,6 +38,12 @@ pub struct InitOptions {
     /// Minimum GC grace period; also how recent an existing chunk must be for a backup to
     /// reuse it without re-uploading it (default 1 h). See docs/format.md.
     pub min_gc_grace: Duration,
+    /// Unencrypted repositories: the key file that authenticates manifests and indexes,
+    /// kept on the node, never in the repository (created when it does not exist).
+    /// Required when `encryption` is `None`.
+    pub auth_key_file: Option<PathBuf>,
+    /// Format to write: [`FORMAT_VERSION`]; 1 only to build an old repository in tests.
+    pub format_version: u32,
 }
 
 impl Default for InitOptions {
@@ -44,6 +53,8 @@ impl Default for InitOptions {
             zstd_level: 1,
             encryption: None,
             min_gc_grace: Duration::from_secs(3600),
+            auth_key_file: None,
+            format_version: FORMAT_VERSION,
         }
     }
 }
@@ -65,23 +76,93 @@ pub(crate) struct ConfigFile {
     pub id_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionConfig>,
-    /// hex keyed-BLAKE3 over the immutable fields; only in encrypted repositories.
+    /// Unencrypted format v2: which key file authenticates the metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthKeyConfig>,
+    /// hex keyed-BLAKE3 over the immutable fields; in encrypted repositories and in
+    /// unencrypted ones of format v2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
 }
 
+/// The `auth` section of an unencrypted v2 config: `{"type": "key-file", "fingerprint"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct AuthKeyConfig {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// hex, first 8 bytes of `derive_key("virtkeep key fingerprint v1", key)`.
+    pub fingerprint: String,
+}
+
 impl ConfigFile {
     fn mac_input(&self) -> String {
-        format!(
-            "virtkeep config v1\0{}\0{}\0{}\0{}\0{}\0{}",
+        let v1 = format!(
+            "{}\0{}\0{}\0{}\0{}\0{}",
             self.id,
             self.created.unix_timestamp(),
             self.chunk_size,
             self.zstd_level,
             self.digest,
             self.min_gc_grace_secs
+        );
+        if self.version < 2 {
+            return format!("virtkeep config v1\0{v1}");
+        }
+        // v2 also binds the id key, the cipher and KDF parameters and the auth key's
+        // fingerprint: nothing in the config can be changed without the key.
+        format!(
+            "virtkeep config v2\0{v1}\0{}\0{}\0{}",
+            self.id_key.as_deref().unwrap_or(""),
+            self.encryption
+                .as_ref()
+                .map(crypto::kdf_binding)
+                .unwrap_or_default(),
+            self.auth
+                .as_ref()
+                .map(|a| a.fingerprint.as_str())
+                .unwrap_or("")
         )
     }
+
+    /// The config MAC under `mac_key`.
+    pub(crate) fn compute_mac(&self, mac_key: &[u8; 32]) -> String {
+        blake3::keyed_hash(mac_key, self.mac_input().as_bytes())
+            .to_hex()
+            .to_string()
+    }
+
+    /// Checks the stored MAC (constant time).
+    fn check_mac(&self, mac_key: &[u8; 32]) -> Result<()> {
+        let want = blake3::keyed_hash(mac_key, self.mac_input().as_bytes());
+        let got = self
+            .mac
+            .as_deref()
+            .and_then(|h| blake3::Hash::from_hex(h).ok());
+        if got != Some(want) {
+            return Err(RepoError::corrupt(
+                CONFIG_KEY,
+                "config authentication failed (modified outside virtkeep: restore it from a \
+                 copy; `virtkeep repo key export` writes one)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The config MAC key of an unencrypted v2 repository, from its authentication key.
+pub(crate) fn auth_config_mac_key(auth_key: &[u8; 32]) -> [u8; 32] {
+    blake3::derive_key("virtkeep 2026 config mac key v2", auth_key)
+}
+
+/// The secrets an open repository holds (never stored in it).
+#[derive(Default, Clone)]
+pub(crate) struct Keys {
+    /// Encrypted: the master key and the key-encryption key that wraps it.
+    pub master: Option<[u8; 32]>,
+    pub kek: Option<[u8; 32]>,
+    /// Unencrypted v2: the authentication key, and the file it came from.
+    pub auth_key: Option<[u8; 32]>,
+    pub key_file: Option<PathBuf>,
 }
 
 /// Lease timing (how often a running backup/GC refreshes its lease, when a lease counts as
@@ -128,6 +209,7 @@ pub(crate) struct RepoInner {
     pub config: ConfigFile,
     pub codec: Arc<Codec>,
     pub master: Option<[u8; 32]>,
+    pub keys: Keys,
     pub timing: std::sync::Mutex<LeaseTiming>,
     pub workers: std::sync::atomic::AtomicUsize,
     pub warnings: Vec<String>,
@@ -194,18 +276,7 @@ pub(crate) fn parse_chunk_key(key: &str) -> Option<Digest> {
 impl Repository {
     /// Create a new repository at `location` (fails if one exists).
     pub async fn init(location: Location, opts: InitOptions) -> Result<Repository> {
-        let cs = opts.chunk_size;
-        if !cs.is_power_of_two() || !(64 << 10..=16 << 20).contains(&cs) {
-            return Err(RepoError::InvalidArgument(format!(
-                "chunk size {cs} must be a power of two between 64 KiB and 16 MiB"
-            )));
-        }
-        if !(-7..=22).contains(&opts.zstd_level) {
-            return Err(RepoError::InvalidArgument(format!(
-                "zstd level {} out of range",
-                opts.zstd_level
-            )));
-        }
+        check_init_options(&opts)?;
         let backend = location.backend()?;
         if backend.head(CONFIG_KEY).await?.is_some() {
             return Err(RepoError::AlreadyExists(location.to_string()));
@@ -213,80 +284,70 @@ impl Repository {
         let id = uuid::Uuid::new_v4().to_string();
         let mut cfg = ConfigFile {
             format: CONFIG_FORMAT.into(),
-            version: 1,
+            version: opts.format_version,
             id: id.clone(),
             created: OffsetDateTime::now_utc()
                 .replace_nanosecond(0)
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH),
-            chunk_size: cs,
+            chunk_size: opts.chunk_size,
             zstd_level: opts.zstd_level,
             digest: "blake3-keyed".into(),
             min_gc_grace_secs: opts.min_gc_grace.as_secs(),
             id_key: None,
             encryption: None,
+            auth: None,
             mac: None,
         };
-        let master = match &opts.encryption {
+        let keys = match &opts.encryption {
             Some(src) => {
                 let master = crypto::random::<32>()?;
                 let src = src.clone();
                 let (kek, kdf) =
                     tokio::task::spawn_blocking(move || crypto::new_kek(&src)).await??;
-                cfg.encryption = Some(EncryptionConfig {
-                    cipher: "aes-256-gcm".into(),
-                    kdf,
-                    wrapped_key: crypto::wrap(&kek, &master, &id)?,
-                });
-                let sk = crypto::subkeys(&master);
-                cfg.mac = Some(
-                    blake3::keyed_hash(&sk.mac_key, cfg.mac_input().as_bytes())
-                        .to_hex()
-                        .to_string(),
-                );
-                Some(master)
+                cfg.set_wrapped(&kek, &master, kdf)?;
+                Keys {
+                    master: Some(master),
+                    kek: Some(kek),
+                    ..Keys::default()
+                }
             }
             None => {
                 cfg.id_key = Some(hex::encode(crypto::random::<32>()?));
-                None
+                match (&opts.auth_key_file, cfg.version) {
+                    (_, 1) => Keys::default(),
+                    (Some(path), _) => {
+                        let key = read_key_blocking(path.clone(), true).await?;
+                        cfg.set_auth(&key);
+                        Keys {
+                            auth_key: Some(key),
+                            key_file: Some(path.clone()),
+                            ..Keys::default()
+                        }
+                    }
+                    (None, _) => {
+                        return Err(RepoError::InvalidArgument(
+                            "an unencrypted repository needs a key file that authenticates \
+                             its metadata"
+                                .into(),
+                        ));
+                    }
+                }
             }
         };
         let data = serde_json::to_vec_pretty(&cfg).map_err(|e| RepoError::json(CONFIG_KEY, e))?;
         if backend.put_if_absent(CONFIG_KEY, Bytes::from(data)).await? == PutOutcome::Existed {
             return Err(RepoError::AlreadyExists(location.to_string()));
         }
-        Self::build(backend, location, cfg, master)
+        Self::build(backend, location, cfg, keys)
     }
 
-    fn build(
+    pub(crate) fn build(
         backend: Arc<dyn ChunkBackend>,
         location: Location,
         config: ConfigFile,
-        master: Option<[u8; 32]>,
+        keys: Keys,
     ) -> Result<Repository> {
-        let (id_key, aead) = match &master {
-            Some(m) => {
-                let sk = crypto::subkeys(m);
-                (sk.id_key, Some(crypto::aead_key(&sk.enc_key)?))
-            }
-            None => {
-                let hx = config
-                    .id_key
-                    .as_deref()
-                    .ok_or_else(|| RepoError::corrupt(CONFIG_KEY, "missing id_key"))?;
-                let k: [u8; 32] = hex::decode(hx)
-                    .ok()
-                    .and_then(|v| v.try_into().ok())
-                    .ok_or_else(|| RepoError::corrupt(CONFIG_KEY, "bad id_key"))?;
-                (k, None)
-            }
-        };
-        let codec = Codec {
-            id_key,
-            aead,
-            zstd_level: config.zstd_level,
-            chunk_size: usize::try_from(config.chunk_size)
-                .map_err(|_| RepoError::corrupt(CONFIG_KEY, "chunk size"))?,
-        };
+        let codec = make_codec(&config, &keys)?;
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
@@ -296,7 +357,8 @@ impl Repository {
                 location,
                 config,
                 codec: Arc::new(codec),
-                master,
+                master: keys.master,
+                keys,
                 timing: std::sync::Mutex::new(LeaseTiming::default()),
                 workers: std::sync::atomic::AtomicUsize::new(workers),
                 warnings: Vec::new(),
@@ -304,9 +366,28 @@ impl Repository {
         })
     }
 
-    /// Open an existing repository. A key is required iff the repository is encrypted;
-    /// a wrong key is [`RepoError::WrongKey`] and nothing is written.
+    /// Open an existing repository. Encrypted: `key` unlocks it (a wrong one is
+    /// [`RepoError::WrongKey`] and nothing is written). Unencrypted format v2: `key` is
+    /// the key file that authenticates its metadata ([`RepoError::AuthKeyRequired`]
+    /// without it). Format v1 opens with a warning (`virtkeep repo upgrade`).
     pub async fn open(location: Location, key: Option<KeySource>) -> Result<Repository> {
+        Self::open_inner(location, key, false).await
+    }
+
+    /// [`Repository::open`] for `repo upgrade`: an unencrypted v1 repository opens even
+    /// when a key file is given (the one the upgrade will use).
+    pub async fn open_for_upgrade(
+        location: Location,
+        key: Option<KeySource>,
+    ) -> Result<Repository> {
+        Self::open_inner(location, key, true).await
+    }
+
+    async fn open_inner(
+        location: Location,
+        key: Option<KeySource>,
+        upgrading: bool,
+    ) -> Result<Repository> {
         let backend = location.backend()?;
         let loc = location.to_string();
         let raw = backend
@@ -315,59 +396,53 @@ impl Repository {
             .ok_or_else(|| RepoError::NotARepository(loc.clone()))?;
         let cfg: ConfigFile =
             serde_json::from_slice(&raw).map_err(|e| RepoError::json(CONFIG_KEY, e))?;
-        if cfg.format != CONFIG_FORMAT || cfg.version != 1 {
+        if cfg.format != CONFIG_FORMAT || !(1..=FORMAT_VERSION).contains(&cfg.version) {
             return Err(RepoError::UnsupportedFormat {
                 object: CONFIG_KEY.into(),
                 reason: format!("{} v{}", cfg.format, cfg.version),
             });
         }
-        let master = match (&cfg.encryption, key) {
-            (Some(enc), Some(src)) => {
-                let (enc, id, l) = (enc.clone(), cfg.id.clone(), loc.clone());
-                let m =
-                    tokio::task::spawn_blocking(move || crypto::unwrap_master(&src, &enc, &id, &l))
-                        .await??;
-                let sk = crypto::subkeys(&m);
-                let want = blake3::keyed_hash(&sk.mac_key, cfg.mac_input().as_bytes())
-                    .to_hex()
-                    .to_string();
-                if cfg.mac.as_deref() != Some(want.as_str()) {
-                    return Err(RepoError::corrupt(
-                        CONFIG_KEY,
-                        "config authentication failed (modified outside virtkeep)",
-                    ));
-                }
-                Some(m)
-            }
-            (Some(_), None) => {
-                return Err(RepoError::KeyRequired {
-                    location: loc,
-                    message: "the repository is encrypted; give its passphrase or key file".into(),
-                });
-            }
-            (None, Some(_)) => {
-                return Err(RepoError::KeyRequired {
-                    location: loc,
-                    message: "the repository is not encrypted, but a key was given".into(),
-                });
-            }
-            (None, None) => None,
+        let keys = match &cfg.encryption {
+            Some(enc) => unlock_encrypted(&cfg, enc, key, &loc).await?,
+            None => unlock_plain(&cfg, key, &loc, upgrading).await?,
         };
-        let warning = location.access_warning();
-        let mut repo = Self::build(backend, location, cfg, master)?;
-        if let Some(w) = warning {
+        let mut warnings: Vec<String> = location.access_warning().into_iter().collect();
+        if cfg.version < FORMAT_VERSION {
+            warnings.push(format!(
+                "repository {loc} has format v{}: {}; run `virtkeep repo upgrade`",
+                cfg.version,
+                if cfg.encryption.is_some() {
+                    "its key derivation parameters are not authenticated"
+                } else {
+                    "its manifests and indexes are not authenticated (anyone who can write \
+                     to it can change what a restore writes where)"
+                }
+            ));
+        }
+        let mut repo = Self::build(backend, location, cfg, keys)?;
+        for w in &warnings {
             tracing::warn!("{w}");
-            if let Some(inner) = Arc::get_mut(&mut repo.inner) {
-                inner.warnings.push(w);
-            }
+        }
+        if let Some(inner) = Arc::get_mut(&mut repo.inner) {
+            inner.warnings = warnings;
         }
         Ok(repo)
     }
 
-    /// Warnings found at `open` (a repository other users can read), for the caller to
-    /// show; also logged.
+    /// Warnings found at `open` (a repository other users can read, an old format), for
+    /// the caller to show; also logged.
     pub fn warnings(&self) -> &[String] {
         &self.inner.warnings
+    }
+
+    /// The format version of the repository's config.
+    pub fn format_version(&self) -> u32 {
+        self.inner.config.version
+    }
+
+    /// Unencrypted v2: the key file that authenticates the metadata, as opened.
+    pub fn auth_key_file(&self) -> Option<&std::path::Path> {
+        self.inner.keys.key_file.as_deref()
     }
 
     /// Re-wrap the master key with a new passphrase or key file. Rewrites only `config`.
@@ -378,12 +453,12 @@ impl Repository {
         })?;
         let (kek, kdf) = tokio::task::spawn_blocking(move || crypto::new_kek(&new)).await??;
         let mut cfg = self.inner.config.clone();
-        cfg.encryption = Some(EncryptionConfig {
-            cipher: "aes-256-gcm".into(),
-            kdf,
-            wrapped_key: crypto::wrap(&kek, &master, &cfg.id)?,
-        });
-        let data = serde_json::to_vec_pretty(&cfg).map_err(|e| RepoError::json(CONFIG_KEY, e))?;
+        cfg.set_wrapped(&kek, &master, kdf)?;
+        self.write_config(&cfg).await
+    }
+
+    pub(crate) async fn write_config(&self, cfg: &ConfigFile) -> Result<()> {
+        let data = serde_json::to_vec_pretty(cfg).map_err(|e| RepoError::json(CONFIG_KEY, e))?;
         self.inner.backend.put(CONFIG_KEY, Bytes::from(data)).await
     }
 
@@ -891,6 +966,170 @@ impl Repository {
             report.bytes_freed += o.size;
         }
         Ok(report)
+    }
+}
+
+fn check_init_options(opts: &InitOptions) -> Result<()> {
+    let cs = opts.chunk_size;
+    if !cs.is_power_of_two() || !(64 << 10..=16 << 20).contains(&cs) {
+        return Err(RepoError::InvalidArgument(format!(
+            "chunk size {cs} must be a power of two between 64 KiB and 16 MiB"
+        )));
+    }
+    if !(-7..=22).contains(&opts.zstd_level) {
+        return Err(RepoError::InvalidArgument(format!(
+            "zstd level {} out of range",
+            opts.zstd_level
+        )));
+    }
+    if !(1..=FORMAT_VERSION).contains(&opts.format_version) {
+        return Err(RepoError::InvalidArgument(format!(
+            "format version {} is not 1..={FORMAT_VERSION}",
+            opts.format_version
+        )));
+    }
+    Ok(())
+}
+
+impl ConfigFile {
+    /// Wrap `master` under `kek` with the config's format, and (re)compute the MAC.
+    pub(crate) fn set_wrapped(
+        &mut self,
+        kek: &[u8; 32],
+        master: &[u8; 32],
+        kdf: crypto::Kdf,
+    ) -> Result<()> {
+        let mut enc = EncryptionConfig {
+            cipher: "aes-256-gcm".into(),
+            kdf,
+            wrapped_key: String::new(),
+        };
+        let binding = (self.version >= 2).then(|| crypto::kdf_binding(&enc));
+        enc.wrapped_key = crypto::wrap(kek, master, &self.id, binding.as_deref())?;
+        self.encryption = Some(enc);
+        self.mac = Some(self.compute_mac(&crypto::subkeys(master).mac_key));
+        Ok(())
+    }
+
+    /// Name the authentication key of an unencrypted v2 repository and MAC the config.
+    pub(crate) fn set_auth(&mut self, auth_key: &[u8; 32]) {
+        self.auth = Some(AuthKeyConfig {
+            kind: "key-file".into(),
+            fingerprint: crypto::fingerprint(auth_key),
+        });
+        self.mac = Some(self.compute_mac(&auth_config_mac_key(auth_key)));
+    }
+}
+
+pub(crate) async fn read_key_blocking(path: PathBuf, create: bool) -> Result<[u8; 32]> {
+    tokio::task::spawn_blocking(move || crypto::read_key_file(&path, create)).await?
+}
+
+pub(crate) fn make_codec(config: &ConfigFile, keys: &Keys) -> Result<Codec> {
+    let (id_key, aead) = match &keys.master {
+        Some(m) => {
+            let sk = crypto::subkeys(m);
+            (sk.id_key, Some(crypto::aead_key(&sk.enc_key)?))
+        }
+        None => {
+            let hx = config
+                .id_key
+                .as_deref()
+                .ok_or_else(|| RepoError::corrupt(CONFIG_KEY, "missing id_key"))?;
+            let k: [u8; 32] = hex::decode(hx)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| RepoError::corrupt(CONFIG_KEY, "bad id_key"))?;
+            (k, None)
+        }
+    };
+    Ok(Codec {
+        id_key,
+        aead,
+        zstd_level: config.zstd_level,
+        chunk_size: usize::try_from(config.chunk_size)
+            .map_err(|_| RepoError::corrupt(CONFIG_KEY, "chunk size"))?,
+        meta_mac: keys.auth_key.as_ref().map(crate::format::meta_mac_key),
+    })
+}
+
+/// Unwraps the master key of an encrypted repository and checks the config's MAC.
+async fn unlock_encrypted(
+    cfg: &ConfigFile,
+    enc: &EncryptionConfig,
+    key: Option<KeySource>,
+    loc: &str,
+) -> Result<Keys> {
+    let Some(src) = key else {
+        return Err(RepoError::KeyRequired {
+            location: loc.into(),
+            message: "the repository is encrypted; give its passphrase or key file".into(),
+        });
+    };
+    let (enc, id, l, v) = (enc.clone(), cfg.id.clone(), loc.to_string(), cfg.version);
+    let (master, kek) =
+        tokio::task::spawn_blocking(move || crypto::unwrap_master(&src, &enc, &id, &l, v))
+            .await??;
+    cfg.check_mac(&crypto::subkeys(&master).mac_key)?;
+    Ok(Keys {
+        master: Some(master),
+        kek: Some(kek),
+        ..Keys::default()
+    })
+}
+
+/// The authentication key of an unencrypted repository (v2), or none (v1).
+async fn unlock_plain(
+    cfg: &ConfigFile,
+    key: Option<KeySource>,
+    loc: &str,
+    upgrading: bool,
+) -> Result<Keys> {
+    let not_encrypted = || RepoError::KeyRequired {
+        location: loc.into(),
+        message: "the repository is not encrypted, but a password was given (its metadata \
+                  is authenticated with a key file)"
+            .into(),
+    };
+    match (cfg.version, key) {
+        (_, Some(KeySource::Passphrase(_))) => Err(not_encrypted()),
+        (1, None) => Ok(Keys::default()),
+        (1, Some(KeySource::KeyFile(_))) if upgrading => Ok(Keys::default()),
+        (1, Some(KeySource::KeyFile(path))) => Err(RepoError::corrupt(
+            CONFIG_KEY,
+            format!(
+                "the config says format v1 (metadata not authenticated), but this node \
+                 holds the key file {} for it: the config was changed outside virtkeep \
+                 (restore it from a copy) — unless a `virtkeep repo upgrade` failed just \
+                 before writing it: then run that again (it refuses a repository whose \
+                 metadata is already authenticated)",
+                path.display()
+            ),
+        )),
+        (_, None) => Err(RepoError::AuthKeyRequired {
+            location: loc.into(),
+        }),
+        (_, Some(KeySource::KeyFile(path))) => {
+            let key = read_key_blocking(path.clone(), false).await?;
+            let want = cfg.auth.as_ref().map(|a| a.fingerprint.as_str());
+            let got = crypto::fingerprint(&key);
+            if want != Some(got.as_str()) {
+                return Err(RepoError::WrongKey {
+                    location: loc.into(),
+                    hint: format!(
+                        "key file {} has fingerprint {got}, the repository expects {}",
+                        path.display(),
+                        want.unwrap_or("none")
+                    ),
+                });
+            }
+            cfg.check_mac(&auth_config_mac_key(&key))?;
+            Ok(Keys {
+                auth_key: Some(key),
+                key_file: Some(path),
+                ..Keys::default()
+            })
+        }
     }
 }
 

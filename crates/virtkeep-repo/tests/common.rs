@@ -15,6 +15,8 @@ pub enum Kind {
 pub struct Fx {
     pub loc: Location,
     _tmp: Option<tempfile::TempDir>,
+    /// The node's side: where the key file of an unencrypted repository lives.
+    keys: tempfile::TempDir,
 }
 
 pub const CS: u64 = 64 << 10;
@@ -37,6 +39,7 @@ pub fn fx(kind: Kind) -> Fx {
                     fsync: false,
                 },
                 _tmp: Some(t),
+                keys: tempfile::tempdir().unwrap(),
             }
         }
         Kind::S3 => {
@@ -51,15 +54,27 @@ pub fn fx(kind: Kind) -> Fx {
                         access_key: Some(lab.s3_access_key.clone()),
                         secret_key: Some(lab.s3_secret_key.clone()),
                         allow_http: true,
+                        instance_metadata: false,
                     },
                 },
                 _tmp: None,
+                keys: tempfile::tempdir().unwrap(),
             }
         }
     }
 }
 
 impl Fx {
+    /// The key file that authenticates an unencrypted repository (kept on the "node").
+    pub fn key(&self) -> std::path::PathBuf {
+        self.keys.path().join("auth.key")
+    }
+    /// Opens an unencrypted repository with its key file.
+    pub async fn open_plain(&self) -> Repository {
+        Repository::open(self.loc.clone(), Some(KeySource::KeyFile(self.key())))
+            .await
+            .unwrap()
+    }
     /// Remove everything under the test prefix (S3; the temp dir handles fs).
     pub async fn cleanup(&self) {
         if let Location::S3 { .. } = &self.loc {
@@ -84,6 +99,7 @@ impl Fx {
 }
 
 pub async fn new_repo(fx: &Fx, enc: Option<KeySource>, min_grace: Duration) -> Repository {
+    let auth_key_file = enc.is_none().then(|| fx.key());
     Repository::init(
         fx.loc.clone(),
         InitOptions {
@@ -91,6 +107,26 @@ pub async fn new_repo(fx: &Fx, enc: Option<KeySource>, min_grace: Duration) -> R
             zstd_level: 1,
             encryption: enc,
             min_gc_grace: min_grace,
+            auth_key_file,
+            format_version: FORMAT_VERSION,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// A repository as virtkeep wrote it before format v2 (the v1 writer is kept for this):
+/// unencrypted ones have only a CRC on their metadata.
+pub async fn new_repo_v1(fx: &Fx, enc: Option<KeySource>, min_grace: Duration) -> Repository {
+    Repository::init(
+        fx.loc.clone(),
+        InitOptions {
+            chunk_size: CS,
+            zstd_level: 1,
+            encryption: enc,
+            min_gc_grace: min_grace,
+            auth_key_file: None,
+            format_version: 1,
         },
     )
     .await

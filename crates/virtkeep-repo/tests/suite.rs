@@ -780,12 +780,12 @@ fn plain_meta(payload: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// A manifest (unencrypted repositories only have a CRC) naming `config` as its index:
-/// prune forgets the backup and deletes the backup's own index, never `config`.
+/// A manifest (unencrypted v1 repositories only have a CRC) naming `config` as its
+/// index: prune forgets the backup and deletes the backup's own index, never `config`.
 fn prune_deletes_only_keys_it_derives(kind: Kind) {
     rt().block_on(async {
         let fx = fx(kind);
-        let repo = new_repo(&fx, None, Duration::ZERO).await;
+        let repo = new_repo_v1(&fx, None, Duration::ZERO).await;
         let a = backup_full(&repo, "vm", &noise(30, 2 * CS as usize)).await;
         let b = backup_full(&repo, "vm", &noise(31, 2 * CS as usize)).await;
         let be = repo.backend().clone();
@@ -1091,4 +1091,346 @@ fn set_umask(mask: libc::mode_t) {
     unsafe {
         libc::umask(mask);
     }
+}
+
+// -- authenticated metadata, format v2 (issues 16 and 17) ---------------------------------
+
+both_backends!(
+    unencrypted_metadata_is_authenticated,
+    v1_repository_reads_with_a_warning_and_upgrades,
+    kdf_parameters_are_authenticated,
+);
+
+/// Re-writes an authenticated (v2) meta blob's payload with `edit` and recomputes its CRC,
+/// as an attacker with write access to the storage can.
+async fn tamper_meta(
+    be: &std::sync::Arc<dyn ChunkBackend>,
+    key: &str,
+    edit: impl FnOnce(&mut Vec<u8>),
+) {
+    let blob = be.get(key).await.unwrap().unwrap();
+    assert_eq!(blob[..8], *MAGIC_META_AUTH, "{key} is not authenticated");
+    let mut payload = blob[12 + 32..].to_vec();
+    edit(&mut payload);
+    let mut out = blob[..12 + 32].to_vec();
+    out.extend_from_slice(&payload);
+    let crc = crc32fast::hash(&out[12..]);
+    out[8..12].copy_from_slice(&crc.to_le_bytes());
+    be.put(key, Bytes::from(out)).await.unwrap();
+}
+
+/// The attack of issue 16 on an unencrypted repository: a manifest whose disk source was
+/// edited (CRC recomputed), an index whose digest was changed, an index moved from one
+/// backup to another. Listing names them as failing authentication, verify reports them,
+/// prune never acts on them, and reading them (what restore does) is refused.
+fn unencrypted_metadata_is_authenticated(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo(&fx, None, Duration::ZERO).await;
+        assert_eq!(repo.format_version(), 2);
+        let data = noise(80, 2 * CS as usize);
+        let a = backup_full(&repo, "vm", &data).await;
+        let b = backup_full(&repo, "vm", &noise(81, 2 * CS as usize)).await;
+        let c = backup_full(&repo, "vm", &noise(82, 2 * CS as usize)).await;
+        let d = backup_full(&repo, "vm", &noise(83, 2 * CS as usize)).await;
+        let be = repo.backend().clone();
+        tamper_meta(&be, &format!("snapshots/{}/manifest", a.id), |p| {
+            let mut m: serde_json::Value = serde_json::from_slice(p).unwrap();
+            m["disks"][0]["source"] = "/etc/cron.d/evil".into();
+            *p = serde_json::to_vec(&m).unwrap();
+        })
+        .await;
+        tamper_meta(&be, &format!("snapshots/{}/vda.fidx", b.id), |p| {
+            let last = p.len() - 1;
+            p[last] ^= 1;
+        })
+        .await;
+        let moved = be
+            .get(&format!("snapshots/{}/vda.fidx", d.id))
+            .await
+            .unwrap()
+            .unwrap();
+        be.put(&format!("snapshots/{}/vda.fidx", c.id), moved)
+            .await
+            .unwrap();
+
+        let repo = fx.open_plain().await;
+        let listing = repo.list_snapshots().await.unwrap();
+        let ids: Vec<_> = listing.snapshots.iter().map(|s| s.id.clone()).collect();
+        assert!(!ids.contains(&a.id), "{ids:?}");
+        assert_eq!(listing.unreadable.len(), 1, "{:?}", listing.unreadable);
+        assert_eq!(listing.unreadable[0].id, a.id);
+        assert!(
+            listing.unreadable[0]
+                .error
+                .contains("authentication failed"),
+            "{:?}",
+            listing.unreadable
+        );
+        assert!(matches!(
+            repo.manifest(&a.id).await,
+            Err(RepoError::Corrupt { .. })
+        ));
+        for id in [&b.id, &c.id] {
+            let e = repo.fixed_index(id, "vda").await.unwrap_err();
+            assert!(e.to_string().contains("authentication failed"), "{e}");
+            assert!(repo.disk_reader(id, "vda").await.is_err());
+        }
+        let r = repo
+            .verify(VerifyOptions::new(VerifySelection::All))
+            .await
+            .unwrap();
+        let mut broken = vec![a.id.clone(), b.id.clone(), c.id.clone()];
+        broken.sort();
+        let mut got = r.broken_snapshots.clone();
+        got.sort();
+        assert_eq!(got, broken, "{r:?}");
+        assert!(!r.is_ok());
+        // prune never removes what it cannot read
+        let policy = KeepPolicy {
+            last: Some(1),
+            ..Default::default()
+        };
+        let decisions = repo.prune(&policy, None, true).await.unwrap();
+        assert!(decisions.iter().all(|x| x.id != a.id), "{decisions:?}");
+        // the untouched backup still restores
+        assert_eq!(
+            restore(&repo, &d.id, "vda").await,
+            noise(83, 2 * CS as usize)
+        );
+
+        // the key: missing, another one, a password
+        let e = Repository::open(fx.loc.clone(), None).await.unwrap_err();
+        assert!(matches!(e, RepoError::AuthKeyRequired { .. }), "{e}");
+        let tmp = tempfile::tempdir().unwrap();
+        let other = tmp.path().join("other.key");
+        let r2 = Repository::init(
+            Location::Local {
+                path: tmp.path().join("r2"),
+                fsync: false,
+            },
+            InitOptions {
+                auth_key_file: Some(other.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        drop(r2);
+        let e = Repository::open(fx.loc.clone(), Some(KeySource::KeyFile(other)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RepoError::WrongKey { .. }), "{e}");
+        let e = Repository::open(fx.loc.clone(), Some(KeySource::Passphrase("x".into())))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RepoError::KeyRequired { .. }), "{e}");
+        // the config's id key is authenticated too
+        edit_config(&fx, |c| c["id_key"] = hex::encode([1u8; 32]).into()).await;
+        let e = Repository::open(fx.loc.clone(), Some(KeySource::KeyFile(fx.key())))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("config authentication failed"),
+            "{e}"
+        );
+        fx.cleanup().await;
+    })
+}
+
+/// A repository the v1 writer made opens with a warning and reads as before; `upgrade`
+/// authenticates every manifest and index (chunks untouched), after which the old
+/// unauthenticated form is refused; an encrypted v1 config is re-written too.
+fn v1_repository_reads_with_a_warning_and_upgrades(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let repo = new_repo_v1(&fx, None, Duration::ZERO).await;
+        let data = noise(90, 3 * CS as usize);
+        let a = backup_full(&repo, "vm", &data).await;
+        let be = repo.backend().clone();
+        let mkey = format!("snapshots/{}/manifest", a.id);
+        let v1_manifest = be.get(&mkey).await.unwrap().unwrap();
+        assert_eq!(v1_manifest[..8], *MAGIC_META_PLAIN);
+        let chunks_before: Vec<_> = fx
+            .all_objects()
+            .await
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("chunks/"))
+            .collect();
+
+        let repo = Repository::open(fx.loc.clone(), None).await.unwrap();
+        assert_eq!(repo.format_version(), 1);
+        assert!(
+            repo.warnings().iter().any(|w| w.contains("format v1")
+                && w.contains("not authenticated")
+                && w.contains("virtkeep repo upgrade")),
+            "{:?}",
+            repo.warnings()
+        );
+        assert_eq!(restore(&repo, &a.id, "vda").await, data);
+        // A key file for a v1 config: a downgraded config, refused outside an upgrade.
+        let e = Repository::open(fx.loc.clone(), Some(KeySource::KeyFile(fx.key())))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("format v1"), "{e}");
+
+        let repo = Repository::open_for_upgrade(fx.loc.clone(), None)
+            .await
+            .unwrap();
+        let report = repo.upgrade(Some(fx.key())).await.unwrap();
+        assert_eq!(report.from_version, 1);
+        assert_eq!(report.to_version, 2);
+        assert!(report.config_rewritten);
+        assert_eq!(report.objects_authenticated, 2, "{report:?}");
+        assert!(report.failed.is_empty(), "{report:?}");
+        assert!(fx.key().is_file());
+
+        let repo = fx.open_plain().await;
+        assert_eq!(repo.format_version(), 2);
+        assert!(repo.warnings().iter().all(|w| !w.contains("format v1")));
+        assert_eq!(restore(&repo, &a.id, "vda").await, data);
+        assert_eq!(be.get(&mkey).await.unwrap().unwrap()[..8], *MAGIC_META_AUTH);
+        let chunks_after: Vec<_> = fx
+            .all_objects()
+            .await
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("chunks/"))
+            .collect();
+        assert_eq!(chunks_after, chunks_before);
+        // running it again changes nothing
+        let again = repo.upgrade(None).await.unwrap();
+        assert!(!again.config_rewritten);
+        assert_eq!(again.objects_authenticated, 0);
+        assert_eq!(again.objects_already_authenticated, 2);
+        // the old, unauthenticated manifest put back: refused now
+        be.put(&mkey, v1_manifest).await.unwrap();
+        let e = repo.manifest(&a.id).await.unwrap_err();
+        assert!(e.to_string().contains("not authenticated"), "{e}");
+        let listing = repo.list_snapshots().await.unwrap();
+        assert_eq!(listing.unreadable.len(), 1);
+        // ... and so is the config lowered to v1 to have it accepted: by open with the
+        // node's key file, and by an upgrade that would bless it
+        edit_config(&fx, |c| c["version"] = 1.into()).await;
+        let e = Repository::open(fx.loc.clone(), Some(KeySource::KeyFile(fx.key())))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("changed outside virtkeep"), "{e}");
+        let repo = Repository::open_for_upgrade(fx.loc.clone(), None)
+            .await
+            .unwrap();
+        let e = repo.upgrade(Some(fx.key())).await.unwrap_err();
+        assert!(e.to_string().contains("is authenticated (v2)"), "{e}");
+        assert_eq!(
+            be.get(&mkey).await.unwrap().unwrap()[..8],
+            *MAGIC_META_PLAIN
+        );
+        fx.cleanup().await;
+
+        // encrypted v1: opens with a warning, upgrade re-writes only the config
+        let fx = common::fx(kind);
+        let tmp = tempfile::tempdir().unwrap();
+        let key = || Some(KeySource::KeyFile(tmp.path().join("k")));
+        let repo = new_repo_v1(&fx, key(), Duration::ZERO).await;
+        let a = backup_full(&repo, "vm", &data).await;
+        let repo = Repository::open(fx.loc.clone(), key()).await.unwrap();
+        assert!(repo.warnings().iter().any(|w| w.contains("format v1")));
+        let report = repo.upgrade(None).await.unwrap();
+        assert!(report.config_rewritten && report.key_file.is_none());
+        let repo = Repository::open(fx.loc.clone(), key()).await.unwrap();
+        assert_eq!(repo.format_version(), 2);
+        assert!(repo.warnings().is_empty(), "{:?}", repo.warnings());
+        assert_eq!(restore(&repo, &a.id, "vda").await, data);
+        fx.cleanup().await;
+    })
+}
+
+/// Format v2 binds the cipher and the KDF parameters to the wrapped master key and the
+/// config MAC: a config whose parameters were changed (within the bounds) is refused
+/// with a message that says so, and one whose cipher was changed does not open.
+fn kdf_parameters_are_authenticated(kind: Kind) {
+    rt().block_on(async {
+        let fx = fx(kind);
+        let pass = || Some(KeySource::Passphrase("correct horse".into()));
+        new_repo(&fx, pass(), Duration::from_secs(3600)).await;
+        let mut original = serde_json::Value::Null;
+        edit_config(&fx, |c| {
+            original = c.clone();
+            c["encryption"]["kdf"]["t"] = 2.into();
+        })
+        .await;
+        let e = Repository::open(fx.loc.clone(), pass()).await.unwrap_err();
+        assert!(matches!(e, RepoError::WrongKey { .. }), "{e}");
+        assert!(e.to_string().contains("key derivation parameters"), "{e}");
+        assert!(e.to_string().contains("t=2"), "{e}");
+        edit_config(&fx, |c| {
+            *c = original.clone();
+            c["encryption"]["cipher"] = "none".into();
+        })
+        .await;
+        let e = Repository::open(fx.loc.clone(), pass()).await.unwrap_err();
+        assert!(e.to_string().contains("cipher"), "{e}");
+        // the version cannot be lowered to skip the binding
+        edit_config(&fx, |c| {
+            *c = original.clone();
+            c["version"] = 1.into();
+        })
+        .await;
+        assert!(Repository::open(fx.loc.clone(), pass()).await.is_err());
+        edit_config(&fx, |c| *c = original.clone()).await;
+        Repository::open(fx.loc.clone(), pass()).await.unwrap();
+        fx.cleanup().await;
+    })
+}
+
+/// S3 without credentials fails at once, naming what to set, instead of asking the
+/// cloud instance metadata service (169.254.169.254) and failing confusingly.
+#[test]
+#[allow(unsafe_code)]
+fn s3_without_credentials_never_asks_instance_metadata() {
+    let lab = virtkeep_lab::lab();
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_SKIP_SIGNATURE",
+    ] {
+        // SAFETY: nextest runs each test in its own process; no other thread reads the
+        // environment yet.
+        unsafe { std::env::remove_var(var) };
+    }
+    let loc = |instance_metadata| Location::S3 {
+        bucket: lab.s3_bucket.clone(),
+        prefix: format!("vkt-repo-tests/{}", uuid::Uuid::new_v4().simple()),
+        options: S3Options {
+            endpoint: Some(lab.s3_endpoint.clone()),
+            region: Some(lab.s3_region.clone()),
+            access_key: None,
+            secret_key: None,
+            allow_http: true,
+            instance_metadata,
+        },
+    };
+    let started = std::time::Instant::now();
+    let e = rt()
+        .block_on(Repository::open(loc(false), None))
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(e, RepoError::InvalidLocation(..)), "{e}");
+    let msg = e.to_string();
+    for want in [
+        "no S3 credentials",
+        "AWS_ACCESS_KEY_ID",
+        "s3_instance_metadata",
+    ] {
+        assert!(msg.contains(want), "{msg}");
+    }
+    // Asked for, the backend is built (and would ask the metadata service).
+    assert!(loc(true).backend().is_ok());
 }

@@ -66,6 +66,11 @@ pub enum Command {
     /// Backup policies from the configuration file
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Serve the disks of a backup read-only over NBD on a unix socket (Ctrl-C ends it)
+    ServeNbd(ServeNbdArgs),
+    /// Look inside backups without restoring them: disks, partitions, filesystems
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Print the shell completion script (e.g. `virtkeep completions bash >
     /// /etc/bash_completion.d/virtkeep`)
     Completions {
@@ -97,6 +102,7 @@ pub enum JobStatusArg {
     Running,
     Succeeded,
     Failed,
+    Cancelled,
 }
 
 #[derive(Subcommand, Debug)]
@@ -137,7 +143,7 @@ pub struct HostAddArgs {
     /// known_hosts file for this host
     #[arg(long)]
     pub known_hosts: Option<PathBuf>,
-    /// Run host commands through sudo -n
+    /// Run host commands through sudo -n (the user needs passwordless sudo for every command)
     #[arg(long, conflicts_with = "no_sudo")]
     pub sudo: bool,
     /// Run host commands as the SSH user (undoes --sudo)
@@ -176,15 +182,37 @@ pub enum VmCommand {
 pub enum RepoCommand {
     /// Create a repository (a directory, or s3://bucket/prefix), encrypted by default
     Init(RepoInitArgs),
-    /// The repository's key: export a copy, change the password or key file
+    /// The repository's key: export a copy, import one, change the password or key file
     #[command(subcommand)]
     Key(RepoKeyCommand),
+    /// Upgrade the repository to format v2 (authenticated metadata; chunks unchanged)
+    Upgrade(RepoUpgradeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RepoUpgradeArgs {
+    /// (--key-file, unencrypted: the key file to authenticate the metadata with from now
+    /// on, created when it does not exist [default: the configured one, else
+    /// keys/repo-XXXXXXXX.key beside the config file])
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RepoKeyImportArgs {
+    /// A key file written by `repo key export` (or copied) on another node
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum RepoKeyCommand {
-    /// Write the repository's wrapped master key (its `config` object) to a new file
+    /// Write the repository's key to a new file: the wrapped master key (its `config`
+    /// object) when encrypted, a copy of the key file that authenticates it otherwise
     Export(RepoKeyExportArgs),
+    /// Keep a copy of a repository's key file on this node and name it in the config
+    Import(RepoKeyImportArgs),
     /// Re-wrap the master key with a new password or key file
     ChangePassphrase(RepoKeyChangeArgs),
 }
@@ -220,7 +248,8 @@ pub struct RepoArgs {
     /// Repository location [default: the config file's, else ~/.local/share/virtkeep/repo]
     #[arg(long, global = true, env = "VIRTKEEP_REPOSITORY")]
     pub repo: Option<String>,
-    /// Key file of an encrypted repository
+    /// Key file of the repository (encrypted: unlocks it; unencrypted: authenticates its
+    /// manifests and indexes)
     #[arg(long, global = true)]
     pub key_file: Option<PathBuf>,
     /// File whose first line is the repository's password
@@ -464,4 +493,33 @@ pub fn parse_duration(s: &str) -> Result<time::Duration, String> {
         return Err(bad());
     }
     Ok(total)
+}
+
+#[derive(Args, Debug)]
+pub struct ServeNbdArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// Unix socket to create (must not exist; removed when the server ends); one export
+    /// per disk, named by its target (`nbd+unix:///vda?socket=PATH`)
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FilesCommand {
+    /// Disks of a backup with their partitions and filesystems, or one directory
+    Ls(FilesLsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FilesLsArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// A directory to list: DISK:PART:/PATH (e.g. vda:1:/etc) or DISK:/PATH for a
+    /// filesystem on the whole disk (ext2/3/4 so far); without it, the disks' layout
+    pub target: Option<String>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }

@@ -31,6 +31,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Repo(RepoCommand::Key(RepoKeyCommand::Export(args))) => {
             crate::repo_cmds::key_export(&settings, args).await
         }
+        Command::Repo(RepoCommand::Key(RepoKeyCommand::Import(args))) => {
+            crate::repo_cmds::key_import(&mut settings, args, json).await
+        }
+        Command::Repo(RepoCommand::Upgrade(args)) => {
+            crate::repo_cmds::upgrade(&mut settings, args, json).await
+        }
         Command::Repo(RepoCommand::Key(RepoKeyCommand::ChangePassphrase(args))) => {
             crate::repo_cmds::key_change(&mut settings, args, json).await
         }
@@ -48,6 +54,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon => crate::daemon::daemon(&settings).await,
         Command::Jobs(args) => crate::daemon::jobs(&settings, args, json),
         Command::Policy(PolicyCommand::List) => crate::daemon::policy_list(&settings, json),
+        Command::ServeNbd(args) => crate::files_cmds::serve_nbd(&settings, args, json).await,
+        Command::Files(FilesCommand::Ls(args)) => {
+            crate::files_cmds::files_ls(&settings, args, json).await
+        }
         // Handled in main before any configuration is read.
         Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
     }
@@ -101,6 +111,7 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
             lvm: None,
             command_timeout_secs: None,
             data_command_timeout_secs: None,
+            data_stall_timeout_secs: None,
         },
         (None, None) => {
             return Err(EngineError::config(format!(

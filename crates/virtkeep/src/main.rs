@@ -8,6 +8,7 @@ mod cli;
 mod commands;
 mod configfile;
 mod daemon;
+mod files_cmds;
 mod keys;
 mod manage;
 mod output;
@@ -65,7 +66,11 @@ fn main() -> ExitCode {
     let json = cli.json;
     // `backup` heals the VM itself on Ctrl-C and the daemon drains its jobs on a signal;
     // any other command just stops where it is (nothing it does needs undoing).
-    let own_signals = matches!(cli.command, cli::Command::Backup(_) | cli::Command::Daemon);
+    // `serve-nbd` ends on a signal and removes its socket.
+    let own_signals = matches!(
+        cli.command,
+        cli::Command::Backup(_) | cli::Command::Daemon | cli::Command::ServeNbd(_)
+    );
     let result = runtime.block_on(async move {
         if own_signals {
             return commands::run(cli).await;

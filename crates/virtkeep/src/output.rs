@@ -49,7 +49,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             match r {
                 RepoError::NotARepository(_) => return exit::REPO_MISSING,
                 RepoError::GcRunning { .. } | RepoError::InUse { .. } => return exit::REPO_LOCKED,
-                RepoError::WrongKey { .. } | RepoError::KeyRequired { .. } => {
+                RepoError::WrongKey { .. }
+                | RepoError::KeyRequired { .. }
+                | RepoError::AuthKeyRequired { .. } => {
                     return exit::WRONG_KEY;
                 }
                 _ => {}

@@ -1,4 +1,4 @@
-//! `repo init`, `repo key export`, `repo key change-passphrase`.
+//! `repo init`, `repo upgrade`, `repo key export|import|change-passphrase`.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,10 @@ use virtkeep_engine::Error as EngineError;
 use virtkeep_engine::config::RepositoryConfig;
 use virtkeep_repo::KeySource;
 
-use crate::cli::{Encryption, RepoInitArgs, RepoKeyChangeArgs, RepoKeyExportArgs};
+use crate::cli::{
+    Encryption, RepoInitArgs, RepoKeyChangeArgs, RepoKeyExportArgs, RepoKeyImportArgs,
+    RepoUpgradeArgs,
+};
 use crate::keys::{self, KeyChoice};
 use crate::output::print_json;
 use crate::settings::{Settings, repo_err, repo_error};
@@ -35,13 +38,27 @@ pub async fn init(
         passphrase_env: args.passphrase_env.clone(),
     };
     let encryption = match args.encryption {
-        Encryption::None if !choice.is_empty() => {
-            return Err(EngineError::config(
-                "--key-file and the password options need --encryption aes-256-gcm",
-            )
-            .into());
+        Encryption::None if choice.key_file.is_none() && !choice.is_empty() => {
+            return Err(
+                EngineError::config("the password options need --encryption aes-256-gcm")
+                    .hint(
+                        "an unencrypted repository authenticates its metadata with a key file \
+                 (--key-file, or one made beside the config file)",
+                    )
+                    .into(),
+            );
         }
-        Encryption::None => None,
+        Encryption::None => {
+            // The key file that authenticates its manifests and indexes: kept on the
+            // node, never in the repository.
+            let f = match choice.key_file.clone() {
+                Some(f) => f,
+                None => default_key_file(settings)?,
+            };
+            keys::check_key_dir(&f)?;
+            choice.key_file = Some(f);
+            None
+        }
         Encryption::Aes256Gcm => {
             if choice.is_empty() {
                 // Nothing said: a fresh key file beside the configuration file.
@@ -56,6 +73,10 @@ pub async fn init(
     let opts = virtkeep_repo::InitOptions {
         chunk_size: args.chunk_size_mib << 20,
         zstd_level: args.zstd_level,
+        auth_key_file: encryption
+            .is_none()
+            .then(|| choice.key_file.clone())
+            .flatten(),
         encryption,
         ..virtkeep_repo::InitOptions::default()
     };
@@ -70,12 +91,28 @@ pub async fn init(
             password_file: choice.password_file.as_deref().map(keys::absolute),
             password_command: choice.password_command.clone(),
             passphrase_env: choice.passphrase_env.clone(),
-            s3_endpoint: None,
-            s3_region: None,
+            ..RepositoryConfig::default()
         });
+        settings.save()?;
+    } else if let Some(f) = &choice.key_file
+        && record_key_file(settings, &location, f)?
+    {
         settings.save()?;
     }
     print_init(&repo, &location, choice.key_file.as_deref(), json)?;
+    let configured = std::iter::once(settings.config.repository.as_ref())
+        .flatten()
+        .chain(settings.config.repositories.values())
+        .any(|rc| rc.location == location);
+    if let Some(f) = &choice.key_file
+        && !configured
+    {
+        eprintln!(
+            "note: {location} is not a repository of the configuration: give \
+             `--repo {location} --key-file {}` to the commands that use it",
+            f.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -135,9 +172,30 @@ fn default_key_file(settings: &Settings) -> anyhow::Result<PathBuf> {
 
 /// Writes the repository's `config` object (wrapped master key, KDF parameters) to a
 /// file: with the key file or password, it brings back access to a repository whose
-/// `config` was lost or damaged.
+/// `config` was lost or damaged. An unencrypted repository's secret is its key file: a
+/// copy of it is written, for `repo key import` on another node.
 pub async fn key_export(settings: &Settings, args: RepoKeyExportArgs) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
+    if let Some(f) = repo.auth_key_file() {
+        let bytes = std::fs::read(f)
+            .map_err(|e| EngineError::config(format!("cannot read {}: {e}", f.display())))?;
+        write_private_new(&args.file, &bytes)?;
+        eprintln!(
+            "wrote a copy of the repository's key file {} to {}; on another node, \
+             `virtkeep repo key import {}` lets it open the repository",
+            f.display(),
+            args.file.display(),
+            args.file.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !repo.is_encrypted() {
+        return Err(
+            EngineError::config("this repository (format v1) has no key to export")
+                .hint("`virtkeep repo upgrade` gives it one")
+                .into(),
+        );
+    }
     let bytes = repo
         .backend()
         .get(CONFIG_OBJECT)
@@ -219,4 +277,126 @@ pub async fn key_change(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Names `key_file` for `location` in the configuration: the default repository when it
+/// is that location (or when there is none) and every named one there. Returns whether
+/// anything changed.
+fn record_key_file(
+    settings: &mut Settings,
+    location: &str,
+    key_file: &Path,
+) -> anyhow::Result<bool> {
+    let mut changed = false;
+    let cfg = &mut settings.config;
+    let default = cfg.repository.get_or_insert_with(|| RepositoryConfig {
+        location: location.to_string(),
+        ..RepositoryConfig::default()
+    });
+    let named = cfg.repositories.values_mut();
+    for rc in std::iter::once(default).chain(named) {
+        if rc.location == location && rc.key_file.as_deref() != Some(key_file) {
+            rc.key_file = Some(key_file.to_path_buf());
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+/// Copies a key file from another node into keys/ beside the config file (0600) and
+/// names it for the repository, once it has been checked to open it.
+pub async fn key_import(
+    settings: &mut Settings,
+    args: RepoKeyImportArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let (rc, _) = settings.repo_config(&args.repo);
+    let location = settings.location(&rc.location, Some(&rc))?;
+    let source = keys::absolute(&args.file);
+    virtkeep_repo::Repository::open(location, Some(KeySource::KeyFile(source.clone())))
+        .await
+        .map_err(|e| repo_error(e, &rc.location))?;
+    let bytes = std::fs::read(&source)
+        .map_err(|e| EngineError::config(format!("cannot read {}: {e}", source.display())))?;
+    let dest = default_key_file(settings)?;
+    write_private_new(&dest, &bytes)?;
+    if record_key_file(settings, &rc.location, &dest)? {
+        settings.save()?;
+    }
+    if json {
+        print_json(&serde_json::json!({ "location": rc.location, "key_file": dest }))?;
+    } else {
+        println!("key file: {}", dest.display());
+        println!("repository {} opens with it on this node", rc.location);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `repo upgrade`: format v2, with the key file named in the configuration.
+pub async fn upgrade(
+    settings: &mut Settings,
+    args: RepoUpgradeArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let (rc, choice) = settings.repo_config(&args.repo);
+    let location = settings.location(&rc.location, Some(&rc))?;
+    let mut key = choice.resolve().await?;
+    let mut opened =
+        virtkeep_repo::Repository::open_for_upgrade(location.clone(), key.clone()).await;
+    if matches!(opened, Err(virtkeep_repo::RepoError::KeyRequired { .. })) && keys::can_prompt() {
+        let password = keys::prompt(&format!("password for repository {}: ", rc.location))?;
+        key = Some(KeySource::Passphrase(password));
+        opened = virtkeep_repo::Repository::open_for_upgrade(location, key.clone()).await;
+    }
+    let repo = opened.map_err(|e| repo_error(e, &rc.location))?;
+    let auth_key = match (&key, repo.is_encrypted()) {
+        (_, true) => None,
+        (Some(KeySource::KeyFile(f)), false) => Some(f.clone()),
+        _ => Some(default_key_file(settings)?),
+    };
+    // Named before the upgrade writes anything: an interrupted upgrade is then finished
+    // by running it again with the same key file.
+    if let Some(f) = &auth_key
+        && record_key_file(settings, &rc.location, f)?
+    {
+        settings.save()?;
+    }
+    let report = repo.upgrade(auth_key).await.map_err(repo_err)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        print_upgrade(&rc.location, &report);
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_upgrade(location: &str, r: &virtkeep_repo::UpgradeReport) {
+    println!(
+        "repository {location}: format v{} -> v{}{}",
+        r.from_version,
+        r.to_version,
+        if r.config_rewritten {
+            ""
+        } else {
+            " (config already upgraded)"
+        }
+    );
+    if let Some(f) = &r.key_file {
+        println!(
+            "authenticated {} manifests and indexes ({} already were)",
+            r.objects_authenticated, r.objects_already_authenticated
+        );
+        println!("key file: {}", f.display());
+        println!(
+            "BACK UP the key file now, somewhere else than the repository: without it no \
+             backup can be restored (`virtkeep repo key export FILE` writes a copy)."
+        );
+    }
+    for f in &r.failed {
+        println!("NOT upgraded: {}: {}", f.object, f.error);
+    }
 }

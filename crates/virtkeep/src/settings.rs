@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use virtkeep_engine::Error as EngineError;
 use virtkeep_engine::config::{Config, RepositoryConfig};
-use virtkeep_repo::{KeySource, Location, RepoError, Repository, S3Options};
+use virtkeep_repo::{KeySource, Location, RepoError, Repository};
 
 use crate::cli::RepoArgs;
 use crate::keys::{self, KeyChoice};
@@ -107,15 +107,10 @@ impl Settings {
     /// The repository to open and where its key comes from: the command line's key
     /// options replace the configuration's; another location than the configuration's
     /// takes none of its key settings.
-    fn repo_config(&self, args: &RepoArgs) -> (RepositoryConfig, KeyChoice) {
+    pub fn repo_config(&self, args: &RepoArgs) -> (RepositoryConfig, KeyChoice) {
         let mut rc = self.config.repository.clone().unwrap_or(RepositoryConfig {
             location: default_repo_location(),
-            key_file: None,
-            password_file: None,
-            password_command: None,
-            passphrase_env: None,
-            s3_endpoint: None,
-            s3_region: None,
+            ..RepositoryConfig::default()
         });
         if let Some(loc) = &args.repo {
             let loc = keys::absolute_location(loc);
@@ -149,19 +144,8 @@ impl Settings {
         let loc = Location::parse(location).map_err(EngineError::from)?;
         Ok(match loc {
             Location::S3 { .. } => {
-                let endpoint = rc
-                    .and_then(|r| r.s3_endpoint.clone())
-                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
-                let opts = S3Options {
-                    allow_http: endpoint
-                        .as_deref()
-                        .is_some_and(|e| e.starts_with("http://")),
-                    endpoint,
-                    region: rc.and_then(|r| r.s3_region.clone()),
-                    access_key: None,
-                    secret_key: None,
-                };
-                loc.with_s3_options(opts)
+                let rc = rc.cloned().unwrap_or_default();
+                loc.with_s3_options(rc.s3_options())
             }
             other => other,
         })
@@ -206,7 +190,16 @@ pub fn repo_error(e: RepoError, location: &str) -> EngineError {
             "create it with `virtkeep repo init {location}`, or name another with --repo or VIRTKEEP_REPOSITORY"
         )),
         RepoError::KeyRequired { message, .. } if message.contains("not encrypted") => Some(
-            "this repository has no key: leave out --key-file and the password options".into(),
+            "this repository has no password: leave out the password options (its key file, \
+             if any, goes in --key-file or the repository's key_file)"
+                .into(),
+        ),
+        RepoError::AuthKeyRequired { .. } => Some(
+            "name its key file with --key-file or `key_file` in the repository's \
+             configuration (`virtkeep repo init` made it, in keys/ beside the config file); \
+             on another node, copy it with `virtkeep repo key export FILE` there and \
+             `virtkeep repo key import FILE` here"
+                .into(),
         ),
         RepoError::WrongKey { .. } | RepoError::KeyRequired { .. } => Some(
             "give the repository's key file (--key-file) or its password (--password-file, \

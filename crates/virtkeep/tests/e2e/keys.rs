@@ -91,13 +91,18 @@ fn repo_init_encrypts_by_default_with_a_key_file_stored_absolute() {
         text(&out.stderr)
     );
 
-    // --encryption none still makes an unencrypted one.
+    // --encryption none still makes an unencrypted one, whose metadata a new key file
+    // (0600, beside the configuration) authenticates.
     let plain = node.dir.path().join("plain").display().to_string();
     let out = node.ok(&["repo", "init", &plain, "--encryption", "none"]);
-    assert!(
-        out.contains("not encrypted") && !out.contains("key file"),
-        "{out}"
-    );
+    assert!(out.contains("not encrypted"), "{out}");
+    let plain_key = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key file: "))
+        .expect("key file line");
+    assert_ne!(plain_key, key_line);
+    assert_eq!(mode(Path::new(plain_key)), 0o600);
+    assert!(out.contains("BACK UP the key file"), "{out}");
 
     // A key file in a missing directory: a clear usage error, nothing created.
     let missing = node.dir.path().join("no/such/dir/repo.key");

@@ -4,12 +4,16 @@
 
 mod harness;
 
+mod api;
+mod auth;
 mod backup_restore;
 mod cli;
 mod completions;
 mod config;
 mod daemon;
 mod failures;
+mod faults;
+mod files;
 mod hardening;
 mod hosts;
 mod incremental;

@@ -234,9 +234,12 @@ fn backup_into_s3_on_ceph_rgw() {
             .env("AWS_SECRET_ACCESS_KEY", &lab.s3_secret_key)
             .env("AWS_REGION", &lab.s3_region);
     };
+    // Another location than the configured one: its key file is named on each command.
+    let key_file = node.dir.path().join("s3.key").display().to_string();
     let mut c = node.cmd();
     s3(&mut c);
     c.args(["repo", "init", &location, "--encryption", "none"])
+        .args(["--key-file", &key_file])
         .assert()
         .success();
     let mut c = node.cmd();
@@ -248,6 +251,8 @@ fn backup_into_s3_on_ceph_rgw() {
             &format!("{HOST}/{}", vm.name),
             "--repo",
             &location,
+            "--key-file",
+            &key_file,
         ])
         .output()
         .expect("run");
@@ -264,8 +269,18 @@ fn backup_into_s3_on_ceph_rgw() {
     s3(&mut c);
     let out = c
         .args([
-            "--json", "restore", &id, "--to", HOST, "--name", &new_name, "--define", "--repo",
+            "--json",
+            "restore",
+            &id,
+            "--to",
+            HOST,
+            "--name",
+            &new_name,
+            "--define",
+            "--repo",
             &location,
+            "--key-file",
+            &key_file,
         ])
         .output()
         .expect("run");
@@ -300,6 +315,7 @@ fn backup_into_s3_on_ceph_rgw() {
             access_key: Some(lab.s3_access_key.clone()),
             secret_key: Some(lab.s3_secret_key.clone()),
             allow_http: true,
+            instance_metadata: false,
         })
         .backend()
         .expect("backend");
@@ -333,6 +349,7 @@ fn backup_into_s3_on_ceph_rgw() {
         s3(&mut c);
         let out = c
             .args(["--json", "verify", "--repo", &location])
+            .args(["--key-file", &key_file])
             .args(extra)
             .output()
             .expect("run");

@@ -29,7 +29,8 @@ fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
-/// The payload of an unencrypted meta blob (after magic and CRC).
+/// The payload of an unencrypted meta blob (after magic, CRC and, in format v2, the
+/// 32-byte MAC).
 fn meta_payload(path: &Path) -> (Vec<u8>, Vec<u8>) {
     let blob = std::fs::read(path).expect("read meta blob");
     assert!(blob.len() > 12);
@@ -39,20 +40,29 @@ fn meta_payload(path: &Path) -> (Vec<u8>, Vec<u8>) {
         crc32(&blob[12..]),
         "test CRC differs from the repository's"
     );
-    (blob[..8].to_vec(), blob[12..].to_vec())
+    let skip = if blob[..8] == *virtkeep_repo::MAGIC_META_AUTH {
+        12 + 32
+    } else {
+        12
+    };
+    (blob[..8].to_vec(), blob[skip..].to_vec())
 }
 
-/// Edits a backup's manifest as an attacker with write access to the repository would:
-/// changed JSON, CRC recomputed.
+/// Edits a backup's manifest as a writer holding the node's key file would (changed
+/// JSON, MAC and CRC recomputed): what the destination checks must refuse even when
+/// the metadata authenticates (without the key, authentication refuses it first — see
+/// auth.rs).
 fn tamper_manifest(node: &Node, id: &str, edit: impl FnOnce(&mut Value)) {
     let path = node.repo().join("snapshots").join(id).join("manifest");
     let (magic, payload) = meta_payload(&path);
     let mut m: Value = serde_json::from_slice(&payload).expect("manifest JSON");
     edit(&mut m);
     let payload = serde_json::to_vec_pretty(&m).expect("json");
+    let object = format!("snapshots/{id}/manifest");
+    let body = crate::auth::mac_meta(node, &magic, &object, &payload);
     let mut blob = magic;
-    blob.extend_from_slice(&crc32(&payload).to_le_bytes());
-    blob.extend_from_slice(&payload);
+    blob.extend_from_slice(&crc32(&body).to_le_bytes());
+    blob.extend_from_slice(&body);
     std::fs::write(&path, blob).expect("write manifest");
 }
 
@@ -119,7 +129,7 @@ fn tampered_manifest_path_is_refused_and_nothing_written() {
     tamper_manifest(&node, &id, |m| {
         m["disks"][0]["source"] = Value::from(evil.clone())
     });
-    // The tampered manifest still reads as valid (only a CRC protects it).
+    // The tampered manifest still reads as valid (its writer held the key).
     assert!(
         node.json(&["snapshots"])
             .as_array()

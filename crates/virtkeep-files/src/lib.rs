@@ -1,0 +1,28 @@
+//! virtkeep-files: file-level access to backups without restoring them (issue 19).
+//!
+//! ```text
+//! Repository ─ disk_view ─▶ DiskView ─┬─ DiskExport ─▶ virtkeep_nbd::NbdServer (serve-nbd)
+//!                                     └─ BlockingDiskView ─▶ read_table / detect ─▶ DiskLayout (files ls)
+//! ```
+//!
+//! Everything read here comes from a guest and is untrusted: the parsers bound every
+//! length and loop and report what they skip as warnings.
+
+mod browse;
+mod error;
+mod export;
+mod ext4;
+mod fsdetect;
+mod layout;
+mod partition;
+
+pub use browse::{FileTarget, list_dir};
+pub use error::FilesError;
+pub use export::{DiskExport, backup_server, serve_backup};
+pub use ext4::{DirEntryInfo, DirListing, EntryKind, MAX_DIR_ENTRIES, MAX_PATH, list_ext4};
+pub use fsdetect::{FsInfo, PROBE_BYTES, detect, detect_bytes};
+pub use layout::{DiskLayout, PartitionLayout, backup_layout, disk_layout, read_layout};
+pub use partition::{
+    MAX_GPT_ENTRY_BYTES, MAX_LOGICAL, Partition, PartitionTable, SECTOR, TableKind, guid,
+    read_table,
+};

@@ -1,0 +1,223 @@
+//! `serve-nbd` and `files ls`: a backup's disks without restoring them (issue 19).
+
+use std::process::ExitCode;
+
+use serde::Serialize;
+use virtkeep_files::{DirListing, DiskLayout, EntryKind, FileTarget, FilesError, FsInfo};
+
+use crate::cli::{FilesLsArgs, ServeNbdArgs};
+use crate::output::{human_bytes, print_json};
+use crate::settings::{Settings, repo_err};
+
+fn files_err(e: FilesError) -> anyhow::Error {
+    match e {
+        FilesError::Repo(e) => repo_err(e).into(),
+        e => e.into(),
+    }
+}
+
+#[derive(Serialize)]
+struct Serving<'a> {
+    snapshot: &'a str,
+    socket: String,
+    exports: Vec<String>,
+}
+
+/// Serve until SIGINT or SIGTERM; the socket is removed either way.
+pub async fn serve_nbd(
+    settings: &Settings,
+    args: ServeNbdArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    let socket = args.socket.display().to_string();
+    let ready = |names: &[&str]| {
+        let exports: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        if json {
+            let s = Serving {
+                snapshot: &id,
+                socket: socket.clone(),
+                exports,
+            };
+            let _ = serde_json::to_string(&s).map(|l| println!("{l}"));
+        } else {
+            for n in &exports {
+                println!("nbd+unix:///{n}?socket={socket}");
+            }
+            eprintln!("serving backup {id} read-only; Ctrl-C ends it");
+        }
+    };
+    virtkeep_files::serve_backup(&repo, &id, &args.socket, shutdown, ready)
+        .await
+        .map_err(files_err)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct FilesLs {
+    snapshot: String,
+    disks: Vec<DiskLayout>,
+}
+
+pub async fn files_ls(
+    settings: &Settings,
+    args: FilesLsArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    if let Some(target) = &args.target {
+        return list_dir(&repo, id, target, json).await;
+    }
+    let disks = virtkeep_files::backup_layout(&repo, &id)
+        .await
+        .map_err(files_err)?;
+    if json {
+        print_json(&FilesLs {
+            snapshot: id,
+            disks,
+        })?;
+    } else {
+        print!("{}", layout_text(&disks));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fs_text(fs: Option<&FsInfo>) -> String {
+    match fs {
+        None => "-".into(),
+        Some(f) => match &f.label {
+            Some(l) => format!("{} ({l:?})", f.kind),
+            None => f.kind.clone(),
+        },
+    }
+}
+
+fn layout_text(disks: &[DiskLayout]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for d in disks {
+        let table = serde_json::to_value(d.table).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{}  {}  table {}  filesystem {}",
+            d.disk,
+            human_bytes(d.size),
+            table.as_str().unwrap_or("?"),
+            fs_text(d.filesystem.as_ref())
+        );
+        for p in &d.partitions {
+            let q = &p.partition;
+            let _ = writeln!(
+                out,
+                "  {:>3}  start {:>10}  size {:>10}  {:<24}  {:<12}  {}",
+                q.number,
+                q.start,
+                human_bytes(q.size),
+                q.type_name.unwrap_or(&q.type_id),
+                q.name.as_deref().unwrap_or("-"),
+                fs_text(p.filesystem.as_ref())
+            );
+        }
+        for w in &d.warnings {
+            let _ = writeln!(out, "  warning: {w}");
+        }
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct FilesDir {
+    snapshot: String,
+    disk: String,
+    partition: Option<u32>,
+    #[serde(flatten)]
+    listing: DirListing,
+}
+
+async fn list_dir(
+    repo: &virtkeep_repo::Repository,
+    id: String,
+    target: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let t: FileTarget = target.parse().map_err(files_err)?;
+    let listing = virtkeep_files::list_dir(repo, &id, &t)
+        .await
+        .map_err(files_err)?;
+    if json {
+        print_json(&FilesDir {
+            snapshot: id,
+            disk: t.disk,
+            partition: t.partition,
+            listing,
+        })?;
+    } else {
+        print!("{}", listing_text(&listing));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mode_text(kind: EntryKind, mode: u16) -> String {
+    let t = match kind {
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        EntryKind::BlockDevice => 'b',
+        EntryKind::CharDevice => 'c',
+        EntryKind::Fifo => 'p',
+        EntryKind::Socket => 's',
+        EntryKind::File => '-',
+    };
+    let bits: String = (0..9)
+        .map(|i| {
+            let on = mode & (0o400 >> i) != 0;
+            match (on, i % 3) {
+                (false, _) => '-',
+                (true, 0) => 'r',
+                (true, 1) => 'w',
+                (true, _) => 'x',
+            }
+        })
+        .collect();
+    format!("{t}{bits}")
+}
+
+fn listing_text(l: &DirListing) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for e in &l.entries {
+        let time = chrono::DateTime::from_timestamp(e.mtime, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_else(|| e.mtime.to_string());
+        let _ = write!(
+            out,
+            "{} {:>5} {:>5} {:>12} {} {}",
+            mode_text(e.kind, e.mode),
+            e.uid,
+            e.gid,
+            e.size,
+            time,
+            e.name
+        );
+        if let Some(t) = &e.target {
+            let _ = write!(out, " -> {t}");
+        }
+        out.push('\n');
+    }
+    if l.truncated {
+        let _ = writeln!(
+            out,
+            "(listing truncated at {} entries)",
+            virtkeep_files::MAX_DIR_ENTRIES
+        );
+    }
+    out
+}
