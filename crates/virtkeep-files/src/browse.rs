@@ -1,12 +1,14 @@
 //! `DISK[:PART]:/PATH` targets inside a backup, and directory listings of them.
 
 use std::io::{Read, Seek};
+use std::path::Path;
 
 use virtkeep_repo::{DiskViewOptions, Repository};
 
 use crate::error::FilesError;
 use crate::ext4::{DirListing, MAX_PATH, list_ext4};
 use crate::fsdetect::detect;
+use crate::get::{GetOptions, GetSummary, get_ext4};
 use crate::partition::read_table;
 
 /// A place in a backup: a disk, optionally a partition number, and an absolute path.
@@ -82,12 +84,13 @@ fn ext_range<R: Read + Seek>(
     }
 }
 
-/// List the directory `target` names in backup `id`.
-pub async fn list_dir(
+/// A blocking reader over `target`'s disk in backup `id`, and the disk's size.
+async fn open_disk(
     repo: &Repository,
     id: &str,
     target: &FileTarget,
-) -> Result<DirListing, FilesError> {
+    readahead_chunks: usize,
+) -> Result<(virtkeep_repo::BlockingDiskView, u64), FilesError> {
     let m = repo.manifest(id).await?;
     if !m.disks.iter().any(|d| d.spec.name == target.disk) {
         return Err(FilesError::NotFound(format!(
@@ -95,17 +98,52 @@ pub async fn list_dir(
             target.disk
         )));
     }
-    // Metadata reads are scattered: no read-ahead, the default cache.
     let opts = DiskViewOptions {
-        readahead_chunks: 0,
+        readahead_chunks,
         ..DiskViewOptions::default()
     };
     let view = repo.disk_view(id, &target.disk, opts).await?;
-    let mut r = view.blocking(tokio::runtime::Handle::current());
-    let (size, target) = (view.size(), target.clone());
+    let r = view.blocking(tokio::runtime::Handle::current());
+    Ok((r, view.size()))
+}
+
+/// List the directory `target` names in backup `id`.
+pub async fn list_dir(
+    repo: &Repository,
+    id: &str,
+    target: &FileTarget,
+) -> Result<DirListing, FilesError> {
+    // Metadata reads are scattered: no read-ahead.
+    let (mut r, size) = open_disk(repo, id, target, 0).await?;
+    let target = target.clone();
     tokio::task::spawn_blocking(move || {
         let (start, len) = ext_range(&mut r, size, &target)?;
         list_ext4(r, start, len, &target.path)
+    })
+    .await
+    .map_err(|e| FilesError::Task(e.to_string()))?
+}
+
+/// Copy the file or directory tree `target` names in backup `id` into directory `to`.
+pub async fn get(
+    repo: &Repository,
+    id: &str,
+    target: &FileTarget,
+    to: &Path,
+    opts: GetOptions,
+) -> Result<GetSummary, FilesError> {
+    // File data is read in order: the default read-ahead helps.
+    let (mut r, size) = open_disk(
+        repo,
+        id,
+        target,
+        DiskViewOptions::default().readahead_chunks,
+    )
+    .await?;
+    let (target, to) = (target.clone(), to.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let (start, len) = ext_range(&mut r, size, &target)?;
+        get_ext4(r, start, len, &target.path, &to, opts)
     })
     .await
     .map_err(|e| FilesError::Task(e.to_string()))?

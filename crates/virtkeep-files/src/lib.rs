@@ -12,15 +12,18 @@ mod browse;
 mod error;
 mod export;
 mod ext4;
+mod ext4raw;
 mod fsdetect;
+mod get;
 mod layout;
 mod partition;
 
-pub use browse::{FileTarget, list_dir};
+pub use browse::{FileTarget, get, list_dir};
 pub use error::FilesError;
 pub use export::{DiskExport, backup_server, serve_backup};
 pub use ext4::{DirEntryInfo, DirListing, EntryKind, MAX_DIR_ENTRIES, MAX_PATH, list_ext4};
 pub use fsdetect::{FsInfo, PROBE_BYTES, detect, detect_bytes};
+pub use get::{DEFAULT_MAX_ENTRIES, GetOptions, GetSummary, get_ext4};
 pub use layout::{DiskLayout, PartitionLayout, backup_layout, disk_layout, read_layout};
 pub use partition::{
     MAX_GPT_ENTRY_BYTES, MAX_LOGICAL, Partition, PartitionTable, SECTOR, TableKind, guid,

@@ -510,6 +510,8 @@ pub struct ServeNbdArgs {
 pub enum FilesCommand {
     /// Disks of a backup with their partitions and filesystems, or one directory
     Ls(FilesLsArgs),
+    /// Copy a file or directory tree out of a backup (ext2/3/4), without restoring it
+    Get(FilesGetArgs),
 }
 
 #[derive(Args, Debug)]
@@ -519,6 +521,28 @@ pub struct FilesLsArgs {
     /// A directory to list: DISK:PART:/PATH (e.g. vda:1:/etc) or DISK:/PATH for a
     /// filesystem on the whole disk (ext2/3/4 so far); without it, the disks' layout
     pub target: Option<String>,
+    /// Long listing: type and mode, owner, size, time, symlink target
+    #[arg(short = 'l', long)]
+    pub long: bool,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct FilesGetArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// What to copy: DISK:PART:/PATH or DISK:/PATH (a file, a symlink or a directory)
+    pub target: String,
+    /// Local directory to copy into (created if missing); /PATH lands as LOCALDIR/NAME
+    #[arg(long, value_name = "LOCALDIR")]
+    pub to: PathBuf,
+    /// Replace existing files and symlinks, and write into existing directories
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Fail after copying this many entries
+    #[arg(long, default_value_t = virtkeep_files::DEFAULT_MAX_ENTRIES)]
+    pub max_entries: u64,
     #[command(flatten)]
     pub repo: RepoArgs,
 }

@@ -58,6 +58,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Files(FilesCommand::Ls(args)) => {
             crate::files_cmds::files_ls(&settings, args, json).await
         }
+        Command::Files(FilesCommand::Get(args)) => {
+            crate::files_cmds::files_get(&settings, args, json).await
+        }
         // Handled in main before any configuration is read.
         Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
     }

@@ -1,11 +1,11 @@
-//! `serve-nbd` and `files ls`: a backup's disks without restoring them (issue 19).
+//! `serve-nbd`, `files ls` and `files get`: a backup's disks without restoring them (issue 19).
 
 use std::process::ExitCode;
 
 use serde::Serialize;
 use virtkeep_files::{DirListing, DiskLayout, EntryKind, FileTarget, FilesError, FsInfo};
 
-use crate::cli::{FilesLsArgs, ServeNbdArgs};
+use crate::cli::{FilesGetArgs, FilesLsArgs, ServeNbdArgs};
 use crate::output::{human_bytes, print_json};
 use crate::settings::{Settings, repo_err};
 
@@ -75,7 +75,7 @@ pub async fn files_ls(
     let repo = settings.open_repo(&args.repo).await?;
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
     if let Some(target) = &args.target {
-        return list_dir(&repo, id, target, json).await;
+        return list_dir(&repo, id, target, json, args.long).await;
     }
     let disks = virtkeep_files::backup_layout(&repo, &id)
         .await
@@ -148,6 +148,7 @@ async fn list_dir(
     id: String,
     target: &str,
     json: bool,
+    long: bool,
 ) -> anyhow::Result<ExitCode> {
     let t: FileTarget = target.parse().map_err(files_err)?;
     let listing = virtkeep_files::list_dir(repo, &id, &t)
@@ -160,8 +161,10 @@ async fn list_dir(
             partition: t.partition,
             listing,
         })?;
-    } else {
+    } else if long {
         print!("{}", listing_text(&listing));
+    } else {
+        print!("{}", names_text(&listing));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -188,6 +191,25 @@ fn mode_text(kind: EntryKind, mode: u16) -> String {
         })
         .collect();
     format!("{t}{bits}")
+}
+
+/// One name a line, `/` after a directory's.
+fn names_text(l: &DirListing) -> String {
+    let mut out = String::new();
+    for e in &l.entries {
+        out.push_str(&e.name);
+        if e.kind == EntryKind::Dir {
+            out.push('/');
+        }
+        out.push('\n');
+    }
+    if l.truncated {
+        out.push_str(&format!(
+            "(listing truncated at {} entries)\n",
+            virtkeep_files::MAX_DIR_ENTRIES
+        ));
+    }
+    out
 }
 
 fn listing_text(l: &DirListing) -> String {
@@ -220,4 +242,60 @@ fn listing_text(l: &DirListing) -> String {
         );
     }
     out
+}
+
+#[derive(Serialize)]
+struct FilesGet {
+    snapshot: String,
+    disk: String,
+    partition: Option<u32>,
+    path: String,
+    #[serde(flatten)]
+    summary: virtkeep_files::GetSummary,
+}
+
+/// Exit 1 when something was skipped (unsafe names, device files), after copying the rest.
+pub async fn files_get(
+    settings: &Settings,
+    args: FilesGetArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let t: FileTarget = args.target.parse().map_err(files_err)?;
+    let opts = virtkeep_files::GetOptions {
+        overwrite: args.overwrite,
+        max_entries: args.max_entries,
+    };
+    let summary = virtkeep_files::get(&repo, &id, &t, &args.to, opts)
+        .await
+        .map_err(files_err)?;
+    let partial = !summary.skipped.is_empty();
+    if json {
+        print_json(&FilesGet {
+            snapshot: id,
+            disk: t.disk,
+            partition: t.partition,
+            path: t.path,
+            summary,
+        })?;
+    } else {
+        for s in &summary.skipped {
+            eprintln!("skipped {s}");
+        }
+        println!(
+            "copied to {}: {} files ({}), {} directories, {} symlinks, {} hard links",
+            summary.to,
+            summary.files,
+            human_bytes(summary.bytes),
+            summary.dirs,
+            summary.symlinks,
+            summary.hard_links
+        );
+    }
+    Ok(if partial {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -25,6 +25,45 @@ fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The tree `mkfs -d` puts into the ext filesystems: a unicode name, a symlink, a hard
+/// link, a sparse file, modes and mtimes of its own.
+fn make_content(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let etc = root.join("etc");
+    std::fs::create_dir_all(etc.join("sub")).expect("content dir");
+    std::fs::write(etc.join("hostname"), "files-test\n").expect("content");
+    std::fs::write(etc.join("ünï cödé.txt"), "x").expect("content");
+    std::os::unix::fs::symlink("hostname", etc.join("link")).expect("symlink");
+    std::fs::write(etc.join("sub/run.sh"), "#!/bin/sh\necho hi\n").expect("content");
+    std::fs::hard_link(etc.join("sub/run.sh"), etc.join("hard")).expect("hard link");
+    // 8 MiB with 4 KiB of data in the middle: the rest is holes.
+    let sparse = std::fs::File::create(etc.join("sparse")).expect("sparse");
+    sparse.set_len(8 * MIB).expect("sparse len");
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &[0xabu8; 4096], 4 * MIB).expect("data");
+    let perm = |p: &str, m: u32| {
+        std::fs::set_permissions(etc.join(p), std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    perm("sub/run.sh", 0o751);
+    perm("sparse", 0o600);
+    perm("sub", 0o750);
+    for (i, p) in [
+        "hostname",
+        "ünï cödé.txt",
+        "sub/run.sh",
+        "sparse",
+        "sub",
+        "",
+    ]
+    .iter()
+    .enumerate()
+    {
+        sh(Command::new("touch")
+            .arg("-d")
+            .arg(format!("@{}", 1_600_000_000 + i as u64 * 86_400))
+            .arg(etc.join(p)));
+    }
+}
+
 /// Writes a filesystem image made by `mkfs` into `disk` at `offset_mib`.
 fn put_fs(disk: &Path, offset_mib: u64, size_mib: u64, mkfs: &[&str]) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -33,10 +72,7 @@ fn put_fs(disk: &Path, offset_mib: u64, size_mib: u64, mkfs: &[&str]) {
         .and_then(|f| f.set_len(size_mib * MIB))
         .expect("fs image");
     let content = dir.path().join("content");
-    std::fs::create_dir_all(content.join("etc")).expect("content dir");
-    std::fs::write(content.join("etc/hostname"), "files-test\n").expect("content");
-    std::fs::write(content.join("etc/ünï cödé.txt"), "x").expect("content");
-    std::os::unix::fs::symlink("hostname", content.join("etc/link")).expect("symlink");
+    make_content(&content);
     let args: Vec<String> = mkfs
         .iter()
         .map(|a| a.replace("{img}", &img.display().to_string()))
@@ -218,14 +254,22 @@ fn files_ls_lists_partitions_and_filesystems() {
     let etc = node.json(&["files", "ls", &id, "vda:1:/etc"]);
     let entries = etc["entries"].as_array().expect("entries");
     let names: Vec<&str> = entries.iter().filter_map(|e| e["name"].as_str()).collect();
-    assert_eq!(names, ["hostname", "link", "ünï cödé.txt"], "{etc}");
     assert_eq!(
-        (entries[0]["kind"].as_str(), entries[0]["size"].as_u64()),
+        names,
+        ["hard", "hostname", "link", "sparse", "sub", "ünï cödé.txt"],
+        "{etc}"
+    );
+    assert_eq!(
+        (entries[1]["kind"].as_str(), entries[1]["size"].as_u64()),
         (Some("file"), Some(11))
     );
     assert_eq!(
-        (entries[1]["kind"].as_str(), entries[1]["target"].as_str()),
+        (entries[2]["kind"].as_str(), entries[2]["target"].as_str()),
         (Some("symlink"), Some("hostname"))
+    );
+    assert_eq!(
+        (entries[4]["kind"].as_str(), entries[4]["mode"].as_u64()),
+        (Some("dir"), Some(0o750))
     );
     let home = node.json(&["files", "ls", &id, "vdb:6:/"]);
     let names: Vec<&str> = home["entries"]
@@ -235,9 +279,16 @@ fn files_ls_lists_partitions_and_filesystems() {
         .filter_map(|e| e["name"].as_str())
         .collect();
     assert_eq!(names, ["etc", "lost+found"], "{home}");
-    let text = node.ok(&["files", "ls", &id, "vdb:6:/etc"]);
+    let text = node.ok(&["files", "ls", "-l", &id, "vdb:6:/etc"]);
     assert!(
         text.contains("link -> hostname") && text.contains(" 11 "),
+        "{text}"
+    );
+    assert!(text.contains("drwxr-x--- "), "{text}");
+    // Without -l: names only, directories marked.
+    let text = node.ok(&["files", "ls", &id, "vdb:6:/etc"]);
+    assert_eq!(
+        text, "hard\nhostname\nlink\nsparse\nsub/\nünï cödé.txt\n",
         "{text}"
     );
     for (target, want) in [
@@ -386,4 +437,165 @@ fn serve_nbd_is_byte_equal_and_read_only() {
     };
     assert!(status.success(), "serve-nbd exit {status}");
     assert!(!socket.exists(), "socket left behind");
+}
+
+/// What `files get` must keep of an entry: kind, mode, mtime, sha256 or symlink target.
+fn describe(p: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).expect("metadata");
+    if m.file_type().is_symlink() {
+        let t = std::fs::read_link(p).expect("readlink");
+        return format!("symlink -> {}", t.display());
+    }
+    let what = if m.is_dir() {
+        "dir".to_string()
+    } else {
+        let sum = sh(Command::new("sha256sum").arg(p));
+        format!("file {}", sum.split_whitespace().next().unwrap_or("?"))
+    };
+    format!("{what} mode {:o} mtime {}", m.mode() & 0o7777, m.mtime())
+}
+
+/// Each entry under `root` (relative path → description), and the groups of paths that
+/// share an inode.
+fn tree(root: &Path) -> (std::collections::BTreeMap<String, String>, Vec<Vec<String>>) {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut inodes: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).expect("read_dir") {
+            let p = e.expect("entry").path();
+            let rel = p
+                .strip_prefix(root)
+                .expect("under root")
+                .display()
+                .to_string();
+            let m = std::fs::symlink_metadata(&p).expect("metadata");
+            if m.is_dir() {
+                stack.push(p.clone());
+            } else if m.is_file() {
+                inodes.entry(m.ino()).or_default().push(rel.clone());
+            }
+            out.insert(rel, describe(&p));
+        }
+    }
+    let mut links: Vec<Vec<String>> = inodes
+        .into_values()
+        .filter(|v| v.len() > 1)
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect();
+    links.sort();
+    (out, links)
+}
+
+/// `files get` copies a tree out of an ext4 partition of a backup equal to the source
+/// (sha256, modes, mtimes, symlinks, hard links, holes), refuses to overwrite, never
+/// writes through a symlink at the destination, and bounds the walk.
+#[test]
+fn files_get_copies_tree_equal_to_source() {
+    let node = Node::new();
+    let vm = fixture_vm();
+    let id = node.backup(&vm.name, &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let src = node.dir.path().join("src");
+    make_content(&src);
+    let (want, want_links) = tree(&src.join("etc"));
+    assert_eq!(want_links, [["hard", "sub/run.sh"]]);
+
+    let out = node.dir.path().join("out");
+    let outs = out.display().to_string();
+    let v = node.json(&["files", "get", &id, "vda:1:/etc", "--to", &outs]);
+    assert_eq!(
+        (
+            v["files"].as_u64(),
+            v["hard_links"].as_u64(),
+            v["symlinks"].as_u64()
+        ),
+        (Some(4), Some(1), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["skipped"], serde_json::json!([]), "{v}");
+    let (got, got_links) = tree(&out.join("etc"));
+    assert_eq!(got, want);
+    assert_eq!(got_links, want_links);
+    // The whole directory keeps its mtime too (set after its entries were written).
+    assert_eq!(describe(&out.join("etc")), describe(&src.join("etc")));
+    let sparse = std::fs::metadata(out.join("etc/sparse")).expect("sparse");
+    let used = std::os::unix::fs::MetadataExt::blocks(&sparse) * 512;
+    assert!(
+        sparse.len() == 8 * MIB && used <= 64 * 1024,
+        "{used} bytes used"
+    );
+
+    // Existing files are not replaced without --overwrite; with it the copy is the same.
+    let again = node.run(&["files", "get", &id, "vda:1:/etc", "--to", &outs]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("exists"), "{err}");
+    std::fs::write(out.join("etc/hostname"), "changed").expect("write");
+    node.ok(&[
+        "files",
+        "get",
+        &id,
+        "vda:1:/etc",
+        "--to",
+        &outs,
+        "--overwrite",
+    ]);
+    assert_eq!(tree(&out.join("etc")), (want.clone(), want_links.clone()));
+
+    // One file; the root of an MBR logical partition.
+    let one = node.dir.path().join("one");
+    let ones = one.display().to_string();
+    node.ok(&["files", "get", &id, "vdb:6:/etc/sub/run.sh", "--to", &ones]);
+    assert_eq!(describe(&one.join("run.sh")), want["sub/run.sh"]);
+    node.ok(&["files", "get", &id, "vdb:6:/", "--to", &ones]);
+    assert_eq!(tree(&one.join("etc")).0, want);
+    assert!(one.join("lost+found").is_dir());
+
+    // A symlink at the destination is replaced (with --overwrite), never written through.
+    let outside = node.dir.path().join("outside");
+    std::fs::create_dir(&outside).expect("outside");
+    let trap = node.dir.path().join("trap");
+    std::fs::create_dir(&trap).expect("trap");
+    std::os::unix::fs::symlink(&outside, trap.join("etc")).expect("symlink");
+    let traps = trap.display().to_string();
+    node.ok(&[
+        "files",
+        "get",
+        &id,
+        "vda:1:/etc",
+        "--to",
+        &traps,
+        "--overwrite",
+    ]);
+    assert_eq!(std::fs::read_dir(&outside).expect("outside").count(), 0);
+    assert_eq!(tree(&trap.join("etc")).0, want);
+
+    // The walk is bounded.
+    let small = node.dir.path().join("small").display().to_string();
+    let out = node.run(&[
+        "files",
+        "get",
+        &id,
+        "vda:1:/etc",
+        "--to",
+        &small,
+        "--max-entries",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("more than 3 entries"),
+        "{err}"
+    );
+    // xfs is not read yet: a clear error.
+    let out = node.run(&["files", "get", &id, "vda:2:/", "--to", &small]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("xfs"), "{err}");
 }
