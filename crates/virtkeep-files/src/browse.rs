@@ -7,6 +7,7 @@ use virtkeep_repo::{DiskViewOptions, Repository};
 
 use crate::error::FilesError;
 use crate::ext4::{DirListing, MAX_PATH, list_ext4};
+use crate::find::{FindResult, find_ext4};
 use crate::fsdetect::detect;
 use crate::get::{GetOptions, GetSummary, get_ext4};
 use crate::partition::read_table;
@@ -51,6 +52,17 @@ impl std::str::FromStr for FileTarget {
             partition,
             path: path.to_string(),
         })
+    }
+}
+
+impl FileTarget {
+    /// `DISK[:PART]` (the filesystem's root) or `DISK[:PART]:/PATH`.
+    pub fn parse_root(s: &str) -> Result<Self, FilesError> {
+        if s.contains(":/") {
+            s.parse()
+        } else {
+            format!("{s}:/").parse()
+        }
     }
 }
 
@@ -144,6 +156,23 @@ pub async fn get(
     tokio::task::spawn_blocking(move || {
         let (start, len) = ext_range(&mut r, size, &target)?;
         get_ext4(r, start, len, &target.path, &to, opts)
+    })
+    .await
+    .map_err(|e| FilesError::Task(e.to_string()))?
+}
+
+/// Entries under directory `target` of backup `id` whose name matches the glob `pattern`.
+pub async fn find(
+    repo: &Repository,
+    id: &str,
+    target: &FileTarget,
+    pattern: &str,
+) -> Result<FindResult, FilesError> {
+    let (mut r, size) = open_disk(repo, id, target, 0).await?;
+    let (target, pattern) = (target.clone(), pattern.to_string());
+    tokio::task::spawn_blocking(move || {
+        let (start, len) = ext_range(&mut r, size, &target)?;
+        find_ext4(r, start, len, &target.path, &pattern)
     })
     .await
     .map_err(|e| FilesError::Task(e.to_string()))?

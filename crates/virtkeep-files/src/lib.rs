@@ -13,15 +13,19 @@ mod error;
 mod export;
 mod ext4;
 mod ext4raw;
+mod find;
 mod fsdetect;
 mod get;
 mod layout;
 mod partition;
 
-pub use browse::{FileTarget, get, list_dir};
+pub use browse::{FileTarget, find, get, list_dir};
 pub use error::FilesError;
 pub use export::{DiskExport, backup_server, serve_backup};
 pub use ext4::{DirEntryInfo, DirListing, EntryKind, MAX_DIR_ENTRIES, MAX_PATH, list_ext4};
+pub use find::{
+    FindResult, FoundEntry, MAX_FIND_MATCHES, MAX_FIND_VISITS, MAX_PATTERN, find_ext4, glob_match,
+};
 pub use fsdetect::{FsInfo, PROBE_BYTES, detect, detect_bytes};
 pub use get::{DEFAULT_MAX_ENTRIES, GetOptions, GetSummary, get_ext4};
 pub use layout::{DiskLayout, PartitionLayout, backup_layout, disk_layout, read_layout};

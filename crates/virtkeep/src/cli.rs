@@ -512,6 +512,20 @@ pub enum FilesCommand {
     Ls(FilesLsArgs),
     /// Copy a file or directory tree out of a backup (ext2/3/4), without restoring it
     Get(FilesGetArgs),
+    /// Paths whose name matches a glob, under a filesystem of a backup (ext2/3/4)
+    Find(FilesFindArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FilesFindArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// Where to search: DISK:PART or DISK (the filesystem's root), or DISK[:PART]:/PATH
+    pub target: String,
+    /// Shell glob on the name: *, ?, [abc], [a-z], [!a]; quote it for the shell
+    pub pattern: String,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 #[derive(Args, Debug)]

@@ -61,6 +61,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Files(FilesCommand::Get(args)) => {
             crate::files_cmds::files_get(&settings, args, json).await
         }
+        Command::Files(FilesCommand::Find(args)) => {
+            crate::files_cmds::files_find(&settings, args, json).await
+        }
         // Handled in main before any configuration is read.
         Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
     }

@@ -1,11 +1,11 @@
-//! `serve-nbd`, `files ls` and `files get`: a backup's disks without restoring them (issue 19).
+//! `serve-nbd`, `files ls`, `files get` and `files find`: a backup's disks without restoring them (issue 19).
 
 use std::process::ExitCode;
 
 use serde::Serialize;
 use virtkeep_files::{DirListing, DiskLayout, EntryKind, FileTarget, FilesError, FsInfo};
 
-use crate::cli::{FilesGetArgs, FilesLsArgs, ServeNbdArgs};
+use crate::cli::{FilesFindArgs, FilesGetArgs, FilesLsArgs, ServeNbdArgs};
 use crate::output::{human_bytes, print_json};
 use crate::settings::{Settings, repo_err};
 
@@ -298,4 +298,50 @@ pub async fn files_get(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[derive(Serialize)]
+struct FilesFind {
+    snapshot: String,
+    disk: String,
+    partition: Option<u32>,
+    root: String,
+    pattern: String,
+    #[serde(flatten)]
+    result: virtkeep_files::FindResult,
+}
+
+pub async fn files_find(
+    settings: &Settings,
+    args: FilesFindArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let t = FileTarget::parse_root(&args.target).map_err(files_err)?;
+    let result = virtkeep_files::find(&repo, &id, &t, &args.pattern)
+        .await
+        .map_err(files_err)?;
+    if json {
+        print_json(&FilesFind {
+            snapshot: id,
+            disk: t.disk,
+            partition: t.partition,
+            root: t.path,
+            pattern: args.pattern,
+            result,
+        })?;
+    } else {
+        for m in &result.matches {
+            println!("{}", m.path);
+        }
+        if result.truncated {
+            eprintln!(
+                "(search stopped after {} entries or {} matches)",
+                virtkeep_files::MAX_FIND_VISITS,
+                virtkeep_files::MAX_FIND_MATCHES
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

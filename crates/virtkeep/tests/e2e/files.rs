@@ -599,3 +599,43 @@ fn files_get_copies_tree_equal_to_source() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("xfs"), "{err}");
 }
+
+/// `files find` prints the paths whose name matches a glob, in the whole filesystem or
+/// under a directory, on GPT and MBR logical partitions.
+#[test]
+fn files_find_matches_globs() {
+    let node = Node::new();
+    let vm = fixture_vm();
+    let id = node.backup(&vm.name, &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let text = node.ok(&["files", "find", &id, "vda:1", "*.sh"]);
+    assert_eq!(text, "/etc/sub/run.sh\n");
+    let text = node.ok(&["files", "find", &id, "vdb:6", "h*"]);
+    assert_eq!(text, "/etc/hard\n/etc/hostname\n");
+    let v = node.json(&["files", "find", &id, "vdb:6:/etc", "[süx]*"]);
+    let paths: Vec<&str> = v["matches"]
+        .as_array()
+        .expect("matches")
+        .iter()
+        .filter_map(|m| m["path"].as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/etc/sparse", "/etc/sub", "/etc/ünï cödé.txt"],
+        "{v}"
+    );
+    assert_eq!(
+        (
+            v["matches"][0]["kind"].as_str(),
+            v["matches"][0]["size"].as_u64()
+        ),
+        (Some("file"), Some(8 * MIB))
+    );
+    assert_eq!(v["truncated"], false);
+    assert_eq!(node.ok(&["files", "find", &id, "vda:1", "nothing-*"]), "");
+    let out = node.run(&["files", "find", &id, "vda:2", "*"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("xfs"), "{err}");
+}
