@@ -34,6 +34,9 @@ pub enum FilesError {
     /// A walk met more entries than allowed.
     #[error("more than {0} entries")]
     TooManyEntries(u64),
+    /// Guest LVM metadata could not be read.
+    #[error(transparent)]
+    Lvm(#[from] crate::lvm::LvmError),
     /// A task could not run to its end.
     #[error("internal task failed: {0}")]
     Task(String),

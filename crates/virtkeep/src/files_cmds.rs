@@ -127,6 +127,18 @@ fn layout_text(disks: &[DiskLayout]) -> String {
                 fs_text(p.filesystem.as_ref())
             );
         }
+        for l in &d.lvs {
+            let _ = writeln!(
+                out,
+                "  {}:{}  size {:>10}  on {}  {}",
+                d.disk,
+                l.name,
+                human_bytes(l.size),
+                l.partition
+                    .map_or("the whole disk".to_string(), |n| format!("partition {n}")),
+                fs_text(l.filesystem.as_ref())
+            );
+        }
         for w in &d.warnings {
             let _ = writeln!(out, "  warning: {w}");
         }
@@ -139,6 +151,7 @@ struct FilesDir {
     snapshot: String,
     disk: String,
     partition: Option<u32>,
+    lv: Option<String>,
     #[serde(flatten)]
     listing: DirListing,
 }
@@ -159,6 +172,7 @@ async fn list_dir(
             snapshot: id,
             disk: t.disk,
             partition: t.partition,
+            lv: t.lv,
             listing,
         })?;
     } else if long {
@@ -249,6 +263,7 @@ struct FilesGet {
     snapshot: String,
     disk: String,
     partition: Option<u32>,
+    lv: Option<String>,
     path: String,
     #[serde(flatten)]
     summary: virtkeep_files::GetSummary,
@@ -276,6 +291,7 @@ pub async fn files_get(
             snapshot: id,
             disk: t.disk,
             partition: t.partition,
+            lv: t.lv,
             path: t.path,
             summary,
         })?;
@@ -305,6 +321,7 @@ struct FilesFind {
     snapshot: String,
     disk: String,
     partition: Option<u32>,
+    lv: Option<String>,
     root: String,
     pattern: String,
     #[serde(flatten)]
@@ -327,6 +344,7 @@ pub async fn files_find(
             snapshot: id,
             disk: t.disk,
             partition: t.partition,
+            lv: t.lv,
             root: t.path,
             pattern: args.pattern,
             result,
