@@ -18,6 +18,7 @@ mod fsdetect;
 mod get;
 mod layout;
 mod lvm;
+mod mount;
 mod partition;
 
 pub use browse::{FileTarget, find, get, list_dir};
@@ -31,6 +32,7 @@ pub use fsdetect::{FsInfo, PROBE_BYTES, detect, detect_bytes};
 pub use get::{DEFAULT_MAX_ENTRIES, GetOptions, GetSummary, get_ext4};
 pub use layout::{DiskLayout, LvLayout, PartitionLayout, backup_layout, disk_layout, read_layout};
 pub use lvm::{LogicalVolume, LvExtent, LvmError, MAX_METADATA, Mapped, read_pv};
+pub use mount::mount_backup;
 pub use partition::{
     MAX_GPT_ENTRY_BYTES, MAX_LOGICAL, Partition, PartitionTable, SECTOR, TableKind, guid,
     read_table,

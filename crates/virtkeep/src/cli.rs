@@ -68,6 +68,8 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Serve the disks of a backup read-only over NBD on a unix socket (Ctrl-C ends it)
     ServeNbd(ServeNbdArgs),
+    /// Mount a backup read-only with FUSE: DIR/DISK.img per disk (Ctrl-C or umount ends it)
+    Mount(MountArgs),
     /// Look inside backups without restoring them: disks, partitions, filesystems
     #[command(subcommand)]
     Files(FilesCommand),
@@ -502,6 +504,16 @@ pub struct ServeNbdArgs {
     /// per disk, named by its target (`nbd+unix:///vda?socket=PATH`)
     #[arg(long)]
     pub socket: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// Existing empty directory to mount on
+    pub dir: PathBuf,
     #[command(flatten)]
     pub repo: RepoArgs,
 }

@@ -55,6 +55,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Jobs(args) => crate::daemon::jobs(&settings, args, json),
         Command::Policy(PolicyCommand::List) => crate::daemon::policy_list(&settings, json),
         Command::ServeNbd(args) => crate::files_cmds::serve_nbd(&settings, args, json).await,
+        Command::Mount(args) => crate::files_cmds::mount(&settings, args, json).await,
         Command::Files(FilesCommand::Ls(args)) => {
             crate::files_cmds::files_ls(&settings, args, json).await
         }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use serde::Serialize;
 use virtkeep_files::{DirListing, DiskLayout, EntryKind, FileTarget, FilesError, FsInfo};
 
-use crate::cli::{FilesFindArgs, FilesGetArgs, FilesLsArgs, ServeNbdArgs};
+use crate::cli::{FilesFindArgs, FilesGetArgs, FilesLsArgs, MountArgs, ServeNbdArgs};
 use crate::output::{human_bytes, print_json};
 use crate::settings::{Settings, repo_err};
 
@@ -21,6 +21,51 @@ struct Serving<'a> {
     snapshot: &'a str,
     socket: String,
     exports: Vec<String>,
+}
+
+/// SIGINT or SIGTERM.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+#[derive(Serialize)]
+struct Mounted<'a> {
+    snapshot: &'a str,
+    dir: String,
+    files: &'a [String],
+}
+
+/// Mounted until SIGINT, SIGTERM or `umount DIR`; unmounted either way.
+pub async fn mount(settings: &Settings, args: MountArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let shutdown = stop_signal()?;
+    let dir = args.dir.display().to_string();
+    let ready = |files: &[String]| {
+        if json {
+            let m = Mounted {
+                snapshot: &id,
+                dir: dir.clone(),
+                files,
+            };
+            let _ = serde_json::to_string(&m).map(|l| println!("{l}"));
+        } else {
+            for f in files {
+                println!("{dir}/{f}");
+            }
+            eprintln!("backup {id} mounted read-only; Ctrl-C or umount ends it");
+        }
+    };
+    virtkeep_files::mount_backup(&repo, &id, &args.dir, shutdown, ready)
+        .await
+        .map_err(files_err)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Serve until SIGINT or SIGTERM; the socket is removed either way.

@@ -875,3 +875,100 @@ fn files_read_guest_lvm_volumes() {
         "{err}"
     );
 }
+
+/// Runs `virtkeep --json mount ID DIR`; returns the child and its ready line.
+fn mount_bg(node: &Node, id: &str, dir: &Path) -> (Child, Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME")
+        .args(["--json", "mount", id])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn mount");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ready line");
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    (child, v)
+}
+
+fn mounted(dir: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let d = dir.display().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(d.as_str()))
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("mount did not end");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `mount` shows each disk as DIR/DISK.img byte-equal to the source, read-only; `umount`
+/// and Ctrl-C each end it with nothing left mounted.
+#[test]
+fn mount_shows_disk_images_byte_equal() {
+    let node = Node::new();
+    let vm = fixture_vm();
+    let vda = vm.disk("vda").path.clone().expect("vda");
+    let vdb = vm.disk("vdb").path.clone().expect("vdb");
+    let id = node.backup(&vm.name, &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let dir = node.dir.path().join("mnt");
+    std::fs::create_dir(&dir).expect("mnt");
+    let (mut child, v) = mount_bg(&node, &id, &dir);
+    assert_eq!(v["files"], serde_json::json!(["vda.img", "vdb.img"]));
+    assert!(mounted(&dir));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("read mnt")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["vda.img", "vdb.img"]);
+    sh(Command::new("cmp").arg(&vda).arg(dir.join("vda.img")));
+    sh(Command::new("cmp").arg(&vdb).arg(dir.join("vdb.img")));
+    // The check can fail: different disks differ.
+    assert!(
+        !Command::new("cmp")
+            .arg(&vda)
+            .arg(dir.join("vdb.img"))
+            .output()
+            .expect("cmp")
+            .status
+            .success()
+    );
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("vda.img"));
+    assert!(w.is_err(), "opened for writing");
+    sh(Command::new("umount").arg(&dir));
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "mount exit {status}");
+    assert!(!mounted(&dir));
+
+    let (mut child, _) = mount_bg(&node, &id, &dir);
+    assert!(mounted(&dir));
+    sh(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "mount exit {status}");
+    assert!(!mounted(&dir), "left mounted after Ctrl-C");
+}
