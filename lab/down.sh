@@ -65,9 +65,11 @@ fi
 
 # the password user keeps its account, but loses its password and sudo rights
 rm -f "$SUDOERS_FILE"
-if id "$PASSWORD_USER" >/dev/null 2>&1; then
-  usermod -L "$PASSWORD_USER" 2>/dev/null || true
-fi
+for u in "$PASSWORD_USER" "$ALLOWLIST_USER"; do
+  if id "$u" >/dev/null 2>&1; then
+    usermod -L "$u" 2>/dev/null || true
+  fi
+done
 
 rm -rf "$LAB_DIR" "$STATE_DIR"
 log "lab down"

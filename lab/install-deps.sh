@@ -12,6 +12,7 @@ PKGS=(
   curl ca-certificates shellcheck
   mmdebstrap eatmydata e2fsprogs
   gdisk parted xfsprogs dosfstools libnbd-bin  # file-level restore fixtures (e2e/files.rs)
+  iptables iproute2  # link-cut fault tests (e2e/failures.rs: iptables DROP, ss -K)
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

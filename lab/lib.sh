@@ -15,6 +15,9 @@ STARTED_FILE=$STATE_DIR/started-daemons # lines "libvirtd PID" / "virtlogd PID"
 URI=qemu:///system
 POOL_NAME=vkt-pool
 PASSWORD_USER=vkpass
+# Same password as vkpass, but sudo only for named binaries (a per-command allowlist,
+# which virtkeep cannot work with: `host check` must say so).
+ALLOWLIST_USER=vkallow
 SUDOERS_FILE=/etc/sudoers.d/virtkeep-lab
 SECRET_DESC_PREFIX=vkt-lab
 SECRET_USAGE=vkt-lab-client.admin

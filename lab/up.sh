@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings up the virtkeep test lab and writes /tmp/virtkeep-lab/env:
 #   - a private sshd on 127.0.0.1 (own ed25519 + RSA host keys, key login for root,
-#     password login + NOPASSWD sudo for the user vkpass)
+#     password login + NOPASSWD sudo for the user vkpass, sudo for three binaries
+#     only for vkallow)
 #   - virtlogd + libvirtd (started here when not running), directory pool vkt-pool
 #   - single-node Ceph (1 mon, 1 memstore OSD, pool rbd, radosgw + S3 user + bucket)
 #   - a libvirt ceph secret holding the client.admin key
@@ -141,9 +142,17 @@ if ! id "$PASSWORD_USER" >/dev/null 2>&1; then
   useradd -m -s /bin/bash -c "virtkeep lab password user" "$PASSWORD_USER"
 fi
 PASSWORD=$(head -c 32 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 24)
-echo "$PASSWORD_USER:$PASSWORD" | chpasswd
-usermod -U "$PASSWORD_USER" 2>/dev/null || true
-printf '%s ALL=(ALL) NOPASSWD: ALL\n' "$PASSWORD_USER" >"$SUDOERS_FILE.tmp"
+if ! id "$ALLOWLIST_USER" >/dev/null 2>&1; then
+  useradd -m -s /bin/bash -c "virtkeep lab sudo allowlist user" "$ALLOWLIST_USER"
+fi
+for u in "$PASSWORD_USER" "$ALLOWLIST_USER"; do
+  echo "$u:$PASSWORD" | chpasswd
+  usermod -U "$u" 2>/dev/null || true
+done
+{
+  printf '%s ALL=(ALL) NOPASSWD: ALL\n' "$PASSWORD_USER"
+  printf '%s ALL=(root) NOPASSWD: /usr/bin/virsh, /usr/bin/qemu-img, /usr/bin/qemu-nbd\n' "$ALLOWLIST_USER"
+} >"$SUDOERS_FILE.tmp"
 chmod 0440 "$SUDOERS_FILE.tmp"
 visudo -cqf "$SUDOERS_FILE.tmp" || die "generated sudoers file is invalid"
 mv "$SUDOERS_FILE.tmp" "$SUDOERS_FILE"

@@ -6,52 +6,86 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use crate::catalog::{Catalog, JobFilter, JobRecord, JobStatus, NewJob, RunRecord, now, rfc3339};
-use crate::daemon::Submissions;
+use crate::daemon::{CancelReply, Control, Submissions};
 use crate::error::{DaemonError, Result};
-use crate::policy::{ApiConfig, DaemonConfig};
+use crate::idle::IdleLimit;
+use crate::policy::{ApiConfig, DaemonConfig, TokenFrom};
+use crate::scope::{self, Action, Scope};
 use crate::task::{Env, JobProgress, JobRequest, ProgressMap, open_repository};
 
-/// Reads the API tokens named in the configuration (never stored in it). A token file
-/// holds one token per line; blank lines and `#` comments are ignored.
-pub fn load_tokens(api: &ApiConfig) -> Result<Vec<Vec<u8>>> {
-    let mut tokens = Vec::new();
-    if let Some(var) = &api.token_env {
-        match std::env::var(var) {
-            Ok(t) if !t.trim().is_empty() => tokens.push(t.trim().as_bytes().to_vec()),
-            _ => return Err(DaemonError::TokenEnv { var: var.clone() }),
-        }
-    }
-    if let Some(path) = &api.token_file {
-        let text = std::fs::read_to_string(path).map_err(|source| DaemonError::Io {
-            what: "reading the API token file",
-            path: path.clone(),
-            source,
-        })?;
-        tokens.extend(
-            text.lines()
+/// One accepted token and what it may do.
+pub struct ApiToken {
+    pub secret: Vec<u8>,
+    pub scope: Scope,
+}
+
+fn read_source(from: &TokenFrom) -> Result<Vec<Vec<u8>>> {
+    match from {
+        TokenFrom::Env(var) => match std::env::var(var) {
+            Ok(t) if !t.trim().is_empty() => Ok(vec![t.trim().as_bytes().to_vec()]),
+            _ => Err(DaemonError::TokenEnv { var: var.clone() }),
+        },
+        TokenFrom::File(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| DaemonError::Io {
+                what: "reading the API token file",
+                path: path.clone(),
+                source,
+            })?;
+            Ok(text
+                .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(|l| l.as_bytes().to_vec()),
-        );
+                .map(|l| l.as_bytes().to_vec())
+                .collect())
+        }
+    }
+}
+
+/// Reads the API tokens named in the configuration (never stored in it). A token file
+/// holds one token per line; blank lines and `#` comments are ignored. A token listed
+/// with two different scopes is refused rather than guessed at.
+pub fn load_tokens(api: &ApiConfig) -> Result<Vec<ApiToken>> {
+    let mut tokens: Vec<ApiToken> = Vec::new();
+    for source in &api.tokens {
+        if !source.scoped {
+            tracing::warn!(
+                "an API token source ({:?}) has no scope: its tokens may only read (scope = \"{}\"); set scope in [daemon.api] (docs/daemon.md)",
+                source.from,
+                source.scope.as_str()
+            );
+        }
+        for secret in read_source(&source.from)? {
+            match tokens.iter().find(|t| t.secret == secret) {
+                Some(t) if t.scope != source.scope => {
+                    return Err(DaemonError::TokenConflict {
+                        first: t.scope.as_str().into(),
+                        second: source.scope.as_str().into(),
+                    });
+                }
+                Some(_) => {}
+                None => tokens.push(ApiToken {
+                    secret,
+                    scope: source.scope,
+                }),
+            }
+        }
     }
     if tokens.is_empty() {
         return Err(DaemonError::TokenEnv {
-            var: api
-                .token_env
-                .clone()
-                .unwrap_or_else(|| "(token_file is empty)".into()),
+            var: "(the token files are empty)".into(),
         });
     }
     Ok(tokens)
@@ -62,43 +96,82 @@ pub struct ApiState {
     pub catalog: Arc<Catalog>,
     pub progress: ProgressMap,
     pub submit: Submissions,
-    pub tokens: Vec<Vec<u8>>,
+    pub tokens: Vec<ApiToken>,
 }
 
 impl ApiState {
-    fn token_ok(&self, given: &[u8]) -> bool {
-        // Every token is compared, whichever matches, so timing tells nothing about which.
-        let mut ok = subtle::Choice::from(0u8);
+    /// The scope of the token `given`, if it is one. Every token is compared, whichever
+    /// matches, so timing tells nothing about which (tokens are unique, see load_tokens).
+    fn token_scope(&self, given: &[u8]) -> Option<Scope> {
+        let mut found = 0u8;
         for t in &self.tokens {
-            ok |= given.ct_eq(t);
+            let level = t.scope as u8 + 1;
+            found = u8::conditional_select(&found, &level, given.ct_eq(&t.secret));
         }
-        ok.into()
+        [Scope::Read, Scope::Operate, Scope::Admin]
+            .into_iter()
+            .find(|s| *s as u8 + 1 == found)
     }
 }
+
+/// The authenticated token's scope, for handlers that decide by the request's content.
+#[derive(Debug, Clone, Copy)]
+struct Granted(Scope);
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ApiError {
     pub error: String,
+    /// On 403: the scope the request needs, and the token's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required_scope: Option<Scope>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_scope: Option<Scope>,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(ApiError { error: msg.into() })).into_response()
+    (
+        status,
+        Json(ApiError {
+            error: msg.into(),
+            required_scope: None,
+            token_scope: None,
+        }),
+    )
+        .into_response()
+}
+
+/// The 403 answer, unless the token's scope covers `action`.
+fn forbidden(granted: Granted, action: Action) -> Option<Response> {
+    scope::check(granted.0, action).err().map(|msg| {
+        (
+            StatusCode::FORBIDDEN,
+            Json(ApiError {
+                error: msg,
+                required_scope: Some(action.needs()),
+                token_scope: Some(granted.0),
+            }),
+        )
+            .into_response()
+    })
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-async fn auth(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+async fn auth(State(s): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().as_bytes().to_vec());
-    match given {
-        Some(t) if s.token_ok(&t) => next.run(req).await,
-        _ => {
+    match given.and_then(|t| s.token_scope(&t)) {
+        Some(scope) => {
+            req.extensions_mut().insert(Granted(scope));
+            next.run(req).await
+        }
+        None => {
             let mut r = error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong token: send Authorization: Bearer <token>",
@@ -271,7 +344,7 @@ async fn list_backups(State(s): State<Arc<ApiState>>, Query(q): Query<BackupsQue
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct JobsQuery {
-    /// queued, running, succeeded or failed.
+    /// queued, running, succeeded, failed or cancelled.
     pub status: Option<String>,
     pub host: Option<String>,
     pub vm: Option<String>,
@@ -290,10 +363,13 @@ async fn list_jobs(State(s): State<Arc<ApiState>>, Query(q): Query<JobsQuery>) -
         Some("running") => Some(JobStatus::Running),
         Some("succeeded") => Some(JobStatus::Succeeded),
         Some("failed") => Some(JobStatus::Failed),
+        Some("cancelled") => Some(JobStatus::Cancelled),
         Some(other) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("status {other:?}: expected queued, running, succeeded or failed"),
+                format!(
+                    "status {other:?}: expected queued, running, succeeded, failed or cancelled"
+                ),
             );
         }
     };
@@ -354,8 +430,25 @@ pub struct Submitted {
 
 #[utoipa::path(post, path = "/api/jobs", tag = "jobs", request_body = SubmitJob,
     responses((status = 202, description = "Queued", body = Submitted),
-              (status = 400, description = "Bad request", body = ApiError)))]
-async fn submit_job(State(s): State<Arc<ApiState>>, Json(req): Json<SubmitJob>) -> Response {
+              (status = 400, description = "Bad request", body = ApiError),
+              (status = 403, description = "The token's scope does not allow it (backup: operate, restore: admin)", body = ApiError),
+              (status = 413, description = "The body is larger than max_request_bytes", body = ApiError)))]
+async fn submit_job(
+    State(s): State<Arc<ApiState>>,
+    Extension(granted): Extension<Granted>,
+    body: std::result::Result<Json<SubmitJob>, JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    let action = match req.request {
+        JobRequest::Backup { .. } => Action::SubmitBackup,
+        JobRequest::Restore { .. } => Action::SubmitRestore,
+    };
+    if let Some(r) = forbidden(granted, action) {
+        return r;
+    }
     if !s.env.engine.hosts.contains_key(&req.host) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -413,7 +506,7 @@ async fn submit_job(State(s): State<Arc<ApiState>>, Json(req): Json<SubmitJob>) 
         Ok(id) => id,
         Err(e) => return internal(e),
     };
-    if s.submit.send(id).is_err() {
+    if s.submit.send(Control::Submit(id)).is_err() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the daemon is shutting down; the job runs after the next start",
@@ -427,6 +520,70 @@ async fn submit_job(State(s): State<Arc<ApiState>>, Json(req): Json<SubmitJob>) 
         }),
     )
         .into_response()
+}
+
+/// The answer to a cancel.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cancelled {
+    pub id: i64,
+    /// `cancelled` (it was queued) or `cancelling` (it runs: it stops, its VM is
+    /// healed, and it ends as `cancelled`; follow `href`).
+    pub status: String,
+    pub href: String,
+}
+
+#[utoipa::path(delete, path = "/api/jobs/{id}", tag = "jobs",
+    params(("id" = i64, Path, description = "Job id")),
+    responses((status = 200, description = "It was queued and is cancelled", body = Cancelled),
+              (status = 202, description = "It runs: being stopped, its VM healed", body = Cancelled),
+              (status = 403, description = "The token's scope does not allow it (backup: operate, restore: admin)", body = ApiError),
+              (status = 404, description = "No such job", body = ApiError),
+              (status = 409, description = "The job has already ended", body = ApiError)))]
+async fn cancel_job(
+    State(s): State<Arc<ApiState>>,
+    Extension(granted): Extension<Granted>,
+    Path(id): Path<i64>,
+) -> Response {
+    let job = match s.catalog.job(id) {
+        Ok(j) => j,
+        Err(DaemonError::NoSuchJob(_)) => {
+            return error(StatusCode::NOT_FOUND, format!("no job {id}"));
+        }
+        Err(e) => return internal(e),
+    };
+    if let Some(r) = forbidden(granted, Action::cancel_of(&job.kind)) {
+        return r;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if s.submit.send(Control::Cancel { id, reply: tx }).is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        );
+    }
+    let answer = |code, status: &str| {
+        (
+            code,
+            Json(Cancelled {
+                id,
+                status: status.into(),
+                href: format!("/api/jobs/{id}"),
+            }),
+        )
+            .into_response()
+    };
+    match rx.await {
+        Ok(CancelReply::WasQueued) => answer(StatusCode::OK, "cancelled"),
+        Ok(CancelReply::Stopping) => answer(StatusCode::ACCEPTED, "cancelling"),
+        Ok(CancelReply::Finished(st)) => error(
+            StatusCode::CONFLICT,
+            format!("job {id} has already ended ({})", st.as_str()),
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        ),
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -556,10 +713,11 @@ impl Modify for TokenScheme {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "virtkeep", description = "Hosts, VMs, backups and jobs of a virtkeep daemon"),
-    paths(list_hosts, list_vms, list_backups, list_jobs, get_job, submit_job, list_policies, metrics),
+    paths(list_hosts, list_vms, list_backups, list_jobs, get_job, submit_job, cancel_job,
+          list_policies, metrics),
     components(schemas(HostView, VmView, VmDiskView, BackupView, JobRecord, JobStatus, JobView,
-                       JobProgress, SubmitJob, JobRequest, Submitted, ApiError, PolicyView,
-                       ScheduleView, RunRecord)),
+                       JobProgress, SubmitJob, JobRequest, Submitted, Cancelled, ApiError, Scope,
+                       PolicyView, ScheduleView, RunRecord)),
     modifiers(&TokenScheme),
     security(("token" = []))
 )]
@@ -569,47 +727,94 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
+/// A request that takes longer than `request_timeout` is answered 503 (its handler is
+/// dropped; a job it queued is in the catalog already and runs).
+async fn deadline(State(limit): State<std::time::Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the request took longer than request_timeout ({} s)",
+                limit.as_secs()
+            ),
+        ),
+    }
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
+    let (max_bytes, timeout) = state.env.daemon.api.as_ref().map_or(
+        (
+            crate::policy::DEFAULT_MAX_REQUEST_BYTES,
+            crate::policy::DEFAULT_REQUEST_TIMEOUT,
+        ),
+        |a| (a.max_request_bytes, a.request_timeout),
+    );
     let protected = Router::new()
         .route("/api/hosts", get(list_hosts))
         .route("/api/hosts/{host}/vms", get(list_vms))
         .route("/api/backups", get(list_backups))
         .route("/api/jobs", get(list_jobs).post(submit_job))
-        .route("/api/jobs/{id}", get(get_job))
+        .route("/api/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/api/policies", get(list_policies))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/api/openapi.json", get(openapi))
         .merge(protected)
+        .layer(DefaultBodyLimit::max(max_bytes))
+        .layer(axum::middleware::from_fn_with_state(timeout, deadline))
         .with_state(state)
 }
 
-/// Binds `[daemon.api] listen` (failing now, not later) and serves in the background.
-pub fn serve(state: ApiState, listen: &str) -> Result<std::net::SocketAddr> {
+/// How much longer than `request_timeout` a connection may stay without traffic.
+const IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Binds `[daemon.api] listen` (failing now, not later) and serves in the background:
+/// HTTPS when the configuration names a certificate (reloaded on SIGHUP), else HTTP.
+pub fn serve(state: ApiState, api: &ApiConfig) -> Result<std::net::SocketAddr> {
+    let listen = api.listen.as_str();
+    let fail = |source| DaemonError::Listen {
+        addr: listen.to_string(),
+        source,
+    };
+    let tls = match &api.tls {
+        Some(files) => Some(crate::tls::Reloader::new(files.clone())?),
+        None => None,
+    };
+    crate::tls::handle_sighup(tls.clone()).map_err(|source| DaemonError::Io {
+        what: "installing the SIGHUP handler",
+        path: "SIGHUP".into(),
+        source,
+    })?;
     let listener = std::net::TcpListener::bind(listen)
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
-        .map_err(|source| DaemonError::Listen {
-            addr: listen.to_string(),
-            source,
-        })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| DaemonError::Listen {
-            addr: listen.to_string(),
-            source,
-        })?;
-    let listener =
-        tokio::net::TcpListener::from_std(listener).map_err(|source| DaemonError::Listen {
-            addr: listen.to_string(),
-            source,
-        })?;
+        .map_err(fail)?;
+    let addr = listener.local_addr().map_err(fail)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(fail)?;
     let app = router(Arc::new(state));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("API server stopped: {e}");
+    // Idle connections close a little after request_timeout, so a slow handler gets
+    // its 503 out first.
+    let limit = api.request_timeout + IDLE_GRACE;
+    match tls {
+        Some(tls) => {
+            let inner = crate::tls::TlsListener::new(listener, tls).map_err(fail)?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(IdleLimit { inner, limit }, app).await {
+                    tracing::error!("API server stopped: {e}");
+                }
+            });
         }
-    });
-    tracing::info!(%addr, "API listening");
+        None => {
+            tokio::spawn(async move {
+                let inner = listener;
+                if let Err(e) = axum::serve(IdleLimit { inner, limit }, app).await {
+                    tracing::error!("API server stopped: {e}");
+                }
+            });
+        }
+    }
+    let scheme = if api.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, "API listening");
     Ok(addr)
 }

@@ -75,6 +75,8 @@ pub enum JobStatus {
     Running,
     Succeeded,
     Failed,
+    /// Stopped through `DELETE /api/jobs/{id}` (a running one with its VM healed).
+    Cancelled,
 }
 
 impl JobStatus {
@@ -84,6 +86,7 @@ impl JobStatus {
             JobStatus::Running => "running",
             JobStatus::Succeeded => "succeeded",
             JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
         }
     }
 
@@ -92,6 +95,7 @@ impl JobStatus {
             "queued" => JobStatus::Queued,
             "running" => JobStatus::Running,
             "succeeded" => JobStatus::Succeeded,
+            "cancelled" => JobStatus::Cancelled,
             _ => JobStatus::Failed,
         }
     }
@@ -164,6 +168,8 @@ pub struct NewJob<'a> {
 /// What a finished job reports.
 #[derive(Debug, Clone, Default)]
 pub struct JobOutcome {
+    /// Cancelled through the API: recorded as `cancelled` (with `error` saying so), never retried.
+    pub cancelled: bool,
     pub error: Option<String>,
     pub snapshot: Option<String>,
     pub mode: Option<String>,
@@ -516,11 +522,14 @@ impl Catalog {
     }
 
     pub fn finish_job(&self, id: i64, o: &JobOutcome) -> Result<()> {
-        let status = if o.error.is_some() {
-            "failed"
+        let status = if o.cancelled {
+            JobStatus::Cancelled
+        } else if o.error.is_some() {
+            JobStatus::Failed
         } else {
-            "succeeded"
-        };
+            JobStatus::Succeeded
+        }
+        .as_str();
         self.conn()
             .execute(
                 "UPDATE jobs SET status = ?2, finished = ?3, error = ?4, snapshot = ?5, mode = ?6,
@@ -656,9 +665,9 @@ impl Catalog {
         self.conn()
             .query_row(
                 "SELECT
-                   COUNT(*) FILTER (WHERE status IN ('succeeded','failed')
+                   COUNT(*) FILTER (WHERE status IN ('succeeded','failed','cancelled')
                                     AND id NOT IN (SELECT retry_of FROM jobs WHERE retry_of IS NOT NULL)),
-                   COUNT(*) FILTER (WHERE status = 'failed'
+                   COUNT(*) FILTER (WHERE status IN ('failed','cancelled')
                                     AND id NOT IN (SELECT retry_of FROM jobs WHERE retry_of IS NOT NULL)),
                    COUNT(*) FILTER (WHERE status IN ('queued','running'))
                  FROM jobs WHERE run_id = ?1",
@@ -666,6 +675,82 @@ impl Catalog {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(self.err("counting a run's jobs"))
+    }
+
+    /// Finished jobs, for the history retention (`history::expired`).
+    pub fn finished_jobs(&self) -> Result<Vec<crate::history::FinishedJob>> {
+        let c = self.conn();
+        let mut st = c
+            .prepare(
+                "SELECT id, host, vm, kind = 'backup' AND status = 'succeeded', finished FROM jobs
+                 WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished IS NOT NULL",
+            )
+            .map_err(self.err("listing finished jobs"))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(crate::history::FinishedJob {
+                    id: r.get(0)?,
+                    host: r.get(1)?,
+                    vm: r.get(2)?,
+                    backup_success: r.get(3)?,
+                    finished: r.get(4)?,
+                })
+            })
+            .map_err(self.err("listing finished jobs"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err("listing finished jobs"))
+    }
+
+    /// Deletes finished jobs (never queued or running ones), in one transaction: a
+    /// retry that pointed at a deleted try no longer does, and finished runs left
+    /// without jobs go too. Returns the number of jobs deleted.
+    pub fn forget_jobs(&self, ids: &[i64]) -> Result<usize> {
+        let mut c = self.conn();
+        let tx = c.transaction().map_err(self.err("forgetting jobs"))?;
+        let mut deleted = 0;
+        let mut runs = std::collections::BTreeSet::new();
+        for id in ids {
+            let run: Option<Option<i64>> = tx
+                .query_row(
+                    "SELECT run_id FROM jobs WHERE id = ?1 AND status IN ('succeeded','failed','cancelled')",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(self.err("forgetting jobs"))?;
+            let Some(run) = run else { continue };
+            runs.extend(run);
+            tx.execute(
+                "UPDATE jobs SET retry_of = NULL WHERE retry_of = ?1",
+                params![id],
+            )
+            .and_then(|_| tx.execute("DELETE FROM jobs WHERE id = ?1", params![id]))
+            .map_err(self.err("forgetting jobs"))?;
+            deleted += 1;
+        }
+        for run in runs {
+            tx.execute(
+                "DELETE FROM runs WHERE id = ?1 AND status != 'running'
+                   AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = ?1)",
+                params![run],
+            )
+            .map_err(self.err("forgetting runs"))?;
+        }
+        tx.commit().map_err(self.err("forgetting jobs"))?;
+        Ok(deleted)
+    }
+
+    /// Applies the history limits at `now`; returns the number of jobs removed.
+    pub fn apply_history_limits(
+        &self,
+        limits: crate::history::HistoryLimits,
+        now: i64,
+    ) -> Result<usize> {
+        let ids = crate::history::expired(&self.finished_jobs()?, now, limits);
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.forget_jobs(&ids)
     }
 
     /// Per-VM figures for `/metrics`.
@@ -797,6 +882,68 @@ mod tests {
                 .expect("ok")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn history_limits_remove_old_finished_jobs_and_their_empty_runs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
+        let run = c.start_run("p", "auto", "schedule").expect("run");
+        let first = c.add_job(&job(Some(run), "a")).expect("job");
+        c.finish_job(
+            first,
+            &JobOutcome {
+                error: Some("boom".into()),
+                ..Default::default()
+            },
+        )
+        .expect("finish");
+        let mut retry = job(Some(run), "a");
+        retry.attempt = 2;
+        retry.retry_of = Some(first);
+        let second = c.add_job(&retry).expect("retry");
+        c.finish_job(second, &JobOutcome::default())
+            .expect("finish");
+        c.finish_run(run, "succeeded", None).expect("run done");
+        let queued = c.add_job(&job(None, "b")).expect("queued");
+        let cancelled = c.add_job(&job(None, "b")).expect("job");
+        c.finish_job(
+            cancelled,
+            &JobOutcome {
+                cancelled: true,
+                error: Some("x".into()),
+                ..Default::default()
+            },
+        )
+        .expect("cancel");
+        assert_eq!(c.job(cancelled).expect("job").status, JobStatus::Cancelled);
+        // Everything finished is "old" a year later; a's success stays as its last one.
+        let limits = crate::history::HistoryLimits {
+            max_age: std::time::Duration::from_secs(86400),
+            max_jobs: 1000,
+        };
+        let removed = c
+            .apply_history_limits(limits, now() + 365 * 86400)
+            .expect("apply");
+        assert_eq!(removed, 2);
+        let left: Vec<i64> = c
+            .jobs(&JobFilter::default())
+            .expect("jobs")
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(left, vec![queued, second]);
+        // The retry no longer points at the deleted try; the run still has a job.
+        assert_eq!(c.job(second).expect("job").retry_of, None);
+        assert_eq!(c.runs(None, 10).expect("runs").len(), 1);
+        // Queued and running jobs are never removed, whatever is asked.
+        assert_eq!(c.forget_jobs(&[queued, second]).expect("forget"), 1);
+        assert_eq!(
+            c.runs(None, 10).expect("runs").len(),
+            0,
+            "an empty finished run goes"
+        );
+        assert_eq!(c.job(queued).expect("job").status, JobStatus::Queued);
     }
 
     #[test]

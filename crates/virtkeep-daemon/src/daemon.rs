@@ -2,23 +2,49 @@
 //! the limits, finished jobs are recorded, retried or end their run; SIGTERM (the
 //! `shutdown` future) stops it as docs/daemon.md describes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::catalog::{Catalog, JobOutcome, JobRecord, NewJob, now};
+use crate::catalog::{Catalog, JobOutcome, JobRecord, JobStatus, NewJob, now};
 use crate::dispatch::{Pending, Queue};
 use crate::error::Result;
 use crate::policy::{MissedRuns, Policy, ShutdownMode};
 use crate::task::{self, Env, JobRequest, ProgressMap};
 use virtkeep_engine::plan::ModeRequest;
 
-/// What the API hands the loop: a job already in the catalog, to queue.
-pub type Submissions = mpsc::UnboundedSender<i64>;
+/// What the API asks of the loop.
+#[derive(Debug)]
+pub enum Control {
+    /// A job already in the catalog, to queue.
+    Submit(i64),
+    /// Cancel a queued or running job.
+    Cancel {
+        id: i64,
+        reply: oneshot::Sender<CancelReply>,
+    },
+}
+
+/// The loop's answer to [`Control::Cancel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReply {
+    /// It was queued: it is `cancelled` now and will not run.
+    WasQueued,
+    /// It runs: it is being stopped and its VM healed; it ends as `cancelled`.
+    Stopping,
+    /// It had already ended with this status.
+    Finished(JobStatus),
+}
+
+/// How the API reaches the loop.
+pub type Submissions = mpsc::UnboundedSender<Control>;
+
+/// The error recorded for a cancelled job.
+pub const CANCELLED: &str = "cancelled through the API";
 
 /// The error of a job whose daemon died under it (found at the next start).
 pub const ORPHAN_ERROR: &str = "the daemon stopped while this job ran (killed or crashed); the VM was healed and the job retried";
@@ -30,6 +56,10 @@ struct State {
     progress: ProgressMap,
     done_tx: mpsc::UnboundedSender<(i64, JobOutcome)>,
     cancel_rx: watch::Receiver<bool>,
+    /// Per running job: fires its cancel.
+    cancels: HashMap<i64, oneshot::Sender<()>>,
+    /// When the job history limits apply next.
+    next_history: tokio::time::Instant,
     /// Next run per (policy, schedule key).
     next: BTreeMap<(String, String), DateTime<Utc>>,
     /// Retries are not queued while the daemon shuts down; they wait in the catalog.
@@ -48,7 +78,7 @@ pub async fn run(
     tracing::info!(catalog = %catalog.path().display(), policies = env.daemon.policies.len(), "daemon starting");
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (cancel_tx, cancel_rx) = watch::channel(false);
-    let (submit_tx, mut submit_rx) = mpsc::unbounded_channel::<i64>();
+    let (submit_tx, mut submit_rx) = mpsc::unbounded_channel::<Control>();
     let progress = ProgressMap::default();
     let mut st = State {
         env: env.clone(),
@@ -57,6 +87,8 @@ pub async fn run(
         progress: progress.clone(),
         done_tx,
         cancel_rx,
+        cancels: HashMap::new(),
+        next_history: tokio::time::Instant::now(),
         next: BTreeMap::new(),
         stopping: false,
     };
@@ -66,12 +98,13 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     loop {
+        st.apply_history_limits();
         st.fire_due_schedules().await?;
         st.start_jobs()?;
         let wake = st.wake_in();
         tokio::select! {
             Some((id, outcome)) = done_rx.recv() => st.job_done(id, outcome)?,
-            Some(id) = submit_rx.recv() => st.enqueue(id)?,
+            Some(c) = submit_rx.recv() => st.control(c)?,
             _ = tokio::time::sleep(wake) => {}
             _ = &mut shutdown => break,
         }
@@ -173,6 +206,66 @@ pub async fn host_vms(
 }
 
 impl State {
+    fn control(&mut self, c: Control) -> Result<()> {
+        match c {
+            Control::Submit(id) => self.enqueue(id),
+            Control::Cancel { id, reply } => {
+                let r = self.cancel(id)?;
+                let _ = reply.send(r);
+                Ok(())
+            }
+        }
+    }
+
+    /// Cancels job `id` (which exists: the API read it first).
+    fn cancel(&mut self, id: i64) -> Result<CancelReply> {
+        let job = self.catalog.job(id)?;
+        match job.status {
+            JobStatus::Queued => {
+                self.queue.remove(id);
+                self.catalog.finish_job(
+                    id,
+                    &JobOutcome {
+                        cancelled: true,
+                        error: Some(CANCELLED.into()),
+                        ..Default::default()
+                    },
+                )?;
+                tracing::info!(job = id, host = %job.host, vm = %job.vm, "queued job cancelled");
+                let job = self.catalog.job(id)?;
+                self.retry_or_close(&job, 0)?;
+                Ok(CancelReply::WasQueued)
+            }
+            JobStatus::Running => {
+                // A second DELETE finds the sender gone: the job is already stopping.
+                if let Some(tx) = self.cancels.remove(&id) {
+                    tracing::info!(job = id, host = %job.host, vm = %job.vm, "cancelling the running job");
+                    let _ = tx.send(());
+                }
+                Ok(CancelReply::Stopping)
+            }
+            done => Ok(CancelReply::Finished(done)),
+        }
+    }
+
+    /// Removes finished jobs past the history limits; hourly (a failure is logged and
+    /// tried again next time: the history is not worth stopping backups for).
+    fn apply_history_limits(&mut self) {
+        let now_i = tokio::time::Instant::now();
+        if now_i < self.next_history {
+            return;
+        }
+        self.next_history = now_i + crate::history::INTERVAL;
+        match self
+            .catalog
+            .apply_history_limits(self.env.daemon.history, now())
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "job history limits applied"),
+            Err(e) => tracing::warn!("job history limits not applied: {e}"),
+        }
+    }
+
     fn policy_retries(&self, job: &JobRecord) -> u32 {
         job.policy
             .as_deref()
@@ -404,11 +497,16 @@ impl State {
             tracing::info!(job = job.id, kind = %job.kind, host = %job.host, vm = %job.vm, attempt = job.attempt, "job starts");
             let env = self.env.clone();
             let progress = self.progress.clone();
-            let cancel = self.cancel_rx.clone();
+            let (cancel_tx, cancel_rx) = oneshot::channel();
+            self.cancels.insert(job.id, cancel_tx);
+            let stops = task::Stops {
+                shutdown: self.cancel_rx.clone(),
+                cancel: cancel_rx,
+            };
             let done = self.done_tx.clone();
             tokio::spawn(async move {
                 let id = job.id;
-                let outcome = task::run(env, job, progress, cancel).await;
+                let outcome = task::run(env, job, progress, stops).await;
                 let _ = done.send((id, outcome));
             });
         }
@@ -417,11 +515,15 @@ impl State {
 
     fn job_done(&mut self, id: i64, outcome: JobOutcome) -> Result<()> {
         self.queue.finished(id);
+        self.cancels.remove(&id);
         self.catalog.finish_job(id, &outcome)?;
         let job = self.catalog.job(id)?;
         match &outcome.error {
             None => {
                 tracing::info!(job = id, host = %job.host, vm = %job.vm, snapshot = ?job.snapshot, mode = ?job.mode, pruned = ?job.pruned, "job succeeded")
+            }
+            Some(_) if outcome.cancelled => {
+                tracing::info!(job = id, host = %job.host, vm = %job.vm, note = ?job.note, "job cancelled")
             }
             Some(e) => {
                 tracing::warn!(job = id, host = %job.host, vm = %job.vm, attempt = job.attempt, "job failed: {e}")
@@ -434,7 +536,8 @@ impl State {
     /// After a job ended: queue its retry (failed backups with tries left), apply the
     /// policy run's fail-rest threshold, and close the run when nothing is left.
     fn retry_or_close(&mut self, job: &JobRecord, delay: i64) -> Result<()> {
-        let failed = job.error.is_some();
+        // A cancelled job is not retried: someone wanted it stopped.
+        let failed = job.status == JobStatus::Failed;
         if failed && job.kind == "backup" && job.attempt <= self.policy_retries(job) as i64 {
             let id = self.catalog.add_job(&NewJob {
                 run_id: job.run_id,

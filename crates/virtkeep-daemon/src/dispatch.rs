@@ -87,6 +87,13 @@ impl Queue {
         self.running.remove(&id);
     }
 
+    /// Removes one queued job (cancelled); whether it was queued here.
+    pub fn remove(&mut self, id: i64) -> bool {
+        let before = self.pending.len();
+        self.pending.retain(|p| p.id != id);
+        self.pending.len() != before
+    }
+
     /// Removes the queued jobs of a run; returns their ids.
     pub fn cancel_run(&mut self, run_id: i64) -> Vec<i64> {
         let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
@@ -156,5 +163,17 @@ mod tests {
         q.finished(2);
         assert_eq!(q.cancel_run(1), vec![1]);
         assert!(q.is_idle());
+    }
+
+    #[test]
+    fn a_cancelled_job_leaves_the_queue_and_frees_its_vm() {
+        let mut q = Queue::default();
+        q.push(p(1, "a", "vm1", 0));
+        q.push(p(2, "a", "vm2", 9));
+        assert!(q.remove(2));
+        assert!(!q.remove(2), "already gone");
+        assert!(!q.remove(7), "never queued");
+        assert_eq!(ids(&q.start(0, 5, &|_| 5)), vec![1]);
+        assert!(!q.remove(1), "a running job is not in the queue");
     }
 }

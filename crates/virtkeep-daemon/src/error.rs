@@ -79,6 +79,14 @@ pub enum DaemonError {
     },
     #[error("the API token variable {var} is not set or empty")]
     TokenEnv { var: String },
+    #[error("one API token is listed with two scopes ({first} and {second})")]
+    TokenConflict { first: String, second: String },
+    #[error("TLS certificate {} / key {}: {message}", certificate.display(), key.display())]
+    Tls {
+        certificate: PathBuf,
+        key: PathBuf,
+        message: String,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -99,6 +107,8 @@ impl DaemonError {
             DaemonError::CatalogBusy { .. } => Some("stop the other daemon (systemctl stop virtkeep), or give this one another [daemon] catalog".into()),
             DaemonError::CatalogVersion { .. } => Some("run the virtkeep version that wrote this catalog, or move the file away to start a new history".into()),
             DaemonError::TokenEnv { var } => Some(format!("export {var}=<a long random string> for the daemon (systemd: EnvironmentFile=)")),
+            DaemonError::TokenConflict { .. } => Some("give every token one scope: remove it from the token source with the scope it should not have".into()),
+            DaemonError::Tls { .. } => Some("[daemon.api] tls_certificate and tls_key name PEM files: the certificate chain (leaf first) and its private key (PKCS#8, PKCS#1 or SEC1), readable by the daemon".into()),
             DaemonError::Listen { .. } => Some("another process holds the port: change [daemon.api] listen".into()),
             DaemonError::Engine(e) => e.hint.clone(),
             _ => None,
@@ -106,8 +116,13 @@ impl DaemonError {
     }
 
     pub fn is_config(&self) -> bool {
-        matches!(self, DaemonError::Config(_) | DaemonError::TokenEnv { .. })
-            || matches!(self, DaemonError::Engine(e) if e.kind == virtkeep_engine::ErrorKind::Config)
+        matches!(
+            self,
+            DaemonError::Config(_)
+                | DaemonError::TokenEnv { .. }
+                | DaemonError::TokenConflict { .. }
+                | DaemonError::Tls { .. }
+        ) || matches!(self, DaemonError::Engine(e) if e.kind == virtkeep_engine::ErrorKind::Config)
     }
 
     pub(crate) fn catalog(

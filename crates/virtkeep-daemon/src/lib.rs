@@ -12,8 +12,12 @@
 
 pub mod catalog;
 pub mod error;
+pub mod history;
+pub mod idle;
 pub mod policy;
 pub mod schedule;
+pub mod scope;
+pub mod tls;
 
 pub use error::{ConfigError, DaemonError, Result};
 pub mod api;

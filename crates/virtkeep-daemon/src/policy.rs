@@ -14,7 +14,9 @@ use toml::Spanned;
 use virtkeep_engine::config::Config as EngineConfig;
 
 use crate::error::ConfigError;
+use crate::history::HistoryLimits;
 use crate::schedule::{Schedule, parse_duration};
+use crate::scope::{Scope, UNSCOPED_DEFAULT};
 use virtkeep_engine::plan::{ModeRequest, Transport};
 
 /// What to do with runs that fell due while the daemon was not running.
@@ -64,6 +66,8 @@ struct DaemonModel {
     #[serde(default)]
     shutdown: ShutdownMode,
     shutdown_grace: Option<Spanned<String>>,
+    history_max_age: Option<Spanned<String>>,
+    history_max_jobs: Option<Spanned<usize>>,
     api: Option<ApiModel>,
 }
 
@@ -73,6 +77,24 @@ struct ApiModel {
     listen: Spanned<String>,
     token_env: Option<Spanned<String>>,
     token_file: Option<PathBuf>,
+    /// The scope of `token_env` / `token_file` tokens.
+    scope: Option<Scope>,
+    #[serde(default)]
+    tokens: Vec<Spanned<TokenModel>>,
+    tls_certificate: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    insecure_plain_http: bool,
+    max_request_bytes: Option<Spanned<usize>>,
+    request_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenModel {
+    env: Option<String>,
+    file: Option<PathBuf>,
+    scope: Scope,
 }
 
 #[derive(Deserialize)]
@@ -156,6 +178,8 @@ pub struct DaemonConfig {
     pub retry_backoff: Duration,
     pub shutdown: ShutdownMode,
     pub shutdown_grace: Duration,
+    /// How long finished jobs stay in the catalog, and how many.
+    pub history: HistoryLimits,
     pub api: Option<ApiConfig>,
     pub policies: BTreeMap<String, Policy>,
 }
@@ -176,9 +200,42 @@ impl DaemonConfig {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub listen: String,
-    pub token_env: Option<String>,
-    pub token_file: Option<PathBuf>,
+    pub tokens: Vec<TokenSource>,
+    /// HTTPS with these files; plain HTTP without (loopback or `insecure_plain_http`).
+    pub tls: Option<TlsFiles>,
+    /// Larger request bodies get 413.
+    pub max_request_bytes: usize,
+    /// A request that takes longer gets 503.
+    pub request_timeout: Duration,
 }
+
+/// Where tokens come from, and what they may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSource {
+    pub from: TokenFrom,
+    pub scope: Scope,
+    /// False for `token_env` / `token_file` without `scope`: the daemon warns at start.
+    pub scoped: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenFrom {
+    /// One token in this environment variable.
+    Env(String),
+    /// One token per line, `#` comments.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM: the certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// PEM: its private key.
+    pub key: PathBuf,
+}
+
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long a job may run when its policy does not say (and for jobs without a policy).
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -366,25 +423,10 @@ impl DaemonConfig {
             Some(v) => c.duration(v, "shutdown_grace")?,
             None => Duration::from_secs(30 * 60),
         };
+        let history = check_history(&c, &d)?;
         let api = match d.api {
             None => None,
-            Some(a) => {
-                if a.listen.get_ref().parse::<std::net::SocketAddr>().is_err() {
-                    return c.err(
-                        a.listen.span(),
-                        format!("listen {:?} is not an address", a.listen.get_ref()),
-                        "IP:PORT, e.g. \"127.0.0.1:8470\"",
-                    );
-                }
-                if a.token_env.is_none() && a.token_file.is_none() {
-                    return c.err(a.listen.span(), "the API has no token", "token_env = \"VARIABLE\" or token_file = \"/path\" next to listen (the token itself never goes in this file)");
-                }
-                Some(ApiConfig {
-                    listen: a.listen.into_inner(),
-                    token_env: a.token_env.map(Spanned::into_inner),
-                    token_file: a.token_file,
-                })
-            }
+            Some(a) => Some(check_api(&c, a)?),
         };
         let retries = d.retries.unwrap_or(2);
         let mut policies = BTreeMap::new();
@@ -407,6 +449,7 @@ impl DaemonConfig {
             retry_backoff,
             shutdown: d.shutdown,
             shutdown_grace,
+            history,
             api,
             policies,
         })
@@ -434,6 +477,95 @@ impl DaemonConfig {
             .copied()
             .unwrap_or(self.max_jobs_per_host)
     }
+}
+
+fn check_history(c: &Checker<'_>, d: &DaemonModel) -> Result<HistoryLimits, ConfigError> {
+    Ok(HistoryLimits {
+        max_age: match &d.history_max_age {
+            Some(v) => c.duration(v, "history_max_age")?,
+            None => crate::history::DEFAULT_LIMITS.max_age,
+        },
+        max_jobs: match &d.history_max_jobs {
+            Some(v) => c.positive(v, "history_max_jobs")?,
+            None => crate::history::DEFAULT_LIMITS.max_jobs,
+        },
+    })
+}
+
+fn check_api(c: &Checker<'_>, a: ApiModel) -> Result<ApiConfig, ConfigError> {
+    let listen = match a.listen.get_ref().parse::<std::net::SocketAddr>() {
+        Ok(l) => l,
+        Err(_) => {
+            return c.err(
+                a.listen.span(),
+                format!("listen {:?} is not an address", a.listen.get_ref()),
+                "IP:PORT, e.g. \"127.0.0.1:8470\"",
+            );
+        }
+    };
+    let tls = match (a.tls_certificate, a.tls_key) {
+        (Some(certificate), Some(key)) => Some(TlsFiles { certificate, key }),
+        (None, None) => None,
+        _ => {
+            return c.err(
+                a.listen.span(),
+                "the API has only one of tls_certificate and tls_key",
+                "both tls_certificate = \"/path/cert.pem\" and tls_key = \"/path/key.pem\", or neither",
+            );
+        }
+    };
+    // Tokens and job requests must not cross a network in clear by accident.
+    if tls.is_none() && !listen.ip().is_loopback() && !a.insecure_plain_http {
+        return c.err(
+            a.listen.span(),
+            format!("listen {listen} is not a loopback address and the API has no TLS: tokens would cross the network in clear"),
+            "tls_certificate and tls_key (PEM files) for HTTPS, a loopback address (127.0.0.1:PORT) behind a TLS proxy, or insecure_plain_http = true on a network you trust",
+        );
+    }
+    let mut tokens = Vec::new();
+    let legacy = |from| TokenSource {
+        from,
+        scope: a.scope.unwrap_or(UNSCOPED_DEFAULT),
+        scoped: a.scope.is_some(),
+    };
+    tokens.extend(a.token_env.map(|v| legacy(TokenFrom::Env(v.into_inner()))));
+    tokens.extend(a.token_file.map(|f| legacy(TokenFrom::File(f))));
+    for t in a.tokens {
+        let span = t.span();
+        let t = t.into_inner();
+        let from = match (t.env, t.file) {
+            (Some(v), None) => TokenFrom::Env(v),
+            (None, Some(f)) => TokenFrom::File(f),
+            _ => {
+                return c.err(
+                    span,
+                    "an API token needs exactly one of env and file",
+                    "{ env = \"VARIABLE\", scope = \"read\" } or { file = \"/path\", scope = \"operate\" }",
+                );
+            }
+        };
+        tokens.push(TokenSource {
+            from,
+            scope: t.scope,
+            scoped: true,
+        });
+    }
+    if tokens.is_empty() {
+        return c.err(a.listen.span(), "the API has no token", "token_env = \"VARIABLE\", token_file = \"/path\" or [[daemon.api.tokens]] next to listen (the token itself never goes in this file)");
+    }
+    Ok(ApiConfig {
+        listen: a.listen.into_inner(),
+        tokens,
+        tls,
+        max_request_bytes: match &a.max_request_bytes {
+            Some(v) => c.positive(v, "max_request_bytes")?,
+            None => DEFAULT_MAX_REQUEST_BYTES,
+        },
+        request_timeout: match &a.request_timeout {
+            Some(v) => c.duration(v, "request_timeout")?,
+            None => DEFAULT_REQUEST_TIMEOUT,
+        },
+    })
 }
 
 fn host_names(engine: &EngineConfig) -> String {
@@ -782,7 +914,15 @@ exclude = ["-test$"]
         let c = DaemonConfig::parse(Path::new("packaging/virtkeep.toml"), text, &engine)
             .expect("daemon part");
         assert_eq!(c.policies.len(), 2);
-        assert!(c.api.is_some());
+        let api = c.api.as_ref().expect("api");
+        // The sample gives every token a scope, and Prometheus' may only read.
+        assert!(api.tokens.iter().all(|t| t.scoped), "{:?}", api.tokens);
+        assert!(api.tokens.contains(&TokenSource {
+            from: TokenFrom::Env("VIRTKEEP_PROMETHEUS_TOKEN".into()),
+            scope: Scope::Read,
+            scoped: true,
+        }));
+        assert_eq!(c.history, crate::history::DEFAULT_LIMITS);
         // `host add` and `repo init` rewrite the file from the engine's Config: the
         // daemon's sections must survive that.
         let rewritten = toml::to_string_pretty(&engine).expect("serialise");
@@ -795,6 +935,118 @@ exclude = ["-test$"]
         );
         assert_eq!(c2.policies["nightly"].schedules.len(), 2);
         assert_eq!(c2.host_limit("kvm1"), 2);
+    }
+
+    #[test]
+    fn api_tokens_have_scopes_and_unscoped_ones_only_read() {
+        let c = parse(GOOD).expect("valid");
+        let api = c.api.expect("api");
+        assert_eq!(
+            api.tokens,
+            vec![TokenSource {
+                from: TokenFrom::Env("VIRTKEEP_API_TOKEN".into()),
+                scope: Scope::Read,
+                scoped: false,
+            }]
+        );
+        assert_eq!(api.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(api.tls, None);
+        let scoped = GOOD.replace(
+            "token_env = \"VIRTKEEP_API_TOKEN\"",
+            "token_env = \"VIRTKEEP_API_TOKEN\"\nscope = \"admin\"\nmax_request_bytes = 1024\nrequest_timeout = \"5s\"\ntokens = [{ env = \"PROM\", scope = \"read\" }, { file = \"/etc/ops\", scope = \"operate\" }]",
+        );
+        let api = parse(&scoped).expect("valid").api.expect("api");
+        let got: Vec<(TokenFrom, Scope, bool)> = api
+            .tokens
+            .into_iter()
+            .map(|t| (t.from, t.scope, t.scoped))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    TokenFrom::Env("VIRTKEEP_API_TOKEN".into()),
+                    Scope::Admin,
+                    true
+                ),
+                (TokenFrom::Env("PROM".into()), Scope::Read, true),
+                (TokenFrom::File("/etc/ops".into()), Scope::Operate, true),
+            ]
+        );
+        assert_eq!(
+            (api.max_request_bytes, api.request_timeout.as_secs()),
+            (1024, 5)
+        );
+        let e = err_of(&GOOD.replace(
+            "token_env = \"VIRTKEEP_API_TOKEN\"",
+            "tokens = [{ env = \"A\", file = \"/b\", scope = \"read\" }]",
+        ));
+        assert!(e.message.contains("exactly one of env and file"), "{e}");
+        let e = err_of(&GOOD.replace(
+            "token_env = \"VIRTKEEP_API_TOKEN\"",
+            "tokens = [{ env = \"A\", scope = \"root\" }]",
+        ));
+        assert!(
+            e.message.contains("root") && e.message.contains("admin"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_network_listen_address_needs_tls_or_an_explicit_opt_out() {
+        let open = GOOD.replace("127.0.0.1:8470", "0.0.0.0:8470");
+        let e = err_of(&open);
+        assert_eq!(e.line, 10, "{e}");
+        assert!(e.message.contains("not a loopback address"), "{e}");
+        assert!(e.expected.contains("insecure_plain_http"), "{e}");
+        let tls = open.replace(
+            "listen = \"0.0.0.0:8470\"",
+            "listen = \"0.0.0.0:8470\"\ntls_certificate = \"/c.pem\"\ntls_key = \"/k.pem\"",
+        );
+        let api = parse(&tls).expect("valid").api.expect("api");
+        assert_eq!(
+            api.tls,
+            Some(TlsFiles {
+                certificate: "/c.pem".into(),
+                key: "/k.pem".into()
+            })
+        );
+        let plain = open.replace(
+            "listen = \"0.0.0.0:8470\"",
+            "listen = \"0.0.0.0:8470\"\ninsecure_plain_http = true",
+        );
+        assert!(
+            parse(&plain)
+                .expect("valid")
+                .api
+                .expect("api")
+                .tls
+                .is_none()
+        );
+        let half = open.replace(
+            "listen = \"0.0.0.0:8470\"",
+            "listen = \"0.0.0.0:8470\"\ntls_key = \"/k.pem\"",
+        );
+        assert!(err_of(&half).message.contains("only one of"));
+        // IPv6 loopback is loopback.
+        assert!(parse(&GOOD.replace("127.0.0.1:8470", "[::1]:8470")).is_ok());
+    }
+
+    #[test]
+    fn job_history_limits_read() {
+        assert_eq!(
+            parse("").expect("empty").history,
+            crate::history::DEFAULT_LIMITS
+        );
+        let c = parse(&GOOD.replace(
+            "missed_runs = \"skip\"",
+            "missed_runs = \"skip\"\nhistory_max_age = \"30d\"\nhistory_max_jobs = 500",
+        ))
+        .expect("valid");
+        assert_eq!(c.history.max_age, Duration::from_secs(30 * 86400));
+        assert_eq!(c.history.max_jobs, 500);
+        let e = err_of(&GOOD.replace("missed_runs = \"skip\"", "history_max_jobs = 0"));
+        assert!(e.message.contains("history_max_jobs"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use virtkeep_engine::backup::{BackupOptions, backup_vm};
 use virtkeep_engine::config::{Config as EngineConfig, RepositoryConfig};
 use virtkeep_engine::host::Host;
@@ -172,14 +172,22 @@ pub async fn heal_after_interruption(host: &Host, vm: &str) -> Vec<String> {
     }
 }
 
-/// Runs one job to its end. `cancel` turning true aborts it cleanly: the engine's
-/// future is dropped, then the VM is healed the way `virtkeep cleanup` would.
-pub async fn run(
-    env: Arc<Env>,
-    job: JobRecord,
-    progress: ProgressMap,
-    mut cancel: watch::Receiver<bool>,
-) -> JobOutcome {
+/// What can stop a job before its end.
+pub struct Stops {
+    /// Turns true when the daemon's shutdown aborts running jobs.
+    pub shutdown: watch::Receiver<bool>,
+    /// Fires when the job is cancelled through the API.
+    pub cancel: oneshot::Receiver<()>,
+}
+
+/// Runs one job to its end. A shutdown abort, a cancel and `job_timeout` all stop it
+/// the same clean way: the engine's future is dropped, then the VM is healed the way
+/// `virtkeep cleanup` would.
+pub async fn run(env: Arc<Env>, job: JobRecord, progress: ProgressMap, stops: Stops) -> JobOutcome {
+    let Stops {
+        shutdown: mut cancel,
+        cancel: cancel_one,
+    } = stops;
     let req: JobRequest = match serde_json::from_str(&job.request) {
         Ok(r) => r,
         Err(e) => {
@@ -227,9 +235,19 @@ pub async fn run(
             std::future::pending::<()>().await;
         }
     };
+    let cancelled_here = async {
+        // A dropped sender (the job ended the loop's bookkeeping) is no cancel.
+        if cancel_one.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     let outcome = tokio::select! {
         r = work => r.unwrap_or_else(|e| JobOutcome { error: Some(error_text(&e)), ..Default::default() }),
         _ = cancelled => aborted(&host, &job.vm, "aborted by the daemon's shutdown").await,
+        _ = cancelled_here => JobOutcome {
+            cancelled: true,
+            ..aborted(&host, &job.vm, "cancelled through the API (DELETE /api/jobs/ID)").await
+        },
         _ = tokio::time::sleep(limit) => {
             let why = format!("aborted: the job ran longer than its job_timeout ({} s)", limit.as_secs());
             aborted(&host, &job.vm, &why).await

@@ -82,6 +82,10 @@ pub struct HostConfig {
     /// commit) may take (default 21600: 6 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_command_timeout_secs: Option<u64>,
+    /// Seconds a disk's data stream (a backup's NBD reads, a restore's NBD writes) may
+    /// make no progress before the job gives up on it (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_stall_timeout_secs: Option<u64>,
 }
 
 /// Sizing of classic (thick) LVM snapshots: the VM's writes during the backup must fit

@@ -154,6 +154,25 @@ impl From<virtkeep_libvirt::XmlError> for Error {
 
 impl From<virtkeep_repo::RepoError> for Error {
     fn from(e: virtkeep_repo::RepoError) -> Self {
+        if let virtkeep_repo::RepoError::Io { path, source } = &e
+            && source.kind() == std::io::ErrorKind::StorageFull
+        {
+            return Error::new(
+                ErrorKind::Repository,
+                format!(
+                    "the repository is full: no space left on device writing {}",
+                    path.display()
+                ),
+            )
+            .hint(REPO_FULL_HINT)
+            .with_source(e);
+        }
         Error::new(ErrorKind::Repository, e.to_string()).with_source(e)
     }
 }
+
+/// What to do about a full repository (the job published nothing and healed the VM).
+const REPO_FULL_HINT: &str = "free space on the filesystem that holds the repository (or \
+    move it to a larger one) and run the backup again; nothing of this backup was \
+    published, and `virtkeep gc` removes the chunks it had already written once they are \
+    older than its grace period";

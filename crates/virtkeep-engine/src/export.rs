@@ -207,14 +207,17 @@ impl NbdExport {
     }
 }
 
-/// How long one batch of NBD requests may take before the export counts as stalled.
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 /// How long connecting to an NBD export and its handshake may take.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub fn stalled() -> Error {
-    Error::new(ErrorKind::DataPath, "the NBD export stopped answering").hint(
-        "check the host's load and the network; `virtkeep cleanup HOST` removes what the job left",
+    Error::new(
+        ErrorKind::DataPath,
+        "the disk's data stream on the host made no progress within data_stall_timeout_secs",
+    )
+    .hint(
+        "check the host's load, its storage and the network (raise data_stall_timeout_secs \
+         for very slow storage); `virtkeep cleanup HOST` removes what the job left",
     )
 }
 
@@ -320,6 +323,7 @@ pub async fn export_disk(
         disk: read.disk.clone(),
         chunk,
         size,
+        stall: host.data_stall_timeout(),
     };
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..read.parallel.max(1) {
@@ -395,6 +399,8 @@ struct Workers {
     disk: String,
     chunk: u64,
     size: u64,
+    /// How long one chunk's requests may take.
+    stall: std::time::Duration,
 }
 
 impl Workers {
@@ -407,6 +413,7 @@ impl Workers {
             chunk: self.chunk,
             size: self.size,
             parent: self.parent.as_ref(),
+            stall: self.stall,
         };
         // Chunks are taken from the shared counter as this worker has room, so the
         // workers still share the disk evenly.
@@ -464,6 +471,7 @@ struct ChunkJob<'a> {
     chunk: u64,
     size: u64,
     parent: Option<&'a Arc<virtkeep_repo::DiskReader>>,
+    stall: std::time::Duration,
 }
 
 impl ChunkJob<'_> {
@@ -488,7 +496,7 @@ impl ChunkJob<'_> {
             }
         }
         let replies = async {
-            tokio::time::timeout(REQUEST_TIMEOUT, futures::future::try_join_all(reads))
+            tokio::time::timeout(self.stall, futures::future::try_join_all(reads))
                 .await
                 .map_err(|_| stalled())?
                 .map_err(Error::from)
@@ -549,7 +557,7 @@ pub async fn export_stream(
     while index * chunk < size {
         let len = chunk.min(size - index * chunk) as usize;
         let mut buf = BytesMut::zeroed(len);
-        tokio::time::timeout(REQUEST_TIMEOUT, proc.stdout.read_exact(&mut buf))
+        tokio::time::timeout(host.data_stall_timeout(), proc.stdout.read_exact(&mut buf))
             .await
             .map_err(|_| stalled())?
             .map_err(|e| {

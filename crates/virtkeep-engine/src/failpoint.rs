@@ -10,6 +10,7 @@
 //! | `export-chunk-written` | a data chunk of a backup is in the repository (mid export) |
 //! | `before-heal` | a backup is about to return the VM to its own disks |
 //! | `held` | the guest is paused or frozen around several snapshot calls |
+//! | `backup-begun` | a backup-API job runs in QEMU (its NBD export is up), nothing read yet |
 
 use std::sync::OnceLock;
 

@@ -31,6 +31,8 @@ pub enum Deadline {
 pub const DEFAULT_COMMAND_TIMEOUT_SECS: u64 = 300;
 /// Default deadline of [`Deadline::Data`] commands.
 pub const DEFAULT_DATA_COMMAND_TIMEOUT_SECS: u64 = 6 * 3600;
+/// Default of how long a disk's data stream may make no progress.
+pub const DEFAULT_DATA_STALL_TIMEOUT_SECS: u64 = 300;
 
 impl Deadline {
     fn of(self, config: &HostConfig) -> std::time::Duration {
@@ -63,6 +65,16 @@ pub struct Host {
 }
 
 impl Host {
+    /// How long one batch of a disk's data stream (NBD reads or writes, an `rbd
+    /// export-diff` record, a `dd` block) may take before the job counts it as stalled.
+    pub fn data_stall_timeout(&self) -> std::time::Duration {
+        let secs = self
+            .config
+            .data_stall_timeout_secs
+            .unwrap_or(DEFAULT_DATA_STALL_TIMEOUT_SECS);
+        std::time::Duration::from_secs(secs.max(1))
+    }
+
     pub async fn connect(name: &str, config: &HostConfig, node_known_hosts: &Path) -> Result<Host> {
         let target = config.target(node_known_hosts)?;
         let session = Session::connect(&target)

@@ -293,16 +293,43 @@ pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
     Ok(c.items)
 }
 
-/// sudo, virsh and the tools every backup needs.
-async fn check_tools(host: &Host, c: &mut Checks) {
-    if host.config.sudo {
-        c.add(
+/// Root, directly or through `sudo -n` for any command: virtkeep sends each host
+/// command as one shell line (pipelines, redirections, small scripts) and with sudo
+/// wraps the whole line as `sudo -n -- sh -c '<line>'`, so a sudoers rule naming only
+/// some binaries cannot work (it would have to allow `sh`, which is all of root).
+async fn check_root(host: &Host, c: &mut Checks) {
+    let (ok, said) = probe(host, sh::effective_uid()).await;
+    let root = ok && said == "0";
+    let user = &host.config.user;
+    let all = format!("`{user} ALL=(root) NOPASSWD: ALL` (e.g. in /etc/sudoers.d/virtkeep)");
+    let (check, passed, fix) = if host.config.sudo {
+        (
             "sudo -n",
-            probe(host, sh::noop()).await,
-            "give the user passwordless sudo for virsh, qemu-img, qemu-nbd, flock, lvm and rbd",
-            true,
-        );
-    }
+            "`sudo -n` runs any command as root",
+            format!(
+                "virtkeep runs every host command as `sudo -n -- sh -c '<command line>'`, so a \
+                 sudoers rule for some binaries cannot work: give {user} passwordless sudo for \
+                 every command, {all}, or log in as root"
+            ),
+        )
+    } else {
+        (
+            "root",
+            "logged in as root",
+            format!("log in as root, or give {user} {all} and add the host with --sudo"),
+        )
+    };
+    let detail = match (root, ok) {
+        (true, _) => passed.to_string(),
+        (false, true) => format!("commands run as uid {said}, not root"),
+        (false, false) => said,
+    };
+    c.add(check, (root, detail), &fix, true);
+}
+
+/// Root, virsh and the tools every backup needs.
+async fn check_tools(host: &Host, c: &mut Checks) {
+    check_root(host, c).await;
     c.add(
         "virsh",
         probe(host, host.virsh().version()).await,
@@ -359,7 +386,7 @@ async fn check_space(host: &Host, c: &mut Checks) {
         "state dir",
         probe(host, coreutils::mkdir_p(HOST_STATE_DIR)).await,
         HOST_STATE_DIR,
-        &format!("virtkeep needs to create {HOST_STATE_DIR} (root or sudo)"),
+        &format!("virtkeep needs to create {HOST_STATE_DIR} (root, or sudo for every command)"),
         true,
     );
     let out = host.exec(&coreutils::df_avail(IMAGES_DIR)).await;

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use virtkeep_libvirt::rbd::CephArgs;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::export::{ChunkSink, ExportStats, REQUEST_TIMEOUT, stalled};
+use crate::export::{ChunkSink, ExportStats, stalled};
 use crate::host::Host;
 use crate::progress::{Event, Progress};
 use crate::rbd_diff::{DiffReader, DiffWriter, Record};
@@ -198,12 +198,13 @@ pub async fn export(
         current: None,
         next_untouched: 0,
     };
-    let mut reader = tokio::time::timeout(REQUEST_TIMEOUT, DiffReader::new(&mut proc.stdout))
+    let stall = host.data_stall_timeout();
+    let mut reader = tokio::time::timeout(stall, DiffReader::new(&mut proc.stdout))
         .await
         .map_err(|_| stalled())?
         .map_err(diff_err)?;
     loop {
-        let record = tokio::time::timeout(REQUEST_TIMEOUT, reader.next())
+        let record = tokio::time::timeout(stall, reader.next())
             .await
             .map_err(|_| stalled())?
             .map_err(diff_err)?;

@@ -87,18 +87,23 @@ pub fn export_readonly_tcp(
 
 /// Stops the qemu-nbd whose pid is in `pid_file` and waits (up to 5 s) until it is
 /// gone, so the image is no longer open. A zombie counts as gone: it has closed the
-/// image, and its reaper (init, as `qemu-nbd --fork` detaches) may take seconds.
+/// image, and its reaper (init, as `qemu-nbd --fork` detaches) may take seconds. A
+/// stopped one (the stall a job gave up on) is continued so that it sees the TERM, and
+/// one still there after 5 s is killed: a job never leaves an export behind.
 pub fn stop(pid_file: &str) -> RemoteCommand {
     const SCRIPT: &str = r#"pid=$(cat "$1") || exit 1
 case $pid in ''|*[!0-9]*) echo "qemu-nbd pid file $1 holds no pid" >&2; exit 1;; esac
 kill "$pid" 2>/dev/null
+kill -CONT "$pid" 2>/dev/null
 i=0
 while [ $i -lt 100 ]; do
   st=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' /proc/"$pid"/status 2>/dev/null) || break
-  case $st in ''|Z) break;; esac
+  case $st in ''|Z) exit 0;; esac
   sleep 0.05
   i=$((i + 1))
-done"#;
+done
+case "$(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null)" in *qemu-nbd*) kill -KILL "$pid";; esac
+exit 0"#;
     crate::sh::script(SCRIPT, [pid_file])
 }
 

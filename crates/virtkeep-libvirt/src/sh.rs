@@ -23,6 +23,11 @@ pub fn noop() -> RemoteCommand {
     RemoteCommand::new("true")
 }
 
+/// `id -u`: the user id host commands run as (0 when root, directly or through sudo).
+pub fn effective_uid() -> RemoteCommand {
+    RemoteCommand::new("id").arg("-u")
+}
+
 /// `sh -c 'command -v "$1"' sh NAME`: prints where the program is; fails when the host
 /// does not have it.
 pub fn command_path(name: &str) -> RemoteCommand {

@@ -104,6 +104,7 @@ pub enum JobStatusArg {
     Running,
     Succeeded,
     Failed,
+    Cancelled,
 }
 
 #[derive(Subcommand, Debug)]
@@ -144,7 +145,7 @@ pub struct HostAddArgs {
     /// known_hosts file for this host
     #[arg(long)]
     pub known_hosts: Option<PathBuf>,
-    /// Run host commands through sudo -n
+    /// Run host commands through sudo -n (the user needs passwordless sudo for every command)
     #[arg(long, conflicts_with = "no_sudo")]
     pub sudo: bool,
     /// Run host commands as the SSH user (undoes --sudo)

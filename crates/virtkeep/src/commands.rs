@@ -118,6 +118,7 @@ fn host_add(settings: &mut Settings, args: HostAddArgs, json: bool) -> anyhow::R
             lvm: None,
             command_timeout_secs: None,
             data_command_timeout_secs: None,
+            data_stall_timeout_secs: None,
         },
         (None, None) => {
             return Err(EngineError::config(format!(

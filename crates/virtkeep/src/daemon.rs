@@ -70,7 +70,14 @@ pub async fn daemon(settings: &Settings) -> anyhow::Result<ExitCode> {
                 submit,
                 tokens,
             };
-            api::serve(state, &api_config.listen)?;
+            api::serve(state, &api_config)?;
+        } else {
+            // SIGHUP (`systemctl reload`) must not stop a daemon without an API.
+            virtkeep_daemon::tls::handle_sighup(None).map_err(|source| DaemonError::Io {
+                what: "installing the SIGHUP handler",
+                path: std::path::PathBuf::from("SIGHUP"),
+                source,
+            })?;
         }
         Ok(())
     })
@@ -97,6 +104,7 @@ pub fn jobs(settings: &Settings, args: JobsArgs, json: bool) -> anyhow::Result<E
                     JobStatusArg::Running => JobStatus::Running,
                     JobStatusArg::Succeeded => JobStatus::Succeeded,
                     JobStatusArg::Failed => JobStatus::Failed,
+                    JobStatusArg::Cancelled => JobStatus::Cancelled,
                 }),
                 host,
                 vm,

@@ -332,6 +332,7 @@ async fn freeze(
     }
     job.post_snapshot().await;
     begun.map_err(|e| e.context("starting the backup job (virsh backup-begin)"))?;
+    crate::failpoint::hit("backup-begun").await;
     Ok(snapshot_time)
 }
 

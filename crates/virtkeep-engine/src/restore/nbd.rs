@@ -86,6 +86,7 @@ async fn write_disk(
             disk: m.spec.target.clone(),
             size: m.spec.size,
             zero_fill: disk.zero_fill,
+            stall: host.data_stall_timeout(),
         };
         workers.spawn(async move {
             let _session = session;
@@ -129,6 +130,8 @@ struct Worker {
     chunk_size: u64,
     size: u64,
     zero_fill: bool,
+    /// How long one chunk's writes (or the final flush) may take.
+    stall: std::time::Duration,
 }
 
 impl Worker {
@@ -150,7 +153,8 @@ impl Worker {
             .map(|i| {
                 let reader = self.reader.clone();
                 let read = tokio::spawn(async move { reader.read_chunk(i).await });
-                job.write(i, read)
+                let write = tokio::time::timeout(self.stall, job.write(i, read));
+                async { write.await.map_err(|_| crate::export::stalled())? }
             })
             .buffer_unordered(CHUNKS_IN_FLIGHT);
         let mut written = 0u64;
@@ -163,7 +167,9 @@ impl Worker {
             });
         }
         drop(done);
-        client.flush().await?;
+        tokio::time::timeout(self.stall, client.flush())
+            .await
+            .map_err(|_| crate::export::stalled())??;
         let _ = client.disconnect().await;
         Ok(written)
     }

@@ -13,31 +13,31 @@ use virtkeep_lab::TestVm;
 use crate::harness::{HOST, Node, assert_only_incremental_base};
 
 const MIB: u64 = 1 << 20;
-const TOKEN: &str = "vkd-test-token-5f0c2a9e";
+pub(crate) const TOKEN: &str = "vkd-test-token-5f0c2a9e";
 
 /// A running `virtkeep daemon` whose log lines are collected as they come.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
 }
 
 /// The daemon's log line when failpoint `name` stops it (see `virtkeep_engine::failpoint`).
-fn failpoint_reached(name: &str) -> String {
+pub(crate) fn failpoint_reached(name: &str) -> String {
     format!("virtkeep: failpoint {name} reached")
 }
 
 impl Daemon {
-    fn start(node: &Node) -> Daemon {
+    pub(crate) fn start(node: &Node) -> Daemon {
         Daemon::start_with(node, None)
     }
 
     /// With failpoint `failpoint` on: its job stops there for good (for fault tests).
-    fn start_with(node: &Node, failpoint: Option<&str>) -> Daemon {
+    pub(crate) fn start_with(node: &Node, failpoint: Option<&str>) -> Daemon {
         Daemon::start_env(node, failpoint, &[])
     }
 
     /// With further variables in the daemon's environment.
-    fn start_env(node: &Node, failpoint: Option<&str>, env: &[(&str, &str)]) -> Daemon {
+    pub(crate) fn start_env(node: &Node, failpoint: Option<&str>, env: &[(&str, &str)]) -> Daemon {
         let bin = assert_cmd::cargo::cargo_bin("virtkeep");
         let mut cmd = Command::new(bin);
         cmd.env_remove("VIRTKEEP_FAILPOINT");
@@ -72,12 +72,12 @@ impl Daemon {
         Daemon { child, log }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         self.log.lock().expect("log").join("\n")
     }
 
     /// Waits for a log line containing `needle`.
-    fn wait_log(&mut self, needle: &str, secs: u64) {
+    pub(crate) fn wait_log(&mut self, needle: &str, secs: u64) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < deadline {
             if self
@@ -100,13 +100,23 @@ impl Daemon {
         panic!("no {needle:?} in {secs} s:\n{}", self.log_text());
     }
 
-    fn kill(mut self) {
+    /// Sends `signal` (e.g. `HUP`) with kill(1).
+    pub(crate) fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
+    pub(crate) fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// SIGTERM, then waits for the daemon to exit by itself.
-    fn terminate(mut self) {
+    pub(crate) fn terminate(mut self) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -136,7 +146,7 @@ impl Drop for Daemon {
     }
 }
 
-fn append_config(node: &Node, text: &str) {
+pub(crate) fn append_config(node: &Node, text: &str) {
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(node.config())
@@ -144,11 +154,11 @@ fn append_config(node: &Node, text: &str) {
     f.write_all(text.as_bytes()).expect("write config");
 }
 
-fn catalog(node: &Node) -> String {
+pub(crate) fn catalog(node: &Node) -> String {
     node.dir.path().join("catalog.sqlite").display().to_string()
 }
 
-fn jobs(node: &Node) -> Vec<Value> {
+pub(crate) fn jobs(node: &Node) -> Vec<Value> {
     node.json(&["jobs", "--limit", "1000"])
         .as_array()
         .cloned()
@@ -156,7 +166,7 @@ fn jobs(node: &Node) -> Vec<Value> {
 }
 
 /// Polls `virtkeep jobs` (the catalog) until `done` holds for the job list.
-fn wait_jobs(
+pub(crate) fn wait_jobs(
     node: &Node,
     daemon: &Daemon,
     secs: u64,
@@ -178,7 +188,7 @@ fn wait_jobs(
     }
 }
 
-fn succeeded(list: &[Value]) -> Vec<&Value> {
+pub(crate) fn succeeded(list: &[Value]) -> Vec<&Value> {
     list.iter().filter(|j| j["status"] == "succeeded").collect()
 }
 
@@ -367,7 +377,7 @@ regex = ["^{}$"]
 }
 
 /// One HTTP/1.1 request over a plain TCP connection: (status, body).
-fn http(
+pub(crate) fn http(
     port: u16,
     method: &str,
     path: &str,
@@ -422,17 +432,17 @@ fn http(
     (status, body)
 }
 
-fn json_of(body: &str) -> Value {
+pub(crate) fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("bad JSON ({e}): {body}"))
 }
 
-fn wait_job_http(port: u16, id: i64, daemon: &Daemon) -> Value {
+pub(crate) fn wait_job_http(port: u16, id: i64, daemon: &Daemon) -> Value {
     let deadline = Instant::now() + Duration::from_secs(150);
     loop {
         let (status, body) = http(port, "GET", &format!("/api/jobs/{id}"), Some(TOKEN), None);
         assert_eq!(status, 200, "{body}");
         let j = json_of(&body);
-        if j["status"] == "succeeded" || j["status"] == "failed" {
+        if ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or("")) {
             return j;
         }
         assert!(
@@ -467,6 +477,7 @@ catalog = "{}"
 [daemon.api]
 listen = "127.0.0.1:{port}"
 token_env = "VKD_TEST_TOKEN"
+scope = "admin"
 "#,
             catalog(&node)
         ),

@@ -390,3 +390,261 @@ fn hung_host_command_fails_the_job_in_bounded_time() {
     let sums = crate::harness::restore_sums(&node, r["id"].as_str().expect("id"), &[]);
     assert_eq!(sums, [("vda".to_string(), sum)]);
 }
+
+fn domjobinfo(vm: &TestVm) -> String {
+    virtkeep_lab::lab().virsh(&["domjobinfo", "--domain", &vm.name])
+}
+
+/// Job directories of the VM on the host (`/run/virtkeep/jobs/UUID-*`: scratch files,
+/// the NBD socket, the backup XML).
+fn job_dirs(vm: &TestVm) -> Vec<String> {
+    let uuid = virtkeep_lab::lab().virsh(&["domuuid", "--domain", &vm.name]);
+    let prefix = format!("{}-", uuid.trim());
+    std::fs::read_dir("/run/virtkeep/jobs")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGKILL right after `virsh backup-begin` (backup API, qcow2 disk): the pull-mode job
+/// and its NBD export are left running in QEMU. `cleanup` ends the job and removes its
+/// scratch files and socket; the definition is unchanged, and the next backup is an
+/// incremental that holds every write since the last published backup.
+#[test]
+fn sigkill_at_backup_begin_then_cleanup_ends_the_job() {
+    let node = Node::new();
+    let lab = virtkeep_lab::lab();
+    let vm = TestVm::builder("kill-begin")
+        .qcow2_disk(32 * MIB)
+        .running(true)
+        .build();
+    let inactive = lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]);
+    vm.write_pattern("vda", 0x51, 0, MIB);
+    let full = node.backup(&vm.name, &[]);
+    assert_eq!(full["method"], "backup_api", "{full}");
+    vm.write_pattern("vda", 0x52, 4 * MIB, MIB);
+    let spec = format!("{HOST}/{}", vm.name);
+    kill_backup_at(&node, &spec, &[], "backup-begun");
+    let job = domjobinfo(&vm);
+    assert!(job.contains("Backup"), "the kill left no backup job: {job}");
+    assert!(!job_dirs(&vm).is_empty(), "the killed job left no job dir");
+    vm.write_pattern("vda", 0x53, 8 * MIB, MIB);
+    let sum = vm.disk_checksum("vda");
+
+    node.json(&["cleanup", HOST]);
+    let job = domjobinfo(&vm);
+    assert!(
+        job.lines()
+            .any(|l| l.starts_with("Job type:") && l.trim_end().ends_with("None")),
+        "a backup job is left in QEMU: {job}"
+    );
+    assert_eq!(job_dirs(&vm), Vec::<String>::new(), "scratch/NBD left");
+    assert!(vm.is_running());
+    assert_eq!(
+        lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]),
+        inactive
+    );
+    let r = node.backup(&vm.name, &[]);
+    assert_eq!(r["mode"], "incremental", "{r}");
+    assert_eq!(r["method"], "backup_api", "{r}");
+    let sums = crate::harness::restore_sums(&node, r["id"].as_str().expect("id"), &[]);
+    assert_eq!(sums, [("vda".to_string(), sum)]);
+    crate::harness::assert_only_incremental_base(&vm);
+    node.ok(&["verify", "--all"]);
+}
+
+/// The node's established TCP connections to the lab sshd, as local ports.
+fn ssh_ports_of(pid: u32) -> Vec<String> {
+    let port = virtkeep_lab::lab().ssh_port;
+    let out = Command::new("ss")
+        .args(["-tnpH", "state", "established"])
+        .arg(format!("( dport = :{port} )"))
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| l.split_whitespace().nth(2)?.rsplit_once(':'))
+        .map(|(_, p)| p.to_string())
+        .collect()
+}
+
+/// Cuts every SSH connection of process `pid` (`ss -K`: the sockets are destroyed, the
+/// node gets an error, the server a reset): the link is gone mid-command.
+fn cut_links_of(pid: u32) -> usize {
+    let port = virtkeep_lab::lab().ssh_port;
+    let ports = ssh_ports_of(pid);
+    for p in &ports {
+        let st = Command::new("ss")
+            .args(["-K", "-tnH", "state", "established"])
+            .arg(format!("( sport = :{p} and dport = :{port} )"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("ss -K");
+        assert!(st.success());
+    }
+    ports.len()
+}
+
+/// Packets of the node's SSH connections silently dropped (iptables on loopback), as
+/// on a link that went away without a word; the rules go when dropped.
+struct Blackhole(Vec<Vec<String>>);
+
+impl Blackhole {
+    fn links_of(pid: u32) -> Blackhole {
+        let lab_port = virtkeep_lab::lab().ssh_port.to_string();
+        let mut rules = Vec::new();
+        for p in ssh_ports_of(pid) {
+            for (sport, dport) in [(&p, &lab_port), (&lab_port, &p)] {
+                rules.push(
+                    [
+                        "INPUT", "-p", "tcp", "--sport", sport, "--dport", dport, "-j", "DROP",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                );
+            }
+        }
+        let mut hole = Blackhole(Vec::new());
+        for r in rules {
+            let st = Command::new("iptables")
+                .arg("-I")
+                .args(&r)
+                .status()
+                .expect("iptables");
+            assert!(st.success(), "iptables -I {r:?}");
+            hole.0.push(r);
+        }
+        hole
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        for r in &self.0 {
+            let _ = Command::new("iptables").arg("-D").args(r).status();
+        }
+    }
+}
+
+/// How a test cuts the node's link: returns what undoes it (if anything) when dropped.
+type Cut = fn(u32) -> Option<Blackhole>;
+
+/// The link cut while `virsh blockcommit` runs on the host (it waits on a QEMU the
+/// post-snapshot hook stopped, so the cut lands inside the commit, no race): the job
+/// fails within `bound`; once QEMU runs again, `cleanup` finishes the commit, the VM
+/// runs on its own file with its definition unchanged, and the next backup works.
+fn link_cut_during_blockcommit(cut_link: Cut, bound: Duration) {
+    let node = Node::new();
+    let lab = virtkeep_lab::lab();
+    let vm = TestVm::builder("cut-commit")
+        .raw_disk(16 * MIB)
+        .running(true)
+        .build();
+    vm.write_pattern("vda", 0x47, 0, MIB);
+    let sum = vm.disk_checksum("vda");
+    let sources = vm.current_sources();
+    let inactive = lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]);
+    let uuid = lab
+        .virsh(&["domuuid", "--domain", &vm.name])
+        .trim()
+        .to_string();
+    let pid_file = format!("/run/libvirt/qemu/{}.pid", vm.name);
+    let pid = std::fs::read_to_string(&pid_file).expect("qemu pid");
+    let cont = Continue(pid.trim().to_string());
+
+    let log = node.dir.path().join("backup.log");
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .env("VIRTKEEP_LOG", "info")
+        .env_remove("VIRTKEEP_FAILPOINT")
+        .args(["backup", &format!("{HOST}/{}", vm.name), "--post-snapshot"])
+        .arg(format!("kill -STOP \"$(cat '{pid_file}')\""))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn virtkeep");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = Command::new("pgrep")
+            .args(["-af", "blockcommit"])
+            .output()
+            .expect("pgrep");
+        if String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.contains(&uuid) && l.starts_with(|c: char| c.is_ascii_digit()))
+        {
+            break;
+        }
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(Instant::now() < deadline, "no blockcommit: {log}");
+        assert!(child.try_wait().expect("wait").is_none(), "ended: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!ssh_ports_of(child.id()).is_empty(), "no connection to cut");
+    let hole = cut_link(child.id());
+    let cut = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if cut.elapsed() > bound + Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the job still runs {bound:?} + 60 s after the link was cut");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = cut.elapsed();
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "{stderr}");
+    eprintln!(
+        "the job ended {:.1} s after the cut:\n{stderr}",
+        took.as_secs_f64()
+    );
+    assert!(took < bound, "took {took:?}");
+
+    drop(hole);
+    drop(cont);
+    std::thread::sleep(Duration::from_secs(2));
+    node.json(&["cleanup", HOST, "--vm", &vm.name]);
+    assert!(vm.is_running());
+    assert_eq!(vm.current_sources(), sources);
+    assert!(vm.leftovers().is_empty(), "leftovers: {:?}", vm.leftovers());
+    assert_eq!(
+        lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]),
+        inactive
+    );
+    let r = node.backup(&vm.name, &[]);
+    let sums = crate::harness::restore_sums(&node, r["id"].as_str().expect("id"), &[]);
+    assert_eq!(sums, [("vda".to_string(), sum)]);
+    node.ok(&["verify", "--all"]);
+}
+
+/// The sockets destroyed (`ss -K`): the node sees the connection fail at once.
+#[test]
+fn link_reset_during_blockcommit_then_cleanup_finishes_it() {
+    link_cut_during_blockcommit(
+        |pid| {
+            cut_links_of(pid);
+            None
+        },
+        Duration::from_secs(30),
+    );
+}
+
+/// Every packet dropped, nothing said: the SSH keepalives (15 s, three unanswered)
+/// end the job.
+#[test]
+fn link_loss_during_blockcommit_then_cleanup_finishes_it() {
+    link_cut_during_blockcommit(
+        |pid| Some(Blackhole::links_of(pid)),
+        Duration::from_secs(110),
+    );
+}

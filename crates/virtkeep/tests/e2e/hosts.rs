@@ -276,6 +276,14 @@ fn host_check_names_what_fails() {
             .iter()
             .any(|c| c["check"] == "qemu-nbd" && c["ok"] == true)
     );
+    let root = check(&v, "root");
+    assert_eq!(root["ok"], false, "{v}");
+    assert!(
+        root["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("NOPASSWD: ALL") && f.contains("--sudo")),
+        "{v}"
+    );
 }
 
 /// `virsh domcapabilities` (seconds on some hosts) is asked once per libvirt/QEMU
@@ -309,4 +317,76 @@ fn backup_api_probe_is_cached_and_host_check_refreshes_it() {
     assert!(second.contains("caps-backup-api"), "{second}");
     let check = commands_of(&["host", "check", HOST]);
     assert!(check.contains("domcapabilities"), "{check}");
+}
+
+/// The lab user whose sudo covers only virsh, qemu-img and qemu-nbd (lab/lib.sh
+/// `ALLOWLIST_USER`; same password as the password user).
+const ALLOWLIST_USER: &str = "vkallow";
+
+/// Adds host `name` for `user` (password login, `--sudo`) and returns its `host check`.
+fn sudo_host_check(node: &Node, name: &str, user: &str) -> (Option<i32>, serde_json::Value) {
+    let lab = node.lab;
+    let ssh = format!("{user}@{}:{}", lab.ssh_host, lab.ssh_port);
+    let known = lab.known_hosts.display().to_string();
+    node.ok(&[
+        "host",
+        "add",
+        name,
+        "--ssh",
+        &ssh,
+        "--password-env",
+        "VK_TEST_PW",
+        "--known-hosts",
+        &known,
+        "--sudo",
+    ]);
+    let out = node
+        .cmd()
+        .args(["--json", "host", "check", name])
+        .env("VK_TEST_PW", &lab.password)
+        .output()
+        .expect("run");
+    let v = serde_json::from_slice(&out.stdout).expect("json");
+    (out.status.code(), v)
+}
+
+fn check<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["check"] == name)
+        .unwrap_or_else(|| panic!("no check {name:?}: {v}"))
+}
+
+/// Every command line runs as `sudo -n -- sh -c '…'`, so sudo limited to some binaries
+/// cannot work: `host check` fails the sudo check saying that sudo for every command
+/// is required (never suggesting a per-binary rule), and passes it for full sudo.
+#[test]
+fn host_check_requires_sudo_for_every_command() {
+    let node = Node::new();
+    let (code, v) = sudo_host_check(&node, "allow", ALLOWLIST_USER);
+    assert_eq!(code, Some(1), "{v}");
+    let sudo = check(&v, "sudo -n");
+    assert_eq!(sudo["ok"], false, "{v}");
+    assert_eq!(sudo["required"], true, "{v}");
+    let fix = sudo["fix"].as_str().expect("fix");
+    assert!(
+        fix.contains(&format!("{ALLOWLIST_USER} ALL=(root) NOPASSWD: ALL"))
+            && fix.contains("sudo -n -- sh -c"),
+        "{fix}"
+    );
+    for c in v["checks"].as_array().expect("checks") {
+        let fix = c["fix"].as_str().unwrap_or("");
+        assert!(
+            !fix.contains("sudo for virsh"),
+            "a per-binary rule suggested: {c}"
+        );
+    }
+
+    let (code, v) = sudo_host_check(&node, "full", &node.lab.password_user);
+    assert_eq!(code, Some(0), "{v}");
+    let sudo = check(&v, "sudo -n");
+    assert_eq!(sudo["ok"], true, "{v}");
+    assert_eq!(sudo["detail"], "`sudo -n` runs any command as root", "{v}");
 }

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod api;
 mod auth;
 mod backup_restore;
 mod cli;
@@ -11,6 +12,7 @@ mod completions;
 mod config;
 mod daemon;
 mod failures;
+mod faults;
 mod files;
 mod hardening;
 mod hosts;
