@@ -1,20 +1,26 @@
 //! `DISK[:PART]:/PATH` targets inside a backup, and directory listings of them.
 
 use std::io::{Read, Seek};
+use std::path::Path;
 
 use virtkeep_repo::{DiskViewOptions, Repository};
 
 use crate::error::FilesError;
 use crate::ext4::{DirListing, MAX_PATH, list_ext4};
+use crate::find::{FindResult, find_ext4};
 use crate::fsdetect::detect;
+use crate::get::{GetOptions, GetSummary, get_ext4};
+use crate::lvm::{Mapped, read_pv};
 use crate::partition::read_table;
 
 /// A place in a backup: a disk, optionally a partition number, and an absolute path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileTarget {
     pub disk: String,
-    /// `None`: the filesystem spans the whole disk.
+    /// `None`: the filesystem spans the whole disk (or an LV holds it).
     pub partition: Option<u32>,
+    /// `VG/LV`: a linear logical volume of guest LVM on this disk.
+    pub lv: Option<String>,
     pub path: String,
 }
 
@@ -35,11 +41,28 @@ impl std::str::FromStr for FileTarget {
         {
             return Err(bad());
         }
-        let (partition, path) = if rest.starts_with('/') {
+        let (part, path) = if rest.starts_with('/') {
             (None, rest)
         } else {
             let (p, path) = rest.split_once(':').ok_or_else(bad)?;
-            (Some(p.parse::<u32>().map_err(|_| bad())?), path)
+            (Some(p), path)
+        };
+        let (partition, lv) = match part {
+            None => (None, None),
+            Some(p) if p.contains('/') => {
+                let ok = |n: &str| {
+                    !n.is_empty()
+                        && n.len() <= 128
+                        && !n.starts_with('-')
+                        && n.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c))
+                };
+                match p.split_once('/') {
+                    Some((vg, lvn)) if ok(vg) && ok(lvn) => (None, Some(p.to_string())),
+                    _ => return Err(bad()),
+                }
+            }
+            Some(p) => (Some(p.parse::<u32>().map_err(|_| bad())?), None),
         };
         if !path.starts_with('/') {
             return Err(bad());
@@ -47,30 +70,90 @@ impl std::str::FromStr for FileTarget {
         Ok(FileTarget {
             disk: disk.to_string(),
             partition,
+            lv,
             path: path.to_string(),
         })
     }
 }
 
-/// The byte range of `target`'s filesystem on a disk of `size` bytes read through `r`,
-/// checked to hold ext2/3/4.
-fn ext_range<R: Read + Seek>(
+impl FileTarget {
+    /// `DISK[:PART]` (the filesystem's root) or `DISK[:PART]:/PATH`.
+    pub fn parse_root(s: &str) -> Result<Self, FilesError> {
+        if s.contains(":/") {
+            s.parse()
+        } else {
+            format!("{s}:/").parse()
+        }
+    }
+}
+
+/// The place of `target`'s filesystem on a disk of `size` bytes: a partition, the
+/// whole disk, or an LV found on any LVM2 PV of the disk.
+fn locate<R: Read + Seek>(
     r: &mut R,
     size: u64,
     target: &FileTarget,
-) -> Result<(u64, u64), FilesError> {
-    let (start, len, what) = match target.partition {
-        None => (0, size, target.disk.clone()),
+) -> Result<(Mapped<()>, String), FilesError> {
+    if let Some(name) = &target.lv {
+        for (pv_start, pv_len) in pv_ranges(r, size)? {
+            let Ok((lvs, _)) = read_pv(r, pv_start, pv_len) else {
+                continue;
+            };
+            if let Some(lv) = lvs.iter().find(|l| format!("{}/{}", l.vg, l.name) == *name) {
+                return Ok((
+                    Mapped::lv((), pv_start, lv),
+                    format!("{} LV {name}", target.disk),
+                ));
+            }
+        }
+        return Err(FilesError::NotFound(format!(
+            "disk {} has no linear LV {name}",
+            target.disk
+        )));
+    }
+    match target.partition {
+        None => Ok((Mapped::range((), 0, size), target.disk.clone())),
         Some(n) => {
             let t = read_table(r, size)?;
             let p = t.partitions.iter().find(|p| p.number == n).ok_or_else(|| {
                 FilesError::NotFound(format!("disk {} has no partition {n}", target.disk))
             })?;
-            (p.start, p.size, format!("{} partition {n}", target.disk))
+            let what = format!("{} partition {n}", target.disk);
+            Ok((Mapped::range((), p.start, p.size), what))
         }
-    };
-    match detect(r, size, start, len)? {
-        Some(f) if matches!(f.kind.as_str(), "ext2" | "ext3" | "ext4") => Ok((start, len)),
+    }
+}
+
+/// `(start, len)` of each LVM2 physical volume of a disk: partitions, or the whole disk.
+pub(crate) fn pv_ranges<R: Read + Seek>(
+    r: &mut R,
+    size: u64,
+) -> Result<Vec<(u64, u64)>, FilesError> {
+    let t = read_table(r, size)?;
+    let mut ranges: Vec<(u64, u64)> = t.partitions.iter().map(|p| (p.start, p.size)).collect();
+    if ranges.is_empty() {
+        ranges.push((0, size));
+    }
+    let mut out = Vec::new();
+    for (start, len) in ranges {
+        if detect(r, size, start, len)?.is_some_and(|f| f.kind == "LVM2_member") {
+            out.push((start, len));
+        }
+    }
+    Ok(out)
+}
+
+/// `target`'s filesystem as its own device, checked to hold ext2/3/4.
+fn fs_reader<R: Read + Seek>(
+    mut r: R,
+    size: u64,
+    target: &FileTarget,
+) -> Result<Mapped<R>, FilesError> {
+    let (place, what) = locate(&mut r, size, target)?;
+    let mut m = place.with(r);
+    let len = m.size();
+    match detect(&mut m, len, 0, len)? {
+        Some(f) if matches!(f.kind.as_str(), "ext2" | "ext3" | "ext4") => Ok(m),
         Some(f) => Err(FilesError::Unsupported {
             what,
             found: f.kind,
@@ -82,12 +165,13 @@ fn ext_range<R: Read + Seek>(
     }
 }
 
-/// List the directory `target` names in backup `id`.
-pub async fn list_dir(
+/// A blocking reader over `target`'s disk in backup `id`, and the disk's size.
+async fn open_disk(
     repo: &Repository,
     id: &str,
     target: &FileTarget,
-) -> Result<DirListing, FilesError> {
+    readahead_chunks: usize,
+) -> Result<(virtkeep_repo::BlockingDiskView, u64), FilesError> {
     let m = repo.manifest(id).await?;
     if !m.disks.iter().any(|d| d.spec.name == target.disk) {
         return Err(FilesError::NotFound(format!(
@@ -95,17 +179,72 @@ pub async fn list_dir(
             target.disk
         )));
     }
-    // Metadata reads are scattered: no read-ahead, the default cache.
     let opts = DiskViewOptions {
-        readahead_chunks: 0,
+        readahead_chunks,
         ..DiskViewOptions::default()
     };
     let view = repo.disk_view(id, &target.disk, opts).await?;
-    let mut r = view.blocking(tokio::runtime::Handle::current());
-    let (size, target) = (view.size(), target.clone());
+    let r = view.blocking(tokio::runtime::Handle::current());
+    Ok((r, view.size()))
+}
+
+/// List the directory `target` names in backup `id`.
+pub async fn list_dir(
+    repo: &Repository,
+    id: &str,
+    target: &FileTarget,
+) -> Result<DirListing, FilesError> {
+    // Metadata reads are scattered: no read-ahead.
+    let (r, size) = open_disk(repo, id, target, 0).await?;
+    let target = target.clone();
     tokio::task::spawn_blocking(move || {
-        let (start, len) = ext_range(&mut r, size, &target)?;
-        list_ext4(r, start, len, &target.path)
+        let m = fs_reader(r, size, &target)?;
+        let len = m.size();
+        list_ext4(m, 0, len, &target.path)
+    })
+    .await
+    .map_err(|e| FilesError::Task(e.to_string()))?
+}
+
+/// Copy the file or directory tree `target` names in backup `id` into directory `to`.
+pub async fn get(
+    repo: &Repository,
+    id: &str,
+    target: &FileTarget,
+    to: &Path,
+    opts: GetOptions,
+) -> Result<GetSummary, FilesError> {
+    // File data is read in order: the default read-ahead helps.
+    let (r, size) = open_disk(
+        repo,
+        id,
+        target,
+        DiskViewOptions::default().readahead_chunks,
+    )
+    .await?;
+    let (target, to) = (target.clone(), to.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let m = fs_reader(r, size, &target)?;
+        let len = m.size();
+        get_ext4(m, 0, len, &target.path, &to, opts)
+    })
+    .await
+    .map_err(|e| FilesError::Task(e.to_string()))?
+}
+
+/// Entries under directory `target` of backup `id` whose name matches the glob `pattern`.
+pub async fn find(
+    repo: &Repository,
+    id: &str,
+    target: &FileTarget,
+    pattern: &str,
+) -> Result<FindResult, FilesError> {
+    let (r, size) = open_disk(repo, id, target, 0).await?;
+    let (target, pattern) = (target.clone(), pattern.to_string());
+    tokio::task::spawn_blocking(move || {
+        let m = fs_reader(r, size, &target)?;
+        let len = m.size();
+        find_ext4(m, 0, len, &target.path, &pattern)
     })
     .await
     .map_err(|e| FilesError::Task(e.to_string()))?

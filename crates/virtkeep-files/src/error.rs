@@ -22,6 +22,21 @@ pub enum FilesError {
     /// The partition holds no filesystem this version reads.
     #[error("{what} holds {found}; only ext2/3/4 can be listed so far")]
     Unsupported { what: String, found: String },
+    /// Writing the local copy failed.
+    #[error("{path}: {source}")]
+    Local {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The local copy would replace an existing file.
+    #[error("{0} exists (--overwrite replaces it)")]
+    Exists(String),
+    /// A walk met more entries than allowed.
+    #[error("more than {0} entries")]
+    TooManyEntries(u64),
+    /// Guest LVM metadata could not be read.
+    #[error(transparent)]
+    Lvm(#[from] crate::lvm::LvmError),
     /// A task could not run to its end.
     #[error("internal task failed: {0}")]
     Task(String),

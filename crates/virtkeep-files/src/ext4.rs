@@ -54,10 +54,16 @@ pub struct DirListing {
 }
 
 /// `start..start+len` of a disk as the filesystem's whole device.
-struct PartReader<R> {
+pub(crate) struct PartReader<R> {
     inner: R,
     start: u64,
     len: u64,
+}
+
+impl<R> PartReader<R> {
+    pub(crate) fn new(inner: R, start: u64, len: u64) -> Self {
+        PartReader { inner, start, len }
+    }
 }
 
 impl<R: Read + Seek> ext4_view::Ext4Read for PartReader<R> {
@@ -81,7 +87,7 @@ impl<R: Read + Seek> ext4_view::Ext4Read for PartReader<R> {
     }
 }
 
-fn kind(t: ext4_view::FileType) -> EntryKind {
+pub(crate) fn kind(t: ext4_view::FileType) -> EntryKind {
     if t.is_dir() {
         EntryKind::Dir
     } else if t.is_symlink() {
@@ -99,7 +105,7 @@ fn kind(t: ext4_view::FileType) -> EntryKind {
     }
 }
 
-fn fs_err(path: &str, e: impl std::fmt::Display) -> FilesError {
+pub(crate) fn fs_err(path: &str, e: impl std::fmt::Display) -> FilesError {
     FilesError::Filesystem {
         path: path.to_string(),
         reason: e.to_string(),

@@ -7,6 +7,7 @@ use virtkeep_repo::{DiskView, Repository};
 
 use crate::error::FilesError;
 use crate::fsdetect::{FsInfo, detect};
+use crate::lvm::{Mapped, read_pv};
 use crate::partition::{Partition, TableKind, read_table};
 
 /// One partition and its filesystem.
@@ -14,6 +15,17 @@ use crate::partition::{Partition, TableKind, read_table};
 pub struct PartitionLayout {
     #[serde(flatten)]
     pub partition: Partition,
+    pub filesystem: Option<FsInfo>,
+}
+
+/// A linear logical volume of guest LVM and its filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LvLayout {
+    /// `VG/LV`, as `files ls/get` take it (`vda:VG/LV:/PATH`).
+    pub name: String,
+    pub size: u64,
+    /// The partition holding the PV (`None`: the whole disk is the PV).
+    pub partition: Option<u32>,
     pub filesystem: Option<FsInfo>,
 }
 
@@ -27,6 +39,8 @@ pub struct DiskLayout {
     pub partitions: Vec<PartitionLayout>,
     /// A filesystem on the whole disk (no partition table).
     pub filesystem: Option<FsInfo>,
+    /// Linear LVs on the disk's LVM2 physical volumes.
+    pub lvs: Vec<LvLayout>,
     pub warnings: Vec<String>,
 }
 
@@ -55,6 +69,26 @@ pub fn read_layout<R: Read + Seek>(
     } else {
         None
     };
+    let mut warnings = t.warnings;
+    let mut pvs: Vec<(Option<u32>, u64, u64)> = partitions
+        .iter()
+        .filter(|p| {
+            p.filesystem
+                .as_ref()
+                .is_some_and(|f| f.kind == "LVM2_member")
+        })
+        .map(|p| {
+            (
+                Some(p.partition.number),
+                p.partition.start,
+                p.partition.size,
+            )
+        })
+        .collect();
+    if filesystem.as_ref().is_some_and(|f| f.kind == "LVM2_member") {
+        pvs.push((None, 0, size));
+    }
+    let lvs = read_lvs(r, &pvs, &mut warnings)?;
     Ok(DiskLayout {
         disk: disk.to_string(),
         size,
@@ -62,8 +96,40 @@ pub fn read_layout<R: Read + Seek>(
         disk_guid: t.disk_guid,
         partitions,
         filesystem,
-        warnings: t.warnings,
+        lvs,
+        warnings,
     })
+}
+
+/// The linear LVs of each PV `(partition, start, len)`, with their filesystems; a PV
+/// that cannot be read becomes a warning.
+fn read_lvs<R: Read + Seek>(
+    r: &mut R,
+    pvs: &[(Option<u32>, u64, u64)],
+    warnings: &mut Vec<String>,
+) -> std::io::Result<Vec<LvLayout>> {
+    let mut out = Vec::new();
+    for &(partition, start, len) in pvs {
+        let (lvs, w) = match read_pv(r, start, len) {
+            Ok(x) => x,
+            Err(e) => {
+                warnings.push(format!("LVM physical volume at byte {start}: {e}"));
+                continue;
+            }
+        };
+        warnings.extend(w);
+        for lv in lvs {
+            let mut m = Mapped::lv(&mut *r, start, &lv);
+            let filesystem = detect(&mut m, lv.size, 0, lv.size)?;
+            out.push(LvLayout {
+                name: format!("{}/{}", lv.vg, lv.name),
+                size: lv.size,
+                partition,
+                filesystem,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Layout of one disk of a backup, read through `view` on a blocking thread.

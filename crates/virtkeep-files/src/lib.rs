@@ -12,16 +12,27 @@ mod browse;
 mod error;
 mod export;
 mod ext4;
+mod ext4raw;
+mod find;
 mod fsdetect;
+mod get;
 mod layout;
+mod lvm;
+mod mount;
 mod partition;
 
-pub use browse::{FileTarget, list_dir};
+pub use browse::{FileTarget, find, get, list_dir};
 pub use error::FilesError;
 pub use export::{DiskExport, backup_server, serve_backup};
 pub use ext4::{DirEntryInfo, DirListing, EntryKind, MAX_DIR_ENTRIES, MAX_PATH, list_ext4};
+pub use find::{
+    FindResult, FoundEntry, MAX_FIND_MATCHES, MAX_FIND_VISITS, MAX_PATTERN, find_ext4, glob_match,
+};
 pub use fsdetect::{FsInfo, PROBE_BYTES, detect, detect_bytes};
-pub use layout::{DiskLayout, PartitionLayout, backup_layout, disk_layout, read_layout};
+pub use get::{DEFAULT_MAX_ENTRIES, GetOptions, GetSummary, get_ext4};
+pub use layout::{DiskLayout, LvLayout, PartitionLayout, backup_layout, disk_layout, read_layout};
+pub use lvm::{LogicalVolume, LvExtent, LvmError, MAX_METADATA, Mapped, read_pv};
+pub use mount::mount_backup;
 pub use partition::{
     MAX_GPT_ENTRY_BYTES, MAX_LOGICAL, Partition, PartitionTable, SECTOR, TableKind, guid,
     read_table,

@@ -68,6 +68,8 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Serve the disks of a backup read-only over NBD on a unix socket (Ctrl-C ends it)
     ServeNbd(ServeNbdArgs),
+    /// Mount a backup read-only with FUSE: DIR/DISK.img per disk (Ctrl-C or umount ends it)
+    Mount(MountArgs),
     /// Look inside backups without restoring them: disks, partitions, filesystems
     #[command(subcommand)]
     Files(FilesCommand),
@@ -507,10 +509,36 @@ pub struct ServeNbdArgs {
     pub repo: RepoArgs,
 }
 
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// Existing empty directory to mount on
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum FilesCommand {
     /// Disks of a backup with their partitions and filesystems, or one directory
     Ls(FilesLsArgs),
+    /// Copy a file or directory tree out of a backup (ext2/3/4), without restoring it
+    Get(FilesGetArgs),
+    /// Paths whose name matches a glob, under a filesystem of a backup (ext2/3/4)
+    Find(FilesFindArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FilesFindArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// Where to search: DISK:PART or DISK (the filesystem's root), or DISK[:PART]:/PATH
+    pub target: String,
+    /// Shell glob on the name: *, ?, [abc], [a-z], [!a]; quote it for the shell
+    pub pattern: String,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 #[derive(Args, Debug)]
@@ -520,6 +548,28 @@ pub struct FilesLsArgs {
     /// A directory to list: DISK:PART:/PATH (e.g. vda:1:/etc) or DISK:/PATH for a
     /// filesystem on the whole disk (ext2/3/4 so far); without it, the disks' layout
     pub target: Option<String>,
+    /// Long listing: type and mode, owner, size, time, symlink target
+    #[arg(short = 'l', long)]
+    pub long: bool,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct FilesGetArgs {
+    /// Backup id, a unique prefix of it, or HOST/VM@latest
+    pub snapshot: String,
+    /// What to copy: DISK:PART:/PATH or DISK:/PATH (a file, a symlink or a directory)
+    pub target: String,
+    /// Local directory to copy into (created if missing); /PATH lands as LOCALDIR/NAME
+    #[arg(long, value_name = "LOCALDIR")]
+    pub to: PathBuf,
+    /// Replace existing files and symlinks, and write into existing directories
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Fail after copying this many entries
+    #[arg(long, default_value_t = virtkeep_files::DEFAULT_MAX_ENTRIES)]
+    pub max_entries: u64,
     #[command(flatten)]
     pub repo: RepoArgs,
 }

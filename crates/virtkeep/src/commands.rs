@@ -55,8 +55,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Jobs(args) => crate::daemon::jobs(&settings, args, json),
         Command::Policy(PolicyCommand::List) => crate::daemon::policy_list(&settings, json),
         Command::ServeNbd(args) => crate::files_cmds::serve_nbd(&settings, args, json).await,
+        Command::Mount(args) => crate::files_cmds::mount(&settings, args, json).await,
         Command::Files(FilesCommand::Ls(args)) => {
             crate::files_cmds::files_ls(&settings, args, json).await
+        }
+        Command::Files(FilesCommand::Get(args)) => {
+            crate::files_cmds::files_get(&settings, args, json).await
+        }
+        Command::Files(FilesCommand::Find(args)) => {
+            crate::files_cmds::files_find(&settings, args, json).await
         }
         // Handled in main before any configuration is read.
         Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),

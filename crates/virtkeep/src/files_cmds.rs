@@ -1,11 +1,11 @@
-//! `serve-nbd` and `files ls`: a backup's disks without restoring them (issue 19).
+//! `serve-nbd`, `files ls`, `files get` and `files find`: a backup's disks without restoring them (issue 19).
 
 use std::process::ExitCode;
 
 use serde::Serialize;
 use virtkeep_files::{DirListing, DiskLayout, EntryKind, FileTarget, FilesError, FsInfo};
 
-use crate::cli::{FilesLsArgs, ServeNbdArgs};
+use crate::cli::{FilesFindArgs, FilesGetArgs, FilesLsArgs, MountArgs, ServeNbdArgs};
 use crate::output::{human_bytes, print_json};
 use crate::settings::{Settings, repo_err};
 
@@ -21,6 +21,51 @@ struct Serving<'a> {
     snapshot: &'a str,
     socket: String,
     exports: Vec<String>,
+}
+
+/// SIGINT or SIGTERM.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+#[derive(Serialize)]
+struct Mounted<'a> {
+    snapshot: &'a str,
+    dir: String,
+    files: &'a [String],
+}
+
+/// Mounted until SIGINT, SIGTERM or `umount DIR`; unmounted either way.
+pub async fn mount(settings: &Settings, args: MountArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let shutdown = stop_signal()?;
+    let dir = args.dir.display().to_string();
+    let ready = |files: &[String]| {
+        if json {
+            let m = Mounted {
+                snapshot: &id,
+                dir: dir.clone(),
+                files,
+            };
+            let _ = serde_json::to_string(&m).map(|l| println!("{l}"));
+        } else {
+            for f in files {
+                println!("{dir}/{f}");
+            }
+            eprintln!("backup {id} mounted read-only; Ctrl-C or umount ends it");
+        }
+    };
+    virtkeep_files::mount_backup(&repo, &id, &args.dir, shutdown, ready)
+        .await
+        .map_err(files_err)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Serve until SIGINT or SIGTERM; the socket is removed either way.
@@ -75,7 +120,7 @@ pub async fn files_ls(
     let repo = settings.open_repo(&args.repo).await?;
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
     if let Some(target) = &args.target {
-        return list_dir(&repo, id, target, json).await;
+        return list_dir(&repo, id, target, json, args.long).await;
     }
     let disks = virtkeep_files::backup_layout(&repo, &id)
         .await
@@ -127,6 +172,18 @@ fn layout_text(disks: &[DiskLayout]) -> String {
                 fs_text(p.filesystem.as_ref())
             );
         }
+        for l in &d.lvs {
+            let _ = writeln!(
+                out,
+                "  {}:{}  size {:>10}  on {}  {}",
+                d.disk,
+                l.name,
+                human_bytes(l.size),
+                l.partition
+                    .map_or("the whole disk".to_string(), |n| format!("partition {n}")),
+                fs_text(l.filesystem.as_ref())
+            );
+        }
         for w in &d.warnings {
             let _ = writeln!(out, "  warning: {w}");
         }
@@ -139,6 +196,7 @@ struct FilesDir {
     snapshot: String,
     disk: String,
     partition: Option<u32>,
+    lv: Option<String>,
     #[serde(flatten)]
     listing: DirListing,
 }
@@ -148,6 +206,7 @@ async fn list_dir(
     id: String,
     target: &str,
     json: bool,
+    long: bool,
 ) -> anyhow::Result<ExitCode> {
     let t: FileTarget = target.parse().map_err(files_err)?;
     let listing = virtkeep_files::list_dir(repo, &id, &t)
@@ -158,10 +217,13 @@ async fn list_dir(
             snapshot: id,
             disk: t.disk,
             partition: t.partition,
+            lv: t.lv,
             listing,
         })?;
-    } else {
+    } else if long {
         print!("{}", listing_text(&listing));
+    } else {
+        print!("{}", names_text(&listing));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -188,6 +250,25 @@ fn mode_text(kind: EntryKind, mode: u16) -> String {
         })
         .collect();
     format!("{t}{bits}")
+}
+
+/// One name a line, `/` after a directory's.
+fn names_text(l: &DirListing) -> String {
+    let mut out = String::new();
+    for e in &l.entries {
+        out.push_str(&e.name);
+        if e.kind == EntryKind::Dir {
+            out.push('/');
+        }
+        out.push('\n');
+    }
+    if l.truncated {
+        out.push_str(&format!(
+            "(listing truncated at {} entries)\n",
+            virtkeep_files::MAX_DIR_ENTRIES
+        ));
+    }
+    out
 }
 
 fn listing_text(l: &DirListing) -> String {
@@ -220,4 +301,110 @@ fn listing_text(l: &DirListing) -> String {
         );
     }
     out
+}
+
+#[derive(Serialize)]
+struct FilesGet {
+    snapshot: String,
+    disk: String,
+    partition: Option<u32>,
+    lv: Option<String>,
+    path: String,
+    #[serde(flatten)]
+    summary: virtkeep_files::GetSummary,
+}
+
+/// Exit 1 when something was skipped (unsafe names, device files), after copying the rest.
+pub async fn files_get(
+    settings: &Settings,
+    args: FilesGetArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let t: FileTarget = args.target.parse().map_err(files_err)?;
+    let opts = virtkeep_files::GetOptions {
+        overwrite: args.overwrite,
+        max_entries: args.max_entries,
+    };
+    let summary = virtkeep_files::get(&repo, &id, &t, &args.to, opts)
+        .await
+        .map_err(files_err)?;
+    let partial = !summary.skipped.is_empty();
+    if json {
+        print_json(&FilesGet {
+            snapshot: id,
+            disk: t.disk,
+            partition: t.partition,
+            lv: t.lv,
+            path: t.path,
+            summary,
+        })?;
+    } else {
+        for s in &summary.skipped {
+            eprintln!("skipped {s}");
+        }
+        println!(
+            "copied to {}: {} files ({}), {} directories, {} symlinks, {} hard links",
+            summary.to,
+            summary.files,
+            human_bytes(summary.bytes),
+            summary.dirs,
+            summary.symlinks,
+            summary.hard_links
+        );
+    }
+    Ok(if partial {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[derive(Serialize)]
+struct FilesFind {
+    snapshot: String,
+    disk: String,
+    partition: Option<u32>,
+    lv: Option<String>,
+    root: String,
+    pattern: String,
+    #[serde(flatten)]
+    result: virtkeep_files::FindResult,
+}
+
+pub async fn files_find(
+    settings: &Settings,
+    args: FilesFindArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let t = FileTarget::parse_root(&args.target).map_err(files_err)?;
+    let result = virtkeep_files::find(&repo, &id, &t, &args.pattern)
+        .await
+        .map_err(files_err)?;
+    if json {
+        print_json(&FilesFind {
+            snapshot: id,
+            disk: t.disk,
+            partition: t.partition,
+            lv: t.lv,
+            root: t.path,
+            pattern: args.pattern,
+            result,
+        })?;
+    } else {
+        for m in &result.matches {
+            println!("{}", m.path);
+        }
+        if result.truncated {
+            eprintln!(
+                "(search stopped after {} entries or {} matches)",
+                virtkeep_files::MAX_FIND_VISITS,
+                virtkeep_files::MAX_FIND_MATCHES
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

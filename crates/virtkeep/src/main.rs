@@ -69,7 +69,10 @@ fn main() -> ExitCode {
     // `serve-nbd` ends on a signal and removes its socket.
     let own_signals = matches!(
         cli.command,
-        cli::Command::Backup(_) | cli::Command::Daemon | cli::Command::ServeNbd(_)
+        cli::Command::Backup(_)
+            | cli::Command::Daemon
+            | cli::Command::ServeNbd(_)
+            | cli::Command::Mount(_)
     );
     let result = runtime.block_on(async move {
         if own_signals {
