@@ -11,6 +11,7 @@
 //! | `before-heal` | a backup is about to return the VM to its own disks |
 //! | `held` | the guest is paused or frozen around several snapshot calls |
 //! | `backup-begun` | a backup-API job runs in QEMU (its NBD export is up), nothing read yet |
+//! | `restore-chunk-written` | a restore has sent a data chunk to a disk's temporary (NBD write or `rbd import-diff` stream; mid write, before any swap) |
 
 use std::sync::OnceLock;
 

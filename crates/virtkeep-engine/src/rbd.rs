@@ -437,6 +437,7 @@ async fn feed_import<W: tokio::io::AsyncWrite + Unpin>(
                 });
             }
         }
+        crate::failpoint::hit("restore-chunk-written").await;
     }
     w.finish().await.map_err(io("rbd import-diff"))?;
     Ok(written)

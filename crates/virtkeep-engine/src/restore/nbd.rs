@@ -165,6 +165,9 @@ impl Worker {
                 disk: self.disk.clone(),
                 bytes: n,
             });
+            if n > 0 {
+                crate::failpoint::hit("restore-chunk-written").await;
+            }
         }
         drop(done);
         tokio::time::timeout(self.stall, client.flush())

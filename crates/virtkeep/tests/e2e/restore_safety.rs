@@ -2,6 +2,7 @@
 //! destinations virtkeep chose and checked, no clash between disks, no overwrite of a
 //! running domain's disk, in-place restores that leave the original intact on failure.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -380,31 +381,14 @@ fn killed_in_place_restore_then_cleanup() {
     let disk = vm.disk("vda").path.clone().expect("path");
     let before = virtkeep_lab::file_checksum(&disk, "raw");
 
-    let bin = assert_cmd::cargo::cargo_bin("virtkeep");
-    let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(node.config())
-        .env("HOME", node.dir.path())
-        .args(["restore", &id, "--to", HOST, "--force", "--parallel", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn virtkeep");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let temp = loop {
-        if let Some(t) = temporaries_beside(&disk).into_iter().next() {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "no temporary appeared");
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "restore ended first"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    std::thread::sleep(Duration::from_millis(200));
-    let _ = child.kill();
-    let _ = child.wait();
+    kill_mid_restore(
+        &node,
+        &["restore", &id, "--to", HOST, "--force", "--parallel", "1"],
+    );
+    let temp = temporaries_beside(&disk)
+        .into_iter()
+        .next()
+        .expect("the restore was killed while writing its temporary");
     assert_eq!(virtkeep_lab::file_checksum(&disk, "raw"), before);
 
     node.json(&["cleanup", HOST]);
@@ -721,31 +705,36 @@ fn lvm_in_place_restore_replaces_only_after_writing() {
     );
 }
 
-/// Runs `virtkeep ARGS` and kills it (SIGKILL) once `started()` says its temporary is
-/// being written.
-fn kill_mid_restore(node: &Node, args: &[&str], started: impl Fn() -> bool) {
+/// Runs `virtkeep ARGS` with failpoint `restore-chunk-written` switched on, and kills it
+/// (SIGKILL) where it stops: a data chunk is in the temporary and nothing is swapped yet.
+/// (Polling for the temporary and killing a moment later raced the restore: a small disk
+/// could be written and committed first, and cleanup then rightly finished the swap.)
+fn kill_mid_restore(node: &Node, args: &[&str]) {
     let bin = assert_cmd::cargo::cargo_bin("virtkeep");
     let mut child = Command::new(bin)
         .arg("--config")
         .arg(node.config())
         .env("HOME", node.dir.path())
+        .env("VIRTKEEP_FAILPOINT", "restore-chunk-written")
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn virtkeep");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !started() {
-        assert!(Instant::now() < deadline, "no temporary appeared");
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "restore ended first"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    let trigger = crate::daemon::failpoint_reached("restore-chunk-written");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap_or_default();
+        if line.contains(&trigger) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        seen.push(line);
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = child.kill();
     let _ = child.wait();
+    panic!("restore ended before {trigger:?}: {seen:?}");
 }
 
 /// No qemu-nbd of this machine serves a path or image containing `needle`.
@@ -790,7 +779,8 @@ fn rbd_killed_in_place_restore_then_cleanup() {
             .collect::<Vec<_>>()
     };
     let args = ["restore", &id, "--to", HOST, "--force", "--parallel", "1"];
-    kill_mid_restore(&node, &args, || !temps().is_empty());
+    kill_mid_restore(&node, &args);
+    assert!(!temps().is_empty(), "killed mid write, yet no temporary");
     assert_eq!(vm.disk_checksum("vda"), before);
 
     node.json(&["cleanup", HOST]);
@@ -841,7 +831,8 @@ fn lvm_killed_in_place_restore_then_cleanup() {
         "--parallel",
         "1",
     ];
-    kill_mid_restore(&node, &args, || !temps().is_empty());
+    kill_mid_restore(&node, &args);
+    assert!(!temps().is_empty(), "killed mid write, yet no temporary");
     assert_eq!(vm.disk_checksum("vda"), before);
 
     node.json(&["cleanup", "lvmhv"]);
