@@ -23,5 +23,6 @@ pub use error::{ConfigError, DaemonError, Result};
 pub mod api;
 pub mod daemon;
 pub mod dispatch;
+pub mod files_api;
 pub mod metrics;
 pub mod task;
