@@ -184,6 +184,16 @@ fn files_api_lists_and_downloads_with_the_read_scope() {
     let (daemon, port) = api_daemon(&node);
     let files = format!("/api/backups/{id}/files");
     let download = format!("{files}/download");
+    let doc = get(port, "/api/openapi.json", None, None).json();
+    for route in [
+        "/api/backups/{id}/files",
+        "/api/backups/{id}/files/download",
+    ] {
+        assert!(
+            doc["paths"][route]["get"].is_object(),
+            "{route} not in the OpenAPI document"
+        );
+    }
 
     // The layout: the 4K GPT's partition at 1 MiB, as the CLI shows it.
     let cli = node.json(&["files", "ls", &id]);
