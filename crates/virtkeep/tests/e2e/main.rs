@@ -24,4 +24,5 @@ mod rbd;
 mod repository;
 mod restore_safety;
 mod restore_space;
+mod sync;
 mod uefi;
