@@ -423,3 +423,85 @@ fn killed_sync_resumes_and_gc_during_sync_loses_nothing() {
     assert_eq!(verify["chunks_ok"].as_u64(), Some(total), "{verify}");
     assert_eq!(restore_from(&node, &held_s, &held_key, &id), sums);
 }
+
+/// A `[sync.NAME]` job of the daemon copies the default repository's backups into a
+/// named one at once (an interval schedule fires at start) and reports its last success
+/// in `/metrics`.
+#[test]
+fn daemon_sync_job_copies_and_reports_last_success() {
+    use crate::daemon::{Daemon, TOKEN, append_config, catalog, http};
+    let node = Node::new();
+    let vm = TestVm::builder("syncd")
+        .qcow2_disk(8 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x51, 0, 3 * MIB);
+    let a = node.backup(&vm.name, &[]);
+    let dest = node.dir.path().join("offsite").display().to_string();
+    let dest_key = node.dir.path().join("offsite.key").display().to_string();
+    json(
+        &node,
+        &[
+            "repo",
+            "init",
+            &dest,
+            "--encryption",
+            "none",
+            "--key-file",
+            &dest_key,
+        ],
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    append_config(
+        &node,
+        &format!(
+            r#"
+[repositories.offsite]
+location = "{dest}"
+key_file = "{dest_key}"
+
+[daemon]
+catalog = "{}"
+
+[daemon.api]
+listen = "127.0.0.1:{port}"
+token_env = "VKD_TEST_TOKEN"
+
+[sync.offsite]
+source = "default"
+destination = "offsite"
+selection = ["{HOST}/{}"]
+every = "1h"
+"#,
+            catalog(&node),
+            vm.name
+        ),
+    );
+    let mut daemon = Daemon::start(&node);
+    daemon.wait_log("API listening", 30);
+    daemon.wait_log("sync finished", 120);
+    let (status, metrics) = http(port, "GET", "/metrics", Some(TOKEN), None);
+    assert_eq!(status, 200, "{metrics}");
+    let last: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("virtkeep_sync_last_success_timestamp_seconds{sync=\"offsite\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sync series: {metrics}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs_f64();
+    assert!(last > now - 300.0 && last <= now + 1.0, "{last} vs {now}");
+    daemon.terminate();
+    let snaps = json(
+        &node,
+        &["snapshots", "--repo", &dest, "--key-file", &dest_key],
+    );
+    assert_eq!(snaps.as_array().map(Vec::len), Some(1), "{snaps}");
+    assert_eq!(snaps[0]["id"], a["id"]);
+}
