@@ -175,3 +175,58 @@ pub async fn sync(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(id: &str, host: &str, vm: &str) -> Manifest {
+        let mut v: Manifest = serde_json::from_value(serde_json::json!({
+            "version": 1, "id": id, "host": host, "vm": vm,
+            "time": "2026-11-26T21:00:00Z", "mode": "full", "reason": "", "parent": null,
+            "protected": false, "domain_xml": "", "disks": [],
+            "stats": { "bytes_read": 0, "bytes_new": 0, "bytes_stored": 0, "chunks_new": 0,
+                       "chunks_reused": 0, "chunks_zero": 0, "chunks_unchanged": 0,
+                       "duration_secs": 0.0 }
+        }))
+        .expect("manifest");
+        v.id = id.into();
+        v
+    }
+
+    fn ids(v: &[Manifest]) -> Vec<&str> {
+        v.iter().map(|m| m.id.as_str()).collect()
+    }
+
+    #[test]
+    fn selection_and_latest_per_vm_keep_the_order() {
+        let all = vec![
+            m("1", "hv1", "web"),
+            m("2", "hv1", "db"),
+            m("3", "hv1", "web"),
+            m("4", "hv2", "web"),
+            m("5", "hv1", "web"),
+        ];
+        let opts = |sel: &[&str], latest| SyncOptions {
+            selection: sel.iter().map(|s| s.to_string()).collect(),
+            latest,
+        };
+        assert_eq!(
+            ids(&choose(all.clone(), &opts(&[], None))),
+            ["1", "2", "3", "4", "5"]
+        );
+        assert_eq!(
+            ids(&choose(all.clone(), &opts(&["hv1"], None))),
+            ["1", "2", "3", "5"]
+        );
+        assert_eq!(
+            ids(&choose(all.clone(), &opts(&["hv1/web"], Some(2)))),
+            ["3", "5"]
+        );
+        assert_eq!(
+            ids(&choose(all.clone(), &opts(&[], Some(1)))),
+            ["2", "4", "5"]
+        );
+        assert!(choose(all, &opts(&["hv1/we"], None)).is_empty());
+    }
+}
