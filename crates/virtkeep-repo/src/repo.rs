@@ -289,12 +289,17 @@ impl Repository {
         source: &Repository,
     ) -> Result<Repository> {
         if opts.encryption.is_some() != source.is_encrypted() {
-            return Err(RepoError::InvalidArgument(format!(
-                "{} is {}encrypted: a repository sharing its keys must be {}encrypted too",
-                source.location(),
-                if source.is_encrypted() { "" } else { "not " },
-                if source.is_encrypted() { "" } else { "not " },
-            )));
+            return Err(RepoError::InvalidArgument(if source.is_encrypted() {
+                format!(
+                    "{} is encrypted: a repository sharing its keys must be encrypted too",
+                    source.location()
+                )
+            } else {
+                format!(
+                    "{} is not encrypted: a repository sharing its keys cannot be encrypted",
+                    source.location()
+                )
+            }));
         }
         if opts.chunk_size != source.chunk_size() {
             return Err(RepoError::InvalidArgument(format!(

@@ -86,6 +86,20 @@ pub async fn init(
             let source =
                 crate::sync_cmd::open_named(settings, spec, args.copy_keys_key_file.as_deref())
                     .await?;
+            if source.is_encrypted() != opts.encryption.is_some() {
+                let want = if source.is_encrypted() {
+                    "aes-256-gcm"
+                } else {
+                    "none"
+                };
+                return Err(EngineError::config(format!(
+                    "{spec} is {}encrypted, the new repository would {}be",
+                    if source.is_encrypted() { "" } else { "not " },
+                    if source.is_encrypted() { "not " } else { "" },
+                ))
+                .hint(format!("give --encryption {want} to share its keys"))
+                .into());
+            }
             let opts = virtkeep_repo::InitOptions {
                 chunk_size: source.chunk_size(),
                 ..opts

@@ -505,3 +505,39 @@ every = "1h"
     assert_eq!(snaps.as_array().map(Vec::len), Some(1), "{snaps}");
     assert_eq!(snaps[0]["id"], a["id"]);
 }
+
+/// `repo init --copy-keys-from` refuses an encryption other than the source's (exit 2,
+/// with the flag that fixes it), and `sync` refuses a repository into itself.
+#[test]
+fn copy_keys_needs_the_same_encryption_and_sync_needs_two_repositories() {
+    let node = Node::new();
+    let local = node.repo().display().to_string();
+    let other = node.dir.path().join("other").display().to_string();
+    let key = node.dir.path().join("other.key").display().to_string();
+    let out = cmd(&node)
+        .args(["--json", "repo", "init", &other, "--key-file", &key])
+        .args(["--copy-keys-from", &local])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        v["error"]["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("--encryption none")),
+        "{v}"
+    );
+    assert!(!Path::new(&other).join("config").exists());
+    let out = cmd(&node)
+        .args(["--json", "sync", "--from", &local, "--to", &local])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("same repository")),
+        "{v}"
+    );
+}
