@@ -94,6 +94,7 @@ pub async fn run(
     };
     st.recover().await?;
     st.init_schedules()?;
+    let syncs = crate::sync_jobs::spawn(env.clone());
     api(env.clone(), catalog.clone(), progress, submit_tx)?;
 
     tokio::pin!(shutdown);
@@ -111,6 +112,8 @@ pub async fn run(
     }
 
     // Shutdown: nothing new starts; queued jobs stay queued in the catalog for the next start.
+    // A sync stopped mid-copy publishes nothing of that backup (docs/format.md).
+    syncs.iter().for_each(|s| s.abort());
     st.stopping = true;
     let running = st.queue.running();
     tracing::info!(running, mode = ?env.daemon.shutdown, "shutting down");

@@ -17,6 +17,7 @@ pub mod idle;
 pub mod policy;
 pub mod schedule;
 pub mod scope;
+pub mod sync_jobs;
 pub mod tls;
 
 pub use error::{ConfigError, DaemonError, Result};

@@ -25,4 +25,5 @@ mod rbd;
 mod repository;
 mod restore_safety;
 mod restore_space;
+mod sync;
 mod uefi;
