@@ -253,7 +253,7 @@ impl BackupWriter {
             )));
         }
         let n = ix.digests.len();
-        let permits = repo.parallelism() * 2 + 2;
+        let permits = in_flight_budget(repo.parallelism(), repo.chunk_size());
         Ok(DiskWriter {
             d: Arc::new(DiskShared {
                 sh: self.sh.clone(),
@@ -447,10 +447,30 @@ struct DiskShared {
     finished: AtomicBool,
 }
 
+/// Bytes of queued chunk data one disk writer holds at most, per CPU worker: enough
+/// for every core to compress one chunk while another is uploaded.
+const IN_FLIGHT_PER_WORKER: u64 = 8 << 20;
+/// The semaphore counts this many bytes per permit.
+const PERMIT_BYTES: u64 = 64 << 10;
+
+/// Permits (of [`PERMIT_BYTES`]) of chunk data in flight for one disk: a byte budget
+/// rather than a count of chunks, so the peak memory of a backup does not grow with the
+/// chunk size or the number of cores (each queued chunk may also hold its compressed
+/// and encrypted copy). At least two chunks fit, so hashing overlaps uploading.
+fn in_flight_budget(workers: usize, chunk_size: u64) -> usize {
+    let bytes = (workers.max(1) as u64 * IN_FLIGHT_PER_WORKER).max(2 * chunk_size);
+    bytes.div_ceil(PERMIT_BYTES) as usize
+}
+
+/// Permits one chunk of `len` bytes takes (never more than the whole budget).
+fn chunk_permits(len: u64, budget: u32) -> u32 {
+    (len.div_ceil(PERMIT_BYTES).max(1)).min(u64::from(budget)) as u32
+}
+
 /// Writes one disk. Cloneable; all methods take `&self`, so several tasks can feed it.
 /// `write_chunk` returns once the chunk is queued; hashing, compression and encryption run
-/// on the blocking pool and uploads run concurrently, with at most `2 × cores + 2` chunks
-/// in flight (memory stays bounded).
+/// on the blocking pool and uploads run concurrently, with at most
+/// `max(cores × 8 MiB, 2 chunks)` of chunk data in flight (memory stays bounded).
 #[derive(Clone)]
 pub struct DiskWriter {
     d: Arc<DiskShared>,
@@ -505,7 +525,7 @@ impl DiskWriter {
             .d
             .sem
             .clone()
-            .acquire_owned()
+            .acquire_many_owned(chunk_permits(want, self.d.permits))
             .await
             .map_err(|_| RepoError::WriterState("disk writer closed".into()))?;
         let d = self.d.clone();
@@ -837,5 +857,27 @@ impl ExtentSink {
     pub async fn finish(mut self) -> Result<DiskStats> {
         self.flush().await?;
         self.w.finish().await
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::{PERMIT_BYTES, chunk_permits, in_flight_budget};
+
+    #[test]
+    fn in_flight_chunk_data_is_a_byte_budget() {
+        let mib = 1u64 << 20;
+        // Two cores, 4 MiB chunks: 16 MiB, four chunks.
+        let b = in_flight_budget(2, 4 * mib);
+        assert_eq!(b as u64 * PERMIT_BYTES, 16 * mib);
+        assert_eq!(b as u32 / chunk_permits(4 * mib, b as u32), 4);
+        // Smaller chunks: more of them in flight, the same bytes.
+        assert_eq!(b as u32 / chunk_permits(mib, b as u32), 16);
+        // Huge chunks: still two at once, and one never waits for more than the budget.
+        let b = in_flight_budget(1, 64 * mib);
+        assert_eq!(b as u64 * PERMIT_BYTES, 128 * mib);
+        assert_eq!(chunk_permits(64 * mib, b as u32), b as u32 / 2);
+        assert_eq!(chunk_permits(1, 7), 1);
+        assert_eq!(chunk_permits(u64::MAX / 2, 7), 7);
     }
 }

@@ -20,6 +20,7 @@ mod hosts;
 mod incremental;
 mod keys;
 mod lvm_host;
+mod memory;
 mod quickstart;
 mod rbd;
 mod repository;
