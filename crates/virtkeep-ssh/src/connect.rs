@@ -18,6 +18,7 @@ use russh::keys::agent::client::AgentClient;
 use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKeyWithHashAlg, PublicKey};
 
 use crate::error::SshError;
+use crate::forward::Forwards;
 use crate::known_hosts::{self, HostKeyStatus, KnownHosts};
 
 /// Receive window per channel. Only `Config::window_size` counts on the client side
@@ -146,6 +147,8 @@ pub(crate) struct ClientHandler {
     port: u16,
     policy: KeyPolicy,
     seen: Arc<Mutex<Option<Seen>>>,
+    /// Remote unix-socket forwards of this connection (see [`crate::forward`]).
+    forwards: Forwards,
 }
 
 impl client::Handler for ClientHandler {
@@ -175,6 +178,31 @@ impl client::Handler for ClientHandler {
         };
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
         Ok(ok)
+    }
+
+    /// A connection to a socket we asked sshd to listen on goes to that forward's
+    /// queue; one on a path we never asked for (or no longer listen on) is refused.
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        match self.forwards.sender(socket_path) {
+            Some(tx) => {
+                reply.accept().await;
+                if tx.send(channel).is_err() {
+                    tracing::debug!(socket_path, "forward closed while a connection arrived");
+                }
+            }
+            None => {
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+        }
+        Ok(())
     }
 }
 
@@ -273,6 +301,7 @@ async fn handshake_raw(
     timeout: Duration,
     config: client::Config,
     policy: KeyPolicy,
+    forwards: &Forwards,
 ) -> Result<(Result<Handle<ClientHandler>, russh::Error>, Option<Seen>), SshError> {
     let stream = with_timeout(
         host,
@@ -294,6 +323,7 @@ async fn handshake_raw(
         port,
         policy,
         seen: seen.clone(),
+        forwards: forwards.clone(),
     };
     let res = with_timeout(
         host,
@@ -315,8 +345,9 @@ async fn handshake(
     config: client::Config,
     policy: KeyPolicy,
     known_hosts_path: &Path,
+    forwards: &Forwards,
 ) -> Result<(Handle<ClientHandler>, PublicKey), SshError> {
-    let (res, seen) = handshake_raw(host, port, timeout, config, policy).await?;
+    let (res, seen) = handshake_raw(host, port, timeout, config, policy, forwards).await?;
     match (res, seen) {
         (
             Ok(h),
@@ -393,7 +424,15 @@ pub async fn probe_host_key(
     timeout: Duration,
 ) -> Result<HostKeyInfo, SshError> {
     let config = client_config(Duration::ZERO, all_host_key_algorithms());
-    let (res, seen) = handshake_raw(host, port, timeout, config, KeyPolicy::Probe).await?;
+    let (res, seen) = handshake_raw(
+        host,
+        port,
+        timeout,
+        config,
+        KeyPolicy::Probe,
+        &Forwards::default(),
+    )
+    .await?;
     if let Ok(h) = &res {
         // The probe policy refuses every key, so this cannot happen; never keep it.
         let _ = h
@@ -431,6 +470,7 @@ pub(crate) struct Connection {
     handle: Handle<ClientHandler>,
     target: HostTarget,
     host_key: PublicKey,
+    forwards: Forwards,
 }
 
 impl Connection {
@@ -443,6 +483,7 @@ impl Connection {
         let known = KnownHosts::load(&target.known_hosts)?;
         let order = host_key_order(&known.keys_for(&target.host, target.port));
         let config = client_config(target.keepalive, order);
+        let forwards = Forwards::default();
         let (mut handle, host_key) = handshake(
             &target.host,
             target.port,
@@ -450,6 +491,7 @@ impl Connection {
             config,
             KeyPolicy::Verify(known),
             &target.known_hosts,
+            &forwards,
         )
         .await?;
         with_timeout(
@@ -465,11 +507,16 @@ impl Connection {
             handle,
             target: target.clone(),
             host_key,
+            forwards,
         })
     }
 
     pub(crate) fn handle(&self) -> &Handle<ClientHandler> {
         &self.handle
+    }
+
+    pub(crate) fn forwards(&self) -> &Forwards {
+        &self.forwards
     }
 
     pub(crate) fn target(&self) -> &HostTarget {
