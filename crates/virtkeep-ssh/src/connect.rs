@@ -5,6 +5,7 @@
 //! built on it elsewhere.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,9 +17,9 @@ use russh::keys::PublicKeyOrCertificate;
 use russh::keys::agent::AgentIdentity;
 use russh::keys::agent::client::AgentClient;
 use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKeyWithHashAlg, PublicKey};
+use tokio::sync::mpsc;
 
 use crate::error::SshError;
-use crate::forward::Forwards;
 use crate::known_hosts::{self, HostKeyStatus, KnownHosts};
 
 /// Receive window per channel. Only `Config::window_size` counts on the client side
@@ -142,12 +143,55 @@ enum KeyPolicy {
     Probe,
 }
 
+/// The remote unix-socket forwards of one connection (`forward.rs`): socket path
+/// → queue of its arriving channels, for the handler to route them.
+#[derive(Clone, Default)]
+pub(crate) struct Forwards(
+    Arc<Mutex<HashMap<String, mpsc::UnboundedSender<russh::Channel<client::Msg>>>>>,
+);
+
+impl Forwards {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<String, mpsc::UnboundedSender<russh::Channel<client::Msg>>>,
+    > {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn sender(
+        &self,
+        path: &str,
+    ) -> Option<mpsc::UnboundedSender<russh::Channel<client::Msg>>> {
+        self.lock().get(path).cloned()
+    }
+
+    /// Registers `path`; false when it is already forwarded on this connection.
+    pub(crate) fn add(
+        &self,
+        path: &str,
+        tx: mpsc::UnboundedSender<russh::Channel<client::Msg>>,
+    ) -> bool {
+        let mut map = self.lock();
+        if map.contains_key(path) {
+            return false;
+        }
+        map.insert(path.to_owned(), tx);
+        true
+    }
+
+    pub(crate) fn remove(&self, path: &str) {
+        self.lock().remove(path);
+    }
+}
+
 pub(crate) struct ClientHandler {
     host: String,
     port: u16,
     policy: KeyPolicy,
     seen: Arc<Mutex<Option<Seen>>>,
-    /// Remote unix-socket forwards of this connection (see [`crate::forward`]).
+    /// Remote unix-socket forwards of this connection (see `forward.rs`).
     forwards: Forwards,
 }
 

@@ -7,50 +7,19 @@
 //! socket path to the queue of the [`UnixForward`] that asked for it; channels for any
 //! other path are refused.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use russh::Channel;
 use russh::client::Msg;
 use tokio::sync::mpsc;
 
-use crate::connect::Connection;
+use crate::connect::{Connection, Forwards};
 use crate::error::SshError;
 use crate::process::ChannelStream;
 
 /// Longest socket path accepted: `sun_path` holds 108 bytes with the NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
-
-/// The forwards of one connection: socket path → queue of its arriving channels.
-#[derive(Clone, Default)]
-pub(crate) struct Forwards(Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Channel<Msg>>>>>);
-
-impl Forwards {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Channel<Msg>>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn sender(&self, path: &str) -> Option<mpsc::UnboundedSender<Channel<Msg>>> {
-        self.lock().get(path).cloned()
-    }
-
-    /// Registers `path`; false when it is already forwarded on this connection.
-    fn add(&self, path: &str, tx: mpsc::UnboundedSender<Channel<Msg>>) -> bool {
-        let mut map = self.lock();
-        if map.contains_key(path) {
-            return false;
-        }
-        map.insert(path.to_owned(), tx);
-        true
-    }
-
-    fn remove(&self, path: &str) {
-        self.lock().remove(path);
-    }
-}
 
 /// A unix socket the host's sshd listens on for us. [`accept`](Self::accept) yields
 /// each connection made to it; [`close`](Self::close) asks sshd to stop listening.
