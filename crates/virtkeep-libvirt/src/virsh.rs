@@ -180,6 +180,16 @@ impl Virsh {
         c
     }
 
+    /// `virsh create --file XML_PATH`: start a transient domain (gone once destroyed).
+    pub fn create(&self, xml_path: &str) -> RemoteCommand {
+        self.command("create").arg("--file").arg(xml_path)
+    }
+
+    /// `virsh screenshot --domain DOM --file PATH`: the guest's display as an image.
+    pub fn screenshot(&self, dom: &str, path: &str) -> RemoteCommand {
+        self.dom("screenshot", dom).arg("--file").arg(path)
+    }
+
     /// `virsh start --domain DOM`.
     pub fn start(&self, dom: &str) -> RemoteCommand {
         self.dom("start", dom)
