@@ -17,6 +17,7 @@ pub mod heal;
 pub mod hold;
 pub mod host;
 pub mod inventory;
+pub mod live;
 pub mod lvm;
 pub mod phases;
 pub mod plan;
@@ -27,6 +28,7 @@ pub mod repo_key;
 pub mod restore;
 pub mod snapshot_ref;
 pub mod store;
+pub mod verify_boot;
 pub mod vm;
 
 pub use error::{Error, ErrorKind, Result};

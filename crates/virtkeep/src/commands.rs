@@ -700,6 +700,9 @@ async fn restore_to_file_cmd(
 }
 
 async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Result<ExitCode> {
+    if args.boot.boot {
+        return crate::live_cmds::verify_boot(settings, args, json).await;
+    }
     let repo = settings.open_repo(&args.repo).await?;
     let selection = match args.snapshot {
         Some(spec) => {

@@ -10,6 +10,7 @@ mod configfile;
 mod daemon;
 mod files_cmds;
 mod keys;
+mod live_cmds;
 mod manage;
 mod output;
 mod repo_cmds;

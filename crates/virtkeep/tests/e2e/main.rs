@@ -18,6 +18,7 @@ mod hardening;
 mod hosts;
 mod incremental;
 mod keys;
+mod live;
 mod lvm_host;
 mod quickstart;
 mod rbd;
