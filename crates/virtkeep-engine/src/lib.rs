@@ -18,6 +18,7 @@ pub mod hold;
 pub mod host;
 pub mod inventory;
 pub mod live;
+pub mod live_restore;
 pub mod lvm;
 pub mod phases;
 pub mod plan;

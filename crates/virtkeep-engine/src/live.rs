@@ -106,22 +106,37 @@ impl LiveBackup {
 
     /// A qcow2 overlay over each disk's export, in the job directory: (target, path).
     pub async fn create_overlays(&self, host: &Host) -> Result<Vec<(String, String)>> {
-        let mut out = Vec::new();
-        for (i, d) in self.manifest.disks.iter().enumerate() {
-            let path = format!("{}/disk{i}.qcow2", self.dir);
-            let cmd = qemu_img::create_nbd_overlay(&path, d.spec.size, &self.socket, &d.spec.name)
+        let paths: Vec<(String, String)> = (0..self.manifest.disks.len())
+            .map(|i| {
+                let t = self.manifest.disks[i].spec.target.clone();
+                (t, format!("{}/disk{i}.qcow2", self.dir))
+            })
+            .collect();
+        self.create_overlays_at(host, &paths).await?;
+        Ok(paths)
+    }
+
+    /// A qcow2 overlay over the export of the disk with each target, at its path.
+    pub async fn create_overlays_at(&self, host: &Host, paths: &[(String, String)]) -> Result<()> {
+        for (target, path) in paths {
+            let d = self
+                .manifest
+                .disks
+                .iter()
+                .find(|d| &d.spec.target == target)
+                .ok_or_else(|| Error::domain(format!("no disk {target} in the backup")))?;
+            let cmd = qemu_img::create_nbd_overlay(path, d.spec.size, &self.socket, &d.spec.name)
                 .ok_or_else(|| {
-                    Error::unsupported(format!(
-                        "disk name {:?} cannot be an NBD export name in a backing URI",
-                        d.spec.name
-                    ))
-                })?;
+                Error::unsupported(format!(
+                    "disk name {:?} cannot be an NBD export name in a backing URI",
+                    d.spec.name
+                ))
+            })?;
             host.run(&cmd)
                 .await
-                .map_err(|e| e.context(format!("creating the overlay of {}", d.spec.target)))?;
-            out.push((d.spec.target.clone(), path));
+                .map_err(|e| e.context(format!("creating the overlay of {target}")))?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Stops serving, cancels the forward and removes the job directory. Failures are

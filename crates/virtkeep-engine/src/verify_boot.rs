@@ -134,7 +134,7 @@ async fn boot_and_watch(
     };
     let xml = virtkeep_libvirt::rewrite_domain(&m.domain_xml, &rw)?;
     let iso = Isolation {
-        serial_log: serial.clone(),
+        serial_log: Some(serial.clone()),
         nbd_backing: live.nbd_backing(),
         links_up: false,
         stop_on_reset: true,

@@ -25,8 +25,8 @@ pub struct NbdBacking {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Isolation {
     /// File the first serial port is written to (every other serial port and console
-    /// is removed).
-    pub serial_log: String,
+    /// is removed, and so are host devices: PCI/USB passthrough); `None` keeps them.
+    pub serial_log: Option<String>,
     /// The NBD base of each overlay disk, by target dev. Reads or writes that fail on
     /// these disks pause the guest (`error_policy`/`rerror_policy = stop`).
     pub nbd_backing: BTreeMap<String, NbdBacking>,
@@ -52,17 +52,19 @@ pub fn isolate_for_boot(xml: &str, iso: &Isolation) -> Result<String, XmlError> 
     let devices = doc
         .child(0, "devices")
         .ok_or(XmlError::Missing { what: "<devices>" })?;
-    for name in ["serial", "console", "hostdev"] {
-        for id in doc.children_named(devices, name) {
-            edits.replace(doc.removal_span(id), "");
+    if let Some(log) = &iso.serial_log {
+        for name in ["serial", "console", "hostdev"] {
+            for id in doc.children_named(devices, name) {
+                edits.replace(doc.removal_span(id), "");
+            }
         }
+        let indent = child_indent(&doc, devices);
+        let serial = format!(
+            "\n{indent}<serial type='file'>\n{indent}  <source path='{}'/>\n{indent}  <target port='0'/>\n{indent}</serial>",
+            escape_attr(log)?
+        );
+        append_child(&doc, &mut edits, devices, &serial);
     }
-    let indent = child_indent(&doc, devices);
-    let serial = format!(
-        "\n{indent}<serial type='file'>\n{indent}  <source path='{}'/>\n{indent}  <target port='0'/>\n{indent}</serial>",
-        escape_attr(&iso.serial_log)?
-    );
-    append_child(&doc, &mut edits, devices, &serial);
     if !iso.links_up {
         for nic in doc.children_named(devices, "interface") {
             for l in doc.children_named(nic, "link") {
@@ -182,7 +184,7 @@ mod tests {
 
     fn iso() -> Isolation {
         Isolation {
-            serial_log: "/run/virtkeep/jobs/j/serial.log".into(),
+            serial_log: Some("/run/virtkeep/jobs/j/serial.log".into()),
             nbd_backing: [(
                 "vda".to_string(),
                 NbdBacking {
@@ -232,7 +234,7 @@ mod tests {
         );
         assert!(isolate_for_boot(XML, &i).is_err());
         let mut i = iso();
-        i.serial_log = "/tmp/a'b".into();
+        i.serial_log = Some("/tmp/a'b".into());
         let out = isolate_for_boot(XML, &i).expect("isolate");
         assert!(out.contains("/tmp/a&apos;b"), "{out}");
         let mut i = iso();

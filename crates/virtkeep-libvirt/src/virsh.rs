@@ -190,6 +190,15 @@ impl Virsh {
         self.dom("screenshot", dom).arg("--file").arg(path)
     }
 
+    /// `virsh blockpull --domain DOM --path TARGET --wait`: copy every block of the
+    /// disk's backing chain into its top image, then drop the chain.
+    pub fn blockpull_wait(&self, dom: &str, target: &str) -> RemoteCommand {
+        self.dom("blockpull", dom)
+            .arg("--path")
+            .arg(target)
+            .arg("--wait")
+    }
+
     /// `virsh start --domain DOM`.
     pub fn start(&self, dom: &str) -> RemoteCommand {
         self.dom("start", dom)

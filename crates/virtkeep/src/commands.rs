@@ -575,6 +575,9 @@ async fn restore_cmd(
     args: RestoreArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    if args.live {
+        return crate::live_cmds::restore_live(settings, args, json).await;
+    }
     let repo = settings.open_repo(&args.repo).await?;
     if let Some(path) = &args.to_file {
         return restore_to_file_cmd(&repo, &args, path, json).await;

@@ -1,4 +1,5 @@
-//! `verify SNAPSHOT --boot --to HOST`: a backup booted from the repository (issue 20).
+//! `verify SNAPSHOT --boot --to HOST` and `restore SNAPSHOT --to HOST --live --name NEW`:
+//! a backup booted from the repository (issue 20).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use virtkeep_engine::host::Host;
 use virtkeep_engine::verify_boot::{BootVerifyOptions, BootVerifyReport, verify_boot as run};
 
-use crate::cli::VerifyArgs;
+use crate::cli::{RestoreArgs, VerifyArgs};
 use crate::output::print_json;
 use crate::settings::Settings;
 
@@ -20,9 +21,7 @@ pub async fn verify_boot(
     let repo = settings.open_repo(&args.repo).await?;
     let spec = args.snapshot.as_deref().unwrap_or_default();
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, spec).await?;
-    let name = args.boot.to.as_deref().unwrap_or_default();
-    let config = settings.config.host(name)?;
-    let host = Host::connect(name, config, &settings.known_hosts()).await?;
+    let host = connect(settings, args.boot.to.as_deref().unwrap_or_default()).await?;
     let opts = BootVerifyOptions {
         timeout: Duration::from_secs(args.boot.timeout),
         expect_serial: args.boot.expect_serial.clone(),
@@ -73,4 +72,37 @@ fn write_report(dir: &Path, r: &BootVerifyReport) -> anyhow::Result<()> {
         std::fs::write(dir.join(format!("screenshot.{ext}")), img)?;
     }
     Ok(())
+}
+
+async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Host> {
+    let config = settings.config.host(name)?;
+    Ok(Host::connect(name, config, &settings.known_hosts()).await?)
+}
+
+/// Returns once every disk is copied and nothing refers to the node any more.
+pub async fn restore_live(
+    settings: &Settings,
+    args: RestoreArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let host = connect(settings, args.to.as_deref().unwrap_or_default()).await?;
+    let name = args.name.as_deref().unwrap_or_default();
+    if !json {
+        eprintln!("starting {name} on backup {id}; its disks are copied while it runs");
+    }
+    let r = virtkeep_engine::live_restore::restore_live(&host, &repo, &id, name).await?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "{} running after {:.1} s, copied after {:.1} s",
+            r.vm, r.time_to_running_secs, r.time_to_copied_secs
+        );
+        for d in &r.disks {
+            println!("  {} -> {} ({})", d.target, d.path, d.format);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

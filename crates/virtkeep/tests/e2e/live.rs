@@ -227,3 +227,161 @@ fn verify_boot_fails_for_a_crashing_guest() {
     assert_nothing_left(&r);
     assert_eq!(source_state(&vm), before, "the source VM changed");
 }
+
+/// Adds a serial port logged to `log` to the (stopped) domain `name`.
+fn add_serial_file(name: &str, log: &Path) {
+    let xml = lab().virsh(&["dumpxml", "--inactive", "--domain", name]);
+    let serial = format!(
+        "<serial type='file'><source path='{}'/><target port='0'/></serial></devices>",
+        log.display()
+    );
+    let xml = xml.replacen("</devices>", &serial, 1);
+    let file = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(file.path(), xml).expect("write xml");
+    lab().virsh(&["define", &file.path().display().to_string()]);
+}
+
+fn live_job_dirs() -> Vec<String> {
+    std::fs::read_dir("/run/virtkeep/jobs")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("live-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `restore --live`: held at the failpoint after the start, the new domain already runs
+/// from the repository (its marker is on the serial port while its disk is still an
+/// empty overlay over the NBD export); released, the copy completes: the disk equals
+/// the backup, has no backing file, the domain refers to nothing of the node, and no
+/// job directory (socket) is left.
+#[test]
+fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
+    use std::io::{BufRead, BufReader, Write};
+    let node = Node::new();
+    let marker = unique_name("VK-LIVE");
+    let vm = sector_vm("vlive", &marker_sector(&marker));
+    vm.write_pattern("vda", 0x5A, 256 * 1024, 512 * 1024);
+    let log = lab().pool_dir.join(format!("{}-serial.log", vm.name));
+    let _ = std::fs::remove_file(&log);
+    add_serial_file(&vm.name, &log);
+    let b = node.backup(&vm.name, &[]);
+    let want = vm.disk_checksum("vda");
+    let new_name = unique_name("vlive-new");
+    let restored = TestVm::adopt(&new_name);
+
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .env("VIRTKEEP_LOG", "info")
+        .env("VIRTKEEP_FAILPOINT", "live-restore-running")
+        .args([
+            "--json",
+            "restore",
+            b["id"].as_str().expect("id"),
+            "--to",
+            HOST,
+        ])
+        .args(["--live", "--name", &new_name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn virtkeep");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if line.contains("failpoint live-restore-running reached") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    if rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .is_err()
+    {
+        let _ = child.kill();
+        panic!(
+            "never reached the failpoint:\n{}",
+            reader.join().expect("stderr")
+        );
+    }
+    let dest = lab().pool_dir.join(format!("{new_name}-vda.qcow2"));
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&dest)
+        .output()
+        .expect("qemu-img info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("nbd+unix"),
+        "not an overlay over the export: {info}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&marker) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no marker on serial: {text:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release");
+    let out = child.wait_with_output().expect("wait");
+    let err = reader.join().expect("stderr");
+    assert!(out.status.success(), "live restore failed:\n{err}");
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(r["vm"], new_name.as_str(), "{r:#}");
+    let (run, copied) = (
+        r["time_to_running_secs"].as_f64().expect("running"),
+        r["time_to_copied_secs"].as_f64().expect("copied"),
+    );
+    assert!(run > 0.0 && run < copied, "{r:#}");
+
+    assert!(restored.is_running(), "the restored VM does not run");
+    // QEMU caches qcow2 metadata: the image is complete on disk once it stopped.
+    restored.stop();
+    let got = virtkeep_lab::file_checksum(&dest, "qcow2");
+    assert_eq!(got, want, "the restored disk differs from the backup");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&dest)
+        .output()
+        .expect("qemu-img info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        !info.contains("backing"),
+        "still has a backing file: {info}"
+    );
+    for inactive in [false, true] {
+        let mut args = vec!["dumpxml", "--domain", new_name.as_str()];
+        if inactive {
+            args.push("--inactive");
+        }
+        let xml = lab().virsh(&args);
+        assert!(
+            !xml.contains("nbd") && !xml.contains("/run/virtkeep"),
+            "the domain still refers to the node:\n{xml}"
+        );
+    }
+    assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
+    drop(restored);
+    let _ = std::fs::remove_file(&log);
+}
