@@ -51,7 +51,7 @@ impl LiveBackup {
         let server = virtkeep_files::backup_server(repo, id, DiskViewOptions::default())
             .await
             .map_err(|e| Error::new(ErrorKind::Repository, format!("serving backup {id}: {e}")))?;
-        let dir = host.job_dir(job).await?;
+        let dir = forward_dir(host, job).await?;
         let socket = format!("{dir}/nbd.sock");
         match forward(host, &socket, Arc::new(server)).await {
             Ok((stop, serving)) => Ok(LiveBackup {
@@ -160,6 +160,54 @@ impl LiveBackup {
 }
 
 type Server = virtkeep_nbd::NbdServer<virtkeep_files::DiskExport>;
+
+/// The job directory, writable by the login user: sshd creates forwarded sockets as
+/// that user, which with sudo is not root.
+async fn forward_dir(host: &Host, job: &str) -> Result<String> {
+    let dir = host.job_dir(job).await?;
+    if host.config.sudo
+        && let Err(e) = host.run(&coreutils::chown(&host.config.user, &dir)).await
+    {
+        let _ = host.exec(&coreutils::rm_rf(&dir)).await;
+        return Err(e);
+    }
+    Ok(dir)
+}
+
+/// For `host check`: can the host's sshd listen on a socket of a job directory for us,
+/// and can that socket be handed to QEMU's user? Leaves nothing behind.
+pub async fn probe_forwarding(host: &Host) -> (bool, String) {
+    let job = format!("check-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let dir = match forward_dir(host, &job).await {
+        Ok(d) => d,
+        Err(e) => return (false, e.to_string()),
+    };
+    let socket = format!("{dir}/probe.sock");
+    let res = match host
+        .session()
+        .forward_unix_socket(&socket, FORWARD_TIMEOUT)
+        .await
+    {
+        Ok(fwd) => {
+            let owner = host.qemu_owner().await.map(|(u, g)| format!("{u}:{g}"));
+            let chowned = match owner {
+                Ok(o) => host.run(&coreutils::chown(&o, &socket)).await.map(|_| o),
+                Err(e) => Err(e),
+            };
+            let _ = fwd.close(FORWARD_TIMEOUT).await;
+            match chowned {
+                Ok(o) => (
+                    true,
+                    format!("sshd listens on unix sockets for virtkeep; QEMU ({o}) may open them"),
+                ),
+                Err(e) => (false, e.to_string()),
+            }
+        }
+        Err(e) => (false, e.to_string()),
+    };
+    let _ = host.exec(&coreutils::rm_rf(&dir)).await;
+    res
+}
 
 /// Has the host's sshd listen on `socket`, lets QEMU's user open it, and serves every
 /// connection to it until the returned sender is dropped (the task then returns the

@@ -385,3 +385,52 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     drop(restored);
     let _ = std::fs::remove_file(&log);
 }
+
+/// `host check` tries the forwarding `restore --live` and `verify --boot` need: as root,
+/// and as a sudo user (sshd then creates the socket as that user); it leaves no job
+/// directory behind.
+#[test]
+fn host_check_tries_unix_socket_forwarding() {
+    let node = Node::new();
+    let lab = node.lab;
+    let ssh = format!("{}@{}:{}", lab.password_user, lab.ssh_host, lab.ssh_port);
+    let known = lab.known_hosts.display().to_string();
+    node.ok(&[
+        "host",
+        "add",
+        "pw",
+        "--ssh",
+        &ssh,
+        "--password-env",
+        "VK_TEST_PW",
+        "--known-hosts",
+        &known,
+        "--sudo",
+    ]);
+    for host in [HOST, "pw"] {
+        let out = node
+            .cmd()
+            .args(["--json", "host", "check", host])
+            .env("VK_TEST_PW", &lab.password)
+            .output()
+            .expect("run");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let item = v["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["check"] == "unix-socket forwarding")
+            .cloned()
+            .unwrap_or_else(|| panic!("no forwarding check: {v:#}"));
+        assert_eq!(item["ok"], true, "{host}: {item:#}");
+    }
+    let left: Vec<String> = std::fs::read_dir("/run/virtkeep/jobs")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("check-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left: {left:?}");
+}
