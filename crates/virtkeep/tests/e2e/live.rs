@@ -268,6 +268,7 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     let _ = std::fs::remove_file(&log);
     add_serial_file(&vm.name, &log);
     let b = node.backup(&vm.name, &[]);
+    live_restore_refuses_an_existing_destination(&node, &b);
     let want = vm.disk_checksum("vda");
     let new_name = unique_name("vlive-new");
     let restored = TestVm::adopt(&new_name);
@@ -424,13 +425,55 @@ fn host_check_tries_unix_socket_forwarding() {
             .unwrap_or_else(|| panic!("no forwarding check: {v:#}"));
         assert_eq!(item["ok"], true, "{host}: {item:#}");
     }
-    let left: Vec<String> = std::fs::read_dir("/run/virtkeep/jobs")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("check-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(left.is_empty(), "left: {left:?}");
+    // Other tests' `host check`s make short-lived probe directories: wait them out.
+    let check_dirs = || -> Vec<String> {
+        std::fs::read_dir("/run/virtkeep/jobs")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("check-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check_dirs().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left: {:?}",
+            check_dirs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// `restore --live` never writes over a file in its way: it refuses, the file keeps its
+/// bytes, no domain is defined and no job directory is left. (Called from the other
+/// live-restore test: the job directories are counted, so the two never run at once.)
+fn live_restore_refuses_an_existing_destination(node: &Node, b: &Value) {
+    let new_name = unique_name("vlivex-new");
+    let dest = lab().pool_dir.join(format!("{new_name}-vda.qcow2"));
+    std::fs::write(&dest, b"not yours").expect("write");
+    let out = node.run(&[
+        "restore",
+        b["id"].as_str().expect("id"),
+        "--to",
+        HOST,
+        "--live",
+        "--name",
+        &new_name,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let kept = std::fs::read(&dest).expect("read");
+    let _ = std::fs::remove_file(&dest);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(kept, b"not yours", "the file was overwritten");
+    assert!(
+        lab()
+            .try_virsh(&["domstate", "--domain", &new_name])
+            .is_err(),
+        "a domain {new_name} was defined"
+    );
+    assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
 }
