@@ -52,6 +52,7 @@ pub async fn restore_live(
     repo: &virtkeep_repo::Repository,
     id: &str,
     name: &str,
+    interrupted: impl std::future::Future<Output = ()>,
 ) -> Result<LiveRestoreResult> {
     let started = Instant::now();
     if name.is_empty() || name.len() > 200 || name.contains('/') || name.starts_with('-') {
@@ -69,7 +70,14 @@ pub async fn restore_live(
     let live = LiveBackup::start(host, repo, id, &job).await?;
     let res = match plan(host, &live, name).await {
         // Only what this run made is rolled back: plan checked that none of it existed.
-        Ok(disks) => match run(host, &live, name, &disks, started).await {
+        // A signal before the copy is done rolls back like any failure.
+        Ok(disks) => match tokio::select! {
+            r = run(host, &live, name, &disks, started) => r,
+            _ = interrupted => Err(Error::new(
+                crate::error::ErrorKind::Interrupted,
+                format!("interrupted before the copy was done; {name} was removed"),
+            )),
+        } {
             Ok(times) => Ok((times, disks)),
             Err(e) => {
                 roll_back(host, name, &disks).await;

@@ -88,6 +88,7 @@ pub async fn verify_boot(
     repo: &virtkeep_repo::Repository,
     id: &str,
     opts: &BootVerifyOptions,
+    interrupted: impl std::future::Future<Output = ()>,
 ) -> Result<BootVerifyReport> {
     let re = compile(opts.expect_serial.as_deref())?;
     let name = format!(
@@ -95,7 +96,14 @@ pub async fn verify_boot(
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
     let live = LiveBackup::start(host, repo, id, &name).await?;
-    let res = boot_and_watch(host, &live, &name, opts, re.as_ref()).await;
+    // A signal ends the watch, never the clean-up below.
+    let res = tokio::select! {
+        r = boot_and_watch(host, &live, &name, opts, re.as_ref()) => r,
+        _ = interrupted => Err(Error::new(
+            crate::error::ErrorKind::Interrupted,
+            format!("interrupted; {name} was destroyed and its overlays removed"),
+        )),
+    };
     // Whatever happened: no domain, forward, overlay or socket is left.
     let _ = host.exec(&host.virsh().destroy(&name)).await;
     live.finish(host).await;

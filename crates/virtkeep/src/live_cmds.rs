@@ -26,7 +26,7 @@ pub async fn verify_boot(
         timeout: Duration::from_secs(args.boot.timeout),
         expect_serial: args.boot.expect_serial.clone(),
     };
-    let report = run(&host, &repo, &id, &opts).await?;
+    let report = run(&host, &repo, &id, &opts, stop_signal()?).await?;
     if let Some(dir) = &args.boot.report_dir {
         write_report(dir, &report)?;
     }
@@ -92,7 +92,8 @@ pub async fn restore_live(
     if !json {
         eprintln!("starting {name} on backup {id}; its disks are copied while it runs");
     }
-    let r = virtkeep_engine::live_restore::restore_live(&host, &repo, &id, name).await?;
+    let r = virtkeep_engine::live_restore::restore_live(&host, &repo, &id, name, stop_signal()?)
+        .await?;
     if json {
         print_json(&r)?;
     } else {
@@ -105,4 +106,15 @@ pub async fn restore_live(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT or SIGTERM: the engine then destroys what it made before returning.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
 }

@@ -477,3 +477,59 @@ fn live_restore_refuses_an_existing_destination(node: &Node, b: &Value) {
     );
     assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
 }
+
+/// SIGTERM during `verify --boot` destroys the domain and removes its job directory
+/// before the command exits (as interrupted, not as a failed verification).
+#[test]
+fn verify_boot_interrupted_leaves_nothing() {
+    let node = Node::new();
+    let marker = unique_name("VK-TERM");
+    let vm = sector_vm("vterm", &marker_sector(&marker));
+    let b = node.backup(&vm.name, &[]);
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .args(["--json", "verify", b["id"].as_str().expect("id"), "--boot"])
+        .args(["--to", HOST, "--timeout", "300"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn virtkeep");
+    // Ours is the verification domain whose serial log has this test's marker (other
+    // tests may verify at the same time).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let dom = loop {
+        let ours = std::fs::read_dir("/run/virtkeep/jobs")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("virtkeep-verify-"))
+            .find(|n| {
+                let log = Path::new("/run/virtkeep/jobs").join(n).join("serial.log");
+                std::fs::read_to_string(log).is_ok_and(|t| t.contains(&marker))
+            });
+        if let Some(d) = ours {
+            break d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no verification domain"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let out = child.wait_with_output().expect("wait");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(!out.status.success(), "{v:#}");
+    assert!(v["error"].is_object(), "{v:#}");
+    assert_nothing_left(&serde_json::json!({ "domain": dom }));
+}
