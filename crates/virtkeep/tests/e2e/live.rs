@@ -486,7 +486,7 @@ fn verify_boot_interrupted_leaves_nothing() {
     let marker = unique_name("VK-TERM");
     let vm = sector_vm("vterm", &marker_sector(&marker));
     let b = node.backup(&vm.name, &[]);
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
         .arg("--config")
         .arg(node.config())
         .env("HOME", node.dir.path())
