@@ -290,6 +290,13 @@ pub async fn check_host(host: &Host) -> Result<Vec<CheckItem>> {
     check_libvirt(host, &mut c).await;
     check_space(host, &mut c).await;
     check_storage(host, &mut c).await;
+    c.add(
+        "unix-socket forwarding",
+        crate::live::probe_forwarding(host).await,
+        "`restore --live` and `verify --boot` need the host's sshd to listen on unix sockets for \
+         virtkeep: set `AllowStreamLocalForwarding yes` (and no `DisableForwarding yes`) in sshd_config",
+        false,
+    );
     Ok(c.items)
 }
 

@@ -17,6 +17,8 @@ pub mod heal;
 pub mod hold;
 pub mod host;
 pub mod inventory;
+pub mod live;
+pub mod live_restore;
 pub mod lvm;
 pub mod phases;
 pub mod plan;
@@ -28,6 +30,7 @@ pub mod restore;
 pub mod snapshot_ref;
 pub mod store;
 pub mod sync;
+pub mod verify_boot;
 pub mod vm;
 
 pub use error::{Error, ErrorKind, Result};

@@ -4,7 +4,8 @@
 //! - [`parse_domain`]: a minimal read model of domain XML ([`Domain`], [`Disk`], …)
 //!   with backend classification ([`Disk::backend`]) and default-skip rules
 //!   ([`Disk::is_backup_candidate`]).
-//! - [`rewrite_domain`]: a byte-preserving rewrite for restore ([`Rewrite`]).
+//! - [`rewrite_domain`]: a byte-preserving rewrite for restore ([`Rewrite`]);
+//!   [`isolate_for_boot`]: overlays over NBD, no network, serial to a file ([`Isolation`]).
 //! - One module per host tool, each with its builders (returning
 //!   `virtkeep_ssh::RemoteCommand`, every argument quoted by `virtkeep_ssh::quote`) beside
 //!   the parsers of their output: [`virsh`], [`qemu_img`], [`qemu_nbd`], [`lvm`],
@@ -15,6 +16,7 @@
 
 mod domain;
 mod error;
+mod isolate;
 mod rewrite;
 mod support;
 mod xml;
@@ -32,5 +34,6 @@ pub use domain::{
     SkipReason, check_rbd_image, check_rbd_name, lvm_from_path, parse_domain, split_rbd_name,
 };
 pub use error::{ParseError, XmlError};
+pub use isolate::{Isolation, NbdBacking, isolate_for_boot};
 pub use rewrite::{NewSource, Rewrite, rewrite_domain};
 pub use support::{escape_commas, human_bytes, safe_path};

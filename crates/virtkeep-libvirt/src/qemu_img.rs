@@ -44,6 +44,34 @@ pub fn create_overlay(path: &str, backing: &str, backing_format: &str) -> Remote
         .arg(safe_path(path))
 }
 
+/// `qemu-img create -q -f qcow2 -u -b nbd+unix:///EXPORT?socket=SOCKET -F raw PATH SIZE`:
+/// an overlay over an NBD export, created without opening the export (`-u`). `None`
+/// when the export name or socket path would not survive the URI unescaped.
+pub fn create_nbd_overlay(
+    path: &str,
+    size: u64,
+    socket: &str,
+    export: &str,
+) -> Option<RemoteCommand> {
+    let plain = |s: &str, extra: &[char]| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c) || extra.contains(&c))
+    };
+    if !plain(export, &[]) || !socket.starts_with('/') || !plain(socket, &['/']) {
+        return None;
+    }
+    Some(
+        RemoteCommand::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-u", "-b"])
+            .arg(format!("nbd+unix:///{export}?socket={socket}"))
+            .arg("-F")
+            .arg("raw")
+            .arg(safe_path(path))
+            .arg(size.to_string()),
+    )
+}
+
 /// `qemu-img create -q -f raw PATH SIZE` (a sparse file).
 pub fn create_raw(path: &str, size: u64) -> RemoteCommand {
     RemoteCommand::new("qemu-img")

@@ -90,23 +90,29 @@ struct Edit {
 }
 
 #[derive(Default)]
-struct Edits(Vec<Edit>);
+pub(crate) struct Edits(Vec<Edit>);
 
 impl Edits {
-    fn replace(&mut self, span: Range<usize>, text: impl Into<String>) {
+    pub(crate) fn replace(&mut self, span: Range<usize>, text: impl Into<String>) {
         self.0.push(Edit {
             span,
             text: text.into(),
         });
     }
 
-    fn insert(&mut self, at: usize, text: impl Into<String>) {
+    pub(crate) fn insert(&mut self, at: usize, text: impl Into<String>) {
         self.replace(at..at, text);
     }
 
     /// Set attribute `name` of `e` to `value`: replace the value in place (keeping
     /// the quote style), or add ` name='value'` after the last attribute.
-    fn set_attr(&mut self, src: &str, e: &Elem, name: &str, value: &str) -> Result<(), XmlError> {
+    pub(crate) fn set_attr(
+        &mut self,
+        src: &str,
+        e: &Elem,
+        name: &str,
+        value: &str,
+    ) -> Result<(), XmlError> {
         match e.attr_full(name) {
             Some(a) if a.value == value => {}
             Some(a) => self.replace(a.value_span.clone(), escape_attr(value)?),
@@ -124,7 +130,7 @@ impl Edits {
         Ok(())
     }
 
-    fn apply(mut self, src: &str) -> Result<String, XmlError> {
+    pub(crate) fn apply(mut self, src: &str) -> Result<String, XmlError> {
         // Stable: insertions at one point keep the order they were made in.
         self.0.sort_by_key(|e| (e.span.start, e.span.end));
         let mut out = String::with_capacity(src.len() + 256);
@@ -265,7 +271,12 @@ pub fn rewrite_domain(xml: &str, rw: &Rewrite) -> Result<String, XmlError> {
 }
 
 /// Replace the text content of element `id` (expanding `<x/>` to `<x>…</x>`).
-fn set_text(doc: &Doc<'_>, edits: &mut Edits, id: usize, value: &str) -> Result<(), XmlError> {
+pub(crate) fn set_text(
+    doc: &Doc<'_>,
+    edits: &mut Edits,
+    id: usize,
+    value: &str,
+) -> Result<(), XmlError> {
     let e = doc.elem(id);
     if e.text == value && e.children.is_empty() {
         return Ok(());
@@ -290,7 +301,7 @@ fn set_text(doc: &Doc<'_>, edits: &mut Edits, id: usize, value: &str) -> Result<
 
 /// Indentation for a new child of `parent`: that of its first child element, or the
 /// parent's own plus two spaces.
-fn child_indent(doc: &Doc<'_>, parent: usize) -> String {
+pub(crate) fn child_indent(doc: &Doc<'_>, parent: usize) -> String {
     if let Some(&c) = doc.elem(parent).children.first()
         && let Some(i) = doc.indent_of(c)
     {

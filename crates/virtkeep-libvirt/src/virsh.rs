@@ -180,6 +180,25 @@ impl Virsh {
         c
     }
 
+    /// `virsh create --file XML_PATH`: start a transient domain (gone once destroyed).
+    pub fn create(&self, xml_path: &str) -> RemoteCommand {
+        self.command("create").arg("--file").arg(xml_path)
+    }
+
+    /// `virsh screenshot --domain DOM --file PATH`: the guest's display as an image.
+    pub fn screenshot(&self, dom: &str, path: &str) -> RemoteCommand {
+        self.dom("screenshot", dom).arg("--file").arg(path)
+    }
+
+    /// `virsh blockpull --domain DOM --path TARGET --wait`: copy every block of the
+    /// disk's backing chain into its top image, then drop the chain.
+    pub fn blockpull_wait(&self, dom: &str, target: &str) -> RemoteCommand {
+        self.dom("blockpull", dom)
+            .arg("--path")
+            .arg(target)
+            .arg("--wait")
+    }
+
     /// `virsh start --domain DOM`.
     pub fn start(&self, dom: &str) -> RemoteCommand {
         self.dom("start", dom)

@@ -5,6 +5,7 @@
 //! built on it elsewhere.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use russh::keys::PublicKeyOrCertificate;
 use russh::keys::agent::AgentIdentity;
 use russh::keys::agent::client::AgentClient;
 use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKeyWithHashAlg, PublicKey};
+use tokio::sync::mpsc;
 
 use crate::error::SshError;
 use crate::known_hosts::{self, HostKeyStatus, KnownHosts};
@@ -141,11 +143,56 @@ enum KeyPolicy {
     Probe,
 }
 
+/// The remote unix-socket forwards of one connection (`forward.rs`): socket path
+/// → queue of its arriving channels, for the handler to route them.
+#[derive(Clone, Default)]
+pub(crate) struct Forwards(
+    Arc<Mutex<HashMap<String, mpsc::UnboundedSender<russh::Channel<client::Msg>>>>>,
+);
+
+impl Forwards {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<String, mpsc::UnboundedSender<russh::Channel<client::Msg>>>,
+    > {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn sender(
+        &self,
+        path: &str,
+    ) -> Option<mpsc::UnboundedSender<russh::Channel<client::Msg>>> {
+        self.lock().get(path).cloned()
+    }
+
+    /// Registers `path`; false when it is already forwarded on this connection.
+    pub(crate) fn add(
+        &self,
+        path: &str,
+        tx: mpsc::UnboundedSender<russh::Channel<client::Msg>>,
+    ) -> bool {
+        let mut map = self.lock();
+        if map.contains_key(path) {
+            return false;
+        }
+        map.insert(path.to_owned(), tx);
+        true
+    }
+
+    pub(crate) fn remove(&self, path: &str) {
+        self.lock().remove(path);
+    }
+}
+
 pub(crate) struct ClientHandler {
     host: String,
     port: u16,
     policy: KeyPolicy,
     seen: Arc<Mutex<Option<Seen>>>,
+    /// Remote unix-socket forwards of this connection (see `forward.rs`).
+    forwards: Forwards,
 }
 
 impl client::Handler for ClientHandler {
@@ -175,6 +222,31 @@ impl client::Handler for ClientHandler {
         };
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
         Ok(ok)
+    }
+
+    /// A connection to a socket we asked sshd to listen on goes to that forward's
+    /// queue; one on a path we never asked for (or no longer listen on) is refused.
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        match self.forwards.sender(socket_path) {
+            Some(tx) => {
+                reply.accept().await;
+                if tx.send(channel).is_err() {
+                    tracing::debug!(socket_path, "forward closed while a connection arrived");
+                }
+            }
+            None => {
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+        }
+        Ok(())
     }
 }
 
@@ -273,6 +345,7 @@ async fn handshake_raw(
     timeout: Duration,
     config: client::Config,
     policy: KeyPolicy,
+    forwards: &Forwards,
 ) -> Result<(Result<Handle<ClientHandler>, russh::Error>, Option<Seen>), SshError> {
     let stream = with_timeout(
         host,
@@ -294,6 +367,7 @@ async fn handshake_raw(
         port,
         policy,
         seen: seen.clone(),
+        forwards: forwards.clone(),
     };
     let res = with_timeout(
         host,
@@ -315,8 +389,9 @@ async fn handshake(
     config: client::Config,
     policy: KeyPolicy,
     known_hosts_path: &Path,
+    forwards: &Forwards,
 ) -> Result<(Handle<ClientHandler>, PublicKey), SshError> {
-    let (res, seen) = handshake_raw(host, port, timeout, config, policy).await?;
+    let (res, seen) = handshake_raw(host, port, timeout, config, policy, forwards).await?;
     match (res, seen) {
         (
             Ok(h),
@@ -393,7 +468,15 @@ pub async fn probe_host_key(
     timeout: Duration,
 ) -> Result<HostKeyInfo, SshError> {
     let config = client_config(Duration::ZERO, all_host_key_algorithms());
-    let (res, seen) = handshake_raw(host, port, timeout, config, KeyPolicy::Probe).await?;
+    let (res, seen) = handshake_raw(
+        host,
+        port,
+        timeout,
+        config,
+        KeyPolicy::Probe,
+        &Forwards::default(),
+    )
+    .await?;
     if let Ok(h) = &res {
         // The probe policy refuses every key, so this cannot happen; never keep it.
         let _ = h
@@ -431,6 +514,7 @@ pub(crate) struct Connection {
     handle: Handle<ClientHandler>,
     target: HostTarget,
     host_key: PublicKey,
+    forwards: Forwards,
 }
 
 impl Connection {
@@ -443,6 +527,7 @@ impl Connection {
         let known = KnownHosts::load(&target.known_hosts)?;
         let order = host_key_order(&known.keys_for(&target.host, target.port));
         let config = client_config(target.keepalive, order);
+        let forwards = Forwards::default();
         let (mut handle, host_key) = handshake(
             &target.host,
             target.port,
@@ -450,6 +535,7 @@ impl Connection {
             config,
             KeyPolicy::Verify(known),
             &target.known_hosts,
+            &forwards,
         )
         .await?;
         with_timeout(
@@ -465,11 +551,16 @@ impl Connection {
             handle,
             target: target.clone(),
             host_key,
+            forwards,
         })
     }
 
     pub(crate) fn handle(&self) -> &Handle<ClientHandler> {
         &self.handle
+    }
+
+    pub(crate) fn forwards(&self) -> &Forwards {
+        &self.forwards
     }
 
     pub(crate) fn target(&self) -> &HostTarget {

@@ -144,6 +144,19 @@ pub enum SshError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
 
+    /// The host's sshd would not listen on a unix socket for us.
+    #[error(
+        "the SSH server of {host} refused to listen on unix socket {path}: {detail}. \
+         Allow it in the host's sshd_config (`AllowStreamLocalForwarding yes`, the default; \
+         `DisableForwarding no`) and check that the login user may create files in {dir}"
+    )]
+    ForwardRefused {
+        host: String,
+        path: String,
+        dir: String,
+        detail: String,
+    },
+
     /// Any other SSH protocol error.
     #[error("ssh protocol error: {0}")]
     Protocol(String),

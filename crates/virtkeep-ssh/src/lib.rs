@@ -3,7 +3,7 @@
 //! - [`quote`] and [`RemoteCommand`]: the only way command lines are built.
 //! - [`Session`] (`session.rs`): an authenticated connection shared by its clones,
 //!   with a pool of command shells on the host (`shell.rs`); `exec`/`run`/`spawn` and
-//!   unix-socket forwarding.
+//!   unix-socket forwarding, both ways (`forward.rs`: the host's sshd listens for us).
 //! - Connecting (`connect.rs`): [`HostTarget`], [`Auth`], strict host-key checking
 //!   against our own trust store ([`known_hosts`]), key-file / password / agent
 //!   authentication.
@@ -16,6 +16,7 @@
 mod command;
 mod connect;
 mod error;
+mod forward;
 pub mod known_hosts;
 mod pool;
 mod process;
@@ -25,6 +26,7 @@ mod shell;
 pub use command::{RemoteCommand, quote};
 pub use connect::{Auth, HostKeyInfo, HostTarget, probe_host_key};
 pub use error::SshError;
+pub use forward::{MAX_SOCKET_PATH, UnixForward};
 pub use known_hosts::{HostKeyStatus, KnownHosts};
 pub use pool::Pool;
 pub use process::{ChannelStream, Output, RemoteProcess, RemoteStdin, RemoteStdout};
@@ -44,6 +46,7 @@ mod tests {
         fn writer<T: AsyncWrite + Unpin + Send>() {}
         send_sync::<Session>();
         send_sync::<Pool>();
+        send_sync::<UnixForward>();
         send_sync::<SshError>();
         stream::<ChannelStream>();
         reader::<RemoteStdout>();

@@ -289,6 +289,14 @@ pub struct ChannelStream {
     inner: russh::ChannelStream<client::Msg>,
 }
 
+impl ChannelStream {
+    pub(crate) fn from_channel(ch: russh::Channel<client::Msg>) -> ChannelStream {
+        ChannelStream {
+            inner: ch.into_stream(),
+        }
+    }
+}
+
 impl fmt::Debug for ChannelStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ChannelStream")

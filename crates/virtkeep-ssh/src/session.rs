@@ -12,6 +12,7 @@ use russh::keys::PublicKey;
 use crate::command::RemoteCommand;
 use crate::connect::{Connection, HostTarget};
 use crate::error::SshError;
+use crate::forward::{self, UnixForward};
 use crate::process::{self, ChannelStream, Output, RemoteProcess};
 use crate::shell::{self, CommandShell, ShellError};
 
@@ -292,6 +293,19 @@ impl Session {
     /// sshd as the login user (sudo does not apply).
     pub async fn open_unix_socket(&self, remote_path: &str) -> Result<ChannelStream, SshError> {
         process::open_unix_socket(&self.inner.conn, remote_path).await
+    }
+
+    /// Ask the host's sshd to listen on the unix socket `remote_path` and hand every
+    /// connection to it to the returned [`UnixForward`] (`streamlocal-forward@openssh.com`).
+    /// sshd creates the socket as the login user (sudo does not apply), with its
+    /// `StreamLocalBindMask` (owner-only by default), and refuses an existing file.
+    /// `timeout` bounds the request.
+    pub async fn forward_unix_socket(
+        &self,
+        remote_path: &str,
+        timeout: std::time::Duration,
+    ) -> Result<UnixForward, SshError> {
+        forward::listen(&self.inner.conn, remote_path, timeout).await
     }
 
     /// Disconnect (all clones of this session become unusable).

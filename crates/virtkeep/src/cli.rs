@@ -425,6 +425,10 @@ pub struct RestoreArgs {
     pub force: bool,
     #[arg(long, default_value_t = 2)]
     pub parallel: usize,
+    /// Run the VM from the repository at once (qcow2 overlays over the backup, served
+    /// through the SSH connection) while its data is copied into its disks; needs --name
+    #[arg(long, requires = "name", conflicts_with_all = ["to_file", "dry_run", "storage", "owner", "disk", "force"])]
+    pub live: bool,
 }
 
 #[derive(Args, Debug)]
@@ -438,7 +442,30 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub read_data: bool,
     #[command(flatten)]
+    pub boot: VerifyBootArgs,
+    #[command(flatten)]
     pub repo: RepoArgs,
+}
+
+/// `verify SNAPSHOT --boot --to HOST`: boot the backup from the repository (issue 20).
+#[derive(Args, Debug)]
+pub struct VerifyBootArgs {
+    /// Boot the backup on --to HOST as a transient domain over the repository (nothing
+    /// is copied, the repository is not written) and check that it keeps running
+    #[arg(long, requires = "to", requires = "snapshot", conflicts_with_all = ["all", "read_data"])]
+    pub boot: bool,
+    /// The host to boot on (with --boot)
+    #[arg(long, requires = "boot")]
+    pub to: Option<String>,
+    /// How long the guest must keep running, in seconds (with --boot)
+    #[arg(long, requires = "boot", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub timeout: u64,
+    /// A regular expression the guest's serial output must match (with --boot)
+    #[arg(long, requires = "boot")]
+    pub expect_serial: Option<String>,
+    /// Write report.json, serial.log and the screenshot into this directory (with --boot)
+    #[arg(long, requires = "boot")]
+    pub report_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

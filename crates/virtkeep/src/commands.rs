@@ -576,6 +576,9 @@ async fn restore_cmd(
     args: RestoreArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    if args.live {
+        return crate::live_cmds::restore_live(settings, args, json).await;
+    }
     let repo = settings.open_repo(&args.repo).await?;
     if let Some(path) = &args.to_file {
         return restore_to_file_cmd(&repo, &args, path, json).await;
@@ -701,6 +704,9 @@ async fn restore_to_file_cmd(
 }
 
 async fn verify(settings: &Settings, args: VerifyArgs, json: bool) -> anyhow::Result<ExitCode> {
+    if args.boot.boot {
+        return crate::live_cmds::verify_boot(settings, args, json).await;
+    }
     let repo = settings.open_repo(&args.repo).await?;
     let selection = match args.snapshot {
         Some(spec) => {

@@ -10,6 +10,7 @@ mod configfile;
 mod daemon;
 mod files_cmds;
 mod keys;
+mod live_cmds;
 mod manage;
 mod output;
 mod repo_cmds;
@@ -100,7 +101,8 @@ fn main() -> ExitCode {
             | cli::Command::Daemon
             | cli::Command::ServeNbd(_)
             | cli::Command::Mount(_)
-    );
+    ) || matches!(&cli.command, cli::Command::Verify(a) if a.boot.boot)
+        || matches!(&cli.command, cli::Command::Restore(a) if a.live);
     let result = runtime.block_on(async move {
         if own_signals {
             return commands::run(cli).await;

@@ -19,6 +19,7 @@ mod hardening;
 mod hosts;
 mod incremental;
 mod keys;
+mod live;
 mod lvm_host;
 mod memory;
 mod quickstart;

@@ -1,0 +1,258 @@
+//! A backup served to a host while it is in use there (boot verification, live
+//! restore): the node's read-only NBD server over the repository
+//! (`virtkeep_files::backup_server`), reached by QEMU on the host through a unix
+//! socket the host's sshd listens on for us (remote forwarding over the job's SSH
+//! connection: no port is opened anywhere), in a private job directory that also
+//! holds the disks' qcow2 overlays.
+//!
+//! [`LiveBackup::finish`] stops serving, cancels the forward and removes the job
+//! directory; if the node dies instead, the forward ends with its SSH connection and
+//! the directory is under `/run` (gone at the host's next boot, or by `cleanup`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+use virtkeep_libvirt::{NbdBacking, coreutils, parse_domain, qemu_img};
+use virtkeep_repo::{DiskViewOptions, Manifest};
+use virtkeep_ssh::UnixForward;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::Host;
+
+/// The deadline of asking the host's sshd to listen, and to stop.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A backup being served to a host (see the module documentation).
+pub struct LiveBackup {
+    manifest: Manifest,
+    dir: String,
+    socket: String,
+    stop: Option<oneshot::Sender<()>>,
+    serving: Option<JoinHandle<UnixForward>>,
+}
+
+impl LiveBackup {
+    /// Serves backup `id` to `host` on `<job dir>/nbd.sock`, a socket QEMU may open.
+    pub async fn start(
+        host: &Host,
+        repo: &virtkeep_repo::Repository,
+        id: &str,
+        job: &str,
+    ) -> Result<LiveBackup> {
+        let manifest = repo.manifest(id).await?;
+        if parse_domain(&manifest.domain_xml)?.nvram.is_some() {
+            return Err(Error::unsupported(format!(
+                "backup {id} is of a UEFI domain (it has an NVRAM store): booting it from the repository is not supported yet"
+            )));
+        }
+        let server = virtkeep_files::backup_server(repo, id, DiskViewOptions::default())
+            .await
+            .map_err(|e| Error::new(ErrorKind::Repository, format!("serving backup {id}: {e}")))?;
+        let dir = forward_dir(host, job).await?;
+        let socket = format!("{dir}/nbd.sock");
+        match forward(host, &socket, Arc::new(server)).await {
+            Ok((stop, serving)) => Ok(LiveBackup {
+                manifest,
+                dir,
+                socket,
+                stop: Some(stop),
+                serving: Some(serving),
+            }),
+            Err(e) => {
+                let _ = host.exec(&coreutils::rm_rf(&dir)).await;
+                Err(e)
+            }
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The private job directory on the host.
+    pub fn dir(&self) -> &str {
+        &self.dir
+    }
+
+    /// The NBD base of every backed-up disk, by target.
+    pub fn nbd_backing(&self) -> BTreeMap<String, NbdBacking> {
+        self.manifest
+            .disks
+            .iter()
+            .map(|d| {
+                let b = NbdBacking {
+                    socket: self.socket.clone(),
+                    export: d.spec.name.clone(),
+                };
+                (d.spec.target.clone(), b)
+            })
+            .collect()
+    }
+
+    /// Targets of the backup's domain XML with no data in the backup (CD-ROMs,
+    /// excluded disks): the domain booted from the backup goes without them.
+    pub fn disks_not_backed_up(&self) -> Result<Vec<String>> {
+        let dom = parse_domain(&self.manifest.domain_xml)?;
+        Ok(dom
+            .disks
+            .iter()
+            .map(|d| d.target.clone())
+            .filter(|t| !self.manifest.disks.iter().any(|m| &m.spec.target == t))
+            .collect())
+    }
+
+    /// A qcow2 overlay over each disk's export, in the job directory: (target, path).
+    pub async fn create_overlays(&self, host: &Host) -> Result<Vec<(String, String)>> {
+        let paths: Vec<(String, String)> = (0..self.manifest.disks.len())
+            .map(|i| {
+                let t = self.manifest.disks[i].spec.target.clone();
+                (t, format!("{}/disk{i}.qcow2", self.dir))
+            })
+            .collect();
+        self.create_overlays_at(host, &paths).await?;
+        Ok(paths)
+    }
+
+    /// A qcow2 overlay over the export of the disk with each target, at its path.
+    pub async fn create_overlays_at(&self, host: &Host, paths: &[(String, String)]) -> Result<()> {
+        for (target, path) in paths {
+            let d = self
+                .manifest
+                .disks
+                .iter()
+                .find(|d| &d.spec.target == target)
+                .ok_or_else(|| Error::domain(format!("no disk {target} in the backup")))?;
+            let cmd = qemu_img::create_nbd_overlay(path, d.spec.size, &self.socket, &d.spec.name)
+                .ok_or_else(|| {
+                Error::unsupported(format!(
+                    "disk name {:?} cannot be an NBD export name in a backing URI",
+                    d.spec.name
+                ))
+            })?;
+            host.run(&cmd)
+                .await
+                .map_err(|e| e.context(format!("creating the overlay of {target}")))?;
+        }
+        Ok(())
+    }
+
+    /// Stops serving, cancels the forward and removes the job directory. Failures are
+    /// logged: the forward ends with the connection, the directory with `cleanup`.
+    pub async fn finish(mut self, host: &Host) {
+        drop(self.stop.take());
+        if let Some(serving) = self.serving.take() {
+            match serving.await {
+                Ok(fwd) => {
+                    if let Err(e) = fwd.close(FORWARD_TIMEOUT).await {
+                        tracing::warn!(host = %host.name, error = %e, "cancelling the forward");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "the NBD forward task failed"),
+            }
+        }
+        if let Err(e) = host.run(&coreutils::rm_rf(&self.dir)).await {
+            tracing::warn!(host = %host.name, dir = %self.dir, error = %e, "removing the job directory");
+        }
+    }
+}
+
+type Server = virtkeep_nbd::NbdServer<virtkeep_files::DiskExport>;
+
+/// The job directory, writable by the login user: sshd creates forwarded sockets as
+/// that user, which with sudo is not root.
+async fn forward_dir(host: &Host, job: &str) -> Result<String> {
+    let dir = host.job_dir(job).await?;
+    if host.config.sudo
+        && let Err(e) = host.run(&coreutils::chown(&host.config.user, &dir)).await
+    {
+        let _ = host.exec(&coreutils::rm_rf(&dir)).await;
+        return Err(e);
+    }
+    Ok(dir)
+}
+
+/// For `host check`: can the host's sshd listen on a socket of a job directory for us,
+/// and can that socket be handed to QEMU's user? Leaves nothing behind.
+pub async fn probe_forwarding(host: &Host) -> (bool, String) {
+    let job = format!("check-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let dir = match forward_dir(host, &job).await {
+        Ok(d) => d,
+        Err(e) => return (false, e.to_string()),
+    };
+    let socket = format!("{dir}/probe.sock");
+    let res = match host
+        .session()
+        .forward_unix_socket(&socket, FORWARD_TIMEOUT)
+        .await
+    {
+        Ok(fwd) => {
+            let owner = host.qemu_owner().await.map(|(u, g)| format!("{u}:{g}"));
+            let chowned = match owner {
+                Ok(o) => host.run(&coreutils::chown(&o, &socket)).await.map(|_| o),
+                Err(e) => Err(e),
+            };
+            let _ = fwd.close(FORWARD_TIMEOUT).await;
+            match chowned {
+                Ok(o) => (
+                    true,
+                    format!("sshd listens on unix sockets for virtkeep; QEMU ({o}) may open them"),
+                ),
+                Err(e) => (false, e.to_string()),
+            }
+        }
+        Err(e) => (false, e.to_string()),
+    };
+    let _ = host.exec(&coreutils::rm_rf(&dir)).await;
+    res
+}
+
+/// Has the host's sshd listen on `socket`, lets QEMU's user open it, and serves every
+/// connection to it until the returned sender is dropped (the task then returns the
+/// forward, for closing).
+async fn forward(
+    host: &Host,
+    socket: &str,
+    server: Arc<Server>,
+) -> Result<(oneshot::Sender<()>, JoinHandle<UnixForward>)> {
+    let fwd = host
+        .session()
+        .forward_unix_socket(socket, FORWARD_TIMEOUT)
+        .await?;
+    // sshd creates the socket owner-only for the login user; QEMU runs as its own.
+    let owner = host.qemu_owner().await.map(|(u, g)| format!("{u}:{g}"));
+    let chowned = match owner {
+        Ok(o) => host.run(&coreutils::chown(&o, socket)).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = chowned {
+        let _ = fwd.close(FORWARD_TIMEOUT).await;
+        return Err(e.context("letting QEMU open the forwarded NBD socket"));
+    }
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        let mut fwd = fwd;
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                c = fwd.accept() => match c {
+                    Some(stream) => {
+                        let s = server.clone();
+                        conns.spawn(async move {
+                            if let Err(e) = s.serve_connection(stream).await {
+                                tracing::debug!(error = %e, "NBD connection from the host ended");
+                            }
+                        });
+                    }
+                    None => break,
+                },
+                _ = &mut stopped => break,
+            }
+        }
+        conns.abort_all();
+        fwd
+    });
+    Ok((stop, serving))
+}

@@ -1,0 +1,289 @@
+//! `virtkeep verify SNAPSHOT --boot --to HOST`: prove that a backup boots, without
+//! copying it and without writing to the repository.
+//!
+//! The node serves the backup's disks read-only over NBD ([`crate::live`]); the host
+//! reaches that server through the SSH connection (a unix socket its sshd listens on
+//! for us). Each disk gets a qcow2 overlay in a private job directory on the host, over
+//! that export; a transient domain made from the backup's XML (new name, UUID and MACs,
+//! NICs down, serial port logged to a file, any reset or crash ending it) runs on the
+//! overlays. It passes when it is still running at the timeout and, if asked, its
+//! serial output matched. Then the domain is destroyed and the job directory removed.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use virtkeep_libvirt::virsh::{DomainState, parse_domstate};
+use virtkeep_libvirt::{Isolation, NewSource, Rewrite, coreutils, isolate_for_boot};
+
+use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::live::LiveBackup;
+
+/// How often the domain's state and serial log are looked at.
+const POLL: Duration = Duration::from_millis(250);
+/// The serial log read for matching (its first bytes: a boot marker comes early).
+const SERIAL_READ: u64 = 1 << 20;
+/// The serial log kept in the report (its last bytes).
+const SERIAL_REPORT: usize = 4096;
+/// The largest screenshot taken back to the node.
+const SCREENSHOT_MAX: u64 = 32 << 20;
+/// Longest `--expect-serial` pattern, and the compiled program's size limit.
+const REGEX_MAX: usize = 1024;
+
+/// What `verify --boot` checks.
+#[derive(Debug, Clone)]
+pub struct BootVerifyOptions {
+    /// How long the guest must keep running.
+    pub timeout: Duration,
+    /// A regular expression the serial log must match within the timeout.
+    pub expect_serial: Option<String>,
+}
+
+/// The outcome of one boot verification (stable `--json`: additions only).
+#[derive(Debug, Clone, Serialize)]
+pub struct BootVerifyReport {
+    pub snapshot: String,
+    pub host: String,
+    pub vm: String,
+    /// The transient domain's name.
+    pub domain: String,
+    pub passed: bool,
+    /// Why it failed.
+    pub reason: Option<String>,
+    pub timeout_secs: f64,
+    /// From `virsh create` to a running domain.
+    pub time_to_running_secs: f64,
+    /// How long the domain was watched running.
+    pub ran_secs: f64,
+    pub expect_serial: Option<String>,
+    /// Whether the serial log matched (`None` when no pattern was given).
+    pub serial_matched: Option<bool>,
+    /// The end of the serial log (lossy UTF-8).
+    pub serial_log: String,
+    /// Why no screenshot could be taken (e.g. the domain has no display).
+    pub screenshot_error: Option<String>,
+    /// The screenshot (PPM or PNG as QEMU wrote it).
+    #[serde(skip)]
+    pub screenshot: Option<Vec<u8>>,
+}
+
+/// Compiles `--expect-serial`, bounded in length and program size.
+fn compile(pattern: Option<&str>) -> Result<Option<regex::bytes::Regex>> {
+    let Some(p) = pattern else { return Ok(None) };
+    if p.len() > REGEX_MAX {
+        return Err(Error::config(format!(
+            "--expect-serial: the pattern is longer than {REGEX_MAX} bytes"
+        )));
+    }
+    regex::bytes::RegexBuilder::new(p)
+        .size_limit(1 << 20)
+        .build()
+        .map(Some)
+        .map_err(|e| Error::config(format!("--expect-serial {p:?}: {e}")))
+}
+
+/// Boot backup `id` on `host` as a transient domain and watch it (see the module doc).
+pub async fn verify_boot(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    id: &str,
+    opts: &BootVerifyOptions,
+    interrupted: impl std::future::Future<Output = ()>,
+) -> Result<BootVerifyReport> {
+    let re = compile(opts.expect_serial.as_deref())?;
+    let name = format!(
+        "{DOMAIN_PREFIX}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let live = LiveBackup::start(host, repo, id, &name).await?;
+    // A signal ends the watch, never the clean-up below.
+    let res = tokio::select! {
+        r = boot_and_watch(host, &live, &name, opts, re.as_ref()) => r,
+        _ = interrupted => Err(Error::new(
+            crate::error::ErrorKind::Interrupted,
+            format!("interrupted; {name} was destroyed and its overlays removed"),
+        )),
+    };
+    // Whatever happened: no domain, forward, overlay or socket is left.
+    let _ = host.exec(&host.virsh().destroy(&name)).await;
+    live.finish(host).await;
+    let mut r = res?;
+    r.snapshot = id.to_string();
+    Ok(r)
+}
+
+async fn boot_and_watch(
+    host: &Host,
+    live: &LiveBackup,
+    name: &str,
+    opts: &BootVerifyOptions,
+    re: Option<&regex::bytes::Regex>,
+) -> Result<BootVerifyReport> {
+    let m = live.manifest();
+    let serial = format!("{}/serial.log", live.dir());
+    let overlays = live.create_overlays(host).await?;
+    let rw = Rewrite {
+        name: Some(name.to_string()),
+        new_uuid: Some(uuid::Uuid::new_v4().to_string()),
+        regenerate_macs: true,
+        remove_disks: live.disks_not_backed_up()?,
+        disk_sources: overlays
+            .iter()
+            .map(|(t, path)| {
+                let src = NewSource::File {
+                    path: path.clone(),
+                    format: "qcow2".into(),
+                };
+                (t.clone(), src)
+            })
+            .collect(),
+        drop_backing_store: true,
+        ..Rewrite::default()
+    };
+    let xml = virtkeep_libvirt::rewrite_domain(&m.domain_xml, &rw)?;
+    let iso = Isolation {
+        serial_log: Some(serial.clone()),
+        nbd_backing: live.nbd_backing(),
+        links_up: false,
+        stop_on_reset: true,
+    };
+    let xml = isolate_for_boot(&xml, &iso)?;
+    let xml_path = format!("{}/domain.xml", live.dir());
+    host.upload(&xml_path, xml.as_bytes()).await?;
+    let t0 = Instant::now();
+    host.run(&host.virsh().create(&xml_path))
+        .await
+        .map_err(|e| e.context("starting the verification domain"))?;
+    let mut r = BootVerifyReport {
+        snapshot: String::new(),
+        host: host.name.clone(),
+        vm: m.vm.clone(),
+        domain: name.to_string(),
+        passed: false,
+        reason: None,
+        timeout_secs: opts.timeout.as_secs_f64(),
+        time_to_running_secs: t0.elapsed().as_secs_f64(),
+        ran_secs: 0.0,
+        expect_serial: opts.expect_serial.clone(),
+        serial_matched: re.map(|_| false),
+        serial_log: String::new(),
+        screenshot_error: None,
+        screenshot: None,
+    };
+    watch(host, name, &serial, opts.timeout, re, &mut r).await?;
+    if r.reason.is_none() {
+        screenshot(host, name, live.dir(), &mut r).await;
+    }
+    Ok(r)
+}
+
+/// Polls the domain's state and serial log until the timeout or until it stops; sets
+/// `passed`/`reason`.
+async fn watch(
+    host: &Host,
+    name: &str,
+    serial: &str,
+    timeout: Duration,
+    re: Option<&regex::bytes::Regex>,
+    r: &mut BootVerifyReport,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut log = Vec::new();
+    loop {
+        let state = domain_state(host, name).await?;
+        r.ran_secs = start.elapsed().as_secs_f64();
+        log = host
+            .exec(&coreutils::head_bytes(serial, SERIAL_READ))
+            .await
+            .map(|o| o.stdout)
+            .unwrap_or(log);
+        if let Some(re) = re {
+            r.serial_matched = Some(re.is_match(&log));
+        }
+        if state != Some(DomainState::Running) {
+            r.reason = Some(match state {
+                Some(DomainState::Paused) => format!(
+                    "the guest was paused after {:.1} s (an I/O error on a disk, or the host paused it)",
+                    r.ran_secs
+                ),
+                Some(s) => format!("the guest stopped ({s:?}) after {:.1} s", r.ran_secs),
+                None => format!(
+                    "the guest stopped after {:.1} s (it reset, crashed or powered off)",
+                    r.ran_secs
+                ),
+            });
+            break;
+        }
+        if start.elapsed() >= timeout {
+            break;
+        }
+        tokio::time::sleep(POLL.min(timeout.saturating_sub(start.elapsed()))).await;
+    }
+    if r.reason.is_none() && r.serial_matched == Some(false) {
+        r.reason = Some(format!(
+            "the serial output did not match {:?} within {:.0} s",
+            r.expect_serial.as_deref().unwrap_or_default(),
+            timeout.as_secs_f64()
+        ));
+    }
+    r.passed = r.reason.is_none();
+    let tail = log.len().saturating_sub(SERIAL_REPORT);
+    r.serial_log = String::from_utf8_lossy(&log[tail..]).into_owned();
+    Ok(())
+}
+
+/// The domain's state; `None` when it is gone (a transient domain that stopped).
+async fn domain_state(host: &Host, name: &str) -> Result<Option<DomainState>> {
+    let out = host.exec(&host.virsh().domstate(name)).await?;
+    if out.status != 0 {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(parse_domstate(&text).ok())
+}
+
+/// Takes the screenshot on the host and brings it back (best effort: a domain without
+/// a display has none, which the report says).
+async fn screenshot(host: &Host, name: &str, dir: &str, r: &mut BootVerifyReport) {
+    let path = format!("{dir}/screen");
+    let taken = host.exec(&host.virsh().screenshot(name, &path)).await;
+    let err = match taken {
+        Ok(o) if o.status == 0 => {
+            match host
+                .exec(&coreutils::head_bytes(&path, SCREENSHOT_MAX))
+                .await
+            {
+                Ok(img) if img.status == 0 && !img.stdout.is_empty() => {
+                    r.screenshot = Some(img.stdout);
+                    return;
+                }
+                Ok(img) => String::from_utf8_lossy(&img.stderr).trim().to_string(),
+                Err(e) => e.to_string(),
+            }
+        }
+        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        Err(e) => e.to_string(),
+    };
+    r.screenshot_error = Some(err);
+}
+
+/// The transient domains of boot verification are named with this prefix.
+pub const DOMAIN_PREFIX: &str = "virtkeep-verify-";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_are_bounded() {
+        assert!(compile(None).expect("none").is_none());
+        let re = compile(Some("VK-BOOT-[0-9]+")).expect("ok").expect("some");
+        assert!(re.is_match(b"..VK-BOOT-42.."));
+        assert!(compile(Some("(")).is_err());
+        assert!(compile(Some(&"a".repeat(REGEX_MAX + 1))).is_err());
+        assert!(
+            compile(Some("a{1000}{1000}")).is_err(),
+            "huge program accepted"
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! `verify SNAPSHOT --boot --to HOST` and `restore SNAPSHOT --to HOST --live --name NEW`:
+//! a backup booted from the repository (issue 20).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use virtkeep_engine::host::Host;
+use virtkeep_engine::verify_boot::{BootVerifyOptions, BootVerifyReport, verify_boot as run};
+
+use crate::cli::{RestoreArgs, VerifyArgs};
+use crate::output::print_json;
+use crate::settings::Settings;
+
+/// Exit 0 when the backup booted and passed, 1 with the reason when it did not.
+pub async fn verify_boot(
+    settings: &Settings,
+    args: VerifyArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let spec = args.snapshot.as_deref().unwrap_or_default();
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, spec).await?;
+    let host = connect(settings, args.boot.to.as_deref().unwrap_or_default()).await?;
+    let opts = BootVerifyOptions {
+        timeout: Duration::from_secs(args.boot.timeout),
+        expect_serial: args.boot.expect_serial.clone(),
+    };
+    let report = run(&host, &repo, &id, &opts, stop_signal()?).await?;
+    if let Some(dir) = &args.boot.report_dir {
+        write_report(dir, &report)?;
+    }
+    if json {
+        print_json(&report)?;
+    } else if report.passed {
+        println!(
+            "backup {id} boots: {} ran {:.0} s on {}{}",
+            report.domain,
+            report.ran_secs,
+            report.host,
+            if report.serial_matched == Some(true) {
+                ", serial output matched"
+            } else {
+                ""
+            }
+        );
+    } else {
+        println!(
+            "backup {id} FAILED boot verification: {}",
+            report.reason.as_deref().unwrap_or("unknown")
+        );
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `report.json`, `serial.log` and `screenshot.png|ppm` into `dir` (created if missing;
+/// existing files of those names are replaced).
+fn write_report(dir: &Path, r: &BootVerifyReport) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(r)?)?;
+    std::fs::write(dir.join("serial.log"), r.serial_log.as_bytes())?;
+    if let Some(img) = &r.screenshot {
+        let ext = if img.starts_with(b"\x89PNG") {
+            "png"
+        } else {
+            "ppm"
+        };
+        std::fs::write(dir.join(format!("screenshot.{ext}")), img)?;
+    }
+    Ok(())
+}
+
+async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Host> {
+    let config = settings.config.host(name)?;
+    Ok(Host::connect(name, config, &settings.known_hosts()).await?)
+}
+
+/// Returns once every disk is copied and nothing refers to the node any more.
+pub async fn restore_live(
+    settings: &Settings,
+    args: RestoreArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let host = connect(settings, args.to.as_deref().unwrap_or_default()).await?;
+    let name = args.name.as_deref().unwrap_or_default();
+    if !json {
+        eprintln!("starting {name} on backup {id}; its disks are copied while it runs");
+    }
+    let r = virtkeep_engine::live_restore::restore_live(&host, &repo, &id, name, stop_signal()?)
+        .await?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "{} running after {:.1} s, copied after {:.1} s",
+            r.vm, r.time_to_running_secs, r.time_to_copied_secs
+        );
+        for d in &r.disks {
+            println!("  {} -> {} ({})", d.target, d.path, d.format);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT or SIGTERM: the engine then destroys what it made before returning.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+}

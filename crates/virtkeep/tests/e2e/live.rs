@@ -1,0 +1,535 @@
+//! Booting backups from the repository (issue 20): `verify --boot` runs a transient
+//! domain on qcow2 overlays over the node's NBD export, reached through a unix socket
+//! the host's sshd forwards to the node. The guests are 512-byte boot sectors (SeaBIOS
+//! boots them under TCG in well under a second).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+use virtkeep_lab::{TestVm, lab, unique_name};
+
+use crate::harness::{HOST, Node};
+
+const MIB: u64 = 1 << 20;
+
+/// A boot sector that writes `marker` to COM1 (port 0x3f8) and halts.
+fn marker_sector(marker: &str) -> Vec<u8> {
+    assert!(marker.len() < 400 && !marker.contains('\0'));
+    let mut s = vec![
+        0x31, 0xC0, // xor ax, ax
+        0x8E, 0xD8, // mov ds, ax
+        0xBA, 0xF8, 0x03, // mov dx, 0x3f8
+        0xBE, 0x17, 0x7C, // mov si, 0x7c17 (the marker, below)
+        0xFC, // cld
+        0xAC, // next: lodsb
+        0x84, 0xC0, // test al, al
+        0x74, 0x03, // jz done
+        0xEE, // out dx, al
+        0xEB, 0xF8, // jmp next
+        0xFA, // done: cli
+        0xF4, // hlt
+        0xEB, 0xFD, // jmp hlt
+    ];
+    assert_eq!(s.len(), 0x17);
+    s.extend_from_slice(marker.as_bytes());
+    s.push(0);
+    s.resize(510, 0);
+    s.extend_from_slice(&[0x55, 0xAA]);
+    s
+}
+
+/// A boot sector that loads an empty interrupt table and raises an interrupt: a
+/// triple fault, i.e. the guest resets at once.
+fn crash_sector() -> Vec<u8> {
+    let mut s = vec![
+        0xFA, // cli
+        0x31, 0xC0, // xor ax, ax
+        0x8E, 0xD8, // mov ds, ax
+        0x0F, 0x01, 0x1E, 0x20, 0x7C, // lidt [0x7c20] (limit 0, base 0: zeros below)
+        0xCC, // int3
+        0xF4, // hlt
+    ];
+    s.resize(510, 0);
+    s.extend_from_slice(&[0x55, 0xAA]);
+    s
+}
+
+/// A stopped VM with one raw disk starting with `sector`, and a VGA display (so a
+/// screenshot can be taken).
+fn sector_vm(tag: &str, sector: &[u8]) -> TestVm {
+    let vm = TestVm::builder(tag).raw_disk(MIB).running(false).build();
+    write_sector(&vm, sector);
+    let xml = lab().virsh(&["dumpxml", "--inactive", "--domain", &vm.name]);
+    let xml = xml.replacen(
+        "</devices>",
+        "<video><model type='vga'/></video></devices>",
+        1,
+    );
+    let file = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(file.path(), xml).expect("write xml");
+    lab().virsh(&["define", &file.path().display().to_string()]);
+    vm
+}
+
+fn write_sector(vm: &TestVm, sector: &[u8]) {
+    use std::io::{Seek, Write};
+    let path = vm.disk("vda").path.clone().expect("file disk");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open disk");
+    f.seek(std::io::SeekFrom::Start(0)).expect("seek");
+    f.write_all(sector).expect("write sector");
+    f.sync_all().expect("sync");
+}
+
+/// Every file of the repository with its size and modification time.
+fn repo_state(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("entry");
+            let m = e.metadata().expect("metadata");
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                let k = e.path().display().to_string();
+                out.insert(k, (m.len(), m.modified().expect("mtime")));
+            }
+        }
+    }
+    out
+}
+
+/// Runs `verify ID --boot` with `--json`; returns the exit code and the report.
+fn verify_boot(node: &Node, id: &str, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["--json", "verify", id, "--boot", "--to", HOST];
+    args.extend_from_slice(extra);
+    let out = node.run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify --boot printed no report ({e}):\n{stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// Nothing of the verification is left on the host: no domain, no job directory
+/// (overlays, socket, serial log).
+fn assert_nothing_left(report: &Value) {
+    let dom = report["domain"].as_str().expect("domain");
+    assert!(dom.starts_with("virtkeep-verify-"), "{dom}");
+    assert!(
+        lab().try_virsh(&["domstate", "--domain", dom]).is_err(),
+        "domain {dom} left on the host"
+    );
+    let dir = Path::new("/run/virtkeep/jobs").join(dom);
+    assert!(!dir.exists(), "{} left on the host", dir.display());
+}
+
+/// The source VM's definition and disk are unchanged.
+fn source_state(vm: &TestVm) -> (String, String) {
+    (
+        lab().virsh(&["dumpxml", "--inactive", "--domain", &vm.name]),
+        vm.disk_checksum("vda"),
+    )
+}
+
+/// A backup taken after the marker was written boots and prints it: exit 0, a report
+/// with the serial log and a screenshot; the backup taken before (no boot sector) fails
+/// with exit 1 and the reason. Neither leaves anything on the host, writes to the
+/// repository or touches the source VM.
+#[test]
+fn verify_boot_passes_with_the_marker_and_fails_without() {
+    let node = Node::new();
+    let vm = sector_vm("vboot", &[0u8; 512]);
+    let old = node.backup(&vm.name, &[]);
+    let marker = unique_name("VK-BOOT-OK");
+    write_sector(&vm, &marker_sector(&marker));
+    let new = node.backup(&vm.name, &[]);
+    let before = source_state(&vm);
+    let repo_before = repo_state(&node.repo());
+    let reports = tempfile::tempdir().expect("tempdir");
+    let report_dir = reports.path().join("r");
+    let report_arg = report_dir.display().to_string();
+
+    let (code, r) = verify_boot(
+        &node,
+        new["id"].as_str().expect("id"),
+        &[
+            "--timeout",
+            "4",
+            "--expect-serial",
+            &marker,
+            "--report-dir",
+            &report_arg,
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["passed"], true, "{r:#}");
+    assert_eq!(r["serial_matched"], true, "{r:#}");
+    assert!(
+        r["serial_log"].as_str().expect("log").contains(&marker),
+        "{r:#}"
+    );
+    assert!(r["ran_secs"].as_f64().expect("ran") >= 3.5, "{r:#}");
+    assert_nothing_left(&r);
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).expect("report"))
+            .expect("report json");
+    assert_eq!(saved["domain"], r["domain"]);
+    let shot = std::fs::read_dir(&report_dir)
+        .expect("report dir")
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("screenshot."))
+        .unwrap_or_else(|| panic!("no screenshot: {r:#}"));
+    assert!(std::fs::metadata(shot.path()).expect("shot").len() > 100);
+
+    let (code, r) = verify_boot(
+        &node,
+        old["id"].as_str().expect("id"),
+        &["--timeout", "3", "--expect-serial", &marker],
+    );
+    assert_eq!(code, 1, "{r:#}");
+    assert_eq!(r["passed"], false, "{r:#}");
+    assert_eq!(r["serial_matched"], false, "{r:#}");
+    let reason = r["reason"].as_str().expect("reason");
+    assert!(reason.contains("did not match"), "{reason}");
+    assert_nothing_left(&r);
+
+    assert_eq!(source_state(&vm), before, "the source VM changed");
+    assert!(!vm.is_running(), "the source VM was started");
+    assert_eq!(
+        repo_state(&node.repo()),
+        repo_before,
+        "the repository was written"
+    );
+}
+
+/// A guest that crashes (triple fault) fails boot verification with exit 1 and says
+/// it stopped; nothing is left behind.
+#[test]
+fn verify_boot_fails_for_a_crashing_guest() {
+    let node = Node::new();
+    let vm = sector_vm("vcrash", &crash_sector());
+    let b = node.backup(&vm.name, &[]);
+    let before = source_state(&vm);
+    let (code, r) = verify_boot(&node, b["id"].as_str().expect("id"), &["--timeout", "5"]);
+    assert_eq!(code, 1, "{r:#}");
+    assert_eq!(r["passed"], false, "{r:#}");
+    let reason = r["reason"].as_str().expect("reason");
+    assert!(reason.contains("stopped"), "{reason}");
+    assert!(r["ran_secs"].as_f64().expect("ran") < 4.5, "{r:#}");
+    assert_nothing_left(&r);
+    assert_eq!(source_state(&vm), before, "the source VM changed");
+}
+
+/// Adds a serial port logged to `log` to the (stopped) domain `name`.
+fn add_serial_file(name: &str, log: &Path) {
+    let xml = lab().virsh(&["dumpxml", "--inactive", "--domain", name]);
+    let serial = format!(
+        "<serial type='file'><source path='{}'/><target port='0'/></serial></devices>",
+        log.display()
+    );
+    let xml = xml.replacen("</devices>", &serial, 1);
+    let file = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(file.path(), xml).expect("write xml");
+    lab().virsh(&["define", &file.path().display().to_string()]);
+}
+
+fn live_job_dirs() -> Vec<String> {
+    std::fs::read_dir("/run/virtkeep/jobs")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("live-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `restore --live`: held at the failpoint after the start, the new domain already runs
+/// from the repository (its marker is on the serial port while its disk is still an
+/// empty overlay over the NBD export); released, the copy completes: the disk equals
+/// the backup, has no backing file, the domain refers to nothing of the node, and no
+/// job directory (socket) is left.
+#[test]
+fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
+    use std::io::{BufRead, BufReader, Write};
+    let node = Node::new();
+    let marker = unique_name("VK-LIVE");
+    let vm = sector_vm("vlive", &marker_sector(&marker));
+    vm.write_pattern("vda", 0x5A, 256 * 1024, 512 * 1024);
+    let log = lab().pool_dir.join(format!("{}-serial.log", vm.name));
+    let _ = std::fs::remove_file(&log);
+    add_serial_file(&vm.name, &log);
+    let b = node.backup(&vm.name, &[]);
+    live_restore_refuses_an_existing_destination(&node, &b);
+    let want = vm.disk_checksum("vda");
+    let new_name = unique_name("vlive-new");
+    let restored = TestVm::adopt(&new_name);
+
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .env("VIRTKEEP_LOG", "info")
+        .env("VIRTKEEP_FAILPOINT", "live-restore-running")
+        .args([
+            "--json",
+            "restore",
+            b["id"].as_str().expect("id"),
+            "--to",
+            HOST,
+        ])
+        .args(["--live", "--name", &new_name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn virtkeep");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if line.contains("failpoint live-restore-running reached") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    if rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .is_err()
+    {
+        let _ = child.kill();
+        panic!(
+            "never reached the failpoint:\n{}",
+            reader.join().expect("stderr")
+        );
+    }
+    let dest = lab().pool_dir.join(format!("{new_name}-vda.qcow2"));
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&dest)
+        .output()
+        .expect("qemu-img info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("nbd+unix"),
+        "not an overlay over the export: {info}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&marker) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no marker on serial: {text:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release");
+    let out = child.wait_with_output().expect("wait");
+    let err = reader.join().expect("stderr");
+    assert!(out.status.success(), "live restore failed:\n{err}");
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(r["vm"], new_name.as_str(), "{r:#}");
+    let (run, copied) = (
+        r["time_to_running_secs"].as_f64().expect("running"),
+        r["time_to_copied_secs"].as_f64().expect("copied"),
+    );
+    assert!(run > 0.0 && run < copied, "{r:#}");
+
+    assert!(restored.is_running(), "the restored VM does not run");
+    // QEMU caches qcow2 metadata: the image is complete on disk once it stopped.
+    restored.stop();
+    let got = virtkeep_lab::file_checksum(&dest, "qcow2");
+    assert_eq!(got, want, "the restored disk differs from the backup");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&dest)
+        .output()
+        .expect("qemu-img info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        !info.contains("backing"),
+        "still has a backing file: {info}"
+    );
+    for inactive in [false, true] {
+        let mut args = vec!["dumpxml", "--domain", new_name.as_str()];
+        if inactive {
+            args.push("--inactive");
+        }
+        let xml = lab().virsh(&args);
+        assert!(
+            !xml.contains("nbd") && !xml.contains("/run/virtkeep"),
+            "the domain still refers to the node:\n{xml}"
+        );
+    }
+    assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
+    drop(restored);
+    let _ = std::fs::remove_file(&log);
+}
+
+/// `host check` tries the forwarding `restore --live` and `verify --boot` need: as root,
+/// and as a sudo user (sshd then creates the socket as that user); it leaves no job
+/// directory behind.
+#[test]
+fn host_check_tries_unix_socket_forwarding() {
+    let node = Node::new();
+    let lab = node.lab;
+    let ssh = format!("{}@{}:{}", lab.password_user, lab.ssh_host, lab.ssh_port);
+    let known = lab.known_hosts.display().to_string();
+    node.ok(&[
+        "host",
+        "add",
+        "pw",
+        "--ssh",
+        &ssh,
+        "--password-env",
+        "VK_TEST_PW",
+        "--known-hosts",
+        &known,
+        "--sudo",
+    ]);
+    for host in [HOST, "pw"] {
+        let out = node
+            .cmd()
+            .args(["--json", "host", "check", host])
+            .env("VK_TEST_PW", &lab.password)
+            .output()
+            .expect("run");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let item = v["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["check"] == "unix-socket forwarding")
+            .cloned()
+            .unwrap_or_else(|| panic!("no forwarding check: {v:#}"));
+        assert_eq!(item["ok"], true, "{host}: {item:#}");
+    }
+    // Other tests' `host check`s make short-lived probe directories: wait them out.
+    let check_dirs = || -> Vec<String> {
+        std::fs::read_dir("/run/virtkeep/jobs")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("check-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check_dirs().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left: {:?}",
+            check_dirs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// `restore --live` never writes over a file in its way: it refuses, the file keeps its
+/// bytes, no domain is defined and no job directory is left. (Called from the other
+/// live-restore test: the job directories are counted, so the two never run at once.)
+fn live_restore_refuses_an_existing_destination(node: &Node, b: &Value) {
+    let new_name = unique_name("vlivex-new");
+    let dest = lab().pool_dir.join(format!("{new_name}-vda.qcow2"));
+    std::fs::write(&dest, b"not yours").expect("write");
+    let out = node.run(&[
+        "restore",
+        b["id"].as_str().expect("id"),
+        "--to",
+        HOST,
+        "--live",
+        "--name",
+        &new_name,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let kept = std::fs::read(&dest).expect("read");
+    let _ = std::fs::remove_file(&dest);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(kept, b"not yours", "the file was overwritten");
+    assert!(
+        lab()
+            .try_virsh(&["domstate", "--domain", &new_name])
+            .is_err(),
+        "a domain {new_name} was defined"
+    );
+    assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
+}
+
+/// SIGTERM during `verify --boot` destroys the domain and removes its job directory
+/// before the command exits (as interrupted, not as a failed verification).
+#[test]
+fn verify_boot_interrupted_leaves_nothing() {
+    let node = Node::new();
+    let marker = unique_name("VK-TERM");
+    let vm = sector_vm("vterm", &marker_sector(&marker));
+    let b = node.backup(&vm.name, &[]);
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .args(["--json", "verify", b["id"].as_str().expect("id"), "--boot"])
+        .args(["--to", HOST, "--timeout", "300"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn virtkeep");
+    // Ours is the verification domain whose serial log has this test's marker (other
+    // tests may verify at the same time).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let dom = loop {
+        let ours = std::fs::read_dir("/run/virtkeep/jobs")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("virtkeep-verify-"))
+            .find(|n| {
+                let log = Path::new("/run/virtkeep/jobs").join(n).join("serial.log");
+                std::fs::read_to_string(log).is_ok_and(|t| t.contains(&marker))
+            });
+        if let Some(d) = ours {
+            break d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no verification domain"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let out = child.wait_with_output().expect("wait");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(!out.status.success(), "{v:#}");
+    assert!(v["error"].is_object(), "{v:#}");
+    assert_nothing_left(&serde_json::json!({ "domain": dom }));
+}
