@@ -175,7 +175,7 @@ async fn run(
         .await
         .map_err(|e| e.context(format!("starting {name} on the backup")))?;
     let running = started.elapsed().as_secs_f64();
-    hold(HOLD_BEFORE_COPY).await;
+    crate::failpoint::hold(HOLD_BEFORE_COPY).await;
     for d in disks {
         host.run_within(
             &host.virsh().blockpull_wait(name, &d.target),
@@ -216,16 +216,3 @@ async fn roll_back(host: &Host, name: &str, disks: &[LiveDisk]) {
     }
 }
 
-/// With failpoint `name` on: announce it, then wait for a line (or end of file) on
-/// stdin, so a test can look at the running guest before the copy (the protocol of
-/// `failpoint::hold` on the sync branch; fold into it when both are merged).
-async fn hold(name: &str) {
-    if crate::failpoint::is_active(name) {
-        eprintln!("virtkeep: failpoint {name} reached");
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line)
-        })
-        .await;
-    }
-}
