@@ -25,3 +25,4 @@ pub mod daemon;
 pub mod dispatch;
 pub mod metrics;
 pub mod task;
+pub mod web;

@@ -25,3 +25,4 @@ mod repository;
 mod restore_safety;
 mod restore_space;
 mod uefi;
+mod web;
