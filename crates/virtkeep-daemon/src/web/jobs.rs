@@ -14,7 +14,7 @@ use maud::{Markup, html};
 use serde::{Deserialize, Serialize};
 use virtkeep_engine::plan::ModeRequest;
 
-use super::{Viewer, WebState, bytes, layout, page_error};
+use super::view::{Viewer, WebState, bytes, layout, page_error};
 use crate::catalog::{JobFilter, JobRecord, JobStatus, NewJob, now};
 use crate::daemon::{CancelReply, Control};
 use crate::error::DaemonError;
@@ -351,12 +351,9 @@ pub async fn cancel(
 pub struct BackupForm {
     #[serde(default)]
     csrf: String,
+    /// `HOST/VM`.
     #[serde(default)]
-    host: String,
-    #[serde(default)]
-    vm: String,
-    #[serde(default)]
-    policy: String,
+    target: String,
     #[serde(default)]
     mode: ModeRequest,
 }
@@ -421,6 +418,8 @@ pub fn submit(
     Ok(id)
 }
 
+/// Backs up `HOST/VM` now, with the options of the first enabled policy that selects it
+/// (the defaults and the default repository when none does).
 pub async fn start_backup(
     State(s): State<Arc<WebState>>,
     Extension(v): Extension<Viewer>,
@@ -432,26 +431,43 @@ pub async fn start_backup(
     {
         return r;
     }
-    if !s.api.env.engine.hosts.contains_key(&f.host) {
+    let daemon = &s.api.env.daemon;
+    let Some((host, vm)) = f.target.split_once('/') else {
+        return page_error(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "target must be HOST/VM.",
+        );
+    };
+    if !s.api.env.engine.hosts.contains_key(host) {
         return page_error(
             StatusCode::BAD_REQUEST,
             "No such host",
             "This host is not in the configuration.",
         );
     }
-    if f.vm.is_empty() || f.vm.len() > MAX_NAME || f.policy.len() > MAX_NAME {
+    if vm.is_empty() || vm.len() > MAX_NAME {
         return page_error(
             StatusCode::BAD_REQUEST,
             "Bad request",
             "A backup needs a VM name (at most 256 bytes).",
         );
     }
-    let policy = (!f.policy.is_empty()).then_some(f.policy.as_str());
+    let policy = daemon
+        .policies
+        .values()
+        .find(|p| {
+            p.enabled
+                && p.selections
+                    .iter()
+                    .any(|sel| sel.host == host && sel.matches(vm))
+        })
+        .map(|p| p.name.clone());
     let request = JobRequest::Backup {
-        policy: policy.map(String::from),
+        policy: policy.clone(),
         mode: f.mode,
     };
-    match submit(&s, &f.host, &f.vm, policy, &request) {
+    match submit(&s, host, vm, policy.as_deref(), &request) {
         Ok(id) => Redirect::to(&format!("/ui/jobs/{id}")).into_response(),
         Err(r) => *r,
     }

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use virtkeep_engine::plan::ModeRequest;
 
-use super::{Viewer, WebState, age, bytes, layout, page_error, unix};
+use super::view::{Viewer, WebState, age, bytes, layout, page_error, unix};
 use crate::catalog::{Catalog, JobFilter, JobRecord, JobStatus, now, rfc3339};
 use crate::policy::DaemonConfig;
 use crate::scope::Action;
@@ -258,14 +258,41 @@ fn dashboard_row(row: &VmRow, viewer: &Viewer, t: i64) -> Markup {
                 @if let Some(j) = &row.open {
                     a href={"/ui/jobs/" (j.id)} { (j.status.as_str()) " (job " (j.id) ")" }
                 } @else if viewer.may(Action::SubmitBackup) {
-                    form method="post" action="/ui/backup" {
-                        (viewer.csrf_field())
-                        input type="hidden" name="host" value=(row.host);
-                        input type="hidden" name="vm" value=(row.vm);
-                        @if let Some(p) = row.policies.first() { input type="hidden" name="policy" value=(p); }
-                        button type="submit" aria-label={"Back up " (row.vm) " now"} { "Back up now" }
-                    }
+                    // One form for the whole table (see `dashboard`): the page stays
+                    // small with hundreds of VMs.
+                    button form="backup" type="submit" name="target" value={(row.host) "/" (row.vm)}
+                        aria-label={"Back up " (row.vm) " now"} { "Back up now" }
                 }
+            }
+        }
+    }
+}
+
+/// The dashboard's content for `rows`.
+fn dashboard_body(rows: &[VmRow], v: &Viewer, t: i64) -> Markup {
+    let count = |h: Health| rows.iter().filter(|r| r.health == h).count();
+    let running = rows.iter().filter(|r| r.open.is_some()).count();
+    html! {
+        ul.summary aria-label="Summary" {
+            li.bad { strong { (count(Health::Failed)) } " failing" }
+            li.warn { strong { (count(Health::Stale)) } " stale" }
+            li.good { strong { (count(Health::Ok)) } " ok" }
+            li { strong { (running) } " queued or running" }
+        }
+        @if v.may(Action::SubmitBackup) {
+            form #backup method="post" action="/ui/backup" { (v.csrf_field()) }
+        }
+        @if rows.is_empty() {
+            p { "No policy selects a VM yet, and nothing was backed up." }
+        } @else {
+            table.vms {
+                caption { "VMs the policies select, failing first" }
+                thead { tr {
+                    th scope="col" { "Status" } th scope="col" { "VM" } th scope="col" { "Last backup" }
+                    th scope="col" { "Last success" } th scope="col" { "Chain" } th scope="col" { "Next run" }
+                    th scope="col" { "Now" }
+                } }
+                tbody { @for r in rows { (dashboard_row(r, v, t)) } }
             }
         }
     }
@@ -285,31 +312,7 @@ pub async fn dashboard(
             );
         }
     };
-    let t = now();
-    let count = |h: Health| rows.iter().filter(|r| r.health == h).count();
-    let running = rows.iter().filter(|r| r.open.is_some()).count();
-    let body = html! {
-        ul.summary aria-label="Summary" {
-            li.bad { strong { (count(Health::Failed)) } " failing" }
-            li.warn { strong { (count(Health::Stale)) } " stale" }
-            li.good { strong { (count(Health::Ok)) } " ok" }
-            li { strong { (running) } " queued or running" }
-        }
-        @if rows.is_empty() {
-            p { "No policy selects a VM yet, and nothing was backed up." }
-        } @else {
-            table.vms {
-                caption { "VMs the policies select, failing first" }
-                thead { tr {
-                    th scope="col" { "Status" } th scope="col" { "VM" } th scope="col" { "Last backup" }
-                    th scope="col" { "Last success" } th scope="col" { "Chain" } th scope="col" { "Next run" }
-                    th scope="col" { "Now" }
-                } }
-                tbody { @for r in &rows { (dashboard_row(r, &v, t)) } }
-            }
-        }
-    };
-    layout("Dashboard", Some(&v), body).into_response()
+    layout("Dashboard", Some(&v), dashboard_body(&rows, &v, now())).into_response()
 }
 
 pub async fn policies(State(s): State<Arc<WebState>>, Extension(v): Extension<Viewer>) -> Response {
@@ -411,4 +414,139 @@ pub async fn host_vms(
         },
     };
     layout(&format!("Host {host}"), Some(&v), body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::catalog::{JobOutcome, NewJob};
+    use crate::scope::Scope;
+    use crate::web::session::Sessions;
+
+    const HOSTS: &str = "[repository]\nlocation = \"/tmp/repo\"\n[hosts.kvm1]\naddress = \"10.0.0.1\"\nidentity = \"/k\"\n";
+
+    /// A catalog with `vms` VMs of one policy, each with `per_vm` backups (every fifth
+    /// VM's last one failed, every seventh's a full).
+    fn generated(dir: &Path, vms: usize, per_vm: usize) -> (DaemonConfig, Catalog) {
+        let names: Vec<String> = (0..vms).map(|i| format!("\"vm{i:04}\"")).collect();
+        let text = format!(
+            "[policies.nightly]\nschedules = [{{ cron = \"0 2 * * *\", mode = \"auto\" }}]\n[[policies.nightly.vms]]\nhost = \"kvm1\"\nnames = [{}]\n",
+            names.join(", ")
+        );
+        let engine = toml::from_str(HOSTS).expect("engine config");
+        let daemon = DaemonConfig::parse(Path::new("gen.toml"), &text, &engine).expect("config");
+        let catalog = Catalog::open_writer(&dir.join("catalog.sqlite")).expect("catalog");
+        for i in 0..vms {
+            let vm = format!("vm{i:04}");
+            for k in 0..per_vm {
+                let id = catalog
+                    .add_job(&NewJob {
+                        run_id: None,
+                        kind: "backup",
+                        host: "kvm1",
+                        vm: &vm,
+                        policy: Some("nightly"),
+                        request: r#"{"kind":"backup","policy":"nightly","mode":"auto"}"#,
+                        attempt: 1,
+                        retry_of: None,
+                        priority: 0,
+                        not_before: now(),
+                    })
+                    .expect("add");
+                let failed = k + 1 == per_vm && i % 5 == 0;
+                catalog
+                    .finish_job(
+                        id,
+                        &JobOutcome {
+                            error: failed.then(|| "connection refused".to_string()),
+                            snapshot: (!failed).then(|| format!("{i:04}{k:04}")),
+                            mode: Some(
+                                if k == 0 || (k + 1 == per_vm && i % 7 == 0) {
+                                    "full"
+                                } else {
+                                    "incremental"
+                                }
+                                .into(),
+                            ),
+                            bytes_read: Some(20 << 30),
+                            bytes_new: Some(300 << 20),
+                            duration: Some(120.0),
+                            ..Default::default()
+                        },
+                    )
+                    .expect("finish");
+            }
+        }
+        (daemon, catalog)
+    }
+
+    fn viewer(scope: Scope) -> Viewer {
+        let sessions = Sessions::default();
+        let id = sessions.create(scope);
+        let session = sessions.get(&id).expect("session");
+        Viewer { id, session }
+    }
+
+    #[test]
+    fn failing_vms_come_first_with_their_chain_state() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (daemon, catalog) = generated(dir.path(), 8, 3);
+        let rows = dashboard_rows(&daemon, &catalog).expect("rows");
+        assert_eq!(rows.len(), 8);
+        let failing: Vec<&str> = rows
+            .iter()
+            .take_while(|r| r.health == Health::Failed)
+            .map(|r| r.vm.as_str())
+            .collect();
+        assert_eq!(failing, ["vm0000", "vm0005"]);
+        assert!(rows[2..].iter().all(|r| r.health == Health::Ok));
+        let vm7 = rows.iter().find(|r| r.vm == "vm0007").expect("vm7");
+        assert_eq!(
+            vm7.chain,
+            "full: the engine found no usable base on the host (see the job's log)"
+        );
+        let vm1 = rows.iter().find(|r| r.vm == "vm0001").expect("vm1");
+        assert!(
+            vm1.chain.starts_with("incremental 2 since the full of "),
+            "{}",
+            vm1.chain
+        );
+        assert_eq!(vm1.policies, ["nightly"]);
+        let page = dashboard_body(&rows, &viewer(Scope::Read), now()).into_string();
+        assert!(!page.contains("Back up now"), "read scope: no buttons");
+        let page = dashboard_body(&rows, &viewer(Scope::Operate), now()).into_string();
+        assert_eq!(page.matches("Back up now").count(), 8);
+        assert_eq!(
+            page.matches("name=\"csrf\"").count(),
+            1,
+            "one form for all rows"
+        );
+    }
+
+    /// The benchmark of issue 23: 500 VMs with 10 jobs each render in < 200 ms, and the
+    /// page weighs < 200 KiB. Ignored (run with `--run-ignored all`): the goal is not met
+    /// yet (debug build: about 330 ms and 360 KiB), see docs/daemon.md.
+    #[test]
+    #[ignore]
+    fn dashboard_of_500_vms_is_fast_and_small() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (daemon, catalog) = generated(dir.path(), 500, 10);
+        let v = viewer(Scope::Operate);
+        let mut best = std::time::Duration::MAX;
+        let mut size = 0;
+        for _ in 0..5 {
+            let start = Instant::now();
+            let rows = dashboard_rows(&daemon, &catalog).expect("rows");
+            let page = layout("Dashboard", Some(&v), dashboard_body(&rows, &v, now())).0;
+            best = best.min(start.elapsed());
+            size = page.len();
+            assert_eq!(rows.len(), 500);
+        }
+        eprintln!("dashboard of 500 VMs: {best:?}, {size} bytes");
+        assert!(best < std::time::Duration::from_millis(200), "{best:?}");
+        assert!(size < 200 * 1024, "{size} bytes");
+    }
 }

@@ -13,7 +13,7 @@ use virtkeep_engine::progress::NoProgress;
 use virtkeep_engine::restore::{RestoreOptions, RestoreResult, restore};
 
 use super::jobs::submit;
-use super::{Viewer, WebState, bytes, layout, page_error};
+use super::view::{Viewer, WebState, bytes, layout, page_error};
 use crate::scope::Action;
 use crate::task::{JobRequest, open_repository, parse_storage};
 

@@ -281,6 +281,8 @@ fn check_login_and_csrf(port: u16) {
         "{csp}"
     );
     assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    // Under `no-referrer` a browser posts forms with `Origin: null`, which is refused.
+    assert_eq!(page.header("referrer-policy"), Some("same-origin"));
     let (pre, whole) = page.cookie("vk_login").expect("login cookie");
     assert!(
         whole.contains("HttpOnly") && whole.contains("SameSite=Strict"),
@@ -326,7 +328,7 @@ fn check_read_scope(port: u16, node: &Node, job: &str) {
         port,
         "/ui/backup",
         Some(&r.cookie),
-        &[("csrf", &r.csrf), ("host", HOST), ("vm", "x")],
+        &[("csrf", &r.csrf), ("target", "lab/x")],
     );
     assert_eq!(a.status, 403, "{}", a.body);
     assert!(a.body.contains("operate"), "{}", a.body);
@@ -408,11 +410,8 @@ fn web_console_over_http() {
     );
 
     // Start a backup from the dashboard's button (missing CSRF or cross-site: refused).
-    let form = [
-        ("host", HOST),
-        ("vm", vm.name.as_str()),
-        ("policy", "nightly"),
-    ];
+    let target = format!("{HOST}/{}", vm.name);
+    let form = [("target", target.as_str())];
     let a = post(port, "/ui/backup", Some(&op.cookie), &form);
     assert_eq!(a.status, 403, "no csrf: {}", a.body);
     let with_csrf: Vec<(&str, &str)> = form
@@ -557,4 +556,218 @@ fn check_wizard(port: u16, node: &Node, backup_job: &str, sum: &str) {
     let page = wait_job_page(port, &admin, &id);
     assert!(page.contains("succeeded"), "{page}");
     assert_eq!(TestVm::adopt(&new_name).disk_checksum("vda"), sum);
+}
+
+/// A chromedriver child, killed when dropped.
+struct Driver(std::process::Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_chromedriver() -> (Driver, u16) {
+    let port = free_port();
+    let child = std::process::Command::new("/usr/bin/chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian's chromium-driver; lab/install-deps.sh installs it)");
+    let driver = Driver(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (driver, port)
+}
+
+/// Where the browser test leaves its screenshots: target/tmp/web-screenshots.
+fn screenshot_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+/// The browser console's messages of level SEVERE (chromedriver's log endpoint).
+fn console_errors(driver_port: u16, session: &str) -> Vec<serde_json::Value> {
+    let body = r#"{"type":"browser"}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", driver_port)).expect("chromedriver");
+    let req = format!(
+        "POST /session/{session}/se/log HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    // chromedriver keeps the connection open whatever the request says: read the
+    // headers, then Content-Length bytes.
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = s.read(&mut buf).expect("read");
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+            if n == 0 || len.is_some_and(|l| body.len() >= l) {
+                break;
+            }
+        }
+        assert!(n > 0, "chromedriver closed the connection early");
+    }
+    let a = parse(&String::from_utf8_lossy(&raw));
+    assert_eq!(a.status, 200, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("log JSON");
+    v["value"]
+        .as_array()
+        .expect("log entries")
+        .iter()
+        .filter(|e| e["level"] == "SEVERE")
+        .cloned()
+        .collect()
+}
+
+async fn wait_text(c: &fantoccini::Client, needle: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = c
+            .find(fantoccini::Locator::Css("main"))
+            .await
+            .expect("main")
+            .text()
+            .await
+            .unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on the page:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn shoot(c: &fantoccini::Client, name: &str) {
+    let png = c.screenshot().await.expect("screenshot");
+    std::fs::write(screenshot_dir().join(name), png).expect("save screenshot");
+}
+
+async fn browse(driver_port: u16, port: u16, vm: &str) {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,900"]
+        }),
+    );
+    caps.insert(
+        "goog:loggingPrefs".into(),
+        serde_json::json!({"browser": "ALL"}),
+    );
+    let c =
+        fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{driver_port}"))
+            .await
+            .expect("WebDriver session");
+    let base = format!("http://127.0.0.1:{port}");
+    use fantoccini::Locator::Css;
+    c.goto(&format!("{base}/ui/")).await.expect("open");
+    assert!(
+        c.current_url()
+            .await
+            .expect("url")
+            .path()
+            .ends_with("/ui/login")
+    );
+    // Keyboard only: Tab reaches the skip link first, then the token field.
+    shoot(&c, "login.png").await;
+    c.find(Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(OPERATE)
+        .await
+        .expect("type");
+    c.find(Css("form.card button"))
+        .await
+        .expect("button")
+        .click()
+        .await
+        .expect("log in");
+    let text = wait_text(&c, vm, 20).await;
+    assert!(text.contains("no backup yet"), "{text}");
+    shoot(&c, "dashboard.png").await;
+    let label = format!("button[aria-label=\"Back up {vm} now\"]");
+    c.find(Css(&label))
+        .await
+        .expect("backup button")
+        .click()
+        .await
+        .expect("click");
+    // The job page follows the job live and reloads itself when it ends.
+    wait_text(&c, "backup of", 20).await;
+    shoot(&c, "job-running.png").await;
+    let text = wait_text(&c, "Backup id", 180).await;
+    assert!(
+        text.contains("succeeded") && text.contains("full"),
+        "{text}"
+    );
+    shoot(&c, "job-done.png").await;
+    c.set_window_size(390, 844).await.expect("phone size");
+    c.goto(&format!("{base}/ui/")).await.expect("dashboard");
+    let text = wait_text(&c, "full: the first backup", 20).await;
+    assert!(text.contains("ok"), "{text}");
+    shoot(&c, "dashboard-phone.png").await;
+    let session = c
+        .session_id()
+        .await
+        .expect("session id")
+        .expect("a session");
+    let errors = console_errors(driver_port, &session);
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    c.close().await.expect("close");
+}
+
+/// A real browser (Debian's chromium through chromium-driver): log in, see the lab VM on
+/// the dashboard, start its backup and watch the job page follow it to the end, the
+/// dashboard on a phone-sized window; no console errors (a CSP violation is one).
+/// Screenshots: target/tmp/web-screenshots/*.png.
+#[test]
+fn web_console_in_a_real_browser() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkw-browser")
+        .qcow2_disk(16 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x42, 0, 4 * MIB);
+    let port = free_port();
+    web_config(
+        &node,
+        port,
+        &vm.name,
+        &node.dir.path().join("operate.tokens"),
+    );
+    let mut daemon = Daemon::start_env(&node, None, &[("VKW_ADMIN_TOKEN", ADMIN)]);
+    daemon.wait_log("API listening", 30);
+    let (_driver, driver_port) = start_chromedriver();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(browse(driver_port, port, &vm.name));
+    let list = jobs(&node);
+    assert_eq!(list.len(), 1, "{list:#?}");
+    assert_eq!(list[0]["status"], "succeeded", "{list:#?}");
+    daemon.terminate();
 }
