@@ -102,7 +102,7 @@ pub struct ApiState {
 impl ApiState {
     /// The scope of the token `given`, if it is one. Every token is compared, whichever
     /// matches, so timing tells nothing about which (tokens are unique, see load_tokens).
-    fn token_scope(&self, given: &[u8]) -> Option<Scope> {
+    pub(crate) fn token_scope(&self, given: &[u8]) -> Option<Scope> {
         let mut found = 0u8;
         for t in &self.tokens {
             let level = t.scope as u8 + 1;
@@ -769,6 +769,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/api/openapi.json", get(openapi))
         .merge(protected)
+        .merge(crate::web::router(state.clone()))
         .layer(DefaultBodyLimit::max(max_bytes))
         .layer(axum::middleware::from_fn_with_state(timeout, deadline))
         .with_state(state)

@@ -27,3 +27,4 @@ pub mod dispatch;
 pub mod files_api;
 pub mod metrics;
 pub mod task;
+pub mod web;

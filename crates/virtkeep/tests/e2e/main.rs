@@ -29,3 +29,4 @@ mod restore_safety;
 mod restore_space;
 mod sync;
 mod uefi;
+mod web;

@@ -1,0 +1,552 @@
+//! The dashboard and the read-only views of policies and hosts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use maud::{Markup, html};
+use virtkeep_engine::plan::ModeRequest;
+
+use super::view::{Viewer, WebState, age, bytes, layout, page_error, unix};
+use crate::catalog::{Catalog, JobFilter, JobRecord, JobStatus, now, rfc3339};
+use crate::policy::DaemonConfig;
+use crate::scope::Action;
+use crate::task::JobRequest;
+
+/// How many of a VM's newest jobs the dashboard reads (its chain state looks no further).
+const JOBS_PER_VM: u32 = 30;
+/// A VM whose last good backup is older than this is shown as stale.
+const STALE_SECS: i64 = 48 * 3600;
+
+/// Red first: what needs someone's attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Health {
+    Failed,
+    Stale,
+    Ok,
+}
+
+impl Health {
+    fn class(self) -> &'static str {
+        match self {
+            Health::Failed => "bad",
+            Health::Stale => "warn",
+            Health::Ok => "good",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Health::Failed => "failing",
+            Health::Stale => "stale",
+            Health::Ok => "ok",
+        }
+    }
+}
+
+/// One line of the dashboard.
+#[derive(Debug, Clone)]
+pub struct VmRow {
+    pub host: String,
+    pub vm: String,
+    /// The enabled policies that select it (empty: backed up by hand only).
+    pub policies: Vec<String>,
+    /// Its queued or running job.
+    pub open: Option<JobRecord>,
+    /// Its last finished backup (succeeded, failed or cancelled).
+    pub last: Option<JobRecord>,
+    pub last_ok: Option<JobRecord>,
+    pub chain: String,
+    pub next_run: Option<i64>,
+    pub health: Health,
+}
+
+/// The VMs the enabled policies select (by name, or by regex once the catalog has seen
+/// them), then the ones backed up by hand; with the policies that select each.
+fn selected_vms(
+    daemon: &DaemonConfig,
+    seen: &BTreeSet<(String, String)>,
+) -> BTreeMap<(String, String), Vec<String>> {
+    let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for p in daemon.policies.values().filter(|p| p.enabled) {
+        for s in &p.selections {
+            let known = seen.iter().filter(|(h, _)| *h == s.host).map(|(_, v)| v);
+            for vm in s.names.iter().chain(known) {
+                if s.matches(vm) {
+                    let names = out.entry((s.host.clone(), vm.clone())).or_default();
+                    if !names.contains(&p.name) {
+                        names.push(p.name.clone());
+                    }
+                }
+            }
+        }
+    }
+    for key in seen {
+        out.entry(key.clone()).or_default();
+    }
+    out
+}
+
+/// Why the chain is where it is, from the VM's newest jobs (newest first).
+fn chain_state(jobs: &[JobRecord]) -> String {
+    let ok: Vec<&JobRecord> = jobs
+        .iter()
+        .filter(|j| j.kind == "backup" && j.status == JobStatus::Succeeded)
+        .collect();
+    let Some(last) = ok.first() else {
+        return "no backup yet: the first will be a full".into();
+    };
+    if last.mode.as_deref() != Some("full") {
+        let n = ok
+            .iter()
+            .take_while(|j| j.mode.as_deref() != Some("full"))
+            .count();
+        let base = ok.get(n).and_then(|j| j.finished.clone());
+        return match base {
+            Some(t) => format!("incremental {n} since the full of {t}"),
+            None => format!("incremental {n} (the full is older than the catalog's history)"),
+        };
+    }
+    let requested = serde_json::from_str::<JobRequest>(&last.request)
+        .ok()
+        .and_then(|r| match r {
+            JobRequest::Backup { mode, .. } => Some(mode),
+            JobRequest::Restore { .. } => None,
+        });
+    if requested == Some(ModeRequest::Full) {
+        "full: a full was asked for (schedule or request mode = full)".into()
+    } else if ok.len() == 1 && jobs.len() < JOBS_PER_VM as usize {
+        "full: the first backup of this VM".into()
+    } else {
+        "full: the engine found no usable base on the host (see the job's log)".into()
+    }
+}
+
+/// Failed: the last backup failed, or none ever succeeded (and none is on its way).
+/// Stale: the last good one is old, or the last try was cancelled while it ran.
+fn health(
+    open: Option<&JobRecord>,
+    last: Option<&JobRecord>,
+    last_ok: Option<&JobRecord>,
+    t: i64,
+) -> Health {
+    if last.is_some_and(|l| l.status == JobStatus::Failed) {
+        return Health::Failed;
+    }
+    let Some(ok) = last_ok else {
+        return if open.is_some() {
+            Health::Stale
+        } else {
+            Health::Failed
+        };
+    };
+    let when = ok.finished.as_deref().and_then(unix).unwrap_or(0);
+    if t - when > STALE_SECS || last.is_some_and(|l| l.status == JobStatus::Cancelled) {
+        Health::Stale
+    } else {
+        Health::Ok
+    }
+}
+
+/// The dashboard's rows, red first (then by host and VM).
+pub fn dashboard_rows(daemon: &DaemonConfig, catalog: &Catalog) -> crate::Result<Vec<VmRow>> {
+    let t = now();
+    let seen: BTreeSet<(String, String)> = catalog
+        .vm_stats()?
+        .into_iter()
+        .map(|s| (s.host, s.vm))
+        .collect();
+    let mut next: BTreeMap<&str, Option<i64>> = BTreeMap::new();
+    for p in daemon.policies.values().filter(|p| p.enabled) {
+        let mut soonest = None;
+        for s in &p.schedules {
+            if let Some(n) = catalog.next_run(&p.name, &s.key)? {
+                soonest = Some(soonest.map_or(n, |m: i64| m.min(n)));
+            }
+        }
+        next.insert(&p.name, soonest);
+    }
+    let mut rows = Vec::new();
+    for ((host, vm), policies) in selected_vms(daemon, &seen) {
+        let jobs = catalog.jobs(&JobFilter {
+            host: Some(host.clone()),
+            vm: Some(vm.clone()),
+            limit: Some(JOBS_PER_VM),
+            ..JobFilter::default()
+        })?;
+        let backups = || jobs.iter().filter(|j| j.kind == "backup");
+        let open = backups()
+            .find(|j| matches!(j.status, JobStatus::Queued | JobStatus::Running))
+            .cloned();
+        // A job cancelled before it started tried nothing: it does not count.
+        let last = backups()
+            .find(|j| match j.status {
+                JobStatus::Queued | JobStatus::Running => false,
+                JobStatus::Cancelled => j.started.is_some(),
+                JobStatus::Succeeded | JobStatus::Failed => true,
+            })
+            .cloned();
+        let last_ok = backups()
+            .find(|j| j.status == JobStatus::Succeeded)
+            .cloned();
+        let next_run = policies
+            .iter()
+            .filter_map(|p| next.get(p.as_str()).copied().flatten())
+            .min();
+        rows.push(VmRow {
+            health: health(open.as_ref(), last.as_ref(), last_ok.as_ref(), t),
+            chain: chain_state(&jobs),
+            host,
+            vm,
+            policies,
+            open,
+            last,
+            last_ok,
+            next_run,
+        });
+    }
+    rows.sort_by(|a, b| (a.health, &a.host, &a.vm).cmp(&(b.health, &b.host, &b.vm)));
+    Ok(rows)
+}
+
+fn when(t: Option<i64>, now: i64) -> Markup {
+    match t {
+        None => html! { span.muted { "—" } },
+        Some(t) if t <= now => html! { time datetime=(rfc3339(t)) { "due now" } },
+        Some(t) => html! { time datetime=(rfc3339(t)) title=(rfc3339(t)) { "in " (age(t - now)) } },
+    }
+}
+
+fn last_cell(row: &VmRow, t: i64) -> Markup {
+    let Some(l) = &row.last else {
+        return html! { span.muted { "never" } };
+    };
+    let finished = l.finished.as_deref().and_then(unix);
+    html! {
+        a href={"/ui/jobs/" (l.id)} {
+            (finished.map(|f| format!("{} ago", age(t - f))).unwrap_or_default())
+        }
+        " · " span.badge.(if l.status == JobStatus::Succeeded { "good" } else { "bad" }) { (l.status.as_str()) }
+        @if let Some(m) = &l.mode { " · " (m) }
+        @if let Some(r) = l.bytes_read { " · read " (bytes(r.max(0) as u64)) }
+        @if let Some(n) = l.bytes_new { " · new " (bytes(n.max(0) as u64)) }
+        @if let Some(e) = &l.error { div.small.error { (e) } }
+    }
+}
+
+fn dashboard_row(row: &VmRow, viewer: &Viewer, t: i64) -> Markup {
+    html! {
+        tr.(row.health.class()) {
+            td data-label="Status" { span.badge.(row.health.class()) { (row.health.label()) } }
+            th scope="row" data-label="VM" { (row.vm) div.small.muted { (row.host) } }
+            td data-label="Last backup" { (last_cell(row, t)) }
+            td data-label="Last success" {
+                @match row.last_ok.as_ref().and_then(|j| j.finished.as_deref()).and_then(unix) {
+                    Some(f) => { (age(t - f)) " ago" }
+                    None => span.muted { "never" }
+                }
+            }
+            td data-label="Chain" { span.small { (row.chain) } }
+            td data-label="Next run" {
+                (when(row.next_run, t))
+                @if !row.policies.is_empty() { div.small.muted { (row.policies.join(", ")) } }
+            }
+            td data-label="Now" {
+                @if let Some(j) = &row.open {
+                    a href={"/ui/jobs/" (j.id)} { (j.status.as_str()) " (job " (j.id) ")" }
+                } @else if viewer.may(Action::SubmitBackup) {
+                    // One form for the whole table (see `dashboard`): the page stays
+                    // small with hundreds of VMs.
+                    button form="backup" type="submit" name="target" value={(row.host) "/" (row.vm)}
+                        aria-label={"Back up " (row.vm) " now"} { "Back up now" }
+                }
+            }
+        }
+    }
+}
+
+/// The dashboard's content for `rows`.
+fn dashboard_body(rows: &[VmRow], v: &Viewer, t: i64) -> Markup {
+    let count = |h: Health| rows.iter().filter(|r| r.health == h).count();
+    let running = rows.iter().filter(|r| r.open.is_some()).count();
+    html! {
+        ul.summary aria-label="Summary" {
+            li.bad { strong { (count(Health::Failed)) } " failing" }
+            li.warn { strong { (count(Health::Stale)) } " stale" }
+            li.good { strong { (count(Health::Ok)) } " ok" }
+            li { strong { (running) } " queued or running" }
+        }
+        @if v.may(Action::SubmitBackup) {
+            form #backup method="post" action="/ui/backup" { (v.csrf_field()) }
+        }
+        @if rows.is_empty() {
+            p { "No policy selects a VM yet, and nothing was backed up." }
+        } @else {
+            table.vms {
+                caption { "VMs the policies select, failing first" }
+                thead { tr {
+                    th scope="col" { "Status" } th scope="col" { "VM" } th scope="col" { "Last backup" }
+                    th scope="col" { "Last success" } th scope="col" { "Chain" } th scope="col" { "Next run" }
+                    th scope="col" { "Now" }
+                } }
+                tbody { @for r in rows { (dashboard_row(r, v, t)) } }
+            }
+        }
+    }
+}
+
+pub async fn dashboard(
+    State(s): State<Arc<WebState>>,
+    Extension(v): Extension<Viewer>,
+) -> Response {
+    let rows = match dashboard_rows(&s.api.env.daemon, &s.api.catalog) {
+        Ok(r) => r,
+        Err(e) => {
+            return page_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Catalog error",
+                &e.to_string(),
+            );
+        }
+    };
+    layout("Dashboard", Some(&v), dashboard_body(&rows, &v, now())).into_response()
+}
+
+pub async fn policies(State(s): State<Arc<WebState>>, Extension(v): Extension<Viewer>) -> Response {
+    let views = match crate::api::policy_views(&s.api.env.daemon, Some(&s.api.catalog)) {
+        Ok(p) => p,
+        Err(e) => {
+            return page_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Catalog error",
+                &e.to_string(),
+            );
+        }
+    };
+    let body = html! {
+        @if views.is_empty() { p { "No policies in the configuration." } }
+        @for p in &views {
+            section.card aria-labelledby={"p-" (p.name)} {
+                h2 id={"p-" (p.name)} { (p.name) @if !p.enabled { " " span.badge.warn { "disabled" } } }
+                dl {
+                    dt { "VMs" } dd { @for sel in &p.vms { div { code { (sel) } } } }
+                    dt { "Repository" } dd { (p.repository.as_deref().unwrap_or("default")) }
+                    dt { "Retention" } dd { (p.retention.as_deref().unwrap_or("keep everything")) }
+                    dt { "Priority, retries" } dd { (p.priority) ", " (p.retries) }
+                }
+                table {
+                    caption { "Schedules" }
+                    thead { tr { th scope="col" { "Schedule" } th scope="col" { "Mode" } th scope="col" { "Next run" } th scope="col" { "Last run" } } }
+                    tbody { @for sc in &p.schedules { tr {
+                        td data-label="Schedule" { code { (sc.schedule) } }
+                        td data-label="Mode" { (sc.mode) }
+                        td data-label="Next run" { (sc.next_run.as_deref().unwrap_or("—")) }
+                        td data-label="Last run" { (sc.last_run.as_deref().unwrap_or("—")) }
+                    } } }
+                }
+                @if !p.last_runs.is_empty() {
+                    h3 { "Last runs" }
+                    ul { @for r in &p.last_runs {
+                        li { (r.started) " · " (r.trigger) " · " (r.status)
+                            @if let Some(n) = &r.note { " · " (n) } }
+                    } }
+                }
+            }
+        }
+    };
+    layout("Policies", Some(&v), body).into_response()
+}
+
+pub async fn hosts(State(s): State<Arc<WebState>>, Extension(v): Extension<Viewer>) -> Response {
+    let hosts = &s.api.env.engine.hosts;
+    let body = html! {
+        table {
+            caption { "Hosts in the configuration" }
+            thead { tr { th scope="col" { "Host" } th scope="col" { "Address" } th scope="col" { "User" } th scope="col" { "libvirt" } } }
+            tbody { @for (name, h) in hosts { tr {
+                th scope="row" data-label="Host" { a href={"/ui/hosts/" (name)} { (name) } }
+                td data-label="Address" { (h.address) ":" (h.port) }
+                td data-label="User" { (h.user) }
+                td data-label="libvirt" { code { (h.libvirt_uri) } }
+            } } }
+        }
+        p.hint { "A host's page connects to it and lists its VMs: the check that SSH and libvirt answer." }
+    };
+    layout("Hosts", Some(&v), body).into_response()
+}
+
+/// Connects to the host and lists its VMs with their disks' backup methods.
+pub async fn host_vms(
+    State(s): State<Arc<WebState>>,
+    Extension(v): Extension<Viewer>,
+    Path(host): Path<String>,
+) -> Response {
+    if !s.api.env.engine.hosts.contains_key(&host) {
+        return page_error(
+            StatusCode::NOT_FOUND,
+            "No such host",
+            "This host is not in the configuration.",
+        );
+    }
+    let listed = match s.api.env.connect(&host).await {
+        Ok(h) => virtkeep_engine::inventory::list_vms(&h).await,
+        Err(e) => Err(e),
+    };
+    let body = match listed {
+        Err(e) => html! {
+            p.error role="alert" { "The host did not answer: " (e.to_string()) }
+            @if let Some(h) = &e.hint { p.hint { (h) } }
+        },
+        Ok(vms) => html! {
+            p { span.badge.good { "reachable" } " SSH and libvirt answered; " (vms.len()) " VMs." }
+            table {
+                caption { "VMs on " (host) }
+                thead { tr { th scope="col" { "VM" } th scope="col" { "State" } th scope="col" { "Disks" } } }
+                tbody { @for vm in &vms { tr {
+                    th scope="row" data-label="VM" { (vm.name) }
+                    td data-label="State" { (format!("{:?}", vm.state).to_lowercase()) }
+                    td data-label="Disks" { @for d in &vm.disks { div.small { (d.target) " · " (d.backend) " · " (d.method) } } }
+                } } }
+            }
+        },
+    };
+    layout(&format!("Host {host}"), Some(&v), body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::catalog::{JobOutcome, NewJob};
+    use crate::scope::Scope;
+    use crate::web::session::Sessions;
+
+    const HOSTS: &str = "[repository]\nlocation = \"/tmp/repo\"\n[hosts.kvm1]\naddress = \"10.0.0.1\"\nidentity = \"/k\"\n";
+
+    /// A catalog with `vms` VMs of one policy, each with `per_vm` backups (every fifth
+    /// VM's last one failed, every seventh's a full).
+    fn generated(dir: &Path, vms: usize, per_vm: usize) -> (DaemonConfig, Catalog) {
+        let names: Vec<String> = (0..vms).map(|i| format!("\"vm{i:04}\"")).collect();
+        let text = format!(
+            "[policies.nightly]\nschedules = [{{ cron = \"0 2 * * *\", mode = \"auto\" }}]\n[[policies.nightly.vms]]\nhost = \"kvm1\"\nnames = [{}]\n",
+            names.join(", ")
+        );
+        let engine = toml::from_str(HOSTS).expect("engine config");
+        let daemon = DaemonConfig::parse(Path::new("gen.toml"), &text, &engine).expect("config");
+        let catalog = Catalog::open_writer(&dir.join("catalog.sqlite")).expect("catalog");
+        for i in 0..vms {
+            let vm = format!("vm{i:04}");
+            for k in 0..per_vm {
+                let id = catalog
+                    .add_job(&NewJob {
+                        run_id: None,
+                        kind: "backup",
+                        host: "kvm1",
+                        vm: &vm,
+                        policy: Some("nightly"),
+                        request: r#"{"kind":"backup","policy":"nightly","mode":"auto"}"#,
+                        attempt: 1,
+                        retry_of: None,
+                        priority: 0,
+                        not_before: now(),
+                    })
+                    .expect("add");
+                let failed = k + 1 == per_vm && i % 5 == 0;
+                catalog
+                    .finish_job(
+                        id,
+                        &JobOutcome {
+                            error: failed.then(|| "connection refused".to_string()),
+                            snapshot: (!failed).then(|| format!("{i:04}{k:04}")),
+                            mode: Some(
+                                if k == 0 || (k + 1 == per_vm && i % 7 == 0) {
+                                    "full"
+                                } else {
+                                    "incremental"
+                                }
+                                .into(),
+                            ),
+                            bytes_read: Some(20 << 30),
+                            bytes_new: Some(300 << 20),
+                            duration: Some(120.0),
+                            ..Default::default()
+                        },
+                    )
+                    .expect("finish");
+            }
+        }
+        (daemon, catalog)
+    }
+
+    fn viewer(scope: Scope) -> Viewer {
+        let sessions = Sessions::default();
+        let id = sessions.create(scope);
+        let session = sessions.get(&id).expect("session");
+        Viewer { id, session }
+    }
+
+    #[test]
+    fn failing_vms_come_first_with_their_chain_state() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (daemon, catalog) = generated(dir.path(), 8, 3);
+        let rows = dashboard_rows(&daemon, &catalog).expect("rows");
+        assert_eq!(rows.len(), 8);
+        let failing: Vec<&str> = rows
+            .iter()
+            .take_while(|r| r.health == Health::Failed)
+            .map(|r| r.vm.as_str())
+            .collect();
+        assert_eq!(failing, ["vm0000", "vm0005"]);
+        assert!(rows[2..].iter().all(|r| r.health == Health::Ok));
+        let vm7 = rows.iter().find(|r| r.vm == "vm0007").expect("vm7");
+        assert_eq!(
+            vm7.chain,
+            "full: the engine found no usable base on the host (see the job's log)"
+        );
+        let vm1 = rows.iter().find(|r| r.vm == "vm0001").expect("vm1");
+        assert!(
+            vm1.chain.starts_with("incremental 2 since the full of "),
+            "{}",
+            vm1.chain
+        );
+        assert_eq!(vm1.policies, ["nightly"]);
+        let page = dashboard_body(&rows, &viewer(Scope::Read), now()).into_string();
+        assert!(!page.contains("Back up now"), "read scope: no buttons");
+        let page = dashboard_body(&rows, &viewer(Scope::Operate), now()).into_string();
+        assert_eq!(page.matches("Back up now").count(), 8);
+        assert_eq!(
+            page.matches("name=\"csrf\"").count(),
+            1,
+            "one form for all rows"
+        );
+    }
+
+    /// The benchmark of issue 23: 500 VMs with 10 jobs each render in < 200 ms, and the
+    /// page weighs < 200 KiB. Ignored (run with `--run-ignored all`): the goal is not met
+    /// yet (debug build: about 330 ms and 360 KiB), see docs/daemon.md.
+    #[test]
+    #[ignore]
+    fn dashboard_of_500_vms_is_fast_and_small() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (daemon, catalog) = generated(dir.path(), 500, 10);
+        let v = viewer(Scope::Operate);
+        let mut best = std::time::Duration::MAX;
+        let mut size = 0;
+        for _ in 0..5 {
+            let start = Instant::now();
+            let rows = dashboard_rows(&daemon, &catalog).expect("rows");
+            let page = layout("Dashboard", Some(&v), dashboard_body(&rows, &v, now())).0;
+            best = best.min(start.elapsed());
+            size = page.len();
+            assert_eq!(rows.len(), 500);
+        }
+        eprintln!("dashboard of 500 VMs: {best:?}, {size} bytes");
+        assert!(best < std::time::Duration::from_millis(200), "{best:?}");
+        assert!(size < 200 * 1024, "{size} bytes");
+    }
+}

@@ -1,0 +1,773 @@
+//! The daemon's web console (`/ui/`) against the real lab: login with a token and the
+//! session cookie, CSRF and cross-site refusals, the token scopes (a read session sees
+//! no buttons and gets 403), the dashboard, jobs with live events, cancel, policies,
+//! hosts and the restore wizard, over plain HTTP like a browser would send it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use virtkeep_lab::TestVm;
+
+use crate::daemon::{Daemon, TOKEN, append_config, catalog, jobs};
+use crate::harness::{HOST, Node};
+
+const MIB: u64 = 1 << 20;
+const OPERATE: &str = "vkw-operate-token-1c9e77";
+const ADMIN: &str = "vkw-admin-token-5b20d4";
+
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// One HTTP answer: status, headers (lower-case names), body.
+pub(crate) struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value a `Set-Cookie` gives `name`, and the whole header.
+    pub fn cookie(&self, name: &str) -> Option<(String, String)> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == "set-cookie")
+            .find_map(|(_, v)| {
+                let first = v.split(';').next()?;
+                let (k, val) = first.split_once('=')?;
+                (k == name).then(|| (val.to_string(), v.clone()))
+            })
+    }
+}
+
+/// A request as a browser on this origin sends it; `extra` are more header lines.
+pub(crate) struct Req<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub cookie: Option<&'a str>,
+    pub form: Option<&'a [(&'a str, &'a str)]>,
+    pub extra: &'a [(&'a str, &'a str)],
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn send(port: u16, r: &Req<'_>) -> Answer {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the console");
+    s.set_read_timeout(Some(Duration::from_secs(150)))
+        .expect("timeout");
+    let body = r
+        .form
+        .map(|f| {
+            f.iter()
+                .map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v)))
+                .collect::<Vec<_>>()
+                .join("&")
+        })
+        .unwrap_or_default();
+    let mut req = format!(
+        "{} {} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n",
+        r.method, r.path
+    );
+    if let Some(c) = r.cookie {
+        req.push_str(&format!("Cookie: {c}\r\n"));
+    }
+    for (k, v) in r.extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if r.form.is_some() {
+        req.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    parse(&String::from_utf8_lossy(&raw))
+}
+
+fn parse(text: &str) -> Answer {
+    let (head, rest) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        let mut out = String::new();
+        let mut rest = rest;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || tail.len() < n {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = tail.get(n + 2..).unwrap_or("");
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub(crate) fn get(port: u16, path: &str, cookie: Option<&str>) -> Answer {
+    send(
+        port,
+        &Req {
+            method: "GET",
+            path,
+            cookie,
+            form: None,
+            extra: &[],
+        },
+    )
+}
+
+pub(crate) fn post(port: u16, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Answer {
+    send(
+        port,
+        &Req {
+            method: "POST",
+            path,
+            cookie,
+            form: Some(form),
+            extra: &[],
+        },
+    )
+}
+
+/// The value of the first hidden `csrf` field of a page.
+pub(crate) fn csrf_of(page: &str) -> String {
+    let at = page
+        .find("name=\"csrf\" value=\"")
+        .unwrap_or_else(|| panic!("no csrf field in:\n{page}"));
+    let rest = &page[at + "name=\"csrf\" value=\"".len()..];
+    rest[..rest.find('"').expect("end of value")].to_string()
+}
+
+/// A browser session: the `vk_session` cookie and its CSRF token.
+pub(crate) struct Browser {
+    pub cookie: String,
+    pub csrf: String,
+}
+
+/// Logs in with `token` the way the login form does.
+pub(crate) fn login(port: u16, token: &str) -> Browser {
+    let page = get(port, "/ui/login", None);
+    assert_eq!(page.status, 200, "{}", page.body);
+    let (pre, _) = page.cookie("vk_login").expect("login cookie");
+    let csrf = csrf_of(&page.body);
+    let pre = format!("vk_login={pre}");
+    let a = post(
+        port,
+        "/ui/login",
+        Some(&pre),
+        &[("token", token), ("csrf", &csrf)],
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(a.header("location"), Some("/ui/"));
+    let (id, whole) = a.cookie("vk_session").expect("session cookie");
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+        assert!(whole.contains(attr), "{whole}");
+    }
+    assert!(
+        !whole.contains("Secure"),
+        "plain HTTP on loopback: no Secure flag, or the browser would drop it: {whole}"
+    );
+    let cookie = format!("vk_session={id}");
+    let dash = get(port, "/ui/", Some(&cookie));
+    assert_eq!(dash.status, 200, "{}", dash.body);
+    Browser {
+        csrf: csrf_of(&dash.body),
+        cookie,
+    }
+}
+
+/// Reads the job's server-sent events to the last one; returns every event's data.
+fn follow_events(port: u16, b: &Browser, id: &str) -> Vec<serde_json::Value> {
+    let a = get(port, &format!("/ui/jobs/{id}/events"), Some(&b.cookie));
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.header("content-type"), Some("text/event-stream"));
+    let events: Vec<serde_json::Value> = a
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).expect("event JSON"))
+        .collect();
+    assert!(
+        events.last().is_some_and(|e| e["done"] == true),
+        "the stream ends with the job: {events:?}"
+    );
+    events
+}
+
+pub(crate) fn web_config(node: &Node, port: u16, vm: &str, token_file: &std::path::Path) {
+    std::fs::write(token_file, format!("{OPERATE}\n")).expect("token file");
+    append_config(
+        node,
+        &format!(
+            r#"
+[daemon]
+catalog = "{}"
+retries = 0
+
+[daemon.api]
+listen = "127.0.0.1:{port}"
+tokens = [
+  {{ env = "VKD_TEST_TOKEN", scope = "read" }},
+  {{ file = "{}", scope = "operate" }},
+  {{ env = "VKW_ADMIN_TOKEN", scope = "admin" }},
+]
+
+[policies.nightly]
+schedules = [{{ cron = "0 2 * * *", mode = "auto" }}]
+[[policies.nightly.vms]]
+host = "{HOST}"
+names = ["{vm}"]
+"#,
+            catalog(node),
+            token_file.display()
+        ),
+    );
+}
+
+/// Wrong or missing token → the login page; every form refuses a missing CSRF token and
+/// a cross-site Origin; security headers on every page.
+fn check_login_and_csrf(port: u16) {
+    let a = get(port, "/ui/", None);
+    assert_eq!(a.status, 303);
+    assert_eq!(a.header("location"), Some("/ui/login"));
+    let a = get(port, "/ui/jobs", Some("vk_session=forged"));
+    assert_eq!(a.header("location"), Some("/ui/login"), "a forged cookie");
+    let page = get(port, "/ui/login", None);
+    let csp = page.header("content-security-policy").expect("CSP");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    // Under `no-referrer` a browser posts forms with `Origin: null`, which is refused.
+    assert_eq!(page.header("referrer-policy"), Some("same-origin"));
+    let (pre, whole) = page.cookie("vk_login").expect("login cookie");
+    assert!(
+        whole.contains("HttpOnly") && whole.contains("SameSite=Strict"),
+        "{whole}"
+    );
+    let pre = format!("vk_login={pre}");
+    let csrf = csrf_of(&page.body);
+    let wrong = post(
+        port,
+        "/ui/login",
+        Some(&pre),
+        &[("token", "wrong"), ("csrf", &csrf)],
+    );
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    assert!(wrong.body.contains("Wrong token"), "{}", wrong.body);
+    assert!(wrong.cookie("vk_session").is_none());
+    let no_csrf = post(port, "/ui/login", Some(&pre), &[("token", ADMIN)]);
+    assert_eq!(no_csrf.status, 403, "{}", no_csrf.body);
+    assert!(no_csrf.cookie("vk_session").is_none());
+    let cross = send(
+        port,
+        &Req {
+            method: "POST",
+            path: "/ui/login",
+            cookie: Some(&pre),
+            form: Some(&[("token", ADMIN), ("csrf", &csrf)]),
+            extra: &[("Origin", "https://evil.example")],
+        },
+    );
+    assert_eq!(cross.status, 403, "{}", cross.body);
+    assert!(cross.cookie("vk_session").is_none());
+}
+
+/// What a read session may not do: no buttons, 403 from the routes, nothing queued.
+fn check_read_scope(port: u16, node: &Node, job: &str) {
+    let r = login(port, TOKEN);
+    let dash = get(port, "/ui/", Some(&r.cookie));
+    assert!(!dash.body.contains("Back up now"), "{}", dash.body);
+    assert!(!dash.body.contains("href=\"/ui/restore\""), "{}", dash.body);
+    assert!(dash.body.contains("scope: read"), "{}", dash.body);
+    let before = jobs(node).len();
+    let a = post(
+        port,
+        "/ui/backup",
+        Some(&r.cookie),
+        &[("csrf", &r.csrf), ("target", "lab/x")],
+    );
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(a.body.contains("operate"), "{}", a.body);
+    let a = post(
+        port,
+        &format!("/ui/jobs/{job}/cancel"),
+        Some(&r.cookie),
+        &[("csrf", &r.csrf)],
+    );
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(get(port, "/ui/restore", Some(&r.cookie)).status, 403);
+    let a = post(
+        port,
+        "/ui/restore",
+        Some(&r.cookie),
+        &[("csrf", &r.csrf), ("host", HOST), ("snapshot", "x")],
+    );
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(jobs(node).len(), before, "a refused form queued nothing");
+}
+
+fn wait_job_page(port: u16, b: &Browser, id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        let page = get(port, &format!("/ui/jobs/{id}"), Some(&b.cookie)).body;
+        if ["succeeded", "failed", "cancelled"].iter().any(|s| {
+            page.contains(&format!("badge good\">{s}")) || page.contains(&format!(">{s}</span>"))
+        }) && !page.contains("data-reload")
+        {
+            return page;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not end:\n{page}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn job_id(a: &Answer) -> String {
+    assert_eq!(a.status, 303, "{}", a.body);
+    let loc = a.header("location").expect("location");
+    loc.strip_prefix("/ui/jobs/").expect("job page").to_string()
+}
+
+/// The console over HTTP, end to end: log in, start a backup from the dashboard and
+/// follow it live, cancel a queued one, the read-only pages, scopes, the restore wizard
+/// (plan writes nothing, run restores the bytes), log out.
+#[test]
+fn web_console_over_http() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkw-http")
+        .qcow2_disk(16 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x77, 0, 3 * MIB);
+    let sum = vm.disk_checksum("vda");
+    let port = free_port();
+    web_config(
+        &node,
+        port,
+        &vm.name,
+        &node.dir.path().join("operate.tokens"),
+    );
+    let mut daemon = Daemon::start_env(&node, None, &[("VKW_ADMIN_TOKEN", ADMIN)]);
+    daemon.wait_log("API listening", 30);
+
+    check_login_and_csrf(port);
+    let op = login(port, OPERATE);
+    let dash = get(port, "/ui/", Some(&op.cookie)).body;
+    assert!(
+        dash.contains(&vm.name) && dash.contains("nightly"),
+        "{dash}"
+    );
+    assert!(
+        dash.contains("no backup yet") && dash.contains("Back up now"),
+        "{dash}"
+    );
+    assert!(
+        !dash.contains("href=\"/ui/restore\""),
+        "operate may not restore: {dash}"
+    );
+
+    // Start a backup from the dashboard's button (missing CSRF or cross-site: refused).
+    let target = format!("{HOST}/{}", vm.name);
+    let form = [("target", target.as_str())];
+    let a = post(port, "/ui/backup", Some(&op.cookie), &form);
+    assert_eq!(a.status, 403, "no csrf: {}", a.body);
+    let with_csrf: Vec<(&str, &str)> = form
+        .iter()
+        .copied()
+        .chain([("csrf", op.csrf.as_str())])
+        .collect();
+    let a = send(
+        port,
+        &Req {
+            method: "POST",
+            path: "/ui/backup",
+            cookie: Some(&op.cookie),
+            form: Some(&with_csrf),
+            extra: &[("Origin", "http://evil.example")],
+        },
+    );
+    assert_eq!(a.status, 403, "cross-site: {}", a.body);
+    assert!(jobs(&node).is_empty(), "refused forms queued nothing");
+    let first = job_id(&post(port, "/ui/backup", Some(&op.cookie), &with_csrf));
+    let second = job_id(&post(port, "/ui/backup", Some(&op.cookie), &with_csrf));
+    // The second waits for the first (one job per VM): cancel it from its page.
+    let page = get(port, &format!("/ui/jobs/{second}"), Some(&op.cookie)).body;
+    assert!(
+        page.contains("Cancel") && page.contains("data-job"),
+        "{page}"
+    );
+    let a = post(
+        port,
+        &format!("/ui/jobs/{second}/cancel"),
+        Some(&op.cookie),
+        &[("csrf", &op.csrf)],
+    );
+    assert_eq!(a.status, 303, "{}", a.body);
+    let events = follow_events(port, &op, &first);
+    let last = events.last().expect("events");
+    assert_eq!(last["status"], "succeeded", "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["bytes_done"].as_u64().is_some_and(|b| b > 0) && e["phase"] != ""),
+        "some event showed progress: {events:?}"
+    );
+    let page = wait_job_page(port, &op, &first);
+    assert!(
+        page.contains("succeeded") && page.contains("full"),
+        "{page}"
+    );
+    let page = wait_job_page(port, &op, &second);
+    assert!(page.contains("cancelled"), "{page}");
+
+    let dash = get(port, "/ui/", Some(&op.cookie)).body;
+    assert!(dash.contains("full: the first backup of this VM"), "{dash}");
+    assert!(dash.contains(">ok<"), "{dash}");
+    let listed = get(
+        port,
+        "/ui/jobs?status=succeeded&kind=backup",
+        Some(&op.cookie),
+    )
+    .body;
+    assert!(listed.contains(&format!("/ui/jobs/{first}\"")), "{listed}");
+    assert!(
+        !listed.contains(&format!("/ui/jobs/{second}\"")),
+        "{listed}"
+    );
+    let listed = get(port, "/ui/jobs?status=failed", Some(&op.cookie)).body;
+    assert!(listed.contains("No jobs match"), "{listed}");
+    assert_eq!(
+        get(port, "/ui/jobs?status=bogus", Some(&op.cookie)).status,
+        400
+    );
+    let p = get(port, "/ui/policies", Some(&op.cookie)).body;
+    assert!(p.contains("nightly") && p.contains("0 2 * * *"), "{p}");
+    let h = get(port, "/ui/hosts", Some(&op.cookie)).body;
+    assert!(h.contains(&format!("/ui/hosts/{HOST}")), "{h}");
+    let h = get(port, &format!("/ui/hosts/{HOST}"), Some(&op.cookie)).body;
+    assert!(h.contains("reachable") && h.contains(&vm.name), "{h}");
+    assert_eq!(get(port, "/ui/restore", Some(&op.cookie)).status, 403);
+    assert_eq!(get(port, "/ui/static/app.js", None).status, 200);
+
+    check_read_scope(port, &node, &first);
+    check_wizard(port, &node, &first, &sum);
+
+    // Logging out ends the session for good.
+    let a = post(port, "/ui/logout", Some(&op.cookie), &[("csrf", &op.csrf)]);
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(
+        get(port, "/ui/", Some(&op.cookie)).header("location"),
+        Some("/ui/login")
+    );
+    daemon.terminate();
+}
+
+/// The restore wizard: the backup is listed, the plan writes and defines nothing, the
+/// run restores the bytes under a new name.
+fn check_wizard(port: u16, node: &Node, backup_job: &str, sum: &str) {
+    let admin = login(port, ADMIN);
+    let dash = get(port, "/ui/", Some(&admin.cookie)).body;
+    assert!(dash.contains("href=\"/ui/restore\""), "{dash}");
+    let job = get(port, &format!("/ui/jobs/{backup_job}"), Some(&admin.cookie)).body;
+    let snapshot = job
+        .split("<dt>Backup id</dt><dd>")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .expect("backup id on the job page")
+        .to_string();
+    let pick = get(port, "/ui/restore", Some(&admin.cookie));
+    assert_eq!(pick.status, 200, "{}", pick.body);
+    assert!(pick.body.contains(&snapshot), "{}", pick.body);
+    let new_name = virtkeep_lab::unique_name("vkw-restored");
+    let _cleanup = TestVm::adopt(&new_name);
+    let plan = get(
+        port,
+        &format!(
+            "/ui/restore/plan?snapshot={snapshot}&host={HOST}&name={new_name}&define=on&force=on"
+        ),
+        Some(&admin.cookie),
+    );
+    assert_eq!(plan.status, 200, "{}", plan.body);
+    assert!(
+        plan.body.contains("Run the restore") && plan.body.contains("vda"),
+        "{}",
+        plan.body
+    );
+    assert!(
+        virtkeep_lab::lab()
+            .try_virsh(&["dominfo", &new_name])
+            .is_err(),
+        "the plan defined nothing"
+    );
+    let before = jobs(node).len();
+    let form = [
+        ("csrf", admin.csrf.as_str()),
+        ("snapshot", snapshot.as_str()),
+        ("host", HOST),
+        ("name", new_name.as_str()),
+        ("define", "on"),
+        ("force", "on"),
+    ];
+    let id = job_id(&post(port, "/ui/restore", Some(&admin.cookie), &form));
+    assert_eq!(jobs(node).len(), before + 1);
+    let page = wait_job_page(port, &admin, &id);
+    assert!(page.contains("succeeded"), "{page}");
+    assert_eq!(TestVm::adopt(&new_name).disk_checksum("vda"), sum);
+}
+
+/// A chromedriver child, killed when dropped.
+struct Driver(std::process::Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_chromedriver() -> (Driver, u16) {
+    let port = free_port();
+    let child = std::process::Command::new("/usr/bin/chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian's chromium-driver; lab/install-deps.sh installs it)");
+    let driver = Driver(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (driver, port)
+}
+
+/// Where the browser test leaves its screenshots: target/tmp/web-screenshots.
+fn screenshot_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+/// The browser console's messages of level SEVERE (chromedriver's log endpoint).
+fn console_errors(driver_port: u16, session: &str) -> Vec<serde_json::Value> {
+    let body = r#"{"type":"browser"}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", driver_port)).expect("chromedriver");
+    let req = format!(
+        "POST /session/{session}/se/log HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    // chromedriver keeps the connection open whatever the request says: read the
+    // headers, then Content-Length bytes.
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = s.read(&mut buf).expect("read");
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+            if n == 0 || len.is_some_and(|l| body.len() >= l) {
+                break;
+            }
+        }
+        assert!(n > 0, "chromedriver closed the connection early");
+    }
+    let a = parse(&String::from_utf8_lossy(&raw));
+    assert_eq!(a.status, 200, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("log JSON");
+    v["value"]
+        .as_array()
+        .expect("log entries")
+        .iter()
+        .filter(|e| e["level"] == "SEVERE")
+        .cloned()
+        .collect()
+}
+
+async fn wait_text(c: &fantoccini::Client, needle: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = c
+            .find(fantoccini::Locator::Css("main"))
+            .await
+            .expect("main")
+            .text()
+            .await
+            .unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on the page:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn shoot(c: &fantoccini::Client, name: &str) {
+    let png = c.screenshot().await.expect("screenshot");
+    std::fs::write(screenshot_dir().join(name), png).expect("save screenshot");
+}
+
+async fn browse(driver_port: u16, port: u16, vm: &str) {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,900"]
+        }),
+    );
+    caps.insert(
+        "goog:loggingPrefs".into(),
+        serde_json::json!({"browser": "ALL"}),
+    );
+    let c =
+        fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{driver_port}"))
+            .await
+            .expect("WebDriver session");
+    let base = format!("http://127.0.0.1:{port}");
+    use fantoccini::Locator::Css;
+    c.goto(&format!("{base}/ui/")).await.expect("open");
+    assert!(
+        c.current_url()
+            .await
+            .expect("url")
+            .path()
+            .ends_with("/ui/login")
+    );
+    // Keyboard only: Tab reaches the skip link first, then the token field.
+    shoot(&c, "login.png").await;
+    c.find(Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(OPERATE)
+        .await
+        .expect("type");
+    c.find(Css("form.card button"))
+        .await
+        .expect("button")
+        .click()
+        .await
+        .expect("log in");
+    let text = wait_text(&c, vm, 20).await;
+    assert!(text.contains("no backup yet"), "{text}");
+    shoot(&c, "dashboard.png").await;
+    let label = format!("button[aria-label=\"Back up {vm} now\"]");
+    c.find(Css(&label))
+        .await
+        .expect("backup button")
+        .click()
+        .await
+        .expect("click");
+    // The job page follows the job live and reloads itself when it ends.
+    wait_text(&c, "backup of", 20).await;
+    shoot(&c, "job-running.png").await;
+    let text = wait_text(&c, "Backup id", 180).await;
+    assert!(
+        text.contains("succeeded") && text.contains("full"),
+        "{text}"
+    );
+    shoot(&c, "job-done.png").await;
+    c.set_window_size(390, 844).await.expect("phone size");
+    c.goto(&format!("{base}/ui/")).await.expect("dashboard");
+    let text = wait_text(&c, "full: the first backup", 20).await;
+    assert!(text.contains("ok"), "{text}");
+    shoot(&c, "dashboard-phone.png").await;
+    let session = c
+        .session_id()
+        .await
+        .expect("session id")
+        .expect("a session");
+    let errors = console_errors(driver_port, &session);
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+    c.close().await.expect("close");
+}
+
+/// A real browser (Debian's chromium through chromium-driver): log in, see the lab VM on
+/// the dashboard, start its backup and watch the job page follow it to the end, the
+/// dashboard on a phone-sized window; no console errors (a CSP violation is one).
+/// Screenshots: target/tmp/web-screenshots/*.png.
+#[test]
+fn web_console_in_a_real_browser() {
+    let node = Node::new();
+    let vm = TestVm::builder("vkw-browser")
+        .qcow2_disk(16 * MIB)
+        .running(false)
+        .build();
+    vm.write_pattern("vda", 0x42, 0, 4 * MIB);
+    let port = free_port();
+    web_config(
+        &node,
+        port,
+        &vm.name,
+        &node.dir.path().join("operate.tokens"),
+    );
+    let mut daemon = Daemon::start_env(&node, None, &[("VKW_ADMIN_TOKEN", ADMIN)]);
+    daemon.wait_log("API listening", 30);
+    let (_driver, driver_port) = start_chromedriver();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(browse(driver_port, port, &vm.name));
+    let list = jobs(&node);
+    assert_eq!(list.len(), 1, "{list:#?}");
+    assert_eq!(list[0]["status"], "succeeded", "{list:#?}");
+    daemon.terminate();
+}
