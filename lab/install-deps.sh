@@ -14,6 +14,7 @@ PKGS=(
   gdisk parted xfsprogs dosfstools libnbd-bin  # file-level restore fixtures (e2e/files.rs)
   iptables iproute2  # link-cut fault tests (e2e/failures.rs: iptables DROP, ss -K)
   ovmf  # UEFI test domains (e2e/uefi.rs)
+  postgresql  # the shared catalog of a daemon cluster (lab/postgres.sh, e2e/cluster.rs)
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

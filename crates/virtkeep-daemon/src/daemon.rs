@@ -74,8 +74,8 @@ pub async fn run(
     api: impl FnOnce(Arc<Env>, Arc<Catalog>, ProgressMap, Submissions) -> Result<()>,
 ) -> Result<()> {
     let env = Arc::new(env);
-    let catalog = Arc::new(Catalog::open_writer(&env.daemon.catalog)?);
-    tracing::info!(catalog = %catalog.path().display(), policies = env.daemon.policies.len(), "daemon starting");
+    let catalog = Arc::new(Catalog::open(&env.daemon.catalog)?);
+    tracing::info!(catalog = %catalog.describe(), node = %env.daemon.node, policies = env.daemon.policies.len(), "daemon starting");
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let (submit_tx, mut submit_rx) = mpsc::unbounded_channel::<Control>();
@@ -492,7 +492,9 @@ impl State {
             .queue
             .start(now(), daemon.max_jobs, &|h| daemon.host_limit(h));
         for p in started {
-            self.catalog.mark_running(p.id)?;
+            let lease_until = now() + self.env.daemon.lease.as_secs() as i64;
+            self.catalog
+                .mark_running(p.id, &self.env.daemon.node, lease_until)?;
             let job = self.catalog.job(p.id)?;
             tracing::info!(job = job.id, kind = %job.kind, host = %job.host, vm = %job.vm, attempt = job.attempt, "job starts");
             let env = self.env.clone();

@@ -95,7 +95,7 @@ pub fn jobs(settings: &Settings, args: JobsArgs, json: bool) -> anyhow::Result<E
             None => (Some(f.to_string()), None),
         },
     };
-    let list = match Catalog::open_reader(&config.catalog).map_err(user_error)? {
+    let list = match Catalog::open_reader_at(&config.catalog).map_err(user_error)? {
         None => Vec::new(),
         Some(c) => c
             .jobs(&JobFilter {
@@ -159,7 +159,7 @@ pub fn jobs(settings: &Settings, args: JobsArgs, json: bool) -> anyhow::Result<E
 
 pub fn policy_list(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let config = load(settings)?;
-    let catalog = Catalog::open_reader(&config.catalog).map_err(user_error)?;
+    let catalog = Catalog::open_reader_at(&config.catalog).map_err(user_error)?;
     let views = api::policy_views(&config, catalog.as_ref()).map_err(user_error)?;
     if json {
         print_json(&views)?;
