@@ -83,6 +83,11 @@ impl Queue {
         started
     }
 
+    /// Counts a job this node claimed from a shared queue as running here.
+    pub fn adopt(&mut self, id: i64, host: &str, vm: &str) {
+        self.running.insert(id, (host.to_string(), vm.to_string()));
+    }
+
     pub fn finished(&mut self, id: i64) {
         self.running.remove(&id);
     }
