@@ -2,7 +2,8 @@
 # A private PostgreSQL cluster for tests (Debian's postgresql package):
 #   lab/postgres.sh start DIR   initdb in DIR (once), start it on 127.0.0.1 and a free
 #                               port; prints the catalog URL (user virtkeep, database
-#                               virtkeep); the password is in DIR/password
+#                               virtkeep); the password is in DIR/password, the CA
+#                               of its TLS certificate in DIR/ca.pem
 #   lab/postgres.sh stop DIR    stops it (fast shutdown)
 # As root, the server runs as the postgres user (initdb refuses root). Nothing is
 # shared with other clusters: a test owns DIR and removes it afterwards.
@@ -40,9 +41,25 @@ start)
     as_owner "$bindir/initdb" -D "$dir/data" -U virtkeep --pwfile="$dir/password" \
       --auth-host=scram-sha-256 --auth-local=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1
   fi
+  if [[ ! -f "$dir/server.key" ]]; then
+    # TLS for clients that ask for it (sslmode=require): a CA (DIR/ca.pem, what
+    # catalog_ca_file names) and a server certificate for 127.0.0.1 signed by it.
+    (
+      cd "$dir"
+      openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=virtkeep test CA" \
+        -keyout ca.key -out ca.pem 2>/dev/null
+      openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+        -keyout server.key -out server.csr 2>/dev/null
+      printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > server.ext
+      openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 \
+        -extfile server.ext -out server.crt 2>/dev/null
+      chmod 600 server.key ca.key
+      if [[ $(id -u) -eq 0 ]]; then chown postgres: server.key server.crt; fi
+    )
+  fi
   port=$(free_port)
   as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c max_connections=200" \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c max_connections=200 -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" \
     start >/dev/null
   as_owner "$bindir/psql" -h "$dir" -p "$port" -U virtkeep -d postgres -qAt \
     -c "SELECT 1 FROM pg_database WHERE datname = 'virtkeep'" | grep -q 1 ||

@@ -106,13 +106,7 @@ pub async fn run(
         leading: false,
         next_beat: tokio::time::Instant::now(),
     };
-    catalog.register_node(&NodeRegistration {
-        name: &env.daemon.node,
-        address: env.daemon.api.as_ref().map(|a| a.listen.as_str()),
-        capacity: env.daemon.max_jobs as i64,
-        now: now(),
-        lease_secs: st.lease_secs(),
-    })?;
+    st.register()?;
     st.recover().await?;
     api(env.clone(), catalog.clone(), progress, submit_tx)?;
 
@@ -324,6 +318,18 @@ impl State {
             self.enqueue_record(&j)?;
         }
         Ok(())
+    }
+
+    /// Tells the catalog (the cluster) about this node.
+    fn register(&self) -> Result<()> {
+        let d = &self.env.daemon;
+        self.catalog.register_node(&NodeRegistration {
+            name: &d.node,
+            address: d.api.as_ref().map(|a| a.listen.as_str()),
+            capacity: i64::try_from(d.max_jobs).unwrap_or(i64::MAX),
+            now: now(),
+            lease_secs: self.lease_secs(),
+        })
     }
 
     fn lease_secs(&self) -> i64 {

@@ -59,6 +59,7 @@ struct DaemonModel {
     catalog: Option<Spanned<String>>,
     catalog_password_file: Option<PathBuf>,
     catalog_password_env: Option<String>,
+    catalog_ca_file: Option<PathBuf>,
     node: Option<Spanned<String>>,
     lease: Option<Spanned<String>>,
     max_jobs: Option<Spanned<usize>>,
@@ -366,7 +367,7 @@ fn check_cluster(
                 }
             };
             match PgLocation::new(v.get_ref(), password) {
-                Ok(l) => CatalogLocation::Postgres(l),
+                Ok(l) => CatalogLocation::Postgres(l.with_ca_file(d.catalog_ca_file.clone())),
                 Err(e) => return c.err(v.span(), e, "postgres://USER@HOST:PORT/DATABASE"),
             }
         }
@@ -376,7 +377,7 @@ fn check_cluster(
         None => host_name(),
         Some(v) => {
             let n = v.get_ref();
-            let ok = !n.is_empty()
+            let ok = n.starts_with(|ch: char| ch.is_ascii_alphanumeric())
                 && n.len() <= 64
                 && n.chars()
                     .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch));
@@ -384,7 +385,7 @@ fn check_cluster(
                 return c.err(
                     v.span(),
                     format!("node {n:?} is not a node name"),
-                    "1 to 64 letters, digits, '.', '_' or '-'",
+                    "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
                 );
             }
             n.clone()
@@ -1133,5 +1134,38 @@ exclude = ["-test$"]
         assert_eq!(c.max_jobs, 2);
         assert_eq!(c.missed_runs, MissedRuns::RunOnce);
         assert!(c.api.is_none());
+    }
+
+    #[test]
+    fn a_postgres_catalog_takes_its_password_from_elsewhere_and_a_node_name() {
+        let c = parse(
+            "[daemon]\ncatalog = \"postgres://vk@db:5432/vk?sslmode=require\"\n\
+             catalog_password_file = \"/etc/virtkeep/pg\"\ncatalog_ca_file = \"/etc/virtkeep/ca.pem\"\n\
+             node = \"backup-a\"\nlease = \"20s\"\n",
+        )
+        .expect("valid");
+        let crate::catalog::CatalogLocation::Postgres(l) = &c.catalog else {
+            panic!("{:?}", c.catalog)
+        };
+        assert_eq!(l.password, PasswordSource::File("/etc/virtkeep/pg".into()));
+        assert_eq!(l.ca_file, Some(PathBuf::from("/etc/virtkeep/ca.pem")));
+        assert_eq!(
+            (c.node.as_str(), c.lease),
+            ("backup-a", Duration::from_secs(20))
+        );
+        let e = err_of("[daemon]\ncatalog = \"postgres://vk:secret@db/vk\"\n");
+        assert!(e.to_string().contains("holds a password"), "{e}");
+        let e = err_of("[daemon]\nnode = \"--help\"\n");
+        assert_eq!(e.line, 2, "{e}");
+        let e = err_of("[daemon]\nnode = \"a/b\"\n");
+        assert!(e.to_string().contains("not a node name"), "{e}");
+        // Default: SQLite, the host name, 60 s.
+        let d = parse("").expect("empty");
+        assert!(matches!(
+            d.catalog,
+            crate::catalog::CatalogLocation::Sqlite(_)
+        ));
+        assert!(!d.node.is_empty());
+        assert_eq!(d.lease, Duration::from_secs(60));
     }
 }

@@ -14,7 +14,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tokio_postgres::{NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
     Claim, JobFilter, JobOutcome, JobRecord, JobStatus, NewJob, NodeRecord, NodeRegistration,
@@ -88,6 +91,9 @@ pub enum PasswordSource {
 pub struct PgLocation {
     pub url: String,
     pub password: PasswordSource,
+    /// `catalog_ca_file`: TLS to the server, verified against these PEM certificates
+    /// (with `sslmode=require` in the URL, TLS is then mandatory). None: no TLS.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl PgLocation {
@@ -105,7 +111,39 @@ impl PgLocation {
         Ok(PgLocation {
             url: url.to_string(),
             password,
+            ca_file: None,
         })
+    }
+
+    pub fn with_ca_file(self, ca_file: Option<PathBuf>) -> PgLocation {
+        PgLocation { ca_file, ..self }
+    }
+
+    /// The TLS connector for `ca_file`, if one is set.
+    fn tls(&self) -> Result<Option<MakeRustlsConnect>> {
+        let Some(file) = &self.ca_file else {
+            return Ok(None);
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(file)
+            .map_err(|e| self.error("reading catalog_ca_file", e))?
+        {
+            let cert = cert.map_err(|e| self.error("reading catalog_ca_file", e))?;
+            roots
+                .add(cert)
+                .map_err(|e| self.error("reading catalog_ca_file", e))?;
+        }
+        if roots.is_empty() {
+            return Err(DaemonError::Io {
+                what: "reading the catalog CA file (no certificate in it)",
+                path: file.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            });
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Some(MakeRustlsConnect::new(config)))
     }
 
     fn config(&self) -> Result<tokio_postgres::Config> {
@@ -161,6 +199,7 @@ pub struct PgStore {
     /// Some until dropped (a runtime must not be dropped inside another one).
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
+    tls: Option<MakeRustlsConnect>,
     /// The connection holding the leader lock, while this process leads.
     leader: Mutex<Option<tokio_postgres::Client>>,
 }
@@ -214,13 +253,14 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| loc.error("starting the catalog runtime", e))?;
-        let mgr = Manager::from_config(
-            cfg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let tls = loc.tls()?;
+        let mc = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let mgr = match &tls {
+            Some(t) => Manager::from_config(cfg.clone(), t.clone(), mc),
+            None => Manager::from_config(cfg.clone(), NoTls, mc),
+        };
         let pool = Pool::builder(mgr)
             .max_size(8)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -233,6 +273,7 @@ impl PgStore {
             cfg,
             rt: Some(rt),
             pool,
+            tls,
             leader: Mutex::new(None),
         };
         store.migrate()?;
@@ -324,6 +365,7 @@ impl PgStore {
     /// Whether the leader connection still holds the lock; takes it if free.
     async fn lead(
         cfg: &tokio_postgres::Config,
+        tls: Option<&MakeRustlsConnect>,
         held: Option<tokio_postgres::Client>,
     ) -> PgResult<Option<tokio_postgres::Client>> {
         if let Some(c) = held
@@ -332,10 +374,22 @@ impl PgStore {
         {
             return Ok(Some(c));
         }
-        let (client, conn) = cfg.connect(NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = match tls {
+            Some(t) => {
+                let (client, conn) = cfg.connect(t.clone()).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+            None => {
+                let (client, conn) = cfg.connect(NoTls).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+        };
         let got: bool = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
             .await?
@@ -795,13 +849,14 @@ impl Store for PgStore {
     fn try_lead(&self) -> Result<bool> {
         let mut held = self.leader.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = &self.cfg;
+        let tls = self.tls.as_ref();
         let current = held.take();
         let rt = self
             .rt
             .as_ref()
             .expect("the runtime lives until the store drops");
         let got = std::thread::scope(|s| {
-            s.spawn(move || rt.block_on(PgStore::lead(cfg, current)))
+            s.spawn(move || rt.block_on(PgStore::lead(cfg, tls, current)))
                 .join()
         })
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
@@ -887,6 +942,12 @@ pub(crate) mod testpg {
             )
             .expect("url");
             Some(TestPg { dir, loc })
+        }
+    }
+
+    impl TestPg {
+        pub fn dir(&self) -> &std::path::Path {
+            self.dir.path()
         }
     }
 
@@ -1022,6 +1083,55 @@ mod tests {
         );
         // A password in the URL is refused: it belongs in a file or the environment.
         assert!(PgLocation::new("postgres://u:secret@127.0.0.1/db", PasswordSource::None).is_err());
+    }
+
+    #[test]
+    fn tls_is_verified_against_the_ca_file_and_required_when_asked() {
+        let Some(pg) = TestPg::start() else { return };
+        let ca = pg.dir().join("ca.pem");
+        let required = PgLocation {
+            url: format!("{}?sslmode=require", pg.loc.url),
+            ..pg.loc.clone()
+        };
+        let tls = Catalog::open(&CatalogLocation::Postgres(
+            required.clone().with_ca_file(Some(ca)),
+        ))
+        .expect("open over TLS");
+        let ssl: bool = tls
+            .as_pg()
+            .run("test", async |c| {
+                Ok(c.query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await?
+                .get(0))
+            })
+            .expect("ssl");
+        assert!(ssl, "the connection is encrypted");
+        assert!(tls.try_lead().expect("lead"), "the leader connection too");
+        // Required but no CA file: refused rather than sent in clear.
+        assert!(Catalog::open(&CatalogLocation::Postgres(required.clone())).is_err());
+        // A CA that did not sign the server's certificate: refused.
+        let other = pg.dir().join("other.pem");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=other", "-keyout"])
+            .arg(pg.dir().join("other.key"))
+            .arg("-out")
+            .arg(&other)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success());
+        assert!(
+            Catalog::open(&CatalogLocation::Postgres(
+                required.with_ca_file(Some(other))
+            ))
+            .is_err()
+        );
     }
 
     #[test]
