@@ -723,10 +723,13 @@ impl Modify for TokenScheme {
 #[openapi(
     info(title = "virtkeep", description = "Hosts, VMs, backups and jobs of a virtkeep daemon"),
     paths(list_hosts, list_vms, list_backups, list_jobs, get_job, submit_job, cancel_job,
-          list_policies, metrics, list_nodes),
+          list_policies, metrics, crate::files_api::list_files,
+          crate::files_api::download_file, list_nodes),
     components(schemas(HostView, VmView, VmDiskView, BackupView, JobRecord, JobStatus, JobView,
                        JobProgress, SubmitJob, JobRequest, Submitted, Cancelled, ApiError, Scope,
-                       PolicyView, ScheduleView, RunRecord, crate::catalog::NodeRecord)),
+                       PolicyView, ScheduleView, RunRecord,
+                       crate::files_api::FilesLayoutView, crate::files_api::FilesDirView,
+                       crate::catalog::NodeRecord)),
     modifiers(&TokenScheme),
     security(("token" = []))
 )]
@@ -763,6 +766,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/hosts", get(list_hosts))
         .route("/api/hosts/{host}/vms", get(list_vms))
         .route("/api/backups", get(list_backups))
+        .route("/api/backups/{id}/files", get(crate::files_api::list_files))
+        .route(
+            "/api/backups/{id}/files/download",
+            get(crate::files_api::download_file),
+        )
         .route("/api/jobs", get(list_jobs).post(submit_job))
         .route("/api/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/api/policies", get(list_policies))

@@ -108,6 +108,7 @@ pub async fn run(
     };
     st.register()?;
     st.recover().await?;
+    let syncs = crate::sync_jobs::spawn(env.clone());
     api(env.clone(), catalog.clone(), progress, submit_tx)?;
 
     tokio::pin!(shutdown);
@@ -128,6 +129,8 @@ pub async fn run(
     }
 
     // Shutdown: nothing new starts; queued jobs stay queued in the catalog for the next start.
+    // A sync stopped mid-copy publishes nothing of that backup (docs/format.md).
+    syncs.iter().for_each(|s| s.abort());
     st.stopping = true;
     let running = st.queue.running();
     tracing::info!(running, mode = ?env.daemon.shutdown, "shutting down");

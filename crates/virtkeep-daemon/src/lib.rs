@@ -17,11 +17,13 @@ pub mod idle;
 pub mod policy;
 pub mod schedule;
 pub mod scope;
+pub mod sync_jobs;
 pub mod tls;
 
 pub use error::{ConfigError, DaemonError, Result};
 pub mod api;
 pub mod daemon;
 pub mod dispatch;
+pub mod files_api;
 pub mod metrics;
 pub mod task;

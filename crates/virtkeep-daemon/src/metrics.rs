@@ -108,6 +108,7 @@ pub fn render(catalog: &Catalog, named: &BTreeSet<(String, String)>) -> Result<S
     for (status, n) in catalog.status_counts()? {
         let _ = writeln!(out, "virtkeep_jobs{{status=\"{}\"}} {n}", label(&status));
     }
+    crate::sync_jobs::render_metrics(&mut out);
     Ok(out)
 }
 

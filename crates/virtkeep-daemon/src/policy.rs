@@ -193,6 +193,8 @@ pub struct DaemonConfig {
     pub history: HistoryLimits,
     pub api: Option<ApiConfig>,
     pub policies: BTreeMap<String, Policy>,
+    /// `[sync.NAME]` jobs (crate::sync_jobs).
+    pub syncs: Vec<crate::sync_jobs::SyncJob>,
 }
 
 impl DaemonConfig {
@@ -530,6 +532,7 @@ impl DaemonConfig {
             history,
             api,
             policies,
+            syncs: crate::sync_jobs::parse(file, text, engine)?,
         })
     }
 

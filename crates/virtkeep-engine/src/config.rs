@@ -36,6 +36,9 @@ pub struct Config {
     pub daemon: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub policies: BTreeMap<String, serde_json::Value>,
+    /// `[sync.NAME]` jobs of virtkeep-daemon, opaque here like `policies`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sync: BTreeMap<String, serde_json::Value>,
 }
 
 /// How to reach and use one hypervisor.

@@ -12,6 +12,8 @@
 //! | `held` | the guest is paused or frozen around several snapshot calls |
 //! | `backup-begun` | a backup-API job runs in QEMU (its NBD export is up), nothing read yet |
 //! | `restore-chunk-written` | a restore has sent a data chunk to a disk's temporary (NBD write or `rbd import-diff` stream; mid write, before any swap) |
+//! | `sync-chunk-sent` | a sync has uploaded a chunk of a backup to the destination (its manifest is not written yet) |
+//! | `sync-hold` | the same place, but [`hold`]: the sync waits for a line on stdin, then goes on (a GC runs meanwhile) |
 
 use std::sync::OnceLock;
 
@@ -43,5 +45,20 @@ pub async fn hit(name: &str) {
     if is_active(name) {
         eprintln!("virtkeep: failpoint {name} reached");
         std::future::pending::<()>().await;
+    }
+}
+
+/// Stops here until a line (or end of file) arrives on stdin, once per process, when
+/// `name` is switched on: for tests that act while a job is held at exactly this point
+/// and then let it finish.
+pub async fn hold(name: &str) {
+    static HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if is_active(name) && !HELD.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("virtkeep: failpoint {name} reached");
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)
+        })
+        .await;
     }
 }

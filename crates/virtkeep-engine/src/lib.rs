@@ -27,6 +27,7 @@ pub mod repo_key;
 pub mod restore;
 pub mod snapshot_ref;
 pub mod store;
+pub mod sync;
 pub mod vm;
 
 pub use error::{Error, ErrorKind, Result};

@@ -4,7 +4,9 @@
 //! Every read is bounded by the disk size and a fixed cap, the GPT entry array is at
 //! most [`MAX_GPT_ENTRY_BYTES`], the EBR chain at most [`MAX_LOGICAL`] links and a link
 //! seen twice ends it: a hostile table yields warnings, never a panic or a hang.
-//! Sectors are 512 bytes (what libvirt disks present to guests by default).
+//! MBR sectors are 512 bytes (what libvirt disks present to guests by default); a GPT
+//! is looked for with 512-byte sectors first, then with 4096-byte ones (disks with a
+//! 4K logical block size, e.g. `<blockio logical_block_size='4096'/>`).
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -12,6 +14,8 @@ use serde::Serialize;
 
 /// Logical sector size assumed for partition tables.
 pub const SECTOR: u64 = 512;
+/// The other logical sector size a GPT may use.
+const SECTOR_4K: u64 = 4096;
 /// Upper bound of a GPT partition entry array read.
 pub const MAX_GPT_ENTRY_BYTES: u64 = 1 << 20;
 /// Upper bound of logical partitions followed in an EBR chain.
@@ -298,24 +302,37 @@ fn ebr_chain<R: Read + Seek>(
     }
 }
 
+/// The GPT with 512-byte sectors, else with 4096-byte ones; the warnings of the
+/// 4096-byte attempt are only kept when neither size finds a header (a 512-byte disk
+/// has no header at byte 4096, which is no news).
 fn gpt<R: Read + Seek>(r: &mut R, size: u64, t: &mut PartitionTable) -> std::io::Result<()> {
-    let last_lba = (size / SECTOR).saturating_sub(1);
-    for (which, lba) in [("primary", 1), ("backup", last_lba)] {
-        match gpt_header(r, size, lba)? {
-            Ok(h) => {
-                if which == "backup" {
-                    t.warnings
-                        .push("primary GPT header invalid; used the backup".into());
+    let mut first = Vec::new();
+    for sector in [SECTOR, SECTOR_4K] {
+        let mut warnings = Vec::new();
+        let last_lba = (size / sector).saturating_sub(1);
+        for (which, lba) in [("primary", 1), ("backup", last_lba)] {
+            match gpt_header(r, size, sector, lba)? {
+                Ok(h) => {
+                    if which == "backup" {
+                        warnings.push("primary GPT header invalid; used the backup".into());
+                    }
+                    t.warnings.append(&mut warnings);
+                    return gpt_entries(r, size, &h, t);
                 }
-                return gpt_entries(r, size, &h, t);
+                Err(why) => warnings.push(format!("{which} GPT header: {why}")),
             }
-            Err(why) => t.warnings.push(format!("{which} GPT header: {why}")),
+        }
+        if first.is_empty() {
+            first = warnings;
         }
     }
+    t.warnings.append(&mut first);
     Ok(())
 }
 
 struct GptHeader {
+    /// Logical sector size the header was found with: every LBA is in these units.
+    sector: u64,
     disk_guid: String,
     entries_lba: u64,
     count: u64,
@@ -326,16 +343,17 @@ struct GptHeader {
 fn gpt_header<R: Read + Seek>(
     r: &mut R,
     size: u64,
+    sector: u64,
     lba: u64,
 ) -> std::io::Result<Result<GptHeader, String>> {
-    let Some(h) = read_at(r, size, lba * SECTOR, SECTOR)? else {
+    let Some(h) = read_at(r, size, lba * sector, sector)? else {
         return Ok(Err("outside the disk".into()));
     };
     if &h[..8] != GPT_SIG {
         return Ok(Err("no signature".into()));
     }
     let hsize = le32(&h, 12) as usize;
-    if !(92..=SECTOR as usize).contains(&hsize) {
+    if !(92..=sector as usize).contains(&hsize) {
         return Ok(Err(format!("header size {hsize}")));
     }
     let mut copy = h[..hsize].to_vec();
@@ -349,6 +367,7 @@ fn gpt_header<R: Read + Seek>(
         return Ok(Err(format!("{count} entries of {entry_size} bytes")));
     }
     Ok(Ok(GptHeader {
+        sector,
         disk_guid: guid(&h[56..72]),
         entries_lba: le64(&h, 72),
         count,
@@ -363,7 +382,7 @@ fn gpt_entries<R: Read + Seek>(
     h: &GptHeader,
     t: &mut PartitionTable,
 ) -> std::io::Result<()> {
-    let off = h.entries_lba.saturating_mul(SECTOR);
+    let off = h.entries_lba.saturating_mul(h.sector);
     let Some(arr) = read_at(r, size, off, h.count * h.entry_size)? else {
         t.warnings.push("GPT entry array outside the disk".into());
         return Ok(());
@@ -374,7 +393,7 @@ fn gpt_entries<R: Read + Seek>(
     }
     t.kind = TableKind::Gpt;
     t.disk_guid = Some(h.disk_guid.clone());
-    let sectors = size / SECTOR;
+    let sectors = size / h.sector;
     for (i, e) in arr.chunks_exact(h.entry_size as usize).enumerate() {
         if e[..16].iter().all(|b| *b == 0) {
             continue;
@@ -395,8 +414,8 @@ fn gpt_entries<R: Read + Seek>(
         let type_id = guid(&e[..16]);
         t.partitions.push(Partition {
             number,
-            start: first * SECTOR,
-            size: (last - first + 1) * SECTOR,
+            start: first * h.sector,
+            size: (last - first + 1) * h.sector,
             type_name: gpt_type_name(&type_id),
             type_id,
             name: Some(String::from_utf16_lossy(&units)).filter(|n| !n.is_empty()),
@@ -405,4 +424,92 @@ fn gpt_entries<R: Read + Seek>(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const S4: usize = 4096;
+
+    fn put(b: &mut [u8], at: usize, v: &[u8]) {
+        b[at..at + v.len()].copy_from_slice(v);
+    }
+
+    /// 8 MiB disk with 4096-byte sectors as sgdisk writes it on such a disk: header
+    /// at LBA 1 (byte 4096), entries at LBA 2, partition 1 at LBAs 256..=511.
+    fn gpt_4k() -> Vec<u8> {
+        let mut img = vec![0u8; 2048 * S4];
+        let e = 446;
+        img[e + 4] = 0xee;
+        put(&mut img, e + 8, &1u32.to_le_bytes());
+        put(&mut img, e + 12, &2047u32.to_le_bytes());
+        img[510] = 0x55;
+        img[511] = 0xAA;
+        let arr = 2 * S4;
+        put(
+            &mut img,
+            arr,
+            &[0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47],
+        );
+        put(
+            &mut img,
+            arr + 8,
+            &[0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4],
+        );
+        img[arr + 16] = 7;
+        put(&mut img, arr + 32, &256u64.to_le_bytes());
+        put(&mut img, arr + 40, &511u64.to_le_bytes());
+        let arr_crc = crc32fast::hash(&img[arr..arr + 128 * 128]);
+        let h = S4;
+        put(&mut img, h, b"EFI PART");
+        put(&mut img, h + 8, &0x0001_0000u32.to_le_bytes());
+        put(&mut img, h + 12, &92u32.to_le_bytes());
+        put(&mut img, h + 24, &1u64.to_le_bytes());
+        put(&mut img, h + 32, &2047u64.to_le_bytes());
+        put(&mut img, h + 40, &6u64.to_le_bytes());
+        put(&mut img, h + 48, &2041u64.to_le_bytes());
+        img[h + 56] = 0x42;
+        put(&mut img, h + 72, &2u64.to_le_bytes());
+        put(&mut img, h + 80, &128u32.to_le_bytes());
+        put(&mut img, h + 84, &128u32.to_le_bytes());
+        put(&mut img, h + 88, &arr_crc.to_le_bytes());
+        let crc = crc32fast::hash(&img[h..h + 92]);
+        put(&mut img, h + 16, &crc.to_le_bytes());
+        img
+    }
+
+    #[test]
+    fn gpt_with_4096_byte_sectors() {
+        let img = gpt_4k();
+        let t = read_table(&mut std::io::Cursor::new(&img), img.len() as u64).unwrap();
+        assert_eq!(t.kind, TableKind::Gpt, "{:?}", t.warnings);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
+        let p = &t.partitions[0];
+        assert_eq!(t.partitions.len(), 1);
+        assert_eq!((p.number, p.start, p.size), (1, 1 << 20, 1 << 20));
+        assert_eq!(p.type_name, Some("Linux filesystem"));
+    }
+
+    #[test]
+    fn gpt_4k_entries_past_the_disk_are_refused() {
+        let mut img = gpt_4k();
+        // Partition 1 now ends past the disk: in 4096-byte sectors, not 512-byte ones.
+        let arr = 2 * S4;
+        img[arr + 40..arr + 48].copy_from_slice(&2048u64.to_le_bytes());
+        let arr_crc = crc32fast::hash(&img[arr..arr + 128 * 128]);
+        img[S4 + 88..S4 + 92].copy_from_slice(&arr_crc.to_le_bytes());
+        img[S4 + 16..S4 + 20].fill(0);
+        let crc = crc32fast::hash(&img[S4..S4 + 92]);
+        img[S4 + 16..S4 + 20].copy_from_slice(&crc.to_le_bytes());
+        let t = read_table(&mut std::io::Cursor::new(&img), img.len() as u64).unwrap();
+        assert_eq!(t.kind, TableKind::Gpt);
+        assert!(t.partitions.is_empty(), "{:?}", t.partitions);
+        assert!(
+            t.warnings.iter().any(|w| w.contains("outside")),
+            "{:?}",
+            t.warnings
+        );
+    }
 }

@@ -60,6 +60,8 @@ pub struct ViewStats {
     pub hits: u64,
     /// Decoded bytes held now.
     pub cached_bytes: u64,
+    /// Fetches started by read-ahead (each chunk at most once while cached or in flight).
+    pub readaheads: u64,
 }
 
 type Fetch = Shared<BoxFuture<'static, std::result::Result<Option<Bytes>, Arc<RepoError>>>>;
@@ -217,19 +219,64 @@ impl DiskView {
         if !sequential || n == 0 || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let count = self.inner.reader.index().chunk_count();
+        let idx = self.inner.reader.index();
+        let count = idx.chunk_count();
         for i in (last + 1)..(last + 1 + n).min(count) {
-            if self.inner.reader.index().is_zero(i) {
+            if idx.is_zero(i) {
                 continue;
             }
-            if self.lock().entries.contains_key(&i) {
-                continue;
+            // A chunk already fetching needs no second task: readers of small pieces
+            // (a filesystem's 4 KiB blocks) come here many times per chunk.
+            {
+                let mut c = self.lock();
+                if c.entries.contains_key(&i) || c.inflight.contains_key(&i) {
+                    continue;
+                }
+                c.stats.readaheads += 1;
             }
             let f = self.fetch(i);
             tokio::spawn(async move {
                 let _ = f.await;
             });
         }
+    }
+
+    /// Fills `buf` from `offset` when every chunk it touches is cached or a hole, with
+    /// no future and no allocation (the common case of a reader of small pieces);
+    /// `false` when a chunk must be fetched (nothing was copied then).
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let (cs, idx) = (self.chunk_size(), self.inner.reader.index());
+        let Some(end) = offset.checked_add(buf.len() as u64) else {
+            return false;
+        };
+        if buf.is_empty() || end > self.size() {
+            return false;
+        }
+        let (first, last) = (offset / cs, (end - 1) / cs);
+        let mut guard = self.lock();
+        let c = &mut *guard;
+        if (first..=last).any(|i| !idx.is_zero(i) && !c.entries.contains_key(&i)) {
+            return false;
+        }
+        let mut at = 0usize;
+        for i in first..=last {
+            let cstart = i * cs;
+            let (from, to) = (offset.max(cstart), end.min(cstart + cs));
+            let (a, b) = ((from - cstart) as usize, (to - cstart) as usize);
+            let out = &mut buf[at..at + (b - a)];
+            c.tick += 1;
+            let tick = c.tick;
+            match c.entries.get_mut(&i) {
+                Some((bytes, t)) => {
+                    *t = tick;
+                    out.copy_from_slice(&bytes[a..b]);
+                    c.stats.hits += 1;
+                }
+                None => out.fill(0),
+            }
+            at += b - a;
+        }
+        true
     }
 
     /// A fetch of chunk `i`: the cached bytes, the one already in flight, or a new one.
@@ -329,6 +376,14 @@ impl Read for BlockingDiskView {
         let n = (buf.len() as u64).min(left).min(MAX_READ as u64) as usize;
         if n == 0 {
             return Ok(0);
+        }
+        let cs = self.view.chunk_size();
+        if self.view.read_cached(self.pos, &mut buf[..n]) {
+            let _rt = self.handle.enter();
+            self.view
+                .maybe_readahead(self.pos / cs, (self.pos + n as u64 - 1) / cs);
+            self.pos += n as u64;
+            return Ok(n);
         }
         let b = self
             .handle

@@ -21,6 +21,7 @@ mod progress;
 mod prune;
 mod reader;
 mod repo;
+mod sync;
 mod upgrade;
 mod verify;
 mod writer;
@@ -52,6 +53,7 @@ pub use repo::{
     DEFAULT_CHUNK_SIZE, FORMAT_VERSION, GcOptions, GcReport, InitOptions, LeaseTiming, Repository,
     SnapshotListing, UnreadableManifest,
 };
+pub use sync::{CopyObserver, CopyStats, DigestMap, QuietCopy};
 pub use upgrade::{UpgradeFailure, UpgradeReport};
 pub use verify::{ChunkProblem, VerifyOptions, VerifyReport, VerifySelection};
 pub use writer::{BackupWriter, DiskWriter, ExtentSink};

@@ -276,6 +276,46 @@ pub(crate) fn parse_chunk_key(key: &str) -> Option<Digest> {
 impl Repository {
     /// Create a new repository at `location` (fails if one exists).
     pub async fn init(location: Location, opts: InitOptions) -> Result<Repository> {
+        Self::init_inner(location, opts, None).await
+    }
+
+    /// [`Repository::init`] with the chunk-id key and the encryption key of `source`
+    /// (`repo init --copy-keys-from`): chunk digests and blobs agree, so a sync between
+    /// the two copies chunks as they are stored. Both must be encrypted or both not, with
+    /// the same chunk size; the new repository has its own password or key file.
+    pub async fn init_with_keys_of(
+        location: Location,
+        opts: InitOptions,
+        source: &Repository,
+    ) -> Result<Repository> {
+        if opts.encryption.is_some() != source.is_encrypted() {
+            return Err(RepoError::InvalidArgument(if source.is_encrypted() {
+                format!(
+                    "{} is encrypted: a repository sharing its keys must be encrypted too",
+                    source.location()
+                )
+            } else {
+                format!(
+                    "{} is not encrypted: a repository sharing its keys cannot be encrypted",
+                    source.location()
+                )
+            }));
+        }
+        if opts.chunk_size != source.chunk_size() {
+            return Err(RepoError::InvalidArgument(format!(
+                "{} has {} byte chunks: a repository sharing its keys must use the same size",
+                source.location(),
+                source.chunk_size()
+            )));
+        }
+        Self::init_inner(location, opts, Some(source)).await
+    }
+
+    async fn init_inner(
+        location: Location,
+        opts: InitOptions,
+        source: Option<&Repository>,
+    ) -> Result<Repository> {
         check_init_options(&opts)?;
         let backend = location.backend()?;
         if backend.head(CONFIG_KEY).await?.is_some() {
@@ -300,7 +340,10 @@ impl Repository {
         };
         let keys = match &opts.encryption {
             Some(src) => {
-                let master = crypto::random::<32>()?;
+                let master = match source.and_then(|r| r.inner.master) {
+                    Some(m) => m,
+                    None => crypto::random::<32>()?,
+                };
                 let src = src.clone();
                 let (kek, kdf) =
                     tokio::task::spawn_blocking(move || crypto::new_kek(&src)).await??;
@@ -312,7 +355,11 @@ impl Repository {
                 }
             }
             None => {
-                cfg.id_key = Some(hex::encode(crypto::random::<32>()?));
+                let id_key = match source {
+                    Some(r) => r.inner.codec.id_key,
+                    None => crypto::random::<32>()?,
+                };
+                cfg.id_key = Some(hex::encode(id_key));
                 match (&opts.auth_key_file, cfg.version) {
                     (_, 1) => Keys::default(),
                     (Some(path), _) => {

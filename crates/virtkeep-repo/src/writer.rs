@@ -48,6 +48,9 @@ struct Shared {
     open_disks: Mutex<HashSet<String>>,
     reuse_window: Duration,
     nvram: Mutex<Option<crate::nvram::ManifestNvram>>,
+    /// A sync writes indexes with overwrite: a killed sync of the same backup id may
+    /// have left them (unpublished) and the next one takes over.
+    overwrite_index: bool,
 }
 
 /// A running backup. Holds a lease that GC and forget respect until `finish`/`abort`.
@@ -88,6 +91,21 @@ impl Drop for BackupWriter {
 impl Repository {
     /// Start a backup: takes a lease `locks/backup-<uuid>`.
     pub async fn begin_backup(&self, meta: BackupMeta) -> Result<BackupWriter> {
+        self.begin_writer(meta, None).await
+    }
+
+    /// A writer publishing under a given backup id (a sync copies backups with their
+    /// ids, so a backup present in both repositories is the same backup).
+    pub(crate) async fn begin_copy(&self, meta: BackupMeta, id: &str) -> Result<BackupWriter> {
+        check_name("backup id", id)?;
+        self.begin_writer(meta, Some(id.to_string())).await
+    }
+
+    async fn begin_writer(
+        &self,
+        meta: BackupMeta,
+        copy_id: Option<String>,
+    ) -> Result<BackupWriter> {
         let time = meta.time.unwrap_or_else(OffsetDateTime::now_utc);
         let time = time.to_offset(time::UtcOffset::UTC);
         let time = time
@@ -97,10 +115,13 @@ impl Repository {
         let stamp = time
             .format(&fmt)
             .map_err(|e| RepoError::InvalidArgument(format!("time: {e}")))?;
-        let id = format!(
-            "{stamp}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
+        let overwrite_index = copy_id.is_some();
+        let id = copy_id.unwrap_or_else(|| {
+            format!(
+                "{stamp}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
+        });
         let lease_uuid = uuid::Uuid::new_v4().to_string();
         let key = format!("{LEASE_PREFIX}{lease_uuid}");
         let mut lf = LeaseFile {
@@ -153,6 +174,7 @@ impl Repository {
                 open_disks: Mutex::new(HashSet::new()),
                 reuse_window: self.min_grace(),
                 nvram: Mutex::new(None),
+                overwrite_index,
             }),
             meta,
             time,
@@ -271,6 +293,76 @@ impl BackupWriter {
     }
 
     async fn publish(&mut self, extra: serde_json::Value) -> Result<Manifest> {
+        let disks = self.before_publish().await?;
+        let mut totals = DiskStats::default();
+        for d in &disks {
+            totals.add(&d.stats);
+        }
+        let m = Manifest {
+            version: 1,
+            id: self.sh.id.clone(),
+            host: self.meta.host.clone(),
+            vm: self.meta.vm.clone(),
+            time: self.time,
+            mode: self.meta.mode,
+            reason: self.meta.reason.clone(),
+            parent: self.meta.parent.clone(),
+            protected: false,
+            domain_xml: self.meta.domain_xml.clone(),
+            disks,
+            stats: BackupStats {
+                totals,
+                duration_secs: self.started.elapsed().as_secs_f64(),
+            },
+            extra,
+            nvram: lock(&self.sh.nvram).clone(),
+        };
+        self.put_manifest(&m).await?;
+        Ok(m)
+    }
+
+    /// Publish a copy of `m` (a sync): the manifest as it was, once every disk it names
+    /// has been written here under the same index key.
+    pub(crate) async fn finish_copy(mut self, m: &Manifest) -> Result<()> {
+        let res = self.publish_copy(m).await;
+        let released = self.release_lease().await;
+        res?;
+        released
+    }
+
+    async fn publish_copy(&mut self, m: &Manifest) -> Result<()> {
+        let disks = self.before_publish().await?;
+        let mut written: Vec<&str> = disks.iter().map(|d| d.index.as_str()).collect();
+        written.sort_unstable();
+        let mut wanted: Vec<&str> = m.disks.iter().map(|d| d.index.as_str()).collect();
+        wanted.sort_unstable();
+        let nvram = lock(&self.sh.nvram).as_ref().map(|n| n.index.clone());
+        if m.id != self.sh.id
+            || written != wanted
+            || nvram != m.nvram.as_ref().map(|n| n.index.clone())
+        {
+            return Err(RepoError::WriterState(format!(
+                "copy of backup {} incomplete: wrote {written:?}, the manifest names {wanted:?}",
+                m.id
+            )));
+        }
+        let mut copy = m.clone();
+        copy.protected = false;
+        self.put_manifest(&copy).await
+    }
+
+    async fn put_manifest(&self, m: &Manifest) -> Result<()> {
+        let timing = self.sh.repo.timing();
+        let key = manifest_key(&m.id);
+        let body = serde_json::to_vec_pretty(m).map_err(|e| RepoError::json(&key, e))?;
+        if lock(&self.sh.lease.last_ok).elapsed() >= timing.stale_after {
+            return Err(RepoError::LeaseExpired(self.sh.lease.key.clone()));
+        }
+        self.sh.repo.put_meta(&key, body, true).await
+    }
+
+    /// The lease rules before a manifest is written; returns the written disks, sorted.
+    async fn before_publish(&mut self) -> Result<Vec<ManifestDisk>> {
         let repo = self.sh.repo.clone();
         let be = repo.backend().clone();
         if !lock(&self.sh.open_disks).is_empty() {
@@ -318,36 +410,7 @@ impl BackupWriter {
         }
         let mut disks = std::mem::take(&mut *lock(&self.sh.disks));
         disks.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-        let mut totals = DiskStats::default();
-        for d in &disks {
-            totals.add(&d.stats);
-        }
-        let m = Manifest {
-            version: 1,
-            id: self.sh.id.clone(),
-            host: self.meta.host.clone(),
-            vm: self.meta.vm.clone(),
-            time: self.time,
-            mode: self.meta.mode,
-            reason: self.meta.reason.clone(),
-            parent: self.meta.parent.clone(),
-            protected: false,
-            domain_xml: self.meta.domain_xml.clone(),
-            disks,
-            stats: BackupStats {
-                totals,
-                duration_secs: self.started.elapsed().as_secs_f64(),
-            },
-            extra,
-            nvram: lock(&self.sh.nvram).clone(),
-        };
-        let key = manifest_key(&m.id);
-        let body = serde_json::to_vec_pretty(&m).map_err(|e| RepoError::json(&key, e))?;
-        if lock(&self.sh.lease.last_ok).elapsed() >= timing.stale_after {
-            return Err(RepoError::LeaseExpired(self.sh.lease.key.clone()));
-        }
-        repo.put_meta(&key, body, true).await?;
-        Ok(m)
+        Ok(disks)
     }
 
     /// Abandon the backup: remove its index objects and its lease. Chunks already uploaded
@@ -466,6 +529,75 @@ impl DiskWriter {
         Ok(())
     }
 
+    /// A sync: records chunk `index` as `digest` without any upload when this backup
+    /// already has it or the repository holds a copy fresh enough to reuse (the rules
+    /// of `process_chunk`). `false`: the caller must supply it ([`DiskWriter::put_blob`]).
+    pub(crate) async fn reuse_chunk(&self, index: u64, digest: Digest) -> Result<bool> {
+        self.chunk_len(index)?;
+        let sh = &self.d.sh;
+        let reuse = lock(&sh.known).contains(&digest)
+            || sh
+                .repo
+                .backend()
+                .head(&chunk_key(&digest))
+                .await?
+                .is_some_and(|h| h.modified + sh.reuse_window >= sh.lease.start);
+        if reuse {
+            lock(&sh.known).insert(digest);
+            set_slot(&self.d, index, digest);
+            lock(&self.d.stats).chunks_reused += 1;
+        }
+        Ok(reuse)
+    }
+
+    /// A sync: stores chunk `index` from an encoded blob already checked against
+    /// `digest` (plaintext `len` bytes). Returns whether this call uploaded it.
+    pub(crate) async fn put_blob(
+        &self,
+        index: u64,
+        digest: Digest,
+        blob: Bytes,
+        len: u64,
+    ) -> Result<bool> {
+        if self.chunk_len(index)? != len {
+            return Err(RepoError::ChunkCorrupt {
+                digest: hex::encode(digest),
+                reason: format!(
+                    "{len} bytes where the index needs {}",
+                    self.chunk_len(index)?
+                ),
+            });
+        }
+        let sh = &self.d.sh;
+        let be = sh.repo.backend();
+        let key = chunk_key(&digest);
+        let stored = blob.len() as u64;
+        let created = match be.head(&key).await? {
+            Some(h) if h.modified + sh.reuse_window >= sh.lease.start => false,
+            Some(_) => {
+                // Old: rewritten, and rechecked at publish (a GC may have listed it).
+                be.put(&key, blob).await?;
+                lock(&sh.refreshed).push(digest);
+                true
+            }
+            None => be.put_if_absent(&key, blob).await? == crate::backend::PutOutcome::Created,
+        };
+        {
+            let mut s = lock(&self.d.stats);
+            s.bytes_read += len;
+            if created {
+                s.chunks_new += 1;
+                s.bytes_new += len;
+                s.bytes_stored += stored;
+            } else {
+                s.chunks_reused += 1;
+            }
+        }
+        lock(&sh.known).insert(digest);
+        set_slot(&self.d, index, digest);
+        Ok(created)
+    }
+
     /// Wait for all queued chunks, write the index object, return the statistics.
     pub async fn finish(&self) -> Result<DiskStats> {
         if self.d.finished.swap(true, Ordering::SeqCst) {
@@ -499,7 +631,8 @@ impl DiskWriter {
         };
         let key = index_key(&self.d.sh.id, &self.d.spec.name);
         let repo = self.d.sh.repo.clone();
-        repo.put_meta(&key, ix.encode(), true).await?;
+        repo.put_meta(&key, ix.encode(), !self.d.sh.overwrite_index)
+            .await?;
         let stats = {
             let mut s = lock(&self.d.stats);
             s.chunks_unchanged = unchanged;

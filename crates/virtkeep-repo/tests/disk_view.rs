@@ -173,3 +173,44 @@ fn missing_chunk_fails_only_its_reads() {
         assert_eq!(&b[..], &data[(4 * CS) as usize..(4 * CS) as usize + 10]);
     });
 }
+
+/// A filesystem reads 4 KiB blocks: through the blocking adapter every byte equals the
+/// source, each chunk is fetched once, read-ahead starts at most one fetch per chunk
+/// (not one per block while the chunk is in flight), and blocks of cached chunks are
+/// answered from the cache.
+#[test]
+fn small_blocking_reads_fetch_each_chunk_once() {
+    rt().block_on(async {
+        let f = fx(Kind::Fs);
+        let repo = new_repo(&f, None, std::time::Duration::ZERO).await;
+        let data = source();
+        let m = backup_full(&repo, "dv", &data).await;
+        let view = repo.disk_view(&m.id, "vda", opts(64, 4)).await.unwrap();
+        let h = tokio::runtime::Handle::current();
+        let v2 = view.clone();
+        let all = tokio::task::spawn_blocking(move || {
+            let mut r = v2.blocking(h);
+            let mut all = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = r.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                all.extend_from_slice(&buf[..n]);
+            }
+            all
+        })
+        .await
+        .unwrap();
+        assert!(all == data, "4 KiB reads differ from the source");
+        let s = view.stats();
+        let data_chunks = 41 - 8; // 40 whole chunks + the tail, 8 of them holes
+        assert_eq!(s.fetched, data_chunks, "{s:?}");
+        assert!(s.readaheads <= data_chunks, "{s:?}");
+        // Blocks of data chunks (the tail is one block); holes are not cache hits.
+        let data_blocks = (data_chunks - 1) * (CS / 4096) + 1;
+        assert!(s.hits >= data_blocks - data_chunks, "{s:?}");
+        f.cleanup().await;
+    });
+}

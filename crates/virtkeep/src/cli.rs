@@ -55,6 +55,8 @@ pub enum Command {
     Unprotect(SnapshotIdsArgs),
     /// Free chunks no backup references any more
     Gc(GcArgs),
+    /// Copy backups into another repository, sending only the chunks it lacks
+    Sync(SyncArgs),
     /// Repository size, deduplication ratio and backups per VM
     Stats(StatsArgs),
     /// Return VMs to their own files and remove what killed jobs left on a host
@@ -290,6 +292,35 @@ pub struct RepoInitArgs {
     pub chunk_size_mib: u64,
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
+    /// Share the chunk-id and encryption keys of this repository (a name from
+    /// [repositories] or a location), so `sync` copies chunks without re-encoding; the
+    /// chunk size is taken from it
+    #[arg(long, value_name = "REPO")]
+    pub copy_keys_from: Option<String>,
+    /// Key file of the --copy-keys-from repository, when the configuration has none
+    #[arg(long, value_name = "FILE", requires = "copy_keys_from")]
+    pub copy_keys_key_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// HOST or HOST/VM whose backups to copy [default: every backup]
+    pub selection: Vec<String>,
+    /// Source repository: a name from [repositories], or a location
+    #[arg(long, value_name = "REPO")]
+    pub from: String,
+    /// Destination repository: a name from [repositories], or a location
+    #[arg(long, value_name = "REPO")]
+    pub to: String,
+    /// Key file of the source, when the configuration has none for it
+    #[arg(long, value_name = "FILE")]
+    pub from_key_file: Option<PathBuf>,
+    /// Key file of the destination, when the configuration has none for it
+    #[arg(long, value_name = "FILE")]
+    pub to_key_file: Option<PathBuf>,
+    /// Only the newest N backups of each VM
+    #[arg(long, value_name = "N")]
+    pub latest: Option<usize>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -49,6 +49,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Protect(args) => crate::manage::protect(&settings, args, true, json).await,
         Command::Unprotect(args) => crate::manage::protect(&settings, args, false, json).await,
         Command::Gc(args) => gc(&settings, args, json).await,
+        Command::Sync(args) => crate::sync_cmd::sync(&settings, args, json).await,
         Command::Stats(args) => crate::stats::stats(&settings, args, json).await,
         Command::Cleanup(args) => cleanup(&settings, args, json).await,
         Command::Daemon => crate::daemon::daemon(&settings).await,

@@ -15,6 +15,7 @@ mod output;
 mod repo_cmds;
 mod settings;
 mod stats;
+mod sync_cmd;
 
 use std::process::ExitCode;
 

@@ -81,9 +81,34 @@ pub async fn init(
         ..virtkeep_repo::InitOptions::default()
     };
     let loc = settings.location(&location, settings.config.repository.as_ref())?;
-    let repo = virtkeep_repo::Repository::init(loc, opts)
-        .await
-        .map_err(|e| repo_error(e, &location))?;
+    let repo = match &args.copy_keys_from {
+        Some(spec) => {
+            let source =
+                crate::sync_cmd::open_named(settings, spec, args.copy_keys_key_file.as_deref())
+                    .await?;
+            if source.is_encrypted() != opts.encryption.is_some() {
+                let want = if source.is_encrypted() {
+                    "aes-256-gcm"
+                } else {
+                    "none"
+                };
+                return Err(EngineError::config(format!(
+                    "{spec} is {}encrypted, the new repository would {}be",
+                    if source.is_encrypted() { "" } else { "not " },
+                    if source.is_encrypted() { "not " } else { "" },
+                ))
+                .hint(format!("give --encryption {want} to share its keys"))
+                .into());
+            }
+            let opts = virtkeep_repo::InitOptions {
+                chunk_size: source.chunk_size(),
+                ..opts
+            };
+            virtkeep_repo::Repository::init_with_keys_of(loc, opts, &source).await
+        }
+        None => virtkeep_repo::Repository::init(loc, opts).await,
+    }
+    .map_err(|e| repo_error(e, &location))?;
     if settings.config.repository.is_none() {
         settings.config.repository = Some(RepositoryConfig {
             location: location.clone(),

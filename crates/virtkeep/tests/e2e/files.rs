@@ -14,7 +14,7 @@ use crate::harness::Node;
 
 const MIB: u64 = 1 << 20;
 
-fn sh(cmd: &mut Command) -> String {
+pub(crate) fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -27,7 +27,7 @@ fn sh(cmd: &mut Command) -> String {
 
 /// The tree `mkfs -d` puts into the ext filesystems: a unicode name, a symlink, a hard
 /// link, a sparse file, modes and mtimes of its own.
-fn make_content(root: &Path) {
+pub(crate) fn make_content(root: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let etc = root.join("etc");
     std::fs::create_dir_all(etc.join("sub")).expect("content dir");
@@ -87,7 +87,7 @@ fn put_fs(disk: &Path, offset_mib: u64, size_mib: u64, mkfs: &[&str]) {
 }
 
 /// `(number, start, size)` of each partition as parted sees it (bytes).
-fn parted_partitions(disk: &Path) -> Vec<(u64, u64, u64)> {
+pub(crate) fn parted_partitions(disk: &Path) -> Vec<(u64, u64, u64)> {
     let out = sh(Command::new("parted")
         .args(["-m", "-s"])
         .arg(disk)
@@ -108,7 +108,7 @@ fn parted_partitions(disk: &Path) -> Vec<(u64, u64, u64)> {
 
 /// vda: GPT (sgdisk) with ext4 "root", xfs "data", swap, a vfat ESP; vdb: MBR (parted) with an
 /// ext2 primary and an extended partition holding swap and ext4 logicals.
-fn fixture_vm() -> TestVm {
+pub(crate) fn fixture_vm() -> TestVm {
     let vm = TestVm::builder("files")
         .raw_disk(384 * MIB)
         .raw_disk(64 * MIB)
@@ -174,7 +174,7 @@ fn fixture_vm() -> TestVm {
     vm
 }
 
-fn partitions_of(disk: &Value) -> Vec<(u64, u64, u64)> {
+pub(crate) fn partitions_of(disk: &Value) -> Vec<(u64, u64, u64)> {
     disk["partitions"]
         .as_array()
         .expect("partitions")
@@ -186,7 +186,7 @@ fn partitions_of(disk: &Value) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
-fn fs_of(disk: &Value, number: u64) -> (String, String) {
+pub(crate) fn fs_of(disk: &Value, number: u64) -> (String, String) {
     let p = disk["partitions"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["number"] == number))
@@ -440,7 +440,7 @@ fn serve_nbd_is_byte_equal_and_read_only() {
 }
 
 /// What `files get` must keep of an entry: kind, mode, mtime, sha256 or symlink target.
-fn describe(p: &Path) -> String {
+pub(crate) fn describe(p: &Path) -> String {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(p).expect("metadata");
     if m.file_type().is_symlink() {
@@ -458,7 +458,7 @@ fn describe(p: &Path) -> String {
 
 /// Each entry under `root` (relative path → description), and the groups of paths that
 /// share an inode.
-fn tree(root: &Path) -> (std::collections::BTreeMap<String, String>, Vec<Vec<String>>) {
+pub(crate) fn tree(root: &Path) -> (std::collections::BTreeMap<String, String>, Vec<Vec<String>>) {
     use std::os::unix::fs::MetadataExt;
     let mut out = std::collections::BTreeMap::new();
     let mut inodes: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
@@ -899,7 +899,7 @@ fn mount_bg(node: &Node, id: &str, dir: &Path) -> (Child, Value) {
     (child, v)
 }
 
-fn mounted(dir: &Path) -> bool {
+pub(crate) fn mounted(dir: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let d = dir.display().to_string();
     mounts
@@ -907,7 +907,7 @@ fn mounted(dir: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(d.as_str()))
 }
 
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     let start = Instant::now();
     loop {
         if let Some(s) = child.try_wait().expect("wait") {

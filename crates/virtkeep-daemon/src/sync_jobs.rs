@@ -1,0 +1,338 @@
+//! `[sync.NAME]` jobs: copy backups from one configured repository into another on a
+//! schedule (`virtkeep sync`, run by the daemon), with a last-success metric.
+//!
+//! ```toml
+//! [sync.offsite]
+//! source = "default"            # [repository]; or a name from [repositories]
+//! destination = "offsite"       # a name from [repositories] (or "default")
+//! selection = ["hv1", "hv2/web"]  # HOST or HOST/VM; default: every backup
+//! latest = 3                    # per VM, only the newest N (default: all)
+//! every = "6h"                  # or cron = "0 3 * * *" (timezone = "…", default UTC)
+//! ```
+//!
+//! A sync runs in the daemon beside the backup jobs, not in their queue (it touches no
+//! host). Its results are kept in memory and logged: after a restart the metric reads 0
+//! until the job's next success. A daemon stopped mid-sync publishes nothing of the
+//! backup being copied; the next run continues without re-sending what arrived.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use chrono::Utc;
+use serde::Deserialize;
+use toml::Spanned;
+use virtkeep_engine::config::Config as EngineConfig;
+use virtkeep_engine::plan::ModeRequest;
+use virtkeep_engine::progress::LogProgress;
+use virtkeep_engine::sync::SyncOptions;
+
+use crate::error::ConfigError;
+use crate::schedule::{Schedule, parse_duration};
+use crate::task::{Env, open_repository};
+
+#[derive(Deserialize)]
+struct FileModel {
+    #[serde(default)]
+    sync: BTreeMap<String, Spanned<SyncModel>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncModel {
+    source: Spanned<String>,
+    destination: Spanned<String>,
+    #[serde(default)]
+    selection: Vec<String>,
+    latest: Option<usize>,
+    every: Option<Spanned<String>>,
+    cron: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+}
+
+/// One checked `[sync.NAME]`.
+#[derive(Debug, Clone)]
+pub struct SyncJob {
+    pub name: String,
+    /// `None`: the default `[repository]`.
+    pub source: Option<String>,
+    pub destination: Option<String>,
+    pub options: SyncOptions,
+    pub schedule: Schedule,
+}
+
+/// A repository name as the job names it: `default` is `[repository]`.
+fn repository(
+    file: &Path,
+    text: &str,
+    engine: &EngineConfig,
+    v: &Spanned<String>,
+) -> Result<Option<String>, ConfigError> {
+    let name = v.get_ref();
+    if name == "default" {
+        return Ok(None);
+    }
+    if engine.repositories.contains_key(name) {
+        return Ok(Some(name.clone()));
+    }
+    let known: Vec<&str> = engine.repositories.keys().map(String::as_str).collect();
+    Err(ConfigError::at(
+        file,
+        text,
+        v.span().start,
+        format!("no repository named {name:?}"),
+        format!("\"default\" or one of {known:?} ([repositories.NAME])"),
+    ))
+}
+
+fn schedule(file: &Path, text: &str, m: &SyncModel, at: usize) -> Result<Schedule, ConfigError> {
+    let err = |at: usize, msg: String, exp: &str| Err(ConfigError::at(file, text, at, msg, exp));
+    match (&m.cron, &m.every) {
+        (Some(cron), None) => {
+            let tz = match &m.timezone {
+                None => chrono_tz::Tz::UTC,
+                Some(t) => match t.get_ref().parse::<chrono_tz::Tz>() {
+                    Ok(tz) => tz,
+                    Err(_) => {
+                        return err(
+                            t.span().start,
+                            format!("unknown timezone {:?}", t.get_ref()),
+                            "an IANA name such as \"Europe/Berlin\"",
+                        );
+                    }
+                },
+            };
+            Schedule::cron(cron.get_ref(), tz, ModeRequest::Auto).or_else(|e| {
+                err(
+                    cron.span().start,
+                    format!("cron expression {:?}: {e}", cron.get_ref()),
+                    "5 fields, e.g. \"0 3 * * *\"",
+                )
+            })
+        }
+        (None, Some(every)) => match parse_duration(every.get_ref()) {
+            Some(d) if !d.is_zero() => Ok(Schedule::every(d, every.get_ref(), ModeRequest::Auto)),
+            _ => err(
+                every.span().start,
+                format!("every {:?} is not a duration", every.get_ref()),
+                "e.g. \"30m\", \"6h\", \"1d\"",
+            ),
+        },
+        _ => err(
+            at,
+            "a sync job needs exactly one of cron and every".into(),
+            "cron = \"0 3 * * *\" or every = \"6h\"",
+        ),
+    }
+}
+
+/// The `[sync.*]` tables of the configuration file's text.
+pub fn parse(file: &Path, text: &str, engine: &EngineConfig) -> Result<Vec<SyncJob>, ConfigError> {
+    let model: FileModel = toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|s| s.start).unwrap_or(0);
+        ConfigError::at(file, text, at, e.message().trim(), "")
+    })?;
+    let mut jobs = Vec::new();
+    for (name, m) in model.sync {
+        let at = m.span().start;
+        let m = m.into_inner();
+        let source = repository(file, text, engine, &m.source)?;
+        let destination = repository(file, text, engine, &m.destination)?;
+        if source == destination {
+            return Err(ConfigError::at(
+                file,
+                text,
+                m.destination.span().start,
+                format!("sync {name} copies a repository into itself"),
+                "another destination",
+            ));
+        }
+        jobs.push(SyncJob {
+            schedule: schedule(file, text, &m, at)?,
+            name,
+            source,
+            destination,
+            options: SyncOptions {
+                selection: m.selection,
+                latest: m.latest,
+            },
+        });
+    }
+    Ok(jobs)
+}
+
+/// Per job: Unix time of its last success, and failed runs since the daemon started.
+type Status = BTreeMap<String, (Option<i64>, u64)>;
+
+fn status() -> &'static Mutex<Status> {
+    static STATUS: OnceLock<Mutex<Status>> = OnceLock::new();
+    STATUS.get_or_init(Default::default)
+}
+
+fn record(name: &str, ok: bool) {
+    let mut s = status().lock().unwrap_or_else(|p| p.into_inner());
+    let e = s.entry(name.to_string()).or_default();
+    if ok {
+        e.0 = Some(Utc::now().timestamp());
+    } else {
+        e.1 += 1;
+    }
+}
+
+/// One run of a job.
+async fn run_once(env: &Env, job: &SyncJob) -> Result<(), virtkeep_engine::Error> {
+    let from = open_repository(env.repository_config(job.source.as_deref())?).await?;
+    let to = open_repository(env.repository_config(job.destination.as_deref())?).await?;
+    let r = virtkeep_engine::sync::sync(&from, &to, &job.options, &LogProgress).await?;
+    tracing::info!(
+        sync = %job.name,
+        manifests_copied = r.manifests_copied,
+        manifests_present = r.manifests_present,
+        chunks_sent = r.totals.chunks_sent,
+        chunks_skipped = r.totals.chunks_skipped,
+        bytes_sent = r.totals.bytes_sent,
+        "sync finished"
+    );
+    Ok(())
+}
+
+/// Starts one task per sync job; each runs at its schedule's times (an interval at
+/// once, a cron expression at its next time) until the daemon ends.
+pub fn spawn(env: Arc<Env>) -> Vec<tokio::task::JoinHandle<()>> {
+    env.daemon
+        .syncs
+        .iter()
+        .cloned()
+        .map(|job| {
+            status()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(job.name.clone())
+                .or_default();
+            let env = env.clone();
+            tokio::spawn(async move {
+                let mut next = job.schedule.first_run(Utc::now());
+                while let Some(at) = next {
+                    let wait = (at - Utc::now()).to_std().unwrap_or_default();
+                    tokio::time::sleep(wait).await;
+                    tracing::info!(sync = %job.name, "sync starting");
+                    let res = run_once(&env, &job).await;
+                    if let Err(e) = &res {
+                        tracing::error!(sync = %job.name, "sync failed: {e}");
+                    }
+                    record(&job.name, res.is_ok());
+                    next = job.schedule.next_after(Utc::now().max(at));
+                }
+            })
+        })
+        .collect()
+}
+
+/// The sync jobs' series in the Prometheus text format.
+pub fn render_metrics(out: &mut String) {
+    use std::fmt::Write;
+    let s = status().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if s.is_empty() {
+        return;
+    }
+    let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+    let _ = writeln!(
+        out,
+        "# HELP virtkeep_sync_last_success_timestamp_seconds Unix time of the sync job's last success since the daemon started, 0 when none."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE virtkeep_sync_last_success_timestamp_seconds gauge"
+    );
+    for (name, (ok, _)) in &s {
+        let _ = writeln!(
+            out,
+            "virtkeep_sync_last_success_timestamp_seconds{{sync=\"{}\"}} {}",
+            label(name),
+            ok.unwrap_or(0)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP virtkeep_sync_failures_total Failed runs of the sync job since the daemon started."
+    );
+    let _ = writeln!(out, "# TYPE virtkeep_sync_failures_total counter");
+    for (name, (_, failed)) in &s {
+        let _ = writeln!(
+            out,
+            "virtkeep_sync_failures_total{{sync=\"{}\"}} {failed}",
+            label(name)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> EngineConfig {
+        toml::from_str(
+            r#"
+[repository]
+location = "/srv/repo"
+[repositories.offsite]
+location = "s3://b/p"
+"#,
+        )
+        .expect("engine config")
+    }
+
+    fn parse_text(text: &str) -> Result<Vec<SyncJob>, ConfigError> {
+        parse(Path::new("/etc/virtkeep/config.toml"), text, &engine())
+    }
+
+    #[test]
+    fn parses_a_sync_job() {
+        let jobs = parse_text(
+            r#"
+[sync.offsite]
+source = "default"
+destination = "offsite"
+selection = ["hv1/web"]
+latest = 2
+every = "6h"
+"#,
+        )
+        .expect("parse");
+        assert_eq!(jobs.len(), 1);
+        let j = &jobs[0];
+        assert_eq!(
+            (j.source.as_deref(), j.destination.as_deref()),
+            (None, Some("offsite"))
+        );
+        assert_eq!(j.options.selection, ["hv1/web"]);
+        assert_eq!(j.options.latest, Some(2));
+        assert_eq!(parse_text("").expect("empty").len(), 0);
+    }
+
+    #[test]
+    fn refuses_unknown_repositories_missing_schedules_and_self_copies() {
+        let e = parse_text(
+            "[sync.a]\nsource = \"default\"\ndestination = \"nowhere\"\nevery = \"1h\"\n",
+        )
+        .expect_err("unknown");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(
+            e.message.contains("nowhere") && e.expected.contains("offsite"),
+            "{e}"
+        );
+        let e = parse_text("[sync.a]\nsource = \"default\"\ndestination = \"offsite\"\n")
+            .expect_err("no schedule");
+        assert!(e.message.contains("cron and every"), "{e}");
+        let e = parse_text(
+            "[sync.a]\nsource = \"offsite\"\ndestination = \"offsite\"\nevery = \"1h\"\n",
+        )
+        .expect_err("itself");
+        assert!(e.message.contains("into itself"), "{e}");
+        let e = parse_text(
+            "[sync.a]\nsource = \"default\"\ndestination = \"offsite\"\nevery = \"1h\"\nkeep = 3\n",
+        )
+        .expect_err("unknown field");
+        assert!(e.message.contains("keep"), "{e}");
+    }
+}
