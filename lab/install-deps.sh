@@ -15,6 +15,7 @@ PKGS=(
   iptables iproute2  # link-cut fault tests (e2e/failures.rs: iptables DROP, ss -K)
   ovmf  # UEFI test domains (e2e/uefi.rs)
   chromium chromium-driver  # real-browser tests of the daemon's web console (e2e/web.rs)
+  postgresql  # the shared catalog of a daemon cluster (lab/postgres.sh, e2e/cluster.rs)
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

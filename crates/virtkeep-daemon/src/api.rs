@@ -698,6 +698,15 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/api/nodes", tag = "nodes",
+    responses((status = 200, description = "The nodes sharing this daemon's catalog", body = [crate::catalog::NodeRecord])))]
+async fn list_nodes(State(s): State<Arc<ApiState>>) -> Response {
+    match s.catalog.nodes(now()) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
 struct TokenScheme;
 
 impl Modify for TokenScheme {
@@ -715,11 +724,12 @@ impl Modify for TokenScheme {
     info(title = "virtkeep", description = "Hosts, VMs, backups and jobs of a virtkeep daemon"),
     paths(list_hosts, list_vms, list_backups, list_jobs, get_job, submit_job, cancel_job,
           list_policies, metrics, crate::files_api::list_files,
-          crate::files_api::download_file),
+          crate::files_api::download_file, list_nodes),
     components(schemas(HostView, VmView, VmDiskView, BackupView, JobRecord, JobStatus, JobView,
                        JobProgress, SubmitJob, JobRequest, Submitted, Cancelled, ApiError, Scope,
                        PolicyView, ScheduleView, RunRecord,
-                       crate::files_api::FilesLayoutView, crate::files_api::FilesDirView)),
+                       crate::files_api::FilesLayoutView, crate::files_api::FilesDirView,
+                       crate::catalog::NodeRecord)),
     modifiers(&TokenScheme),
     security(("token" = []))
 )]
@@ -765,6 +775,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/api/policies", get(list_policies))
         .route("/metrics", get(metrics))
+        .route("/api/nodes", get(list_nodes))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/api/openapi.json", get(openapi))

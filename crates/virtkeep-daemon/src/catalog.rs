@@ -1,72 +1,24 @@
-//! The daemon's memory: job history, policy runs and each schedule's next run, in an
-//! embedded SQLite database (WAL) that survives restarts.
+//! The daemon's memory: job history, policy runs, each schedule's next run, the nodes
+//! of a cluster and the job queue they share.
 //!
-//! One daemon writes a catalog (it holds an exclusive `flock` on `<catalog>.lock`);
-//! `virtkeep jobs`, `virtkeep policy list` and the API read it concurrently, which WAL
-//! allows without blocking the writer. All access goes through one connection per
-//! process behind a mutex: statements are short, and SQLite serialises writers anyway.
+//! Two backends behind one [`Store`] trait: an embedded SQLite database (the default,
+//! one node: [`sqlite`]) and PostgreSQL (`[daemon] catalog = "postgres://…"`, several
+//! nodes sharing one queue: [`pg`]). Both have the same tables, created and upgraded by
+//! versioned migrations. The methods are synchronous: statements are short, and every
+//! caller (the daemon loop, the API handlers, the CLI) already treats them as such.
+
+pub mod pg;
+pub mod sqlite;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
-use crate::error::{DaemonError, Result};
+use crate::error::Result;
 
 /// Bumped on every schema change; a newer catalog is refused rather than misread.
-pub const SCHEMA_VERSION: i64 = 1;
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS schedule_state (
-    policy   TEXT NOT NULL,
-    schedule TEXT NOT NULL,
-    next_run INTEGER,
-    last_run INTEGER,
-    PRIMARY KEY (policy, schedule)
-);
-CREATE TABLE IF NOT EXISTS runs (
-    id       INTEGER PRIMARY KEY,
-    policy   TEXT NOT NULL,
-    mode     TEXT NOT NULL,
-    trigger  TEXT NOT NULL,
-    started  INTEGER NOT NULL,
-    finished INTEGER,
-    status   TEXT NOT NULL,
-    note     TEXT
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id          INTEGER PRIMARY KEY,
-    run_id      INTEGER REFERENCES runs(id),
-    kind        TEXT NOT NULL,
-    host        TEXT NOT NULL,
-    vm          TEXT NOT NULL,
-    policy      TEXT,
-    request     TEXT NOT NULL,
-    status      TEXT NOT NULL,
-    attempt     INTEGER NOT NULL DEFAULT 1,
-    retry_of    INTEGER REFERENCES jobs(id),
-    priority    INTEGER NOT NULL DEFAULT 0,
-    created     INTEGER NOT NULL,
-    not_before  INTEGER NOT NULL,
-    started     INTEGER,
-    finished    INTEGER,
-    error       TEXT,
-    snapshot    TEXT,
-    mode        TEXT,
-    bytes_read  INTEGER,
-    bytes_new   INTEGER,
-    duration    REAL,
-    pruned      INTEGER,
-    note        TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status);
-CREATE INDEX IF NOT EXISTS jobs_by_vm ON jobs(host, vm, finished);
-"#;
+/// 1: jobs, runs, schedule state. 2: nodes, the node and lease of each job.
+pub const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -90,7 +42,7 @@ impl JobStatus {
         }
     }
 
-    fn parse(s: &str) -> JobStatus {
+    pub(crate) fn parse(s: &str) -> JobStatus {
         match s {
             "queued" => JobStatus::Queued,
             "running" => JobStatus::Running,
@@ -133,6 +85,8 @@ pub struct JobRecord {
     /// Backups removed by the policy's retention after this one succeeded.
     pub pruned: Option<i64>,
     pub note: Option<String>,
+    /// The node that ran (or runs) the job; none while it is queued.
+    pub node: Option<String>,
     #[serde(skip)]
     pub request: String,
 }
@@ -203,443 +157,135 @@ pub struct VmStats {
     pub successes: i64,
 }
 
-pub struct Catalog {
-    path: PathBuf,
-    conn: Mutex<Connection>,
-    /// Held by the writing daemon for its lifetime.
-    _lock: Option<std::fs::File>,
+/// Where the catalog lives (`[daemon] catalog`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogLocation {
+    /// A SQLite file: one daemon writes it.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database shared by the nodes of a cluster.
+    Postgres(pg::PgLocation),
 }
 
-pub fn now() -> i64 {
-    chrono::Utc::now().timestamp()
+impl CatalogLocation {
+    /// For messages: the file, or the URL (which never holds a password).
+    pub fn display(&self) -> String {
+        match self {
+            CatalogLocation::Sqlite(p) => p.display().to_string(),
+            CatalogLocation::Postgres(l) => l.url.clone(),
+        }
+    }
 }
 
-pub fn rfc3339(t: i64) -> String {
-    chrono::DateTime::from_timestamp(t, 0)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
+/// What a node tells the cluster about itself.
+#[derive(Debug, Clone)]
+pub struct NodeRegistration<'a> {
+    pub name: &'a str,
+    /// Where its API listens, if it has one.
+    pub address: Option<&'a str>,
+    /// How many jobs it runs at once (`max_jobs`).
+    pub capacity: i64,
+    pub now: i64,
+    /// Seconds after its last heartbeat at which the node counts as dead.
+    pub lease_secs: i64,
 }
 
-fn lock_path(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".lock");
-    PathBuf::from(p)
+/// One node as the catalog has it (stable in `virtkeep nodes --json` and `GET /api/nodes`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct NodeRecord {
+    pub name: String,
+    pub address: Option<String>,
+    pub capacity: i64,
+    /// Jobs it runs now.
+    pub running: i64,
+    /// RFC 3339 times.
+    pub started: String,
+    pub heartbeat: String,
+    /// Its heartbeat is younger than its lease.
+    pub alive: bool,
+    /// It fires the schedules of the cluster.
+    pub leader: bool,
 }
 
-impl Catalog {
-    /// Opens (creating it if needed) the catalog for the daemon, which writes it: takes
-    /// the exclusive daemon lock, so a second daemon on the same catalog fails at once.
-    pub fn open_writer(path: &Path) -> Result<Catalog> {
-        if let Some(dir) = path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir).map_err(|source| DaemonError::Io {
-                what: "creating the catalog directory",
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
-        let lock = lock_path(path);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock)
-            .map_err(|source| DaemonError::Io {
-                what: "opening",
-                path: lock.clone(),
-                source,
-            })?;
-        // std's advisory lock (flock on Unix), released when the file closes with the catalog.
-        if file.try_lock().is_err() {
-            return Err(DaemonError::CatalogBusy {
-                path: path.to_path_buf(),
-                lock,
-            });
-        }
-        let conn = Connection::open(path).map_err(DaemonError::catalog(path, "opening"))?;
-        let cat = Catalog {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
-            _lock: Some(file),
-        };
-        cat.init()?;
-        Ok(cat)
-    }
+/// Chooses, among queued jobs due now (best first) and the jobs running anywhere in the
+/// cluster, the ids this node starts (`dispatch::choose` with the node's limits).
+pub type Chooser<'a> = &'a (dyn Fn(&[JobRecord], &[JobRecord]) -> Vec<i64> + Sync);
 
-    /// Opens an existing catalog to read (CLI commands); `None` when none exists yet.
-    pub fn open_reader(path: &Path) -> Result<Option<Catalog>> {
-        if !path.exists() {
-            return Ok(None);
-        }
-        // Read-write lets SQLite use the WAL index like the daemon does; a user who may
-        // only read the file (an operator looking at the daemon's history) still can.
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .or_else(|_| {
-            Connection::open_with_flags(
-                path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-        })
-        .map_err(DaemonError::catalog(path, "opening"))?;
-        let cat = Catalog {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
-            _lock: None,
-        };
-        cat.setup_connection()?;
-        // A daemon that is creating the catalog right now: nothing to read yet.
-        let initialised: bool = cat
-            .conn()
-            .query_row(
-                "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')
-                    AND EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs')",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(cat.err("reading the schema"))?;
-        if !initialised {
-            return Ok(None);
-        }
-        cat.check_version()?;
-        Ok(Some(cat))
-    }
+/// A node taking jobs from the shared queue.
+pub struct Claim<'a> {
+    pub node: &'a str,
+    pub now: i64,
+    /// The lease the claimed jobs get: another node takes them over after it.
+    pub lease_until: i64,
+    pub choose: Chooser<'a>,
+}
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
+/// The catalog's operations, the same on every backend.
+pub trait Store: Send + Sync {
+    /// For messages: the file or the URL.
+    fn describe(&self) -> String;
+    #[cfg(test)]
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// Whether several nodes share this catalog (claims and leases matter).
+    fn shared(&self) -> bool;
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves the connection usable: SQLite rolls
-        // back any open statement.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn err(&self, what: &'static str) -> impl FnOnce(rusqlite::Error) -> DaemonError {
-        DaemonError::catalog(&self.path, what)
-    }
-
-    fn setup_connection(&self) -> Result<()> {
-        let c = self.conn();
-        c.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(self.err("setting the busy timeout"))?;
-        c.pragma_update(None, "foreign_keys", "ON")
-            .map_err(self.err("enabling foreign keys"))?;
-        Ok(())
-    }
-
-    fn init(&self) -> Result<()> {
-        self.setup_connection()?;
-        {
-            let c = self.conn();
-            c.pragma_update(None, "journal_mode", "WAL")
-                .map_err(self.err("enabling WAL"))?;
-            c.pragma_update(None, "synchronous", "NORMAL")
-                .map_err(self.err("setting synchronous"))?;
-            // One transaction: a reader never sees the tables without the version.
-            c.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {SCHEMA}
-                 INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
-                 COMMIT;"
-            ))
-            .map_err(self.err("creating the schema"))?;
-        }
-        self.check_version()
-    }
-
-    fn check_version(&self) -> Result<()> {
-        let found: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.err("reading the schema version"))?;
-        let found = found.and_then(|v| v.parse().ok()).unwrap_or(0);
-        if found != SCHEMA_VERSION {
-            return Err(DaemonError::CatalogVersion {
-                path: self.path.clone(),
-                found,
-                known: SCHEMA_VERSION,
-            });
-        }
-        Ok(())
-    }
-
-    // ---- schedules ----------------------------------------------------------------
-
-    pub fn next_run(&self, policy: &str, schedule: &str) -> Result<Option<i64>> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT next_run FROM schedule_state WHERE policy = ?1 AND schedule = ?2",
-                params![policy, schedule],
-                |r| r.get::<_, Option<i64>>(0),
-            )
-            .optional()
-            .map_err(self.err("reading a schedule"))?
-            .flatten())
-    }
-
-    pub fn last_run(&self, policy: &str, schedule: &str) -> Result<Option<i64>> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT last_run FROM schedule_state WHERE policy = ?1 AND schedule = ?2",
-                params![policy, schedule],
-                |r| r.get::<_, Option<i64>>(0),
-            )
-            .optional()
-            .map_err(self.err("reading a schedule"))?
-            .flatten())
-    }
-
-    pub fn set_next_run(
+    fn next_run(&self, policy: &str, schedule: &str) -> Result<Option<i64>>;
+    fn last_run(&self, policy: &str, schedule: &str) -> Result<Option<i64>>;
+    fn set_next_run(
         &self,
         policy: &str,
         schedule: &str,
         next: Option<i64>,
         ran_at: Option<i64>,
-    ) -> Result<()> {
-        self.conn()
-            .execute(
-                "INSERT INTO schedule_state(policy, schedule, next_run, last_run) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(policy, schedule) DO UPDATE SET next_run = ?3,
-                    last_run = COALESCE(?4, last_run)",
-                params![policy, schedule, next, ran_at],
-            )
-            .map_err(self.err("writing a schedule"))?;
-        Ok(())
-    }
-
-    // ---- runs -------------------------------------------------------------------------
-
-    pub fn start_run(&self, policy: &str, mode: &str, trigger: &str) -> Result<i64> {
-        let c = self.conn();
-        c.execute(
-            "INSERT INTO runs(policy, mode, trigger, started, status) VALUES (?1, ?2, ?3, ?4, 'running')",
-            params![policy, mode, trigger, now()],
-        )
-        .map_err(self.err("recording a run"))?;
-        Ok(c.last_insert_rowid())
-    }
-
-    pub fn finish_run(&self, id: i64, status: &str, note: Option<&str>) -> Result<()> {
-        self.conn()
-            .execute(
-                "UPDATE runs SET finished = ?2, status = ?3, note = COALESCE(?4, note) WHERE id = ?1",
-                params![id, now(), status, note],
-            )
-            .map_err(self.err("finishing a run"))?;
-        Ok(())
-    }
-
-    pub fn finish_run_note(&self, id: i64, note: &str) -> Result<()> {
-        self.conn()
-            .execute("UPDATE runs SET note = ?2 WHERE id = ?1", params![id, note])
-            .map_err(self.err("annotating a run"))?;
-        Ok(())
-    }
-
-    pub fn runs(&self, policy: Option<&str>, limit: u32) -> Result<Vec<RunRecord>> {
-        let c = self.conn();
-        let mut st = c
-            .prepare(
-                "SELECT id, policy, mode, trigger, started, finished, status, note FROM runs
-                 WHERE (?1 IS NULL OR policy = ?1) ORDER BY id DESC LIMIT ?2",
-            )
-            .map_err(self.err("listing runs"))?;
-        let rows = st
-            .query_map(params![policy, limit], |r| {
-                Ok(RunRecord {
-                    id: r.get(0)?,
-                    policy: r.get(1)?,
-                    mode: r.get(2)?,
-                    trigger: r.get(3)?,
-                    started: rfc3339(r.get(4)?),
-                    finished: r.get::<_, Option<i64>>(5)?.map(rfc3339),
-                    status: r.get(6)?,
-                    note: r.get(7)?,
-                })
-            })
-            .map_err(self.err("listing runs"))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(self.err("listing runs"))
-    }
-
+    ) -> Result<()>;
+    fn start_run(&self, policy: &str, mode: &str, trigger: &str) -> Result<i64>;
+    fn finish_run(&self, id: i64, status: &str, note: Option<&str>) -> Result<()>;
+    fn finish_run_note(&self, id: i64, note: &str) -> Result<()>;
+    fn runs(&self, policy: Option<&str>, limit: u32) -> Result<Vec<RunRecord>>;
     /// Runs still marked running: their jobs decide when they end.
-    pub fn open_runs(&self) -> Result<Vec<(i64, String)>> {
-        let c = self.conn();
-        let mut st = c
-            .prepare("SELECT id, policy FROM runs WHERE status = 'running'")
-            .map_err(self.err("listing runs"))?;
-        let rows = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err("listing runs"))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(self.err("listing runs"))
-    }
+    fn open_runs(&self) -> Result<Vec<(i64, String)>>;
 
-    // ---- jobs ---------------------------------------------------------------------------
-
-    pub fn add_job(&self, j: &NewJob<'_>) -> Result<i64> {
-        let c = self.conn();
-        c.execute(
-            "INSERT INTO jobs(run_id, kind, host, vm, policy, request, status, attempt, retry_of,
-                              priority, created, not_before)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11)",
-            params![
-                j.run_id,
-                j.kind,
-                j.host,
-                j.vm,
-                j.policy,
-                j.request,
-                j.attempt,
-                j.retry_of,
-                j.priority,
-                now(),
-                j.not_before
-            ],
-        )
-        .map_err(self.err("recording a job"))?;
-        Ok(c.last_insert_rowid())
-    }
-
-    pub fn mark_running(&self, id: i64) -> Result<()> {
-        self.conn()
-            .execute(
-                "UPDATE jobs SET status = 'running', started = ?2 WHERE id = ?1",
-                params![id, now()],
-            )
-            .map_err(self.err("starting a job"))?;
-        Ok(())
-    }
-
-    pub fn finish_job(&self, id: i64, o: &JobOutcome) -> Result<()> {
-        let status = if o.cancelled {
-            JobStatus::Cancelled
-        } else if o.error.is_some() {
-            JobStatus::Failed
-        } else {
-            JobStatus::Succeeded
-        }
-        .as_str();
-        self.conn()
-            .execute(
-                "UPDATE jobs SET status = ?2, finished = ?3, error = ?4, snapshot = ?5, mode = ?6,
-                    bytes_read = ?7, bytes_new = ?8, duration = ?9, pruned = ?10, note = ?11
-                 WHERE id = ?1",
-                params![
-                    id,
-                    status,
-                    now(),
-                    o.error,
-                    o.snapshot,
-                    o.mode,
-                    o.bytes_read,
-                    o.bytes_new,
-                    o.duration,
-                    o.pruned,
-                    o.note
-                ],
-            )
-            .map_err(self.err("finishing a job"))?;
-        Ok(())
-    }
-
-    pub fn job(&self, id: i64) -> Result<JobRecord> {
-        let mut list = self.query_jobs("WHERE id = ?1", params![id])?;
-        list.pop().ok_or(DaemonError::NoSuchJob(id))
-    }
-
-    pub fn jobs(&self, f: &JobFilter) -> Result<Vec<JobRecord>> {
-        self.query_jobs(
-            "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR host = ?2)
-               AND (?3 IS NULL OR vm = ?3) AND (?4 IS NULL OR run_id = ?4)
-             ORDER BY id DESC LIMIT ?5",
-            params![
-                f.status.map(JobStatus::as_str),
-                f.host,
-                f.vm,
-                f.run_id,
-                f.limit.unwrap_or(u32::MAX)
-            ],
-        )
-    }
-
-    fn query_jobs(&self, tail: &str, p: impl rusqlite::Params) -> Result<Vec<JobRecord>> {
-        let sql = format!(
-            "SELECT id, run_id, kind, host, vm, policy, status, attempt, retry_of, priority,
-                    created, not_before, started, finished, error, snapshot, mode, bytes_read,
-                    bytes_new, duration, pruned, note, request
-             FROM jobs {tail}"
-        );
-        let c = self.conn();
-        let mut st = c.prepare(&sql).map_err(self.err("listing jobs"))?;
-        let rows = st
-            .query_map(p, |r| {
-                Ok(JobRecord {
-                    id: r.get(0)?,
-                    run_id: r.get(1)?,
-                    kind: r.get(2)?,
-                    host: r.get(3)?,
-                    vm: r.get(4)?,
-                    policy: r.get(5)?,
-                    status: JobStatus::parse(&r.get::<_, String>(6)?),
-                    attempt: r.get(7)?,
-                    retry_of: r.get(8)?,
-                    priority: r.get(9)?,
-                    created: rfc3339(r.get(10)?),
-                    not_before: rfc3339(r.get(11)?),
-                    started: r.get::<_, Option<i64>>(12)?.map(rfc3339),
-                    finished: r.get::<_, Option<i64>>(13)?.map(rfc3339),
-                    error: r.get(14)?,
-                    snapshot: r.get(15)?,
-                    mode: r.get(16)?,
-                    bytes_read: r.get(17)?,
-                    bytes_new: r.get(18)?,
-                    duration_secs: r.get(19)?,
-                    pruned: r.get(20)?,
-                    note: r.get(21)?,
-                    request: r.get(22)?,
-                })
-            })
-            .map_err(self.err("listing jobs"))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(self.err("listing jobs"))
-    }
-
+    fn add_job(&self, j: &NewJob<'_>) -> Result<i64>;
+    /// Records that `node` runs job `id` now, with a lease until `lease_until`.
+    fn mark_running(&self, id: i64, node: &str, lease_until: i64) -> Result<()>;
+    fn finish_job(&self, id: i64, o: &JobOutcome) -> Result<()>;
+    fn job(&self, id: i64) -> Result<JobRecord>;
+    fn jobs(&self, f: &JobFilter) -> Result<Vec<JobRecord>>;
     /// Whether `policy` already has a queued or running job for this VM.
-    pub fn has_open_job(&self, host: &str, vm: &str, policy: &str) -> Result<bool> {
-        self.conn()
-            .query_row(
-                "SELECT EXISTS(SELECT 1 FROM jobs WHERE host = ?1 AND vm = ?2 AND policy = ?3
-                                AND status IN ('queued', 'running'))",
-                params![host, vm, policy],
-                |r| r.get(0),
-            )
-            .map_err(self.err("reading jobs"))
-    }
-
+    fn has_open_job(&self, host: &str, vm: &str, policy: &str) -> Result<bool>;
     /// Raw `not_before` of a queued job (unix seconds), for the dispatcher.
-    pub fn not_before(&self, id: i64) -> Result<i64> {
-        self.conn()
-            .query_row(
-                "SELECT not_before FROM jobs WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
-            .map_err(self.err("reading a job"))
-    }
+    fn not_before(&self, id: i64) -> Result<i64>;
+    /// Counts of a run's jobs: (total tries that are final, failed among them,
+    /// queued or running).
+    fn run_counts(&self, run_id: i64) -> Result<(i64, i64, i64)>;
+    /// Finished jobs, for the history retention (`history::expired`).
+    fn finished_jobs(&self) -> Result<Vec<crate::history::FinishedJob>>;
+    /// Deletes finished jobs (never queued or running ones), in one transaction: a
+    /// retry that pointed at a deleted try no longer does, and finished runs left
+    /// without jobs go too. Returns the number of jobs deleted.
+    fn forget_jobs(&self, ids: &[i64]) -> Result<usize>;
+    /// Per-VM figures for `/metrics`.
+    fn vm_stats(&self) -> Result<Vec<VmStats>>;
+    /// Number of jobs per status.
+    fn status_counts(&self) -> Result<Vec<(String, i64)>>;
 
-    /// At start-up: jobs a dead daemon left `running` become failed; returns them.
-    pub fn fail_orphans(&self, why: &str) -> Result<Vec<JobRecord>> {
+    /// Registers (or re-registers after a restart) a node.
+    fn register_node(&self, n: &NodeRegistration<'_>) -> Result<()>;
+    /// The node is alive: its heartbeat and the leases of the jobs it runs move to
+    /// `lease_until`; `leader` records whether it leads now.
+    fn heartbeat(&self, node: &str, now: i64, lease_until: i64, leader: bool) -> Result<()>;
+    fn nodes(&self, now: i64) -> Result<Vec<NodeRecord>>;
+    /// Takes the jobs the chooser picks from the shared queue, atomically across nodes
+    /// (`FOR UPDATE SKIP LOCKED` under one claim lock); they are `running` on this node.
+    fn claim(&self, c: &Claim<'_>) -> Result<Vec<JobRecord>>;
+    /// Running jobs whose lease expired (their node died), or whose node is `own` (this
+    /// node, restarted), become failed with `why`; returns them, each to one caller only.
+    fn take_orphans(&self, own: Option<&str>, now: i64, why: &str) -> Result<Vec<JobRecord>>;
+    /// Whether this process leads the cluster (fires the schedules): takes the lead
+    /// when nobody holds it; keeps it while this process lives.
+    fn try_lead(&self) -> Result<bool>;
+
+    /// At start-up of a single node: every job left `running` is an orphan.
+    fn fail_orphans(&self, why: &str) -> Result<Vec<JobRecord>> {
         let orphans = self.jobs(&JobFilter {
             status: Some(JobStatus::Running),
             ..Default::default()
@@ -658,90 +304,8 @@ impl Catalog {
         Ok(failed)
     }
 
-    /// Counts of a run's jobs: (total tries that are final, failed among them,
-    /// queued or running).
-    pub fn run_counts(&self, run_id: i64) -> Result<(i64, i64, i64)> {
-        // A job that was retried is not final: its retry (retry_of = it) decides.
-        self.conn()
-            .query_row(
-                "SELECT
-                   COUNT(*) FILTER (WHERE status IN ('succeeded','failed','cancelled')
-                                    AND id NOT IN (SELECT retry_of FROM jobs WHERE retry_of IS NOT NULL)),
-                   COUNT(*) FILTER (WHERE status IN ('failed','cancelled')
-                                    AND id NOT IN (SELECT retry_of FROM jobs WHERE retry_of IS NOT NULL)),
-                   COUNT(*) FILTER (WHERE status IN ('queued','running'))
-                 FROM jobs WHERE run_id = ?1",
-                params![run_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .map_err(self.err("counting a run's jobs"))
-    }
-
-    /// Finished jobs, for the history retention (`history::expired`).
-    pub fn finished_jobs(&self) -> Result<Vec<crate::history::FinishedJob>> {
-        let c = self.conn();
-        let mut st = c
-            .prepare(
-                "SELECT id, host, vm, kind = 'backup' AND status = 'succeeded', finished FROM jobs
-                 WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished IS NOT NULL",
-            )
-            .map_err(self.err("listing finished jobs"))?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(crate::history::FinishedJob {
-                    id: r.get(0)?,
-                    host: r.get(1)?,
-                    vm: r.get(2)?,
-                    backup_success: r.get(3)?,
-                    finished: r.get(4)?,
-                })
-            })
-            .map_err(self.err("listing finished jobs"))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(self.err("listing finished jobs"))
-    }
-
-    /// Deletes finished jobs (never queued or running ones), in one transaction: a
-    /// retry that pointed at a deleted try no longer does, and finished runs left
-    /// without jobs go too. Returns the number of jobs deleted.
-    pub fn forget_jobs(&self, ids: &[i64]) -> Result<usize> {
-        let mut c = self.conn();
-        let tx = c.transaction().map_err(self.err("forgetting jobs"))?;
-        let mut deleted = 0;
-        let mut runs = std::collections::BTreeSet::new();
-        for id in ids {
-            let run: Option<Option<i64>> = tx
-                .query_row(
-                    "SELECT run_id FROM jobs WHERE id = ?1 AND status IN ('succeeded','failed','cancelled')",
-                    params![id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(self.err("forgetting jobs"))?;
-            let Some(run) = run else { continue };
-            runs.extend(run);
-            tx.execute(
-                "UPDATE jobs SET retry_of = NULL WHERE retry_of = ?1",
-                params![id],
-            )
-            .and_then(|_| tx.execute("DELETE FROM jobs WHERE id = ?1", params![id]))
-            .map_err(self.err("forgetting jobs"))?;
-            deleted += 1;
-        }
-        for run in runs {
-            tx.execute(
-                "DELETE FROM runs WHERE id = ?1 AND status != 'running'
-                   AND NOT EXISTS (SELECT 1 FROM jobs WHERE run_id = ?1)",
-                params![run],
-            )
-            .map_err(self.err("forgetting runs"))?;
-        }
-        tx.commit().map_err(self.err("forgetting jobs"))?;
-        Ok(deleted)
-    }
-
     /// Applies the history limits at `now`; returns the number of jobs removed.
-    pub fn apply_history_limits(
+    fn apply_history_limits(
         &self,
         limits: crate::history::HistoryLimits,
         now: i64,
@@ -752,220 +316,67 @@ impl Catalog {
         }
         self.forget_jobs(&ids)
     }
+}
 
-    /// Per-VM figures for `/metrics`.
-    pub fn vm_stats(&self) -> Result<Vec<VmStats>> {
-        let c = self.conn();
-        let mut st = c
-            .prepare(
-                "SELECT host, vm,
-                    MAX(finished) FILTER (WHERE status = 'succeeded'),
-                    COUNT(*) FILTER (WHERE status = 'failed'),
-                    COUNT(*) FILTER (WHERE status = 'succeeded')
-                 FROM jobs WHERE kind = 'backup' GROUP BY host, vm ORDER BY host, vm",
-            )
-            .map_err(self.err("reading metrics"))?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(VmStats {
-                    host: r.get(0)?,
-                    vm: r.get(1)?,
-                    last_success: r.get(2)?,
-                    failures: r.get(3)?,
-                    successes: r.get(4)?,
-                    last_bytes_read: None,
-                    last_bytes_new: None,
-                    last_duration: None,
-                })
-            })
-            .map_err(self.err("reading metrics"))?;
-        let mut list: Vec<VmStats> = rows
-            .collect::<std::result::Result<_, _>>()
-            .map_err(self.err("reading metrics"))?;
-        let mut last = c
-            .prepare(
-                "SELECT bytes_read, bytes_new, duration FROM jobs
-                 WHERE kind = 'backup' AND status = 'succeeded' AND host = ?1 AND vm = ?2
-                 ORDER BY finished DESC, id DESC LIMIT 1",
-            )
-            .map_err(self.err("reading metrics"))?;
-        for s in &mut list {
-            if let Some((r, n, d)) = last
-                .query_row(params![s.host, s.vm], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()
-                .map_err(self.err("reading metrics"))?
-            {
-                s.last_bytes_read = r;
-                s.last_bytes_new = n;
-                s.last_duration = d;
-            }
-        }
-        Ok(list)
-    }
+/// An open catalog; its operations are those of [`Store`].
+pub struct Catalog {
+    store: Box<dyn Store>,
+}
 
-    /// Number of jobs per status.
-    pub fn status_counts(&self) -> Result<Vec<(String, i64)>> {
-        let c = self.conn();
-        let mut st = c
-            .prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status")
-            .map_err(self.err("reading metrics"))?;
-        let rows = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err("reading metrics"))?;
-        rows.collect::<std::result::Result<_, _>>()
-            .map_err(self.err("reading metrics"))
+impl std::ops::Deref for Catalog {
+    type Target = dyn Store;
+    fn deref(&self) -> &Self::Target {
+        self.store.as_ref()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Catalog {
+    #[cfg(test)]
+    pub(crate) fn as_pg(&self) -> &pg::PgStore {
+        let any: &dyn std::any::Any = self.store.as_any();
+        any.downcast_ref().expect("a PostgreSQL catalog")
+    }
 
-    fn job<'a>(run: Option<i64>, vm: &'a str) -> NewJob<'a> {
-        NewJob {
-            run_id: run,
-            kind: "backup",
-            host: "kvm1",
-            vm,
-            policy: Some("p"),
-            request: "{}",
-            attempt: 1,
-            retry_of: None,
-            priority: 0,
-            not_before: 0,
+    /// Opens (creating it if needed) a SQLite catalog for the daemon, which writes it:
+    /// takes the exclusive daemon lock, so a second daemon on the same file fails at once.
+    pub fn open_writer(path: &Path) -> Result<Catalog> {
+        Ok(Catalog {
+            store: Box::new(sqlite::SqliteStore::open_writer(path)?),
+        })
+    }
+
+    /// Opens an existing SQLite catalog to read (CLI commands); `None` when none exists yet.
+    pub fn open_reader(path: &Path) -> Result<Option<Catalog>> {
+        Ok(sqlite::SqliteStore::open_reader(path)?.map(|s| Catalog { store: Box::new(s) }))
+    }
+
+    /// Opens the catalog at `loc` for a daemon (creating or upgrading its tables).
+    pub fn open(loc: &CatalogLocation) -> Result<Catalog> {
+        match loc {
+            CatalogLocation::Sqlite(p) => Catalog::open_writer(p),
+            CatalogLocation::Postgres(l) => Ok(Catalog {
+                store: Box::new(pg::PgStore::open(l)?),
+            }),
         }
     }
 
-    #[test]
-    fn state_survives_reopening_and_orphans_fail() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("c.sqlite");
-        let (run, id) = {
-            let c = Catalog::open_writer(&path).expect("open");
-            // A second daemon on the same catalog is refused.
-            assert!(matches!(
-                Catalog::open_writer(&path),
-                Err(DaemonError::CatalogBusy { .. })
-            ));
-            c.set_next_run("p", "every 5s auto", Some(100), None)
-                .expect("set");
-            let run = c.start_run("p", "auto", "schedule").expect("run");
-            let id = c.add_job(&job(Some(run), "a")).expect("job");
-            c.add_job(&job(Some(run), "b")).expect("job");
-            c.mark_running(id).expect("running");
-            (run, id)
-        };
-        let c = Catalog::open_writer(&path).expect("reopen");
-        assert_eq!(c.next_run("p", "every 5s auto").expect("n"), Some(100));
-        let orphans = c.fail_orphans("daemon died").expect("orphans");
-        assert_eq!(orphans.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id]);
-        assert_eq!(orphans[0].status, JobStatus::Failed);
-        let j = c.job(id).expect("job");
-        assert_eq!(j.status, JobStatus::Failed);
-        assert_eq!(j.error.as_deref(), Some("daemon died"));
-        assert_eq!(c.run_counts(run).expect("counts"), (1, 1, 1));
-        // A retry replaces the failed try in the run's counts.
-        let mut retry = job(Some(run), "a");
-        retry.attempt = 2;
-        retry.retry_of = Some(id);
-        let r = c.add_job(&retry).expect("retry");
-        c.finish_job(r, &JobOutcome::default()).expect("finish");
-        assert_eq!(c.run_counts(run).expect("counts"), (1, 0, 1));
-        let reader = Catalog::open_reader(&path)
-            .expect("reader")
-            .expect("exists");
-        assert_eq!(reader.jobs(&JobFilter::default()).expect("jobs").len(), 3);
-        assert!(
-            Catalog::open_reader(&dir.path().join("none"))
-                .expect("ok")
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn history_limits_remove_old_finished_jobs_and_their_empty_runs() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
-        let run = c.start_run("p", "auto", "schedule").expect("run");
-        let first = c.add_job(&job(Some(run), "a")).expect("job");
-        c.finish_job(
-            first,
-            &JobOutcome {
-                error: Some("boom".into()),
-                ..Default::default()
-            },
-        )
-        .expect("finish");
-        let mut retry = job(Some(run), "a");
-        retry.attempt = 2;
-        retry.retry_of = Some(first);
-        let second = c.add_job(&retry).expect("retry");
-        c.finish_job(second, &JobOutcome::default())
-            .expect("finish");
-        c.finish_run(run, "succeeded", None).expect("run done");
-        let queued = c.add_job(&job(None, "b")).expect("queued");
-        let cancelled = c.add_job(&job(None, "b")).expect("job");
-        c.finish_job(
-            cancelled,
-            &JobOutcome {
-                cancelled: true,
-                error: Some("x".into()),
-                ..Default::default()
-            },
-        )
-        .expect("cancel");
-        assert_eq!(c.job(cancelled).expect("job").status, JobStatus::Cancelled);
-        // Everything finished is "old" a year later; a's success stays as its last one.
-        let limits = crate::history::HistoryLimits {
-            max_age: std::time::Duration::from_secs(86400),
-            max_jobs: 1000,
-        };
-        let removed = c
-            .apply_history_limits(limits, now() + 365 * 86400)
-            .expect("apply");
-        assert_eq!(removed, 2);
-        let left: Vec<i64> = c
-            .jobs(&JobFilter::default())
-            .expect("jobs")
-            .iter()
-            .map(|j| j.id)
-            .collect();
-        assert_eq!(left, vec![queued, second]);
-        // The retry no longer points at the deleted try; the run still has a job.
-        assert_eq!(c.job(second).expect("job").retry_of, None);
-        assert_eq!(c.runs(None, 10).expect("runs").len(), 1);
-        // Queued and running jobs are never removed, whatever is asked.
-        assert_eq!(c.forget_jobs(&[queued, second]).expect("forget"), 1);
-        assert_eq!(
-            c.runs(None, 10).expect("runs").len(),
-            0,
-            "an empty finished run goes"
-        );
-        assert_eq!(c.job(queued).expect("job").status, JobStatus::Queued);
-    }
-
-    #[test]
-    fn vm_stats_take_the_last_success() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
-        for (bytes, err) in [(10, None), (20, None), (0, Some("boom".to_string()))] {
-            let id = c.add_job(&job(None, "a")).expect("job");
-            c.finish_job(
-                id,
-                &JobOutcome {
-                    error: err,
-                    bytes_new: Some(bytes),
-                    ..Default::default()
-                },
-            )
-            .expect("finish");
+    /// Opens the catalog at `loc` to read; `None` when a SQLite file does not exist yet.
+    pub fn open_reader_at(loc: &CatalogLocation) -> Result<Option<Catalog>> {
+        match loc {
+            CatalogLocation::Sqlite(p) => Catalog::open_reader(p),
+            CatalogLocation::Postgres(l) => Ok(Some(Catalog {
+                store: Box::new(pg::PgStore::open(l)?),
+            })),
         }
-        let s = c.vm_stats().expect("stats");
-        assert_eq!(s.len(), 1);
-        assert_eq!((s[0].successes, s[0].failures), (2, 1));
-        assert_eq!(s[0].last_bytes_new, Some(20));
-        assert!(s[0].last_success.is_some());
     }
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub fn rfc3339(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
 }

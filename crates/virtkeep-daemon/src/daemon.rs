@@ -10,8 +10,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::catalog::{Catalog, JobOutcome, JobRecord, JobStatus, NewJob, now};
-use crate::dispatch::{Pending, Queue};
+use crate::catalog::{
+    Catalog, Claim, JobFilter, JobOutcome, JobRecord, JobStatus, NewJob, NodeRegistration, now,
+};
+use crate::dispatch::{Pending, Queue, Running};
 use crate::error::Result;
 use crate::policy::{MissedRuns, Policy, ShutdownMode};
 use crate::task::{self, Env, JobRequest, ProgressMap};
@@ -46,6 +48,9 @@ pub type Submissions = mpsc::UnboundedSender<Control>;
 /// The error recorded for a cancelled job.
 pub const CANCELLED: &str = "cancelled through the API";
 
+/// The error of a job whose node stopped renewing its lease (taken over by another node).
+pub const DEAD_NODE_ERROR: &str = "the node running this job stopped renewing its lease (killed, crashed or cut off); another node healed the VM and retried the job";
+
 /// The error of a job whose daemon died under it (found at the next start).
 pub const ORPHAN_ERROR: &str = "the daemon stopped while this job ran (killed or crashed); the VM was healed and the job retried";
 
@@ -64,6 +69,12 @@ struct State {
     next: BTreeMap<(String, String), DateTime<Utc>>,
     /// Retries are not queued while the daemon shuts down; they wait in the catalog.
     stopping: bool,
+    /// The catalog is shared with other nodes: jobs are claimed from it, not queued here.
+    cluster: bool,
+    /// This node fires the schedules (always, alone on a SQLite catalog).
+    leading: bool,
+    /// When the heartbeat (lease renewal, lead, takeover of dead nodes' jobs) is due.
+    next_beat: tokio::time::Instant,
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops as configured.
@@ -74,8 +85,8 @@ pub async fn run(
     api: impl FnOnce(Arc<Env>, Arc<Catalog>, ProgressMap, Submissions) -> Result<()>,
 ) -> Result<()> {
     let env = Arc::new(env);
-    let catalog = Arc::new(Catalog::open_writer(&env.daemon.catalog)?);
-    tracing::info!(catalog = %catalog.path().display(), policies = env.daemon.policies.len(), "daemon starting");
+    let catalog = Arc::new(Catalog::open(&env.daemon.catalog)?);
+    tracing::info!(catalog = %catalog.describe(), node = %env.daemon.node, policies = env.daemon.policies.len(), "daemon starting");
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let (submit_tx, mut submit_rx) = mpsc::unbounded_channel::<Control>();
@@ -91,16 +102,22 @@ pub async fn run(
         next_history: tokio::time::Instant::now(),
         next: BTreeMap::new(),
         stopping: false,
+        cluster: catalog.shared(),
+        leading: false,
+        next_beat: tokio::time::Instant::now(),
     };
+    st.register()?;
     st.recover().await?;
-    st.init_schedules()?;
     let syncs = crate::sync_jobs::spawn(env.clone());
     api(env.clone(), catalog.clone(), progress, submit_tx)?;
 
     tokio::pin!(shutdown);
     loop {
+        st.beat().await?;
         st.apply_history_limits();
-        st.fire_due_schedules().await?;
+        if st.leading {
+            st.fire_due_schedules().await?;
+        }
         st.start_jobs()?;
         let wake = st.wake_in();
         tokio::select! {
@@ -183,6 +200,14 @@ pub fn initial_next(
 pub fn retry_delay(backoff: Duration, attempt: i64) -> i64 {
     let base = i64::try_from(backoff.as_secs()).unwrap_or(i64::MAX);
     base.saturating_mul(1i64 << (attempt - 1).clamp(0, 10))
+}
+
+/// The VM a job touches: the backed-up VM, or a restore's new domain name.
+fn target_vm(j: &JobRecord) -> String {
+    match serde_json::from_str::<JobRequest>(&j.request) {
+        Ok(JobRequest::Restore { name: Some(n), .. }) => n,
+        _ => j.vm.clone(),
+    }
 }
 
 fn to_unix(t: DateTime<Utc>) -> i64 {
@@ -280,9 +305,73 @@ impl State {
     /// Jobs a dead daemon left running are failed, their VMs healed, and retried;
     /// queued jobs are queued again.
     async fn recover(&mut self) -> Result<()> {
-        let orphans = self.catalog.fail_orphans(ORPHAN_ERROR)?;
+        let orphans = if self.cluster {
+            // Only this node's own jobs (it restarted) and those of dead nodes.
+            let node = self.env.daemon.node.clone();
+            self.catalog
+                .take_orphans(Some(&node), now(), ORPHAN_ERROR)?
+        } else {
+            self.catalog.fail_orphans(ORPHAN_ERROR)?
+        };
+        self.heal_and_retry(orphans).await?;
+        for j in self.catalog.jobs(&crate::catalog::JobFilter {
+            status: Some(crate::catalog::JobStatus::Queued),
+            ..Default::default()
+        })? {
+            self.enqueue_record(&j)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the catalog (the cluster) about this node.
+    fn register(&self) -> Result<()> {
+        let d = &self.env.daemon;
+        self.catalog.register_node(&NodeRegistration {
+            name: &d.node,
+            address: d.api.as_ref().map(|a| a.listen.as_str()),
+            capacity: i64::try_from(d.max_jobs).unwrap_or(i64::MAX),
+            now: now(),
+            lease_secs: self.lease_secs(),
+        })
+    }
+
+    fn lease_secs(&self) -> i64 {
+        i64::try_from(self.env.daemon.lease.as_secs()).unwrap_or(i64::MAX / 4)
+    }
+
+    /// Every third of the lease: the heartbeat renews this node's leases; the lead is
+    /// taken (or kept); jobs of nodes whose leases expired are taken over.
+    async fn beat(&mut self) -> Result<()> {
+        let now_i = tokio::time::Instant::now();
+        if now_i < self.next_beat {
+            return Ok(());
+        }
+        let lease = self.lease_secs();
+        self.next_beat = now_i + (self.env.daemon.lease / 3).max(Duration::from_millis(500));
+        let lead = self.catalog.try_lead()?;
+        if lead && !self.leading {
+            tracing::info!(node = %self.env.daemon.node, "this node leads: it fires the schedules");
+            // Where the previous leader left the schedules, as at a start.
+            self.init_schedules()?;
+        } else if !lead && self.leading {
+            tracing::warn!(node = %self.env.daemon.node, "this node lost the lead");
+            self.next.clear();
+        }
+        self.leading = lead;
+        let t = now();
+        self.catalog
+            .heartbeat(&self.env.daemon.node, t, t + lease, lead)?;
+        if self.cluster {
+            let orphans = self.catalog.take_orphans(None, t, DEAD_NODE_ERROR)?;
+            self.heal_and_retry(orphans).await?;
+        }
+        Ok(())
+    }
+
+    /// Heals the VMs of jobs that were interrupted (their node died) and retries them.
+    async fn heal_and_retry(&mut self, orphans: Vec<JobRecord>) -> Result<()> {
         for j in orphans {
-            tracing::warn!(job = j.id, host = %j.host, vm = %j.vm, "job left running by a stopped daemon: marked failed");
+            tracing::warn!(job = j.id, host = %j.host, vm = %j.vm, node = ?j.node, "job left running by a stopped daemon: marked failed");
             match self.env.connect(&j.host).await {
                 Ok(h) => {
                     let healed = task::heal_after_interruption(&h, &j.vm).await;
@@ -293,12 +382,6 @@ impl State {
                 Err(e) => tracing::warn!(job = j.id, "cannot heal {}/{}: {e}", j.host, j.vm),
             }
             self.retry_or_close(&j, 0)?;
-        }
-        for j in self.catalog.jobs(&crate::catalog::JobFilter {
-            status: Some(crate::catalog::JobStatus::Queued),
-            ..Default::default()
-        })? {
-            self.enqueue_record(&j)?;
         }
         Ok(())
     }
@@ -330,6 +413,12 @@ impl State {
         }
         if let Some(t) = self.queue.next_wake(now.timestamp()) {
             until = until.min(from_unix(t));
+        }
+        // Other nodes queue jobs too, and the heartbeat has its time.
+        let beat = (self.env.daemon.lease / 3).max(Duration::from_millis(500));
+        until = until.min(now + chrono::Duration::from_std(beat).unwrap_or_default());
+        if self.cluster {
+            until = until.min(now + chrono::Duration::seconds(1));
         }
         (until - now)
             .to_std()
@@ -471,14 +560,14 @@ impl State {
     }
 
     fn enqueue_record(&mut self, j: &JobRecord) -> Result<()> {
-        let vm = match serde_json::from_str::<JobRequest>(&j.request) {
-            Ok(JobRequest::Restore { name: Some(n), .. }) => n,
-            _ => j.vm.clone(),
-        };
+        if self.cluster {
+            // The shared queue is the catalog: some node claims it.
+            return Ok(());
+        }
         self.queue.push(Pending {
             id: j.id,
             host: j.host.clone(),
-            vm,
+            vm: target_vm(j),
             priority: j.priority,
             not_before: self.catalog.not_before(j.id)?,
             run_id: j.run_id,
@@ -486,18 +575,68 @@ impl State {
         Ok(())
     }
 
+    /// Takes jobs from the shared queue within this node's and the cluster's limits.
+    fn claim_jobs(&mut self) -> Result<Vec<JobRecord>> {
+        let daemon = &self.env.daemon;
+        let choose = |queued: &[JobRecord], running: &[JobRecord]| {
+            let queued: Vec<Pending> = queued
+                .iter()
+                .map(|j| Pending {
+                    id: j.id,
+                    host: j.host.clone(),
+                    vm: target_vm(j),
+                    priority: j.priority,
+                    not_before: 0,
+                    run_id: j.run_id,
+                })
+                .collect();
+            let running: Vec<Running> = running
+                .iter()
+                .map(|j| Running {
+                    node: j.node.clone().unwrap_or_default(),
+                    host: j.host.clone(),
+                    vm: target_vm(j),
+                })
+                .collect();
+            crate::dispatch::choose(&daemon.node, &queued, &running, daemon.max_jobs, &|h| {
+                daemon.host_limit(h)
+            })
+        };
+        let t = now();
+        let jobs = self.catalog.claim(&Claim {
+            node: &daemon.node,
+            now: t,
+            lease_until: t + self.lease_secs(),
+            choose: &choose,
+        })?;
+        for j in &jobs {
+            self.queue.adopt(j.id, &j.host, &target_vm(j));
+        }
+        Ok(jobs)
+    }
+
     fn start_jobs(&mut self) -> Result<()> {
         if self.stopping {
             return Ok(());
         }
-        let daemon = &self.env.daemon;
-        let started = self
-            .queue
-            .start(now(), daemon.max_jobs, &|h| daemon.host_limit(h));
-        for p in started {
-            self.catalog.mark_running(p.id)?;
-            let job = self.catalog.job(p.id)?;
-            tracing::info!(job = job.id, kind = %job.kind, host = %job.host, vm = %job.vm, attempt = job.attempt, "job starts");
+        let jobs = if self.cluster {
+            self.claim_jobs()?
+        } else {
+            let daemon = &self.env.daemon;
+            let started = self
+                .queue
+                .start(now(), daemon.max_jobs, &|h| daemon.host_limit(h));
+            let mut jobs = Vec::new();
+            for p in started {
+                let lease_until = now() + self.lease_secs();
+                self.catalog
+                    .mark_running(p.id, &self.env.daemon.node, lease_until)?;
+                jobs.push(self.catalog.job(p.id)?);
+            }
+            jobs
+        };
+        for job in jobs {
+            tracing::info!(job = job.id, kind = %job.kind, host = %job.host, vm = %job.vm, attempt = job.attempt, node = %self.env.daemon.node, "job starts");
             let env = self.env.clone();
             let progress = self.progress.clone();
             let (cancel_tx, cancel_rx) = oneshot::channel();
@@ -521,6 +660,12 @@ impl State {
         self.cancels.remove(&id);
         self.catalog.finish_job(id, &outcome)?;
         let job = self.catalog.job(id)?;
+        if job.error.as_deref() == Some(DEAD_NODE_ERROR) {
+            // This node was cut off long enough for another one to take the job over:
+            // that node healed the VM and queued the retry; this result is not recorded.
+            tracing::warn!(job = id, host = %job.host, vm = %job.vm, "job ended after another node took it over (this node's lease had expired)");
+            return Ok(());
+        }
         match &outcome.error {
             None => {
                 tracing::info!(job = id, host = %job.host, vm = %job.vm, snapshot = ?job.snapshot, mode = ?job.mode, pruned = ?job.pruned, "job succeeded")
@@ -576,7 +721,16 @@ impl State {
             let why = format!(
                 "not run: {failures} of the {total} tasks of run {run} failed, more than the policy's fail_rest_above_percent = {pct}"
             );
-            for id in self.queue.cancel_run(run) {
+            let mut ids = self.queue.cancel_run(run);
+            if self.cluster {
+                let queued = self.catalog.jobs(&JobFilter {
+                    status: Some(JobStatus::Queued),
+                    run_id: Some(run),
+                    ..Default::default()
+                })?;
+                ids.extend(queued.iter().map(|j| j.id));
+            }
+            for id in ids {
                 self.catalog.finish_job(
                     id,
                     &JobOutcome {

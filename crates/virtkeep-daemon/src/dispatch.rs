@@ -83,6 +83,11 @@ impl Queue {
         started
     }
 
+    /// Counts a job this node claimed from a shared queue as running here.
+    pub fn adopt(&mut self, id: i64, host: &str, vm: &str) {
+        self.running.insert(id, (host.to_string(), vm.to_string()));
+    }
+
     pub fn finished(&mut self, id: i64) {
         self.running.remove(&id);
     }
@@ -111,6 +116,53 @@ impl Queue {
             .filter(|t| *t > now)
             .min()
     }
+}
+
+/// A job running somewhere in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    pub node: String,
+    pub host: String,
+    pub vm: String,
+}
+
+/// The same rules over a shared queue: which of `queued` (due now, best first) node
+/// `node` takes, given every job `running` in the cluster. One job per VM and the
+/// per-host limits count all nodes; `max_jobs` counts this node's jobs only.
+pub fn choose(
+    node: &str,
+    queued: &[Pending],
+    running: &[Running],
+    max_jobs: usize,
+    host_limit: &dyn Fn(&str) -> usize,
+) -> Vec<i64> {
+    let mut mine = running.iter().filter(|r| r.node == node).count();
+    let mut per_host: HashMap<&str, usize> = HashMap::new();
+    let mut busy: HashSet<(&str, &str)> = HashSet::new();
+    for r in running {
+        *per_host.entry(&r.host).or_default() += 1;
+        busy.insert((&r.host, &r.vm));
+    }
+    let mut order: Vec<&Pending> = queued.iter().collect();
+    order.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.not_before.cmp(&b.not_before))
+            .then(a.id.cmp(&b.id))
+    });
+    let mut chosen = Vec::new();
+    for p in order {
+        if mine >= max_jobs {
+            break;
+        }
+        let on_host = per_host.get(p.host.as_str()).copied().unwrap_or(0);
+        if on_host < host_limit(&p.host) && busy.insert((&p.host, &p.vm)) {
+            *per_host.entry(&p.host).or_default() += 1;
+            mine += 1;
+            chosen.push(p.id);
+        }
+    }
+    chosen
 }
 
 #[cfg(test)]
@@ -149,6 +201,37 @@ mod tests {
         assert_eq!(ids(&q.start(10, 3, &limit)), vec![2]);
         q.finished(4);
         assert_eq!(ids(&q.start(10, 3, &limit)), vec![5]);
+    }
+
+    fn r(node: &str, host: &str, vm: &str) -> Running {
+        Running {
+            node: node.into(),
+            host: host.into(),
+            vm: vm.into(),
+        }
+    }
+
+    #[test]
+    fn a_node_takes_within_the_cluster_limits() {
+        let queued = [
+            p(1, "a", "vm1", 0),
+            p(2, "a", "vm2", 0),
+            p(3, "a", "vm3", 7),
+            p(4, "b", "vm4", 0),
+            p(5, "b", "vm4", 0),
+            p(6, "b", "vm5", 0),
+        ];
+        // vm1 runs on another node: never a second job on it; host a allows 2 and
+        // already has 1 (n2's), so only the best of vm2/vm3 starts there.
+        let running = [r("n2", "a", "vm1"), r("n1", "b", "vm9")];
+        let limit = |_: &str| 2;
+        assert_eq!(choose("n1", &queued, &running, 3, &limit), vec![3, 4]);
+        // This node's own capacity counts only its jobs.
+        assert_eq!(choose("n1", &queued, &running, 2, &limit), vec![3]);
+        assert_eq!(choose("n2", &queued, &running, 2, &limit), vec![3]);
+        // Two queued jobs of one VM: one at a time, even with room everywhere.
+        let wide = |_: &str| 10;
+        assert_eq!(choose("n3", &queued, &[], 10, &wide), vec![3, 1, 2, 4, 6]);
     }
 
     #[test]

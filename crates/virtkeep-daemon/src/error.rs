@@ -62,6 +62,13 @@ pub enum DaemonError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("catalog {catalog}: {what}: {source}")]
+    CatalogDb {
+        catalog: String,
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("catalog {} has schema version {found}; this virtkeep knows up to {known}", path.display())]
     CatalogVersion {
         path: PathBuf,

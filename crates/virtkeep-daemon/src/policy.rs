@@ -13,6 +13,8 @@ use serde::Deserialize;
 use toml::Spanned;
 use virtkeep_engine::config::Config as EngineConfig;
 
+use crate::catalog::CatalogLocation;
+use crate::catalog::pg::{PasswordSource, PgLocation};
 use crate::error::ConfigError;
 use crate::history::HistoryLimits;
 use crate::schedule::{Schedule, parse_duration};
@@ -54,7 +56,12 @@ struct FileModel {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct DaemonModel {
-    catalog: Option<PathBuf>,
+    catalog: Option<Spanned<String>>,
+    catalog_password_file: Option<PathBuf>,
+    catalog_password_env: Option<String>,
+    catalog_ca_file: Option<PathBuf>,
+    node: Option<Spanned<String>>,
+    lease: Option<Spanned<String>>,
     max_jobs: Option<Spanned<usize>>,
     max_jobs_per_host: Option<Spanned<usize>>,
     #[serde(default)]
@@ -169,7 +176,11 @@ struct RetentionModel {
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub file: PathBuf,
-    pub catalog: PathBuf,
+    pub catalog: CatalogLocation,
+    /// This node's name in a cluster (`[daemon] node`, default the host name).
+    pub node: String,
+    /// How long a node's claim on a job holds without a heartbeat (`[daemon] lease`).
+    pub lease: Duration,
     pub max_jobs: usize,
     pub max_jobs_per_host: usize,
     pub host_limits: BTreeMap<String, usize>,
@@ -325,6 +336,70 @@ pub fn default_catalog() -> PathBuf {
         .join("virtkeep/catalog.sqlite")
 }
 
+/// This machine's host name, the default node name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `catalog` (a file, or a `postgres://` URL with its password source), `node` and `lease`.
+fn check_cluster(
+    c: &Checker<'_>,
+    d: &DaemonModel,
+) -> Result<(CatalogLocation, String, Duration), ConfigError> {
+    let catalog = match &d.catalog {
+        None => CatalogLocation::Sqlite(default_catalog()),
+        Some(v)
+            if v.get_ref().starts_with("postgres://")
+                || v.get_ref().starts_with("postgresql://") =>
+        {
+            let password = match (&d.catalog_password_file, &d.catalog_password_env) {
+                (Some(f), None) => PasswordSource::File(f.clone()),
+                (None, Some(e)) => PasswordSource::Env(e.clone()),
+                (None, None) => PasswordSource::None,
+                (Some(_), Some(_)) => {
+                    return c.err(
+                        v.span(),
+                        "both catalog_password_file and catalog_password_env are set",
+                        "one of them",
+                    );
+                }
+            };
+            match PgLocation::new(v.get_ref(), password) {
+                Ok(l) => CatalogLocation::Postgres(l.with_ca_file(d.catalog_ca_file.clone())),
+                Err(e) => return c.err(v.span(), e, "postgres://USER@HOST:PORT/DATABASE"),
+            }
+        }
+        Some(v) => CatalogLocation::Sqlite(PathBuf::from(v.get_ref())),
+    };
+    let node = match &d.node {
+        None => host_name(),
+        Some(v) => {
+            let n = v.get_ref();
+            let ok = n.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+                && n.len() <= 64
+                && n.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch));
+            if !ok {
+                return c.err(
+                    v.span(),
+                    format!("node {n:?} is not a node name"),
+                    "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+                );
+            }
+            n.clone()
+        }
+    };
+    let lease = match &d.lease {
+        Some(v) => c.duration(v, "lease")?,
+        None => Duration::from_secs(60),
+    };
+    Ok((catalog, node, lease))
+}
+
 struct Checker<'a> {
     file: &'a Path,
     text: &'a str,
@@ -426,6 +501,7 @@ impl DaemonConfig {
             None => Duration::from_secs(30 * 60),
         };
         let history = check_history(&c, &d)?;
+        let (catalog, node, lease) = check_cluster(&c, &d)?;
         let api = match d.api {
             None => None,
             Some(a) => Some(check_api(&c, a)?),
@@ -442,7 +518,9 @@ impl DaemonConfig {
         }
         Ok(DaemonConfig {
             file: file.to_path_buf(),
-            catalog: d.catalog.unwrap_or_else(default_catalog),
+            catalog,
+            node,
+            lease,
             max_jobs,
             max_jobs_per_host,
             host_limits,
@@ -1059,5 +1137,38 @@ exclude = ["-test$"]
         assert_eq!(c.max_jobs, 2);
         assert_eq!(c.missed_runs, MissedRuns::RunOnce);
         assert!(c.api.is_none());
+    }
+
+    #[test]
+    fn a_postgres_catalog_takes_its_password_from_elsewhere_and_a_node_name() {
+        let c = parse(
+            "[daemon]\ncatalog = \"postgres://vk@db:5432/vk?sslmode=require\"\n\
+             catalog_password_file = \"/etc/virtkeep/pg\"\ncatalog_ca_file = \"/etc/virtkeep/ca.pem\"\n\
+             node = \"backup-a\"\nlease = \"20s\"\n",
+        )
+        .expect("valid");
+        let crate::catalog::CatalogLocation::Postgres(l) = &c.catalog else {
+            panic!("{:?}", c.catalog)
+        };
+        assert_eq!(l.password, PasswordSource::File("/etc/virtkeep/pg".into()));
+        assert_eq!(l.ca_file, Some(PathBuf::from("/etc/virtkeep/ca.pem")));
+        assert_eq!(
+            (c.node.as_str(), c.lease),
+            ("backup-a", Duration::from_secs(20))
+        );
+        let e = err_of("[daemon]\ncatalog = \"postgres://vk:secret@db/vk\"\n");
+        assert!(e.to_string().contains("holds a password"), "{e}");
+        let e = err_of("[daemon]\nnode = \"--help\"\n");
+        assert_eq!(e.line, 2, "{e}");
+        let e = err_of("[daemon]\nnode = \"a/b\"\n");
+        assert!(e.to_string().contains("not a node name"), "{e}");
+        // Default: SQLite, the host name, 60 s.
+        let d = parse("").expect("empty");
+        assert!(matches!(
+            d.catalog,
+            crate::catalog::CatalogLocation::Sqlite(_)
+        ));
+        assert!(!d.node.is_empty());
+        assert_eq!(d.lease, Duration::from_secs(60));
     }
 }

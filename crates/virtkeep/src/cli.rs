@@ -65,6 +65,8 @@ pub enum Command {
     Daemon,
     /// Job history and state from the daemon's catalog
     Jobs(JobsArgs),
+    /// The daemon nodes sharing the catalog: heartbeat, running jobs, which one leads
+    Nodes,
     /// Backup policies from the configuration file
     #[command(subcommand)]
     Policy(PolicyCommand),

@@ -54,6 +54,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cleanup(args) => cleanup(&settings, args, json).await,
         Command::Daemon => crate::daemon::daemon(&settings).await,
         Command::Jobs(args) => crate::daemon::jobs(&settings, args, json),
+        Command::Nodes => crate::daemon::nodes(&settings, json),
         Command::Policy(PolicyCommand::List) => crate::daemon::policy_list(&settings, json),
         Command::ServeNbd(args) => crate::files_cmds::serve_nbd(&settings, args, json).await,
         Command::Mount(args) => crate::files_cmds::mount(&settings, args, json).await,

@@ -95,7 +95,7 @@ pub fn jobs(settings: &Settings, args: JobsArgs, json: bool) -> anyhow::Result<E
             None => (Some(f.to_string()), None),
         },
     };
-    let list = match Catalog::open_reader(&config.catalog).map_err(user_error)? {
+    let list = match Catalog::open_reader_at(&config.catalog).map_err(user_error)? {
         None => Vec::new(),
         Some(c) => c
             .jobs(&JobFilter {
@@ -157,9 +157,40 @@ pub fn jobs(settings: &Settings, args: JobsArgs, json: bool) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// `virtkeep nodes`: the nodes registered in the catalog.
+pub fn nodes(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let config = load(settings)?;
+    let now = virtkeep_daemon::catalog::now();
+    let list = match Catalog::open_reader_at(&config.catalog).map_err(user_error)? {
+        None => Vec::new(),
+        Some(c) => c.nodes(now).map_err(user_error)?,
+    };
+    if json {
+        print_json(&list)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!("no nodes in {}", config.catalog.display());
+    }
+    for n in &list {
+        println!(
+            "{:<20} {:<5} {}{}  running {}/{}  heartbeat {}{}",
+            n.name,
+            if n.alive { "up" } else { "DOWN" },
+            if n.leader { "leader  " } else { "" },
+            n.address.as_deref().unwrap_or("-"),
+            n.running,
+            n.capacity,
+            n.heartbeat,
+            if n.alive { "" } else { " (lease expired)" },
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn policy_list(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let config = load(settings)?;
-    let catalog = Catalog::open_reader(&config.catalog).map_err(user_error)?;
+    let catalog = Catalog::open_reader_at(&config.catalog).map_err(user_error)?;
     let views = api::policy_views(&config, catalog.as_ref()).map_err(user_error)?;
     if json {
         print_json(&views)?;

@@ -8,6 +8,7 @@ mod api;
 mod auth;
 mod backup_restore;
 mod cli;
+mod cluster;
 mod completions;
 mod config;
 mod daemon;
