@@ -14,6 +14,7 @@ mod daemon;
 mod failures;
 mod faults;
 mod files;
+mod files_fs;
 mod hardening;
 mod hosts;
 mod incremental;
