@@ -145,7 +145,7 @@ pub(crate) fn pv_ranges<R: Read + Seek>(
 }
 
 /// `target`'s filesystem, opened by its type.
-fn open_target<R: Read + Seek + 'static>(
+pub(crate) fn open_target<R: Read + Seek + 'static>(
     mut r: R,
     size: u64,
     target: &FileTarget,

@@ -57,6 +57,7 @@ pub trait GuestFs {
 pub enum FsType {
     Ext,
     Fat,
+    Ntfs,
 }
 
 impl FsType {
@@ -65,6 +66,7 @@ impl FsType {
         match info.kind.as_str() {
             "ext2" | "ext3" | "ext4" => Some(FsType::Ext),
             "vfat" => Some(FsType::Fat),
+            "ntfs" => Some(FsType::Ntfs),
             _ => None,
         }
     }
@@ -79,6 +81,7 @@ pub fn open_fs<R: Read + Seek + 'static>(
     match t {
         FsType::Ext => Ok(Box::new(crate::ext4::ExtFs::open(r, 0, len)?)),
         FsType::Fat => Ok(Box::new(crate::fat::FatFs::open(r, len)?)),
+        FsType::Ntfs => Ok(Box::new(crate::ntfs::NtfsFs::open(r, len)?)),
     }
 }
 

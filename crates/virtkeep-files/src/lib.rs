@@ -21,6 +21,8 @@ mod get;
 mod layout;
 mod lvm;
 mod mount;
+mod mounttree;
+mod ntfs;
 mod partition;
 
 pub use browse::{FileTarget, find, get, list_dir};

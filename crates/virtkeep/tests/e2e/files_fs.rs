@@ -1,10 +1,12 @@
 //! File-level access to filesystems other than ext (issue 19): FAT made with mkfs.fat
-//! and mtools, on partitions of a lab VM's disk, backed up through the normal path
+//! and mtools, NTFS made with mkntfs and filled through ntfs-3g, on partitions of a lab VM's disk, backed up through the normal path
 //! into an encrypted repository, then `files ls/get/find` checked against the source.
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use virtkeep_lab::TestVm;
@@ -70,7 +72,33 @@ fn put(img: &Path, disk: &Path, offset_mib: u64) {
         .arg(format!("seek={offset_mib}")));
 }
 
-/// vda: GPT with a FAT32 EFI system partition (1).
+/// A 16 MiB NTFS image holding `content/etc` plus a symlink and a hard link, copied in
+/// with `cp -a` through an ntfs-3g mount (FUSE, as root).
+fn ntfs_image(img: &Path, content: &Path) {
+    std::fs::File::create(img)
+        .and_then(|f| f.set_len(16 * MIB))
+        .expect("fs image");
+    sh(Command::new("mkntfs")
+        .args(["-q", "-F", "-Q", "-L", "WIN"])
+        .arg(img));
+    let mnt = img.with_extension("mnt");
+    std::fs::create_dir_all(&mnt).expect("mnt");
+    sh(Command::new("ntfs-3g").arg(img).arg(&mnt));
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(content.join("etc"))
+        .arg(&mnt)
+        .output()
+        .expect("cp");
+    let etc = mnt.join("etc");
+    let linked = std::os::unix::fs::symlink("hostname", etc.join("link"))
+        .and_then(|()| std::fs::hard_link(etc.join("sub/big.bin"), etc.join("hard")));
+    sh(Command::new("umount").arg(&mnt));
+    assert!(cp.status.success() && linked.is_ok(), "{cp:?} {linked:?}");
+}
+
+/// vda: GPT with a FAT32 EFI system partition (1), an NTFS partition (2) and a small
+/// ext4 (3).
 fn fixture_vm(content: &Path) -> TestVm {
     let vm = TestVm::builder("files-fs")
         .raw_disk(64 * MIB)
@@ -79,11 +107,25 @@ fn fixture_vm(content: &Path) -> TestVm {
     let vda = vm.disk("vda").path.clone().expect("vda file");
     sh(Command::new("sgdisk")
         .args(["-n", "1:2048:+40M", "-t", "1:ef00", "-c", "1:esp"])
+        .args(["-n", "2:0:+16M", "-t", "2:0700", "-c", "2:win"])
+        .args(["-n", "3:0:+5M", "-t", "3:8300", "-c", "3:linux"])
         .arg(&vda));
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("fat.img");
     fat_image(&img, content, 40);
     put(&img, &vda, 1);
+    let img = dir.path().join("ntfs.img");
+    ntfs_image(&img, content);
+    put(&img, &vda, 41);
+    let img = dir.path().join("ext4.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(5 * MIB))
+        .expect("fs image");
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(content)
+        .arg(&img));
+    put(&img, &vda, 57);
     vm
 }
 
@@ -189,4 +231,150 @@ fn files_read_fat_partitions() {
     let a = args(&["files", "find", &id, "vda:1", "*.bin"]);
     let text = node.ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(text, "/etc/sub/big.bin\n");
+}
+
+/// `files ls/get` read an NTFS partition of a backup: names, mtimes, a symlink (an
+/// ntfs-3g reparse point) and a hard link kept, copies equal to the source by sha256;
+/// NTFS's own metadata files are not listed.
+#[test]
+fn files_read_ntfs_partitions() {
+    let node = Node::new();
+    let src = node.dir.path().join("src");
+    make_content(&src);
+    let vm = fixture_vm(&src);
+    let id = node.backup(&vm.name, &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let v = node.json(&["files", "ls", &id]);
+    let p = &v["disks"][0]["partitions"][1];
+    assert_eq!(p["filesystem"]["kind"].as_str(), Some("ntfs"), "{v}");
+    assert_eq!(node.ok(&["files", "ls", &id, "vda:2:/"]), "etc/\n");
+    let text = node.ok(&["files", "ls", &id, "vda:2:/etc"]);
+    assert_eq!(text, "hard\nhostname\nlink\nsub/\nünï cödé.txt\n");
+
+    let out = node.dir.path().join("out");
+    let outs = out.display().to_string();
+    let v = node.json(&["files", "get", &id, "vda:2:/etc", "--to", &outs]);
+    assert_eq!(
+        (
+            v["files"].as_u64(),
+            v["hard_links"].as_u64(),
+            v["symlinks"].as_u64()
+        ),
+        (Some(3), Some(1), Some(1)),
+        "{v}"
+    );
+    let got = tree(&out.join("etc"));
+    let want = tree(&src.join("etc"));
+    for (k, w) in &want {
+        if w.0 != "dir" {
+            assert_eq!(got.get(k), Some(w), "{k}");
+        }
+    }
+    assert_eq!(got["hard"], want["sub/big.bin"]);
+    let (a, b) = (out.join("etc/hard"), out.join("etc/sub/big.bin"));
+    assert_eq!(
+        std::fs::metadata(a).expect("hard").ino(),
+        std::fs::metadata(b).expect("big").ino()
+    );
+    let link = std::fs::read_link(out.join("etc/link")).expect("symlink");
+    assert_eq!(link, Path::new("hostname"));
+}
+
+/// Runs `virtkeep --json mount ID DIR`; returns the child once its ready line is out.
+fn mount_bg(node: &Node, id: &str, dir: &Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME")
+        .args(["--json", "mount", id])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn mount");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ready line");
+    assert!(line.contains("vda.img"), "{line}");
+    child
+}
+
+fn mounted(dir: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let d = dir.display().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(d.as_str()))
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("mount did not end");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `mount` shows `DIR/DISK/PART/…` for the FAT, NTFS and ext4 partitions beside
+/// `DIR/DISK.img`: files equal to the source by sha256 with their mtimes, symlinks
+/// readable, nothing writable; Ctrl-C leaves nothing mounted.
+#[test]
+fn mount_browses_partitions() {
+    let node = Node::new();
+    let src = node.dir.path().join("src");
+    make_content(&src);
+    let vm = fixture_vm(&src);
+    let id = node.backup(&vm.name, &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let dir = node.dir.path().join("mnt");
+    std::fs::create_dir(&dir).expect("mnt");
+    let mut child = mount_bg(&node, &id, &dir);
+    assert!(mounted(&dir));
+    assert_eq!(names(&dir), ["vda", "vda.img"]);
+    assert_eq!(names(&dir.join("vda")), ["1", "2", "3"]);
+    let want = tree(&src.join("etc"));
+    for part in ["1", "2", "3"] {
+        let etc = dir.join("vda").join(part).join("etc");
+        let got = tree(&etc);
+        for (k, w) in &want {
+            if w.0 != "dir" {
+                assert_eq!(got.get(k), Some(w), "vda/{part}/etc/{k}");
+            }
+        }
+    }
+    let link = std::fs::read_link(dir.join("vda/2/etc/link")).expect("symlink");
+    assert_eq!(link, Path::new("hostname"));
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("vda/3/etc/hostname"));
+    assert!(w.is_err(), "opened for writing");
+    assert!(!dir.join("vda/1/etc/nope").exists());
+
+    sh(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "mount exit {status}");
+    assert!(!mounted(&dir), "left mounted after Ctrl-C");
 }
