@@ -11,7 +11,7 @@ PKGS=(
   netcat-openbsd python3-boto3 sudo procps util-linux passwd coreutils
   curl ca-certificates shellcheck
   mmdebstrap eatmydata e2fsprogs
-  gdisk parted xfsprogs dosfstools libnbd-bin  # file-level restore fixtures (e2e/files.rs)
+  gdisk parted xfsprogs dosfstools mtools ntfs-3g libnbd-bin  # file-level restore fixtures (e2e/files*.rs)
   iptables iproute2  # link-cut fault tests (e2e/failures.rs: iptables DROP, ss -K)
   ovmf  # UEFI test domains (e2e/uefi.rs)
   chromium chromium-driver  # real-browser tests of the daemon's web console (e2e/web.rs)

@@ -6,10 +6,11 @@ use std::path::Path;
 use virtkeep_repo::{DiskViewOptions, Repository};
 
 use crate::error::FilesError;
-use crate::ext4::{DirListing, MAX_PATH, list_ext4};
-use crate::find::{FindResult, find_ext4};
+use crate::ext4::{DirListing, MAX_PATH, list_fs};
+use crate::find::{FindResult, find_fs};
+use crate::fs::{FsType, GuestFs, open_fs};
 use crate::fsdetect::detect;
-use crate::get::{GetOptions, GetSummary, get_ext4};
+use crate::get::{GetOptions, GetSummary, get_fs};
 use crate::lvm::{Mapped, read_pv};
 use crate::partition::read_table;
 
@@ -143,21 +144,23 @@ pub(crate) fn pv_ranges<R: Read + Seek>(
     Ok(out)
 }
 
-/// `target`'s filesystem as its own device, checked to hold ext2/3/4.
-fn fs_reader<R: Read + Seek>(
+/// `target`'s filesystem, opened by its type.
+pub(crate) fn open_target<R: Read + Seek + 'static>(
     mut r: R,
     size: u64,
     target: &FileTarget,
-) -> Result<Mapped<R>, FilesError> {
+) -> Result<Box<dyn GuestFs>, FilesError> {
     let (place, what) = locate(&mut r, size, target)?;
     let mut m = place.with(r);
     let len = m.size();
     match detect(&mut m, len, 0, len)? {
-        Some(f) if matches!(f.kind.as_str(), "ext2" | "ext3" | "ext4") => Ok(m),
-        Some(f) => Err(FilesError::Unsupported {
-            what,
-            found: f.kind,
-        }),
+        Some(f) => match FsType::of(&f) {
+            Some(t) => open_fs(t, m, len),
+            None => Err(FilesError::Unsupported {
+                what,
+                found: f.kind,
+            }),
+        },
         None => Err(FilesError::Unsupported {
             what,
             found: "no recognised filesystem".into(),
@@ -198,9 +201,8 @@ pub async fn list_dir(
     let (r, size) = open_disk(repo, id, target, 0).await?;
     let target = target.clone();
     tokio::task::spawn_blocking(move || {
-        let m = fs_reader(r, size, &target)?;
-        let len = m.size();
-        list_ext4(m, 0, len, &target.path)
+        let mut fs = open_target(r, size, &target)?;
+        list_fs(fs.as_mut(), &target.path)
     })
     .await
     .map_err(|e| FilesError::Task(e.to_string()))?
@@ -224,9 +226,8 @@ pub async fn get(
     .await?;
     let (target, to) = (target.clone(), to.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        let m = fs_reader(r, size, &target)?;
-        let len = m.size();
-        get_ext4(m, 0, len, &target.path, &to, opts)
+        let mut fs = open_target(r, size, &target)?;
+        get_fs(fs.as_mut(), &target.path, &to, opts)
     })
     .await
     .map_err(|e| FilesError::Task(e.to_string()))?
@@ -242,9 +243,8 @@ pub async fn find(
     let (r, size) = open_disk(repo, id, target, 0).await?;
     let (target, pattern) = (target.clone(), pattern.to_string());
     tokio::task::spawn_blocking(move || {
-        let m = fs_reader(r, size, &target)?;
-        let len = m.size();
-        find_ext4(m, 0, len, &target.path, &pattern)
+        let mut fs = open_target(r, size, &target)?;
+        find_fs(fs.as_mut(), &target.path, &pattern)
     })
     .await
     .map_err(|e| FilesError::Task(e.to_string()))?

@@ -1,11 +1,12 @@
-//! `files find`: names matching a glob under a directory of an ext2/3/4 filesystem.
+//! `files find`: names matching a glob under a directory of a guest filesystem.
 
 use std::io::{Read, Seek};
 
 use serde::Serialize;
 
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, MAX_PATH, PartReader, fs_err, kind};
+use crate::ext4::{EntryKind, ExtFs, MAX_DIR_ENTRIES, MAX_PATH};
+use crate::fs::{GuestFs, check_path, join, show};
 
 /// Most entries one walk visits before it stops (and says so).
 pub const MAX_FIND_VISITS: u64 = 1_000_000;
@@ -101,8 +102,7 @@ fn class(p: &[char], c: char) -> Option<(bool, usize)> {
 }
 
 /// Entries under `root` of the ext2/3/4 filesystem at `start..start+len` of `r` whose
-/// name matches `pattern`, in depth-first name order (synchronous: run it on a blocking
-/// thread). Bounded: [`MAX_FIND_VISITS`] entries, paths of [`MAX_PATH`] bytes.
+/// name matches `pattern` (synchronous: run it on a blocking thread).
 pub fn find_ext4<R: Read + Seek + 'static>(
     r: R,
     start: u64,
@@ -110,57 +110,58 @@ pub fn find_ext4<R: Read + Seek + 'static>(
     root: &str,
     pattern: &str,
 ) -> Result<FindResult, FilesError> {
-    if root.len() > MAX_PATH || !root.starts_with('/') || pattern.len() > MAX_PATTERN {
+    check_path(root)?;
+    let mut fs = ExtFs::open(r, start, len)?;
+    find_fs(&mut fs, root, pattern)
+}
+
+/// Entries under `root` of `fs` whose name matches `pattern`, in depth-first name
+/// order (synchronous: run it on a blocking thread). Bounded: [`MAX_FIND_VISITS`]
+/// entries, paths of [`MAX_PATH`] bytes.
+pub fn find_fs(fs: &mut dyn GuestFs, root: &str, pattern: &str) -> Result<FindResult, FilesError> {
+    if pattern.len() > MAX_PATTERN {
         return Err(FilesError::InvalidPath(root.chars().take(200).collect()));
     }
-    let reader = PartReader::new(r, start, len);
-    let fs = ext4_view::Ext4::load(Box::new(reader)).map_err(|e| fs_err("/", e))?;
+    check_path(root)?;
     let mut out = FindResult {
         matches: Vec::new(),
         truncated: false,
     };
     let mut visits = 0u64;
-    let root = ext4_view::PathBuf::try_from(root).map_err(|e| fs_err(root, e))?;
-    let mut stack = vec![root];
+    let mut stack = vec![root.as_bytes().to_vec()];
     while let Some(dir) = stack.pop() {
-        let show = dir.display().to_string();
+        let (entries, more) = fs.read_dir(&dir, MAX_DIR_ENTRIES)?;
+        out.truncated |= more;
         let mut subdirs = Vec::new();
         let mut found = Vec::new();
-        for e in fs.read_dir(&dir).map_err(|e| fs_err(&show, e))? {
-            let e = e.map_err(|e| fs_err(&show, e))?;
-            let name = e.file_name().display().to_string();
-            if name == "." || name == ".." {
-                continue;
-            }
+        let mut stop = false;
+        for e in entries {
             visits += 1;
             if visits > MAX_FIND_VISITS || out.matches.len() + found.len() >= MAX_FIND_MATCHES {
-                out.truncated = true;
+                stop = true;
                 break;
             }
-            let path = e.path();
-            let m = e
-                .metadata()
-                .map_err(|err| fs_err(&path.display().to_string(), err))?;
-            let k = kind(m.file_type());
-            if glob_match(pattern, &name) {
+            let path = join(&dir, &e.name);
+            if glob_match(pattern, &String::from_utf8_lossy(&e.name)) {
                 found.push(FoundEntry {
-                    path: path.display().to_string(),
-                    kind: k,
-                    size: m.len(),
-                    mtime: m.modified().seconds(),
+                    path: show(&path),
+                    kind: e.node.kind,
+                    size: e.node.size,
+                    mtime: e.node.mtime,
                 });
             }
             // Path length bounds the depth, so a directory that loops ends too.
-            if k == EntryKind::Dir && path.as_ref().len() < MAX_PATH {
+            if e.node.kind == EntryKind::Dir && path.len() < MAX_PATH {
                 subdirs.push(path);
             }
         }
         found.sort_by(|a, b| a.path.cmp(&b.path));
         out.matches.extend(found);
-        if out.truncated {
+        if stop {
+            out.truncated = true;
             break;
         }
-        subdirs.sort_by(|a, b| b.as_ref().cmp(a.as_ref()));
+        subdirs.sort_by(|a, b| b.cmp(a));
         stack.extend(subdirs);
     }
     Ok(out)

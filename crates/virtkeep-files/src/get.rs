@@ -1,5 +1,5 @@
-//! `files get`: copy a file or a directory tree out of an ext2/3/4 filesystem of a
-//! backup into a local directory.
+//! `files get`: copy a file or a directory tree out of a guest filesystem of a backup
+//! into a local directory.
 //!
 //! Names come from the guest and are untrusted: a component that is empty, `.`, `..`,
 //! or holds `/` or NUL is skipped, so every path written is the destination joined with
@@ -9,22 +9,19 @@
 //! with `--overwrite`. Set-user-ID and set-group-ID bits are dropped: the copy belongs to
 //! whoever runs virtkeep (often root), not to the guest's owner.
 
-use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::{Read, Seek};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
-use ext4_view::{Ext4, Metadata};
 use serde::Serialize;
 
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, MAX_PATH, PartReader, fs_err, kind};
-use crate::ext4raw::RawExt;
+use crate::ext4::{EntryKind, ExtFs, MAX_PATH};
+use crate::fs::{FsNode, GuestFs, check_path, join, read_full, show};
 
 /// Most entries one `files get` copies unless told otherwise.
 pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
@@ -65,31 +62,16 @@ pub struct GetSummary {
     pub skipped: Vec<String>,
 }
 
-/// One reader shared by `ext4-view` and [`RawExt`] (both on this thread).
-struct Shared<R>(Rc<RefCell<R>>);
-
-impl<R: Read> Read for Shared<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.borrow_mut().read(buf)
-    }
-}
-
-impl<R: Seek> Seek for Shared<R> {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
-        self.0.borrow_mut().seek(pos)
-    }
-}
-
-struct Copier<R> {
-    fs: Ext4,
-    raw: Option<RawExt<Shared<R>>>,
+struct Copier<'a> {
+    fs: &'a mut dyn GuestFs,
     opts: GetOptions,
     sum: GetSummary,
     /// Inode → the first local path it was copied to (files with more than one link).
-    links: HashMap<u32, PathBuf>,
+    links: HashMap<u64, PathBuf>,
     /// Directory inodes entered: a corrupt tree that loops is cut.
-    dirs_seen: HashSet<u32>,
+    dirs_seen: HashSet<u64>,
     entries: u64,
+    buf: Vec<u8>,
 }
 
 fn local_err(path: &Path, e: std::io::Error) -> FilesError {
@@ -120,25 +102,22 @@ pub fn get_ext4<R: Read + Seek + 'static>(
     to: &Path,
     opts: GetOptions,
 ) -> Result<GetSummary, FilesError> {
-    if path.len() > MAX_PATH || !path.starts_with('/') || path.contains('\0') {
-        return Err(FilesError::InvalidPath(path.chars().take(200).collect()));
-    }
-    let shared = Rc::new(RefCell::new(r));
-    let reader = PartReader::new(Shared(shared.clone()), start, len);
-    let fs = Ext4::load(Box::new(reader)).map_err(|e| fs_err("/", e))?;
-    let raw = RawExt::open(Shared(shared), start, len).ok();
-    let meta = fs.symlink_metadata(path).map_err(|e| fs_err(path, e))?;
+    check_path(path)?;
+    let mut fs = ExtFs::open(r, start, len)?;
+    get_fs(&mut fs, path, to, opts)
+}
+
+/// Copy `path` of `fs` into directory `to` (created if missing) as `to/NAME`; `/`
+/// copies the root's entries into `to`. Synchronous: run it on a blocking thread.
+pub fn get_fs(
+    fs: &mut dyn GuestFs,
+    path: &str,
+    to: &Path,
+    opts: GetOptions,
+) -> Result<GetSummary, FilesError> {
+    check_path(path)?;
+    let node = fs.stat(path.as_bytes())?;
     std::fs::create_dir_all(to).map_err(|e| local_err(to, e))?;
-    let mut c = Copier {
-        fs,
-        raw,
-        opts,
-        sum: GetSummary::default(),
-        links: HashMap::new(),
-        dirs_seen: HashSet::new(),
-        entries: 0,
-    };
-    let ino = c.resolve_ino(path);
     let comps: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let dest = match comps.last() {
         None => to.to_path_buf(),
@@ -147,49 +126,42 @@ pub fn get_ext4<R: Read + Seek + 'static>(
                 .ok_or_else(|| FilesError::InvalidPath(path.chars().take(200).collect()))?,
         ),
     };
-    let src = ext4_view::PathBuf::try_from(path).map_err(|e| fs_err(path, e))?;
+    let mut c = Copier {
+        fs,
+        opts,
+        sum: GetSummary::default(),
+        links: HashMap::new(),
+        dirs_seen: HashSet::new(),
+        entries: 0,
+        buf: vec![0u8; BUF],
+    };
     // The root goes into `to` itself, which may exist: that is the point of `--to`.
     let merge_root = comps.is_empty();
-    c.copy(&src, &dest, &meta, ino, merge_root)?;
+    c.copy(path.as_bytes(), &dest, &node, merge_root)?;
     c.sum.to = dest.display().to_string();
     Ok(c.sum)
 }
 
-impl<R: Read + Seek> Copier<R> {
-    /// The inode of `path` through the raw reader, when it can tell.
-    fn resolve_ino(&mut self, path: &str) -> Option<u32> {
-        let raw = self.raw.as_mut()?;
-        let mut ino = 2; // the root directory
-        for comp in path.split('/').filter(|s| !s.is_empty()) {
-            let entries = raw.dir_entries(ino).ok()?;
-            ino = entries
-                .into_iter()
-                .find(|(n, _)| n == comp.as_bytes())
-                .map(|(_, i)| i)?;
-        }
-        Some(ino)
-    }
-
+impl Copier<'_> {
     fn copy(
         &mut self,
-        src: &ext4_view::PathBuf,
+        src: &[u8],
         dest: &Path,
-        meta: &Metadata,
-        ino: Option<u32>,
+        node: &FsNode,
         merge: bool,
     ) -> Result<(), FilesError> {
         self.entries += 1;
         if self.entries > self.opts.max_entries {
             return Err(FilesError::TooManyEntries(self.opts.max_entries));
         }
-        if dest.as_os_str().len() > MAX_PATH {
+        if dest.as_os_str().len() > MAX_PATH || src.len() > MAX_PATH {
             self.skip(src, "path too long");
             return Ok(());
         }
-        match kind(meta.file_type()) {
-            EntryKind::Dir => self.copy_dir(src, dest, meta, ino, merge),
+        match node.kind {
+            EntryKind::Dir => self.copy_dir(src, dest, node, merge),
             EntryKind::Symlink => self.copy_symlink(src, dest),
-            EntryKind::File => self.copy_file_or_link(src, dest, meta, ino),
+            EntryKind::File => self.copy_file_or_link(src, dest, node),
             other => {
                 self.skip(src, &format!("{other:?} not copied"));
                 Ok(())
@@ -197,8 +169,8 @@ impl<R: Read + Seek> Copier<R> {
         }
     }
 
-    fn skip(&mut self, src: &ext4_view::PathBuf, why: &str) {
-        self.sum.skipped.push(format!("{}: {why}", src.display()));
+    fn skip(&mut self, src: &[u8], why: &str) {
+        self.sum.skipped.push(format!("{}: {why}", show(src)));
     }
 
     /// Makes room for a new entry at `dest`; true when a real directory is there to reuse.
@@ -227,15 +199,12 @@ impl<R: Read + Seek> Copier<R> {
 
     fn copy_dir(
         &mut self,
-        src: &ext4_view::PathBuf,
+        src: &[u8],
         dest: &Path,
-        meta: &Metadata,
-        ino: Option<u32>,
+        node: &FsNode,
         merge: bool,
     ) -> Result<(), FilesError> {
-        if let Some(i) = ino
-            && !self.dirs_seen.insert(i)
-        {
+        if node.ino != 0 && !self.dirs_seen.insert(node.ino) {
             self.skip(src, "directory loop");
             return Ok(());
         }
@@ -246,36 +215,16 @@ impl<R: Read + Seek> Copier<R> {
                 .map_err(|e| local_err(dest, e))?;
         }
         self.sum.dirs += 1;
-        let inodes: HashMap<Vec<u8>, u32> = match (ino, self.raw.as_mut()) {
-            (Some(i), Some(raw)) => raw.dir_entries(i).unwrap_or_default(),
-            _ => Vec::new(),
-        }
-        .into_iter()
-        .collect();
-        let fs = self.fs.clone();
-        let show = src.display().to_string();
-        for e in fs.read_dir(src).map_err(|e| fs_err(&show, e))? {
-            let e = e.map_err(|e| fs_err(&show, e))?;
-            let name = e.file_name();
-            let name = name.as_ref();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            let child = e.path();
-            let Some(local) = safe_name(name) else {
+        let left = self.opts.max_entries.saturating_sub(self.entries);
+        let max = usize::try_from(left.saturating_add(1)).unwrap_or(usize::MAX);
+        let (entries, _) = self.fs.read_dir(src, max)?;
+        for e in entries {
+            let child = join(src, &e.name);
+            let Some(local) = safe_name(&e.name) else {
                 self.skip(&child, "unsafe name");
                 continue;
             };
-            let m = e
-                .metadata()
-                .map_err(|err| fs_err(&child.display().to_string(), err))?;
-            self.copy(
-                &child,
-                &dest.join(local),
-                &m,
-                inodes.get(name).copied(),
-                false,
-            )?;
+            self.copy(&child, &dest.join(local), &e.node, false)?;
         }
         // Mode and time last: writing the entries above changed the time, and a
         // read-only mode would have stopped them.
@@ -284,37 +233,29 @@ impl<R: Read + Seek> Copier<R> {
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(dest)
             .map_err(|e| local_err(dest, e))?;
-        set_meta(&d, dest, meta, 0o1777)
+        set_meta(&d, dest, node, 0o1777)
     }
 
-    fn copy_symlink(&mut self, src: &ext4_view::PathBuf, dest: &Path) -> Result<(), FilesError> {
-        let target = self
-            .fs
-            .read_link(src)
-            .map_err(|e| fs_err(&src.display().to_string(), e))?;
-        let t = target.as_ref();
+    fn copy_symlink(&mut self, src: &[u8], dest: &Path) -> Result<(), FilesError> {
+        let t = self.fs.read_link(src)?;
         if t.is_empty() || t.contains(&0) {
             self.skip(src, "invalid symlink target");
             return Ok(());
         }
         self.prepare(dest, false, false)?;
-        std::os::unix::fs::symlink(OsStr::from_bytes(t), dest).map_err(|e| local_err(dest, e))?;
+        std::os::unix::fs::symlink(OsStr::from_bytes(&t), dest).map_err(|e| local_err(dest, e))?;
         self.sum.symlinks += 1;
         Ok(())
     }
 
     fn copy_file_or_link(
         &mut self,
-        src: &ext4_view::PathBuf,
+        src: &[u8],
         dest: &Path,
-        meta: &Metadata,
-        ino: Option<u32>,
+        node: &FsNode,
     ) -> Result<(), FilesError> {
-        let linked = match (ino, self.raw.as_mut()) {
-            (Some(i), Some(raw)) => raw.links(i).map(|n| n > 1).unwrap_or(false),
-            _ => false,
-        };
-        if let Some(first) = ino.filter(|_| linked).and_then(|i| self.links.get(&i)) {
+        let linked = node.ino != 0 && node.nlink > 1;
+        if let Some(first) = self.links.get(&node.ino).filter(|_| linked) {
             let first = first.clone();
             self.prepare(dest, false, false)?;
             std::fs::hard_link(&first, dest).map_err(|e| local_err(dest, e))?;
@@ -322,42 +263,25 @@ impl<R: Read + Seek> Copier<R> {
             return Ok(());
         }
         self.prepare(dest, false, false)?;
-        self.write_file(src, dest, meta)?;
-        if let Some(i) = ino.filter(|_| linked) {
-            self.links.insert(i, dest.to_path_buf());
+        self.write_file(src, dest, node)?;
+        if linked {
+            self.links.insert(node.ino, dest.to_path_buf());
         }
         Ok(())
     }
 
     /// Writes the file's bytes, leaving aligned zero runs (holes included) unwritten.
-    fn write_file(
-        &mut self,
-        src: &ext4_view::PathBuf,
-        dest: &Path,
-        meta: &Metadata,
-    ) -> Result<(), FilesError> {
-        let show = || src.display().to_string();
-        let mut f = self.fs.open(src).map_err(|e| fs_err(&show(), e))?;
+    fn write_file(&mut self, src: &[u8], dest: &Path, node: &FsNode) -> Result<(), FilesError> {
         let out = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(dest)
             .map_err(|e| local_err(dest, e))?;
-        let mut buf = vec![0u8; BUF];
         let mut pos = 0u64;
         loop {
-            let mut n = 0;
-            while n < BUF {
-                let k = f
-                    .read_bytes(&mut buf[n..])
-                    .map_err(|e| fs_err(&show(), e))?;
-                if k == 0 {
-                    break;
-                }
-                n += k;
-            }
-            for (i, block) in buf[..n].chunks(HOLE).enumerate() {
+            let n = read_full(self.fs, src, pos, &mut self.buf)?;
+            for (i, block) in self.buf[..n].chunks(HOLE).enumerate() {
                 if block.iter().any(|&b| b != 0) {
                     let at = pos + (i * HOLE) as u64;
                     out.write_all_at(block, at)
@@ -372,23 +296,22 @@ impl<R: Read + Seek> Copier<R> {
         out.set_len(pos).map_err(|e| local_err(dest, e))?;
         self.sum.files += 1;
         self.sum.bytes += pos;
-        set_meta(&out, dest, meta, 0o777)
+        set_meta(&out, dest, node, 0o777)
     }
 }
 
 /// Sets the permission bits (`mode & keep`) and modification time of `f` (open at
-/// `dest`) from `meta`.
-fn set_meta(f: &std::fs::File, dest: &Path, meta: &Metadata, keep: u16) -> Result<(), FilesError> {
-    let t = meta.modified();
-    let secs = t.seconds();
+/// `dest`) from `node`.
+fn set_meta(f: &std::fs::File, dest: &Path, node: &FsNode, keep: u16) -> Result<(), FilesError> {
+    let secs = node.mtime;
     let mtime = if secs >= 0 {
         SystemTime::UNIX_EPOCH
-            + Duration::new(secs.unsigned_abs(), t.nanoseconds().min(999_999_999))
+            + Duration::new(secs.unsigned_abs(), node.mtime_nsec.min(999_999_999))
     } else {
         SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
     };
     f.set_modified(mtime).map_err(|e| local_err(dest, e))?;
-    let perms = std::fs::Permissions::from_mode(u32::from(meta.mode() & keep));
+    let perms = std::fs::Permissions::from_mode(u32::from(node.mode & keep));
     f.set_permissions(perms).map_err(|e| local_err(dest, e))
 }
 

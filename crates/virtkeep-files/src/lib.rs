@@ -13,23 +13,31 @@ mod error;
 mod export;
 mod ext4;
 mod ext4raw;
+mod fat;
 mod find;
+mod fs;
 mod fsdetect;
 mod get;
 mod layout;
 mod lvm;
 mod mount;
+mod mounttree;
+mod ntfs;
 mod partition;
 
 pub use browse::{FileTarget, find, get, list_dir};
 pub use error::FilesError;
 pub use export::{DiskExport, backup_server, serve_backup};
-pub use ext4::{DirEntryInfo, DirListing, EntryKind, MAX_DIR_ENTRIES, MAX_PATH, list_ext4};
-pub use find::{
-    FindResult, FoundEntry, MAX_FIND_MATCHES, MAX_FIND_VISITS, MAX_PATTERN, find_ext4, glob_match,
+pub use ext4::{
+    DirEntryInfo, DirListing, EntryKind, MAX_DIR_ENTRIES, MAX_PATH, list_ext4, list_fs,
 };
+pub use find::{
+    FindResult, FoundEntry, MAX_FIND_MATCHES, MAX_FIND_VISITS, MAX_PATTERN, find_ext4, find_fs,
+    glob_match,
+};
+pub use fs::{FsEntry, FsNode, FsType, GuestFs, MAX_LINK, open_fs};
 pub use fsdetect::{FsInfo, PROBE_BYTES, detect, detect_bytes};
-pub use get::{DEFAULT_MAX_ENTRIES, GetOptions, GetSummary, get_ext4};
+pub use get::{DEFAULT_MAX_ENTRIES, GetOptions, GetSummary, get_ext4, get_fs};
 pub use layout::{DiskLayout, LvLayout, PartitionLayout, backup_layout, disk_layout, read_layout};
 pub use lvm::{LogicalVolume, LvExtent, LvmError, MAX_METADATA, Mapped, read_pv};
 pub use mount::mount_backup;

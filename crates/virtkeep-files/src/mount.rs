@@ -1,5 +1,6 @@
 //! `virtkeep mount`: a backup as a read-only FUSE filesystem with one `DISK.img` per
-//! disk, read through the disk view (pure-Rust `fuser`, no libfuse).
+//! disk, read through the disk view (pure-Rust `fuser`, no libfuse), and `DISK/PART/…`
+//! trees of the filesystems read here (see `mounttree.rs`).
 //!
 //! The mount is read-only (`ro`, and every write-like call is refused by the kernel for
 //! it), not shared with other users (no `allow_other`: FUSE lets only the mounting user
@@ -7,7 +8,9 @@
 
 use std::ffi::OsStr;
 use std::future::Future;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -16,7 +19,11 @@ use fuser::{
 };
 use virtkeep_repo::{DiskView, DiskViewOptions, Repository};
 
+use crate::browse::FileTarget;
 use crate::error::FilesError;
+use crate::ext4::{EntryKind, MAX_PATH};
+use crate::fs::{FsNode, FsType, join};
+use crate::mounttree::{FsWorker, Node, Table};
 
 const TTL: Duration = Duration::from_secs(60);
 /// Largest read answered at once (the kernel asks for at most 1 MiB).
@@ -24,6 +31,9 @@ const MAX_READ: u32 = 4 << 20;
 
 struct BackupFs {
     disks: Vec<(String, DiskView)>,
+    /// One per readable filesystem, in the order of [`Node::Fs`] numbers.
+    workers: Vec<FsWorker>,
+    table: Mutex<Table>,
     handle: tokio::runtime::Handle,
     uid: u32,
     gid: u32,
@@ -32,15 +42,34 @@ struct BackupFs {
     ended: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+fn file_type(k: EntryKind) -> FileType {
+    match k {
+        EntryKind::File => FileType::RegularFile,
+        EntryKind::Dir => FileType::Directory,
+        EntryKind::Symlink => FileType::Symlink,
+        EntryKind::BlockDevice => FileType::BlockDevice,
+        EntryKind::CharDevice => FileType::CharDevice,
+        EntryKind::Fifo => FileType::NamedPipe,
+        EntryKind::Socket => FileType::Socket,
+    }
+}
+
+fn time_of(n: &FsNode) -> SystemTime {
+    let d = Duration::new(n.mtime.unsigned_abs(), n.mtime_nsec.min(999_999_999));
+    if n.mtime >= 0 {
+        SystemTime::UNIX_EPOCH + d
+    } else {
+        SystemTime::UNIX_EPOCH - d
+    }
+}
+
 impl BackupFs {
-    fn attr(&self, ino: u64) -> Option<FileAttr> {
-        let (kind, size, perm, nlink) = if ino == 1 {
-            (FileType::Directory, 0, 0o500, 2)
-        } else {
-            let (_, v) = self.disks.get(usize::try_from(ino.checked_sub(2)?).ok()?)?;
-            (FileType::RegularFile, v.size(), 0o400, 1)
-        };
-        Some(FileAttr {
+    fn node(&self, ino: u64) -> Option<Node> {
+        self.table.lock().ok()?.get(ino).cloned()
+    }
+
+    fn base_attr(&self, ino: u64, kind: FileType, size: u64, perm: u16) -> FileAttr {
+        FileAttr {
             ino: INodeNo(ino),
             size,
             blocks: size.div_ceil(512),
@@ -50,36 +79,173 @@ impl BackupFs {
             crtime: self.time,
             kind,
             perm,
-            nlink,
+            nlink: if kind == FileType::Directory { 2 } else { 1 },
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
             flags: 0,
             blksize: 1 << 20,
-        })
+        }
+    }
+
+    /// A guest node as seen through the mount: its own mode and time, readable by the
+    /// mounting user (who owns everything here).
+    fn fs_attr(&self, ino: u64, n: &FsNode) -> FileAttr {
+        let kind = file_type(n.kind);
+        let add = if kind == FileType::Directory {
+            0o500
+        } else {
+            0o400
+        };
+        let mut a = self.base_attr(ino, kind, n.size, (n.mode & 0o7777) | add);
+        a.mtime = time_of(n);
+        a.ctime = a.mtime;
+        a.atime = a.mtime;
+        a.nlink = n.nlink.max(1);
+        a
+    }
+
+    fn attr(&self, ino: u64) -> Result<FileAttr, Errno> {
+        match self.node(ino).ok_or(Errno::ENOENT)? {
+            Node::Dir(_) => Ok(self.base_attr(ino, FileType::Directory, 0, 0o500)),
+            Node::Img(d) => {
+                let size = self.disks.get(d).ok_or(Errno::ENOENT)?.1.size();
+                Ok(self.base_attr(ino, FileType::RegularFile, size, 0o400))
+            }
+            Node::Fs(v, path) => {
+                let n = self.worker(v)?.stat(path).map_err(|e| self.fail(e))?;
+                Ok(self.fs_attr(ino, &n))
+            }
+        }
+    }
+
+    fn worker(&self, v: usize) -> Result<&FsWorker, Errno> {
+        self.workers.get(v).ok_or(Errno::ENOENT)
+    }
+
+    fn fail(&self, e: String) -> Errno {
+        tracing::warn!("mount: {e}");
+        if e.contains("no such file") || e.contains("not found") {
+            Errno::ENOENT
+        } else {
+            Errno::EIO
+        }
+    }
+
+    fn add(&self, n: Node) -> Result<u64, Errno> {
+        self.table
+            .lock()
+            .map_err(|_| Errno::EIO)?
+            .add(n)
+            .ok_or(Errno::ENOMEM)
+    }
+
+    fn lookup_in(&self, parent: u64, name: &OsStr) -> Result<FileAttr, Errno> {
+        match self.node(parent).ok_or(Errno::ENOENT)? {
+            Node::Dir(children) => {
+                let (_, ino) = children
+                    .iter()
+                    .find(|(n, _)| OsStr::new(n) == name)
+                    .ok_or(Errno::ENOENT)?;
+                self.attr(*ino)
+            }
+            Node::Fs(v, path) => {
+                let child = join(&path, name.as_bytes());
+                if child.len() > MAX_PATH {
+                    return Err(Errno::ENAMETOOLONG);
+                }
+                let n = self
+                    .worker(v)?
+                    .stat(child.clone())
+                    .map_err(|e| self.fail(e))?;
+                let ino = self.add(Node::Fs(v, child))?;
+                Ok(self.fs_attr(ino, &n))
+            }
+            Node::Img(_) => Err(Errno::ENOTDIR),
+        }
+    }
+
+    /// `(inode, type, name)` of each entry of directory `ino`, `.` and `..` first.
+    fn entries(&self, ino: u64) -> Result<Vec<(u64, FileType, Vec<u8>)>, Errno> {
+        let mut out = vec![
+            (ino, FileType::Directory, b".".to_vec()),
+            (1, FileType::Directory, b"..".to_vec()),
+        ];
+        match self.node(ino).ok_or(Errno::ENOENT)? {
+            Node::Dir(children) => {
+                for (name, child) in children {
+                    let kind = match self.node(child) {
+                        Some(Node::Img(_)) => FileType::RegularFile,
+                        _ => FileType::Directory,
+                    };
+                    out.push((child, kind, name.into_bytes()));
+                }
+            }
+            Node::Fs(v, path) => {
+                let found = self
+                    .worker(v)?
+                    .read_dir(path.clone())
+                    .map_err(|e| self.fail(e))?;
+                for e in found {
+                    let child = self.add(Node::Fs(v, join(&path, &e.name)))?;
+                    out.push((child, file_type(e.node.kind), e.name));
+                }
+            }
+            Node::Img(_) => return Err(Errno::ENOTDIR),
+        }
+        Ok(out)
+    }
+
+    fn read_node(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        match self.node(ino).ok_or(Errno::ENOENT)? {
+            Node::Img(d) => {
+                let view = &self.disks.get(d).ok_or(Errno::ENOENT)?.1;
+                let n = u64::from(size.min(MAX_READ)).min(view.size().saturating_sub(offset));
+                if n == 0 {
+                    return Ok(Vec::new());
+                }
+                match self.handle.block_on(view.read_at(offset, n as usize)) {
+                    Ok(b) => Ok(b.to_vec()),
+                    Err(e) => {
+                        tracing::warn!("mount: reading {n} bytes at {offset}: {e}");
+                        Err(Errno::EIO)
+                    }
+                }
+            }
+            Node::Fs(v, path) => self
+                .worker(v)?
+                .read(path, offset, size.min(MAX_READ) as usize)
+                .map_err(|e| self.fail(e)),
+            Node::Dir(_) => Err(Errno::EISDIR),
+        }
     }
 }
 
 impl Filesystem for BackupFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = (u64::from(parent) == 1)
-            .then(|| {
-                self.disks
-                    .iter()
-                    .position(|(n, _)| OsStr::new(&format!("{n}.img")) == name)
-            })
-            .flatten()
-            .and_then(|i| self.attr(i as u64 + 2));
-        match found {
-            Some(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
-            None => reply.error(Errno::ENOENT),
+        match self.lookup_in(u64::from(parent), name) {
+            Ok(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
+            Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.attr(u64::from(ino)) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(Errno::ENOENT),
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = match self.node(u64::from(ino)) {
+            Some(Node::Fs(v, path)) => self
+                .worker(v)
+                .and_then(|w| w.read_link(path).map_err(|e| self.fail(e))),
+            _ => Err(Errno::EINVAL),
+        };
+        match r {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -94,22 +260,9 @@ impl Filesystem for BackupFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some((_, view)) = u64::from(ino)
-            .checked_sub(2)
-            .and_then(|i| self.disks.get(usize::try_from(i).ok()?))
-        else {
-            return reply.error(Errno::ENOENT);
-        };
-        let n = u64::from(size.min(MAX_READ)).min(view.size().saturating_sub(offset));
-        if n == 0 {
-            return reply.data(&[]);
-        }
-        match self.handle.block_on(view.read_at(offset, n as usize)) {
+        match self.read_node(u64::from(ino), offset, size) {
             Ok(b) => reply.data(&b),
-            Err(e) => {
-                tracing::warn!("mount: reading {} bytes at {offset}: {e}", n);
-                reply.error(Errno::EIO)
-            }
+            Err(e) => reply.error(e),
         }
     }
 
@@ -121,16 +274,12 @@ impl Filesystem for BackupFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if u64::from(ino) != 1 {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let mut entries = vec![(1, FileType::Directory, ".".to_string())];
-        entries.push((1, FileType::Directory, "..".to_string()));
-        for (i, (n, _)) in self.disks.iter().enumerate() {
-            entries.push((i as u64 + 2, FileType::RegularFile, format!("{n}.img")));
-        }
+        let entries = match self.entries(u64::from(ino)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, OsStr::from_bytes(&name)) {
                 break;
             }
         }
@@ -142,6 +291,36 @@ impl Filesystem for BackupFs {
             let _ = tx.send(());
         }
     }
+}
+
+/// The readable filesystems of each disk: `(disk index, path under DIR/DISK, target)`.
+async fn volumes(
+    disks: &[(String, DiskView)],
+) -> Result<Vec<(usize, Vec<String>, FileTarget)>, FilesError> {
+    let mut out = Vec::new();
+    for (d, (name, view)) in disks.iter().enumerate() {
+        let l = crate::layout::disk_layout(view, name).await?;
+        let readable =
+            |f: &Option<crate::fsdetect::FsInfo>| f.as_ref().and_then(FsType::of).is_some();
+        let target = |partition, lv| FileTarget {
+            disk: name.clone(),
+            partition,
+            lv,
+            path: "/".into(),
+        };
+        if readable(&l.filesystem) {
+            out.push((d, Vec::new(), target(None, None)));
+        }
+        for p in l.partitions.iter().filter(|p| readable(&p.filesystem)) {
+            let n = p.partition.number;
+            out.push((d, vec![n.to_string()], target(Some(n), None)));
+        }
+        for lv in l.lvs.iter().filter(|lv| readable(&lv.filesystem)) {
+            let path = lv.name.split('/').map(str::to_string).collect();
+            out.push((d, path, target(None, Some(lv.name.clone()))));
+        }
+    }
+    Ok(out)
 }
 
 /// Mount backup `id` read-only at `dir` (an existing directory) until `shutdown`
@@ -163,8 +342,22 @@ pub async fn mount_backup(
         disks.push((d.spec.name.clone(), view));
     }
     let names: Vec<String> = disks.iter().map(|(n, _)| format!("{n}.img")).collect();
+    let vols = volumes(&disks).await?;
+    let handle = tokio::runtime::Handle::current();
+    let mut workers = Vec::with_capacity(vols.len());
+    for (d, _, target) in &vols {
+        workers.push(FsWorker::spawn(
+            disks[*d].1.clone(),
+            handle.clone(),
+            target.clone(),
+        )?);
+    }
+    let disk_names: Vec<String> = disks.iter().map(|(n, _)| n.clone()).collect();
+    let paths: Vec<(usize, Vec<String>)> = vols.into_iter().map(|(d, p, _)| (d, p)).collect();
     let (tx, ended) = tokio::sync::oneshot::channel();
     let fs = BackupFs {
+        table: Mutex::new(Table::build(&disk_names, &paths)),
+        workers,
         disks,
         handle: tokio::runtime::Handle::current(),
         uid: nix_ids().0,

@@ -943,7 +943,8 @@ fn mount_shows_disk_images_byte_equal() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["vda.img", "vdb.img"]);
+    // Beside the images, DISK/ holds the disk's readable filesystems (files_fs.rs).
+    assert_eq!(names, ["vda", "vda.img", "vdb", "vdb.img"]);
     sh(Command::new("cmp").arg(&vda).arg(dir.join("vda.img")));
     sh(Command::new("cmp").arg(&vdb).arg(dir.join("vdb.img")));
     // The check can fail: different disks differ.

@@ -16,6 +16,7 @@ mod failures;
 mod faults;
 mod files;
 mod files_api;
+mod files_fs;
 mod hardening;
 mod hosts;
 mod incremental;

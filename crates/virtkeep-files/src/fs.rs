@@ -1,0 +1,127 @@
+//! A read-only guest filesystem, whatever its type: each type is a backend behind
+//! [`GuestFs`], and `files ls/get/find` and `mount` are written once against it.
+//!
+//! Paths are absolute byte strings (`/etc/hostname`): guest names need not be UTF-8.
+//! Every backend reads an untrusted image: it bounds what it reads and returns
+//! [`FilesError::Filesystem`] for what it cannot make sense of, never panics.
+
+use std::io::{Read, Seek};
+
+use crate::error::FilesError;
+use crate::ext4::{EntryKind, MAX_PATH};
+use crate::fsdetect::FsInfo;
+
+/// Longest symlink target returned.
+pub const MAX_LINK: usize = 4096;
+
+/// What a filesystem says about one file, directory or link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsNode {
+    pub kind: EntryKind,
+    pub size: u64,
+    /// Permission bits (`0o7777`).
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, seconds since the epoch, and nanoseconds.
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    /// Identifies the node in its filesystem (equal for hard links); 0 when unknown.
+    pub ino: u64,
+    /// Link count (hard links share `ino`); 1 when unknown.
+    pub nlink: u32,
+}
+
+/// One entry of a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsEntry {
+    pub name: Vec<u8>,
+    pub node: FsNode,
+}
+
+/// A read-only guest filesystem (synchronous: used on a blocking thread).
+pub trait GuestFs {
+    /// Metadata of `path`, not following a final symlink.
+    fn stat(&mut self, path: &[u8]) -> Result<FsNode, FilesError>;
+    /// Entries of directory `path`, without `.` and `..`: at most `max`, and whether
+    /// there were more.
+    fn read_dir(&mut self, path: &[u8], max: usize) -> Result<(Vec<FsEntry>, bool), FilesError>;
+    /// Fills `buf` from file `path` at `offset` as far as the file goes; 0 at its end.
+    fn read(&mut self, path: &[u8], offset: u64, buf: &mut [u8]) -> Result<usize, FilesError>;
+    /// The target of symlink `path` (at most [`MAX_LINK`] bytes).
+    fn read_link(&mut self, path: &[u8]) -> Result<Vec<u8>, FilesError>;
+}
+
+/// The filesystem types read here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    Ext,
+    Fat,
+    Ntfs,
+}
+
+impl FsType {
+    /// The readable type of a recognised signature, if any.
+    pub fn of(info: &FsInfo) -> Option<FsType> {
+        match info.kind.as_str() {
+            "ext2" | "ext3" | "ext4" => Some(FsType::Ext),
+            "vfat" => Some(FsType::Fat),
+            "ntfs" => Some(FsType::Ntfs),
+            _ => None,
+        }
+    }
+}
+
+/// Opens the filesystem of type `t` spanning all `len` bytes of `r`.
+pub fn open_fs<R: Read + Seek + 'static>(
+    t: FsType,
+    r: R,
+    len: u64,
+) -> Result<Box<dyn GuestFs>, FilesError> {
+    match t {
+        FsType::Ext => Ok(Box::new(crate::ext4::ExtFs::open(r, 0, len)?)),
+        FsType::Fat => Ok(Box::new(crate::fat::FatFs::open(r, len)?)),
+        FsType::Ntfs => Ok(Box::new(crate::ntfs::NtfsFs::open(r, len)?)),
+    }
+}
+
+/// Checks a path from the user: absolute, bounded, no NUL.
+pub(crate) fn check_path(path: &str) -> Result<(), FilesError> {
+    if path.len() > MAX_PATH || !path.starts_with('/') || path.contains('\0') {
+        return Err(FilesError::InvalidPath(path.chars().take(200).collect()));
+    }
+    Ok(())
+}
+
+/// `dir/name` as a path.
+pub(crate) fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = dir.to_vec();
+    if !p.ends_with(b"/") {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+/// A path for messages (invalid UTF-8 replaced).
+pub(crate) fn show(path: &[u8]) -> String {
+    String::from_utf8_lossy(path).into_owned()
+}
+
+/// Reads until `buf` is full or the file ends; the number of bytes read.
+pub(crate) fn read_full(
+    fs: &mut dyn GuestFs,
+    path: &[u8],
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<usize, FilesError> {
+    let mut n = 0;
+    while n < buf.len() {
+        let k = fs.read(path, offset + n as u64, &mut buf[n..])?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}
