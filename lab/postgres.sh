@@ -12,7 +12,7 @@ set -euo pipefail
 cmd=${1:?usage: postgres.sh start|stop DIR}
 dir=${2:?usage: postgres.sh start|stop DIR}
 
-bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+bindir=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1)
 if [[ -z "$bindir" || ! -x "$bindir/initdb" ]]; then
   echo "postgres.sh: PostgreSQL is not installed (lab/install-deps.sh installs it)" >&2
   exit 3

@@ -215,4 +215,3 @@ async fn roll_back(host: &Host, name: &str, disks: &[LiveDisk]) {
         let _ = host.exec(&coreutils::rm_f(&d.path)).await;
     }
 }
-
