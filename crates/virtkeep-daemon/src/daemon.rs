@@ -71,8 +71,12 @@ struct State {
     stopping: bool,
     /// The catalog is shared with other nodes: jobs are claimed from it, not queued here.
     cluster: bool,
-    /// This node fires the schedules (always, alone on a SQLite catalog).
+    /// This node fires the schedules and runs the sync jobs (always, alone on a SQLite
+    /// catalog).
     leading: bool,
+    /// The `[sync.NAME]` tasks, running while this node leads: a sync runs once for the
+    /// cluster, like a schedule.
+    syncs: Vec<tokio::task::JoinHandle<()>>,
     /// When the heartbeat (lease renewal, lead, takeover of dead nodes' jobs) is due.
     next_beat: tokio::time::Instant,
 }
@@ -104,11 +108,11 @@ pub async fn run(
         stopping: false,
         cluster: catalog.shared(),
         leading: false,
+        syncs: Vec::new(),
         next_beat: tokio::time::Instant::now(),
     };
     st.register()?;
     st.recover().await?;
-    let syncs = crate::sync_jobs::spawn(env.clone());
     api(env.clone(), catalog.clone(), progress, submit_tx)?;
 
     tokio::pin!(shutdown);
@@ -130,7 +134,7 @@ pub async fn run(
 
     // Shutdown: nothing new starts; queued jobs stay queued in the catalog for the next start.
     // A sync stopped mid-copy publishes nothing of that backup (docs/format.md).
-    syncs.iter().for_each(|s| s.abort());
+    st.syncs.drain(..).for_each(|s| s.abort());
     st.stopping = true;
     let running = st.queue.running();
     tracing::info!(running, mode = ?env.daemon.shutdown, "shutting down");
@@ -353,9 +357,11 @@ impl State {
             tracing::info!(node = %self.env.daemon.node, "this node leads: it fires the schedules");
             // Where the previous leader left the schedules, as at a start.
             self.init_schedules()?;
+            self.syncs = crate::sync_jobs::spawn(self.env.clone());
         } else if !lead && self.leading {
             tracing::warn!(node = %self.env.daemon.node, "this node lost the lead");
             self.next.clear();
+            self.syncs.drain(..).for_each(|s| s.abort());
         }
         self.leading = lead;
         let t = now();
@@ -374,7 +380,7 @@ impl State {
             tracing::warn!(job = j.id, host = %j.host, vm = %j.vm, node = ?j.node, "job left running by a stopped daemon: marked failed");
             match self.env.connect(&j.host).await {
                 Ok(h) => {
-                    let healed = task::heal_after_interruption(&h, &j.vm).await;
+                    let healed = task::heal_taken_over(&h, &j.vm).await;
                     if !healed.is_empty() {
                         tracing::info!(job = j.id, "healed: {}", healed.join("; "));
                     }
