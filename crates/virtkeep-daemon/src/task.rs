@@ -160,13 +160,36 @@ fn error_text(e: &EngineError) -> String {
     }
 }
 
-/// Returns a VM that an interrupted job left on overlays to its own files.
+/// Returns a VM that an interrupted job of this node left on overlays to its own files
+/// (the job's future is dropped; its lock goes with it).
 pub async fn heal_after_interruption(host: &Host, vm: &str) -> Vec<String> {
     let Ok(v) = virtkeep_engine::vm::Vm::find(host, vm).await else {
         return Vec::new();
     };
-    let _ = heal::stop_job_exports(host, &v.uuid).await;
-    match heal::heal_vm(host, &v.uuid, false).await {
+    heal_uuid(host, &v.uuid).await
+}
+
+/// Heals the VM of a job taken over from a node whose lease expired: under the VM's
+/// lock, as `cleanup` does. That node may only be cut off from the catalog and still be
+/// backing the VM up, and healing would undo its snapshot mid-run; the lock of a node
+/// that really died goes with its SSH session within seconds.
+pub async fn heal_taken_over(host: &Host, vm: &str) -> Vec<String> {
+    use virtkeep_engine::cleanup::CLEANUP_LOCK_WAIT_SECS;
+    let Ok(v) = virtkeep_engine::vm::Vm::find(host, vm).await else {
+        return Vec::new();
+    };
+    let lock = match host.lock_vm(&v.uuid, CLEANUP_LOCK_WAIT_SECS).await {
+        Ok(lock) => lock,
+        Err(e) => return vec![format!("not healed: {e}")],
+    };
+    let actions = heal_uuid(host, &v.uuid).await;
+    lock.release().await;
+    actions
+}
+
+async fn heal_uuid(host: &Host, uuid: &str) -> Vec<String> {
+    let _ = heal::stop_job_exports(host, uuid).await;
+    match heal::heal_vm(host, uuid, false).await {
         Ok(r) => r.actions,
         Err(e) => vec![format!("healing failed: {e}")],
     }
