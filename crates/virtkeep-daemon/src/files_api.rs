@@ -416,7 +416,16 @@ async fn download(
     let t = parse_target(raw)?;
     let (permit, repo) = begin(s, &id, q.repository.as_deref()).await?;
     let (size, name) = file_size(&repo, &id, &t).await?;
-    let f = local_copy(&repo, &id, &t, size).await?;
+    // The copy runs in a task of its own that holds the permit: when `request_timeout`
+    // drops this handler, the copy still counts against MAX_FILE_REQUESTS until it ends
+    // and still removes its temporary directory.
+    let (copied, permit) = tokio::spawn(async move {
+        let copied = local_copy(&repo, &id, &t, size).await;
+        (copied, permit)
+    })
+    .await
+    .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let f = copied?;
     let mut r = Response::new(stream(f, permit));
     let h = r.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
