@@ -48,6 +48,9 @@ impl LiveBackup {
                 "backup {id} is of a UEFI domain (it has an NVRAM store): booting it from the repository is not supported yet"
             )));
         }
+        // Booting the backup's XML runs what it says: QEMU passthrough is refused, as a
+        // restore with --define refuses it without --allow-qemu-passthrough.
+        crate::restore::check_passthrough(&manifest, false)?;
         let server = virtkeep_files::backup_server(repo, id, DiskViewOptions::default())
             .await
             .map_err(|e| Error::new(ErrorKind::Repository, format!("serving backup {id}: {e}")))?;

@@ -19,7 +19,7 @@ use virtkeep_libvirt::{Isolation, NewSource, Rewrite, coreutils, isolate_for_boo
 use crate::error::{Error, Result};
 use crate::host::{Deadline, Host};
 use crate::live::LiveBackup;
-use crate::restore::{Storage, destination};
+use crate::restore::{Storage, check_on_host, check_path, destination};
 
 /// Failpoint: held (until a line on stdin) once the domain runs, before the copy.
 pub const HOLD_BEFORE_COPY: &str = "live-restore-running";
@@ -109,13 +109,16 @@ async fn plan(host: &Host, live: &LiveBackup, name: &str) -> Result<Vec<LiveDisk
             &d.spec.target,
             "qcow2",
         );
-        if !path.starts_with('/') {
+        if d.spec.backend != virtkeep_repo::Storage::File {
             return Err(Error::unsupported(format!(
                 "disk {} was not a file ({}): live restore handles file disks so far",
                 d.spec.target, d.spec.source
             )));
         }
-        if host.exec(&coreutils::exists(&path)).await?.status == 0 {
+        // The directory comes from the backup (untrusted): canonical, no symlink on the
+        // way, nothing there yet — the checks of every file restore.
+        check_path(&path)?;
+        if check_on_host(host, &path).await? {
             return Err(Error::conflict(format!("{path} exists on {}", host.name))
                 .hint("choose another --name"));
         }

@@ -111,7 +111,7 @@ impl Destination for FileDest {
 
 /// What the host says about a file destination: whether it exists (as a regular file);
 /// refuses a path whose parents or leaf are symlinks, or that is not a regular file.
-pub(super) async fn check_on_host(host: &Host, path: &str) -> Result<bool> {
+pub(crate) async fn check_on_host(host: &Host, path: &str) -> Result<bool> {
     // `realpath -m` resolves every symlink along the path, existing or not: a canonical
     // path it changes goes through a symlink somewhere.
     let out = host.run_string(&sh::resolve_and_classify(path)).await?;

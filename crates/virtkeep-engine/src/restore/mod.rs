@@ -39,6 +39,10 @@ use std::time::Instant;
 
 pub use options::{RestoreOptions, RestoreResult, RestoredDisk, Storage};
 pub use place::destination;
+// Live restore makes file destinations too: it refuses them by the same rules.
+pub(crate) use file::check_on_host;
+pub(crate) use guard::check_path;
+pub(crate) use refuse::check_passthrough;
 
 use crate::error::Result;
 use crate::host::Host;

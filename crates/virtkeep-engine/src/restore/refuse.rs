@@ -65,7 +65,7 @@ const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
 /// A backup's XML may hand arbitrary arguments to QEMU (run as root's delegate on the
 /// host): defined only when the user says so.
-fn check_passthrough(manifest: &virtkeep_repo::Manifest, allowed: bool) -> Result<()> {
+pub(crate) fn check_passthrough(manifest: &virtkeep_repo::Manifest, allowed: bool) -> Result<()> {
     if allowed || !manifest.domain_xml.contains(QEMU_NS) {
         return Ok(());
     }

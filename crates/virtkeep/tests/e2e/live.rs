@@ -533,3 +533,48 @@ fn verify_boot_interrupted_leaves_nothing() {
     assert!(v["error"].is_object(), "{v:#}");
     assert_nothing_left(&serde_json::json!({ "domain": dom }));
 }
+
+/// A backup whose XML passes arguments to QEMU (`<qemu:commandline>`) is neither booted
+/// by `verify --boot` nor by `restore --live`: both run the backup's XML as it is, and a
+/// plain restore defines it only with `--allow-qemu-passthrough`. Nothing is left.
+#[test]
+fn booting_refuses_qemu_passthrough() {
+    let node = Node::new();
+    let vm = sector_vm("vqpass", &marker_sector("VKT-QPASS"));
+    let xml = lab().virsh(&["dumpxml", "--inactive", "--domain", &vm.name]);
+    let xml = xml
+        .replacen(
+            "<domain type=",
+            "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' type=",
+            1,
+        )
+        .replacen(
+            "</devices>",
+            "</devices><qemu:commandline><qemu:arg value='-no-reboot'/></qemu:commandline>",
+            1,
+        );
+    let file = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(file.path(), xml).expect("write xml");
+    lab().virsh(&["define", &file.path().display().to_string()]);
+    let b = node.backup(&vm.name, &[]);
+    let id = b["id"].as_str().expect("id");
+
+    let out = node.run(&["verify", id, "--boot", "--to", HOST, "--timeout", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("passthrough"), "{err}");
+
+    let new_name = unique_name("vqpass-new");
+    let out = node.run(&["restore", id, "--to", HOST, "--live", "--name", &new_name]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("passthrough"), "{err}");
+    assert!(
+        lab()
+            .try_virsh(&["domstate", "--domain", &new_name])
+            .is_err(),
+        "{new_name} was defined"
+    );
+    let dest = lab().pool_dir.join(format!("{new_name}-vda.qcow2"));
+    assert!(!dest.exists(), "{} was created", dest.display());
+}
