@@ -70,9 +70,16 @@ struct Copier<'a> {
     links: HashMap<u64, PathBuf>,
     /// Directory inodes entered: a corrupt tree that loops is cut.
     dirs_seen: HashSet<u64>,
+    /// Directories entered above the current one: the copy recurses, and a corrupt
+    /// tree whose directories get new inode numbers at each level must not exhaust the
+    /// stack (seen: a damaged FAT image overflowed it).
+    depth: usize,
     entries: u64,
     buf: Vec<u8>,
 }
+
+/// Deepest directory level copied; deeper ones are skipped and reported.
+pub const MAX_DEPTH: usize = 128;
 
 fn local_err(path: &Path, e: std::io::Error) -> FilesError {
     FilesError::Local {
@@ -132,6 +139,7 @@ pub fn get_fs(
         sum: GetSummary::default(),
         links: HashMap::new(),
         dirs_seen: HashSet::new(),
+        depth: 0,
         entries: 0,
         buf: vec![0u8; BUF],
     };
@@ -208,6 +216,10 @@ impl Copier<'_> {
             self.skip(src, "directory loop");
             return Ok(());
         }
+        if self.depth >= MAX_DEPTH {
+            self.skip(src, "more than 128 directory levels deep");
+            return Ok(());
+        }
         if !self.prepare(dest, true, merge)? {
             std::fs::DirBuilder::new()
                 .mode(0o700)
@@ -218,6 +230,7 @@ impl Copier<'_> {
         let left = self.opts.max_entries.saturating_sub(self.entries);
         let max = usize::try_from(left.saturating_add(1)).unwrap_or(usize::MAX);
         let (entries, _) = self.fs.read_dir(src, max)?;
+        self.depth += 1;
         for e in entries {
             let child = join(src, &e.name);
             let Some(local) = safe_name(&e.name) else {
@@ -226,6 +239,7 @@ impl Copier<'_> {
             };
             self.copy(&child, &dest.join(local), &e.node, false)?;
         }
+        self.depth -= 1;
         // Mode and time last: writing the entries above changed the time, and a
         // read-only mode would have stopped them.
         let d = std::fs::OpenOptions::new()
