@@ -73,8 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Host> {
-    let config = settings.config.host(name)?;
-    Ok(Host::connect(name, config, &settings.known_hosts()).await?)
+    settings.connect(name).await
 }
 
 fn parse_ssh(spec: &str) -> anyhow::Result<(String, String, u16)> {

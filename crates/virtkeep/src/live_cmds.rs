@@ -5,7 +5,6 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use virtkeep_engine::host::Host;
 use virtkeep_engine::verify_boot::{BootVerifyOptions, BootVerifyReport, verify_boot as run};
 
 use crate::cli::{RestoreArgs, VerifyArgs};
@@ -21,7 +20,9 @@ pub async fn verify_boot(
     let repo = settings.open_repo(&args.repo).await?;
     let spec = args.snapshot.as_deref().unwrap_or_default();
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, spec).await?;
-    let host = connect(settings, args.boot.to.as_deref().unwrap_or_default()).await?;
+    let host = settings
+        .connect(args.boot.to.as_deref().unwrap_or_default())
+        .await?;
     let opts = BootVerifyOptions {
         timeout: Duration::from_secs(args.boot.timeout),
         expect_serial: args.boot.expect_serial.clone(),
@@ -74,11 +75,6 @@ fn write_report(dir: &Path, r: &BootVerifyReport) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Host> {
-    let config = settings.config.host(name)?;
-    Ok(Host::connect(name, config, &settings.known_hosts()).await?)
-}
-
 /// Returns once every disk is copied and nothing refers to the node any more.
 pub async fn restore_live(
     settings: &Settings,
@@ -87,7 +83,9 @@ pub async fn restore_live(
 ) -> anyhow::Result<ExitCode> {
     let repo = settings.open_repo(&args.repo).await?;
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
-    let host = connect(settings, args.to.as_deref().unwrap_or_default()).await?;
+    let host = settings
+        .connect(args.to.as_deref().unwrap_or_default())
+        .await?;
     let name = args.name.as_deref().unwrap_or_default();
     if !json {
         eprintln!("starting {name} on backup {id}; its disks are copied while it runs");

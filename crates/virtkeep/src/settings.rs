@@ -56,6 +56,12 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Connects to host `name` of the configuration.
+    pub async fn connect(&self, name: &str) -> anyhow::Result<virtkeep_engine::host::Host> {
+        let config = self.config.host(name)?;
+        Ok(virtkeep_engine::host::Host::connect(name, config, &self.known_hosts()).await?)
+    }
+
     pub fn load(explicit: Option<&Path>) -> anyhow::Result<Settings> {
         let path = explicit
             .map(Path::to_path_buf)
