@@ -265,6 +265,9 @@ pub trait Store: Send + Sync {
     fn forget_jobs(&self, ids: &[i64]) -> Result<usize>;
     /// Per-VM figures for `/metrics`.
     fn vm_stats(&self) -> Result<Vec<VmStats>>;
+    /// The newest `per_vm` backup jobs of every VM, by host, VM and newest first, in one
+    /// query (the web console's dashboard).
+    fn recent_backups(&self, per_vm: u32) -> Result<Vec<JobRecord>>;
     /// Number of jobs per status.
     fn status_counts(&self) -> Result<Vec<(String, i64)>>;
 

@@ -684,6 +684,17 @@ impl Store for PgStore {
         })
     }
 
+    fn recent_backups(&self, per_vm: u32) -> Result<Vec<JobRecord>> {
+        self.query_jobs(
+            "listing jobs",
+            "WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER
+                 (PARTITION BY host, vm ORDER BY id DESC) AS n FROM jobs WHERE kind = 'backup') AS r
+               WHERE n <= $1)
+             ORDER BY host, vm, id DESC",
+            &[&i64::from(per_vm)],
+        )
+    }
+
     fn vm_stats(&self) -> Result<Vec<VmStats>> {
         self.run("reading metrics", async |c| {
             let rows = c

@@ -629,6 +629,16 @@ impl Store for SqliteStore {
         Ok(deleted)
     }
 
+    fn recent_backups(&self, per_vm: u32) -> Result<Vec<JobRecord>> {
+        self.query_jobs(
+            "WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER
+                 (PARTITION BY host, vm ORDER BY id DESC) AS n FROM jobs WHERE kind = 'backup')
+               WHERE n <= ?1)
+             ORDER BY host, vm, id DESC",
+            params![per_vm],
+        )
+    }
+
     fn vm_stats(&self) -> Result<Vec<VmStats>> {
         let c = self.conn();
         let mut st = c
