@@ -103,14 +103,25 @@ impl ApiState {
     /// The scope of the token `given`, if it is one. Every token is compared, whichever
     /// matches, so timing tells nothing about which (tokens are unique, see load_tokens).
     pub(crate) fn token_scope(&self, given: &[u8]) -> Option<Scope> {
+        self.token_match(given).map(|(scope, _)| scope)
+    }
+
+    /// The scope and the index (in `tokens`) of the token `given`, if it is one; every
+    /// token is compared, as in [`ApiState::token_scope`]. The web console counts its
+    /// sessions per token by the index.
+    pub(crate) fn token_match(&self, given: &[u8]) -> Option<(Scope, usize)> {
         let mut found = 0u8;
-        for t in &self.tokens {
+        let mut index = 0u32;
+        for (i, t) in self.tokens.iter().enumerate() {
             let level = t.scope as u8 + 1;
-            found = u8::conditional_select(&found, &level, given.ct_eq(&t.secret));
+            let hit = given.ct_eq(&t.secret);
+            found = u8::conditional_select(&found, &level, hit);
+            index = u32::conditional_select(&index, &(i as u32), hit);
         }
         [Scope::Read, Scope::Operate, Scope::Admin]
             .into_iter()
             .find(|s| *s as u8 + 1 == found)
+            .map(|s| (s, index as usize))
     }
 }
 
@@ -819,6 +830,7 @@ pub fn serve(state: ApiState, api: &ApiConfig) -> Result<std::net::SocketAddr> {
         Some(tls) => {
             let inner = crate::tls::TlsListener::new(listener, tls).map_err(fail)?;
             tokio::spawn(async move {
+                let app = app.into_make_service_with_connect_info::<crate::idle::PeerAddr>();
                 if let Err(e) = axum::serve(IdleLimit { inner, limit }, app).await {
                     tracing::error!("API server stopped: {e}");
                 }
@@ -827,6 +839,7 @@ pub fn serve(state: ApiState, api: &ApiConfig) -> Result<std::net::SocketAddr> {
         None => {
             tokio::spawn(async move {
                 let inner = listener;
+                let app = app.into_make_service_with_connect_info::<crate::idle::PeerAddr>();
                 if let Err(e) = axum::serve(IdleLimit { inner, limit }, app).await {
                     tracing::error!("API server stopped: {e}");
                 }

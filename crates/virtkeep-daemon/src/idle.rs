@@ -32,6 +32,21 @@ impl<L: axum::serve::Listener> axum::serve::Listener for IdleLimit<L> {
     }
 }
 
+/// The client's address, recorded for each request (`ConnectInfo<PeerAddr>`): the web
+/// console throttles failed logins per address.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+impl<L> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, IdleLimit<L>>>
+    for PeerAddr
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, IdleLimit<L>>) -> Self {
+        PeerAddr(*s.remote_addr())
+    }
+}
+
 /// A connection whose reads and writes fail with `TimedOut` once nothing moved for `limit`.
 pub struct IdleIo<T> {
     inner: T,

@@ -14,7 +14,7 @@ use maud::{Markup, html};
 use serde::{Deserialize, Serialize};
 use virtkeep_engine::plan::ModeRequest;
 
-use super::view::{Viewer, WebState, bytes, layout, page_error};
+use super::view::{MAX_STREAMS, Viewer, WebState, blocking, bytes, layout, page_error};
 use crate::catalog::{JobFilter, JobRecord, JobStatus, NewJob, now};
 use crate::daemon::{CancelReply, Control};
 use crate::error::DaemonError;
@@ -131,15 +131,17 @@ pub async fn list(
         return page_error(StatusCode::BAD_REQUEST, "Bad filter", "Name too long.");
     }
     let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let jobs = match s.api.catalog.jobs(&JobFilter {
+    let filter = JobFilter {
         status,
         host: nonempty(&q.host),
         vm: nonempty(&q.vm),
         run_id: None,
         limit: Some(q.limit.unwrap_or(100).min(MAX_LIMIT)),
-    }) {
-        Ok(j) => j,
-        Err(e) => {
+    };
+    let jobs = match blocking(&s, move |s| s.api.catalog.jobs(&filter)).await {
+        Err(r) => return r,
+        Ok(Ok(j)) => j,
+        Ok(Err(e)) => {
             return page_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Catalog error",
@@ -172,7 +174,7 @@ pub async fn show(
     Extension(v): Extension<Viewer>,
     Path(id): Path<i64>,
 ) -> Response {
-    let j = match s.api.catalog.job(id) {
+    let j = match job(&s, id).await {
         Ok(j) => j,
         Err(DaemonError::NoSuchJob(_)) => {
             return page_error(
@@ -220,9 +222,20 @@ pub async fn show(
             (field("Note", j.note.clone()))
         }
         (cancel_button(&j, &v))
+        @if let (Some(id), "backup", JobStatus::Succeeded) = (&j.snapshot, j.kind.as_str(), j.status) {
+            p { a href={"/ui/files?snapshot=" (id)} { "Browse the files of backup " (id) } }
+        }
         p { a href="/ui/jobs" { "All jobs" } }
     };
     layout(&format!("Job {id}"), Some(&v), body).into_response()
+}
+
+/// Job `id` from the catalog (read on a blocking thread).
+async fn job(s: &Arc<WebState>, id: i64) -> crate::Result<JobRecord> {
+    match blocking(s, move |s| s.api.catalog.job(id)).await {
+        Ok(r) => r,
+        Err(_) => Err(DaemonError::NoSuchJob(id)),
+    }
 }
 
 /// One server-sent `progress` event.
@@ -242,9 +255,17 @@ struct Tick {
 const TICK: Duration = Duration::from_secs(1);
 
 /// The job's progress once a second until it ends (then one last event, and the stream
-/// closes); a vanished job closes the stream too.
+/// closes); a vanished job closes the stream too. At most [`MAX_STREAMS`] streams are
+/// open at once (each holds a slot until it closes); more are answered 503.
 pub async fn events(State(s): State<Arc<WebState>>, Path(id): Path<i64>) -> Response {
-    if s.api.catalog.job(id).is_err() {
+    let Ok(slot) = s.streams.clone().try_acquire_owned() else {
+        return page_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many live views",
+            &format!("{MAX_STREAMS} live views are open; try again shortly."),
+        );
+    };
+    if job(&s, id).await.is_err() {
         return page_error(
             StatusCode::NOT_FOUND,
             "No such job",
@@ -252,15 +273,15 @@ pub async fn events(State(s): State<Arc<WebState>>, Path(id): Path<i64>) -> Resp
         );
     }
     let stream = futures::stream::unfold(
-        (s, 0u64, false, true),
-        move |(s, last, ended, first)| async move {
+        (s, slot, 0u64, false, true),
+        move |(s, slot, last, ended, first)| async move {
             if ended {
                 return None;
             }
             if !first {
                 tokio::time::sleep(TICK).await;
             }
-            let job = s.api.catalog.job(id).ok()?;
+            let job = job(&s, id).await.ok()?;
             let p = s
                 .api
                 .progress
@@ -282,7 +303,10 @@ pub async fn events(State(s): State<Arc<WebState>>, Path(id): Path<i64>) -> Resp
                 done,
             };
             let ev = Event::default().event("progress").json_data(&tick).ok()?;
-            Some((Ok::<_, Infallible>(ev), (s, p.bytes_done, done, false)))
+            Some((
+                Ok::<_, Infallible>(ev),
+                (s, slot, p.bytes_done, done, false),
+            ))
         },
     );
     Sse::new(stream)
@@ -305,7 +329,7 @@ pub async fn cancel(
     if let Some(r) = v.bad_csrf(&f.csrf) {
         return r;
     }
-    let job = match s.api.catalog.job(id) {
+    let job = match job(&s, id).await {
         Ok(j) => j,
         Err(_) => {
             return page_error(
@@ -351,15 +375,32 @@ pub async fn cancel(
 pub struct BackupForm {
     #[serde(default)]
     csrf: String,
-    /// `HOST/VM`.
-    #[serde(default)]
+    /// `HOST/VM` (`t`: the dashboard's buttons, terse for its size).
+    #[serde(default, alias = "t")]
     target: String,
     #[serde(default)]
     mode: ModeRequest,
 }
 
-/// Queues a job in the catalog and hands it to the daemon, as `POST /api/jobs` does.
-pub fn submit(
+/// What [`submit`] queues.
+pub struct Submission {
+    pub host: String,
+    pub vm: String,
+    pub policy: Option<String>,
+    pub request: JobRequest,
+}
+
+/// Queues a job in the catalog and hands it to the daemon, as `POST /api/jobs` does
+/// (the catalog written on a blocking thread).
+pub async fn submit(s: &Arc<WebState>, j: Submission) -> Result<i64, Box<Response>> {
+    blocking(s, move |s| {
+        submit_now(s, &j.host, &j.vm, j.policy.as_deref(), &j.request)
+    })
+    .await
+    .map_err(Box::new)?
+}
+
+fn submit_now(
     s: &WebState,
     host: &str,
     vm: &str,
@@ -467,7 +508,13 @@ pub async fn start_backup(
         policy: policy.clone(),
         mode: f.mode,
     };
-    match submit(&s, host, vm, policy.as_deref(), &request) {
+    let job = Submission {
+        host: host.to_string(),
+        vm: vm.to_string(),
+        policy,
+        request,
+    };
+    match submit(&s, job).await {
         Ok(id) => Redirect::to(&format!("/ui/jobs/{id}")).into_response(),
         Err(r) => *r,
     }

@@ -7,10 +7,13 @@
 //! on any POST is refused before a handler runs. CSS and JS are compiled in; the
 //! Content-Security-Policy allows nothing but this origin. docs/daemon.md ("Web console").
 
+mod files;
 mod jobs;
 mod pages;
+mod repo_stats;
 mod restore;
 mod session;
+mod throttle;
 mod view;
 
 use std::sync::Arc;
@@ -25,7 +28,6 @@ use maud::html;
 use serde::Deserialize;
 
 use crate::api::ApiState;
-use crate::scope::Scope;
 use session::Sessions;
 use view::{Viewer, WebState, layout, page_error};
 
@@ -47,6 +49,9 @@ pub fn router<S>(api: Arc<ApiState>) -> Router<S> {
     let state = Arc::new(WebState {
         api,
         sessions: Sessions::default(),
+        throttle: throttle::Throttle::default(),
+        repo_stats: repo_stats::RepoStats::default(),
+        streams: Arc::new(tokio::sync::Semaphore::new(view::MAX_STREAMS)),
         secure,
     });
     let private = Router::new()
@@ -56,6 +61,8 @@ pub fn router<S>(api: Arc<ApiState>) -> Router<S> {
         .route("/ui/jobs/{id}/events", get(jobs::events))
         .route("/ui/jobs/{id}/cancel", post(jobs::cancel))
         .route("/ui/backup", post(jobs::start_backup))
+        .route("/ui/files", get(files::browse))
+        .route("/ui/files/download", get(files::download))
         .route("/ui/policies", get(pages::policies))
         .route("/ui/hosts", get(pages::hosts))
         .route("/ui/hosts/{host}", get(pages::host_vms))
@@ -198,10 +205,17 @@ pub struct LoginForm {
     csrf: String,
 }
 
+/// The client's address, when the server recorded it (`ConnectInfo`).
+fn peer(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    ext.get::<axum::extract::ConnectInfo<crate::idle::PeerAddr>>()
+        .map(|c| c.0.0.ip())
+}
+
 /// Checks the token as the API does; a good one gets a session cookie, a wrong one the
-/// login page again (401).
+/// login page again (401). An address that sent too many wrong tokens gets 429.
 async fn login(
     State(s): State<Arc<WebState>>,
+    ext: axum::http::Extensions,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
@@ -217,6 +231,17 @@ async fn login(
         )
             .into_response()
     };
+    let ip = peer(&ext);
+    if let Err(wait) = s.throttle.check(ip, std::time::Instant::now()) {
+        let secs = wait.as_secs().max(1);
+        let mut r = again(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("Too many wrong tokens from your address. Try again in {secs} s."),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return r;
+    }
     if f.csrf.is_empty() || !bool::from(f.csrf.as_bytes().ct_eq(expected.as_bytes())) {
         return again(
             StatusCode::FORBIDDEN,
@@ -224,13 +249,20 @@ async fn login(
         );
     }
     let token = f.token.trim();
-    let scope: Option<Scope> = (token.len() <= MAX_TOKEN_LEN)
-        .then(|| s.api.token_scope(token.as_bytes()))
+    let found = (token.len() <= MAX_TOKEN_LEN)
+        .then(|| s.api.token_match(token.as_bytes()))
         .flatten();
-    let Some(scope) = scope else {
+    let Some((scope, index)) = found else {
+        s.throttle.failed(ip, std::time::Instant::now());
         return again(StatusCode::UNAUTHORIZED, "Wrong token.");
     };
-    let id = s.sessions.create(scope);
+    s.throttle.succeeded(ip);
+    let Some(id) = s.sessions.create(scope, index) else {
+        return again(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many sessions are open; try again later.",
+        );
+    };
     let mut r = Redirect::to("/ui/").into_response();
     let h = r.headers_mut();
     h.append(

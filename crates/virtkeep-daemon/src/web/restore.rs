@@ -12,7 +12,7 @@ use serde::Deserialize;
 use virtkeep_engine::progress::NoProgress;
 use virtkeep_engine::restore::{RestoreOptions, RestoreResult, restore};
 
-use super::jobs::submit;
+use super::jobs::{Submission, submit};
 use super::view::{Viewer, WebState, bytes, layout, page_error};
 use crate::scope::Action;
 use crate::task::{JobRequest, open_repository, parse_storage};
@@ -264,7 +264,13 @@ pub async fn run(
     let vm = Choice::opt(&c.name)
         .or_else(|| Choice::opt(&c.vm))
         .unwrap_or_else(|| c.snapshot.clone());
-    match submit(&s, &c.host, &vm, None, &request) {
+    let job = Submission {
+        host: c.host.clone(),
+        vm,
+        policy: None,
+        request,
+    };
+    match submit(&s, job).await {
         Ok(id) => Redirect::to(&format!("/ui/jobs/{id}")).into_response(),
         Err(r) => *r,
     }

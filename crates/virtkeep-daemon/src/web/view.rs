@@ -7,15 +7,37 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 
+use super::repo_stats::RepoStats;
 use super::session::{Session, Sessions};
+use super::throttle::Throttle;
 use crate::api::ApiState;
 use crate::scope::{self, Action};
 
 pub struct WebState {
     pub api: Arc<ApiState>,
     pub sessions: Sessions,
+    pub throttle: Throttle,
+    pub repo_stats: RepoStats,
+    /// Live-progress streams open now (at most [`MAX_STREAMS`]).
+    pub streams: Arc<tokio::sync::Semaphore>,
     /// Cookies get `Secure` (the API serves HTTPS).
     pub secure: bool,
+}
+
+/// Server-sent-event streams open at once; more are answered 503 (each polls the
+/// catalog once a second).
+pub const MAX_STREAMS: usize = 64;
+
+/// Runs `f` (catalog calls: SQLite, or PostgreSQL waited for on a thread) on a blocking
+/// thread, off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    s: &Arc<WebState>,
+    f: impl FnOnce(&WebState) -> T + Send + 'static,
+) -> Result<T, Response> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || f(&s))
+        .await
+        .map_err(|e| page_error(StatusCode::INTERNAL_SERVER_ERROR, "Error", &e.to_string()))
 }
 
 /// The logged-in browser: its session id and what it may do.

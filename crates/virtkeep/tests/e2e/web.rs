@@ -374,14 +374,106 @@ fn job_id(a: &Answer) -> String {
 /// The console over HTTP, end to end: log in, start a backup from the dashboard and
 /// follow it live, cancel a queued one, the read-only pages, scopes, the restore wizard
 /// (plan writes nothing, run restores the bytes), log out.
+/// A VM whose vda holds a GPT with partition 1 = ext4 of `files::make_content`
+/// (`/etc/hostname` = "files-test\n"), for the Files pages.
+fn ext4_vm(name: &str, dir: &std::path::Path) -> TestVm {
+    use crate::files::{make_content, sh};
+    use std::process::Command;
+    let vm = TestVm::builder(name)
+        .raw_disk(48 * MIB)
+        .running(false)
+        .build();
+    let vda = vm.disk("vda").path.clone().expect("vda file");
+    sh(Command::new("sgdisk")
+        .args(["-n", "1:2048:+40M", "-t", "1:8300", "-c", "1:web"])
+        .arg(&vda));
+    let content = dir.join("content");
+    make_content(&content);
+    let img = dir.join("fs.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(40 * MIB))
+        .expect("fs image");
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "web", "-d"])
+        .arg(&content)
+        .arg(&img));
+    sh(Command::new("dd")
+        .arg(format!("if={}", img.display()))
+        .arg(format!("of={}", vda.display()))
+        .args(["bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"]));
+    vm
+}
+
+/// The Files pages: the layout, a directory, a download, and refusals.
+fn check_files(port: u16, b: &Browser, snapshot: &str) {
+    let disks = get(
+        port,
+        &format!("/ui/files?snapshot={snapshot}"),
+        Some(&b.cookie),
+    );
+    assert_eq!(disks.status, 200, "{}", disks.body);
+    assert!(
+        disks.body.contains("partition 1") && disks.body.contains("ext4"),
+        "{}",
+        disks.body
+    );
+    let etc = format!("/ui/files?snapshot={snapshot}&path=vda%3A1%3A%2Fetc");
+    let dir = get(port, &etc, Some(&b.cookie));
+    assert_eq!(dir.status, 200, "{}", dir.body);
+    let link =
+        format!("/ui/files/download?snapshot={snapshot}&amp;path=vda%3A1%3A%2Fetc%2Fhostname");
+    assert!(dir.body.contains(&link), "{}", dir.body);
+    assert!(dir.body.contains("sub/</a>"), "{}", dir.body);
+    let file = get(port, &link.replace("&amp;", "&"), Some(&b.cookie));
+    assert_eq!(file.status, 200, "{}", file.body);
+    assert_eq!(file.body, "files-test\n");
+    assert!(
+        file.header("content-disposition")
+            .is_some_and(|d| d.starts_with("attachment; filename=\"hostname\"")),
+        "{:?}",
+        file.headers
+    );
+    let escape = format!("/ui/files?snapshot={snapshot}&path=vda%3A1%3A%2Fetc%2F..%2F..");
+    assert_eq!(get(port, &escape, Some(&b.cookie)).status, 400);
+    let missing = format!("/ui/files/download?snapshot={snapshot}&path=vda%3A1%3A%2Fnope");
+    let a = get(port, &missing, Some(&b.cookie));
+    assert_eq!(a.status, 404, "{}", a.body);
+    assert!(
+        a.body.contains("role=\"alert\""),
+        "an error page: {}",
+        a.body
+    );
+    assert_eq!(
+        get(port, "/ui/files?snapshot=..", Some(&b.cookie)).status,
+        400
+    );
+}
+
+/// Wrong tokens from one address: after 5 the login answers 429 (even a right token).
+fn check_login_throttle(port: u16) {
+    for i in 0..6 {
+        let page = get(port, "/ui/login", None);
+        let (pre, _) = page.cookie("vk_login").expect("login cookie");
+        let token = if i == 5 { ADMIN } else { "wrong" };
+        let a = post(
+            port,
+            "/ui/login",
+            Some(&format!("vk_login={pre}")),
+            &[("token", token), ("csrf", &csrf_of(&page.body))],
+        );
+        let want = if i < 5 { 401 } else { 429 };
+        assert_eq!(a.status, want, "try {i}: {}", a.body);
+        if i == 5 {
+            assert!(a.header("retry-after").is_some(), "{:?}", a.headers);
+            assert!(a.cookie("vk_session").is_none());
+        }
+    }
+}
+
 #[test]
 fn web_console_over_http() {
     let node = Node::new();
-    let vm = TestVm::builder("vkw-http")
-        .qcow2_disk(16 * MIB)
-        .running(false)
-        .build();
-    vm.write_pattern("vda", 0x77, 0, 3 * MIB);
+    let vm = ext4_vm("vkw-http", node.dir.path());
     let sum = vm.disk_checksum("vda");
     let port = free_port();
     web_config(
@@ -466,6 +558,20 @@ fn web_console_over_http() {
     let dash = get(port, "/ui/", Some(&op.cookie)).body;
     assert!(dash.contains("full: the first backup of this VM"), "{dash}");
     assert!(dash.contains(">ok<"), "{dash}");
+    // The repository card counts in the background: the backup shows up in it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let dash = get(port, "/ui/", Some(&op.cookie)).body;
+        if dash.contains("<dt>Backups</dt><dd>1, holding 48.0 MiB") {
+            assert!(
+                dash.contains("Dedup ratio") && dash.contains("not running"),
+                "{dash}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no repository figures: {dash}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let listed = get(
         port,
         "/ui/jobs?status=succeeded&kind=backup",
@@ -494,6 +600,18 @@ fn web_console_over_http() {
 
     check_read_scope(port, &node, &first);
     check_wizard(port, &node, &first, &sum);
+    let job = get(port, &format!("/ui/jobs/{first}"), Some(&op.cookie)).body;
+    let snapshot = job
+        .split("<dt>Backup id</dt><dd>")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .expect("backup id on the job page")
+        .to_string();
+    assert!(
+        job.contains(&format!("/ui/files?snapshot={snapshot}")),
+        "{job}"
+    );
+    check_files(port, &op, &snapshot);
 
     // Logging out ends the session for good.
     let a = post(port, "/ui/logout", Some(&op.cookie), &[("csrf", &op.csrf)]);
@@ -502,6 +620,7 @@ fn web_console_over_http() {
         get(port, "/ui/", Some(&op.cookie)).header("location"),
         Some("/ui/login")
     );
+    check_login_throttle(port);
     daemon.terminate();
 }
 
