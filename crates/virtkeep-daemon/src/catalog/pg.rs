@@ -1091,6 +1091,13 @@ mod tests {
             (s[0].successes, s[0].failures, s[0].last_bytes_new),
             (1, 1, Some(7))
         );
+        let recent: Vec<i64> = c
+            .recent_backups(1)
+            .expect("recent")
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(recent, [b], "the newest backup job of the VM");
         c.finish_run(run, "succeeded", None).expect("run");
         // History: the failed try goes, the retry no longer points at it.
         assert_eq!(c.forget_jobs(&[a]).expect("forget"), 1);

@@ -969,6 +969,34 @@ mod tests {
     }
 
     #[test]
+    fn recent_backups_are_the_newest_per_vm_and_only_backups() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
+        let mut ids = Vec::new();
+        for vm in ["b", "a", "b", "a", "b"] {
+            ids.push(c.add_job(&job(None, vm)).expect("job"));
+        }
+        let restore = NewJob {
+            kind: "restore",
+            ..job(None, "a")
+        };
+        c.add_job(&restore).expect("restore");
+        let got: Vec<(String, i64)> = c
+            .recent_backups(2)
+            .expect("recent")
+            .into_iter()
+            .map(|j| (j.vm, j.id))
+            .collect();
+        let want = [
+            ("a".to_string(), ids[3]),
+            ("a".to_string(), ids[1]),
+            ("b".to_string(), ids[4]),
+            ("b".to_string(), ids[2]),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn vm_stats_take_the_last_success() {
         let dir = tempfile::tempdir().expect("tmp");
         let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");

@@ -780,14 +780,26 @@ async fn shoot(c: &fantoccini::Client, name: &str) {
     std::fs::write(screenshot_dir().join(name), png).expect("save screenshot");
 }
 
-async fn browse(driver_port: u16, port: u16, vm: &str) {
+/// What the browser test works on.
+struct BrowseCase<'a> {
+    vm: &'a str,
+    /// The name the wizard restores the backup under.
+    restored: &'a str,
+    /// Where the browser saves downloads.
+    downloads: &'a std::path::Path,
+}
+
+async fn browse(driver_port: u16, port: u16, case: &BrowseCase<'_>) {
+    let vm = case.vm;
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
         serde_json::json!({
             "binary": "/usr/bin/chromium",
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1280,900"]
+                     "--window-size=1280,900"],
+            "prefs": {"download.default_directory": case.downloads,
+                      "download.prompt_for_download": false}
         }),
     );
     caps.insert(
@@ -848,6 +860,9 @@ async fn browse(driver_port: u16, port: u16, vm: &str) {
     let text = wait_text(&c, "full: the first backup", 20).await;
     assert!(text.contains("ok"), "{text}");
     shoot(&c, "dashboard-phone.png").await;
+    c.set_window_size(1280, 900).await.expect("desktop size");
+    files_in_browser(&c, &base, case).await;
+    wizard_in_browser(&c, &base, case).await;
     let session = c
         .session_id()
         .await
@@ -858,6 +873,80 @@ async fn browse(driver_port: u16, port: u16, vm: &str) {
     c.close().await.expect("close");
 }
 
+async fn click(c: &fantoccini::Client, css: &str) {
+    c.find(fantoccini::Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
+/// From the backup's job page: the disks, partition 1, /etc, download /etc/hostname.
+async fn files_in_browser(c: &fantoccini::Client, base: &str, case: &BrowseCase<'_>) {
+    c.goto(&format!("{base}/ui/jobs?kind=backup&status=succeeded"))
+        .await
+        .expect("jobs");
+    click(c, "table.jobs tbody th a").await;
+    wait_text(c, "Browse the files", 20).await;
+    click(c, "a[href^=\"/ui/files?snapshot=\"]").await;
+    let text = wait_text(c, "partition 1", 30).await;
+    assert!(text.contains("ext4"), "{text}");
+    shoot(c, "files-disks.png").await;
+    click(c, "a[href$=\"path=vda%3A1%3A%2F\"]").await;
+    wait_text(c, "etc/", 30).await;
+    click(c, "a[href$=\"path=vda%3A1%3A%2Fetc\"]").await;
+    wait_text(c, "hostname", 30).await;
+    shoot(c, "files-etc.png").await;
+    click(c, "a[aria-label=\"Download hostname\"]").await;
+    let saved = case.downloads.join("hostname");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read(&saved).ok().as_deref() != Some(b"files-test\n".as_slice()) {
+        assert!(
+            Instant::now() < deadline,
+            "no download at {}",
+            saved.display()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Log in as admin; the wizard: pick the backup, host, new name, define; the plan; run;
+/// the job page follows the restore to its end.
+async fn wizard_in_browser(c: &fantoccini::Client, base: &str, case: &BrowseCase<'_>) {
+    use fantoccini::Locator::Css;
+    c.goto(&format!("{base}/ui/login")).await.expect("login");
+    c.find(Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(ADMIN)
+        .await
+        .expect("type");
+    click(c, "form.card button").await;
+    wait_text(c, case.vm, 20).await;
+    click(c, "nav a[href=\"/ui/restore\"]").await;
+    wait_text(c, "1. Backup", 30).await;
+    click(c, "input[name=snapshot]").await;
+    c.find(Css("#r-name"))
+        .await
+        .expect("name field")
+        .send_keys(case.restored)
+        .await
+        .expect("type");
+    click(c, "input[name=define]").await;
+    click(c, "input[name=force]").await;
+    shoot(c, "restore-pick.png").await;
+    click(c, "form[action=\"/ui/restore/plan\"] button[type=submit]").await;
+    let plan = wait_text(c, "Run the restore", 120).await;
+    assert!(plan.contains("vda"), "{plan}");
+    shoot(c, "restore-plan.png").await;
+    click(c, "form[action=\"/ui/restore\"] button.danger").await;
+    wait_text(c, "restore of", 20).await;
+    let done = wait_text(c, "Finished", 180).await;
+    assert!(done.contains("succeeded"), "{done}");
+    shoot(c, "restore-done.png").await;
+}
+
 /// A real browser (Debian's chromium through chromium-driver): log in, see the lab VM on
 /// the dashboard, start its backup and watch the job page follow it to the end, the
 /// dashboard on a phone-sized window; no console errors (a CSP violation is one).
@@ -865,11 +954,12 @@ async fn browse(driver_port: u16, port: u16, vm: &str) {
 #[test]
 fn web_console_in_a_real_browser() {
     let node = Node::new();
-    let vm = TestVm::builder("vkw-browser")
-        .qcow2_disk(16 * MIB)
-        .running(false)
-        .build();
-    vm.write_pattern("vda", 0x42, 0, 4 * MIB);
+    let vm = ext4_vm("vkw-browser", node.dir.path());
+    let sum = vm.disk_checksum("vda");
+    let restored = virtkeep_lab::unique_name("vkw-brestored");
+    let _cleanup = TestVm::adopt(&restored);
+    let downloads = node.dir.path().join("downloads");
+    std::fs::create_dir_all(&downloads).expect("downloads dir");
     let port = free_port();
     web_config(
         &node,
@@ -884,9 +974,25 @@ fn web_console_in_a_real_browser() {
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(browse(driver_port, port, &vm.name));
+        .block_on(browse(
+            driver_port,
+            port,
+            &BrowseCase {
+                vm: &vm.name,
+                restored: &restored,
+                downloads: &downloads,
+            },
+        ));
     let list = jobs(&node);
-    assert_eq!(list.len(), 1, "{list:#?}");
-    assert_eq!(list[0]["status"], "succeeded", "{list:#?}");
+    assert_eq!(list.len(), 2, "{list:#?}");
+    assert!(list.iter().all(|j| j["status"] == "succeeded"), "{list:#?}");
+    // The wizard defined the VM on the lab host, with the backup's bytes.
+    assert!(
+        virtkeep_lab::lab()
+            .try_virsh(&["dominfo", &restored])
+            .is_ok(),
+        "{restored} is defined"
+    );
+    assert_eq!(TestVm::adopt(&restored).disk_checksum("vda"), sum);
     daemon.terminate();
 }
