@@ -449,6 +449,52 @@ fn check_files(port: u16, b: &Browser, snapshot: &str) {
     );
 }
 
+/// Opens the live events of job `id` and reads the answer's status line; the stream
+/// stays open while the returned connection lives.
+fn open_events(port: u16, b: &Browser, id: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the console");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let req = format!(
+        "GET /ui/jobs/{id}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: {}\r\n\r\n",
+        b.cookie
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        s.read_exact(&mut byte).expect("status line");
+        line.push(byte[0]);
+    }
+    (s, String::from_utf8_lossy(&line).into_owned())
+}
+
+/// At most 64 live streams at once: the 65th is answered 503; closing one makes room.
+fn check_stream_cap(port: u16, b: &Browser, queued: &str) {
+    let mut open: Vec<TcpStream> = (0..64)
+        .map(|i| {
+            let (s, status) = open_events(port, b, queued);
+            assert!(status.contains(" 200 "), "stream {i}: {status}");
+            s
+        })
+        .collect();
+    let (_, status) = open_events(port, b, queued);
+    assert!(status.contains(" 503 "), "the 65th: {status}");
+    drop(open.pop());
+    // The server notices the closed stream at its next event (one a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_s, status) = open_events(port, b, queued);
+        if status.contains(" 200 ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no room after a close: {status}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(open);
+    std::thread::sleep(Duration::from_secs(2));
+}
+
 /// Wrong tokens from one address: after 5 the login answers 429 (even a right token).
 fn check_login_throttle(port: u16) {
     for i in 0..6 {
@@ -525,7 +571,9 @@ fn web_console_over_http() {
     assert!(jobs(&node).is_empty(), "refused forms queued nothing");
     let first = job_id(&post(port, "/ui/backup", Some(&op.cookie), &with_csrf));
     let second = job_id(&post(port, "/ui/backup", Some(&op.cookie), &with_csrf));
-    // The second waits for the first (one job per VM): cancel it from its page.
+    // The second waits for the first (one job per VM): its live view stays open.
+    check_stream_cap(port, &op, &second);
+    // Cancel it from its page.
     let page = get(port, &format!("/ui/jobs/{second}"), Some(&op.cookie)).body;
     assert!(
         page.contains("Cancel") && page.contains("data-job"),
