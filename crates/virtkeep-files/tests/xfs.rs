@@ -314,6 +314,32 @@ fn damaged_xfs_images_fail_cleanly() {
     let err = open(&bad).err().unwrap().to_string();
     assert!(err.contains("geometry"), "{err}");
     let mut fs = open(&bytes).unwrap();
+    // A block map whose root points twice at one leaf (written by xfs_db) is a loop.
+    let ino = fs.stat(b"/etc/sparse").unwrap().ino;
+    let db = |cmd: &str| {
+        let out = Command::new("xfs_db")
+            .args(["-x", "-c", &format!("inode {ino}"), "-c", cmd])
+            .arg(&img)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ptrs = db("print u3.bmbt.ptrs");
+    let first = ptrs
+        .split("1:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(db(&format!("write u3.bmbt.ptrs[2] {first}")).contains(first));
+    let looped = std::fs::read(&img).unwrap();
+    let mut lfs = open(&looped).unwrap();
+    let err = lfs
+        .read(b"/etc/sparse", 0, &mut [0u8; 16])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("met twice"), "{err}");
     assert!(fs.stat(b"/nothing").is_err());
     assert!(fs.read_link(b"/etc/hostname").is_err());
     assert!(fs.read_dir(b"/etc/hostname", 10).is_err());
