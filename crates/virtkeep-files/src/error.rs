@@ -20,7 +20,7 @@ pub enum FilesError {
     #[error("{0}")]
     NotFound(String),
     /// The partition holds no filesystem this version reads.
-    #[error("{what} holds {found}; only ext2/3/4, FAT (vfat) and NTFS can be read so far")]
+    #[error("{what} holds {found}; only ext2/3/4, XFS, FAT (vfat) and NTFS can be read so far")]
     Unsupported { what: String, found: String },
     /// Writing the local copy failed.
     #[error("{path}: {source}")]

@@ -58,6 +58,7 @@ pub enum FsType {
     Ext,
     Fat,
     Ntfs,
+    Xfs,
 }
 
 impl FsType {
@@ -67,6 +68,7 @@ impl FsType {
             "ext2" | "ext3" | "ext4" => Some(FsType::Ext),
             "vfat" => Some(FsType::Fat),
             "ntfs" => Some(FsType::Ntfs),
+            "xfs" => Some(FsType::Xfs),
             _ => None,
         }
     }
@@ -82,6 +84,7 @@ pub fn open_fs<R: Read + Seek + 'static>(
         FsType::Ext => Ok(Box::new(crate::ext4::ExtFs::open(r, 0, len)?)),
         FsType::Fat => Ok(Box::new(crate::fat::FatFs::open(r, len)?)),
         FsType::Ntfs => Ok(Box::new(crate::ntfs::NtfsFs::open(r, len)?)),
+        FsType::Xfs => Ok(Box::new(crate::xfs::XfsFs::open(r, len)?)),
     }
 }
 

@@ -24,6 +24,7 @@ mod mount;
 mod mounttree;
 mod ntfs;
 mod partition;
+mod xfs;
 
 pub use browse::{FileTarget, find, get, list_dir};
 pub use error::FilesError;

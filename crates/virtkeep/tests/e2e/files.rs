@@ -292,7 +292,7 @@ fn files_ls_lists_partitions_and_filesystems() {
         "{text}"
     );
     for (target, want) in [
-        ("vda:2:/", "xfs"),
+        ("vda:3:/", "swap"),
         ("vda:9:/", "no partition 9"),
         ("vdz:1:/", "no disk"),
         ("vda:1:/nope", "/nope"),
@@ -594,10 +594,10 @@ fn files_get_copies_tree_equal_to_source() {
         !out.status.success() && err.contains("more than 3 entries"),
         "{err}"
     );
-    // xfs is not read yet: a clear error.
-    let out = node.run(&["files", "get", &id, "vda:2:/", "--to", &small]);
+    // swap holds no files: a clear error.
+    let out = node.run(&["files", "get", &id, "vda:3:/", "--to", &small]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("xfs"), "{err}");
+    assert!(!out.status.success() && err.contains("swap"), "{err}");
 }
 
 /// `files find` prints the paths whose name matches a glob, in the whole filesystem or
@@ -635,9 +635,9 @@ fn files_find_matches_globs() {
     );
     assert_eq!(v["truncated"], false);
     assert_eq!(node.ok(&["files", "find", &id, "vda:1", "nothing-*"]), "");
-    let out = node.run(&["files", "find", &id, "vda:2", "*"]);
+    let out = node.run(&["files", "find", &id, "vda:3", "*"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("xfs"), "{err}");
+    assert!(!out.status.success() && err.contains("swap"), "{err}");
 }
 
 /// 10 MiB of reproducible noise: too big for the first 8 MiB segment of the `root` LV.

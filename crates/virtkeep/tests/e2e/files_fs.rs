@@ -1,5 +1,6 @@
 //! File-level access to filesystems other than ext (issue 19): FAT made with mkfs.fat
-//! and mtools, NTFS made with mkntfs and filled through ntfs-3g, on partitions of a lab VM's disk, backed up through the normal path
+//! and mtools, NTFS made with mkntfs and filled through ntfs-3g, XFS made with mkfs.xfs
+//! and filled through a kernel loop mount, on partitions of a lab VM's disk, backed up through the normal path
 //! into an encrypted repository, then `files ls/get/find` checked against the source.
 
 use std::io::{BufRead, BufReader};
@@ -97,11 +98,47 @@ fn ntfs_image(img: &Path, content: &Path) {
     assert!(cp.status.success() && linked.is_ok(), "{cp:?} {linked:?}");
 }
 
-/// vda: GPT with a FAT32 EFI system partition (1), an NTFS partition (2) and a small
-/// ext4 (3).
+/// A 16 MiB XFS (v5, mkfs.xfs's defaults) holding `content/etc` copied with `cp -a`
+/// through a kernel loop mount, plus a symlink, a hard link, a sparse file and a mode.
+fn xfs_image(img: &Path, content: &Path) {
+    std::fs::File::create(img)
+        .and_then(|f| f.set_len(16 * MIB))
+        .expect("fs image");
+    // mkfs.xfs makes filesystems under 300 MB only for the XFS test suite.
+    sh(Command::new("mkfs.xfs")
+        .envs([("TEST_DIR", "1"), ("TEST_DEV", "1"), ("QA_CHECK_FS", "1")])
+        .args(["-q", "-f", "-L", "rhel"])
+        .arg(img));
+    let mnt = img.with_extension("mnt");
+    std::fs::create_dir_all(&mnt).expect("mnt");
+    sh(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(img)
+        .arg(&mnt));
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(content.join("etc"))
+        .arg(&mnt)
+        .output()
+        .expect("cp");
+    let etc = mnt.join("etc");
+    let filled = std::os::unix::fs::symlink("hostname", etc.join("link"))
+        .and_then(|()| std::fs::hard_link(etc.join("sub/big.bin"), etc.join("hard")))
+        .and_then(|()| {
+            use std::os::unix::fs::{FileExt, PermissionsExt};
+            let f = std::fs::File::create(etc.join("sparse"))?;
+            f.write_all_at(b"end", 4 * MIB)?;
+            std::fs::set_permissions(etc.join("hostname"), std::fs::Permissions::from_mode(0o600))
+        });
+    sh(Command::new("umount").arg(&mnt));
+    assert!(cp.status.success() && filled.is_ok(), "{cp:?} {filled:?}");
+}
+
+/// vda: GPT with a FAT32 EFI system partition (1), an NTFS partition (2), a small
+/// ext4 (3) and an XFS (4).
 fn fixture_vm(content: &Path) -> TestVm {
     let vm = TestVm::builder("files-fs")
-        .raw_disk(64 * MIB)
+        .raw_disk(80 * MIB)
         .running(false)
         .build();
     let vda = vm.disk("vda").path.clone().expect("vda file");
@@ -109,6 +146,7 @@ fn fixture_vm(content: &Path) -> TestVm {
         .args(["-n", "1:2048:+40M", "-t", "1:ef00", "-c", "1:esp"])
         .args(["-n", "2:0:+16M", "-t", "2:0700", "-c", "2:win"])
         .args(["-n", "3:0:+5M", "-t", "3:8300", "-c", "3:linux"])
+        .args(["-n", "4:0:+16M", "-t", "4:8300", "-c", "4:xfs"])
         .arg(&vda));
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("fat.img");
@@ -126,6 +164,9 @@ fn fixture_vm(content: &Path) -> TestVm {
         .arg(content)
         .arg(&img));
     put(&img, &vda, 57);
+    let img = dir.path().join("xfs.img");
+    xfs_image(&img, content);
+    put(&img, &vda, 62);
     vm
 }
 
@@ -282,6 +323,60 @@ fn files_read_ntfs_partitions() {
     assert_eq!(link, Path::new("hostname"));
 }
 
+/// `files ls/get/find` read an XFS partition of a backup: names, modes, mtimes, a
+/// symlink, a hard link and a sparse file kept, copies equal to the source by sha256.
+#[test]
+fn files_read_xfs_partitions() {
+    let node = Node::new();
+    let src = node.dir.path().join("src");
+    make_content(&src);
+    let vm = fixture_vm(&src);
+    let id = node.backup(&vm.name, &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let v = node.json(&["files", "ls", &id]);
+    let fs = &v["disks"][0]["partitions"][3]["filesystem"];
+    assert_eq!(
+        (fs["kind"].as_str(), fs["label"].as_str()),
+        (Some("xfs"), Some("rhel")),
+        "{v}"
+    );
+    let text = node.ok(&["files", "ls", &id, "vda:4:/etc"]);
+    assert_eq!(text, "hard\nhostname\nlink\nsparse\nsub/\nünï cödé.txt\n");
+
+    let out = node.dir.path().join("out");
+    let outs = out.display().to_string();
+    let v = node.json(&["files", "get", &id, "vda:4:/etc", "--to", &outs]);
+    assert_eq!(
+        (
+            v["files"].as_u64(),
+            v["hard_links"].as_u64(),
+            v["symlinks"].as_u64()
+        ),
+        (Some(4), Some(1), Some(1)),
+        "{v}"
+    );
+    let got = tree(&out.join("etc"));
+    let want = tree(&src.join("etc"));
+    for (k, w) in &want {
+        assert_eq!(got.get(k).map(|g| &g.0), Some(&w.0), "{k}");
+        if w.0 != "dir" {
+            assert_eq!(got.get(k), Some(w), "{k}");
+        }
+    }
+    let meta = |p: &str| std::fs::symlink_metadata(out.join("etc").join(p)).expect(p);
+    assert_eq!(meta("hard").ino(), meta("sub/big.bin").ino());
+    assert_eq!(meta("hostname").mode() & 0o7777, 0o600);
+    let sparse = meta("sparse");
+    assert_eq!(sparse.len(), 4 * MIB + 3);
+    assert!(sparse.blocks() * 512 < MIB, "not sparse: {sparse:?}");
+    let link = std::fs::read_link(out.join("etc/link")).expect("symlink");
+    assert_eq!(link, Path::new("hostname"));
+    let text = node.ok(&["files", "find", &id, "vda:4", "*.bin"]);
+    assert_eq!(text, "/etc/sub/big.bin\n");
+}
+
 /// Runs `virtkeep --json mount ID DIR`; returns the child once its ready line is out.
 fn mount_bg(node: &Node, id: &str, dir: &Path) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_virtkeep"))
@@ -336,7 +431,7 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// `mount` shows `DIR/DISK/PART/…` for the FAT, NTFS and ext4 partitions beside
+/// `mount` shows `DIR/DISK/PART/…` for the FAT, NTFS, ext4 and XFS partitions beside
 /// `DIR/DISK.img`: files equal to the source by sha256 with their mtimes, symlinks
 /// readable, nothing writable; Ctrl-C leaves nothing mounted.
 #[test]
@@ -354,9 +449,9 @@ fn mount_browses_partitions() {
     let mut child = mount_bg(&node, &id, &dir);
     assert!(mounted(&dir));
     assert_eq!(names(&dir), ["vda", "vda.img"]);
-    assert_eq!(names(&dir.join("vda")), ["1", "2", "3"]);
+    assert_eq!(names(&dir.join("vda")), ["1", "2", "3", "4"]);
     let want = tree(&src.join("etc"));
-    for part in ["1", "2", "3"] {
+    for part in ["1", "2", "3", "4"] {
         let etc = dir.join("vda").join(part).join("etc");
         let got = tree(&etc);
         for (k, w) in &want {
@@ -365,8 +460,10 @@ fn mount_browses_partitions() {
             }
         }
     }
-    let link = std::fs::read_link(dir.join("vda/2/etc/link")).expect("symlink");
-    assert_eq!(link, Path::new("hostname"));
+    for part in ["2", "4"] {
+        let link = std::fs::read_link(dir.join("vda").join(part).join("etc/link"));
+        assert_eq!(link.expect("symlink"), Path::new("hostname"));
+    }
     let w = std::fs::OpenOptions::new()
         .write(true)
         .open(dir.join("vda/3/etc/hostname"));
