@@ -69,6 +69,12 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+CREATE INDEX IF NOT EXISTS jobs_by_kind ON jobs(kind, host, vm, finished);
+"#,
+    ),
 ];
 
 const JOB_COLUMNS: &str = "id, run_id, kind, host, vm, policy, status, attempt, retry_of, priority,
@@ -549,6 +555,45 @@ impl Store for PgStore {
         })
     }
 
+    fn start_job(&self, j: &NewJob<'_>, node: &str, lease_until: i64) -> Result<i64> {
+        self.run("recording a job", async |c| {
+            Ok(c.query_one(
+                "INSERT INTO jobs(run_id, kind, host, vm, policy, request, status, attempt,
+                                  retry_of, priority, created, not_before, started, node,
+                                  lease_until)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'running', $7, $8, $9, $10, $10, $10, $11, $12)
+                 RETURNING id",
+                &[
+                    &j.run_id,
+                    &j.kind,
+                    &j.host,
+                    &j.vm,
+                    &j.policy,
+                    &j.request,
+                    &j.attempt,
+                    &j.retry_of,
+                    &j.priority,
+                    &now(),
+                    &node,
+                    &lease_until,
+                ],
+            )
+            .await?
+            .get(0))
+        })
+    }
+
+    fn last_jobs(&self, kind: &str) -> Result<Vec<JobRecord>> {
+        self.query_jobs(
+            "listing jobs",
+            "WHERE id IN (SELECT MAX(id) FROM jobs
+                          WHERE kind = $1 AND status IN ('succeeded', 'failed', 'cancelled')
+                          GROUP BY host, vm)
+             ORDER BY host, vm",
+            &[&kind],
+        )
+    }
+
     fn mark_running(&self, id: i64, node: &str, lease_until: i64) -> Result<()> {
         self.exec(
             "starting a job",
@@ -614,12 +659,12 @@ impl Store for PgStore {
         )
     }
 
-    fn has_open_job(&self, host: &str, vm: &str, policy: &str) -> Result<bool> {
+    fn has_open_job(&self, host: &str, vm: &str, policy: &str, kind: &str) -> Result<bool> {
         self.run("reading jobs", async |c| {
             Ok(c.query_one(
                 "SELECT EXISTS(SELECT 1 FROM jobs WHERE host = $1 AND vm = $2 AND policy = $3
-                                AND status IN ('queued', 'running'))",
-                &[&host, &vm, &policy],
+                                AND kind = $4 AND status IN ('queued', 'running'))",
+                &[&host, &vm, &policy, &kind],
             )
             .await?
             .get(0))
@@ -684,7 +729,7 @@ impl Store for PgStore {
         })
     }
 
-    fn vm_stats(&self) -> Result<Vec<VmStats>> {
+    fn vm_stats_of(&self, kind: &str) -> Result<Vec<VmStats>> {
         self.run("reading metrics", async |c| {
             let rows = c
                 .query(
@@ -698,8 +743,8 @@ impl Store for PgStore {
                             FILTER (WHERE status = 'succeeded'))[1],
                         (ARRAY_AGG(duration ORDER BY finished DESC, id DESC)
                             FILTER (WHERE status = 'succeeded'))[1]
-                     FROM jobs WHERE kind = 'backup' GROUP BY host, vm ORDER BY host, vm",
-                    &[],
+                     FROM jobs WHERE kind = $1 GROUP BY host, vm ORDER BY host, vm",
+                    &[&kind],
                 )
                 .await?;
             Ok(rows
@@ -1041,7 +1086,7 @@ mod tests {
                 )
             })
             .expect("versions");
-        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(versions, vec![1, 2, 3]);
         c.set_next_run("p", "every 5s auto", Some(100), None)
             .expect("set");
         assert_eq!(c2.next_run("p", "every 5s auto").expect("n"), Some(100));
