@@ -1134,6 +1134,41 @@ mod tests {
             c.runs(None, 10).expect("runs").is_empty(),
             "an empty finished run goes"
         );
+        // Version 3: other kinds beside the backups. A sync run starts as running (no
+        // other node can claim it); a verification counts apart from the backups.
+        let sync = c
+            .start_job(
+                &NewJob {
+                    kind: "sync",
+                    ..job(None, "", "offsite")
+                },
+                "n1",
+                now() + 60,
+            )
+            .expect("sync");
+        let sync_job = c2.job(sync).expect("sync job");
+        assert_eq!(
+            (sync_job.status, sync_job.node.as_deref()),
+            (JobStatus::Running, Some("n1"))
+        );
+        assert!(c.last_jobs("sync").expect("last").is_empty());
+        let v = c
+            .add_job(&NewJob {
+                kind: "verify_boot",
+                ..job(None, "h", "a")
+            })
+            .expect("verify");
+        assert!(c.has_open_job("h", "a", "p", "verify_boot").expect("open"));
+        assert!(!c.has_open_job("h", "a", "p", "backup").expect("open"));
+        c.finish_job(v, &JobOutcome::default()).expect("finish");
+        let last = c.last_jobs("verify_boot").expect("last");
+        assert_eq!(last.iter().map(|j| j.id).collect::<Vec<_>>(), vec![v]);
+        let s = c.vm_stats_of("verify_boot").expect("stats");
+        assert_eq!((s.len(), s[0].successes), (1, 1));
+        assert!(
+            c.vm_stats().expect("stats").is_empty(),
+            "backups were forgotten"
+        );
         // A password in the URL is refused: it belongs in a file or the environment.
         assert!(PgLocation::new("postgres://u:secret@127.0.0.1/db", PasswordSource::None).is_err());
     }
