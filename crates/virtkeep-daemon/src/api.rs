@@ -456,6 +456,12 @@ async fn submit_job(
     let action = match req.request {
         JobRequest::Backup { .. } => Action::SubmitBackup,
         JobRequest::Restore { .. } => Action::SubmitRestore,
+        JobRequest::VerifyBoot { .. } => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "boot verification runs on its policy's schedule ([policies.NAME.verify_boot]); use `virtkeep verify --boot` for one now",
+            );
+        }
     };
     if let Some(r) = forbidden(granted, action) {
         return r;
@@ -497,6 +503,8 @@ async fn submit_job(
                 0,
             )
         }
+        // Refused above.
+        JobRequest::VerifyBoot { .. } => return error(StatusCode::BAD_REQUEST, "not submittable"),
     };
     let request = match serde_json::to_string(&req.request) {
         Ok(r) => r,
@@ -627,14 +635,18 @@ pub fn policy_views(daemon: &DaemonConfig, catalog: Option<&Catalog>) -> Result<
     let mut out = Vec::new();
     for p in daemon.policies.values() {
         let mut schedules = Vec::new();
-        for s in &p.schedules {
+        for s in p.all_schedules() {
             let (next, last) = match catalog {
                 Some(c) => (c.next_run(&p.name, &s.key)?, c.last_run(&p.name, &s.key)?),
                 None => (None, None),
             };
             schedules.push(ScheduleView {
                 schedule: s.describe(),
-                mode: s.mode.as_str().to_string(),
+                mode: if p.is_verify_schedule(&s.key) {
+                    "verify_boot".to_string()
+                } else {
+                    s.mode.as_str().to_string()
+                },
                 next_run: next.map(rfc3339),
                 last_run: last.map(rfc3339),
             });
@@ -730,17 +742,67 @@ impl Modify for TokenScheme {
     }
 }
 
+/// The boot verification state of one VM (its newest `verify_boot` job).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BootVerifyView {
+    pub host: String,
+    pub vm: String,
+    /// Whether the last verification passed.
+    pub passed: bool,
+    /// The backup it booted.
+    pub snapshot: Option<String>,
+    /// RFC 3339: when the last verification ended, and when one last passed.
+    pub finished: Option<String>,
+    pub last_success: Option<String>,
+    /// Why the last one failed.
+    pub error: Option<String>,
+    /// The last verification's job (`GET /api/jobs/{id}`).
+    pub job: i64,
+}
+
+/// The boot verification state of each VM a policy verified.
+pub fn boot_verify_views(catalog: &Catalog) -> Result<Vec<BootVerifyView>> {
+    let stats = catalog.vm_stats_of("verify_boot")?;
+    Ok(catalog
+        .last_jobs("verify_boot")?
+        .into_iter()
+        .map(|j| BootVerifyView {
+            last_success: stats
+                .iter()
+                .find(|s| s.host == j.host && s.vm == j.vm)
+                .and_then(|s| s.last_success)
+                .map(rfc3339),
+            host: j.host,
+            vm: j.vm,
+            passed: j.status == JobStatus::Succeeded,
+            snapshot: j.snapshot,
+            finished: j.finished,
+            error: j.error,
+            job: j.id,
+        })
+        .collect())
+}
+
+#[utoipa::path(get, path = "/api/boot-verify", tag = "jobs",
+    responses((status = 200, description = "Per VM: its last boot verification", body = [BootVerifyView])))]
+async fn list_boot_verify(State(s): State<Arc<ApiState>>) -> Response {
+    match boot_verify_views(&s.catalog) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "virtkeep", description = "Hosts, VMs, backups and jobs of a virtkeep daemon"),
     paths(list_hosts, list_vms, list_backups, list_jobs, get_job, submit_job, cancel_job,
           list_policies, metrics, crate::files_api::list_files,
-          crate::files_api::download_file, list_nodes),
+          crate::files_api::download_file, list_nodes, list_boot_verify),
     components(schemas(HostView, VmView, VmDiskView, BackupView, JobRecord, JobStatus, JobView,
                        JobProgress, SubmitJob, JobRequest, Submitted, Cancelled, ApiError, Scope,
                        PolicyView, ScheduleView, RunRecord,
                        crate::files_api::FilesLayoutView, crate::files_api::FilesDirView,
-                       crate::catalog::NodeRecord)),
+                       crate::catalog::NodeRecord, BootVerifyView)),
     modifiers(&TokenScheme),
     security(("token" = []))
 )]
@@ -787,6 +849,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/policies", get(list_policies))
         .route("/metrics", get(metrics))
         .route("/api/nodes", get(list_nodes))
+        .route("/api/boot-verify", get(list_boot_verify))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/api/openapi.json", get(openapi))

@@ -18,7 +18,9 @@ use crate::error::Result;
 
 /// Bumped on every schema change; a newer catalog is refused rather than misread.
 /// 1: jobs, runs, schedule state. 2: nodes, the node and lease of each job.
-pub const SCHEMA_VERSION: i64 = 2;
+/// 3: an index on jobs by kind (boot verifications and sync runs are jobs too, and
+/// the metrics and per-VM states read each kind's newest jobs).
+pub const SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -59,7 +61,9 @@ pub struct JobRecord {
     pub id: i64,
     /// The policy run it belongs to; none for jobs started through the API.
     pub run_id: Option<i64>,
-    /// `backup` or `restore`.
+    /// `backup`, `restore`, `verify_boot` (a policy's boot verification of the VM's
+    /// newest backup; `snapshot` is the backup booted) or `sync` (a `[sync.NAME]` run:
+    /// `host` is empty and `vm` is the sync job's name).
     pub kind: String,
     pub host: String,
     pub vm: String,
@@ -250,8 +254,13 @@ pub trait Store: Send + Sync {
     fn finish_job(&self, id: i64, o: &JobOutcome) -> Result<()>;
     fn job(&self, id: i64) -> Result<JobRecord>;
     fn jobs(&self, f: &JobFilter) -> Result<Vec<JobRecord>>;
-    /// Whether `policy` already has a queued or running job for this VM.
-    fn has_open_job(&self, host: &str, vm: &str, policy: &str) -> Result<bool>;
+    /// Whether `policy` already has a queued or running job of `kind` for this VM.
+    fn has_open_job(&self, host: &str, vm: &str, policy: &str, kind: &str) -> Result<bool>;
+    /// Records a job that starts at once on `node` (a sync run, which is not queued):
+    /// inserted as running, so no other node can claim it.
+    fn start_job(&self, j: &NewJob<'_>, node: &str, lease_until: i64) -> Result<i64>;
+    /// The newest finished job of `kind` of each (host, VM), by host and VM.
+    fn last_jobs(&self, kind: &str) -> Result<Vec<JobRecord>>;
     /// Raw `not_before` of a queued job (unix seconds), for the dispatcher.
     fn not_before(&self, id: i64) -> Result<i64>;
     /// Counts of a run's jobs: (total tries that are final, failed among them,
@@ -263,8 +272,12 @@ pub trait Store: Send + Sync {
     /// retry that pointed at a deleted try no longer does, and finished runs left
     /// without jobs go too. Returns the number of jobs deleted.
     fn forget_jobs(&self, ids: &[i64]) -> Result<usize>;
-    /// Per-VM figures for `/metrics`.
-    fn vm_stats(&self) -> Result<Vec<VmStats>>;
+    /// Per-VM figures of the jobs of `kind` (`backup`, `verify_boot`, `sync`).
+    fn vm_stats_of(&self, kind: &str) -> Result<Vec<VmStats>>;
+    /// Per-VM figures of the backups, for `/metrics`.
+    fn vm_stats(&self) -> Result<Vec<VmStats>> {
+        self.vm_stats_of("backup")
+    }
     /// The newest `per_vm` backup jobs of every VM, by host, VM and newest first, in one
     /// query (the web console's dashboard).
     fn recent_backups(&self, per_vm: u32) -> Result<Vec<JobRecord>>;

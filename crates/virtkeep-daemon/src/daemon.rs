@@ -357,7 +357,7 @@ impl State {
             tracing::info!(node = %self.env.daemon.node, "this node leads: it fires the schedules");
             // Where the previous leader left the schedules, as at a start.
             self.init_schedules()?;
-            self.syncs = crate::sync_jobs::spawn(self.env.clone());
+            self.syncs = crate::sync_jobs::spawn(self.env.clone(), self.catalog.clone());
         } else if !lead && self.leading {
             tracing::warn!(node = %self.env.daemon.node, "this node lost the lead");
             self.next.clear();
@@ -378,6 +378,11 @@ impl State {
     async fn heal_and_retry(&mut self, orphans: Vec<JobRecord>) -> Result<()> {
         for j in orphans {
             tracing::warn!(job = j.id, host = %j.host, vm = %j.vm, node = ?j.node, "job left running by a stopped daemon: marked failed");
+            // A sync or a boot verification never touched the VM: nothing to heal.
+            if !matches!(j.kind.as_str(), "backup" | "restore") {
+                self.retry_or_close(&j, 0)?;
+                continue;
+            }
             match self.env.connect(&j.host).await {
                 Ok(h) => {
                     let healed = task::heal_taken_over(&h, &j.vm).await;
@@ -395,7 +400,7 @@ impl State {
     fn init_schedules(&mut self) -> Result<()> {
         let now = Utc::now();
         for p in self.env.daemon.policies.values().filter(|p| p.enabled) {
-            for s in &p.schedules {
+            for s in p.all_schedules() {
                 let stored = self.catalog.next_run(&p.name, &s.key)?.map(from_unix);
                 let next = initial_next(s, stored, now, self.env.daemon.missed_runs);
                 if let Some(t) = stored.filter(|t| *t <= now) {
@@ -435,6 +440,7 @@ impl State {
     async fn fire_due_schedules(&mut self) -> Result<()> {
         let now = Utc::now();
         let mut due: BTreeMap<String, (ModeRequest, bool)> = BTreeMap::new();
+        let mut verify_due: BTreeMap<String, bool> = BTreeMap::new();
         let keys: Vec<(String, String)> = self
             .next
             .iter()
@@ -445,7 +451,7 @@ impl State {
             let Some(p) = self.env.daemon.policies.get(&policy) else {
                 continue;
             };
-            let Some(s) = p.schedules.iter().find(|s| s.key == key) else {
+            let Some(s) = p.all_schedules().find(|s| s.key == key) else {
                 continue;
             };
             let scheduled = self.next.get(&(policy.clone(), key.clone())).copied();
@@ -457,6 +463,10 @@ impl State {
                 Some(n) => self.next.insert((policy.clone(), key.clone()), n),
                 None => self.next.remove(&(policy.clone(), key.clone())),
             };
+            if p.is_verify_schedule(&key) {
+                verify_due.insert(policy, missed);
+                continue;
+            }
             // Schedules of one policy due together make one run of the strongest mode
             // (a weekly full and a daily incremental at the same time: one full).
             let e = due.entry(policy).or_insert((s.mode, missed));
@@ -469,6 +479,72 @@ impl State {
             };
             self.start_run(&p, mode, if missed { "missed" } else { "schedule" })
                 .await?;
+        }
+        for (policy, missed) in verify_due {
+            let Some(p) = self.env.daemon.policies.get(&policy).cloned() else {
+                continue;
+            };
+            self.start_verify_run(&p, if missed { "missed" } else { "schedule" })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Creates a boot verification run of `policy`: one `verify_boot` job per VM, for
+    /// its newest backup (crate::verify_jobs).
+    async fn start_verify_run(&mut self, p: &Policy, trigger: &str) -> Result<()> {
+        let listed = tokio::time::timeout(
+            Duration::from_secs(120),
+            crate::verify_jobs::newest_backups(&self.env, p),
+        )
+        .await;
+        let (backups, problem) = match listed {
+            Ok(Ok(b)) => (b, None),
+            Ok(Err(e)) => (Vec::new(), Some(format!("the repository: {e}"))),
+            Err(_) => (
+                Vec::new(),
+                Some("the repository: no answer in 120 s".into()),
+            ),
+        };
+        let run = self.catalog.start_run(&p.name, "verify_boot", trigger)?;
+        let mut queued = 0;
+        for (host, vm, snapshot) in &backups {
+            if self
+                .catalog
+                .has_open_job(host, vm, &p.name, "verify_boot")?
+            {
+                continue;
+            }
+            let request = serde_json::to_string(&JobRequest::VerifyBoot {
+                policy: p.name.clone(),
+                snapshot: snapshot.clone(),
+            })
+            .unwrap_or_default();
+            let id = self.catalog.add_job(&NewJob {
+                run_id: Some(run),
+                kind: "verify_boot",
+                host,
+                vm,
+                policy: Some(&p.name),
+                request: &request,
+                attempt: 1,
+                retry_of: None,
+                priority: i64::from(p.priority),
+                not_before: now(),
+            })?;
+            self.enqueue(id)?;
+            queued += 1;
+        }
+        tracing::info!(policy = %p.name, run, jobs = queued, trigger, "boot verification run");
+        if queued == 0 {
+            let note = problem.unwrap_or_else(|| "no backup of a selected VM to verify".into());
+            tracing::warn!(policy = %p.name, run, "{note}");
+            let failed = backups.is_empty();
+            self.catalog.finish_run(
+                run,
+                if failed { "failed" } else { "succeeded" },
+                Some(&note),
+            )?;
         }
         Ok(())
     }
@@ -504,7 +580,10 @@ impl State {
             for vm in sel.select(&available) {
                 // A run does not pile up behind the previous one: a VM whose backup of
                 // this policy is still queued or running is left to that job.
-                if self.catalog.has_open_job(&sel.host, vm, &p.name)? {
+                if self
+                    .catalog
+                    .has_open_job(&sel.host, vm, &p.name, "backup")?
+                {
                     skipped += 1;
                     notes.push(format!(
                         "{}/{vm}: skipped, its previous backup has not finished",
@@ -654,7 +733,12 @@ impl State {
             let done = self.done_tx.clone();
             tokio::spawn(async move {
                 let id = job.id;
-                let outcome = task::run(env, job, progress, stops).await;
+                let outcome = match serde_json::from_str(&job.request) {
+                    Ok(JobRequest::VerifyBoot { policy, snapshot }) => {
+                        crate::verify_jobs::run_job(env, &policy, &snapshot, stops).await
+                    }
+                    _ => task::run(env, job, progress, stops).await,
+                };
                 let _ = done.send((id, outcome));
             });
         }

@@ -27,4 +27,5 @@ pub mod dispatch;
 pub mod files_api;
 pub mod metrics;
 pub mod task;
+pub mod verify_jobs;
 pub mod web;

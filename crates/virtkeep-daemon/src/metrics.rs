@@ -108,8 +108,40 @@ pub fn render(catalog: &Catalog, named: &BTreeSet<(String, String)>) -> Result<S
     for (status, n) in catalog.status_counts()? {
         let _ = writeln!(out, "virtkeep_jobs{{status=\"{}\"}} {n}", label(&status));
     }
-    crate::sync_jobs::render_metrics(&mut out);
+    boot_verify(&mut out, &catalog.vm_stats_of("verify_boot")?);
+    crate::sync_jobs::render_metrics(&mut out, &catalog.vm_stats_of("sync")?);
     Ok(out)
+}
+
+/// The policies' boot verifications (`verify_boot` jobs), per VM that had one.
+fn boot_verify(out: &mut String, stats: &[VmStats]) {
+    type Pick = fn(&VmStats) -> i64;
+    let families: [(&str, &str, &str, Pick); 2] = [
+        (
+            "virtkeep_boot_verify_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last boot verification of the VM's newest backup that passed, 0 when none did.",
+            |s| s.last_success.unwrap_or(0),
+        ),
+        (
+            "virtkeep_boot_verify_failures_total",
+            "counter",
+            "Boot verifications of the VM's backups that failed.",
+            |s| s.failures,
+        ),
+    ];
+    for (name, kind, help, pick) in families {
+        family(out, name, kind, help);
+        for s in stats {
+            let _ = writeln!(
+                out,
+                "{name}{{host=\"{}\",vm=\"{}\"}} {}",
+                label(&s.host),
+                label(&s.vm),
+                pick(s)
+            );
+        }
+    }
 }
 
 #[cfg(test)]

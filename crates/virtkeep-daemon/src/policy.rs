@@ -128,6 +128,20 @@ struct PolicyModel {
     parallel: Option<Spanned<usize>>,
     retries: Option<u32>,
     fail_rest_above_percent: Option<Spanned<u8>>,
+    verify_boot: Option<Spanned<VerifyBootModel>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBootModel {
+    cron: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+    every: Option<Spanned<String>>,
+    host: Spanned<String>,
+    expect_serial: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    agent: bool,
 }
 
 fn yes() -> bool {
@@ -280,7 +294,26 @@ pub struct Policy {
     pub retries: u32,
     /// Fail the tasks not yet started when more than this share of the run failed.
     pub fail_rest_above_percent: Option<u8>,
+    /// Boot-verify the newest backup of each selected VM on a schedule.
+    pub verify_boot: Option<VerifyBootPolicy>,
 }
+
+/// `[policies.NAME.verify_boot]` (see `virtkeep verify --boot`).
+#[derive(Debug, Clone)]
+pub struct VerifyBootPolicy {
+    pub schedule: Schedule,
+    /// The host the transient domains run on.
+    pub host: String,
+    /// A regular expression the serial output must match.
+    pub expect_serial: Option<String>,
+    /// How long each guest must keep running.
+    pub timeout: Duration,
+    /// The guest agent must answer `guest-ping`.
+    pub agent: bool,
+}
+
+/// How long a verified guest must keep running when the policy does not say.
+pub const DEFAULT_VERIFY_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// VMs of one host: by name or regex (anchored by the user as they like), minus exclusions.
 #[derive(Debug, Clone)]
@@ -305,6 +338,20 @@ impl Selection {
 }
 
 impl Policy {
+    /// The backup schedules and the boot verification's, each with its own key.
+    pub fn all_schedules(&self) -> impl Iterator<Item = &Schedule> {
+        self.schedules
+            .iter()
+            .chain(self.verify_boot.iter().map(|v| &v.schedule))
+    }
+
+    /// Whether the schedule with `key` is the boot verification's.
+    pub fn is_verify_schedule(&self, key: &str) -> bool {
+        self.verify_boot
+            .as_ref()
+            .is_some_and(|v| v.schedule.key == key)
+    }
+
     pub fn backup_options(&self, mode: ModeRequest) -> virtkeep_engine::backup::BackupOptions {
         virtkeep_engine::backup::BackupOptions {
             mode,
@@ -665,6 +712,114 @@ fn host_names(engine: &EngineConfig) -> String {
     }
 }
 
+/// When a schedule fires, as the file gives it.
+struct When<'a> {
+    cron: Option<&'a Spanned<String>>,
+    timezone: Option<&'a Spanned<String>>,
+    every: Option<&'a Spanned<String>>,
+}
+
+fn check_schedule(
+    c: &Checker<'_>,
+    s: &When<'_>,
+    sp: std::ops::Range<usize>,
+    mode: ModeRequest,
+) -> Result<Schedule, ConfigError> {
+    match (s.cron, s.every) {
+        (Some(cron), None) => {
+            let tz = match s.timezone {
+                None => chrono_tz::Tz::UTC,
+                Some(t) => match t.get_ref().parse::<chrono_tz::Tz>() {
+                    Ok(tz) => tz,
+                    Err(_) => {
+                        return c.err(
+                            t.span(),
+                            format!("unknown time zone {:?}", t.get_ref()),
+                            "an IANA time zone name, e.g. \"UTC\" or \"Europe/Berlin\"",
+                        );
+                    }
+                },
+            };
+            Schedule::cron(cron.get_ref(), tz, mode).or_else(|e| {
+                c.err(cron.span(), format!("cron expression {:?}: {e}", cron.get_ref()), "5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first, e.g. \"0 2 * * *\"")
+            })
+        }
+        (None, Some(every)) => {
+            if let Some(t) = s.timezone {
+                return c.err(
+                    t.span(),
+                    "timezone applies to cron schedules only",
+                    "no timezone with every = …",
+                );
+            }
+            Ok(Schedule::every(
+                c.duration(every, "every")?,
+                every.get_ref(),
+                mode,
+            ))
+        }
+        _ => c.err(
+            sp,
+            "a schedule needs exactly one of cron and every",
+            "{ cron = \"0 2 * * *\" } or { every = \"6h\" }",
+        ),
+    }
+}
+
+/// `[policies.NAME.verify_boot]`: where and how the newest backups are boot-verified.
+fn check_verify_boot(
+    c: &Checker<'_>,
+    engine: &EngineConfig,
+    name: &str,
+    v: &Spanned<VerifyBootModel>,
+) -> Result<VerifyBootPolicy, ConfigError> {
+    let m = v.get_ref();
+    let when = When {
+        cron: m.cron.as_ref(),
+        timezone: m.timezone.as_ref(),
+        every: m.every.as_ref(),
+    };
+    let mut schedule = check_schedule(c, &when, v.span(), ModeRequest::Auto)?;
+    // Its own next-run state in the catalog, apart from the backup schedules'.
+    schedule.key = format!("verify_boot {}", schedule.key);
+    if !engine.hosts.contains_key(m.host.get_ref()) {
+        return c.err(
+            m.host.span(),
+            format!(
+                "policy {name}: verify_boot on unknown host {:?}",
+                m.host.get_ref()
+            ),
+            host_names(engine),
+        );
+    }
+    if let Some(p) = &m.expect_serial
+        && let Err(e) = regex::bytes::RegexBuilder::new(p.get_ref())
+            .size_limit(1 << 20)
+            .build()
+    {
+        return c.err(
+            p.span(),
+            format!(
+                "expect_serial {:?}: {}",
+                p.get_ref(),
+                e.to_string().lines().last().unwrap_or("")
+            ),
+            "a regular expression (Rust regex syntax) of at most 1024 bytes, e.g. \"login:\"",
+        );
+    }
+    let timeout = match &m.timeout {
+        Some(t) => c.duration(t, "verify_boot timeout")?,
+        None => DEFAULT_VERIFY_BOOT_TIMEOUT,
+    };
+    Ok(VerifyBootPolicy {
+        schedule,
+        host: m.host.get_ref().clone(),
+        expect_serial: m.expect_serial.as_ref().map(|p| p.get_ref().clone()),
+        timeout,
+        agent: m.agent,
+    })
+}
+
 fn check_policy(
     c: &Checker<'_>,
     engine: &EngineConfig,
@@ -733,47 +888,18 @@ fn check_policy(
     }
     let mut schedules = Vec::new();
     for s in &p.schedules {
-        let sp = s.span();
-        let s = s.get_ref();
-        let schedule = match (&s.cron, &s.every) {
-            (Some(cron), None) => {
-                let tz = match &s.timezone {
-                    None => chrono_tz::Tz::UTC,
-                    Some(t) => match t.get_ref().parse::<chrono_tz::Tz>() {
-                        Ok(tz) => tz,
-                        Err(_) => {
-                            return c.err(
-                                t.span(),
-                                format!("unknown time zone {:?}", t.get_ref()),
-                                "an IANA time zone name, e.g. \"UTC\" or \"Europe/Berlin\"",
-                            );
-                        }
-                    },
-                };
-                Schedule::cron(cron.get_ref(), tz, s.mode).or_else(|e| {
-                    c.err(cron.span(), format!("cron expression {:?}: {e}", cron.get_ref()), "5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first, e.g. \"0 2 * * *\"")
-                })?
-            }
-            (None, Some(every)) => {
-                if let Some(t) = &s.timezone {
-                    return c.err(
-                        t.span(),
-                        "timezone applies to cron schedules only",
-                        "no timezone with every = …",
-                    );
-                }
-                Schedule::every(c.duration(every, "every")?, every.get_ref(), s.mode)
-            }
-            _ => {
-                return c.err(
-                    sp,
-                    "a schedule needs exactly one of cron and every",
-                    "{ cron = \"0 2 * * *\" } or { every = \"6h\" }",
-                );
-            }
+        let m = s.get_ref();
+        let when = When {
+            cron: m.cron.as_ref(),
+            timezone: m.timezone.as_ref(),
+            every: m.every.as_ref(),
         };
-        schedules.push(schedule);
+        schedules.push(check_schedule(c, &when, s.span(), m.mode)?);
     }
+    let verify_boot = match &p.verify_boot {
+        Some(v) => Some(check_verify_boot(c, engine, name, v)?),
+        None => None,
+    };
     let retention = match p.retention {
         None => None,
         Some(r) => {
@@ -842,6 +968,7 @@ fn check_policy(
         parallel,
         retries: p.retries.unwrap_or(default_retries),
         fail_rest_above_percent: p.fail_rest_above_percent.map(Spanned::into_inner),
+        verify_boot,
     })
 }
 
@@ -988,6 +1115,48 @@ exclude = ["-test$"]
         assert!(e.expected.contains("token_env"), "{e}");
     }
 
+    /// `[policies.NAME.verify_boot]`: its own schedule key (apart from the backups'
+    /// next-run state), a default timeout, and errors at the line for an unknown host,
+    /// a bad pattern, a missing schedule and an unknown key.
+    #[test]
+    fn verify_boot_reads_and_its_errors_point_at_the_line() {
+        let base = "[policies.p]\nschedules = [{ every = \"1d\" }]\n[[policies.p.vms]]\nhost = \"kvm1\"\nnames = [\"a\"]\n";
+        let c = parse(&format!(
+            "{base}[policies.p.verify_boot]\nevery = \"1d\"\nhost = \"kvm1\"\nagent = true\n"
+        ))
+        .expect("parse");
+        let p = &c.policies["p"];
+        let v = p.verify_boot.as_ref().expect("verify_boot");
+        assert_eq!(v.timeout, DEFAULT_VERIFY_BOOT_TIMEOUT);
+        assert!(v.agent && v.expect_serial.is_none());
+        assert_ne!(
+            v.schedule.key, p.schedules[0].key,
+            "shares the backups' state"
+        );
+        assert!(p.is_verify_schedule(&v.schedule.key));
+        assert!(!p.is_verify_schedule(&p.schedules[0].key));
+        assert_eq!(p.all_schedules().count(), 2);
+        for (extra, line, says) in [
+            ("every = \"1d\"\nhost = \"nope\"\n", 8, "unknown host"),
+            (
+                "every = \"1d\"\nhost = \"kvm1\"\nexpect_serial = \"(\"\n",
+                9,
+                "expect_serial",
+            ),
+            ("host = \"kvm1\"\n", 6, "exactly one of cron and every"),
+            (
+                "every = \"1d\"\nhost = \"kvm1\"\nretries = 2\n",
+                9,
+                "retries",
+            ),
+        ] {
+            let e = parse(&format!("{base}[policies.p.verify_boot]\n{extra}")).expect_err(extra);
+            assert!(e.message.contains(says), "{extra}: {e}");
+            // (A table's own span starts at its header or its first key.)
+            assert!(e.line == line || (line == 6 && e.line == 7), "{extra}: {e}");
+        }
+    }
+
     #[test]
     fn the_packaged_sample_config_is_valid() {
         let text = include_str!("../../../packaging/virtkeep.toml");
@@ -995,6 +1164,16 @@ exclude = ["-test$"]
         let c = DaemonConfig::parse(Path::new("packaging/virtkeep.toml"), text, &engine)
             .expect("daemon part");
         assert_eq!(c.policies.len(), 2);
+        let v = c.policies["nightly"]
+            .verify_boot
+            .as_ref()
+            .expect("verify_boot");
+        assert_eq!(
+            (v.host.as_str(), v.timeout),
+            ("kvm1", Duration::from_secs(120))
+        );
+        assert_eq!(v.expect_serial.as_deref(), Some("login:"));
+        assert!(c.policies["frequent"].verify_boot.is_none());
         let api = c.api.as_ref().expect("api");
         // The sample gives every token a scope, and Prometheus' may only read.
         assert!(api.tokens.iter().all(|t| t.scoped), "{:?}", api.tokens);

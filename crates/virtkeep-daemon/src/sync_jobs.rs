@@ -11,8 +11,9 @@
 //! ```
 //!
 //! A sync runs in the daemon beside the backup jobs, not in their queue (it touches no
-//! host). Its results are kept in memory and logged: after a restart the metric reads 0
-//! until the job's next success. A daemon stopped mid-sync publishes nothing of the
+//! host). Each run is a job of kind `sync` in the catalog (`GET /api/jobs`, `virtkeep
+//! jobs`), with no host and the sync job's name as its VM; the last-success metric reads
+//! the catalog, so it survives restarts. A daemon stopped mid-sync publishes nothing of the
 //! backup being copied; the next run continues without re-sending what arrived.
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ use virtkeep_engine::plan::ModeRequest;
 use virtkeep_engine::progress::LogProgress;
 use virtkeep_engine::sync::SyncOptions;
 
+use crate::catalog::{Catalog, JobOutcome, NewJob, now};
 use crate::error::ConfigError;
 use crate::schedule::{Schedule, parse_duration};
 use crate::task::{Env, open_repository};
@@ -179,8 +181,8 @@ fn record(name: &str, ok: bool) {
     }
 }
 
-/// One run of a job.
-async fn run_once(env: &Env, job: &SyncJob) -> Result<(), virtkeep_engine::Error> {
+/// One run of a job; what the catalog records of it.
+async fn run_once(env: &Env, job: &SyncJob) -> Result<JobOutcome, virtkeep_engine::Error> {
     let from = open_repository(env.repository_config(job.source.as_deref())?).await?;
     let to = open_repository(env.repository_config(job.destination.as_deref())?).await?;
     let r = virtkeep_engine::sync::sync(&from, &to, &job.options, &LogProgress).await?;
@@ -193,12 +195,76 @@ async fn run_once(env: &Env, job: &SyncJob) -> Result<(), virtkeep_engine::Error
         bytes_sent = r.totals.bytes_sent,
         "sync finished"
     );
-    Ok(())
+    Ok(JobOutcome {
+        bytes_new: i64::try_from(r.totals.bytes_sent).ok(),
+        note: Some(format!(
+            "{} backups copied, {} already there; {} chunks sent, {} skipped",
+            r.manifests_copied, r.manifests_present, r.totals.chunks_sent, r.totals.chunks_skipped
+        )),
+        ..Default::default()
+    })
+}
+
+/// A sync run in the catalog (`kind = "sync"`, no host, `vm` = the job's name): it
+/// starts as running on this node and ends with the run's outcome, or as failed when
+/// the task is aborted (the daemon stops or loses the lead) and this guard is dropped.
+struct Recorded {
+    catalog: Arc<Catalog>,
+    id: Option<i64>,
+}
+
+impl Recorded {
+    fn start(catalog: Arc<Catalog>, env: &Env, name: &str) -> Recorded {
+        let request = serde_json::json!({ "kind": "sync", "name": name }).to_string();
+        let lease = i64::try_from(env.daemon.lease.as_secs()).unwrap_or(i64::MAX);
+        let started = catalog.start_job(
+            &NewJob {
+                run_id: None,
+                kind: "sync",
+                host: "",
+                vm: name,
+                policy: None,
+                request: &request,
+                attempt: 1,
+                retry_of: None,
+                priority: 0,
+                not_before: now(),
+            },
+            &env.daemon.node,
+            now().saturating_add(lease),
+        );
+        let id = started
+            .map_err(|e| tracing::warn!(sync = %name, "sync run not recorded in the catalog: {e}"))
+            .ok();
+        Recorded { catalog, id }
+    }
+
+    fn finish(mut self, o: &JobOutcome) {
+        if let Some(id) = self.id.take()
+            && let Err(e) = self.catalog.finish_job(id, o)
+        {
+            tracing::warn!(job = id, "sync run's end not recorded in the catalog: {e}");
+        }
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let _ = self.catalog.finish_job(
+                id,
+                &JobOutcome {
+                    error: Some("stopped: the daemon ended or this node lost the lead; the next run continues without re-sending what arrived".into()),
+                    ..Default::default()
+                },
+            );
+        }
+    }
 }
 
 /// Starts one task per sync job; each runs at its schedule's times (an interval at
 /// once, a cron expression at its next time) until the daemon ends.
-pub fn spawn(env: Arc<Env>) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn spawn(env: Arc<Env>, catalog: Arc<Catalog>) -> Vec<tokio::task::JoinHandle<()>> {
     env.daemon
         .syncs
         .iter()
@@ -210,16 +276,25 @@ pub fn spawn(env: Arc<Env>) -> Vec<tokio::task::JoinHandle<()>> {
                 .entry(job.name.clone())
                 .or_default();
             let env = env.clone();
+            let catalog = catalog.clone();
             tokio::spawn(async move {
                 let mut next = job.schedule.first_run(Utc::now());
                 while let Some(at) = next {
                     let wait = (at - Utc::now()).to_std().unwrap_or_default();
                     tokio::time::sleep(wait).await;
                     tracing::info!(sync = %job.name, "sync starting");
+                    let recorded = Recorded::start(catalog.clone(), &env, &job.name);
+                    let t0 = std::time::Instant::now();
                     let res = run_once(&env, &job).await;
-                    if let Err(e) = &res {
+                    let mut outcome = res.as_ref().cloned().unwrap_or_else(|e| {
                         tracing::error!(sync = %job.name, "sync failed: {e}");
-                    }
+                        JobOutcome {
+                            error: Some(e.to_string()),
+                            ..Default::default()
+                        }
+                    });
+                    outcome.duration = Some(t0.elapsed().as_secs_f64());
+                    recorded.finish(&outcome);
                     record(&job.name, res.is_ok());
                     next = job.schedule.next_after(Utc::now().max(at));
                 }
@@ -228,17 +303,23 @@ pub fn spawn(env: Arc<Env>) -> Vec<tokio::task::JoinHandle<()>> {
         .collect()
 }
 
-/// The sync jobs' series in the Prometheus text format.
-pub fn render_metrics(out: &mut String) {
+/// The sync jobs' series in the Prometheus text format; `recorded` are the sync runs'
+/// figures in the catalog (`vm` is the job's name), so a last success survives restarts.
+pub fn render_metrics(out: &mut String, recorded: &[crate::catalog::VmStats]) {
     use std::fmt::Write;
-    let s = status().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut s = status().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for r in recorded {
+        if let Some(e) = s.get_mut(&r.vm) {
+            e.0 = e.0.max(r.last_success);
+        }
+    }
     if s.is_empty() {
         return;
     }
     let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
     let _ = writeln!(
         out,
-        "# HELP virtkeep_sync_last_success_timestamp_seconds Unix time of the sync job's last success since the daemon started, 0 when none."
+        "# HELP virtkeep_sync_last_success_timestamp_seconds Unix time of the sync job's last success (in the catalog), 0 when none."
     );
     let _ = writeln!(
         out,

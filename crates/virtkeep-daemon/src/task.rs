@@ -50,6 +50,10 @@ pub enum JobRequest {
         #[serde(default)]
         repository: Option<String>,
     },
+    /// A policy's boot verification of one backup (`verify_jobs`; not submitted
+    /// through the API, and run by `verify_jobs::run`, not here).
+    #[serde(rename = "verify_boot")]
+    VerifyBoot { policy: String, snapshot: String },
 }
 
 impl JobRequest {
@@ -57,6 +61,7 @@ impl JobRequest {
         match self {
             JobRequest::Backup { .. } => "backup",
             JobRequest::Restore { .. } => "restore",
+            JobRequest::VerifyBoot { .. } => "verify_boot",
         }
     }
 }
@@ -239,6 +244,9 @@ pub async fn run(env: Arc<Env>, job: JobRecord, progress: ProgressMap, stops: St
                 backup(&env, &host, &job, policy.as_deref(), *mode, tracker).await
             }
             JobRequest::Restore { .. } => restore_job(&env, &host, &req, tracker).await,
+            JobRequest::VerifyBoot { .. } => Err(EngineError::config(
+                "a verify_boot job runs through verify_jobs::run",
+            )),
         }
     };
     let limit = match &req {

@@ -169,6 +169,7 @@ async fn run(
         nbd_backing: live.nbd_backing(),
         links_up: true,
         stop_on_reset: false,
+        agent_channel: false,
     };
     let xml = isolate_for_boot(&xml, &iso)?;
     let xml_path = format!("{}/domain.xml", live.dir());

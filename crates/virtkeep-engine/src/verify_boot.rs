@@ -7,7 +7,8 @@
 //! that export; a transient domain made from the backup's XML (new name, UUID and MACs,
 //! NICs down, serial port logged to a file, any reset or crash ending it) runs on the
 //! overlays. It passes when it is still running at the timeout and, if asked, its
-//! serial output matched. Then the domain is destroyed and the job directory removed.
+//! serial output matched and its guest agent answered `guest-ping` (through a
+//! guest-agent channel the domain gets instead of the source's channels). Then the domain is destroyed and the job directory removed.
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,8 @@ pub struct BootVerifyOptions {
     pub timeout: Duration,
     /// A regular expression the serial log must match within the timeout.
     pub expect_serial: Option<String>,
+    /// The guest agent must answer `guest-ping` within the timeout.
+    pub agent: bool,
 }
 
 /// The outcome of one boot verification (stable `--json`: additions only).
@@ -58,6 +61,8 @@ pub struct BootVerifyReport {
     pub expect_serial: Option<String>,
     /// Whether the serial log matched (`None` when no pattern was given).
     pub serial_matched: Option<bool>,
+    /// Whether the guest agent answered `guest-ping` (`None` without `--agent`).
+    pub agent_answered: Option<bool>,
     /// The end of the serial log (lossy UTF-8).
     pub serial_log: String,
     /// Why no screenshot could be taken (e.g. the domain has no display).
@@ -91,6 +96,7 @@ pub async fn verify_boot(
     interrupted: impl std::future::Future<Output = ()>,
 ) -> Result<BootVerifyReport> {
     let re = compile(opts.expect_serial.as_deref())?;
+    refuse_uefi(repo, id).await?;
     let name = format!(
         "{DOMAIN_PREFIX}{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -110,6 +116,25 @@ pub async fn verify_boot(
     let mut r = res?;
     r.snapshot = id.to_string();
     Ok(r)
+}
+
+/// A UEFI backup (an NVRAM store in its XML) is refused before anything is started
+/// on the host: booting it would need the store copied per run and the firmware paths
+/// of the host, which verification does not handle yet.
+async fn refuse_uefi(repo: &virtkeep_repo::Repository, id: &str) -> Result<()> {
+    let m = repo.manifest(id).await?;
+    if virtkeep_libvirt::parse_domain(&m.domain_xml)?
+        .nvram
+        .is_some()
+    {
+        return Err(Error::unsupported(format!(
+            "backup {id} is of a UEFI domain (it has an NVRAM store): verify --boot cannot boot it from the repository yet"
+        ))
+        .hint(format!(
+            "restore it under a new name and start the copy instead: virtkeep restore {id} --to HOST --name NEW --storage file:/DIR --start (then check it and remove it)"
+        )));
+    }
+    Ok(())
 }
 
 async fn boot_and_watch(
@@ -146,6 +171,7 @@ async fn boot_and_watch(
         nbd_backing: live.nbd_backing(),
         links_up: false,
         stop_on_reset: true,
+        agent_channel: opts.agent,
     };
     let xml = isolate_for_boot(&xml, &iso)?;
     let xml_path = format!("{}/domain.xml", live.dir());
@@ -166,6 +192,7 @@ async fn boot_and_watch(
         ran_secs: 0.0,
         expect_serial: opts.expect_serial.clone(),
         serial_matched: re.map(|_| false),
+        agent_answered: opts.agent.then_some(false),
         serial_log: String::new(),
         screenshot_error: None,
         screenshot: None,
@@ -200,6 +227,9 @@ async fn watch(
         if let Some(re) = re {
             r.serial_matched = Some(re.is_match(&log));
         }
+        if r.agent_answered == Some(false) && state == Some(DomainState::Running) {
+            r.agent_answered = Some(agent_answers(host, name).await);
+        }
         if state != Some(DomainState::Running) {
             r.reason = Some(match state {
                 Some(DomainState::Paused) => format!(
@@ -226,10 +256,24 @@ async fn watch(
             timeout.as_secs_f64()
         ));
     }
+    if r.reason.is_none() && r.agent_answered == Some(false) {
+        r.reason = Some(format!(
+            "the guest agent did not answer guest-ping within {:.0} s (is qemu-guest-agent installed and started in the guest?)",
+            timeout.as_secs_f64()
+        ));
+    }
     r.passed = r.reason.is_none();
     let tail = log.len().saturating_sub(SERIAL_REPORT);
     r.serial_log = String::from_utf8_lossy(&log[tail..]).into_owned();
     Ok(())
+}
+
+/// Whether the guest agent answers `guest-ping` now (waiting at most a second).
+async fn agent_answers(host: &Host, name: &str) -> bool {
+    match host.exec(&host.virsh().agent_ping(name, 1)).await {
+        Ok(o) => o.status == 0 && String::from_utf8_lossy(&o.stdout).contains("\"return\""),
+        Err(_) => false,
+    }
 }
 
 /// The domain's state; `None` when it is gone (a transient domain that stopped).

@@ -35,7 +35,15 @@ pub struct Isolation {
     /// `on_reboot`/`on_crash`/`on_poweroff` all `destroy`: a guest that resets or
     /// crashes stops, which boot verification sees.
     pub stop_on_reset: bool,
+    /// Add a guest-agent channel (`org.qemu.guest_agent.0`, its socket chosen by
+    /// libvirt) after removing every channel of the source (with `serial_log`: a unix
+    /// channel may name a socket path of the running source VM).
+    pub agent_channel: bool,
 }
+
+/// The guest agent's channel: libvirt picks the socket path (per domain), so it never
+/// meets the source VM's.
+const AGENT_CHANNEL: &str = "<channel type='unix'>\n{i}  <target type='virtio' name='org.qemu.guest_agent.0'/>\n{i}</channel>";
 
 /// Apply `iso` to `xml` (see the module documentation).
 pub fn isolate_for_boot(xml: &str, iso: &Isolation) -> Result<String, XmlError> {
@@ -49,39 +57,54 @@ pub fn isolate_for_boot(xml: &str, iso: &Isolation) -> Result<String, XmlError> 
     if iso.stop_on_reset {
         lifecycle_destroy(&doc, &mut edits)?;
     }
-    let devices = doc
-        .child(0, "devices")
+    // libvirt reads the devices of every <devices> element: a passthrough device or
+    // a NIC in a second one must be handled like those of the first.
+    let blocks: Vec<usize> = doc.children_named(0, "devices").collect();
+    let devices = *blocks
+        .first()
         .ok_or(XmlError::Missing { what: "<devices>" })?;
     if let Some(log) = &iso.serial_log {
-        for name in ["serial", "console", "hostdev"] {
-            for id in doc.children_named(devices, name) {
-                edits.replace(doc.removal_span(id), "");
+        let mut removed = vec!["serial", "console", "hostdev"];
+        if iso.agent_channel {
+            removed.push("channel");
+        }
+        for &block in &blocks {
+            for name in &removed {
+                for id in doc.children_named(block, name) {
+                    edits.replace(doc.removal_span(id), "");
+                }
             }
         }
         let indent = child_indent(&doc, devices);
-        let serial = format!(
+        let mut added = format!(
             "\n{indent}<serial type='file'>\n{indent}  <source path='{}'/>\n{indent}  <target port='0'/>\n{indent}</serial>",
             escape_attr(log)?
         );
-        append_child(&doc, &mut edits, devices, &serial);
-    }
-    if !iso.links_up {
-        for nic in doc.children_named(devices, "interface") {
-            for l in doc.children_named(nic, "link") {
-                edits.replace(doc.removal_span(l), "");
-            }
-            let i = child_indent(&doc, nic);
-            append_child(&doc, &mut edits, nic, &format!("\n{i}<link state='down'/>"));
+        if iso.agent_channel {
+            added.push_str(&format!("\n{indent}"));
+            added.push_str(&AGENT_CHANNEL.replace("{i}", &indent));
         }
+        append_child(&doc, &mut edits, devices, &added);
     }
     let mut found = 0;
-    for disk in doc.children_named(devices, "disk") {
-        let target = doc
-            .child(disk, "target")
-            .and_then(|t| doc.elem(t).attr("dev"));
-        if let Some(b) = target.and_then(|t| iso.nbd_backing.get(t)) {
-            nbd_base(&doc, &mut edits, disk, b)?;
-            found += 1;
+    for &block in &blocks {
+        if !iso.links_up {
+            for nic in doc.children_named(block, "interface") {
+                for l in doc.children_named(nic, "link") {
+                    edits.replace(doc.removal_span(l), "");
+                }
+                let i = child_indent(&doc, nic);
+                append_child(&doc, &mut edits, nic, &format!("\n{i}<link state='down'/>"));
+            }
+        }
+        for disk in doc.children_named(block, "disk") {
+            let target = doc
+                .child(disk, "target")
+                .and_then(|t| doc.elem(t).attr("dev"));
+            if let Some(b) = target.and_then(|t| iso.nbd_backing.get(t)) {
+                nbd_base(&doc, &mut edits, disk, b)?;
+                found += 1;
+            }
         }
     }
     if found != iso.nbd_backing.len() {
@@ -195,6 +218,7 @@ mod tests {
             .into(),
             links_up: false,
             stop_on_reset: true,
+            agent_channel: false,
         }
     }
 
@@ -245,5 +269,38 @@ mod tests {
             out.contains("state='up'") && out.contains("restart"),
             "{out}"
         );
+    }
+
+    /// libvirt takes the devices of every <devices> block: a NIC, a passthrough
+    /// device or a disk in a second block is isolated too.
+    #[test]
+    fn every_devices_block_is_isolated() {
+        let xml = XML.replace(
+            "  </devices>\n</domain>",
+            "  </devices>\n  <devices>\n    <hostdev mode='subsystem' type='usb'/>\n    <interface type='bridge'><source bridge='br0'/></interface>\n    <serial type='tcp'/>\n  </devices>\n</domain>",
+        );
+        let out = isolate_for_boot(&xml, &iso()).expect("isolate");
+        assert!(!out.contains("<hostdev"), "{out}");
+        assert!(!out.contains("type='tcp'"), "{out}");
+        assert_eq!(out.matches("<link state='down'/>").count(), 2, "{out}");
+        assert_eq!(out.matches("<serial").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn the_agent_channel_replaces_the_sources_channels() {
+        let xml = XML.replace(
+            "<console type='pty'/>",
+            "<console type='pty'/>\n    <channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/target/web.agent'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+        );
+        let mut i = iso();
+        i.agent_channel = true;
+        let out = isolate_for_boot(&xml, &i).expect("isolate");
+        assert!(!out.contains("web.agent"), "{out}");
+        assert_eq!(out.matches("<channel type='unix'>").count(), 1, "{out}");
+        assert!(out.contains("name='org.qemu.guest_agent.0'"), "{out}");
+        crate::parse_domain(&out).expect("still a domain");
+        // Without it the source's channels stay (live restore keeps the VM whole).
+        let out = isolate_for_boot(&xml, &iso()).expect("isolate");
+        assert!(out.contains("web.agent"), "{out}");
     }
 }

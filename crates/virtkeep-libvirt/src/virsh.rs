@@ -185,6 +185,15 @@ impl Virsh {
         self.command("create").arg("--file").arg(xml_path)
     }
 
+    /// `virsh qemu-agent-command --domain DOM --timeout SECS '{"execute":"guest-ping"}'`:
+    /// answers `{"return":{}}` when the guest agent runs; fails after SECS otherwise.
+    pub fn agent_ping(&self, dom: &str, timeout_secs: u32) -> RemoteCommand {
+        self.dom("qemu-agent-command", dom)
+            .arg("--timeout")
+            .arg(timeout_secs.max(1).to_string())
+            .arg(r#"{"execute":"guest-ping"}"#)
+    }
+
     /// `virsh screenshot --domain DOM --file PATH`: the guest's display as an image.
     pub fn screenshot(&self, dom: &str, path: &str) -> RemoteCommand {
         self.dom("screenshot", dom).arg("--file").arg(path)

@@ -465,6 +465,10 @@ pub struct VerifyBootArgs {
     /// A regular expression the guest's serial output must match (with --boot)
     #[arg(long, requires = "boot")]
     pub expect_serial: Option<String>,
+    /// The guest agent must answer guest-ping within the timeout (with --boot; the
+    /// verification domain gets a guest-agent channel)
+    #[arg(long, requires = "boot")]
+    pub agent: bool,
     /// Write report.json, serial.log and the screenshot into this directory (with --boot)
     #[arg(long, requires = "boot")]
     pub report_dir: Option<std::path::PathBuf>,

@@ -26,6 +26,7 @@ pub async fn verify_boot(
     let opts = BootVerifyOptions {
         timeout: Duration::from_secs(args.boot.timeout),
         expect_serial: args.boot.expect_serial.clone(),
+        agent: args.boot.agent,
     };
     let report = run(&host, &repo, &id, &opts, stop_signal()?).await?;
     if let Some(dir) = &args.boot.report_dir {

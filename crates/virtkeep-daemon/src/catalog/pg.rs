@@ -69,6 +69,12 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+CREATE INDEX IF NOT EXISTS jobs_by_kind ON jobs(kind, host, vm, finished);
+"#,
+    ),
 ];
 
 const JOB_COLUMNS: &str = "id, run_id, kind, host, vm, policy, status, attempt, retry_of, priority,
@@ -549,6 +555,45 @@ impl Store for PgStore {
         })
     }
 
+    fn start_job(&self, j: &NewJob<'_>, node: &str, lease_until: i64) -> Result<i64> {
+        self.run("recording a job", async |c| {
+            Ok(c.query_one(
+                "INSERT INTO jobs(run_id, kind, host, vm, policy, request, status, attempt,
+                                  retry_of, priority, created, not_before, started, node,
+                                  lease_until)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'running', $7, $8, $9, $10, $10, $10, $11, $12)
+                 RETURNING id",
+                &[
+                    &j.run_id,
+                    &j.kind,
+                    &j.host,
+                    &j.vm,
+                    &j.policy,
+                    &j.request,
+                    &j.attempt,
+                    &j.retry_of,
+                    &j.priority,
+                    &now(),
+                    &node,
+                    &lease_until,
+                ],
+            )
+            .await?
+            .get(0))
+        })
+    }
+
+    fn last_jobs(&self, kind: &str) -> Result<Vec<JobRecord>> {
+        self.query_jobs(
+            "listing jobs",
+            "WHERE id IN (SELECT MAX(id) FROM jobs
+                          WHERE kind = $1 AND status IN ('succeeded', 'failed', 'cancelled')
+                          GROUP BY host, vm)
+             ORDER BY host, vm",
+            &[&kind],
+        )
+    }
+
     fn mark_running(&self, id: i64, node: &str, lease_until: i64) -> Result<()> {
         self.exec(
             "starting a job",
@@ -614,12 +659,12 @@ impl Store for PgStore {
         )
     }
 
-    fn has_open_job(&self, host: &str, vm: &str, policy: &str) -> Result<bool> {
+    fn has_open_job(&self, host: &str, vm: &str, policy: &str, kind: &str) -> Result<bool> {
         self.run("reading jobs", async |c| {
             Ok(c.query_one(
                 "SELECT EXISTS(SELECT 1 FROM jobs WHERE host = $1 AND vm = $2 AND policy = $3
-                                AND status IN ('queued', 'running'))",
-                &[&host, &vm, &policy],
+                                AND kind = $4 AND status IN ('queued', 'running'))",
+                &[&host, &vm, &policy, &kind],
             )
             .await?
             .get(0))
@@ -695,7 +740,7 @@ impl Store for PgStore {
         )
     }
 
-    fn vm_stats(&self) -> Result<Vec<VmStats>> {
+    fn vm_stats_of(&self, kind: &str) -> Result<Vec<VmStats>> {
         self.run("reading metrics", async |c| {
             let rows = c
                 .query(
@@ -709,8 +754,8 @@ impl Store for PgStore {
                             FILTER (WHERE status = 'succeeded'))[1],
                         (ARRAY_AGG(duration ORDER BY finished DESC, id DESC)
                             FILTER (WHERE status = 'succeeded'))[1]
-                     FROM jobs WHERE kind = 'backup' GROUP BY host, vm ORDER BY host, vm",
-                    &[],
+                     FROM jobs WHERE kind = $1 GROUP BY host, vm ORDER BY host, vm",
+                    &[&kind],
                 )
                 .await?;
             Ok(rows
@@ -1052,7 +1097,7 @@ mod tests {
                 )
             })
             .expect("versions");
-        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(versions, vec![1, 2, 3]);
         c.set_next_run("p", "every 5s auto", Some(100), None)
             .expect("set");
         assert_eq!(c2.next_run("p", "every 5s auto").expect("n"), Some(100));
@@ -1106,6 +1151,41 @@ mod tests {
         assert!(
             c.runs(None, 10).expect("runs").is_empty(),
             "an empty finished run goes"
+        );
+        // Version 3: other kinds beside the backups. A sync run starts as running (no
+        // other node can claim it); a verification counts apart from the backups.
+        let sync = c
+            .start_job(
+                &NewJob {
+                    kind: "sync",
+                    ..job(None, "", "offsite")
+                },
+                "n1",
+                now() + 60,
+            )
+            .expect("sync");
+        let sync_job = c2.job(sync).expect("sync job");
+        assert_eq!(
+            (sync_job.status, sync_job.node.as_deref()),
+            (JobStatus::Running, Some("n1"))
+        );
+        assert!(c.last_jobs("sync").expect("last").is_empty());
+        let v = c
+            .add_job(&NewJob {
+                kind: "verify_boot",
+                ..job(None, "h", "a")
+            })
+            .expect("verify");
+        assert!(c.has_open_job("h", "a", "p", "verify_boot").expect("open"));
+        assert!(!c.has_open_job("h", "a", "p", "backup").expect("open"));
+        c.finish_job(v, &JobOutcome::default()).expect("finish");
+        let last = c.last_jobs("verify_boot").expect("last");
+        assert_eq!(last.iter().map(|j| j.id).collect::<Vec<_>>(), vec![v]);
+        let s = c.vm_stats_of("verify_boot").expect("stats");
+        assert_eq!((s.len(), s[0].successes), (1, 1));
+        assert!(
+            c.vm_stats().expect("stats").is_empty(),
+            "backups were forgotten"
         );
         // A password in the URL is refused: it belongs in a file or the environment.
         assert!(PgLocation::new("postgres://u:secret@127.0.0.1/db", PasswordSource::None).is_err());

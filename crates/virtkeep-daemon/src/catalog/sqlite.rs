@@ -81,6 +81,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     leader     INTEGER NOT NULL DEFAULT 0
 );
 "#;
+/// Version 3: jobs by kind (boot verifications and sync runs beside the backups).
+const V3: &str = r#"
+CREATE INDEX IF NOT EXISTS jobs_by_kind ON jobs(kind, host, vm, finished);
+"#;
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -239,6 +243,10 @@ impl SqliteStore {
         if found < 2 {
             tx.execute_batch(V2)
                 .map_err(self.err("upgrading the schema to version 2"))?;
+        }
+        if found < 3 {
+            tx.execute_batch(V3)
+                .map_err(self.err("upgrading the schema to version 3"))?;
         }
         if found < SCHEMA_VERSION {
             tx.execute(
@@ -461,6 +469,41 @@ impl Store for SqliteStore {
         Ok(c.last_insert_rowid())
     }
 
+    fn start_job(&self, j: &NewJob<'_>, node: &str, lease_until: i64) -> Result<i64> {
+        let c = self.conn();
+        c.execute(
+            "INSERT INTO jobs(run_id, kind, host, vm, policy, request, status, attempt, retry_of,
+                              priority, created, not_before, started, node, lease_until)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8, ?9, ?10, ?10, ?10, ?11, ?12)",
+            params![
+                j.run_id,
+                j.kind,
+                j.host,
+                j.vm,
+                j.policy,
+                j.request,
+                j.attempt,
+                j.retry_of,
+                j.priority,
+                now(),
+                node,
+                lease_until
+            ],
+        )
+        .map_err(self.err("recording a job"))?;
+        Ok(c.last_insert_rowid())
+    }
+
+    fn last_jobs(&self, kind: &str) -> Result<Vec<JobRecord>> {
+        self.query_jobs(
+            "WHERE id IN (SELECT MAX(id) FROM jobs
+                          WHERE kind = ?1 AND status IN ('succeeded', 'failed', 'cancelled')
+                          GROUP BY host, vm)
+             ORDER BY host, vm",
+            params![kind],
+        )
+    }
+
     fn mark_running(&self, id: i64, node: &str, lease_until: i64) -> Result<()> {
         self.conn()
             .execute(
@@ -532,12 +575,12 @@ impl Store for SqliteStore {
         )
     }
 
-    fn has_open_job(&self, host: &str, vm: &str, policy: &str) -> Result<bool> {
+    fn has_open_job(&self, host: &str, vm: &str, policy: &str, kind: &str) -> Result<bool> {
         self.conn()
             .query_row(
                 "SELECT EXISTS(SELECT 1 FROM jobs WHERE host = ?1 AND vm = ?2 AND policy = ?3
-                                AND status IN ('queued', 'running'))",
-                params![host, vm, policy],
+                                AND kind = ?4 AND status IN ('queued', 'running'))",
+                params![host, vm, policy, kind],
                 |r| r.get(0),
             )
             .map_err(self.err("reading jobs"))
@@ -639,7 +682,7 @@ impl Store for SqliteStore {
         )
     }
 
-    fn vm_stats(&self) -> Result<Vec<VmStats>> {
+    fn vm_stats_of(&self, kind: &str) -> Result<Vec<VmStats>> {
         let c = self.conn();
         let mut st = c
             .prepare(
@@ -647,11 +690,11 @@ impl Store for SqliteStore {
                     MAX(finished) FILTER (WHERE status = 'succeeded'),
                     COUNT(*) FILTER (WHERE status = 'failed'),
                     COUNT(*) FILTER (WHERE status = 'succeeded')
-                 FROM jobs WHERE kind = 'backup' GROUP BY host, vm ORDER BY host, vm",
+                 FROM jobs WHERE kind = ?1 GROUP BY host, vm ORDER BY host, vm",
             )
             .map_err(self.err("reading metrics"))?;
         let rows = st
-            .query_map([], |r| {
+            .query_map(params![kind], |r| {
                 Ok(VmStats {
                     host: r.get(0)?,
                     vm: r.get(1)?,
@@ -670,13 +713,13 @@ impl Store for SqliteStore {
         let mut last = c
             .prepare(
                 "SELECT bytes_read, bytes_new, duration FROM jobs
-                 WHERE kind = 'backup' AND status = 'succeeded' AND host = ?1 AND vm = ?2
+                 WHERE kind = ?3 AND status = 'succeeded' AND host = ?1 AND vm = ?2
                  ORDER BY finished DESC, id DESC LIMIT 1",
             )
             .map_err(self.err("reading metrics"))?;
         for s in &mut list {
             if let Some((r, n, d)) = last
-                .query_row(params![s.host, s.vm], |r| {
+                .query_row(params![s.host, s.vm, kind], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })
                 .optional()
@@ -966,6 +1009,78 @@ mod tests {
             )
             .expect("version");
         assert_eq!(v, SCHEMA_VERSION.to_string());
+    }
+
+    /// A version 2 catalog (before boot verification and sync runs were jobs) is
+    /// upgraded in place: its jobs stay, the kind index appears, and the new kinds are
+    /// counted apart from the backups.
+    #[test]
+    fn a_version_2_catalog_is_upgraded_in_place_to_3() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("c.sqlite");
+        {
+            let old = Connection::open(&path).expect("open");
+            old.execute_batch(V1).expect("v1");
+            old.execute_batch(V2).expect("v2");
+            old.execute_batch(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', '2');
+                 INSERT INTO jobs(kind, host, vm, request, status, created, not_before, finished)
+                    VALUES ('backup', 'kvm1', 'a', '{}', 'succeeded', 1, 1, 5);",
+            )
+            .expect("v2 rows");
+        }
+        let c = Catalog::open_writer(&path).expect("writer");
+        let conn = c
+            .as_any()
+            .downcast_ref::<SqliteStore>()
+            .expect("sqlite")
+            .conn();
+        let (v, index): (String, bool) = conn
+            .query_row(
+                "SELECT (SELECT value FROM meta WHERE key = 'schema_version'),
+                        EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'jobs_by_kind')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("version");
+        drop(conn);
+        assert_eq!((v.as_str(), index), ("3", true));
+        let verify = c
+            .add_job(&NewJob {
+                kind: "verify_boot",
+                ..job(None, "a")
+            })
+            .expect("job");
+        c.finish_job(
+            verify,
+            &JobOutcome {
+                error: Some("no marker".into()),
+                ..Default::default()
+            },
+        )
+        .expect("finish");
+        let sync = c
+            .start_job(
+                &NewJob {
+                    kind: "sync",
+                    host: "",
+                    ..job(None, "offsite")
+                },
+                "n1",
+                now() + 60,
+            )
+            .expect("sync");
+        assert_eq!(c.job(sync).expect("job").status, JobStatus::Running);
+        let backups = c.vm_stats().expect("stats");
+        assert_eq!((backups.len(), backups[0].successes), (1, 1));
+        let verified = c.vm_stats_of("verify_boot").expect("stats");
+        assert_eq!((verified[0].failures, verified[0].last_success), (1, None));
+        let last = c.last_jobs("verify_boot").expect("last");
+        assert_eq!(last.iter().map(|j| j.id).collect::<Vec<_>>(), vec![verify]);
+        assert!(
+            c.last_jobs("sync").expect("last").is_empty(),
+            "still running"
+        );
     }
 
     #[test]

@@ -118,7 +118,7 @@ fn chain_state(jobs: &[JobRecord]) -> String {
         .ok()
         .and_then(|r| match r {
             JobRequest::Backup { mode, .. } => Some(mode),
-            JobRequest::Restore { .. } => None,
+            JobRequest::Restore { .. } | JobRequest::VerifyBoot { .. } => None,
         });
     if requested == Some(ModeRequest::Full) {
         "full: a full was asked for (schedule or request mode = full)".into()

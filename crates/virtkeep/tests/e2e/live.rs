@@ -14,7 +14,7 @@ use crate::harness::{HOST, Node};
 const MIB: u64 = 1 << 20;
 
 /// A boot sector that writes `marker` to COM1 (port 0x3f8) and halts.
-fn marker_sector(marker: &str) -> Vec<u8> {
+pub(crate) fn marker_sector(marker: &str) -> Vec<u8> {
     assert!(marker.len() < 400 && !marker.contains('\0'));
     let mut s = vec![
         0x31, 0xC0, // xor ax, ax
@@ -57,7 +57,7 @@ fn crash_sector() -> Vec<u8> {
 
 /// A stopped VM with one raw disk starting with `sector`, and a VGA display (so a
 /// screenshot can be taken).
-fn sector_vm(tag: &str, sector: &[u8]) -> TestVm {
+pub(crate) fn sector_vm(tag: &str, sector: &[u8]) -> TestVm {
     let vm = TestVm::builder(tag).raw_disk(MIB).running(false).build();
     write_sector(&vm, sector);
     let xml = lab().virsh(&["dumpxml", "--inactive", "--domain", &vm.name]);
@@ -72,7 +72,7 @@ fn sector_vm(tag: &str, sector: &[u8]) -> TestVm {
     vm
 }
 
-fn write_sector(vm: &TestVm, sector: &[u8]) {
+pub(crate) fn write_sector(vm: &TestVm, sector: &[u8]) {
     use std::io::{Seek, Write};
     let path = vm.disk("vda").path.clone().expect("file disk");
     let mut f = std::fs::OpenOptions::new()
@@ -104,7 +104,7 @@ fn repo_state(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
 }
 
 /// Runs `verify ID --boot` with `--json`; returns the exit code and the report.
-fn verify_boot(node: &Node, id: &str, extra: &[&str]) -> (i32, Value) {
+pub(crate) fn verify_boot(node: &Node, id: &str, extra: &[&str]) -> (i32, Value) {
     let mut args = vec!["--json", "verify", id, "--boot", "--to", HOST];
     args.extend_from_slice(extra);
     let out = node.run(&args);
@@ -120,7 +120,7 @@ fn verify_boot(node: &Node, id: &str, extra: &[&str]) -> (i32, Value) {
 
 /// Nothing of the verification is left on the host: no domain, no job directory
 /// (overlays, socket, serial log).
-fn assert_nothing_left(report: &Value) {
+pub(crate) fn assert_nothing_left(report: &Value) {
     let dom = report["domain"].as_str().expect("domain");
     assert!(dom.starts_with("virtkeep-verify-"), "{dom}");
     assert!(

@@ -7,6 +7,7 @@ mod harness;
 mod api;
 mod auth;
 mod backup_restore;
+mod boot_verify;
 mod cli;
 mod cluster;
 mod completions;

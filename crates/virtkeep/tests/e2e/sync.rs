@@ -497,6 +497,45 @@ every = "1h"
         .expect("time")
         .as_secs_f64();
     assert!(last > now - 300.0 && last <= now + 1.0, "{last} vs {now}");
+    // The run is a job of kind "sync" in the catalog, as the API lists it.
+    // (The log line comes just before the run's end is recorded.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (body, jobs) = loop {
+        let (status, body) = http(port, "GET", "/api/jobs", Some(TOKEN), None);
+        assert_eq!(status, 200, "{body}");
+        let jobs: Value = serde_json::from_str(&body).expect("jobs");
+        let open = jobs
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|j| j["status"] == "running");
+        if !open || std::time::Instant::now() > deadline {
+            break (body, jobs);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let syncs: Vec<&Value> = jobs
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|j| j["kind"] == "sync")
+        .collect();
+    assert_eq!(syncs.len(), 1, "{body}");
+    assert_eq!(
+        (&syncs[0]["vm"], &syncs[0]["host"], &syncs[0]["status"]),
+        (
+            &Value::from("offsite"),
+            &Value::from(""),
+            &Value::from("succeeded")
+        ),
+        "{body}"
+    );
+    assert!(
+        syncs[0]["note"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("1 backups copied")),
+        "{body}"
+    );
     daemon.terminate();
     let snaps = json(
         &node,

@@ -1,0 +1,146 @@
+//! A policy's boot verification (`[policies.NAME.verify_boot]`): on its schedule, the
+//! newest backup of each VM the policy selects is booted as a transient domain on the
+//! verification host (`virtkeep verify --boot`), one `verify_boot` job per VM.
+//!
+//! The VMs come from the repository, not from the host: a VM whose backups exist is
+//! verified even when its host does not answer. A verify job carries the source VM's
+//! host and name, so the queue never runs it beside a backup of the same VM (which
+//! would make "the newest backup" a moving target).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use virtkeep_engine::Error as EngineError;
+use virtkeep_engine::verify_boot::{BootVerifyOptions, verify_boot};
+
+use crate::catalog::JobOutcome;
+use crate::policy::{Policy, VerifyBootPolicy};
+use crate::task::{Env, Stops, open_repository};
+
+/// The newest backup of each (host, VM) the policy selects: (host, VM, backup id).
+pub async fn newest_backups(
+    env: &Env,
+    p: &Policy,
+) -> Result<Vec<(String, String, String)>, EngineError> {
+    let rc = env.repository_config(p.repository.as_deref())?;
+    let repo = open_repository(rc).await?;
+    let mut newest: BTreeMap<(String, String), (time::OffsetDateTime, String)> = BTreeMap::new();
+    for b in repo.snapshots().await? {
+        let selected = p
+            .selections
+            .iter()
+            .any(|s| s.host == b.host && s.matches(&b.vm));
+        if !selected {
+            continue;
+        }
+        let e = newest
+            .entry((b.host.clone(), b.vm.clone()))
+            .or_insert((b.time, b.id.clone()));
+        if b.time > e.0 {
+            *e = (b.time, b.id);
+        }
+    }
+    Ok(newest
+        .into_iter()
+        .map(|((h, v), (_, id))| (h, v, id))
+        .collect())
+}
+
+/// Runs one verify job: boots `snapshot` on the policy's verification host. A shutdown,
+/// a cancel through the API and the policy's `job_timeout` end the verification early,
+/// which then destroys its domain and removes its overlays before the job ends (the
+/// future is never dropped halfway, which would leave them behind).
+pub async fn run_job(env: Arc<Env>, policy: &str, snapshot: &str, stops: Stops) -> JobOutcome {
+    run(env, policy, snapshot, stops)
+        .await
+        .unwrap_or_else(|e| JobOutcome {
+            error: Some(match &e.hint {
+                Some(h) => format!("{e} (hint: {h})"),
+                None => e.to_string(),
+            }),
+            snapshot: Some(snapshot.to_string()),
+            ..Default::default()
+        })
+}
+
+async fn run(
+    env: Arc<Env>,
+    policy: &str,
+    snapshot: &str,
+    stops: Stops,
+) -> Result<JobOutcome, EngineError> {
+    let p = env.daemon.policies.get(policy).ok_or_else(|| {
+        EngineError::config(format!(
+            "policy {policy:?} is no longer in the configuration"
+        ))
+    })?;
+    let v: &VerifyBootPolicy = p.verify_boot.as_ref().ok_or_else(|| {
+        EngineError::config(format!("policy {policy:?} no longer has verify_boot"))
+    })?;
+    let repo = open_repository(env.repository_config(p.repository.as_deref())?).await?;
+    let host = env.connect(&v.host).await?;
+    let opts = BootVerifyOptions {
+        timeout: v.timeout,
+        expect_serial: v.expect_serial.clone(),
+        agent: v.agent,
+    };
+    let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = cancelled.clone();
+    let Stops {
+        mut shutdown,
+        cancel,
+    } = stops;
+    let limit = p.job_timeout;
+    let interrupted = async move {
+        let down = async {
+            if shutdown.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let asked = async {
+            if cancel.await.is_err() {
+                std::future::pending::<()>().await;
+            } else {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        };
+        tokio::select! {
+            _ = down => {},
+            _ = asked => {},
+            _ = tokio::time::sleep(limit) => {},
+        }
+    };
+    let started = std::time::Instant::now();
+    let res = verify_boot(&host, &repo, snapshot, &opts, interrupted).await;
+    let cancelled = cancelled.load(std::sync::atomic::Ordering::SeqCst);
+    let r = match res {
+        Ok(r) => r,
+        Err(e) if cancelled => {
+            return Ok(JobOutcome {
+                cancelled: true,
+                error: Some(e.to_string()),
+                snapshot: Some(snapshot.to_string()),
+                ..Default::default()
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(JobOutcome {
+        error: r.reason.clone(),
+        snapshot: Some(snapshot.to_string()),
+        duration: Some(started.elapsed().as_secs_f64()),
+        note: Some(format!(
+            "booted as {} on {}: running after {:.1} s, watched {:.1} s{}",
+            r.domain,
+            r.host,
+            r.time_to_running_secs,
+            r.ran_secs,
+            match r.serial_matched {
+                Some(true) => ", serial output matched",
+                Some(false) => ", serial output did not match",
+                None => "",
+            }
+        )),
+        ..Default::default()
+    })
+}
