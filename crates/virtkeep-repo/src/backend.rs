@@ -15,6 +15,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 use crate::error::{RepoError, Result};
 
+mod s3_lock;
+pub use s3_lock::LockedS3Backend;
+use s3_lock::{BucketLock, RawS3};
+
 /// Metadata of one stored object.
 #[derive(Debug, Clone)]
 pub struct ObjectInfo {
@@ -33,6 +37,42 @@ pub enum PutOutcome {
     Created,
     /// An object with that key already existed; nothing was written.
     Existed,
+}
+
+/// S3 Object Lock retention mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Users with `s3:BypassGovernanceRetention` can still delete or shorten.
+    Governance,
+    /// Nobody can delete a version before its retention ends.
+    Compliance,
+}
+
+impl LockMode {
+    /// The S3 name (`GOVERNANCE`, `COMPLIANCE`), also the one in the repository config.
+    pub fn as_s3(self) -> &'static str {
+        match self {
+            LockMode::Governance => "GOVERNANCE",
+            LockMode::Compliance => "COMPLIANCE",
+        }
+    }
+
+    /// Parse the S3 name (any case).
+    pub fn parse(s: &str) -> Option<LockMode> {
+        match s.to_ascii_uppercase().as_str() {
+            "GOVERNANCE" => Some(LockMode::Governance),
+            "COMPLIANCE" => Some(LockMode::Compliance),
+            _ => None,
+        }
+    }
+}
+
+/// Per-object retention of an Object Lock repository: chunks, indexes and manifests are
+/// retained `retain` from when they are written or last extended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    pub retain: std::time::Duration,
 }
 
 /// The narrow storage interface the repository needs. Keys are `/`-separated and relative
@@ -58,6 +98,23 @@ pub trait ChunkBackend: Send + Sync + Debug + 'static {
     async fn delete(&self, key: &str) -> Result<()>;
     /// Human readable location.
     fn describe(&self) -> String;
+    /// `repo init --object-lock`: make sure objects can be given retention — S3 creates
+    /// a missing bucket with Object Lock enabled and refuses one without it.
+    async fn prepare_object_lock(&self) -> Result<()> {
+        Err(object_lock_unsupported(&self.describe()))
+    }
+    /// This backend writing chunks, indexes and manifests with `lock`'s retention.
+    fn with_object_lock(self: Arc<Self>, lock: ObjectLock) -> Result<Arc<dyn ChunkBackend>> {
+        let _ = lock;
+        Err(object_lock_unsupported(&self.describe()))
+    }
+}
+
+fn object_lock_unsupported(location: &str) -> RepoError {
+    RepoError::InvalidLocation(
+        location.to_string(),
+        "object lock needs an S3 repository (s3://bucket/prefix)".into(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -359,6 +416,8 @@ pub struct S3Backend {
     store: Arc<dyn ObjectStore>,
     bucket: String,
     prefix: String,
+    /// Signed raw requests for Object Lock, which `object_store` cannot express.
+    raw: RawS3,
 }
 
 impl S3Backend {
@@ -385,6 +444,7 @@ impl S3Backend {
             b = b.with_allow_http(true);
         }
         check_s3_credentials(&b, opts, &format!("s3://{bucket}/{prefix}"))?;
+        let raw = raw_s3(&b, bucket, prefix.trim_matches('/'));
         let store = b.build().map_err(|e| {
             RepoError::InvalidLocation(format!("s3://{bucket}/{prefix}"), e.to_string())
         })?;
@@ -392,6 +452,7 @@ impl S3Backend {
             store: Arc::new(store),
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
+            raw,
         })
     }
 
@@ -413,6 +474,26 @@ impl S3Backend {
                 .unwrap_or_else(|| s.to_string())
         }
     }
+}
+
+/// The raw-request side of an S3 backend, from the builder's settings (path-style).
+fn raw_s3(b: &object_store::aws::AmazonS3Builder, bucket: &str, prefix: &str) -> RawS3 {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let get = |k: K| b.get_config_value(&k).filter(|v| !v.is_empty());
+    let region = get(K::Region).unwrap_or_else(|| "us-east-1".into());
+    let base = get(K::Endpoint).unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+    let mut raw = RawS3::new(base, bucket, prefix, region);
+    raw.allow_http = get(K::Client(object_store::ClientConfigKey::AllowHttp))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    raw.credential = match (get(K::AccessKeyId), get(K::SecretAccessKey)) {
+        (Some(key_id), Some(secret_key)) => Some(object_store::aws::AwsCredential {
+            key_id,
+            secret_key,
+            token: get(K::Token),
+        }),
+        _ => None,
+    };
+    raw
 }
 
 fn meta_info(rel: String, m: &object_store::ObjectMeta) -> ObjectInfo {
@@ -496,9 +577,42 @@ impl ChunkBackend for S3Backend {
             format!("s3://{}/{}", self.bucket, self.prefix)
         }
     }
+
+    async fn prepare_object_lock(&self) -> Result<()> {
+        match self.raw.bucket_lock().await? {
+            BucketLock::Enabled => Ok(()),
+            BucketLock::Missing => self.raw.create_locked_bucket().await,
+            BucketLock::NotEnabled => Err(RepoError::InvalidLocation(
+                self.describe(),
+                format!(
+                    "bucket {} exists without Object Lock, which (on Ceph RGW before 20) can \
+                     only be enabled when a bucket is created: give a bucket name that does \
+                     not exist yet, and `repo init --object-lock` creates it with Object Lock",
+                    self.bucket
+                ),
+            )),
+        }
+    }
+
+    fn with_object_lock(self: Arc<Self>, lock: ObjectLock) -> Result<Arc<dyn ChunkBackend>> {
+        Ok(Arc::new(LockedS3Backend::new(self, lock)))
+    }
 }
 
 impl S3Backend {
+    /// Delete the current version of `key` for good, as any client holding these
+    /// credentials could — no retention check (`bypass_governance`: with
+    /// `x-amz-bypass-governance-retention`). For tests and administrators' cleanup; the
+    /// repository never calls it. Ok when there is no such object.
+    pub async fn delete_current_version(&self, key: &str, bypass_governance: bool) -> Result<()> {
+        let Some(h) = self.raw.head(key).await? else {
+            return Ok(());
+        };
+        self.raw
+            .delete_version(key, h.version.as_deref(), bypass_governance)
+            .await
+    }
+
     /// Objects under `prefix`, or (`temp`) only those named `.tmp-*` (virtkeep writes
     /// none to S3; they are treated as on the filesystem, for one rule on both).
     fn walk<'a>(&'a self, prefix: &'a str, temp: bool) -> BoxStream<'a, Result<ObjectInfo>> {

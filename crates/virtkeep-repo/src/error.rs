@@ -76,6 +76,9 @@ pub enum RepoError {
     /// The writer was used incorrectly (finished twice, aborted...).
     #[error("writer state: {0}")]
     WriterState(String),
+    /// S3 Object Lock: the object is under retention and cannot be deleted yet.
+    #[error("{key} is under object lock retention until {until}")]
+    Retained { key: String, until: String },
     /// Storage backend error.
     #[error("storage error on {key}: {message}")]
     Backend { key: String, message: String },

@@ -27,8 +27,8 @@ mod verify;
 mod writer;
 
 pub use backend::{
-    ChunkBackend, FsBackend, Location, ObjectInfo, PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, PutOutcome,
-    S3Backend, S3Options,
+    ChunkBackend, FsBackend, Location, LockMode, LockedS3Backend, ObjectInfo, ObjectLock,
+    PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, PutOutcome, S3Backend, S3Options,
 };
 pub use crypto::{EncryptionConfig, Kdf, KeySource};
 pub use disk_view::{
@@ -50,8 +50,8 @@ pub use progress::{QuietProgress, RepoProgress};
 pub use prune::{KeepPolicy, PruneDecision, PruneReport, compute_prune, compute_prune_within};
 pub use reader::{DiskReader, Extent, MIN_ZERO_RUN, split_zero_runs};
 pub use repo::{
-    DEFAULT_CHUNK_SIZE, FORMAT_VERSION, GcOptions, GcReport, InitOptions, LeaseTiming, Repository,
-    SnapshotListing, UnreadableManifest,
+    DEFAULT_CHUNK_SIZE, FORMAT_VERSION, GcOptions, GcReport, InitOptions, LOCKED_FORMAT_VERSION,
+    LeaseTiming, Repository, SnapshotListing, UnreadableManifest,
 };
 pub use sync::{CopyObserver, CopyStats, DigestMap, QuietCopy};
 pub use upgrade::{UpgradeFailure, UpgradeReport};

@@ -272,6 +272,10 @@ impl Repository {
                             d.keep = true;
                             d.reason = "in use by a running backup".into();
                         }
+                        Err(crate::RepoError::Retained { until, .. }) => {
+                            d.keep = true;
+                            d.reason = format!("under object lock retention until {until}");
+                        }
                         Err(e) => return Err(e),
                     }
                 }

@@ -10,7 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::backend::{ChunkBackend, Location, ObjectInfo, PutOutcome};
+use crate::backend::{ChunkBackend, Location, LockMode, ObjectInfo, ObjectLock, PutOutcome};
 use crate::crypto::{self, EncryptionConfig, KeySource};
 use crate::error::{RepoError, Result};
 use crate::format::{Codec, Digest, FixedIndex, ZERO_DIGEST, chunk_key};
@@ -21,8 +21,14 @@ use crate::progress::{QuietProgress, RepoProgress};
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 pub(crate) const CONFIG_KEY: &str = "config";
 const CONFIG_FORMAT: &str = "virtkeep-repo";
-/// The repository format this build writes (docs/format.md); it reads 1 and 2.
+/// The repository format this build writes (docs/format.md); it reads 1 to 3.
 pub const FORMAT_VERSION: u32 = 2;
+/// The format of a repository with S3 Object Lock: v2 plus the `object_lock` section.
+/// Only locked repositories are written as v3, so builds that know nothing of the lock
+/// refuse them (they would write without retention) and still open all others.
+pub const LOCKED_FORMAT_VERSION: u32 = 3;
+/// Longest Object Lock retention `repo init` accepts (10 years).
+const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86400);
 pub(crate) const GC_LOCK: &str = "locks/gc";
 pub(crate) const LEASE_PREFIX: &str = "locks/backup-";
 
@@ -43,7 +49,10 @@ pub struct InitOptions {
     /// Required when `encryption` is `None`.
     pub auth_key_file: Option<PathBuf>,
     /// Format to write: [`FORMAT_VERSION`]; 1 only to build an old repository in tests.
+    /// [`LOCKED_FORMAT_VERSION`] whatever this says when `object_lock` is set.
     pub format_version: u32,
+    /// S3 Object Lock: per-object retention of chunks, indexes and manifests.
+    pub object_lock: Option<ObjectLock>,
 }
 
 impl Default for InitOptions {
@@ -55,6 +64,7 @@ impl Default for InitOptions {
             min_gc_grace: Duration::from_secs(3600),
             auth_key_file: None,
             format_version: FORMAT_VERSION,
+            object_lock: None,
         }
     }
 }
@@ -79,8 +89,11 @@ pub(crate) struct ConfigFile {
     /// Unencrypted format v2: which key file authenticates the metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthKeyConfig>,
+    /// Format v3: S3 Object Lock retention of chunks, indexes and manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLockConfig>,
     /// hex keyed-BLAKE3 over the immutable fields; in encrypted repositories and in
-    /// unencrypted ones of format v2.
+    /// unencrypted ones of format v2 and v3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
 }
@@ -94,7 +107,47 @@ pub(crate) struct AuthKeyConfig {
     pub fingerprint: String,
 }
 
+/// The `object_lock` section of a v3 config: `{"mode": "GOVERNANCE", "retain_secs"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct ObjectLockConfig {
+    pub mode: String,
+    pub retain_secs: u64,
+}
+
+impl ObjectLockConfig {
+    fn lock(&self) -> Result<ObjectLock> {
+        let mode = LockMode::parse(&self.mode).ok_or_else(|| RepoError::UnsupportedFormat {
+            object: CONFIG_KEY.into(),
+            reason: format!("object lock mode {:?}", self.mode),
+        })?;
+        Ok(ObjectLock {
+            mode,
+            retain: Duration::from_secs(self.retain_secs),
+        })
+    }
+}
+
 impl ConfigFile {
+    /// The repository's Object Lock, checked against its version.
+    fn object_lock(&self) -> Result<Option<ObjectLock>> {
+        match (&self.object_lock, self.version >= LOCKED_FORMAT_VERSION) {
+            (Some(l), true) => l.lock().map(Some),
+            (None, false) => Ok(None),
+            _ => Err(RepoError::UnsupportedFormat {
+                object: CONFIG_KEY.into(),
+                reason: format!(
+                    "format v{} {} an object_lock section",
+                    self.version,
+                    if self.object_lock.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    }
+                ),
+            }),
+        }
+    }
+
     fn mac_input(&self) -> String {
         let v1 = format!(
             "{}\0{}\0{}\0{}\0{}\0{}",
@@ -110,7 +163,7 @@ impl ConfigFile {
         }
         // v2 also binds the id key, the cipher and KDF parameters and the auth key's
         // fingerprint: nothing in the config can be changed without the key.
-        format!(
+        let v2 = format!(
             "virtkeep config v2\0{v1}\0{}\0{}\0{}",
             self.id_key.as_deref().unwrap_or(""),
             self.encryption
@@ -121,7 +174,17 @@ impl ConfigFile {
                 .as_ref()
                 .map(|a| a.fingerprint.as_str())
                 .unwrap_or("")
-        )
+        );
+        if self.version < LOCKED_FORMAT_VERSION {
+            return v2;
+        }
+        // v3 binds the lock too: removing or shortening it needs the key.
+        let (mode, secs) = self
+            .object_lock
+            .as_ref()
+            .map(|l| (l.mode.as_str(), l.retain_secs))
+            .unwrap_or(("", 0));
+        format!("virtkeep config v3\0{v2}\0{mode}\0{secs}")
     }
 
     /// The config MAC under `mac_key`.
@@ -318,13 +381,21 @@ impl Repository {
     ) -> Result<Repository> {
         check_init_options(&opts)?;
         let backend = location.backend()?;
+        if opts.object_lock.is_some() {
+            // Before anything is written: the bucket may have to be created for it.
+            backend.prepare_object_lock().await?;
+        }
         if backend.head(CONFIG_KEY).await?.is_some() {
             return Err(RepoError::AlreadyExists(location.to_string()));
         }
         let id = uuid::Uuid::new_v4().to_string();
         let mut cfg = ConfigFile {
             format: CONFIG_FORMAT.into(),
-            version: opts.format_version,
+            version: if opts.object_lock.is_some() {
+                LOCKED_FORMAT_VERSION
+            } else {
+                opts.format_version
+            },
             id: id.clone(),
             created: OffsetDateTime::now_utc()
                 .replace_nanosecond(0)
@@ -336,6 +407,10 @@ impl Repository {
             id_key: None,
             encryption: None,
             auth: None,
+            object_lock: opts.object_lock.map(|l| ObjectLockConfig {
+                mode: l.mode.as_s3().into(),
+                retain_secs: l.retain.as_secs(),
+            }),
             mac: None,
         };
         let keys = match &opts.encryption {
@@ -395,6 +470,10 @@ impl Repository {
         keys: Keys,
     ) -> Result<Repository> {
         let codec = make_codec(&config, &keys)?;
+        let backend = match config.object_lock()? {
+            Some(lock) => backend.with_object_lock(lock)?,
+            None => backend,
+        };
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
@@ -443,7 +522,7 @@ impl Repository {
             .ok_or_else(|| RepoError::NotARepository(loc.clone()))?;
         let cfg: ConfigFile =
             serde_json::from_slice(&raw).map_err(|e| RepoError::json(CONFIG_KEY, e))?;
-        if cfg.format != CONFIG_FORMAT || !(1..=FORMAT_VERSION).contains(&cfg.version) {
+        if cfg.format != CONFIG_FORMAT || !(1..=LOCKED_FORMAT_VERSION).contains(&cfg.version) {
             return Err(RepoError::UnsupportedFormat {
                 object: CONFIG_KEY.into(),
                 reason: format!("{} v{}", cfg.format, cfg.version),
@@ -480,6 +559,11 @@ impl Repository {
     /// the caller to show; also logged.
     pub fn warnings(&self) -> &[String] {
         &self.inner.warnings
+    }
+
+    /// The repository's S3 Object Lock retention (`repo init --object-lock`).
+    pub fn object_lock(&self) -> Option<ObjectLock> {
+        self.inner.config.object_lock().ok().flatten()
     }
 
     /// The format version of the repository's config.
@@ -963,10 +1047,10 @@ impl Repository {
         let objs: Vec<_> = be.list("snapshots/").try_collect().await?;
         for o in objs {
             if o.key.ends_with(".fidx") && !index_keys.contains(&o.key) && o.modified < cutoff {
-                report.orphan_indexes_removed += 1;
-                if !opts.dry_run {
-                    be.delete(&o.key).await?;
+                if !opts.dry_run && !delete_unless_retained(be, &o.key, &mut report).await? {
+                    continue;
                 }
+                report.orphan_indexes_removed += 1;
             }
         }
         // temp files of writes that died half-way (fs backend): older than the cutoff,
@@ -1001,7 +1085,11 @@ impl Repository {
             if !opts.dry_run {
                 // re-check: a backup may have refreshed it since the listing
                 match be.head(&o.key).await? {
-                    Some(h) if h.modified < cutoff => be.delete(&o.key).await?,
+                    Some(h) if h.modified < cutoff => {
+                        if !delete_unless_retained(be, &o.key, &mut report).await? {
+                            continue;
+                        }
+                    }
                     Some(_) => {
                         report.chunks_too_recent += 1;
                         continue;
@@ -1016,6 +1104,23 @@ impl Repository {
     }
 }
 
+/// Delete `key` unless Object Lock retention still holds it (counted, not an error:
+/// a later GC removes it). `false`: kept.
+async fn delete_unless_retained(
+    be: &Arc<dyn ChunkBackend>,
+    key: &str,
+    report: &mut GcReport,
+) -> Result<bool> {
+    match be.delete(key).await {
+        Ok(()) => Ok(true),
+        Err(RepoError::Retained { .. }) => {
+            report.objects_retained += 1;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn check_init_options(opts: &InitOptions) -> Result<()> {
     let cs = opts.chunk_size;
     if !cs.is_power_of_two() || !(64 << 10..=16 << 20).contains(&cs) {
@@ -1027,6 +1132,18 @@ fn check_init_options(opts: &InitOptions) -> Result<()> {
         return Err(RepoError::InvalidArgument(format!(
             "zstd level {} out of range",
             opts.zstd_level
+        )));
+    }
+    if let Some(l) = &opts.object_lock
+        && (l.retain < opts.min_gc_grace || l.retain > MAX_RETENTION)
+    {
+        return Err(RepoError::InvalidArgument(format!(
+            "object lock retention {} s must be between the GC grace period ({} s) and \
+             {} days: a chunk a backup reuses is retained at least that long from the \
+             backup's start minus the grace period",
+            l.retain.as_secs(),
+            opts.min_gc_grace.as_secs(),
+            MAX_RETENTION.as_secs() / 86400
         )));
     }
     if !(1..=FORMAT_VERSION).contains(&opts.format_version) {
@@ -1224,6 +1341,9 @@ pub struct GcReport {
     pub orphan_indexes_removed: u64,
     /// Stale `.tmp-*` objects of interrupted writes removed.
     pub temp_removed: u64,
+    /// Unreferenced chunks and orphan indexes kept because they are under S3 Object
+    /// Lock retention (removed by a GC after it ends).
+    pub objects_retained: u64,
 }
 
 /// A backup whose manifest cannot be read (corrupt, failing authentication, of an
@@ -1268,5 +1388,49 @@ pub(crate) fn log_unreadable(unreadable: &[UnreadableManifest]) {
             u.error,
             u.id
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A v2 config (the previous format, as written by builds without Object Lock)
+    /// still opens with no lock; v3 binds the lock into the MAC, and a version that does
+    /// not match the presence of the section is refused.
+    #[test]
+    fn v2_config_opens_and_v3_binds_the_lock() {
+        let v2_json = r#"{"format":"virtkeep-repo","version":2,"id":"a","created":
+            "2026-11-26T21:00:00Z","chunk_size":4194304,"zstd_level":1,
+            "digest":"blake3-keyed","min_gc_grace_secs":3600,"id_key":"00",
+            "auth":{"type":"key-file","fingerprint":"0011"}}"#;
+        let mut cfg: ConfigFile = serde_json::from_str(v2_json).expect("v2 config");
+        let key = [7u8; 32];
+        assert_eq!(cfg.object_lock().expect("v2"), None);
+        let v2_mac = cfg.compute_mac(&key);
+        assert!(cfg.mac_input().starts_with("virtkeep config v2\0"));
+
+        cfg.version = LOCKED_FORMAT_VERSION;
+        assert!(cfg.object_lock().is_err(), "v3 without object_lock");
+        cfg.object_lock = Some(ObjectLockConfig {
+            mode: "GOVERNANCE".into(),
+            retain_secs: 86400,
+        });
+        let lock = cfg.object_lock().expect("v3").expect("lock");
+        assert_eq!(lock.mode, LockMode::Governance);
+        assert_eq!(lock.retain, Duration::from_secs(86400));
+        let v3_mac = cfg.compute_mac(&key);
+        assert_ne!(v3_mac, v2_mac);
+        cfg.object_lock = Some(ObjectLockConfig {
+            mode: "GOVERNANCE".into(),
+            retain_secs: 60,
+        });
+        assert_ne!(
+            cfg.compute_mac(&key),
+            v3_mac,
+            "a shortened lock keeps the MAC"
+        );
+        cfg.version = 2;
+        assert!(cfg.object_lock().is_err(), "v2 with object_lock");
     }
 }

@@ -109,6 +109,7 @@ pub async fn new_repo(fx: &Fx, enc: Option<KeySource>, min_grace: Duration) -> R
             min_gc_grace: min_grace,
             auth_key_file,
             format_version: FORMAT_VERSION,
+            object_lock: None,
         },
     )
     .await
@@ -127,6 +128,7 @@ pub async fn new_repo_v1(fx: &Fx, enc: Option<KeySource>, min_grace: Duration) -
             min_gc_grace: min_grace,
             auth_key_file: None,
             format_version: 1,
+            object_lock: None,
         },
     )
     .await

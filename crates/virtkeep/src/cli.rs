@@ -300,6 +300,24 @@ pub struct RepoInitArgs {
     /// Key file of the --copy-keys-from repository, when the configuration has none
     #[arg(long, value_name = "FILE", requires = "copy_keys_from")]
     pub copy_keys_key_file: Option<PathBuf>,
+    /// S3 only: chunks, indexes and manifests get Object Lock retention in this mode, so
+    /// the repository's own credentials cannot destroy a backup; a missing bucket is
+    /// created with Object Lock, an existing one must have it. Prune with --keep-within
+    #[arg(long, value_enum, value_name = "MODE", requires = "retain")]
+    pub object_lock: Option<ObjectLockMode>,
+    /// With --object-lock: how long each object is retained from when it is written or
+    /// reused by a backup (e.g. 30d; at least the 1 h GC grace period)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "object_lock")]
+    pub retain: Option<time::Duration>,
+}
+
+/// `repo init --object-lock`: S3 Object Lock retention mode.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectLockMode {
+    /// Deletable before the end only with s3:BypassGovernanceRetention
+    Governance,
+    /// Nobody can delete a version before its retention ends
+    Compliance,
 }
 
 #[derive(Args, Debug)]
@@ -493,7 +511,8 @@ pub struct PruneArgs {
     #[arg(long)]
     pub keep_yearly: Option<u32>,
     /// Keep every backup taken within DURATION of the VM's newest one (e.g. 7d, 2w,
-    /// 1y6m, 36h; m = 30 days, y = 365 days)
+    /// 1y6m, 36h; m = 30 days, y = 365 days). Recommended for Object Lock repositories:
+    /// counts (--keep-last…) can be used up by an attacker who adds backups
     #[arg(long, value_parser = parse_duration)]
     pub keep_within: Option<time::Duration>,
     #[arg(long)]

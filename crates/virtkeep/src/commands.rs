@@ -784,6 +784,14 @@ async fn prune(settings: &Settings, args: PruneArgs, json: bool) -> anyhow::Resu
         );
     }
     let repo = settings.open_repo(&args.repo).await?;
+    if repo.object_lock().is_some() && args.keep_within.is_none() {
+        eprintln!(
+            "warning: {} has Object Lock; prune it with --keep-within: an attacker who can \
+             write to it can add backups until count-based rules (--keep-last…) select the \
+             real ones for removal",
+            repo.location()
+        );
+    }
     let within = args.keep_within;
     let decisions = match args.filter.as_deref() {
         None => repo.prune_within(&policy, within, None, args.dry_run).await,
@@ -862,6 +870,12 @@ async fn gc(settings: &Settings, args: GcArgs, json: bool) -> anyhow::Result<Exi
             report.chunks_kept,
             report.chunks_too_recent
         );
+        if report.objects_retained > 0 {
+            println!(
+                "{} unreferenced objects kept under object lock retention (a later gc removes them)",
+                report.objects_retained
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -20,6 +20,19 @@ use crate::settings::{Settings, repo_err, repo_error};
 /// (docs/format.md).
 const CONFIG_OBJECT: &str = "config";
 
+/// `--object-lock MODE --retain DURATION` (clap makes them go together).
+fn object_lock(args: &RepoInitArgs) -> Option<virtkeep_repo::ObjectLock> {
+    let mode = match args.object_lock? {
+        crate::cli::ObjectLockMode::Governance => virtkeep_repo::LockMode::Governance,
+        crate::cli::ObjectLockMode::Compliance => virtkeep_repo::LockMode::Compliance,
+    };
+    let secs = args.retain?.whole_seconds().max(0).unsigned_abs();
+    Some(virtkeep_repo::ObjectLock {
+        mode,
+        retain: std::time::Duration::from_secs(secs),
+    })
+}
+
 pub async fn init(
     settings: &mut Settings,
     args: RepoInitArgs,
@@ -78,6 +91,7 @@ pub async fn init(
             .then(|| choice.key_file.clone())
             .flatten(),
         encryption,
+        object_lock: object_lock(&args),
         ..virtkeep_repo::InitOptions::default()
     };
     let loc = settings.location(&location, settings.config.repository.as_ref())?;

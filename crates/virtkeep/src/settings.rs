@@ -224,6 +224,11 @@ pub fn repo_error(e: RepoError, location: &str) -> EngineError {
         RepoError::Protected(id) => Some(format!(
             "`virtkeep unprotect {id}` first if it really is to go"
         )),
+        RepoError::Retained { .. } => Some(
+            "the repository has S3 Object Lock: a backup can be removed once its retention \
+             has ended (`virtkeep prune --keep-within` keeps it until then and says so)"
+                .into(),
+        ),
         _ => None,
     };
     let err = EngineError::from(e);

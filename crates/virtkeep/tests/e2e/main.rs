@@ -25,6 +25,7 @@ mod keys;
 mod live;
 mod lvm_host;
 mod memory;
+mod object_lock;
 mod quickstart;
 mod rbd;
 mod repository;
