@@ -270,6 +270,23 @@ pub fn rewrite_domain(xml: &str, rw: &Rewrite) -> Result<String, XmlError> {
     edits.apply(xml)
 }
 
+/// The `<disk>` element with target `target` of a domain's XML, as written there (for
+/// `virsh blockcopy --xml`, which reads only its source and driver).
+pub fn disk_element(xml: &str, target: &str) -> Result<String, XmlError> {
+    let doc = Doc::parse(xml)?;
+    for d in doc.children_named(0, "devices") {
+        for disk in doc.children_named(d, "disk") {
+            let t = doc
+                .child(disk, "target")
+                .and_then(|t| doc.elem(t).attr("dev"));
+            if t == Some(target) {
+                return Ok(xml[doc.elem(disk).span()].to_string());
+            }
+        }
+    }
+    Err(XmlError::Rewrite(format!("no disk with target {target:?}")))
+}
+
 /// Replace the text content of element `id` (expanding `<x/>` to `<x>…</x>`).
 pub(crate) fn set_text(
     doc: &Doc<'_>,

@@ -199,6 +199,23 @@ impl Virsh {
             .arg("--wait")
     }
 
+    /// `virsh blockcopy --domain DOM --path TARGET --xml XML --reuse-external
+    /// --transient-job --wait --pivot`: mirror the disk into the existing destination
+    /// that the `<disk>` in file `xml_path` describes, then switch the guest to it.
+    /// `--transient-job` is what libvirt 9 needs for a persistent domain; it still
+    /// updates the persistent definition on the pivot.
+    pub fn blockcopy_pivot(&self, dom: &str, target: &str, xml_path: &str) -> RemoteCommand {
+        self.dom("blockcopy", dom)
+            .arg("--path")
+            .arg(target)
+            .arg("--xml")
+            .arg(xml_path)
+            .arg("--reuse-external")
+            .arg("--transient-job")
+            .arg("--wait")
+            .arg("--pivot")
+    }
+
     /// `virsh start --domain DOM`.
     pub fn start(&self, dom: &str) -> RemoteCommand {
         self.dom("start", dom)
