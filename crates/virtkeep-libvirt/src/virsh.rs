@@ -529,6 +529,17 @@ pub fn parse_virsh_version(stdout: &str) -> Result<VirshVersion, ParseError> {
     Ok(v)
 }
 
+/// The emulator `virsh domcapabilities` names (`<path>`): the host's QEMU for that
+/// virtualization type. `None` when it names none.
+pub fn parse_domcapabilities_emulator(xml: &str) -> Result<Option<String>, ParseError> {
+    let what = "virsh domcapabilities";
+    let doc = Doc::parse(xml).map_err(|source| ParseError::Xml { what, source })?;
+    Ok(doc
+        .child(0, "path")
+        .map(|p| doc.elem(p).text.trim().to_string())
+        .filter(|p| p.starts_with('/')))
+}
+
 /// Whether `virsh domcapabilities` reports the backup/checkpoint API
 /// (`<features><backup supported='yes'/>`, libvirt ≥ 6.0 with a QEMU that has
 /// incremental backup). An absent element means no.

@@ -27,6 +27,7 @@ mod memory;
 mod quickstart;
 mod rbd;
 mod repository;
+mod restore_define;
 mod restore_safety;
 mod restore_space;
 mod sync;
