@@ -1,15 +1,23 @@
 //! `virtkeep restore SNAPSHOT --to HOST --live --name NEW`: the VM runs from the
 //! repository within seconds while its data is copied into its own disks.
 //!
-//! Each disk is a qcow2 file at the place a restore under the new name would choose,
-//! created as an overlay over the backup's NBD export ([`crate::live::LiveBackup`]);
-//! the domain is defined and started on them (I/O errors pause it), then
-//! `virsh blockpull` copies every block into the overlays while the guest runs and
-//! writes, and drops the backing link. At the end nothing refers to the node.
+//! Each disk goes where a restore under the new name would put it (the same choice and
+//! checks: [`crate::restore::Place`]), never over anything that exists:
+//! - a qcow2 file is created there as an overlay over the backup's NBD export
+//!   ([`crate::live::LiveBackup`]); `virsh blockpull` later copies every block into it
+//!   and drops the backing link;
+//! - a raw file, an LV or an RBD image is created empty, and the guest first runs on a
+//!   temporary qcow2 overlay over the export (beside a file, in the job directory for
+//!   an LV or RBD image); `virsh blockcopy --reuse-external --transient-job --pivot`
+//!   later mirrors the overlay (the backup plus what the guest wrote) into the
+//!   destination and switches the guest to it; the overlay is then removed.
+//!   (libvirt 9 refuses a block copy of a persistent domain without
+//!   `--transient-job`; with it the pivot updates the persistent definition too.)
 //!
-//! This first version restores file (qcow2) disks under a new name only, never over
-//! an existing domain or file. A failure before the copy is done destroys and
-//! undefines the new domain and removes its files: nothing half-restored stays.
+//! The domain is defined and started on the overlays (I/O errors pause it), so it runs
+//! within seconds, while the copy goes on. At the end nothing refers to the node.
+//! A failure before the copy is done destroys and undefines the new domain and removes
+//! what this run created: nothing half-restored stays.
 
 use std::time::Instant;
 
@@ -19,7 +27,7 @@ use virtkeep_libvirt::{Isolation, NewSource, Rewrite, coreutils, isolate_for_boo
 use crate::error::{Error, Result};
 use crate::host::{Deadline, Host};
 use crate::live::LiveBackup;
-use crate::restore::{Storage, check_on_host, check_path, destination};
+use crate::restore::{Destination, DiskCheck, Place, Storage};
 
 /// Failpoint: held (until a line on stdin) once the domain runs, before the copy.
 pub const HOLD_BEFORE_COPY: &str = "live-restore-running";
@@ -68,22 +76,26 @@ pub async fn restore_live(
     }
     let job = format!("live-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let live = LiveBackup::start(host, repo, id, &job).await?;
-    let res = match plan(host, &live, name).await {
-        // Only what this run made is rolled back: plan checked that none of it existed.
+    let res = match plan(host, &live, name, &job).await {
+        // Only what this run made is rolled back: plan checked that none of it existed,
+        // and `made` counts the destinations created.
         // A signal before the copy is done rolls back like any failure.
-        Ok(disks) => match tokio::select! {
-            r = run(host, &live, name, &disks, started) => r,
-            _ = interrupted => Err(Error::new(
-                crate::error::ErrorKind::Interrupted,
-                format!("interrupted before the copy was done; {name} was removed"),
-            )),
-        } {
-            Ok(times) => Ok((times, disks)),
-            Err(e) => {
-                roll_back(host, name, &disks).await;
-                Err(e)
+        Ok(disks) => {
+            let mut made = 0;
+            match tokio::select! {
+                r = run(host, &live, name, &disks, &mut made, started) => r,
+                _ = interrupted => Err(Error::new(
+                    crate::error::ErrorKind::Interrupted,
+                    format!("interrupted before the copy was done; {name} was removed"),
+                )),
+            } {
+                Ok(times) => Ok((times, disks)),
+                Err(e) => {
+                    roll_back(host, name, &disks[..made]).await;
+                    Err(e)
+                }
             }
-        },
+        }
         Err(e) => Err(e),
     };
     live.finish(host).await;
@@ -92,72 +104,172 @@ pub async fn restore_live(
         snapshot: id.to_string(),
         host: host.name.clone(),
         vm: name.to_string(),
-        disks,
+        disks: disks.into_iter().map(|d| d.report).collect(),
         time_to_running_secs: running,
         time_to_copied_secs: copied,
     })
 }
 
-/// Where each disk goes: the path a restore under `name` would choose; none may exist.
-async fn plan(host: &Host, live: &LiveBackup, name: &str) -> Result<Vec<LiveDisk>> {
+/// One disk of the plan: where it ends, and how its data gets there.
+#[derive(Debug)]
+struct Planned {
+    report: LiveDisk,
+    dest: Box<dyn Destination>,
+    copy: Copy,
+}
+
+#[derive(Debug)]
+enum Copy {
+    /// The destination is a qcow2 overlay over the export: `blockpull` into it.
+    Pull,
+    /// The destination is created empty; the guest runs on the qcow2 `overlay` until
+    /// `blockcopy` mirrored it into the destination.
+    Mirror { overlay: String },
+}
+
+impl Planned {
+    /// The image the guest starts on.
+    fn overlay(&self) -> &str {
+        match &self.copy {
+            Copy::Pull => &self.report.path,
+            Copy::Mirror { overlay } => overlay,
+        }
+    }
+}
+
+/// Where each disk goes: where a restore under `name` would put it; none may exist.
+async fn plan(host: &Host, live: &LiveBackup, name: &str, job: &str) -> Result<Vec<Planned>> {
+    let manifest = live.manifest();
+    let domain = virtkeep_libvirt::parse_domain(&manifest.domain_xml)?;
+    let mut notes = Vec::new();
+    let mut place = Place {
+        host,
+        manifest,
+        storage: &Storage::Original,
+        new_name: Some(name),
+        lv_lists: Default::default(),
+        notes: &mut notes,
+    };
     let mut out = Vec::new();
-    for d in &live.manifest().disks {
-        let path = destination(
-            &Storage::Original,
-            &d.spec.source,
-            Some(name),
-            &d.spec.target,
-            "qcow2",
-        );
-        if d.spec.backend != virtkeep_repo::Storage::File {
-            return Err(Error::unsupported(format!(
-                "disk {} was not a file ({}): live restore handles file disks so far",
-                d.spec.target, d.spec.source
-            )));
-        }
-        // The directory comes from the backup (untrusted): canonical, no symlink on the
-        // way, nothing there yet — the checks of every file restore.
-        check_path(&path)?;
-        if check_on_host(host, &path).await? {
-            return Err(Error::conflict(format!("{path} exists on {}", host.name))
-                .hint("choose another --name"));
-        }
-        let disk = LiveDisk {
-            target: d.spec.target.clone(),
-            path,
-            format: "qcow2".into(),
+    for (i, m) in manifest.disks.iter().enumerate() {
+        let dest = place.disk(m).await?;
+        // The place comes from the backup (untrusted): the checks of every restore
+        // (canonical path, no symlink, safe LVM/RBD names, the Ceph secret).
+        dest.check_names()?;
+        let check = DiskCheck {
+            m,
+            domain: &domain,
+            define: true,
         };
-        out.push(disk);
+        if dest.check(host, &check).await? {
+            return Err(
+                Error::conflict(format!("{} exists on {}", dest.describe(), host.name))
+                    .hint("live restore never overwrites: choose another --name"),
+            );
+        }
+        let format = dest.format(m);
+        let (_, path) = dest.report();
+        let copy = match dest.new_source(&format) {
+            NewSource::File { .. } if format == "qcow2" => Copy::Pull,
+            NewSource::File { path, .. } => Copy::Mirror {
+                overlay: crate::restore::stage_temp_file(&path, job),
+            },
+            NewSource::Block { .. } | NewSource::Rbd { .. } => Copy::Mirror {
+                overlay: format!("{}/disk{i}.qcow2", live.dir()),
+            },
+        };
+        let report = LiveDisk {
+            target: m.spec.target.clone(),
+            path,
+            format,
+        };
+        out.push(Planned { report, dest, copy });
     }
     Ok(out)
 }
 
-/// Overlays, define, start, copy. Returns (time to running, time to copied).
+/// Destinations, overlays, define, start, copy. Returns (time to running, time to
+/// copied); `made` counts the disks whose destination and overlay were created.
 async fn run(
     host: &Host,
     live: &LiveBackup,
     name: &str,
-    disks: &[LiveDisk],
+    disks: &[Planned],
+    made: &mut usize,
     started: Instant,
 ) -> Result<(f64, f64)> {
-    let paths: Vec<(String, String)> = disks
+    let owner = host.qemu_owner().await?;
+    for d in disks {
+        if let Copy::Mirror { .. } = d.copy {
+            d.dest
+                .create_empty(host, manifest_disk(live, d)?, &owner)
+                .await?;
+        }
+        *made += 1;
+        let at = [(d.report.target.clone(), d.overlay().to_string())];
+        live.create_overlays_at(host, &at).await?;
+    }
+    define_and_start(host, live, name, disks).await?;
+    let running = started.elapsed().as_secs_f64();
+    crate::failpoint::hold(HOLD_BEFORE_COPY).await;
+    let finals = final_xml(live, disks)?;
+    for (i, d) in disks.iter().enumerate() {
+        let what = |e: Error| {
+            e.context(format!(
+                "copying {} into {}",
+                d.report.target, d.report.path
+            ))
+        };
+        match &d.copy {
+            Copy::Pull => {
+                let cmd = host.virsh().blockpull_wait(name, &d.report.target);
+                host.run_within(&cmd, Deadline::Data).await.map_err(what)?;
+            }
+            Copy::Mirror { overlay } => {
+                let disk_xml = virtkeep_libvirt::disk_element(&finals, &d.report.target)?;
+                let xml_path = format!("{}/dest{i}.xml", live.dir());
+                host.upload(&xml_path, disk_xml.as_bytes()).await?;
+                let cmd = host
+                    .virsh()
+                    .blockcopy_pivot(name, &d.report.target, &xml_path);
+                host.run_within(&cmd, Deadline::Data).await.map_err(what)?;
+                host.run(&coreutils::rm_f(overlay)).await?;
+            }
+        }
+    }
+    check_detached(host, name, live.dir()).await?;
+    Ok((running, started.elapsed().as_secs_f64()))
+}
+
+fn manifest_disk<'a>(live: &'a LiveBackup, d: &Planned) -> Result<&'a virtkeep_repo::ManifestDisk> {
+    live.manifest()
+        .disks
         .iter()
-        .map(|d| (d.target.clone(), d.path.clone()))
-        .collect();
-    live.create_overlays_at(host, &paths).await?;
+        .find(|m| m.spec.target == d.report.target)
+        .ok_or_else(|| Error::domain(format!("no disk {} in the backup", d.report.target)))
+}
+
+/// Defines the new domain on the overlays (isolated from nothing but the node's export
+/// as backing; errors pause it) and starts it.
+async fn define_and_start(
+    host: &Host,
+    live: &LiveBackup,
+    name: &str,
+    disks: &[Planned],
+) -> Result<()> {
     let rw = Rewrite {
         name: Some(name.to_string()),
         new_uuid: Some(uuid::Uuid::new_v4().to_string()),
         regenerate_macs: true,
         remove_disks: live.disks_not_backed_up()?,
-        disk_sources: paths
+        disk_sources: disks
             .iter()
-            .map(|(t, p)| {
+            .map(|d| {
                 let src = NewSource::File {
-                    path: p.clone(),
+                    path: d.overlay().to_string(),
                     format: "qcow2".into(),
                 };
-                (t.clone(), src)
+                (d.report.target.clone(), src)
             })
             .collect(),
         drop_backing_store: true,
@@ -178,18 +290,25 @@ async fn run(
     host.run(&host.virsh().start(name))
         .await
         .map_err(|e| e.context(format!("starting {name} on the backup")))?;
-    let running = started.elapsed().as_secs_f64();
-    crate::failpoint::hold(HOLD_BEFORE_COPY).await;
-    for d in disks {
-        host.run_within(
-            &host.virsh().blockpull_wait(name, &d.target),
-            Deadline::Data,
-        )
-        .await
-        .map_err(|e| e.context(format!("copying {} into {}", d.target, d.path)))?;
-    }
-    check_detached(host, name, live.dir()).await?;
-    Ok((running, started.elapsed().as_secs_f64()))
+    Ok(())
+}
+
+/// The backup's domain XML with every disk at its final place, as a restore under the
+/// new name would define it: the `<disk>` elements `blockcopy` mirrors into.
+fn final_xml(live: &LiveBackup, disks: &[Planned]) -> Result<String> {
+    let rw = Rewrite {
+        remove_disks: live.disks_not_backed_up()?,
+        disk_sources: disks
+            .iter()
+            .map(|d| (d.report.target.clone(), d.dest.new_source(&d.report.format)))
+            .collect(),
+        drop_backing_store: true,
+        ..Rewrite::default()
+    };
+    Ok(virtkeep_libvirt::rewrite_domain(
+        &live.manifest().domain_xml,
+        &rw,
+    )?)
 }
 
 /// After the copy neither the running domain nor its definition may name the job
@@ -209,13 +328,19 @@ async fn check_detached(host: &Host, name: &str, dir: &str) -> Result<()> {
     Ok(())
 }
 
-/// Destroys and undefines the new domain and removes its files (best effort).
-async fn roll_back(host: &Host, name: &str, disks: &[LiveDisk]) {
+/// Destroys and undefines the new domain and removes the overlays and destinations
+/// this run created (best effort).
+async fn roll_back(host: &Host, name: &str, made: &[Planned]) {
     let _ = host.exec(&host.virsh().destroy(name)).await;
     let _ = host
         .exec(&host.virsh().undefine(name, Default::default()))
         .await;
-    for d in disks {
-        let _ = host.exec(&coreutils::rm_f(&d.path)).await;
+    for d in made {
+        let _ = host.exec(&coreutils::rm_f(d.overlay())).await;
+        if let Copy::Mirror { .. } = d.copy
+            && let Err(e) = d.dest.remove_created(host).await
+        {
+            tracing::warn!(host = %host.name, dest = %d.dest.describe(), error = %e, "removing a live restore's destination");
+        }
     }
 }

@@ -99,6 +99,11 @@ pub fn is_file(path: &str) -> RemoteCommand {
     RemoteCommand::new("test").args(["-f", path])
 }
 
+/// `test -x PATH`: succeeds when an executable (or a link to one) is there.
+pub fn is_executable(path: &str) -> RemoteCommand {
+    RemoteCommand::new("test").args(["-x", path])
+}
+
 /// `realpath -m -z -- PATH…`: each path with every symlink resolved (existing or
 /// not), NUL-terminated, in order.
 pub fn realpath_all<'a>(paths: impl IntoIterator<Item = &'a str>) -> RemoteCommand {

@@ -33,6 +33,12 @@ pub struct Rewrite {
     pub drop_backing_store: bool,
     /// New `<os><nvram>` path (the UEFI variable store of the restored domain).
     pub nvram: Option<String>,
+    /// New `<devices><emulator>` text (the target host's QEMU), where the domain has one.
+    pub emulator: Option<String>,
+    /// Serial ports, consoles, parallel ports and channels written to a file
+    /// (`type='file'`, or a `<log file>`) become `pty` without the log: a domain
+    /// restored under a new name would otherwise write into the original's files.
+    pub file_chardevs_to_pty: bool,
 }
 
 /// New storage for a disk.
@@ -232,6 +238,17 @@ pub fn rewrite_domain(xml: &str, rw: &Rewrite) -> Result<String, XmlError> {
         }
     }
 
+    for &d in &devices {
+        if let Some(em) = &rw.emulator {
+            for e in doc.children_named(d, "emulator") {
+                set_text(&doc, &mut edits, e, em)?;
+            }
+        }
+        if rw.file_chardevs_to_pty {
+            file_chardevs_to_pty(&doc, &mut edits, d)?;
+        }
+    }
+
     // Disks by target.
     let mut by_target: BTreeMap<String, usize> = BTreeMap::new();
     for &d in &devices {
@@ -268,6 +285,54 @@ pub fn rewrite_domain(xml: &str, rw: &Rewrite) -> Result<String, XmlError> {
     }
 
     edits.apply(xml)
+}
+
+/// Every chardev under `devices` of `type='file'` becomes `pty` (its `<source>` goes);
+/// every `<log>` of a chardev goes.
+fn file_chardevs_to_pty(doc: &Doc<'_>, edits: &mut Edits, devices: usize) -> Result<(), XmlError> {
+    for name in ["serial", "console", "parallel", "channel"] {
+        for c in doc.children_named(devices, name) {
+            let e = doc.elem(c);
+            let file = e.attr("type") == Some("file");
+            if file {
+                edits.set_attr(doc.src, e, "type", "pty")?;
+            }
+            for child in doc.elem(c).children.clone() {
+                let n = doc.elem(child).name.as_str();
+                if n == "log" || (file && n == "source") {
+                    edits.replace(doc.removal_span(child), "");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `<devices><emulator>` of a domain's XML, trimmed.
+pub fn emulator_of(xml: &str) -> Result<Option<String>, XmlError> {
+    let doc = Doc::parse(xml)?;
+    Ok(doc
+        .children_named(0, "devices")
+        .flat_map(|d| doc.children_named(d, "emulator").collect::<Vec<_>>())
+        .map(|e| doc.elem(e).text.trim().to_string())
+        .find(|t| !t.is_empty()))
+}
+
+/// The `<disk>` element with target `target` of a domain's XML, as written there (for
+/// `virsh blockcopy --xml`, which reads only its source and driver).
+pub fn disk_element(xml: &str, target: &str) -> Result<String, XmlError> {
+    let doc = Doc::parse(xml)?;
+    for d in doc.children_named(0, "devices") {
+        for disk in doc.children_named(d, "disk") {
+            let t = doc
+                .child(disk, "target")
+                .and_then(|t| doc.elem(t).attr("dev"));
+            if t == Some(target) {
+                return Ok(xml[doc.elem(disk).span()].to_string());
+            }
+        }
+    }
+    Err(XmlError::Rewrite(format!("no disk with target {target:?}")))
 }
 
 /// Replace the text content of element `id` (expanding `<x/>` to `<x>…</x>`).

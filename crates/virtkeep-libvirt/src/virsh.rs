@@ -208,6 +208,23 @@ impl Virsh {
             .arg("--wait")
     }
 
+    /// `virsh blockcopy --domain DOM --path TARGET --xml XML --reuse-external
+    /// --transient-job --wait --pivot`: mirror the disk into the existing destination
+    /// that the `<disk>` in file `xml_path` describes, then switch the guest to it.
+    /// `--transient-job` is what libvirt 9 needs for a persistent domain; it still
+    /// updates the persistent definition on the pivot.
+    pub fn blockcopy_pivot(&self, dom: &str, target: &str, xml_path: &str) -> RemoteCommand {
+        self.dom("blockcopy", dom)
+            .arg("--path")
+            .arg(target)
+            .arg("--xml")
+            .arg(xml_path)
+            .arg("--reuse-external")
+            .arg("--transient-job")
+            .arg("--wait")
+            .arg("--pivot")
+    }
+
     /// `virsh start --domain DOM`.
     pub fn start(&self, dom: &str) -> RemoteCommand {
         self.dom("start", dom)
@@ -519,6 +536,17 @@ pub fn parse_virsh_version(stdout: &str) -> Result<VirshVersion, ParseError> {
         ));
     }
     Ok(v)
+}
+
+/// The emulator `virsh domcapabilities` names (`<path>`): the host's QEMU for that
+/// virtualization type. `None` when it names none.
+pub fn parse_domcapabilities_emulator(xml: &str) -> Result<Option<String>, ParseError> {
+    let what = "virsh domcapabilities";
+    let doc = Doc::parse(xml).map_err(|source| ParseError::Xml { what, source })?;
+    Ok(doc
+        .child(0, "path")
+        .map(|p| doc.elem(p).text.trim().to_string())
+        .filter(|p| p.starts_with('/')))
 }
 
 /// Whether `virsh domcapabilities` reports the backup/checkpoint API

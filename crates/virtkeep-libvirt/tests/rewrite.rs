@@ -611,3 +611,24 @@ proptest! {
         prop_assert_eq!(&d.disk("vdb").expect("vdb").source, &DiskSource::File { path });
     }
 }
+
+/// `disk_element` returns the `<disk>` of one target as written (what `virsh blockcopy
+/// --xml` reads), and refuses a target the domain does not have.
+#[test]
+fn disk_element_of_a_target() {
+    let xml = fixture("rbd-auth.xml");
+    let dom = parse_domain(&xml).expect("parse");
+    for d in &dom.disks {
+        let e = virtkeep_libvirt::disk_element(&xml, &d.target).expect("disk");
+        assert!(e.starts_with("<disk") && e.ends_with("</disk>"), "{e}");
+        assert!(e.contains(&format!("dev='{}'", d.target)), "{e}");
+        assert!(xml.contains(&e));
+        let one = parse_domain(&format!(
+            "<domain><name>x</name><devices>{e}</devices></domain>"
+        ))
+        .expect("parse the element");
+        assert_eq!(one.disks.len(), 1);
+        assert_eq!(one.disks[0].source, d.source);
+    }
+    assert!(virtkeep_libvirt::disk_element(&xml, "vdzz").is_err());
+}

@@ -82,6 +82,18 @@ pub trait Destination: Send + Sync + std::fmt::Debug {
     /// Removes the temporary `s`; the destination is left as it was.
     async fn roll_back(&self, host: &Host, s: &Staged) -> Result<()>;
 
+    /// Creates the destination itself, empty, of the disk's size (a live restore
+    /// mirrors into it while the guest runs). The caller checked that it did not exist.
+    async fn create_empty(
+        &self,
+        host: &Host,
+        m: &virtkeep_repo::ManifestDisk,
+        owner: &(String, String),
+    ) -> Result<()>;
+
+    /// Removes a destination [`create_empty`](Self::create_empty) made.
+    async fn remove_created(&self, host: &Host) -> Result<()>;
+
     /// What `restore` reports: the backend and the path (stable in `--json`).
     fn report(&self) -> (virtkeep_repo::Storage, String);
 

@@ -66,7 +66,7 @@ impl Destination for FileDest {
 
     async fn write(&self, ctx: &WriteCtx<'_>, disk: &DiskWrite<'_>) -> Result<u64> {
         let temp = &disk.staged.temp;
-        create_file(ctx, disk.m, temp, disk.format).await?;
+        create_file(ctx.host, ctx.owner, disk.m, temp, disk.format).await?;
         let export =
             NbdExport::start_writable(ctx.host, disk.job_dir, disk.index, temp, disk.format, false)
                 .await?;
@@ -86,6 +86,20 @@ impl Destination for FileDest {
 
     async fn roll_back(&self, host: &Host, s: &Staged) -> Result<()> {
         host.run(&coreutils::rm_f(&s.temp)).await?;
+        Ok(())
+    }
+
+    async fn create_empty(
+        &self,
+        host: &Host,
+        m: &virtkeep_repo::ManifestDisk,
+        owner: &(String, String),
+    ) -> Result<()> {
+        create_file(host, owner, m, &self.path, &self.format(m)).await
+    }
+
+    async fn remove_created(&self, host: &Host) -> Result<()> {
+        host.run(&coreutils::rm_f(&self.path)).await?;
         Ok(())
     }
 
@@ -134,12 +148,12 @@ pub(crate) async fn check_on_host(host: &Host, path: &str) -> Result<bool> {
 
 /// Creates the temporary image file (its directory too), owned by the qemu user, 0600.
 async fn create_file(
-    ctx: &WriteCtx<'_>,
+    host: &Host,
+    owner: &(String, String),
     m: &virtkeep_repo::ManifestDisk,
     path: &str,
     format: &str,
 ) -> Result<()> {
-    let host = ctx.host;
     if let Some(i) = path.rfind('/') {
         host.run(&coreutils::mkdir_p(&path[..i.max(1)])).await?;
     }
@@ -149,7 +163,7 @@ async fn create_file(
         qemu_img::create_raw(path, m.spec.size)
     };
     host.run(&create).await?;
-    let (user, group) = ctx.owner;
+    let (user, group) = owner;
     host.run(&coreutils::chown(&format!("{user}:{group}"), path))
         .await
         .map_err(|e| e.context(format!("giving {path} to {user}:{group}")))?;

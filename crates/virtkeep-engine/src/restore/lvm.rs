@@ -145,6 +145,21 @@ impl Destination for LvDest {
         crate::lvm::remove_lv(host, vg, name).await
     }
 
+    async fn create_empty(
+        &self,
+        host: &Host,
+        m: &virtkeep_repo::ManifestDisk,
+        _owner: &(String, String),
+    ) -> Result<()> {
+        let size = m.spec.size;
+        crate::lvm::create_lv(host, &self.vg, &self.name, size, self.thin_pool.as_deref()).await?;
+        Ok(())
+    }
+
+    async fn remove_created(&self, host: &Host) -> Result<()> {
+        crate::lvm::remove_lv(host, &self.vg, &self.name).await
+    }
+
     fn report(&self) -> (virtkeep_repo::Storage, String) {
         (virtkeep_repo::Storage::Lvm, self.path())
     }

@@ -39,10 +39,12 @@ use std::time::Instant;
 
 pub use options::{RestoreOptions, RestoreResult, RestoredDisk, Storage};
 pub use place::destination;
-// Live restore makes file destinations too: it refuses them by the same rules.
-pub(crate) use file::check_on_host;
-pub(crate) use guard::check_path;
 pub(crate) use refuse::check_passthrough;
+// Live restore chooses and creates its destinations like a restore under a new name.
+pub(crate) use context::DiskCheck;
+pub(crate) use destination::Destination;
+pub(crate) use place::Place;
+pub(crate) use staged::temp_file as stage_temp_file;
 
 use crate::error::Result;
 use crate::host::Host;

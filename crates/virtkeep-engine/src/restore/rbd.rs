@@ -135,6 +135,24 @@ impl Destination for RbdDest {
     }
 
     /// `rbd:POOL/IMAGE` (the path `--json` has always reported for RBD disks).
+    async fn create_empty(
+        &self,
+        host: &Host,
+        m: &virtkeep_repo::ManifestDisk,
+        _owner: &(String, String),
+    ) -> Result<()> {
+        let ceph = crate::rbd::ceph(host)?;
+        host.run(&ceph.create(&self.pool, &self.image, m.spec.size))
+            .await?;
+        Ok(())
+    }
+
+    async fn remove_created(&self, host: &Host) -> Result<()> {
+        let ceph = crate::rbd::ceph(host)?;
+        host.run(&ceph.rm(&self.pool, &self.image)).await?;
+        Ok(())
+    }
+
     fn report(&self) -> (virtkeep_repo::Storage, String) {
         (virtkeep_repo::Storage::Rbd, format!("rbd:{}", self.spec()))
     }

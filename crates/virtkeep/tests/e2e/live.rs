@@ -252,24 +252,48 @@ fn live_job_dirs() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `restore --live`: held at the failpoint after the start, the new domain already runs
-/// from the repository (its marker is on the serial port while its disk is still an
-/// empty overlay over the NBD export); released, the copy completes: the disk equals
-/// the backup, has no backing file, the domain refers to nothing of the node, and no
-/// job directory (socket) is left.
+/// `restore --live` of a VM with a raw file (the boot disk), a qcow2 file and an RBD
+/// image: held at the failpoint after the start, the new domain already runs from the
+/// repository (its marker is on the serial port while the qcow2 destination is still an
+/// empty overlay over the NBD export) and the guest's disks take writes; released, the
+/// copy completes (`blockpull` into the qcow2 file, `blockcopy` into a new raw file and
+/// a new RBD image): every disk equals the backup plus those writes, none has a backing
+/// file, the domain refers to nothing of the node, and no overlay, job directory
+/// (socket) or extra image is left.
 #[test]
 fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     use std::io::{BufRead, BufReader, Write};
     let node = Node::new();
     let marker = unique_name("VK-LIVE");
-    let vm = sector_vm("vlive", &marker_sector(&marker));
+    let vm = TestVm::builder("vlive")
+        .raw_disk(MIB)
+        .qcow2_disk(2 * MIB)
+        .rbd_disk(2 * MIB)
+        .running(false)
+        .build();
+    write_sector(&vm, &marker_sector(&marker));
     vm.write_pattern("vda", 0x5A, 256 * 1024, 512 * 1024);
+    vm.write_pattern("vdb", 0x5B, 64 * 1024, 1024 * 1024);
+    vm.write_pattern("vdc", 0x5C, 512 * 1024, 1024 * 1024);
     let log = lab().pool_dir.join(format!("{}-serial.log", vm.name));
     let _ = std::fs::remove_file(&log);
     add_serial_file(&vm.name, &log);
     let b = node.backup(&vm.name, &[]);
     live_restore_refuses_an_existing_destination(&node, &b);
-    let want = vm.disk_checksum("vda");
+    // What the guest writes during the copy, written to the source too: the restored
+    // disks must end equal to the source's.
+    let writes = [
+        ("vda", 0xA1u8, 4096u64, 8192u64),
+        ("vdb", 0xB1, MIB, 64 * 1024),
+        ("vdc", 0xC1, 0, 128 * 1024),
+    ];
+    for (t, p, off, len) in writes {
+        vm.write_pattern(t, p, off, len);
+    }
+    let want: Vec<String> = ["vda", "vdb", "vdc"]
+        .iter()
+        .map(|t| vm.disk_checksum(t))
+        .collect();
     let new_name = unique_name("vlive-new");
     let restored = TestVm::adopt(&new_name);
 
@@ -316,16 +340,19 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
             reader.join().expect("stderr")
         );
     }
-    let dest = lab().pool_dir.join(format!("{new_name}-vda.qcow2"));
-    let info = std::process::Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(&dest)
-        .output()
-        .expect("qemu-img info");
-    let info = String::from_utf8_lossy(&info.stdout);
+    let dest = |t: &str, ext: &str| lab().pool_dir.join(format!("{new_name}-{t}.{ext}"));
+    let info = |p: &Path| {
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(p)
+            .output()
+            .expect("qemu-img info");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let vdb = info(&dest("vdb", "qcow2"));
     assert!(
-        info.contains("nbd+unix"),
-        "not an overlay over the export: {info}"
+        vdb.contains("nbd+unix"),
+        "not an overlay over the export: {vdb}"
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -338,6 +365,10 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
             "no marker on serial: {text:?}"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let running = TestVm::adopt(&new_name);
+    for (t, p, off, len) in writes {
+        running.write_pattern(t, p, off, len);
     }
     child
         .stdin
@@ -355,22 +386,45 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
         r["time_to_copied_secs"].as_f64().expect("copied"),
     );
     assert!(run > 0.0 && run < copied, "{r:#}");
+    let image = format!("{new_name}-vdc");
+    let formats: Vec<(String, String)> = r["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| {
+            (
+                d["path"].as_str().unwrap_or("").to_string(),
+                d["format"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        formats,
+        [
+            (dest("vda", "img").display().to_string(), "raw".into()),
+            (dest("vdb", "qcow2").display().to_string(), "qcow2".into()),
+            (format!("rbd:{}", lab().rbd_spec(&image)), "raw".into()),
+        ],
+        "{r:#}"
+    );
 
     assert!(restored.is_running(), "the restored VM does not run");
     // QEMU caches qcow2 metadata: the image is complete on disk once it stopped.
     restored.stop();
-    let got = virtkeep_lab::file_checksum(&dest, "qcow2");
-    assert_eq!(got, want, "the restored disk differs from the backup");
-    let info = std::process::Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(&dest)
-        .output()
-        .expect("qemu-img info");
-    let info = String::from_utf8_lossy(&info.stdout);
-    assert!(
-        !info.contains("backing"),
-        "still has a backing file: {info}"
+    let got = [
+        virtkeep_lab::file_checksum(&dest("vda", "img"), "raw"),
+        virtkeep_lab::file_checksum(&dest("vdb", "qcow2"), "qcow2"),
+        virtkeep_lab::rbd_checksum(&image),
+    ];
+    assert_eq!(
+        got.as_slice(),
+        want.as_slice(),
+        "the restored disks differ from backup + writes"
     );
+    for p in [dest("vda", "img"), dest("vdb", "qcow2")] {
+        let i = info(&p);
+        assert!(!i.contains("backing"), "still has a backing file: {i}");
+    }
     for inactive in [false, true] {
         let mut args = vec!["dumpxml", "--domain", new_name.as_str()];
         if inactive {
@@ -378,11 +432,22 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
         }
         let xml = lab().virsh(&args);
         assert!(
-            !xml.contains("nbd") && !xml.contains("/run/virtkeep"),
-            "the domain still refers to the node:\n{xml}"
+            !xml.contains("nbd") && !xml.contains("/run/virtkeep") && !xml.contains(".vkrestore-"),
+            "the domain still refers to the node or an overlay:\n{xml}"
         );
     }
     assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
+    let temps: Vec<String> = std::fs::read_dir(&lab().pool_dir)
+        .expect("pool dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&new_name) && n.contains(".vkrestore-"))
+        .collect();
+    assert!(temps.is_empty(), "overlays left: {temps:?}");
+    let images = lab().rbd(&["ls", &lab().ceph_pool]);
+    let ours: Vec<&str> = images.lines().filter(|l| l.contains(&new_name)).collect();
+    assert_eq!(ours, [image.as_str()], "RBD images");
+    drop(running);
     drop(restored);
     let _ = std::fs::remove_file(&log);
 }
@@ -452,7 +517,7 @@ fn host_check_tries_unix_socket_forwarding() {
 /// live-restore test: the job directories are counted, so the two never run at once.)
 fn live_restore_refuses_an_existing_destination(node: &Node, b: &Value) {
     let new_name = unique_name("vlivex-new");
-    let dest = lab().pool_dir.join(format!("{new_name}-vda.qcow2"));
+    let dest = lab().pool_dir.join(format!("{new_name}-vda.img"));
     std::fs::write(&dest, b"not yours").expect("write");
     let out = node.run(&[
         "restore",
@@ -575,6 +640,6 @@ fn booting_refuses_qemu_passthrough() {
             .is_err(),
         "{new_name} was defined"
     );
-    let dest = lab().pool_dir.join(format!("{new_name}-vda.qcow2"));
+    let dest = lab().pool_dir.join(format!("{new_name}-vda.img"));
     assert!(!dest.exists(), "{} was created", dest.display());
 }

@@ -29,6 +29,7 @@ mod object_lock;
 mod quickstart;
 mod rbd;
 mod repository;
+mod restore_define;
 mod restore_safety;
 mod restore_space;
 mod sync;
