@@ -260,7 +260,7 @@ run_zstd() { # NAME
 vk_backup() {
   local c=$1 name=$2 repo=$3 mode=$4 want=$5 f=$RUN_DIR/$2 got method
   settle
-  timed "$name" "${VKC[@]}" --json backup "lab/$DOM" --repo "$repo" --mode "$mode" --parallel "$PARALLEL" ||
+  timed "$name" "${VKC[@]}" --json backup "lab/$DOM" --repo "$repo" --key-file "$repo.key" --mode "$mode" --parallel "$PARALLEL" ||
     bdie "virtkeep backup $name failed: $(tail -c 2000 "$f.out") $(tail -n 20 "$f.err")"
   jq -e '.[0].error == null' "$f.out" >/dev/null || bdie "virtkeep backup $name: $(cat "$f.out")"
   got=$(jq -r '.[0].mode' "$f.out")
@@ -354,9 +354,9 @@ for ((r = 1; r <= REPS; r++)); do
       zstd) run_zstd "zstd-r$r" ;;
       vk)
         repo=$WORK/repo-full-r$r
-        "${VKC[@]}" repo init "$repo" --encryption none --chunk-size-mib "$CHUNK_MIB" >"$RUN_DIR/init-full-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-full-r$r.out")"
+        "${VKC[@]}" repo init "$repo" --encryption none --chunk-size-mib "$CHUNK_MIB" --key-file "$repo.key" >"$RUN_DIR/init-full-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-full-r$r.out")"
         vk_backup vkfull "vkfull-r$r" "$repo" full full
-        rm -rf -- "$repo"
+        rm -rf -- "$repo" "$repo.key"
         ;;
       nbd)
         nbd_backup nbdfull "nbdfull-r$r" "$WORK/nbd-full-r$r" full
@@ -371,7 +371,7 @@ CHANGES_MD=""
 for pat in A B; do
   repo=$WORK/repo-inc-$pat
   ndir=$WORK/nbd-inc-$pat
-  "${VKC[@]}" repo init "$repo" --encryption none --chunk-size-mib "$CHUNK_MIB" >"$RUN_DIR/init-inc-$pat.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-inc-$pat.out")"
+  "${VKC[@]}" repo init "$repo" --encryption none --chunk-size-mib "$CHUNK_MIB" --key-file "$repo.key" >"$RUN_DIR/init-inc-$pat.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-inc-$pat.out")"
   blog "pattern $pat: virtkeep full (--mode $FULL_MODE) and virtnbdbackup full"
   vk_backup "vkbase$pat" "vkbase-$pat" "$repo" "$FULL_MODE" full
   nbd_backup "nbdbase$pat" "nbdbase-$pat" "$ndir" full
