@@ -36,7 +36,9 @@
 #      VK (path of the virtkeep binary; default target/release/virtkeep), PARALLEL
 #      (backup --parallel, 2), FULL_MODE (mode of the full that starts each incremental
 #      chain, default full: issue 14 requires it to leave the base; auto for a binary
-#      from before that fix), VK_LOG (virtkeep's log filter), KEEP=1 keeps the work dir.
+#      from before that fix), VK_LOG (virtkeep's log filter), KEEP=1 keeps the work dir,
+#      CHUNK_MIB (the repositories' chunk size in MiB, 4 = the default; the report's
+#      name ends in -cN for another size, to compare the spread pattern B).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_DIR=$ROOT/bench
@@ -58,6 +60,8 @@ CHANGE=$((64 * MIB))
 if [[ -n ${VK:-} ]]; then BUILD=${BUILD:-0}; else BUILD=${BUILD:-1}; fi
 PARALLEL=${PARALLEL:-2}
 FULL_MODE=${FULL_MODE:-full}
+CHUNK_MIB=${CHUNK_MIB:-4}
+[[ $CHUNK_MIB =~ ^(1|2|4|8|16)$ ]] || bdie "CHUNK_MIB must be 1, 2, 4, 8 or 16"
 VK_LOG=${VK_LOG:-info,virtkeep_engine=debug}
 RSS_MAX_KB=$((128 * 1024))
 
@@ -256,7 +260,7 @@ run_zstd() { # NAME
 vk_backup() {
   local c=$1 name=$2 repo=$3 mode=$4 want=$5 f=$RUN_DIR/$2 got method
   settle
-  timed "$name" "${VKC[@]}" --json backup "lab/$DOM" --repo "$repo" --mode "$mode" --parallel "$PARALLEL" ||
+  timed "$name" "${VKC[@]}" --json backup "lab/$DOM" --repo "$repo" --key-file "$repo.key" --mode "$mode" --parallel "$PARALLEL" ||
     bdie "virtkeep backup $name failed: $(tail -c 2000 "$f.out") $(tail -n 20 "$f.err")"
   jq -e '.[0].error == null' "$f.out" >/dev/null || bdie "virtkeep backup $name: $(cat "$f.out")"
   got=$(jq -r '.[0].mode' "$f.out")
@@ -350,9 +354,9 @@ for ((r = 1; r <= REPS; r++)); do
       zstd) run_zstd "zstd-r$r" ;;
       vk)
         repo=$WORK/repo-full-r$r
-        "${VKC[@]}" repo init "$repo" --encryption none >"$RUN_DIR/init-full-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-full-r$r.out")"
+        "${VKC[@]}" repo init "$repo" --encryption none --chunk-size-mib "$CHUNK_MIB" --key-file "$repo.key" >"$RUN_DIR/init-full-r$r.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-full-r$r.out")"
         vk_backup vkfull "vkfull-r$r" "$repo" full full
-        rm -rf -- "$repo"
+        rm -rf -- "$repo" "$repo.key"
         ;;
       nbd)
         nbd_backup nbdfull "nbdfull-r$r" "$WORK/nbd-full-r$r" full
@@ -367,7 +371,7 @@ CHANGES_MD=""
 for pat in A B; do
   repo=$WORK/repo-inc-$pat
   ndir=$WORK/nbd-inc-$pat
-  "${VKC[@]}" repo init "$repo" --encryption none >"$RUN_DIR/init-inc-$pat.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-inc-$pat.out")"
+  "${VKC[@]}" repo init "$repo" --encryption none --chunk-size-mib "$CHUNK_MIB" --key-file "$repo.key" >"$RUN_DIR/init-inc-$pat.out" 2>&1 || bdie "repo init: $(cat "$RUN_DIR/init-inc-$pat.out")"
   blog "pattern $pat: virtkeep full (--mode $FULL_MODE) and virtnbdbackup full"
   vk_backup "vkbase$pat" "vkbase-$pat" "$repo" "$FULL_MODE" full
   nbd_backup "nbdbase$pat" "nbdbase-$pat" "$ndir" full
@@ -472,7 +476,7 @@ BASE_LINE="Fulls that start each chain: virtkeep (--mode $FULL_MODE) A $(med WAL
 
 END_EPOCH=$(date +%s)
 CPU_MODEL=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
-FACTS="- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), SIZE=$SIZE, REPS=$REPS, --parallel $PARALLEL, FULL_MODE=$FULL_MODE, run took $((END_EPOCH - START_EPOCH)) s
+FACTS="- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), SIZE=$SIZE, REPS=$REPS, --parallel $PARALLEL, FULL_MODE=$FULL_MODE, chunk size $CHUNK_MIB MiB, run took $((END_EPOCH - START_EPOCH)) s
 - machine: nproc=$(nproc), CPU \"$CPU_MODEL\", $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r); load average at the start $LOAD_START, at the end $(cut -d' ' -f1-3 /proc/loadavg) (**shared machine**: \"CPU s other\" = every process not part of the measured case)
 - $("$BIN" --version 2>/dev/null | head -1): $BIN_SRC built $BIN_INFO ($BIN_TREE), $(rustc --version 2>/dev/null || true)
 - $(virtnbdbackup -V 2>&1 | head -1 | sed 's/^/virtnbdbackup /'); $(qemu-img --version | head -1); $(virsh --version 2>/dev/null | sed 's/^/libvirt /'); $(zstd -V | sed -e "s/^[* ]*//" -e "s/, by .*//"); $(ssh -V 2>&1); lab sshd on 127.0.0.1; repositories and virtnbdbackup's output on local disk ($(df -T "$WORK" | awk 'NR==2 {print $2}'))
@@ -514,8 +518,10 @@ $(cat "$RUN_DIR/virtkeep.tsv")
 (virtkeep runs: name, [mode, reason, bytes_read, phases])"
 
 mkdir -p "$BENCH_DIR/results"
-OUT=$BENCH_DIR/results/floor-$STAMP-$SIZE.md
+TAG=$SIZE
+[[ $CHUNK_MIB == 4 ]] || TAG=$SIZE-c$CHUNK_MIB
+OUT=$BENCH_DIR/results/floor-$STAMP-$TAG.md
 printf '%s\n' "$REPORT" >"$OUT"
-tar -C "$RUN_DIR" -czf "$BENCH_DIR/results/floor-$STAMP-$SIZE-runs.tar.gz" . 2>/dev/null || true
+tar -C "$RUN_DIR" -czf "$BENCH_DIR/results/floor-$STAMP-$TAG-runs.tar.gz" . 2>/dev/null || true
 printf '\n%s\n%s\n%s\n%s\n%s\n' "$FULL_TABLE" "$FULL_TARGETS" "$PHASE_TABLE" "$INC_TABLE" "$INC_TARGETS"
 echo "report: $OUT (run took $((END_EPOCH - START_EPOCH)) s)"

@@ -212,17 +212,6 @@ pub async fn prune_checkpoints(host: &Host, uuid: &str, keep: &str) -> Result<Ve
     Ok(removed)
 }
 
-/// Makes the job dir usable by QEMU (the NBD socket and scratch files are QEMU's).
-pub async fn hand_job_dir_to_qemu(host: &Host, job_dir: &str) -> Result<()> {
-    let (user, group) = host.qemu_owner().await?;
-    host.run(
-        &coreutils::chown(&format!("{user}:{group}"), job_dir)
-            .and_then(coreutils::chmod(0o750, job_dir)),
-    )
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -325,10 +325,15 @@ pub async fn export_disk(
         size,
         stall: host.data_stall_timeout(),
     };
-    let mut workers = tokio::task::JoinSet::new();
-    for w in 0..read.parallel.max(1) {
+    // The workers' connections and NBD handshakes side by side, not one after another.
+    let connected = futures::future::try_join_all((0..read.parallel.max(1)).map(|w| async move {
         let session = host.data_session(w).await?;
         let client = export.connect(&session, &[]).await?;
+        Ok::<_, Error>((session, client))
+    }))
+    .await?;
+    let mut workers = tokio::task::JoinSet::new();
+    for (session, client) in connected {
         let shared = shared.clone();
         workers.spawn(async move {
             let _session = session;

@@ -80,8 +80,9 @@ impl Host {
         let session = Session::connect(&target)
             .await
             .map_err(|e| Error::from(e).context(format!("connecting to host {name}")))?;
-        // The VM lock and the first commands run at once: two shells ready for them.
-        session.prewarm_shells(2);
+        // The VM lock (which keeps its shell) and the commands a backup runs side by
+        // side: three shells ready for them.
+        session.prewarm_shells(3);
         // Data streams get their own connections: one SSH connection is bound to one core.
         let pool = Pool::new(target, 4);
         Ok(Host {
@@ -95,6 +96,18 @@ impl Host {
 
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// Opens the first `n` data connections in the background, so that a job's data
+    /// phase finds them connected instead of connecting them one after another (a
+    /// failure here is met again, and reported, by [`data_session`](Self::data_session)).
+    pub fn prewarm_data_sessions(&self, n: usize) {
+        for i in 0..n.min(self.pool.max_connections()) {
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                let _ = pool.data_session(i).await;
+            });
+        }
     }
 
     /// A connection for the `i`-th parallel data stream.
@@ -236,9 +249,11 @@ impl Host {
 
     async fn lookup_qemu_owner(&self) -> Result<(String, String)> {
         for user in ["libvirt-qemu", "qemu"] {
-            if self.exec(&coreutils::user_exists(user)).await?.status == 0 {
-                let group = self.run_string(&coreutils::primary_group(user)).await?;
-                return Ok((user.to_string(), group.trim().to_string()));
+            // `id -gn` fails for a missing user: one round trip answers both questions.
+            let out = self.exec(&coreutils::primary_group(user)).await?;
+            if out.status == 0 {
+                let group = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                return Ok((user.to_string(), group));
             }
         }
         Ok(("root".into(), "root".into()))
@@ -258,13 +273,12 @@ impl Host {
     /// 0 fails at once.
     pub async fn lock_vm(&self, vm_uuid: &str, wait_secs: u32) -> Result<VmLock> {
         let lock_dir = format!("{HOST_STATE_DIR}/locks");
-        self.run(&coreutils::mkdir_p_mode(&lock_dir, 0o700)).await?;
         let path = format!("{lock_dir}/{vm_uuid}.lock");
         let wait = (wait_secs > 0).then_some(wait_secs);
-        let mut proc = self
-            .session
-            .spawn(&coreutils::flock_hold(&path, wait))
-            .await?;
+        // One round trip: the directory, then the lock (a failed mkdir reports below).
+        let hold =
+            coreutils::mkdir_p_mode(&lock_dir, 0o700).and_then(coreutils::flock_hold(&path, wait));
+        let mut proc = self.session.spawn(&hold).await?;
         let mut first = [0u8; 7];
         match proc.stdout.read_exact(&mut first).await {
             Ok(_) if &first == b"locked\n" => Ok(VmLock { proc: Some(proc) }),

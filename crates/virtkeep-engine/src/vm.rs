@@ -45,6 +45,15 @@ fn is_uuid(s: &str) -> bool {
         })
 }
 
+/// Whether `virsh` can only read `s` as a name. It tries an id first (an integer:
+/// whitespace, a sign, digits), then a UUID (hex digits, `-` and spaces); a string with
+/// any other character is neither, so its `domuuid` answer needs no check by name
+/// (which saves a round trip on every backup).
+fn only_a_name(s: &str) -> bool {
+    s.chars()
+        .any(|c| !(c.is_ascii_hexdigit() || c.is_ascii_whitespace() || c == '-' || c == '+'))
+}
+
 /// A domain as found on the host: its UUID, live and persistent XML, and state.
 #[derive(Debug, Clone)]
 pub struct Vm {
@@ -75,6 +84,9 @@ impl Vm {
         let out = host.exec(&host.virsh().domuuid(name)).await?;
         if out.status == 0 {
             let uuid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if only_a_name(name) && is_uuid(&uuid) {
+                return Ok(uuid);
+            }
             if Self::name_of(host, &uuid).await?.as_deref() == Some(name) {
                 return Ok(uuid);
             }
@@ -163,6 +175,26 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_names_skip_the_check_by_name() {
+        for name in ["vm1", "web-01", "vkt-bench-1", "a.b", "x"] {
+            assert!(only_a_name(name), "{name}");
+        }
+        // What virsh may read as an id or a UUID keeps the check.
+        for name in [
+            "14",
+            "+14",
+            " 14",
+            "cafe",
+            "deadbeef-0000",
+            "5e3a1c4e-8a47-4b1e-9a3e-0123456789ab",
+            "5e3a1c4e8a474b1e9a3e0123456789ab",
+            "",
+        ] {
+            assert!(!only_a_name(name), "{name}");
+        }
+    }
 
     #[test]
     fn states_from_domstate() {

@@ -39,6 +39,7 @@ struct Names {
     socket: String,
     checkpoint: String,
     checkpoint_xml: String,
+    backup_xml: String,
     targets: Vec<String>,
     excluded: Vec<String>,
 }
@@ -64,14 +65,24 @@ pub async fn choose(job: &Job<'_>, plan: &Plan) -> Result<Option<Choice>> {
             .iter()
             .any(|d| d.format != "qcow2" || !d.is_file())
         || plan.disks.iter().any(|d| d.path.contains(OVERLAY_MARKER))
-        || !cbt::backup_api_supported(host, false).await
     {
         return Ok(None);
     }
-    let mut sizes = Vec::new();
-    for d in &plan.disks {
-        sizes.push((d.target.clone(), disk_size(host, &d.path, &d.format).await?));
+    // Side by side, one round trip for all: the capability answer, the disks' sizes and
+    // the QEMU user the job dir is handed to (the host keeps it; an error here is asked
+    // again there).
+    let sizes = futures::future::try_join_all(plan.disks.iter().map(|d| async move {
+        Ok::<_, Error>((d.target.clone(), disk_size(host, &d.path, &d.format).await?))
+    }));
+    let (supported, sizes, _) = tokio::join!(
+        cbt::backup_api_supported(host, false),
+        sizes,
+        host.qemu_owner()
+    );
+    if !supported {
+        return Ok(None);
     }
+    let sizes = sizes?;
     let reason = match job.opts.mode {
         ModeRequest::Full => "full backup requested".into(),
         _ => String::new(),
@@ -134,20 +145,22 @@ async fn pick_base(job: &Job<'_>, choice: &mut Choice) -> Result<()> {
 
 /// Runs the whole job through the backup API.
 pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<BackupResult> {
-    pick_base(&job, &mut choice).await?;
-    job.open_dir().await?;
-    cbt::hand_job_dir_to_qemu(job.host, &job.dir).await?;
+    // The base and the job dir side by side (the dir is QEMU's: the NBD socket).
+    job.name_dir();
+    let (picked, made) = tokio::join!(pick_base(&job, &mut choice), job.make_dir_for_qemu());
+    picked?;
+    made?;
     job.clock.lap(Phase::Plan);
     let started_paused = start_paused(&job).await?;
     let res = run_job(&mut job, plan, &mut choice).await;
     job.clock.lap(Phase::Publish);
     end_job(&mut job, started_paused).await;
     let checkpoint = format!("{CHECKPOINT_PREFIX}{}", job.id);
-    job.remove_dir().await;
     let (host, uuid) = (job.host, job.vm.uuid.clone());
     let (manifest, stats) = match res {
         Ok(v) => v,
         Err(e) => {
+            job.remove_dir().await;
             // Merge the new checkpoint's bitmap back: the next incremental then starts
             // from the last checkpoint a published backup recorded.
             if cbt::checkpoints(host, &uuid)
@@ -167,7 +180,8 @@ pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<Ba
         BaseOnHost::Keep => checkpoint.as_str(),
         BaseOnHost::Remove => "",
     };
-    match cbt::prune_checkpoints(host, &uuid, keep).await {
+    let (pruned, ()) = tokio::join!(cbt::prune_checkpoints(host, &uuid, keep), job.remove_dir());
+    match pruned {
         Ok(removed) if !removed.is_empty() => {
             tracing::info!(vm = %job.vm.name, ?removed, "older virtkeep checkpoints deleted")
         }
@@ -246,6 +260,7 @@ fn names(job: &Job<'_>, plan: &Plan) -> Names {
         socket: format!("{}/nbd.sock", job.dir),
         checkpoint: format!("{CHECKPOINT_PREFIX}{}", job.id),
         checkpoint_xml: format!("{}/checkpoint.xml", job.dir),
+        backup_xml: format!("{}/backup.xml", job.dir),
         targets,
         excluded,
     }
@@ -258,9 +273,12 @@ async fn run_job(
 ) -> Result<(virtkeep_repo::Manifest, Vec<ExportStats>)> {
     let names = names(job, plan);
     let xml = cbt::checkpoint_xml(&names.checkpoint, &names.targets, &names.excluded);
-    job.host
-        .upload(&names.checkpoint_xml, xml.as_bytes())
-        .await?;
+    // Both job files in one round trip (the backup's is written again for a fallback full).
+    let base = choice.base.as_ref();
+    tokio::try_join!(
+        job.host.upload(&names.checkpoint_xml, xml.as_bytes()),
+        upload_backup_xml(job, &names, base)
+    )?;
     let snapshot_time = freeze(job, &names, choice).await?;
     let nvram = super::nvram::capture(job).await?;
     job.clock.lap(Phase::Freeze);
@@ -316,7 +334,7 @@ async fn freeze(
         crate::hold::hold(host, &uuid, &job.dir, crate::hold::Hold::FsFreeze).await?;
     }
     let snapshot_time = time::OffsetDateTime::now_utc();
-    let mut begun = begin(job, names, choice.base.as_ref()).await;
+    let mut begun = begin(job, names, choice.base.as_ref(), false).await;
     if let (Err(e), Some(base)) = (&begun, &choice.base) {
         // A checkpoint whose bitmap is gone or inconsistent (disk replaced, host crash):
         // never a wrong incremental, a full instead.
@@ -326,7 +344,7 @@ async fn freeze(
             e.message.lines().next().unwrap_or("")
         );
         choice.base = None;
-        begun = begin(job, names, None).await;
+        begun = begin(job, names, None, true).await;
     }
     if job.opts.quiesce {
         // A failed thaw keeps the record: healing at the end of this job retries it.
@@ -338,7 +356,8 @@ async fn freeze(
     Ok(snapshot_time)
 }
 
-async fn begin(job: &Job<'_>, names: &Names, base: Option<&Base>) -> Result<()> {
+/// Writes the job's backup XML (pull mode, incremental from `base` when given).
+async fn upload_backup_xml(job: &Job<'_>, names: &Names, base: Option<&Base>) -> Result<()> {
     let xml = cbt::backup_xml(
         &names.socket,
         &job.dir,
@@ -346,14 +365,20 @@ async fn begin(job: &Job<'_>, names: &Names, base: Option<&Base>) -> Result<()> 
         &names.targets,
         &names.excluded,
     );
-    let path = format!("{}/backup.xml", job.dir);
-    job.host.upload(&path, xml.as_bytes()).await?;
+    job.host.upload(&names.backup_xml, xml.as_bytes()).await
+}
+
+/// `virsh backup-begin`; `rewrite`: the backup XML uploaded before was for another base.
+async fn begin(job: &Job<'_>, names: &Names, base: Option<&Base>, rewrite: bool) -> Result<()> {
+    if rewrite {
+        upload_backup_xml(job, names, base).await?;
+    }
     job.host
-        .run(
-            &job.host
-                .virsh()
-                .backup_begin(&job.vm.uuid, &path, Some(&names.checkpoint_xml)),
-        )
+        .run(&job.host.virsh().backup_begin(
+            &job.vm.uuid,
+            &names.backup_xml,
+            Some(&names.checkpoint_xml),
+        ))
         .await?;
     Ok(())
 }

@@ -59,6 +59,29 @@ impl Job<'_> {
         Ok(())
     }
 
+    /// Gives the job its id and the name of its directory, made by
+    /// [`make_dir_for_qemu`](Self::make_dir_for_qemu).
+    pub fn name_dir(&mut self) {
+        self.id = crate::job_id();
+        self.dir = format!(
+            "{}/jobs/{}-{}",
+            crate::host::HOST_STATE_DIR,
+            self.vm.uuid,
+            self.id
+        );
+    }
+
+    /// Makes the named directory and hands it to QEMU (the NBD socket and scratch
+    /// files of a backup-API job are QEMU's), in one round trip.
+    pub async fn make_dir_for_qemu(&self) -> Result<()> {
+        let (user, group) = self.host.qemu_owner().await?;
+        let make = coreutils::mkdir_p_mode(&self.dir, 0o711)
+            .and_then(coreutils::chown(&format!("{user}:{group}"), &self.dir))
+            .and_then(coreutils::chmod(0o750, &self.dir));
+        self.host.run(&make).await?;
+        Ok(())
+    }
+
     /// Removes the job's directory (best effort: healing removes what is left).
     pub async fn remove_dir(&self) {
         let _ = self.host.run(&coreutils::rm_rf(&self.dir)).await;

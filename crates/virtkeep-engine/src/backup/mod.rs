@@ -54,6 +54,11 @@ pub async fn backup_vm(
     // Loaded under the lock: another job of this VM may have changed it until then.
     let uuid = Vm::find_uuid(host, vm_name).await?;
     let lock = host.lock_vm(&uuid, 60).await?;
+    if opts.transport == Transport::Ssh {
+        // Connected while the plan and freeze run (each connection costs a key exchange
+        // and a login); after the lock, not to slow the command shells' start.
+        host.prewarm_data_sessions(opts.parallel.max(1));
+    }
     let res = match Vm::load(host, &uuid).await {
         Ok(vm) => {
             clock.lap(Phase::LockLoad);
