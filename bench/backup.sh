@@ -230,8 +230,6 @@ SSH=(ssh -q -F /dev/null -c aes128-gcm@openssh.com -p "$VK_SSH_PORT" -i "$VK_SSH
 # ------------------------------------------------------------------ measurements
 # results: R[case]="v1 v2 ..." per metric
 declare -A WALL RSS CPUV CPUSSHD CPUNBD CPUOTHER BUSY EXPORT
-add() { eval "$1[\$2]+=\"\$3 \""; }
-med() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | median; }
 sample_add() { # CASE NAME: collect CPU figures of run NAME into CASE
   local f=$RUN_DIR/$2.cpu.json
   # virtkeep's own CPU from time -v (others' tests run virtkeep binaries too)
@@ -397,7 +395,6 @@ for p in $RESTORE_PARALLELS; do
   k=$(med RSS "restore-p$p"); ((${k%.*} > max_rss)) && max_rss=${k%.*}
 done
 k=$(med RSS backup2); ((${k%.*} > max_rss)) && max_rss=${k%.*}
-verdict() { if (($(bc <<<"$1"))); then echo PASS; else echo FAIL; fi; }
 TARGETS="| target | measured (best --parallel, medians) | verdict |
 |---|---|---|
 | backup ≥ 0.9 × ssh cat | $best_backup | $(verdict "$best_backup >= 0.9") |

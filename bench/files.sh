@@ -89,7 +89,7 @@ BIN_INFO="$(stat -c '%y' "$BIN" | cut -d. -f1), sha256 $(sha256sum "$BIN" | cut 
 cp "$BIN" "$WORK/virtkeep"
 BIN=$WORK/virtkeep
 IMG=$VK_POOL_DIR/$DOM-vda.raw
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+LOAD_START=$(loadavg)
 
 # ------------------------------------------------------------------ workload
 blog "workload: $DISK_MIB MiB disk, ext4 with big.bin ($BIG_MIB MiB), filler ($FILLER_MIB MiB), many/ (2000 files)"
@@ -137,14 +137,12 @@ timed backup "${VK[@]}" --json backup "lab/$DOM" "${R[@]}" --mode full || bdie "
 ID=$(jq -r '.[0].id' "$RUN_DIR/backup.out")
 
 # ------------------------------------------------------------------ runs
+# shellcheck disable=SC2034 # read through med()'s nameref
 declare -A WALL RSS
-add() { eval "$1[\$2]+=\"\$3 \""; }
-med() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | median; }
-cold() { sync && echo 3 >/proc/sys/vm/drop_caches; }
 VERIFIED=no
 for ((r = 1; r <= REPS; r++)); do
   blog "rep $r/$REPS: files ls"
-  cold
+  drop_caches
   timed "ls-r$r" "${VK[@]}" files ls "$ID" vda:1:/many "${R[@]}" || bdie "files ls: $(tail -5 "$RUN_DIR/ls-r$r.err")"
   [[ $(wc -l <"$RUN_DIR/ls-r$r.out") == 2000 ]] || bdie "files ls listed $(wc -l <"$RUN_DIR/ls-r$r.out") names"
   add WALL ls "$T_WALL"
@@ -152,7 +150,7 @@ for ((r = 1; r <= REPS; r++)); do
 
   blog "rep $r/$REPS: files get big.bin"
   rm -rf -- "$WORK/get"
-  cold
+  drop_caches
   timed "get-r$r" "${VK[@]}" files get "$ID" vda:1:/big.bin --to "$WORK/get" "${R[@]}" || bdie "files get: $(tail -5 "$RUN_DIR/get-r$r.err")"
   add WALL get "$T_WALL"
   add RSS get "$T_RSS_KB"
@@ -161,7 +159,7 @@ for ((r = 1; r <= REPS; r++)); do
 
   blog "rep $r/$REPS: restore --to-file"
   rm -f -- "$WORK/restored.raw"
-  cold
+  drop_caches
   timed "restore-r$r" "${VK[@]}" restore "$ID" --disk vda --to-file "$WORK/restored.raw" "${R[@]}" || bdie "restore: $(tail -5 "$RUN_DIR/restore-r$r.err")"
   add WALL restore "$T_WALL"
   add RSS restore "$T_RSS_KB"
@@ -177,7 +175,7 @@ for ((r = 1; r <= REPS; r++)); do
     kill -0 "$MOUNT_PID" 2>/dev/null || bdie "mount: $(tail -5 "$RUN_DIR/mount-r$r.err")"
     sleep 0.1
   done
-  cold
+  drop_caches
   timed "dd-r$r" dd if="$MNT/vda.img" of=/dev/null bs=4M || bdie "dd: $(cat "$RUN_DIR/dd-r$r.err")"
   add WALL dd "$T_WALL"
   [[ $r == 1 ]] && { cmp "$IMG" "$MNT/vda.img" || bdie "DISK.img differs"; }
@@ -192,7 +190,7 @@ PROFILE_TEXT=""
 if [[ ${PROFILE:-0} == 1 ]] && command -v perf >/dev/null; then
   blog "profile: files get under perf record"
   rm -rf -- "$WORK/get"
-  cold
+  drop_caches
   perf record -q -F 499 -g -o "$RUN_DIR/get.perf" -- "${VK[@]}" files get "$ID" vda:1:/big.bin \
     --to "$WORK/get" "${R[@]}" >"$RUN_DIR/perf.out" 2>&1 || bdie "perf record: $(tail -5 "$RUN_DIR/perf.out")"
   rm -rf -- "$WORK/get"
@@ -219,12 +217,11 @@ R_GET=$(calc "$T_GET / $T_RES")
 R_DD=$(calc "$T_DD / $T_RES")
 RSS_MAX=0
 for v in ${RSS[ls]} ${RSS[get]} ${RSS[dd]}; do ((v > RSS_MAX)) && RSS_MAX=$v; done
-verdict() { if (($(bc <<<"$1"))); then echo PASS; else echo FAIL; fi; }
 rss() { calc "$(med RSS "$1") / 1024"; }
 REPORT="# virtkeep file-level restore benchmark ($SIZE, $STAMP)
 
 - date: $(date -u +%Y-%m-%dT%H:%M:%SZ), SIZE=$SIZE, REPS=$REPS, run took $(($(date +%s) - START_EPOCH)) s
-- machine: nproc=$(nproc), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo); **shared** with other people's builds and tests (load average at the start: $LOAD_START, at the end: $(cut -d' ' -f1-3 /proc/loadavg))
+- machine: $(machine_facts); **shared** with other people's builds and tests (load average at the start: $LOAD_START, at the end: $(loadavg))
 - binary: $BIN_INFO; bench script tree $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo "?")
 - workload: raw $DISK_MIB MiB, GPT, ext4 with big.bin ($BIG_MIB MiB random), filler ($FILLER_MIB MiB random), many/ (2000 files); $ALLOC_MIB MiB allocated; encrypted repository on local disk; page cache dropped before each command
 - files get throughput = $BIG_MIB MiB / wall; restore --to-file and dd throughput = $ALLOC_MIB MiB allocated / wall; dd RSS = the mount process's peak
@@ -232,10 +229,10 @@ REPORT="# virtkeep file-level restore benchmark ($SIZE, $STAMP)
 
 | case | wall s (median) | MiB/s | peak RSS MiB (median) | walls |
 |---|---|---|---|---|
-| files ls vda:1:/many (2000 entries) | $W_LS | - | $(rss ls) | $(printf '%s\n' ${WALL[ls]} | minmax) |
-| files get big.bin | $W_GET | $T_GET | $(rss get) | $(printf '%s\n' ${WALL[get]} | minmax) |
-| restore --disk vda --to-file | $W_RES | $T_RES | $(rss restore) | $(printf '%s\n' ${WALL[restore]} | minmax) |
-| mount + dd bs=4M of vda.img | $W_DD | $T_DD | $(rss dd) | $(printf '%s\n' ${WALL[dd]} | minmax) |
+$(md_row "files ls vda:1:/many (2000 entries)" "$W_LS" - "$(rss ls)" "$(mm WALL ls)")
+$(md_row "files get big.bin" "$W_GET" "$T_GET" "$(rss get)" "$(mm WALL get)")
+$(md_row "restore --disk vda --to-file" "$W_RES" "$T_RES" "$(rss restore)" "$(mm WALL restore)")
+$(md_row "mount + dd bs=4M of vda.img" "$W_DD" "$T_DD" "$(rss dd)" "$(mm WALL dd)")
 
 | target | measured | verdict |
 |---|---|---|

@@ -219,11 +219,8 @@ NBD=(virtnbdbackup -U "$VK_LIBVIRT_URI" -d "$DOM2" -n -S "$WORK/nbdtmp" -f "$WOR
 
 # shellcheck disable=SC2034 # read through med()'s nameref
 declare -A WALL RSS CPU SSHD OTHER BUSY READ
-add() { eval "$1[\$2]+=\"\$3 \""; }
 # shellcheck disable=SC2086 # the values are a space-separated list
-med() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | median; }
 # shellcheck disable=SC2086
-mm() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | minmax; }
 # shellcheck disable=SC2086
 maxof() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | sort -g | tail -n 1; }
 # record CASE NAME: the figures of the timed run NAME under CASE
@@ -398,7 +395,6 @@ for pat in A B; do
 done
 
 # ------------------------------------------------------------------ report
-verdict() { if (($(bc <<<"$1"))); then echo PASS; else echo FAIL; fi; }
 mib() { calc "$1 / 1024"; } # KiB -> MiB
 PHASE_FIELDS=(connect_secs lock_load_secs plan_secs freeze_secs data_secs publish_secs heal_secs)
 phase_med() { # CASE FIELD: median of that phase over the case's runs, "-" when absent

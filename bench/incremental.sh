@@ -202,11 +202,8 @@ blog "loopback idle rate (5 s)"
 LO_IDLE=$(lo_idle_rate 5)
 # shellcheck disable=SC2034 # read through med()'s nameref
 declare -A WALL DATA_S READ SSHD SSHCONN SSHALL LOB CPUV BUSY OTHER
-add() { eval "$1[\$2]+=\"\$3 \""; }
 # shellcheck disable=SC2086 # the values are a space-separated list
-med() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | median; }
 # shellcheck disable=SC2086
-mm() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | minmax; }
 # record CASE NAME: the figures of run NAME (timed with net_timed) under CASE
 record() {
   local c=$1 f=$RUN_DIR/$2
@@ -313,7 +310,6 @@ $(row full "full (--mode auto, 1st)" "-")
 $(row incr "incremental, 1 % aligned" "$CHANGED_A (dirty 64K: $DIRTY_A)")
 $(row incru "incremental, 1 % unaligned (×1)" "$CHANGED_U (dirty 64K: $DIRTY_U)")
 "
-verdict() { if (($(bc <<<"$1"))); then echo PASS; else echo FAIL; fi; }
 SSHD_U=$(med SSHD incru)
 TARGETS="| target (issue 6) | measured (medians of $REPS rounds) | verdict |
 |---|---|---|

@@ -337,3 +337,30 @@ hmp_writes() {
   done
   bdie "QEMU's log confirms $got of $want writes on $dom"
 }
+
+# ---------------------------------------------------------------- figures and reports
+# Figures of repeated runs are kept in associative arrays of space-separated lists:
+#   declare -A WALL; add WALL get "$T_WALL"; med WALL get; mm WALL get
+# add ARRAY KEY VALUE: appends VALUE to ARRAY[KEY]
+add() { eval "$1[\$2]+=\"\$3 \""; }
+# med ARRAY KEY: median of ARRAY[KEY] ("nan" when empty)
+# shellcheck disable=SC2086 # the list splits on purpose
+med() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | median; }
+# mm ARRAY KEY: "min-max" of ARRAY[KEY]
+# shellcheck disable=SC2086
+mm() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | minmax; }
+# verdict BC_EXPR: PASS when the comparison holds, FAIL otherwise
+verdict() { if (($(bc <<<"$1"))); then echo PASS; else echo FAIL; fi; }
+# drop_caches: a cold page cache for the next command (root)
+drop_caches() { sync && echo 3 >/proc/sys/vm/drop_caches; }
+# loadavg: the 1, 5 and 15 minute load averages
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+# machine_facts: one markdown-ready line: cores, CPU model, RAM, kernel
+machine_facts() {
+  local cpu
+  cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+  printf 'nproc=%s, CPU "%s", %s, kernel %s' "$(nproc)" "$cpu" \
+    "$(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo)" "$(uname -r)"
+}
+# md_row CELL...: one markdown table row
+md_row() { local s="|" c; for c in "$@"; do s+=" $c |"; done; printf '%s\n' "$s"; }

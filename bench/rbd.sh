@@ -202,11 +202,8 @@ TO_NULL=(bash -c 'exec "$@" >/dev/null' to-null) # /usr/bin/time runs programs, 
 # ------------------------------------------------------------------ measurements
 # shellcheck disable=SC2034 # read through med()'s nameref
 declare -A WALL DATA_S BYTES SSHD CPUV OTHER BUSY
-add() { eval "$1[\$2]+=\"\$3 \""; }
 # shellcheck disable=SC2086 # the values are a space-separated list
-med() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | median; }
 # shellcheck disable=SC2086
-mm() { local -n arr=$1; printf '%s\n' ${arr[$2]:-} | minmax; }
 record() { # CASE NAME [virtkeep]
   local c=$1 f=$RUN_DIR/$2
   add WALL "$c" "$T_WALL"

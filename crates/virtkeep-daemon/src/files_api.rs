@@ -6,22 +6,23 @@
 //! components, no NUL), so it can only name something inside the guest filesystem.
 //! Reads of guest bytes run on blocking threads inside `virtkeep-files`. At most
 //! [`MAX_FILE_REQUESTS`] such requests run at once (each holds a disk view's cache);
-//! more are answered 503.
+//! more are answered 503. A download streams the file straight from the backup (no
+//! local copy, so no temporary space) and holds its slot until its body ends or the
+//! client goes away.
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::{IntoParams, ToSchema};
 use virtkeep_files::{
-    DirListing, DiskLayout, EntryKind, FileTarget, FilesError, GetOptions, MAX_PATH,
+    DirListing, DiskLayout, EntryKind, FileStream, FileTarget, FilesError, MAX_PATH, WalkOptions,
 };
 use virtkeep_repo::{RepoError, Repository};
 
@@ -32,10 +33,8 @@ use crate::task::open_repository;
 pub const MAX_TARGET: usize = MAX_PATH + 200;
 /// Largest file one download serves.
 pub const MAX_DOWNLOAD_BYTES: u64 = 16 << 30;
-/// File requests (listings and downloads) running at once.
+/// File requests (listings and downloads, a download until its body ends) running at once.
 pub const MAX_FILE_REQUESTS: usize = 4;
-/// Bytes read from the local copy per body chunk.
-const STREAM_CHUNK: usize = 256 << 10;
 
 static RUNNING: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
 
@@ -232,7 +231,7 @@ async fn list(
         })
         .into_response());
     };
-    let listing = virtkeep_files::list_dir(&repo, &id, &t)
+    let listing = virtkeep_files::list_dir(&repo, &id, &t, WalkOptions::default())
         .await
         .map_err(files_fail)?;
     Ok(Json(FilesDirView {
@@ -299,7 +298,7 @@ async fn file_size(repo: &Repository, id: &str, t: &FileTarget) -> Result<(u64, 
         path: dir,
         ..t.clone()
     };
-    let listing = virtkeep_files::list_dir(repo, id, &parent)
+    let listing = virtkeep_files::list_dir(repo, id, &parent, WalkOptions::default())
         .await
         .map_err(files_fail)?;
     let e = listing
@@ -333,53 +332,39 @@ async fn file_size(repo: &Repository, id: &str, t: &FileTarget) -> Result<(u64, 
     Ok((e.size, name))
 }
 
-/// Copies file `t` (of `size` bytes) into a private temporary directory and opens it;
-/// the directory is gone on return, the open file keeps the bytes until dropped.
-async fn local_copy(
+/// The file `t` (of `size` bytes, as its listing said) as a stream from the backup.
+async fn open_stream(
     repo: &Repository,
     id: &str,
     t: &FileTarget,
     size: u64,
-) -> Result<tokio::fs::File, Refusal> {
-    let tmp = tempfile::Builder::new()
-        .prefix("virtkeep-download-")
-        .tempdir()
-        .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let opts = GetOptions {
-        overwrite: false,
-        max_entries: 1,
+) -> Result<FileStream, Refusal> {
+    // The whole download, client included, within get's limit (hours at disk speed).
+    let walk = WalkOptions {
+        timeout: virtkeep_files::DEFAULT_GET_TIMEOUT,
     };
-    let summary = virtkeep_files::get(repo, id, t, tmp.path(), opts)
+    let fs = virtkeep_files::stream_file(repo, id, t, MAX_DOWNLOAD_BYTES, walk)
         .await
         .map_err(files_fail)?;
-    let f = std::fs::File::open(&summary.to)
-        .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-    if summary.files != 1 || len != size {
+    if fs.size != size {
         return Err(fail(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!(
-                "{}: the file changed size while read ({len} of {size} bytes)",
-                t.path
+                "{}: the file changed size while read ({} of {size} bytes)",
+                t.path, fs.size
             ),
         ));
     }
-    drop(tmp);
-    Ok(tokio::fs::File::from_std(f))
+    Ok(fs)
 }
 
-/// The body streaming `f` in chunks; the permit is held until the stream ends.
-fn stream(f: tokio::fs::File, permit: OwnedSemaphorePermit) -> Body {
-    let s = futures::stream::unfold((f, permit), |(mut f, permit)| async move {
-        let mut buf = vec![0u8; STREAM_CHUNK];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), (f, permit)))
-            }
-            Err(e) => Some((Err(e), (f, permit))),
-        }
+/// The body yielding `f`'s pieces; the permit is held until the stream ends or is
+/// dropped (the client went away), which also stops the reading thread.
+fn stream(f: FileStream, permit: OwnedSemaphorePermit) -> Body {
+    let s = futures::stream::unfold((f.pieces, permit), |(mut rx, permit)| async move {
+        let item = rx.recv().await?;
+        let item = item.map_err(|e| std::io::Error::other(e.to_string()));
+        Some((item, (rx, permit)))
     });
     Body::from_stream(s)
 }
@@ -416,17 +401,17 @@ async fn download(
     let t = parse_target(raw)?;
     let (permit, repo) = begin(s, &id, q.repository.as_deref()).await?;
     let (size, name) = file_size(&repo, &id, &t).await?;
-    // The copy runs in a task of its own that holds the permit: when `request_timeout`
-    // drops this handler, the copy still counts against MAX_FILE_REQUESTS until it ends
-    // and still removes its temporary directory.
-    let (copied, permit) = tokio::spawn(async move {
-        let copied = local_copy(&repo, &id, &t, size).await;
-        (copied, permit)
+    // Opening runs in a task of its own that holds the permit: when `request_timeout`
+    // drops this handler, the opening still counts against MAX_FILE_REQUESTS until it
+    // ends. Then the body holds the permit for the stream's life; nothing is read ahead
+    // of the client but a few pieces.
+    let (opened, permit) = tokio::spawn(async move {
+        let opened = open_stream(&repo, &id, &t, size).await;
+        (opened, permit)
     })
     .await
     .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let f = copied?;
-    let mut r = Response::new(stream(f, permit));
+    let mut r = Response::new(stream(opened?, permit));
     let h = r.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     h.insert(

@@ -13,6 +13,7 @@ use crate::fsdetect::detect;
 use crate::get::{GetOptions, GetSummary, get_fs};
 use crate::lvm::{Mapped, read_pv};
 use crate::partition::read_table;
+use crate::walk::{TimedFs, WalkOptions};
 
 /// A place in a backup: a disk, optionally a partition number, and an absolute path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,18 +192,22 @@ async fn open_disk(
     Ok((r, view.size()))
 }
 
-/// List the directory `target` names in backup `id`.
+/// List the directory `target` names in backup `id`, within `walk.timeout`.
 pub async fn list_dir(
     repo: &Repository,
     id: &str,
     target: &FileTarget,
+    walk: WalkOptions,
 ) -> Result<DirListing, FilesError> {
     // Metadata reads are scattered: no read-ahead.
     let (r, size) = open_disk(repo, id, target, 0).await?;
     let target = target.clone();
     tokio::task::spawn_blocking(move || {
         let mut fs = open_target(r, size, &target)?;
-        list_fs(fs.as_mut(), &target.path)
+        list_fs(
+            &mut TimedFs::new(fs.as_mut(), walk.timeout, "files ls"),
+            &target.path,
+        )
     })
     .await
     .map_err(|e| FilesError::Task(e.to_string()))?
@@ -233,19 +238,114 @@ pub async fn get(
     .map_err(|e| FilesError::Task(e.to_string()))?
 }
 
-/// Entries under directory `target` of backup `id` whose name matches the glob `pattern`.
+/// Entries under directory `target` of backup `id` whose name matches the glob
+/// `pattern`, within `walk.timeout`.
 pub async fn find(
     repo: &Repository,
     id: &str,
     target: &FileTarget,
     pattern: &str,
+    walk: WalkOptions,
 ) -> Result<FindResult, FilesError> {
     let (r, size) = open_disk(repo, id, target, 0).await?;
     let (target, pattern) = (target.clone(), pattern.to_string());
     tokio::task::spawn_blocking(move || {
         let mut fs = open_target(r, size, &target)?;
-        find_fs(fs.as_mut(), &target.path, &pattern)
+        let mut timed = TimedFs::new(fs.as_mut(), walk.timeout, "files find");
+        find_fs(&mut timed, &target.path, &pattern)
     })
     .await
     .map_err(|e| FilesError::Task(e.to_string()))?
+}
+
+/// Size of the pieces a [`FileStream`] yields.
+pub const STREAM_PIECE: usize = 1 << 20;
+/// Pieces read ahead of the consumer (the bound on a stream's buffered bytes).
+const STREAM_AHEAD: usize = 4;
+
+/// A regular file of a backup, read piece by piece as the consumer takes them: no
+/// local copy is made. Dropping it stops the reading thread at its next piece.
+#[derive(Debug)]
+pub struct FileStream {
+    /// The file's size: exactly this many bytes come, or an error ends the stream.
+    pub size: u64,
+    /// The file's bytes in order, in pieces of at most [`STREAM_PIECE`].
+    pub pieces: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, FilesError>>,
+}
+
+/// Streams the regular file `target` names in backup `id` (at most `max_size` bytes),
+/// within `walk.timeout` for the whole read.
+pub async fn stream_file(
+    repo: &Repository,
+    id: &str,
+    target: &FileTarget,
+    max_size: u64,
+    walk: WalkOptions,
+) -> Result<FileStream, FilesError> {
+    let (r, size) = open_disk(
+        repo,
+        id,
+        target,
+        DiskViewOptions::default().readahead_chunks,
+    )
+    .await?;
+    let target = target.clone();
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let (tx, pieces) = tokio::sync::mpsc::channel(STREAM_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        let opened = open_target(r, size, &target).and_then(|mut fs| {
+            let node = fs.stat(target.path.as_bytes())?;
+            if node.kind != crate::ext4::EntryKind::File || node.size > max_size {
+                return Err(FilesError::Filesystem {
+                    path: target.path.clone(),
+                    reason: format!(
+                        "not a regular file of at most {max_size} bytes ({:?}, {} bytes)",
+                        node.kind, node.size
+                    ),
+                });
+            }
+            Ok((fs, node.size))
+        });
+        let (mut fs, len) = match opened {
+            Ok(v) => v,
+            Err(e) => return drop(head_tx.send(Err(e))),
+        };
+        if head_tx.send(Ok(len)).is_err() {
+            return;
+        }
+        let mut timed = TimedFs::new(fs.as_mut(), walk.timeout, "download");
+        send_pieces(&mut timed, target.path.as_bytes(), len, &tx);
+    });
+    let size = head_rx
+        .await
+        .map_err(|e| FilesError::Task(e.to_string()))??;
+    Ok(FileStream { size, pieces })
+}
+
+/// Reads `len` bytes of file `path` into `tx` piece by piece until done, an error
+/// (sent as the last item), or the receiver is gone.
+fn send_pieces(
+    fs: &mut dyn GuestFs,
+    path: &[u8],
+    len: u64,
+    tx: &tokio::sync::mpsc::Sender<Result<bytes::Bytes, FilesError>>,
+) {
+    let mut pos = 0u64;
+    while pos < len {
+        let want = (len - pos).min(STREAM_PIECE as u64) as usize;
+        let mut buf = vec![0u8; want];
+        let item = match crate::fs::read_full(fs, path, pos, &mut buf) {
+            Ok(n) if n == want => Ok(bytes::Bytes::from(buf)),
+            Ok(n) => Err(FilesError::Filesystem {
+                path: crate::fs::show(path),
+                reason: format!("file ended at {} of {len} bytes", pos + n as u64),
+            }),
+            Err(e) => Err(e),
+        };
+        let failed = item.is_err();
+        if tx.blocking_send(item).is_err() || failed {
+            return;
+        }
+        pos += want as u64;
+    }
 }

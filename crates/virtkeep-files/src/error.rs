@@ -34,6 +34,11 @@ pub enum FilesError {
     /// A walk met more entries than allowed.
     #[error("more than {0} entries")]
     TooManyEntries(u64),
+    /// A walk ran past its time limit (a huge or damaged filesystem).
+    #[error(
+        "{what} took longer than its limit of {secs} s; hint: name a smaller path, or raise the limit (--timeout SECS)"
+    )]
+    TimedOut { what: String, secs: f64 },
     /// Guest LVM metadata could not be read.
     #[error(transparent)]
     Lvm(#[from] crate::lvm::LvmError),

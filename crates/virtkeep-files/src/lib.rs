@@ -24,9 +24,10 @@ mod mount;
 mod mounttree;
 mod ntfs;
 mod partition;
+mod walk;
 mod xfs;
 
-pub use browse::{FileTarget, find, get, list_dir};
+pub use browse::{FileStream, FileTarget, STREAM_PIECE, find, get, list_dir, stream_file};
 pub use error::FilesError;
 pub use export::{DiskExport, backup_server, serve_backup};
 pub use ext4::{
@@ -46,3 +47,4 @@ pub use partition::{
     MAX_GPT_ENTRY_BYTES, MAX_LOGICAL, Partition, PartitionTable, SECTOR, TableKind, guid,
     read_table,
 };
+pub use walk::{DEFAULT_GET_TIMEOUT, DEFAULT_WALK_TIMEOUT, TimedFs, WalkOptions};

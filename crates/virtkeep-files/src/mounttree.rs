@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, mpsc};
+use std::time::Duration;
 
 use virtkeep_repo::DiskView;
 
@@ -21,9 +22,17 @@ pub(crate) const MAX_INODES: usize = 1 << 22;
 
 type Job = Box<dyn FnOnce(Result<&mut dyn GuestFs, &str>) + Send>;
 
+/// Longest wait for one request of the kernel on a filesystem's thread: past it the
+/// request fails (EIO) instead of hanging the caller; the thread finishes that read
+/// (bounded in bytes by its backend) before it takes the next.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+type Opener = Box<dyn FnOnce() -> Result<Box<dyn GuestFs>, String> + Send>;
+
 /// One filesystem, served by its own thread.
 pub(crate) struct FsWorker {
     tx: Mutex<mpsc::Sender<Job>>,
+    limit: Duration,
 }
 
 impl FsWorker {
@@ -32,16 +41,27 @@ impl FsWorker {
         handle: tokio::runtime::Handle,
         target: FileTarget,
     ) -> std::io::Result<FsWorker> {
+        let open: Opener = Box::new(move || {
+            let size = view.size();
+            let r = view.blocking(handle);
+            open_target(r, size, &target).map_err(|e| e.to_string())
+        });
+        Self::spawn_with(open, CALL_TIMEOUT)
+    }
+
+    /// A worker whose filesystem `open` makes at the first request; each request waits
+    /// at most `limit` for its answer.
+    fn spawn_with(open: Opener, limit: Duration) -> std::io::Result<FsWorker> {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("vk-mount-fs".into())
             .spawn(move || {
+                let mut open = Some(open);
                 let mut fs: Option<Result<Box<dyn GuestFs>, String>> = None;
                 while let Ok(job) = rx.recv() {
-                    let opened = fs.get_or_insert_with(|| {
-                        let size = view.size();
-                        let r = view.blocking(handle.clone());
-                        open_target(r, size, &target).map_err(|e| e.to_string())
+                    let opened = fs.get_or_insert_with(|| match open.take() {
+                        Some(o) => o(),
+                        None => Err("filesystem not opened".into()),
                     });
                     match opened {
                         Ok(f) => job(Ok(f.as_mut())),
@@ -49,10 +69,13 @@ impl FsWorker {
                     }
                 }
             })?;
-        Ok(FsWorker { tx: Mutex::new(tx) })
+        Ok(FsWorker {
+            tx: Mutex::new(tx),
+            limit,
+        })
     }
 
-    /// Runs `f` on the filesystem's thread and waits for its answer.
+    /// Runs `f` on the filesystem's thread and waits for its answer (at most the limit).
     pub(crate) fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn GuestFs) -> Result<T, FilesError> + Send + 'static,
@@ -70,8 +93,14 @@ impl FsWorker {
             .map_err(|_| "worker lock poisoned".to_string())?
             .send(job)
             .map_err(|_| "filesystem thread ended".to_string())?;
-        rrx.recv()
-            .map_err(|_| "filesystem thread ended".to_string())?
+        rrx.recv_timeout(self.limit).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => FilesError::TimedOut {
+                what: "a read of the mounted filesystem".into(),
+                secs: self.limit.as_secs_f64(),
+            }
+            .to_string(),
+            mpsc::RecvTimeoutError::Disconnected => "filesystem thread ended".to_string(),
+        })?
     }
 
     pub(crate) fn stat(&self, path: Vec<u8>) -> Result<FsNode, String> {
@@ -189,6 +218,28 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request the filesystem does not answer in time fails with the limit's error
+    /// instead of hanging; the worker answers again once the slow read is done.
+    #[test]
+    fn slow_requests_time_out() {
+        let (release, wait) = mpsc::channel::<()>();
+        // Opening blocks until released: the first request cannot be answered in time.
+        let open: Opener = Box::new(move || {
+            let _ = wait.recv();
+            Err("no filesystem here".into())
+        });
+        let w = FsWorker::spawn_with(open, Duration::from_millis(20)).expect("worker");
+        let e = w.stat(b"/".to_vec()).expect_err("timed out");
+        assert!(e.contains("took longer than its limit"), "{e}");
+        release.send(()).expect("release");
+        let w = FsWorker {
+            limit: Duration::from_secs(60),
+            ..w
+        };
+        let e = w.stat(b"/".to_vec()).expect_err("no filesystem");
+        assert_eq!(e, "no filesystem here");
+    }
 
     #[test]
     fn tree_of_disks_partitions_and_lvs() {

@@ -132,3 +132,42 @@ fn damaged_images_fail_cleanly() {
         );
     }
 }
+
+/// Every walk has a time limit: past it, `get`, `find` and `ls` stop with an error
+/// that says so (a zero limit has passed before the first read), and a generous
+/// limit changes nothing.
+#[test]
+fn walks_stop_at_their_time_limit() {
+    let disk = image("mkfs.ext4");
+    let len = (disk.len() - OFFSET) as u64;
+    let fs_img = disk[OFFSET..].to_vec();
+    let to = tempfile::tempdir().unwrap();
+    let zero = GetOptions {
+        timeout: Duration::ZERO,
+        ..GetOptions::default()
+    };
+    let e = get_ext4(
+        Cursor::new(disk.clone()),
+        OFFSET as u64,
+        len,
+        "/etc",
+        to.path(),
+        zero,
+    )
+    .unwrap_err();
+    assert!(matches!(e, FilesError::TimedOut { .. }), "{e}");
+    assert!(e.to_string().contains("files get took longer"), "{e}");
+    assert!(e.to_string().contains("--timeout"), "{e}");
+    let mut fs = open_fs(FsType::Ext, Cursor::new(fs_img), len).unwrap();
+    let mut timed = TimedFs::new(fs.as_mut(), Duration::ZERO, "files find");
+    let e = find_fs(&mut timed, "/", "*").unwrap_err();
+    assert!(matches!(e, FilesError::TimedOut { .. }), "{e}");
+    let e = list_fs(&mut timed, "/etc").unwrap_err();
+    assert!(matches!(e, FilesError::TimedOut { .. }), "{e}");
+    let mut timed = TimedFs::new(fs.as_mut(), Duration::from_secs(3600), "files find");
+    assert_eq!(find_fs(&mut timed, "/", "host*").unwrap().matches.len(), 1);
+    let s = get_fs(fs.as_mut(), "/etc", to.path(), GetOptions::default()).unwrap();
+    assert_eq!(s.files, 2);
+    let copied = std::fs::read(to.path().join("etc/hostname")).unwrap();
+    assert_eq!(copied, b"files-test\n");
+}

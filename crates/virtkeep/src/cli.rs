@@ -620,6 +620,9 @@ pub struct FilesFindArgs {
     pub target: String,
     /// Shell glob on the name: *, ?, [abc], [a-z], [!a]; quote it for the shell
     pub pattern: String,
+    /// Fail when the walk takes longer than this many seconds (default 600)
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
     #[command(flatten)]
     pub repo: RepoArgs,
 }
@@ -634,6 +637,9 @@ pub struct FilesLsArgs {
     /// Long listing: type and mode, owner, size, time, symlink target
     #[arg(short = 'l', long)]
     pub long: bool,
+    /// Fail when the walk takes longer than this many seconds (default 600)
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
     #[command(flatten)]
     pub repo: RepoArgs,
 }
@@ -653,6 +659,9 @@ pub struct FilesGetArgs {
     /// Fail after copying this many entries
     #[arg(long, default_value_t = virtkeep_files::DEFAULT_MAX_ENTRIES)]
     pub max_entries: u64,
+    /// Fail when the copy takes longer than this many seconds (default 21600)
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
     #[command(flatten)]
     pub repo: RepoArgs,
 }

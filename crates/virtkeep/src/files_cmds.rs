@@ -9,6 +9,13 @@ use crate::cli::{FilesFindArgs, FilesGetArgs, FilesLsArgs, MountArgs, ServeNbdAr
 use crate::output::{human_bytes, print_json};
 use crate::settings::{Settings, repo_err};
 
+/// The walk limits of `--timeout SECS` (the listing and search default otherwise).
+fn walk_opts(timeout: Option<u64>) -> virtkeep_files::WalkOptions {
+    timeout.map_or_else(Default::default, |s| virtkeep_files::WalkOptions {
+        timeout: std::time::Duration::from_secs(s),
+    })
+}
+
 fn files_err(e: FilesError) -> anyhow::Error {
     match e {
         FilesError::Repo(e) => repo_err(e).into(),
@@ -120,7 +127,8 @@ pub async fn files_ls(
     let repo = settings.open_repo(&args.repo).await?;
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
     if let Some(target) = &args.target {
-        return list_dir(&repo, id, target, json, args.long).await;
+        let walk = walk_opts(args.timeout);
+        return list_dir(&repo, id, target, json, args.long, walk).await;
     }
     let disks = virtkeep_files::backup_layout(&repo, &id)
         .await
@@ -207,9 +215,10 @@ async fn list_dir(
     target: &str,
     json: bool,
     long: bool,
+    walk: virtkeep_files::WalkOptions,
 ) -> anyhow::Result<ExitCode> {
     let t: FileTarget = target.parse().map_err(files_err)?;
-    let listing = virtkeep_files::list_dir(repo, &id, &t)
+    let listing = virtkeep_files::list_dir(repo, &id, &t, walk)
         .await
         .map_err(files_err)?;
     if json {
@@ -326,6 +335,10 @@ pub async fn files_get(
     let opts = virtkeep_files::GetOptions {
         overwrite: args.overwrite,
         max_entries: args.max_entries,
+        timeout: args.timeout.map_or(
+            virtkeep_files::DEFAULT_GET_TIMEOUT,
+            std::time::Duration::from_secs,
+        ),
     };
     let summary = virtkeep_files::get(&repo, &id, &t, &args.to, opts)
         .await
@@ -381,7 +394,7 @@ pub async fn files_find(
     let repo = settings.open_repo(&args.repo).await?;
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
     let t = FileTarget::parse_root(&args.target).map_err(files_err)?;
-    let result = virtkeep_files::find(&repo, &id, &t, &args.pattern)
+    let result = virtkeep_files::find(&repo, &id, &t, &args.pattern, walk_opts(args.timeout))
         .await
         .map_err(files_err)?;
     if json {

@@ -140,7 +140,7 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 /// A daemon answering the API on a free port: the legacy token (read) and a token
-/// file with scope read.
+/// file with scope read; its `TMPDIR` is a path that does not exist.
 fn api_daemon(node: &Node) -> (Daemon, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -164,7 +164,11 @@ tokens = [ {{ file = "{}", scope = "read" }} ]
             tokens.display()
         ),
     );
-    let mut daemon = Daemon::start(node);
+    // Downloads stream from the backup: a daemon whose temporary directory does not
+    // exist serves them all the same (a staging copy would fail there).
+    let no_tmp = node.dir.path().join("no-tmp");
+    let no_tmp = no_tmp.to_str().expect("utf-8 path");
+    let mut daemon = Daemon::start_env(node, None, &[("TMPDIR", no_tmp)]);
     daemon.wait_log("API listening", 30);
     (daemon, port)
 }
@@ -232,7 +236,8 @@ fn files_api_lists_and_downloads_with_the_read_scope() {
         ]
     );
 
-    // Downloads: bytes equal the source by sha256, with length and a safe name.
+    // Downloads: bytes equal the source by sha256, with length and a safe name;
+    // big.bin (6 MiB) streams in more pieces than the stream buffers (4 MiB).
     for (path, name, disposition) in [
         ("vda:1:/etc/big.bin", "big.bin", "filename=\"big.bin\""),
         ("vda:1:/etc/sparse", "sparse", "filename=\"sparse\""),
@@ -262,7 +267,7 @@ fn files_api_lists_and_downloads_with_the_read_scope() {
             Some("application/octet-stream")
         );
     }
-    assert_no_downloads_left();
+    assert_no_downloads_left(&node);
     refusals(port, &id, &files, &download);
     daemon.terminate();
 }
@@ -314,8 +319,10 @@ fn refusals(port: u16, id: &str, files: &str, download: &str) {
     let _ = id;
 }
 
-/// Downloads copy into a private temporary directory that is gone once streaming starts.
-fn assert_no_downloads_left() {
+/// Downloads stream without a temporary copy: the daemon's missing `TMPDIR` is still
+/// missing, and nothing of theirs is in the system's.
+fn assert_no_downloads_left(node: &Node) {
+    assert!(!node.dir.path().join("no-tmp").exists());
     let tmp = std::env::temp_dir();
     let left: Vec<String> = std::fs::read_dir(&tmp)
         .expect("tmp")
