@@ -244,7 +244,7 @@ pub async fn browse(
         None => virtkeep_files::backup_layout(&repo, id)
             .await
             .map(|disks| layout_view(id, &disks)),
-        Some(t) => virtkeep_files::list_dir(&repo, id, t)
+        Some(t) => virtkeep_files::list_dir(&repo, id, t, virtkeep_files::WalkOptions::default())
             .await
             .map(|d| dir_view(id, t, &d)),
     };
