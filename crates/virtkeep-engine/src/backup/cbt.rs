@@ -148,6 +148,10 @@ pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<Ba
     // The base and the job dir side by side (the dir is QEMU's: the NBD socket).
     job.name_dir();
     let (picked, made) = tokio::join!(pick_base(&job, &mut choice), job.make_dir_for_qemu());
+    if picked.is_err() || made.is_err() {
+        // Made side by side: a failed base leaves a made (or half-made) dir behind.
+        job.remove_dir().await;
+    }
     picked?;
     made?;
     job.clock.lap(Phase::Plan);
