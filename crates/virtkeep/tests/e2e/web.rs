@@ -660,6 +660,8 @@ fn web_console_over_http() {
         "{job}"
     );
     check_files(port, &op, &snapshot);
+    let dash = get(port, "/ui/", Some(&op.cookie)).body;
+    assert!(!dash.contains(">boot "), "never verified: nothing: {dash}");
 
     // Logging out ends the session for good.
     let a = post(port, "/ui/logout", Some(&op.cookie), &[("csrf", &op.csrf)]);
@@ -669,6 +671,54 @@ fn web_console_over_http() {
         Some("/ui/login")
     );
     check_login_throttle(port);
+    daemon.terminate();
+    check_boot_verify_state(port, &node, &vm.name, &snapshot);
+}
+
+/// The dashboard shows a VM's newest boot verification under its status, red and failing
+/// when it did not pass, with a link to the job. The record is written into the daemon's
+/// catalog the way `verify_jobs` writes it (a running job, then its outcome), while the
+/// daemon is stopped (the SQLite catalog has one writer): a real `verify --boot` boots a
+/// guest, minutes of TCG for this test's disk that has no OS.
+fn check_boot_verify_state(port: u16, node: &Node, vm: &str, snapshot: &str) {
+    use virtkeep_daemon::catalog::{Catalog, JobOutcome, NewJob, now};
+    let cat = Catalog::open_writer(std::path::Path::new(&catalog(node))).expect("catalog");
+    let request = serde_json::to_string(&virtkeep_daemon::task::JobRequest::VerifyBoot {
+        policy: "nightly".into(),
+        snapshot: snapshot.into(),
+    })
+    .expect("request");
+    let job = NewJob {
+        run_id: None,
+        kind: "verify_boot",
+        host: HOST,
+        vm,
+        policy: Some("nightly"),
+        request: &request,
+        attempt: 1,
+        retry_of: None,
+        priority: 0,
+        not_before: now(),
+    };
+    let id = cat.start_job(&job, "vkw-test", now() + 600).expect("start");
+    let outcome = JobOutcome {
+        error: Some("the guest agent did not answer within 300 s".into()),
+        snapshot: Some(snapshot.into()),
+        ..Default::default()
+    };
+    cat.finish_job(id, &outcome).expect("finish");
+    drop(cat);
+    let mut daemon = Daemon::start_env(node, None, &[("VKW_ADMIN_TOKEN", ADMIN)]);
+    daemon.wait_log("API listening", 30);
+    let b = login(port, OPERATE);
+    let dash = get(port, "/ui/", Some(&b.cookie)).body;
+    let link = format!("<a href=\"/ui/jobs/{id}\">boot failed ");
+    assert!(dash.contains(&link), "{dash}");
+    let row = dash.split("<tr").find(|r| r.contains(&link)).expect("row");
+    assert!(
+        row.contains("class=\"bad\"") && row.contains(">failing<") && row.contains(vm),
+        "{row}"
+    );
     daemon.terminate();
 }
 
