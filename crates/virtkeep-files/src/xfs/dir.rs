@@ -41,13 +41,16 @@ fn shortform(sb: &Sb, dir: &Inode) -> Res<Vec<DirEnt>> {
     let bad = || corrupt(format!("directory inode {}: bad short form", dir.ino));
     let f = &dir.fork;
     let size = usize::try_from(dir.size).unwrap_or(usize::MAX);
-    if f.len() < 6 || size > f.len() {
+    // The header (count, i8count, parent inode) must fit in the size, not just the fork.
+    let Some(f) = f.get(..size).filter(|f| f.len() >= 6) else {
         return bad();
-    }
-    let f = &f[..size];
+    };
     let (count, i8count) = (usize::from(f[0]), f[1]);
     let inolen = if i8count == 0 { 4 } else { 8 };
     let mut pos = 2 + inolen;
+    if pos > f.len() {
+        return bad();
+    }
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let Some(&n) = f.get(pos) else { return bad() };
@@ -57,7 +60,8 @@ fn shortform(sb: &Sb, dir: &Inode) -> Res<Vec<DirEnt>> {
         let Some(ino_b) = f.get(ino_at..ino_at + inolen) else {
             return bad();
         };
-        if n == 0 {
+        let name = &f[name_at..name_at + n];
+        if !good_name(name) {
             return bad();
         }
         let ino = if inolen == 4 {
@@ -65,10 +69,15 @@ fn shortform(sb: &Sb, dir: &Inode) -> Res<Vec<DirEnt>> {
         } else {
             be64(ino_b, 0)
         };
-        out.push((f[name_at..name_at + n].to_vec(), ino));
+        out.push((name.to_vec(), ino));
         pos = ino_at + inolen;
     }
     Ok(out)
+}
+
+/// A name XFS's verifiers accept: not empty, no '/' and no NUL (paths are joined with '/').
+fn good_name(name: &[u8]) -> bool {
+    !name.is_empty() && !name.iter().any(|&c| c == b'/' || c == 0)
 }
 
 /// Walks every data block below the leaf offset.
@@ -130,6 +139,7 @@ fn data_block(sb: &Sb, ino: u64, b: &[u8], at: u64, out: &mut Vec<DirEnt>) -> Re
         }
     }
     let mut pos = hdr;
+    // `end` is the block's length for a data block: every access stays below it.
     while pos + 8 <= end {
         if be16(b, pos) == 0xffff {
             let len = usize::from(be16(b, pos + 2));
@@ -139,6 +149,10 @@ fn data_block(sb: &Sb, ino: u64, b: &[u8], at: u64, out: &mut Vec<DirEnt>) -> Re
             pos += len;
             continue;
         }
+        // The smallest entry (a 1-byte name) takes 16 bytes.
+        if pos + 16 > end {
+            return bad("bad entry");
+        }
         let n = usize::from(b[pos + 8]);
         let len = (8 + 1 + n + usize::from(sb.ftype) + 2).next_multiple_of(8);
         if n == 0 || pos + len > end {
@@ -146,6 +160,9 @@ fn data_block(sb: &Sb, ino: u64, b: &[u8], at: u64, out: &mut Vec<DirEnt>) -> Re
         }
         let name = &b[pos + 9..pos + 9 + n];
         if name != b"." && name != b".." {
+            if !good_name(name) {
+                return bad("bad name");
+            }
             if out.len() >= MAX_DIR_READ {
                 return bad("too many entries");
             }
@@ -201,4 +218,97 @@ pub(crate) fn symlink<R: Read + Seek>(
         fb += 1;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xfs::sb::tests::sb;
+
+    fn shortform_dir(fork: Vec<u8>, size: u64) -> Inode {
+        Inode {
+            ino: 128,
+            mode: 0o040755,
+            format: Format::Local,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size,
+            mtime: 0,
+            mtime_nsec: 0,
+            nextents: 0,
+            realtime: false,
+            fork,
+        }
+    }
+
+    /// A short-form fork: header (4-byte inodes, parent 128), then each entry.
+    fn shortform_fork(names: &[&[u8]]) -> Vec<u8> {
+        let mut f = vec![names.len() as u8, 0, 0, 0, 0, 128];
+        for (i, n) in names.iter().enumerate() {
+            f.extend_from_slice(&[n.len() as u8, 0, 0x60]);
+            f.extend_from_slice(n);
+            f.push(1); // ftype
+            f.extend_from_slice(&(200 + i as u32).to_be_bytes());
+        }
+        f
+    }
+
+    #[test]
+    fn shortform_reads_and_refuses_short_sizes() {
+        let f = shortform_fork(&[b"etc", b"usr"]);
+        let len = f.len() as u64;
+        let got = shortform(&sb(), &shortform_dir(f.clone(), len)).unwrap();
+        assert_eq!(got, vec![(b"etc".to_vec(), 200), (b"usr".to_vec(), 201)]);
+        for size in [0, 1, 5] {
+            assert!(shortform(&sb(), &shortform_dir(f.clone(), size)).is_err());
+        }
+    }
+
+    #[test]
+    fn names_with_slash_or_nul_are_corrupt() {
+        for bad in [&b"a/b"[..], b"a\0b", b"/"] {
+            let f = shortform_fork(&[b"ok", bad]);
+            let len = f.len() as u64;
+            assert!(shortform(&sb(), &shortform_dir(f, len)).is_err());
+            let mut b = data_block_v4();
+            entry(&mut b, 16, bad);
+            assert!(data_block(&sb(), 128, &b, 0, &mut Vec::new()).is_err());
+        }
+    }
+
+    /// An empty v4 data block: one free entry over all of it.
+    fn data_block_v4() -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        b[..4].copy_from_slice(&XD2D.to_be_bytes());
+        free(&mut b, 16, 4096 - 16);
+        b
+    }
+
+    fn free(b: &mut [u8], at: usize, len: usize) {
+        b[at..at + 2].copy_from_slice(&[0xff, 0xff]);
+        b[at + 2..at + 4].copy_from_slice(&(len as u16).to_be_bytes());
+    }
+
+    /// Writes an entry for inode 300 at `at` and a free entry after it to the end.
+    fn entry(b: &mut [u8], at: usize, name: &[u8]) {
+        b[at..at + 8].copy_from_slice(&300u64.to_be_bytes());
+        b[at + 8] = name.len() as u8;
+        b[at + 9..at + 9 + name.len()].copy_from_slice(name);
+        let len = (8 + 1 + name.len() + 1 + 2).next_multiple_of(8);
+        free(b, at + len, b.len() - at - len);
+    }
+
+    #[test]
+    fn data_block_ending_in_a_short_entry_is_corrupt() {
+        let mut b = data_block_v4();
+        entry(&mut b, 16, b"passwd");
+        let mut out = Vec::new();
+        data_block(&sb(), 128, &b, 0, &mut out).unwrap();
+        assert_eq!(out, vec![(b"passwd".to_vec(), 300)]);
+        // The free space stops 8 bytes short of the end: those bytes are no entry.
+        free(&mut b, 40, 4096 - 40 - 8);
+        b[4088..].fill(0);
+        assert!(data_block(&sb(), 128, &b, 0, &mut Vec::new()).is_err());
+    }
 }

@@ -161,7 +161,9 @@ impl Sb {
             && self.agblocks >= 1
             && self.agblklog <= 31
             && self.agblocks <= 1 << self.agblklog
-            && self.blocklog + self.dirblklog <= 16;
+            && self.blocklog + self.dirblklog <= 16
+            // Every byte offset of the filesystem must fit in u64 (see `ag_byte`).
+            && self.agcount.checked_mul(self.agblocks).and_then(|b| b.checked_mul(bs)).is_some();
         if !ok {
             return corrupt("XFS superblock geometry is inconsistent");
         }
@@ -172,7 +174,11 @@ impl Sb {
         if agno >= self.agcount || agbno >= self.agblocks {
             return None;
         }
-        (agno * self.agblocks + agbno).checked_shl(self.blocklog)
+        // `check` made agcount·agblocks·block_size fit in u64: this and the offsets
+        // within a block added to it by callers cannot overflow.
+        agno.checked_mul(self.agblocks)?
+            .checked_add(agbno)?
+            .checked_mul(u64::from(self.block_size))
     }
 
     /// Byte offset of filesystem block `fsbno` (AG number and block in the AG).
@@ -200,5 +206,50 @@ impl Sb {
     /// Bytes of a directory block.
     pub(crate) fn dir_block_size(&self) -> u64 {
         u64::from(self.block_size) << self.dirblklog
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A consistent v4 geometry: 4 KiB blocks, 512-byte inodes, 4 AGs of 2^16 blocks.
+    pub(crate) fn sb() -> Sb {
+        Sb {
+            v5: false,
+            ftype: true,
+            block_size: 4096,
+            blocklog: 12,
+            agblocks: 1 << 16,
+            agblklog: 16,
+            agcount: 4,
+            inode_size: 512,
+            inodelog: 9,
+            inopblog: 3,
+            rootino: 128,
+            dirblklog: 0,
+        }
+    }
+
+    #[test]
+    fn geometry_beyond_u64_bytes_is_refused() {
+        assert!(sb().check().is_ok());
+        // 2^32-1 AGs of 2^31 64 KiB blocks: 2^79 bytes, whose offsets would wrap.
+        let big = Sb {
+            block_size: 65536,
+            blocklog: 16,
+            agblocks: 1 << 31,
+            agblklog: 31,
+            agcount: u64::from(u32::MAX),
+            inopblog: 7,
+            ..sb()
+        };
+        assert!(big.check().is_err());
+        let last = (u64::from(u32::MAX) - 1) << 31 | ((1 << 31) - 1);
+        assert!(big.block_byte(last).is_err());
+        assert_eq!(
+            sb().block_byte((1 << 16) | 5).unwrap(),
+            ((1 << 16) + 5) << 12
+        );
     }
 }
