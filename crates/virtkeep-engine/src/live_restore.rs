@@ -233,7 +233,11 @@ async fn run(
                     .virsh()
                     .blockcopy_pivot(name, &d.report.target, &xml_path);
                 host.run_within(&cmd, Deadline::Data).await.map_err(what)?;
-                host.run(&coreutils::rm_f(overlay)).await?;
+                // The VM now runs on its destination: a leftover overlay in the job
+                // directory is not worth destroying a fully copied VM for.
+                if let Err(e) = host.run(&coreutils::rm_f(overlay)).await {
+                    tracing::warn!(host = %host.name, overlay, error = %e, "removing a pivoted overlay");
+                }
             }
         }
     }

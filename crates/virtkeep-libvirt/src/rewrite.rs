@@ -318,6 +318,20 @@ pub fn emulator_of(xml: &str) -> Result<Option<String>, XmlError> {
         .find(|t| !t.is_empty()))
 }
 
+/// Every namespace URI a domain's XML declares (`xmlns` and `xmlns:*` attributes on any
+/// element), decoded as libvirt's parser decodes them: a check for a namespace must not
+/// be a substring test on the raw text, which character references get around.
+pub fn namespace_uris(xml: &str) -> Result<Vec<String>, XmlError> {
+    let doc = Doc::parse(xml)?;
+    Ok(doc
+        .elems
+        .iter()
+        .flat_map(|e| e.attrs.iter())
+        .filter(|a| a.name == "xmlns" || a.name.starts_with("xmlns:"))
+        .map(|a| a.value.clone())
+        .collect())
+}
+
 /// The `<disk>` element with target `target` of a domain's XML, as written there (for
 /// `virsh blockcopy --xml`, which reads only its source and driver).
 pub fn disk_element(xml: &str, target: &str) -> Result<String, XmlError> {

@@ -109,11 +109,33 @@ pub async fn restore_live(
 
 /// SIGINT or SIGTERM: the engine then destroys what it made before returning.
 fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    // Both registered now, not when first polled: a Ctrl-C during start or plan must
+    // reach the engine's clean-up rather than kill the process.
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     Ok(async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// A SIGINT that arrives before the stop future is first polled (during start or
+    /// plan) must be caught, not kill the process.
+    #[tokio::test]
+    async fn sigint_before_first_poll_is_caught() {
+        let stop = super::stop_signal().unwrap();
+        let sent = std::process::Command::new("kill")
+            .args(["-INT", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(std::time::Duration::from_secs(10), stop)
+            .await
+            .expect("the stop future completes on the SIGINT");
+    }
 }

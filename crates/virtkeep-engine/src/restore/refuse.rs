@@ -66,7 +66,7 @@ const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 /// A backup's XML may hand arbitrary arguments to QEMU (run as root's delegate on the
 /// host): defined only when the user says so.
 pub(crate) fn check_passthrough(manifest: &virtkeep_repo::Manifest, allowed: bool) -> Result<()> {
-    if allowed || !manifest.domain_xml.contains(QEMU_NS) {
+    if allowed || !has_qemu_namespace(&manifest.domain_xml) {
         return Ok(());
     }
     Err(Error::conflict(format!(
@@ -74,6 +74,19 @@ pub(crate) fn check_passthrough(manifest: &virtkeep_repo::Manifest, allowed: boo
         manifest.id
     ))
     .hint("it passes arguments to QEMU unchecked: restore the disks without --define, or, if you trust this backup, add --allow-qemu-passthrough"))
+}
+
+/// Whether the XML declares libvirt's QEMU namespace, compared after decoding (as
+/// libvirt does: `qemu/1&#46;0` is the same URI). XML that does not parse, and any
+/// raw mention of the URI, counts as passthrough: refusing is the safe side.
+fn has_qemu_namespace(xml: &str) -> bool {
+    if xml.contains(QEMU_NS) {
+        return true;
+    }
+    match virtkeep_libvirt::namespace_uris(xml) {
+        Ok(uris) => uris.iter().any(|u| u.trim() == QEMU_NS),
+        Err(_) => true,
+    }
 }
 
 /// `--define` replaces an existing domain of that name only with `--force`, and only
@@ -196,4 +209,28 @@ async fn check_all<'a>(
         });
     }
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_qemu_namespace;
+
+    const DOMAIN: &str = "<domain type='kvm' xmlns:q=\"NS\"><name>a</name>\
+        <q:commandline><q:arg value='-x'/></q:commandline></domain>";
+
+    #[test]
+    fn qemu_namespace_is_found_however_it_is_encoded() {
+        for ns in [
+            "http://libvirt.org/schemas/domain/qemu/1.0",
+            "http://libvirt.org/schemas/domain/qemu/1&#46;0",
+            "http&#x3a;//libvirt.org/schemas/domain/qemu/1.0",
+        ] {
+            assert!(has_qemu_namespace(&DOMAIN.replace("NS", ns)), "{ns}");
+        }
+        let other = DOMAIN.replace("NS", "http://example.org/ns");
+        assert!(!has_qemu_namespace(&other));
+        assert!(!has_qemu_namespace(
+            "<domain type='kvm'><name>a</name></domain>"
+        ));
+    }
 }
