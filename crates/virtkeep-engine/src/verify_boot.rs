@@ -101,7 +101,16 @@ pub async fn verify_boot(
         "{DOMAIN_PREFIX}{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let live = LiveBackup::start(host, repo, id, &name).await?;
+    // The job's lock, keyed by its name: `cleanup` removes the domain and job directory
+    // of a verification only once this lock is gone (its node killed).
+    let lock = host.lock_vm(&name, 0).await?;
+    let live = match LiveBackup::start(host, repo, id, &name).await {
+        Ok(live) => live,
+        Err(e) => {
+            lock.release().await;
+            return Err(e);
+        }
+    };
     // A signal ends the watch, never the clean-up below.
     let res = tokio::select! {
         r = boot_and_watch(host, &live, &name, opts, re.as_ref()) => r,
@@ -113,6 +122,7 @@ pub async fn verify_boot(
     // Whatever happened: no domain, forward, overlay or socket is left.
     let _ = host.exec(&host.virsh().destroy(&name)).await;
     live.finish(host).await;
+    lock.release().await;
     let mut r = res?;
     r.snapshot = id.to_string();
     Ok(r)
@@ -180,6 +190,7 @@ async fn boot_and_watch(
     host.run(&host.virsh().create(&xml_path))
         .await
         .map_err(|e| e.context("starting the verification domain"))?;
+    crate::failpoint::hold(HOLD_RUNNING).await;
     let mut r = BootVerifyReport {
         snapshot: String::new(),
         host: host.name.clone(),
@@ -311,8 +322,12 @@ async fn screenshot(host: &Host, name: &str, dir: &str, r: &mut BootVerifyReport
     r.screenshot_error = Some(err);
 }
 
-/// The transient domains of boot verification are named with this prefix.
+/// The transient domains of boot verification are named with this prefix, and so are
+/// their job directories on the host (and their locks).
 pub const DOMAIN_PREFIX: &str = "virtkeep-verify-";
+
+/// Failpoint: hold once the verification domain runs (tests kill the node there).
+pub const HOLD_RUNNING: &str = "verify-boot-running";
 
 #[cfg(test)]
 mod tests {

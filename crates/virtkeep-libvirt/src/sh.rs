@@ -74,6 +74,14 @@ done"#;
     script(SCRIPT, [jobs_dir])
 }
 
+/// Prints every directory `JOBS_DIR/PREFIX*`, one a line.
+pub fn list_job_dirs(jobs_dir: &str, prefix: &str) -> RemoteCommand {
+    const SCRIPT: &str = r#"for d in "$1"/"$2"*; do
+  [ -d "$d" ] && printf '%s\n' "$d"
+done; true"#;
+    script(SCRIPT, [jobs_dir, prefix])
+}
+
 /// Prints a fingerprint of the host's libvirt and QEMU installation (versions, and
 /// size and mtime of the daemon and emulator binaries: any upgrade changes it), then
 /// the first 200 bytes of `cache_file`.

@@ -8,6 +8,7 @@ mod api;
 mod auth;
 mod backup_restore;
 mod boot_verify;
+mod cleanup_verify;
 mod cli;
 mod cluster;
 mod completions;
