@@ -98,6 +98,12 @@ pub trait ChunkBackend: Send + Sync + Debug + 'static {
     async fn delete(&self, key: &str) -> Result<()>;
     /// Human readable location.
     fn describe(&self) -> String;
+    /// Object Lock: move an existing object's retention to `retain` from now without
+    /// rewriting it; `false` when it is gone. Without Object Lock there is nothing to do.
+    async fn extend_retention(&self, key: &str) -> Result<bool> {
+        let _ = key;
+        Ok(true)
+    }
     /// `repo init --object-lock`: make sure objects can be given retention — S3 creates
     /// a missing bucket with Object Lock enabled and refuses one without it.
     async fn prepare_object_lock(&self) -> Result<()> {

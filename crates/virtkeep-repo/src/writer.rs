@@ -44,6 +44,9 @@ struct Shared {
     lease: Arc<Lease>,
     known: Mutex<HashSet<Digest>>,
     refreshed: Mutex<Vec<Digest>>,
+    /// Object Lock: chunks the new indexes take from a parent without a look at their
+    /// retention; extended before publishing (docs/format.md, "S3 Object Lock").
+    inherited: Mutex<HashSet<Digest>>,
     disks: Mutex<Vec<ManifestDisk>>,
     open_disks: Mutex<HashSet<String>>,
     reuse_window: Duration,
@@ -170,6 +173,7 @@ impl Repository {
                 lease,
                 known: Mutex::new(HashSet::new()),
                 refreshed: Mutex::new(Vec::new()),
+                inherited: Mutex::new(HashSet::new()),
                 disks: Mutex::new(Vec::new()),
                 open_disks: Mutex::new(HashSet::new()),
                 reuse_window: self.min_grace(),
@@ -243,7 +247,11 @@ impl BackupWriter {
                 if repo.backend().head(&manifest_key(snap)).await?.is_none() {
                     return Err(RepoError::SnapshotNotFound(snap.clone()));
                 }
-                lock(&self.sh.known).extend(p.digests.iter().filter(|d| **d != ZERO_DIGEST));
+                let used = p.digests.iter().filter(|d| **d != ZERO_DIGEST);
+                if repo.object_lock().is_some() {
+                    lock(&self.sh.inherited).extend(used.clone());
+                }
+                lock(&self.sh.known).extend(used);
             }
         }
         if !lock(&self.sh.open_disks).insert(spec.name.clone()) {
@@ -377,6 +385,7 @@ impl BackupWriter {
             return Err(RepoError::LeaseExpired(self.sh.lease.key.clone()));
         }
         self.sh.lease.write(&repo).await?;
+        self.extend_inherited().await?;
         // Chunks we re-uploaded because they were old may have been listed by a GC that
         // ran meanwhile: wait for it to end, then check they are still there.
         let refreshed: Vec<Digest> = std::mem::take(&mut *lock(&self.sh.refreshed));
@@ -411,6 +420,45 @@ impl BackupWriter {
         let mut disks = std::mem::take(&mut *lock(&self.sh.disks));
         disks.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         Ok(disks)
+    }
+
+    /// Object Lock: a chunk taken from the parent keeps the retention its last backup
+    /// gave it; extend each one whose retention was set more than the reuse window
+    /// before this backup started, so every chunk of the new backup is retained
+    /// `retain` (less that window) from its start. Extended chunks join `refreshed`
+    /// (checked against a concurrent GC below).
+    async fn extend_inherited(&self) -> Result<()> {
+        use futures::{StreamExt, TryStreamExt};
+        let digests: Vec<Digest> = lock(&self.sh.inherited).drain().collect();
+        if digests.is_empty() {
+            return Ok(());
+        }
+        let be = self.sh.repo.backend().clone();
+        let sh = &self.sh;
+        let extended: Vec<Option<Digest>> = futures::stream::iter(digests)
+            .map(|d| {
+                let be = be.clone();
+                async move {
+                    let key = chunk_key(&d);
+                    let vanished = || RepoError::ChunkVanished {
+                        digest: hex::encode(d),
+                        reason: "a chunk of the base backup is gone".into(),
+                    };
+                    let h = be.head(&key).await?.ok_or_else(vanished)?;
+                    if h.modified + sh.reuse_window >= sh.lease.start {
+                        return Ok(None);
+                    }
+                    if !be.extend_retention(&key).await? {
+                        return Err(vanished());
+                    }
+                    Ok::<_, RepoError>(Some(d))
+                }
+            })
+            .buffer_unordered(sh.repo.parallelism().max(1))
+            .try_collect()
+            .await?;
+        lock(&sh.refreshed).extend(extended.into_iter().flatten());
+        Ok(())
     }
 
     /// Abandon the backup: remove its index objects and its lease. Chunks already uploaded

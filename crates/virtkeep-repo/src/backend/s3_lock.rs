@@ -500,6 +500,13 @@ impl ChunkBackend for LockedS3Backend {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    async fn extend_retention(&self, key: &str) -> Result<bool> {
+        if !retained(key) {
+            return Ok(true);
+        }
+        self.inner.raw.extend(key, &self.lock).await
+    }
 }
 
 #[cfg(test)]
