@@ -32,8 +32,10 @@ pub struct FinishedJob {
     pub id: i64,
     pub host: String,
     pub vm: String,
-    /// A backup job that succeeded.
-    pub backup_success: bool,
+    pub kind: String,
+    /// A succeeded job of a kind whose last success the metrics and VM states show
+    /// (backup, verify_boot, sync): the newest per (kind, host, VM) is kept.
+    pub success: bool,
     /// Unix seconds.
     pub finished: i64,
 }
@@ -42,12 +44,12 @@ pub struct FinishedJob {
 pub fn expired(jobs: &[FinishedJob], now: i64, limits: HistoryLimits) -> Vec<i64> {
     let mut sorted: Vec<&FinishedJob> = jobs.iter().collect();
     sorted.sort_by(|a, b| b.finished.cmp(&a.finished).then(b.id.cmp(&a.id)));
-    let mut seen_vm: HashSet<(&str, &str)> = HashSet::new();
+    let mut seen: HashSet<(&str, &str, &str)> = HashSet::new();
     let max_age = i64::try_from(limits.max_age.as_secs()).unwrap_or(i64::MAX);
     let cutoff = now.saturating_sub(max_age);
     let mut out = Vec::new();
     for (rank, j) in sorted.into_iter().enumerate() {
-        let last_success = j.backup_success && seen_vm.insert((&j.host, &j.vm));
+        let last_success = j.success && seen.insert((&j.kind, &j.host, &j.vm));
         if last_success {
             continue;
         }
@@ -70,7 +72,8 @@ mod tests {
             id,
             host: "kvm1".into(),
             vm: vm.into(),
-            backup_success: ok,
+            kind: "backup".into(),
+            success: ok,
             finished: 1000 * DAY - days_ago * DAY,
         }
     }
@@ -108,12 +111,29 @@ mod tests {
         assert!(expired(&jobs, 1000 * DAY, limits(90, 10)).is_empty());
         // A success below the count is kept as the VM's last one.
         let mut with_ok = jobs.clone();
-        with_ok[0].backup_success = true;
+        with_ok[0].success = true;
         assert_eq!(
             expired(&with_ok, 1000 * DAY, limits(90, 3)),
             (2..=7).collect::<Vec<_>>()
         );
         assert!(expired(&[], 0, limits(1, 0)).is_empty());
+    }
+
+    /// The last success of each kind stays: a newer backup does not let the last
+    /// boot verification or sync of the VM go.
+    #[test]
+    fn each_kinds_last_success_stays() {
+        let of = |id, kind: &str, days_ago| FinishedJob {
+            kind: kind.into(),
+            ..job(id, "a", true, days_ago)
+        };
+        let jobs = [
+            of(1, "verify_boot", 300),
+            of(2, "verify_boot", 200),
+            of(3, "sync", 150),
+            of(4, "backup", 100),
+        ];
+        assert_eq!(expired(&jobs, 1000 * DAY, limits(90, 1000)), vec![1]);
     }
 
     #[test]

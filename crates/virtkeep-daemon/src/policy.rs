@@ -772,6 +772,7 @@ fn check_verify_boot(
     engine: &EngineConfig,
     name: &str,
     v: &Spanned<VerifyBootModel>,
+    job_timeout: Duration,
 ) -> Result<VerifyBootPolicy, ConfigError> {
     let m = v.get_ref();
     let when = When {
@@ -793,6 +794,15 @@ fn check_verify_boot(
         );
     }
     if let Some(p) = &m.expect_serial
+        && p.get_ref().len() > 1024
+    {
+        return c.err(
+            p.span(),
+            format!("expect_serial is {} bytes long", p.get_ref().len()),
+            "a regular expression (Rust regex syntax) of at most 1024 bytes, e.g. \"login:\"",
+        );
+    }
+    if let Some(p) = &m.expect_serial
         && let Err(e) = regex::bytes::RegexBuilder::new(p.get_ref())
             .size_limit(1 << 20)
             .build()
@@ -811,6 +821,16 @@ fn check_verify_boot(
         Some(t) => c.duration(t, "verify_boot timeout")?,
         None => DEFAULT_VERIFY_BOOT_TIMEOUT,
     };
+    // The job's own deadline would end a boot verification before its wait did.
+    if timeout >= job_timeout {
+        return c.err(
+            m.timeout.as_ref().map_or(v.span(), |t| t.span()),
+            format!(
+                "policy {name}: verify_boot timeout {timeout:?} is not below the job_timeout {job_timeout:?}"
+            ),
+            "a verify_boot timeout shorter than the policy's job_timeout",
+        );
+    }
     Ok(VerifyBootPolicy {
         schedule,
         host: m.host.get_ref().clone(),
@@ -896,8 +916,12 @@ fn check_policy(
         };
         schedules.push(check_schedule(c, &when, s.span(), m.mode)?);
     }
+    let job_timeout = match &p.job_timeout {
+        Some(v) => c.duration(v, "job_timeout")?,
+        None => DEFAULT_JOB_TIMEOUT,
+    };
     let verify_boot = match &p.verify_boot {
-        Some(v) => Some(check_verify_boot(c, engine, name, v)?),
+        Some(v) => Some(check_verify_boot(c, engine, name, v, job_timeout)?),
         None => None,
     };
     let retention = match p.retention {
@@ -943,10 +967,6 @@ fn check_policy(
             "a percentage from 0 to 100",
         );
     }
-    let job_timeout = match &p.job_timeout {
-        Some(v) => c.duration(v, "job_timeout")?,
-        None => DEFAULT_JOB_TIMEOUT,
-    };
     let keep_base = p
         .keep_base
         .unwrap_or_else(|| schedules.iter().any(|s| s.mode != ModeRequest::Full));
@@ -1136,6 +1156,10 @@ exclude = ["-test$"]
         assert!(p.is_verify_schedule(&v.schedule.key));
         assert!(!p.is_verify_schedule(&p.schedules[0].key));
         assert_eq!(p.all_schedules().count(), 2);
+        let long_serial = format!(
+            "every = \"1d\"\nhost = \"kvm1\"\nexpect_serial = \"{}\"\n",
+            "a".repeat(1025)
+        );
         for (extra, line, says) in [
             ("every = \"1d\"\nhost = \"nope\"\n", 8, "unknown host"),
             (
@@ -1148,6 +1172,12 @@ exclude = ["-test$"]
                 "every = \"1d\"\nhost = \"kvm1\"\nretries = 2\n",
                 9,
                 "retries",
+            ),
+            (long_serial.as_str(), 9, "1025 bytes"),
+            (
+                "every = \"1d\"\nhost = \"kvm1\"\ntimeout = \"1d\"\n",
+                9,
+                "not below the job_timeout",
             ),
         ] {
             let e = parse(&format!("{base}[policies.p.verify_boot]\n{extra}")).expect_err(extra);

@@ -703,7 +703,8 @@ impl Store for PgStore {
         self.run("listing finished jobs", async |c| {
             let rows = c
                 .query(
-                    "SELECT id, host, vm, kind = 'backup' AND status = 'succeeded', finished
+                    "SELECT id, host, vm, kind,
+                        status = 'succeeded' AND kind IN ('backup', 'verify_boot', 'sync'), finished
                      FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled')
                        AND finished IS NOT NULL",
                     &[],
@@ -715,8 +716,9 @@ impl Store for PgStore {
                     id: r.get(0),
                     host: r.get(1),
                     vm: r.get(2),
-                    backup_success: r.get(3),
-                    finished: r.get(4),
+                    kind: r.get(3),
+                    success: r.get(4),
+                    finished: r.get(5),
                 })
                 .collect())
         })
@@ -866,7 +868,10 @@ impl Store for PgStore {
                 .collect();
             let running: Vec<JobRecord> = tx
                 .query(
-                    &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'running'"),
+                    // Sync runs take no dispatch slot (see the SQLite store).
+                    &format!(
+                        "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'running' AND kind <> 'sync'"
+                    ),
                     &[],
                 )
                 .await?

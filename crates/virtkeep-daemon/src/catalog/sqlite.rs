@@ -617,7 +617,8 @@ impl Store for SqliteStore {
         let c = self.conn();
         let mut st = c
             .prepare(
-                "SELECT id, host, vm, kind = 'backup' AND status = 'succeeded', finished FROM jobs
+                "SELECT id, host, vm, kind,
+                        status = 'succeeded' AND kind IN ('backup', 'verify_boot', 'sync'), finished FROM jobs
                  WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished IS NOT NULL",
             )
             .map_err(self.err("listing finished jobs"))?;
@@ -627,8 +628,9 @@ impl Store for SqliteStore {
                     id: r.get(0)?,
                     host: r.get(1)?,
                     vm: r.get(2)?,
-                    backup_success: r.get(3)?,
-                    finished: r.get(4)?,
+                    kind: r.get(3)?,
+                    success: r.get(4)?,
+                    finished: r.get(5)?,
                 })
             })
             .map_err(self.err("listing finished jobs"))?;
@@ -810,7 +812,9 @@ impl Store for SqliteStore {
              ORDER BY priority DESC, not_before, id LIMIT 500",
             params![c.now],
         )?;
-        let running = self.query_jobs("WHERE status = 'running'", [])?;
+        // A sync run (kind 'sync', host "") copies between repositories on no VM host:
+        // it takes none of the dispatch slots (a long sync must not stop the backups).
+        let running = self.query_jobs("WHERE status = 'running' AND kind <> 'sync'", [])?;
         let mut taken = Vec::new();
         for id in (c.choose)(&queued, &running) {
             self.mark_running(id, c.node, c.lease_until)?;
@@ -1081,6 +1085,52 @@ mod tests {
             c.last_jobs("sync").expect("last").is_empty(),
             "still running"
         );
+    }
+
+    /// A running sync run takes no slot: with one job per node, a backup still starts.
+    #[test]
+    fn a_running_sync_does_not_take_a_dispatch_slot() {
+        use crate::dispatch::{Pending, Running};
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
+        let sync = NewJob {
+            kind: "sync",
+            host: "",
+            ..job(None, "offsite")
+        };
+        c.start_job(&sync, "n1", now() + 60).expect("sync");
+        let backup = c.add_job(&job(None, "a")).expect("job");
+        let choose = |q: &[JobRecord], r: &[JobRecord]| {
+            let q: Vec<Pending> = q
+                .iter()
+                .map(|j| Pending {
+                    id: j.id,
+                    host: j.host.clone(),
+                    vm: j.vm.clone(),
+                    priority: j.priority,
+                    not_before: 0,
+                    run_id: j.run_id,
+                })
+                .collect();
+            let r: Vec<Running> = r
+                .iter()
+                .map(|j| Running {
+                    node: j.node.clone().unwrap_or_default(),
+                    host: j.host.clone(),
+                    vm: j.vm.clone(),
+                })
+                .collect();
+            crate::dispatch::choose("n1", &q, &r, 1, &|_| 4)
+        };
+        let taken = c
+            .claim(&Claim {
+                node: "n1",
+                now: now(),
+                lease_until: now() + 60,
+                choose: &choose,
+            })
+            .expect("claim");
+        assert_eq!(taken.iter().map(|j| j.id).collect::<Vec<_>>(), vec![backup]);
     }
 
     #[test]

@@ -253,7 +253,7 @@ async fn login(
         .then(|| s.api.token_match(token.as_bytes()))
         .flatten();
     let Some((scope, index)) = found else {
-        s.throttle.failed(ip, std::time::Instant::now());
+        // The attempt reserved by check() stays counted as a failure.
         return again(StatusCode::UNAUTHORIZED, "Wrong token.");
     };
     s.throttle.succeeded(ip);

@@ -45,32 +45,13 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    /// Reserves one login attempt for the address: it counts as a failure until
+    /// [`Throttle::succeeded`] gives it back. Checking and counting under one lock means
+    /// parallel requests cannot all pass before their failures are counted.
     /// `Err(wait)` when the address must wait before it may try again.
     pub fn check(&self, ip: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
-        let Ok(map) = self.map.lock() else {
-            return Ok(());
-        };
-        let key = client(ip);
-        let count = map
-            .get(&key)
-            .or_else(|| (map.len() >= MAX_CLIENTS).then(|| map.get(&Client::Overflow))?);
-        match count {
-            Some(c) if c.failures >= MAX_FAILURES => {
-                let elapsed = now.saturating_duration_since(c.since);
-                if elapsed < WINDOW {
-                    Err(WINDOW - elapsed)
-                } else {
-                    Ok(())
-                }
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// The address sent a wrong token.
-    pub fn failed(&self, ip: Option<IpAddr>, now: Instant) {
         let Ok(mut map) = self.map.lock() else {
-            return;
+            return Ok(());
         };
         let mut key = client(ip);
         if !map.contains_key(&key) && map.len() >= MAX_CLIENTS {
@@ -83,19 +64,27 @@ impl Throttle {
             failures: 0,
             since: now,
         });
-        if now.saturating_duration_since(c.since) >= WINDOW {
+        let elapsed = now.saturating_duration_since(c.since);
+        if elapsed >= WINDOW {
             *c = Count {
                 failures: 0,
                 since: now,
             };
+        } else if c.failures >= MAX_FAILURES {
+            return Err(WINDOW - elapsed);
         }
         c.failures = c.failures.saturating_add(1);
+        Ok(())
     }
 
-    /// The address logged in: its count is forgotten.
+    /// The address logged in: the attempt reserved by [`Throttle::check`] is given
+    /// back. Earlier failures stay counted (one valid token must not let a client
+    /// keep guessing others).
     pub fn succeeded(&self, ip: Option<IpAddr>) {
-        if let Ok(mut map) = self.map.lock() {
-            map.remove(&client(ip));
+        if let Ok(mut map) = self.map.lock()
+            && let Some(c) = map.get_mut(&client(ip))
+        {
+            c.failures = c.failures.saturating_sub(1);
         }
     }
 }
@@ -114,8 +103,8 @@ mod tests {
         let t0 = Instant::now();
         let a = ip("192.0.2.7");
         for i in 0..MAX_FAILURES {
+            // Each check reserves the attempt: a wrong token needs nothing more.
             assert!(t.check(a, t0).is_ok(), "try {i}");
-            t.failed(a, t0 + Duration::from_secs(u64::from(i)));
         }
         let wait = t
             .check(a, t0 + Duration::from_secs(10))
@@ -123,10 +112,40 @@ mod tests {
         assert_eq!(wait, WINDOW - Duration::from_secs(10));
         assert!(t.check(ip("192.0.2.8"), t0).is_ok(), "another address");
         assert!(t.check(a, t0 + WINDOW).is_ok(), "the window ended");
-        t.failed(a, t0 + WINDOW);
         assert!(t.check(a, t0 + WINDOW).is_ok(), "a new window, one failure");
         t.succeeded(a);
-        assert!(t.map.lock().expect("lock").get(&client(a)).is_none());
+        assert_eq!(t.map.lock().expect("lock")[&client(a)].failures, 1);
+    }
+
+    /// Parallel logins: every check counts at once, before any answer is known.
+    #[test]
+    fn parallel_attempts_are_counted_when_checked() {
+        let t = std::sync::Arc::new(Throttle::default());
+        let t0 = Instant::now();
+        let a = ip("192.0.2.7");
+        let passed: u32 = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..20)
+                .map(|_| sc.spawn(|| u32::from(t.check(a, t0).is_ok())))
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("thread")).sum()
+        });
+        assert_eq!(passed, MAX_FAILURES);
+    }
+
+    /// A valid login gives back only its own attempt: the earlier wrong tokens stay
+    /// counted, so one valid token does not reset the budget for guessing others.
+    #[test]
+    fn a_success_does_not_reset_the_failures() {
+        let t = Throttle::default();
+        let t0 = Instant::now();
+        let a = ip("192.0.2.7");
+        for _ in 0..MAX_FAILURES - 1 {
+            assert!(t.check(a, t0).is_ok());
+        }
+        assert!(t.check(a, t0).is_ok(), "the valid login");
+        t.succeeded(a);
+        assert!(t.check(a, t0).is_ok(), "one more wrong token");
+        assert!(t.check(a, t0).is_err(), "then throttled");
     }
 
     #[test]
@@ -134,12 +153,12 @@ mod tests {
         let t = Throttle::default();
         let t0 = Instant::now();
         for i in 0..MAX_FAILURES {
-            t.failed(ip(&format!("2001:db8::{i}")), t0);
+            let _ = t.check(ip(&format!("2001:db8::{i}")), t0);
         }
         assert!(t.check(ip("2001:db8::ffff"), t0).is_err(), "same /64");
         assert!(t.check(ip("2001:db8:0:1::1"), t0).is_ok(), "another /64");
         for _ in 0..MAX_FAILURES {
-            t.failed(ip("::ffff:192.0.2.9"), t0);
+            let _ = t.check(ip("::ffff:192.0.2.9"), t0);
         }
         assert!(t.check(ip("192.0.2.9"), t0).is_err());
     }
@@ -149,11 +168,11 @@ mod tests {
         let t = Throttle::default();
         let t0 = Instant::now();
         for i in 0..MAX_CLIENTS as u32 {
-            t.failed(Some(IpAddr::from(i.to_be_bytes())), t0);
+            let _ = t.check(Some(IpAddr::from(i.to_be_bytes())), t0);
         }
         for i in 0..MAX_FAILURES {
             let fresh = Some(IpAddr::from((0x0a00_0000u32 + i).to_be_bytes()));
-            t.failed(fresh, t0);
+            let _ = t.check(fresh, t0);
         }
         assert_eq!(t.map.lock().expect("lock").len(), MAX_CLIENTS + 1);
         let new = Some(IpAddr::from(0x0b00_0000u32.to_be_bytes()));
@@ -162,7 +181,6 @@ mod tests {
             "new addresses share the overflow count"
         );
         assert!(t.check(new, t0 + WINDOW).is_ok());
-        t.failed(new, t0 + WINDOW);
         assert_eq!(t.map.lock().expect("lock").len(), 1, "stale entries purged");
     }
 }
