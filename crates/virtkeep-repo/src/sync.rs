@@ -76,6 +76,14 @@ impl DigestMap {
     fn insert(&self, from: Digest, to: Digest) {
         lock(&self.0).insert(from, to);
     }
+    /// Adds `pairs` unless one of them contradicts a pair already known (then none).
+    fn learn(&self, pairs: HashMap<Digest, Digest>) {
+        let mut m = lock(&self.0);
+        if pairs.iter().any(|(x, y)| m.get(x).is_some_and(|k| k != y)) {
+            return;
+        }
+        m.extend(pairs);
+    }
     /// Number of known pairs.
     pub fn len(&self) -> usize {
         lock(&self.0).len()
@@ -102,19 +110,23 @@ impl Repository {
 
     /// Learns the digest pairs of backup `id`, published in both `src` and here, so that
     /// copying the next backup of its VM downloads only the chunks not seen before.
+    /// Only disks both manifests name with the same size are paired, each slot with the
+    /// slot at the same offset ([`pair_slots`]); a disk whose pairing does not hold
+    /// together teaches nothing (a wrong pair would make a later copy reuse a wrong chunk).
     pub async fn learn_digests(&self, src: &Repository, id: &str, map: &DigestMap) -> Result<()> {
-        let m = self.manifest(id).await?;
-        for d in &m.disks {
-            let (a, b) = (
-                src.fixed_index(id, &d.spec.name).await?,
-                self.fixed_index(id, &d.spec.name).await?,
-            );
-            if a.digests.len() == b.digests.len() {
-                for (x, y) in a.digests.iter().zip(&b.digests) {
-                    if *x != ZERO_DIGEST && *y != ZERO_DIGEST {
-                        map.insert(*x, *y);
-                    }
-                }
+        let (ms, md) = (src.manifest(id).await?, self.manifest(id).await?);
+        for d in &md.disks {
+            let same = ms
+                .disks
+                .iter()
+                .any(|s| s.spec.name == d.spec.name && s.spec.size == d.spec.size);
+            if !same {
+                continue;
+            }
+            let a = src.fixed_index(id, &d.spec.name).await?;
+            let b = self.fixed_index(id, &d.spec.name).await?;
+            if let Some(pairs) = pair_slots(&a, &b) {
+                map.learn(pairs);
             }
         }
         Ok(())
@@ -181,6 +193,34 @@ impl Repository {
         w.finish_copy(m).await?;
         Ok(stats)
     }
+}
+
+/// Pairs the chunks of one disk as indexed in two copies of a backup: the slot at each
+/// offset holds the same plaintext in both, so its source digest maps to its destination
+/// digest. `None` when the two cannot be copies of one disk: disk size or chunk size
+/// differ, a slot count does not fit them, a slot is all-zero in one and not the other,
+/// or the pairs contradict each other (one digest paired with two different ones, in
+/// either direction: digests are keyed hashes of the plaintext, one per plaintext).
+fn pair_slots(src: &FixedIndex, dst: &FixedIndex) -> Option<HashMap<Digest, Digest>> {
+    let slots = |ix: &FixedIndex| {
+        ix.chunk_size > 0 && ix.digests.len() as u64 == ix.size.div_ceil(ix.chunk_size)
+    };
+    if src.chunk_size != dst.chunk_size || src.size != dst.size || !slots(src) || !slots(dst) {
+        return None;
+    }
+    let mut fwd: HashMap<Digest, Digest> = HashMap::new();
+    let mut back: HashMap<Digest, Digest> = HashMap::new();
+    for (x, y) in src.digests.iter().zip(&dst.digests) {
+        match (*x == ZERO_DIGEST, *y == ZERO_DIGEST) {
+            (true, true) => continue,
+            (false, false) => {}
+            _ => return None,
+        }
+        if *fwd.entry(*x).or_insert(*y) != *y || *back.entry(*y).or_insert(*x) != *x {
+            return None;
+        }
+    }
+    Some(fwd)
 }
 
 /// The chunks of one disk index being copied.
@@ -287,5 +327,65 @@ impl ChunkCopy<'_> {
         let enc =
             tokio::task::spawn_blocking(move || codec.encode_chunk(&target, &plain)).await??;
         Ok(Some((target, Bytes::from(enc))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u64 = 4096;
+
+    fn ix(size: u64, digests: &[u8]) -> FixedIndex {
+        FixedIndex {
+            chunk_size: CS,
+            size,
+            digests: digests
+                .iter()
+                .map(|&b| if b == 0 { ZERO_DIGEST } else { [b; 32] })
+                .collect(),
+            snapshot: None,
+        }
+    }
+
+    #[test]
+    fn pairs_slot_by_slot() {
+        let pairs = pair_slots(&ix(3 * CS, &[1, 0, 2]), &ix(3 * CS, &[7, 0, 8])).expect("pairs");
+        let mut got: Vec<_> = pairs.iter().map(|(x, y)| (x[0], y[0])).collect();
+        got.sort();
+        assert_eq!(got, [(1, 7), (2, 8)]);
+        // The same chunk at two slots pairs the same way: fine.
+        assert!(pair_slots(&ix(2 * CS, &[1, 1]), &ix(2 * CS, &[7, 7])).is_some());
+    }
+
+    /// Indexes with the same slot count but not the same layout, or whose slots do not
+    /// correspond, are not copies of one disk: pairing them by position would map source
+    /// chunks to unrelated destination chunks, which a later copy would then reuse.
+    #[test]
+    fn refuses_pairings_that_do_not_hold() {
+        // Same slot count, different disk size (the last slot's length differs).
+        assert!(pair_slots(&ix(3 * CS, &[1, 2, 3]), &ix(3 * CS - 100, &[7, 8, 9])).is_none());
+        // Different chunk size, same number of slots.
+        let mut big = ix(3 * CS, &[7, 8, 9]);
+        big.chunk_size = 2 * CS;
+        big.size = 5 * CS;
+        assert!(pair_slots(&ix(3 * CS, &[1, 2, 3]), &big).is_none());
+        // One source chunk against two different destination chunks, and the reverse.
+        assert!(pair_slots(&ix(2 * CS, &[1, 1]), &ix(2 * CS, &[7, 8])).is_none());
+        assert!(pair_slots(&ix(2 * CS, &[1, 2]), &ix(2 * CS, &[7, 7])).is_none());
+        // All-zero in one, data in the other.
+        assert!(pair_slots(&ix(2 * CS, &[1, 0]), &ix(2 * CS, &[7, 8])).is_none());
+        // A slot count that does not fit the size.
+        assert!(pair_slots(&ix(3 * CS, &[1, 2]), &ix(3 * CS, &[7, 8])).is_none());
+    }
+
+    #[test]
+    fn learn_keeps_known_pairs() {
+        let map = DigestMap::default();
+        map.learn(HashMap::from([([1; 32], [7; 32])]));
+        // A contradicting set teaches nothing, not even its consistent pairs.
+        map.learn(HashMap::from([([1; 32], [8; 32]), ([2; 32], [9; 32])]));
+        assert_eq!(map.len(), 1);
+        assert_eq!(map.get(&[1; 32]), Some([7; 32]));
     }
 }

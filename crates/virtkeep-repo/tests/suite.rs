@@ -1434,3 +1434,59 @@ fn s3_without_credentials_never_asks_instance_metadata() {
     // Asked for, the backend is built (and would ask the metadata service).
     assert!(loc(true).backend().is_ok());
 }
+
+/// Object Lock: an incremental that takes chunks from its parent without reading them
+/// still moves their retention (each backup's chunks are retained `retain` from its
+/// start, less the grace). On the lab's RGW, in a bucket made with Object Lock; the
+/// short retention lets the objects expire (the bucket is reused by later runs).
+#[test]
+fn s3_object_lock_incremental_extends_inherited_chunks() {
+    let mut fx = fx(Kind::S3);
+    if let Location::S3 { bucket, .. } = &mut fx.loc {
+        *bucket = "vkt-lock-extend".into();
+    }
+    rt().block_on(async {
+        let repo = Repository::init(
+            fx.loc.clone(),
+            InitOptions {
+                chunk_size: CS,
+                zstd_level: 1,
+                encryption: None,
+                min_gc_grace: Duration::from_secs(1),
+                auth_key_file: Some(fx.key()),
+                format_version: FORMAT_VERSION,
+                object_lock: Some(ObjectLock {
+                    mode: LockMode::Governance,
+                    retain: Duration::from_secs(120),
+                }),
+            },
+        )
+        .await
+        .unwrap();
+        let data = noise(7, 2 * CS as usize);
+        let a = backup_full(&repo, "vm", &data).await;
+        let prev = repo.fixed_index(&a.id, "vda").await.unwrap();
+        let listed: Vec<ObjectInfo> =
+            futures::TryStreamExt::try_collect(repo.backend().list("chunks/"))
+                .await
+                .unwrap();
+        let key = listed[0].key.clone();
+        let before = repo.backend().head(&key).await.unwrap().unwrap().modified;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let w = repo
+            .begin_backup(meta("vm", Some(a.id.clone())))
+            .await
+            .unwrap();
+        let d = w
+            .disk(spec("vda", data.len() as u64), Some(&prev))
+            .await
+            .unwrap();
+        d.finish().await.unwrap();
+        w.finish(serde_json::json!({})).await.unwrap();
+        let after = repo.backend().head(&key).await.unwrap().unwrap().modified;
+        assert!(
+            after >= before + Duration::from_secs(2),
+            "retention of a reused chunk not extended: {before:?} -> {after:?}"
+        );
+    });
+}

@@ -128,11 +128,11 @@ mod tests {
     /// plan) must be caught, not kill the process.
     #[tokio::test]
     async fn sigint_before_first_poll_is_caught() {
-        let stop = super::stop_signal().unwrap();
+        let stop = super::stop_signal().expect("signal handlers");
         let sent = std::process::Command::new("kill")
             .args(["-INT", &std::process::id().to_string()])
             .status()
-            .unwrap();
+            .expect("kill");
         assert!(sent.success());
         tokio::time::timeout(std::time::Duration::from_secs(10), stop)
             .await

@@ -258,7 +258,7 @@ mod tests {
     fn shortform_reads_and_refuses_short_sizes() {
         let f = shortform_fork(&[b"etc", b"usr"]);
         let len = f.len() as u64;
-        let got = shortform(&sb(), &shortform_dir(f.clone(), len)).unwrap();
+        let got = shortform(&sb(), &shortform_dir(f.clone(), len)).expect("two entries");
         assert_eq!(got, vec![(b"etc".to_vec(), 200), (b"usr".to_vec(), 201)]);
         for size in [0, 1, 5] {
             assert!(shortform(&sb(), &shortform_dir(f.clone(), size)).is_err());
@@ -304,7 +304,7 @@ mod tests {
         let mut b = data_block_v4();
         entry(&mut b, 16, b"passwd");
         let mut out = Vec::new();
-        data_block(&sb(), 128, &b, 0, &mut out).unwrap();
+        data_block(&sb(), 128, &b, 0, &mut out).expect("one entry");
         assert_eq!(out, vec![(b"passwd".to_vec(), 300)]);
         // The free space stops 8 bytes short of the end: those bytes are no entry.
         free(&mut b, 40, 4096 - 40 - 8);

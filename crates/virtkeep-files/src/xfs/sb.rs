@@ -248,7 +248,7 @@ pub(crate) mod tests {
         let last = (u64::from(u32::MAX) - 1) << 31 | ((1 << 31) - 1);
         assert!(big.block_byte(last).is_err());
         assert_eq!(
-            sb().block_byte((1 << 16) | 5).unwrap(),
+            sb().block_byte((1 << 16) | 5).expect("in range"),
             ((1 << 16) + 5) << 12
         );
     }
