@@ -98,8 +98,32 @@ fn ntfs_image(img: &Path, content: &Path) {
     assert!(cp.status.success() && linked.is_ok(), "{cp:?} {linked:?}");
 }
 
+/// Size of `etc/large` on the XFS partition: over 256 MiB, not a multiple of a block.
+const LARGE: u64 = 260 * MIB + 123;
+
+/// Writes `etc/large`, a sparse file of [`LARGE`] bytes holding a different non-zero MiB
+/// at its start, in its middle (across a 4 MiB chunk boundary of the disk view) and at
+/// its end, so a wrong offset anywhere changes its sha256. The rest is holes: the
+/// fixture stays small and its backup fast.
+fn make_large(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(p)?;
+    f.set_len(LARGE)?;
+    for (k, at) in [0, 130 * MIB - MIB / 2, LARGE - MIB]
+        .into_iter()
+        .enumerate()
+    {
+        let piece: Vec<u8> = (0..MIB)
+            .map(|i| ((i * 13 + k as u64 * 101) % 255 + 1) as u8)
+            .collect();
+        f.write_all_at(&piece, at)?;
+    }
+    Ok(())
+}
+
 /// A 16 MiB XFS (v5, mkfs.xfs's defaults) holding `content/etc` copied with `cp -a`
-/// through a kernel loop mount, plus a symlink, a hard link, a sparse file and a mode.
+/// through a kernel loop mount, plus a symlink, a hard link, a sparse file, a large
+/// file and a mode.
 fn xfs_image(img: &Path, content: &Path) {
     std::fs::File::create(img)
         .and_then(|f| f.set_len(16 * MIB))
@@ -128,6 +152,7 @@ fn xfs_image(img: &Path, content: &Path) {
             use std::os::unix::fs::{FileExt, PermissionsExt};
             let f = std::fs::File::create(etc.join("sparse"))?;
             f.write_all_at(b"end", 4 * MIB)?;
+            make_large(&etc.join("large"))?;
             std::fs::set_permissions(etc.join("hostname"), std::fs::Permissions::from_mode(0o600))
         });
     sh(Command::new("umount").arg(&mnt));
@@ -343,7 +368,10 @@ fn files_read_xfs_partitions() {
         "{v}"
     );
     let text = node.ok(&["files", "ls", &id, "vda:4:/etc"]);
-    assert_eq!(text, "hard\nhostname\nlink\nsparse\nsub/\nünï cödé.txt\n");
+    assert_eq!(
+        text,
+        "hard\nhostname\nlarge\nlink\nsparse\nsub/\nünï cödé.txt\n"
+    );
 
     let out = node.dir.path().join("out");
     let outs = out.display().to_string();
@@ -354,11 +382,16 @@ fn files_read_xfs_partitions() {
             v["hard_links"].as_u64(),
             v["symlinks"].as_u64()
         ),
-        (Some(4), Some(1), Some(1)),
+        (Some(5), Some(1), Some(1)),
         "{v}"
     );
     let got = tree(&out.join("etc"));
     let want = tree(&src.join("etc"));
+    let large = node.dir.path().join("large");
+    make_large(&large).expect("large file");
+    assert_eq!(got["large"].0, sha256(&large));
+    let copy = std::fs::metadata(out.join("etc/large")).expect("large copy");
+    assert!(copy.blocks() * 512 < 16 * MIB, "not sparse: {copy:?}");
     for (k, w) in &want {
         assert_eq!(got.get(k).map(|g| &g.0), Some(&w.0), "{k}");
         if w.0 != "dir" {
@@ -460,6 +493,10 @@ fn mount_browses_partitions() {
             }
         }
     }
+    // The large file, read through the XFS reader.
+    let large = node.dir.path().join("large");
+    make_large(&large).expect("large file");
+    assert_eq!(sha256(&dir.join("vda/4/etc/large")), sha256(&large));
     for part in ["2", "4"] {
         let link = std::fs::read_link(dir.join("vda").join(part).join("etc/link"));
         assert_eq!(link.expect("symlink"), Path::new("hostname"));
