@@ -7,13 +7,54 @@ use std::io::{Read, Seek};
 
 use super::bmap::{Extent, read_mapped};
 use super::inode::{Format, Inode};
-use super::sb::{Dev, Res, Sb, be16, be32, be64, corrupt};
+use super::sb::{Dev, Res, Sb, XfsError, be16, be32, be64, corrupt};
 
 /// One directory entry: name and inode number.
 pub(crate) type DirEnt = (Vec<u8>, u64);
 
 /// Most entries read from one directory.
 pub(crate) const MAX_DIR_READ: usize = 4 << 20;
+/// Most memory one directory's entries may take (names plus [`ENTRY_COST`] each).
+/// The entry count alone would let a hostile image of 255-byte names hold about 1 GiB
+/// in one call; 64 MiB still lists a directory of a million typical names.
+pub(crate) const MAX_DIR_BYTES: usize = 64 << 20;
+/// Bytes an entry takes beside its name: the name's `Vec` and the inode number.
+const ENTRY_COST: usize = 32;
+
+/// The entries of one directory read so far, bounded in count and bytes.
+pub(crate) struct Entries {
+    ino: u64,
+    list: Vec<DirEnt>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Entries {
+    pub(crate) fn new(ino: u64, max_bytes: usize) -> Self {
+        Entries {
+            ino,
+            list: Vec::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    fn push(&mut self, name: &[u8], ino: u64) -> Res<()> {
+        let bytes = self.bytes + name.len() + ENTRY_COST;
+        if bytes > self.max_bytes || self.list.len() >= MAX_DIR_READ {
+            return Err(XfsError::Limit(format!(
+                "directory inode {} holds more than {MAX_DIR_READ} entries or {} MiB of \
+                 names ({} entries read): too large to read",
+                self.ino,
+                self.max_bytes >> 20,
+                self.list.len()
+            )));
+        }
+        self.bytes = bytes;
+        self.list.push((name.to_vec(), ino));
+        Ok(())
+    }
+}
 /// Directory data blocks live below this byte offset of the directory.
 const LEAF_OFFSET: u64 = 32 << 30;
 const XD2B: u32 = 0x5844_3242; // "XD2B": single-block directory, v4
@@ -28,16 +69,18 @@ pub(crate) fn entries<R: Read + Seek>(
     dir: &Inode,
     ext: &[Extent],
 ) -> Res<Vec<DirEnt>> {
+    let mut out = Entries::new(dir.ino, MAX_DIR_BYTES);
     match dir.format {
-        Format::Local => shortform(sb, dir),
-        Format::Extents | Format::Btree => blocks(dev, sb, dir, ext),
-        Format::Dev => corrupt(format!("directory inode {} has no data", dir.ino)),
+        Format::Local => shortform(sb, dir, &mut out)?,
+        Format::Extents | Format::Btree => blocks(dev, sb, dir, ext, &mut out)?,
+        Format::Dev => return corrupt(format!("directory inode {} has no data", dir.ino)),
     }
+    Ok(out.list)
 }
 
 /// A short directory in the inode: a header, then name length, a 2-byte offset, the
 /// name, the file type (with ftype) and a 4- or 8-byte inode number per entry.
-fn shortform(sb: &Sb, dir: &Inode) -> Res<Vec<DirEnt>> {
+fn shortform(sb: &Sb, dir: &Inode, out: &mut Entries) -> Res<()> {
     let bad = || corrupt(format!("directory inode {}: bad short form", dir.ino));
     let f = &dir.fork;
     let size = usize::try_from(dir.size).unwrap_or(usize::MAX);
@@ -51,7 +94,6 @@ fn shortform(sb: &Sb, dir: &Inode) -> Res<Vec<DirEnt>> {
     if pos > f.len() {
         return bad();
     }
-    let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let Some(&n) = f.get(pos) else { return bad() };
         let n = usize::from(n);
@@ -69,10 +111,10 @@ fn shortform(sb: &Sb, dir: &Inode) -> Res<Vec<DirEnt>> {
         } else {
             be64(ino_b, 0)
         };
-        out.push((name.to_vec(), ino));
+        out.push(name, ino)?;
         pos = ino_at + inolen;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A name XFS's verifiers accept: not empty, no '/' and no NUL (paths are joined with '/').
@@ -86,9 +128,9 @@ fn blocks<R: Read + Seek>(
     sb: &Sb,
     dir: &Inode,
     ext: &[Extent],
-) -> Res<Vec<DirEnt>> {
+    out: &mut Entries,
+) -> Res<()> {
     let dbs = sb.dir_block_size();
-    let mut out = Vec::new();
     let mut buf = vec![0u8; dbs as usize];
     let mut last = None;
     let bs = u64::from(sb.block_size);
@@ -109,14 +151,14 @@ fn blocks<R: Read + Seek>(
             }
             last = Some(db);
             read_mapped(dev, sb, ext, db * dbs, &mut buf)?;
-            data_block(sb, dir.ino, &buf, db * dbs, &mut out)?;
+            data_block(sb, dir.ino, &buf, db * dbs, out)?;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Appends the entries of one data block (at byte `at` of directory `ino`).
-fn data_block(sb: &Sb, ino: u64, b: &[u8], at: u64, out: &mut Vec<DirEnt>) -> Res<()> {
+fn data_block(sb: &Sb, ino: u64, b: &[u8], at: u64, out: &mut Entries) -> Res<()> {
     let bad = |what: &str| corrupt(format!("directory inode {ino}, block at {at}: {what}"));
     let magic = be32(b, 0);
     let (block, hdr) = match (sb.v5, magic) {
@@ -163,10 +205,7 @@ fn data_block(sb: &Sb, ino: u64, b: &[u8], at: u64, out: &mut Vec<DirEnt>) -> Re
             if !good_name(name) {
                 return bad("bad name");
             }
-            if out.len() >= MAX_DIR_READ {
-                return bad("too many entries");
-            }
-            out.push((name.to_vec(), be64(b, pos)));
+            out.push(name, be64(b, pos))?;
         }
         pos += len;
     }
@@ -258,10 +297,14 @@ mod tests {
     fn shortform_reads_and_refuses_short_sizes() {
         let f = shortform_fork(&[b"etc", b"usr"]);
         let len = f.len() as u64;
-        let got = shortform(&sb(), &shortform_dir(f.clone(), len)).expect("two entries");
-        assert_eq!(got, vec![(b"etc".to_vec(), 200), (b"usr".to_vec(), 201)]);
+        let mut got = any();
+        shortform(&sb(), &shortform_dir(f.clone(), len), &mut got).expect("two entries");
+        assert_eq!(
+            got.list,
+            vec![(b"etc".to_vec(), 200), (b"usr".to_vec(), 201)]
+        );
         for size in [0, 1, 5] {
-            assert!(shortform(&sb(), &shortform_dir(f.clone(), size)).is_err());
+            assert!(shortform(&sb(), &shortform_dir(f.clone(), size), &mut any()).is_err());
         }
     }
 
@@ -270,11 +313,48 @@ mod tests {
         for bad in [&b"a/b"[..], b"a\0b", b"/"] {
             let f = shortform_fork(&[b"ok", bad]);
             let len = f.len() as u64;
-            assert!(shortform(&sb(), &shortform_dir(f, len)).is_err());
+            assert!(shortform(&sb(), &shortform_dir(f, len), &mut any()).is_err());
             let mut b = data_block_v4();
             entry(&mut b, 16, bad);
-            assert!(data_block(&sb(), 128, &b, 0, &mut Vec::new()).is_err());
+            assert!(data_block(&sb(), 128, &b, 0, &mut any()).is_err());
         }
+    }
+
+    /// Room for any test's entries.
+    fn any() -> Entries {
+        Entries::new(128, MAX_DIR_BYTES)
+    }
+
+    /// A v4 data block holding 14 entries with 255-byte names (272 bytes each).
+    fn long_names_block(first: u8) -> Vec<u8> {
+        let mut b = data_block_v4();
+        for (k, at) in (16..4096 - 272).step_by(272).enumerate() {
+            entry(&mut b, at, &[b'a' + first + k as u8; 255]);
+        }
+        b
+    }
+
+    #[test]
+    fn names_beyond_the_byte_cap_are_refused() {
+        // 14 entries of 255 + 32 bytes per block: two blocks pass a cap of 9 000 bytes
+        // (8 036), the third does not, with an error saying why.
+        let mut out = Entries::new(131, 9_000);
+        for k in 0..2 {
+            data_block(&sb(), 131, &long_names_block(k * 14), 0, &mut out).expect("fits");
+        }
+        assert_eq!(out.list.len(), 28);
+        let e =
+            data_block(&sb(), 131, &long_names_block(0), 8192, &mut out).expect_err("over the cap");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("directory inode 131") && msg.contains("too large"),
+            "{msg}"
+        );
+        assert!(out.bytes <= 9_000);
+        // The real cap holds far more than one block of the longest names.
+        let mut out = any();
+        data_block(&sb(), 131, &long_names_block(0), 0, &mut out).expect("fits");
+        assert_eq!(out.bytes, 14 * (255 + ENTRY_COST));
     }
 
     /// An empty v4 data block: one free entry over all of it.
@@ -303,12 +383,12 @@ mod tests {
     fn data_block_ending_in_a_short_entry_is_corrupt() {
         let mut b = data_block_v4();
         entry(&mut b, 16, b"passwd");
-        let mut out = Vec::new();
+        let mut out = any();
         data_block(&sb(), 128, &b, 0, &mut out).expect("one entry");
-        assert_eq!(out, vec![(b"passwd".to_vec(), 300)]);
+        assert_eq!(out.list, vec![(b"passwd".to_vec(), 300)]);
         // The free space stops 8 bytes short of the end: those bytes are no entry.
         free(&mut b, 40, 4096 - 40 - 8);
         b[4088..].fill(0);
-        assert!(data_block(&sb(), 128, &b, 0, &mut Vec::new()).is_err());
+        assert!(data_block(&sb(), 128, &b, 0, &mut any()).is_err());
     }
 }

@@ -30,13 +30,52 @@ use sb::{Dev, READ_BUDGET, Res, Sb, XfsError};
 
 /// Most paths whose inode number is remembered (then forgotten all at once).
 const MAX_CACHED_PATHS: usize = 65_536;
+/// Most bytes of remembered paths: paths may be 4 KiB long, and 64 Ki of them would
+/// hold 256 MiB.
+const MAX_CACHED_PATH_BYTES: usize = 16 << 20;
+/// Bytes a remembered path takes beside its own (its `Vec`, the inode number, the
+/// table's slot).
+const PATH_COST: usize = 48;
+
+/// Inode numbers of paths, bounded in count and bytes: when full, it is emptied (a
+/// walk reads directories in order, so old paths are rarely asked for again).
+struct PathCache {
+    map: HashMap<Vec<u8>, u64>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl PathCache {
+    fn new(max_bytes: usize) -> Self {
+        PathCache {
+            map: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    fn get(&self, path: &[u8]) -> Option<u64> {
+        self.map.get(path).copied()
+    }
+
+    fn insert(&mut self, path: Vec<u8>, ino: u64) {
+        let cost = path.len() + PATH_COST;
+        if self.map.len() >= MAX_CACHED_PATHS || self.bytes + cost > self.max_bytes {
+            self.map = HashMap::new();
+            self.bytes = 0;
+        }
+        if self.map.insert(path, ino).is_none() {
+            self.bytes += cost;
+        }
+    }
+}
 
 /// An XFS filesystem spanning a whole reader.
 pub(crate) struct XfsFs<R> {
     dev: Dev<R>,
     sb: Sb,
     /// Inode numbers of paths met (saves walking from the root for each file).
-    inos: HashMap<Vec<u8>, u64>,
+    inos: PathCache,
     /// The directory last searched by name, and its entries.
     dir: Option<(u64, HashMap<Vec<u8>, u64>)>,
     /// The file last read, with its block map, kept for the next read of it.
@@ -89,7 +128,7 @@ impl<R: Read + Seek> XfsFs<R> {
         let mut fs = XfsFs {
             dev,
             sb,
-            inos: HashMap::new(),
+            inos: PathCache::new(MAX_CACHED_PATH_BYTES),
             dir: None,
             open: None,
         };
@@ -122,9 +161,6 @@ impl<R: Read + Seek> XfsFs<R> {
     }
 
     fn remember(&mut self, path: Vec<u8>, ino: u64) {
-        if self.inos.len() >= MAX_CACHED_PATHS {
-            self.inos.clear();
-        }
         self.inos.insert(path, ino);
     }
 
@@ -141,7 +177,7 @@ impl<R: Read + Seek> XfsFs<R> {
     fn lookup(&mut self, path: &[u8]) -> Result<Inode, FilesError> {
         let e = |e| err(path, e);
         let nf = || fs_err(&show(path), "no such file or directory");
-        if let Some(&ino) = self.inos.get(path) {
+        if let Some(ino) = self.inos.get(path) {
             return self.inode(ino).map_err(e);
         }
         let mut cur = self.inode(self.sb.rootino).map_err(e)?;
@@ -153,7 +189,7 @@ impl<R: Read + Seek> XfsFs<R> {
             walked.push(b'/');
             walked.extend_from_slice(comp);
             let ino = match self.inos.get(&walked) {
-                Some(&i) => i,
+                Some(i) => i,
                 None => self.find(&cur, comp).map_err(e)?.ok_or_else(nf)?,
             };
             cur = self.inode(ino).map_err(e)?;
@@ -239,5 +275,32 @@ impl<R: Read + Seek> GuestFs for XfsFs<R> {
             return Err(fs_err(&show(path), "symlink target too long"));
         }
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_cache_stays_within_its_bytes() {
+        let mut c = PathCache::new(100 * (4096 + PATH_COST));
+        for k in 0..1_000u64 {
+            let mut p = vec![b'a'; 4096];
+            p.extend_from_slice(k.to_string().as_bytes());
+            c.insert(p, k);
+            assert!(c.bytes <= c.max_bytes, "{} bytes after {k}", c.bytes);
+            assert_eq!(
+                c.bytes,
+                c.map.keys().map(|p| p.len() + PATH_COST).sum::<usize>()
+            );
+        }
+        // Emptied when full, the newest path is still there; a repeat costs nothing.
+        assert!(c.map.len() < 100);
+        let newest = [&[b'a'; 4096][..], b"999"].concat();
+        assert_eq!(c.get(&newest), Some(999));
+        let before = c.bytes;
+        c.insert(newest, 999);
+        assert_eq!(c.bytes, before);
     }
 }

@@ -10,6 +10,9 @@ pub(crate) enum XfsError {
     Corrupt(String),
     #[error("{0}")]
     Unsupported(String),
+    /// Beyond a memory bound of this reader (a huge or hostile directory).
+    #[error("{0}")]
+    Limit(String),
     #[error("reading the disk failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -62,7 +65,9 @@ impl<R: Read + Seek> Dev<R> {
             ));
         }
         if n > self.budget {
-            return corrupt("read too much: the directory or block map loops");
+            return Err(XfsError::Limit(
+                "read too much: the directory or block map loops".into(),
+            ));
         }
         self.budget -= n;
         self.r.seek(SeekFrom::Start(at))?;
