@@ -29,6 +29,8 @@ pub enum EntryKind {
     CharDevice,
     Fifo,
     Socket,
+    /// The entry's inode could not be read (see the entry's `error`).
+    Unknown,
 }
 
 /// One entry of a directory.
@@ -46,6 +48,10 @@ pub struct DirEntryInfo {
     pub mtime: i64,
     /// A symlink's target.
     pub target: Option<String>,
+    /// Why this entry could not be read (its kind is then `unknown`, or a symlink's
+    /// target is missing); the rest of the directory is listed all the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A directory listing.
@@ -137,9 +143,17 @@ pub fn list_fs(fs: &mut dyn GuestFs, path: &str) -> Result<DirListing, FilesErro
     let mut entries = Vec::with_capacity(found.len());
     for e in found {
         let n = e.node;
+        let mut error = e.error;
         let target = if n.kind == EntryKind::Symlink {
-            let t = fs.read_link(&join(path.as_bytes(), &e.name))?;
-            Some(String::from_utf8_lossy(&t).into_owned())
+            match fs.read_link(&join(path.as_bytes(), &e.name)) {
+                Ok(t) => Some(String::from_utf8_lossy(&t).into_owned()),
+                // A walk past its deadline ends the listing; a damaged link does not.
+                Err(e @ FilesError::TimedOut { .. }) => return Err(e),
+                Err(e) => {
+                    error = Some(e.to_string());
+                    None
+                }
+            }
         } else {
             None
         };
@@ -152,6 +166,7 @@ pub fn list_fs(fs: &mut dyn GuestFs, path: &str) -> Result<DirListing, FilesErro
             gid: n.gid,
             mtime: n.mtime,
             target,
+            error,
         });
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -293,9 +308,13 @@ impl<R: Read + Seek> GuestFs for ExtFs<R> {
             if out.len() >= max {
                 return Ok((out, true));
             }
-            let m = e
-                .metadata()
-                .map_err(|err| fs_err(&show(&join(path, &name)), err))?;
+            let m = match e.metadata() {
+                Ok(m) => m,
+                Err(err) => {
+                    out.push(FsEntry::unreadable(name, err));
+                    continue;
+                }
+            };
             let ino = inodes.get(&name).copied();
             let node = self.node(&m, ino);
             if let (EntryKind::Dir, Some(i)) = (node.kind, ino) {
@@ -304,7 +323,7 @@ impl<R: Read + Seek> GuestFs for ExtFs<R> {
                 }
                 self.dir_inos.insert(join(path, &name), i);
             }
-            out.push(FsEntry { name, node });
+            out.push(FsEntry::new(name, node));
         }
         Ok((out, false))
     }

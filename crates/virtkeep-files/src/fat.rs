@@ -246,10 +246,10 @@ impl<R: Read + Seek> GuestFs for FatFs<R> {
                 return Ok((out, true));
             }
             self.next_ino += 1;
-            out.push(FsEntry {
-                name: name.into_bytes(),
-                node: node(Some(&e), self.next_ino),
-            });
+            out.push(FsEntry::new(
+                name.into_bytes(),
+                node(Some(&e), self.next_ino),
+            ));
         }
         Ok((out, false))
     }

@@ -37,6 +37,41 @@ pub struct FsNode {
 pub struct FsEntry {
     pub name: Vec<u8>,
     pub node: FsNode,
+    /// Why the entry's own metadata (its inode) could not be read: `node` is then
+    /// [`FsEntry::unreadable`]'s placeholder of kind [`EntryKind::Unknown`]. One damaged
+    /// inode does not hide the rest of its directory.
+    pub error: Option<String>,
+}
+
+impl FsEntry {
+    pub(crate) fn new(name: Vec<u8>, node: FsNode) -> FsEntry {
+        FsEntry {
+            name,
+            node,
+            error: None,
+        }
+    }
+
+    /// An entry whose inode could not be read, with the reason.
+    pub(crate) fn unreadable(name: Vec<u8>, e: impl std::fmt::Display) -> FsEntry {
+        let mut reason = e.to_string();
+        reason.truncate(reason.floor_char_boundary(1024));
+        FsEntry {
+            name,
+            node: FsNode {
+                kind: EntryKind::Unknown,
+                size: 0,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                ino: 0,
+                nlink: 1,
+            },
+            error: Some(reason),
+        }
+    }
 }
 
 /// A read-only guest filesystem (synchronous: used on a blocking thread).

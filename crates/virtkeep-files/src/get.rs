@@ -247,6 +247,10 @@ impl Copier<'_> {
                 self.skip(&child, "unsafe name");
                 continue;
             };
+            if let Some(why) = &e.error {
+                self.skip(&child, &format!("unreadable: {why}"));
+                continue;
+            }
             self.copy(&child, &dest.join(local), &e.node, false)?;
         }
         self.depth -= 1;

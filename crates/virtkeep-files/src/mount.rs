@@ -51,6 +51,8 @@ fn file_type(k: EntryKind) -> FileType {
         EntryKind::CharDevice => FileType::CharDevice,
         EntryKind::Fifo => FileType::NamedPipe,
         EntryKind::Socket => FileType::Socket,
+        // Listed so it can be seen; looking it up gives the reader's error.
+        EntryKind::Unknown => FileType::RegularFile,
     }
 }
 

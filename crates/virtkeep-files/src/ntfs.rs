@@ -271,9 +271,14 @@ impl<R: Read + Seek> GuestFs for NtfsFs<R> {
                 return Ok((out, true));
             }
             let name = key.name().to_string_lossy().into_bytes();
-            let file = entry.to_file(&self.ntfs, dev).map_err(err)?;
-            let node = node(&file, dev).map_err(err)?;
-            out.push(FsEntry { name, node });
+            // A damaged file record is shown as such; the directory is still listed.
+            match entry
+                .to_file(&self.ntfs, dev)
+                .and_then(|file| node(&file, dev))
+            {
+                Ok(node) => out.push(FsEntry::new(name, node)),
+                Err(e) => out.push(FsEntry::unreadable(name, e)),
+            }
         }
         Ok((out, false))
     }

@@ -133,6 +133,34 @@ fn damaged_images_fail_cleanly() {
     }
 }
 
+/// One damaged inode (cleared by debugfs) is listed as unreadable, with why; the rest
+/// of its directory is listed as before.
+#[test]
+fn a_damaged_inode_does_not_hide_its_directory() {
+    let disk = image("mkfs.ext4");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    std::fs::write(&img, &disk[OFFSET..]).unwrap();
+    let out = Command::new("debugfs")
+        .args(["-w", "-R", "clri /etc/ünïcödé.txt"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut damaged = disk[..OFFSET].to_vec();
+    damaged.extend(std::fs::read(&img).unwrap());
+    let l = list(&damaged, "/etc").unwrap();
+    let names: Vec<&str> = l.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["hostname", "link", "sub", "ünïcödé.txt"]);
+    assert_eq!(l.entries[3].kind, EntryKind::Unknown);
+    assert!(l.entries[3].error.is_some(), "{l:?}");
+    assert!(l.entries[..3].iter().all(|e| e.error.is_none()), "{l:?}");
+    assert_eq!(
+        (l.entries[0].kind, l.entries[0].size),
+        (EntryKind::File, 11)
+    );
+}
+
 /// Every walk has a time limit: past it, `get`, `find` and `ls` stop with an error
 /// that says so (a zero limit has passed before the first read), and a generous
 /// limit changes nothing.

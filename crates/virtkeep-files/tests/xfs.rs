@@ -345,6 +345,74 @@ fn damaged_xfs_images_fail_cleanly() {
     assert!(fs.read_dir(b"/etc/hostname", 10).is_err());
 }
 
+/// One damaged inode (its magic overwritten by xfs_db) is listed as unreadable, with
+/// why; the rest of its directory is listed, found and copied as before.
+#[test]
+fn a_damaged_inode_does_not_hide_its_directory() {
+    let (_dir, img) = v5_image();
+    let ino = open(&std::fs::read(&img).unwrap())
+        .unwrap()
+        .stat("/etc/ünï cödé.txt".as_bytes())
+        .unwrap()
+        .ino;
+    let out = Command::new("xfs_db")
+        .args([
+            "-x",
+            "-c",
+            &format!("inode {ino}"),
+            "-c",
+            "write -d core.magic 0",
+        ])
+        .arg(&img)
+        .output()
+        .unwrap();
+    // xfs_db exits 0 even when a write fails: check what it says.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("core.magic = 0"),
+        "{out:?}"
+    );
+    let mut fs = open(&std::fs::read(&img).unwrap()).unwrap();
+    let l = list_fs(fs.as_mut(), "/etc").unwrap();
+    let names: Vec<&str> = l.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "hard",
+            "hostname",
+            "link",
+            "longlink",
+            "sparse",
+            "sub",
+            "ünï cödé.txt"
+        ]
+    );
+    let bad = &l.entries[6];
+    assert_eq!(bad.kind, EntryKind::Unknown);
+    let why = bad.error.as_deref().unwrap_or_default();
+    assert!(why.contains(&format!("inode {ino}")), "{why}");
+    let ok: Vec<_> = l.entries[..6]
+        .iter()
+        .filter(|e| e.error.is_some())
+        .collect();
+    assert!(ok.is_empty(), "{ok:?}");
+    assert_eq!(l.entries[1].kind, EntryKind::File);
+    let json = serde_json::to_value(&l).unwrap();
+    assert_eq!(json["entries"][6]["kind"], "unknown");
+    assert!(json["entries"][1].get("error").is_none(), "{json}");
+    // get copies the rest and names the damaged entry among the skipped.
+    let to = tempfile::tempdir().unwrap();
+    let sum = get_fs(fs.as_mut(), "/etc", to.path(), GetOptions::default()).unwrap();
+    assert_eq!(sum.skipped.len(), 1, "{:?}", sum.skipped);
+    assert!(sum.skipped[0].contains("ünï cödé.txt"), "{:?}", sum.skipped);
+    assert_eq!(
+        std::fs::read(to.path().join("etc/hostname")).unwrap(),
+        b"xfs-test\n"
+    );
+    let found = find_fs(fs.as_mut(), "/etc", "*.txt").unwrap();
+    assert_eq!(found.matches.len(), 1);
+}
+
 mod props {
     use super::*;
     use proptest::prelude::*;

@@ -229,10 +229,17 @@ async fn list_dir(
             lv: t.lv,
             listing,
         })?;
-    } else if long {
-        print!("{}", listing_text(&listing));
     } else {
-        print!("{}", names_text(&listing));
+        // Unreadable entries are listed; why, on stderr.
+        for e in listing.entries.iter().filter(|e| e.error.is_some()) {
+            let why = e.error.as_deref().unwrap_or_default();
+            eprintln!("warning: {}: {why}", e.name);
+        }
+        if long {
+            print!("{}", listing_text(&listing));
+        } else {
+            print!("{}", names_text(&listing));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -246,6 +253,7 @@ fn mode_text(kind: EntryKind, mode: u16) -> String {
         EntryKind::Fifo => 'p',
         EntryKind::Socket => 's',
         EntryKind::File => '-',
+        EntryKind::Unknown => '?',
     };
     let bits: String = (0..9)
         .map(|i| {

@@ -155,6 +155,7 @@ fn kind_text(k: EntryKind) -> &'static str {
         EntryKind::CharDevice => "char device",
         EntryKind::Fifo => "fifo",
         EntryKind::Socket => "socket",
+        EntryKind::Unknown => "unreadable",
     }
 }
 
@@ -199,6 +200,7 @@ fn dir_view(snapshot: &str, t: &FileTarget, d: &DirListing) -> Markup {
                             _ => { (e.name) }
                         }
                         @if let Some(to) = &e.target { " → " code { (to) } }
+                        @if let Some(why) = &e.error { " — " span.hint { (why) } }
                     }
                     td data-label="Kind" { (kind_text(e.kind)) }
                     td data-label="Size" { @if e.kind == EntryKind::File { (bytes(e.size)) } }

@@ -218,12 +218,18 @@ impl<R: Read + Seek> GuestFs for XfsFs<R> {
                 return Ok((out, true));
             }
             let p = crate::fs::join(path, &name);
-            let i = self.inode(ino).map_err(|e| err(&p, e))?;
-            self.remember(p, ino);
-            out.push(FsEntry {
-                name,
-                node: node(&i),
-            });
+            match self.inode(ino) {
+                Ok(i) => {
+                    self.remember(p, ino);
+                    out.push(FsEntry::new(name, node(&i)));
+                }
+                // A damaged inode is shown as such; a spent budget or a failing disk
+                // ends the listing.
+                Err(e @ (XfsError::Corrupt(_) | XfsError::Unsupported(_))) => {
+                    out.push(FsEntry::unreadable(name, e));
+                }
+                Err(e) => return Err(err(&p, e)),
+            }
         }
         Ok((out, false))
     }
