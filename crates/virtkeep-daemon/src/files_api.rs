@@ -33,7 +33,8 @@ use crate::task::open_repository;
 pub const MAX_TARGET: usize = MAX_PATH + 200;
 /// Largest file one download serves.
 pub const MAX_DOWNLOAD_BYTES: u64 = 16 << 30;
-/// File requests (listings and downloads, a download until its body ends) running at once.
+/// File requests (listings and downloads, a download until its body ends) running at
+/// once, the web console's included: they share one pool of slots ([`file_slot`]).
 pub const MAX_FILE_REQUESTS: usize = 4;
 
 static RUNNING: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
@@ -164,6 +165,31 @@ fn check_id(id: &str) -> Result<(), Refusal> {
     }
 }
 
+/// A free slot among [`MAX_FILE_REQUESTS`] (API and web console alike), if any.
+pub(crate) fn file_slot() -> Option<OwnedSemaphorePermit> {
+    RUNNING
+        .get_or_init(|| Arc::new(Semaphore::new(MAX_FILE_REQUESTS)))
+        .clone()
+        .try_acquire_owned()
+        .ok()
+}
+
+/// Runs `work` in a task of its own that holds `slot` until `work` ends. Reads of a
+/// backup run on blocking threads that cannot be cancelled: when the request is dropped
+/// (its timeout, or the client left) they go on to their own time limit, and they
+/// keep counting against [`MAX_FILE_REQUESTS`] until they really end.
+pub(crate) async fn run_held<T: Send + 'static>(
+    slot: OwnedSemaphorePermit,
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::spawn(async move {
+        let out = work.await;
+        drop(slot);
+        out
+    })
+    .await
+}
+
 /// A slot among [`MAX_FILE_REQUESTS`], the repository, and the checked backup id.
 async fn begin(
     s: &ApiState,
@@ -171,16 +197,12 @@ async fn begin(
     repository: Option<&str>,
 ) -> Result<(OwnedSemaphorePermit, Repository), Refusal> {
     check_id(id)?;
-    let permit = RUNNING
-        .get_or_init(|| Arc::new(Semaphore::new(MAX_FILE_REQUESTS)))
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| {
-            fail(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{MAX_FILE_REQUESTS} file requests are running; try again shortly"),
-            )
-        })?;
+    let permit = file_slot().ok_or_else(|| {
+        fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_FILE_REQUESTS} file requests are running; try again shortly"),
+        )
+    })?;
     let rc = s
         .env
         .repository_config(repository)
@@ -220,28 +242,32 @@ async fn list(
 ) -> Result<Response, Refusal> {
     let q = query_of(q)?;
     let target = q.path.as_deref().map(parse_target).transpose()?;
-    let (_permit, repo) = begin(s, &id, q.repository.as_deref()).await?;
-    let Some(t) = target else {
-        let disks = virtkeep_files::backup_layout(&repo, &id)
+    let (permit, repo) = begin(s, &id, q.repository.as_deref()).await?;
+    run_held(permit, async move {
+        let Some(t) = target else {
+            let disks = virtkeep_files::backup_layout(&repo, &id)
+                .await
+                .map_err(files_fail)?;
+            return Ok(Json(FilesLayoutView {
+                snapshot: id,
+                disks,
+            })
+            .into_response());
+        };
+        let listing = virtkeep_files::list_dir(&repo, &id, &t, WalkOptions::default())
             .await
             .map_err(files_fail)?;
-        return Ok(Json(FilesLayoutView {
+        Ok(Json(FilesDirView {
             snapshot: id,
-            disks,
+            disk: t.disk,
+            partition: t.partition,
+            lv: t.lv,
+            listing,
         })
-        .into_response());
-    };
-    let listing = virtkeep_files::list_dir(&repo, &id, &t, WalkOptions::default())
-        .await
-        .map_err(files_fail)?;
-    Ok(Json(FilesDirView {
-        snapshot: id,
-        disk: t.disk,
-        partition: t.partition,
-        lv: t.lv,
-        listing,
+        .into_response())
     })
-    .into_response())
+    .await
+    .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 /// `(parent directory, name)` of a file path; `None` for the root.
@@ -400,18 +426,23 @@ async fn download(
     })?;
     let t = parse_target(raw)?;
     let (permit, repo) = begin(s, &id, q.repository.as_deref()).await?;
-    let (size, name) = file_size(&repo, &id, &t).await?;
-    // Opening runs in a task of its own that holds the permit: when `request_timeout`
-    // drops this handler, the opening still counts against MAX_FILE_REQUESTS until it
-    // ends. Then the body holds the permit for the stream's life; nothing is read ahead
-    // of the client but a few pieces.
+    // The listing that finds the file and the opening run in a task of their own that
+    // holds the permit: when `request_timeout` drops this handler, they still count
+    // against MAX_FILE_REQUESTS until they end. Then the body holds the permit for the
+    // stream's life; nothing is read ahead of the client but a few pieces.
     let (opened, permit) = tokio::spawn(async move {
-        let opened = open_stream(&repo, &id, &t, size).await;
+        let opened = match file_size(&repo, &id, &t).await {
+            Ok((size, name)) => open_stream(&repo, &id, &t, size)
+                .await
+                .map(|f| (f, size, name)),
+            Err(e) => Err(e),
+        };
         (opened, permit)
     })
     .await
     .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let mut r = Response::new(stream(opened?, permit));
+    let (opened, size, name) = opened?;
+    let mut r = Response::new(stream(opened, permit));
     let h = r.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     h.insert(
@@ -431,6 +462,40 @@ async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request dropped while its blocking read runs (the timeout) does not free its
+    /// slot: the slot comes back only when the read ends.
+    #[tokio::test]
+    async fn a_timed_out_request_keeps_its_slot_until_its_read_ends() {
+        let slots: Vec<_> = std::iter::from_fn(file_slot).collect();
+        assert_eq!(slots.len(), MAX_FILE_REQUESTS);
+        let mut slots = slots.into_iter();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        let work = async move {
+            let r = tokio::task::spawn_blocking(move || wait.recv()).await;
+            let _ = ended_tx.send(());
+            r
+        };
+        let held = run_held(slots.next().expect("a slot"), work);
+        let timed_out = tokio::time::timeout(std::time::Duration::from_millis(50), held).await;
+        assert!(timed_out.is_err(), "the read should still run");
+        drop(slots);
+        // Three slots are free again; the timed-out request's is not.
+        let again: Vec<_> = std::iter::from_fn(file_slot).collect();
+        assert_eq!(again.len(), MAX_FILE_REQUESTS - 1);
+        release.send(()).expect("release the read");
+        ended.await.expect("the read ended");
+        let mut freed = None;
+        for _ in 0..200 {
+            freed = file_slot();
+            if freed.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(freed.is_some(), "the slot came back after the read ended");
+    }
 
     #[test]
     fn targets_must_be_bounded_and_normal() {

@@ -2,12 +2,13 @@
 //! (read scope, the default repository, like `GET /api/backups/{id}/files`).
 //!
 //! Listings are read in-process through `virtkeep-files`, with the API's checks on the
-//! untrusted id and path (bounded, absolute and normal) and a cap of their own on
-//! listings at once. A download is the API's own handler
+//! untrusted id and path (bounded, absolute and normal), in the API's slots
+//! ([`crate::files_api::file_slot`]: one cap on file requests at once, each slot held
+//! until its reads really end). A download is the API's own handler
 //! ([`crate::files_api::download_file`]) called in-process: its checks, size limit,
 //! concurrency cap and streaming; only its errors are turned into a page.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::Extension;
 use axum::body::to_bytes;
@@ -16,18 +17,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
-use tokio::sync::Semaphore;
 use virtkeep_files::{DirListing, DiskLayout, EntryKind, FileTarget, FsInfo};
 
 use super::view::{Viewer, WebState, bytes, layout, page_error};
 use crate::files_api::{FilesQuery, MAX_TARGET};
 
-/// Listings the console reads at once; more are answered 503.
-const MAX_LISTINGS: usize = 2;
 /// Largest error answer of the download handler read back.
 const MAX_ERROR_BODY: usize = 64 << 10;
-
-static LISTINGS: OnceLock<Arc<Semaphore>> = OnceLock::new();
 
 #[derive(Debug, Default, Deserialize)]
 pub struct FilesParams {
@@ -226,33 +222,43 @@ pub async fn browse(
         Ok(t) => t,
         Err(e) => return bad(&e),
     };
-    let Ok(_slot) = LISTINGS
-        .get_or_init(|| Arc::new(Semaphore::new(MAX_LISTINGS)))
-        .clone()
-        .try_acquire_owned()
-    else {
+    let Some(slot) = crate::files_api::file_slot() else {
         return page_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "Busy",
-            "Other file listings are being read; try again shortly.",
+            "Other file requests are running; try again shortly.",
         );
     };
     let repo = match crate::task::open_repository(&s.api.env.default_repository).await {
         Ok(r) => r,
         Err(e) => return page_error(StatusCode::BAD_GATEWAY, "Repository error", &e.to_string()),
     };
+    let id = q.snapshot.clone();
+    let read = crate::files_api::run_held(slot, async move {
+        let id = id.as_str();
+        match &t {
+            None => virtkeep_files::backup_layout(&repo, id)
+                .await
+                .map(|disks| layout_view(id, &disks)),
+            Some(t) => {
+                virtkeep_files::list_dir(&repo, id, t, virtkeep_files::WalkOptions::default())
+                    .await
+                    .map(|d| dir_view(id, t, &d))
+            }
+        }
+    })
+    .await;
     let id = q.snapshot.as_str();
-    let body = match &t {
-        None => virtkeep_files::backup_layout(&repo, id)
-            .await
-            .map(|disks| layout_view(id, &disks)),
-        Some(t) => virtkeep_files::list_dir(&repo, id, t, virtkeep_files::WalkOptions::default())
-            .await
-            .map(|d| dir_view(id, t, &d)),
-    };
-    let body = match body {
-        Ok(b) => b,
+    let body = match read {
+        Ok(Ok(b)) => b,
         Err(e) => {
+            return page_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Cannot list",
+                &e.to_string(),
+            );
+        }
+        Ok(Err(e)) => {
             return page_error(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "Cannot list",
