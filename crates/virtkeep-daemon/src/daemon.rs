@@ -79,6 +79,9 @@ struct State {
     syncs: Vec<tokio::task::JoinHandle<()>>,
     /// When the heartbeat (lease renewal, lead, takeover of dead nodes' jobs) is due.
     next_beat: tokio::time::Instant,
+    /// The loop's own control channel (boot verification runs, listed off the loop,
+    /// submit their jobs through it).
+    submit_tx: Submissions,
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops as configured.
@@ -110,6 +113,7 @@ pub async fn run(
         leading: false,
         syncs: Vec::new(),
         next_beat: tokio::time::Instant::now(),
+        submit_tx: submit_tx.clone(),
     };
     st.register()?;
     st.recover().await?;
@@ -484,69 +488,26 @@ impl State {
             let Some(p) = self.env.daemon.policies.get(&policy).cloned() else {
                 continue;
             };
-            self.start_verify_run(&p, if missed { "missed" } else { "schedule" })
-                .await?;
+            self.start_verify_run(&p, if missed { "missed" } else { "schedule" });
         }
         Ok(())
     }
 
-    /// Creates a boot verification run of `policy`: one `verify_boot` job per VM, for
-    /// its newest backup (crate::verify_jobs).
-    async fn start_verify_run(&mut self, p: &Policy, trigger: &str) -> Result<()> {
-        let listed = tokio::time::timeout(
-            Duration::from_secs(120),
-            crate::verify_jobs::newest_backups(&self.env, p),
-        )
-        .await;
-        let (backups, problem) = match listed {
-            Ok(Ok(b)) => (b, None),
-            Ok(Err(e)) => (Vec::new(), Some(format!("the repository: {e}"))),
-            Err(_) => (
-                Vec::new(),
-                Some("the repository: no answer in 120 s".into()),
-            ),
-        };
-        let run = self.catalog.start_run(&p.name, "verify_boot", trigger)?;
-        let mut queued = 0;
-        for (host, vm, snapshot) in &backups {
-            if self
-                .catalog
-                .has_open_job(host, vm, &p.name, "verify_boot")?
+    /// Creates a boot verification run of `policy` off the loop (listing the newest
+    /// backups may take up to 120 s, which must not hold up the heartbeat): its jobs
+    /// come back to the loop as submissions (crate::verify_jobs::queue_run).
+    fn start_verify_run(&mut self, p: &Policy, trigger: &str) {
+        let (env, catalog) = (self.env.clone(), self.catalog.clone());
+        let (p, trigger, submit) = (p.clone(), trigger.to_string(), self.submit_tx.clone());
+        tokio::spawn(async move {
+            let queue = |id| {
+                let _ = submit.send(Control::Submit(id));
+            };
+            if let Err(e) = crate::verify_jobs::queue_run(&env, &catalog, &p, &trigger, queue).await
             {
-                continue;
+                tracing::error!(policy = %p.name, "boot verification run not queued: {e}");
             }
-            let request = serde_json::to_string(&JobRequest::VerifyBoot {
-                policy: p.name.clone(),
-                snapshot: snapshot.clone(),
-            })
-            .unwrap_or_default();
-            let id = self.catalog.add_job(&NewJob {
-                run_id: Some(run),
-                kind: "verify_boot",
-                host,
-                vm,
-                policy: Some(&p.name),
-                request: &request,
-                attempt: 1,
-                retry_of: None,
-                priority: i64::from(p.priority),
-                not_before: now(),
-            })?;
-            self.enqueue(id)?;
-            queued += 1;
-        }
-        tracing::info!(policy = %p.name, run, jobs = queued, trigger, "boot verification run");
-        if queued == 0 {
-            let note = problem.unwrap_or_else(|| "no backup of a selected VM to verify".into());
-            tracing::warn!(policy = %p.name, run, "{note}");
-            let failed = backups.is_empty();
-            self.catalog.finish_run(
-                run,
-                if failed { "failed" } else { "succeeded" },
-                Some(&note),
-            )?;
-        }
-        Ok(())
+        });
     }
 
     /// Creates a run of `policy` with one job per selected VM.
@@ -653,6 +614,7 @@ impl State {
             id: j.id,
             host: j.host.clone(),
             vm: target_vm(j),
+            slot: crate::verify_jobs::slot_host(&self.env, j),
             priority: j.priority,
             not_before: self.catalog.not_before(j.id)?,
             run_id: j.run_id,
@@ -670,6 +632,7 @@ impl State {
                     id: j.id,
                     host: j.host.clone(),
                     vm: target_vm(j),
+                    slot: crate::verify_jobs::slot_host(&self.env, j),
                     priority: j.priority,
                     not_before: 0,
                     run_id: j.run_id,
@@ -681,6 +644,7 @@ impl State {
                     node: j.node.clone().unwrap_or_default(),
                     host: j.host.clone(),
                     vm: target_vm(j),
+                    slot: crate::verify_jobs::slot_host(&self.env, j),
                 })
                 .collect();
             crate::dispatch::choose(&daemon.node, &queued, &running, daemon.max_jobs, &|h| {
@@ -695,7 +659,8 @@ impl State {
             choose: &choose,
         })?;
         for j in &jobs {
-            self.queue.adopt(j.id, &j.host, &target_vm(j));
+            let slot = crate::verify_jobs::slot_host(&self.env, j);
+            self.queue.adopt(j.id, &j.host, &target_vm(j), &slot);
         }
         Ok(jobs)
     }

@@ -1,5 +1,7 @@
 //! Which queued jobs start now: node and per-host limits, one job per VM at a time,
-//! higher priority first, retries not before their backoff has passed.
+//! higher priority first, retries not before their backoff has passed. A job counts
+//! against the limit of the host it runs on (`slot`): a boot verification runs on its
+//! policy's verification host, not on the backed-up VM's.
 //!
 //! Pure bookkeeping (no I/O), so the rules are tested without a host.
 
@@ -11,6 +13,8 @@ pub struct Pending {
     pub host: String,
     /// The VM the job touches: the backed-up VM, or a restore's target domain name.
     pub vm: String,
+    /// The host whose job limit the job counts against (where it runs).
+    pub slot: String,
     pub priority: i64,
     /// Unix seconds before which the job waits (retry backoff).
     pub not_before: i64,
@@ -20,7 +24,8 @@ pub struct Pending {
 #[derive(Debug, Default)]
 pub struct Queue {
     pending: Vec<Pending>,
-    running: HashMap<i64, (String, String)>,
+    /// Per running job: (host, VM) and its slot host.
+    running: HashMap<i64, ((String, String), String)>,
 }
 
 impl Queue {
@@ -57,23 +62,23 @@ impl Queue {
         });
         let mut per_host: HashMap<String, usize> = HashMap::new();
         let mut busy: HashSet<(String, String)> = HashSet::new();
-        for (h, v) in self.running.values() {
-            *per_host.entry(h.clone()).or_default() += 1;
-            busy.insert((h.clone(), v.clone()));
+        for (key, slot) in self.running.values() {
+            *per_host.entry(slot.clone()).or_default() += 1;
+            busy.insert(key.clone());
         }
         let mut started = Vec::new();
         let mut keep = Vec::new();
         for p in std::mem::take(&mut self.pending) {
             let key = (p.host.clone(), p.vm.clone());
-            let host_count = per_host.get(&p.host).copied().unwrap_or(0);
+            let host_count = per_host.get(&p.slot).copied().unwrap_or(0);
             if self.running.len() < max_jobs
                 && p.not_before <= now
-                && host_count < host_limit(&p.host)
+                && host_count < host_limit(&p.slot)
                 && !busy.contains(&key)
             {
-                *per_host.entry(p.host.clone()).or_default() += 1;
+                *per_host.entry(p.slot.clone()).or_default() += 1;
                 busy.insert(key.clone());
-                self.running.insert(p.id, key);
+                self.running.insert(p.id, (key, p.slot.clone()));
                 started.push(p);
             } else {
                 keep.push(p);
@@ -84,8 +89,9 @@ impl Queue {
     }
 
     /// Counts a job this node claimed from a shared queue as running here.
-    pub fn adopt(&mut self, id: i64, host: &str, vm: &str) {
-        self.running.insert(id, (host.to_string(), vm.to_string()));
+    pub fn adopt(&mut self, id: i64, host: &str, vm: &str, slot: &str) {
+        self.running
+            .insert(id, ((host.to_string(), vm.to_string()), slot.to_string()));
     }
 
     pub fn finished(&mut self, id: i64) {
@@ -124,6 +130,8 @@ pub struct Running {
     pub node: String,
     pub host: String,
     pub vm: String,
+    /// The host whose job limit it counts against.
+    pub slot: String,
 }
 
 /// The same rules over a shared queue: which of `queued` (due now, best first) node
@@ -140,7 +148,7 @@ pub fn choose(
     let mut per_host: HashMap<&str, usize> = HashMap::new();
     let mut busy: HashSet<(&str, &str)> = HashSet::new();
     for r in running {
-        *per_host.entry(&r.host).or_default() += 1;
+        *per_host.entry(&r.slot).or_default() += 1;
         busy.insert((&r.host, &r.vm));
     }
     let mut order: Vec<&Pending> = queued.iter().collect();
@@ -155,9 +163,9 @@ pub fn choose(
         if mine >= max_jobs {
             break;
         }
-        let on_host = per_host.get(p.host.as_str()).copied().unwrap_or(0);
-        if on_host < host_limit(&p.host) && busy.insert((&p.host, &p.vm)) {
-            *per_host.entry(&p.host).or_default() += 1;
+        let on_host = per_host.get(p.slot.as_str()).copied().unwrap_or(0);
+        if on_host < host_limit(&p.slot) && busy.insert((&p.host, &p.vm)) {
+            *per_host.entry(&p.slot).or_default() += 1;
             mine += 1;
             chosen.push(p.id);
         }
@@ -174,6 +182,7 @@ mod tests {
             id,
             host: host.into(),
             vm: vm.into(),
+            slot: host.into(),
             priority,
             not_before: 0,
             run_id: Some(1),
@@ -208,7 +217,34 @@ mod tests {
             node: node.into(),
             host: host.into(),
             vm: vm.into(),
+            slot: host.into(),
         }
+    }
+
+    /// A boot verification of a VM of host `a` that runs on host `v` takes a slot of
+    /// `v`, not of `a`, and still never runs beside a job of the same VM.
+    #[test]
+    fn a_job_takes_a_slot_of_the_host_it_runs_on() {
+        let verify = |id, vm: &str| Pending {
+            slot: "v".into(),
+            ..p(id, "a", vm, 0)
+        };
+        let mut q = Queue::default();
+        q.push(p(1, "a", "vm1", 9));
+        q.push(verify(2, "vm2"));
+        q.push(verify(3, "vm3"));
+        q.push(verify(4, "vm1"));
+        let one = |_: &str| 1;
+        // Host a is full with job 1; v takes one verification; vm1's waits for job 1.
+        assert_eq!(ids(&q.start(0, 9, &one)), vec![1, 2]);
+        q.finished(2);
+        assert_eq!(ids(&q.start(0, 9, &one)), vec![3]);
+        q.finished(1);
+        q.finished(3);
+        assert_eq!(ids(&q.start(0, 9, &one)), vec![4]);
+        let queued = [p(5, "a", "vm5", 0), verify(6, "vm6")];
+        let running = [r("n2", "a", "vm1")];
+        assert_eq!(choose("n1", &queued, &running, 9, &one), vec![6]);
     }
 
     #[test]

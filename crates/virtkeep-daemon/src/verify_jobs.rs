@@ -9,13 +9,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use virtkeep_engine::Error as EngineError;
 use virtkeep_engine::verify_boot::{BootVerifyOptions, verify_boot};
 
-use crate::catalog::JobOutcome;
+use crate::catalog::{Catalog, JobOutcome, JobRecord, NewJob, now};
 use crate::policy::{Policy, VerifyBootPolicy};
-use crate::task::{Env, Stops, open_repository};
+use crate::task::{Env, JobRequest, Stops, open_repository};
 
 /// The newest backup of each (host, VM) the policy selects: (host, VM, backup id).
 pub async fn newest_backups(
@@ -44,6 +45,77 @@ pub async fn newest_backups(
         .into_iter()
         .map(|((h, v), (_, id))| (h, v, id))
         .collect())
+}
+
+/// Creates a boot verification run of policy `p`: one queued `verify_boot` job per VM
+/// for its newest backup (listed within 120 s), each handed to `queue`. Runs off the
+/// daemon's loop (a slow repository must not hold up its heartbeat).
+pub async fn queue_run(
+    env: &Env,
+    catalog: &Catalog,
+    p: &Policy,
+    trigger: &str,
+    queue: impl Fn(i64),
+) -> crate::error::Result<()> {
+    let listed = tokio::time::timeout(Duration::from_secs(120), newest_backups(env, p)).await;
+    let (backups, problem) = match listed {
+        Ok(Ok(b)) => (b, None),
+        Ok(Err(e)) => (Vec::new(), Some(format!("the repository: {e}"))),
+        Err(_) => (
+            Vec::new(),
+            Some("the repository: no answer in 120 s".into()),
+        ),
+    };
+    let run = catalog.start_run(&p.name, "verify_boot", trigger)?;
+    let mut queued = 0;
+    for (host, vm, snapshot) in &backups {
+        if catalog.has_open_job(host, vm, &p.name, "verify_boot")? {
+            continue;
+        }
+        let request = serde_json::to_string(&JobRequest::VerifyBoot {
+            policy: p.name.clone(),
+            snapshot: snapshot.clone(),
+        })
+        .unwrap_or_default();
+        let id = catalog.add_job(&NewJob {
+            run_id: Some(run),
+            kind: "verify_boot",
+            host,
+            vm,
+            policy: Some(&p.name),
+            request: &request,
+            attempt: 1,
+            retry_of: None,
+            priority: i64::from(p.priority),
+            not_before: now(),
+        })?;
+        queue(id);
+        queued += 1;
+    }
+    tracing::info!(policy = %p.name, run, jobs = queued, trigger, "boot verification run");
+    if queued == 0 {
+        let note = problem.unwrap_or_else(|| "no backup of a selected VM to verify".into());
+        tracing::warn!(policy = %p.name, run, "{note}");
+        let failed = backups.is_empty();
+        catalog.finish_run(
+            run,
+            if failed { "failed" } else { "succeeded" },
+            Some(&note),
+        )?;
+    }
+    Ok(())
+}
+
+/// The host whose job limit a job counts against: where it runs. A boot verification
+/// runs on its policy's verification host (the job's own host is the backed-up VM's,
+/// which keeps it from running beside a backup of that VM).
+pub fn slot_host(env: &Env, j: &JobRecord) -> String {
+    let verify_host = (j.kind == "verify_boot")
+        .then(|| j.policy.as_deref().and_then(|p| env.daemon.policies.get(p)))
+        .flatten()
+        .and_then(|p| p.verify_boot.as_ref())
+        .map(|v| v.host.clone());
+    verify_host.unwrap_or_else(|| j.host.clone())
 }
 
 /// Runs one verify job: boots `snapshot` on the policy's verification host. A shutdown,

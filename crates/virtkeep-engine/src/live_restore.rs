@@ -17,7 +17,16 @@
 //! The domain is defined and started on the overlays (I/O errors pause it), so it runs
 //! within seconds, while the copy goes on. At the end nothing refers to the node.
 //! A failure before the copy is done destroys and undefines the new domain and removes
-//! what this run created: nothing half-restored stays.
+//! what this run created: nothing half-restored stays. Only that: every destination and
+//! overlay is created exclusively (an image created by someone else meanwhile makes the
+//! restore fail, untouched), the domain gets a fresh UUID (libvirt refuses to define it
+//! when a domain of that name appeared meanwhile) and the roll-back destroys and
+//! undefines that UUID, never a name.
+//!
+//! Like `restore --define` under a new name, the domain runs with the emulator libvirt
+//! reports on the host, and the backup's file chardevs become `pty` without logs: the
+//! new domain never writes into the source VM's log files
+//! ([`crate::define::fit_to_host`]).
 
 use std::time::Instant;
 
@@ -31,6 +40,8 @@ use crate::restore::{Destination, DiskCheck, Place, Storage};
 
 /// Failpoint: held (until a line on stdin) once the domain runs, before the copy.
 pub const HOLD_BEFORE_COPY: &str = "live-restore-running";
+/// Failpoint: held once the destinations are chosen and checked, before any is created.
+pub const HOLD_PLANNED: &str = "live-restore-planned";
 
 /// The outcome of a live restore (stable `--json`: additions only).
 #[derive(Debug, Clone, Serialize)]
@@ -76,14 +87,15 @@ pub async fn restore_live(
     }
     let job = format!("live-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let live = LiveBackup::start(host, repo, id, &job).await?;
+    let uuid = uuid::Uuid::new_v4().to_string();
     let res = match plan(host, &live, name, &job).await {
-        // Only what this run made is rolled back: plan checked that none of it existed,
-        // and `made` counts the destinations created.
+        // Only what this run made is rolled back: `made` records, per disk, what was
+        // created (exclusively), and the domain goes by its new UUID.
         // A signal before the copy is done rolls back like any failure.
         Ok(disks) => {
-            let mut made = 0;
+            let mut made = Vec::new();
             match tokio::select! {
-                r = run(host, &live, name, &disks, &mut made, started) => r,
+                r = run(host, &live, (name, &uuid), &disks, &mut made, started) => r,
                 _ = interrupted => Err(Error::new(
                     crate::error::ErrorKind::Interrupted,
                     format!("interrupted before the copy was done; {name} was removed"),
@@ -91,7 +103,7 @@ pub async fn restore_live(
             } {
                 Ok(times) => Ok((times, disks)),
                 Err(e) => {
-                    roll_back(host, name, &disks[..made]).await;
+                    roll_back(host, &uuid, &disks, &made).await;
                     Err(e)
                 }
             }
@@ -188,28 +200,39 @@ async fn plan(host: &Host, live: &LiveBackup, name: &str, job: &str) -> Result<V
     Ok(out)
 }
 
+/// What this run created of one disk (all the roll-back removes).
+#[derive(Debug, Default, Clone, Copy)]
+struct Made {
+    dest: bool,
+    overlay: bool,
+}
+
 /// Destinations, overlays, define, start, copy. Returns (time to running, time to
-/// copied); `made` counts the disks whose destination and overlay were created.
+/// copied); `made` records what was created, disk by disk. The domain is `(name, uuid)`
+/// and is handled by its UUID once defined.
 async fn run(
     host: &Host,
     live: &LiveBackup,
-    name: &str,
+    (name, uuid): (&str, &str),
     disks: &[Planned],
-    made: &mut usize,
+    made: &mut Vec<Made>,
     started: Instant,
 ) -> Result<(f64, f64)> {
+    crate::failpoint::hold(HOLD_PLANNED).await;
     let owner = host.qemu_owner().await?;
     for d in disks {
+        made.push(Made::default());
         if let Copy::Mirror { .. } = d.copy {
             d.dest
                 .create_empty(host, manifest_disk(live, d)?, &owner)
                 .await?;
+            made.last_mut().expect("pushed").dest = true;
         }
-        *made += 1;
         let at = [(d.report.target.clone(), d.overlay().to_string())];
         live.create_overlays_at(host, &at).await?;
+        made.last_mut().expect("pushed").overlay = true;
     }
-    define_and_start(host, live, name, disks).await?;
+    define_and_start(host, live, (name, uuid), disks).await?;
     let running = started.elapsed().as_secs_f64();
     crate::failpoint::hold(HOLD_BEFORE_COPY).await;
     let finals = final_xml(live, disks)?;
@@ -222,7 +245,7 @@ async fn run(
         };
         match &d.copy {
             Copy::Pull => {
-                let cmd = host.virsh().blockpull_wait(name, &d.report.target);
+                let cmd = host.virsh().blockpull_wait(uuid, &d.report.target);
                 host.run_within(&cmd, Deadline::Data).await.map_err(what)?;
             }
             Copy::Mirror { overlay } => {
@@ -231,7 +254,7 @@ async fn run(
                 host.upload(&xml_path, disk_xml.as_bytes()).await?;
                 let cmd = host
                     .virsh()
-                    .blockcopy_pivot(name, &d.report.target, &xml_path);
+                    .blockcopy_pivot(uuid, &d.report.target, &xml_path);
                 host.run_within(&cmd, Deadline::Data).await.map_err(what)?;
                 // The VM now runs on its destination: a leftover overlay in the job
                 // directory is not worth destroying a fully copied VM for.
@@ -241,7 +264,7 @@ async fn run(
             }
         }
     }
-    check_detached(host, name, live.dir()).await?;
+    check_detached(host, (name, uuid), live.dir()).await?;
     Ok((running, started.elapsed().as_secs_f64()))
 }
 
@@ -258,12 +281,12 @@ fn manifest_disk<'a>(live: &'a LiveBackup, d: &Planned) -> Result<&'a virtkeep_r
 async fn define_and_start(
     host: &Host,
     live: &LiveBackup,
-    name: &str,
+    (name, uuid): (&str, &str),
     disks: &[Planned],
 ) -> Result<()> {
-    let rw = Rewrite {
+    let mut rw = Rewrite {
         name: Some(name.to_string()),
-        new_uuid: Some(uuid::Uuid::new_v4().to_string()),
+        new_uuid: Some(uuid.to_string()),
         regenerate_macs: true,
         remove_disks: live.disks_not_backed_up()?,
         disk_sources: disks
@@ -279,7 +302,11 @@ async fn define_and_start(
         drop_backing_store: true,
         ..Rewrite::default()
     };
-    let xml = virtkeep_libvirt::rewrite_domain(&live.manifest().domain_xml, &rw)?;
+    let backup_xml = &live.manifest().domain_xml;
+    if let Some(note) = crate::define::fit_to_host(host, backup_xml, &mut rw).await? {
+        tracing::info!(host = %host.name, "{note}");
+    }
+    let xml = virtkeep_libvirt::rewrite_domain(backup_xml, &rw)?;
     let iso = Isolation {
         serial_log: None,
         nbd_backing: live.nbd_backing(),
@@ -290,8 +317,12 @@ async fn define_and_start(
     let xml = isolate_for_boot(&xml, &iso)?;
     let xml_path = format!("{}/domain.xml", live.dir());
     host.upload(&xml_path, xml.as_bytes()).await?;
-    host.run(&host.virsh().define(&xml_path)).await?;
-    host.run(&host.virsh().start(name))
+    // libvirt refuses the definition when a domain named `name` appeared since the
+    // check (its UUID is not ours): no existing domain is ever redefined.
+    host.run(&host.virsh().define(&xml_path))
+        .await
+        .map_err(|e| e.context(format!("defining {name}")))?;
+    host.run(&host.virsh().start(uuid))
         .await
         .map_err(|e| e.context(format!("starting {name} on the backup")))?;
     Ok(())
@@ -317,10 +348,10 @@ fn final_xml(live: &LiveBackup, disks: &[Planned]) -> Result<String> {
 
 /// After the copy neither the running domain nor its definition may name the job
 /// directory (the socket) any more.
-async fn check_detached(host: &Host, name: &str, dir: &str) -> Result<()> {
+async fn check_detached(host: &Host, (name, uuid): (&str, &str), dir: &str) -> Result<()> {
     for inactive in [false, true] {
         let xml = host
-            .run_string(&host.virsh().dumpxml(name, inactive))
+            .run_string(&host.virsh().dumpxml(uuid, inactive))
             .await?;
         if xml.contains(dir) || xml.contains("protocol='nbd'") {
             return Err(Error::domain(format!(
@@ -332,16 +363,19 @@ async fn check_detached(host: &Host, name: &str, dir: &str) -> Result<()> {
     Ok(())
 }
 
-/// Destroys and undefines the new domain and removes the overlays and destinations
-/// this run created (best effort).
-async fn roll_back(host: &Host, name: &str, made: &[Planned]) {
-    let _ = host.exec(&host.virsh().destroy(name)).await;
+/// Destroys and undefines the domain with this run's UUID (none when its definition
+/// was refused) and removes the overlays and destinations this run created (best
+/// effort).
+async fn roll_back(host: &Host, uuid: &str, disks: &[Planned], made: &[Made]) {
+    let _ = host.exec(&host.virsh().destroy(uuid)).await;
     let _ = host
-        .exec(&host.virsh().undefine(name, Default::default()))
+        .exec(&host.virsh().undefine(uuid, Default::default()))
         .await;
-    for d in made {
-        let _ = host.exec(&coreutils::rm_f(d.overlay())).await;
-        if let Copy::Mirror { .. } = d.copy
+    for (d, m) in disks.iter().zip(made) {
+        if m.overlay {
+            let _ = host.exec(&coreutils::rm_f(d.overlay())).await;
+        }
+        if m.dest
             && let Err(e) = d.dest.remove_created(host).await
         {
             tracing::warn!(host = %host.name, dest = %d.dest.describe(), error = %e, "removing a live restore's destination");

@@ -103,6 +103,9 @@ pub async fn verify_boot(
     );
     // The job's lock, keyed by its name: `cleanup` removes the domain and job directory
     // of a verification only once this lock is gone (its node killed).
+    // The clean-up below destroys the domain by this UUID, never by name: a domain of
+    // that name that is not ours (`virsh create` refused it) is left alone.
+    let uuid = uuid::Uuid::new_v4().to_string();
     let lock = host.lock_vm(&name, 0).await?;
     let live = match LiveBackup::start(host, repo, id, &name).await {
         Ok(live) => live,
@@ -113,14 +116,14 @@ pub async fn verify_boot(
     };
     // A signal ends the watch, never the clean-up below.
     let res = tokio::select! {
-        r = boot_and_watch(host, &live, &name, opts, re.as_ref()) => r,
+        r = boot_and_watch(host, &live, (&name, &uuid), opts, re.as_ref()) => r,
         _ = interrupted => Err(Error::new(
             crate::error::ErrorKind::Interrupted,
             format!("interrupted; {name} was destroyed and its overlays removed"),
         )),
     };
     // Whatever happened: no domain, forward, overlay or socket is left.
-    let _ = host.exec(&host.virsh().destroy(&name)).await;
+    let _ = host.exec(&host.virsh().destroy(&uuid)).await;
     live.finish(host).await;
     lock.release().await;
     let mut r = res?;
@@ -150,16 +153,16 @@ async fn refuse_uefi(repo: &virtkeep_repo::Repository, id: &str) -> Result<()> {
 async fn boot_and_watch(
     host: &Host,
     live: &LiveBackup,
-    name: &str,
+    (name, uuid): (&str, &str),
     opts: &BootVerifyOptions,
     re: Option<&regex::bytes::Regex>,
 ) -> Result<BootVerifyReport> {
     let m = live.manifest();
     let serial = format!("{}/serial.log", live.dir());
     let overlays = live.create_overlays(host).await?;
-    let rw = Rewrite {
+    let mut rw = Rewrite {
         name: Some(name.to_string()),
-        new_uuid: Some(uuid::Uuid::new_v4().to_string()),
+        new_uuid: Some(uuid.to_string()),
         regenerate_macs: true,
         remove_disks: live.disks_not_backed_up()?,
         disk_sources: overlays
@@ -175,6 +178,9 @@ async fn boot_and_watch(
         drop_backing_store: true,
         ..Rewrite::default()
     };
+    if let Some(note) = crate::define::fit_to_host(host, &m.domain_xml, &mut rw).await? {
+        tracing::info!(host = %host.name, "{note}");
+    }
     let xml = virtkeep_libvirt::rewrite_domain(&m.domain_xml, &rw)?;
     let iso = Isolation {
         serial_log: Some(serial.clone()),
@@ -208,9 +214,9 @@ async fn boot_and_watch(
         screenshot_error: None,
         screenshot: None,
     };
-    watch(host, name, &serial, opts.timeout, re, &mut r).await?;
+    watch(host, uuid, &serial, opts.timeout, re, &mut r).await?;
     if r.reason.is_none() {
-        screenshot(host, name, live.dir(), &mut r).await;
+        screenshot(host, uuid, live.dir(), &mut r).await;
     }
     Ok(r)
 }

@@ -35,5 +35,7 @@ pub use domain::{
 };
 pub use error::{ParseError, XmlError};
 pub use isolate::{Isolation, NbdBacking, isolate_for_boot};
-pub use rewrite::{NewSource, Rewrite, disk_element, emulator_of, namespace_uris, rewrite_domain};
+pub use rewrite::{
+    NewSource, Rewrite, arch_of, disk_element, emulator_of, namespace_uris, rewrite_domain,
+};
 pub use support::{escape_commas, human_bytes, safe_path};

@@ -61,14 +61,46 @@ pub fn create_nbd_overlay(
     if !plain(export, &[]) || !socket.starts_with('/') || !plain(socket, &['/']) {
         return None;
     }
-    Some(
-        RemoteCommand::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-u", "-b"])
-            .arg(format!("nbd+unix:///{export}?socket={socket}"))
-            .arg("-F")
-            .arg("raw")
-            .arg(safe_path(path))
-            .arg(size.to_string()),
+    let backing = format!("nbd+unix:///{export}?socket={socket}");
+    Some(create_new(path, |tmp| {
+        [
+            "create", "-q", "-f", "qcow2", "-u", "-b", &backing, "-F", "raw", tmp,
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([size.to_string()])
+        .collect()
+    }))
+}
+
+/// `qemu-img create -q -f FORMAT PATH SIZE` (`raw` sparse) where nothing is at `PATH`:
+/// fails, changing nothing, when anything is (see [`create_new`]).
+pub fn create_new_image(path: &str, format: &str, size: u64) -> RemoteCommand {
+    create_new(path, |tmp| {
+        ["create", "-q", "-f", format, tmp]
+            .map(String::from)
+            .into_iter()
+            .chain([size.to_string()])
+            .collect()
+    })
+}
+
+/// `qemu-img ARGS…` creating a new image at `path`, exclusively: the image is made at a
+/// fresh random name beside it, then hard-linked to `path` (`ln -T`: link(2) fails when
+/// anything is at `path`, a dangling symlink included, and never follows one), and the
+/// random name is removed. A file that appeared at `path` after the caller looked is
+/// therefore never written over. `args` gets the temporary path.
+fn create_new(path: &str, args: impl FnOnce(&str) -> Vec<String>) -> RemoteCommand {
+    const SCRIPT: &str =
+        r#"t=$1; p=$2; shift 2; qemu-img "$@" && ln -T -- "$t" "$p"; r=$?; rm -f -- "$t"; exit $r"#;
+    let path = safe_path(path);
+    let tmp = format!("{path}.vknew-{:016x}", rand::random::<u64>());
+    let words = args(&tmp);
+    crate::sh::script(
+        SCRIPT,
+        [tmp.as_str(), path.as_str()]
+            .into_iter()
+            .chain(words.iter().map(String::as_str)),
     )
 }
 

@@ -318,6 +318,17 @@ pub fn emulator_of(xml: &str) -> Result<Option<String>, XmlError> {
         .find(|t| !t.is_empty()))
 }
 
+/// The `<os><type arch=…>` of a domain's XML, when it names one.
+pub fn arch_of(xml: &str) -> Result<Option<String>, XmlError> {
+    let doc = Doc::parse(xml)?;
+    Ok(doc
+        .child(0, "os")
+        .and_then(|os| doc.child(os, "type"))
+        .and_then(|t| doc.elem(t).attr("arch"))
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty()))
+}
+
 /// Every namespace URI a domain's XML declares (`xmlns` and `xmlns:*` attributes on any
 /// element), decoded as libvirt's parser decodes them: a check for a namespace must not
 /// be a substring test on the raw text, which character references get around.

@@ -380,6 +380,28 @@ impl Virsh {
             None => c,
         }
     }
+
+    /// `virsh domcapabilities --virttype TYPE [--arch ARCH]`: what libvirt offers a
+    /// domain of that type and architecture (its `<path>` is the emulator). `None` when
+    /// either is not a plain word (they come from a backup's XML: never an option).
+    pub fn domcapabilities_for(&self, virttype: &str, arch: Option<&str>) -> Option<RemoteCommand> {
+        let word = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 32
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        if !word(virttype) || arch.is_some_and(|a| !word(a)) {
+            return None;
+        }
+        let c = self
+            .command("domcapabilities")
+            .arg("--virttype")
+            .arg(virttype);
+        Some(match arch {
+            Some(a) => c.arg("--arch").arg(a),
+            None => c,
+        })
+    }
 }
 
 // ───────────────────────────── output ─────────────────────────────

@@ -236,3 +236,44 @@ fn qemu_nbd_exports_start_and_stop() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+/// `create_new_image` and `create_nbd_overlay` never write over what is at the path: an
+/// existing file keeps its bytes, a dangling symlink is not followed, and no temporary
+/// is left; where nothing is, the image is made (skipped without qemu-img).
+#[test]
+fn image_creation_is_exclusive() {
+    if !sh_ok(&virtkeep_libvirt::sh::command_path("qemu-img")) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |n: &str| dir.path().join(n).to_str().expect("utf8").to_string();
+    std::fs::write(at("taken"), b"not yours").expect("write");
+    assert!(!sh_ok(&qemu_img::create_new_image(
+        &at("taken"),
+        "raw",
+        1 << 20
+    )));
+    let overlay = qemu_img::create_nbd_overlay(&at("taken"), 1 << 20, "/run/x.sock", "vda")
+        .expect("plain names");
+    assert!(!sh_ok(&overlay));
+    assert_eq!(std::fs::read(at("taken")).expect("read"), b"not yours");
+    std::os::unix::fs::symlink(at("target"), at("link")).expect("symlink");
+    assert!(!sh_ok(&qemu_img::create_new_image(
+        &at("link"),
+        "qcow2",
+        1 << 20
+    )));
+    assert!(!dir.path().join("target").exists(), "followed the symlink");
+    assert!(sh_ok(&qemu_img::create_new_image(
+        &at("new"),
+        "raw",
+        1 << 20
+    )));
+    assert_eq!(std::fs::metadata(at("new")).expect("new").len(), 1 << 20);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["link", "new", "taken"], "temporaries left");
+}

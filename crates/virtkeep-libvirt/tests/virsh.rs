@@ -334,3 +334,31 @@ fn virsh_forms_are_accepted() {
     assert!(ok(&v.list_all_uuids()));
     assert!(ok(&v.list_active_uuids()));
 }
+
+/// `domcapabilities_for` takes the domain type and architecture from a backup's XML:
+/// plain words only, never an option or a second argument.
+#[test]
+fn domcapabilities_for_takes_plain_words_only() {
+    let v = v();
+    assert_eq!(
+        v.domcapabilities_for("qemu", Some("x86_64"))
+            .expect("plain")
+            .render(),
+        "LC_ALL=C virsh -c qemu:///system domcapabilities --virttype qemu --arch x86_64"
+    );
+    for (t, a) in [
+        ("-x", None),
+        ("", None),
+        ("kvm", Some("--all")),
+        ("kvm", Some("x86_64 y")),
+    ] {
+        assert!(v.domcapabilities_for(t, a).is_none(), "{t:?} {a:?}");
+    }
+    let xml =
+        "<domain type='qemu'><os><type arch='aarch64' machine='virt'>hvm</type></os></domain>";
+    assert_eq!(
+        virtkeep_libvirt::arch_of(xml).expect("xml").as_deref(),
+        Some("aarch64")
+    );
+    assert_eq!(virtkeep_libvirt::arch_of("<domain/>").expect("xml"), None);
+}

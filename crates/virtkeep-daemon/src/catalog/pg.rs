@@ -1067,6 +1067,7 @@ mod tests {
                     id: j.id,
                     host: j.host.clone(),
                     vm: j.vm.clone(),
+                    slot: j.host.clone(),
                     priority: j.priority,
                     not_before: 0,
                     run_id: j.run_id,
@@ -1078,6 +1079,7 @@ mod tests {
                     node: j.node.clone().unwrap_or_default(),
                     host: j.host.clone(),
                     vm: j.vm.clone(),
+                    slot: j.host.clone(),
                 })
                 .collect();
             choose(&node, &q, &r, max, &|_| 3)

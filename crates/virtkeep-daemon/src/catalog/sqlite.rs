@@ -1107,6 +1107,7 @@ mod tests {
                     id: j.id,
                     host: j.host.clone(),
                     vm: j.vm.clone(),
+                    slot: j.host.clone(),
                     priority: j.priority,
                     not_before: 0,
                     run_id: j.run_id,
@@ -1118,6 +1119,7 @@ mod tests {
                     node: j.node.clone().unwrap_or_default(),
                     host: j.host.clone(),
                     vm: j.vm.clone(),
+                    slot: j.host.clone(),
                 })
                 .collect();
             crate::dispatch::choose("n1", &q, &r, 1, &|_| 4)

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, coreutils, rewrite_domain, virsh};
+use virtkeep_libvirt::{DiskSource, NewSource, Rewrite, rewrite_domain, virsh};
 
 use super::job::{Job, NvramPlan, Planned};
 use super::nvram;
@@ -62,23 +62,6 @@ pub fn rewrite_for(
     }
 }
 
-/// The target host's QEMU when the backup's `<emulator>` is not an executable file
-/// there (restored on another host or distribution): libvirt refuses to define a
-/// domain whose emulator is missing. An emulator that exists there is kept.
-async fn host_emulator(host: &Host, job: &Job) -> Result<Option<String>> {
-    let Some(old) = virtkeep_libvirt::emulator_of(&job.manifest.domain_xml)? else {
-        return Ok(None);
-    };
-    if host.exec(&coreutils::is_executable(&old)).await?.status == 0 {
-        return Ok(None);
-    }
-    let caps = host
-        .run_string(&host.virsh().domcapabilities(Some(&job.domain.kind)))
-        .await?;
-    virsh::parse_domcapabilities_emulator(&caps)
-        .map_err(|e| crate::error::Error::domain(e.to_string()))
-}
-
 /// What a rewrite changes, one line each (for `--dry-run`).
 pub fn describe_rewrite(rw: &Rewrite) -> Vec<String> {
     let mut out = Vec::new();
@@ -128,10 +111,10 @@ pub async fn define_restored(
         notes.push(nvram::finish(host, n).await?);
     }
     let mut rw = rw.clone();
-    rw.emulator = host_emulator(host, job).await?;
+    rw.emulator = crate::define::host_emulator(host, &job.manifest.domain_xml).await?;
     if let Some(e) = &rw.emulator {
         notes.push(format!(
-            "emulator: {e} (the backup's is not on {})",
+            "emulator: {e} (libvirt's on {}; the backup's is not)",
             host.name
         ));
     }

@@ -146,7 +146,8 @@ pub(crate) async fn check_on_host(host: &Host, path: &str) -> Result<bool> {
     }
 }
 
-/// Creates the temporary image file (its directory too), owned by the qemu user, 0600.
+/// Creates the image file where nothing is (its directory too), owned by the qemu
+/// user, 0600.
 async fn create_file(
     host: &Host,
     owner: &(String, String),
@@ -157,12 +158,11 @@ async fn create_file(
     if let Some(i) = path.rfind('/') {
         host.run(&coreutils::mkdir_p(&path[..i.max(1)])).await?;
     }
-    let create = if format == "qcow2" {
-        qemu_img::create_qcow2(path, m.spec.size, None)
-    } else {
-        qemu_img::create_raw(path, m.spec.size)
-    };
-    host.run(&create).await?;
+    // Exclusively: a file that appeared at `path` since it was checked is not ours to
+    // write over (nor, after a failure, to remove).
+    let format = if format == "qcow2" { "qcow2" } else { "raw" };
+    host.run(&qemu_img::create_new_image(path, format, m.spec.size))
+        .await?;
     let (user, group) = owner;
     host.run(&coreutils::chown(&format!("{user}:{group}"), path))
         .await

@@ -262,7 +262,7 @@ fn live_job_dirs() -> Vec<String> {
 /// (socket) or extra image is left.
 #[test]
 fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     let node = Node::new();
     let marker = unique_name("VK-LIVE");
     let vm = TestVm::builder("vlive")
@@ -280,6 +280,7 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     add_serial_file(&vm.name, &log);
     let b = node.backup(&vm.name, &[]);
     live_restore_refuses_an_existing_destination(&node, &b);
+    live_restore_spares_what_appears_meanwhile(&node, &b);
     // What the guest writes during the copy, written to the source too: the restored
     // disks must end equal to the source's.
     let writes = [
@@ -297,49 +298,12 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     let new_name = unique_name("vlive-new");
     let restored = TestVm::adopt(&new_name);
 
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
-        .arg("--config")
-        .arg(node.config())
-        .env("HOME", node.dir.path())
-        .env("VIRTKEEP_LOG", "info")
-        .env("VIRTKEEP_FAILPOINT", "live-restore-running")
-        .args([
-            "--json",
-            "restore",
-            b["id"].as_str().expect("id"),
-            "--to",
-            HOST,
-        ])
-        .args(["--live", "--name", &new_name])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn virtkeep");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap_or_default();
-            if line.contains("failpoint live-restore-running reached") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    if rx
-        .recv_timeout(std::time::Duration::from_secs(120))
-        .is_err()
-    {
-        let _ = child.kill();
-        panic!(
-            "never reached the failpoint:\n{}",
-            reader.join().expect("stderr")
-        );
-    }
+    let (mut child, reader) = live_restore_held(
+        &node,
+        b["id"].as_str().expect("id"),
+        &new_name,
+        "live-restore-running",
+    );
     let dest = |t: &str, ext: &str| lab().pool_dir.join(format!("{new_name}-{t}.{ext}"));
     let info = |p: &Path| {
         let out = std::process::Command::new("qemu-img")
@@ -354,15 +318,23 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
         vdb.contains("nbd+unix"),
         "not an overlay over the export: {vdb}"
     );
+    // The marker sector ran from the backup: the CPU halted right after printing it.
+    // (The serial port is a pty now: the backup's file is the source VM's log.)
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains(&marker) {
+        let regs = lab().virsh(&[
+            "qemu-monitor-command",
+            "--domain",
+            &new_name,
+            "--hmp",
+            "info registers",
+        ]);
+        if regs.contains("EIP=00007c15") && regs.contains("HLT=1") {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no marker on serial: {text:?}"
+            "the boot sector did not run: {regs}"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -449,7 +421,107 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     assert_eq!(ours, [image.as_str()], "RBD images");
     drop(running);
     drop(restored);
-    let _ = std::fs::remove_file(&log);
+    assert!(
+        !log.exists(),
+        "the restored domain wrote into the source VM's serial log {}",
+        log.display()
+    );
+}
+
+/// Runs `restore ID --live --name NEW --json` held at `failpoint`: returns once it is
+/// reached, with the process (a line on its stdin releases it) and its stderr reader.
+fn live_restore_held(
+    node: &Node,
+    id: &str,
+    new_name: &str,
+    failpoint: &str,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
+        .arg("--config")
+        .arg(node.config())
+        .env("HOME", node.dir.path())
+        .env("VIRTKEEP_LOG", "info")
+        .env("VIRTKEEP_FAILPOINT", failpoint)
+        .args(["--json", "restore", id, "--to", HOST])
+        .args(["--live", "--name", new_name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn virtkeep");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reached = format!("failpoint {failpoint} reached");
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if line.contains(&reached) {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    if rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .is_err()
+    {
+        let _ = child.kill();
+        panic!(
+            "never reached the failpoint:\n{}",
+            reader.join().expect("stderr")
+        );
+    }
+    (child, reader)
+}
+
+/// A domain of the new name and a file at a destination, both made by someone else
+/// after `restore --live` checked (held at its failpoint): the restore fails, the file
+/// keeps its bytes and the other domain stays defined with its own UUID; what the
+/// restore had created (the first disk) is removed, and no job directory is left.
+fn live_restore_spares_what_appears_meanwhile(node: &Node, b: &Value) {
+    use std::io::Write;
+    let new_name = unique_name("vlivey-new");
+    let (mut child, reader) = live_restore_held(
+        node,
+        b["id"].as_str().expect("id"),
+        &new_name,
+        "live-restore-planned",
+    );
+    let xml = format!(
+        "<domain type='qemu'><name>{new_name}</name><memory unit='KiB'>65536</memory><os><type arch='x86_64'>hvm</type></os></domain>"
+    );
+    let file = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(file.path(), xml).expect("write xml");
+    lab().virsh(&["define", &file.path().display().to_string()]);
+    let theirs = TestVm::adopt(&new_name);
+    let uuid = lab().virsh(&["domuuid", "--domain", &new_name]);
+    let taken = lab().pool_dir.join(format!("{new_name}-vdb.qcow2"));
+    std::fs::write(&taken, b"not yours").expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release");
+    let out = child.wait_with_output().expect("wait");
+    let err = reader.join().expect("stderr");
+    let kept = std::fs::read(&taken).expect("read");
+    let _ = std::fs::remove_file(&taken);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(kept, b"not yours", "the file was overwritten or removed");
+    assert_eq!(
+        lab().try_virsh(&["domuuid", "--domain", &new_name]).ok(),
+        Some(uuid),
+        "the other domain was undefined or replaced:\n{err}"
+    );
+    let first = lab().pool_dir.join(format!("{new_name}-vda.img"));
+    assert!(!first.exists(), "{} was left", first.display());
+    assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
+    drop(theirs);
 }
 
 /// `host check` tries the forwarding `restore --live` and `verify --boot` need: as root,

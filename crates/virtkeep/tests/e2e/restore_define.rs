@@ -1,6 +1,7 @@
-//! What `restore --define` keeps of the backup's XML besides the disks: an emulator
-//! that is not on the target host is replaced by the host's own, and under a new name
-//! the chardevs written to files no longer name the original's files.
+//! What `restore --define`, `verify --boot` and `restore --live` keep of the backup's
+//! XML besides the disks: an emulator other than the one libvirt reports on the target
+//! host is replaced by that one, and under a new name the chardevs written to files no
+//! longer name the original's files.
 
 use virtkeep_lab::{TestVm, lab, unique_name};
 
@@ -17,9 +18,12 @@ impl Drop for Link {
     }
 }
 
-/// The backup names an emulator (a symlink to QEMU) that is gone at restore time, and
-/// logs its serial port to a file: the restored domain is defined with the host's QEMU
-/// (from `virsh domcapabilities`) and a pty serial port, not the original's log file.
+/// The backup names an emulator (a symlink to QEMU) and logs its serial and parallel
+/// ports to files. `restore --define` while the symlink exists (an executable, but not
+/// the emulator libvirt reports) defines the host's QEMU (from `virsh
+/// domcapabilities`) and pty ports, not the original's log files; once the symlink is
+/// gone, `verify --boot` passes and `restore --live` runs the VM: neither writes to
+/// the source's log files.
 #[test]
 fn restore_replaces_a_missing_emulator_and_file_chardevs() {
     let node = Node::new();
@@ -31,6 +35,7 @@ fn restore_replaces_a_missing_emulator_and_file_chardevs() {
     )));
     std::os::unix::fs::symlink(real, &link.0).expect("symlink");
     let log = lab().pool_dir.join(format!("{}-serial.log", vm.name));
+    let plog = lab().pool_dir.join(format!("{}-parallel.log", vm.name));
     let xml = lab().virsh(&["dumpxml", "--inactive", "--domain", &vm.name]);
     let start = xml.find("<emulator>").expect("emulator");
     let end = xml.find("</emulator>").expect("emulator end") + "</emulator>".len();
@@ -43,8 +48,9 @@ fn restore_replaces_a_missing_emulator_and_file_chardevs() {
     .replacen(
         "</devices>",
         &format!(
-            "<serial type='file'><source path='{}'/><target port='0'/></serial></devices>",
-            log.display()
+            "<serial type='file'><source path='{}'/><target port='0'/></serial><parallel type='file'><source path='{}'/><target port='0'/></parallel></devices>",
+            log.display(),
+            plog.display()
         ),
         1,
     );
@@ -52,7 +58,6 @@ fn restore_replaces_a_missing_emulator_and_file_chardevs() {
     std::fs::write(file.path(), xml).expect("write xml");
     lab().virsh(&["define", &file.path().display().to_string()]);
     let b = node.backup(&vm.name, &[]);
-    drop(link);
 
     let new_name = unique_name("vemu-new");
     let restored = TestVm::adopt(&new_name);
@@ -77,4 +82,25 @@ fn restore_replaces_a_missing_emulator_and_file_chardevs() {
         "{xml}"
     );
     drop(restored);
+    drop(link);
+
+    let id = b["id"].as_str().expect("id");
+    let (code, r) = crate::live::verify_boot(&node, id, &["--timeout", "2"]);
+    assert_eq!(code, 0, "{r:#}");
+    crate::live::assert_nothing_left(&r);
+    let live_name = unique_name("vemu-live");
+    let out = node.run(&["restore", id, "--to", HOST, "--live", "--name", &live_name]);
+    let live = TestVm::adopt(&live_name);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "live restore failed: {err}");
+    assert!(live.is_running(), "the live-restored VM does not run");
+    let xml = lab().virsh(&["dumpxml", "--inactive", "--domain", &live_name]);
+    assert!(
+        xml.contains(&format!("<emulator>{real}</emulator>")),
+        "{xml}"
+    );
+    drop(live);
+    for p in [&log, &plog] {
+        assert!(!p.exists(), "{} was written", p.display());
+    }
 }
