@@ -1488,6 +1488,18 @@ fn s3_object_lock_incremental_extends_inherited_chunks() {
             after >= before + Duration::from_secs(2),
             "retention of a reused chunk not extended: {before:?} -> {after:?}"
         );
+        // The backup also extended the config's retention (it holds the keys).
+        let config = repo
+            .backend()
+            .head("config")
+            .await
+            .unwrap()
+            .unwrap()
+            .modified;
+        assert!(
+            config >= before + Duration::from_secs(2),
+            "config retention not extended by the backup: {before:?} -> {config:?}"
+        );
         locked_config_and_longer_retention(&fx, &repo, &key).await;
     });
 }
