@@ -614,9 +614,14 @@ impl S3Backend {
         let Some(h) = self.raw.head(key).await? else {
             return Ok(());
         };
-        self.raw
+        match self
+            .raw
             .delete_version(key, h.version.as_deref(), bypass_governance)
-            .await
+            .await?
+        {
+            s3_lock::Deleted::Done => Ok(()),
+            s3_lock::Deleted::Refused(why) => Err(RepoError::backend(key, why)),
+        }
     }
 
     /// Objects under `prefix`, or (`temp`) only those named `.tmp-*` (virtkeep writes

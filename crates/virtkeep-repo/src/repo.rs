@@ -457,7 +457,12 @@ impl Repository {
             }
         };
         let data = serde_json::to_vec_pretty(&cfg).map_err(|e| RepoError::json(CONFIG_KEY, e))?;
-        if backend.put_if_absent(CONFIG_KEY, Bytes::from(data)).await? == PutOutcome::Existed {
+        // Object Lock: the config (the keys of everything else) is written retained too.
+        let writer = match opts.object_lock {
+            Some(lock) => backend.clone().with_object_lock(lock)?,
+            None => backend.clone(),
+        };
+        if writer.put_if_absent(CONFIG_KEY, Bytes::from(data)).await? == PutOutcome::Existed {
             return Err(RepoError::AlreadyExists(location.to_string()));
         }
         Self::build(backend, location, cfg, keys)

@@ -386,6 +386,14 @@ impl BackupWriter {
         }
         self.sh.lease.write(&repo).await?;
         self.extend_inherited().await?;
+        // Object Lock: the config holds the keys of all this backup's objects, so its
+        // retention must reach past theirs (nothing to do without Object Lock).
+        if !be.extend_retention(crate::repo::CONFIG_KEY).await? {
+            return Err(RepoError::corrupt(
+                crate::repo::CONFIG_KEY,
+                "missing from the repository (deleted?)",
+            ));
+        }
         // Chunks we re-uploaded because they were old may have been listed by a GC that
         // ran meanwhile: wait for it to end, then check they are still there.
         let refreshed: Vec<Digest> = std::mem::take(&mut *lock(&self.sh.refreshed));

@@ -1488,5 +1488,51 @@ fn s3_object_lock_incremental_extends_inherited_chunks() {
             after >= before + Duration::from_secs(2),
             "retention of a reused chunk not extended: {before:?} -> {after:?}"
         );
+        // The backup also extended the config's retention (it holds the keys).
+        let config = repo
+            .backend()
+            .head("config")
+            .await
+            .unwrap()
+            .unwrap()
+            .modified;
+        assert!(
+            config >= before + Duration::from_secs(2),
+            "config retention not extended by the backup: {before:?} -> {config:?}"
+        );
+        locked_config_and_longer_retention(&fx, &repo, &key).await;
     });
+}
+
+/// The config (its keys) is retained: a versioned DELETE with the writer's keys is
+/// refused and the repository still opens. A chunk retained longer than the
+/// repository's retention (another writer, an administrator) is "extended" without
+/// error: the extension asks for less, RGW refuses (403), and that is not a failure.
+async fn locked_config_and_longer_retention(fx: &Fx, repo: &Repository, chunk: &str) {
+    let Location::S3 {
+        bucket,
+        prefix,
+        options,
+    } = &fx.loc
+    else {
+        unreachable!("S3 fixture");
+    };
+    let plain = std::sync::Arc::new(S3Backend::new(bucket, prefix, options).unwrap());
+    let refused = plain
+        .delete_current_version("config", false)
+        .await
+        .expect_err("a versioned delete of the config was accepted");
+    assert!(refused.to_string().contains("403"), "{refused}");
+    fx.open_plain().await;
+    let longer = plain
+        .with_object_lock(ObjectLock {
+            mode: LockMode::Governance,
+            retain: Duration::from_secs(600),
+        })
+        .unwrap();
+    assert!(longer.extend_retention(chunk).await.unwrap());
+    assert!(
+        repo.backend().extend_retention(chunk).await.unwrap(),
+        "an extension asking for less than the object has failed"
+    );
 }

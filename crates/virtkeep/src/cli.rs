@@ -306,7 +306,7 @@ pub struct RepoInitArgs {
     #[arg(long, value_enum, value_name = "MODE", requires = "retain")]
     pub object_lock: Option<ObjectLockMode>,
     /// With --object-lock: how long each object is retained from when it is written or
-    /// reused by a backup (e.g. 30d; at least the 1 h GC grace period)
+    /// reused by a backup (e.g. 30d, 6mo, 1y; at least the 1 h GC grace period)
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "object_lock")]
     pub retain: Option<time::Duration>,
 }
@@ -511,7 +511,7 @@ pub struct PruneArgs {
     #[arg(long)]
     pub keep_yearly: Option<u32>,
     /// Keep every backup taken within DURATION of the VM's newest one (e.g. 7d, 2w,
-    /// 1y6m, 36h; m = 30 days, y = 365 days). Recommended for Object Lock repositories:
+    /// 1y6mo, 36h; mo = 30 days, y = 365 days). Recommended for Object Lock repositories:
     /// counts (--keep-last…) can be used up by an attacker who adds backups
     #[arg(long, value_parser = parse_duration)]
     pub keep_within: Option<time::Duration>,
@@ -548,12 +548,20 @@ pub struct CleanupArgs {
     pub dry_run: bool,
 }
 
-/// `1y6m2w3d12h`: years of 365 days, months of 30 days, weeks, days, hours.
+/// `1y6mo2w3d12h`: years of 365 days, months of 30 days (`mo`), weeks, days, hours.
+/// A bare `m` is refused: it reads as minutes (the daemon's schedules) as easily as
+/// months, and a retention off by a factor of 43 200 is not a typo to guess at.
 pub fn parse_duration(s: &str) -> Result<time::Duration, String> {
-    let bad = || format!("{s:?}: expected a duration such as 7d, 2w, 1y6m or 36h");
+    let bad = || {
+        format!(
+            "{s:?}: expected a duration such as 7d, 2w, 6mo, 1y6mo or 36h (units h, d, w, \
+             mo = 30 days, y = 365 days; `m` is ambiguous: write `mo` for months)"
+        )
+    };
     let mut total = time::Duration::ZERO;
     let mut digits = String::new();
-    for c in s.chars() {
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
         if c.is_ascii_digit() {
             digits.push(c);
             continue;
@@ -561,7 +569,7 @@ pub fn parse_duration(s: &str) -> Result<time::Duration, String> {
         let n: i64 = digits.parse().map_err(|_| bad())?;
         let hours = match c {
             'y' => 365 * 24,
-            'm' => 30 * 24,
+            'm' if chars.next_if_eq(&'o').is_some() => 30 * 24,
             'w' => 7 * 24,
             'd' => 24,
             'h' => 1,
@@ -664,4 +672,27 @@ pub struct FilesGetArgs {
     pub timeout: Option<u64>,
     #[command(flatten)]
     pub repo: RepoArgs,
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_duration;
+
+    /// `90m` was 90 months of 30 days where a reader (and the daemon's schedules) sees
+    /// 90 minutes: refused, with `mo` in the hint; `mo` is months.
+    #[test]
+    fn months_must_be_spelled_mo() {
+        for s in ["90m", "1y6m", "6m2d"] {
+            let e = parse_duration(s).expect_err(s);
+            assert!(e.contains("`mo`"), "{e}");
+        }
+        assert_eq!(parse_duration("6mo"), Ok(time::Duration::days(180)));
+        assert_eq!(
+            parse_duration("1y6mo2w3d12h"),
+            Ok(time::Duration::hours((365 + 180 + 14 + 3) * 24 + 12))
+        );
+        for s in ["", "7", "d", "5x", "3mon", "0d"] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+    }
 }
