@@ -209,6 +209,8 @@ pub struct DaemonConfig {
     pub policies: BTreeMap<String, Policy>,
     /// `[sync.NAME]` jobs (crate::sync_jobs).
     pub syncs: Vec<crate::sync_jobs::SyncJob>,
+    /// `[maintenance.REPOSITORY]` GC and verify schedules (crate::maintenance).
+    pub maintenance: Vec<crate::maintenance::Maintenance>,
 }
 
 impl DaemonConfig {
@@ -580,6 +582,7 @@ impl DaemonConfig {
             api,
             policies,
             syncs: crate::sync_jobs::parse(file, text, engine)?,
+            maintenance: crate::maintenance::parse(file, text, engine)?,
         })
     }
 

@@ -366,7 +366,11 @@ pub async fn dashboard(
     State(s): State<Arc<WebState>>,
     Extension(v): Extension<Viewer>,
 ) -> Response {
-    let rows = match blocking(&s, |s| dashboard_rows(&s.api.env.daemon, &s.api.catalog)).await {
+    let rows = blocking(&s, |s| {
+        let (d, c) = (&s.api.env.daemon, &s.api.catalog);
+        Ok::<_, crate::DaemonError>((dashboard_rows(d, c)?, super::repo_stats::maintained(d, c)?))
+    });
+    let (rows, maintained) = match rows.await {
         Err(r) => return r,
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -381,7 +385,7 @@ pub async fn dashboard(
         .iter()
         .filter_map(|r| r.last_ok.as_ref()?.finished.as_deref().and_then(unix))
         .max();
-    let repo = super::repo_stats::card(s.repo_stats.current(&s, newest));
+    let repo = super::repo_stats::card(s.repo_stats.current(&s, newest), &maintained, now());
     let body = html! { (dashboard_body(&rows, &v, now())) (repo) };
     layout("Dashboard", Some(&v), body).into_response()
 }
