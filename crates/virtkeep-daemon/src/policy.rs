@@ -1207,6 +1207,11 @@ exclude = ["-test$"]
         );
         assert_eq!(v.expect_serial.as_deref(), Some("login:"));
         assert!(c.policies["frequent"].verify_boot.is_none());
+        let m = &c.maintenance[0];
+        assert_eq!((c.maintenance.len(), m.repository.as_deref()), (1, None));
+        let verify = m.verify.as_ref().expect("verify");
+        assert_eq!((verify.read_data, verify.sample), (true, Some(20)));
+        assert!(m.gc.is_some());
         let api = c.api.as_ref().expect("api");
         // The sample gives every token a scope, and Prometheus' may only read.
         assert!(api.tokens.iter().all(|t| t.scoped), "{:?}", api.tokens);
