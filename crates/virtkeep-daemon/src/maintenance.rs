@@ -297,10 +297,22 @@ async fn verify(env: &Env, m: &Maintenance, t: &VerifyTask) -> Result<JobOutcome
     )
     .await
     .map_err(|e| e.to_string())?;
-    let ids = repo.snapshots().await.map_err(|e| e.to_string())?;
-    let ids = sample(ids.into_iter().map(|b| b.id).collect(), t.sample);
+    let selection = match t.sample {
+        None => virtkeep_repo::VerifySelection::All,
+        Some(n) => {
+            // The sample is drawn from the readable backups; an unreadable manifest is
+            // always checked, so that the run reports it.
+            let listing = repo.list_snapshots().await.map_err(|e| e.to_string())?;
+            let mut ids = sample(
+                listing.snapshots.into_iter().map(|b| b.id).collect(),
+                Some(n),
+            );
+            ids.extend(listing.unreadable.into_iter().map(|u| u.id));
+            virtkeep_repo::VerifySelection::Snapshots(ids)
+        }
+    };
     let opts = virtkeep_repo::VerifyOptions {
-        selection: virtkeep_repo::VerifySelection::Snapshots(ids),
+        selection,
         read_data: t.read_data,
     };
     let r = repo.verify(opts).await.map_err(|e| e.to_string())?;
@@ -345,16 +357,17 @@ fn bounded(mut s: String) -> String {
 
 /// Runs one task under its timeout and records it.
 async fn run(env: &Env, catalog: &Arc<Catalog>, m: &Maintenance, task: Task) {
-    tracing::info!(repository = %m.name, task = task.kind(), "maintenance starting");
-    let recorded = Recorded::start(catalog.clone(), env, task.kind(), &m.name, STOPPED);
-    let t0 = std::time::Instant::now();
     let (work, limit) = match (task, &m.gc, &m.verify) {
         (Task::Gc, Some(g), _) => (futures::future::Either::Left(gc(env, m, g)), g.timeout),
         (Task::Verify, _, Some(v)) => {
             (futures::future::Either::Right(verify(env, m, v)), v.timeout)
         }
+        // next_task only yields tasks that have a schedule.
         _ => return,
     };
+    tracing::info!(repository = %m.name, task = task.kind(), "maintenance starting");
+    let recorded = Recorded::start(catalog.clone(), env, task.kind(), &m.name, STOPPED);
+    let t0 = std::time::Instant::now();
     let res = match tokio::time::timeout(limit, work).await {
         Ok(r) => r,
         Err(_) => Err(format!(
