@@ -103,12 +103,17 @@ impl Recorded {
         self.id
     }
 
-    /// Records the run's end, retrying; left to the heartbeat when every try fails.
+    /// Records the run's end, retrying; left to the heartbeat when every try fails. The
+    /// id stays in the guard until the end is recorded or queued: a task aborted during
+    /// a pause still ends its row (as stopped) when the guard drops.
     pub async fn finish(mut self, o: &JobOutcome) {
-        let Some(id) = self.id.take() else { return };
+        let Some(id) = self.id else { return };
         for pause in RETRIES {
             match self.catalog.finish_job(id, o) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.id = None;
+                    return;
+                }
                 Err(e) => tracing::warn!(
                     job = id,
                     "run's end not recorded in the catalog (retried): {e}"
@@ -116,6 +121,7 @@ impl Recorded {
             }
             tokio::time::sleep(pause).await;
         }
+        self.id = None;
         if let Err(e) = self.catalog.finish_job(id, o) {
             tracing::warn!(
                 job = id,
