@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/web.sh [--release]: the web console's benchmark (issue 23): the dashboard of 500
-# VMs with 10 backup jobs each (a SQLite catalog filled by the generator in
+# VMs with 10 backup jobs each and the repository card (a SQLite catalog filled by the generator in
 # crates/virtkeep-daemon/src/web/pages.rs), server-side time (the catalog queries and the
 # rendering, best of 5) and page weight, next to the baseline of the same run (one
 # catalog query per VM). The goal: < 200 ms and < 200 KiB. The weight is asserted; the

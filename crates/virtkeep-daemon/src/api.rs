@@ -551,13 +551,21 @@ pub struct Cancelled {
     pub href: String,
 }
 
+/// The 409 message for a job `crate::daemon::cancellable` refuses.
+pub fn not_cancellable(job: &JobRecord) -> String {
+    format!(
+        "job {} is a {} run, which cannot be cancelled: it runs beside the job queue and ends on its own (a stopped daemon or a lost lead ends it too)",
+        job.id, job.kind
+    )
+}
+
 #[utoipa::path(delete, path = "/api/jobs/{id}", tag = "jobs",
     params(("id" = i64, Path, description = "Job id")),
     responses((status = 200, description = "It was queued and is cancelled", body = Cancelled),
               (status = 202, description = "It runs: being stopped, its VM healed", body = Cancelled),
               (status = 403, description = "The token's scope does not allow it (backup: operate, restore: admin)", body = ApiError),
               (status = 404, description = "No such job", body = ApiError),
-              (status = 409, description = "The job has already ended", body = ApiError)))]
+              (status = 409, description = "The job has already ended, or is of a kind that cannot be cancelled (sync, gc, verify)", body = ApiError)))]
 async fn cancel_job(
     State(s): State<Arc<ApiState>>,
     Extension(granted): Extension<Granted>,
@@ -572,6 +580,9 @@ async fn cancel_job(
     };
     if let Some(r) = forbidden(granted, Action::cancel_of(&job.kind)) {
         return r;
+    }
+    if !crate::daemon::cancellable(&job.kind) {
+        return error(StatusCode::CONFLICT, not_cancellable(&job));
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     if s.submit.send(Control::Cancel { id, reply: tx }).is_err() {
@@ -708,7 +719,11 @@ async fn list_policies(State(s): State<Arc<ApiState>>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "metrics",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
-    match crate::metrics::render(&s.catalog, &s.env.daemon.named_vms()) {
+    let text = crate::metrics::render(&s.catalog, &s.env.daemon.named_vms()).and_then(|mut t| {
+        crate::metrics::scheduled(&mut t, &s.catalog, &s.env.daemon)?;
+        Ok(t)
+    });
+    match text {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,

@@ -62,8 +62,9 @@ pub struct JobRecord {
     /// The policy run it belongs to; none for jobs started through the API.
     pub run_id: Option<i64>,
     /// `backup`, `restore`, `verify_boot` (a policy's boot verification of the VM's
-    /// newest backup; `snapshot` is the backup booted) or `sync` (a `[sync.NAME]` run:
-    /// `host` is empty and `vm` is the sync job's name).
+    /// newest backup; `snapshot` is the backup booted), `sync` (a `[sync.NAME]` run:
+    /// `host` is empty and `vm` is the sync job's name), `gc` or `verify` (a
+    /// `[maintenance.REPOSITORY]` run: `host` is empty, `vm` the repository's name).
     pub kind: String,
     pub host: String,
     pub vm: String,

@@ -42,6 +42,13 @@ pub enum CancelReply {
     Finished(JobStatus),
 }
 
+/// Whether `DELETE /api/jobs/{id}` can stop jobs of `kind`: those the queue runs
+/// (backup, restore, verify_boot). A sync, GC or verify run is a task beside the queue
+/// that a cancel would not reach; it ends on its own.
+pub fn cancellable(kind: &str) -> bool {
+    matches!(kind, "backup" | "restore" | "verify_boot")
+}
+
 /// How the API reaches the loop.
 pub type Submissions = mpsc::UnboundedSender<Control>;
 
@@ -50,6 +57,13 @@ pub const CANCELLED: &str = "cancelled through the API";
 
 /// The error of a job whose node stopped renewing its lease (taken over by another node).
 pub const DEAD_NODE_ERROR: &str = "the node running this job stopped renewing its lease (killed, crashed or cut off); another node healed the VM and retried the job";
+
+/// The error of a job that is not a backup or restore whose node stopped while it ran.
+pub fn interrupted_error(kind: &str) -> String {
+    format!(
+        "interrupted: the daemon running this {kind} job stopped (killed, crashed or cut off); it is not retried, the next scheduled run starts over"
+    )
+}
 
 /// The error of a job whose daemon died under it (found at the next start).
 pub const ORPHAN_ERROR: &str = "the daemon stopped while this job ran (killed or crashed); the VM was healed and the job retried";
@@ -74,8 +88,8 @@ struct State {
     /// This node fires the schedules and runs the sync jobs (always, alone on a SQLite
     /// catalog).
     leading: bool,
-    /// The `[sync.NAME]` tasks, running while this node leads: a sync runs once for the
-    /// cluster, like a schedule.
+    /// The `[sync.NAME]` and `[maintenance.NAME]` tasks, running while this node leads:
+    /// they run once for the cluster, like a schedule.
     syncs: Vec<tokio::task::JoinHandle<()>>,
     /// When the heartbeat (lease renewal, lead, takeover of dead nodes' jobs) is due.
     next_beat: tokio::time::Instant,
@@ -362,6 +376,10 @@ impl State {
             // Where the previous leader left the schedules, as at a start.
             self.init_schedules()?;
             self.syncs = crate::sync_jobs::spawn(self.env.clone(), self.catalog.clone());
+            self.syncs.extend(crate::maintenance::spawn(
+                self.env.clone(),
+                self.catalog.clone(),
+            ));
         } else if !lead && self.leading {
             tracing::warn!(node = %self.env.daemon.node, "this node lost the lead");
             self.next.clear();
@@ -371,6 +389,7 @@ impl State {
         let t = now();
         self.catalog
             .heartbeat(&self.env.daemon.node, t, t + lease, lead)?;
+        crate::recorded::flush_pending(&self.catalog);
         if self.cluster {
             let orphans = self.catalog.take_orphans(None, t, DEAD_NODE_ERROR)?;
             self.heal_and_retry(orphans).await?;
@@ -378,12 +397,28 @@ impl State {
         Ok(())
     }
 
+    /// Rewrites the error of an interrupted job that is not a backup or restore (the
+    /// orphan texts speak of healing a VM and retrying).
+    fn record_interrupted(&self, j: JobRecord) -> Result<JobRecord> {
+        self.catalog.finish_job(
+            j.id,
+            &JobOutcome {
+                error: Some(interrupted_error(&j.kind)),
+                snapshot: j.snapshot.clone(),
+                ..Default::default()
+            },
+        )?;
+        self.catalog.job(j.id)
+    }
+
     /// Heals the VMs of jobs that were interrupted (their node died) and retries them.
     async fn heal_and_retry(&mut self, orphans: Vec<JobRecord>) -> Result<()> {
         for j in orphans {
             tracing::warn!(job = j.id, host = %j.host, vm = %j.vm, node = ?j.node, "job left running by a stopped daemon: marked failed");
-            // A sync or a boot verification never touched the VM: nothing to heal.
+            // A sync, GC, verify or boot verification never touched the VM: nothing to
+            // heal, and nothing retried; its record says so rather than the VM jobs' text.
             if !matches!(j.kind.as_str(), "backup" | "restore") {
+                let j = self.record_interrupted(j)?;
                 self.retry_or_close(&j, 0)?;
                 continue;
             }
@@ -813,6 +848,16 @@ mod tests {
     use super::*;
     use crate::schedule::Schedule;
     use chrono::TimeZone;
+
+    #[test]
+    fn only_queued_kinds_are_cancellable() {
+        for k in ["backup", "restore", "verify_boot"] {
+            assert!(cancellable(k), "{k}");
+        }
+        for k in ["sync", "gc", "verify", ""] {
+            assert!(!cancellable(k), "{k}");
+        }
+    }
 
     #[test]
     fn retries_back_off_exponentially() {

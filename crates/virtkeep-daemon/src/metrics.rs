@@ -109,8 +109,49 @@ pub fn render(catalog: &Catalog, named: &BTreeSet<(String, String)>) -> Result<S
         let _ = writeln!(out, "virtkeep_jobs{{status=\"{}\"}} {n}", label(&status));
     }
     boot_verify(&mut out, &catalog.vm_stats_of("verify_boot")?);
-    crate::sync_jobs::render_metrics(&mut out, &catalog.vm_stats_of("sync")?);
     Ok(out)
+}
+
+/// The series of the tasks the daemon runs beside the queue (`[sync.NAME]`, the
+/// repositories' GC and verify), from the catalog: the same on every node.
+pub fn scheduled(
+    out: &mut String,
+    catalog: &Catalog,
+    daemon: &crate::policy::DaemonConfig,
+) -> Result<()> {
+    crate::sync_jobs::render_metrics(out, &daemon.syncs, &catalog.vm_stats_of("sync")?);
+    crate::maintenance::render_metrics(out, daemon, catalog)
+}
+
+/// `virtkeep_KIND_last_success_timestamp_seconds{LABEL="NAME"}` and
+/// `virtkeep_KIND_failures_total{LABEL="NAME"}` for every configured `names` and every
+/// name with runs of `kind` in the catalog (`recorded`: `vm` is the name).
+pub fn per_name<'a>(
+    out: &mut String,
+    (kind, key): (&str, &str),
+    names: impl Iterator<Item = &'a str>,
+    recorded: &[VmStats],
+    [help_ok, help_failed]: [&str; 2],
+) {
+    let mut all: std::collections::BTreeMap<&str, (i64, i64)> =
+        names.map(|n| (n, (0, 0))).collect();
+    for r in recorded {
+        let e = all.entry(r.vm.as_str()).or_default();
+        *e = (e.0.max(r.last_success.unwrap_or(0)), e.1 + r.failures);
+    }
+    if all.is_empty() {
+        return;
+    }
+    let ok = format!("virtkeep_{kind}_last_success_timestamp_seconds");
+    family(out, &ok, "gauge", help_ok);
+    for (name, (t, _)) in &all {
+        let _ = writeln!(out, "{ok}{{{key}=\"{}\"}} {t}", label(name));
+    }
+    let failed = format!("virtkeep_{kind}_failures_total");
+    family(out, &failed, "counter", help_failed);
+    for (name, (_, n)) in &all {
+        let _ = writeln!(out, "{failed}{{{key}=\"{}\"}} {n}", label(name));
+    }
 }
 
 /// The policies' boot verifications (`verify_boot` jobs), per VM that had one.
@@ -215,5 +256,79 @@ mod tests {
         );
         assert!(text.contains("virtkeep_jobs{status=\"succeeded\"} 1"));
         assert!(text.contains("# TYPE virtkeep_backup_failures_total counter"));
+    }
+
+    /// A node that never led (it ran no sync, GC or verify itself) exports their series
+    /// from the catalog the leader writes, and a configured one before its first run.
+    #[test]
+    fn scheduled_task_series_come_from_the_catalog_on_every_node() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
+        let run = |kind: &str, vm: &str, error: Option<&str>| {
+            let id = c
+                .start_job(
+                    &NewJob {
+                        run_id: None,
+                        kind,
+                        host: "",
+                        vm,
+                        policy: None,
+                        request: "{}",
+                        attempt: 1,
+                        retry_of: None,
+                        priority: 0,
+                        not_before: 0,
+                    },
+                    "leader",
+                    i64::MAX / 2,
+                )
+                .expect("start");
+            let o = JobOutcome {
+                error: error.map(String::from),
+                ..Default::default()
+            };
+            c.finish_job(id, &o).expect("finish");
+        };
+        run("sync", "offsite", None);
+        run("gc", "default", None);
+        run("verify", "default", Some("1 missing"));
+        let engine = toml::from_str(
+            "[repository]\nlocation = \"/r\"\n[repositories.offsite]\nlocation = \"/o\"\n",
+        )
+        .expect("engine");
+        let daemon = crate::policy::DaemonConfig::parse(
+            std::path::Path::new("/c.toml"),
+            "[sync.offsite]\nsource = \"default\"\ndestination = \"offsite\"\nevery = \"1h\"\n\
+             [sync.later]\nsource = \"default\"\ndestination = \"offsite\"\nevery = \"1d\"\n\
+             [maintenance.default]\ngc = { every = \"1d\" }\nverify = { every = \"7d\" }\n",
+            &engine,
+        )
+        .expect("config");
+        let mut text = String::new();
+        scheduled(&mut text, &c, &daemon).expect("render");
+        let value = |series: &str| -> i64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("{series}: {text}"))
+        };
+        let t0 = crate::catalog::now() - 60;
+        assert!(value("virtkeep_sync_last_success_timestamp_seconds{sync=\"offsite\"}") > t0);
+        assert_eq!(
+            value("virtkeep_sync_last_success_timestamp_seconds{sync=\"later\"}"),
+            0
+        );
+        assert!(value("virtkeep_gc_last_success_timestamp_seconds{repository=\"default\"}") > t0);
+        assert_eq!(
+            value("virtkeep_verify_last_success_timestamp_seconds{repository=\"default\"}"),
+            0
+        );
+        assert_eq!(
+            value("virtkeep_verify_failures_total{repository=\"default\"}"),
+            1
+        );
+        assert!(
+            text.contains("# TYPE virtkeep_gc_failures_total counter"),
+            "{text}"
+        );
     }
 }

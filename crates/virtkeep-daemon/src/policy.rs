@@ -209,6 +209,8 @@ pub struct DaemonConfig {
     pub policies: BTreeMap<String, Policy>,
     /// `[sync.NAME]` jobs (crate::sync_jobs).
     pub syncs: Vec<crate::sync_jobs::SyncJob>,
+    /// `[maintenance.REPOSITORY]` GC and verify schedules (crate::maintenance).
+    pub maintenance: Vec<crate::maintenance::Maintenance>,
 }
 
 impl DaemonConfig {
@@ -580,6 +582,7 @@ impl DaemonConfig {
             api,
             policies,
             syncs: crate::sync_jobs::parse(file, text, engine)?,
+            maintenance: crate::maintenance::parse(file, text, engine)?,
         })
     }
 
@@ -1204,6 +1207,11 @@ exclude = ["-test$"]
         );
         assert_eq!(v.expect_serial.as_deref(), Some("login:"));
         assert!(c.policies["frequent"].verify_boot.is_none());
+        let m = &c.maintenance[0];
+        assert_eq!((c.maintenance.len(), m.repository.as_deref()), (1, None));
+        let verify = m.verify.as_ref().expect("verify");
+        assert_eq!((verify.read_data, verify.sample), (true, Some(20)));
+        assert!(m.gc.is_some());
         let api = c.api.as_ref().expect("api");
         // The sample gives every token a scope, and Prometheus' may only read.
         assert!(api.tokens.iter().all(|t| t.scoped), "{:?}", api.tokens);

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use chrono::Utc;
 use serde::Deserialize;
@@ -28,8 +28,9 @@ use virtkeep_engine::plan::ModeRequest;
 use virtkeep_engine::progress::LogProgress;
 use virtkeep_engine::sync::SyncOptions;
 
-use crate::catalog::{Catalog, JobOutcome, NewJob, now};
+use crate::catalog::{Catalog, JobOutcome};
 use crate::error::ConfigError;
+use crate::recorded::Recorded;
 use crate::schedule::{Schedule, parse_duration};
 use crate::task::{Env, open_repository};
 
@@ -64,34 +65,47 @@ pub struct SyncJob {
 }
 
 /// A repository name as the job names it: `default` is `[repository]`.
-fn repository(
+pub(crate) fn repository(
     file: &Path,
     text: &str,
     engine: &EngineConfig,
-    v: &Spanned<String>,
+    (name, at): (&str, usize),
 ) -> Result<Option<String>, ConfigError> {
-    let name = v.get_ref();
     if name == "default" {
         return Ok(None);
     }
     if engine.repositories.contains_key(name) {
-        return Ok(Some(name.clone()));
+        return Ok(Some(name.to_string()));
     }
     let known: Vec<&str> = engine.repositories.keys().map(String::as_str).collect();
     Err(ConfigError::at(
         file,
         text,
-        v.span().start,
+        at,
         format!("no repository named {name:?}"),
         format!("\"default\" or one of {known:?} ([repositories.NAME])"),
     ))
 }
 
-fn schedule(file: &Path, text: &str, m: &SyncModel, at: usize) -> Result<Schedule, ConfigError> {
+/// A table's `cron`, `every` and `timezone` keys.
+pub(crate) type When<'a> = (
+    &'a Option<Spanned<String>>,
+    &'a Option<Spanned<String>>,
+    &'a Option<Spanned<String>>,
+);
+
+/// The schedule of a table with `every` or `cron` (+ `timezone`), as policies write it;
+/// `what` names the table in the error ("a sync job").
+pub(crate) fn schedule_of(
+    (file, text): (&Path, &str),
+    at: usize,
+    (cron, every, timezone): When<'_>,
+    what: &str,
+) -> Result<Schedule, ConfigError> {
     let err = |at: usize, msg: String, exp: &str| Err(ConfigError::at(file, text, at, msg, exp));
-    match (&m.cron, &m.every) {
+    match (cron, every) {
         (Some(cron), None) => {
-            let tz = match &m.timezone {
+            let tz = match timezone {
                 None => chrono_tz::Tz::UTC,
                 Some(t) => match t.get_ref().parse::<chrono_tz::Tz>() {
                     Ok(tz) => tz,
@@ -122,7 +136,7 @@ fn schedule(file: &Path, text: &str, m: &SyncModel, at: usize) -> Result<Schedul
         },
         _ => err(
             at,
-            "a sync job needs exactly one of cron and every".into(),
+            format!("{what} needs exactly one of cron and every"),
             "cron = \"0 3 * * *\" or every = \"6h\"",
         ),
     }
@@ -138,8 +152,18 @@ pub fn parse(file: &Path, text: &str, engine: &EngineConfig) -> Result<Vec<SyncJ
     for (name, m) in model.sync {
         let at = m.span().start;
         let m = m.into_inner();
-        let source = repository(file, text, engine, &m.source)?;
-        let destination = repository(file, text, engine, &m.destination)?;
+        let source = repository(
+            file,
+            text,
+            engine,
+            (m.source.get_ref(), m.source.span().start),
+        )?;
+        let destination = repository(
+            file,
+            text,
+            engine,
+            (m.destination.get_ref(), m.destination.span().start),
+        )?;
         if source == destination {
             return Err(ConfigError::at(
                 file,
@@ -150,7 +174,12 @@ pub fn parse(file: &Path, text: &str, engine: &EngineConfig) -> Result<Vec<SyncJ
             ));
         }
         jobs.push(SyncJob {
-            schedule: schedule(file, text, &m, at)?,
+            schedule: schedule_of(
+                (file, text),
+                at,
+                (&m.cron, &m.every, &m.timezone),
+                "a sync job",
+            )?,
             name,
             source,
             destination,
@@ -161,24 +190,6 @@ pub fn parse(file: &Path, text: &str, engine: &EngineConfig) -> Result<Vec<SyncJ
         });
     }
     Ok(jobs)
-}
-
-/// Per job: Unix time of its last success, and failed runs since the daemon started.
-type Status = BTreeMap<String, (Option<i64>, u64)>;
-
-fn status() -> &'static Mutex<Status> {
-    static STATUS: OnceLock<Mutex<Status>> = OnceLock::new();
-    STATUS.get_or_init(Default::default)
-}
-
-fn record(name: &str, ok: bool) {
-    let mut s = status().lock().unwrap_or_else(|p| p.into_inner());
-    let e = s.entry(name.to_string()).or_default();
-    if ok {
-        e.0 = Some(Utc::now().timestamp());
-    } else {
-        e.1 += 1;
-    }
 }
 
 /// One run of a job; what the catalog records of it.
@@ -205,62 +216,8 @@ async fn run_once(env: &Env, job: &SyncJob) -> Result<JobOutcome, virtkeep_engin
     })
 }
 
-/// A sync run in the catalog (`kind = "sync"`, no host, `vm` = the job's name): it
-/// starts as running on this node and ends with the run's outcome, or as failed when
-/// the task is aborted (the daemon stops or loses the lead) and this guard is dropped.
-struct Recorded {
-    catalog: Arc<Catalog>,
-    id: Option<i64>,
-}
-
-impl Recorded {
-    fn start(catalog: Arc<Catalog>, env: &Env, name: &str) -> Recorded {
-        let request = serde_json::json!({ "kind": "sync", "name": name }).to_string();
-        let lease = i64::try_from(env.daemon.lease.as_secs()).unwrap_or(i64::MAX);
-        let started = catalog.start_job(
-            &NewJob {
-                run_id: None,
-                kind: "sync",
-                host: "",
-                vm: name,
-                policy: None,
-                request: &request,
-                attempt: 1,
-                retry_of: None,
-                priority: 0,
-                not_before: now(),
-            },
-            &env.daemon.node,
-            now().saturating_add(lease),
-        );
-        let id = started
-            .map_err(|e| tracing::warn!(sync = %name, "sync run not recorded in the catalog: {e}"))
-            .ok();
-        Recorded { catalog, id }
-    }
-
-    fn finish(mut self, o: &JobOutcome) {
-        if let Some(id) = self.id.take()
-            && let Err(e) = self.catalog.finish_job(id, o)
-        {
-            tracing::warn!(job = id, "sync run's end not recorded in the catalog: {e}");
-        }
-    }
-}
-
-impl Drop for Recorded {
-    fn drop(&mut self) {
-        if let Some(id) = self.id.take() {
-            let _ = self.catalog.finish_job(
-                id,
-                &JobOutcome {
-                    error: Some("stopped: the daemon ended or this node lost the lead; the next run continues without re-sending what arrived".into()),
-                    ..Default::default()
-                },
-            );
-        }
-    }
-}
+/// What a sync run aborted halfway records.
+const STOPPED: &str = "stopped: the daemon ended or this node lost the lead; the next run continues without re-sending what arrived";
 
 /// Starts one task per sync job; each runs at its schedule's times (an interval at
 /// once, a cron expression at its next time) until the daemon ends.
@@ -270,11 +227,6 @@ pub fn spawn(env: Arc<Env>, catalog: Arc<Catalog>) -> Vec<tokio::task::JoinHandl
         .iter()
         .cloned()
         .map(|job| {
-            status()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(job.name.clone())
-                .or_default();
             let env = env.clone();
             let catalog = catalog.clone();
             tokio::spawn(async move {
@@ -283,7 +235,8 @@ pub fn spawn(env: Arc<Env>, catalog: Arc<Catalog>) -> Vec<tokio::task::JoinHandl
                     let wait = (at - Utc::now()).to_std().unwrap_or_default();
                     tokio::time::sleep(wait).await;
                     tracing::info!(sync = %job.name, "sync starting");
-                    let recorded = Recorded::start(catalog.clone(), &env, &job.name);
+                    let recorded =
+                        Recorded::start(catalog.clone(), &env, "sync", &job.name, STOPPED);
                     let t0 = std::time::Instant::now();
                     let res = run_once(&env, &job).await;
                     let mut outcome = res.as_ref().cloned().unwrap_or_else(|e| {
@@ -294,8 +247,7 @@ pub fn spawn(env: Arc<Env>, catalog: Arc<Catalog>) -> Vec<tokio::task::JoinHandl
                         }
                     });
                     outcome.duration = Some(t0.elapsed().as_secs_f64());
-                    recorded.finish(&outcome);
-                    record(&job.name, res.is_ok());
+                    recorded.finish(&outcome).await;
                     next = job.schedule.next_after(Utc::now().max(at));
                 }
             })
@@ -303,48 +255,25 @@ pub fn spawn(env: Arc<Env>, catalog: Arc<Catalog>) -> Vec<tokio::task::JoinHandl
         .collect()
 }
 
-/// The sync jobs' series in the Prometheus text format; `recorded` are the sync runs'
-/// figures in the catalog (`vm` is the job's name), so a last success survives restarts.
-pub fn render_metrics(out: &mut String, recorded: &[crate::catalog::VmStats]) {
-    use std::fmt::Write;
-    let mut s = status().lock().unwrap_or_else(|p| p.into_inner()).clone();
-    for r in recorded {
-        if let Some(e) = s.get_mut(&r.vm) {
-            e.0 = e.0.max(r.last_success);
-        }
-    }
-    if s.is_empty() {
-        return;
-    }
-    let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
-    let _ = writeln!(
+/// The sync jobs' series in the Prometheus text format, from the catalog's sync runs
+/// (`recorded`, `vm` is the job's name) and the configured jobs (`configured`, which
+/// have a series before their first run): every node of a cluster exports the same
+/// figures, not only the leader that runs the syncs.
+pub fn render_metrics(
+    out: &mut String,
+    configured: &[SyncJob],
+    recorded: &[crate::catalog::VmStats],
+) {
+    crate::metrics::per_name(
         out,
-        "# HELP virtkeep_sync_last_success_timestamp_seconds Unix time of the sync job's last success (in the catalog), 0 when none."
+        ("sync", "sync"),
+        configured.iter().map(|j| j.name.as_str()),
+        recorded,
+        [
+            "Unix time of the sync job's last success (in the catalog), 0 when none.",
+            "Failed runs of the sync job in the catalog's job history.",
+        ],
     );
-    let _ = writeln!(
-        out,
-        "# TYPE virtkeep_sync_last_success_timestamp_seconds gauge"
-    );
-    for (name, (ok, _)) in &s {
-        let _ = writeln!(
-            out,
-            "virtkeep_sync_last_success_timestamp_seconds{{sync=\"{}\"}} {}",
-            label(name),
-            ok.unwrap_or(0)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP virtkeep_sync_failures_total Failed runs of the sync job since the daemon started."
-    );
-    let _ = writeln!(out, "# TYPE virtkeep_sync_failures_total counter");
-    for (name, (_, failed)) in &s {
-        let _ = writeln!(
-            out,
-            "virtkeep_sync_failures_total{{sync=\"{}\"}} {failed}",
-            label(name)
-        );
-    }
 }
 
 #[cfg(test)]

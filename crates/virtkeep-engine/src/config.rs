@@ -39,6 +39,9 @@ pub struct Config {
     /// `[sync.NAME]` jobs of virtkeep-daemon, opaque here like `policies`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sync: BTreeMap<String, serde_json::Value>,
+    /// `[maintenance.REPOSITORY]` GC and verify schedules of virtkeep-daemon, opaque here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub maintenance: BTreeMap<String, serde_json::Value>,
 }
 
 /// How to reach and use one hypervisor.

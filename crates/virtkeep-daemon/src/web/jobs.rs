@@ -85,7 +85,9 @@ fn filters(q: &JobsQuery) -> Markup {
 }
 
 fn cancel_button(j: &JobRecord, v: &Viewer) -> Markup {
-    let open = matches!(j.status, JobStatus::Queued | JobStatus::Running);
+    // Only where the API would cancel: never on a sync, GC or verify run.
+    let open = matches!(j.status, JobStatus::Queued | JobStatus::Running)
+        && crate::daemon::cancellable(&j.kind);
     html! {
         @if open && v.may(Action::cancel_of(&j.kind)) {
             form method="post" action={"/ui/jobs/" (j.id) "/cancel"} {
@@ -191,7 +193,9 @@ pub async fn show(
             );
         }
     };
-    let open = matches!(j.status, JobStatus::Queued | JobStatus::Running);
+    // Only where the API would cancel: never on a sync, GC or verify run.
+    let open = matches!(j.status, JobStatus::Queued | JobStatus::Running)
+        && crate::daemon::cancellable(&j.kind);
     let field =
         |k: &str, val: Option<String>| html! { @if let Some(x) = val { dt { (k) } dd { (x) } } };
     let body = html! {
@@ -341,6 +345,13 @@ pub async fn cancel(
     };
     if let Some(r) = v.refuse(Action::cancel_of(&job.kind)) {
         return r;
+    }
+    if !crate::daemon::cancellable(&job.kind) {
+        return page_error(
+            StatusCode::CONFLICT,
+            "Cannot be cancelled",
+            &crate::api::not_cancellable(&job),
+        );
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     if s.api
@@ -517,5 +528,49 @@ pub async fn start_backup(
     match submit(&s, job).await {
         Ok(id) => Redirect::to(&format!("/ui/jobs/{id}")).into_response(),
         Err(r) => *r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scope::Scope;
+    use crate::web::session::Sessions;
+
+    #[test]
+    fn cancel_is_offered_only_where_the_api_cancels() {
+        let sessions = Sessions::default();
+        let id = sessions.create(Scope::Admin, 0).expect("session");
+        let v = Viewer {
+            session: sessions.get(&id).expect("get"),
+            id,
+        };
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = crate::catalog::Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
+        for (kind, offered) in [
+            ("backup", true),
+            ("verify_boot", true),
+            ("sync", false),
+            ("gc", false),
+            ("verify", false),
+        ] {
+            let new = crate::catalog::NewJob {
+                run_id: None,
+                kind,
+                host: "",
+                vm: "x",
+                policy: None,
+                request: "{}",
+                attempt: 1,
+                retry_of: None,
+                priority: 0,
+                not_before: 0,
+            };
+            let id = c.start_job(&new, "n1", i64::MAX / 2).expect("start");
+            let running = c.job(id).expect("job");
+            assert_eq!(running.status, JobStatus::Running);
+            let html = cancel_button(&running, &v).into_string();
+            assert_eq!(html.contains(">Cancel<"), offered, "{kind}: {html}");
+        }
     }
 }

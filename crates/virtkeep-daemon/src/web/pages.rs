@@ -93,7 +93,7 @@ fn selected_vms(
 }
 
 /// Why the chain is where it is, from the VM's newest jobs (newest first).
-fn chain_state(jobs: &[JobRecord]) -> String {
+fn chain_state(jobs: &[JobRecord], t: i64) -> String {
     let ok: Vec<&JobRecord> = jobs
         .iter()
         .filter(|j| j.kind == "backup" && j.status == JobStatus::Succeeded)
@@ -106,13 +106,11 @@ fn chain_state(jobs: &[JobRecord]) -> String {
             .iter()
             .take_while(|j| j.mode.as_deref() != Some("full"))
             .count();
-        // Minutes are enough here (and shorter, on a page of hundreds of rows).
-        let base = ok
-            .get(n)
-            .and_then(|j| j.finished.as_deref())
-            .map(|t| t.get(..16).unwrap_or(t).replace('T', " "));
+        // An age like the rest of the page (and shorter than a date, on a page of
+        // hundreds of rows).
+        let base = ok.get(n).and_then(|j| j.finished.as_deref()).and_then(unix);
         return match base {
-            Some(t) => format!("incremental {n} since the full of {t}"),
+            Some(f) => format!("incremental {n} since the full {} ago", age(t - f)),
             None => format!("incremental {n} (the full is older than the catalog's history)"),
         };
     }
@@ -234,7 +232,7 @@ pub fn dashboard_rows(daemon: &DaemonConfig, catalog: &Catalog) -> crate::Result
                 boot.as_ref(),
                 t,
             ),
-            chain: chain_state(&jobs),
+            chain: chain_state(&jobs, t),
             host,
             vm,
             policies,
@@ -304,7 +302,8 @@ fn boot_cell(row: &VmRow, t: i64) -> Markup {
 
 /// One row. The markup is terse on purpose (issue 23's benchmark: 500 VMs in < 200 KiB):
 /// the phone layout's cell labels come from the stylesheet (`table.vms` column order),
-/// not from a `data-label` on every cell, and all buttons share one form.
+/// not from a `data-label` on every cell, and all buttons share one form (around the
+/// table, so no button needs a `form` attribute).
 fn dashboard_row(row: &VmRow, viewer: &Viewer, t: i64) -> Markup {
     let class = row.health.class();
     // Only failing and stale rows are tinted: `ok` rows need no class.
@@ -324,7 +323,7 @@ fn dashboard_row(row: &VmRow, viewer: &Viewer, t: i64) -> Markup {
                 @if let Some(j) = &row.open {
                     a href={"/ui/jobs/" (j.id)} { (j.status.as_str()) " (job " (j.id) ")" }
                 } @else if viewer.may(Action::SubmitBackup) {
-                    button form="b" name="t" value={(row.host) "/" (row.vm)}
+                    button name="t" value={(row.host) "/" (row.vm)}
                         aria-label={"Back up " (row.vm) " now"} { "Back up now" }
                 }
             }
@@ -343,21 +342,27 @@ fn dashboard_body(rows: &[VmRow], v: &Viewer, t: i64) -> Markup {
             li.good { strong { (count(Health::Ok)) } " ok" }
             li { strong { (running) } " queued or running" }
         }
-        @if v.may(Action::SubmitBackup) {
-            form #b method="post" action="/ui/backup" { (v.csrf_field()) }
-        }
         @if rows.is_empty() {
             p { "No policy selects a VM yet, and nothing was backed up." }
+        } @else if v.may(Action::SubmitBackup) {
+            form method="post" action="/ui/backup" { (v.csrf_field()) (vm_table(rows, v, t)) }
         } @else {
-            table.vms {
-                caption { "VMs the policies select, failing first" }
-                thead { tr {
-                    th scope="col" { "Status" } th scope="col" { "VM" } th scope="col" { "Last backup" }
-                    th scope="col" { "Chain" } th scope="col" { "Next run" }
-                    th scope="col" { "Now" }
-                } }
-                tbody { @for r in rows { (dashboard_row(r, v, t)) } }
-            }
+            (vm_table(rows, v, t))
+        }
+    }
+}
+
+/// The VM table (inside the backup form when the viewer may start backups).
+fn vm_table(rows: &[VmRow], v: &Viewer, t: i64) -> Markup {
+    html! {
+        table.vms {
+            caption { "VMs the policies select, failing first" }
+            thead { tr {
+                th scope="col" { "Status" } th scope="col" { "VM" } th scope="col" { "Last backup" }
+                th scope="col" { "Chain" } th scope="col" { "Next run" }
+                th scope="col" { "Now" }
+            } }
+            tbody { @for r in rows { (dashboard_row(r, v, t)) } }
         }
     }
 }
@@ -366,7 +371,11 @@ pub async fn dashboard(
     State(s): State<Arc<WebState>>,
     Extension(v): Extension<Viewer>,
 ) -> Response {
-    let rows = match blocking(&s, |s| dashboard_rows(&s.api.env.daemon, &s.api.catalog)).await {
+    let rows = blocking(&s, |s| {
+        let (d, c) = (&s.api.env.daemon, &s.api.catalog);
+        Ok::<_, crate::DaemonError>((dashboard_rows(d, c)?, super::repo_stats::maintained(d, c)?))
+    });
+    let (rows, maintained) = match rows.await {
         Err(r) => return r,
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -381,7 +390,7 @@ pub async fn dashboard(
         .iter()
         .filter_map(|r| r.last_ok.as_ref()?.finished.as_deref().and_then(unix))
         .max();
-    let repo = super::repo_stats::card(s.repo_stats.current(&s, newest));
+    let repo = super::repo_stats::card(s.repo_stats.current(&s, newest), &maintained, now());
     let body = html! { (dashboard_body(&rows, &v, now())) (repo) };
     layout("Dashboard", Some(&v), body).into_response()
 }
@@ -610,7 +619,7 @@ mod tests {
         );
         let vm1 = rows.iter().find(|r| r.vm == "vm0001").expect("vm1");
         assert!(
-            vm1.chain.starts_with("incremental 2 since the full of "),
+            vm1.chain.starts_with("incremental 2 since the full ") && vm1.chain.ends_with(" s ago"),
             "{}",
             vm1.chain
         );
@@ -677,7 +686,14 @@ mod tests {
             let start = Instant::now();
             let rows = dashboard_rows(&daemon, &catalog).expect("rows");
             let queried = start.elapsed();
-            let page = layout("Dashboard", Some(&v), dashboard_body(&rows, &v, now())).0;
+            let m = crate::web::repo_stats::maintained(&daemon, &catalog).expect("maintained");
+            let card = crate::web::repo_stats::card(None, &m, now());
+            let page = layout(
+                "Dashboard",
+                Some(&v),
+                html! { (dashboard_body(&rows, &v, now())) (card) },
+            )
+            .0;
             best = best.min(start.elapsed());
             query = query.min(queried);
             size = page.len();

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::TryStreamExt;
 use maud::{Markup, html};
 
-use super::view::{WebState, age, bytes};
+use super::view::{WebState, age, bytes, unix};
+use crate::catalog::{Catalog, JobRecord, JobStatus};
+use crate::policy::DaemonConfig;
 
 /// Figures older than this are counted again (in the background) when the dashboard is shown.
 pub const REFRESH: Duration = Duration::from_secs(600);
@@ -144,8 +146,58 @@ impl RepoStats {
     }
 }
 
+/// The default repository's maintenance as the card shows it: the newest finished GC
+/// and verify runs of `[maintenance.default]` (catalog jobs), and whether they are
+/// scheduled.
+#[derive(Debug, Clone, Default)]
+pub struct Maintained {
+    pub gc: Option<JobRecord>,
+    pub verify: Option<JobRecord>,
+    pub gc_scheduled: bool,
+    pub verify_scheduled: bool,
+}
+
+/// The default repository's last GC and verify runs, from the catalog.
+pub fn maintained(daemon: &DaemonConfig, catalog: &Catalog) -> crate::Result<Maintained> {
+    let last = |kind: &str| -> crate::Result<Option<JobRecord>> {
+        let jobs = catalog.last_jobs(kind)?;
+        Ok(jobs
+            .into_iter()
+            .find(|j| j.host.is_empty() && j.vm == "default"))
+    };
+    let m = daemon.maintenance.iter().find(|m| m.repository.is_none());
+    Ok(Maintained {
+        gc: last("gc")?,
+        verify: last("verify")?,
+        gc_scheduled: m.is_some_and(|m| m.gc.is_some()),
+        verify_scheduled: m.is_some_and(|m| m.verify.is_some()),
+    })
+}
+
+/// A maintenance task's last run: result (linked to its job), age, what it did.
+fn last_run(j: &Option<JobRecord>, scheduled: bool, now: i64) -> Markup {
+    html! {
+        @match j {
+            Some(j) => {
+                a href={"/ui/jobs/" (j.id)} {
+                    @if j.status == JobStatus::Succeeded { "ok" } @else { b.bad { (j.status.as_str()) } }
+                }
+                @if let Some(t) = j.finished.as_deref().and_then(unix) { " " (age(now - t)) " ago" }
+                @if let Some(n) = &j.note { br; small { (n) } }
+                @if let Some(e) = &j.error { br; small.error { (e) } }
+            }
+            None if scheduled => "scheduled, not run yet",
+            None => small.hint { "not scheduled ([maintenance.default] in the daemon's configuration)" },
+        }
+    }
+}
+
 /// The card: usage, dedup ratio, GC and verify state.
-pub fn card(current: Option<(Duration, Result<RepoFigures, String>)>) -> Markup {
+pub fn card(
+    current: Option<(Duration, Result<RepoFigures, String>)>,
+    m: &Maintained,
+    now: i64,
+) -> Markup {
     html! {
         section.card aria-labelledby="repo-h" {
             h2 #repo-h { "Repository" }
@@ -162,10 +214,13 @@ pub fn card(current: Option<(Duration, Result<RepoFigures, String>)>) -> Markup 
                             Some(secs) => { b.warn { "running" } " for " (age(secs as i64)) }
                             None => "not running",
                         }
-                        small.hint { " The daemon does not run GC or verify (`virtkeep gc`, `virtkeep verify`: the operator or a timer), and no record of their last runs is kept yet." }
                     }
                     dt { "Counted" } dd { (age(old.as_secs() as i64)) " ago" }
                 },
+            }
+            dl {
+                dt { "Last GC" } dd { (last_run(&m.gc, m.gc_scheduled, now)) }
+                dt { "Last verify" } dd { (last_run(&m.verify, m.verify_scheduled, now)) }
             }
         }
     }
@@ -186,7 +241,8 @@ mod tests {
             gc_running: Some(300),
         };
         assert_eq!(f.dedup_ratio(), 5.0);
-        let page = card(Some((Duration::from_secs(30), Ok(f.clone())))).into_string();
+        let none = Maintained::default();
+        let page = card(Some((Duration::from_secs(30), Ok(f.clone()))), &none, 0).into_string();
         for want in [
             "1.0 MiB in 10 chunks",
             "3, holding 5.0 MiB",
@@ -203,12 +259,96 @@ mod tests {
         };
         assert_eq!(idle.dedup_ratio(), 0.0);
         assert!(
-            card(Some((Duration::ZERO, Ok(idle))))
+            card(Some((Duration::ZERO, Ok(idle))), &none, 0)
                 .into_string()
                 .contains("not running")
         );
-        assert!(card(None).into_string().contains("Counting"));
-        let failed = card(Some((Duration::ZERO, Err("no such bucket".into())))).into_string();
+        assert!(card(None, &none, 0).into_string().contains("Counting"));
+        let failed = card(
+            Some((Duration::ZERO, Err("no such bucket".into()))),
+            &none,
+            0,
+        )
+        .into_string();
         assert!(failed.contains("could not be counted: no such bucket"));
+    }
+
+    #[test]
+    fn the_card_links_the_last_gc_and_verify_runs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
+        let run = |kind: &str, vm: &str, o: crate::catalog::JobOutcome| {
+            let id = c
+                .start_job(
+                    &crate::catalog::NewJob {
+                        run_id: None,
+                        kind,
+                        host: "",
+                        vm,
+                        policy: None,
+                        request: "{}",
+                        attempt: 1,
+                        retry_of: None,
+                        priority: 0,
+                        not_before: 0,
+                    },
+                    "n1",
+                    i64::MAX / 2,
+                )
+                .expect("start");
+            c.finish_job(id, &o).expect("finish");
+            id
+        };
+        let gc = run(
+            "gc",
+            "default",
+            crate::catalog::JobOutcome {
+                note: Some("3 chunks removed".into()),
+                ..Default::default()
+            },
+        );
+        // Another repository's verify is not the default one's.
+        run("verify", "offsite", Default::default());
+        let bad = run(
+            "verify",
+            "default",
+            crate::catalog::JobOutcome {
+                error: Some("1 missing".into()),
+                ..Default::default()
+            },
+        );
+        let daemon = DaemonConfig::parse(
+            std::path::Path::new("/c.toml"),
+            "[maintenance.default.gc]\nevery = \"1d\"\n",
+            &toml::from_str(
+                "[repository]\nlocation = \"/r\"\n[repositories.offsite]\nlocation = \"/o\"\n",
+            )
+            .expect("engine"),
+        )
+        .expect("daemon config");
+        let m = maintained(&daemon, &c).expect("maintained");
+        assert!(m.gc_scheduled && !m.verify_scheduled);
+        let page = card(None, &m, crate::catalog::now() + 120).into_string();
+        for want in [
+            format!("href=\"/ui/jobs/{gc}\">ok</a> 2 min ago"),
+            "3 chunks removed".into(),
+            format!("href=\"/ui/jobs/{bad}\"><b class=\"bad\">failed</b></a>"),
+            "1 missing".into(),
+        ] {
+            assert!(page.contains(&want), "{want}: {page}");
+        }
+        let never = card(
+            None,
+            &Maintained {
+                gc_scheduled: true,
+                ..Default::default()
+            },
+            0,
+        )
+        .into_string();
+        assert!(
+            never.contains("scheduled, not run yet") && never.contains("not scheduled"),
+            "{never}"
+        );
     }
 }

@@ -7,9 +7,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
 use virtkeep_lab::TestVm;
 
-use crate::daemon::{Daemon, TOKEN, append_config, catalog, jobs};
+use crate::daemon::{Daemon, TOKEN, append_config, catalog, http, jobs};
 use crate::harness::{HOST, Node};
 
 const MIB: u64 = 1 << 20;
@@ -565,6 +566,11 @@ fn web_console_over_http() {
         &vm.name,
         &node.dir.path().join("operate.tokens"),
     );
+    // GC and verify of the repository at start (intervals start at once), then hourly.
+    append_config(
+        &node,
+        "\n[maintenance.default]\ngc = { every = \"1h\" }\nverify = { every = \"1h\", read_data = true }\n",
+    );
     let mut daemon = Daemon::start_env(&node, None, &[("VKW_ADMIN_TOKEN", ADMIN)]);
     daemon.wait_log("API listening", 30);
 
@@ -605,7 +611,12 @@ fn web_console_over_http() {
         },
     );
     assert_eq!(a.status, 403, "cross-site: {}", a.body);
-    assert!(jobs(&node).is_empty(), "refused forms queued nothing");
+    assert!(
+        jobs(&node)
+            .iter()
+            .all(|j| j["kind"] == "gc" || j["kind"] == "verify"),
+        "refused forms queued nothing"
+    );
     // The VM's lock held on the host: the first job waits in it (a backup waits up to
     // 60 s), so the second stays queued (one job per VM) however fast backups are.
     let mut holder = hold_vm_lock(&node, &vm.name);
@@ -666,6 +677,7 @@ fn web_console_over_http() {
         assert!(Instant::now() < deadline, "no repository figures: {dash}");
         std::thread::sleep(Duration::from_secs(2));
     }
+    check_maintenance(port, &node, &op);
     let listed = get(
         port,
         "/ui/jobs?status=succeeded&kind=backup",
@@ -721,6 +733,67 @@ fn web_console_over_http() {
     check_boot_verify_state(port, &node, &vm.name, &snapshot);
 }
 
+/// `[maintenance.default]` ran a GC and a verify as catalog jobs: in the job list, on
+/// the repository card (linked), in `/metrics`; neither offers a Cancel the API would
+/// refuse, and a DELETE of one answers 409.
+fn check_maintenance(port: u16, node: &Node, b: &Browser) {
+    let all = jobs(node);
+    let find = |kind: &str| {
+        all.iter()
+            .find(|j| j["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} job: {all:?}"))
+    };
+    let (gc, verify) = (find("gc"), find("verify"));
+    for j in [gc, verify] {
+        assert_eq!(
+            (&j["status"], &j["vm"], &j["host"]),
+            (&json!("succeeded"), &json!("default"), &json!("")),
+            "{j}"
+        );
+    }
+    assert!(
+        verify["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("chunks read")),
+        "{verify}"
+    );
+    let dash = get(port, "/ui/", Some(&b.cookie)).body;
+    for (what, j) in [("GC", gc), ("verify", verify)] {
+        let want = format!(
+            "<dt>Last {what}</dt><dd><a href=\"/ui/jobs/{}\">ok</a>",
+            j["id"]
+        );
+        assert!(dash.contains(&want), "{want}: {dash}");
+    }
+    // Admin may cancel every kind the API cancels: still no button on a GC run.
+    let admin = login(port, ADMIN);
+    let page = get(port, &format!("/ui/jobs/{}", gc["id"]), Some(&admin.cookie)).body;
+    assert!(
+        page.contains("chunks removed") && !page.contains(">Cancel<"),
+        "{page}"
+    );
+    let (status, body) = http(
+        port,
+        "DELETE",
+        &format!("/api/jobs/{}", gc["id"]),
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("cannot be cancelled"), "{body}");
+    let (_, metrics) = http(port, "GET", "/metrics", Some(OPERATE), None);
+    for k in ["gc", "verify"] {
+        let series =
+            format!("virtkeep_{k}_last_success_timestamp_seconds{{repository=\"default\"}} ");
+        let t: i64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series}: {metrics}"));
+        assert!(t > 0, "{series}{t}");
+    }
+}
+
 /// The dashboard shows a VM's newest boot verification under its status, red and failing
 /// when it did not pass, with a link to the job. The record is written into the daemon's
 /// catalog the way `verify_jobs` writes it (a running job, then its outcome), while the
@@ -753,6 +826,22 @@ fn check_boot_verify_state(port: u16, node: &Node, vm: &str, snapshot: &str) {
         ..Default::default()
     };
     cat.finish_job(id, &outcome).expect("finish");
+    // A sync run this node left running (killed mid-run, or its finish never recorded):
+    // the next start ends it as interrupted, without the VM jobs' "healed and retried".
+    let orphan = cat
+        .start_job(
+            &NewJob {
+                kind: "sync",
+                host: "",
+                vm: "offsite",
+                policy: None,
+                request: "{}",
+                ..job.clone()
+            },
+            "vkw-test",
+            now() + 600,
+        )
+        .expect("start sync");
     drop(cat);
     let mut daemon = Daemon::start_env(node, None, &[("VKW_ADMIN_TOKEN", ADMIN)]);
     daemon.wait_log("API listening", 30);
@@ -760,6 +849,24 @@ fn check_boot_verify_state(port: u16, node: &Node, vm: &str, snapshot: &str) {
     let dash = get(port, "/ui/", Some(&b.cookie)).body;
     let link = format!("<a href=\"/ui/jobs/{id}\">boot failed ");
     assert!(dash.contains(&link), "{dash}");
+    let all = jobs(node);
+    let sync = all.iter().find(|j| j["id"] == orphan).expect("sync row");
+    assert_eq!(sync["status"], "failed", "{sync}");
+    let e = sync["error"].as_str().unwrap_or_default();
+    assert!(
+        e.starts_with("interrupted") && !e.contains("healed"),
+        "{sync}"
+    );
+    // The restart keeps the maintenance rhythm: the hourly GC and verify that ran at the
+    // first start are not run again (the dashboard above came after the schedules began).
+    let kinds: Vec<Value> = all.iter().map(|j| j["kind"].clone()).collect();
+    for k in ["gc", "verify"] {
+        assert_eq!(
+            kinds.iter().filter(|j| *j == k).count(),
+            1,
+            "{k}: {kinds:?}"
+        );
+    }
     let row = dash.split("<tr").find(|r| r.contains(&link)).expect("row");
     assert!(
         row.contains("class=\"bad\"") && row.contains(">failing<") && row.contains(vm),
