@@ -75,7 +75,7 @@ sweep_dead() {
   local listing name kind doms=() lvs=()
   listing=$(gssh 60 "virsh -q -c qemu:///system list --all --name | sed 's/^/dom /'; lvs --noheadings -o lv_name $HVM_VG 2>/dev/null | sed 's/^ */lv /'") || return 0
   while read -r kind name; do
-    [[ $name =~ ^vkt-[a-z0-9.+_-]+$ ]] || continue
+    [[ $name =~ ^vkt-[A-Za-z0-9.+_-]+$ ]] || continue
     owner_alive "$name" && continue
     case $kind in
       dom) doms+=("$name") ;;
@@ -85,7 +85,7 @@ sweep_dead() {
   ((${#doms[@]} + ${#lvs[@]})) || return 0
   hlog "sweep: domains ${doms[*]:-none}, LVs ${lvs[*]:-none}"
   local cmd=":" n
-  # names are [a-z0-9-]: safe on a command line
+  # names are [A-Za-z0-9.+_-] (matched above): safe on a command line
   for n in "${doms[@]}"; do cmd+="; virsh -q -c qemu:///system destroy $n >/dev/null 2>&1; virsh -q -c qemu:///system undefine $n >/dev/null 2>&1"; done
   # snapshots first (an origin with snapshots needs them gone)
   for n in "${lvs[@]}"; do [[ $n == *-vksnap-* ]] && cmd+="; lvremove -q -f $HVM_VG/$n"; done
