@@ -27,8 +27,16 @@ pub async fn cleanup_vm(host: &Host, vm_key: &str, dry_run: bool) -> Result<Heal
 pub async fn cleanup_host(host: &Host, dry_run: bool) -> Result<Vec<HealReport>> {
     let mut reports = cleanup_restores(host, dry_run).await?;
     reports.extend(cleanup_verifications(host, dry_run).await?);
+    let live =
+        crate::cleanup_live::cleanup_live_restores(host, dry_run, CLEANUP_LOCK_WAIT_SECS).await?;
+    reports.extend(live.reports);
     let uuids = host.run_string(&host.virsh().list_all_uuids()).await?;
     for uuid in uuids.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        // A live restore's domain runs on overlays over the backup, not a backup's
+        // overlays: healing would commit or abort what the live restore does.
+        if live.domains.contains(uuid) {
+            continue;
+        }
         // A killed node's lock goes away once sshd has torn its session down (seconds);
         // a running backup's stays, and that VM is skipped.
         let lock = match host.lock_vm(uuid, CLEANUP_LOCK_WAIT_SECS).await {

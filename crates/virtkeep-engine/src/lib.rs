@@ -8,6 +8,7 @@
 pub mod backup;
 pub mod cbt;
 pub mod cleanup;
+pub mod cleanup_live;
 pub mod config;
 pub mod define;
 pub mod error;

@@ -42,6 +42,13 @@ use crate::restore::{Destination, DiskCheck, Place, Storage};
 pub const HOLD_BEFORE_COPY: &str = "live-restore-running";
 /// Failpoint: held once the destinations are chosen and checked, before any is created.
 pub const HOLD_PLANNED: &str = "live-restore-planned";
+/// A live restore's job directory and host lock are named this and 12 hex digits.
+pub const JOB_PREFIX: &str = "live-";
+/// In the job directory: the new domain's UUID, written before it is defined.
+pub const UUID_FILE: &str = "uuid";
+/// In the job directory: written right before the domain is started. Once it exists
+/// the guest may have run and written into its overlays: `cleanup` never removes it.
+pub const STARTED_FILE: &str = "started";
 
 /// The outcome of a live restore (stable `--json`: additions only).
 #[derive(Debug, Clone, Serialize)]
@@ -85,8 +92,20 @@ pub async fn restore_live(
                 .hint("live restore makes a new domain: choose another --name"),
         );
     }
-    let job = format!("live-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let live = LiveBackup::start(host, repo, id, &job).await?;
+    let job = format!(
+        "{JOB_PREFIX}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    // Held until the end, taken before the job directory exists: `cleanup` touches a
+    // live restore's leftovers only once this lock is gone (its node killed).
+    let lock = host.lock_vm(&job, 0).await?;
+    let live = match LiveBackup::start(host, repo, id, &job).await {
+        Ok(live) => live,
+        Err(e) => {
+            lock.release().await;
+            return Err(e);
+        }
+    };
     let uuid = uuid::Uuid::new_v4().to_string();
     let res = match plan(host, &live, name, &job).await {
         // Only what this run made is rolled back: `made` records, per disk, what was
@@ -111,6 +130,7 @@ pub async fn restore_live(
         Err(e) => Err(e),
     };
     live.finish(host).await;
+    lock.release().await;
     let ((running, copied), disks) = res?;
     Ok(LiveRestoreResult {
         snapshot: id.to_string(),
@@ -317,11 +337,16 @@ async fn define_and_start(
     let xml = isolate_for_boot(&xml, &iso)?;
     let xml_path = format!("{}/domain.xml", live.dir());
     host.upload(&xml_path, xml.as_bytes()).await?;
+    // For `cleanup` after a killed node: which domain is this job's.
+    host.upload(&format!("{}/{UUID_FILE}", live.dir()), uuid.as_bytes())
+        .await?;
     // libvirt refuses the definition when a domain named `name` appeared since the
     // check (its UUID is not ours): no existing domain is ever redefined.
     host.run(&host.virsh().define(&xml_path))
         .await
         .map_err(|e| e.context(format!("defining {name}")))?;
+    host.upload(&format!("{}/{STARTED_FILE}", live.dir()), b"")
+        .await?;
     host.run(&host.virsh().start(uuid))
         .await
         .map_err(|e| e.context(format!("starting {name} on the backup")))?;

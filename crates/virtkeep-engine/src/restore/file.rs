@@ -164,9 +164,19 @@ async fn create_file(
     host.run(&qemu_img::create_new_image(path, format, m.spec.size))
         .await?;
     let (user, group) = owner;
-    host.run(&coreutils::chown(&format!("{user}:{group}"), path))
+    let res = match host
+        .run(&coreutils::chown(&format!("{user}:{group}"), path))
         .await
-        .map_err(|e| e.context(format!("giving {path} to {user}:{group}")))?;
-    host.run(&coreutils::chmod(0o600, path)).await?;
+    {
+        Ok(_) => host.run(&coreutils::chmod(0o600, path)).await.map(|_| ()),
+        Err(e) => Err(e.context(format!("giving {path} to {user}:{group}"))),
+    };
+    if let Err(e) = res {
+        // Created exclusively above, so the file is ours: remove it, keep the error.
+        if let Err(rm) = host.run(&coreutils::rm_f(path)).await {
+            tracing::warn!(host = %host.name, path, error = %rm, "removing a file this restore created");
+        }
+        return Err(e);
+    }
     Ok(())
 }

@@ -281,6 +281,7 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     let b = node.backup(&vm.name, &[]);
     live_restore_refuses_an_existing_destination(&node, &b);
     live_restore_spares_what_appears_meanwhile(&node, &b);
+    cleanup_after_a_killed_live_restore(&node, &b);
     // What the guest writes during the copy, written to the source too: the restored
     // disks must end equal to the source's.
     let writes = [
@@ -714,4 +715,68 @@ fn booting_refuses_qemu_passthrough() {
     );
     let dest = lab().pool_dir.join(format!("{new_name}-vda.img"));
     assert!(!dest.exists(), "{} was created", dest.display());
+}
+
+/// The node SIGKILLed during two live restores: one held before it created anything,
+/// one whose domain runs on the backup. `cleanup` removes the first one's job
+/// directory; the second's domain (the guest wrote into its overlays) stays defined
+/// with its overlays and job directory, reported as left to the user.
+fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
+    let id = b["id"].as_str().expect("id");
+    let killed = |name: &str, failpoint: &str| {
+        let (mut child, reader) = live_restore_held(node, id, name, failpoint);
+        child.kill().expect("SIGKILL the node");
+        let _ = child.wait();
+        let _ = reader.join();
+    };
+    let early = unique_name("vlivek-new");
+    killed(&early, "live-restore-planned");
+    let early_dir = live_job_dirs();
+    assert_eq!(early_dir.len(), 1, "{early_dir:?}");
+    let ran = unique_name("vlivek-new");
+    killed(&ran, "live-restore-running");
+    let ran_dir: Vec<String> = live_job_dirs()
+        .into_iter()
+        .filter(|d| !early_dir.contains(d))
+        .collect();
+    assert_eq!(ran_dir.len(), 1, "{ran_dir:?}");
+    let vdb = lab().pool_dir.join(format!("{ran}-vdb.qcow2"));
+    let r = node.json(&["cleanup", HOST]);
+    let actions = |dir: &str| {
+        r["vms"]
+            .as_array()
+            .expect("vms")
+            .iter()
+            .find(|v| v["vm"] == format!("live restore job {dir}").as_str())
+            .map(|v| v["actions"].to_string())
+    };
+    // Another test's `cleanup` may have removed the early one's directory first.
+    let early_actions =
+        actions(&early_dir[0]).unwrap_or_else(|| "removed the job directory".into());
+    let ran_actions = actions(&ran_dir[0]).unwrap_or_else(|| panic!("not reported: {r:#}"));
+    let left = live_job_dirs();
+    let ran_defined = lab().try_virsh(&["domstate", "--domain", &ran]);
+    let vdb_kept = vdb.exists();
+    // Tear down the one left to the user before asserting (the test's job-dir counts).
+    let _ = lab().try_virsh(&["destroy", "--domain", &ran]);
+    let _ = lab().try_virsh(&["undefine", "--domain", &ran]);
+    for e in std::fs::read_dir(&lab().pool_dir).expect("pool").flatten() {
+        if e.file_name().to_string_lossy().contains(&ran) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = lab().try_rbd(&["rm", &format!("{}/{ran}-vdc", lab().ceph_pool)]);
+    let _ = std::fs::remove_dir_all(Path::new("/run/virtkeep/jobs").join(&ran_dir[0]));
+    assert!(early_actions.contains("removed the job directory"), "{r:#}");
+    assert_eq!(left, ran_dir, "{r:#}");
+    assert!(ran_actions.contains("left as is"), "{r:#}");
+    assert!(
+        ran_defined.is_ok(),
+        "the domain that ran was removed: {r:#}"
+    );
+    assert!(vdb_kept, "the overlay the guest wrote into was removed");
+    assert!(
+        lab().try_virsh(&["domstate", "--domain", &early]).is_err(),
+        "{early} defined"
+    );
 }
