@@ -3,8 +3,9 @@
 # runs every test of the workspace with cargo-nextest, and tears the lab down again
 # (also when tests fail or the run is interrupted). Extra arguments go to nextest.
 # VK_LAB_KEEP=1 leaves the lab running afterwards (faster reruns while developing).
-# The LVM tests (lvm_host::) need the LVM test hypervisor (a Debian VM under TCG, lab/hvm/,
-# image built once and cached): it boots alongside the lab. VK_LVM=0 leaves it and those
+# The LVM tests (lvm_host::, restore_safety::lvm_*, restore_space::lvm_*) need the LVM
+# test hypervisor (a Debian VM under TCG, lab/hvm/, image built once and cached): it
+# boots alongside the lab. VK_LVM=0 leaves it and those
 # tests out (e.g. on a machine without access to a Debian mirror for the first build).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,7 +16,7 @@ if [[ ${VK_LAB_KEEP:-0} != 1 ]]; then
   trap 'lab/hvm/down.sh || true; lab/down.sh' EXIT
 fi
 lab/up.sh
-filter=(-E 'not test(/^lvm_host::/)')
+filter=(-E 'not test(/^lvm_host::|^restore_safety::lvm_|^restore_space::lvm_/)')
 if [[ ${VK_LVM:-1} != 0 ]]; then
   lab/hvm/up.sh
   filter=()
