@@ -234,6 +234,8 @@ impl HostConfig {
             sudo: self.sudo,
             connect_timeout: Duration::from_secs(15),
             keepalive: Duration::from_secs(10),
+            max_handshakes: virtkeep_ssh::DEFAULT_MAX_HANDSHAKES,
+            connect_retries: virtkeep_ssh::DEFAULT_CONNECT_RETRIES,
         })
     }
 

@@ -211,18 +211,31 @@ impl Host {
             })
     }
 
-    /// Writes `content` to `path` on the host (through stdin, never the command line).
+    /// Writes `content` to `path` on the host (through stdin, never the command line),
+    /// within the control deadline like every other remote command: a `cat` that
+    /// cannot open its file (a stuck mount, a FIFO) fails the job instead of hanging it.
     pub async fn upload(&self, path: &str, content: &[u8]) -> Result<()> {
-        let mut proc = self.session.spawn(&coreutils::write_stdin_to(path)).await?;
-        proc.stdin
-            .write_all(content)
-            .await
-            .map_err(io_err("uploading a file"))?;
-        proc.stdin
-            .shutdown()
-            .await
-            .map_err(io_err("uploading a file"))?;
-        let (status, stderr) = proc.wait().await?;
+        let cmd = coreutils::write_stdin_to(path);
+        let limit = Deadline::Control.of(&self.config);
+        let out = tokio::time::timeout(limit, self.upload_unbounded(&cmd, content)).await;
+        let (status, stderr) = match out {
+            Ok(res) => res?,
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Remote,
+                    format!(
+                        "writing {path} on host {} did not finish within {} s",
+                        self.name,
+                        limit.as_secs()
+                    ),
+                )
+                .hint(format!(
+                    "the host may be overloaded or its file system hung; raise {} in [hosts.{}] for slow hosts",
+                    Deadline::Control.setting(),
+                    self.name
+                )));
+            }
+        };
         if status != 0 {
             return Err(Error::new(
                 ErrorKind::Remote,
@@ -233,6 +246,23 @@ impl Host {
             ));
         }
         Ok(())
+    }
+
+    async fn upload_unbounded(
+        &self,
+        cmd: &RemoteCommand,
+        content: &[u8],
+    ) -> Result<(u32, Vec<u8>)> {
+        let mut proc = self.session.spawn(cmd).await?;
+        proc.stdin
+            .write_all(content)
+            .await
+            .map_err(io_err("uploading a file"))?;
+        proc.stdin
+            .shutdown()
+            .await
+            .map_err(io_err("uploading a file"))?;
+        Ok(proc.wait().await?)
     }
 
     /// The user:group QEMU runs as: configured, else the distribution's default
@@ -321,4 +351,69 @@ impl VmLock {
 
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |e| Error::new(ErrorKind::Connection, format!("{what}: {e}")).with_source(e)
+}
+
+#[cfg(test)]
+mod lab_tests {
+    use super::*;
+
+    /// An upload whose `cat` never gets its file open (a FIFO nobody reads) fails
+    /// within `command_timeout_secs` instead of hanging the job.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_upload_fails_within_the_command_deadline() {
+        let lab = virtkeep_lab::lab();
+        let config = HostConfig {
+            address: lab.ssh_host.clone(),
+            port: lab.ssh_port,
+            user: lab.ssh_user.clone(),
+            identity: Some(lab.ssh_key.clone()),
+            password_env: None,
+            agent: None,
+            known_hosts: Some(lab.known_hosts.clone()),
+            sudo: false,
+            libvirt_uri: lab.libvirt_uri.clone(),
+            qemu_user: None,
+            qemu_group: None,
+            ceph: None,
+            lvm: None,
+            command_timeout_secs: Some(2),
+            data_command_timeout_secs: None,
+            data_stall_timeout_secs: None,
+        };
+        let host = Host::connect("lab", &config, &lab.known_hosts)
+            .await
+            .expect("connect");
+        // The lab's sshd runs on this machine: a FIFO here is one on the host.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let started = std::time::Instant::now();
+        let err = host
+            .upload(fifo.to_str().expect("utf-8 path"), b"job xml")
+            .await
+            .expect_err("a hung upload must fail");
+        assert!(
+            err.to_string().contains("did not finish within 2 s"),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        // Let the remote `cat` open its FIFO, see EOF on its closed stdin and exit:
+        // nothing is left running on the host.
+        let reader = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut sink = Vec::new();
+            std::fs::File::open(reader).and_then(|mut f| f.read_to_end(&mut sink))
+        });
+        // A normal upload on the same host still works.
+        let file = dir.path().join("file");
+        host.upload(file.to_str().expect("utf-8 path"), b"ok")
+            .await
+            .expect("upload");
+        assert_eq!(std::fs::read(&file).expect("read"), b"ok");
+    }
 }

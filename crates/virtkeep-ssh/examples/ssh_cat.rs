@@ -88,6 +88,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sudo: false,
         connect_timeout: Duration::from_secs(15),
         keepalive: Duration::from_secs(15),
+        max_handshakes: virtkeep_ssh::DEFAULT_MAX_HANDSHAKES,
+        connect_retries: virtkeep_ssh::DEFAULT_CONNECT_RETRIES,
     };
     let n = args.streams;
     let pool = Pool::new(target, n);

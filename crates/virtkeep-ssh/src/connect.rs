@@ -19,6 +19,9 @@ use russh::keys::agent::client::AgentClient;
 use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKeyWithHashAlg, PublicKey};
 use tokio::sync::mpsc;
 
+use crate::admission::{
+    DEFAULT_CONNECT_RETRIES, DEFAULT_MAX_HANDSHAKES, HandshakeSlots, Retry, is_early_drop,
+};
 use crate::error::SshError;
 use crate::known_hosts::{self, HostKeyStatus, KnownHosts};
 
@@ -90,10 +93,18 @@ pub struct HostTarget {
     /// Keepalive interval; after 3 unanswered keepalives the connection fails.
     /// `Duration::ZERO` disables keepalives (and then no dead-peer detection).
     pub keepalive: Duration,
+    /// Handshakes (TCP connect to the end of authentication) to this host:port this
+    /// process runs at once; more wait. Keeps jobs under sshd's `MaxStartups`.
+    pub max_handshakes: usize,
+    /// Retries of a connection sshd closed before its banner or key exchange (what
+    /// `MaxStartups` does under load), with jittered backoff within `connect_timeout`.
+    /// 0 disables them. Authentication and host-key failures are never retried.
+    pub connect_retries: u32,
 }
 
 impl HostTarget {
-    /// A target with port 22, no sudo, 15 s connect timeout and 15 s keepalive.
+    /// A target with port 22, no sudo, 15 s connect timeout, 15 s keepalive, and the
+    /// default handshake limit and retries.
     pub fn new(
         host: impl Into<String>,
         user: impl Into<String>,
@@ -109,6 +120,8 @@ impl HostTarget {
             sudo: false,
             connect_timeout: Duration::from_secs(15),
             keepalive: Duration::from_secs(15),
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            connect_retries: DEFAULT_CONNECT_RETRIES,
         }
     }
 }
@@ -381,6 +394,21 @@ async fn handshake_raw(
     Ok((res, seen))
 }
 
+/// A failed handshake; `early_drop` when sshd closed it before showing its key.
+struct Failed {
+    error: SshError,
+    early_drop: bool,
+}
+
+impl From<SshError> for Failed {
+    fn from(error: SshError) -> Failed {
+        Failed {
+            error,
+            early_drop: false,
+        }
+    }
+}
+
 /// TCP connect + SSH handshake with the host-key verdict turned into precise errors.
 async fn handshake(
     host: &str,
@@ -390,9 +418,24 @@ async fn handshake(
     policy: KeyPolicy,
     known_hosts_path: &Path,
     forwards: &Forwards,
-) -> Result<(Handle<ClientHandler>, PublicKey), SshError> {
+) -> Result<(Handle<ClientHandler>, PublicKey), Failed> {
     let (res, seen) = handshake_raw(host, port, timeout, config, policy, forwards).await?;
-    match (res, seen) {
+    if let (Err(e), None) = (&res, &seen)
+        && is_early_drop(e)
+    {
+        return Err(Failed {
+            error: SshError::Connect {
+                host: host.to_owned(),
+                port,
+                detail: format!(
+                    "the server closed the connection before the key exchange ({e}); \
+                     sshd's MaxStartups limit may be shedding load"
+                ),
+            },
+            early_drop: true,
+        });
+    }
+    Ok(match (res, seen) {
         (
             Ok(h),
             Some(Seen::Key {
@@ -412,7 +455,7 @@ async fn handshake(
             port,
         }),
         (Err(e), None) => Err(connect_error(host, port, &e)),
-    }
+    }?)
 }
 
 fn connect_error(host: &str, port: u16, e: &russh::Error) -> SshError {
@@ -526,18 +569,32 @@ impl Connection {
     ) -> Result<Connection, SshError> {
         let known = KnownHosts::load(&target.known_hosts)?;
         let order = host_key_order(&known.keys_for(&target.host, target.port));
-        let config = client_config(target.keepalive, order);
+        // Unauthenticated connections are what sshd's MaxStartups counts: hold a slot
+        // until authentication is over.
+        let _slot = HandshakeSlots::acquire(&target.host, target.port, target.max_handshakes).await;
+        let mut retry = Retry::new(target.connect_retries, target.connect_timeout);
         let forwards = Forwards::default();
-        let (mut handle, host_key) = handshake(
-            &target.host,
-            target.port,
-            target.connect_timeout,
-            config,
-            KeyPolicy::Verify(known),
-            &target.known_hosts,
-            &forwards,
-        )
-        .await?;
+        let (mut handle, host_key) = loop {
+            let config = client_config(target.keepalive, order.clone());
+            let policy = KeyPolicy::Verify(known.clone());
+            match handshake(
+                &target.host,
+                target.port,
+                target.connect_timeout,
+                config,
+                policy,
+                &target.known_hosts,
+                &forwards,
+            )
+            .await
+            {
+                Ok(v) => break v,
+                Err(f) if f.early_drop && retry.wait().await => {
+                    tracing::debug!(host = %target.host, port = target.port, error = %f.error, "connection dropped early, retrying");
+                }
+                Err(f) => return Err(f.error),
+            }
+        };
         with_timeout(
             &target.host,
             target.port,

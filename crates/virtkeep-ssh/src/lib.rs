@@ -6,13 +6,15 @@
 //!   unix-socket forwarding, both ways (`forward.rs`: the host's sshd listens for us).
 //! - Connecting (`connect.rs`): [`HostTarget`], [`Auth`], strict host-key checking
 //!   against our own trust store ([`known_hosts`]), key-file / password / agent
-//!   authentication.
+//!   authentication; at most a few handshakes per host at once, and a connection
+//!   sshd drops under load (`MaxStartups`) retried (`admission.rs`).
 //! - Remote processes (`process.rs`): [`RemoteProcess`] and its streams, [`Output`],
 //!   [`ChannelStream`], and running a command on a channel of its own.
 //! - [`Pool`]: a control connection plus lazily opened data connections (one russh
 //!   connection is served by one task, i.e. one core).
 //! - [`probe_host_key`]: fetch a server's host key for `virtkeep host trust`.
 
+mod admission;
 mod command;
 mod connect;
 mod error;
@@ -23,6 +25,7 @@ mod process;
 mod session;
 mod shell;
 
+pub use admission::{DEFAULT_CONNECT_RETRIES, DEFAULT_MAX_HANDSHAKES};
 pub use command::{RemoteCommand, quote};
 pub use connect::{Auth, HostKeyInfo, HostTarget, probe_host_key};
 pub use error::SshError;

@@ -22,6 +22,8 @@ fn root_target() -> HostTarget {
         sudo: false,
         connect_timeout: Duration::from_secs(10),
         keepalive: Duration::from_secs(5),
+        max_handshakes: virtkeep_ssh::DEFAULT_MAX_HANDSHAKES,
+        connect_retries: virtkeep_ssh::DEFAULT_CONNECT_RETRIES,
     }
 }
 

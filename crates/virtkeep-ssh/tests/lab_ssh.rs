@@ -24,6 +24,8 @@ fn root_target() -> HostTarget {
         sudo: false,
         connect_timeout: Duration::from_secs(10),
         keepalive: Duration::from_secs(5),
+        max_handshakes: virtkeep_ssh::DEFAULT_MAX_HANDSHAKES,
+        connect_retries: virtkeep_ssh::DEFAULT_CONNECT_RETRIES,
     }
 }
 
@@ -776,4 +778,175 @@ async fn command_shell_matches_one_channel_per_command() {
     }
     via_shell.close().await.expect("close");
     via_channels.close().await.expect("close");
+}
+
+/// A private sshd with the lab's keys and users but its own `MaxStartups`, killed when
+/// dropped (also after a failed assertion).
+struct PrivateSshd {
+    child: Child,
+    port: u16,
+    known_hosts: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PrivateSshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn private_sshd(max_startups: &str) -> PrivateSshd {
+    let ssh_dir = virtkeep_lab::lab().lab_dir.join("ssh");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let base = std::fs::read_to_string(ssh_dir.join("sshd_config")).expect("lab sshd_config");
+    let mut cfg: String = base
+        .lines()
+        .filter(|l| !l.starts_with("ListenAddress") && !l.starts_with("MaxStartups"))
+        .filter(|l| !l.starts_with("PidFile"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    cfg.push_str(&format!(
+        "ListenAddress 127.0.0.1:{port}\nMaxStartups {max_startups}\nPidFile {}\n",
+        dir.path().join("pid").display()
+    ));
+    let cfg_path = dir.path().join("sshd_config");
+    std::fs::write(&cfg_path, cfg).expect("write sshd_config");
+    let pub_key =
+        std::fs::read_to_string(ssh_dir.join("ssh_host_ed25519_key.pub")).expect("host key");
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        format!("[127.0.0.1]:{port} {}", pub_key.trim()),
+    )
+    .expect("write known_hosts");
+    let child = Command::new("/usr/sbin/sshd")
+        .arg("-D")
+        .arg("-f")
+        .arg(&cfg_path)
+        .arg("-E")
+        .arg(dir.path().join("log"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start sshd");
+    let sshd = PrivateSshd {
+        child,
+        port,
+        known_hosts,
+        _dir: dir,
+    };
+    // Wait for the listener without opening a connection (that would count as a startup).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < deadline, "private sshd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sshd
+}
+
+/// `n` connects at once, each running `true` once connected.
+async fn burst(t: &HostTarget, n: usize) -> Vec<Result<Session, SshError>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let t = t.clone();
+            tokio::spawn(async move {
+                let s = Session::connect(&t).await?;
+                s.run(&RemoteCommand::new("true")).await?;
+                Ok(s)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.expect("task"));
+    }
+    out
+}
+
+/// sshd under `MaxStartups 2` drops connections beyond two unauthenticated ones: a
+/// burst of connects loses some without retries, and all get through with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_dropped_by_max_startups_are_retried() {
+    let sshd = private_sshd("2");
+    let t = HostTarget {
+        port: sshd.port,
+        known_hosts: sshd.known_hosts.clone(),
+        connect_timeout: Duration::from_secs(10),
+        ..root_target()
+    };
+    let without = burst(
+        &HostTarget {
+            connect_retries: 0,
+            ..t.clone()
+        },
+        8,
+    )
+    .await;
+    let dropped: Vec<String> = without
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| e.to_string())
+        .collect();
+    assert!(!dropped.is_empty(), "MaxStartups 2 dropped nothing");
+    for e in &dropped {
+        assert!(e.contains("MaxStartups"), "not an early drop: {e}");
+    }
+    for s in without.into_iter().flatten() {
+        let _ = s.close().await;
+    }
+    let started = Instant::now();
+    for r in burst(&t, 8).await {
+        let s = r.unwrap_or_else(|e| panic!("with retries: {e}"));
+        let _ = s.close().await;
+    }
+    eprintln!(
+        "{} early drops without retries; 8 connects with them in {:.1} s",
+        dropped.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// At most `max_handshakes` connections to one host:port are in their handshake at
+/// once: a listener that never speaks SSH sees them arrive four at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_per_host_are_bounded() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = accepted.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            seen.lock().expect("lock").push(c);
+        }
+    });
+    let t = HostTarget {
+        host: "127.0.0.1".into(),
+        port,
+        connect_timeout: Duration::from_secs(3),
+        max_handshakes: 4,
+        ..root_target()
+    };
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let t = t.clone();
+            tokio::spawn(async move { Session::connect(&t).await.map(|_| ()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        accepted.lock().expect("lock").len(),
+        4,
+        "handshakes at once"
+    );
+    for task in tasks {
+        assert!(matches!(
+            task.await.expect("task"),
+            Err(SshError::Timeout { .. })
+        ));
+    }
+    assert_eq!(accepted.lock().expect("lock").len(), 8);
 }

@@ -117,10 +117,19 @@ async fn latest_record(job: &Job<'_>) -> Result<std::result::Result<Base, String
     }
 }
 
+/// The failpoint that makes [`pick_base`] fail (a fault test of the job dir made beside it).
+const PICK_BASE_FAILS: &str = "pick-base-fails";
+
 /// Picks the base in the repository, unless a full was asked for.
 async fn pick_base(job: &Job<'_>, choice: &mut Choice) -> Result<()> {
     if !choice.reason.is_empty() {
         return Ok(());
+    }
+    if crate::failpoint::is_active(PICK_BASE_FAILS) {
+        return Err(Error::new(
+            ErrorKind::Remote,
+            format!("failpoint {PICK_BASE_FAILS}"),
+        ));
     }
     let base = match latest_record(job).await? {
         Ok(base) => base,

@@ -448,6 +448,21 @@ fn sigkill_at_backup_begin_then_cleanup_ends_the_job() {
         lab.virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]),
         inactive
     );
+    // A base pick that fails removes the job dir made beside it.
+    let out = node
+        .cmd()
+        .args(["backup", &spec])
+        .env("VIRTKEEP_FAILPOINT", "pick-base-fails")
+        .output()
+        .expect("run virtkeep");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("failpoint pick-base-fails"), "{stderr}");
+    assert_eq!(
+        job_dirs(&vm),
+        Vec::<String>::new(),
+        "failed pick left its job dir"
+    );
     let r = node.backup(&vm.name, &[]);
     assert_eq!(r["mode"], "incremental", "{r}");
     assert_eq!(r["method"], "backup_api", "{r}");
