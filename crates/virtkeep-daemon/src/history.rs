@@ -34,7 +34,8 @@ pub struct FinishedJob {
     pub vm: String,
     pub kind: String,
     /// A succeeded job of a kind whose last success the metrics and VM states show
-    /// (backup, verify_boot, sync): the newest per (kind, host, VM) is kept.
+    /// (backup, verify_boot, sync, gc, verify; a gc or verify job's VM is its
+    /// repository): the newest per (kind, host, VM) is kept.
     pub success: bool,
     /// Unix seconds.
     pub finished: i64,

@@ -704,7 +704,9 @@ impl Store for PgStore {
             let rows = c
                 .query(
                     "SELECT id, host, vm, kind,
-                        status = 'succeeded' AND kind IN ('backup', 'verify_boot', 'sync'), finished
+                        status = 'succeeded'
+                          AND kind IN ('backup', 'verify_boot', 'sync', 'gc', 'verify'),
+                        finished
                      FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled')
                        AND finished IS NOT NULL",
                     &[],
@@ -868,9 +870,10 @@ impl Store for PgStore {
                 .collect();
             let running: Vec<JobRecord> = tx
                 .query(
-                    // Sync runs take no dispatch slot (see the SQLite store).
+                    // Sync, GC and verify runs take no dispatch slot (see the SQLite store).
                     &format!(
-                        "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'running' AND kind <> 'sync'"
+                        "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'running'
+                         AND kind NOT IN ('sync', 'gc', 'verify')"
                     ),
                     &[],
                 )

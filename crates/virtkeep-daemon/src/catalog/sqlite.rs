@@ -618,7 +618,9 @@ impl Store for SqliteStore {
         let mut st = c
             .prepare(
                 "SELECT id, host, vm, kind,
-                        status = 'succeeded' AND kind IN ('backup', 'verify_boot', 'sync'), finished FROM jobs
+                        status = 'succeeded'
+                          AND kind IN ('backup', 'verify_boot', 'sync', 'gc', 'verify'),
+                        finished FROM jobs
                  WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished IS NOT NULL",
             )
             .map_err(self.err("listing finished jobs"))?;
@@ -812,9 +814,13 @@ impl Store for SqliteStore {
              ORDER BY priority DESC, not_before, id LIMIT 500",
             params![c.now],
         )?;
-        // A sync run (kind 'sync', host "") copies between repositories on no VM host:
-        // it takes none of the dispatch slots (a long sync must not stop the backups).
-        let running = self.query_jobs("WHERE status = 'running' AND kind <> 'sync'", [])?;
+        // Sync, GC and verify runs (kinds 'sync', 'gc', 'verify') work on repositories,
+        // beside the backup queue: they take none of the dispatch slots (a long sync or a
+        // 12 h verify must not stop the backups).
+        let running = self.query_jobs(
+            "WHERE status = 'running' AND kind NOT IN ('sync', 'gc', 'verify')",
+            [],
+        )?;
         let mut taken = Vec::new();
         for id in (c.choose)(&queued, &running) {
             self.mark_running(id, c.node, c.lease_until)?;
@@ -1184,5 +1190,77 @@ mod tests {
         assert_eq!((s[0].successes, s[0].failures), (2, 1));
         assert_eq!(s[0].last_bytes_new, Some(20));
         assert!(s[0].last_success.is_some());
+    }
+
+    /// Sync, GC and verify runs work beside the backup queue: a running one is not
+    /// among the running jobs the chooser counts against the job limits.
+    #[test]
+    fn repository_runs_take_no_dispatch_slot() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
+        let backup = c.add_job(&job(None, "a")).expect("job");
+        c.mark_running(backup, "n1", now() + 60).expect("running");
+        for kind in ["sync", "gc", "verify"] {
+            let id = c
+                .add_job(&NewJob {
+                    kind,
+                    host: "",
+                    vm: "default",
+                    ..job(None, "default")
+                })
+                .expect("job");
+            c.mark_running(id, "n1", now() + 60).expect("running");
+        }
+        let seen = std::sync::Mutex::new(Vec::new());
+        let choose = |_: &[JobRecord], running: &[JobRecord]| {
+            *seen.lock().expect("lock") = running.iter().map(|j| j.id).collect();
+            Vec::new()
+        };
+        c.claim(&Claim {
+            node: "n1",
+            now: now(),
+            lease_until: now() + 60,
+            choose: &choose,
+        })
+        .expect("claim");
+        assert_eq!(*seen.lock().expect("lock"), vec![backup]);
+    }
+
+    /// History limits keep the newest successful GC and verify run of a repository
+    /// (and of a sync), like a VM's last backup: older successes go.
+    #[test]
+    fn history_limits_keep_the_last_gc_verify_and_sync_success() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
+        let mut kept = Vec::new();
+        for kind in ["gc", "verify", "sync"] {
+            for _ in 0..2 {
+                let id = c
+                    .add_job(&NewJob {
+                        kind,
+                        host: "",
+                        ..job(None, "default")
+                    })
+                    .expect("job");
+                c.finish_job(id, &JobOutcome::default()).expect("finish");
+                kept.push(id);
+            }
+        }
+        let limits = crate::history::HistoryLimits {
+            max_age: std::time::Duration::from_secs(86400),
+            max_jobs: 1000,
+        };
+        let removed = c
+            .apply_history_limits(limits, now() + 365 * 86400)
+            .expect("apply");
+        // Same finish second: the higher id is the newer one of each kind.
+        let mut left: Vec<i64> = c
+            .jobs(&JobFilter::default())
+            .expect("jobs")
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        left.sort_unstable();
+        assert_eq!((removed, left), (3, vec![kept[1], kept[3], kept[5]]));
     }
 }
