@@ -67,31 +67,13 @@ pub async fn queue_run(
         ),
     };
     let run = catalog.start_run(&p.name, "verify_boot", trigger)?;
-    let mut queued = 0;
-    for (host, vm, snapshot) in &backups {
-        if catalog.has_open_job(host, vm, &p.name, "verify_boot")? {
-            continue;
-        }
-        let request = serde_json::to_string(&JobRequest::VerifyBoot {
-            policy: p.name.clone(),
-            snapshot: snapshot.clone(),
-        })
-        .unwrap_or_default();
-        let id = catalog.add_job(&NewJob {
-            run_id: Some(run),
-            kind: "verify_boot",
-            host,
-            vm,
-            policy: Some(&p.name),
-            request: &request,
-            attempt: 1,
-            retry_of: None,
-            priority: i64::from(p.priority),
-            not_before: now(),
-        })?;
-        queue(id);
-        queued += 1;
-    }
+    let queued = add_jobs(
+        catalog,
+        (&p.name, i64::from(p.priority)),
+        run,
+        &backups,
+        queue,
+    )?;
     tracing::info!(policy = %p.name, run, jobs = queued, trigger, "boot verification run");
     if queued == 0 {
         let note = problem.unwrap_or_else(|| "no backup of a selected VM to verify".into());
@@ -104,6 +86,46 @@ pub async fn queue_run(
         )?;
     }
     Ok(())
+}
+
+/// Adds run `run`'s jobs, one per backup whose VM has no open verify job, then hands
+/// them to `queue`. All exist before the loop gets the first: a first job finished
+/// early (a refusal) would otherwise find the run without open jobs and close it, and
+/// `fail_rest_above_percent` would cancel the jobs added after it.
+fn add_jobs(
+    catalog: &Catalog,
+    (policy, priority): (&str, i64),
+    run: i64,
+    backups: &[(String, String, String)],
+    queue: impl Fn(i64),
+) -> crate::error::Result<usize> {
+    let mut ids = Vec::new();
+    for (host, vm, snapshot) in backups {
+        if catalog.has_open_job(host, vm, policy, "verify_boot")? {
+            continue;
+        }
+        let request = serde_json::to_string(&JobRequest::VerifyBoot {
+            policy: policy.to_string(),
+            snapshot: snapshot.clone(),
+        })
+        .unwrap_or_default();
+        ids.push(catalog.add_job(&NewJob {
+            run_id: Some(run),
+            kind: "verify_boot",
+            host,
+            vm,
+            policy: Some(policy),
+            request: &request,
+            attempt: 1,
+            retry_of: None,
+            priority,
+            not_before: now(),
+        })?);
+    }
+    for id in &ids {
+        queue(*id);
+    }
+    Ok(ids.len())
 }
 
 /// The host whose job limit a job counts against: where it runs. A boot verification
@@ -215,4 +237,36 @@ async fn run(
         )),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loop may finish a job as soon as it gets it: by then every job of the run
+    /// exists, so the run's open jobs are all of them (not the first one alone, which
+    /// would let the run close and its later jobs be cancelled).
+    #[test]
+    fn a_runs_jobs_all_exist_before_the_first_is_handed_over() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = Catalog::open_writer(&dir.path().join("c.sqlite")).expect("open");
+        let run = c.start_run("p", "verify_boot", "schedule").expect("run");
+        let backups: Vec<(String, String, String)> = ["a", "b", "c"]
+            .iter()
+            .map(|vm| ("kvm1".into(), (*vm).into(), format!("{vm}-1")))
+            .collect();
+        let handed = std::cell::RefCell::new(Vec::new());
+        let queue = |id| {
+            assert_eq!(c.run_counts(run).expect("counts"), (0, 0, 3), "job {id}");
+            handed.borrow_mut().push(id);
+        };
+        assert_eq!(
+            add_jobs(&c, ("p", 5), run, &backups, queue).expect("add"),
+            3
+        );
+        assert_eq!(handed.borrow().len(), 3);
+        // A VM whose verification is still open gets no second job.
+        let again = add_jobs(&c, ("p", 5), run, &backups, |_| {}).expect("add");
+        assert_eq!(again, 0);
+    }
 }
