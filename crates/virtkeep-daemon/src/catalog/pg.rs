@@ -1386,4 +1386,57 @@ mod tests {
         b.finish_job(id, &JobOutcome::default()).expect("finish");
         assert_eq!(b.job(id).expect("job").status, JobStatus::Failed);
     }
+
+    /// As in SQLite: running sync, GC and verify runs are not counted against the job
+    /// limits, and the newest success of each stays when the history is trimmed.
+    #[test]
+    fn repository_runs_take_no_slot_and_their_last_success_stays() {
+        let Some(pg) = TestPg::start() else { return };
+        let c = open(&pg);
+        let backup = c.add_job(&job(None, "h1", "a")).expect("job");
+        c.mark_running(backup, "n1", now() + 60).expect("running");
+        let mut done = Vec::new();
+        for kind in ["sync", "gc", "verify"] {
+            let repo_job = NewJob {
+                kind,
+                ..job(None, "", "default")
+            };
+            for _ in 0..2 {
+                let id = c.add_job(&repo_job).expect("job");
+                c.finish_job(id, &JobOutcome::default()).expect("finish");
+                done.push(id);
+            }
+            let id = c.add_job(&repo_job).expect("job");
+            c.mark_running(id, "n1", now() + 60).expect("running");
+        }
+        let seen = std::sync::Mutex::new(Vec::new());
+        let choose = |_: &[JobRecord], running: &[JobRecord]| {
+            *seen.lock().expect("lock") = running.iter().map(|j| j.id).collect();
+            Vec::new()
+        };
+        c.claim(&Claim {
+            node: "n1",
+            now: now(),
+            lease_until: now() + 60,
+            choose: &choose,
+        })
+        .expect("claim");
+        assert_eq!(*seen.lock().expect("lock"), vec![backup]);
+        let limits = crate::history::HistoryLimits {
+            max_age: std::time::Duration::from_secs(86400),
+            max_jobs: 1000,
+        };
+        c.apply_history_limits(limits, now() + 365 * 86400)
+            .expect("apply");
+        let left: HashSet<i64> = c
+            .jobs(&JobFilter::default())
+            .expect("jobs")
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        for (i, id) in done.iter().enumerate() {
+            // The second of each kind's two successes is the newer (same second: id).
+            assert_eq!(left.contains(id), i % 2 == 1, "job {id}");
+        }
+    }
 }
