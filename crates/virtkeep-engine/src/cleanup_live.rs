@@ -6,7 +6,9 @@
 //! writes live there, and with the node gone its reads of the backup fail into a pause.
 //! Cleanup reports it and what to do. A domain whose copy had finished (nothing refers
 //! to the job directory) only loses the directory; a job killed before its domain was
-//! started has its definition and directory removed.
+//! started has its definition and directory removed; what it had created outside the
+//! directory ([`CREATED_FILE`]: destinations, overlays beside files) is reported as left
+//! (cleanup cannot tell whether anything uses them by now), not removed.
 
 use std::collections::BTreeSet;
 
@@ -15,7 +17,12 @@ use virtkeep_libvirt::{coreutils, sh};
 use crate::error::{ErrorKind, Result};
 use crate::heal::HealReport;
 use crate::host::{HOST_STATE_DIR, Host};
-use crate::live_restore::{JOB_PREFIX, STARTED_FILE, UUID_FILE};
+use crate::live_restore::{CREATED_FILE, JOB_PREFIX, STARTED_FILE, UUID_FILE};
+
+/// At most this many bytes of a job's [`CREATED_FILE`] are read, and lines of at most
+/// [`CREATED_LINE_MAX`] characters taken (a few disks; more is not ours).
+const CREATED_MAX: u64 = 64 * 1024;
+const CREATED_LINE_MAX: usize = 4096;
 
 /// What the live-restore pass found: its reports, and the domains of live restores
 /// (running or left) that healing must not touch (their overlays are not a backup's).
@@ -128,11 +135,40 @@ async fn finish_killed(
         actions.push(format!(
             "removed the job directory {dir} of a live restore killed before its domain started"
         ));
+        actions.extend(created_by(host, dir).await?);
     }
     if !dry_run {
         host.run(&coreutils::rm_rf(dir)).await?;
     }
     Ok(actions)
+}
+
+/// What the killed job recorded as created outside its directory, one "left" line each.
+async fn created_by(host: &Host, dir: &str) -> Result<Vec<String>> {
+    let out = host
+        .exec(&coreutils::head_bytes(
+            &format!("{dir}/{CREATED_FILE}"),
+            CREATED_MAX,
+        ))
+        .await?;
+    if out.status != 0 {
+        return Ok(Vec::new());
+    }
+    Ok(left_lines(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The report lines for a [`CREATED_FILE`]'s text (bounded, control characters escaped).
+fn left_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && l.len() <= CREATED_LINE_MAX)
+        .map(|l| {
+            format!(
+                "left: {} (created by the killed live restore; remove it if unwanted)",
+                l.escape_debug()
+            )
+        })
+        .collect()
 }
 
 /// Whether the domain (running or defined) still reads from the job's NBD export.
@@ -167,6 +203,20 @@ async fn left_running(host: &Host, uuid: &str, dir: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn created_lines_are_reported_bounded() {
+        let long = "x".repeat(CREATED_LINE_MAX + 1);
+        let text = format!("/pool/a.raw\n\nRBD image p/a-vdc\n{long}\n/pool/b\u{1b}");
+        assert_eq!(
+            left_lines(&text),
+            [
+                "left: /pool/a.raw (created by the killed live restore; remove it if unwanted)",
+                "left: RBD image p/a-vdc (created by the killed live restore; remove it if unwanted)",
+                "left: /pool/b\\u{1b} (created by the killed live restore; remove it if unwanted)",
+            ]
+        );
+    }
 
     #[test]
     fn only_live_job_names_are_taken() {

@@ -17,6 +17,7 @@
 //! | `sync-hold` | the same place, but [`hold`]: the sync waits for a line on stdin, then goes on (a GC runs meanwhile) |
 //! | `verify-boot-running` | [`hold`]: a boot verification's domain runs on its overlays over the node's NBD export, before the watch |
 //! | `live-restore-planned` | [`hold`]: a live restore has chosen and checked every destination (its job directory and NBD export are up), nothing created yet |
+//! | `live-restore-created` | [`hold`]: a live restore has created every destination and overlay, before its domain is defined |
 //! | `live-restore-running` | [`hold`]: a live restore's domain runs on its overlays, right before the copy begins |
 
 use std::sync::OnceLock;

@@ -42,6 +42,8 @@ use crate::restore::{Destination, DiskCheck, Place, Storage};
 pub const HOLD_BEFORE_COPY: &str = "live-restore-running";
 /// Failpoint: held once the destinations are chosen and checked, before any is created.
 pub const HOLD_PLANNED: &str = "live-restore-planned";
+/// Failpoint: held once every destination and overlay is created, before the define.
+pub const HOLD_CREATED: &str = "live-restore-created";
 /// A live restore's job directory and host lock are named this and 12 hex digits.
 pub const JOB_PREFIX: &str = "live-";
 /// In the job directory: the new domain's UUID, written before it is defined.
@@ -49,6 +51,10 @@ pub const UUID_FILE: &str = "uuid";
 /// In the job directory: written right before the domain is started. Once it exists
 /// the guest may have run and written into its overlays: `cleanup` never removes it.
 pub const STARTED_FILE: &str = "started";
+/// In the job directory: what the run created outside it (destinations, overlays beside
+/// files), one per line, each added right after its exclusive create succeeded. A job
+/// killed before its domain started leaves them: `cleanup` names them.
+pub const CREATED_FILE: &str = "created";
 
 /// The outcome of a live restore (stable `--json`: additions only).
 #[derive(Debug, Clone, Serialize)]
@@ -240,6 +246,7 @@ async fn run(
 ) -> Result<(f64, f64)> {
     crate::failpoint::hold(HOLD_PLANNED).await;
     let owner = host.qemu_owner().await?;
+    let mut created = Vec::new();
     for d in disks {
         made.push(Made::default());
         if let Copy::Mirror { .. } = d.copy {
@@ -247,11 +254,16 @@ async fn run(
                 .create_empty(host, manifest_disk(live, d)?, &owner)
                 .await?;
             made.last_mut().expect("pushed").dest = true;
+            record_created(host, live.dir(), &mut created, d.dest.describe()).await?;
         }
         let at = [(d.report.target.clone(), d.overlay().to_string())];
         live.create_overlays_at(host, &at).await?;
         made.last_mut().expect("pushed").overlay = true;
+        if !d.overlay().starts_with(&format!("{}/", live.dir())) {
+            record_created(host, live.dir(), &mut created, d.overlay().to_string()).await?;
+        }
     }
+    crate::failpoint::hold(HOLD_CREATED).await;
     define_and_start(host, live, (name, uuid), disks).await?;
     let running = started.elapsed().as_secs_f64();
     crate::failpoint::hold(HOLD_BEFORE_COPY).await;
@@ -286,6 +298,19 @@ async fn run(
     }
     check_detached(host, (name, uuid), live.dir()).await?;
     Ok((running, started.elapsed().as_secs_f64()))
+}
+
+/// Adds `what` to the job's [`CREATED_FILE`] (rewritten whole: a handful of lines).
+async fn record_created(
+    host: &Host,
+    dir: &str,
+    created: &mut Vec<String>,
+    what: String,
+) -> Result<()> {
+    created.push(what);
+    let text = created.join("\n") + "\n";
+    host.upload(&format!("{dir}/{CREATED_FILE}"), text.as_bytes())
+        .await
 }
 
 fn manifest_disk<'a>(live: &'a LiveBackup, d: &Planned) -> Result<&'a virtkeep_repo::ManifestDisk> {

@@ -86,15 +86,21 @@ pub fn create_new_image(path: &str, format: &str, size: u64) -> RemoteCommand {
 }
 
 /// `qemu-img ARGS…` creating a new image at `path`, exclusively: the image is made at a
-/// fresh random name beside it, then hard-linked to `path` (`ln -T`: link(2) fails when
+/// fresh random name in its directory (`.vknew-<16 hex>`), then hard-linked to `path` (`ln -T`: link(2) fails when
 /// anything is at `path`, a dangling symlink included, and never follows one), and the
 /// random name is removed. A file that appeared at `path` after the caller looked is
-/// therefore never written over. `args` gets the temporary path.
+/// therefore never written over. `args` gets the temporary path. Only a kill during
+/// `qemu-img` itself can leave a `.vknew-*` file behind (no cleanup sweeps them: such a
+/// file is never referred to and may be removed by hand).
 fn create_new(path: &str, args: impl FnOnce(&str) -> Vec<String>) -> RemoteCommand {
     const SCRIPT: &str =
         r#"t=$1; p=$2; shift 2; qemu-img "$@" && ln -T -- "$t" "$p"; r=$?; rm -f -- "$t"; exit $r"#;
     let path = safe_path(path);
-    let tmp = format!("{path}.vknew-{:016x}", rand::random::<u64>());
+    // A hidden name in the same directory (same filesystem, so `ln -T` links it) whose
+    // length does not depend on the destination's: a file name near NAME_MAX still
+    // gets a temporary.
+    let dir = path.rsplit_once('/').map_or(".", |(d, _)| d);
+    let tmp = format!("{dir}/.vknew-{:016x}", rand::random::<u64>());
     let words = args(&tmp);
     crate::sh::script(
         SCRIPT,

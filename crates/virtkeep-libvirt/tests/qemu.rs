@@ -270,6 +270,14 @@ fn image_creation_is_exclusive() {
         1 << 20
     )));
     assert_eq!(std::fs::metadata(at("new")).expect("new").len(), 1 << 20);
+    // A name of NAME_MAX bytes still gets its (fixed-length) temporary.
+    let long = "n".repeat(255);
+    assert!(sh_ok(&qemu_img::create_new_image(
+        &at(&long),
+        "raw",
+        1 << 20
+    )));
+    std::fs::remove_file(at(&long)).expect("long name made");
     let mut names: Vec<String> = std::fs::read_dir(dir.path())
         .expect("read_dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())

@@ -4,7 +4,9 @@
 //! - no `too_many_arguments` allow anywhere;
 //! - no string comparison on storage backend names (`virtkeep_repo::Storage` is the type);
 //! - no command line is built outside virtkeep-libvirt (the builders) and virtkeep-ssh (the
-//!   quoting type itself).
+//!   quoting type itself);
+//! - `restore --define` asks the target host what the definition needs (the emulator)
+//!   before it writes a disk, so a refusal there loses nothing.
 //!
 //! It reads source files, not compiler output: the code is rustfmt-formatted (CI checks),
 //! which makes a function's end the first `}` at its own indentation. Test modules
@@ -421,6 +423,30 @@ fn command_lines_are_built_only_in_virtkeep_libvirt() {
         hits.is_empty(),
         "build remote command lines with a virtkeep-libvirt builder:\n{}",
         hits.join("\n")
+    );
+}
+
+#[test]
+fn restore_fits_the_definition_to_the_host_before_writing() {
+    let engine = crates_dir().join("virtkeep-engine/src/restore");
+    let text = source(&engine.join("mod.rs"));
+    let fit = text
+        .find("fit_emulator(")
+        .expect("restore asks for the emulator");
+    let write = text
+        .find("write::write(")
+        .expect("restore writes the disks");
+    assert!(
+        fit < write,
+        "restore must find the emulator before it writes a disk"
+    );
+    let define = source(&engine.join("define.rs"));
+    let at = define
+        .find("pub async fn define_restored")
+        .expect("define_restored");
+    assert!(
+        !define[at..].contains("host_emulator("),
+        "define_restored (after the disks were written) must not ask the host for the emulator"
     );
 }
 

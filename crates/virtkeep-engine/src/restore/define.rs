@@ -56,7 +56,7 @@ pub fn rewrite_for(
         remove_disks: remove,
         disk_sources: sources,
         drop_backing_store: true,
-        // Set by `define_restored`, which asks the target host.
+        // Set by `fit_emulator`, which asks the target host.
         emulator: None,
         file_chardevs_to_pty: renamed,
     }
@@ -94,6 +94,39 @@ pub fn describe_rewrite(rw: &Rewrite) -> Vec<String> {
     out
 }
 
+/// Sets the emulator the definition gets on `host` ([`crate::define::host_emulator`]),
+/// with a note when it is replaced. Called while planning, before any disk is written:
+/// a backup whose domain type this host's libvirt does not offer (`kvm` without KVM)
+/// is refused then, not after its disks were replaced.
+pub async fn fit_emulator(
+    host: &Host,
+    job: &Job,
+    rw: &mut Rewrite,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let emulator = crate::define::host_emulator(host, &job.manifest.domain_xml)
+        .await
+        .map_err(|e| {
+            let e = e.context("finding the emulator for the restored definition (nothing was written)");
+            if e.hint.is_some() {
+                e
+            } else {
+                e.hint(format!(
+                    "{}'s libvirt does not offer this backup's domain type (a `kvm` domain needs KVM on the host): restore without --define, or to a host that offers it",
+                    host.name
+                ))
+            }
+        })?;
+    if let Some(e) = &emulator {
+        notes.push(format!(
+            "emulator: {e} (libvirt's on {}; the backup's is not)",
+            host.name
+        ));
+    }
+    rw.emulator = emulator;
+    Ok(())
+}
+
 /// Defines (and with `--start` starts) the restored domain; returns its UUID and
 /// whether it was started.
 pub async fn define_restored(
@@ -110,15 +143,7 @@ pub async fn define_restored(
     {
         notes.push(nvram::finish(host, n).await?);
     }
-    let mut rw = rw.clone();
-    rw.emulator = crate::define::host_emulator(host, &job.manifest.domain_xml).await?;
-    if let Some(e) = &rw.emulator {
-        notes.push(format!(
-            "emulator: {e} (libvirt's on {}; the backup's is not)",
-            host.name
-        ));
-    }
-    let xml = rewrite_domain(&job.manifest.domain_xml, &rw)?;
+    let xml = rewrite_domain(&job.manifest.domain_xml, rw)?;
     if let (Some(old), true) = (&job.existing_uuid, opts.force) {
         host.run(&host.virsh().undefine(
             old,

@@ -86,7 +86,11 @@ async fn restore_locked(
 ) -> Result<RestoreResult> {
     let mut notes = Vec::new();
     let checked = refuse::refuse(host, repo, job, opts, &mut notes).await?;
-    let rw = define::rewrite_for(job, opts, &checked.plan, &checked.nvram, &mut notes);
+    let mut rw = define::rewrite_for(job, opts, &checked.plan, &checked.nvram, &mut notes);
+    if opts.define {
+        // Before anything is written: a definition that cannot fit this host is a refusal.
+        define::fit_emulator(host, job, &mut rw, &mut notes).await?;
+    }
     let mut result = planned(host, opts, job, &checked, &rw);
     if let Some(n) = checked.nvram.as_ref().filter(|n| n.bytes.is_some()) {
         let when = if opts.dry_run { "would be " } else { "" };

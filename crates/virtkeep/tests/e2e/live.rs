@@ -717,9 +717,11 @@ fn booting_refuses_qemu_passthrough() {
     assert!(!dest.exists(), "{} was created", dest.display());
 }
 
-/// The node SIGKILLed during two live restores: one held before it created anything,
-/// one whose domain runs on the backup. `cleanup` removes the first one's job
-/// directory; the second's domain (the guest wrote into its overlays) stays defined
+/// The node SIGKILLed during two live restores: one held after it created its
+/// destinations and overlays but before its domain was defined, one whose domain runs
+/// on the backup. `cleanup` removes the first one's job directory and names each
+/// destination it created as left (a raw file, a qcow2 file, an RBD image); the
+/// second's domain (the guest wrote into its overlays) stays defined
 /// with its overlays and job directory, reported as left to the user.
 fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
     let id = b["id"].as_str().expect("id");
@@ -730,7 +732,7 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
         let _ = reader.join();
     };
     let early = unique_name("vlivek-new");
-    killed(&early, "live-restore-planned");
+    killed(&early, "live-restore-created");
     let early_dir = live_job_dirs();
     assert_eq!(early_dir.len(), 1, "{early_dir:?}");
     let ran = unique_name("vlivek-new");
@@ -757,17 +759,38 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
     let left = live_job_dirs();
     let ran_defined = lab().try_virsh(&["domstate", "--domain", &ran]);
     let vdb_kept = vdb.exists();
+    let early_vdb = lab().pool_dir.join(format!("{early}-vdb.qcow2"));
+    let early_vdb_kept = early_vdb.exists();
     // Tear down the one left to the user before asserting (the test's job-dir counts).
     let _ = lab().try_virsh(&["destroy", "--domain", &ran]);
     let _ = lab().try_virsh(&["undefine", "--domain", &ran]);
     for e in std::fs::read_dir(&lab().pool_dir).expect("pool").flatten() {
-        if e.file_name().to_string_lossy().contains(&ran) {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.contains(&ran) || n.contains(&early) {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    let _ = lab().try_rbd(&["rm", &format!("{}/{ran}-vdc", lab().ceph_pool)]);
+    for vm in [&ran, &early] {
+        let _ = lab().try_rbd(&["rm", &format!("{}/{vm}-vdc", lab().ceph_pool)]);
+    }
     let _ = std::fs::remove_dir_all(Path::new("/run/virtkeep/jobs").join(&ran_dir[0]));
     assert!(early_actions.contains("removed the job directory"), "{r:#}");
+    // Unless another test's `cleanup` took the early job, its report names what it made.
+    if actions(&early_dir[0]).is_some() {
+        let pool = lab().pool_dir.display().to_string();
+        for made in [
+            format!("left: {pool}/{early}-vda"),
+            format!("left: {pool}/.{early}-vda"),
+            format!("left: {}", early_vdb.display()),
+            format!("left: RBD image {}/{early}-vdc", lab().ceph_pool),
+        ] {
+            assert!(early_actions.contains(&made), "{made} not reported: {r:#}");
+        }
+    }
+    assert!(
+        early_vdb_kept,
+        "cleanup removed a destination it only reports"
+    );
     assert_eq!(left, ran_dir, "{r:#}");
     assert!(ran_actions.contains("left as is"), "{r:#}");
     assert!(
