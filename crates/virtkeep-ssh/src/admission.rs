@@ -83,6 +83,11 @@ impl ConnectDeadline {
         self.at
     }
 
+    /// What is left of the whole connect.
+    pub(crate) fn left(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
     /// What the step starting now may take: its own limit, cut to what is left.
     pub(crate) fn step(&self) -> Duration {
         self.step_at(Instant::now())

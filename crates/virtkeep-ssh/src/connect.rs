@@ -402,7 +402,7 @@ async fn acquire_slot(
     target: &HostTarget,
     deadline: ConnectDeadline,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, SshError> {
-    let limit = deadline.step();
+    let limit = deadline.left();
     let acquire = HandshakeSlots::acquire(&target.host, target.port, target.max_handshakes);
     tokio::time::timeout(limit, acquire)
         .await
