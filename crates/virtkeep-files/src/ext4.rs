@@ -123,6 +123,31 @@ pub(crate) fn fs_err(path: &str, e: impl std::fmt::Display) -> FilesError {
     }
 }
 
+/// Whether `e` is the disk (the repository under it) failing rather than a damaged
+/// filesystem: those end a listing instead of marking one entry, so that an outage, a
+/// missing chunk or one failing authentication is not shown as a damaged guest.
+/// Reads past the partition (`UnexpectedEof`) and loop budgets (`InvalidData`) are damage.
+pub(crate) fn disk_failure(e: &std::io::Error) -> bool {
+    !matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+    )
+}
+
+/// An `ext4-view` error at `path`: the disk failing becomes [`FilesError::Io`] (with the
+/// repository's message), anything else [`FilesError::Filesystem`].
+fn ext_err(path: &[u8], e: ext4_view::Ext4Error) -> FilesError {
+    match &e {
+        ext4_view::Ext4Error::Io(inner) => match inner.downcast_ref::<std::io::Error>() {
+            Some(io) if disk_failure(io) => {
+                FilesError::Io(std::io::Error::new(io.kind(), io.to_string()))
+            }
+            _ => fs_err(&show(path), e),
+        },
+        _ => fs_err(&show(path), e),
+    }
+}
+
 /// List directory `path` of the ext2/3/4 filesystem at `start..start+len` of `r`
 /// (synchronous: run it on a blocking thread).
 pub fn list_ext4<R: Read + Seek + 'static>(
@@ -147,8 +172,13 @@ pub fn list_fs(fs: &mut dyn GuestFs, path: &str) -> Result<DirListing, FilesErro
         let target = if n.kind == EntryKind::Symlink {
             match fs.read_link(&join(path.as_bytes(), &e.name)) {
                 Ok(t) => Some(String::from_utf8_lossy(&t).into_owned()),
-                // A walk past its deadline ends the listing; a damaged link does not.
-                Err(e @ FilesError::TimedOut { .. }) => return Err(e),
+                // A walk past its deadline or a failing disk ends the listing; a
+                // damaged link does not.
+                Err(
+                    e @ (FilesError::TimedOut { .. } | FilesError::Repo(_) | FilesError::Io(_)),
+                ) => {
+                    return Err(e);
+                }
                 Err(e) => {
                     error = Some(e.to_string());
                     None
@@ -210,7 +240,7 @@ impl<R: Read + Seek + 'static> ExtFs<R> {
     pub(crate) fn open(r: R, start: u64, len: u64) -> Result<Self, FilesError> {
         let shared = Rc::new(RefCell::new(r));
         let reader = PartReader::new(Shared(shared.clone()), start, len);
-        let fs = ext4_view::Ext4::load(Box::new(reader)).map_err(|e| fs_err("/", e))?;
+        let fs = ext4_view::Ext4::load(Box::new(reader)).map_err(|e| ext_err(b"/", e))?;
         let raw = RawExt::open(Shared(shared), start, len).ok();
         Ok(ExtFs {
             fs,
@@ -269,7 +299,7 @@ impl<R: Read + Seek> GuestFs for ExtFs<R> {
         let m = self
             .fs
             .symlink_metadata(ext_path(path)?)
-            .map_err(|e| fs_err(&show(path), e))?;
+            .map_err(|e| ext_err(path, e))?;
         let (parent, name) = match path.iter().rposition(|c| *c == b'/') {
             Some(i) => (&path[..i.max(1)], &path[i + 1..]),
             None => (&b"/"[..], path),
@@ -291,7 +321,7 @@ impl<R: Read + Seek> GuestFs for ExtFs<R> {
 
     fn read_dir(&mut self, path: &[u8], max: usize) -> Result<(Vec<FsEntry>, bool), FilesError> {
         let p = ext_path(path)?;
-        let iter = self.fs.read_dir(p).map_err(|e| fs_err(&show(path), e))?;
+        let iter = self.fs.read_dir(p).map_err(|e| ext_err(path, e))?;
         let inodes: HashMap<Vec<u8>, u32> = match (self.dir_ino(path), self.raw.as_mut()) {
             (Some(i), Some(raw)) => raw.dir_entries(i).unwrap_or_default(),
             _ => Vec::new(),
@@ -300,7 +330,7 @@ impl<R: Read + Seek> GuestFs for ExtFs<R> {
         .collect();
         let mut out = Vec::new();
         for e in iter {
-            let e = e.map_err(|e| fs_err(&show(path), e))?;
+            let e = e.map_err(|e| ext_err(path, e))?;
             let name = e.file_name().as_ref().to_vec();
             if name == b"." || name == b".." {
                 continue;
@@ -310,10 +340,13 @@ impl<R: Read + Seek> GuestFs for ExtFs<R> {
             }
             let m = match e.metadata() {
                 Ok(m) => m,
-                Err(err) => {
-                    out.push(FsEntry::unreadable(name, err));
-                    continue;
-                }
+                Err(err) => match ext_err(&join(path, &name), err) {
+                    e @ FilesError::Io(_) => return Err(e),
+                    err => {
+                        out.push(FsEntry::unreadable(name, err));
+                        continue;
+                    }
+                },
             };
             let ino = inodes.get(&name).copied();
             let node = self.node(&m, ino);
@@ -329,7 +362,7 @@ impl<R: Read + Seek> GuestFs for ExtFs<R> {
     }
 
     fn read(&mut self, path: &[u8], offset: u64, buf: &mut [u8]) -> Result<usize, FilesError> {
-        let err = |e| fs_err(&show(path), e);
+        let err = |e| ext_err(path, e);
         let f = match &mut self.open {
             Some((p, f)) if p == path => f,
             _ => {
@@ -350,7 +383,7 @@ impl<R: Read + Seek> GuestFs for ExtFs<R> {
         let t = self
             .fs
             .read_link(ext_path(path)?)
-            .map_err(|e| fs_err(&show(path), e))?;
+            .map_err(|e| ext_err(path, e))?;
         let t = t.as_ref();
         if t.len() > MAX_LINK {
             return Err(fs_err(&show(path), "symlink target too long"));

@@ -16,7 +16,7 @@ use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
 use ntfs::{Ntfs, NtfsAttributeType, NtfsFile, NtfsReadSeek, NtfsTime};
 
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, MAX_DIR_ENTRIES, fs_err};
+use crate::ext4::{EntryKind, MAX_DIR_ENTRIES, disk_failure, fs_err};
 use crate::fs::{FsEntry, FsNode, GuestFs, MAX_LINK, show};
 
 const READ_BUDGET: u64 = 256 << 20;
@@ -94,13 +94,22 @@ impl<R: Read + Seek> NtfsFs<R> {
     }
 }
 
+/// An `ntfs` error at `path`: the disk failing becomes [`FilesError::Io`] (with the
+/// repository's message), anything else [`FilesError::Filesystem`].
+fn ntfs_err(path: &[u8], e: ntfs::NtfsError) -> FilesError {
+    match e {
+        ntfs::NtfsError::Io(e) if disk_failure(&e) => FilesError::Io(e),
+        e => fs_err(&show(path), e),
+    }
+}
+
 /// The file at `path`, walked through each directory's index.
 fn lookup<'n, R: Read + Seek>(
     ntfs: &'n Ntfs,
     dev: &mut Dev<R>,
     path: &[u8],
 ) -> Result<NtfsFile<'n>, FilesError> {
-    let err = |e: ntfs::NtfsError| fs_err(&show(path), e);
+    let err = |e: ntfs::NtfsError| ntfs_err(path, e);
     let mut file = ntfs.root_directory(dev).map_err(err)?;
     for comp in path.split(|c| *c == b'/').filter(|c| !c.is_empty()) {
         let name = std::str::from_utf8(comp)
@@ -242,12 +251,12 @@ impl<R: Read + Seek> GuestFs for NtfsFs<R> {
     fn stat(&mut self, path: &[u8]) -> Result<FsNode, FilesError> {
         self.dev.budget = READ_BUDGET;
         let file = lookup(&self.ntfs, &mut self.dev, path)?;
-        node(&file, &mut self.dev).map_err(|e| fs_err(&show(path), e))
+        node(&file, &mut self.dev).map_err(|e| ntfs_err(path, e))
     }
 
     fn read_dir(&mut self, path: &[u8], max: usize) -> Result<(Vec<FsEntry>, bool), FilesError> {
         self.dev.budget = READ_BUDGET;
-        let err = |e: ntfs::NtfsError| fs_err(&show(path), e);
+        let err = |e: ntfs::NtfsError| ntfs_err(path, e);
         let dev = &mut self.dev;
         let dir = lookup(&self.ntfs, dev, path)?;
         let index = dir.directory_index(dev).map_err(err)?;
@@ -272,11 +281,15 @@ impl<R: Read + Seek> GuestFs for NtfsFs<R> {
             }
             let name = key.name().to_string_lossy().into_bytes();
             // A damaged file record is shown as such; the directory is still listed.
+            // A failing disk ends the listing.
             match entry
                 .to_file(&self.ntfs, dev)
                 .and_then(|file| node(&file, dev))
             {
                 Ok(node) => out.push(FsEntry::new(name, node)),
+                Err(ntfs::NtfsError::Io(e)) if disk_failure(&e) => {
+                    return Err(FilesError::Io(e));
+                }
                 Err(e) => out.push(FsEntry::unreadable(name, e)),
             }
         }
@@ -285,7 +298,7 @@ impl<R: Read + Seek> GuestFs for NtfsFs<R> {
 
     fn read(&mut self, path: &[u8], offset: u64, buf: &mut [u8]) -> Result<usize, FilesError> {
         self.dev.budget = READ_BUDGET.saturating_add(buf.len() as u64);
-        let err = |e: ntfs::NtfsError| fs_err(&show(path), e);
+        let err = |e: ntfs::NtfsError| ntfs_err(path, e);
         let dev = &mut self.dev;
         let file = lookup(&self.ntfs, dev, path)?;
         let Some(item) = file.data(dev, "") else {
@@ -308,7 +321,7 @@ impl<R: Read + Seek> GuestFs for NtfsFs<R> {
         self.dev.budget = READ_BUDGET;
         let file = lookup(&self.ntfs, &mut self.dev, path)?;
         let t = symlink_target(&file, &mut self.dev)
-            .map_err(|e| fs_err(&show(path), e))?
+            .map_err(|e| ntfs_err(path, e))?
             .ok_or_else(|| fs_err(&show(path), "not a symlink"))?;
         if t.len() > MAX_LINK {
             return Err(fs_err(&show(path), "symlink target too long"));

@@ -161,6 +161,72 @@ fn a_damaged_inode_does_not_hide_its_directory() {
     );
 }
 
+/// A disk that fails (`io::ErrorKind::Other`, as the repository's disk view does on an
+/// outage or a missing chunk) for reads starting in `bad`.
+struct FailingDisk {
+    inner: Cursor<Vec<u8>>,
+    bad: std::ops::Range<u64>,
+}
+
+impl std::io::Read for FailingDisk {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.bad.contains(&self.inner.position()) {
+            return Err(std::io::Error::other(
+                "chunk 0123abcd failed authentication",
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Seek for FailingDisk {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// A repository read failing under an inode ends the listing with an I/O error (the
+/// storage is at fault, not the guest): it is not shown as a damaged entry.
+#[test]
+fn a_failing_disk_fails_the_listing() {
+    // `ext4-view` reads the inode table 32 KiB at a time: 150 files in `/many` put
+    // inodes past the first 32 KiB (128 inodes of 256 bytes), read only for entries.
+    let dir = tempfile::tempdir().unwrap();
+    let many = dir.path().join("root/many");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..150 {
+        std::fs::write(many.join(format!("f{i:03}")), "").unwrap();
+    }
+    let img = dir.path().join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-I", "256", "-d"])
+        .arg(dir.path().join("root"))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let fs = std::fs::read(&img).unwrap();
+    let le32 = |o: usize| u64::from(u32::from_le_bytes(fs[o..o + 4].try_into().unwrap()));
+    let block = 1024u64 << le32(1024 + 24);
+    // Group 0's descriptor follows the superblock's block; its inode table at +8.
+    let gdt = (le32(1024 + 20) + 1) * block;
+    let table = le32(gdt as usize + 8) * block;
+    let ok = list_ext4(Cursor::new(fs.clone()), 0, fs.len() as u64, "/many").unwrap();
+    assert_eq!(ok.entries.len(), 150);
+    let r = FailingDisk {
+        inner: Cursor::new(fs.clone()),
+        bad: table + 128 * 256..table + 1024 * 256,
+    };
+    match list_ext4(r, 0, fs.len() as u64, "/many") {
+        Err(FilesError::Io(e)) => assert!(e.to_string().contains("authentication"), "{e}"),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+}
+
 /// Every walk has a time limit: past it, `get`, `find` and `ls` stop with an error
 /// that says so (a zero limit has passed before the first read), and a generous
 /// limit changes nothing.

@@ -119,10 +119,59 @@ fn ntfs_list_find_and_get_equal_the_source() {
     assert!(e.contains("no such file"), "{e}");
 }
 
+/// A disk that fails (`io::ErrorKind::Other`, as the repository's disk view does on an
+/// outage or a missing chunk) for reads starting in `bad`.
+struct FailingDisk {
+    inner: Cursor<Vec<u8>>,
+    bad: std::ops::Range<u64>,
+}
+
+impl std::io::Read for FailingDisk {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.bad.contains(&self.inner.position()) {
+            return Err(std::io::Error::other(
+                "chunk 0123abcd failed authentication",
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Seek for FailingDisk {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// The repository failing under the users' MFT records ends a listing with an I/O
+/// error: not an "unreadable" entry (the guest is not at fault).
+fn a_failing_disk_fails_the_listing(bytes: &[u8]) {
+    let cluster =
+        u64::from(u16::from_le_bytes([bytes[0x0B], bytes[0x0C]])) * u64::from(bytes[0x0D]);
+    let mft = u64::from_le_bytes(bytes[0x30..0x38].try_into().unwrap()) * cluster;
+    let per = bytes[0x40] as i8;
+    let record = if per < 0 {
+        1u64 << -per
+    } else {
+        per as u64 * cluster
+    };
+    // Records 64 and up: the users' files (etc); the metadata files still read.
+    let r = FailingDisk {
+        inner: Cursor::new(bytes.to_vec()),
+        bad: mft + 64 * record..mft + 1024 * record,
+    };
+    let mut fs = open_fs(FsType::Ntfs, r, bytes.len() as u64).unwrap();
+    match list_fs(fs.as_mut(), "/") {
+        Err(FilesError::Io(e)) => assert!(e.to_string().contains("authentication"), "{e}"),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+}
+
 #[test]
 fn damaged_ntfs_images_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = image(dir.path());
+    a_failing_disk_fails_the_listing(&bytes);
     assert!(open(&bytes[..4096]).is_err());
     // Zeroed MFT records after the boot sector's: lookups fail with errors.
     let mut broken = bytes.clone();

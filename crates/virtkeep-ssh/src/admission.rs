@@ -50,6 +50,54 @@ impl HandshakeSlots {
     }
 }
 
+/// Steps one connect had before it waited for slots or retried (TCP connect, SSH
+/// handshake, authentication, `connect_timeout` each): the whole connect gets as long.
+const CONNECT_STEPS: u32 = 3;
+
+/// One deadline for a whole connect: waiting for a handshake slot, every attempt and
+/// authentication share it, each step also bounded by `connect_timeout`, so a busy
+/// host or retries never stretch a connect past what one attempt was allowed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectDeadline {
+    at: Instant,
+    step: Duration,
+}
+
+impl ConnectDeadline {
+    /// From now, with `step` (`connect_timeout`) per step.
+    pub(crate) fn new(step: Duration) -> ConnectDeadline {
+        ConnectDeadline::starting(Instant::now(), step)
+    }
+
+    fn starting(now: Instant, step: Duration) -> ConnectDeadline {
+        // A timeout too large for the clock is no deadline worth keeping apart.
+        let at = now
+            .checked_add(step.saturating_mul(CONNECT_STEPS))
+            .or_else(|| now.checked_add(Duration::from_secs(1 << 32)))
+            .unwrap_or(now);
+        ConnectDeadline { at, step }
+    }
+
+    /// The end of the whole connect.
+    pub(crate) fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// What is left of the whole connect.
+    pub(crate) fn left(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// What the step starting now may take: its own limit, cut to what is left.
+    pub(crate) fn step(&self) -> Duration {
+        self.step_at(Instant::now())
+    }
+
+    fn step_at(&self, now: Instant) -> Duration {
+        self.step.min(self.at.saturating_duration_since(now))
+    }
+}
+
 /// Whether a failed handshake looks like sshd shedding load: the connection was
 /// closed or reset before a host key was seen. A refused TCP connect, a timeout, a
 /// host-key verdict and an authentication failure are never retried.
@@ -67,17 +115,16 @@ pub(crate) fn is_early_drop(e: &russh::Error) -> bool {
 
 /// Bounded, jittered backoff for early drops, within the connect deadline.
 pub(crate) struct Retry {
-    started: Instant,
-    deadline: Duration,
+    until: Instant,
     left: u32,
     next: Duration,
 }
 
 impl Retry {
-    pub(crate) fn new(retries: u32, deadline: Duration) -> Retry {
+    /// `retries` at most, none starting at or after `until`.
+    pub(crate) fn new(retries: u32, until: Instant) -> Retry {
         Retry {
-            started: Instant::now(),
-            deadline,
+            until,
             left: retries,
             next: FIRST_BACKOFF,
         }
@@ -94,7 +141,7 @@ impl Retry {
         let half = self.next / 2;
         let jitter = half.mul_f64(random_fraction());
         let pause = half + jitter;
-        if self.started.elapsed() + pause >= self.deadline {
+        if Instant::now() + pause >= self.until {
             return false;
         }
         self.left -= 1;
@@ -116,12 +163,34 @@ mod tests {
 
     #[tokio::test]
     async fn retry_stops_at_its_count_and_its_deadline() {
-        let mut r = Retry::new(2, Duration::from_secs(10));
+        let mut r = Retry::new(2, Instant::now() + Duration::from_secs(10));
         assert!(r.wait().await);
         assert!(r.wait().await);
         assert!(!r.wait().await, "only two retries");
-        let mut r = Retry::new(100, Duration::from_millis(1));
+        let mut r = Retry::new(100, Instant::now() + Duration::from_millis(1));
         assert!(!r.wait().await, "no retry past the deadline");
+    }
+
+    /// One deadline for the whole connect: each step gets `connect_timeout` while
+    /// enough is left, then only what is left, then nothing; the whole is three steps.
+    #[test]
+    fn a_connect_has_one_deadline() {
+        let step = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let d = ConnectDeadline::starting(t0, step);
+        assert_eq!(d.at(), t0 + Duration::from_secs(30));
+        assert_eq!(d.step_at(t0), step);
+        assert_eq!(d.step_at(t0 + Duration::from_secs(20)), step);
+        assert_eq!(
+            d.step_at(t0 + Duration::from_secs(25)),
+            Duration::from_secs(5),
+            "a late attempt gets only the time left"
+        );
+        assert_eq!(d.step_at(t0 + Duration::from_secs(30)), Duration::ZERO);
+        assert_eq!(d.step_at(t0 + Duration::from_secs(99)), Duration::ZERO);
+        // A timeout beyond the clock's range still makes a deadline (no panic).
+        let d = ConnectDeadline::starting(t0, Duration::MAX);
+        assert!(d.at() > t0 + Duration::from_secs(1 << 31));
     }
 
     #[test]

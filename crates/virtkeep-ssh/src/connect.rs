@@ -20,7 +20,8 @@ use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKeyWithHashAlg, PublicK
 use tokio::sync::mpsc;
 
 use crate::admission::{
-    DEFAULT_CONNECT_RETRIES, DEFAULT_MAX_HANDSHAKES, HandshakeSlots, Retry, is_early_drop,
+    ConnectDeadline, DEFAULT_CONNECT_RETRIES, DEFAULT_MAX_HANDSHAKES, HandshakeSlots, Retry,
+    is_early_drop,
 };
 use crate::error::SshError;
 use crate::known_hosts::{self, HostKeyStatus, KnownHosts};
@@ -88,7 +89,8 @@ pub struct HostTarget {
     pub known_hosts: PathBuf,
     /// Wrap every command as `sudo -n -- sh -c '<line>'`.
     pub sudo: bool,
-    /// Limit for TCP connect, handshake and authentication, each.
+    /// Limit for TCP connect, handshake and authentication, each; a whole connect
+    /// (slot wait and retries included) gets three times this.
     pub connect_timeout: Duration,
     /// Keepalive interval; after 3 unanswered keepalives the connection fails.
     /// `Duration::ZERO` disables keepalives (and then no dead-peer detection).
@@ -97,7 +99,7 @@ pub struct HostTarget {
     /// process runs at once; more wait. Keeps jobs under sshd's `MaxStartups`.
     pub max_handshakes: usize,
     /// Retries of a connection sshd closed before its banner or key exchange (what
-    /// `MaxStartups` does under load), with jittered backoff within `connect_timeout`.
+    /// `MaxStartups` does under load), with jittered backoff within the connect's deadline.
     /// 0 disables them. Authentication and host-key failures are never retried.
     pub connect_retries: u32,
 }
@@ -355,7 +357,7 @@ async fn with_timeout<T>(
 async fn handshake_raw(
     host: &str,
     port: u16,
-    timeout: Duration,
+    deadline: ConnectDeadline,
     config: client::Config,
     policy: KeyPolicy,
     forwards: &Forwards,
@@ -364,7 +366,7 @@ async fn handshake_raw(
         host,
         port,
         "TCP connect",
-        timeout,
+        deadline.step(),
         tokio::net::TcpStream::connect((host, port)),
     )
     .await?
@@ -386,12 +388,34 @@ async fn handshake_raw(
         host,
         port,
         "SSH handshake",
-        timeout,
+        deadline.step(),
         client::connect_stream(Arc::new(config), stream, handler),
     )
     .await?;
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
     Ok((res, seen))
+}
+
+/// A handshake slot of `target`, waited for within the connect's deadline (a slot
+/// held by a stuck handshake must not stall this connect past it).
+async fn acquire_slot(
+    target: &HostTarget,
+    deadline: ConnectDeadline,
+) -> Result<tokio::sync::OwnedSemaphorePermit, SshError> {
+    let limit = deadline.left();
+    let acquire = HandshakeSlots::acquire(&target.host, target.port, target.max_handshakes);
+    tokio::time::timeout(limit, acquire)
+        .await
+        .map_err(|_| SshError::Connect {
+            host: target.host.clone(),
+            port: target.port,
+            detail: format!(
+                "{} handshakes to {} already running for {limit:?}; hint: run fewer jobs \
+                 against this host at once, or check why its logins are slow",
+                target.max_handshakes.max(1),
+                target.host
+            ),
+        })
 }
 
 /// A failed handshake; `early_drop` when sshd closed it before showing its key.
@@ -413,13 +437,13 @@ impl From<SshError> for Failed {
 async fn handshake(
     host: &str,
     port: u16,
-    timeout: Duration,
+    deadline: ConnectDeadline,
     config: client::Config,
     policy: KeyPolicy,
     known_hosts_path: &Path,
     forwards: &Forwards,
 ) -> Result<(Handle<ClientHandler>, PublicKey), Failed> {
-    let (res, seen) = handshake_raw(host, port, timeout, config, policy, forwards).await?;
+    let (res, seen) = handshake_raw(host, port, deadline, config, policy, forwards).await?;
     if let (Err(e), None) = (&res, &seen)
         && is_early_drop(e)
     {
@@ -514,7 +538,7 @@ pub async fn probe_host_key(
     let (res, seen) = handshake_raw(
         host,
         port,
-        timeout,
+        ConnectDeadline::new(timeout),
         config,
         KeyPolicy::Probe,
         &Forwards::default(),
@@ -571,8 +595,9 @@ impl Connection {
         let order = host_key_order(&known.keys_for(&target.host, target.port));
         // Unauthenticated connections are what sshd's MaxStartups counts: hold a slot
         // until authentication is over.
-        let _slot = HandshakeSlots::acquire(&target.host, target.port, target.max_handshakes).await;
-        let mut retry = Retry::new(target.connect_retries, target.connect_timeout);
+        let deadline = ConnectDeadline::new(target.connect_timeout);
+        let _slot = acquire_slot(target, deadline).await?;
+        let mut retry = Retry::new(target.connect_retries, deadline.at());
         let forwards = Forwards::default();
         let (mut handle, host_key) = loop {
             let config = client_config(target.keepalive, order.clone());
@@ -580,7 +605,7 @@ impl Connection {
             match handshake(
                 &target.host,
                 target.port,
-                target.connect_timeout,
+                deadline,
                 config,
                 policy,
                 &target.known_hosts,
@@ -599,7 +624,7 @@ impl Connection {
             &target.host,
             target.port,
             "authentication",
-            target.connect_timeout,
+            deadline.step(),
             authenticate(&mut handle, target, agent_socket),
         )
         .await??;

@@ -468,14 +468,14 @@ impl RawS3 {
     }
 }
 
-/// A DELETE's status: done (gone, or nothing there), refused (403: retention, a legal
-/// hold, or a missing permission), or `None`: an error.
+/// A DELETE's status: done (gone, or nothing there), refused (403 AccessDenied: retention,
+/// a legal hold, or a missing permission), or `None`: an error. Other 403s (a bad
+/// signature, a skewed clock, an expired token) are real errors: counting them as
+/// retained would hide a misconfiguration behind GC statistics.
 fn delete_outcome(status: u16, code: &str) -> Option<Deleted> {
-    match status {
-        200 | 204 | 404 => Some(Deleted::Done),
-        403 => Some(Deleted::Refused(
-            format!("HTTP 403 {code}").trim_end().to_string(),
-        )),
+    match (status, code) {
+        (200 | 204 | 404, _) => Some(Deleted::Done),
+        (403, "AccessDenied") => Some(Deleted::Refused(format!("HTTP 403 {code}"))),
         _ => None,
     }
 }
@@ -867,6 +867,10 @@ mod tests {
             Some(Deleted::Refused("HTTP 403 AccessDenied".into()))
         );
         assert_eq!(delete_outcome(500, "InternalError"), None);
+        // Only AccessDenied is a refusal: other 403s are errors, not retained versions.
+        assert_eq!(delete_outcome(403, "SignatureDoesNotMatch"), None);
+        assert_eq!(delete_outcome(403, "RequestTimeTooSkewed"), None);
+        assert_eq!(delete_outcome(403, ""), None);
     }
 
     /// Retries: only 5xx statuses, at most `MAX_RETRIES`, growing, and never past the
