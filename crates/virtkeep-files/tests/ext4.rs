@@ -161,29 +161,9 @@ fn a_damaged_inode_does_not_hide_its_directory() {
     );
 }
 
-/// A disk that fails (`io::ErrorKind::Other`, as the repository's disk view does on an
-/// outage or a missing chunk) for reads starting in `bad`.
-struct FailingDisk {
-    inner: Cursor<Vec<u8>>,
-    bad: std::ops::Range<u64>,
-}
-
-impl std::io::Read for FailingDisk {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.bad.contains(&self.inner.position()) {
-            return Err(std::io::Error::other(
-                "chunk 0123abcd failed authentication",
-            ));
-        }
-        self.inner.read(buf)
-    }
-}
-
-impl std::io::Seek for FailingDisk {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
-        self.inner.seek(pos)
-    }
-}
+#[path = "common/failing_disk.rs"]
+mod failing_disk;
+use failing_disk::FailingDisk;
 
 /// A repository read failing under an inode ends the listing with an I/O error (the
 /// storage is at fault, not the guest): it is not shown as a damaged entry.

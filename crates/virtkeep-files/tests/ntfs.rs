@@ -119,29 +119,9 @@ fn ntfs_list_find_and_get_equal_the_source() {
     assert!(e.contains("no such file"), "{e}");
 }
 
-/// A disk that fails (`io::ErrorKind::Other`, as the repository's disk view does on an
-/// outage or a missing chunk) for reads starting in `bad`.
-struct FailingDisk {
-    inner: Cursor<Vec<u8>>,
-    bad: std::ops::Range<u64>,
-}
-
-impl std::io::Read for FailingDisk {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.bad.contains(&self.inner.position()) {
-            return Err(std::io::Error::other(
-                "chunk 0123abcd failed authentication",
-            ));
-        }
-        self.inner.read(buf)
-    }
-}
-
-impl std::io::Seek for FailingDisk {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
-        self.inner.seek(pos)
-    }
-}
+#[path = "common/failing_disk.rs"]
+mod failing_disk;
+use failing_disk::FailingDisk;
 
 /// The repository failing under the users' MFT records ends a listing with an I/O
 /// error: not an "unreadable" entry (the guest is not at fault).
