@@ -6,12 +6,13 @@ use std::path::Path;
 use virtkeep_repo::{DiskViewOptions, Repository};
 
 use crate::error::FilesError;
-use crate::ext4::{DirListing, MAX_PATH, list_fs};
+use crate::ext4::list_fs;
 use crate::find::{FindResult, find_fs};
-use crate::fs::{FsType, GuestFs, open_fs};
+use crate::fs::{DirListing, GuestFs, MAX_PATH};
 use crate::fsdetect::detect;
 use crate::get::{GetOptions, GetSummary, get_fs};
 use crate::lvm::{Mapped, read_pv};
+use crate::open::{FsType, open_fs};
 use crate::partition::read_table;
 use crate::walk::{TimedFs, WalkOptions};
 
@@ -295,7 +296,7 @@ pub async fn stream_file(
     tokio::task::spawn_blocking(move || {
         let opened = open_target(r, size, &target).and_then(|mut fs| {
             let node = fs.stat(target.path.as_bytes())?;
-            if node.kind != crate::ext4::EntryKind::File || node.size > max_size {
+            if node.kind != crate::fs::EntryKind::File || node.size > max_size {
                 return Err(FilesError::Filesystem {
                     path: target.path.clone(),
                     reason: format!(

@@ -7,62 +7,12 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::rc::Rc;
 
-use serde::Serialize;
-
 use crate::error::FilesError;
 use crate::ext4raw::RawExt;
-use crate::fs::{FsEntry, FsNode, GuestFs, MAX_LINK, check_path, join, show};
-
-/// Most entries one directory listing returns.
-pub const MAX_DIR_ENTRIES: usize = 100_000;
-/// Longest path accepted.
-pub const MAX_PATH: usize = 4096;
-
-/// What a directory entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EntryKind {
-    File,
-    Dir,
-    Symlink,
-    BlockDevice,
-    CharDevice,
-    Fifo,
-    Socket,
-    /// The entry's inode could not be read (see the entry's `error`).
-    Unknown,
-}
-
-/// One entry of a directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DirEntryInfo {
-    /// The name (invalid UTF-8 replaced).
-    pub name: String,
-    pub kind: EntryKind,
-    pub size: u64,
-    /// Permission bits (`0o7777`).
-    pub mode: u16,
-    pub uid: u32,
-    pub gid: u32,
-    /// Modification time, seconds since the epoch.
-    pub mtime: i64,
-    /// A symlink's target.
-    pub target: Option<String>,
-    /// Why this entry could not be read (its kind is then `unknown`, or a symlink's
-    /// target is missing); the rest of the directory is listed all the same.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// A directory listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DirListing {
-    pub path: String,
-    /// Sorted by name, without `.` and `..`.
-    pub entries: Vec<DirEntryInfo>,
-    /// True when the directory had more than [`MAX_DIR_ENTRIES`] entries.
-    pub truncated: bool,
-}
+use crate::fs::{
+    DirEntryInfo, DirListing, EntryKind, FsEntry, FsNode, GuestFs, MAX_DIR_ENTRIES, MAX_LINK,
+    check_path, disk_failure, fs_err, join, show,
+};
 
 /// `start..start+len` of a disk as the filesystem's whole device.
 pub(crate) struct PartReader<R> {
@@ -114,24 +64,6 @@ pub(crate) fn kind(t: ext4_view::FileType) -> EntryKind {
     } else {
         EntryKind::File
     }
-}
-
-pub(crate) fn fs_err(path: &str, e: impl std::fmt::Display) -> FilesError {
-    FilesError::Filesystem {
-        path: path.to_string(),
-        reason: e.to_string(),
-    }
-}
-
-/// Whether `e` is the disk (the repository under it) failing rather than a damaged
-/// filesystem: those end a listing instead of marking one entry, so that an outage, a
-/// missing chunk or one failing authentication is not shown as a damaged guest.
-/// Reads past the partition (`UnexpectedEof`) and loop budgets (`InvalidData`) are damage.
-pub(crate) fn disk_failure(e: &std::io::Error) -> bool {
-    !matches!(
-        e.kind(),
-        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
-    )
 }
 
 /// An `ext4-view` error at `path`: the disk failing becomes [`FilesError::Io`] (with the

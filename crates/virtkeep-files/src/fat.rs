@@ -12,8 +12,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::rc::Rc;
 
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, MAX_DIR_ENTRIES, fs_err};
-use crate::fs::{FsEntry, FsNode, GuestFs, show};
+use crate::fs::{EntryKind, FsEntry, FsNode, GuestFs, MAX_DIR_ENTRIES, fs_err, show};
 
 /// Bytes of the device kept in memory (`fatfs` reads FAT entries a few bytes at a time).
 const CACHE_BLOCK: u64 = 64 << 10;

@@ -5,8 +5,8 @@ use std::io::{Read, Seek};
 use serde::Serialize;
 
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, ExtFs, MAX_DIR_ENTRIES, MAX_PATH};
-use crate::fs::{GuestFs, check_path, join, show};
+use crate::ext4::ExtFs;
+use crate::fs::{EntryKind, GuestFs, MAX_DIR_ENTRIES, MAX_PATH, check_path, join, show};
 
 /// Most entries one walk visits before it stops (and says so).
 pub const MAX_FIND_VISITS: u64 = 1_000_000;

@@ -5,11 +5,9 @@
 //! Every backend reads an untrusted image: it bounds what it reads and returns
 //! [`FilesError::Filesystem`] for what it cannot make sense of, never panics.
 
-use std::io::{Read, Seek};
+use serde::Serialize;
 
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, MAX_PATH};
-use crate::fsdetect::FsInfo;
 
 /// Longest symlink target returned.
 pub const MAX_LINK: usize = 4096;
@@ -87,40 +85,73 @@ pub trait GuestFs {
     fn read_link(&mut self, path: &[u8]) -> Result<Vec<u8>, FilesError>;
 }
 
-/// The filesystem types read here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsType {
-    Ext,
-    Fat,
-    Ntfs,
-    Xfs,
+/// Most entries one directory listing returns.
+pub const MAX_DIR_ENTRIES: usize = 100_000;
+/// Longest path accepted.
+pub const MAX_PATH: usize = 4096;
+
+/// What a directory entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    BlockDevice,
+    CharDevice,
+    Fifo,
+    Socket,
+    /// The entry's inode could not be read (see the entry's `error`).
+    Unknown,
 }
 
-impl FsType {
-    /// The readable type of a recognised signature, if any.
-    pub fn of(info: &FsInfo) -> Option<FsType> {
-        match info.kind.as_str() {
-            "ext2" | "ext3" | "ext4" => Some(FsType::Ext),
-            "vfat" => Some(FsType::Fat),
-            "ntfs" => Some(FsType::Ntfs),
-            "xfs" => Some(FsType::Xfs),
-            _ => None,
-        }
+/// One entry of a directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DirEntryInfo {
+    /// The name (invalid UTF-8 replaced).
+    pub name: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    /// Permission bits (`0o7777`).
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// A symlink's target.
+    pub target: Option<String>,
+    /// Why this entry could not be read (its kind is then `unknown`, or a symlink's
+    /// target is missing); the rest of the directory is listed all the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DirListing {
+    pub path: String,
+    /// Sorted by name, without `.` and `..`.
+    pub entries: Vec<DirEntryInfo>,
+    /// True when the directory had more than [`MAX_DIR_ENTRIES`] entries.
+    pub truncated: bool,
+}
+
+pub(crate) fn fs_err(path: &str, e: impl std::fmt::Display) -> FilesError {
+    FilesError::Filesystem {
+        path: path.to_string(),
+        reason: e.to_string(),
     }
 }
 
-/// Opens the filesystem of type `t` spanning all `len` bytes of `r`.
-pub fn open_fs<R: Read + Seek + 'static>(
-    t: FsType,
-    r: R,
-    len: u64,
-) -> Result<Box<dyn GuestFs>, FilesError> {
-    match t {
-        FsType::Ext => Ok(Box::new(crate::ext4::ExtFs::open(r, 0, len)?)),
-        FsType::Fat => Ok(Box::new(crate::fat::FatFs::open(r, len)?)),
-        FsType::Ntfs => Ok(Box::new(crate::ntfs::NtfsFs::open(r, len)?)),
-        FsType::Xfs => Ok(Box::new(crate::xfs::XfsFs::open(r, len)?)),
-    }
+/// Whether `e` is the disk (the repository under it) failing rather than a damaged
+/// filesystem: those end a listing instead of marking one entry, so that an outage, a
+/// missing chunk or one failing authentication is not shown as a damaged guest.
+/// Reads past the partition (`UnexpectedEof`) and loop budgets (`InvalidData`) are damage.
+pub(crate) fn disk_failure(e: &std::io::Error) -> bool {
+    !matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+    )
 }
 
 /// Checks a path from the user: absolute, bounded, no NUL.

@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, ExtFs, MAX_PATH};
-use crate::fs::{FsNode, GuestFs, check_path, join, read_full, show};
+use crate::ext4::ExtFs;
+use crate::fs::{EntryKind, FsNode, GuestFs, MAX_PATH, check_path, join, read_full, show};
 use crate::walk::{DEFAULT_GET_TIMEOUT, TimedFs};
 
 /// Most entries one `files get` copies unless told otherwise.

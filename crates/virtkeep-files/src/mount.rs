@@ -21,9 +21,9 @@ use virtkeep_repo::{DiskView, DiskViewOptions, Repository};
 
 use crate::browse::FileTarget;
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, MAX_PATH};
-use crate::fs::{FsNode, FsType, join};
+use crate::fs::{EntryKind, FsNode, MAX_PATH, join};
 use crate::mounttree::{FsWorker, Node, Table};
+use crate::open::FsType;
 
 const TTL: Duration = Duration::from_secs(60);
 /// Largest read answered at once (the kernel asks for at most 1 MiB).

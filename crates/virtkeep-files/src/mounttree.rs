@@ -108,7 +108,7 @@ impl FsWorker {
     }
 
     pub(crate) fn read_dir(&self, path: Vec<u8>) -> Result<Vec<FsEntry>, String> {
-        self.call(move |fs| Ok(fs.read_dir(&path, crate::ext4::MAX_DIR_ENTRIES)?.0))
+        self.call(move |fs| Ok(fs.read_dir(&path, crate::fs::MAX_DIR_ENTRIES)?.0))
     }
 
     pub(crate) fn read(&self, path: Vec<u8>, offset: u64, len: usize) -> Result<Vec<u8>, String> {

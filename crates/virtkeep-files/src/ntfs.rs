@@ -16,8 +16,9 @@ use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
 use ntfs::{Ntfs, NtfsAttributeType, NtfsFile, NtfsReadSeek, NtfsTime};
 
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, MAX_DIR_ENTRIES, disk_failure, fs_err};
-use crate::fs::{FsEntry, FsNode, GuestFs, MAX_LINK, show};
+use crate::fs::{
+    EntryKind, FsEntry, FsNode, GuestFs, MAX_DIR_ENTRIES, MAX_LINK, disk_failure, fs_err, show,
+};
 
 const READ_BUDGET: u64 = 256 << 20;
 /// MFT records below this are the filesystem's own metadata files.

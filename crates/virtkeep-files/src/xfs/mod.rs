@@ -22,8 +22,7 @@ use std::collections::HashMap;
 use std::io::{Read, Seek};
 
 use crate::error::FilesError;
-use crate::ext4::{EntryKind, fs_err};
-use crate::fs::{FsEntry, FsNode, GuestFs, MAX_LINK, show};
+use crate::fs::{EntryKind, FsEntry, FsNode, GuestFs, MAX_LINK, fs_err, show};
 use bmap::Extent;
 use inode::{Format, Inode, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
 use sb::{Dev, READ_BUDGET, Res, Sb, XfsError};
