@@ -15,10 +15,12 @@ pub mod error;
 pub mod history;
 pub mod idle;
 pub mod maintenance;
+pub mod maintenance_config;
 pub mod policy;
 pub mod recorded;
 pub mod schedule;
 pub mod scope;
+pub mod sync_config;
 pub mod sync_jobs;
 pub mod tls;
 

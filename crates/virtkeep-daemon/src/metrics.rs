@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use crate::catalog::{Catalog, VmStats};
 use crate::error::Result;
+use crate::maintenance_config::Task;
 
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -113,20 +114,49 @@ pub fn render(catalog: &Catalog, named: &BTreeSet<(String, String)>) -> Result<S
 }
 
 /// The series of the tasks the daemon runs beside the queue (`[sync.NAME]`, the
-/// repositories' GC and verify), from the catalog: the same on every node.
+/// repositories' GC and verify), from the catalog and the configured names (which have a
+/// series before their first run): every node of a cluster exports the same figures, not
+/// only the leader that runs them.
 pub fn scheduled(
     out: &mut String,
     catalog: &Catalog,
     daemon: &crate::policy::DaemonConfig,
 ) -> Result<()> {
-    crate::sync_jobs::render_metrics(out, &daemon.syncs, &catalog.vm_stats_of("sync")?);
-    crate::maintenance::render_metrics(out, daemon, catalog)
+    per_name(
+        out,
+        ("sync", "sync"),
+        daemon.syncs.iter().map(|j| j.name.as_str()),
+        &catalog.vm_stats_of("sync")?,
+        [
+            "Unix time of the sync job's last success (in the catalog), 0 when none.",
+            "Failed runs of the sync job in the catalog's job history.",
+        ],
+    );
+    for (task, what) in [(Task::Gc, "GC"), (Task::Verify, "verify")] {
+        let names = daemon.maintenance.iter().filter(|m| match task {
+            Task::Gc => m.gc.is_some(),
+            Task::Verify => m.verify.is_some(),
+        });
+        per_name(
+            out,
+            (task.kind(), "repository"),
+            names.map(|m| m.name.as_str()),
+            &catalog.vm_stats_of(task.kind())?,
+            [
+                &format!(
+                    "Unix time of the repository's last successful {what} run by the daemon, 0 when none."
+                ),
+                &format!("Failed {what} runs of the repository in the catalog's job history."),
+            ],
+        );
+    }
+    Ok(())
 }
 
 /// `virtkeep_KIND_last_success_timestamp_seconds{LABEL="NAME"}` and
 /// `virtkeep_KIND_failures_total{LABEL="NAME"}` for every configured `names` and every
 /// name with runs of `kind` in the catalog (`recorded`: `vm` is the name).
-pub fn per_name<'a>(
+fn per_name<'a>(
     out: &mut String,
     (kind, key): (&str, &str),
     names: impl Iterator<Item = &'a str>,

@@ -208,9 +208,9 @@ pub struct DaemonConfig {
     pub api: Option<ApiConfig>,
     pub policies: BTreeMap<String, Policy>,
     /// `[sync.NAME]` jobs (crate::sync_jobs).
-    pub syncs: Vec<crate::sync_jobs::SyncJob>,
+    pub syncs: Vec<crate::sync_config::SyncJob>,
     /// `[maintenance.REPOSITORY]` GC and verify schedules (crate::maintenance).
-    pub maintenance: Vec<crate::maintenance::Maintenance>,
+    pub maintenance: Vec<crate::maintenance_config::Maintenance>,
 }
 
 impl DaemonConfig {
@@ -581,8 +581,8 @@ impl DaemonConfig {
             history,
             api,
             policies,
-            syncs: crate::sync_jobs::parse(file, text, engine)?,
-            maintenance: crate::maintenance::parse(file, text, engine)?,
+            syncs: crate::sync_config::parse(file, text, engine)?,
+            maintenance: crate::maintenance_config::parse(file, text, engine)?,
         })
     }
 

@@ -43,9 +43,9 @@ pub use format::{
 };
 pub use manifest::{
     BackupMeta, BackupMode, BackupStats, DiskSpec, DiskStats, Manifest, ManifestDisk,
-    SnapshotSummary, Storage,
+    ManifestNvram, SnapshotSummary, Storage,
 };
-pub use nvram::{MAX_NVRAM_SIZE, ManifestNvram, NVRAM_ARTEFACT};
+pub use nvram::{MAX_NVRAM_SIZE, NVRAM_ARTEFACT};
 pub use progress::{QuietProgress, RepoProgress};
 pub use prune::{KeepPolicy, PruneDecision, PruneReport, compute_prune, compute_prune_within};
 pub use reader::{DiskReader, Extent, MIN_ZERO_RUN, split_zero_runs};

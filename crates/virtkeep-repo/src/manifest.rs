@@ -177,7 +177,19 @@ pub struct Manifest {
     pub extra: serde_json::Value,
     /// The UEFI variable store, when the VM has one (absent in older manifests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nvram: Option<crate::nvram::ManifestNvram>,
+    pub nvram: Option<ManifestNvram>,
+}
+
+/// The NVRAM entry of a manifest (absent in manifests written before it existed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestNvram {
+    /// Object key of its fixed index.
+    pub index: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The `<nvram>` path it was read from on the host (information only: a restore
+    /// chooses where it writes).
+    pub source: String,
 }
 
 /// One line of `snapshots`.

@@ -7,11 +7,10 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use crate::error::{RepoError, Result};
 use crate::format::{FixedIndex, ZERO_DIGEST, chunk_key, is_all_zero};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ManifestNvram};
 use crate::repo::{Repository, check_name};
 use crate::writer::BackupWriter;
 
@@ -21,18 +20,6 @@ pub const NVRAM_ARTEFACT: &str = ".nvram";
 /// The largest NVRAM store kept or restored (OVMF's are 128 KiB to 4 MiB; the host and
 /// the repository are untrusted, so every read is bounded).
 pub const MAX_NVRAM_SIZE: u64 = 64 << 20;
-
-/// The NVRAM entry of a manifest (absent in manifests written before it existed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManifestNvram {
-    /// Object key of its fixed index.
-    pub index: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// The `<nvram>` path it was read from on the host (information only: a restore
-    /// chooses where it writes).
-    pub source: String,
-}
 
 /// The object key of a backup's NVRAM index.
 fn nvram_key(id: &str) -> String {

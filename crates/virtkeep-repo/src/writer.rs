@@ -50,7 +50,7 @@ struct Shared {
     disks: Mutex<Vec<ManifestDisk>>,
     open_disks: Mutex<HashSet<String>>,
     reuse_window: Duration,
-    nvram: Mutex<Option<crate::nvram::ManifestNvram>>,
+    nvram: Mutex<Option<crate::manifest::ManifestNvram>>,
     /// A sync writes indexes with overwrite: a killed sync of the same backup id may
     /// have left them (unpublished) and the next one takes over.
     overwrite_index: bool,
@@ -193,10 +193,10 @@ impl BackupWriter {
     pub(crate) fn repo(&self) -> &Repository {
         &self.sh.repo
     }
-    pub(crate) fn nvram_entry(&self) -> Option<crate::nvram::ManifestNvram> {
+    pub(crate) fn nvram_entry(&self) -> Option<crate::manifest::ManifestNvram> {
         lock(&self.sh.nvram).clone()
     }
-    pub(crate) fn set_nvram_entry(&self, n: crate::nvram::ManifestNvram) {
+    pub(crate) fn set_nvram_entry(&self, n: crate::manifest::ManifestNvram) {
         *lock(&self.sh.nvram) = Some(n);
     }
     pub(crate) fn reuse_window(&self) -> Duration {
