@@ -356,7 +356,9 @@ async fn states(
 
 /// A disk's state from its live `<disk>` element and whether a job runs on it.
 fn state(d: &CopyDisk, disk: &str, job: bool) -> State {
-    let has = |a: &str, v: &str| disk.contains(&format!("{a}='{v}'")) || disk.contains(&format!("{a}=\"{v}\""));
+    let has = |a: &str, v: &str| {
+        disk.contains(&format!("{a}='{v}'")) || disk.contains(&format!("{a}=\"{v}\""))
+    };
     match &d.mirror {
         None if !has("protocol", "nbd") => State::Done,
         Some(m) if !disk.contains(&m.overlay) => State::Done,
@@ -368,9 +370,7 @@ fn state(d: &CopyDisk, disk: &str, job: bool) -> State {
 
 /// `virsh resume` when the guest is paused on an I/O error.
 async fn resume_if_io_paused(host: &Host, uuid: &str) -> Result<()> {
-    let state = host
-        .run_string(&host.virsh().domstate_reason(uuid))
-        .await?;
+    let state = host.run_string(&host.virsh().domstate_reason(uuid)).await?;
     if state.starts_with("paused") && state.contains("I/O error") {
         tracing::warn!(host = %host.name, "the guest paused on an I/O error while the link was down; resuming it");
         host.run(&host.virsh().resume(uuid)).await?;

@@ -132,7 +132,9 @@ pub async fn restore_live(
             } {
                 Ok(times) => Ok((times, disks)),
                 // The link is gone and the guest ran: nothing is removed.
-                Err(e) if e.kind == ErrorKind::Unfinished => Err(left_as_is(e, host, name, live.dir())),
+                Err(e) if e.kind == ErrorKind::Unfinished => {
+                    Err(left_as_is(e, host, name, live.dir()))
+                }
                 Err(e) => {
                     roll_back(link.host(), &uuid, &disks, &made).await;
                     Err(e)
@@ -279,11 +281,15 @@ async fn run(
     let finals = final_xml(live, disks)?;
     let dir = live.dir().to_string();
     let copies = link
-        .attempt(live, async |h: &Host| stage_copies(h, &dir, &finals, disks).await)
+        .attempt(live, async |h: &Host| {
+            stage_copies(h, &dir, &finals, disks).await
+        })
         .await?;
     crate::live_copy::copy(link, live, uuid, &copies).await?;
-    link.attempt(live, async |h: &Host| check_detached(h, (name, uuid), &dir).await)
-        .await?;
+    link.attempt(live, async |h: &Host| {
+        check_detached(h, (name, uuid), &dir).await
+    })
+    .await?;
     Ok((running, started.elapsed().as_secs_f64()))
 }
 

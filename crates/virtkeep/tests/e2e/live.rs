@@ -523,9 +523,14 @@ fn live_restore_survives_a_lost_link_during_the_copy() {
     let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(r["reconnects"], 1, "{r:#}\n{err}");
     assert!(err.contains("reconnected"), "{err}");
-    assert!(err.contains("resuming it"), "the guest was not resumed:\n{err}");
+    assert!(
+        err.contains("resuming it"),
+        "the guest was not resumed:\n{err}"
+    );
     assert_eq!(
-        lab().virsh(&["domstate", "--reason", "--domain", &new_name]),
+        lab()
+            .virsh(&["domstate", "--reason", "--domain", &new_name])
+            .trim(),
         "running (unpaused)",
         "{err}"
     );
@@ -546,7 +551,10 @@ fn live_restore_survives_a_lost_link_during_the_copy() {
         .output()
         .expect("qemu-img info");
     let info = String::from_utf8_lossy(&info.stdout);
-    assert!(!info.contains("backing"), "still has a backing file: {info}");
+    assert!(
+        !info.contains("backing"),
+        "still has a backing file: {info}"
+    );
     for args in [vec!["dumpxml"], vec!["dumpxml", "--inactive"]] {
         let mut args = args;
         args.extend(["--domain", new_name.as_str()]);
