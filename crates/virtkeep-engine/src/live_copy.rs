@@ -1,4 +1,4 @@
-//! The copy phase of `restore --live` ([`crate::live_restore`]), and how it survives a
+//! The copy phase of `restore --live` (`live_restore.rs`), and how it survives a
 //! lost link.
 //!
 //! Every disk's block job is started without waiting (`virsh blockpull`, `virsh
