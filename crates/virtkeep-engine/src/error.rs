@@ -29,6 +29,9 @@ pub enum ErrorKind {
     DataPath,
     /// Interrupted by a signal.
     Interrupted,
+    /// A live restore could not finish its copy and left its domain on the host as it
+    /// is (the guest ran: its writes are only there): exit code 4.
+    Unfinished,
 }
 
 /// A failure with a message and, where one exists, a hint saying what to do.

@@ -98,6 +98,28 @@ impl Host {
         &self.session
     }
 
+    /// A new connection to the same host, with the same settings and pinned key (a
+    /// job that lost its link goes on over it).
+    pub async fn reconnect(&self) -> Result<Host> {
+        let target = self.pool.target().clone();
+        let session = Session::connect(&target)
+            .await
+            .map_err(|e| Error::from(e).context(format!("reconnecting to host {}", self.name)))?;
+        session.prewarm_shells(2);
+        Ok(Host {
+            name: self.name.clone(),
+            config: self.config.clone(),
+            pool: Pool::new(target, 4),
+            session,
+            qemu_owner: self.qemu_owner.clone(),
+        })
+    }
+
+    /// How long a command of this class may take on this host.
+    pub fn deadline(&self, deadline: Deadline) -> std::time::Duration {
+        deadline.of(&self.config)
+    }
+
     /// Opens the first `n` data connections in the background, so that a job's data
     /// phase finds them connected instead of connecting them one after another (a
     /// failure here is met again, and reported, by [`data_session`](Self::data_session)).

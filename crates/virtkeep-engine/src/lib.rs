@@ -19,6 +19,7 @@ pub mod hold;
 pub mod host;
 pub mod inventory;
 pub mod live;
+pub mod live_copy;
 pub mod live_restore;
 pub mod lvm;
 pub mod phases;

@@ -30,6 +30,7 @@ pub struct LiveBackup {
     manifest: Manifest,
     dir: String,
     socket: String,
+    server: Arc<Server>,
     stop: Option<oneshot::Sender<()>>,
     serving: Option<JoinHandle<UnixForward>>,
 }
@@ -56,11 +57,13 @@ impl LiveBackup {
             .map_err(|e| Error::new(ErrorKind::Repository, format!("serving backup {id}: {e}")))?;
         let dir = forward_dir(host, job).await?;
         let socket = format!("{dir}/nbd.sock");
-        match forward(host, &socket, Arc::new(server)).await {
+        let server = Arc::new(server);
+        match forward(host, &socket, server.clone()).await {
             Ok((stop, serving)) => Ok(LiveBackup {
                 manifest,
                 dir,
                 socket,
+                server,
                 stop: Some(stop),
                 serving: Some(serving),
             }),
@@ -142,9 +145,21 @@ impl LiveBackup {
         Ok(())
     }
 
-    /// Stops serving, cancels the forward and removes the job directory. Failures are
-    /// logged: the forward ends with the connection, the directory with `cleanup`.
-    pub async fn finish(mut self, host: &Host) {
+    /// After the job's SSH connection was lost: serves the backup again on the same
+    /// socket path over `host`, a new connection (the old forward ended with the old
+    /// connection; sshd leaves its socket file, which is removed first, or the new
+    /// listener could not bind). QEMU's NBD client connects to it again by itself.
+    pub async fn reforward(&mut self, host: &Host) -> Result<()> {
+        self.stop_serving(host).await;
+        host.run(&coreutils::rm_f(&self.socket)).await?;
+        let (stop, serving) = forward(host, &self.socket, self.server.clone()).await?;
+        self.stop = Some(stop);
+        self.serving = Some(serving);
+        Ok(())
+    }
+
+    /// Stops serving and cancels the forward (if its connection is still there).
+    async fn stop_serving(&mut self, host: &Host) {
         drop(self.stop.take());
         if let Some(serving) = self.serving.take() {
             match serving.await {
@@ -156,6 +171,18 @@ impl LiveBackup {
                 Err(e) => tracing::warn!(error = %e, "the NBD forward task failed"),
             }
         }
+    }
+
+    /// Stops serving but keeps the job directory: a domain that ran still uses its
+    /// overlays (left for the user, reported by `cleanup`).
+    pub async fn abandon(mut self, host: &Host) {
+        self.stop_serving(host).await;
+    }
+
+    /// Stops serving, cancels the forward and removes the job directory. Failures are
+    /// logged: the forward ends with the connection, the directory with `cleanup`.
+    pub async fn finish(mut self, host: &Host) {
+        self.stop_serving(host).await;
         if let Err(e) = host.run(&coreutils::rm_rf(&self.dir)).await {
             tracing::warn!(host = %host.name, dir = %self.dir, error = %e, "removing the job directory");
         }

@@ -33,9 +33,10 @@ use std::time::Instant;
 use serde::Serialize;
 use virtkeep_libvirt::{Isolation, NewSource, Rewrite, coreutils, isolate_for_boot};
 
-use crate::error::{Error, Result};
-use crate::host::{Deadline, Host};
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::Host;
 use crate::live::LiveBackup;
+use crate::live_copy::{CopyDisk, Link, Mirror};
 use crate::restore::{Destination, DiskCheck, Place, Storage};
 
 /// Failpoint: held (until a line on stdin) once the domain runs, before the copy.
@@ -68,6 +69,8 @@ pub struct LiveRestoreResult {
     pub time_to_running_secs: f64,
     /// From the start of the command until every disk was copied.
     pub time_to_copied_secs: f64,
+    /// How often the SSH connection was lost during the copy and made again.
+    pub reconnects: u32,
 }
 
 /// A disk of the live-restored domain.
@@ -105,13 +108,14 @@ pub async fn restore_live(
     // Held until the end, taken before the job directory exists: `cleanup` touches a
     // live restore's leftovers only once this lock is gone (its node killed).
     let lock = host.lock_vm(&job, 0).await?;
-    let live = match LiveBackup::start(host, repo, id, &job).await {
+    let mut live = match LiveBackup::start(host, repo, id, &job).await {
         Ok(live) => live,
         Err(e) => {
             lock.release().await;
             return Err(e);
         }
     };
+    let mut link = Link::new(host, lock, &job);
     let uuid = uuid::Uuid::new_v4().to_string();
     let res = match plan(host, &live, name, &job).await {
         // Only what this run made is rolled back: `made` records, per disk, what was
@@ -120,23 +124,32 @@ pub async fn restore_live(
         Ok(disks) => {
             let mut made = Vec::new();
             match tokio::select! {
-                r = run(host, &live, (name, &uuid), &disks, &mut made, started) => r,
+                r = run(&mut link, &mut live, (name, &uuid), &disks, &mut made, started) => r,
                 _ = interrupted => Err(Error::new(
-                    crate::error::ErrorKind::Interrupted,
+                    ErrorKind::Interrupted,
                     format!("interrupted before the copy was done; {name} was removed"),
                 )),
             } {
                 Ok(times) => Ok((times, disks)),
+                // The link is gone and the guest ran: nothing is removed.
+                Err(e) if e.kind == ErrorKind::Unfinished => {
+                    Err(left_as_is(e, host, name, live.dir()))
+                }
                 Err(e) => {
-                    roll_back(host, &uuid, &disks, &made).await;
+                    roll_back(link.host(), &uuid, &disks, &made).await;
                     Err(e)
                 }
             }
         }
         Err(e) => Err(e),
     };
-    live.finish(host).await;
-    lock.release().await;
+    if matches!(&res, Err(e) if e.kind == ErrorKind::Unfinished) {
+        live.abandon(link.host()).await;
+    } else {
+        live.finish(link.host()).await;
+    }
+    let reconnects = link.reconnects;
+    link.release().await;
     let ((running, copied), disks) = res?;
     Ok(LiveRestoreResult {
         snapshot: id.to_string(),
@@ -145,7 +158,23 @@ pub async fn restore_live(
         disks: disks.into_iter().map(|d| d.report).collect(),
         time_to_running_secs: running,
         time_to_copied_secs: copied,
+        reconnects,
     })
+}
+
+/// The error of a live restore whose link did not come back: what state the domain is
+/// in and what to do.
+fn left_as_is(e: Error, host: &Host, name: &str, dir: &str) -> Error {
+    let h = &host.name;
+    Error::new(
+        ErrorKind::Unfinished,
+        format!(
+            "{e}. {name} is left on {h} as it is, not rolled back: it runs on overlays over the backup (job directory {dir}) whose server is gone, and pauses on an I/O error at its next read of data not yet copied"
+        ),
+    )
+    .hint(format!(
+        "nothing was removed (the guest's writes are only in its overlays). Once {h} is reachable, `virtkeep cleanup {h}` reports the job as left as is: keep the guest to save its writes, or destroy and undefine {name} and remove its disks, then run `restore --live` again or restore normally"
+    ))
 }
 
 /// One disk of the plan: where it ends, and how its data gets there.
@@ -235,15 +264,43 @@ struct Made {
 
 /// Destinations, overlays, define, start, copy. Returns (time to running, time to
 /// copied); `made` records what was created, disk by disk. The domain is `(name, uuid)`
+/// Destinations, overlays, define, start, copy. Returns (time to running, time to
+/// copied); `made` records what was created, disk by disk. The domain is `(name, uuid)`
 /// and is handled by its UUID once defined.
 async fn run(
-    host: &Host,
-    live: &LiveBackup,
+    link: &mut Link<'_>,
+    live: &mut LiveBackup,
     (name, uuid): (&str, &str),
     disks: &[Planned],
     made: &mut Vec<Made>,
     started: Instant,
 ) -> Result<(f64, f64)> {
+    create_and_start(link.host(), live, (name, uuid), disks, made).await?;
+    let running = started.elapsed().as_secs_f64();
+    crate::failpoint::hold(HOLD_BEFORE_COPY).await;
+    let finals = final_xml(live, disks)?;
+    let dir = live.dir().to_string();
+    let copies = link
+        .attempt(live, async |h: &Host| {
+            stage_copies(h, &dir, &finals, disks).await
+        })
+        .await?;
+    crate::live_copy::copy(link, live, uuid, &copies).await?;
+    link.attempt(live, async |h: &Host| {
+        check_detached(h, (name, uuid), &dir).await
+    })
+    .await?;
+    Ok((running, started.elapsed().as_secs_f64()))
+}
+
+/// Creates the destinations and overlays, records them, defines and starts the domain.
+async fn create_and_start(
+    host: &Host,
+    live: &LiveBackup,
+    (name, uuid): (&str, &str),
+    disks: &[Planned],
+    made: &mut Vec<Made>,
+) -> Result<()> {
     crate::failpoint::hold(HOLD_PLANNED).await;
     let owner = host.qemu_owner().await?;
     let mut created = Vec::new();
@@ -264,40 +321,38 @@ async fn run(
         }
     }
     crate::failpoint::hold(HOLD_CREATED).await;
-    define_and_start(host, live, (name, uuid), disks).await?;
-    let running = started.elapsed().as_secs_f64();
-    crate::failpoint::hold(HOLD_BEFORE_COPY).await;
-    let finals = final_xml(live, disks)?;
+    define_and_start(host, live, (name, uuid), disks).await
+}
+
+/// What the copy needs of each disk; a mirrored disk's destination `<disk>` (from the
+/// XML as a restore would define it) is uploaded into the job directory `dir`.
+async fn stage_copies(
+    host: &Host,
+    dir: &str,
+    finals: &str,
+    disks: &[Planned],
+) -> Result<Vec<CopyDisk>> {
+    let mut out = Vec::new();
     for (i, d) in disks.iter().enumerate() {
-        let what = |e: Error| {
-            e.context(format!(
-                "copying {} into {}",
-                d.report.target, d.report.path
-            ))
-        };
-        match &d.copy {
-            Copy::Pull => {
-                let cmd = host.virsh().blockpull_wait(uuid, &d.report.target);
-                host.run_within(&cmd, Deadline::Data).await.map_err(what)?;
-            }
+        let mirror = match &d.copy {
+            Copy::Pull => None,
             Copy::Mirror { overlay } => {
-                let disk_xml = virtkeep_libvirt::disk_element(&finals, &d.report.target)?;
-                let xml_path = format!("{}/dest{i}.xml", live.dir());
+                let disk_xml = virtkeep_libvirt::disk_element(finals, &d.report.target)?;
+                let xml_path = format!("{dir}/dest{i}.xml");
                 host.upload(&xml_path, disk_xml.as_bytes()).await?;
-                let cmd = host
-                    .virsh()
-                    .blockcopy_pivot(uuid, &d.report.target, &xml_path);
-                host.run_within(&cmd, Deadline::Data).await.map_err(what)?;
-                // The VM now runs on its destination: a leftover overlay in the job
-                // directory is not worth destroying a fully copied VM for.
-                if let Err(e) = host.run(&coreutils::rm_f(overlay)).await {
-                    tracing::warn!(host = %host.name, overlay, error = %e, "removing a pivoted overlay");
-                }
+                Some(Mirror {
+                    overlay: overlay.clone(),
+                    xml_path,
+                })
             }
-        }
+        };
+        out.push(CopyDisk {
+            target: d.report.target.clone(),
+            path: d.report.path.clone(),
+            mirror,
+        });
     }
-    check_detached(host, (name, uuid), live.dir()).await?;
-    Ok((running, started.elapsed().as_secs_f64()))
+    Ok(out)
 }
 
 /// Adds `what` to the job's [`CREATED_FILE`] (rewritten whole: a handful of lines).

@@ -199,30 +199,63 @@ impl Virsh {
         self.dom("screenshot", dom).arg("--file").arg(path)
     }
 
-    /// `virsh blockpull --domain DOM --path TARGET --wait`: copy every block of the
-    /// disk's backing chain into its top image, then drop the chain.
-    pub fn blockpull_wait(&self, dom: &str, target: &str) -> RemoteCommand {
-        self.dom("blockpull", dom)
-            .arg("--path")
-            .arg(target)
-            .arg("--wait")
+    /// `virsh blockpull --domain DOM --path TARGET [--bandwidth N --bytes]`: start
+    /// copying every block of the backing chain into the top image of TARGET (the job
+    /// then drops the backing link); returns once the job runs. `bytes_per_sec` limits
+    /// its speed (QEMU's rate limit; [`Virsh::blockjob_bandwidth`] lifts it).
+    pub fn blockpull(&self, dom: &str, target: &str, bytes_per_sec: Option<u64>) -> RemoteCommand {
+        let c = self.dom("blockpull", dom).arg("--path").arg(target);
+        with_bandwidth(c, bytes_per_sec)
     }
 
     /// `virsh blockcopy --domain DOM --path TARGET --xml XML --reuse-external
-    /// --transient-job --wait --pivot`: mirror the disk into the existing destination
-    /// that the `<disk>` in file `xml_path` describes, then switch the guest to it.
+    /// --transient-job [--bandwidth N --bytes]`: start mirroring the disk into the
+    /// existing destination that the `<disk>` in file `xml_path` describes; returns once
+    /// the job runs. Once the job is ready (`<mirror ready='yes'>` in the live XML),
+    /// [`Virsh::blockjob_pivot`] switches the guest to the destination.
     /// `--transient-job` is what libvirt 9 needs for a persistent domain; it still
     /// updates the persistent definition on the pivot.
-    pub fn blockcopy_pivot(&self, dom: &str, target: &str, xml_path: &str) -> RemoteCommand {
-        self.dom("blockcopy", dom)
+    pub fn blockcopy(
+        &self,
+        dom: &str,
+        target: &str,
+        xml_path: &str,
+        bytes_per_sec: Option<u64>,
+    ) -> RemoteCommand {
+        let c = self
+            .dom("blockcopy", dom)
             .arg("--path")
             .arg(target)
             .arg("--xml")
             .arg(xml_path)
             .arg("--reuse-external")
-            .arg("--transient-job")
-            .arg("--wait")
-            .arg("--pivot")
+            .arg("--transient-job");
+        with_bandwidth(c, bytes_per_sec)
+    }
+
+    /// `virsh blockjob --domain DOM --path TARGET --info --raw`: one ` type=…` line and
+    /// the job's numbers when a block job runs on TARGET, nothing when none does.
+    pub fn blockjob_info(&self, dom: &str, target: &str) -> RemoteCommand {
+        self.dom("blockjob", dom)
+            .arg("--path")
+            .arg(target)
+            .args(["--info", "--raw"])
+    }
+
+    /// `virsh blockjob --domain DOM --path TARGET --bandwidth N --bytes`: the running
+    /// job's speed limit in bytes per second (0: none).
+    pub fn blockjob_bandwidth(&self, dom: &str, target: &str, bytes_per_sec: u64) -> RemoteCommand {
+        self.dom("blockjob", dom)
+            .arg("--path")
+            .arg(target)
+            .arg("--bandwidth")
+            .arg(bytes_per_sec.to_string())
+            .arg("--bytes")
+    }
+
+    /// `virsh domstate --domain DOM --reason`: e.g. `paused (I/O error)`.
+    pub fn domstate_reason(&self, dom: &str) -> RemoteCommand {
+        self.dom("domstate", dom).arg("--reason")
     }
 
     /// `virsh start --domain DOM`.
@@ -401,6 +434,14 @@ impl Virsh {
             Some(a) => c.arg("--arch").arg(a),
             None => c,
         })
+    }
+}
+
+/// `--bandwidth N --bytes` when a limit is given.
+fn with_bandwidth(c: RemoteCommand, bytes_per_sec: Option<u64>) -> RemoteCommand {
+    match bytes_per_sec {
+        Some(n) => c.arg("--bandwidth").arg(n.to_string()).arg("--bytes"),
+        None => c,
     }
 }
 

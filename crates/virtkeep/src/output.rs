@@ -34,6 +34,7 @@ pub mod exit {
     pub const FAILED: u8 = 1;
     pub const USAGE: u8 = 2;
     pub const PARTIAL: u8 = 3;
+    pub const UNFINISHED: u8 = 4;
     pub const REPO_MISSING: u8 = 10;
     pub const REPO_LOCKED: u8 = 11;
     pub const WRONG_KEY: u8 = 12;
@@ -61,6 +62,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             match e.kind {
                 ErrorKind::Config => return exit::USAGE,
                 ErrorKind::Interrupted => return exit::INTERRUPTED,
+                ErrorKind::Unfinished => return exit::UNFINISHED,
                 _ => {}
             }
         }

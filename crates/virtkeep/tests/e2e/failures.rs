@@ -473,7 +473,7 @@ fn sigkill_at_backup_begin_then_cleanup_ends_the_job() {
 }
 
 /// The node's established TCP connections to the lab sshd, as local ports.
-fn ssh_ports_of(pid: u32) -> Vec<String> {
+pub(crate) fn ssh_ports_of(pid: u32) -> Vec<String> {
     let port = virtkeep_lab::lab().ssh_port;
     let out = Command::new("ss")
         .args(["-tnpH", "state", "established"])
@@ -490,7 +490,7 @@ fn ssh_ports_of(pid: u32) -> Vec<String> {
 
 /// Cuts every SSH connection of process `pid` (`ss -K`: the sockets are destroyed, the
 /// node gets an error, the server a reset): the link is gone mid-command.
-fn cut_links_of(pid: u32) -> usize {
+pub(crate) fn cut_links_of(pid: u32) -> usize {
     let port = virtkeep_lab::lab().ssh_port;
     let ports = ssh_ports_of(pid);
     for p in &ports {

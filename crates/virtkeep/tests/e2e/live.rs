@@ -429,6 +429,153 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     );
 }
 
+/// A boot sector that reads sector 2 of the boot disk (BIOS int 13h) every 100 ms
+/// (int 15h wait), forever: a guest that keeps reading its disk.
+fn reader_sector() -> Vec<u8> {
+    let mut s = vec![
+        0x31, 0xC0, // xor ax, ax
+        0x8E, 0xD8, // mov ds, ax
+        0x8E, 0xC0, // mov es, ax
+        0xB8, 0x01, 0x02, // again: mov ax, 0x0201 (read one sector)
+        0xB9, 0x02, 0x00, // mov cx, 0x0002 (cylinder 0, sector 2)
+        0xBA, 0x80, 0x00, // mov dx, 0x0080 (head 0, first hard disk)
+        0xBB, 0x00, 0x7E, // mov bx, 0x7e00 (the buffer, es:bx)
+        0xCD, 0x13, // int 0x13
+        0xB4, 0x86, // mov ah, 0x86 (wait cx:dx microseconds)
+        0xB9, 0x01, 0x00, // mov cx, 0x0001
+        0xBA, 0xA0, 0x86, // mov dx, 0x86a0 (0x186a0 = 100 000)
+        0xCD, 0x15, // int 0x15
+        0xEB, 0xE6, // jmp again
+    ];
+    assert_eq!(s.len(), 32);
+    s.resize(510, 0);
+    s.extend_from_slice(&[0x55, 0xAA]);
+    s
+}
+
+/// The node's SSH connection cut (`ss -K`) while `restore --live` copies: held at
+/// `live-restore-copying` with its block jobs started at 4 KiB/s (mid-copy, no race),
+/// the cut closes the forwarded NBD socket on the host, and the guest, which reads its
+/// disk in a loop, pauses on an I/O error (`rerror=stop`). Released, the node
+/// reconnects, serves the backup on the same socket again, resumes the guest and
+/// restarts a job that failed: the restore succeeds (one reconnect), the VM runs, its
+/// disks (a raw file mirrored, a qcow2 file pulled) equal the backup plus what the
+/// guest wrote during the copy, and nothing of the node is left.
+#[test]
+fn live_restore_survives_a_lost_link_during_the_copy() {
+    use std::io::Write;
+    let node = Node::new();
+    let vm = TestVm::builder("vlink")
+        .raw_disk(2 * MIB)
+        .qcow2_disk(2 * MIB)
+        .running(false)
+        .build();
+    write_sector(&vm, &reader_sector());
+    vm.write_pattern("vda", 0x5A, 256 * 1024, 512 * 1024);
+    vm.write_pattern("vdb", 0x5B, 64 * 1024, 1024 * 1024);
+    let b = node.backup(&vm.name, &[]);
+    let writes = [
+        ("vda", 0xA2u8, MIB, 64 * 1024),
+        ("vdb", 0xB2, MIB + 4096, 8192),
+    ];
+    for (t, p, off, len) in writes {
+        vm.write_pattern(t, p, off, len);
+    }
+    let want: Vec<String> = ["vda", "vdb"].iter().map(|t| vm.disk_checksum(t)).collect();
+    let new_name = unique_name("vlink-new");
+    let restored = TestVm::adopt(&new_name);
+    let (mut child, reader) = live_restore_held_env(
+        &node,
+        b["id"].as_str().expect("id"),
+        &new_name,
+        "live-restore-copying",
+        &[("VIRTKEEP_LIVE_COPY_BYTES_PER_SEC", "4096")],
+    );
+    let running = TestVm::adopt(&new_name);
+    for (t, p, off, len) in writes {
+        running.write_pattern(t, p, off, len);
+    }
+    assert!(
+        crate::failures::cut_links_of(child.id()) > 0,
+        "no SSH connection of the node to cut"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let state = lab().virsh(&["domstate", "--reason", "--domain", &new_name]);
+        if state.contains("I/O error") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not pause on the lost link: {state}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release");
+    let out = child.wait_with_output().expect("wait");
+    let err = reader.join().expect("stderr");
+    assert!(out.status.success(), "live restore failed:\n{err}");
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(r["reconnects"], 1, "{r:#}\n{err}");
+    assert!(err.contains("reconnected"), "{err}");
+    assert!(
+        err.contains("resuming it"),
+        "the guest was not resumed:\n{err}"
+    );
+    assert_eq!(
+        lab()
+            .virsh(&["domstate", "--reason", "--domain", &new_name])
+            .trim(),
+        "running (unpaused)",
+        "{err}"
+    );
+    restored.stop();
+    let dest = |t: &str, ext: &str| lab().pool_dir.join(format!("{new_name}-{t}.{ext}"));
+    let got = [
+        virtkeep_lab::file_checksum(&dest("vda", "img"), "raw"),
+        virtkeep_lab::file_checksum(&dest("vdb", "qcow2"), "qcow2"),
+    ];
+    assert_eq!(
+        got.as_slice(),
+        want.as_slice(),
+        "the restored disks differ from backup + writes"
+    );
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(dest("vdb", "qcow2"))
+        .output()
+        .expect("qemu-img info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        !info.contains("backing"),
+        "still has a backing file: {info}"
+    );
+    for args in [vec!["dumpxml"], vec!["dumpxml", "--inactive"]] {
+        let mut args = args;
+        args.extend(["--domain", new_name.as_str()]);
+        let xml = lab().virsh(&args);
+        assert!(
+            !xml.contains("nbd") && !xml.contains("/run/virtkeep") && !xml.contains(".vkrestore-"),
+            "the domain still refers to the node or an overlay:\n{xml}"
+        );
+    }
+    assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
+    let temps: Vec<String> = std::fs::read_dir(&lab().pool_dir)
+        .expect("pool dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&new_name) && n.contains(".vkrestore-"))
+        .collect();
+    assert!(temps.is_empty(), "overlays left: {temps:?}");
+    drop(running);
+    drop(restored);
+}
+
 /// Runs `restore ID --live --name NEW --json` held at `failpoint`: returns once it is
 /// reached, with the process (a line on its stdin releases it) and its stderr reader.
 fn live_restore_held(
@@ -437,6 +584,17 @@ fn live_restore_held(
     new_name: &str,
     failpoint: &str,
 ) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    live_restore_held_env(node, id, new_name, failpoint, &[])
+}
+
+/// [`live_restore_held`] with more environment variables.
+fn live_restore_held_env(
+    node: &Node,
+    id: &str,
+    new_name: &str,
+    failpoint: &str,
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
         .arg("--config")
@@ -444,6 +602,7 @@ fn live_restore_held(
         .env("HOME", node.dir.path())
         .env("VIRTKEEP_LOG", "info")
         .env("VIRTKEEP_FAILPOINT", failpoint)
+        .envs(env.iter().copied())
         .args(["--json", "restore", id, "--to", HOST])
         .args(["--live", "--name", new_name])
         .stdin(std::process::Stdio::piped())
