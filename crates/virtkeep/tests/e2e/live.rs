@@ -437,6 +437,17 @@ fn live_restore_held(
     new_name: &str,
     failpoint: &str,
 ) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    live_restore_held_on(node, HOST, id, new_name, failpoint)
+}
+
+/// [`live_restore_held`] onto `host`.
+pub(crate) fn live_restore_held_on(
+    node: &Node,
+    host: &str,
+    id: &str,
+    new_name: &str,
+    failpoint: &str,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
         .arg("--config")
@@ -444,7 +455,7 @@ fn live_restore_held(
         .env("HOME", node.dir.path())
         .env("VIRTKEEP_LOG", "info")
         .env("VIRTKEEP_FAILPOINT", failpoint)
-        .args(["--json", "restore", id, "--to", HOST])
+        .args(["--json", "restore", id, "--to", host])
         .args(["--live", "--name", new_name])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -466,14 +477,17 @@ fn live_restore_held(
         }
         all
     });
+    // Generous: on the LVM test hypervisor (nested TCG) the plan alone takes a while.
     if rx
-        .recv_timeout(std::time::Duration::from_secs(120))
+        .recv_timeout(std::time::Duration::from_secs(600))
         .is_err()
     {
         let _ = child.kill();
+        let out = child.wait_with_output().expect("wait");
         panic!(
-            "never reached the failpoint:\n{}",
-            reader.join().expect("stderr")
+            "never reached the failpoint:\n{}\nstdout: {}",
+            reader.join().expect("stderr"),
+            String::from_utf8_lossy(&out.stdout)
         );
     }
     (child, reader)
