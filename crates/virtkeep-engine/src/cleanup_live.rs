@@ -249,7 +249,7 @@ mod tests {
     fn created_records_are_parsed_bounded() {
         let long = "x".repeat(CREATED_LINE_MAX + 1);
         let text = format!(
-            "file\t1:2:3:4\t/pool/a.raw\n\nRBD image p/a-vdc\n{long}\n/pool/b\u{1b}\nlv\tU-1\tvg0/a-vda"
+            "path\t1:2:3:4\t/pool/a.raw\n\nRBD image p/a-vdc\n{long}\n/pool/b\u{1b}\nlv\tU-1\tvg0/a-vda"
         );
         let got = records(&text);
         assert_eq!(got.len(), 4);

@@ -100,12 +100,13 @@ impl Created {
         }
     }
 
-    /// Its line in the job's `created` file: kind, identity, what (tab-separated).
+    /// Its line in the job's `created` file: kind (`path`, `lv`, `image`), identity,
+    /// what (tab-separated).
     pub fn line(&self) -> String {
         let (kind, what) = match self {
-            Created::File { path, .. } => ("file", path.clone()),
+            Created::File { path, .. } => ("path", path.clone()),
             Created::Lv { vg, name, .. } => ("lv", format!("{vg}/{name}")),
-            Created::Rbd { pool, image, .. } => ("rbd", format!("{pool}/{image}")),
+            Created::Rbd { pool, image, .. } => ("image", format!("{pool}/{image}")),
         };
         format!("{kind}\t{}\t{what}", self.id())
     }
@@ -125,7 +126,7 @@ impl Created {
         }
         let id = id.to_string();
         let c = match kind {
-            "file" => {
+            "path" => {
                 guard::check_path(what).ok()?;
                 Created::File {
                     path: what.to_string(),
@@ -141,7 +142,7 @@ impl Created {
                 let (vg, name) = (vg.to_string(), name.to_string());
                 Created::Lv { vg, name, uuid: id }
             }
-            "rbd" => {
+            "image" => {
                 let (pool, image) = what.split_once('/')?;
                 guard::check_rbd_name("pool", pool).ok()?;
                 guard::check_rbd_name("image", image).ok()?;
@@ -256,13 +257,13 @@ mod tests {
         for l in [
             "/pool/a.raw",
             "logical volume vg0/a",
-            "file\t1:2:3:4\t/pool/../etc/passwd",
-            "file\t1:2:3:4\trelative",
-            "file\t\t/pool/a",
-            "file\t1 2\t/pool/a",
+            "path\t1:2:3:4\t/pool/../etc/passwd",
+            "path\t1:2:3:4\trelative",
+            "path\t\t/pool/a",
+            "path\t1 2\t/pool/a",
             "lv\tu\tvg0/-a",
             "lv\tu\tvg0",
-            "rbd\ti\tpool/.a",
+            "image\ti\tpool/.a",
             "dir\t1\t/pool",
         ] {
             assert_eq!(Created::parse(l), None, "{l}");
