@@ -6,9 +6,11 @@
 //! writes live there, and with the node gone its reads of the backup fail into a pause.
 //! Cleanup reports it and what to do. A domain whose copy had finished (nothing refers
 //! to the job directory) only loses the directory; a job killed before its domain was
-//! started has its definition and directory removed; what it had created outside the
-//! directory ([`CREATED_FILE`]: destinations, overlays beside files) is reported as left
-//! (cleanup cannot tell whether anything uses them by now), not removed.
+//! started has its definition and directory removed, and what it had created outside
+//! the directory ([`CREATED_FILE`]: destinations, overlays beside files) removed when
+//! it is provably still what the job created ([`Created`]: the restore's name checks,
+//! the same identity, a file unchanged); anything else is reported as left. A removal
+//! that fails keeps the directory (the record) for the next cleanup.
 
 use std::collections::BTreeSet;
 
@@ -18,6 +20,7 @@ use crate::error::{ErrorKind, Result};
 use crate::heal::HealReport;
 use crate::host::{HOST_STATE_DIR, Host};
 use crate::live_restore::{CREATED_FILE, JOB_PREFIX, STARTED_FILE, UUID_FILE};
+use crate::restore::{Created, Outcome};
 
 /// At most this many bytes of a job's [`CREATED_FILE`] are read, and lines of at most
 /// [`CREATED_LINE_MAX`] characters taken (a few disks; more is not ours).
@@ -131,20 +134,31 @@ async fn finish_killed(
         }
         (false, _) => {}
     }
+    let mut keep_dir = false;
     if !started {
-        actions.push(format!(
-            "removed the job directory {dir} of a live restore killed before its domain started"
-        ));
-        actions.extend(created_by(host, dir).await?);
+        let (lines, failed) = created_by(host, dir, dry_run).await?;
+        actions.extend(lines);
+        keep_dir = failed;
+        actions.push(if keep_dir {
+            format!(
+                "kept the job directory {dir} (its record of what to remove) for the next cleanup"
+            )
+        } else {
+            format!(
+                "removed the job directory {dir} of a live restore killed before its domain started"
+            )
+        });
     }
-    if !dry_run {
+    if !dry_run && !keep_dir {
         host.run(&coreutils::rm_rf(dir)).await?;
     }
     Ok(actions)
 }
 
-/// What the killed job recorded as created outside its directory, one "left" line each.
-async fn created_by(host: &Host, dir: &str) -> Result<Vec<String>> {
+/// Removes what the killed job recorded as created outside its directory and is still
+/// that ([`Created::remove_if_unchanged`]); reports the rest. Returns the report lines
+/// and whether a removal failed (the record is then kept for a retry).
+async fn created_by(host: &Host, dir: &str, dry_run: bool) -> Result<(Vec<String>, bool)> {
     let out = host
         .exec(&coreutils::head_bytes(
             &format!("{dir}/{CREATED_FILE}"),
@@ -152,22 +166,49 @@ async fn created_by(host: &Host, dir: &str) -> Result<Vec<String>> {
         ))
         .await?;
     if out.status != 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
-    Ok(left_lines(&String::from_utf8_lossy(&out.stdout)))
+    let mut lines = Vec::new();
+    let mut failed = false;
+    for rec in records(&String::from_utf8_lossy(&out.stdout)) {
+        let c = match rec {
+            Ok(c) => c,
+            Err(line) => {
+                lines.push(format!(
+                    "left: {line} (created by the killed live restore, recorded without a checkable identity; remove it if unwanted)"
+                ));
+                continue;
+            }
+        };
+        let what = c.describe().escape_debug().to_string();
+        if dry_run {
+            lines.push(format!(
+                "would remove {what} (created by the killed live restore) if it is still the one it created"
+            ));
+            continue;
+        }
+        lines.push(match c.remove_if_unchanged(host).await {
+            Ok(Outcome::Removed) => format!("removed {what} (created by the killed live restore)"),
+            Ok(Outcome::Gone) => {
+                format!("{what} (created by the killed live restore) is gone already")
+            }
+            Ok(Outcome::Kept(why)) => format!("left: {what} (kept: {why})"),
+            Err(e) => {
+                failed = true;
+                format!("left: {what} (removing it failed: {e})")
+            }
+        });
+    }
+    Ok((lines, failed))
 }
 
-/// The report lines for a [`CREATED_FILE`]'s text (bounded, control characters escaped).
-fn left_lines(text: &str) -> Vec<String> {
+/// The records of a [`CREATED_FILE`]'s text (bounded); a line that is not one comes
+/// back as `Err` with its control characters escaped, for the report.
+fn records(text: &str) -> Vec<std::result::Result<Created, String>> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && l.len() <= CREATED_LINE_MAX)
-        .map(|l| {
-            format!(
-                "left: {} (created by the killed live restore; remove it if unwanted)",
-                l.escape_debug()
-            )
-        })
+        .map(|l| Created::parse(l).ok_or_else(|| l.escape_debug().to_string()))
         .collect()
 }
 
@@ -205,17 +246,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn created_lines_are_reported_bounded() {
+    fn created_records_are_parsed_bounded() {
         let long = "x".repeat(CREATED_LINE_MAX + 1);
-        let text = format!("/pool/a.raw\n\nRBD image p/a-vdc\n{long}\n/pool/b\u{1b}");
-        assert_eq!(
-            left_lines(&text),
-            [
-                "left: /pool/a.raw (created by the killed live restore; remove it if unwanted)",
-                "left: RBD image p/a-vdc (created by the killed live restore; remove it if unwanted)",
-                "left: /pool/b\\u{1b} (created by the killed live restore; remove it if unwanted)",
-            ]
+        let text = format!(
+            "path\t1:2:3:4\t/pool/a.raw\n\nRBD image p/a-vdc\n{long}\n/pool/b\u{1b}\nlv\tU-1\tvg0/a-vda"
         );
+        let got = records(&text);
+        assert_eq!(got.len(), 4);
+        assert_eq!(
+            got[0],
+            Ok(Created::File {
+                path: "/pool/a.raw".into(),
+                id: "1:2:3:4".into()
+            })
+        );
+        assert_eq!(got[1], Err("RBD image p/a-vdc".into()));
+        assert_eq!(got[2], Err("/pool/b\\u{1b}".into()));
+        assert!(matches!(&got[3], Ok(Created::Lv { vg, .. }) if vg == "vg0"));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::host::Host;
 use crate::live::LiveBackup;
 use crate::live_copy::{CopyDisk, Link, Mirror};
-use crate::restore::{Destination, DiskCheck, Place, Storage};
+use crate::restore::{Created, Destination, DiskCheck, Place, Storage};
 
 /// Failpoint: held (until a line on stdin) once the domain runs, before the copy.
 pub const HOLD_BEFORE_COPY: &str = "live-restore-running";
@@ -53,8 +53,9 @@ pub const UUID_FILE: &str = "uuid";
 /// the guest may have run and written into its overlays: `cleanup` never removes it.
 pub const STARTED_FILE: &str = "started";
 /// In the job directory: what the run created outside it (destinations, overlays beside
-/// files), one per line, each added right after its exclusive create succeeded. A job
-/// killed before its domain started leaves them: `cleanup` names them.
+/// files), one per line with its identity ([`Created::line`]), each added right after
+/// its exclusive create succeeded. A job killed before its domain started leaves them:
+/// `cleanup` removes those still identical to what was created, and names the others.
 pub const CREATED_FILE: &str = "created";
 
 /// The outcome of a live restore (stable `--json`: additions only).
@@ -302,24 +303,7 @@ async fn create_and_start(
     made: &mut Vec<Made>,
 ) -> Result<()> {
     crate::failpoint::hold(HOLD_PLANNED).await;
-    let owner = host.qemu_owner().await?;
-    let mut created = Vec::new();
-    for d in disks {
-        made.push(Made::default());
-        if let Copy::Mirror { .. } = d.copy {
-            d.dest
-                .create_empty(host, manifest_disk(live, d)?, &owner)
-                .await?;
-            made.last_mut().expect("pushed").dest = true;
-            record_created(host, live.dir(), &mut created, d.dest.describe()).await?;
-        }
-        let at = [(d.report.target.clone(), d.overlay().to_string())];
-        live.create_overlays_at(host, &at).await?;
-        made.last_mut().expect("pushed").overlay = true;
-        if !d.overlay().starts_with(&format!("{}/", live.dir())) {
-            record_created(host, live.dir(), &mut created, d.overlay().to_string()).await?;
-        }
-    }
+    create_all(host, live, disks, made).await?;
     crate::failpoint::hold(HOLD_CREATED).await;
     define_and_start(host, live, (name, uuid), disks).await
 }
@@ -355,14 +339,50 @@ async fn stage_copies(
     Ok(out)
 }
 
-/// Adds `what` to the job's [`CREATED_FILE`] (rewritten whole: a handful of lines).
+/// Creates every destination (empty, for a mirror) and overlay, each exclusively, and
+/// records in `made` and in the job's [`CREATED_FILE`] (with its identity, for
+/// `cleanup`) what was created.
+async fn create_all(
+    host: &Host,
+    live: &LiveBackup,
+    disks: &[Planned],
+    made: &mut Vec<Made>,
+) -> Result<()> {
+    let owner = host.qemu_owner().await?;
+    let mut created = Vec::new();
+    for d in disks {
+        made.push(Made::default());
+        if let Copy::Mirror { .. } = d.copy {
+            d.dest
+                .create_empty(host, manifest_disk(live, d)?, &owner)
+                .await?;
+            made.last_mut().expect("pushed").dest = true;
+            let src = d.dest.new_source(&d.report.format);
+            record_created(host, live.dir(), &mut created, &src).await?;
+        }
+        let at = [(d.report.target.clone(), d.overlay().to_string())];
+        live.create_overlays_at(host, &at).await?;
+        made.last_mut().expect("pushed").overlay = true;
+        if !d.overlay().starts_with(&format!("{}/", live.dir())) {
+            let src = NewSource::File {
+                path: d.overlay().to_string(),
+                format: "qcow2".into(),
+            };
+            record_created(host, live.dir(), &mut created, &src).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds what was just created at `src`, with its identity, to the job's
+/// [`CREATED_FILE`] (rewritten whole: a handful of lines).
 async fn record_created(
     host: &Host,
     dir: &str,
     created: &mut Vec<String>,
-    what: String,
+    src: &NewSource,
 ) -> Result<()> {
-    created.push(what);
+    created.push(Created::identify(host, src).await?.line());
     let text = created.join("\n") + "\n";
     host.upload(&format!("{dir}/{CREATED_FILE}"), text.as_bytes())
         .await

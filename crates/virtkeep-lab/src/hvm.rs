@@ -522,6 +522,29 @@ impl LvmTestVm {
         }
     }
 
+    /// A domain made by the code under test (e.g. a restore) on these LVs: `Drop`
+    /// destroys and undefines it and removes them, as for a built one.
+    pub fn adopt(name: &str, disks: Vec<LvmTestDisk>) -> LvmTestVm {
+        LvmTestVm {
+            name: name.to_string(),
+            disks,
+            extra_lvs: Vec::new(),
+        }
+    }
+
+    /// Writes `bytes` at offset 0 of disk `target` (e.g. a boot sector), the domain
+    /// stopped.
+    pub fn write_head(&self, target: &str, bytes: &[u8]) {
+        let d = self.disk(target);
+        assert!(bytes.len() as u64 <= d.size);
+        let octal: String = bytes.iter().map(|b| format!("\\{b:03o}")).collect();
+        hvm().ssh(&format!(
+            "printf '{octal}' | dd of={} bs={} count=1 iflag=fullblock oflag=direct status=none",
+            sh_quote(&d.path),
+            bytes.len()
+        ));
+    }
+
     /// The disk with guest target `target`; panics when there is none.
     pub fn disk(&self, target: &str) -> &LvmTestDisk {
         self.disks

@@ -127,6 +127,15 @@ pub fn stat(path: &str) -> RemoteCommand {
     RemoteCommand::new("stat").args(["-L", "-c", STAT_FORMAT, "--", path])
 }
 
+/// Format string of [`stat_identity`]: device, inode, size, modification time.
+pub const IDENTITY_FORMAT: &str = "%d:%i:%s:%Y";
+
+/// `stat -c '%d:%i:%s:%Y' -- PATH`, not following a symlink at PATH: which file this
+/// is (device and inode) and whether it changed (size, mtime), as one token.
+pub fn stat_identity(path: &str) -> RemoteCommand {
+    RemoteCommand::new("stat").args(["-c", IDENTITY_FORMAT, "--", path])
+}
+
 /// `blockdev --getsize64 DEV`: a block device's size in bytes.
 pub fn blockdev_size(dev: &str) -> RemoteCommand {
     RemoteCommand::new("blockdev")

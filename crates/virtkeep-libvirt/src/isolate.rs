@@ -142,8 +142,18 @@ fn nbd_base(doc: &Doc<'_>, edits: &mut Edits, disk: usize, b: &NbdBacking) -> Re
     let driver = doc
         .child(disk, "driver")
         .ok_or(XmlError::Missing { what: "<driver>" })?;
-    edits.set_attr(doc.src, doc.elem(driver), "error_policy", "stop")?;
-    edits.set_attr(doc.src, doc.elem(driver), "rerror_policy", "stop")?;
+    let d = doc.elem(driver);
+    edits.set_attr(doc.src, d, "error_policy", "stop")?;
+    edits.set_attr(doc.src, d, "rerror_policy", "stop")?;
+    // The overlay may sit on a filesystem without O_DIRECT (the job directory is on a
+    // tmpfs under /run): QEMU refuses to open it with cache=none/directsync, and
+    // io=native needs those. An LV disk is usually backed up with both.
+    if matches!(d.attr("cache"), Some("none" | "directsync")) {
+        edits.set_attr(doc.src, d, "cache", "writeback")?;
+    }
+    if d.attr("io") == Some("native") {
+        edits.set_attr(doc.src, d, "io", "threads")?;
+    }
     let i = child_indent(doc, disk);
     let text = format!(
         "\n{i}<backingStore type='network'>\n{i}  <format type='raw'/>\n{i}  <source protocol='nbd' name='{}'>\n{i}    <host transport='unix' socket='{}'/>\n{i}  </source>\n{i}  <backingStore/>\n{i}</backingStore>",
@@ -244,6 +254,37 @@ mod tests {
             assert!(!out.contains(gone), "{gone} left in\n{out}");
         }
         assert_eq!(out.matches("<serial").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn an_overlay_is_not_opened_with_o_direct() {
+        let xml = XML.replace(
+            "<driver name='qemu' type='qcow2'/>",
+            "<driver name='qemu' type='qcow2' cache='none' io='native' discard='unmap'/>",
+        );
+        let iso = Isolation {
+            serial_log: None,
+            nbd_backing: BTreeMap::from([(
+                "vda".to_string(),
+                NbdBacking {
+                    socket: "/run/virtkeep/jobs/j/nbd.sock".into(),
+                    export: "vda".into(),
+                },
+            )]),
+            links_up: true,
+            stop_on_reset: false,
+            agent_channel: false,
+        };
+        let out = isolate_for_boot(&xml, &iso).expect("isolate");
+        assert!(
+            out.contains("cache='writeback'") && out.contains("io='threads'"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("'none'") && !out.contains("'native'"),
+            "{out}"
+        );
+        assert!(out.contains("discard='unmap'"), "{out}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn lvm(program: &str) -> RemoteCommand {
 
 /// Fields requested by [`lvs_json`].
 pub const LVS_FIELDS: &str =
-    "lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path,lv_tags";
+    "lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path,lv_tags,lv_uuid";
 /// Fields requested by [`vgs_json`].
 pub const VGS_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size";
 
@@ -158,6 +158,8 @@ pub struct LvInfo {
     pub path: Option<String>,
     /// LV tags (`lvchange --addtag`).
     pub tags: Vec<String>,
+    /// The LV's UUID (random, given by `lvcreate`): which LV this is, not only its name.
+    pub uuid: Option<String>,
 }
 
 impl LvInfo {
@@ -231,6 +233,8 @@ struct RawLv {
     lv_path: String,
     #[serde(default)]
     lv_tags: String,
+    #[serde(default)]
+    lv_uuid: String,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +286,7 @@ pub fn parse_lvs_json(json_text: &str) -> Result<Vec<LvInfo>, ParseError> {
                     .filter(|t| !t.is_empty())
                     .map(String::from)
                     .collect(),
+                uuid: non_empty(r.lv_uuid),
             });
         }
     }
@@ -468,6 +473,7 @@ mod tests {
             origin: Some("o".into()),
             data_percent: pct,
             path: None,
+            uuid: None,
             tags: Vec::new(),
         };
         assert!(snapshot_state(&lv("swi-a-s---", Some(12.0))).is_ok());

@@ -16,13 +16,13 @@ fn lvm() {
     assert_eq!(
         lvm::lvs_json(None).render(),
         format!(
-            "{env} lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path,lv_tags"
+            "{env} lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path,lv_tags,lv_uuid"
         )
     );
     assert_eq!(
         lvm::lvs_json(Some("vg0")).render(),
         format!(
-            "{env} lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path,lv_tags -- vg0"
+            "{env} lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_path,lv_tags,lv_uuid -- vg0"
         )
     );
     assert_eq!(

@@ -14,6 +14,7 @@
 //! `job`, `nvram`, `space` ← `resolve`, `refuse`, `write`, `define` ← this module.
 
 mod context;
+mod created;
 mod define;
 mod destination;
 mod file;
@@ -42,6 +43,7 @@ pub use place::destination;
 pub(crate) use refuse::check_passthrough;
 // Live restore chooses and creates its destinations like a restore under a new name.
 pub(crate) use context::DiskCheck;
+pub(crate) use created::{Created, Outcome};
 pub(crate) use destination::Destination;
 pub(crate) use place::Place;
 pub(crate) use staged::temp_file as stage_temp_file;

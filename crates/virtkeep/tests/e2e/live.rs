@@ -484,8 +484,9 @@ fn live_restore_survives_a_lost_link_during_the_copy() {
     let want: Vec<String> = ["vda", "vdb"].iter().map(|t| vm.disk_checksum(t)).collect();
     let new_name = unique_name("vlink-new");
     let restored = TestVm::adopt(&new_name);
-    let (mut child, reader) = live_restore_held_env(
+    let (mut child, reader) = live_restore_held_on(
         &node,
+        HOST,
         b["id"].as_str().expect("id"),
         &new_name,
         "live-restore-copying",
@@ -584,12 +585,13 @@ fn live_restore_held(
     new_name: &str,
     failpoint: &str,
 ) -> (std::process::Child, std::thread::JoinHandle<String>) {
-    live_restore_held_env(node, id, new_name, failpoint, &[])
+    live_restore_held_on(node, HOST, id, new_name, failpoint, &[])
 }
 
-/// [`live_restore_held`] with more environment variables.
-fn live_restore_held_env(
+/// [`live_restore_held`] onto `host`, with more environment variables.
+pub(crate) fn live_restore_held_on(
     node: &Node,
+    host: &str,
     id: &str,
     new_name: &str,
     failpoint: &str,
@@ -603,7 +605,7 @@ fn live_restore_held_env(
         .env("VIRTKEEP_LOG", "info")
         .env("VIRTKEEP_FAILPOINT", failpoint)
         .envs(env.iter().copied())
-        .args(["--json", "restore", id, "--to", HOST])
+        .args(["--json", "restore", id, "--to", host])
         .args(["--live", "--name", new_name])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -625,14 +627,17 @@ fn live_restore_held_env(
         }
         all
     });
+    // Generous: on the LVM test hypervisor (nested TCG) the plan alone takes a while.
     if rx
-        .recv_timeout(std::time::Duration::from_secs(120))
+        .recv_timeout(std::time::Duration::from_secs(600))
         .is_err()
     {
         let _ = child.kill();
+        let out = child.wait_with_output().expect("wait");
         panic!(
-            "never reached the failpoint:\n{}",
-            reader.join().expect("stderr")
+            "never reached the failpoint:\n{}\nstdout: {}",
+            reader.join().expect("stderr"),
+            String::from_utf8_lossy(&out.stdout)
         );
     }
     (child, reader)
@@ -878,10 +883,11 @@ fn booting_refuses_qemu_passthrough() {
 
 /// The node SIGKILLed during two live restores: one held after it created its
 /// destinations and overlays but before its domain was defined, one whose domain runs
-/// on the backup. `cleanup` removes the first one's job directory and names each
-/// destination it created as left (a raw file, a qcow2 file, an RBD image); the
-/// second's domain (the guest wrote into its overlays) stays defined
-/// with its overlays and job directory, reported as left to the user.
+/// on the backup. `cleanup` removes the first one's job directory and what it created
+/// (a raw file with its overlay beside it, an RBD image) except a destination replaced
+/// meanwhile by a look-alike of the same name (kept, byte for byte, and reported as
+/// left); the second's domain (the guest wrote into its overlays) stays defined with
+/// its overlays and job directory, reported as left to the user.
 fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
     let id = b["id"].as_str().expect("id");
     let killed = |name: &str, failpoint: &str| {
@@ -894,6 +900,31 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
     killed(&early, "live-restore-created");
     let early_dir = live_job_dirs();
     assert_eq!(early_dir.len(), 1, "{early_dir:?}");
+    let pool = lab().pool_dir.clone();
+    let in_pool = |vm: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&pool)
+            .expect("pool")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(vm))
+            .collect();
+        v.sort();
+        v
+    };
+    let early_image = format!("{early}-vdc");
+    let rbd_has = |image: &str| {
+        lab()
+            .rbd(&["ls", &lab().ceph_pool])
+            .lines()
+            .any(|l| l == image)
+    };
+    let made = in_pool(&early);
+    assert_eq!(made.len(), 3, "the killed restore's files: {made:?}");
+    assert!(rbd_has(&early_image), "no RBD image {early_image}");
+    // Someone replaced one destination with a file of the same name: not the job's.
+    let early_vdb = pool.join(format!("{early}-vdb.qcow2"));
+    std::fs::remove_file(&early_vdb).expect("remove vdb");
+    std::fs::write(&early_vdb, b"not yours").expect("look-alike");
     let ran = unique_name("vlivek-new");
     killed(&ran, "live-restore-running");
     let ran_dir: Vec<String> = live_job_dirs()
@@ -901,7 +932,7 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
         .filter(|d| !early_dir.contains(d))
         .collect();
     assert_eq!(ran_dir.len(), 1, "{ran_dir:?}");
-    let vdb = lab().pool_dir.join(format!("{ran}-vdb.qcow2"));
+    let vdb = pool.join(format!("{ran}-vdb.qcow2"));
     let r = node.json(&["cleanup", HOST]);
     let actions = |dir: &str| {
         r["vms"]
@@ -918,12 +949,13 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
     let left = live_job_dirs();
     let ran_defined = lab().try_virsh(&["domstate", "--domain", &ran]);
     let vdb_kept = vdb.exists();
-    let early_vdb = lab().pool_dir.join(format!("{early}-vdb.qcow2"));
-    let early_vdb_kept = early_vdb.exists();
+    let early_left = in_pool(&early);
+    let look_alike = std::fs::read(&early_vdb).ok();
+    let early_rbd_left = rbd_has(&early_image);
     // Tear down the one left to the user before asserting (the test's job-dir counts).
     let _ = lab().try_virsh(&["destroy", "--domain", &ran]);
     let _ = lab().try_virsh(&["undefine", "--domain", &ran]);
-    for e in std::fs::read_dir(&lab().pool_dir).expect("pool").flatten() {
+    for e in std::fs::read_dir(&pool).expect("pool").flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
         if n.contains(&ran) || n.contains(&early) {
             let _ = std::fs::remove_file(e.path());
@@ -934,22 +966,29 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
     }
     let _ = std::fs::remove_dir_all(Path::new("/run/virtkeep/jobs").join(&ran_dir[0]));
     assert!(early_actions.contains("removed the job directory"), "{r:#}");
-    // Unless another test's `cleanup` took the early job, its report names what it made.
+    // Unless another test's `cleanup` took the early job, its report names what it did.
     if actions(&early_dir[0]).is_some() {
-        let pool = lab().pool_dir.display().to_string();
-        for made in [
-            format!("left: {pool}/{early}-vda"),
-            format!("left: {pool}/.{early}-vda"),
-            format!("left: {}", early_vdb.display()),
-            format!("left: RBD image {}/{early}-vdc", lab().ceph_pool),
+        let pool = pool.display().to_string();
+        for done in [
+            format!("removed {pool}/{early}-vda.img"),
+            format!("removed {pool}/.{early}-vda.img.vkrestore-live-"),
+            format!("removed RBD image {}/{early}-vdc", lab().ceph_pool),
+            format!("left: {} (kept:", early_vdb.display()),
         ] {
-            assert!(early_actions.contains(&made), "{made} not reported: {r:#}");
+            assert!(early_actions.contains(&done), "{done} not reported: {r:#}");
         }
     }
-    assert!(
-        early_vdb_kept,
-        "cleanup removed a destination it only reports"
+    assert_eq!(
+        early_left,
+        [format!("{early}-vdb.qcow2")],
+        "cleanup left what the killed restore created, or removed the look-alike: {r:#}"
     );
+    assert_eq!(
+        look_alike.as_deref(),
+        Some(&b"not yours"[..]),
+        "the look-alike changed"
+    );
+    assert!(!early_rbd_left, "the RBD image it created was left: {r:#}");
     assert_eq!(left, ran_dir, "{r:#}");
     assert!(ran_actions.contains("left as is"), "{r:#}");
     assert!(

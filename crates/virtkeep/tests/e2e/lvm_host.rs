@@ -870,3 +870,161 @@ fn lvm_concurrent_thin_delta_incrementals_on_one_pool() {
         assert_eq!(&device_checksum(&restored[0].1), want);
     }
 }
+
+// ───────────────────────────── live restore into an LV ─────────────────────────────
+
+/// The live-restore job directories on the LVM hypervisor whose domain XML names `vm`.
+fn hvm_live_jobs(vm: &str) -> Vec<String> {
+    let out = hvm().ssh(&format!(
+        "grep -lF {} /run/virtkeep/jobs/live-*/domain.xml 2>/dev/null || true",
+        sh_quote(&format!("<name>{vm}</name>"))
+    ));
+    out.lines()
+        .filter_map(|l| l.strip_suffix("/domain.xml"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until the domain's CPU halted right after the marker boot sector printed its
+/// marker (the sector ran from the backup). A bound, not a timing assertion.
+fn wait_for_marker_halt(vm: &str) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let regs = hvm().virsh(&["qemu-monitor-command", vm, "--hmp", "info registers"]);
+        if regs.contains("EIP=00007c15") && regs.contains("HLT=1") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the boot sector did not run: {regs}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// `restore --live` onto the LVM hypervisor into a new LV (issue 20): held after the
+/// start, the new domain runs on a qcow2 overlay in the job directory over the node's
+/// NBD export (its boot sector ran from the backup: the CPU halted after printing the
+/// marker) while the LV is not yet written, and the guest's disk takes writes; released,
+/// `blockcopy` mirrors into the LV and pivots: the LV equals the backup plus those
+/// writes, the domain (live and defined) is on the LV, and no overlay, job directory,
+/// socket, forward or other LV is left.
+#[test]
+fn lvm_live_restore_into_an_lv() {
+    use std::io::Write;
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:6.1}s] {what}", t0.elapsed().as_secs_f64());
+    let h = hvm();
+    let node = lvm_node();
+    let marker = virtkeep_lab::unique_name("VK-LVLIVE");
+    let vm = LvmTestVm::builder("lvlive")
+        .thick_disk(16 * MIB)
+        .running(false)
+        .build();
+    vm.write_head("vda", &crate::live::marker_sector(&marker));
+    vm.write_pattern("vda", 0x5A, MIB, 2 * MIB);
+    let b = node.backup_on("lvmhv", &vm.name, &[]);
+    step("backup");
+    // What the guest writes during the copy, written to the source too: the restored
+    // LV must end equal to the source's.
+    let writes = [(0xA1u8, 4096u64, 8192u64), (0xA2, 9 * MIB, 512 * 1024)];
+    for (p, off, len) in writes {
+        vm.write_pattern("vda", p, off, len);
+    }
+    let want = vm.disk_checksum("vda");
+    let new_name = virtkeep_lab::unique_name("lvlive-new");
+    let lv = format!("{new_name}-vda");
+    let dest = format!("/dev/{}/{lv}", h.vg);
+    let restored = LvmTestVm::adopt(
+        &new_name,
+        vec![virtkeep_lab::hvm::LvmTestDisk {
+            lv: lv.clone(),
+            path: dest.clone(),
+            ..vm.disk("vda").clone()
+        }],
+    );
+
+    let id = b["id"].as_str().expect("id");
+    let (mut child, reader) =
+        crate::live::live_restore_held_on(&node, "lvmhv", id, &new_name, "live-restore-running", &[]);
+    step("held after the start");
+    let jobs = hvm_live_jobs(&new_name);
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job = jobs[0].clone();
+    let xml = h.virsh(&["dumpxml", &new_name]);
+    assert!(
+        xml.contains(&format!("{job}/disk0.qcow2")) && xml.contains("protocol='nbd'"),
+        "not running on an overlay over the export: {xml}"
+    );
+    assert!(
+        h.lv_exists(&h.vg, &lv),
+        "the destination LV was not created"
+    );
+    wait_for_marker_halt(&new_name);
+    step("marker sector ran");
+    for (p, off, len) in writes {
+        restored.write_pattern("vda", p, off, len);
+    }
+    step("guest writes");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release");
+    let out = child.wait_with_output().expect("wait");
+    let err = reader.join().expect("stderr");
+    step("copied");
+    assert!(out.status.success(), "live restore failed:\n{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(r["vm"], new_name.as_str(), "{r:#}");
+    let (run, copied) = (
+        r["time_to_running_secs"].as_f64().expect("running"),
+        r["time_to_copied_secs"].as_f64().expect("copied"),
+    );
+    eprintln!("time to running {run:.1} s, to copied {copied:.1} s (held in between)");
+    assert!(run > 0.0 && run < copied, "{r:#}");
+    assert_eq!(r["disks"][0]["path"], dest.as_str(), "{r:#}");
+    assert_eq!(r["disks"][0]["format"], "raw", "{r:#}");
+    assert_eq!(r["disks"].as_array().map(Vec::len), Some(1), "{r:#}");
+
+    assert!(restored.is_running(), "the restored VM does not run");
+    for inactive in [false, true] {
+        let mut args = vec!["dumpxml", new_name.as_str()];
+        if inactive {
+            args.push("--inactive");
+        }
+        let xml = h.virsh(&args);
+        assert!(
+            xml.contains(&format!("<source dev='{dest}'")) && xml.contains("type='block'"),
+            "not on {dest}: {xml}"
+        );
+        assert!(
+            !xml.contains("nbd") && !xml.contains("/run/virtkeep") && !xml.contains(".qcow2"),
+            "the domain still refers to the node or an overlay:\n{xml}"
+        );
+    }
+    restored.stop();
+    assert_eq!(
+        restored.disk_checksum("vda"),
+        want,
+        "the LV differs from backup + writes"
+    );
+    let left = h.ssh(&format!(
+        "ls -d {} 2>&1; ss -xl | grep -F {} || true",
+        sh_quote(&job),
+        sh_quote(&job)
+    ));
+    assert!(
+        left.contains("No such file or directory") && !left.contains("LISTEN"),
+        "job directory or forward left: {left}"
+    );
+    let ours: Vec<String> = h
+        .lvs(&h.vg)
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .filter(|n| n.contains(&new_name))
+        .collect();
+    assert_eq!(ours, [lv.clone()], "LVs of the restored VM");
+    step("checked");
+}
