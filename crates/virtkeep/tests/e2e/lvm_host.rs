@@ -945,8 +945,14 @@ fn lvm_live_restore_into_an_lv() {
     );
 
     let id = b["id"].as_str().expect("id");
-    let (mut child, reader) =
-        crate::live::live_restore_held_on(&node, "lvmhv", id, &new_name, "live-restore-running", &[]);
+    let (mut child, reader) = crate::live::live_restore_held_on(
+        &node,
+        "lvmhv",
+        id,
+        &new_name,
+        "live-restore-running",
+        &[],
+    );
     step("held after the start");
     let jobs = hvm_live_jobs(&new_name);
     assert_eq!(jobs.len(), 1, "{jobs:?}");
@@ -1025,6 +1031,6 @@ fn lvm_live_restore_into_an_lv() {
         .map(|(n, _, _)| n)
         .filter(|n| n.contains(&new_name))
         .collect();
-    assert_eq!(ours, [lv.clone()], "LVs of the restored VM");
+    assert_eq!(ours, std::slice::from_ref(&lv), "LVs of the restored VM");
     step("checked");
 }
