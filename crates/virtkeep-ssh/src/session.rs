@@ -122,10 +122,25 @@ impl Session {
     /// has one (see [`crate::shell`]), else on a channel of its own.
     pub async fn exec(&self, cmd: &RemoteCommand) -> Result<Output, SshError> {
         let line = self.command_line(cmd);
+        let started = std::time::Instant::now();
+        let result = self.exec_line(&line).await;
+        // Where a slow host spends its time (`VIRTKEEP_LOG=virtkeep_ssh=debug`): one
+        // line per command, bounded, with its duration and exit status.
+        tracing::debug!(
+            host = %self.target().host,
+            ms = started.elapsed().as_millis() as u64,
+            status = result.as_ref().map(|o| o.status as i64).unwrap_or(-1),
+            command = %bounded(&line, 240),
+            "remote command"
+        );
+        result
+    }
+
+    async fn exec_line(&self, line: &str) -> Result<Output, SshError> {
         let Some(mut shell) = self.idle_shell().await? else {
-            return process::exec_on_channel(&self.inner.conn, &line).await;
+            return process::exec_on_channel(&self.inner.conn, line).await;
         };
-        match shell.run(&line).await {
+        match shell.run(line).await {
             Ok(out) => {
                 self.put_shell(shell);
                 Ok(out)
@@ -318,4 +333,16 @@ impl Session {
 /// list is still consistent (push/pop are atomic under the lock).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary), for logs.
+fn bounded(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }

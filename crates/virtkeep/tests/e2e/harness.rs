@@ -68,7 +68,9 @@ impl Node {
         c.env("HOME", self.dir.path());
         c.env_remove("XDG_CONFIG_HOME");
         c.env_remove("XDG_DATA_HOME");
-        c.env("VIRTKEEP_LOG", "info");
+        // VKT_CHILD_LOG=<filter> (e.g. `info,virtkeep_ssh=debug`): the children log at
+        // that level and `ok` passes their stderr on (to profile a slow test).
+        c.env("VIRTKEEP_LOG", child_log().unwrap_or("info"));
         c.timeout(std::time::Duration::from_secs(600));
         c
     }
@@ -87,6 +89,12 @@ impl Node {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if child_log().is_some() {
+            eprintln!(
+                "virtkeep {args:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -117,6 +125,12 @@ impl Node {
         assert!(first.get("error").is_none(), "backup failed: {first}");
         first
     }
+}
+
+fn child_log() -> Option<&'static str> {
+    static LOG: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| std::env::var("VKT_CHILD_LOG").ok())
+        .as_deref()
 }
 
 /// Sha256 of a restored file disk (guest-visible content).
