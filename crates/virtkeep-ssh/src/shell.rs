@@ -35,7 +35,8 @@ pub(crate) const GREETING: &str = "virtkeep-shell 2";
 /// besides its own (`sh -c` and `stat`; `head` only for non-empty output): on a slow
 /// host every fork and exec counts (version 1 ran nine per command, 0.76 s of a TCG
 /// host's time each).
-pub(crate) const SCRIPT: &str = r#"d=$(mktemp -d "${TMPDIR:-/tmp}/virtkeep-sh.XXXXXX") || exit 97
+pub(crate) const SCRIPT: &str = r#"command -v stat >/dev/null && command -v head >/dev/null || exit 97
+d=$(mktemp -d "${TMPDIR:-/tmp}/virtkeep-sh.XXXXXX") || exit 97
 trap 'rm -rf "$d"' EXIT
 trap 'exit 129' HUP
 trap 'exit 143' TERM
