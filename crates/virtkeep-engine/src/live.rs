@@ -20,7 +20,7 @@ use virtkeep_repo::{DiskViewOptions, Manifest};
 use virtkeep_ssh::UnixForward;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::Host;
+use crate::host::{Deadline, Host};
 
 /// The deadline of asking the host's sshd to listen, and to stop.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -164,8 +164,10 @@ impl LiveBackup {
         // overlay's size, aligned to its clusters, and bounded in number.
         let size = d.spec.size.min(export.0.size());
         let ranges = hole_ranges(&export.0.allocation(0, size), size);
+        // Writes qcow2 metadata in proportion to the disk's size (an L2 table per GiB
+        // marked): the deadline of commands that move a disk's data.
         for cmd in qemu_img::zero_clusters(path, &ranges) {
-            host.run(&cmd)
+            host.run_within(&cmd, Deadline::Data)
                 .await
                 .map_err(|e| e.context(format!("marking the holes of {target} in its overlay")))?;
         }
