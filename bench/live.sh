@@ -202,7 +202,7 @@ run_live() { # SIZE ROUND
   add WALL "marker$s" "$(cat "$f.marker")"
   add WALL "running$s" "$(jq -r .time_to_running_secs "$f.out")"
   add WALL "copied$s" "$(jq -r .time_to_copied_secs "$f.out")"
-  blog "  live ${s}g r$r: marker $(cat "$f.marker") s, running $(jq -r .time_to_running_secs "$f.out") s, copied $(jq -r .time_to_copied_secs "$f.out") s, wall $T_WALL s, RSS $((T_RSS_KB / 1024)) MiB"
+  blog "  live ${s}g r$r: marker $(cat "$f.marker") s, running $(jq -r .time_to_running_secs "$f.out") s, copied $(jq -r .time_to_copied_secs "$f.out") s, served $(jq -r '.served_bytes // "-"' "$f.out") B, wall $T_WALL s, RSS $((T_RSS_KB / 1024)) MiB"
   remove_restored "$name"
 }
 run_plain() { # SIZE ROUND

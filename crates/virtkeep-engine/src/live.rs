@@ -20,7 +20,7 @@ use virtkeep_repo::{DiskViewOptions, Manifest};
 use virtkeep_ssh::UnixForward;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::Host;
+use crate::host::{Deadline, Host};
 
 /// The deadline of asking the host's sshd to listen, and to stop.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -145,6 +145,40 @@ impl LiveBackup {
         Ok(())
     }
 
+    /// Marks the ranges the backup knows are zeros (its zero chunks) as zero clusters
+    /// in the qcow2 overlay at `path` of the disk with `target`, before anything uses
+    /// it: QEMU's block jobs then find them allocated (as zeros) in the overlay and
+    /// never read them over NBD — `blockpull` skips them, `blockcopy` writes zeros into
+    /// the destination without reading. Returns the bytes marked.
+    pub async fn mark_holes(&self, host: &Host, target: &str, path: &str) -> Result<u64> {
+        let d = self
+            .manifest
+            .disks
+            .iter()
+            .find(|d| d.spec.target == target)
+            .ok_or_else(|| Error::domain(format!("no disk {target} in the backup")))?;
+        let Some(export) = self.server.export(&d.spec.name) else {
+            return Ok(0);
+        };
+        // The index is the repository's (untrusted): the ranges are clamped to the
+        // overlay's size, aligned to its clusters, and bounded in number.
+        let size = d.spec.size.min(export.0.size());
+        let ranges = hole_ranges(&export.0.allocation(0, size), size);
+        // Writes qcow2 metadata in proportion to the disk's size (an L2 table per GiB
+        // marked): the deadline of commands that move a disk's data.
+        for cmd in qemu_img::zero_clusters(path, &ranges) {
+            host.run_within(&cmd, Deadline::Data)
+                .await
+                .map_err(|e| e.context(format!("marking the holes of {target} in its overlay")))?;
+        }
+        Ok(ranges.iter().map(|r| r.1).sum())
+    }
+
+    /// Bytes the NBD server has answered READ requests for (data and holes alike).
+    pub fn served_bytes(&self) -> u64 {
+        self.server.served_bytes()
+    }
+
     /// After the job's SSH connection was lost: serves the backup again on the same
     /// socket path over `host`, a new connection (the old forward ended with the old
     /// connection; sshd leaves its socket file, which is removed first, or the new
@@ -190,6 +224,40 @@ impl LiveBackup {
 }
 
 type Server = virtkeep_nbd::NbdServer<virtkeep_files::DiskExport>;
+
+/// Most hole ranges marked per disk (the longest kept): a bound on the `qemu-io`
+/// invocations an index full of small holes could cause (~2000 ranges each).
+pub const MAX_HOLE_RANGES: usize = 16 * 1024;
+
+/// The zero ranges of `alloc` inside `0..size`, shrunk to whole overlay clusters
+/// (a partial cluster is left to the copy), at most [`MAX_HOLE_RANGES`] (the longest),
+/// in order of offset.
+fn hole_ranges(alloc: &[virtkeep_repo::Allocation], size: u64) -> Vec<(u64, u64)> {
+    let c = qemu_img::OVERLAY_CLUSTER;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for a in alloc.iter().filter(|a| a.zero) {
+        let end = a.offset.saturating_add(a.len).min(size);
+        match out.last_mut() {
+            // Adjacent zero runs (a view answers in pieces) merge before aligning.
+            Some(last) if last.0 + last.1 == a.offset => last.1 = end.max(last.0) - last.0,
+            _ => out.push((a.offset, end.saturating_sub(a.offset))),
+        }
+    }
+    let mut out: Vec<(u64, u64)> = out
+        .into_iter()
+        .filter_map(|(off, len)| {
+            let start = off.checked_next_multiple_of(c)?;
+            let end = ((off + len) / c) * c;
+            (end > start).then(|| (start, end - start))
+        })
+        .collect();
+    if out.len() > MAX_HOLE_RANGES {
+        out.sort_by_key(|r| std::cmp::Reverse(r.1));
+        out.truncate(MAX_HOLE_RANGES);
+        out.sort();
+    }
+    out
+}
 
 /// The job directory, writable by the login user: sshd creates forwarded sockets as
 /// that user, which with sudo is not root.
@@ -285,4 +353,53 @@ async fn forward(
         fwd
     });
     Ok((stop, serving))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtkeep_repo::Allocation;
+
+    fn a(offset: u64, len: u64, zero: bool) -> Allocation {
+        Allocation { offset, len, zero }
+    }
+
+    #[test]
+    fn holes_are_whole_clusters_inside_the_disk() {
+        const M: u64 = 1 << 20;
+        let alloc = [
+            a(0, M, false),
+            a(M, 4 * M, true),
+            a(5 * M, 100, false),
+            a(5 * M + 100, 3 * M, true),
+            a(8 * M + 100, 10, true),
+            a(8 * M + 110, M, false),
+            a(9 * M + 110, 1 << 40, true),
+        ];
+        let r = hole_ranges(&alloc, 20 * M);
+        let c = qemu_img::OVERLAY_CLUSTER;
+        assert_eq!(r[0], (M, 4 * M));
+        // Starts rounded up, ends rounded down, merged runs kept whole.
+        assert_eq!(r[1], (5 * M + c, 3 * M - c));
+        // Clamped to the disk's size.
+        assert_eq!(r[2], (9 * M + c, 11 * M - c));
+        assert_eq!(r.len(), 3);
+        assert!(hole_ranges(&[a(0, c - 1, true)], M).is_empty());
+    }
+
+    #[test]
+    fn too_many_holes_keep_the_longest() {
+        let c = qemu_img::OVERLAY_CLUSTER;
+        let n = MAX_HOLE_RANGES as u64 + 10;
+        let mut alloc = Vec::new();
+        for i in 0..n {
+            let len = if i < 10 { 4 * c } else { c };
+            alloc.push(a(i * 8 * c, len, true));
+            alloc.push(a(i * 8 * c + len, 8 * c - len, false));
+        }
+        let r = hole_ranges(&alloc, n * 8 * c);
+        assert_eq!(r.len(), MAX_HOLE_RANGES);
+        assert_eq!(r.iter().filter(|x| x.1 == 4 * c).count(), 10);
+        assert!(r.windows(2).all(|w| w[0].0 < w[1].0));
+    }
 }

@@ -72,6 +72,10 @@ pub struct LiveRestoreResult {
     pub time_to_copied_secs: f64,
     /// How often the SSH connection was lost during the copy and made again.
     pub reconnects: u32,
+    /// Bytes the node's NBD server sent the host for the guest's reads and the copy
+    /// (holes the copy skips are not read: about the backup's data, not the disks'
+    /// virtual size).
+    pub served_bytes: u64,
 }
 
 /// A disk of the live-restored domain.
@@ -144,6 +148,7 @@ pub async fn restore_live(
         }
         Err(e) => Err(e),
     };
+    let served_bytes = live.served_bytes();
     if matches!(&res, Err(e) if e.kind == ErrorKind::Unfinished) {
         live.abandon(link.host()).await;
     } else {
@@ -160,6 +165,7 @@ pub async fn restore_live(
         time_to_running_secs: running,
         time_to_copied_secs: copied,
         reconnects,
+        served_bytes,
     })
 }
 
@@ -363,6 +369,8 @@ async fn create_all(
         let at = [(d.report.target.clone(), d.overlay().to_string())];
         live.create_overlays_at(host, &at).await?;
         made.last_mut().expect("pushed").overlay = true;
+        let zeros = live.mark_holes(host, &d.report.target, d.overlay()).await?;
+        tracing::debug!(target = %d.report.target, zeros, "holes marked in the overlay");
         if !d.overlay().starts_with(&format!("{}/", live.dir())) {
             let src = NewSource::File {
                 path: d.overlay().to_string(),

@@ -73,6 +73,59 @@ pub fn create_nbd_overlay(
     }))
 }
 
+/// The cluster size of the overlays [`create_nbd_overlay`] makes (`qemu-img`'s default).
+pub const OVERLAY_CLUSTER: u64 = 64 << 10;
+/// Longest range of one `write -z` of [`zero_clusters`]: `qemu-io` refuses more than
+/// 2 GiB − 512 bytes in one request.
+pub const MAX_ZERO_WRITE: u64 = 1 << 30;
+/// Longest total length of the `write -z` commands of one `qemu-io` invocation.
+const MAX_ZERO_SCRIPT: usize = 64 << 10;
+
+/// `qemu-io -c 'write -z OFF LEN'… json:{"driver":"qcow2","file":{…PATH},"backing":null}`,
+/// as few invocations as the command-line bound allows: marks each `(offset, len)` of the
+/// qcow2 (v3) image at `path` as zero clusters, its backing file not opened (an NBD
+/// overlay's server need not be up). Ranges longer than [`MAX_ZERO_WRITE`] are split;
+/// give them cluster-aligned ([`OVERLAY_CLUSTER`]) and inside the image, or qcow2
+/// would have to read the backing file for the rest of a cluster (and fails without it).
+pub fn zero_clusters(path: &str, ranges: &[(u64, u64)]) -> Vec<RemoteCommand> {
+    let image = serde_json::json!({
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": path},
+        "backing": null,
+    });
+    let image = format!("json:{image}");
+    let mut out = Vec::new();
+    let mut batch: Vec<String> = Vec::new();
+    let mut len = 0;
+    let pieces = ranges.iter().flat_map(|&(off, n)| {
+        (0..n.div_ceil(MAX_ZERO_WRITE)).map(move |i| {
+            let at = i * MAX_ZERO_WRITE;
+            (off + at, (n - at).min(MAX_ZERO_WRITE))
+        })
+    });
+    for (off, n) in pieces.filter(|&(_, n)| n > 0) {
+        let cmd = format!("write -z {off} {n}");
+        if len + cmd.len() > MAX_ZERO_SCRIPT && !batch.is_empty() {
+            out.push(zero_invocation(&image, std::mem::take(&mut batch)));
+            len = 0;
+        }
+        len += cmd.len();
+        batch.push(cmd);
+    }
+    if !batch.is_empty() {
+        out.push(zero_invocation(&image, batch));
+    }
+    out
+}
+
+fn zero_invocation(image: &str, cmds: Vec<String>) -> RemoteCommand {
+    let mut c = RemoteCommand::new("qemu-io");
+    for cmd in cmds {
+        c = c.arg("-c").arg(cmd);
+    }
+    c.arg(image)
+}
+
 /// `qemu-img create -q -f FORMAT PATH SIZE` (`raw` sparse) where nothing is at `PATH`:
 /// fails, changing nothing, when anything is (see [`create_new`]).
 pub fn create_new_image(path: &str, format: &str, size: u64) -> RemoteCommand {
@@ -266,4 +319,35 @@ pub struct MapExtent {
 /// Parse `qemu-img map --output=json`.
 pub fn parse_qemu_img_map(json_text: &str) -> Result<Vec<MapExtent>, ParseError> {
     json("qemu-img map", json_text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_clusters_splits_long_ranges_and_batches_by_length() {
+        let cmds = zero_clusters("/d/a b.qcow2", &[(0, 3 * MAX_ZERO_WRITE), (1 << 40, 0)]);
+        assert_eq!(cmds.len(), 1);
+        let line = cmds[0].to_string();
+        assert_eq!(line.matches("write -z").count(), 3, "{line}");
+        assert!(line.contains(&format!(
+            "write -z {} {}",
+            2 * MAX_ZERO_WRITE,
+            MAX_ZERO_WRITE
+        )));
+        assert!(line.contains(r#""backing":null"#), "{line}");
+        let many: Vec<(u64, u64)> = (0..10_000).map(|i| (i << 20, 1 << 16)).collect();
+        let cmds = zero_clusters("/d/x.qcow2", &many);
+        assert!(cmds.len() > 1);
+        let total: usize = cmds
+            .iter()
+            .map(|c| c.to_string().matches("write -z").count())
+            .sum();
+        assert_eq!(total, 10_000);
+        assert!(
+            cmds.iter()
+                .all(|c| c.to_string().len() < 2 * MAX_ZERO_SCRIPT)
+        );
+    }
 }

@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -44,6 +45,8 @@ pub trait ExportSource: Send + Sync + 'static {
 /// A read-only NBD server over named exports.
 pub struct NbdServer<E> {
     exports: Vec<(String, Arc<E>)>,
+    /// Bytes of the READ requests answered, over all connections.
+    served: AtomicU64,
 }
 
 struct Conn {
@@ -93,7 +96,22 @@ impl<E: ExportSource> NbdServer<E> {
         }
         Ok(NbdServer {
             exports: exports.into_iter().map(|(n, e)| (n, Arc::new(e))).collect(),
+            served: AtomicU64::new(0),
         })
+    }
+
+    /// The export named `name`.
+    pub fn export(&self, name: &str) -> Option<&E> {
+        self.exports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, e)| e.as_ref())
+    }
+
+    /// Bytes of the READ requests answered so far (data and holes alike), over all
+    /// connections: what clients read through this server.
+    pub fn served_bytes(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 
     /// Names of the exports.
@@ -424,7 +442,10 @@ impl<E: ExportSource> NbdServer<E> {
     {
         wr.flush().await?;
         let (tx, rx) = tokio::sync::mpsc::channel(MAX_INFLIGHT);
-        let (r, w) = tokio::join!(requests(rd, conn, export, tx), replies(wr, rx));
+        let (r, w) = tokio::join!(
+            requests(rd, conn, export, tx, &self.served),
+            replies(wr, rx)
+        );
         r.and(w)
     }
 }
@@ -448,6 +469,7 @@ async fn requests<R: AsyncRead + Unpin, E: ExportSource>(
     conn: &Conn,
     export: &Arc<E>,
     tx: tokio::sync::mpsc::Sender<Pending>,
+    served: &AtomicU64,
 ) -> Result<(), NbdError> {
     let budget = Arc::new(tokio::sync::Semaphore::new(INFLIGHT_KIB));
     let st = conn.structured;
@@ -477,6 +499,7 @@ async fn requests<R: AsyncRead + Unpin, E: ExportSource>(
                 fail(&mut out, st, &req, EINVAL, "read outside the export").await?
             }
             CMD_READ => {
+                served.fetch_add(u64::from(req.len), Ordering::Relaxed);
                 let kib = (req.len as usize / 1024).clamp(1, INFLIGHT_KIB) as u32;
                 let permit = budget
                     .clone()
