@@ -185,7 +185,7 @@ fn left_as_is(e: Error, host: &Host, name: &str, dir: &str) -> Error {
         ),
     )
     .hint(format!(
-        "nothing was removed (the guest's writes are only in its overlays). Once {h} is reachable, `virtkeep cleanup {h}` reports the job as left as is: keep the guest to save its writes, or destroy and undefine {name} and remove its disks, then run `restore --live` again or restore normally"
+        "nothing was removed (the guest's writes are only in its overlays). Once {h} is reachable, `virtkeep cleanup {h}` reports the job as left as is: keep the guest to save its writes, or destroy and undefine {name} and remove its disks and {dir}, then run `restore --live` again or restore normally"
     ))
 }
 

@@ -361,6 +361,8 @@ fn live_restore_left_as_is_when_the_link_never_comes_back() {
     if let Some(j) = &job {
         let _ = std::fs::remove_dir_all(Path::new("/run/virtkeep/jobs").join(j));
     }
+    // In the test's output: what the user sees.
+    eprintln!("restore --live: {r:#}\nguest: {state:?}\ncleanup: {report:?}");
     assert_eq!(code, Some(4), "{r:#}\n{err}");
     assert_eq!(e["kind"], "unfinished", "{r:#}");
     assert_eq!(e["exit_code"], 4, "{r:#}");
@@ -385,6 +387,7 @@ fn live_restore_left_as_is_when_the_link_never_comes_back() {
     }
     let job = job.unwrap_or_else(|| panic!("no job directory in {message}"));
     assert!(jobs_before.contains(&job), "{job} not in {jobs_before:?}");
+    assert!(hint.contains(&job), "{hint}");
     let report = report.unwrap_or_else(|| panic!("cleanup did not report {job}: {c:#}"));
     assert!(
         report.contains("left as is") && report.contains(&new_name),
