@@ -1,8 +1,9 @@
-//! `virtkeep restore SNAPSHOT --to HOST --live --name NEW`: the VM runs from the
-//! repository within seconds while its data is copied into its own disks.
+//! `virtkeep restore SNAPSHOT --to HOST --live --name NEW [--storage …]`: the VM runs
+//! from the repository within seconds while its data is copied into its own disks.
 //!
-//! Each disk goes where a restore under the new name would put it (the same choice and
-//! checks: [`crate::restore::Place`]), never over anything that exists:
+//! Each disk goes where a restore under the new name (and with the same `--storage`)
+//! would put it (the same choice and checks: [`crate::restore::Place`], the format, no
+//! two disks on one destination), never over anything that exists:
 //! - a qcow2 file is created there as an overlay over the backup's NBD export
 //!   ([`crate::live::LiveBackup`]); `virsh blockpull` later copies every block into it
 //!   and drops the backing link;
@@ -37,7 +38,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::host::Host;
 use crate::live::LiveBackup;
 use crate::live_copy::{CopyDisk, Link, Mirror};
-use crate::restore::{Created, Destination, DiskCheck, Place, Storage};
+use crate::restore::{
+    Created, Destination, DiskCheck, Place, Storage, check_distinct, check_format,
+};
 
 /// Failpoint: held (until a line on stdin) once the domain runs, before the copy.
 pub const HOLD_BEFORE_COPY: &str = "live-restore-running";
@@ -86,15 +89,23 @@ pub struct LiveDisk {
     pub format: String,
 }
 
-/// Live-restores backup `id` onto `host` as domain `name` (see the module doc).
+/// Where a live restore puts the new domain: its name, and where its disks go.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveTarget<'a> {
+    pub name: &'a str,
+    pub storage: &'a Storage,
+}
+
+/// Live-restores backup `id` onto `host` as domain `to.name` (see the module doc).
 pub async fn restore_live(
     host: &Host,
     repo: &virtkeep_repo::Repository,
     id: &str,
-    name: &str,
+    to: LiveTarget<'_>,
     interrupted: impl std::future::Future<Output = ()>,
 ) -> Result<LiveRestoreResult> {
     let started = Instant::now();
+    let name = to.name;
     if name.is_empty() || name.len() > 200 || name.contains('/') || name.starts_with('-') {
         return Err(Error::config(format!(
             "--name {name:?}: not a usable domain name"
@@ -122,7 +133,7 @@ pub async fn restore_live(
     };
     let mut link = Link::new(host, lock, &job);
     let uuid = uuid::Uuid::new_v4().to_string();
-    let res = match plan(host, &live, name, &job).await {
+    let res = match plan(host, &live, to, &job).await {
         // Only what this run made is rolled back: `made` records, per disk, what was
         // created (exclusively), and the domain goes by its new UUID.
         // A signal before the copy is done rolls back like any failure.
@@ -176,11 +187,11 @@ fn left_as_is(e: Error, host: &Host, name: &str, dir: &str) -> Error {
     Error::new(
         ErrorKind::Unfinished,
         format!(
-            "{e}. {name} is left on {h} as it is, not rolled back: it runs on overlays over the backup (job directory {dir}) whose server is gone, and pauses on an I/O error at its next read of data not yet copied"
+            "{e}. {name} is left on {h} as it is, not rolled back: running or paused (it pauses on an I/O error at its next read of data not yet copied), on overlays over the backup (job directory {dir}) whose server is gone"
         ),
     )
     .hint(format!(
-        "nothing was removed (the guest's writes are only in its overlays). Once {h} is reachable, `virtkeep cleanup {h}` reports the job as left as is: keep the guest to save its writes, or destroy and undefine {name} and remove its disks, then run `restore --live` again or restore normally"
+        "nothing was removed (the guest's writes are only in its overlays). Once {h} is reachable, `virtkeep cleanup {h}` reports the job as left as is: keep the guest to save its writes, or destroy and undefine {name} and remove its disks and {dir}, then run `restore --live` again or restore normally"
     ))
 }
 
@@ -211,25 +222,20 @@ impl Planned {
     }
 }
 
-/// Where each disk goes: where a restore under `name` would put it; none may exist.
-async fn plan(host: &Host, live: &LiveBackup, name: &str, job: &str) -> Result<Vec<Planned>> {
+/// Where each disk goes: where a restore under `to.name` with `to.storage` would put
+/// it; none may exist.
+async fn plan(
+    host: &Host,
+    live: &LiveBackup,
+    to: LiveTarget<'_>,
+    job: &str,
+) -> Result<Vec<Planned>> {
     let manifest = live.manifest();
     let domain = virtkeep_libvirt::parse_domain(&manifest.domain_xml)?;
-    let mut notes = Vec::new();
-    let mut place = Place {
-        host,
-        manifest,
-        storage: &Storage::Original,
-        new_name: Some(name),
-        lv_lists: Default::default(),
-        notes: &mut notes,
-    };
+    let placed = place_all(host, manifest, to).await?;
     let mut out = Vec::new();
-    for (i, m) in manifest.disks.iter().enumerate() {
-        let dest = place.disk(m).await?;
-        // The place comes from the backup (untrusted): the checks of every restore
-        // (canonical path, no symlink, safe LVM/RBD names, the Ceph secret).
-        dest.check_names()?;
+    for (i, (m, dest)) in placed.into_iter().enumerate() {
+        // On the host: no symlink, the Ceph secret, … and nothing there yet.
         let check = DiskCheck {
             m,
             domain: &domain,
@@ -238,7 +244,7 @@ async fn plan(host: &Host, live: &LiveBackup, name: &str, job: &str) -> Result<V
         if dest.check(host, &check).await? {
             return Err(
                 Error::conflict(format!("{} exists on {}", dest.describe(), host.name))
-                    .hint("live restore never overwrites: choose another --name"),
+                    .hint("live restore never overwrites: choose another --name or --storage"),
             );
         }
         let format = dest.format(m);
@@ -260,6 +266,42 @@ async fn plan(host: &Host, live: &LiveBackup, name: &str, job: &str) -> Result<V
         out.push(Planned { report, dest, copy });
     }
     Ok(out)
+}
+
+/// Every disk's destination, with the checks that need no host: the place comes from
+/// the backup (untrusted) and `--storage`, so the lexical checks of every restore
+/// (canonical path, safe LVM/RBD names), a format it can create, no two disks on one
+/// destination.
+async fn place_all<'m>(
+    host: &Host,
+    manifest: &'m virtkeep_repo::Manifest,
+    to: LiveTarget<'_>,
+) -> Result<Vec<(&'m virtkeep_repo::ManifestDisk, Box<dyn Destination>)>> {
+    let mut notes = Vec::new();
+    let mut place = Place {
+        host,
+        manifest,
+        storage: to.storage,
+        new_name: Some(to.name),
+        lv_lists: Default::default(),
+        notes: &mut notes,
+    };
+    let mut placed = Vec::new();
+    for m in &manifest.disks {
+        let dest = place.disk(m).await?;
+        dest.check_names()?;
+        check_format(m, &dest.format(m))?;
+        placed.push((m, dest));
+    }
+    check_distinct(
+        placed
+            .iter()
+            .map(|(m, d)| (m.spec.target.as_str(), d.key())),
+    )?;
+    for note in notes {
+        tracing::info!(host = %host.name, "{note}");
+    }
+    Ok(placed)
 }
 
 /// What this run created of one disk (all the roll-back removes).
@@ -365,6 +407,11 @@ async fn create_all(
             made.last_mut().expect("pushed").dest = true;
             let src = d.dest.new_source(&d.report.format);
             record_created(host, live.dir(), &mut created, &src).await?;
+        }
+        if let (Copy::Pull, Some((dir, _))) = (&d.copy, d.report.path.rsplit_once('/')) {
+            // Its directory, as a restore makes it (`--storage file:DIR`).
+            host.run(&coreutils::mkdir_p(if dir.is_empty() { "/" } else { dir }))
+                .await?;
         }
         let at = [(d.report.target.clone(), d.overlay().to_string())];
         live.create_overlays_at(host, &at).await?;

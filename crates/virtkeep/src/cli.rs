@@ -446,8 +446,9 @@ pub struct RestoreArgs {
     #[arg(long, default_value_t = 2)]
     pub parallel: usize,
     /// Run the VM from the repository at once (qcow2 overlays over the backup, served
-    /// through the SSH connection) while its data is copied into its disks; needs --name and --to
-    #[arg(long, requires_all = ["name", "to"], conflicts_with_all = ["to_file", "dry_run", "storage", "owner", "disk", "force"])]
+    /// through the SSH connection) while its data is copied into its disks (placed as by
+    /// a restore with the same --name and --storage); needs --name and --to
+    #[arg(long, requires_all = ["name", "to"], conflicts_with_all = ["to_file", "dry_run", "owner", "disk", "force"])]
     pub live: bool,
 }
 

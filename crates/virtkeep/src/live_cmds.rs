@@ -1,10 +1,13 @@
-//! `verify SNAPSHOT --boot --to HOST` and `restore SNAPSHOT --to HOST --live --name NEW`:
+//! `verify SNAPSHOT --boot --to HOST` and `restore SNAPSHOT --to HOST --live --name NEW
+//! [--storage …]`:
 //! a backup booted from the repository (issue 20).
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use virtkeep_engine::live_restore::LiveTarget;
+use virtkeep_engine::restore::Storage;
 use virtkeep_engine::verify_boot::{BootVerifyOptions, BootVerifyReport, verify_boot as run};
 
 use crate::cli::{RestoreArgs, VerifyArgs};
@@ -82,6 +85,7 @@ pub async fn restore_live(
     args: RestoreArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let storage = Storage::parse(args.storage.as_deref())?;
     let repo = settings.open_repo(&args.repo).await?;
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
     let host = settings
@@ -91,8 +95,12 @@ pub async fn restore_live(
     if !json {
         eprintln!("starting {name} on backup {id}; its disks are copied while it runs");
     }
-    let r = virtkeep_engine::live_restore::restore_live(&host, &repo, &id, name, stop_signal()?)
-        .await?;
+    let to = LiveTarget {
+        name,
+        storage: &storage,
+    };
+    let r =
+        virtkeep_engine::live_restore::restore_live(&host, &repo, &id, to, stop_signal()?).await?;
     if json {
         print_json(&r)?;
     } else {

@@ -40,7 +40,7 @@ use std::time::Instant;
 
 pub use options::{RestoreOptions, RestoreResult, RestoredDisk, Storage};
 pub use place::destination;
-pub(crate) use refuse::check_passthrough;
+pub(crate) use refuse::{check_distinct, check_format, check_passthrough};
 // Live restore chooses and creates its destinations like a restore under a new name.
 pub(crate) use context::DiskCheck;
 pub(crate) use created::{Created, Outcome};

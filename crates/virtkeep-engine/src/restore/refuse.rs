@@ -141,12 +141,7 @@ async fn place_all<'a>(
     for m in selected {
         let dest = place.disk(m).await?;
         let format = dest.format(m);
-        if format != "qcow2" && format != "raw" {
-            return Err(Error::unsupported(format!(
-                "disk {} has format {format}, which restore cannot create",
-                m.spec.target
-            )));
-        }
+        check_format(m, &format)?;
         dest.check_names()?;
         placed.push((*m, dest, format));
     }
@@ -158,8 +153,19 @@ async fn place_all<'a>(
     Ok(placed)
 }
 
+/// A restore creates qcow2 and raw images only.
+pub(crate) fn check_format(m: &virtkeep_repo::ManifestDisk, format: &str) -> Result<()> {
+    if format != "qcow2" && format != "raw" {
+        return Err(Error::unsupported(format!(
+            "disk {} has format {format}, which restore cannot create",
+            m.spec.target
+        )));
+    }
+    Ok(())
+}
+
 /// Two disks of one restore never share a destination.
-fn check_distinct<'a>(dests: impl Iterator<Item = (&'a str, String)>) -> Result<()> {
+pub(crate) fn check_distinct<'a>(dests: impl Iterator<Item = (&'a str, String)>) -> Result<()> {
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     for (target, key) in dests {
         if let Some(other) = seen.insert(key.clone(), target) {

@@ -241,7 +241,7 @@ fn add_serial_file(name: &str, log: &Path) {
     lab().virsh(&["define", &file.path().display().to_string()]);
 }
 
-fn live_job_dirs() -> Vec<String> {
+pub(crate) fn live_job_dirs() -> Vec<String> {
     std::fs::read_dir("/run/virtkeep/jobs")
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -506,7 +506,7 @@ fn live_restore_copies_the_data_not_the_holes() {
 
 /// A boot sector that reads sector 2 of the boot disk (BIOS int 13h) every 100 ms
 /// (int 15h wait), forever: a guest that keeps reading its disk.
-fn reader_sector() -> Vec<u8> {
+pub(crate) fn reader_sector() -> Vec<u8> {
     let mut s = vec![
         0x31, 0xC0, // xor ax, ax
         0x8E, 0xD8, // mov ds, ax
@@ -672,6 +672,17 @@ pub(crate) fn live_restore_held_on(
     failpoint: &str,
     env: &[(&str, &str)],
 ) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    live_restore_held_with(node, (host, id, new_name), failpoint, env, &[])
+}
+
+/// [`live_restore_held_on`] with more arguments (`--storage …`); `(host, id, new_name)`.
+pub(crate) fn live_restore_held_with(
+    node: &Node,
+    (host, id, new_name): (&str, &str, &str),
+    failpoint: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("virtkeep"))
         .arg("--config")
@@ -682,6 +693,7 @@ pub(crate) fn live_restore_held_on(
         .envs(env.iter().copied())
         .args(["--json", "restore", id, "--to", host])
         .args(["--live", "--name", new_name])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
