@@ -148,8 +148,8 @@ impl LiveBackup {
     /// Marks the ranges the backup knows are zeros (its zero chunks) as zero clusters
     /// in the qcow2 overlay at `path` of the disk with `target`, before anything uses
     /// it: QEMU's block jobs then find them allocated (as zeros) in the overlay and
-    /// never read them over NBD — `blockpull` skips them, `blockcopy` writes zeros into
-    /// the destination without reading. Returns the bytes marked.
+    /// never read them over NBD — `blockcopy` writes zeros into the destination without
+    /// reading them. Returns the bytes marked.
     pub async fn mark_holes(&self, host: &Host, target: &str, path: &str) -> Result<u64> {
         let d = self
             .manifest

@@ -1,11 +1,10 @@
 //! The copy phase of `restore --live` (`live_restore.rs`), and how it survives a
 //! lost link.
 //!
-//! Every disk's block job is started without waiting (`virsh blockpull`, `virsh
-//! blockcopy --reuse-external --transient-job`) and followed by short polls: the job on
-//! the host (`virsh blockjob --info`) and the disk in the live XML (a pulled disk has no
-//! NBD backing any more, a mirror is `ready='yes'` and then pivoted, a pivoted disk no
-//! longer names its overlay). No command waits on the host for a whole copy, so nothing
+//! Every disk's block job is started without waiting (`virsh blockcopy
+//! --reuse-external --transient-job`) and followed by short polls: the job on the host
+//! (`virsh blockjob --info`) and the disk in the live XML (a mirror is `ready='yes'` and
+//! then pivoted, a pivoted disk no longer names its overlay). No command waits on the host for a whole copy, so nothing
 //! of a lost connection goes on by itself there.
 //!
 //! When the job's SSH connection is lost, the host's sshd closes the forwarded NBD
@@ -17,8 +16,8 @@
 //! only value libvirt 9.0 can set) fails requests while it is disconnected but retries
 //! connecting in the background (1, 2, 4, 8, 16 s apart) once a request found it
 //! disconnected; so within that window after the reconnect the run resumes a guest
-//! paused on an I/O error and restarts a job that ended without completing (a pull
-//! skips what it copied, a mirror copies again), until every disk is copied. If
+//! paused on an I/O error and restarts a job that ended without completing (the
+//! mirror copies again), until every disk is copied. If
 //! reconnecting fails within the window, nothing is removed: the domain stays on the
 //! host (its writes are only in its overlays) and the error ([`ErrorKind::Unfinished`])
 //! says so.
@@ -180,9 +179,8 @@ pub(crate) struct CopyDisk {
     pub target: String,
     /// The destination, for messages.
     pub path: String,
-    /// `None`: `blockpull` into the destination (a qcow2 overlay itself); else the
-    /// overlay the guest runs on and the file with the destination's `<disk>`.
-    pub mirror: Option<Mirror>,
+    /// The overlay the guest runs on and the file with the destination's `<disk>`.
+    pub mirror: Mirror,
 }
 
 #[derive(Debug)]
@@ -259,9 +257,7 @@ async fn follow(
                 State::Copying => ended[i] = 0,
                 State::Done => {
                     done[i] = true;
-                    if let Some(m) = &d.mirror {
-                        remove_overlay(link.host(), &m.overlay).await;
-                    }
+                    remove_overlay(link.host(), &d.mirror.overlay).await;
                 }
                 State::Ready => {
                     let cmd = |h: &Host| h.virsh().blockjob_pivot(uuid, &d.target);
@@ -322,10 +318,9 @@ async fn restart(
 
 /// Starts the disk's block job.
 async fn start(host: &Host, uuid: &str, d: &CopyDisk, limit: Option<u64>) -> Result<()> {
-    let cmd = match &d.mirror {
-        None => host.virsh().blockpull(uuid, &d.target, limit),
-        Some(m) => host.virsh().blockcopy(uuid, &d.target, &m.xml_path, limit),
-    };
+    let cmd = host
+        .virsh()
+        .blockcopy(uuid, &d.target, &d.mirror.xml_path, limit);
     host.run(&cmd)
         .await
         .map(|_| ())
@@ -359,12 +354,14 @@ fn state(d: &CopyDisk, disk: &str, job: bool) -> State {
     let has = |a: &str, v: &str| {
         disk.contains(&format!("{a}='{v}'")) || disk.contains(&format!("{a}=\"{v}\""))
     };
-    match &d.mirror {
-        None if !has("protocol", "nbd") => State::Done,
-        Some(m) if !disk.contains(&m.overlay) => State::Done,
-        Some(_) if disk.contains("<mirror") && has("ready", "yes") => State::Ready,
-        _ if job => State::Copying,
-        _ => State::Ended,
+    if !disk.contains(&d.mirror.overlay) {
+        State::Done
+    } else if disk.contains("<mirror") && has("ready", "yes") {
+        State::Ready
+    } else if job {
+        State::Copying
+    } else {
+        State::Ended
     }
 }
 
@@ -390,29 +387,20 @@ async fn remove_overlay(host: &Host, overlay: &str) {
 mod tests {
     use super::*;
 
-    fn disk(mirror: bool) -> CopyDisk {
+    fn disk() -> CopyDisk {
         CopyDisk {
             target: "vda".into(),
             path: "/d/new-vda.img".into(),
-            mirror: mirror.then(|| Mirror {
+            mirror: Mirror {
                 overlay: "/d/.new-vda.img.vkrestore-1".into(),
                 xml_path: "/run/virtkeep/jobs/live-1/dest0.xml".into(),
-            }),
+            },
         }
     }
 
     #[test]
-    fn a_pull_is_done_once_the_nbd_backing_is_gone() {
-        let pulling = "<disk><source file='/d/new.qcow2'/><backingStore type='network' index='2'><source protocol='nbd' name='vda'/></backingStore></disk>";
-        assert_eq!(state(&disk(false), pulling, true), State::Copying);
-        assert_eq!(state(&disk(false), pulling, false), State::Ended);
-        let pulled = "<disk><source file='/d/new.qcow2'/><backingStore/></disk>";
-        assert_eq!(state(&disk(false), pulled, false), State::Done);
-    }
-
-    #[test]
     fn a_mirror_is_ready_then_done_once_pivoted() {
-        let d = disk(true);
+        let d = disk();
         let copying = "<disk><source file='/d/.new-vda.img.vkrestore-1'/><mirror type='file' file='/d/new-vda.img' job='copy'/></disk>";
         assert_eq!(state(&d, copying, true), State::Copying);
         let ready = "<disk><source file='/d/.new-vda.img.vkrestore-1'/><mirror type='file' file='/d/new-vda.img' job='copy' ready='yes'/></disk>";

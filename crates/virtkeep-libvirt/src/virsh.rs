@@ -199,15 +199,6 @@ impl Virsh {
         self.dom("screenshot", dom).arg("--file").arg(path)
     }
 
-    /// `virsh blockpull --domain DOM --path TARGET [--bandwidth N --bytes]`: start
-    /// copying every block of the backing chain into the top image of TARGET (the job
-    /// then drops the backing link); returns once the job runs. `bytes_per_sec` limits
-    /// its speed (QEMU's rate limit; [`Virsh::blockjob_bandwidth`] lifts it).
-    pub fn blockpull(&self, dom: &str, target: &str, bytes_per_sec: Option<u64>) -> RemoteCommand {
-        let c = self.dom("blockpull", dom).arg("--path").arg(target);
-        with_bandwidth(c, bytes_per_sec)
-    }
-
     /// `virsh blockcopy --domain DOM --path TARGET --xml XML --reuse-external
     /// --transient-job [--bandwidth N --bytes]`: start mirroring the disk into the
     /// existing destination that the `<disk>` in file `xml_path` describes; returns once

@@ -254,10 +254,10 @@ pub(crate) fn live_job_dirs() -> Vec<String> {
 
 /// `restore --live` of a VM with a raw file (the boot disk), a qcow2 file and an RBD
 /// image: held at the failpoint after the start, the new domain already runs from the
-/// repository (its marker is on the serial port while the qcow2 destination is still an
-/// empty overlay over the NBD export) and the guest's disks take writes; released, the
-/// copy completes (`blockpull` into the qcow2 file, `blockcopy` into a new raw file and
-/// a new RBD image): every disk equals the backup plus those writes, none has a backing
+/// repository (its marker is on the serial port while the guest still runs on overlays
+/// over the NBD export) and the guest's disks take writes; released, the
+/// copy completes (`blockcopy` into a new qcow2 file, a new raw file and a new RBD
+/// image): every disk equals the backup plus those writes, none has a backing
 /// file, the domain refers to nothing of the node, and no overlay, job directory
 /// (socket) or extra image is left.
 #[test]
@@ -314,10 +314,12 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
             .expect("qemu-img info");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // The qcow2 destination exists, empty (no backing); the guest runs on an overlay
+    // over the export beside it.
     let vdb = info(&dest("vdb", "qcow2"));
     assert!(
-        vdb.contains("nbd+unix"),
-        "not an overlay over the export: {vdb}"
+        vdb.contains("\"format\": \"qcow2\"") && !vdb.contains("backing"),
+        "the destination is not an empty qcow2: {vdb}"
     );
     // The marker sector ran from the backup: the CPU halted right after printing it.
     // (The serial port is a pty now: the backup's file is the source VM's log.)
@@ -429,8 +431,8 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     );
 }
 
-/// `restore --live` of disks that are mostly holes: a 256 MiB qcow2 disk (pulled) and
-/// a 256 MiB raw disk (mirrored), each with 1 MiB of data at three known offsets. The
+/// `restore --live` of disks that are mostly holes: a 256 MiB qcow2 disk and a
+/// 256 MiB raw disk (both mirrored), each with 1 MiB of data at three known offsets. The
 /// guest writes into the holes while held before the copy. The restored disks equal the
 /// source (backup + those writes, zeros elsewhere), and the copy did not read the holes
 /// over NBD: the node served less than a tenth of the disks' virtual size (the data
@@ -534,7 +536,7 @@ pub(crate) fn reader_sector() -> Vec<u8> {
 /// disk in a loop, pauses on an I/O error (`rerror=stop`). Released, the node
 /// reconnects, serves the backup on the same socket again, resumes the guest and
 /// restarts a job that failed: the restore succeeds (one reconnect), the VM runs, its
-/// disks (a raw file mirrored, a qcow2 file pulled) equal the backup plus what the
+/// disks (a raw file and a qcow2 file, mirrored) equal the backup plus what the
 /// guest wrote during the copy, and nothing of the node is left.
 #[test]
 fn live_restore_survives_a_lost_link_during_the_copy() {
@@ -1006,7 +1008,8 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
             .any(|l| l == image)
     };
     let made = in_pool(&early);
-    assert_eq!(made.len(), 3, "the killed restore's files: {made:?}");
+    // Both destinations (created empty) and both overlays beside them.
+    assert_eq!(made.len(), 4, "the killed restore's files: {made:?}");
     assert!(rbd_has(&early_image), "no RBD image {early_image}");
     // Someone replaced one destination with a file of the same name: not the job's.
     let early_vdb = pool.join(format!("{early}-vdb.qcow2"));
@@ -1035,7 +1038,12 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
     let ran_actions = actions(&ran_dir[0]).unwrap_or_else(|| panic!("not reported: {r:#}"));
     let left = live_job_dirs();
     let ran_defined = lab().try_virsh(&["domstate", "--domain", &ran]);
-    let vdb_kept = vdb.exists();
+    let vdb_overlay = format!(".{ran}-vdb.qcow2.vkrestore-live-");
+    let vdb_kept = vdb.exists()
+        && std::fs::read_dir(&pool)
+            .expect("pool")
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&vdb_overlay));
     let early_left = in_pool(&early);
     let look_alike = std::fs::read(&early_vdb).ok();
     let early_rbd_left = rbd_has(&early_image);
@@ -1059,6 +1067,7 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
         for done in [
             format!("removed {pool}/{early}-vda.img"),
             format!("removed {pool}/.{early}-vda.img.vkrestore-live-"),
+            format!("removed {pool}/.{early}-vdb.qcow2.vkrestore-live-"),
             format!("removed RBD image {}/{early}-vdc", lab().ceph_pool),
             format!("left: {} (kept:", early_vdb.display()),
         ] {

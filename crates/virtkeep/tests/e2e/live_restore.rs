@@ -378,10 +378,11 @@ fn live_restore_left_as_is_when_the_link_never_comes_back() {
     );
     let want_files = [
         format!(".{new_name}-vda.img.vkrestore-"),
+        format!(".{new_name}-vdb.qcow2.vkrestore-"),
         format!("{new_name}-vda.img"),
         format!("{new_name}-vdb.qcow2"),
     ];
-    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(files.len(), 4, "{files:?}");
     for (f, w) in files.iter().zip(&want_files) {
         assert!(f.starts_with(w.as_str()), "{f} is not {w}: {files:?}");
     }
