@@ -262,7 +262,6 @@ pub(crate) fn live_job_dirs() -> Vec<String> {
 /// (socket) or extra image is left.
 #[test]
 fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
-    use std::io::Write;
     let node = Node::new();
     let marker = unique_name("VK-LIVE");
     let vm = TestVm::builder("vlive")
@@ -299,7 +298,7 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     let new_name = unique_name("vlive-new");
     let restored = TestVm::adopt(&new_name);
 
-    let (mut child, reader) = live_restore_held(
+    let (child, reader) = live_restore_held(
         &node,
         b["id"].as_str().expect("id"),
         &new_name,
@@ -345,14 +344,7 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
     for (t, p, off, len) in writes {
         running.write_pattern(t, p, off, len);
     }
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\n")
-        .expect("release");
-    let out = child.wait_with_output().expect("wait");
-    let err = reader.join().expect("stderr");
+    let (out, err) = release_held(child, reader);
     assert!(out.status.success(), "live restore failed:\n{err}");
     let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(r["vm"], new_name.as_str(), "{r:#}");
@@ -439,7 +431,6 @@ fn live_restore_runs_before_the_copy_and_ends_on_its_own_disk() {
 /// chunks, the guest's boot reads), where reading every range would serve all of it.
 #[test]
 fn live_restore_copies_the_data_not_the_holes() {
-    use std::io::Write;
     let node = Node::new();
     let vm = TestVm::builder("vholes")
         .raw_disk(MIB)
@@ -469,19 +460,12 @@ fn live_restore_copies_the_data_not_the_holes() {
     let new_name = unique_name("vholes-new");
     let restored = TestVm::adopt(&new_name);
     let id = b["id"].as_str().expect("id");
-    let (mut child, reader) = live_restore_held(&node, id, &new_name, "live-restore-running");
+    let (child, reader) = live_restore_held(&node, id, &new_name, "live-restore-running");
     let running = TestVm::adopt(&new_name);
     for (t, p, off, len) in writes {
         running.write_pattern(t, p, off, len);
     }
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\n")
-        .expect("release");
-    let out = child.wait_with_output().expect("wait");
-    let err = reader.join().expect("stderr");
+    let (out, err) = release_held(child, reader);
     assert!(out.status.success(), "live restore failed:\n{err}");
     let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let served = r["served_bytes"].as_u64().expect("served_bytes");
@@ -540,7 +524,6 @@ pub(crate) fn reader_sector() -> Vec<u8> {
 /// guest wrote during the copy, and nothing of the node is left.
 #[test]
 fn live_restore_survives_a_lost_link_during_the_copy() {
-    use std::io::Write;
     let node = Node::new();
     let vm = TestVm::builder("vlink")
         .raw_disk(2 * MIB)
@@ -561,7 +544,7 @@ fn live_restore_survives_a_lost_link_during_the_copy() {
     let want: Vec<String> = ["vda", "vdb"].iter().map(|t| vm.disk_checksum(t)).collect();
     let new_name = unique_name("vlink-new");
     let restored = TestVm::adopt(&new_name);
-    let (mut child, reader) = live_restore_held_on(
+    let (child, reader) = live_restore_held_on(
         &node,
         HOST,
         b["id"].as_str().expect("id"),
@@ -589,14 +572,7 @@ fn live_restore_survives_a_lost_link_during_the_copy() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\n")
-        .expect("release");
-    let out = child.wait_with_output().expect("wait");
-    let err = reader.join().expect("stderr");
+    let (out, err) = release_held(child, reader);
     assert!(out.status.success(), "live restore failed:\n{err}");
     let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(r["reconnects"], 1, "{r:#}\n{err}");
@@ -652,6 +628,23 @@ fn live_restore_survives_a_lost_link_during_the_copy() {
     assert!(temps.is_empty(), "overlays left: {temps:?}");
     drop(running);
     drop(restored);
+}
+
+/// Releases a `restore --live` held at a failpoint (a line on its stdin) and waits for
+/// it: its output, and its stderr.
+pub(crate) fn release_held(
+    mut child: std::process::Child,
+    reader: std::thread::JoinHandle<String>,
+) -> (std::process::Output, String) {
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("release");
+    let out = child.wait_with_output().expect("wait");
+    (out, reader.join().expect("stderr"))
 }
 
 /// Runs `restore ID --live --name NEW --json` held at `failpoint`: returns once it is
@@ -737,9 +730,8 @@ pub(crate) fn live_restore_held_with(
 /// keeps its bytes and the other domain stays defined with its own UUID; what the
 /// restore had created (the first disk) is removed, and no job directory is left.
 fn live_restore_spares_what_appears_meanwhile(node: &Node, b: &Value) {
-    use std::io::Write;
     let new_name = unique_name("vlivey-new");
-    let (mut child, reader) = live_restore_held(
+    let (child, reader) = live_restore_held(
         node,
         b["id"].as_str().expect("id"),
         &new_name,
@@ -755,14 +747,7 @@ fn live_restore_spares_what_appears_meanwhile(node: &Node, b: &Value) {
     let uuid = lab().virsh(&["domuuid", "--domain", &new_name]);
     let taken = lab().pool_dir.join(format!("{new_name}-vdb.qcow2"));
     std::fs::write(&taken, b"not yours").expect("write");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\n")
-        .expect("release");
-    let out = child.wait_with_output().expect("wait");
-    let err = reader.join().expect("stderr");
+    let (out, err) = release_held(child, reader);
     let kept = std::fs::read(&taken).expect("read");
     let _ = std::fs::remove_file(&taken);
     assert!(!out.status.success(), "{err}");

@@ -2,7 +2,6 @@
 //! restore with the same `--storage` puts them) and a link that never comes back (exit
 //! 4, the domain left as it is, `cleanup` reports it).
 
-use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,17 +44,10 @@ fn second_rbd_pool() -> String {
 
 /// Releases a held `restore --live` and returns its exit code, stdout (JSON) and stderr.
 fn release(
-    mut child: std::process::Child,
+    child: std::process::Child,
     reader: std::thread::JoinHandle<String>,
 ) -> (Option<i32>, Value, String) {
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\n")
-        .expect("release");
-    let out = child.wait_with_output().expect("wait");
-    let err = reader.join().expect("stderr");
+    let (out, err) = crate::live::release_held(child, reader);
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "no JSON ({e}): {}\n{err}",

@@ -911,7 +911,6 @@ fn wait_for_marker_halt(vm: &str) {
 /// socket, forward or other LV is left.
 #[test]
 fn lvm_live_restore_into_an_lv() {
-    use std::io::Write;
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:6.1}s] {what}", t0.elapsed().as_secs_f64());
     let h = hvm();
@@ -945,7 +944,7 @@ fn lvm_live_restore_into_an_lv() {
     );
 
     let id = b["id"].as_str().expect("id");
-    let (mut child, reader) = crate::live::live_restore_held_on(
+    let (child, reader) = crate::live::live_restore_held_on(
         &node,
         "lvmhv",
         id,
@@ -972,14 +971,7 @@ fn lvm_live_restore_into_an_lv() {
         restored.write_pattern("vda", p, off, len);
     }
     step("guest writes");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\n")
-        .expect("release");
-    let out = child.wait_with_output().expect("wait");
-    let err = reader.join().expect("stderr");
+    let (out, err) = crate::live::release_held(child, reader);
     step("copied");
     assert!(out.status.success(), "live restore failed:\n{err}");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
