@@ -4,8 +4,8 @@
 //! Every disk's block job is started without waiting (`virsh blockcopy
 //! --reuse-external --transient-job`) and followed by short polls: the job on the host
 //! (`virsh blockjob --info`) and the disk in the live XML (a mirror is `ready='yes'` and
-//! then pivoted, a pivoted disk no longer names its overlay). No command waits on the host for a whole copy, so nothing
-//! of a lost connection goes on by itself there.
+//! then pivoted, a pivoted disk no longer names its overlay). No command waits on the
+//! host for a whole copy, so nothing of a lost connection goes on by itself there.
 //!
 //! When the job's SSH connection is lost, the host's sshd closes the forwarded NBD
 //! socket: the guest's next read of data not yet copied fails into a pause
@@ -17,10 +17,9 @@
 //! connecting in the background (1, 2, 4, 8, 16 s apart) once a request found it
 //! disconnected; so within that window after the reconnect the run resumes a guest
 //! paused on an I/O error and restarts a job that ended without completing (the
-//! mirror copies again), until every disk is copied. If
-//! reconnecting fails within the window, nothing is removed: the domain stays on the
-//! host (its writes are only in its overlays) and the error ([`ErrorKind::Unfinished`])
-//! says so.
+//! mirror copies again), until every disk is copied. If reconnecting fails within the
+//! window, nothing is removed: the domain stays on the host (its writes are only in its
+//! overlays) and the error ([`ErrorKind::Unfinished`]) says so.
 
 use std::time::{Duration, Instant};
 

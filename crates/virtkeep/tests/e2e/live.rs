@@ -474,16 +474,10 @@ fn live_restore_copies_the_data_not_the_holes() {
         "served {served} bytes for 6 MiB of data in 512 MiB: {r:#}"
     );
     restored.stop();
-    let dest = |t: &str, ext: &str| lab().pool_dir.join(format!("{new_name}-{t}.{ext}"));
-    let got = [
-        virtkeep_lab::file_checksum(&dest("vda", "img"), "raw"),
-        virtkeep_lab::file_checksum(&dest("vdb", "qcow2"), "qcow2"),
-        virtkeep_lab::file_checksum(&dest("vdc", "img"), "raw"),
-    ];
-    assert_eq!(
-        got.as_slice(),
-        want.as_slice(),
-        "the restored disks differ from backup + writes"
+    assert_pool_disks(
+        &new_name,
+        &[("vda", "raw"), ("vdb", "qcow2"), ("vdc", "raw")],
+        &want,
     );
     assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
     drop(running);
@@ -589,16 +583,8 @@ fn live_restore_survives_a_lost_link_during_the_copy() {
         "{err}"
     );
     restored.stop();
+    assert_pool_disks(&new_name, &[("vda", "raw"), ("vdb", "qcow2")], &want);
     let dest = |t: &str, ext: &str| lab().pool_dir.join(format!("{new_name}-{t}.{ext}"));
-    let got = [
-        virtkeep_lab::file_checksum(&dest("vda", "img"), "raw"),
-        virtkeep_lab::file_checksum(&dest("vdb", "qcow2"), "qcow2"),
-    ];
-    assert_eq!(
-        got.as_slice(),
-        want.as_slice(),
-        "the restored disks differ from backup + writes"
-    );
     let info = std::process::Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(dest("vdb", "qcow2"))
@@ -628,6 +614,20 @@ fn live_restore_survives_a_lost_link_during_the_copy() {
     assert!(temps.is_empty(), "overlays left: {temps:?}");
     drop(running);
     drop(restored);
+}
+
+/// The guest-visible checksums of `vm`'s restored files in the lab's pool directory
+/// (`VM-TARGET.img` raw, `VM-TARGET.qcow2`) equal `want`, in order.
+fn assert_pool_disks(vm: &str, disks: &[(&str, &str)], want: &[String]) {
+    let got: Vec<String> = disks
+        .iter()
+        .map(|(t, format)| {
+            let ext = if *format == "raw" { "img" } else { "qcow2" };
+            let path = lab().pool_dir.join(format!("{vm}-{t}.{ext}"));
+            virtkeep_lab::file_checksum(&path, format)
+        })
+        .collect();
+    assert_eq!(got, want, "the restored disks differ from backup + writes");
 }
 
 /// Releases a `restore --live` held at a failpoint (a line on its stdin) and waits for
