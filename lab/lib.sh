@@ -51,7 +51,7 @@ pid_alive() {
 }
 pid_cmdline_has() {
   local pid=$1 needle=$2 cmd
-  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline") || return 1
   [[ -n $cmd && $cmd == *"$needle"* ]]
 }
 

@@ -159,6 +159,11 @@ mv "$SUDOERS_FILE.tmp" "$SUDOERS_FILE"
 printf '%s\n' "$PASSWORD" >"$SSH_DIR/password"
 chmod 0600 "$SSH_DIR/password"
 
+# The lab host is this machine, and root's ~/.bashrc here is the machine owner's, not a
+# KVM host's: bash sources it for every command sshd runs (seen in CI: `pyenv init`,
+# 0.19 s of CPU per SSH command, and a "cannot rehash" line on the command's stderr when
+# two of them raced). With SHLVL=1 in the session's environment bash counts itself as a
+# nested shell and skips ~/.bashrc, so the lab's commands run in sshd's plain environment.
 mkdir -p /run/sshd
 chmod 0755 /run/sshd
 SSH_PORT=
@@ -187,6 +192,7 @@ AllowTcpForwarding yes
 X11Forwarding no
 PrintMotd no
 AcceptEnv LANG LC_*
+SetEnv SHLVL=1
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
 EOF

@@ -40,7 +40,7 @@ hvm_image_dir() {
 hvm_pid_alive() {
   local pid=${1//[^0-9]/} cmd
   [[ -n $pid ]] || return 1
-  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline") || return 1
   [[ $cmd == *qemu-system* && $cmd == *"$HVM_QEMU_TAG"* ]]
 }
 
