@@ -450,6 +450,11 @@ pub struct RestoreArgs {
     /// a restore with the same --name and --storage); needs --name and --to
     #[arg(long, requires_all = ["name", "to"], conflicts_with_all = ["to_file", "dry_run", "owner", "disk", "force"])]
     pub live: bool,
+    /// With --live: hand the restore to the daemon (`virtkeep daemon`, the configuration's
+    /// catalog) and return once the domain runs; the daemon copies the disks (follow it
+    /// with `virtkeep jobs`)
+    #[arg(long, requires = "live")]
+    pub detach: bool,
 }
 
 #[derive(Args, Debug)]

@@ -13,7 +13,7 @@ use crate::output::{human_bytes, print_json};
 use crate::settings::Settings;
 
 /// Daemon errors as the binary reports them: configuration mistakes exit with 2.
-fn user_error(e: DaemonError) -> anyhow::Error {
+pub(crate) fn user_error(e: DaemonError) -> anyhow::Error {
     let hint = e.hint();
     let mut err = if e.is_config() {
         EngineError::config(e.to_string())
@@ -28,7 +28,7 @@ fn user_error(e: DaemonError) -> anyhow::Error {
     err.into()
 }
 
-fn load(settings: &Settings) -> anyhow::Result<DaemonConfig> {
+pub(crate) fn load(settings: &Settings) -> anyhow::Result<DaemonConfig> {
     DaemonConfig::load(&settings.path, &settings.config).map_err(user_error)
 }
 
