@@ -5,14 +5,17 @@
 //! The engine holds the job's host lock (`live-…`) from before its job directory exists
 //! until the copy is done, so a `cleanup` never touches the running copy. Once the
 //! domain runs, the job's note in the catalog says so ([`running_note`]): that is what
-//! `restore --detach` waits for. A cancel, the daemon's shutdown or `job_timeout`
-//! interrupt the engine as SIGINT interrupts the attached command (the new domain and
-//! what the job created are removed); a link lost for good ends the job failed as
-//! `unfinished`, the domain left as it is (never rolled back after the guest ran).
+//! `restore --detach` waits for. A cancel interrupts the engine as SIGINT interrupts
+//! the attached command (the new domain and what the job created are removed); so do
+//! the daemon's shutdown and `job_timeout` before the domain ran. After it ran, these
+//! end the job as `unfinished` and leave the domain as it is, as does a link lost for
+//! good: the guest's writes are only in its overlays, so it is never rolled back.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tokio::sync::{oneshot, watch};
 use virtkeep_engine::live_restore::{LiveRestoreResult, LiveTarget, restore_live};
 use virtkeep_engine::progress::{Event, Progress};
 use virtkeep_engine::{Error as EngineError, ErrorKind};
@@ -54,6 +57,8 @@ struct LiveTracker {
     inner: Tracker,
     catalog: Arc<Catalog>,
     started: Instant,
+    /// Set once the domain runs.
+    running: Arc<AtomicBool>,
 }
 
 impl Progress for LiveTracker {
@@ -62,6 +67,7 @@ impl Progress for LiveTracker {
             phase: "running", ..
         } = &event
         {
+            self.running.store(true, Ordering::SeqCst);
             let note = running_note(self.started.elapsed().as_secs_f64());
             if let Err(e) = self.catalog.set_job_note(self.inner.job, &note) {
                 tracing::warn!(job = self.inner.job, "recording that the domain runs: {e}");
@@ -143,6 +149,7 @@ async fn live(
         },
         catalog,
         started: Instant::now(),
+        running: Arc::default(),
     };
     let storage = crate::task::parse_storage(storage.as_deref())?;
     let host = env.connect(&job.host).await?;
@@ -152,36 +159,109 @@ async fn live(
         storage: &storage,
         progress: &tracker,
     };
-    let stopped = Mutex::new(None);
-    let r = restore_live(&host, &repo, &snapshot, to, interrupted(stops, &stopped)).await;
-    let stop = *stopped.lock().unwrap_or_else(|p| p.into_inner());
+    let ctl = Stopping {
+        running: tracker.running.clone(),
+        stopped: Mutex::new(None),
+    };
+    let Stops { shutdown, cancel } = stops;
+    let stops = interrupted(cancel, shutdown.clone(), &ctl);
+    let r = tokio::select! {
+        r = restore_live(&host, &repo, &snapshot, to, stops) => r,
+        why = left_as_is(shutdown, &ctl) => {
+            return Ok(left_outcome(why, (&name, &job.host), snapshot));
+        }
+    };
+    let stop = *ctl.stopped.lock().unwrap_or_else(|p| p.into_inner());
     Ok(outcome(r, snapshot, stop))
 }
 
-/// Resolves when the job is to stop (recording why in `stopped`); never otherwise.
-async fn interrupted(stops: Stops, stopped: &Mutex<Option<Stop>>) {
-    let Stops {
-        mut shutdown,
-        cancel,
-    } = stops;
-    let limit = crate::policy::DEFAULT_JOB_TIMEOUT;
+/// What a stop of the job means for its live restore, decided once: a cancel always
+/// interrupts the engine (it rolls back, as SIGINT does to the attached command); the
+/// daemon's shutdown or `job_timeout` interrupt it before the domain ran, and after
+/// that end the job leaving the domain as it is ([`left_as_is`]).
+struct Stopping {
+    /// Set once the domain runs.
+    running: Arc<AtomicBool>,
+    /// The stop that took effect.
+    stopped: Mutex<Option<Stop>>,
+}
+
+impl Stopping {
+    fn running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Records `why` unless another stop took effect first.
+    fn claim(&self, why: Stop) -> bool {
+        let mut s = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        s.is_none() && s.replace(why).is_none()
+    }
+}
+
+/// Resolves when the daemon shuts down (aborting jobs) or `job_timeout` passes.
+async fn stopping(mut shutdown: watch::Receiver<bool>) -> Stop {
     // A dropped sender is no stop.
     let shut = async {
         if shutdown.wait_for(|c| *c).await.is_err() {
             std::future::pending::<()>().await;
         }
     };
+    tokio::select! {
+        _ = shut => Stop::Shutdown,
+        _ = tokio::time::sleep(crate::policy::DEFAULT_JOB_TIMEOUT) => Stop::Timeout,
+    }
+}
+
+/// The engine's interruption: resolves on a cancel, or on a stop before the domain ran.
+async fn interrupted(
+    cancel: oneshot::Receiver<()>,
+    shutdown: watch::Receiver<bool>,
+    ctl: &Stopping,
+) {
     let cancelled = async {
         if cancel.await.is_err() {
             std::future::pending::<()>().await;
         }
     };
-    let why = tokio::select! {
-        _ = shut => Stop::Shutdown,
-        _ = cancelled => Stop::Cancel,
-        _ = tokio::time::sleep(limit) => Stop::Timeout,
+    let before_running = async {
+        let why = stopping(shutdown).await;
+        if ctl.running() {
+            std::future::pending::<()>().await;
+        }
+        why
     };
-    *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    let why = tokio::select! {
+        _ = cancelled => Stop::Cancel,
+        why = before_running => why,
+    };
+    if !ctl.claim(why) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves on a stop after the domain ran: the job ends, the engine's work is dropped
+/// (the node's NBD server with it), and the domain stays as it is.
+async fn left_as_is(shutdown: watch::Receiver<bool>, ctl: &Stopping) -> Stop {
+    let why = stopping(shutdown).await;
+    if !ctl.running() || !ctl.claim(why) {
+        std::future::pending::<()>().await;
+    }
+    why
+}
+
+/// The outcome of a live restore stopped after its domain `name` ran on `host`.
+fn left_outcome(why: Stop, (name, host): (&str, &str), snapshot: String) -> JobOutcome {
+    let by = match why {
+        Stop::Timeout => "its job_timeout",
+        _ => "the daemon's shutdown",
+    };
+    JobOutcome {
+        error: Some(format!(
+            "unfinished: stopped by {by} after {name} ran: {name} is left on {host} as it is, not rolled back (its writes are only in its overlays, whose NBD server stopped with the job: the guest pauses at its next read of data not yet copied) (hint: `virtkeep cleanup {host}` reports the job as left as is: keep the guest to save its writes, or destroy and undefine {name} and remove its disks and job directory)"
+        )),
+        snapshot: Some(snapshot),
+        ..Default::default()
+    }
 }
 
 fn outcome(

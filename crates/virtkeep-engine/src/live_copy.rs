@@ -394,7 +394,7 @@ struct Counted<'a> {
     vm: &'a str,
     progress: &'a dyn Progress,
     /// Per disk: (total announced, copied reported).
-    seen: Vec<Option<(u64, u64)>>,
+    seen: Vec<(u64, u64)>,
 }
 
 impl<'a> Counted<'a> {
@@ -402,13 +402,13 @@ impl<'a> Counted<'a> {
         Counted {
             vm,
             progress,
-            seen: vec![None; disks],
+            seen: vec![(0, 0); disks],
         }
     }
 
     fn saw(&mut self, i: usize, target: &str, bytes: Option<(u64, u64)>) {
         let Some((cur, end)) = bytes else { return };
-        let (total, copied) = self.seen[i].get_or_insert_with(|| (0, 0));
+        let (total, copied) = &mut self.seen[i];
         if end > *total {
             self.progress.event(Event::DiskStart {
                 vm: self.vm.to_string(),
@@ -427,9 +427,8 @@ impl<'a> Counted<'a> {
     }
 
     fn done(&mut self, i: usize, target: &str) {
-        if let Some((total, copied)) = self.seen[i]
-            && total > copied
-        {
+        let (total, copied) = self.seen[i];
+        if total > copied {
             self.saw(i, target, Some((total, total)));
         }
         self.progress.event(Event::DiskDone {

@@ -14,11 +14,10 @@ use crate::live::{assert_pool_disks, live_job_dirs, marker_sector, write_sector}
 
 const MIB: u64 = 1 << 20;
 
-fn daemon_config(node: &Node) {
-    append_config(
-        node,
-        &format!("\n[daemon]\ncatalog = \"{}\"\n", catalog(node)),
-    );
+/// A `[daemon]` section with its catalog (and `extra` lines).
+fn daemon_config(node: &Node, extra: &str) {
+    let text = format!("\n[daemon]\ncatalog = \"{}\"\n{extra}\n", catalog(node));
+    append_config(node, &text);
 }
 
 /// The daemon's catalog and an API on a free port (returned).
@@ -27,7 +26,7 @@ fn daemon_config_with_api(node: &Node) -> u16 {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    daemon_config(node);
+    daemon_config(node, "");
     let api = format!(
         "\n[daemon.api]\nlisten = \"127.0.0.1:{port}\"\ntoken_env = \"VKD_TEST_TOKEN\"\nscope = \"admin\"\n"
     );
@@ -164,7 +163,7 @@ fn detach_without_a_daemon_cancels_the_job_and_says_so() {
         .running(false)
         .build();
     let b = node.backup(&vm.name, &[]);
-    daemon_config(&node);
+    daemon_config(&node, "");
     // The daemon made the catalog once and is gone.
     let mut daemon = Daemon::start(&node);
     daemon.wait_log("daemon starting", 60);
@@ -197,4 +196,79 @@ fn detach_without_a_daemon_cancels_the_job_and_says_so() {
     );
     let domains = lab().virsh(&["list", "--all", "--name"]);
     assert!(!domains.contains(&new_name), "{domains}");
+}
+
+/// The daemon stops (`shutdown = "abort"`) while its live restore copies, after the
+/// domain ran: the job ends failed as `unfinished`, the domain is left as it is (not
+/// rolled back: the guest's writes are only in its overlays) with its job directory,
+/// and `cleanup` reports it as left as is. The test then removes it.
+#[test]
+fn daemon_stopping_after_the_domain_ran_leaves_it_as_is() {
+    let node = Node::new();
+    let vm = TestVm::builder("vdetstop")
+        .raw_disk(MIB)
+        .running(false)
+        .build();
+    write_sector(&vm, &marker_sector(&unique_name("VK-DETS")));
+    let b = node.backup(&vm.name, &[]);
+    daemon_config(&node, "shutdown = \"abort\"");
+    let mut daemon = Daemon::start_held(
+        &node,
+        "live-restore-copying",
+        &[("VIRTKEEP_LIVE_COPY_BYTES_PER_SEC", "4096")],
+    );
+    let new_name = unique_name("vdetstop-new");
+    let restored = TestVm::adopt(&new_name);
+    let id = b["id"].as_str().expect("id");
+    let r = node.json(&[
+        "restore", id, "--to", HOST, "--live", "--name", &new_name, "--detach",
+    ]);
+    let job_id = r["job"].as_i64().expect("job id");
+    daemon.wait_log(&failpoint_reached("live-restore-copying"), 120);
+    let dirs = live_job_dirs();
+    daemon.signal("TERM");
+    daemon.wait_log("job failed", 60);
+    // The held failpoint's read of stdin ends: the daemon's runtime may stop.
+    daemon.release();
+    daemon.terminate();
+    let j = job(&node, job_id);
+    let state = lab().try_virsh(&["domstate", "--reason", "--domain", &new_name]);
+    let c = node.json(&["cleanup", HOST]);
+    let report = c["vms"].as_array().and_then(|vms| {
+        vms.iter()
+            .find(|v| {
+                dirs.iter()
+                    .any(|d| v["vm"] == format!("live restore job {d}"))
+            })
+            .map(|v| v["actions"].to_string())
+    });
+    let dirs_after = live_job_dirs();
+    // The clean end, before asserting: the domain, its disks and overlay, the job.
+    drop(restored);
+    for f in crate::live_restore::in_pool(&new_name) {
+        let _ = std::fs::remove_file(lab().pool_dir.join(f));
+    }
+    for d in &dirs {
+        let _ = std::fs::remove_dir_all(std::path::Path::new("/run/virtkeep/jobs").join(d));
+    }
+    eprintln!("job: {j:#}\nguest: {state:?}\ncleanup: {report:?}");
+    assert_eq!(j["status"], "failed", "{j:#}");
+    let error = j["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("unfinished: stopped by the daemon's shutdown after"),
+        "{error}"
+    );
+    assert!(
+        error.contains("not rolled back") && error.contains("cleanup"),
+        "{error}"
+    );
+    let state = state.unwrap_or_else(|e| panic!("{new_name} was removed: {e}"));
+    assert!(
+        state.starts_with("running") || state.starts_with("paused"),
+        "{state}"
+    );
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    assert_eq!(dirs_after, dirs, "cleanup removed the job directory");
+    let report = report.unwrap_or_else(|| panic!("cleanup did not report {dirs:?}: {c:#}"));
+    assert!(report.contains("left as is"), "{report}");
 }
