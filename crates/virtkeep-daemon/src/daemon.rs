@@ -888,7 +888,7 @@ mod tests {
 
     #[test]
     fn only_queued_kinds_are_cancellable() {
-        for k in ["backup", "restore", "verify_boot"] {
+        for k in ["backup", "restore", "live_restore", "verify_boot"] {
             assert!(cancellable(k), "{k}");
         }
         for k in ["sync", "gc", "verify", ""] {

@@ -153,6 +153,10 @@ pub fn jobs(settings: &Settings, args: JobsArgs, json: bool) -> anyhow::Result<E
         if let Some(e) = &j.error {
             println!("        error: {e}");
         }
+        // A live restore's note: running since when, then both times and the disks.
+        if let (Some(n), "live_restore") = (&j.note, j.kind.as_str()) {
+            println!("        {n}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -40,7 +40,8 @@ pub struct Detached {
     pub status: JobStatus,
     /// From the start of the job until the domain ran.
     pub time_to_running_secs: Option<f64>,
-    /// How to follow the copy.
+    /// How to follow the copy: `virtkeep jobs HOST/VM` (also `GET /api/jobs/{job}`
+    /// and the web console's `/ui/jobs/{job}`).
     pub follow: String,
 }
 
@@ -78,12 +79,12 @@ pub async fn restore_live_detached(
     let job = wait(&catalog, id).await?;
     let out = Detached {
         job: id,
+        follow: format!("virtkeep jobs {host}/{name}"),
         host,
         vm: name,
         snapshot,
         status: job.status,
         time_to_running_secs: job.note.as_deref().and_then(running_after),
-        follow: format!("virtkeep jobs --status running; GET /api/jobs/{id}; /ui/jobs/{id}"),
     };
     print(&out, json)?;
     Ok(ExitCode::SUCCESS)
@@ -102,8 +103,8 @@ fn print(out: &Detached, json: bool) -> anyhow::Result<()> {
         out.vm, out.host, out.job
     );
     println!(
-        "follow it: virtkeep jobs {}/{}, or the web console's /ui/jobs/{}",
-        out.host, out.vm, out.job
+        "follow it: {}, or the web console's /ui/jobs/{}",
+        out.follow, out.job
     );
     Ok(())
 }
