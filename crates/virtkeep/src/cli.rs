@@ -702,3 +702,24 @@ mod duration_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod restore_args_tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// `--detach` belongs to `--live`: refused without it, parsed with it.
+    #[test]
+    fn detach_needs_live() {
+        let base = ["virtkeep", "restore", "abc", "--to", "lab", "--name", "new"];
+        let without = Cli::try_parse_from(base.iter().chain(&["--detach"]));
+        let e = without.expect_err("--detach without --live");
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let with = Cli::try_parse_from(base.iter().chain(&["--live", "--detach"]));
+        match with.expect("--live --detach").command {
+            Command::Restore(a) => assert!(a.live && a.detach),
+            other => panic!("{other:?}"),
+        }
+    }
+}
