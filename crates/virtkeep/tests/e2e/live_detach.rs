@@ -118,6 +118,13 @@ fn detached_live_restore_returns_while_the_daemon_copies() {
     let view = json_of(&body);
     assert_eq!(view["kind"], "live_restore", "{view:#}");
     assert_eq!(view["progress"]["phase"], "copying", "{view:#}");
+    // The API queues the same job kind; a live restore needs a new name.
+    let body = serde_json::json!({"kind": "restore", "host": HOST, "snapshot": id, "live": true});
+    let (status, text) = http(port, "POST", "/api/jobs", Some(TOKEN), Some(&body));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("a live restore needs"), "{text}");
+    let (_, doc) = http(port, "GET", "/api/openapi.json", None, None);
+    assert!(doc.contains("\"live\""), "no live in the OpenAPI document");
     let running = TestVm::adopt(&new_name);
     for (t, p, off, len) in writes {
         running.write_pattern(t, p, off, len);
