@@ -420,7 +420,8 @@ async fn get_job(State(s): State<Arc<ApiState>>, Path(id): Path<i64>) -> Respons
 }
 
 /// A backup (`kind = "backup"`, `vm`, optional `mode`, `policy`) or a restore
-/// (`kind = "restore"`, `snapshot`, optional `name`, `storage`, `define`, `start`).
+/// (`kind = "restore"`, `snapshot`, optional `name`, `storage`, `define`, `start`); a
+/// live restore is a restore with `live = true` and `name` (job kind `live_restore`).
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SubmitJob {
     /// The host to back up from or restore to.
@@ -490,10 +491,17 @@ async fn submit_job(
             snapshot,
             name,
             storage,
+            live,
             ..
         } => {
             if let Err(e) = crate::task::parse_storage(storage.as_deref()) {
                 return error(StatusCode::BAD_REQUEST, e.to_string());
+            }
+            if *live && name.as_deref().is_none_or(str::is_empty) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "a live restore needs \"name\" (it makes a new domain)",
+                );
             }
             (
                 name.clone()

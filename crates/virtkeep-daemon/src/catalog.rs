@@ -250,8 +250,14 @@ pub trait Store: Send + Sync {
     fn open_runs(&self) -> Result<Vec<(i64, String)>>;
 
     fn add_job(&self, j: &NewJob<'_>) -> Result<i64>;
-    /// Records that `node` runs job `id` now, with a lease until `lease_until`.
+    /// Records that `node` runs job `id` now, with a lease until `lease_until`; only a
+    /// job still queued (one cancelled meanwhile, e.g. by `restore --detach` giving up,
+    /// stays as it is: the caller reads it back).
     fn mark_running(&self, id: i64, node: &str, lease_until: i64) -> Result<()>;
+    /// Replaces the note of a running job (a live restore's "running after …").
+    fn set_job_note(&self, id: i64, note: &str) -> Result<()>;
+    /// Cancels job `id` with `error` if it is still queued; whether it was.
+    fn cancel_queued(&self, id: i64, error: &str) -> Result<bool>;
     fn finish_job(&self, id: i64, o: &JobOutcome) -> Result<()>;
     fn job(&self, id: i64) -> Result<JobRecord>;
     fn jobs(&self, f: &JobFilter) -> Result<Vec<JobRecord>>;
@@ -374,6 +380,18 @@ impl Catalog {
             CatalogLocation::Postgres(l) => Ok(Catalog {
                 store: Box::new(pg::PgStore::open(l)?),
             }),
+        }
+    }
+
+    /// Opens the catalog at `loc` for a command that queues a job beside the daemon
+    /// (`restore --live --detach`): a SQLite file must exist (the daemon made it) and
+    /// be writable by this user; its daemon lock is not taken.
+    pub fn open_submitter(loc: &CatalogLocation) -> Result<Option<Catalog>> {
+        match loc {
+            CatalogLocation::Sqlite(p) => {
+                Ok(sqlite::SqliteStore::open_submitter(p)?.map(|s| Catalog { store: Box::new(s) }))
+            }
+            CatalogLocation::Postgres(_) => Catalog::open_reader_at(loc),
         }
     }
 

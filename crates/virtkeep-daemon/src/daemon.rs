@@ -43,10 +43,10 @@ pub enum CancelReply {
 }
 
 /// Whether `DELETE /api/jobs/{id}` can stop jobs of `kind`: those the queue runs
-/// (backup, restore, verify_boot). A sync, GC or verify run is a task beside the queue
+/// (backup, restore, live_restore, verify_boot). A sync, GC or verify run is a task beside the queue
 /// that a cancel would not reach; it ends on its own.
 pub fn cancellable(kind: &str) -> bool {
-    matches!(kind, "backup" | "restore" | "verify_boot")
+    matches!(kind, "backup" | "restore" | "live_restore" | "verify_boot")
 }
 
 /// How the API reaches the loop.
@@ -60,10 +60,16 @@ pub const DEAD_NODE_ERROR: &str = "the node running this job stopped renewing it
 
 /// The error of a job that is not a backup or restore whose node stopped while it ran.
 pub fn interrupted_error(kind: &str) -> String {
+    if kind == "live_restore" {
+        return LIVE_ORPHAN_ERROR.to_string();
+    }
     format!(
         "interrupted: the daemon running this {kind} job stopped (killed, crashed or cut off); it is not retried, the next scheduled run starts over"
     )
 }
+
+/// The error of a live restore whose daemon stopped while it ran (not retried).
+pub const LIVE_ORPHAN_ERROR: &str = "interrupted: the daemon running this live restore stopped (killed, crashed or cut off) and its copy with it; the domain is left on the host as it is, not rolled back (its writes are only in its overlays, whose NBD server is gone); `virtkeep cleanup HOST` reports it or, if its domain never started, removes what the job created";
 
 /// The error of a job whose daemon died under it (found at the next start).
 pub const ORPHAN_ERROR: &str = "the daemon stopped while this job ran (killed or crashed); the VM was healed and the job retried";
@@ -93,6 +99,8 @@ struct State {
     syncs: Vec<tokio::task::JoinHandle<()>>,
     /// When the heartbeat (lease renewal, lead, takeover of dead nodes' jobs) is due.
     next_beat: tokio::time::Instant,
+    /// When jobs queued in the catalog by commands are looked for next (single node).
+    next_adopt: tokio::time::Instant,
     /// The loop's own control channel (boot verification runs, listed off the loop,
     /// submit their jobs through it).
     submit_tx: Submissions,
@@ -127,6 +135,7 @@ pub async fn run(
         leading: false,
         syncs: Vec::new(),
         next_beat: tokio::time::Instant::now(),
+        next_adopt: tokio::time::Instant::now(),
         submit_tx: submit_tx.clone(),
     };
     st.register()?;
@@ -140,6 +149,7 @@ pub async fn run(
         if st.leading {
             st.fire_due_schedules().await?;
         }
+        st.adopt_queued()?;
         st.start_jobs()?;
         let wake = st.wake_in();
         tokio::select! {
@@ -467,9 +477,8 @@ impl State {
         // Other nodes queue jobs too, and the heartbeat has its time.
         let beat = (self.env.daemon.lease / 3).max(Duration::from_millis(500));
         until = until.min(now + chrono::Duration::from_std(beat).unwrap_or_default());
-        if self.cluster {
-            until = until.min(now + chrono::Duration::seconds(1));
-        }
+        // Other nodes (a cluster) or commands (`restore --detach`) queue jobs too.
+        until = until.min(now + chrono::Duration::seconds(1));
         (until - now)
             .to_std()
             .unwrap_or(Duration::ZERO)
@@ -635,6 +644,24 @@ impl State {
         Ok(())
     }
 
+    /// On a single node: jobs a command queued in the catalog beside the daemon
+    /// (`restore --live --detach`) join the queue, at most once a second.
+    fn adopt_queued(&mut self) -> Result<()> {
+        let now_i = tokio::time::Instant::now();
+        if self.cluster || self.stopping || now_i < self.next_adopt {
+            return Ok(());
+        }
+        self.next_adopt = now_i + Duration::from_secs(1);
+        let queued = self.catalog.jobs(&JobFilter {
+            status: Some(JobStatus::Queued),
+            ..Default::default()
+        })?;
+        for j in queued.iter().filter(|j| j.run_id.is_none()) {
+            self.enqueue_record(j)?;
+        }
+        Ok(())
+    }
+
     fn enqueue(&mut self, id: i64) -> Result<()> {
         let j = self.catalog.job(id)?;
         self.enqueue_record(&j)
@@ -716,7 +743,13 @@ impl State {
                 let lease_until = now() + self.lease_secs();
                 self.catalog
                     .mark_running(p.id, &self.env.daemon.node, lease_until)?;
-                jobs.push(self.catalog.job(p.id)?);
+                let job = self.catalog.job(p.id)?;
+                if job.status == JobStatus::Running {
+                    jobs.push(job);
+                } else {
+                    // Cancelled in the catalog meanwhile (`restore --detach` gave up).
+                    self.queue.finished(p.id);
+                }
             }
             jobs
         };
@@ -731,11 +764,15 @@ impl State {
                 cancel: cancel_rx,
             };
             let done = self.done_tx.clone();
+            let catalog = self.catalog.clone();
             tokio::spawn(async move {
                 let id = job.id;
                 let outcome = match serde_json::from_str(&job.request) {
                     Ok(JobRequest::VerifyBoot { policy, snapshot }) => {
                         crate::verify_jobs::run_job(env, &policy, &snapshot, stops).await
+                    }
+                    Ok(JobRequest::Restore { live: true, .. }) => {
+                        crate::live_jobs::run(env, catalog, job, progress, stops).await
                     }
                     _ => task::run(env, job, progress, stops).await,
                 };
@@ -851,7 +888,7 @@ mod tests {
 
     #[test]
     fn only_queued_kinds_are_cancellable() {
-        for k in ["backup", "restore", "verify_boot"] {
+        for k in ["backup", "restore", "live_restore", "verify_boot"] {
             assert!(cancellable(k), "{k}");
         }
         for k in ["sync", "gc", "verify", ""] {

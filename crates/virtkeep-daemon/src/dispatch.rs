@@ -29,8 +29,10 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// Queues `p` unless it is queued or running already (a job queued in the catalog
+    /// may arrive both through the API's submission and the catalog scan).
     pub fn push(&mut self, p: Pending) {
-        if !self.pending.iter().any(|q| q.id == p.id) {
+        if !self.pending.iter().any(|q| q.id == p.id) && !self.running.contains_key(&p.id) {
             self.pending.push(p);
         }
     }

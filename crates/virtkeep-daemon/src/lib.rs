@@ -29,6 +29,7 @@ pub mod api;
 pub mod daemon;
 pub mod dispatch;
 pub mod files_api;
+pub mod live_jobs;
 pub mod metrics;
 pub mod task;
 pub mod verify_jobs;

@@ -49,6 +49,11 @@ pub enum JobRequest {
         /// A name from `[repositories]`; the default repository otherwise.
         #[serde(default)]
         repository: Option<String>,
+        /// A live restore (`restore --live`, needs `name`; `define`, `start` and `force`
+        /// do not apply): the domain runs from the repository at once while its disks
+        /// are copied; the job (kind `live_restore`) ends when the copy is done.
+        #[serde(default)]
+        live: bool,
     },
     /// A policy's boot verification of one backup (`verify_jobs`; not submitted
     /// through the API, and run by `verify_jobs::run`, not here).
@@ -60,6 +65,7 @@ impl JobRequest {
     pub fn kind(&self) -> &'static str {
         match self {
             JobRequest::Backup { .. } => "backup",
+            JobRequest::Restore { live: true, .. } => "live_restore",
             JobRequest::Restore { .. } => "restore",
             JobRequest::VerifyBoot { .. } => "verify_boot",
         }
@@ -131,9 +137,9 @@ pub struct JobProgress {
 pub type ProgressMap = Arc<Mutex<HashMap<i64, JobProgress>>>;
 
 /// Records progress for the API and logs phases (the log is what an operator tails).
-struct Tracker {
-    job: i64,
-    map: ProgressMap,
+pub(crate) struct Tracker {
+    pub job: i64,
+    pub map: ProgressMap,
 }
 
 impl Progress for Tracker {
@@ -158,7 +164,7 @@ impl Progress for Tracker {
     }
 }
 
-fn error_text(e: &EngineError) -> String {
+pub(crate) fn error_text(e: &EngineError) -> String {
     match &e.hint {
         Some(h) => format!("{e} (hint: {h})"),
         None => e.to_string(),
@@ -374,6 +380,7 @@ async fn restore_job(
         start,
         force,
         repository,
+        live: false,
     } = req
     else {
         return Err(EngineError::config("not a restore request"));

@@ -28,6 +28,7 @@ use virtkeep_libvirt::coreutils;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::{Deadline, Host, VmLock};
 use crate::live::LiveBackup;
+use crate::progress::{Event, Progress};
 
 /// Failpoint: held (until a line on stdin) once every disk's block job runs.
 pub const HOLD_COPYING: &str = "live-restore-copying";
@@ -199,18 +200,24 @@ enum State {
     Ended,
 }
 
-/// Copies every disk (see the module doc); the guest runs as `uuid` on `live`.
+/// Copies every disk (see the module doc); the guest `name` runs as `uuid` on `live`.
+/// Reports the phase `copying` and the block jobs' bytes to `progress`.
 pub(crate) async fn copy(
     link: &mut Link<'_>,
     live: &mut LiveBackup,
-    uuid: &str,
+    (name, uuid): (&str, &str),
     disks: &[CopyDisk],
+    progress: &dyn Progress,
 ) -> Result<()> {
     let limit = throttle();
     for d in disks {
         link.attempt(live, async |h| start(h, uuid, d, limit).await)
             .await?;
     }
+    progress.event(Event::Phase {
+        vm: name.to_string(),
+        phase: "copying",
+    });
     crate::failpoint::hold(HOLD_COPYING).await;
     if limit.is_some() {
         for d in disks {
@@ -218,7 +225,8 @@ pub(crate) async fn copy(
             let _ = link.attempt(live, async |h| h.exec(&cmd(h)).await).await?;
         }
     }
-    follow(link, live, uuid, disks).await?;
+    let mut counted = Counted::new(name, disks.len(), progress);
+    follow(link, live, uuid, disks, &mut counted).await?;
     // A guest that paused on the link's loss retries its request on its own disk now.
     if link.reconnects > 0 {
         link.attempt(live, async |h| resume_if_io_paused(h, uuid).await)
@@ -234,6 +242,7 @@ async fn follow(
     live: &mut LiveBackup,
     uuid: &str,
     disks: &[CopyDisk],
+    counted: &mut Counted<'_>,
 ) -> Result<()> {
     let started = Instant::now();
     let limit = link.host().deadline(Deadline::Data);
@@ -250,12 +259,14 @@ async fn follow(
         let states = link
             .attempt(live, async |h| states(h, uuid, disks, &done).await)
             .await?;
-        for (i, s) in states {
+        for (i, s, bytes) in states {
             let d = &disks[i];
+            counted.saw(i, &d.target, bytes);
             match s {
                 State::Copying => ended[i] = 0,
                 State::Done => {
                     done[i] = true;
+                    counted.done(i, &d.target);
                     remove_overlay(link.host(), &d.mirror.overlay).await;
                 }
                 State::Ready => {
@@ -326,13 +337,14 @@ async fn start(host: &Host, uuid: &str, d: &CopyDisk, limit: Option<u64>) -> Res
         .map_err(|e| e.context(format!("copying {} into {}", d.target, d.path)))
 }
 
-/// The state of every disk not yet done, by index.
+/// The state of every disk not yet done, by index, with its job's (copied, total)
+/// bytes while it runs.
 async fn states(
     host: &Host,
     uuid: &str,
     disks: &[CopyDisk],
     done: &[bool],
-) -> Result<Vec<(usize, State)>> {
+) -> Result<Vec<(usize, State, Option<(u64, u64)>)>> {
     let xml = host.run_string(&host.virsh().dumpxml(uuid, false)).await?;
     let mut out = Vec::new();
     for (i, d) in disks.iter().enumerate() {
@@ -343,7 +355,8 @@ async fn states(
         let info = host
             .run_string(&host.virsh().blockjob_info(uuid, &d.target))
             .await?;
-        out.push((i, state(d, &disk, !info.trim().is_empty())));
+        let bytes = job_bytes(&info);
+        out.push((i, state(d, &disk, !info.trim().is_empty()), bytes));
     }
     Ok(out)
 }
@@ -361,6 +374,66 @@ fn state(d: &CopyDisk, disk: &str, job: bool) -> State {
         State::Copying
     } else {
         State::Ended
+    }
+}
+
+/// `cur` and `end` of `virsh blockjob --info --raw` (` cur=N` and ` end=N` lines).
+fn job_bytes(info: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        info.lines()
+            .filter_map(|l| l.trim().strip_prefix(name))
+            .find_map(|v| v.strip_prefix('=')?.trim().parse::<u64>().ok())
+    };
+    Some((field("cur")?, field("end")?))
+}
+
+/// The copy's bytes as the block jobs report them, turned into progress events: a
+/// disk's `DiskStart` (its job's total) when first seen, then what its job copied since.
+/// A mirror's total grows with what the guest writes meanwhile; only growth is counted.
+struct Counted<'a> {
+    vm: &'a str,
+    progress: &'a dyn Progress,
+    /// Per disk: (total announced, copied reported).
+    seen: Vec<(u64, u64)>,
+}
+
+impl<'a> Counted<'a> {
+    fn new(vm: &'a str, disks: usize, progress: &'a dyn Progress) -> Counted<'a> {
+        Counted {
+            vm,
+            progress,
+            seen: vec![(0, 0); disks],
+        }
+    }
+
+    fn saw(&mut self, i: usize, target: &str, bytes: Option<(u64, u64)>) {
+        let Some((cur, end)) = bytes else { return };
+        let (total, copied) = &mut self.seen[i];
+        if end > *total {
+            self.progress.event(Event::DiskStart {
+                vm: self.vm.to_string(),
+                disk: target.to_string(),
+                bytes: end - *total,
+            });
+            *total = end;
+        }
+        if cur > *copied {
+            self.progress.event(Event::DiskBytes {
+                disk: target.to_string(),
+                bytes: cur - *copied,
+            });
+            *copied = cur;
+        }
+    }
+
+    fn done(&mut self, i: usize, target: &str) {
+        let (total, copied) = self.seen[i];
+        if total > copied {
+            self.saw(i, target, Some((total, total)));
+        }
+        self.progress.event(Event::DiskDone {
+            disk: target.to_string(),
+        });
     }
 }
 
@@ -395,6 +468,13 @@ mod tests {
                 xml_path: "/run/virtkeep/jobs/live-1/dest0.xml".into(),
             },
         }
+    }
+
+    #[test]
+    fn block_job_bytes_from_raw_info() {
+        let info = " type=Block Copy\n bandwidth=0\n cur=1048576\n end=4194304\n";
+        assert_eq!(job_bytes(info), Some((1 << 20, 4 << 20)));
+        assert_eq!(job_bytes(""), None);
     }
 
     #[test]

@@ -39,6 +39,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::host::Host;
 use crate::live::LiveBackup;
 use crate::live_copy::{CopyDisk, Link, Mirror};
+use crate::progress::{Event, Progress};
 use crate::restore::{
     Created, Destination, DiskCheck, Place, Storage, check_distinct, check_format,
 };
@@ -90,11 +91,21 @@ pub struct LiveDisk {
     pub format: String,
 }
 
-/// Where a live restore puts the new domain: its name, and where its disks go.
-#[derive(Debug, Clone, Copy)]
+/// Where a live restore puts the new domain: its name, and where its disks go; and
+/// where it reports: the phases `running` (the domain runs on the overlays) and
+/// `copying`, and the copy's bytes as its block jobs report them.
+#[derive(Clone, Copy)]
 pub struct LiveTarget<'a> {
     pub name: &'a str,
     pub storage: &'a Storage,
+    pub progress: &'a dyn Progress,
+}
+
+/// What [`run`] reports to, and when the restore started.
+#[derive(Clone, Copy)]
+struct Watch<'a> {
+    started: Instant,
+    progress: &'a dyn Progress,
 }
 
 /// Live-restores backup `id` onto `host` as domain `to.name` (see the module doc).
@@ -140,8 +151,12 @@ pub async fn restore_live(
         // A signal before the copy is done rolls back like any failure.
         Ok(disks) => {
             let mut made = Vec::new();
+            let watch = Watch {
+                started,
+                progress: to.progress,
+            };
             match tokio::select! {
-                r = run(&mut link, &mut live, (name, &uuid), &disks, &mut made, started) => r,
+                r = run(&mut link, &mut live, (name, &uuid), &disks, &mut made, watch) => r,
                 _ = interrupted => Err(Error::new(
                     ErrorKind::Interrupted,
                     format!("interrupted before the copy was done; {name} was removed"),
@@ -314,10 +329,15 @@ async fn run(
     (name, uuid): (&str, &str),
     disks: &[Planned],
     made: &mut Vec<Made>,
-    started: Instant,
+    watch: Watch<'_>,
 ) -> Result<(f64, f64)> {
     create_and_start(link.host(), live, (name, uuid), disks, made).await?;
-    let running = started.elapsed().as_secs_f64();
+    let running = watch.started.elapsed().as_secs_f64();
+    let vm = name.to_string();
+    watch.progress.event(Event::Phase {
+        vm,
+        phase: "running",
+    });
     crate::failpoint::hold(HOLD_BEFORE_COPY).await;
     let finals = final_xml(live, disks)?;
     let dir = live.dir().to_string();
@@ -326,12 +346,12 @@ async fn run(
             stage_copies(h, &dir, &finals, disks).await
         })
         .await?;
-    crate::live_copy::copy(link, live, uuid, &copies).await?;
+    crate::live_copy::copy(link, live, (name, uuid), &copies, watch.progress).await?;
     link.attempt(live, async |h: &Host| {
         check_detached(h, (name, uuid), &dir).await
     })
     .await?;
-    Ok((running, started.elapsed().as_secs_f64()))
+    Ok((running, watch.started.elapsed().as_secs_f64()))
 }
 
 /// Creates the destinations and overlays, records them, defines and starts the domain.

@@ -450,6 +450,11 @@ pub struct RestoreArgs {
     /// a restore with the same --name and --storage); needs --name and --to
     #[arg(long, requires_all = ["name", "to"], conflicts_with_all = ["to_file", "dry_run", "owner", "disk", "force"])]
     pub live: bool,
+    /// With --live: hand the restore to the daemon (`virtkeep daemon`, the configuration's
+    /// catalog) and return once the domain runs; the daemon copies the disks (follow it
+    /// with `virtkeep jobs`)
+    #[arg(long, requires = "live")]
+    pub detach: bool,
 }
 
 #[derive(Args, Debug)]
@@ -694,6 +699,27 @@ mod duration_tests {
         );
         for s in ["", "7", "d", "5x", "3mon", "0d"] {
             assert!(parse_duration(s).is_err(), "{s}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod restore_args_tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// `--detach` belongs to `--live`: refused without it, parsed with it.
+    #[test]
+    fn detach_needs_live() {
+        let base = ["virtkeep", "restore", "abc", "--to", "lab", "--name", "new"];
+        let without = Cli::try_parse_from(base.iter().chain(&["--detach"]));
+        let e = without.expect_err("--detach without --live");
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let with = Cli::try_parse_from(base.iter().chain(&["--live", "--detach"]));
+        match with.expect("--live --detach").command {
+            Command::Restore(a) => assert!(a.live && a.detach),
+            other => panic!("{other:?}"),
         }
     }
 }

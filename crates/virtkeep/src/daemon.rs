@@ -13,7 +13,7 @@ use crate::output::{human_bytes, print_json};
 use crate::settings::Settings;
 
 /// Daemon errors as the binary reports them: configuration mistakes exit with 2.
-fn user_error(e: DaemonError) -> anyhow::Error {
+pub(crate) fn user_error(e: DaemonError) -> anyhow::Error {
     let hint = e.hint();
     let mut err = if e.is_config() {
         EngineError::config(e.to_string())
@@ -28,7 +28,7 @@ fn user_error(e: DaemonError) -> anyhow::Error {
     err.into()
 }
 
-fn load(settings: &Settings) -> anyhow::Result<DaemonConfig> {
+pub(crate) fn load(settings: &Settings) -> anyhow::Result<DaemonConfig> {
     DaemonConfig::load(&settings.path, &settings.config).map_err(user_error)
 }
 
@@ -152,6 +152,10 @@ pub fn jobs(settings: &Settings, args: JobsArgs, json: bool) -> anyhow::Result<E
         );
         if let Some(e) = &j.error {
             println!("        error: {e}");
+        }
+        // A live restore's note: running since when, then both times and the disks.
+        if let (Some(n), "live_restore") = (&j.note, j.kind.as_str()) {
+            println!("        {n}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -79,12 +79,16 @@ fn write_report(dir: &Path, r: &BootVerifyReport) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns once every disk is copied and nothing refers to the node any more.
+/// Returns once every disk is copied and nothing refers to the node any more (with
+/// `--detach`, once the daemon's job runs the domain: [`crate::live_detach`]).
 pub async fn restore_live(
     settings: &Settings,
     args: RestoreArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    if args.detach {
+        return crate::live_detach::restore_live_detached(settings, args, json).await;
+    }
     let storage = Storage::parse(args.storage.as_deref())?;
     let repo = settings.open_repo(&args.repo).await?;
     let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
@@ -98,6 +102,7 @@ pub async fn restore_live(
     let to = LiveTarget {
         name,
         storage: &storage,
+        progress: &virtkeep_engine::progress::NoProgress,
     };
     let r =
         virtkeep_engine::live_restore::restore_live(&host, &repo, &id, to, stop_signal()?).await?;

@@ -11,6 +11,7 @@ mod daemon;
 mod files_cmds;
 mod keys;
 mod live_cmds;
+mod live_detach;
 mod manage;
 mod output;
 mod repo_cmds;
@@ -102,7 +103,7 @@ fn main() -> ExitCode {
             | cli::Command::ServeNbd(_)
             | cli::Command::Mount(_)
     ) || matches!(&cli.command, cli::Command::Verify(a) if a.boot.boot)
-        || matches!(&cli.command, cli::Command::Restore(a) if a.live);
+        || matches!(&cli.command, cli::Command::Restore(a) if a.live && !a.detach);
     let result = runtime.block_on(async move {
         if own_signals {
             return commands::run(cli).await;

@@ -598,10 +598,29 @@ impl Store for PgStore {
         self.exec(
             "starting a job",
             "UPDATE jobs SET status = 'running', started = $2, node = $3, lease_until = $4
-             WHERE id = $1",
+             WHERE id = $1 AND status = 'queued'",
             &[&id, &now(), &node, &lease_until],
         )
         .map(drop)
+    }
+
+    fn set_job_note(&self, id: i64, note: &str) -> Result<()> {
+        self.exec(
+            "noting a job's progress",
+            "UPDATE jobs SET note = $2 WHERE id = $1 AND status = 'running'",
+            &[&id, &note],
+        )
+        .map(drop)
+    }
+
+    fn cancel_queued(&self, id: i64, error: &str) -> Result<bool> {
+        self.exec(
+            "cancelling a job",
+            "UPDATE jobs SET status = 'cancelled', finished = $2, error = $3
+             WHERE id = $1 AND status = 'queued'",
+            &[&id, &now(), &error],
+        )
+        .map(|n| n == 1)
     }
 
     fn finish_job(&self, id: i64, o: &JobOutcome) -> Result<()> {

@@ -140,6 +140,23 @@ impl SqliteStore {
         Ok(cat)
     }
 
+    /// Opens an existing catalog to queue a job beside its daemon: as a reader, but
+    /// refused when this user may only read it.
+    pub fn open_submitter(path: &Path) -> Result<Option<SqliteStore>> {
+        let Some(cat) = SqliteStore::open_reader(path)? else {
+            return Ok(None);
+        };
+        let read_only = cat.conn().is_readonly("main");
+        if read_only.map_err(cat.err("opening to write"))? {
+            return Err(DaemonError::Io {
+                what: "writing the catalog (this user may only read it)",
+                path: path.to_path_buf(),
+                source: std::io::ErrorKind::PermissionDenied.into(),
+            });
+        }
+        Ok(Some(cat))
+    }
+
     /// Opens an existing catalog to read (CLI commands); `None` when none exists yet.
     pub fn open_reader(path: &Path) -> Result<Option<SqliteStore>> {
         if !path.exists() {
@@ -508,11 +525,33 @@ impl Store for SqliteStore {
         self.conn()
             .execute(
                 "UPDATE jobs SET status = 'running', started = ?2, node = ?3, lease_until = ?4
-                 WHERE id = ?1",
+                 WHERE id = ?1 AND status = 'queued'",
                 params![id, now(), node, lease_until],
             )
             .map_err(self.err("starting a job"))?;
         Ok(())
+    }
+
+    fn set_job_note(&self, id: i64, note: &str) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE jobs SET note = ?2 WHERE id = ?1 AND status = 'running'",
+                params![id, note],
+            )
+            .map_err(self.err("noting a job's progress"))?;
+        Ok(())
+    }
+
+    fn cancel_queued(&self, id: i64, error: &str) -> Result<bool> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE jobs SET status = 'cancelled', finished = ?2, error = ?3
+                 WHERE id = ?1 AND status = 'queued'",
+                params![id, now(), error],
+            )
+            .map_err(self.err("cancelling a job"))?;
+        Ok(n == 1)
     }
 
     fn finish_job(&self, id: i64, o: &JobOutcome) -> Result<()> {

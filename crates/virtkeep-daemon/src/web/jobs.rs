@@ -74,7 +74,7 @@ fn filters(q: &JobsQuery) -> Markup {
     html! {
         form.filters method="get" action="/ui/jobs" role="search" aria-label="Filter jobs" {
             (select("status", "Status", &q.status, &["queued", "running", "succeeded", "failed", "cancelled"]))
-            (select("kind", "Kind", &q.kind, &["backup", "restore"]))
+            (select("kind", "Kind", &q.kind, &["backup", "restore", "live_restore"]))
             label for="f-host" { "Host" }
             input #f-host name="host" value=(q.host) maxlength=(MAX_NAME);
             label for="f-vm" { "VM" }

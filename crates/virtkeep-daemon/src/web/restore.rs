@@ -68,6 +68,7 @@ impl Choice {
             start: self.start.is_some(),
             force: self.force.is_some(),
             repository: None,
+            live: false,
         }
     }
 

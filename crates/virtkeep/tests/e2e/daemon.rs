@@ -19,6 +19,8 @@ pub(crate) const TOKEN: &str = "vkd-test-token-5f0c2a9e";
 pub(crate) struct Daemon {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Its stdin, when a test releases a held failpoint (`failpoint::hold`) with a line.
+    stdin: Option<std::process::ChildStdin>,
 }
 
 /// The daemon's log line when failpoint `name` stops it (see `virtkeep_engine::failpoint`).
@@ -38,6 +40,24 @@ impl Daemon {
 
     /// With further variables in the daemon's environment.
     pub(crate) fn start_env(node: &Node, failpoint: Option<&str>, env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(node, failpoint, env, Stdio::inherit())
+    }
+
+    /// With hold failpoint `failpoint` on: the job waits there until [`Daemon::release`].
+    pub(crate) fn start_held(node: &Node, failpoint: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon::spawn(node, Some(failpoint), env, Stdio::piped());
+        d.stdin = d.child.stdin.take();
+        d
+    }
+
+    /// Lets a job held at a hold failpoint go on (a line on the daemon's stdin).
+    pub(crate) fn release(&mut self) {
+        let stdin = self.stdin.as_mut().expect("started with start_held");
+        stdin.write_all(b"\n").expect("release the held job");
+        stdin.flush().expect("flush");
+    }
+
+    fn spawn(node: &Node, failpoint: Option<&str>, env: &[(&str, &str)], stdin: Stdio) -> Daemon {
         let bin = assert_cmd::cargo::cargo_bin("virtkeep");
         let mut cmd = Command::new(bin);
         cmd.env_remove("VIRTKEEP_FAILPOINT");
@@ -56,6 +76,7 @@ impl Daemon {
             .env_remove("XDG_DATA_HOME")
             .env("VIRTKEEP_LOG", "info")
             .env("VKD_TEST_TOKEN", TOKEN)
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -69,7 +90,11 @@ impl Daemon {
                 sink.lock().expect("log").push(line);
             }
         });
-        Daemon { child, log }
+        Daemon {
+            child,
+            log,
+            stdin: None,
+        }
     }
 
     pub(crate) fn log_text(&self) -> String {

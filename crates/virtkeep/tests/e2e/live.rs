@@ -618,7 +618,7 @@ fn live_restore_survives_a_lost_link_during_the_copy() {
 
 /// The guest-visible checksums of `vm`'s restored files in the lab's pool directory
 /// (`VM-TARGET.img` raw, `VM-TARGET.qcow2`) equal `want`, in order.
-fn assert_pool_disks(vm: &str, disks: &[(&str, &str)], want: &[String]) {
+pub(crate) fn assert_pool_disks(vm: &str, disks: &[(&str, &str)], want: &[String]) {
     let got: Vec<String> = disks
         .iter()
         .map(|(t, format)| {

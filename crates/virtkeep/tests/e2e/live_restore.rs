@@ -58,7 +58,7 @@ fn release(
 }
 
 /// The names in the lab's pool directory that contain `name`.
-fn in_pool(name: &str) -> Vec<String> {
+pub(crate) fn in_pool(name: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(&lab().pool_dir)
         .expect("pool dir")
         .flatten()

@@ -24,6 +24,7 @@ mod hosts;
 mod incremental;
 mod keys;
 mod live;
+mod live_detach;
 mod live_restore;
 mod lvm_host;
 mod memory;
