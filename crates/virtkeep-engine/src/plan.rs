@@ -331,7 +331,11 @@ pub struct DiskResult {
     pub target: String,
     pub size: u64,
     pub bytes_read: u64,
+    /// Plaintext bytes of the chunks this backup uploaded.
     pub bytes_new: u64,
+    /// What those chunks take in the repository (compressed, encrypted): the `NEW` of
+    /// `snapshots`.
+    pub bytes_stored: u64,
     pub chunks_new: u64,
     pub chunks_reused: u64,
     pub chunks_zero: u64,

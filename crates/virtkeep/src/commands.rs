@@ -485,8 +485,10 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
                 if !json {
                     let read: u64 = r.disks.iter().map(|d| d.bytes_read).sum();
                     let new: u64 = r.disks.iter().map(|d| d.bytes_new).sum();
+                    let stored: u64 = r.disks.iter().map(|d| d.bytes_stored).sum();
+                    // Both: `snapshots` lists what the new chunks take in the repository.
                     println!(
-                        "{}/{}: backup {} ({}, {}) {} read, {} new, {:.1}s",
+                        "{}/{}: backup {} ({}, {}) {} read, {} new ({} stored), {:.1}s",
                         r.host,
                         r.vm,
                         r.id,
@@ -494,6 +496,7 @@ async fn backup(settings: &Settings, args: BackupArgs, json: bool) -> anyhow::Re
                         r.reason,
                         human_bytes(read),
                         human_bytes(new),
+                        human_bytes(stored),
                         r.duration_secs
                     );
                     for s in &r.skipped {

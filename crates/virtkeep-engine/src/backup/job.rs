@@ -178,6 +178,7 @@ pub fn disk_results(
             size: d.spec.size,
             bytes_read: s.bytes_read,
             bytes_new: d.stats.bytes_new,
+            bytes_stored: d.stats.bytes_stored,
             chunks_new: d.stats.chunks_new,
             chunks_reused: d.stats.chunks_reused,
             chunks_zero: d.stats.chunks_zero,

@@ -98,7 +98,18 @@ fn snapshots_table_forget_protect_and_partial_failure() {
         .build();
     vm.write_pattern("vda", 0x31, 0, MIB);
     let first = node.backup(&vm.name, &["--mode", "full"]);
+    // What the backup says its new chunks take is what `snapshots` lists as NEW.
+    let stored: u64 = first["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| d["bytes_stored"].as_u64().expect("bytes_stored"))
+        .sum();
+    assert!(stored > 0, "{first}");
     let first = first["id"].as_str().expect("id").to_string();
+    let listed = node.json(&["snapshots"]);
+    assert_eq!(listed[0]["id"], first.as_str(), "{listed}");
+    assert_eq!(listed[0]["bytes_new"].as_u64(), Some(stored), "{listed}");
 
     // 3: one of two VMs failed; the other one's backup is there.
     let spec = format!("{HOST}/{}", vm.name);
