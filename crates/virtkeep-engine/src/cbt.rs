@@ -199,10 +199,16 @@ pub async fn undo_paused_start(host: &Host, uuid: &str) -> Result<Option<String>
     Ok(None)
 }
 
-/// Deletes virtkeep checkpoints other than `keep` (bitmaps merge into their successors).
-pub async fn prune_checkpoints(host: &Host, uuid: &str, keep: &str) -> Result<Vec<String>> {
+/// Deletes the virtkeep checkpoints of `listed` (the domain's, as listed under the job's
+/// lock) other than `keep` (bitmaps merge into their successors).
+pub async fn prune_checkpoints(
+    host: &Host,
+    uuid: &str,
+    listed: &[String],
+    keep: &str,
+) -> Result<Vec<String>> {
     let mut removed = Vec::new();
-    for cp in checkpoints(host, uuid).await? {
+    for cp in listed.iter().cloned() {
         if cp.starts_with(CHECKPOINT_PREFIX) && cp != keep {
             host.run(&host.virsh().checkpoint_delete(uuid, &cp, false))
                 .await?;

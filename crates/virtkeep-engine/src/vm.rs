@@ -3,7 +3,7 @@
 //! After the first lookup by name, a domain is always addressed by its UUID: names may
 //! hold any character, UUIDs never surprise a command line or a log.
 
-use virtkeep_libvirt::{Domain, parse_domain};
+use virtkeep_libvirt::{Domain, parse_domain, virsh};
 
 use crate::error::{Error, Result};
 use crate::host::Host;
@@ -65,6 +65,16 @@ pub struct Vm {
     pub domain: Domain,
     /// The persistent definition, what `virsh define` restores.
     pub inactive_xml: String,
+    /// The domain's checkpoints when it was loaded. Empty also when they could not be
+    /// listed: whoever misses one here asks the host again (`cbt::checkpoints`).
+    pub checkpoints: Vec<String>,
+}
+
+fn unexpected_describe(dom: &str) -> Error {
+    Error::new(
+        crate::ErrorKind::Remote,
+        format!("unexpected output from virsh for domain {dom}"),
+    )
 }
 
 impl Vm {
@@ -145,24 +155,43 @@ impl Vm {
     }
 
     pub async fn load(host: &Host, uuid: &str) -> Result<Vm> {
-        // One round trip for the three answers.
-        let out = host.run_string(&host.virsh().describe(uuid)).await?;
-        let Some((xml, inactive_xml, state)) = virtkeep_libvirt::virsh::parse_describe(&out) else {
-            return Err(crate::Error::new(
-                crate::ErrorKind::Remote,
-                format!("unexpected output from virsh for domain {uuid}"),
-            ));
+        let Some(canonical) = virsh::DomainUuid::parse(uuid) else {
+            return Self::load_by_reference(host, uuid).await;
         };
-        let (xml, inactive_xml) = (xml.to_string(), inactive_xml.to_string());
-        let state = DomainState::parse(state);
-        let domain = parse_domain(&xml)?;
+        // One virsh process for the four answers (this runs before every backup).
+        let mark = uuid::Uuid::new_v4().as_u128();
+        let out = host
+            .run_string(&host.virsh().describe_uuid(&canonical, mark))
+            .await?;
+        let d = virsh::parse_described(&out, mark).ok_or_else(|| unexpected_describe(uuid))?;
+        Self::from_answers(uuid, d.xml, d.inactive_xml, d.state, d.checkpoints)
+    }
+
+    /// [`Vm::load`] of what is not a canonical UUID (libvirt always prints one; this
+    /// keeps any other answer away from a virsh script): three virsh processes.
+    async fn load_by_reference(host: &Host, dom: &str) -> Result<Vm> {
+        let out = host.run_string(&host.virsh().describe(dom)).await?;
+        let (xml, inactive_xml, state) =
+            virsh::parse_describe(&out).ok_or_else(|| unexpected_describe(dom))?;
+        Self::from_answers(dom, xml, inactive_xml, state, Vec::new())
+    }
+
+    fn from_answers(
+        uuid: &str,
+        xml: &str,
+        inactive_xml: &str,
+        state: &str,
+        checkpoints: Vec<String>,
+    ) -> Result<Vm> {
+        let domain = parse_domain(xml)?;
         Ok(Vm {
             uuid: uuid.to_string(),
             name: domain.name.clone(),
-            state,
-            xml,
+            state: DomainState::parse(state),
+            xml: xml.to_string(),
             domain,
-            inactive_xml,
+            inactive_xml: inactive_xml.to_string(),
+            checkpoints,
         })
     }
 

@@ -288,6 +288,60 @@ fn named_builders_for_every_engine_line() {
     );
 }
 
+/// `describe_uuid` is one virsh process with one script argument, built only from a
+/// canonical UUID and the mark.
+#[test]
+fn describe_uuid_is_one_script() {
+    let v = Virsh::new("qemu:///system");
+    let u = "5bf43c92-e511-4cf4-b4a3-ad34eb4c237b";
+    let uuid = DomainUuid::parse(u).expect("a canonical UUID");
+    let m = "vk-mark-000000000000000000000000000000ff";
+    assert_eq!(
+        v.describe_uuid(&uuid, 0xff).render(),
+        format!(
+            "LC_ALL=C virsh -c qemu:///system 'dumpxml --domain {u} --security-info; echo {m}; dumpxml --domain {u} --inactive --security-info; echo {m}; checkpoint-list --domain {u} --name; echo {m}; domstate --domain {u}'"
+        )
+    );
+    for bad in [
+        "",
+        "vm1",
+        "5bf43c92-e511-4cf4-b4a3-ad34eb4c237",
+        "5bf43c92-e511-4cf4-b4a3-ad34eb4c237b ",
+        "5bf43c92 e511-4cf4-b4a3-ad34eb4c237b",
+        "5bf43c92-e511-4cf4-b4a3;ad34eb4c237b",
+        "-bf43c92-e511-4cf4-b4a3-ad34eb4c237b",
+        "5bf43c92e5114cf4b4a3ad34eb4c237b",
+    ] {
+        assert_eq!(DomainUuid::parse(bad), None, "{bad:?}");
+    }
+}
+
+/// The four answers of `describe_uuid` come apart at whole lines that are the mark, as
+/// virsh prints them (each command's output, then an empty line).
+#[test]
+fn described_output() {
+    let m = "vk-mark-000000000000000000000000000000ff";
+    let xml = "<domain>\n  <name>a</name>\n</domain>\n";
+    let out = format!("{xml}\n{m}\n{xml}\n{m}\nvirtkeep-1\nvirtkeep-2\n\n{m}\nrunning\n\n");
+    let d = parse_described(&out, 0xff).expect("four parts");
+    assert_eq!(d.xml, format!("{xml}\n"));
+    assert_eq!(d.inactive_xml, format!("{xml}\n"));
+    assert_eq!(d.checkpoints, vec!["virtkeep-1", "virtkeep-2"]);
+    assert_eq!(d.state, "running\n\n");
+    // No checkpoints, or listing them failed: virsh prints an empty line either way.
+    let out = format!("{xml}\n{m}\n{xml}\n{m}\n\n{m}\nshut off\n\n");
+    let d = parse_described(&out, 0xff).expect("four parts");
+    assert!(d.checkpoints.is_empty());
+    // Another mark, a mark inside a line, or a missing part: not this output.
+    assert_eq!(parse_described(&out, 0xfe), None);
+    let inside = format!("{xml}x{m}\n{xml}\n{m}\n\n{m}\nshut off\n");
+    assert_eq!(parse_described(&inside, 0xff), None);
+    assert_eq!(
+        parse_described(&format!("{xml}\n{m}\nrunning\n"), 0xff),
+        None
+    );
+}
+
 /// The three answers of `describe` come apart at the NULs, only when there are three.
 #[test]
 fn describe_output() {

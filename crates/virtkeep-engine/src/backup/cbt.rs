@@ -138,7 +138,12 @@ async fn pick_base(job: &Job<'_>, choice: &mut Choice) -> Result<()> {
             return Ok(());
         }
     };
-    let checkpoints = cbt::checkpoints(job.host, &job.vm.uuid).await?;
+    let mut checkpoints = job.vm.checkpoints.clone();
+    if !checkpoints.contains(&base.record.checkpoint) {
+        // The load's list is also empty when listing failed: ask again before saying
+        // that the checkpoint is gone (a failure to list is an error, not a full).
+        checkpoints = cbt::checkpoints(job.host, &job.vm.uuid).await?;
+    }
     match cbt::base_problem(&base, &job.vm.uuid, &checkpoints, &choice.sizes) {
         Some(problem) => choice.reason = problem,
         None => {
@@ -193,7 +198,13 @@ pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<Ba
         BaseOnHost::Keep => checkpoint.as_str(),
         BaseOnHost::Remove => "",
     };
-    let (pruned, ()) = tokio::join!(cbt::prune_checkpoints(host, &uuid, keep), job.remove_dir());
+    // What the host had when the VM was loaded under this job's lock, and this job's.
+    let mut listed = job.vm.checkpoints.clone();
+    if !listed.contains(&checkpoint) {
+        listed.push(checkpoint.clone());
+    }
+    let prune = cbt::prune_checkpoints(host, &uuid, &listed, keep);
+    let (pruned, ()) = tokio::join!(prune, job.remove_dir());
     match pruned {
         Ok(removed) if !removed.is_empty() => {
             tracing::info!(vm = %job.vm.name, ?removed, "older virtkeep checkpoints deleted")
