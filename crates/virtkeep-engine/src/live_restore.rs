@@ -41,7 +41,7 @@ use crate::live::LiveBackup;
 use crate::live_copy::{CopyDisk, Link, Mirror};
 use crate::progress::{Event, Progress};
 use crate::restore::{
-    Created, Destination, DiskCheck, Place, Storage, check_distinct, check_format,
+    Created, Destination, DiskCheck, Place, Storage, check_distinct, check_format, check_space,
 };
 
 /// Failpoint: held (until a line on stdin) once the domain runs, before the copy.
@@ -145,7 +145,7 @@ pub async fn restore_live(
     };
     let mut link = Link::new(host, lock, &job);
     let uuid = uuid::Uuid::new_v4().to_string();
-    let res = match plan(host, &live, to, &job).await {
+    let res = match plan(host, repo, &live, to, &job).await {
         // Only what this run made is rolled back: `made` records, per disk, what was
         // created (exclusively), and the domain goes by its new UUID.
         // A signal before the copy is done rolls back like any failure.
@@ -229,9 +229,11 @@ impl Planned {
 }
 
 /// Where each disk goes: where a restore under `to.name` with `to.storage` would put
-/// it; none may exist.
+/// it; none may exist, and each must have room for the backup's data, as for a
+/// restore (the overlays only take what the guest writes during the copy).
 async fn plan(
     host: &Host,
+    repo: &virtkeep_repo::Repository,
     live: &LiveBackup,
     to: LiveTarget<'_>,
     job: &str,
@@ -239,6 +241,8 @@ async fn plan(
     let manifest = live.manifest();
     let domain = virtkeep_libvirt::parse_domain(&manifest.domain_xml)?;
     let placed = place_all(host, manifest, to).await?;
+    let written: Vec<_> = placed.iter().map(|(m, d)| (*m, d.as_ref())).collect();
+    check_space(host, repo, &manifest.id, &written).await?;
     let mut out = Vec::new();
     for (i, (m, dest)) in placed.into_iter().enumerate() {
         // On the host: no symlink, the Ceph secret, … and nothing there yet.

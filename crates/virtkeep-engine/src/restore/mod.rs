@@ -46,6 +46,7 @@ pub(crate) use context::DiskCheck;
 pub(crate) use created::{Created, Outcome};
 pub(crate) use destination::Destination;
 pub(crate) use place::Place;
+pub(crate) use space::check as check_space;
 pub(crate) use staged::temp_file as stage_temp_file;
 
 use crate::error::Result;

@@ -33,7 +33,8 @@ pub async fn refuse<'a>(
     let nvram = nvram::plan(host, repo, opts, job, tag).await?;
     let placed = place_all(host, job, &selected, opts, notes).await?;
     let plan = check_all(host, job, placed, opts, tag).await?;
-    space::check(host, repo, &job.manifest.id, &plan).await?;
+    let written: Vec<_> = plan.iter().map(|p| (p.m, p.dest.as_ref())).collect();
+    space::check(host, repo, &job.manifest.id, &written).await?;
     Ok(Checked {
         plan,
         nvram,

@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 
 use virtkeep_libvirt::coreutils;
 
-use super::destination::Room;
-use super::job::Planned;
+use super::destination::{Destination, Room};
 use crate::error::{Error, Result};
 use crate::host::Host;
 
@@ -19,37 +18,44 @@ fn image_overhead(size: u64) -> u64 {
     (1 << 20) + size / 500
 }
 
-/// The bytes of disk `p` that hold data (non-zero chunks of its index, bounded by the
+/// The bytes of disk `m` that hold data (non-zero chunks of its index, bounded by the
 /// disk's size).
-async fn data_bytes(repo: &virtkeep_repo::Repository, id: &str, p: &Planned<'_>) -> Result<u64> {
-    let ix = repo.fixed_index(id, &p.m.spec.name).await?;
+async fn data_bytes(
+    repo: &virtkeep_repo::Repository,
+    id: &str,
+    m: &virtkeep_repo::ManifestDisk,
+) -> Result<u64> {
+    let ix = repo.fixed_index(id, &m.spec.name).await?;
     let data: u64 = (0..ix.chunk_count())
         .filter(|&i| !ix.is_zero(i))
         .map(|i| ix.chunk_len(i))
         .sum();
-    Ok(data.min(p.m.spec.size))
+    Ok(data.min(m.spec.size))
 }
 
+/// A disk of backup `id` and where it is written: what [`check`] adds up.
+pub(crate) type Written<'a> = (&'a virtkeep_repo::ManifestDisk, &'a dyn Destination);
+
 /// Refuses a restore whose destinations cannot hold what it writes.
-pub async fn check(
+pub(crate) async fn check(
     host: &Host,
     repo: &virtkeep_repo::Repository,
     id: &str,
-    plan: &[Planned<'_>],
+    disks: &[Written<'_>],
 ) -> Result<()> {
     let mut need: BTreeMap<Room, (u64, Vec<String>)> = BTreeMap::new();
-    for p in plan {
-        let Some((room, whole)) = p.dest.room() else {
+    for &(m, dest) in disks {
+        let Some((room, whole)) = dest.room() else {
             continue;
         };
         let bytes = match (&room, whole) {
-            (_, true) => p.m.spec.size,
-            (Room::Dir(_), false) => data_bytes(repo, id, p).await? + image_overhead(p.m.spec.size),
-            _ => data_bytes(repo, id, p).await?,
+            (_, true) => m.spec.size,
+            (Room::Dir(_), false) => data_bytes(repo, id, m).await? + image_overhead(m.spec.size),
+            _ => data_bytes(repo, id, m).await?,
         };
         let e = need.entry(room).or_default();
         e.0 += bytes;
-        e.1.push(p.m.spec.target.clone());
+        e.1.push(m.spec.target.clone());
     }
     for (room, (bytes, disks)) in need {
         let free = available(host, &room).await?;

@@ -1,6 +1,7 @@
 //! `restore --live` beyond its first run: `--storage` (the disks go where a normal
-//! restore with the same `--storage` puts them) and a link that never comes back (exit
-//! 4, the domain left as it is, `cleanup` reports it).
+//! restore with the same `--storage` puts them), a destination without room (refused
+//! before anything is made) and a link that never comes back (exit 4, the domain left
+//! as it is, `cleanup` reports it).
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use crate::harness::{HOST, Node};
 use crate::live::{
     live_job_dirs, live_restore_held_with, marker_sector, reader_sector, write_sector,
 };
+use crate::restore_space::SmallMount;
 
 const MIB: u64 = 1 << 20;
 
@@ -390,4 +392,52 @@ fn live_restore_left_as_is_when_the_link_never_comes_back() {
     assert_eq!(files_after, files, "cleanup changed the disks: {c:#}");
     assert!(in_pool(&new_name).is_empty());
     assert!(!live_job_dirs().contains(&job));
+}
+
+/// A live restore into a directory that cannot hold the backup's data (12 MiB into
+/// 8 MiB) is refused like a restore, before anything is made: the error says what is
+/// needed and what is free, nothing is written there, no domain is defined, and no job
+/// directory is left.
+#[test]
+fn live_restore_without_room_is_refused_before_anything_is_made() {
+    let node = Node::new();
+    let vm = TestVm::builder("vlroom")
+        .raw_disk(32 * MIB)
+        .running(false)
+        .build();
+    write_sector(&vm, &marker_sector(&unique_name("VK-ROOM")));
+    vm.write_pattern("vda", 0x61, MIB, 12 * MIB);
+    let id = node.backup(&vm.name, &[])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let mnt = SmallMount::new(&node, 8);
+    let storage = format!("file:{}", mnt.0.display());
+    let before = live_job_dirs();
+    let name = unique_name("vlroom-new");
+    let guard = TestVm::adopt(&name);
+    let out = node.run(&[
+        "restore",
+        &id,
+        "--to",
+        HOST,
+        "--live",
+        "--name",
+        &name,
+        "--storage",
+        &storage,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "live restore into a full directory ran"
+    );
+    assert!(stderr.contains("not enough free space"), "{stderr}");
+    assert!(stderr.contains("MiB needed"), "{stderr}");
+    assert!(stderr.contains("hint:"), "{stderr}");
+    let written: Vec<_> = std::fs::read_dir(&mnt.0).expect("ls").collect();
+    assert!(written.is_empty(), "written: {written:?}");
+    assert!(lab().try_virsh(&["domuuid", "--domain", &name]).is_err());
+    assert_eq!(live_job_dirs(), before, "a job directory was left");
+    drop(guard);
 }

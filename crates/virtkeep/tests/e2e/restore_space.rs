@@ -11,10 +11,10 @@ use crate::harness::{HOST, Node};
 const MIB: u64 = 1 << 20;
 
 /// A small tmpfs (the lab host is this machine), unmounted and removed on drop.
-struct SmallMount(PathBuf);
+pub(crate) struct SmallMount(pub(crate) PathBuf);
 
 impl SmallMount {
-    fn new(node: &Node, mib: u64) -> SmallMount {
+    pub(crate) fn new(node: &Node, mib: u64) -> SmallMount {
         let dir = node.lab.pool_dir.join(unique_name("small"));
         std::fs::create_dir(&dir).expect("mkdir");
         let st = Command::new("mount")
