@@ -85,7 +85,7 @@ pub(crate) fn write_sector(vm: &TestVm, sector: &[u8]) {
 }
 
 /// Every file of the repository with its size and modification time.
-fn repo_state(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
+pub(crate) fn repo_state(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
     let mut out = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -132,7 +132,7 @@ pub(crate) fn assert_nothing_left(report: &Value) {
 }
 
 /// The source VM's definition and disk are unchanged.
-fn source_state(vm: &TestVm) -> (String, String) {
+pub(crate) fn source_state(vm: &TestVm) -> (String, String) {
     (
         lab().virsh(&["dumpxml", "--inactive", "--domain", &vm.name]),
         vm.disk_checksum("vda"),
