@@ -5,7 +5,8 @@
 //! reaches that server through the SSH connection (a unix socket its sshd listens on
 //! for us). Each disk gets a qcow2 overlay in a private job directory on the host, over
 //! that export; a transient domain made from the backup's XML (new name, UUID and MACs,
-//! NICs down, serial port logged to a file, any reset or crash ending it) runs on the
+//! NICs down, serial port logged to a file, any reset or crash ending it, nothing of
+//! the host its XML names: [`virtkeep_libvirt::isolate_for_boot`]) runs on the
 //! overlays. It passes when it is still running at the timeout and, if asked, its
 //! serial output matched and its guest agent answered `guest-ping` (through a
 //! guest-agent channel the domain gets instead of the source's channels). Then the domain is destroyed and the job directory removed.
