@@ -97,9 +97,16 @@ pub fn isolate_for_boot(xml: &str, iso: &Isolation) -> Result<String, XmlError> 
             let target = doc
                 .child(disk, "target")
                 .and_then(|t| doc.elem(t).attr("dev"));
+            let verify = iso.serial_log.is_some();
             if let Some(b) = target.and_then(|t| iso.nbd_backing.get(t)) {
                 nbd_base(&doc, &mut edits, disk, b)?;
                 found += 1;
+                if verify {
+                    no_host_source_parts(&doc, &mut edits, disk);
+                }
+            } else if verify {
+                // Not an overlay: a disk of the host (a CD-ROM's ISO, a device).
+                edits.replace(doc.removal_span(disk), "");
             }
         }
     }
@@ -313,6 +320,18 @@ fn nbd_base(doc: &Doc<'_>, edits: &mut Edits, disk: usize, b: &NbdBacking) -> Re
     );
     append_child(doc, edits, disk, &text);
     Ok(())
+}
+
+/// The overlay `disk`'s `<source>` loses what the backup's XML said about the host
+/// (`<seclabel>`: e.g. no relabelling; `<reservations>`: a host helper's socket).
+fn no_host_source_parts(doc: &Doc<'_>, edits: &mut Edits, disk: usize) {
+    for s in doc.children_named(disk, "source") {
+        for &c in &doc.elem(s).children {
+            if matches!(doc.elem(c).name.as_str(), "seclabel" | "reservations") {
+                edits.replace(doc.removal_span(c), "");
+            }
+        }
+    }
 }
 
 /// Insert `text` (starting with a newline and indentation) as the last child of `id`,
@@ -680,6 +699,31 @@ mod tests {
             &format!("  </devices>\n  <devices>\n    {all}\n  </devices>\n</domain>"),
         );
         check(&second, "");
+    }
+
+    /// Only the overlays stay disks, without the labels or reservation helpers their
+    /// sources named; live restore keeps every disk as it is.
+    #[test]
+    fn only_the_overlays_stay_disks() {
+        let xml = XML.replace(
+            "<source file='/run/virtkeep/jobs/j/vda.qcow2'/>",
+            "<source file='/run/virtkeep/jobs/j/vda.qcow2'><seclabel model='dac' relabel='no'/><reservations managed='no'><source type='unix' path='/host/pr.sock' mode='client'/></reservations></source>",
+        )
+        .replace(
+            "<!-- kept -->",
+            "<disk type='file' device='cdrom'><source file='/host/evil.iso'/><target dev='hdc' bus='ide'/><readonly/></disk>\n    <disk type='block'><source dev='/host/sdb'/><target dev='vdb'/></disk>",
+        );
+        let out = isolate_for_boot(&xml, &iso()).expect("isolate");
+        assert!(
+            !out.contains("/host/") && !out.contains("seclabel"),
+            "{out}"
+        );
+        assert_eq!(out.matches("<disk").count(), 1, "{out}");
+        assert!(out.contains("name='vda'"), "{out}");
+        let mut live = iso();
+        live.serial_log = None;
+        let out = isolate_for_boot(&xml, &live).expect("isolate");
+        assert_eq!(out.matches("<disk").count(), 3, "{out}");
     }
 
     /// Outside `<devices>`: security labels (a static DAC label would run QEMU as root),
