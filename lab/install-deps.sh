@@ -16,6 +16,7 @@ PKGS=(
   ovmf  # UEFI test domains (e2e/uefi.rs)
   chromium chromium-driver  # real-browser tests of the daemon's web console (e2e/web.rs)
   postgresql  # the shared catalog of a daemon cluster (lab/postgres.sh, e2e/cluster.rs)
+  syslinux syslinux-common busybox-static qemu-guest-agent cpio  # the guest-agent test guest (lab/agent-guest.sh)
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

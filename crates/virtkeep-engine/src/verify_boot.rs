@@ -5,7 +5,8 @@
 //! reaches that server through the SSH connection (a unix socket its sshd listens on
 //! for us). Each disk gets a qcow2 overlay in a private job directory on the host, over
 //! that export; a transient domain made from the backup's XML (new name, UUID and MACs,
-//! NICs down, serial port logged to a file, any reset or crash ending it) runs on the
+//! NICs down, serial port logged to a file, any reset or crash ending it, nothing of
+//! the host its XML names: [`virtkeep_libvirt::isolate_for_boot`]) runs on the
 //! overlays. It passes when it is still running at the timeout and, if asked, its
 //! serial output matched and its guest agent answered `guest-ping` (through a
 //! guest-agent channel the domain gets instead of the source's channels). Then the domain is destroyed and the job directory removed.
@@ -96,7 +97,7 @@ pub async fn verify_boot(
     interrupted: impl std::future::Future<Output = ()>,
 ) -> Result<BootVerifyReport> {
     let re = compile(opts.expect_serial.as_deref())?;
-    refuse_uefi(repo, id).await?;
+    refuse_unbootable(repo, id).await?;
     let name = format!(
         "{DOMAIN_PREFIX}{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -131,20 +132,38 @@ pub async fn verify_boot(
     Ok(r)
 }
 
-/// A UEFI backup (an NVRAM store in its XML) is refused before anything is started
-/// on the host: booting it would need the store copied per run and the firmware paths
-/// of the host, which verification does not handle yet.
-async fn refuse_uefi(repo: &virtkeep_repo::Repository, id: &str) -> Result<()> {
+/// Refused before anything is started on the host:
+/// - A UEFI backup (an NVRAM store in its XML): booting it would need the store copied
+///   per run and the firmware paths of the host, which verification does not handle yet.
+/// - A backup whose `<os>` names host files QEMU loads into the guest (`<kernel>`,
+///   `<initrd>`, `<dtb>`, ACPI tables): the XML is untrusted, and libvirt would label
+///   any file it names for QEMU (DAC owner, AppArmor rule) and load it into the
+///   memory of a guest whose serial output comes back in the report. Nor would it
+///   prove anything about the backup: that kernel is not in it.
+async fn refuse_unbootable(repo: &virtkeep_repo::Repository, id: &str) -> Result<()> {
     let m = repo.manifest(id).await?;
-    if virtkeep_libvirt::parse_domain(&m.domain_xml)?
-        .nvram
-        .is_some()
-    {
+    let dom = virtkeep_libvirt::parse_domain(&m.domain_xml)?;
+    let restore_hint = format!(
+        "restore it under a new name and start the copy instead: virtkeep restore {id} --to HOST --name NEW --storage file:/DIR --start (then check it and remove it)"
+    );
+    if dom.nvram.is_some() {
         return Err(Error::unsupported(format!(
             "backup {id} is of a UEFI domain (it has an NVRAM store): verify --boot cannot boot it from the repository yet"
         ))
+        .hint(restore_hint));
+    }
+    if !dom.host_boot_files.is_empty() {
+        let what: Vec<String> = dom
+            .host_boot_files
+            .iter()
+            .map(|e| format!("<{e}>"))
+            .collect();
+        return Err(Error::unsupported(format!(
+            "backup {id} boots from files of the host its XML names ({} in <os>): verify --boot boots a backup from its disks only and never hands a backup's host paths to QEMU",
+            what.join(", ")
+        ))
         .hint(format!(
-            "restore it under a new name and start the copy instead: virtkeep restore {id} --to HOST --name NEW --storage file:/DIR --start (then check it and remove it)"
+            "give the guest a boot loader on its disk (then a new backup verifies), or {restore_hint}"
         )));
     }
     Ok(())

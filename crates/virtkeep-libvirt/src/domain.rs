@@ -22,6 +22,10 @@ pub struct Domain {
     pub os_type: Option<String>,
     /// `<os><nvram>` path, when the domain has UEFI variables in a file.
     pub nvram: Option<String>,
+    /// The `<os>` elements that name a file of the host QEMU loads into the guest's
+    /// memory (direct kernel boot and tables), in document order: `kernel`, `initrd`,
+    /// `dtb`, `acpi/table` (only the element names: their paths are the XML's).
+    pub host_boot_files: Vec<&'static str>,
     /// Every `<disk>` under `<devices>`, in document order.
     pub disks: Vec<Disk>,
     /// Every `<interface>` under `<devices>`, in document order.
@@ -496,6 +500,7 @@ pub fn parse_domain(xml: &str) -> Result<Domain, XmlError> {
                 .map(str::to_owned)
         }
     });
+    let host_boot_files = os.map(|o| host_boot_files(&doc, o)).unwrap_or_default();
 
     let mut disks = Vec::new();
     let mut interfaces = Vec::new();
@@ -530,10 +535,31 @@ pub fn parse_domain(xml: &str) -> Result<Domain, XmlError> {
         id,
         os_type,
         nvram,
+        host_boot_files,
         disks,
         interfaces,
         has_guest_agent_channel,
     })
+}
+
+/// The children of `<os>` (`os`) that name a host file QEMU loads into the guest (see
+/// [`Domain::host_boot_files`]); an element with no text names none.
+fn host_boot_files(doc: &Doc<'_>, os: usize) -> Vec<&'static str> {
+    let named = |id: usize| !doc.elem(id).text.trim().is_empty();
+    let mut found = Vec::new();
+    for &c in &doc.elem(os).children {
+        let what = match doc.elem(c).name.as_str() {
+            "kernel" => "kernel",
+            "initrd" => "initrd",
+            "dtb" => "dtb",
+            "acpi" if doc.children_named(c, "table").any(named) => "acpi/table",
+            _ => continue,
+        };
+        if what == "acpi/table" || named(c) {
+            found.push(what);
+        }
+    }
+    found
 }
 
 fn parse_disk(doc: &Doc<'_>, id: usize) -> Result<Disk, XmlError> {
@@ -660,6 +686,34 @@ fn read_source(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_boot_files_are_found_in_os() {
+        let xml = |os: &str| {
+            format!(
+                "<domain type='kvm'><name>v</name><os><type>hvm</type>{os}</os><devices/></domain>"
+            )
+        };
+        let files = |os: &str| parse_domain(&xml(os)).expect("parse").host_boot_files;
+        assert!(files("<boot dev='hd'/>").is_empty());
+        assert!(files("<kernel> </kernel><initrd/><cmdline>x</cmdline>").is_empty());
+        assert_eq!(
+            files("<kernel>/boot/vmlinuz</kernel><initrd>/etc/shadow</initrd><cmdline>x</cmdline>"),
+            ["kernel", "initrd"]
+        );
+        assert_eq!(files("<dtb>/x.dtb</dtb>"), ["dtb"]);
+        assert_eq!(
+            files("<acpi><table type='slic'>/etc/slic.bin</table></acpi>"),
+            ["acpi/table"]
+        );
+        let none = "<domain type='kvm'><name>v</name><devices/></domain>";
+        assert!(
+            parse_domain(none)
+                .expect("parse")
+                .host_boot_files
+                .is_empty()
+        );
+    }
 
     #[test]
     fn lvm_paths() {

@@ -85,7 +85,7 @@ pub(crate) fn write_sector(vm: &TestVm, sector: &[u8]) {
 }
 
 /// Every file of the repository with its size and modification time.
-fn repo_state(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
+pub(crate) fn repo_state(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
     let mut out = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -132,21 +132,59 @@ pub(crate) fn assert_nothing_left(report: &Value) {
 }
 
 /// The source VM's definition and disk are unchanged.
-fn source_state(vm: &TestVm) -> (String, String) {
+pub(crate) fn source_state(vm: &TestVm) -> (String, String) {
     (
         lab().virsh(&["dumpxml", "--inactive", "--domain", &vm.name]),
         vm.disk_checksum("vda"),
     )
 }
 
+/// Redefines the stopped `vm` with devices that hand a guest things of the host: a 9p
+/// share of `dir` (holding a marker file), a macvtap NIC on a host device that does
+/// not exist (libvirt would refuse to start the domain), and a unix channel bound in
+/// `dir`.
+fn add_host_devices(vm: &TestVm, dir: &Path) {
+    std::fs::write(dir.join("host-marker"), "host only").expect("marker");
+    let devices = format!(
+        "<filesystem type='mount' accessmode='passthrough'><source dir='{d}'/><target dir='hostshare'/></filesystem>\
+         <interface type='direct'><source dev='{NO_DEV}' mode='bridge'/><model type='virtio'/></interface>\
+         <channel type='unix'><source mode='bind' path='{d}/chan.sock'/><target type='virtio' name='vk.host'/></channel></devices>",
+        d = dir.display()
+    );
+    let xml = lab().virsh(&["dumpxml", "--inactive", "--domain", &vm.name]);
+    let file = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(file.path(), xml.replacen("</devices>", &devices, 1)).expect("xml");
+    lab().virsh(&["define", &file.path().display().to_string()]);
+}
+
+/// The host device of [`add_host_devices`]' macvtap NIC: none.
+const NO_DEV: &str = "vkt-nodev0";
+
+/// QEMU got neither the share nor the channel of [`add_host_devices`] (its command
+/// line in libvirt's log of the verification domain), and its NIC is a plain tap.
+fn assert_no_host_devices(report: &Value, dir: &Path) {
+    let dom = report["domain"].as_str().expect("domain");
+    let log = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{dom}.log")).expect("log");
+    let d = dir.display().to_string();
+    assert!(
+        !log.contains(&d) && !log.contains(NO_DEV) && !log.contains("fsdev"),
+        "{log}"
+    );
+    assert!(log.contains("virtio-net-pci"), "the NIC was removed: {log}");
+    assert!(!dir.join("chan.sock").exists(), "the channel was bound");
+}
+
 /// A backup taken after the marker was written boots and prints it: exit 0, a report
 /// with the serial log and a screenshot; the backup taken before (no boot sector) fails
 /// with exit 1 and the reason. Neither leaves anything on the host, writes to the
-/// repository or touches the source VM.
+/// repository or touches the source VM. The VM has a share of a host directory, a
+/// macvtap NIC and a unix channel: the verification domain gets none of them.
 #[test]
 fn verify_boot_passes_with_the_marker_and_fails_without() {
     let node = Node::new();
     let vm = sector_vm("vboot", &[0u8; 512]);
+    let host_dir = tempfile::tempdir().expect("tempdir");
+    add_host_devices(&vm, host_dir.path());
     let old = node.backup(&vm.name, &[]);
     let marker = unique_name("VK-BOOT-OK");
     write_sector(&vm, &marker_sector(&marker));
@@ -178,6 +216,7 @@ fn verify_boot_passes_with_the_marker_and_fails_without() {
     );
     assert!(r["ran_secs"].as_f64().expect("ran") >= 3.5, "{r:#}");
     assert_nothing_left(&r);
+    assert_no_host_devices(&r, host_dir.path());
     let saved: Value =
         serde_json::from_slice(&std::fs::read(report_dir.join("report.json")).expect("report"))
             .expect("report json");
