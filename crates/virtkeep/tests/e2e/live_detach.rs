@@ -11,6 +11,7 @@ use crate::daemon::{
 };
 use crate::harness::{HOST, Node};
 use crate::live::{assert_pool_disks, live_job_dirs, marker_sector, write_sector};
+use crate::live_restore::in_pool;
 
 const MIB: u64 = 1 << 20;
 
@@ -252,7 +253,7 @@ fn daemon_stopping_after_the_domain_ran_leaves_it_as_is() {
     let dirs_after = live_job_dirs();
     // The clean end, before asserting: the domain, its disks and overlay, the job.
     drop(restored);
-    for f in crate::live_restore::in_pool(&new_name) {
+    for f in in_pool(&new_name) {
         let _ = std::fs::remove_file(lab().pool_dir.join(f));
     }
     for d in &dirs {
@@ -278,4 +279,65 @@ fn daemon_stopping_after_the_domain_ran_leaves_it_as_is() {
     assert_eq!(dirs_after, dirs, "cleanup removed the job directory");
     let report = report.unwrap_or_else(|| panic!("cleanup did not report {dirs:?}: {c:#}"));
     assert!(report.contains("left as is"), "{report}");
+}
+
+/// A running live restore cancelled through the API (`DELETE /api/jobs/ID`, 202) is
+/// rolled back as Ctrl-C rolls back `restore --live`: the job ends `cancelled`, the
+/// new domain is destroyed and undefined, its disks and overlays are removed, and no
+/// job directory is left; the source VM is untouched.
+#[test]
+fn cancelling_a_running_live_restore_rolls_it_back() {
+    let node = Node::new();
+    let vm = TestVm::builder("vdetcan")
+        .raw_disk(MIB)
+        .running(false)
+        .build();
+    write_sector(&vm, &marker_sector(&unique_name("VK-DETC")));
+    let source = vm.disk_checksum("vda");
+    let b = node.backup(&vm.name, &[]);
+    let port = daemon_config_with_api(&node);
+    let mut daemon = Daemon::start_held(
+        &node,
+        "live-restore-copying",
+        &[("VIRTKEEP_LIVE_COPY_BYTES_PER_SEC", "4096")],
+    );
+    let new_name = unique_name("vdetcan-new");
+    let restored = TestVm::adopt(&new_name);
+    let id = b["id"].as_str().expect("id");
+    let r = node.json(&[
+        "restore", id, "--to", HOST, "--live", "--name", &new_name, "--detach",
+    ]);
+    let job_id = r["job"].as_i64().expect("job id");
+    daemon.wait_log(&failpoint_reached("live-restore-copying"), 120);
+    assert!(restored.is_running(), "the domain does not run");
+    assert!(
+        !in_pool(&new_name).is_empty(),
+        "no destination while copying"
+    );
+    let path = format!("/api/jobs/{job_id}");
+    let (status, body) = http(port, "DELETE", &path, Some(TOKEN), None);
+    assert_eq!(status, 202, "{body}");
+    let done = |l: &[Value]| {
+        l.iter()
+            .any(|j| j["id"] == job_id && j["status"] != "running")
+    };
+    wait_jobs(&node, &daemon, 120, "the cancelled job's end", done);
+    daemon.release();
+    let j = job(&node, job_id);
+    assert_eq!(j["status"], "cancelled", "{j:#}\n{}", daemon.log_text());
+    assert!(
+        lab()
+            .try_virsh(&["domuuid", "--domain", &new_name])
+            .is_err(),
+        "{new_name} is still defined"
+    );
+    assert_eq!(in_pool(&new_name), Vec::<String>::new(), "disks left");
+    assert!(live_job_dirs().is_empty(), "left: {:?}", live_job_dirs());
+    assert_eq!(
+        vm.disk_checksum("vda"),
+        source,
+        "the source VM's disk changed"
+    );
+    daemon.terminate();
+    drop(restored);
 }
