@@ -35,6 +35,42 @@ fn daemon_config_with_api(node: &Node) -> u16 {
     port
 }
 
+/// A live restore detached into a daemon whose copy is held at its failpoint.
+struct Detached {
+    daemon: Daemon,
+    name: String,
+    /// Destroys and undefines the new domain at the end.
+    restored: TestVm,
+    job: i64,
+    /// What `restore --detach --json` printed.
+    answer: Value,
+}
+
+/// Starts the daemon (configured already) held at `live-restore-copying`, its copy
+/// throttled, and detaches `restore --live` of backup `id` into it as a new domain
+/// named after `tag`; returns once the command returned and the copy is held.
+fn detach_held(node: &Node, id: &str, tag: &str) -> Detached {
+    let mut daemon = Daemon::start_held(
+        node,
+        "live-restore-copying",
+        &[("VIRTKEEP_LIVE_COPY_BYTES_PER_SEC", "4096")],
+    );
+    let name = unique_name(tag);
+    let restored = TestVm::adopt(&name);
+    let answer = node.json(&[
+        "restore", id, "--to", HOST, "--live", "--name", &name, "--detach",
+    ]);
+    let job = answer["job"].as_i64().expect("job id");
+    daemon.wait_log(&failpoint_reached("live-restore-copying"), 120);
+    Detached {
+        daemon,
+        name,
+        restored,
+        job,
+        answer,
+    }
+}
+
 fn job(node: &Node, id: i64) -> Value {
     jobs(node)
         .into_iter()
@@ -77,25 +113,20 @@ fn detached_live_restore_returns_while_the_daemon_copies() {
     }
     let want: Vec<String> = ["vda", "vdb"].iter().map(|t| vm.disk_checksum(t)).collect();
     let port = daemon_config_with_api(&node);
-    let mut daemon = Daemon::start_held(
-        &node,
-        "live-restore-copying",
-        &[("VIRTKEEP_LIVE_COPY_BYTES_PER_SEC", "4096")],
-    );
-    let new_name = unique_name("vdet-new");
-    let restored = TestVm::adopt(&new_name);
     let id = b["id"].as_str().expect("id");
-    let r = node.json(&[
-        "restore", id, "--to", HOST, "--live", "--name", &new_name, "--detach",
-    ]);
-    let job_id = r["job"].as_i64().expect("job id");
+    let Detached {
+        mut daemon,
+        name: new_name,
+        restored,
+        job: job_id,
+        answer: r,
+    } = detach_held(&node, id, "vdet-new");
     assert_eq!(r["status"], "running", "{r:#}");
     assert_eq!(r["vm"], new_name.as_str(), "{r:#}");
     assert!(
         r["time_to_running_secs"].as_f64().is_some_and(|s| s > 0.0),
         "{r:#}"
     );
-    daemon.wait_log(&failpoint_reached("live-restore-copying"), 120);
     // Returned, and the copy is still held: the guest runs on the overlays.
     let j = job(&node, job_id);
     assert_eq!(
@@ -220,19 +251,14 @@ fn daemon_stopping_after_the_domain_ran_leaves_it_as_is() {
     write_sector(&vm, &marker_sector(&unique_name("VK-DETS")));
     let b = node.backup(&vm.name, &[]);
     daemon_config(&node, "shutdown = \"abort\"");
-    let mut daemon = Daemon::start_held(
-        &node,
-        "live-restore-copying",
-        &[("VIRTKEEP_LIVE_COPY_BYTES_PER_SEC", "4096")],
-    );
-    let new_name = unique_name("vdetstop-new");
-    let restored = TestVm::adopt(&new_name);
     let id = b["id"].as_str().expect("id");
-    let r = node.json(&[
-        "restore", id, "--to", HOST, "--live", "--name", &new_name, "--detach",
-    ]);
-    let job_id = r["job"].as_i64().expect("job id");
-    daemon.wait_log(&failpoint_reached("live-restore-copying"), 120);
+    let Detached {
+        mut daemon,
+        name: new_name,
+        restored,
+        job: job_id,
+        ..
+    } = detach_held(&node, id, "vdetstop-new");
     let dirs = live_job_dirs();
     daemon.signal("TERM");
     daemon.wait_log("job failed", 60);
@@ -296,19 +322,14 @@ fn cancelling_a_running_live_restore_rolls_it_back() {
     let source = vm.disk_checksum("vda");
     let b = node.backup(&vm.name, &[]);
     let port = daemon_config_with_api(&node);
-    let mut daemon = Daemon::start_held(
-        &node,
-        "live-restore-copying",
-        &[("VIRTKEEP_LIVE_COPY_BYTES_PER_SEC", "4096")],
-    );
-    let new_name = unique_name("vdetcan-new");
-    let restored = TestVm::adopt(&new_name);
     let id = b["id"].as_str().expect("id");
-    let r = node.json(&[
-        "restore", id, "--to", HOST, "--live", "--name", &new_name, "--detach",
-    ]);
-    let job_id = r["job"].as_i64().expect("job id");
-    daemon.wait_log(&failpoint_reached("live-restore-copying"), 120);
+    let Detached {
+        mut daemon,
+        name: new_name,
+        restored,
+        job: job_id,
+        ..
+    } = detach_held(&node, id, "vdetcan-new");
     assert!(restored.is_running(), "the domain does not run");
     assert!(
         !in_pool(&new_name).is_empty(),
