@@ -21,6 +21,7 @@ pub mod inventory;
 pub mod live;
 pub mod live_copy;
 pub mod live_restore;
+pub mod live_resume;
 pub mod lvm;
 pub mod phases;
 pub mod plan;
