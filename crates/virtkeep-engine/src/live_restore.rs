@@ -238,7 +238,7 @@ fn left_as_is(e: Error, host: &Host, name: &str, dir: &str) -> Error {
         ),
     )
     .hint(format!(
-        "nothing was removed (the guest's writes are only in its overlays). Once {h} is reachable, `{resume}` serves the backup again and finishes the copy; or keep the guest as it is, or destroy and undefine {name} and remove its disks and {dir}, then run `restore --live` again or restore normally"
+        "nothing was removed (the guest's writes are only in its overlays). Once {h} is reachable, `{resume}` serves the backup again and finishes the copy (`virtkeep cleanup {h}` reports the job as left as is); or keep the guest as it is, or destroy and undefine {name} and remove its disks and {dir}, then run `restore --live` again or restore normally"
     ))
 }
 

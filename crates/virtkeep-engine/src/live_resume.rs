@@ -421,8 +421,11 @@ async fn to_copy(
                     "disk {target} has a block job that is not the copy into {dest}; nothing was copied"
                 )));
             }
-            host.run(&host.virsh().blockjob_bandwidth(uuid, target, 0))
+            // Best effort: a job that ends meanwhile is started again by the copy.
+            let _ = host
+                .exec(&host.virsh().blockjob_bandwidth(uuid, target, 0))
                 .await?;
+            tracing::info!(target = %target, "its block job still runs; following it");
             c.running = true;
         }
         out.push(c);

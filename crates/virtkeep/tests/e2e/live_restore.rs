@@ -1,6 +1,7 @@
 //! `restore --live` beyond its first run: `--storage` (the disks go where a normal
 //! restore with the same `--storage` puts them) and a link that never comes back (exit
-//! 4, the domain left as it is, `cleanup` reports it).
+//! 4, the domain left as it is, `cleanup` reports it), and a node killed mid-copy
+//! (`restore --resume JOB` finishes it).
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -14,7 +15,8 @@ use virtkeep_lab::{TestVm, lab, unique_name};
 
 use crate::harness::{HOST, Node};
 use crate::live::{
-    live_job_dirs, live_restore_held_with, marker_sector, reader_sector, write_sector,
+    assert_pool_disks, live_job_dirs, live_restore_held_with, marker_sector, reader_sector,
+    write_sector,
 };
 
 const MIB: u64 = 1 << 20;
@@ -390,4 +392,160 @@ fn live_restore_left_as_is_when_the_link_never_comes_back() {
     assert_eq!(files_after, files, "cleanup changed the disks: {c:#}");
     assert!(in_pool(&new_name).is_empty());
     assert!(!live_job_dirs().contains(&job));
+}
+
+/// `restore --resume JOB`, run with `--json`: its exit code and what it printed.
+fn resume(node: &Node, job: &str) -> (Option<i32>, Value, String) {
+    let out = node.run(&["--json", "restore", "--resume", job, "--to", HOST]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}): {}\n{err}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out.status.code(), json, err)
+}
+
+/// The node SIGKILLed while `restore --live` copies (held at `live-restore-copying`:
+/// its block jobs run, started at 4 KiB/s; QEMU's first burst copies these small disks
+/// but the jobs wait to be pivoted), after the guest (which reads its disk in a loop)
+/// wrote into its overlays: the guest pauses on an I/O error at its next read. While
+/// the node still held the job, `restore --resume JOB` was refused; a job that does not
+/// exist is refused too. Then `restore --resume JOB` serves the backup again, resumes
+/// the guest, follows the jobs the killed run left and pivots: the result is that of
+/// `restore --live` (`resumed`), the domain runs, its disks (a raw and a qcow2 file)
+/// equal the backup plus the guest's writes, its XML names only them, and no job
+/// directory, socket or overlay is left.
+#[test]
+fn live_restore_resumed_after_its_node_was_killed_mid_copy() {
+    let r = killed_then_resumed("vresume", "live-restore-copying");
+    assert!(r.1.contains("its block job still runs"), "{}", r.1);
+}
+
+/// As above, the node killed once the domain runs but before any block job started
+/// (held at `live-restore-running`): the resume starts the copies, which read the
+/// backup over the new connection (`served_bytes`), with the same end state.
+#[test]
+fn live_restore_resumed_after_its_node_was_killed_before_the_copy() {
+    let (r, err) = killed_then_resumed("vresume0", "live-restore-running");
+    assert!(r["served_bytes"].as_u64() > Some(0), "{r:#}\n{err}");
+}
+
+/// A live restore held at `failpoint` and SIGKILLed there, then resumed (see the tests
+/// above; both assert all of it): the resume's result and stderr.
+fn killed_then_resumed(tag: &str, failpoint: &str) -> (Value, String) {
+    let node = Node::new();
+    let vm = TestVm::builder(tag)
+        .raw_disk(2 * MIB)
+        .qcow2_disk(2 * MIB)
+        .running(false)
+        .build();
+    write_sector(&vm, &reader_sector());
+    vm.write_pattern("vda", 0x5A, 256 * 1024, 512 * 1024);
+    vm.write_pattern("vdb", 0x5B, 64 * 1024, MIB);
+    let b = node.backup(&vm.name, &[]);
+    let writes = [
+        ("vda", 0xA3u8, MIB, 64 * 1024),
+        ("vdb", 0xB3, MIB + 4096, 8192),
+    ];
+    for (t, p, off, len) in writes {
+        vm.write_pattern(t, p, off, len);
+    }
+    let want: Vec<String> = ["vda", "vdb"].iter().map(|t| vm.disk_checksum(t)).collect();
+    let new_name = unique_name(&format!("{tag}-new"));
+    let restored = TestVm::adopt(&new_name);
+    let jobs_before = live_job_dirs();
+    let (mut child, reader) = live_restore_held_with(
+        &node,
+        (HOST, b["id"].as_str().expect("id"), &new_name),
+        failpoint,
+        &[("VIRTKEEP_LIVE_COPY_BYTES_PER_SEC", "4096")],
+        &[],
+    );
+    let running = TestVm::adopt(&new_name);
+    for (t, p, off, len) in writes {
+        running.write_pattern(t, p, off, len);
+    }
+    let job: Vec<String> = live_job_dirs()
+        .into_iter()
+        .filter(|j| !jobs_before.contains(j))
+        .collect();
+    assert_eq!(job.len(), 1, "{job:?}");
+    let job = job[0].clone();
+    let held = resume(&node, &job);
+    child.kill().expect("SIGKILL the node");
+    let _ = child.wait();
+    let _ = reader.join();
+    let unknown = resume(&node, "live-000000000000");
+    // Paused on an I/O error once it read, or still running: either is resumed.
+    let before = lab().try_virsh(&["domstate", "--reason", "--domain", &new_name]);
+    let (code, r, err) = resume(&node, &job);
+    let state = lab().try_virsh(&["domstate", "--reason", "--domain", &new_name]);
+    let xmls: Vec<String> = [&["dumpxml"][..], &["dumpxml", "--inactive"]]
+        .iter()
+        .map(|a| {
+            let mut args = a.to_vec();
+            args.extend(["--domain", new_name.as_str()]);
+            lab().try_virsh(&args).unwrap_or_default()
+        })
+        .collect();
+    restored.stop();
+    let files = in_pool(&new_name);
+    let job_left = Path::new("/run/virtkeep/jobs").join(&job).exists();
+    eprintln!(
+        "held: {:#}\nunknown: {:#}\nbefore the resume: {before:?}\nresume: {r:#}\n{err}",
+        held.1, unknown.1
+    );
+    assert_eq!(held.0, Some(1), "{:#}", held.1);
+    assert_eq!(held.1["error"]["kind"], "conflict", "{:#}", held.1);
+    assert!(
+        held.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("still running") && m.contains(&job)),
+        "{:#}",
+        held.1
+    );
+    assert_eq!(unknown.0, Some(1), "{:#}", unknown.1);
+    assert!(
+        unknown.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no live restore job live-000000000000")),
+        "{:#}",
+        unknown.1
+    );
+    assert_eq!(code, Some(0), "{r:#}\n{err}");
+    assert_eq!(r["resumed"], true, "{r:#}");
+    assert_eq!(r["vm"], new_name.as_str(), "{r:#}");
+    assert_eq!(r["snapshot"], b["id"], "{r:#}");
+    assert_eq!(r["disks"].as_array().map(Vec::len), Some(2), "{r:#}");
+    assert_eq!(
+        state.as_deref().map(str::trim),
+        Ok("running (unpaused)"),
+        "{err}"
+    );
+    assert_pool_disks(&new_name, &[("vda", "raw"), ("vdb", "qcow2")], &want);
+    for xml in &xmls {
+        assert!(
+            xml.contains(&format!("{new_name}-vda.img"))
+                && xml.contains(&format!("{new_name}-vdb.qcow2")),
+            "{xml}"
+        );
+        assert!(
+            !xml.contains("nbd") && !xml.contains("/run/virtkeep") && !xml.contains(".vkrestore-"),
+            "the domain still refers to the node or an overlay:\n{xml}"
+        );
+    }
+    assert_eq!(
+        files,
+        [
+            format!("{new_name}-vda.img"),
+            format!("{new_name}-vdb.qcow2")
+        ],
+        "overlays left"
+    );
+    assert!(!job_left, "{job} left");
+    drop(running);
+    drop(restored);
+    (r, err)
 }
