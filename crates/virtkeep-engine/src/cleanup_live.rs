@@ -5,13 +5,14 @@
 //! A domain that may have run is never destroyed nor its overlays removed: the guest's
 //! writes live there, and with the node gone its reads of the backup fail into a pause.
 //! Cleanup reports it and what to do, naming the command that finishes it
-//! (`restore --resume JOB`, [`crate::live_resume`]; cleanup has no repository). A domain whose copy had finished (nothing refers
-//! to the job directory) only loses the directory; a job killed before its domain was
-//! started has its definition and directory removed, and what it had created outside
-//! the directory ([`CREATED_FILE`]: destinations, overlays beside files) removed when
-//! it is provably still what the job created ([`Created`]: the restore's name checks,
-//! the same identity, a file unchanged); anything else is reported as left. A removal
-//! that fails keeps the directory (the record) for the next cleanup.
+//! (`restore --resume JOB`, `live_resume.rs`; cleanup has no repository). A domain
+//! whose copy had finished (nothing refers to the job directory) only loses the
+//! directory; a job killed before its domain was started has its definition and
+//! directory removed, and what it had created outside the directory
+//! ([`CREATED_FILE`]: destinations, overlays beside files) removed when it is provably
+//! still what the job created ([`Created`]: the restore's name checks, the same
+//! identity, a file unchanged); anything else is reported as left. A removal that
+//! fails keeps the directory (the record) for the next cleanup.
 
 use std::collections::BTreeSet;
 
@@ -237,7 +238,7 @@ async fn left_running(host: &Host, uuid: &str, dir: &str) -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
     let job = dir.rsplit('/').next().unwrap_or(dir);
-    let resume = crate::live_resume::resume_command(job, &host.name);
+    let resume = crate::live_record::resume_command(job, &host.name);
     format!(
         "left as is: the live-restored domain {name} ({uuid}, {state}) ran on the backup's NBD export, which went with the killed node; what its guest wrote is in its overlays (beside its disks or in {dir}), so neither is removed. \
          The guest pauses on its next read of the backup. To finish the restore (serve the backup again, resume {name}, copy and pivot its disks): `{resume}` (with the backup's repository); \

@@ -20,6 +20,7 @@ pub mod host;
 pub mod inventory;
 pub mod live;
 pub mod live_copy;
+pub mod live_record;
 pub mod live_restore;
 pub mod live_resume;
 pub mod lvm;

@@ -200,7 +200,7 @@ pub async fn restore_live(
     })
 }
 
-/// [`plan`], then the job's record of it ([`crate::live_resume::JobRecord`]) in the job
+/// [`plan`], then the job's record of it ([`crate::live_record::JobRecord`]) in the job
 /// directory, for a resume after the node died. `(repository id, backup id)`.
 async fn plan_and_record(
     host: &Host,
@@ -215,7 +215,7 @@ async fn plan_and_record(
         .unwrap_or_default()
         .to_string();
     let disks = plan(host, live, to, &job, true).await?;
-    let rec = crate::live_resume::JobRecord {
+    let rec = crate::live_record::JobRecord {
         backup: backup.to_string(),
         repository: repository.to_string(),
         name: to.name.to_string(),
@@ -230,7 +230,7 @@ async fn plan_and_record(
 /// in and what to do.
 fn left_as_is(e: Error, host: &Host, name: &str, dir: &str) -> Error {
     let h = &host.name;
-    let resume = crate::live_resume::resume_command(dir.rsplit('/').next().unwrap_or(dir), h);
+    let resume = crate::live_record::resume_command(dir.rsplit('/').next().unwrap_or(dir), h);
     Error::new(
         ErrorKind::Unfinished,
         format!(
@@ -259,8 +259,8 @@ impl Planned {
     }
 
     /// The disk as the job's record has it.
-    pub(crate) fn recorded(&self) -> crate::live_resume::RecordedDisk {
-        crate::live_resume::RecordedDisk {
+    pub(crate) fn recorded(&self) -> crate::live_record::RecordedDisk {
+        crate::live_record::RecordedDisk {
             target: self.report.target.clone(),
             format: self.report.format.clone(),
             path: self.report.path.clone(),
