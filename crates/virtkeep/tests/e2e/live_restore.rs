@@ -412,15 +412,17 @@ fn resume(node: &Node, job: &str) -> (Option<i32>, Value, String) {
 /// but the jobs wait to be pivoted), after the guest (which reads its disk in a loop)
 /// wrote into its overlays: the guest pauses on an I/O error at its next read. While
 /// the node still held the job, `restore --resume JOB` was refused; a job that does not
-/// exist is refused too. Then `restore --resume JOB` serves the backup again, resumes
-/// the guest, follows the jobs the killed run left and pivots: the result is that of
-/// `restore --live` (`resumed`), the domain runs, its disks (a raw and a qcow2 file)
-/// equal the backup plus the guest's writes, its XML names only them, and no job
-/// directory, socket or overlay is left.
+/// exist is refused too. One disk (vdb) had pivoted before the kill (the test pivots its
+/// ready mirror). Then `restore --resume JOB` serves the backup again, resumes the
+/// guest, skips vdb (its overlay removed), follows the job the killed run left on vda
+/// and pivots it: the result is that of `restore --live` (`resumed`), the domain runs,
+/// its disks (a raw and a qcow2 file) equal the backup plus the guest's writes, its XML
+/// names only them, and no job directory, socket or overlay is left.
 #[test]
 fn live_restore_resumed_after_its_node_was_killed_mid_copy() {
-    let r = killed_then_resumed("vresume", "live-restore-copying");
-    assert!(r.1.contains("its block job still runs"), "{}", r.1);
+    let (_, err) = killed_then_resumed("vresume", "live-restore-copying", Some("vdb"));
+    assert!(err.contains("its block job still runs"), "{err}");
+    assert!(err.contains("pivoted before the node died"), "{err}");
 }
 
 /// As above, the node killed once the domain runs but before any block job started
@@ -428,13 +430,14 @@ fn live_restore_resumed_after_its_node_was_killed_mid_copy() {
 /// backup over the new connection (`served_bytes`), with the same end state.
 #[test]
 fn live_restore_resumed_after_its_node_was_killed_before_the_copy() {
-    let (r, err) = killed_then_resumed("vresume0", "live-restore-running");
+    let (r, err) = killed_then_resumed("vresume0", "live-restore-running", None);
     assert!(r["served_bytes"].as_u64() > Some(0), "{r:#}\n{err}");
 }
 
-/// A live restore held at `failpoint` and SIGKILLed there, then resumed (see the tests
-/// above; both assert all of it): the resume's result and stderr.
-fn killed_then_resumed(tag: &str, failpoint: &str) -> (Value, String) {
+/// A live restore held at `failpoint` and SIGKILLed there (after the disk `pivoted`
+/// pivoted), then resumed (see the tests above; both assert all of it): the resume's
+/// result and stderr.
+fn killed_then_resumed(tag: &str, failpoint: &str, pivoted: Option<&str>) -> (Value, String) {
     let node = Node::new();
     let vm = TestVm::builder(tag)
         .raw_disk(2 * MIB)
@@ -474,6 +477,9 @@ fn killed_then_resumed(tag: &str, failpoint: &str) -> (Value, String) {
     assert_eq!(job.len(), 1, "{job:?}");
     let job = job[0].clone();
     let held = resume(&node, &job);
+    if let Some(t) = pivoted {
+        pivot_when_ready(&new_name, t);
+    }
     child.kill().expect("SIGKILL the node");
     let _ = child.wait();
     let _ = reader.join();
@@ -548,4 +554,29 @@ fn killed_then_resumed(tag: &str, failpoint: &str) -> (Value, String) {
     drop(running);
     drop(restored);
     (r, err)
+}
+
+/// Lifts the speed limit of the block copy on `target` of `vm`, waits until its mirror
+/// is ready and pivots it (what the killed run would have done next).
+fn pivot_when_ready(vm: &str, target: &str) {
+    let job = ["blockjob", "--domain", vm, "--path", target];
+    lab().virsh(&[&job[..], &["--bandwidth", "0", "--bytes"]].concat());
+    let dev = format!("dev='{target}'");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let xml = lab().virsh(&["dumpxml", "--domain", vm]);
+        let ready = xml
+            .split("<disk ")
+            .find(|d| d.contains(&dev))
+            .is_some_and(|d| d.contains("ready='yes'"));
+        if ready {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy of {target} never got ready:\n{xml}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lab().virsh(&[&job[..], &["--pivot"]].concat());
 }
