@@ -383,6 +383,8 @@ fn live_restore_left_as_is_when_the_link_never_comes_back() {
     let job = job.unwrap_or_else(|| panic!("no job directory in {message}"));
     assert!(jobs_before.contains(&job), "{job} not in {jobs_before:?}");
     assert!(hint.contains(&job), "{hint}");
+    let resume = format!("virtkeep restore --resume {job} --to relayed");
+    assert!(hint.contains(&resume), "{resume} not in {hint}");
     let report = report.unwrap_or_else(|| panic!("cleanup did not report {job}: {c:#}"));
     assert!(
         report.contains("left as is") && report.contains(&new_name),
