@@ -7,7 +7,8 @@
 //!
 //! [`LiveBackup::finish`] stops serving, cancels the forward and removes the job
 //! directory; if the node dies instead, the forward ends with its SSH connection and
-//! the directory is under `/run` (gone at the host's next boot, or by `cleanup`).
+//! the directory is under `/run` (gone at the host's next boot, or by `cleanup`; a
+//! live restore's is served again by `restore --resume`: [`LiveBackup::reopen`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -33,7 +33,8 @@ pub struct JobRecord {
     pub repository: String,
     /// The new domain.
     pub name: String,
-    /// `--storage` as [`Storage::spec`] writes it; empty for each disk's own place.
+    /// `--storage` as [`crate::restore::Storage::spec`] writes it; empty for each
+    /// disk's own place.
     pub storage: String,
     pub disks: Vec<RecordedDisk>,
 }
@@ -100,7 +101,7 @@ impl JobRecord {
     }
 
     /// Parses and checks a record's text: the header, known keys once each, no control
-    /// characters, 1 to [`DISKS_MAX`] disks with distinct targets.
+    /// characters, 1 to 64 disks with distinct targets.
     pub fn parse(text: &str) -> std::result::Result<JobRecord, String> {
         let mut lines = text.lines();
         if lines.next() != Some(HEADER) {

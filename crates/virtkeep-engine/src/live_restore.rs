@@ -18,6 +18,9 @@
 //!
 //! The domain is defined and started on the overlays (I/O errors pause it), so it runs
 //! within seconds, while the copy goes on. At the end nothing refers to the node.
+//! Before anything is created the job directory gets the run's record
+//! ([`crate::live_record`]): if the node dies after the start, `restore --resume JOB`
+//! (`live_resume.rs`) finishes the copy from it.
 //! A failure before the copy is done destroys and undefines the new domain and removes
 //! what this run created: nothing half-restored stays. Only that: every destination and
 //! overlay is created exclusively (an image created by someone else meanwhile makes the

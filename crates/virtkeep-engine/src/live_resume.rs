@@ -4,7 +4,7 @@
 //! With the node gone, the guest runs (or pauses at its next read of data not yet
 //! copied) on overlays over an NBD export nobody serves, and the job directory
 //! (`/run/virtkeep/jobs/live-…`) is all that is left of the run. Before the domain
-//! starts the run writes its record there ([`RESUME_FILE`], [`JobRecord`]): the backup,
+//! starts the run writes its record there ([`crate::live_record`]): the backup,
 //! the repository's id, the new domain's name, `--storage` and each disk's target,
 //! format, destination and overlay. The resume takes the job's host lock (a job whose
 //! node still holds it is refused), checks the record against the repository given and
