@@ -69,7 +69,7 @@ pub fn interrupted_error(kind: &str) -> String {
 }
 
 /// The error of a live restore whose daemon stopped while it ran (not retried).
-pub const LIVE_ORPHAN_ERROR: &str = "interrupted: the daemon running this live restore stopped (killed, crashed or cut off) and its copy with it; the domain is left on the host as it is, not rolled back (its writes are only in its overlays, whose NBD server is gone); `virtkeep cleanup HOST` reports it or, if its domain never started, removes what the job created";
+pub const LIVE_ORPHAN_ERROR: &str = "interrupted: the daemon running this live restore stopped (killed, crashed or cut off) and its copy with it; the domain is left on the host as it is, not rolled back (its writes are only in its overlays, whose NBD server is gone); `virtkeep cleanup HOST` reports it (and `virtkeep restore --resume JOB --to HOST` finishes its copy) or, if its domain never started, removes what the job created";
 
 /// The error of a job whose daemon died under it (found at the next start).
 pub const ORPHAN_ERROR: &str = "the daemon stopped while this job ran (killed or crashed); the VM was healed and the job retried";

@@ -4,13 +4,15 @@
 //!
 //! A domain that may have run is never destroyed nor its overlays removed: the guest's
 //! writes live there, and with the node gone its reads of the backup fail into a pause.
-//! Cleanup reports it and what to do. A domain whose copy had finished (nothing refers
-//! to the job directory) only loses the directory; a job killed before its domain was
-//! started has its definition and directory removed, and what it had created outside
-//! the directory ([`CREATED_FILE`]: destinations, overlays beside files) removed when
-//! it is provably still what the job created ([`Created`]: the restore's name checks,
-//! the same identity, a file unchanged); anything else is reported as left. A removal
-//! that fails keeps the directory (the record) for the next cleanup.
+//! Cleanup reports it and what to do, naming the command that finishes it
+//! (`restore --resume JOB`, `live_resume.rs`; cleanup has no repository). A domain
+//! whose copy had finished (nothing refers to the job directory) only loses the
+//! directory; a job killed before its domain was started has its definition and
+//! directory removed, and what it had created outside the directory
+//! ([`CREATED_FILE`]: destinations, overlays beside files) removed when it is provably
+//! still what the job created ([`Created`]: the restore's name checks, the same
+//! identity, a file unchanged); anything else is reported as left. A removal that
+//! fails keeps the directory (the record) for the next cleanup.
 
 use std::collections::BTreeSet;
 
@@ -37,7 +39,7 @@ pub struct LiveCleanup {
 
 /// Whether `name` is one virtkeep gives a live restore's job: the prefix and 1 to 32
 /// letters or digits (anything else on the host is not ours to remove).
-fn is_live_job(name: &str) -> bool {
+pub(crate) fn is_live_job(name: &str) -> bool {
     name.strip_prefix(JOB_PREFIX).is_some_and(|rest| {
         (1..=32).contains(&rest.len()) && rest.chars().all(|c| c.is_ascii_alphanumeric())
     })
@@ -82,7 +84,7 @@ pub async fn cleanup_live_restores(
 }
 
 /// The UUID the job recorded for its domain, if it got that far (and it is one).
-async fn job_uuid(host: &Host, dir: &str) -> Result<Option<String>> {
+pub(crate) async fn job_uuid(host: &Host, dir: &str) -> Result<Option<String>> {
     let out = host
         .exec(&coreutils::head_bytes(&format!("{dir}/{UUID_FILE}"), 64))
         .await?;
@@ -235,9 +237,12 @@ async fn left_running(host: &Host, uuid: &str, dir: &str) -> String {
         .await
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
+    let job = dir.rsplit('/').next().unwrap_or(dir);
+    let resume = crate::live_record::resume_command(job, &host.name);
     format!(
         "left as is: the live-restored domain {name} ({uuid}, {state}) ran on the backup's NBD export, which went with the killed node; what its guest wrote is in its overlays (beside its disks or in {dir}), so neither is removed. \
-         The guest pauses on its next read of the backup: keep {name} if its writes matter (copy them out), else `virsh destroy` and `virsh undefine` it and remove its disks and {dir}; then run `restore --live` again or restore normally"
+         The guest pauses on its next read of the backup. To finish the restore (serve the backup again, resume {name}, copy and pivot its disks): `{resume}` (with the backup's repository); \
+         or keep {name} as it is, or `virsh destroy` and `virsh undefine` it and remove its disks and {dir}, then run `restore --live` again or restore normally"
     )
 }
 

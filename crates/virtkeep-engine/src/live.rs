@@ -7,7 +7,8 @@
 //!
 //! [`LiveBackup::finish`] stops serving, cancels the forward and removes the job
 //! directory; if the node dies instead, the forward ends with its SSH connection and
-//! the directory is under `/run` (gone at the host's next boot, or by `cleanup`).
+//! the directory is under `/run` (gone at the host's next boot, or by `cleanup`; a
+//! live restore's is served again by `restore --resume`: [`LiveBackup::reopen`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,21 +44,9 @@ impl LiveBackup {
         id: &str,
         job: &str,
     ) -> Result<LiveBackup> {
-        let manifest = repo.manifest(id).await?;
-        if parse_domain(&manifest.domain_xml)?.nvram.is_some() {
-            return Err(Error::unsupported(format!(
-                "backup {id} is of a UEFI domain (it has an NVRAM store): booting it from the repository is not supported yet"
-            )));
-        }
-        // Booting the backup's XML runs what it says: QEMU passthrough is refused, as a
-        // restore with --define refuses it without --allow-qemu-passthrough.
-        crate::restore::check_passthrough(&manifest, false)?;
-        let server = virtkeep_files::backup_server(repo, id, DiskViewOptions::default())
-            .await
-            .map_err(|e| Error::new(ErrorKind::Repository, format!("serving backup {id}: {e}")))?;
+        let (manifest, server) = open(repo, id).await?;
         let dir = forward_dir(host, job).await?;
         let socket = format!("{dir}/nbd.sock");
-        let server = Arc::new(server);
         match forward(host, &socket, server.clone()).await {
             Ok((stop, serving)) => Ok(LiveBackup {
                 manifest,
@@ -72,6 +61,25 @@ impl LiveBackup {
                 Err(e)
             }
         }
+    }
+
+    /// Backup `id` for the existing job directory `dir` of a job whose node died, not
+    /// served yet: [`LiveBackup::reforward`] serves it on the socket path its overlays
+    /// name.
+    pub async fn reopen(
+        repo: &virtkeep_repo::Repository,
+        id: &str,
+        dir: &str,
+    ) -> Result<LiveBackup> {
+        let (manifest, server) = open(repo, id).await?;
+        Ok(LiveBackup {
+            manifest,
+            dir: dir.to_string(),
+            socket: format!("{dir}/nbd.sock"),
+            server,
+            stop: None,
+            serving: None,
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -179,10 +187,12 @@ impl LiveBackup {
         self.server.served_bytes()
     }
 
-    /// After the job's SSH connection was lost: serves the backup again on the same
-    /// socket path over `host`, a new connection (the old forward ended with the old
-    /// connection; sshd leaves its socket file, which is removed first, or the new
-    /// listener could not bind). QEMU's NBD client connects to it again by itself.
+    /// After the job's SSH connection was lost (or its node died): serves the backup
+    /// again on the same socket path over `host`, a new connection (the old forward
+    /// ended with the old connection; sshd leaves its socket file, which is removed
+    /// first: with `StreamLocalBindUnlink no`, sshd's default, the new listener could
+    /// not bind; with `yes` sshd would unlink it itself). QEMU's NBD client connects to
+    /// it again by itself.
     pub async fn reforward(&mut self, host: &Host) -> Result<()> {
         self.stop_serving(host).await;
         host.run(&coreutils::rm_f(&self.socket)).await?;
@@ -224,6 +234,24 @@ impl LiveBackup {
 }
 
 type Server = virtkeep_nbd::NbdServer<virtkeep_files::DiskExport>;
+
+/// Backup `id`'s manifest and an NBD server over it, for a domain to boot: not of a
+/// UEFI domain, no QEMU passthrough.
+async fn open(repo: &virtkeep_repo::Repository, id: &str) -> Result<(Manifest, Arc<Server>)> {
+    let manifest = repo.manifest(id).await?;
+    if parse_domain(&manifest.domain_xml)?.nvram.is_some() {
+        return Err(Error::unsupported(format!(
+            "backup {id} is of a UEFI domain (it has an NVRAM store): booting it from the repository is not supported yet"
+        )));
+    }
+    // Booting the backup's XML runs what it says: QEMU passthrough is refused, as a
+    // restore with --define refuses it without --allow-qemu-passthrough.
+    crate::restore::check_passthrough(&manifest, false)?;
+    let server = virtkeep_files::backup_server(repo, id, DiskViewOptions::default())
+        .await
+        .map_err(|e| Error::new(ErrorKind::Repository, format!("serving backup {id}: {e}")))?;
+    Ok((manifest, Arc::new(server)))
+}
 
 /// Most hole ranges marked per disk (the longest kept): a bound on the `qemu-io`
 /// invocations an index full of small holes could cause (~2000 ranges each).

@@ -95,6 +95,12 @@ impl<'a> Link<'a> {
         }
     }
 
+    /// For a run that serves the backup again after its node died: the guest and the
+    /// jobs are handled as in the window after a reconnect, from now.
+    pub fn settle_from_now(&mut self) {
+        self.recovered = Some(Instant::now());
+    }
+
     /// Within the window after the link came back.
     fn settling(&self) -> bool {
         self.recovered
@@ -181,6 +187,8 @@ pub(crate) struct CopyDisk {
     pub path: String,
     /// The overlay the guest runs on and the file with the destination's `<disk>`.
     pub mirror: Mirror,
+    /// Its block job runs already (left by a run whose node died): not started again.
+    pub running: bool,
 }
 
 #[derive(Debug)]
@@ -210,7 +218,7 @@ pub(crate) async fn copy(
     progress: &dyn Progress,
 ) -> Result<()> {
     let limit = throttle();
-    for d in disks {
+    for d in disks.iter().filter(|d| !d.running) {
         link.attempt(live, async |h| start(h, uuid, d, limit).await)
             .await?;
     }
@@ -438,7 +446,7 @@ impl<'a> Counted<'a> {
 }
 
 /// `virsh resume` when the guest is paused on an I/O error.
-async fn resume_if_io_paused(host: &Host, uuid: &str) -> Result<()> {
+pub(crate) async fn resume_if_io_paused(host: &Host, uuid: &str) -> Result<()> {
     let state = host.run_string(&host.virsh().domstate_reason(uuid)).await?;
     if state.starts_with("paused") && state.contains("I/O error") {
         tracing::warn!(host = %host.name, "the guest paused on an I/O error while the link was down; resuming it");
@@ -467,6 +475,7 @@ mod tests {
                 overlay: "/d/.new-vda.img.vkrestore-1".into(),
                 xml_path: "/run/virtkeep/jobs/live-1/dest0.xml".into(),
             },
+            running: false,
         }
     }
 

@@ -18,6 +18,9 @@
 //!
 //! The domain is defined and started on the overlays (I/O errors pause it), so it runs
 //! within seconds, while the copy goes on. At the end nothing refers to the node.
+//! Before anything is created the job directory gets the run's record
+//! ([`crate::live_record`]): if the node dies after the start, `restore --resume JOB`
+//! (`live_resume.rs`) finishes the copy from it.
 //! A failure before the copy is done destroys and undefines the new domain and removes
 //! what this run created: nothing half-restored stays. Only that: every destination and
 //! overlay is created exclusively (an image created by someone else meanwhile makes the
@@ -81,6 +84,9 @@ pub struct LiveRestoreResult {
     /// (holes the copy skips are not read: about the backup's data, not the disks'
     /// virtual size).
     pub served_bytes: u64,
+    /// Whether this run finished a live restore whose node had died
+    /// (`restore --resume JOB`): the times then count from the resume's start.
+    pub resumed: bool,
 }
 
 /// A disk of the live-restored domain.
@@ -145,7 +151,7 @@ pub async fn restore_live(
     };
     let mut link = Link::new(host, lock, &job);
     let uuid = uuid::Uuid::new_v4().to_string();
-    let res = match plan(host, repo, &live, to, &job).await {
+    let res = match plan_and_record(host, repo, &live, to, id).await {
         // Only what this run made is rolled back: `made` records, per disk, what was
         // created (exclusively), and the domain goes by its new UUID.
         // A signal before the copy is done rolls back like any failure.
@@ -193,13 +199,43 @@ pub async fn restore_live(
         time_to_copied_secs: copied,
         reconnects,
         served_bytes,
+        resumed: false,
     })
+}
+
+/// [`plan`] of a new run, then the job's record of it
+/// ([`crate::live_record::JobRecord`]) in the job directory, for a resume after the
+/// node died.
+async fn plan_and_record(
+    host: &Host,
+    repo: &virtkeep_repo::Repository,
+    live: &LiveBackup,
+    to: LiveTarget<'_>,
+    backup: &str,
+) -> Result<Vec<Planned>> {
+    let job = live
+        .dir()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let disks = plan(host, live, to, &job, PlanFor::NewRun(repo)).await?;
+    let rec = crate::live_record::JobRecord {
+        backup: backup.to_string(),
+        repository: repo.id().to_string(),
+        name: to.name.to_string(),
+        storage: to.storage.spec().unwrap_or_default(),
+        disks: disks.iter().map(Planned::recorded).collect(),
+    };
+    rec.write(host, live.dir()).await?;
+    Ok(disks)
 }
 
 /// The error of a live restore whose link did not come back: what state the domain is
 /// in and what to do.
 fn left_as_is(e: Error, host: &Host, name: &str, dir: &str) -> Error {
     let h = &host.name;
+    let resume = crate::live_record::resume_command(dir.rsplit('/').next().unwrap_or(dir), h);
     Error::new(
         ErrorKind::Unfinished,
         format!(
@@ -207,18 +243,18 @@ fn left_as_is(e: Error, host: &Host, name: &str, dir: &str) -> Error {
         ),
     )
     .hint(format!(
-        "nothing was removed (the guest's writes are only in its overlays). Once {h} is reachable, `virtkeep cleanup {h}` reports the job as left as is: keep the guest to save its writes, or destroy and undefine {name} and remove its disks and {dir}, then run `restore --live` again or restore normally"
+        "nothing was removed (the guest's writes are only in its overlays). Once {h} is reachable, `{resume}` serves the backup again and finishes the copy (`virtkeep cleanup {h}` reports the job as left as is); or keep the guest as it is, or destroy and undefine {name} and remove its disks and {dir}, then run `restore --live` again or restore normally"
     ))
 }
 
 /// One disk of the plan: where it ends, and how its data gets there.
 #[derive(Debug)]
-struct Planned {
-    report: LiveDisk,
+pub(crate) struct Planned {
+    pub(crate) report: LiveDisk,
     dest: Box<dyn Destination>,
     /// The qcow2 overlay over the export the guest runs on until `blockcopy` mirrored
     /// it into the destination (created empty).
-    overlay: String,
+    pub(crate) overlay: String,
 }
 
 impl Planned {
@@ -226,23 +262,45 @@ impl Planned {
     fn overlay(&self) -> &str {
         &self.overlay
     }
+
+    /// The disk as the job's record has it.
+    pub(crate) fn recorded(&self) -> crate::live_record::RecordedDisk {
+        crate::live_record::RecordedDisk {
+            target: self.report.target.clone(),
+            format: self.report.format.clone(),
+            path: self.report.path.clone(),
+            overlay: self.overlay.clone(),
+        }
+    }
+}
+
+/// What [`plan`] is for.
+#[derive(Clone, Copy)]
+pub(crate) enum PlanFor<'a> {
+    /// A new live restore from this repository: no destination may exist, and each
+    /// must have room for the backup's data, as for a restore (the overlays only take
+    /// what the guest writes during the copy).
+    NewRun(&'a virtkeep_repo::Repository),
+    /// A resume: the destinations exist, made by the job.
+    Resume,
 }
 
 /// Where each disk goes: where a restore under `to.name` with `to.storage` would put
-/// it; none may exist, and each must have room for the backup's data, as for a
-/// restore (the overlays only take what the guest writes during the copy).
-async fn plan(
+/// it, with the checks of what the plan is `made_for`.
+pub(crate) async fn plan(
     host: &Host,
-    repo: &virtkeep_repo::Repository,
     live: &LiveBackup,
     to: LiveTarget<'_>,
     job: &str,
+    made_for: PlanFor<'_>,
 ) -> Result<Vec<Planned>> {
     let manifest = live.manifest();
     let domain = virtkeep_libvirt::parse_domain(&manifest.domain_xml)?;
     let placed = place_all(host, manifest, to).await?;
-    let written: Vec<_> = placed.iter().map(|(m, d)| (*m, d.as_ref())).collect();
-    check_space(host, repo, &manifest.id, &written).await?;
+    if let PlanFor::NewRun(repo) = made_for {
+        let written: Vec<_> = placed.iter().map(|(m, d)| (*m, d.as_ref())).collect();
+        check_space(host, repo, &manifest.id, &written).await?;
+    }
     let mut out = Vec::new();
     for (i, (m, dest)) in placed.into_iter().enumerate() {
         // On the host: no symlink, the Ceph secret, … and nothing there yet.
@@ -251,7 +309,7 @@ async fn plan(
             domain: &domain,
             define: true,
         };
-        if dest.check(host, &check).await? {
+        if dest.check(host, &check).await? && matches!(made_for, PlanFor::NewRun(_)) {
             return Err(
                 Error::conflict(format!("{} exists on {}", dest.describe(), host.name))
                     .hint("live restore never overwrites: choose another --name or --storage"),
@@ -324,8 +382,6 @@ struct Made {
 
 /// Destinations, overlays, define, start, copy. Returns (time to running, time to
 /// copied); `made` records what was created, disk by disk. The domain is `(name, uuid)`
-/// Destinations, overlays, define, start, copy. Returns (time to running, time to
-/// copied); `made` records what was created, disk by disk. The domain is `(name, uuid)`
 /// and is handled by its UUID once defined.
 async fn run(
     link: &mut Link<'_>,
@@ -374,7 +430,7 @@ async fn create_and_start(
 
 /// What the copy needs of each disk; a mirrored disk's destination `<disk>` (from the
 /// XML as a restore would define it) is uploaded into the job directory `dir`.
-async fn stage_copies(
+pub(crate) async fn stage_copies(
     host: &Host,
     dir: &str,
     finals: &str,
@@ -392,6 +448,7 @@ async fn stage_copies(
                 overlay: d.overlay.clone(),
                 xml_path,
             },
+            running: false,
         });
     }
     Ok(out)
@@ -514,7 +571,7 @@ async fn define_and_start(
 
 /// The backup's domain XML with every disk at its final place, as a restore under the
 /// new name would define it: the `<disk>` elements `blockcopy` mirrors into.
-fn final_xml(live: &LiveBackup, disks: &[Planned]) -> Result<String> {
+pub(crate) fn final_xml(live: &LiveBackup, disks: &[Planned]) -> Result<String> {
     let rw = Rewrite {
         remove_disks: live.disks_not_backed_up()?,
         disk_sources: disks
@@ -532,7 +589,11 @@ fn final_xml(live: &LiveBackup, disks: &[Planned]) -> Result<String> {
 
 /// After the copy neither the running domain nor its definition may name the job
 /// directory (the socket) any more.
-async fn check_detached(host: &Host, (name, uuid): (&str, &str), dir: &str) -> Result<()> {
+pub(crate) async fn check_detached(
+    host: &Host,
+    (name, uuid): (&str, &str),
+    dir: &str,
+) -> Result<()> {
     for inactive in [false, true] {
         let xml = host
             .run_string(&host.virsh().dumpxml(uuid, inactive))

@@ -403,7 +403,8 @@ pub struct SnapshotIdsArgs {
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// Backup id (from `virtkeep snapshots`), a unique prefix of it, or HOST/VM@latest
-    pub snapshot: String,
+    #[arg(required_unless_present = "resume")]
+    pub snapshot: Option<String>,
     /// Host to restore onto
     #[arg(long, required_unless_present = "to_file")]
     pub to: Option<String>,
@@ -455,6 +456,14 @@ pub struct RestoreArgs {
     /// with `virtkeep jobs`)
     #[arg(long, requires = "live")]
     pub detach: bool,
+    /// Finish a live restore whose node died after its domain started (JOB as `cleanup`
+    /// reports it, live-…): serve the backup again, resume the domain, copy and pivot its
+    /// disks; needs --to and the repository it ran from
+    #[arg(long, value_name = "JOB", requires = "to", conflicts_with_all = [
+        "snapshot", "live", "detach", "to_file", "dry_run", "name", "storage", "owner", "disk",
+        "define", "start", "force", "allow_qemu_passthrough",
+    ])]
+    pub resume: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -720,6 +729,30 @@ mod restore_args_tests {
         match with.expect("--live --detach").command {
             Command::Restore(a) => assert!(a.live && a.detach),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// `--resume JOB` takes the place of the backup id, needs `--to` and goes with no
+    /// other restore option.
+    #[test]
+    fn resume_needs_to_and_nothing_else() {
+        let ok = Cli::try_parse_from(["virtkeep", "restore", "--resume", "live-1", "--to", "lab"]);
+        match ok.expect("--resume --to").command {
+            Command::Restore(a) => {
+                assert_eq!(a.resume.as_deref(), Some("live-1"));
+                assert_eq!(a.snapshot, None);
+            }
+            _ => panic!("not restore"),
+        }
+        for bad in [
+            &["--resume", "live-1"][..],
+            &["abc", "--resume", "live-1", "--to", "lab"],
+            &["--resume", "live-1", "--to", "lab", "--live", "--name", "n"],
+            &["--resume", "live-1", "--to", "lab", "--storage", "lvm:vg"],
+            &[],
+        ] {
+            let args = ["virtkeep", "restore"].iter().chain(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
         }
     }
 }

@@ -582,6 +582,9 @@ async fn restore_cmd(
     if args.live {
         return crate::live_cmds::restore_live(settings, args, json).await;
     }
+    if let Some(job) = &args.resume {
+        return crate::live_cmds::resume_live(settings, &args, job, json).await;
+    }
     let repo = settings.open_repo(&args.repo).await?;
     if let Some(path) = &args.to_file {
         return restore_to_file_cmd(&repo, &args, path, json).await;
@@ -600,7 +603,7 @@ async fn restore_cmd(
     };
     let host = connect(settings, args.to.as_deref().unwrap_or_default()).await?;
     let opts = RestoreOptions {
-        snapshot: args.snapshot.clone(),
+        snapshot: args.snapshot.clone().unwrap_or_default(),
         name: args.name.clone(),
         storage,
         owner,
@@ -680,7 +683,7 @@ async fn restore_to_file_cmd(
 ) -> anyhow::Result<ExitCode> {
     use virtkeep_engine::restore::local;
     let opts = local::LocalOptions {
-        snapshot: args.snapshot.clone(),
+        snapshot: args.snapshot.clone().unwrap_or_default(),
         disk: args.disk.first().cloned().unwrap_or_default(),
         path: path.to_path_buf(),
         format: local::FileFormat::parse(&args.format)?,

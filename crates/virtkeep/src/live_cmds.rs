@@ -91,7 +91,9 @@ pub async fn restore_live(
     }
     let storage = Storage::parse(args.storage.as_deref())?;
     let repo = settings.open_repo(&args.repo).await?;
-    let id = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let id =
+        virtkeep_engine::snapshot_ref::resolve(&repo, args.snapshot.as_deref().unwrap_or_default())
+            .await?;
     let host = settings
         .connect(args.to.as_deref().unwrap_or_default())
         .await?;
@@ -106,18 +108,49 @@ pub async fn restore_live(
     };
     let r =
         virtkeep_engine::live_restore::restore_live(&host, &repo, &id, to, stop_signal()?).await?;
-    if json {
-        print_json(&r)?;
-    } else {
-        println!(
-            "{} running after {:.1} s, copied after {:.1} s",
-            r.vm, r.time_to_running_secs, r.time_to_copied_secs
-        );
-        for d in &r.disks {
-            println!("  {} -> {} ({})", d.target, d.path, d.format);
-        }
-    }
+    print_live_result(&r, json)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `restore --resume JOB --to HOST`: finishes a live restore whose node died (exit 0
+/// once copied, as `restore --live`; 4 when the link is lost for good again).
+pub async fn resume_live(
+    settings: &Settings,
+    args: &RestoreArgs,
+    job: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let repo = settings.open_repo(&args.repo).await?;
+    let host = settings
+        .connect(args.to.as_deref().unwrap_or_default())
+        .await?;
+    if !json {
+        eprintln!("resuming live restore job {job} on {}", host.name);
+    }
+    let progress = &virtkeep_engine::progress::NoProgress;
+    let r = virtkeep_engine::live_resume::resume_live(&host, &repo, job, progress).await?;
+    print_live_result(&r, json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_live_result(
+    r: &virtkeep_engine::live_restore::LiveRestoreResult,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(r);
+    }
+    println!(
+        "{} {}running after {:.1} s, copied after {:.1} s",
+        r.vm,
+        if r.resumed { "resumed: " } else { "" },
+        r.time_to_running_secs,
+        r.time_to_copied_secs
+    );
+    for d in &r.disks {
+        println!("  {} -> {} ({})", d.target, d.path, d.format);
+    }
+    Ok(())
 }
 
 /// SIGINT or SIGTERM: the engine then destroys what it made before returning.

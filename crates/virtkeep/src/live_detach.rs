@@ -57,7 +57,9 @@ pub async fn restore_live_detached(
     Storage::parse(args.storage.as_deref())?;
     let repository = repository_name(settings, &args.repo)?;
     let repo = settings.open_repo(&args.repo).await?;
-    let snapshot = virtkeep_engine::snapshot_ref::resolve(&repo, &args.snapshot).await?;
+    let snapshot =
+        virtkeep_engine::snapshot_ref::resolve(&repo, args.snapshot.as_deref().unwrap_or_default())
+            .await?;
     let name = args.name.clone().unwrap_or_default();
     let request = JobRequest::Restore {
         snapshot: snapshot.clone(),

@@ -51,6 +51,16 @@ impl Storage {
             ))),
         }
     }
+
+    /// `--storage` as [`Storage::parse`] reads it back (`None`: each disk's own place).
+    pub fn spec(&self) -> Option<String> {
+        match self {
+            Storage::Original => None,
+            Storage::FileDir(dir) => Some(format!("file:{dir}")),
+            Storage::Rbd(pool) => Some(format!("rbd:{pool}")),
+            Storage::Lvm(vg) => Some(format!("lvm:{vg}")),
+        }
+    }
 }
 
 /// Options of one restore (`virtkeep restore`).
@@ -135,5 +145,10 @@ mod tests {
         ] {
             assert!(Storage::parse(Some(bad)).is_err(), "{bad}");
         }
+        for s in ["file:/a/b", "rbd:pool", "lvm:vg0"] {
+            let st = Storage::parse(Some(s)).expect("parse");
+            assert_eq!(st.spec().as_deref(), Some(s));
+        }
+        assert_eq!(Storage::Original.spec(), None);
     }
 }

@@ -1111,6 +1111,8 @@ fn cleanup_after_a_killed_live_restore(node: &Node, b: &Value) {
     assert!(!early_rbd_left, "the RBD image it created was left: {r:#}");
     assert_eq!(left, ran_dir, "{r:#}");
     assert!(ran_actions.contains("left as is"), "{r:#}");
+    let resume = format!("virtkeep restore --resume {} --to {HOST}", ran_dir[0]);
+    assert!(ran_actions.contains(&resume), "{resume} not named: {r:#}");
     assert!(
         ran_defined.is_ok(),
         "the domain that ran was removed: {r:#}"

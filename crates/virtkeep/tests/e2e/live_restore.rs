@@ -1,7 +1,8 @@
 //! `restore --live` beyond its first run: `--storage` (the disks go where a normal
 //! restore with the same `--storage` puts them), a destination without room (refused
-//! before anything is made) and a link that never comes back (exit 4, the domain left
-//! as it is, `cleanup` reports it).
+//! before anything is made), a link that never comes back (exit 4, the domain left as
+//! it is, `cleanup` reports it), and a node killed mid-copy (`restore --resume JOB`
+//! finishes it).
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,8 @@ use virtkeep_lab::{TestVm, lab, unique_name};
 
 use crate::harness::{HOST, Node};
 use crate::live::{
-    live_job_dirs, live_restore_held_with, marker_sector, reader_sector, write_sector,
+    assert_pool_disks, live_job_dirs, live_restore_held_with, marker_sector, reader_sector,
+    write_sector,
 };
 use crate::restore_space::SmallMount;
 
@@ -383,6 +385,8 @@ fn live_restore_left_as_is_when_the_link_never_comes_back() {
     let job = job.unwrap_or_else(|| panic!("no job directory in {message}"));
     assert!(jobs_before.contains(&job), "{job} not in {jobs_before:?}");
     assert!(hint.contains(&job), "{hint}");
+    let resume = format!("virtkeep restore --resume {job} --to relayed");
+    assert!(hint.contains(&resume), "{resume} not in {hint}");
     let report = report.unwrap_or_else(|| panic!("cleanup did not report {job}: {c:#}"));
     assert!(
         report.contains("left as is") && report.contains(&new_name),
@@ -440,4 +444,191 @@ fn live_restore_without_room_is_refused_before_anything_is_made() {
     assert!(lab().try_virsh(&["domuuid", "--domain", &name]).is_err());
     assert_eq!(live_job_dirs(), before, "a job directory was left");
     drop(guard);
+}
+
+/// `restore --resume JOB`, run with `--json`: its exit code and what it printed.
+fn resume(node: &Node, job: &str) -> (Option<i32>, Value, String) {
+    let out = node.run(&["--json", "restore", "--resume", job, "--to", HOST]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}): {}\n{err}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out.status.code(), json, err)
+}
+
+/// The node SIGKILLed while `restore --live` copies (held at `live-restore-copying`:
+/// its block jobs run, started at 4 KiB/s; QEMU's first burst copies these small disks
+/// but the jobs wait to be pivoted), after the guest (which reads its disk in a loop)
+/// wrote into its overlays: the guest pauses on an I/O error at its next read. While
+/// the node still held the job, `restore --resume JOB` was refused; a job that does not
+/// exist is refused too. One disk (vdb) had pivoted before the kill (the test pivots its
+/// ready mirror). Then `restore --resume JOB` serves the backup again, resumes the
+/// guest, skips vdb (its overlay removed), follows the job the killed run left on vda
+/// and pivots it: the result is that of `restore --live` (`resumed`), the domain runs,
+/// its disks (a raw and a qcow2 file) equal the backup plus the guest's writes, its XML
+/// names only them, and no job directory, socket or overlay is left.
+#[test]
+fn live_restore_resumed_after_its_node_was_killed_mid_copy() {
+    let (_, err) = killed_then_resumed("vresume", "live-restore-copying", Some("vdb"));
+    assert!(err.contains("its block job still runs"), "{err}");
+    assert!(err.contains("pivoted before the node died"), "{err}");
+}
+
+/// As above, the node killed once the domain runs but before any block job started
+/// (held at `live-restore-running`): the resume starts the copies, which read the
+/// backup over the new connection (`served_bytes`), with the same end state.
+#[test]
+fn live_restore_resumed_after_its_node_was_killed_before_the_copy() {
+    let (r, err) = killed_then_resumed("vresume0", "live-restore-running", None);
+    assert!(r["served_bytes"].as_u64() > Some(0), "{r:#}\n{err}");
+}
+
+/// A live restore held at `failpoint` and SIGKILLed there (after the disk `pivoted`
+/// pivoted), then resumed (see the tests above; both assert all of it): the resume's
+/// result and stderr.
+fn killed_then_resumed(tag: &str, failpoint: &str, pivoted: Option<&str>) -> (Value, String) {
+    let node = Node::new();
+    let vm = TestVm::builder(tag)
+        .raw_disk(2 * MIB)
+        .qcow2_disk(2 * MIB)
+        .running(false)
+        .build();
+    write_sector(&vm, &reader_sector());
+    vm.write_pattern("vda", 0x5A, 256 * 1024, 512 * 1024);
+    vm.write_pattern("vdb", 0x5B, 64 * 1024, MIB);
+    let b = node.backup(&vm.name, &[]);
+    let writes = [
+        ("vda", 0xA3u8, MIB, 64 * 1024),
+        ("vdb", 0xB3, MIB + 4096, 8192),
+    ];
+    for (t, p, off, len) in writes {
+        vm.write_pattern(t, p, off, len);
+    }
+    let want: Vec<String> = ["vda", "vdb"].iter().map(|t| vm.disk_checksum(t)).collect();
+    let new_name = unique_name(&format!("{tag}-new"));
+    let restored = TestVm::adopt(&new_name);
+    let jobs_before = live_job_dirs();
+    let (mut child, reader) = live_restore_held_with(
+        &node,
+        (HOST, b["id"].as_str().expect("id"), &new_name),
+        failpoint,
+        &[("VIRTKEEP_LIVE_COPY_BYTES_PER_SEC", "4096")],
+        &[],
+    );
+    let running = TestVm::adopt(&new_name);
+    for (t, p, off, len) in writes {
+        running.write_pattern(t, p, off, len);
+    }
+    let job: Vec<String> = live_job_dirs()
+        .into_iter()
+        .filter(|j| !jobs_before.contains(j))
+        .collect();
+    assert_eq!(job.len(), 1, "{job:?}");
+    let job = job[0].clone();
+    let held = resume(&node, &job);
+    if let Some(t) = pivoted {
+        pivot_when_ready(&new_name, t);
+    }
+    child.kill().expect("SIGKILL the node");
+    let _ = child.wait();
+    let _ = reader.join();
+    let unknown = resume(&node, "live-000000000000");
+    // Paused on an I/O error once it read, or still running: either is resumed.
+    let before = lab().try_virsh(&["domstate", "--reason", "--domain", &new_name]);
+    let (code, r, err) = resume(&node, &job);
+    let state = lab().try_virsh(&["domstate", "--reason", "--domain", &new_name]);
+    let xmls: Vec<String> = [&["dumpxml"][..], &["dumpxml", "--inactive"]]
+        .iter()
+        .map(|a| {
+            let mut args = a.to_vec();
+            args.extend(["--domain", new_name.as_str()]);
+            lab().try_virsh(&args).unwrap_or_default()
+        })
+        .collect();
+    restored.stop();
+    let files = in_pool(&new_name);
+    let job_left = Path::new("/run/virtkeep/jobs").join(&job).exists();
+    eprintln!(
+        "held: {:#}\nunknown: {:#}\nbefore the resume: {before:?}\nresume: {r:#}\n{err}",
+        held.1, unknown.1
+    );
+    assert_eq!(held.0, Some(1), "{:#}", held.1);
+    assert_eq!(held.1["error"]["kind"], "conflict", "{:#}", held.1);
+    assert!(
+        held.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("still running") && m.contains(&job)),
+        "{:#}",
+        held.1
+    );
+    assert_eq!(unknown.0, Some(1), "{:#}", unknown.1);
+    assert!(
+        unknown.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no live restore job live-000000000000")),
+        "{:#}",
+        unknown.1
+    );
+    assert_eq!(code, Some(0), "{r:#}\n{err}");
+    assert_eq!(r["resumed"], true, "{r:#}");
+    assert_eq!(r["vm"], new_name.as_str(), "{r:#}");
+    assert_eq!(r["snapshot"], b["id"], "{r:#}");
+    assert_eq!(r["disks"].as_array().map(Vec::len), Some(2), "{r:#}");
+    assert_eq!(
+        state.as_deref().map(str::trim),
+        Ok("running (unpaused)"),
+        "{err}"
+    );
+    assert_pool_disks(&new_name, &[("vda", "raw"), ("vdb", "qcow2")], &want);
+    for xml in &xmls {
+        assert!(
+            xml.contains(&format!("{new_name}-vda.img"))
+                && xml.contains(&format!("{new_name}-vdb.qcow2")),
+            "{xml}"
+        );
+        assert!(
+            !xml.contains("nbd") && !xml.contains("/run/virtkeep") && !xml.contains(".vkrestore-"),
+            "the domain still refers to the node or an overlay:\n{xml}"
+        );
+    }
+    assert_eq!(
+        files,
+        [
+            format!("{new_name}-vda.img"),
+            format!("{new_name}-vdb.qcow2")
+        ],
+        "overlays left"
+    );
+    assert!(!job_left, "{job} left");
+    drop(running);
+    drop(restored);
+    (r, err)
+}
+
+/// Lifts the speed limit of the block copy on `target` of `vm`, waits until its mirror
+/// is ready and pivots it (what the killed run would have done next).
+fn pivot_when_ready(vm: &str, target: &str) {
+    let job = ["blockjob", "--domain", vm, "--path", target];
+    lab().virsh(&[&job[..], &["--bandwidth", "0", "--bytes"]].concat());
+    let dev = format!("dev='{target}'");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let xml = lab().virsh(&["dumpxml", "--domain", vm]);
+        let ready = xml
+            .split("<disk ")
+            .find(|d| d.contains(&dev))
+            .is_some_and(|d| d.contains("ready='yes'"));
+        if ready {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy of {target} never got ready:\n{xml}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lab().virsh(&[&job[..], &["--pivot"]].concat());
 }
