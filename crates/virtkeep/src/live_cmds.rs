@@ -101,10 +101,11 @@ pub async fn restore_live(
     if !json {
         eprintln!("starting {name} on backup {id}; its disks are copied while it runs");
     }
+    let progress = crate::output::progress(json);
     let to = LiveTarget {
         name,
         storage: &storage,
-        progress: &virtkeep_engine::progress::NoProgress,
+        progress: progress.as_ref(),
     };
     let r =
         virtkeep_engine::live_restore::restore_live(&host, &repo, &id, to, stop_signal()?).await?;
@@ -127,8 +128,8 @@ pub async fn resume_live(
     if !json {
         eprintln!("resuming live restore job {job} on {}", host.name);
     }
-    let progress = &virtkeep_engine::progress::NoProgress;
-    let r = virtkeep_engine::live_resume::resume_live(&host, &repo, job, progress).await?;
+    let progress = crate::output::progress(json);
+    let r = virtkeep_engine::live_resume::resume_live(&host, &repo, job, progress.as_ref()).await?;
     print_live_result(&r, json)?;
     Ok(ExitCode::SUCCESS)
 }
