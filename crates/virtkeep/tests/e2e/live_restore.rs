@@ -468,8 +468,9 @@ fn resume(node: &Node, job: &str) -> (Option<i32>, Value, String) {
 /// ready mirror). Then `restore --resume JOB` serves the backup again, resumes the
 /// guest, skips vdb (its overlay removed), follows the job the killed run left on vda
 /// and pivots it: the result is that of `restore --live` (`resumed`), the domain runs,
-/// its disks (a raw and a qcow2 file) equal the backup plus the guest's writes, its XML
-/// names only them, and no job directory, socket or overlay is left.
+/// its disks (a raw and a qcow2 file, and an RBD image whose overlay was in the job
+/// directory) equal the backup plus the guest's writes, its XML names only them, and no
+/// job directory, socket or overlay is left.
 #[test]
 fn live_restore_resumed_after_its_node_was_killed_mid_copy() {
     let (_, err) = killed_then_resumed("vresume", "live-restore-copying", Some("vdb"));
@@ -494,21 +495,30 @@ fn killed_then_resumed(tag: &str, failpoint: &str, pivoted: Option<&str>) -> (Va
     let vm = TestVm::builder(tag)
         .raw_disk(2 * MIB)
         .qcow2_disk(2 * MIB)
+        .rbd_disk(MIB)
         .running(false)
         .build();
     write_sector(&vm, &reader_sector());
     vm.write_pattern("vda", 0x5A, 256 * 1024, 512 * 1024);
     vm.write_pattern("vdb", 0x5B, 64 * 1024, MIB);
+    vm.write_pattern("vdc", 0x5C, 0, 256 * 1024);
     let b = node.backup(&vm.name, &[]);
     let writes = [
         ("vda", 0xA3u8, MIB, 64 * 1024),
         ("vdb", 0xB3, MIB + 4096, 8192),
+        ("vdc", 0xC3, 512 * 1024, 8192),
     ];
     for (t, p, off, len) in writes {
         vm.write_pattern(t, p, off, len);
     }
-    let want: Vec<String> = ["vda", "vdb"].iter().map(|t| vm.disk_checksum(t)).collect();
+    let want: Vec<String> = ["vda", "vdb", "vdc"]
+        .iter()
+        .map(|t| vm.disk_checksum(t))
+        .collect();
     let new_name = unique_name(&format!("{tag}-new"));
+    // The RBD disk goes to an image of the new name in the same pool (its overlay is
+    // in the job directory).
+    let image = format!("{}/{new_name}-vdc", lab().ceph_pool);
     let restored = TestVm::adopt(&new_name);
     let jobs_before = live_job_dirs();
     let (mut child, reader) = live_restore_held_with(
@@ -551,6 +561,10 @@ fn killed_then_resumed(tag: &str, failpoint: &str, pivoted: Option<&str>) -> (Va
     restored.stop();
     let files = in_pool(&new_name);
     let job_left = Path::new("/run/virtkeep/jobs").join(&job).exists();
+    let rbd_got = lab()
+        .try_rbd(&["info", &image])
+        .map(|_| virtkeep_lab::rbd_checksum(&image));
+    let _ = lab().try_rbd(&["rm", &image]);
     eprintln!(
         "held: {:#}\nunknown: {:#}\nbefore the resume: {before:?}\nresume: {r:#}\n{err}",
         held.1, unknown.1
@@ -576,17 +590,19 @@ fn killed_then_resumed(tag: &str, failpoint: &str, pivoted: Option<&str>) -> (Va
     assert_eq!(r["resumed"], true, "{r:#}");
     assert_eq!(r["vm"], new_name.as_str(), "{r:#}");
     assert_eq!(r["snapshot"], b["id"], "{r:#}");
-    assert_eq!(r["disks"].as_array().map(Vec::len), Some(2), "{r:#}");
+    assert_eq!(r["disks"].as_array().map(Vec::len), Some(3), "{r:#}");
     assert_eq!(
         state.as_deref().map(str::trim),
         Ok("running (unpaused)"),
         "{err}"
     );
-    assert_pool_disks(&new_name, &[("vda", "raw"), ("vdb", "qcow2")], &want);
+    assert_pool_disks(&new_name, &[("vda", "raw"), ("vdb", "qcow2")], &want[..2]);
+    assert_eq!(rbd_got.as_ref(), Ok(&want[2]), "{image}: backup + writes");
     for xml in &xmls {
         assert!(
             xml.contains(&format!("{new_name}-vda.img"))
-                && xml.contains(&format!("{new_name}-vdb.qcow2")),
+                && xml.contains(&format!("{new_name}-vdb.qcow2"))
+                && xml.contains(&format!("name='{image}'")),
             "{xml}"
         );
         assert!(
