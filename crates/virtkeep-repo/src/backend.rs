@@ -15,7 +15,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 use crate::error::{RepoError, Result};
 
+mod group_sync;
 mod s3_lock;
+use group_sync::GroupSync;
 pub use s3_lock::LockedS3Backend;
 use s3_lock::{BucketLock, RawS3};
 
@@ -83,6 +85,13 @@ pub trait ChunkBackend: Send + Sync + Debug + 'static {
     /// Create-only write. Returns [`PutOutcome::Existed`] (and writes nothing) when the key
     /// exists.
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome>;
+    /// [`ChunkBackend::put_if_absent`] of a chunk (content-addressed). Its name may be lost
+    /// in a crash until the next write that is not a chunk has returned, but never exists
+    /// without its bytes (deduplication trusts existing names). Lets a backend make many
+    /// chunks durable at once.
+    async fn put_chunk(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
+        self.put_if_absent(key, data).await
+    }
     /// Atomic overwrite (metadata, leases, and refreshing a chunk's modification time).
     async fn put(&self, key: &str, data: Bytes) -> Result<()>;
     /// Read a whole object; `None` when missing.
@@ -132,11 +141,20 @@ pub const PRIVATE_DIR_MODE: u32 = 0o700;
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Local filesystem backend: one file per object, temp file + rename (or hard link for
-/// create-only), optional fsync of the file and its directory.
-#[derive(Debug)]
+/// create-only), optional fsync. Chunks are made durable in groups (`group_sync.rs`).
+#[derive(Debug, Clone)]
 pub struct FsBackend {
     root: PathBuf,
     fsync: bool,
+    durability: Arc<Durability>,
+}
+
+/// The group barrier and the descriptor its `syncfs` runs on (opened before the first
+/// chunk is written, so it sees every writeback error after that).
+#[derive(Debug, Default)]
+struct Durability {
+    group: GroupSync,
+    root: std::sync::OnceLock<std::fs::File>,
 }
 
 impl FsBackend {
@@ -145,6 +163,7 @@ impl FsBackend {
         FsBackend {
             root: root.into(),
             fsync,
+            durability: Arc::default(),
         }
     }
 
@@ -162,7 +181,8 @@ impl FsBackend {
         Ok(self.root.join(key))
     }
 
-    fn write_temp(&self, path: &Path, data: &[u8]) -> Result<PathBuf> {
+    /// Write `data` next to `path` under a temporary name; `sync`: fsync it.
+    fn write_temp(&self, path: &Path, data: &[u8], sync: bool) -> Result<PathBuf> {
         let dir = path
             .parent()
             .ok_or_else(|| RepoError::InvalidArgument(format!("no parent for {path:?}")))?;
@@ -187,7 +207,7 @@ impl FsBackend {
         let mut f = opts.open(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
         let res = f
             .write_all(data)
-            .and_then(|()| if self.fsync { f.sync_all() } else { Ok(()) });
+            .and_then(|()| if sync { f.sync_all() } else { Ok(()) });
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
             return Err(RepoError::io(&tmp, e));
@@ -205,6 +225,53 @@ impl FsBackend {
         }
         Ok(())
     }
+
+    /// The descriptor the group barrier syncs the filesystem through (the root is made
+    /// when missing, as any write would).
+    fn sync_root(&self) -> Result<&std::fs::File> {
+        if let Some(f) = self.durability.root.get() {
+            return Ok(f);
+        }
+        let mut dirs = std::fs::DirBuilder::new();
+        dirs.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut dirs, PRIVATE_DIR_MODE);
+        dirs.create(&self.root)
+            .map_err(|e| RepoError::io(&self.root, e))?;
+        let f = std::fs::File::open(&self.root).map_err(|e| RepoError::io(&self.root, e))?;
+        Ok(self.durability.root.get_or_init(|| f))
+    }
+
+    /// A group barrier (with fsync on): everything written before the call, by this
+    /// process or another, is durable after it.
+    fn barrier(&self) -> Result<()> {
+        if !self.fsync {
+            return Ok(());
+        }
+        let root = self.sync_root()?;
+        self.durability
+            .group
+            .barrier(|| syncfs(root))
+            .map_err(|e| RepoError::io(&self.root, e))
+    }
+
+    /// Create-only link of a written temporary file; removes the temporary file.
+    fn link_new(tmp: &Path, path: &Path) -> Result<PutOutcome> {
+        // link(2) fails with EEXIST when the target exists: create-only semantics.
+        let res = std::fs::hard_link(tmp, path);
+        let _ = std::fs::remove_file(tmp);
+        match res {
+            Ok(()) => Ok(PutOutcome::Created),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(PutOutcome::Existed),
+            Err(e) => Err(RepoError::io(path, e)),
+        }
+    }
+}
+
+/// `syncfs(2)` of the filesystem `dir` is on: its dirty data and metadata, one journal
+/// commit.
+fn syncfs(dir: &std::fs::File) -> std::io::Result<()> {
+    rustix::fs::syncfs(dir).map_err(std::io::Error::from)
 }
 
 async fn io_blocking<T: Send + 'static>(
@@ -217,32 +284,52 @@ async fn io_blocking<T: Send + 'static>(
 impl ChunkBackend for FsBackend {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
         let path = self.path(key)?;
-        let this = FsBackend::new(self.root.clone(), self.fsync);
+        let this = self.clone();
         io_blocking(move || {
             if path.exists() {
                 return Ok(PutOutcome::Existed);
             }
-            let tmp = this.write_temp(&path, &data)?;
-            // link(2) fails with EEXIST when the target exists: create-only semantics.
-            let res = std::fs::hard_link(&tmp, &path);
-            let _ = std::fs::remove_file(&tmp);
-            match res {
-                Ok(()) => {
-                    this.sync_dir(&path)?;
-                    Ok(PutOutcome::Created)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(PutOutcome::Existed),
-                Err(e) => Err(RepoError::io(&path, e)),
+            // Chunk names this object may refer to are durable before it is.
+            this.barrier()?;
+            let tmp = this.write_temp(&path, &data, this.fsync)?;
+            let outcome = Self::link_new(&tmp, &path)?;
+            if outcome == PutOutcome::Created {
+                this.sync_dir(&path)?;
             }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn put_chunk(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
+        let path = self.path(key)?;
+        let this = self.clone();
+        io_blocking(move || {
+            if path.exists() {
+                return Ok(PutOutcome::Existed);
+            }
+            if this.fsync {
+                // Open before the write: syncfs reports writeback errors after the open.
+                this.sync_root()?;
+            }
+            let tmp = this.write_temp(&path, &data, false)?;
+            if let Err(e) = this.barrier() {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            // Durable with the next barrier: every object that may name it takes one.
+            Self::link_new(&tmp, &path)
         })
         .await
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key)?;
-        let this = FsBackend::new(self.root.clone(), self.fsync);
+        let this = self.clone();
         io_blocking(move || {
-            let tmp = this.write_temp(&path, &data)?;
+            // Chunk names this object may refer to are durable before it is.
+            this.barrier()?;
+            let tmp = this.write_temp(&path, &data, this.fsync)?;
             if let Err(e) = std::fs::rename(&tmp, &path) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(RepoError::io(&path, e));
