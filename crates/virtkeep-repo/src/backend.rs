@@ -146,15 +146,35 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 pub struct FsBackend {
     root: PathBuf,
     fsync: bool,
-    durability: Arc<Durability>,
+    durability: Arc<GroupSync<Pending>>,
 }
 
-/// The group barrier and the descriptor its `syncfs` runs on (opened before the first
-/// chunk is written, so it sees every writeback error after that).
+/// What the next group barrier makes durable (see `group_sync.rs`).
 #[derive(Debug, Default)]
-struct Durability {
-    group: GroupSync,
-    root: std::sync::OnceLock<std::fs::File>,
+struct Pending {
+    /// Chunk files written without fsync, still open.
+    files: Vec<std::fs::File>,
+    /// Directories that got a chunk's name since the last barrier.
+    dirs: std::collections::BTreeSet<PathBuf>,
+}
+
+impl Pending {
+    /// Writes back every file at once (so one journal commit covers their blocks), waits
+    /// for each, then syncs the directories.
+    fn sync(self) -> std::io::Result<()> {
+        for f in &self.files {
+            // POSIX_FADV_DONTNEED starts the writeback of the dirty pages without waiting
+            // (dirty pages are not dropped).
+            let _ = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed);
+        }
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        for d in &self.dirs {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 impl FsBackend {
@@ -182,7 +202,7 @@ impl FsBackend {
     }
 
     /// Write `data` next to `path` under a temporary name; `sync`: fsync it.
-    fn write_temp(&self, path: &Path, data: &[u8], sync: bool) -> Result<PathBuf> {
+    fn write_temp(&self, path: &Path, data: &[u8], sync: bool) -> Result<(PathBuf, std::fs::File)> {
         let dir = path
             .parent()
             .ok_or_else(|| RepoError::InvalidArgument(format!("no parent for {path:?}")))?;
@@ -212,7 +232,7 @@ impl FsBackend {
             let _ = std::fs::remove_file(&tmp);
             return Err(RepoError::io(&tmp, e));
         }
-        Ok(tmp)
+        Ok((tmp, f))
     }
 
     fn sync_dir(&self, path: &Path) -> Result<()> {
@@ -226,32 +246,14 @@ impl FsBackend {
         Ok(())
     }
 
-    /// The descriptor the group barrier syncs the filesystem through (the root is made
-    /// when missing, as any write would).
-    fn sync_root(&self) -> Result<&std::fs::File> {
-        if let Some(f) = self.durability.root.get() {
-            return Ok(f);
-        }
-        let mut dirs = std::fs::DirBuilder::new();
-        dirs.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut dirs, PRIVATE_DIR_MODE);
-        dirs.create(&self.root)
-            .map_err(|e| RepoError::io(&self.root, e))?;
-        let f = std::fs::File::open(&self.root).map_err(|e| RepoError::io(&self.root, e))?;
-        Ok(self.durability.root.get_or_init(|| f))
-    }
-
-    /// A group barrier (with fsync on): everything written before the call, by this
-    /// process or another, is durable after it.
+    /// A group barrier (with fsync on): the pending work added before the call is
+    /// durable after it.
     fn barrier(&self) -> Result<()> {
         if !self.fsync {
             return Ok(());
         }
-        let root = self.sync_root()?;
         self.durability
-            .group
-            .barrier(|| syncfs(root))
+            .barrier(Pending::sync)
             .map_err(|e| RepoError::io(&self.root, e))
     }
 
@@ -266,12 +268,6 @@ impl FsBackend {
             Err(e) => Err(RepoError::io(path, e)),
         }
     }
-}
-
-/// `syncfs(2)` of the filesystem `dir` is on: its dirty data and metadata, one journal
-/// commit.
-fn syncfs(dir: &std::fs::File) -> std::io::Result<()> {
-    rustix::fs::syncfs(dir).map_err(std::io::Error::from)
 }
 
 async fn io_blocking<T: Send + 'static>(
@@ -291,7 +287,7 @@ impl ChunkBackend for FsBackend {
             }
             // Chunk names this object may refer to are durable before it is.
             this.barrier()?;
-            let tmp = this.write_temp(&path, &data, this.fsync)?;
+            let (tmp, _) = this.write_temp(&path, &data, this.fsync)?;
             let outcome = Self::link_new(&tmp, &path)?;
             if outcome == PutOutcome::Created {
                 this.sync_dir(&path)?;
@@ -308,17 +304,25 @@ impl ChunkBackend for FsBackend {
             if path.exists() {
                 return Ok(PutOutcome::Existed);
             }
+            let (tmp, file) = this.write_temp(&path, &data, false)?;
             if this.fsync {
-                // Open before the write: syncfs reports writeback errors after the open.
-                this.sync_root()?;
+                this.durability.add(|p| p.files.push(file));
             }
-            let tmp = this.write_temp(&path, &data, false)?;
             if let Err(e) = this.barrier() {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
-            // Durable with the next barrier: every object that may name it takes one.
-            Self::link_new(&tmp, &path)
+            let outcome = Self::link_new(&tmp, &path)?;
+            if this.fsync
+                && outcome == PutOutcome::Created
+                && let Some(dir) = path.parent()
+            {
+                // Durable with the next barrier: every object that may name it takes one.
+                this.durability.add(|p| {
+                    p.dirs.insert(dir.to_path_buf());
+                });
+            }
+            Ok(outcome)
         })
         .await
     }
@@ -329,7 +333,7 @@ impl ChunkBackend for FsBackend {
         io_blocking(move || {
             // Chunk names this object may refer to are durable before it is.
             this.barrier()?;
-            let tmp = this.write_temp(&path, &data, this.fsync)?;
+            let (tmp, _) = this.write_temp(&path, &data, this.fsync)?;
             if let Err(e) = std::fs::rename(&tmp, &path) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(RepoError::io(&path, e));
