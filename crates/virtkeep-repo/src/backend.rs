@@ -15,7 +15,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 use crate::error::{RepoError, Result};
 
+mod group_sync;
 mod s3_lock;
+use group_sync::GroupSync;
 pub use s3_lock::LockedS3Backend;
 use s3_lock::{BucketLock, RawS3};
 
@@ -83,6 +85,13 @@ pub trait ChunkBackend: Send + Sync + Debug + 'static {
     /// Create-only write. Returns [`PutOutcome::Existed`] (and writes nothing) when the key
     /// exists.
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome>;
+    /// [`ChunkBackend::put_if_absent`] of a chunk (content-addressed). Its name may be lost
+    /// in a crash until the next write that is not a chunk has returned, but never exists
+    /// without its bytes (deduplication trusts existing names). Lets a backend make many
+    /// chunks durable at once.
+    async fn put_chunk(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
+        self.put_if_absent(key, data).await
+    }
     /// Atomic overwrite (metadata, leases, and refreshing a chunk's modification time).
     async fn put(&self, key: &str, data: Bytes) -> Result<()>;
     /// Read a whole object; `None` when missing.
@@ -132,11 +141,52 @@ pub const PRIVATE_DIR_MODE: u32 = 0o700;
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Local filesystem backend: one file per object, temp file + rename (or hard link for
-/// create-only), optional fsync of the file and its directory.
-#[derive(Debug)]
+/// create-only), optional fsync. Chunks are made durable in groups (`group_sync.rs`).
+#[derive(Debug, Clone)]
 pub struct FsBackend {
     root: PathBuf,
     fsync: bool,
+    durability: Arc<GroupSync<Pending>>,
+}
+
+/// What the next group barrier makes durable (see `group_sync.rs`).
+#[derive(Debug, Default)]
+struct Pending {
+    /// Chunk files written without fsync, still open.
+    files: Vec<std::fs::File>,
+    /// Directories that got a chunk's name since the last barrier.
+    dirs: std::collections::BTreeSet<PathBuf>,
+}
+
+impl Pending {
+    /// Writes back every file at once (so one journal commit covers their blocks), waits
+    /// for each, then syncs the directories. On failure, what is left is retried by the
+    /// next barrier: the directories not yet synced, never a file (after a failed
+    /// writeback Linux may mark the lost pages clean, so a second fdatasync would report
+    /// success; the file's writer fails instead, see `GroupSync::barrier`).
+    fn sync(&mut self) -> std::io::Result<()> {
+        let files = std::mem::take(&mut self.files);
+        for f in &files {
+            // POSIX_FADV_DONTNEED starts the writeback of the dirty pages without waiting
+            // (dirty pages are not dropped).
+            let _ = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed);
+        }
+        for f in &files {
+            f.sync_data()?;
+        }
+        while let Some(d) = self.dirs.first() {
+            std::fs::File::open(d)?.sync_all()?;
+            self.dirs.pop_first();
+        }
+        Ok(())
+    }
+}
+
+impl group_sync::Work for Pending {
+    fn put_back(&mut self, undone: Self) {
+        self.files.extend(undone.files);
+        self.dirs.extend(undone.dirs);
+    }
 }
 
 impl FsBackend {
@@ -145,6 +195,7 @@ impl FsBackend {
         FsBackend {
             root: root.into(),
             fsync,
+            durability: Arc::default(),
         }
     }
 
@@ -162,7 +213,8 @@ impl FsBackend {
         Ok(self.root.join(key))
     }
 
-    fn write_temp(&self, path: &Path, data: &[u8]) -> Result<PathBuf> {
+    /// Write `data` next to `path` under a temporary name; `sync`: fsync it.
+    fn write_temp(&self, path: &Path, data: &[u8], sync: bool) -> Result<(PathBuf, std::fs::File)> {
         let dir = path
             .parent()
             .ok_or_else(|| RepoError::InvalidArgument(format!("no parent for {path:?}")))?;
@@ -187,12 +239,12 @@ impl FsBackend {
         let mut f = opts.open(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
         let res = f
             .write_all(data)
-            .and_then(|()| if self.fsync { f.sync_all() } else { Ok(()) });
+            .and_then(|()| if sync { f.sync_all() } else { Ok(()) });
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
             return Err(RepoError::io(&tmp, e));
         }
-        Ok(tmp)
+        Ok((tmp, f))
     }
 
     fn sync_dir(&self, path: &Path) -> Result<()> {
@@ -204,6 +256,35 @@ impl FsBackend {
                 .map_err(|e| RepoError::io(dir, e))?;
         }
         Ok(())
+    }
+
+    /// A group barrier (with fsync on): the pending work added before the call is
+    /// durable after it.
+    fn barrier(&self, since: group_sync::Ticket) -> Result<()> {
+        if !self.fsync {
+            return Ok(());
+        }
+        self.durability
+            .barrier(since, Pending::sync)
+            .map_err(|e| RepoError::io(&self.root, e))
+    }
+
+    /// A barrier for a write that is not a chunk: the chunk names it may refer to are
+    /// durable before it is.
+    fn barrier_now(&self) -> Result<()> {
+        self.barrier(self.durability.now())
+    }
+
+    /// Create-only link of a written temporary file; removes the temporary file.
+    fn link_new(tmp: &Path, path: &Path) -> Result<PutOutcome> {
+        // link(2) fails with EEXIST when the target exists: create-only semantics.
+        let res = std::fs::hard_link(tmp, path);
+        let _ = std::fs::remove_file(tmp);
+        match res {
+            Ok(()) => Ok(PutOutcome::Created),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(PutOutcome::Existed),
+            Err(e) => Err(RepoError::io(path, e)),
+        }
     }
 }
 
@@ -217,32 +298,60 @@ async fn io_blocking<T: Send + 'static>(
 impl ChunkBackend for FsBackend {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
         let path = self.path(key)?;
-        let this = FsBackend::new(self.root.clone(), self.fsync);
+        let this = self.clone();
         io_blocking(move || {
             if path.exists() {
                 return Ok(PutOutcome::Existed);
             }
-            let tmp = this.write_temp(&path, &data)?;
-            // link(2) fails with EEXIST when the target exists: create-only semantics.
-            let res = std::fs::hard_link(&tmp, &path);
-            let _ = std::fs::remove_file(&tmp);
-            match res {
-                Ok(()) => {
-                    this.sync_dir(&path)?;
-                    Ok(PutOutcome::Created)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(PutOutcome::Existed),
-                Err(e) => Err(RepoError::io(&path, e)),
+            this.barrier_now()?;
+            let (tmp, _) = this.write_temp(&path, &data, this.fsync)?;
+            let outcome = Self::link_new(&tmp, &path)?;
+            if outcome == PutOutcome::Created {
+                this.sync_dir(&path)?;
             }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn put_chunk(&self, key: &str, data: Bytes) -> Result<PutOutcome> {
+        let path = self.path(key)?;
+        let this = self.clone();
+        io_blocking(move || {
+            if path.exists() {
+                return Ok(PutOutcome::Existed);
+            }
+            let (tmp, file) = this.write_temp(&path, &data, false)?;
+            let since = this.durability.add(|p| {
+                if this.fsync {
+                    p.files.push(file);
+                }
+            });
+            if let Err(e) = this.barrier(since) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            let outcome = Self::link_new(&tmp, &path)?;
+            if this.fsync
+                && outcome == PutOutcome::Created
+                && let Some(dir) = path.parent()
+            {
+                // Durable with the next barrier: every object that may name it takes one.
+                this.durability.add(|p| {
+                    p.dirs.insert(dir.to_path_buf());
+                });
+            }
+            Ok(outcome)
         })
         .await
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key)?;
-        let this = FsBackend::new(self.root.clone(), self.fsync);
+        let this = self.clone();
         io_blocking(move || {
-            let tmp = this.write_temp(&path, &data)?;
+            this.barrier_now()?;
+            let (tmp, _) = this.write_temp(&path, &data, this.fsync)?;
             if let Err(e) = std::fs::rename(&tmp, &path) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(RepoError::io(&path, e));

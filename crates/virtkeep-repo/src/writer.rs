@@ -656,7 +656,7 @@ impl DiskWriter {
                 lock(&sh.refreshed).push(digest);
                 true
             }
-            None => be.put_if_absent(&key, blob).await? == crate::backend::PutOutcome::Created,
+            None => be.put_chunk(&key, blob).await? == crate::backend::PutOutcome::Created,
         };
         {
             let mut s = lock(&self.d.stats);
@@ -778,7 +778,7 @@ async fn process_chunk(d: &DiskShared, index: u64, data: Bytes) -> Result<()> {
             lock(&sh.refreshed).push(digest);
             true
         } else {
-            be.put_if_absent(&key, Bytes::from(blob)).await? == crate::backend::PutOutcome::Created
+            be.put_chunk(&key, Bytes::from(blob)).await? == crate::backend::PutOutcome::Created
         };
         let mut s = lock(&d.stats);
         if created {

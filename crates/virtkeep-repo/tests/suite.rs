@@ -1536,3 +1536,53 @@ async fn locked_config_and_longer_retention(fx: &Fx, repo: &Repository, chunk: &
         "an extension asking for less than the object has failed"
     );
 }
+
+/// The filesystem backend with fsync on (the default): chunks written concurrently go
+/// through the group barrier (`backend/group_sync.rs`), each lands whole under its name,
+/// a second write of a name creates nothing, and no temporary file is left behind.
+#[test]
+fn fs_chunks_with_fsync_land_whole_through_the_group_barrier() {
+    rt().block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let be = Location::Local {
+            path: tmp.path().join("repo"),
+            fsync: true,
+        }
+        .backend()
+        .unwrap();
+        be.put("config", Bytes::from_static(b"c")).await.unwrap();
+        let key = |i: usize| format!("chunks/{:03x}/{i:064x}", i % 3);
+        let body = |i: usize| Bytes::from(noise(i as u64 + 7, 64 << 10));
+        let writes = (0..24).map(|i| {
+            let be = be.clone();
+            tokio::spawn(async move { be.put_chunk(&key(i % 16), body(i % 16)).await })
+        });
+        let outcomes: Vec<PutOutcome> = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().unwrap())
+            .collect();
+        let created = outcomes
+            .iter()
+            .filter(|o| **o == PutOutcome::Created)
+            .count();
+        assert_eq!(
+            created, 16,
+            "each of the 16 names is created once: {outcomes:?}"
+        );
+        be.put_if_absent("snapshots/x/vda.fidx", Bytes::from_static(b"i"))
+            .await
+            .unwrap();
+        for i in 0..16 {
+            assert_eq!(
+                be.get(&key(i)).await.unwrap().unwrap(),
+                body(i),
+                "chunk {i}"
+            );
+        }
+        let temps: Vec<_> = futures::TryStreamExt::try_collect(be.list_temp(""))
+            .await
+            .unwrap();
+        assert!(temps.is_empty(), "{temps:?}");
+    })
+}
