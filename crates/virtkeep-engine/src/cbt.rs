@@ -218,6 +218,30 @@ pub async fn prune_checkpoints(
     Ok(removed)
 }
 
+/// Ends the backup job on the VM, then [`prune_checkpoints`]. The usual case, one older
+/// checkpoint with a plain name, takes one virsh process; the abort's failure (no job
+/// left) is ignored either way.
+pub async fn end_job_and_prune(
+    host: &Host,
+    uuid: &str,
+    listed: &[String],
+    keep: &str,
+) -> Result<Vec<String>> {
+    let older: Vec<&String> = listed
+        .iter()
+        .filter(|cp| cp.starts_with(CHECKPOINT_PREFIX) && cp.as_str() != keep)
+        .collect();
+    if let ([one], Some(u)) = (older.as_slice(), virsh::DomainUuid::parse(uuid))
+        && let Some(cp) = virsh::CheckpointName::parse(one)
+    {
+        host.run(&host.virsh().abort_job_then_delete_checkpoint(&u, &cp))
+            .await?;
+        return Ok(vec![one.to_string()]);
+    }
+    let _ = host.exec(&host.virsh().domjobabort(uuid)).await;
+    prune_checkpoints(host, uuid, listed, keep).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

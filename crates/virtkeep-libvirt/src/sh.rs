@@ -82,11 +82,15 @@ done; true"#;
     script(SCRIPT, [jobs_dir, prefix])
 }
 
-/// Prints a fingerprint of the host's libvirt and QEMU installation (versions, and
-/// size and mtime of the daemon and emulator binaries: any upgrade changes it), then
-/// the first 200 bytes of `cache_file`.
+/// Prints a fingerprint of the host's libvirt and QEMU installation (name, size, mtime
+/// and inode of virsh, the libvirt library and QEMU driver, the daemons and the
+/// emulators: an upgrade replaces them), or an empty line when none is found, then the
+/// first 200 bytes of `cache_file`. Only `stat`: running `virsh --version` cost ~40 ms
+/// of every backup.
 pub fn installation_key_and_cache(cache_file: &str) -> RemoteCommand {
-    const SCRIPT: &str = r#"{ virsh --version; stat -L -c '%n %s %Y' /usr/bin/qemu-system-* /usr/libexec/qemu-kvm /usr/sbin/libvirtd /usr/sbin/virtqemud; } 2>/dev/null | cksum; head -c 200 "$1" 2>/dev/null"#;
+    const SCRIPT: &str = r#"s=$(stat -L -c '%n %s %Y %i' /usr/bin/virsh /usr/lib/*/libvirt.so.0 /usr/lib64/libvirt.so.0 /usr/lib/*/libvirt/connection-driver/libvirt_driver_qemu.so /usr/lib64/libvirt/connection-driver/libvirt_driver_qemu.so /usr/sbin/libvirtd /usr/sbin/virtqemud /usr/bin/qemu-system-* /usr/libexec/qemu-kvm 2>/dev/null)
+if [ -n "$s" ]; then printf '%s\n' "$s" | cksum; else echo; fi
+head -c 200 "$1" 2>/dev/null"#;
     script(SCRIPT, [cache_file])
 }
 

@@ -316,6 +316,41 @@ fn describe_uuid_is_one_script() {
     }
 }
 
+/// The end of a backup job: one virsh process, one script from a canonical UUID and a
+/// checked checkpoint name; a name virsh would split or read as an option is refused.
+#[test]
+fn abort_job_then_delete_checkpoint_is_one_script() {
+    let v = Virsh::new("qemu:///system");
+    let u = "5bf43c92-e511-4cf4-b4a3-ad34eb4c237b";
+    let uuid = DomainUuid::parse(u).expect("a canonical UUID");
+    let c = "virtkeep-20261207T170119Z-6b0c7505";
+    let cp = CheckpointName::parse(c).expect("a plain name");
+    assert_eq!(
+        v.abort_job_then_delete_checkpoint(&uuid, &cp).render(),
+        format!(
+            "LC_ALL=C virsh -c qemu:///system 'domjobabort --domain {u}; checkpoint-delete --domain {u} --checkpointname {c}'"
+        )
+    );
+    let long = "a".repeat(129);
+    for bad in [
+        "",
+        "-virtkeep",
+        "--help",
+        "virtkeep-1; undefine --domain x",
+        "virtkeep-1 x",
+        "virtkeep-'1",
+        "virtkeep-\"1",
+        "virtkeep-1#",
+        "virtkeep-1\\",
+        "virtkeep-1\n",
+        "virtkeep-\u{e9}",
+        long.as_str(),
+    ] {
+        assert_eq!(CheckpointName::parse(bad), None, "{bad:?}");
+    }
+    assert!(CheckpointName::parse(&"a".repeat(128)).is_some());
+}
+
 /// The four answers of `describe_uuid` come apart at whole lines that are the mark, as
 /// virsh prints them (each command's output, then an empty line).
 #[test]

@@ -172,7 +172,11 @@ pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<Ba
     let started_paused = start_paused(&job).await?;
     let res = run_job(&mut job, plan, &mut choice).await;
     job.clock.lap(Phase::Publish);
-    end_job(&mut job, started_paused).await;
+    // A published backup's job ends together with the pruning below (one virsh for both).
+    let pruning_ends_job = res.is_ok() && !started_paused;
+    if !pruning_ends_job {
+        end_job(&mut job, started_paused).await;
+    }
     let checkpoint = format!("{CHECKPOINT_PREFIX}{}", job.id);
     let (host, uuid) = (job.host, job.vm.uuid.clone());
     let (manifest, stats) = match res {
@@ -203,7 +207,13 @@ pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<Ba
     if !listed.contains(&checkpoint) {
         listed.push(checkpoint.clone());
     }
-    let prune = cbt::prune_checkpoints(host, &uuid, &listed, keep);
+    let prune = async {
+        if pruning_ends_job {
+            cbt::end_job_and_prune(host, &uuid, &listed, keep).await
+        } else {
+            cbt::prune_checkpoints(host, &uuid, &listed, keep).await
+        }
+    };
     let (pruned, ()) = tokio::join!(prune, job.remove_dir());
     match pruned {
         Ok(removed) if !removed.is_empty() => {
