@@ -207,14 +207,15 @@ pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<Ba
     if !listed.contains(&checkpoint) {
         listed.push(checkpoint.clone());
     }
-    let prune = async {
-        if pruning_ends_job {
-            cbt::end_job_and_prune(host, &uuid, &listed, keep).await
-        } else {
-            cbt::prune_checkpoints(host, &uuid, &listed, keep).await
-        }
+    let pruned = if pruning_ends_job {
+        // The job dir goes only once the job has ended: healing finds a job by its dir.
+        let pruned = cbt::end_job_and_prune(host, &uuid, &listed, keep).await;
+        job.remove_dir().await;
+        pruned
+    } else {
+        let prune = cbt::prune_checkpoints(host, &uuid, &listed, keep);
+        tokio::join!(prune, job.remove_dir()).0
     };
-    let (pruned, ()) = tokio::join!(prune, job.remove_dir());
     match pruned {
         Ok(removed) if !removed.is_empty() => {
             tracing::info!(vm = %job.vm.name, ?removed, "older virtkeep checkpoints deleted")
