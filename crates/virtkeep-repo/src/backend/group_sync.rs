@@ -17,9 +17,10 @@
 //! and every other write (an index, a manifest, a lease …), which may name such chunks,
 //! first takes a barrier of its own, which fsyncs the directories of every name linked
 //! before it. So nothing durable names a chunk whose name could still vanish. A name
-//! another process linked and this one found by deduplication is covered as it was before
-//! group commit: that process fsyncs its directory right after its barrier, and journaling
-//! filesystems commit metadata in order.
+//! another process (or another open backend) linked and this one found by deduplication is
+//! covered as it was before group commit, when that process fsynced its directory only
+//! after the link too: journaling filesystems (ext4, XFS) commit metadata in order, so the
+//! fsync that makes this process's object durable commits that earlier link with it.
 //!
 //! Only this backend's own files and directories are synced (a `syncfs` of the whole
 //! filesystem was tried: it also wrote back every other program's dirty data, and made
