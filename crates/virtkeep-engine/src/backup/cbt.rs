@@ -172,9 +172,7 @@ pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<Ba
     let started_paused = start_paused(&job).await?;
     let res = run_job(&mut job, plan, &mut choice).await;
     job.clock.lap(Phase::Publish);
-    // A published backup's job ends together with the pruning below (one virsh for both).
-    let pruning_ends_job = res.is_ok() && !started_paused;
-    if !pruning_ends_job {
+    if res.is_err() {
         end_job(&mut job, started_paused).await;
     }
     let checkpoint = format!("{CHECKPOINT_PREFIX}{}", job.id);
@@ -207,15 +205,14 @@ pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<Ba
     if !listed.contains(&checkpoint) {
         listed.push(checkpoint.clone());
     }
-    let pruned = if pruning_ends_job {
-        // The job dir goes only once the job has ended: healing finds a job by its dir.
-        let pruned = cbt::end_job_and_prune(host, &uuid, &listed, keep).await;
-        job.remove_dir().await;
-        pruned
-    } else {
-        let prune = cbt::prune_checkpoints(host, &uuid, &listed, keep);
-        tokio::join!(prune, job.remove_dir()).0
-    };
+    // The job ends together with the pruning (one virsh for both), before a VM started
+    // for the job goes down (libvirt deletes no checkpoint of an inactive domain), and
+    // before the job dir goes (healing finds a left job by its dir).
+    let pruned = cbt::end_job_and_prune(host, &uuid, &listed, keep).await;
+    if started_paused {
+        stop_started_paused(&mut job).await;
+    }
+    job.remove_dir().await;
     match pruned {
         Ok(removed) if !removed.is_empty() => {
             tracing::info!(vm = %job.vm.name, ?removed, "older virtkeep checkpoints deleted")
@@ -260,9 +257,14 @@ async fn start_paused(job: &Job<'_>) -> Result<bool> {
 async fn end_job(job: &mut Job<'_>, started_paused: bool) {
     let (host, uuid) = (job.host, job.vm.uuid.as_str());
     let _ = host.exec(&host.virsh().domjobabort(uuid)).await;
-    if !started_paused {
-        return;
+    if started_paused {
+        stop_started_paused(job).await;
     }
+}
+
+/// A VM started paused for the job goes down again, unless somebody resumed it.
+async fn stop_started_paused(job: &mut Job<'_>) {
+    let (host, uuid) = (job.host, job.vm.uuid.as_str());
     let state = host
         .run_string(&host.virsh().domstate(uuid))
         .await

@@ -198,6 +198,16 @@ fn stopped_vm_incremental_and_vm_stays_off() {
     assert_eq!(inc["mode"], "incremental", "{}", inc["reason"]);
     assert!(bytes_read(&inc) <= 512 * 1024 + 2 * SLACK);
     assert!(!vm.is_running());
+    // The full's checkpoint went while the VM still ran for the job (libvirt deletes no
+    // checkpoint of a shut-off VM): only the newest stays, and nothing was warned.
+    assert_eq!(inc["warnings"], serde_json::json!([]), "{inc}");
+    let kept = virtkeep_checkpoints(&vm);
+    let reason = inc["reason"].as_str().expect("reason");
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        !reason.contains(&kept[0]),
+        "the full's checkpoint (named in {reason:?}) is gone: {kept:?}"
+    );
     assert_eq!(
         restore_and_sum(&node, inc["id"].as_str().expect("id"), &["vda"]),
         [sum]
