@@ -14,6 +14,7 @@
 //! | `restore-chunk-written` | a restore has sent a data chunk to a disk's temporary (NBD write or `rbd import-diff` stream; mid write, before any swap) |
 //! | `sync-chunk-sent` | a sync has uploaded a chunk of a backup to the destination (its manifest is not written yet) |
 //! | `pick-base-fails` | not a stop: a backup-API job's base pick fails (the job dir made beside it must go) |
+//! | `export-fails` | not a stop: a backup-API job fails after `backup-begin`, nothing read (its new checkpoint must go while a VM started for it still runs) |
 //! | `sync-hold` | the same place, but [`hold`]: the sync waits for a line on stdin, then goes on (a GC runs meanwhile) |
 //! | `verify-boot-running` | [`hold`]: a boot verification's domain runs on its overlays over the node's NBD export, before the watch |
 //! | `live-restore-planned` | [`hold`]: a live restore has chosen and checked every destination (its job directory and NBD export are up), nothing created yet |

@@ -120,6 +120,10 @@ async fn latest_record(job: &Job<'_>) -> Result<std::result::Result<Base, String
 /// The failpoint that makes [`pick_base`] fail (a fault test of the job dir made beside it).
 const PICK_BASE_FAILS: &str = "pick-base-fails";
 
+/// The failpoint that makes a backup-API job fail once its job runs in QEMU (a fault test
+/// of what a failed job leaves on the host).
+const EXPORT_FAILS: &str = "export-fails";
+
 /// Picks the base in the repository, unless a full was asked for.
 async fn pick_base(job: &Job<'_>, choice: &mut Choice) -> Result<()> {
     if !choice.reason.is_empty() {
@@ -172,26 +176,12 @@ pub async fn run(mut job: Job<'_>, plan: &Plan, mut choice: Choice) -> Result<Ba
     let started_paused = start_paused(&job).await?;
     let res = run_job(&mut job, plan, &mut choice).await;
     job.clock.lap(Phase::Publish);
-    if res.is_err() {
-        end_job(&mut job, started_paused).await;
-    }
     let checkpoint = format!("{CHECKPOINT_PREFIX}{}", job.id);
     let (host, uuid) = (job.host, job.vm.uuid.clone());
     let (manifest, stats) = match res {
         Ok(v) => v,
         Err(e) => {
-            job.remove_dir().await;
-            // Merge the new checkpoint's bitmap back: the next incremental then starts
-            // from the last checkpoint a published backup recorded.
-            if cbt::checkpoints(host, &uuid)
-                .await
-                .unwrap_or_default()
-                .contains(&checkpoint)
-            {
-                let _ = host
-                    .exec(&host.virsh().checkpoint_delete(&uuid, &checkpoint, false))
-                    .await;
-            }
+            end_failed_job(&mut job, &checkpoint, started_paused).await;
             return Err(e);
         }
     };
@@ -253,13 +243,24 @@ async fn start_paused(job: &Job<'_>) -> Result<bool> {
     Ok(true)
 }
 
-/// Ends the job whatever happened; a VM we started (and nobody resumed) goes down again.
-async fn end_job(job: &mut Job<'_>, started_paused: bool) {
-    let (host, uuid) = (job.host, job.vm.uuid.as_str());
-    let _ = host.exec(&host.virsh().domjobabort(uuid)).await;
+/// A failed job ends; its new checkpoint goes, which merges the bitmap back, so the next
+/// incremental starts from the last checkpoint a published backup recorded. That is
+/// while a VM started for the job still runs (libvirt deletes no checkpoint of an
+/// inactive domain); then the VM goes down (unless somebody resumed it), and the job dir
+/// last (healing finds a left job by its dir).
+async fn end_failed_job(job: &mut Job<'_>, checkpoint: &str, started_paused: bool) {
+    let (host, uuid) = (job.host, job.vm.uuid.clone());
+    let _ = host.exec(&host.virsh().domjobabort(&uuid)).await;
+    let listed = cbt::checkpoints(host, &uuid).await.unwrap_or_default();
+    if listed.iter().any(|c| c == checkpoint) {
+        let _ = host
+            .exec(&host.virsh().checkpoint_delete(&uuid, checkpoint, false))
+            .await;
+    }
     if started_paused {
         stop_started_paused(job).await;
     }
+    job.remove_dir().await;
 }
 
 /// A VM started paused for the job goes down again, unless somebody resumed it.
@@ -317,6 +318,12 @@ async fn run_job(
         upload_backup_xml(job, &names, base)
     )?;
     let snapshot_time = freeze(job, &names, choice).await?;
+    if crate::failpoint::is_active(EXPORT_FAILS) {
+        return Err(Error::new(
+            ErrorKind::Remote,
+            format!("failpoint {EXPORT_FAILS}"),
+        ));
+    }
     let nvram = super::nvram::capture(job).await?;
     job.clock.lap(Phase::Freeze);
     job.phase("export");

@@ -397,7 +397,7 @@ fn domjobinfo(vm: &TestVm) -> String {
 
 /// Job directories of the VM on the host (`/run/virtkeep/jobs/UUID-*`: scratch files,
 /// the NBD socket, the backup XML).
-fn job_dirs(vm: &TestVm) -> Vec<String> {
+pub(crate) fn job_dirs(vm: &TestVm) -> Vec<String> {
     let uuid = virtkeep_lab::lab().virsh(&["domuuid", "--domain", &vm.name]);
     let prefix = format!("{}-", uuid.trim());
     std::fs::read_dir("/run/virtkeep/jobs")

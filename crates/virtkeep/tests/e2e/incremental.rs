@@ -212,6 +212,35 @@ fn stopped_vm_incremental_and_vm_stays_off() {
         restore_and_sum(&node, inc["id"].as_str().expect("id"), &["vda"]),
         [sum]
     );
+    // A job that fails once it runs in QEMU deletes its new checkpoint while the VM
+    // still runs for it: the VM is off again, the kept checkpoint is the only one, and
+    // the next incremental starts from it and holds what was written before the failure.
+    vm.write_pattern("vda", 0x42, 24 * MIB, 256 * 1024);
+    let out = node
+        .cmd()
+        .args(["backup", &format!("{HOST}/{}", vm.name)])
+        .env("VIRTKEEP_FAILPOINT", "export-fails")
+        .output()
+        .expect("run virtkeep");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("failpoint export-fails"), "{stderr}");
+    assert!(!vm.is_running());
+    assert_eq!(
+        virtkeep_checkpoints(&vm),
+        kept,
+        "the failed job's checkpoint"
+    );
+    assert_eq!(crate::failures::job_dirs(&vm), Vec::<String>::new());
+    let sum = vm.disk_checksum("vda");
+    let next = node.backup(&vm.name, &[]);
+    assert_eq!(next["mode"], "incremental", "{}", next["reason"]);
+    assert!(next["reason"].as_str().expect("reason").contains(&kept[0]));
+    assert!(bytes_read(&next) >= 256 * 1024, "{next}");
+    assert_eq!(
+        restore_and_sum(&node, next["id"].as_str().expect("id"), &["vda"]),
+        [sum]
+    );
 }
 
 #[test]
