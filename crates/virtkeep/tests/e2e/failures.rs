@@ -449,15 +449,7 @@ fn sigkill_at_backup_begin_then_cleanup_ends_the_job() {
         inactive
     );
     // A base pick that fails removes the job dir made beside it.
-    let out = node
-        .cmd()
-        .args(["backup", &spec])
-        .env("VIRTKEEP_FAILPOINT", "pick-base-fails")
-        .output()
-        .expect("run virtkeep");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("failpoint pick-base-fails"), "{stderr}");
+    crate::harness::backup_failing_at(&node, &spec, "pick-base-fails");
     assert_eq!(
         job_dirs(&vm),
         Vec::<String>::new(),

@@ -154,6 +154,20 @@ pub fn assert_only_incremental_base(vm: &virtkeep_lab::TestVm) {
     assert!(ours.len() <= 1, "more than one virtkeep checkpoint: {l:?}");
 }
 
+/// Runs `virtkeep backup SPEC` with failpoint `name` switched on, one that makes the
+/// backup fail rather than stop, and asserts that it failed there.
+pub fn backup_failing_at(node: &Node, spec: &str, name: &str) {
+    let out = node
+        .cmd()
+        .args(["backup", spec])
+        .env("VIRTKEEP_FAILPOINT", name)
+        .output()
+        .expect("run virtkeep");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("failpoint {name}")), "{stderr}");
+}
+
 /// Restores backup `id` under a fresh name (`--define`, plus `extra`), returns the
 /// guest-visible checksum of every restored disk by target, and removes what it made.
 pub fn restore_sums(node: &Node, id: &str, extra: &[&str]) -> Vec<(String, String)> {

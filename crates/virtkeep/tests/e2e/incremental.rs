@@ -216,15 +216,8 @@ fn stopped_vm_incremental_and_vm_stays_off() {
     // still runs for it: the VM is off again, the kept checkpoint is the only one, and
     // the next incremental starts from it and holds what was written before the failure.
     vm.write_pattern("vda", 0x42, 24 * MIB, 256 * 1024);
-    let out = node
-        .cmd()
-        .args(["backup", &format!("{HOST}/{}", vm.name)])
-        .env("VIRTKEEP_FAILPOINT", "export-fails")
-        .output()
-        .expect("run virtkeep");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("failpoint export-fails"), "{stderr}");
+    let spec = format!("{HOST}/{}", vm.name);
+    crate::harness::backup_failing_at(&node, &spec, "export-fails");
     assert!(!vm.is_running());
     assert_eq!(
         virtkeep_checkpoints(&vm),
