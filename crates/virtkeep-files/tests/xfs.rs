@@ -38,8 +38,25 @@ struct Mounted(PathBuf);
 impl Mounted {
     fn new(img: &Path, at: &Path, opts: &str) -> Mounted {
         std::fs::create_dir_all(at).unwrap();
-        run(Command::new("mount").args(["-o", opts]).arg(img).arg(at));
-        Mounted(at.to_path_buf())
+        // mount(8) picks a free loop device and then binds it; a test beside this one
+        // may take the same device in between ("already mounted or mount point busy").
+        for _ in 0..20 {
+            let out = Command::new("mount")
+                .args(["-o", opts])
+                .arg(img)
+                .arg(at)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return Mounted(at.to_path_buf());
+            }
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("busy"),
+                "{out:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{}: every loop device taken", img.display())
     }
 }
 

@@ -135,10 +135,23 @@ fn xfs_image(img: &Path, content: &Path) {
         .arg(img));
     let mnt = img.with_extension("mnt");
     std::fs::create_dir_all(&mnt).expect("mnt");
-    sh(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(img)
-        .arg(&mnt));
+    // mount(8) picks a free loop device and then binds it; a test beside this one may
+    // take the same device in between ("already mounted or mount point busy").
+    let mounted = (0..20).any(|_| {
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(img)
+            .arg(&mnt)
+            .output()
+            .expect("mount");
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        assert!(out.status.success() || busy, "{out:?}");
+        if busy {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        out.status.success()
+    });
+    assert!(mounted, "{}: every loop device taken", img.display());
     let cp = Command::new("cp")
         .arg("-a")
         .arg(content.join("etc"))
